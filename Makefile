@@ -1,0 +1,47 @@
+# trueup: the two commands of the README are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_PORT ?= 3000
+
+.PHONY: install stack stack-down stack-status test unit lint demo prepare benchmarks clean
+
+install: $(VENV)/.installed
+
+# Pinned install: constraints.txt holds every package version of a resolved environment.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+stack: install
+	scripts/stack up
+
+stack-down:
+	scripts/stack down
+
+stack-status:
+	scripts/stack status
+
+prepare: stack
+	$(BIN)/python -m examples.prepare --config examples/trueup.yaml
+
+# The whole suite: unit, integration (real Postgres, Kafka, RabbitMQ) and end-to-end (Dagster).
+test: stack
+	$(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+demo: prepare
+	mkdir -p .dagster_home
+	DAGSTER_HOME=$(CURDIR)/.dagster_home TRUEUP_CONFIG=examples/trueup.yaml \
+	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEMO_PORT)
+
+clean:
+	rm -rf $(VENV) .dagster_home .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Dagster code location for trueup (see pipelines/definitions.py)."""

@@ -1,0 +1,47 @@
+"""External assets: the tables, topics and queues trueup watches but does not produce."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.keys import queue_key, table_key, topic_key
+from trueup.config import Config
+
+
+def external_assets(config: Config) -> list[dg.AssetSpec]:
+    """One AssetSpec per physical table, topic and dead-letter queue named in the config."""
+    specs: dict[dg.AssetKey, dg.AssetSpec] = {}
+
+    def table(connection: str, name: str, used_by: str) -> None:
+        key = table_key(connection, name)
+        specs.setdefault(key, dg.AssetSpec(
+            key, description=f"Postgres table {name} (connection {connection}).",
+            group_name="data", kinds={"postgres"},
+            metadata={"connection": connection, "table": name},
+        ))
+
+    for name, rec in config.reconciliations.items():
+        table(rec.source.connection, rec.source.table, name)
+        if rec.target.table is not None:
+            table(rec.target.connection, rec.target.table, name)
+        elif rec.target.topic is not None:
+            key = topic_key(rec.target.connection, rec.target.topic)
+            specs.setdefault(key, dg.AssetSpec(
+                key, description=f"Kafka topic {rec.target.topic} "
+                                 f"(connection {rec.target.connection}).",
+                group_name="data", kinds={"kafka"},
+                metadata={"connection": rec.target.connection, "topic": rec.target.topic},
+            ))
+    for name, dlq in config.dead_letters.items():
+        if dlq.topic is not None:
+            key = topic_key(dlq.connection, dlq.topic)
+            kind, what = "kafka", f"Kafka dead-letter topic {dlq.topic}"
+        else:
+            assert dlq.queue is not None
+            key = queue_key(dlq.connection, dlq.queue)
+            kind, what = "rabbitmq", f"RabbitMQ dead-letter queue {dlq.queue}"
+        specs.setdefault(key, dg.AssetSpec(
+            key, description=f"{what} (dead letters {name}).", group_name="dead_letters",
+            kinds={kind}, metadata={"connection": dlq.connection, "dead_letters": name},
+        ))
+    return list(specs.values())

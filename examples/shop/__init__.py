@@ -1,0 +1,1 @@
+"""The example shop: orders with an outbox to Kafka, a billing projection, payments on RabbitMQ."""

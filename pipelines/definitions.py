@@ -1,0 +1,30 @@
+"""The Dagster code location: assembled from the trueup config file, nothing hard-coded.
+
+The config path comes from ``$TRUEUP_CONFIG``, else ``./trueup.yaml``, else the example shop's
+``examples/trueup.yaml`` (so ``dagster dev -w workspace.yaml`` works in a fresh checkout).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from assets.external import external_assets
+from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "trueup.yaml"
+
+
+def _config_path() -> str:
+    if os.environ.get(CONFIG_ENV):
+        return os.environ[CONFIG_ENV]
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else str(EXAMPLE_CONFIG)
+
+
+config = load_config(_config_path())
+
+defs = dg.Definitions(
+    assets=[*external_assets(config)],
+)

@@ -1,0 +1,190 @@
+-- trueup's state schema as it stands after every migration in sql/migrations/.
+-- Migrations are what runs; this file is the readable whole. tests/integration/
+-- test_state.py builds a database from each and checks that they are the same.
+
+CREATE SCHEMA IF NOT EXISTS trueup;
+
+CREATE TABLE trueup.runs (
+    run_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reconciliation  text        NOT NULL,
+    partition       text,
+    status          text        NOT NULL DEFAULT 'running'
+                    CONSTRAINT runs_status_check
+                    CHECK (status IN ('running', 'succeeded', 'failed')),
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz,
+    source_rows     bigint,
+    target_rows     bigint,
+    missing         bigint      NOT NULL DEFAULT 0,
+    orphan          bigint      NOT NULL DEFAULT 0,
+    stale           bigint      NOT NULL DEFAULT 0,
+    ahead           bigint      NOT NULL DEFAULT 0,
+    mismatch        bigint      NOT NULL DEFAULT 0,
+    in_flight       bigint      NOT NULL DEFAULT 0,
+    unreadable      bigint      NOT NULL DEFAULT 0,
+    seconds         double precision,
+    error           text
+);
+-- status and freshness: the newest runs of one reconciliation (and partition).
+CREATE INDEX runs_reconciliation_started_idx
+    ON trueup.runs (reconciliation, started_at DESC);
+
+CREATE TABLE trueup.differences (
+    run_id              bigint NOT NULL REFERENCES trueup.runs (run_id) ON DELETE CASCADE,
+    seq                 integer NOT NULL,
+    reconciliation      text   NOT NULL,
+    key                 jsonb  NOT NULL,
+    class               text   NOT NULL
+                        CONSTRAINT differences_class_check
+                        CHECK (class IN ('missing', 'orphan', 'stale', 'ahead', 'mismatch',
+                                         'in_flight', 'unreadable')),
+    source_version      jsonb,
+    target_version      jsonb,
+    source_fingerprint  bigint,
+    target_fingerprint  bigint,
+    detail              jsonb,
+    PRIMARY KEY (run_id, seq)
+);
+-- backfill --run plans from one run's differences, class by class.
+CREATE INDEX differences_run_class_idx ON trueup.differences (run_id, class);
+-- lineage NAME KEY: every run that saw the key.
+CREATE INDEX differences_key_idx ON trueup.differences (reconciliation, key);
+
+CREATE TABLE trueup.backfills (
+    backfill_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reconciliation  text        NOT NULL,
+    scope           text        NOT NULL
+                    CONSTRAINT backfills_scope_check
+                    CHECK (scope IN ('run', 'partition', 'all', 'keys')),
+    run_id          bigint REFERENCES trueup.runs (run_id),
+    partition       text,
+    status          text        NOT NULL DEFAULT 'planning'
+                    CONSTRAINT backfills_status_check
+                    CHECK (status IN ('planning', 'running', 'succeeded', 'failed',
+                                      'cancelled')),
+    dry_run         boolean     NOT NULL DEFAULT false,
+    chunk_size      integer     NOT NULL CHECK (chunk_size > 0),
+    rate            double precision CHECK (rate IS NULL OR rate > 0),
+    rows_planned    bigint      NOT NULL DEFAULT 0,
+    rows_repaired   bigint      NOT NULL DEFAULT 0,
+    rows_skipped    bigint      NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    error           text
+);
+-- One active backfill per reconciliation; the advisory lock gives the friendly message, this
+-- index makes a race between two planners impossible.
+CREATE UNIQUE INDEX backfills_one_active_idx
+    ON trueup.backfills (reconciliation) WHERE status IN ('planning', 'running');
+CREATE INDEX backfills_reconciliation_created_idx
+    ON trueup.backfills (reconciliation, created_at DESC);
+
+CREATE TABLE trueup.chunks (
+    backfill_id       bigint  NOT NULL REFERENCES trueup.backfills (backfill_id)
+                              ON DELETE CASCADE,
+    chunk             integer NOT NULL,
+    status            text    NOT NULL DEFAULT 'pending'
+                      CONSTRAINT chunks_status_check
+                      CHECK (status IN ('pending', 'running', 'done', 'failed', 'cancelled')),
+    key_from          jsonb,            -- inclusive lower key bound of a key-range chunk
+    key_to            jsonb,            -- exclusive upper key bound of a key-range chunk
+    keys              jsonb,            -- explicit keys of a chunk planned from differences
+    rows_planned      bigint  NOT NULL DEFAULT 0,
+    rows_repaired     bigint  NOT NULL DEFAULT 0,
+    rows_skipped      bigint  NOT NULL DEFAULT 0,
+    attempts          integer NOT NULL DEFAULT 0,
+    lease_owner       text,
+    lease_expires_at  timestamptz,
+    next_attempt_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at       timestamptz,
+    error             text,
+    PRIMARY KEY (backfill_id, chunk)
+);
+-- claim_chunk: pending chunks that are due, and running chunks whose lease expired.
+CREATE INDEX chunks_claimable_idx
+    ON trueup.chunks (backfill_id, next_attempt_at)
+    WHERE status IN ('pending', 'running');
+
+CREATE TABLE trueup.repairs (
+    repair_id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    reconciliation      text        NOT NULL,
+    key                 jsonb       NOT NULL,
+    run_id              bigint REFERENCES trueup.runs (run_id),
+    backfill_id         bigint      NOT NULL REFERENCES trueup.backfills (backfill_id),
+    chunk               integer     NOT NULL,
+    action              text        NOT NULL
+                        CONSTRAINT repairs_action_check
+                        CHECK (action IN ('insert', 'update', 'delete', 'publish', 'tombstone',
+                                          'skipped')),
+    fingerprint_before  bigint,
+    fingerprint_after   bigint,
+    at                  timestamptz NOT NULL DEFAULT now(),
+    -- each key is repaired once per backfill, even when a chunk is retried after a crash
+    CONSTRAINT repairs_once_per_backfill UNIQUE (backfill_id, key)
+);
+-- lineage NAME KEY: every repair of the key.
+CREATE INDEX repairs_key_idx ON trueup.repairs (reconciliation, key);
+
+CREATE TABLE trueup.replays (
+    replay_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name         text        NOT NULL,
+    status       text        NOT NULL DEFAULT 'running'
+                 CONSTRAINT replays_status_check
+                 CHECK (status IN ('running', 'succeeded', 'failed', 'cancelled')),
+    dry_run      boolean     NOT NULL DEFAULT false,
+    filter       text,
+    max_messages bigint,
+    rate         double precision,
+    moved        bigint      NOT NULL DEFAULT 0,
+    parked       bigint      NOT NULL DEFAULT 0,
+    skipped      bigint      NOT NULL DEFAULT 0,
+    started_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz,
+    seconds      double precision,
+    error        text
+);
+CREATE INDEX replays_name_started_idx ON trueup.replays (name, started_at DESC);
+
+CREATE TABLE trueup.replay_events (
+    replay_id    bigint      NOT NULL REFERENCES trueup.replays (replay_id) ON DELETE CASCADE,
+    message_id   text        NOT NULL,
+    origin       text,
+    destination  text,
+    outcome      text        NOT NULL
+                 CONSTRAINT replay_events_outcome_check
+                 CHECK (outcome IN ('moved', 'parked', 'skipped', 'would_move', 'would_park')),
+    error_class  text,
+    attempts     integer,
+    at           timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (replay_id, message_id)
+);
+-- "was this message ever replayed?": by message id across replays.
+CREATE INDEX replay_events_message_idx ON trueup.replay_events (message_id);
+
+CREATE TABLE trueup.check_results (
+    check_result_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    asset_key       text        NOT NULL,
+    check_name      text        NOT NULL,
+    reconciliation  text,
+    run_id          bigint REFERENCES trueup.runs (run_id) ON DELETE SET NULL,
+    passed          boolean     NOT NULL,
+    severity        text        NOT NULL
+                    CONSTRAINT check_results_severity_check
+                    CHECK (severity IN ('WARN', 'ERROR')),
+    metadata        jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    at              timestamptz NOT NULL DEFAULT now()
+);
+-- status: the latest result of every check.
+CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, check_name, at DESC);
+
+CREATE SCHEMA IF NOT EXISTS trueup_mirror;
+
+CREATE TABLE trueup.mirror_offsets (
+    reconciliation  text        NOT NULL,
+    topic           text        NOT NULL,
+    partition       integer     NOT NULL CHECK (partition >= 0),
+    next_offset     bigint      NOT NULL CHECK (next_offset >= 0),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (reconciliation, topic, partition)
+);

@@ -1,0 +1,94 @@
+"""Shared fixtures: every test gets its own database, topic names and queue names.
+
+Services come from ``scripts/stack up`` (``make test`` starts it). Addresses can be moved with
+TRUEUP_TEST_PG (a DSN of the maintenance database), TRUEUP_TEST_KAFKA and TRUEUP_TEST_AMQP.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from trueup.state import migrate
+
+REPO = Path(__file__).resolve().parent.parent
+PG_ADMIN_DSN = os.environ.get("TRUEUP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+KAFKA_BOOTSTRAP = os.environ.get("TRUEUP_TEST_KAFKA", "127.0.0.1:9092")
+AMQP_URL = os.environ.get("TRUEUP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+TEMPLATE = f"trueup_test_template_{os.getpid()}"
+
+
+def dsn_for(database: str) -> str:
+    """A postgresql:// URL of ``database`` on the test server."""
+    return urlunsplit(urlsplit(PG_ADMIN_DSN)._replace(path=f"/{database}"))
+
+
+def _admin() -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(PG_ADMIN_DSN, autocommit=True)
+
+
+def create_database(name: str, template: str = "template0") -> str:
+    with _admin() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(template)))
+    return dsn_for(name)
+
+
+def drop_database(name: str) -> None:
+    with _admin() as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def state_template() -> Iterator[str]:
+    """A database with trueup's schema migrated, copied for each test that needs state."""
+    drop_database(TEMPLATE)
+    dsn = create_database(TEMPLATE)
+    with psycopg.connect(dsn) as conn:
+        migrate(conn)
+    yield TEMPLATE
+    drop_database(TEMPLATE)
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """Unique names for databases, topics and queues: ``unique("orders")``."""
+    def make(prefix: str) -> str:
+        return f"{prefix}_{uuid.uuid4().hex[:10]}"
+    return make
+
+
+@pytest.fixture
+def empty_db(unique: Callable[[str], str]) -> Iterator[str]:
+    """The DSN of a new, empty database of its own (dropped afterwards)."""
+    name = unique("t")
+    dsn = create_database(name)
+    yield dsn
+    drop_database(name)
+
+
+@pytest.fixture
+def state_db(unique: Callable[[str], str], state_template: str) -> Iterator[str]:
+    """The DSN of a database of its own with trueup's state schema already migrated."""
+    name = unique("t")
+    dsn = create_database(name, template=state_template)
+    yield dsn
+    drop_database(name)
+
+
+@pytest.fixture
+def kafka_bootstrap() -> str:
+    return KAFKA_BOOTSTRAP
+
+
+@pytest.fixture
+def amqp_url() -> str:
+    return AMQP_URL

@@ -1,0 +1,108 @@
+"""trueup's state schema: migrations, schema.sql, enums and concurrent starts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+
+from trueup.queries import migrations, schema_text
+from trueup.state import migrate
+from trueup.statuses import STATUS_COLUMNS
+
+pytestmark = pytest.mark.postgres
+
+# Everything a schema is made of, in a form that compares equal whatever built it.
+CATALOG = """
+SELECT 'column' AS what, c.table_name || '.' || c.column_name AS name,
+       concat_ws(' ', c.data_type, c.is_nullable, c.column_default, c.is_identity) AS definition
+FROM information_schema.columns c
+WHERE c.table_schema = 'trueup' AND c.table_name <> 'schema_migrations'
+UNION ALL
+SELECT 'constraint', conrelid::regclass::text || '.' || conname, pg_get_constraintdef(oid)
+FROM pg_constraint
+WHERE connamespace = 'trueup'::regnamespace
+  AND conrelid <> 'trueup.schema_migrations'::regclass
+UNION ALL
+SELECT 'index', indexname, indexdef FROM pg_indexes
+WHERE schemaname = 'trueup' AND tablename <> 'schema_migrations'
+UNION ALL
+SELECT 'schema', nspname, '' FROM pg_namespace WHERE nspname LIKE 'trueup%'
+ORDER BY 1, 2
+"""
+
+
+def _catalog(dsn: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(CATALOG).fetchall()
+
+
+def test_migrations_and_schema_sql_build_the_same_schema(
+        empty_db: str, state_db: str) -> None:
+    with psycopg.connect(empty_db) as conn:
+        conn.execute(schema_text().encode())
+        # schema.sql has no bookkeeping table; add it so the catalogs line up
+        conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY)")
+    from_schema, from_migrations = _catalog(empty_db), _catalog(state_db)
+    assert len(from_migrations) > 40
+    missing = set(from_migrations) - set(from_schema)
+    extra = set(from_schema) - set(from_migrations)
+    assert not missing and not extra, f"schema.sql lacks {missing}; has extra {extra}"
+
+
+def test_migrate_is_idempotent_and_records_every_version(state_db: str) -> None:
+    with psycopg.connect(state_db) as conn:
+        assert migrate(conn) == []
+        versions = [r[0] for r in conn.execute(
+            "SELECT version FROM trueup.schema_migrations ORDER BY version")]
+    assert versions == [m.version for m in migrations()]
+
+
+def test_every_status_enum_matches_its_check_constraint(state_db: str) -> None:
+    with psycopg.connect(state_db) as conn:
+        for (table, column), enum in STATUS_COLUMNS.items():
+            definition = conn.execute(
+                """SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
+                   WHERE c.conrelid = %s::regclass AND c.contype = 'c'
+                     AND pg_get_constraintdef(c.oid) LIKE %s""",
+                (f"trueup.{table}", f"%({column} = ANY%")).fetchone()
+            assert definition is not None, f"no CHECK constraint on trueup.{table}.{column}"
+            allowed = set(re.findall(r"'([^']+)'::text", definition[0]))
+            assert allowed == {m.value for m in enum}, (
+                f"trueup.{table}.{column} allows {sorted(allowed)}, "
+                f"{enum.__name__} has {sorted(m.value for m in enum)}")
+
+
+def test_status_columns_reject_unknown_values(state_db: str) -> None:
+    with psycopg.connect(state_db) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO trueup.runs (reconciliation, status) VALUES ('r', 'weird')")
+
+
+def test_one_active_backfill_per_reconciliation_is_enforced(state_db: str) -> None:
+    insert = ("INSERT INTO trueup.backfills (reconciliation, scope, status, chunk_size) "
+              "VALUES ('orders', 'all', %s, 100)")
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute(insert, ("succeeded",))
+        conn.execute(insert, ("running",))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert, ("planning",))
+
+
+def test_several_processes_migrating_at_once_all_succeed(empty_db: str) -> None:
+    script = ("import sys, psycopg; from trueup.state import migrate; "
+              "c = psycopg.connect(sys.argv[1]); print(migrate(c))")
+    processes = [subprocess.Popen([sys.executable, "-c", script, empty_db],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(4)]
+    results = [p.communicate(timeout=120) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [err for _, err in results]
+    applied = sorted(out.strip() for out, _ in results)
+    everything = str([m.version for m in migrations()])
+    assert applied == sorted(["[]", "[]", "[]", everything]), applied
+    with psycopg.connect(empty_db) as conn:
+        count = conn.execute("SELECT count(*) FROM trueup.schema_migrations").fetchone()
+    assert count is not None and count[0] == len(migrations())

@@ -1,0 +1,196 @@
+"""``trueup validate`` reaches every connection and finds what does not exist or cannot work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+import pytest
+import yaml
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from trueup.cli import main
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
+
+TABLES = """
+CREATE TABLE public.orders (id bigint PRIMARY KEY, status text, amount_cents bigint,
+                            version bigint NOT NULL, updated_at timestamptz NOT NULL,
+                            doc jsonb, note text);
+CREATE TABLE public.no_key (id bigint, status text, amount_cents bigint, version bigint);
+CREATE SCHEMA billing;
+CREATE TABLE billing.invoices (order_id bigint, order_version bigint, status text,
+                               total_cents bigint);
+CREATE UNIQUE INDEX invoices_order_id ON billing.invoices (order_id);
+"""
+
+
+@pytest.fixture
+def world(empty_db: str, state_db: str, kafka_bootstrap: str, amqp_url: str,
+          unique: Callable[[str], str]) -> Iterator[dict[str, str]]:
+    """A shop database, a topic, a DLQ topic and a RabbitMQ queue and exchange of their own."""
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(TABLES)
+    topic, dlq = unique("orders"), unique("orders_dlq")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(t, 2, 1) for t in (topic, dlq)]).values():
+        future.result()
+    queue, exchange = unique("payments_dlq"), unique("payments")
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        channel.exchange_declare(exchange, exchange_type="direct", durable=True)
+    yield {"shop": empty_db, "state": state_db, "topic": topic, "dlq": dlq, "queue": queue,
+           "exchange": exchange, "kafka": kafka_bootstrap, "amqp": amqp_url}
+    for future in admin.delete_topics([topic, dlq]).values():
+        future.result()
+    with pika.BlockingConnection(pika.URLParameters(amqp_url)) as connection:
+        channel = connection.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(exchange)
+
+
+def _config(w: dict[str, str]) -> dict[str, Any]:
+    return {
+        "state": w["state"],
+        "connections": {"shop": {"postgres": w["shop"]}, "billing": {"postgres": w["shop"]},
+                        "bus": {"kafka": {"bootstrap.servers": w["kafka"]}},
+                        "amqp": {"rabbitmq": w["amqp"]}},
+        "reconciliations": {
+            "events": {
+                "source": {"connection": "shop", "table": "public.orders", "key": ["id"],
+                           "version": "version", "updated_at": "updated_at",
+                           "columns": ["status", "amount_cents"]},
+                "target": {"connection": "bus", "topic": w["topic"], "format": "json",
+                           "key": ["id"], "version": "version",
+                           "columns": ["status", "amount_cents"]},
+                "repair": "republish"},
+            "invoices": {
+                "source": {"connection": "shop", "table": "public.orders", "key": ["id"],
+                           "version": "version", "columns": ["status", "amount_cents"]},
+                "target": {"connection": "billing", "table": "billing.invoices",
+                           "key": ["order_id"], "version": "order_version",
+                           "columns": {"status": "status", "amount_cents": "total_cents"}},
+                "repair": "upsert"},
+        },
+        "dead_letters": {
+            "events_dlq": {"connection": "bus", "topic": w["dlq"], "replay_to": w["topic"]},
+            "payments_dlq": {"connection": "amqp", "queue": w["queue"],
+                             "replay_to": {"exchange": w["exchange"], "routing_key": "settle"}},
+        },
+    }
+
+
+def _validate(tmp_path: Path, config: dict[str, Any],
+              capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(config))
+    status = main(["--config", str(path), "validate"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_valid_config_passes_and_lists_every_check(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _validate(tmp_path, _config(world), capsys)
+    assert (status, err) == (0, ""), err
+    assert "ok    reconciliations.events.target.topic" in out
+    assert f"topic {world['topic']} (2 partitions)" in out
+    assert "billing.invoices: key (order_id), 2 compared columns, version order_version" in out
+    assert out.rstrip().endswith("valid (2 reconciliations, 2 dead-letter queues)")
+
+
+BROKEN: list[tuple[str, Callable[[dict[str, Any], dict[str, str]], None], str]] = [
+    ("source column that does not exist",
+     lambda c, w: c["reconciliations"]["events"]["source"].update(key=["order_id"]),
+     "reconciliations.events.source.key[0]: column 'order_id' does not exist in "
+     "public.orders (columns: id, status, amount_cents, version, updated_at, doc, note)"),
+    ("target column that does not exist",
+     lambda c, w: c["reconciliations"]["invoices"]["target"]["columns"].update(
+         amount_cents="total_cent"),
+     "reconciliations.invoices.target.columns.amount_cents: column 'total_cent' does not "
+     "exist in billing.invoices (columns: order_id, order_version, status, total_cents)"),
+    ("table that does not exist",
+     lambda c, w: c["reconciliations"]["invoices"]["target"].update(table="billing.nope"),
+     "reconciliations.invoices.target.table: table billing.nope does not exist in connection "
+     "'billing'"),
+    ("key without a primary key or unique index",
+     lambda c, w: c["reconciliations"]["invoices"]["source"].update(table="public.no_key"),
+     "reconciliations.invoices.source.key: no primary key or unique index of public.no_key is "
+     "exactly (id); a key must identify one row"),
+    ("version column that cannot be ordered",
+     lambda c, w: c["reconciliations"]["events"]["source"].update(version="doc"),
+     "reconciliations.events.source.version: column 'doc' is JSONB, which cannot be ordered as "
+     "a version (expected an integer, numeric, timestamp or date column)"),
+    ("topic that does not exist",
+     lambda c, w: c["reconciliations"]["events"]["target"].update(topic=w["topic"] + "_nope"),
+     "reconciliations.events.target.topic: topic '{topic}_nope' does not exist in connection "
+     "'bus'"),
+    ("queue that does not exist",
+     lambda c, w: c["dead_letters"]["payments_dlq"].update(queue=w["queue"] + "_nope"),
+     "dead_letters.payments_dlq.queue: queue '{queue}_nope' does not exist"),
+    ("exchange that does not exist",
+     lambda c, w: c["dead_letters"]["payments_dlq"]["replay_to"].update(exchange="nope_x"),
+     "dead_letters.payments_dlq.replay_to.exchange: exchange 'nope_x' does not exist"),
+    ("unreachable postgres",
+     lambda c, w: c["connections"].update(billing={"postgres":
+                                                   "postgresql://postgres@127.0.0.1:1/x"}),
+     "connections.billing: cannot connect: "),
+]
+
+
+@pytest.mark.parametrize(("breaks", "expected"), [(b, e) for _, b, e in BROKEN],
+                         ids=[name for name, _, _ in BROKEN])
+def test_validate_reports_what_is_missing_as_one_line(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        breaks: Callable[[dict[str, Any], dict[str, str]], None], expected: str) -> None:
+    config = _config(world)
+    breaks(config, world)
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{tmp_path / 'trueup.yaml'}: "
+                               + expected.format(**world)), lines[0]
+
+
+def test_validate_never_creates_a_topic(world: dict[str, str], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(world)
+    absent = world["topic"] + "_absent"
+    config["reconciliations"]["events"]["target"]["topic"] = absent
+    _validate(tmp_path, config, capsys)
+    topics = AdminClient({"bootstrap.servers": world["kafka"]}).list_topics(timeout=10).topics
+    assert absent not in topics
+
+
+def test_status_json_lists_runs_and_backfills_newest_first(
+        world: dict[str, str], tmp_path: Path) -> None:
+    with psycopg.connect(world["state"], autocommit=True) as conn:
+        for name in ("first", "second"):
+            conn.execute("INSERT INTO trueup.runs (reconciliation, status, missing) "
+                         "VALUES (%s, 'succeeded', 3)", (name,))
+        backfill = conn.execute(
+            "INSERT INTO trueup.backfills (reconciliation, scope, status, chunk_size) "
+            "VALUES ('second', 'all', 'running', 10) RETURNING backfill_id").fetchone()
+        assert backfill is not None
+        conn.execute("INSERT INTO trueup.chunks (backfill_id, chunk, status) VALUES "
+                     "(%s, 1, 'done'), (%s, 2, 'pending')", (backfill[0], backfill[0]))
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(_config(world)))
+    done = subprocess.run([sys.executable, "-m", "trueup.cli", "--config", str(path), "status",
+                           "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert set(document) == {"runs", "backfills", "replays"}
+    assert [r["reconciliation"] for r in document["runs"]] == ["second", "first"]
+    assert document["backfills"][0] | {"backfill_id": 0} == document["backfills"][0] | {
+        "backfill_id": 0, "reconciliation": "second", "status": "running", "chunks": 2,
+        "chunks_done": 1, "rows_repaired": 0}
+    assert document["replays"] == []

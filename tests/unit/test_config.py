@@ -1,0 +1,203 @@
+"""The config file: the example parses, and every bad input gets its exact one-line message."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from trueup.config import ConnectionKind, RepairMode, load_config, parse_config
+from trueup.errors import ConfigError, ConfigErrors
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "trueup.yaml"
+BASE: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+
+
+def _errors(mutate: Callable[[dict[str, Any]], None], env: dict[str, str] | None = None) -> str:
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    with pytest.raises((ConfigError, ConfigErrors)) as caught:
+        parse_config(yaml.safe_dump(raw), "trueup.yaml", env or {})
+    return str(caught.value)
+
+
+def _rec(raw: dict[str, Any], name: str = "orders_events") -> dict[str, Any]:
+    return raw["reconciliations"][name]  # type: ignore[no-any-return]
+
+
+def test_example_config_parses_into_typed_models() -> None:
+    config = load_config(EXAMPLE, environ={})
+    events = config.reconciliations["orders_events"]
+    assert config.state == "postgresql://postgres@127.0.0.1:5432/trueup"
+    assert config.connections["bus"].kind is ConnectionKind.KAFKA
+    assert events.grace == dt.timedelta(seconds=60)
+    assert events.repair is RepairMode.REPUBLISH
+    assert events.partitions is not None and events.partitions.daily.start == dt.date(2026, 1, 1)
+    assert events.target.topic == "orders.v1" and events.target.is_topic
+    invoices = config.reconciliations["orders_invoices"]
+    assert invoices.target.columns == {"status": "status", "amount_cents": "total_cents"}
+    assert config.dead_letters["orders_dlq"].backoff.max == dt.timedelta(minutes=10)
+    payments = config.dead_letters["payments_dlq"]
+    assert payments.replay_to is not None and payments.replay_to.exchange == "payments"
+
+
+def test_interpolation_uses_the_environment_then_the_default() -> None:
+    text = EXAMPLE.read_text()
+    with_env = parse_config(text, "x.yaml", {"TRUEUP_STATE_DSN": "postgresql://h/s"})
+    assert with_env.state == "postgresql://h/s"
+    assert parse_config(text, "x.yaml", {}).state.endswith("/trueup")
+
+
+def test_target_columns_may_be_a_list_of_same_names() -> None:
+    raw = copy.deepcopy(BASE)
+    _rec(raw)["target"]["columns"] = ["status", "amount_cents", "currency"]
+    config = parse_config(yaml.safe_dump(raw), "t.yaml", {})
+    assert config.reconciliations["orders_events"].target.columns["currency"] == "currency"
+
+
+BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("unknown connection",
+     lambda r: _rec(r)["source"].update(connection="nope"),
+     "trueup.yaml: reconciliations.orders_events.source.connection: unknown connection 'nope' "
+     "(defined: amqp, billing, bus, shop)"),
+    ("unknown field",
+     lambda r: _rec(r)["source"].update(colums=["status"]),
+     "trueup.yaml: reconciliations.orders_events.source.colums: unknown field (expected one of: "
+     "connection, table, key, version, updated_at, columns)"),
+    ("unknown top-level field",
+     lambda r: r.update(reconcilations={}),
+     "trueup.yaml: reconcilations: unknown field (expected one of: state, connections, "
+     "reconciliations, dead_letters)"),
+    ("missing field",
+     lambda r: _rec(r)["source"].pop("key"),
+     "trueup.yaml: reconciliations.orders_events.source.key: missing required field"),
+    ("wrong type",
+     lambda r: _rec(r)["source"].update(key="id"),
+     "trueup.yaml: reconciliations.orders_events.source.key: expected a list (got 'id')"),
+    ("wrong scalar type",
+     lambda r: r["dead_letters"]["orders_dlq"].update(max_attempts="five"),
+     "trueup.yaml: dead_letters.orders_dlq.max_attempts: expected an integer (got 'five')"),
+    ("missing environment variable",
+     lambda r: r.update(state="${TRUEUP_TEST_NOT_SET}"),
+     "trueup.yaml: state: environment variable TRUEUP_TEST_NOT_SET is not set "
+     "(use ${TRUEUP_TEST_NOT_SET:-default})"),
+    ("bad duration",
+     lambda r: _rec(r).update(grace="soon"),
+     "trueup.yaml: reconciliations.orders_events.grace: expected a duration such as 500ms, 30s, "
+     "10m, 1h or 2d (got 'soon')"),
+    ("bad cron",
+     lambda r: _rec(r).update(schedule="every hour"),
+     "trueup.yaml: reconciliations.orders_events.schedule: expected a 5-field cron expression "
+     "such as '*/30 * * * *' (got 'every hour')"),
+    ("bad table name",
+     lambda r: _rec(r, "orders_invoices")["target"].update(table="a.b.c"),
+     "trueup.yaml: reconciliations.orders_invoices.target.table: expected a table name such as "
+     "public.orders or orders (got 'a.b.c')"),
+    ("bad column identifier",
+     lambda r: _rec(r)["source"].update(columns=["status", "amount cents"]),
+     "trueup.yaml: reconciliations.orders_events.source.columns[1]: expected a SQL identifier "
+     "(letters, digits, _ and $, not starting with a digit, at most 63 characters; "
+     "got 'amount cents')"),
+    ("bad repair mode",
+     lambda r: _rec(r, "orders_invoices").update(repair="fix"),
+     "trueup.yaml: reconciliations.orders_invoices.repair: expected one of republish, upsert or "
+     "none (got 'fix')"),
+    ("non-positive threshold",
+     lambda r: _rec(r)["auto_repair"].update(max_differences=0),
+     "trueup.yaml: reconciliations.orders_events.auto_repair.max_differences: expected a number "
+     "greater than 0 (got 0)"),
+    ("connection of the wrong kind",
+     lambda r: _rec(r, "orders_invoices")["target"].update(connection="bus"),
+     "trueup.yaml: reconciliations.orders_invoices.target.connection: connection 'bus' is "
+     "kafka; a table target needs postgres"),
+    ("bad reconciliation name",
+     lambda r: r["reconciliations"].update({"bad-name": _rec(r, "orders_invoices")}),
+     "trueup.yaml: reconciliations.bad-name: expected a name of letters, digits and "
+     "underscores, not starting with a digit (got 'bad-name')"),
+    ("bad date",
+     lambda r: _rec(r)["partitions"]["daily"].update(start="yesterday"),
+     "trueup.yaml: reconciliations.orders_events.partitions.daily.start: expected a date such "
+     "as 2026-01-01 (got 'yesterday')"),
+    ("connection without a kind",
+     lambda r: r["connections"].update(x={}),
+     "trueup.yaml: connections.x: expected exactly one of postgres, kafka or rabbitmq"),
+    ("dead letters with topic and queue",
+     lambda r: r["dead_letters"]["orders_dlq"].update(queue="q"),
+     "trueup.yaml: dead_letters.orders_dlq: expected exactly one of topic or queue"),
+    ("columns not mapped",
+     lambda r: _rec(r, "orders_invoices")["target"].update(columns={"status": "status"}),
+     "trueup.yaml: reconciliations.orders_invoices: expected target.columns to map every source "
+     "column and only those (source: status, amount_cents; target maps: status)"),
+    ("repair mode for the wrong target",
+     lambda r: _rec(r, "orders_invoices").update(repair="republish"),
+     "trueup.yaml: reconciliations.orders_invoices: repair: republish needs a topic target; use "
+     "upsert for a table"),
+    ("partitions without updated_at",
+     lambda r: _rec(r)["source"].pop("updated_at"),
+     "trueup.yaml: reconciliations.orders_events: partitions need source.updated_at (the column "
+     "a day is cut on)"),
+    ("bad topic name",
+     lambda r: _rec(r)["target"].update(topic="orders v1"),
+     "trueup.yaml: reconciliations.orders_events.target.topic: expected a Kafka topic name of "
+     "letters, digits, '.', '_' and '-' (got 'orders v1')"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expected"), [(m, e) for _, m, e in BAD_CONFIGS],
+                         ids=[name for name, _, _ in BAD_CONFIGS])
+def test_bad_config_gets_one_exact_line(mutate: Callable[[dict[str, Any]], None],
+                                        expected: str) -> None:
+    assert _errors(mutate) == expected
+
+
+def test_every_bad_field_is_reported_once() -> None:
+    def two_problems(raw: dict[str, Any]) -> None:
+        _rec(raw).update(grace="soon", schedule="often")
+
+    lines = _errors(two_problems).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("trueup.yaml: reconciliations.orders_events.grace:")
+    assert lines[1].startswith("trueup.yaml: reconciliations.orders_events.schedule:")
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("state: x\nconnections: [\n", "bad.yaml", {})
+    assert str(caught.value).startswith("bad.yaml: line 3: expected valid YAML")
+
+
+def test_missing_file_is_one_line() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config("/nonexistent/trueup.yaml")
+    assert str(caught.value) == ("/nonexistent/trueup.yaml: cannot read the config file: "
+                                 "No such file or directory")
+
+
+def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path: Path) -> None:
+    raw = copy.deepcopy(BASE)
+    _rec(raw)["grace"] = "soon"
+    config = tmp_path / "trueup.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "trueup.cli", "--config", str(config),
+                           "validate"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (f"{config}: reconciliations.orders_events.grace: expected a "
+                           f"duration such as 500ms, 30s, 10m, 1h or 2d (got 'soon')\n")
+
+
+def test_config_from_environment_variable(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "trueup.cli", "status"],
+                          env={"TRUEUP_CONFIG": str(tmp_path / "absent.yaml"), "PATH": "/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == (f"{tmp_path / 'absent.yaml'}: cannot read the config file: "
+                           f"No such file or directory\n")

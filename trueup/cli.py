@@ -1,0 +1,228 @@
+"""The ``trueup`` command line (contract in docs/cli.md).
+
+Exit status follows diff(1): 0 consistent, 1 differences found, 2 trouble. A user error prints
+one line per problem on stderr and exits 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import decimal
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from trueup import __version__
+from trueup.config import Config, config_path, load_config
+from trueup.errors import NotImplementedYet, TrueupError, UsageError
+from trueup.log import configure
+
+EXIT_OK = 0
+EXIT_DIFFERENCES = 1
+EXIT_TROUBLE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_TROUBLE, f"{self.prog}: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="trueup", description="Reconcile, repair and replay: keep copies "
+                     "of your data honest.")
+    parser.add_argument("--config", help="config file (default: $TRUEUP_CONFIG or trueup.yaml)")
+    parser.add_argument("--version", action="version", version=f"trueup {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("validate", help="check config, reach every connection, reflect tables")
+
+    diff = sub.add_parser("diff", help="find differences between a source and its copy")
+    diff.add_argument("name")
+    diff.add_argument("--partition", metavar="P", help="one day of the source, YYYY-MM-DD")
+    diff.add_argument("--json", action="store_true", help="print one JSON summary object")
+    diff.add_argument("--show", action="store_true", help="print one JSON line per difference")
+
+    backfill = sub.add_parser("backfill", help="repair differences in resumable chunks")
+    backfill.add_argument("name", nargs="?")
+    scope = backfill.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--run", type=_positive_int, metavar="ID")
+    scope.add_argument("--partition", metavar="P")
+    scope.add_argument("--all", action="store_true")
+    scope.add_argument("--resume", type=_positive_int, metavar="ID")
+    scope.add_argument("--cancel", type=_positive_int, metavar="ID")
+    backfill.add_argument("--dry-run", action="store_true")
+    backfill.add_argument("--chunk-size", type=_positive_int, metavar="N")
+    backfill.add_argument("--rate", type=_positive_float, metavar="ROWS_PER_S")
+    backfill.add_argument("--workers", type=_positive_int, metavar="N", default=1)
+    backfill.add_argument("--json", action="store_true")
+
+    dlq = sub.add_parser("dlq", help="depth, oldest age and counts by error of a DLQ")
+    dlq.add_argument("name")
+    dlq.add_argument("--json", action="store_true")
+
+    replay = sub.add_parser("replay", help="move dead letters back where they came from")
+    replay.add_argument("name")
+    replay.add_argument("--max", type=_positive_int, metavar="N")
+    replay.add_argument("--rate", type=_positive_float, metavar="N")
+    replay.add_argument("--dry-run", action="store_true")
+    replay.add_argument("--where", metavar="FILTER")
+    replay.add_argument("--json", action="store_true")
+
+    status = sub.add_parser("status", help="newest runs, backfills and replays")
+    status.add_argument("--limit", type=_positive_int, default=20, metavar="N")
+    status.add_argument("--json", action="store_true")
+
+    lineage = sub.add_parser("lineage", help="every run that saw a key, every repair of it")
+    lineage.add_argument("name")
+    lineage.add_argument("key", help="the key's value, or a JSON array for a composite key")
+    lineage.add_argument("--json", action="store_true")
+    return parser
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, default=_json_default, separators=(", ", ": "))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_validate(config: Config, args: argparse.Namespace) -> int:
+    from trueup.validate import validate
+
+    findings = validate(config)
+    width = max((len(f.path) for f in findings), default=0)
+    for finding in findings:
+        if finding.ok:
+            print(f"ok    {finding.path:<{width}}  {finding.message}")
+    failed = [f for f in findings if not f.ok]
+    for finding in failed:
+        print(f"{config.path}: {finding.path}: {finding.message}", file=sys.stderr)
+    if failed:
+        return EXIT_TROUBLE
+    print(f"{config.path}: valid ({len(config.reconciliations)} reconciliations, "
+          f"{len(config.dead_letters)} dead-letter queues)")
+    return EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from trueup.state import open_state
+    from trueup.status import status
+
+    with open_state(config.state) as conn:
+        document = status(conn, limit=args.limit)
+    if args.json:
+        print(to_json({k: document[k] for k in ("runs", "backfills", "replays")}))
+        return EXIT_OK
+    print(_table("runs", document["runs"], ["run_id", "reconciliation", "partition", "status",
+                                            "started_at", "missing", "orphan", "stale", "ahead",
+                                            "mismatch", "in_flight", "unreadable"]))
+    print(_table("backfills", document["backfills"], ["backfill_id", "reconciliation", "status",
+                                                      "chunks", "chunks_done", "rows_repaired"]))
+    print(_table("replays", document["replays"], ["replay_id", "name", "status", "dry_run",
+                                                  "moved", "parked", "skipped"]))
+    print(_table("checks", document["checks"], ["asset_key", "check_name", "passed",
+                                                "severity", "at"]))
+    return EXIT_OK
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return f"{title}: none\n"
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = [f"{title}:", "  " + "  ".join(c.ljust(w) for c, w in zip(columns, widths,
+                                                                        strict=True))]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
+              for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(value)
+
+
+def _not_yet(issue: int) -> Callable[[Config, argparse.Namespace], int]:
+    def command(config: Config, args: argparse.Namespace) -> int:
+        raise NotImplementedYet(f"trueup {args.command}: not implemented yet (issue #{issue})")
+
+    return command
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+    "validate": cmd_validate,
+    "diff": _not_yet(3),
+    "backfill": _not_yet(4),
+    "dlq": _not_yet(5),
+    "replay": _not_yet(5),
+    "status": cmd_status,
+    "lineage": _not_yet(4),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure()
+    try:
+        if args.command == "backfill":
+            _check_backfill_args(args)
+        config = load_config(config_path(args.config))
+        return COMMANDS[args.command](config, args)
+    except TrueupError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("trueup: interrupted", file=sys.stderr)
+        return 130
+
+
+def _check_backfill_args(args: argparse.Namespace) -> None:
+    if (args.resume or args.cancel) and args.name:
+        raise UsageError("trueup backfill: --resume and --cancel take a backfill ID, not a NAME")
+    if not (args.resume or args.cancel) and not args.name:
+        raise UsageError("trueup backfill: NAME is required with --run, --partition or --all")
+
+
+def run() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

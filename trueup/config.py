@@ -1,0 +1,448 @@
+"""The ``trueup.yaml`` config file: interpolation, typed models and validation.
+
+The file format is a contract (see docs/config.md). Every bad value is reported as one line
+naming the file, the field path and what is expected; see :mod:`trueup.errors`. Checks that need
+the services themselves (does this table exist?) live in :mod:`trueup.validate`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from croniter import croniter
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from trueup.errors import ConfigError, ConfigErrors
+from trueup.messages import describe_pydantic_error
+
+DEFAULT_CONFIG = "trueup.yaml"
+CONFIG_ENV = "TRUEUP_CONFIG"
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Field types
+
+
+def _duration(value: Any) -> dt.timedelta:
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 500ms, 30s, 10m, 1h or 2d (got {value!r})")
+    if isinstance(value, int | float) and value >= 0:
+        return dt.timedelta(seconds=value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"expected a duration such as 500ms, 30s, 10m, 1h or 2d (got {value!r})")
+    return dt.timedelta(seconds=float(match.group(1)) * _DURATION_UNITS_SECONDS[match.group(2)])
+
+
+def _identifier(value: str) -> str:
+    if not _IDENT.match(value):
+        raise ValueError(
+            f"expected a SQL identifier (letters, digits, _ and $, not starting with a digit, "
+            f"at most 63 characters; got {value!r})"
+        )
+    return value
+
+
+def _table_name(value: str) -> str:
+    parts = value.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError(f"expected a table name such as public.orders or orders (got {value!r})")
+    return value if len(parts) == 2 else f"public.{value}"
+
+
+def _topic_name(value: str) -> str:
+    if not _TOPIC.match(value) or value in {".", ".."}:
+        raise ValueError(
+            f"expected a Kafka topic name of letters, digits, '.', '_' and '-' (got {value!r})"
+        )
+    return value
+
+
+def _cron(value: str) -> str:
+    if not croniter.is_valid(value) or len(value.split()) != 5:
+        raise ValueError(
+            f"expected a 5-field cron expression such as '*/30 * * * *' (got {value!r})"
+        )
+    return value
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"expected a name of letters, digits and underscores, not starting with a digit "
+            f"(got {value!r})"
+        )
+    return value
+
+
+def _columns_mapping(value: Any) -> Any:
+    """Target columns may be a list (same names as the source) or a mapping source -> target."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return {v: v for v in value}
+    return value
+
+
+Duration = Annotated[dt.timedelta, BeforeValidator(_duration)]
+Identifier = Annotated[str, AfterValidator(_identifier)]
+TableName = Annotated[str, AfterValidator(_table_name)]
+TopicName = Annotated[str, AfterValidator(_topic_name)]
+Cron = Annotated[str, AfterValidator(_cron)]
+Name = Annotated[str, AfterValidator(_name)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections
+
+
+class ConnectionKind(StrEnum):
+    POSTGRES = "postgres"
+    KAFKA = "kafka"
+    RABBITMQ = "rabbitmq"
+
+
+class ConnectionConfig(_Model):
+    """One named connection: exactly one of ``postgres``, ``kafka`` or ``rabbitmq``."""
+
+    postgres: NonEmptyStr | None = None
+    kafka: dict[str, str | int | float | bool] | None = None
+    rabbitmq: NonEmptyStr | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConnectionConfig:
+        given = [k for k in ConnectionKind if getattr(self, k.value) is not None]
+        if len(given) != 1:
+            raise ValueError("expected exactly one of postgres, kafka or rabbitmq")
+        if self.postgres is not None and not self.postgres.startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError(
+                f"expected a postgresql:// connection URL for postgres (got {self.postgres!r})"
+            )
+        if self.kafka is not None and not self.kafka.get("bootstrap.servers"):
+            raise ValueError("expected kafka properties with bootstrap.servers")
+        if self.rabbitmq is not None and not self.rabbitmq.startswith(("amqp://", "amqps://")):
+            raise ValueError(f"expected an amqp:// URL for rabbitmq (got {self.rabbitmq!r})")
+        return self
+
+    @property
+    def kind(self) -> ConnectionKind:
+        return next(k for k in ConnectionKind if getattr(self, k.value) is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconciliations
+
+
+class RepairMode(StrEnum):
+    REPUBLISH = "republish"
+    UPSERT = "upsert"
+    NONE = "none"
+
+
+class SourceConfig(_Model):
+    """The source of truth: a Postgres table."""
+
+    connection: Name
+    table: TableName
+    key: Annotated[list[Identifier], Field(min_length=1)]
+    version: Identifier | None = None
+    updated_at: Identifier | None = None
+    columns: Annotated[list[Identifier], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _distinct(self) -> SourceConfig:
+        _require_distinct(self.key + self.columns, "key and columns")
+        return self
+
+
+class TargetConfig(_Model):
+    """The copy: a Postgres table or a Kafka topic. ``columns`` maps source -> target names."""
+
+    connection: Name
+    table: TableName | None = None
+    topic: TopicName | None = None
+    format: Literal["json"] | None = None
+    key: Annotated[list[NonEmptyStr], Field(min_length=1)]
+    version: NonEmptyStr | None = None
+    columns: Annotated[dict[Identifier, NonEmptyStr], BeforeValidator(_columns_mapping)]
+
+    @model_validator(mode="after")
+    def _table_or_topic(self) -> TargetConfig:
+        if (self.table is None) == (self.topic is None):
+            raise ValueError("expected exactly one of table or topic")
+        if self.table is not None:
+            if self.format is not None:
+                raise ValueError("format applies to a topic, not a table")
+            for name in [*self.key, *self.columns.values(), *filter(None, [self.version])]:
+                _identifier(name)
+        _require_distinct(self.key + list(self.columns.values()), "key and columns")
+        return self
+
+    @property
+    def is_topic(self) -> bool:
+        return self.topic is not None
+
+
+class DailyPartitions(_Model):
+    start: dt.date
+
+
+class PartitionsConfig(_Model):
+    daily: DailyPartitions
+
+
+class AutoRepairConfig(_Model):
+    max_differences: PositiveInt
+
+
+class ReconciliationConfig(_Model):
+    source: SourceConfig
+    target: TargetConfig
+    grace: Duration = dt.timedelta(0)
+    partitions: PartitionsConfig | None = None
+    schedule: Cron | None = None
+    repair: RepairMode = RepairMode.NONE
+    auto_repair: AutoRepairConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReconciliationConfig:
+        if len(self.source.key) != len(self.target.key):
+            raise ValueError(
+                f"expected source.key and target.key of the same length "
+                f"(got {len(self.source.key)} and {len(self.target.key)})"
+            )
+        if set(self.target.columns) != set(self.source.columns):
+            raise ValueError(
+                "expected target.columns to map every source column and only those "
+                f"(source: {', '.join(self.source.columns)}; "
+                f"target maps: {', '.join(self.target.columns)})"
+            )
+        if self.target.version is not None and self.source.version is None:
+            raise ValueError("target.version needs source.version to compare against")
+        if self.partitions is not None and self.source.updated_at is None:
+            raise ValueError("partitions need source.updated_at (the column a day is cut on)")
+        if self.repair is RepairMode.UPSERT and self.target.is_topic:
+            raise ValueError("repair: upsert needs a table target; use republish for a topic")
+        if self.repair is RepairMode.REPUBLISH and not self.target.is_topic:
+            raise ValueError("repair: republish needs a topic target; use upsert for a table")
+        if self.auto_repair is not None and self.repair is RepairMode.NONE:
+            raise ValueError("auto_repair needs repair: upsert or republish")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters
+
+
+class BackoffConfig(_Model):
+    initial: Duration = dt.timedelta(seconds=1)
+    multiplier: Annotated[float, Field(ge=1)] = 2.0
+    max: Duration = dt.timedelta(minutes=10)
+
+
+def _replay_to(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class ReplayTo(_Model):
+    """Where replayed dead letters go: a topic or queue ``name``, or an exchange and routing key."""
+
+    name: NonEmptyStr | None = None
+    exchange: NonEmptyStr | None = None
+    routing_key: str = ""
+
+    @model_validator(mode="after")
+    def _one(self) -> ReplayTo:
+        if (self.name is None) == (self.exchange is None):
+            raise ValueError("expected a topic or queue name, or {exchange, routing_key}")
+        return self
+
+
+class DeadLetterConfig(_Model):
+    connection: Name
+    topic: TopicName | None = None
+    queue: NonEmptyStr | None = None
+    replay_to: Annotated[ReplayTo | None, BeforeValidator(_replay_to)] = None
+    max_attempts: PositiveInt = 5
+    backoff: BackoffConfig = BackoffConfig()
+    parking: NonEmptyStr | None = None
+
+    @model_validator(mode="after")
+    def _topic_or_queue(self) -> DeadLetterConfig:
+        if (self.topic is None) == (self.queue is None):
+            raise ValueError("expected exactly one of topic or queue")
+        if self.topic is not None and self.replay_to and self.replay_to.exchange:
+            raise ValueError("a Kafka dead-letter topic replays to a topic name, not an exchange")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole file
+
+
+class Config(_Model):
+    state: NonEmptyStr
+    connections: dict[Annotated[str, AfterValidator(_name)], ConnectionConfig]
+    reconciliations: dict[Annotated[str, AfterValidator(_name)], ReconciliationConfig] = {}
+    dead_letters: dict[Annotated[str, AfterValidator(_name)], DeadLetterConfig] = {}
+    path: Annotated[str, Field(exclude=True)] = DEFAULT_CONFIG
+
+    def connection(self, name: str) -> ConnectionConfig:
+        return self.connections[name]
+
+    def reconciliation(self, name: str) -> ReconciliationConfig:
+        from trueup.errors import NotFound
+
+        try:
+            return self.reconciliations[name]
+        except KeyError:
+            known = ", ".join(sorted(self.reconciliations)) or "none"
+            raise NotFound(
+                f"{self.path}: no reconciliation named {name!r} (known: {known})"
+            ) from None
+
+    def dead_letter(self, name: str) -> DeadLetterConfig:
+        from trueup.errors import NotFound
+
+        try:
+            return self.dead_letters[name]
+        except KeyError:
+            known = ", ".join(sorted(self.dead_letters)) or "none"
+            raise NotFound(
+                f"{self.path}: no dead-letter queue named {name!r} (known: {known})"
+            ) from None
+
+
+def config_path(explicit: str | None = None) -> str:
+    """The config file to read: ``--config``, else ``$TRUEUP_CONFIG``, else ``./trueup.yaml``."""
+    return explicit or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raise :class:`ConfigErrors` when bad."""
+    file = str(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, "", f"cannot read the config file: {exc.strerror}") from exc
+    return parse_config(text, file, os.environ if environ is None else environ)
+
+
+def parse_config(text: str, file: str, environ: Any) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(file, where, f"expected valid YAML ({problem})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "expected a mapping with state, connections, reconciliations")
+
+    errors: list[ConfigError] = []
+    raw = _interpolate(raw, "", environ, lambda p, m: errors.append(ConfigError(file, p, m)))
+    if errors:
+        raise ConfigErrors(errors)
+    try:
+        config = Config.model_validate({**raw, "path": file})
+    except ValidationError as exc:
+        raise ConfigErrors(
+            [ConfigError(file, *describe_pydantic_error(err, Config)) for err in exc.errors()]
+        ) from None
+    errors = [ConfigError(file, p, m) for p, m in _cross_references(config)]
+    if errors:
+        raise ConfigErrors(errors)
+    return config
+
+
+def _interpolate(node: Any, path: str, environ: Any, fail: Callable[[str, str], None]) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string of the tree."""
+    if isinstance(node, dict):
+        return {
+            k: _interpolate(v, f"{path}.{k}" if path else str(k), environ, fail)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_interpolate(v, f"{path}[{i}]", environ, fail) for i, v in enumerate(node)]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = environ.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is None:
+                fail(path, f"environment variable {name} is not set (use ${{{name}:-default}})")
+                return ""
+            return default
+        return str(value)
+
+    return _VARIABLE.sub(substitute, node)
+
+
+def _cross_references(config: Config) -> list[tuple[str, str]]:
+    """Checks across sections: connections named in reconciliations exist and fit."""
+    problems: list[tuple[str, str]] = []
+
+    def connection(path: str, name: str, expected: ConnectionKind, what: str) -> None:
+        known = config.connections.get(name)
+        if known is None:
+            names = ", ".join(sorted(config.connections)) or "none"
+            problems.append((path, f"unknown connection {name!r} (defined: {names})"))
+        elif known.kind is not expected:
+            problems.append(
+                (path, f"connection {name!r} is {known.kind.value}; {what} needs {expected.value}")
+            )
+
+    if not config.state.startswith(("postgresql://", "postgres://")):
+        problems.append(("state", f"expected a postgresql:// URL (got {config.state!r})"))
+    for name, rec in config.reconciliations.items():
+        base = f"reconciliations.{name}"
+        connection(f"{base}.source.connection", rec.source.connection, ConnectionKind.POSTGRES,
+                   "a source table")
+        target_kind = ConnectionKind.KAFKA if rec.target.is_topic else ConnectionKind.POSTGRES
+        connection(f"{base}.target.connection", rec.target.connection, target_kind,
+                   "a topic target" if rec.target.is_topic else "a table target")
+    for name, dlq in config.dead_letters.items():
+        kind = ConnectionKind.KAFKA if dlq.topic is not None else ConnectionKind.RABBITMQ
+        connection(f"dead_letters.{name}.connection", dlq.connection, kind,
+                   "a dead-letter topic" if dlq.topic is not None else "a dead-letter queue")
+    return problems
+
+
+def _require_distinct(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"expected distinct {what} (got {name!r} twice)")
+        seen.add(name)

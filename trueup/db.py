@@ -1,0 +1,41 @@
+"""Postgres connections, with driver errors translated into trueup's errors at the edge."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from trueup.errors import ConnectionFailed
+
+CONNECT_TIMEOUT_SECONDS = 10
+_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+
+
+def redact(dsn: str) -> str:
+    """The DSN with its password replaced by ``***``, safe to print and log."""
+    return _PASSWORD.sub(r"\1***@", dsn)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def connect(dsn: str, *, what: str, autocommit: bool = False,
+            application_name: str = "trueup") -> psycopg.Connection[dict[str, Any]]:
+    """Open a connection returning dict rows; ``what`` names it in errors (a config path)."""
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=autocommit,
+            row_factory=dict_row,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+        )
+    except psycopg.Error as exc:
+        raise ConnectionFailed(
+            f"{what}: cannot connect to {redact(dsn)}: {first_line(exc)}"
+        ) from exc

@@ -1,0 +1,88 @@
+"""Structured logs: one event name and key=value fields per line.
+
+On a terminal lines read as ``12:00:01 info  diff.segment reconciliation=orders run_id=7``;
+elsewhere (or with ``TRUEUP_LOG_FORMAT=json``) each line is a JSON object, ready for a log
+pipeline. Level from ``TRUEUP_LOG_LEVEL`` (default ``info``). Logs go to stderr so that
+``--json`` output on stdout stays clean.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+_CONFIGURED = False
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, as_json: bool) -> None:
+        super().__init__()
+        self.as_json = as_json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        at = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        if self.as_json:
+            line = {"at": at.isoformat(timespec="milliseconds"), "level": record.levelname.lower(),
+                    "event": record.getMessage(), "logger": record.name, **fields}
+            if record.exc_info:
+                line["exception"] = self.formatException(record.exc_info)
+            return json.dumps(line, default=str)
+        pairs = " ".join(f"{k}={v}" for k, v in fields.items())
+        text = f"{at:%H:%M:%S} {record.levelname.lower():5} {record.getMessage()} {pairs}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text.rstrip()
+
+
+class StructuredLogger:
+    """A thin wrapper: ``log.info("event.name", key=value, ...)``."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            exc_info = fields.pop("exc_info", None)
+            self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields)
+
+
+def configure(level: str | None = None, as_json: bool | None = None) -> None:
+    """Install the handler on the ``trueup`` logger (idempotent)."""
+    global _CONFIGURED
+    logger = logging.getLogger("trueup")
+    level_name = (level or os.environ.get("TRUEUP_LOG_LEVEL", "info")).upper()
+    logger.setLevel(getattr(logging, level_name, logging.INFO))
+    if as_json is None:
+        wanted = os.environ.get("TRUEUP_LOG_FORMAT")
+        as_json = wanted == "json" if wanted else not sys.stderr.isatty()
+    if _CONFIGURED:
+        for handler in logger.handlers:
+            handler.setFormatter(_Formatter(as_json))
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(as_json))
+    logger.addHandler(handler)
+    logger.propagate = False
+    _CONFIGURED = True
+
+
+def get_logger(name: str) -> StructuredLogger:
+    return StructuredLogger(logging.getLogger(name if name.startswith("trueup") else
+                                              f"trueup.{name}"))

@@ -1,0 +1,22 @@
+"""``trueup status``: the newest runs, backfills and replays, and the latest check results."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from trueup.queries import query
+
+DEFAULT_LIMIT = 20
+
+
+def status(conn: psycopg.Connection[Any], *, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
+    """The status document printed by ``trueup status --json`` (newest first)."""
+    params = {"limit": limit}
+    return {
+        "runs": conn.execute(query("recent_runs"), params).fetchall(),
+        "backfills": conn.execute(query("recent_backfills"), params).fetchall(),
+        "replays": conn.execute(query("recent_replays"), params).fetchall(),
+        "checks": conn.execute(query("latest_check_results")).fetchall(),
+    }

@@ -1,0 +1,273 @@
+"""``trueup validate``: reach every connection and check the config against what is there.
+
+Reflection of tables goes through SQLAlchemy's inspector; topics through Kafka metadata; queues
+and exchanges through passive declares (which never create anything).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import sqlalchemy as sa
+from confluent_kafka.admin import AdminClient
+from sqlalchemy.engine import Inspector
+
+from trueup.brokers import kafka, rabbitmq
+from trueup.config import Config, ConnectionKind, ReconciliationConfig
+from trueup.db import first_line, redact
+from trueup.errors import TrueupError
+from trueup.state import open_state
+
+#: Column types a version can be compared with (greater means newer).
+ORDERABLE_VERSION_TYPES = (sa.Integer, sa.Numeric, sa.Float, sa.DateTime, sa.Date)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Finding:
+    path: str
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableShape:
+    columns: dict[str, Any]  # name -> SQLAlchemy type
+    unique_keys: list[tuple[str, ...]]  # primary key first, then unique constraints and indexes
+
+
+@dataclass
+class _Reach:
+    """Live handles per connection name; None when reaching it failed (already reported)."""
+
+    engines: dict[str, sa.Engine | None] = field(default_factory=dict)
+    admins: dict[str, AdminClient | None] = field(default_factory=dict)
+    rabbits: dict[str, pika.BlockingConnection | None] = field(default_factory=dict)
+    tables: dict[tuple[str, str], TableShape | None] = field(default_factory=dict)
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """A SQLAlchemy URL using psycopg 3 for a ``postgresql://`` DSN."""
+    scheme, _, rest = dsn.partition("://")
+    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else dsn
+
+
+def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
+    schema, _, name = table.partition(".")
+    if not inspector.has_table(name, schema=schema):
+        return None
+    columns = {c["name"]: c["type"] for c in inspector.get_columns(name, schema=schema)}
+    keys: list[tuple[str, ...]] = []
+    pk = inspector.get_pk_constraint(name, schema=schema).get("constrained_columns") or []
+    if pk:
+        keys.append(tuple(pk))
+    keys += [tuple(u["column_names"]) for u in inspector.get_unique_constraints(name, schema)]
+    keys += [
+        tuple(c for c in i["column_names"] if c is not None)
+        for i in inspector.get_indexes(name, schema=schema)
+        if i.get("unique") and not i.get("dialect_options", {}).get("postgresql_where")
+    ]
+    return TableShape(columns=columns, unique_keys=keys)
+
+
+class Validator:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.reach = _Reach()
+        self._stack = ExitStack()
+
+    def run(self) -> list[Finding]:
+        with self._stack:
+            return list(self._check_all())
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _check_all(self) -> Iterator[Finding]:
+        yield self._check_state()
+        for name, conn in self.config.connections.items():
+            yield self._check_connection(name, conn.kind)
+        for name, rec in self.config.reconciliations.items():
+            yield from self._check_reconciliation(name, rec)
+        for name in self.config.dead_letters:
+            yield from self._check_dead_letter(name)
+
+    def _check_state(self) -> Finding:
+        try:
+            conn = open_state(self.config.state)
+        except TrueupError as exc:
+            return Finding(path="state", ok=False, message=str(exc).removeprefix("state: "))
+        with conn:
+            version = conn.execute("SELECT max(version) AS v FROM trueup.schema_migrations")
+            row = version.fetchone()
+        return Finding(path="state", ok=True, message=f"{redact(self.config.state)} "
+                       f"(schema trueup at migration {row['v'] if row else 0})")
+
+    def _check_connection(self, name: str, kind: ConnectionKind) -> Finding:
+        path = f"connections.{name}"
+        conn = self.config.connections[name]
+        try:
+            if kind is ConnectionKind.POSTGRES:
+                assert conn.postgres is not None
+                engine = sa.create_engine(sqlalchemy_url(conn.postgres),
+                                          connect_args={"connect_timeout": 10})
+                self._stack.callback(engine.dispose)
+                self.reach.engines[name] = None
+                with engine.connect() as c:
+                    server = c.execute(sa.text("SHOW server_version")).scalar()
+                self.reach.engines[name] = engine
+                return Finding(path=path, ok=True,
+                               message=f"postgres {redact(conn.postgres)} (server {server})")
+            if kind is ConnectionKind.KAFKA:
+                assert conn.kafka is not None
+                self.reach.admins[name] = None
+                admin = kafka.connect_admin(conn.kafka, what=path)
+                self.reach.admins[name] = admin
+                return Finding(path=path, ok=True,
+                               message=f"kafka {conn.kafka['bootstrap.servers']}")
+            assert conn.rabbitmq is not None
+            self.reach.rabbits[name] = None
+            rabbit = rabbitmq.connect(conn.rabbitmq, what=path)
+            self._stack.callback(_close_quietly, rabbit)
+            self.reach.rabbits[name] = rabbit
+            return Finding(path=path, ok=True, message=f"rabbitmq {redact(conn.rabbitmq)}")
+        except TrueupError as exc:
+            return Finding(path=path, ok=False, message=str(exc).removeprefix(f"{path}: "))
+        except sa.exc.SQLAlchemyError as exc:
+            return Finding(path=path, ok=False, message=f"cannot connect: {first_line(exc)}")
+
+    # -- reconciliations -----------------------------------------------------------------------
+
+    def _table(self, connection: str, table: str) -> TableShape | None:
+        if (connection, table) not in self.reach.tables:
+            engine = self.reach.engines.get(connection)
+            shape = reflect_table(sa.inspect(engine), table) if engine is not None else None
+            self.reach.tables[(connection, table)] = shape
+        return self.reach.tables[(connection, table)]
+
+    def _check_reconciliation(self, name: str, rec: ReconciliationConfig) -> Iterator[Finding]:
+        base = f"reconciliations.{name}"
+        source = rec.source
+        if self.reach.engines.get(source.connection) is not None:
+            yield from self._check_table(
+                f"{base}.source", source.connection, source.table, source.key,
+                [(f"columns[{i}]", c) for i, c in enumerate(source.columns)],
+                source.version, source.updated_at,
+            )
+        target = rec.target
+        if target.table is not None and self.reach.engines.get(target.connection) is not None:
+            yield from self._check_table(
+                f"{base}.target", target.connection, target.table, target.key,
+                [(f"columns.{s}", t) for s, t in target.columns.items()],
+                target.version, None,
+            )
+        elif target.topic is not None and self.reach.admins.get(target.connection) is not None:
+            yield self._check_topic(f"{base}.target.topic", target.connection, target.topic)
+
+    def _check_table(self, path: str, connection: str, table: str, key: list[str],
+                     columns: list[tuple[str, str]], version: str | None,
+                     updated_at: str | None) -> Iterator[Finding]:
+        """Check one table; ``columns`` pairs each compared column with its field path."""
+        shape = self._table(connection, table)
+        if shape is None:
+            yield Finding(path=f"{path}.table", ok=False,
+                          message=f"table {table} does not exist in connection {connection!r}")
+            return
+        problems = []
+        named = [(f"key[{i}]", c) for i, c in enumerate(key)] + columns
+        named += [("version", version)] if version else []
+        named += [("updated_at", updated_at)] if updated_at else []
+        for field_path, column in named:
+            if column not in shape.columns:
+                problems.append(Finding(
+                    path=f"{path}.{field_path}", ok=False,
+                    message=f"column {column!r} does not exist in {table} "
+                            f"(columns: {', '.join(shape.columns)})"))
+        if problems:
+            yield from problems
+            return
+        if not any(set(k) == set(key) for k in shape.unique_keys):
+            yield Finding(path=f"{path}.key", ok=False,
+                          message=f"no primary key or unique index of {table} is exactly "
+                                  f"({', '.join(key)}); a key must identify one row")
+            return
+        if version and not isinstance(shape.columns[version], ORDERABLE_VERSION_TYPES):
+            yield Finding(path=f"{path}.version", ok=False,
+                          message=f"column {version!r} is {shape.columns[version]}, which cannot "
+                                  f"be ordered as a version (expected an integer, numeric, "
+                                  f"timestamp or date column)")
+            return
+        if updated_at and not isinstance(shape.columns[updated_at], sa.DateTime | sa.Date):
+            yield Finding(path=f"{path}.updated_at", ok=False,
+                          message=f"column {updated_at!r} is {shape.columns[updated_at]} "
+                                  f"(expected a timestamp or date column)")
+            return
+        yield Finding(path=path, ok=True,
+                      message=f"{table}: key ({', '.join(key)}), "
+                              f"{len(columns)} compared column{'s' * (len(columns) != 1)}"
+                              + (f", version {version}" if version else ""))
+
+    def _check_topic(self, path: str, connection: str, topic: str) -> Finding:
+        admin = self.reach.admins[connection]
+        assert admin is not None
+        try:
+            partitions = kafka.topic_partitions(admin, topic, what=path)
+        except TrueupError as exc:
+            return Finding(path=path, ok=False, message=str(exc).removeprefix(f"{path}: "))
+        if partitions is None:
+            return Finding(path=path, ok=False,
+                           message=f"topic {topic!r} does not exist in connection {connection!r}")
+        return Finding(path=path, ok=True, message=f"topic {topic} ({partitions} partitions)")
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    def _check_dead_letter(self, name: str) -> Iterator[Finding]:
+        dlq = self.config.dead_letters[name]
+        base = f"dead_letters.{name}"
+        if dlq.topic is not None:
+            if self.reach.admins.get(dlq.connection) is None:
+                return
+            yield self._check_topic(f"{base}.topic", dlq.connection, dlq.topic)
+            if dlq.replay_to is not None and dlq.replay_to.name is not None:
+                yield self._check_topic(f"{base}.replay_to", dlq.connection, dlq.replay_to.name)
+            if dlq.parking is not None:
+                yield self._check_topic(f"{base}.parking", dlq.connection, dlq.parking)
+            return
+        rabbit = self.reach.rabbits.get(dlq.connection)
+        if rabbit is None or dlq.queue is None:
+            return
+        yield self._check_queue(rabbit, f"{base}.queue", dlq.queue)
+        if dlq.replay_to is not None:
+            if dlq.replay_to.exchange is not None:
+                exists = exchange_or_error(rabbit, dlq.replay_to.exchange)
+                yield Finding(path=f"{base}.replay_to.exchange", ok=exists,
+                              message=f"exchange {dlq.replay_to.exchange}" if exists else
+                              f"exchange {dlq.replay_to.exchange!r} does not exist")
+            elif dlq.replay_to.name is not None:
+                yield self._check_queue(rabbit, f"{base}.replay_to", dlq.replay_to.name)
+        if dlq.parking is not None:
+            yield self._check_queue(rabbit, f"{base}.parking", dlq.parking)
+
+    def _check_queue(self, rabbit: pika.BlockingConnection, path: str, queue: str) -> Finding:
+        depth = rabbitmq.queue_depth(rabbit, queue)
+        if depth is None:
+            return Finding(path=path, ok=False, message=f"queue {queue!r} does not exist")
+        return Finding(path=path, ok=True, message=f"queue {queue} ({depth} ready)")
+
+
+def exchange_or_error(rabbit: pika.BlockingConnection, exchange: str) -> bool:
+    return rabbitmq.exchange_exists(rabbit, exchange)
+
+
+def validate(config: Config) -> list[Finding]:
+    """Every check of ``trueup validate``, in config order."""
+    return Validator(config).run()
+
+
+def _close_quietly(connection: pika.BlockingConnection) -> None:
+    # The broker may already have dropped the connection; closing is best effort.
+    with contextlib.suppress(Exception):
+        connection.close()
