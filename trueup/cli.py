@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import decimal
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -186,7 +187,9 @@ def _not_yet(issue: int) -> Callable[[Config, argparse.Namespace], int]:
     return command
 
 
-COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
+#: Subcommand -> "module:function" taking (config, args) and returning the exit status.
+#: Imported on use, so `trueup validate` does not pay for the Kafka or Dagster imports.
+COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "diff": _not_yet(3),
     "backfill": _not_yet(4),
@@ -197,6 +200,16 @@ COMMANDS: dict[str, Callable[[Config, argparse.Namespace], int]] = {
 }
 
 
+def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
+    target = COMMANDS[name]
+    if callable(target):
+        return target
+    module, _, function = target.partition(":")
+    found: Callable[[Config, argparse.Namespace], int] = getattr(
+        importlib.import_module(module), function)
+    return found
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure()
@@ -204,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "backfill":
             _check_backfill_args(args)
         config = load_config(config_path(args.config))
-        return COMMANDS[args.command](config, args)
+        return _command(args.command)(config, args)
     except TrueupError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_status

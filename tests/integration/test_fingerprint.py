@@ -1,0 +1,305 @@
+"""The Python fingerprint of a JSON message equals Postgres's fingerprint of the same row.
+
+Hypothesis draws values of every supported type, Postgres renders them with the SQL of
+trueup.fingerprint, and Python renders the JSON a producer could have written for them (numbers
+as numbers or strings, timestamps in any time zone, uuids in upper case...). Both canonical texts
+and both hashes must be equal.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg import sql
+
+from tests.conftest import PG_ADMIN_DSN
+from trueup.fingerprint import (
+    ColumnType,
+    fields_sql,
+    fields_text,
+    fingerprint,
+    fingerprint_sql,
+    loads,
+    pg_hash,
+)
+
+pytestmark = pytest.mark.postgres
+
+SETTINGS = settings(max_examples=150, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'America/New_York'")  # renderings must not depend on it
+        yield conn
+
+
+def _sql_text(pg: psycopg.Connection[Any], values: list[Any], types: list[str]) -> tuple[str, int]:
+    ctypes = [ColumnType.of(t) for t in types]
+    names = [sql.Identifier(f"c{i}") for i in range(len(types))]
+    inner = sql.SQL(", ").join(sql.SQL("{}::{} AS {}").format(sql.Placeholder(), sql.SQL(t), n)
+                               for t, n in zip(types, names, strict=True))
+    query = sql.SQL("SELECT {}, {} FROM (SELECT {}) AS v").format(
+        fields_sql(names, ctypes), fingerprint_sql(names, ctypes), inner)
+    row = pg.execute(query, values).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def _python(json_values: list[Any], types: list[str]) -> tuple[str, int]:
+    ctypes = [ColumnType.of(t) for t in types]
+    message = loads(json.dumps(json_values, default=str))  # as a consumer reads it
+    return fields_text(message, ctypes), fingerprint(message, ctypes)
+
+
+def _agree(pg: psycopg.Connection[Any], value: Any, json_value: Any, type_name: str) -> None:
+    sql_text, sql_fp = _sql_text(pg, [value], [type_name])
+    py_text, py_fp = _python([json_value], [type_name])
+    assert py_text == sql_text, f"{type_name} {value!r} sent as {json_value!r}"
+    assert py_fp == sql_fp == pg_hash(sql_text)
+
+
+# -- numbers -----------------------------------------------------------------------------------
+
+decimals = st.decimals(allow_nan=False, allow_infinity=False, places=None,
+                       min_value=decimal.Decimal("-1e20"), max_value=decimal.Decimal("1e20"))
+
+
+class _Raw(str):
+    """A JSON number written exactly as this text."""
+
+
+def _number_json(draw: st.DrawFn, value: decimal.Decimal) -> Any:
+    style = draw(st.sampled_from(["string", "number", "exponent"]))
+    if style == "string":
+        return str(value)
+    if style == "exponent":
+        return _Raw(f"{value:e}") if value.adjusted() < 15 else _Raw(str(value))
+    return _Raw(format(value, "f"))
+
+
+@st.composite
+def numeric_case(draw: st.DrawFn) -> tuple[decimal.Decimal, Any]:
+    value = draw(decimals.filter(lambda d: abs(d.as_tuple().exponent) < 30))  # type: ignore[arg-type]
+    return value, _number_json(draw, value)
+
+
+def _dumps_raw(values: list[Any]) -> str:
+    parts = [str(v) if isinstance(v, _Raw) else json.dumps(v, default=str) for v in values]
+    return "[" + ", ".join(parts) + "]"
+
+
+def _agree_raw(pg: psycopg.Connection[Any], value: Any, json_value: Any, type_name: str) -> None:
+    sql_text, sql_fp = _sql_text(pg, [value], [type_name])
+    ctypes = [ColumnType.of(type_name)]
+    message = loads(_dumps_raw([json_value]))
+    assert fields_text(message, ctypes) == sql_text, f"{type_name} {value!r} as {json_value!r}"
+    assert fingerprint(message, ctypes) == sql_fp
+
+
+@SETTINGS
+@given(case=numeric_case())
+def test_numeric_renders_alike_as_number_string_or_exponent(
+        pg: psycopg.Connection[Any], case: tuple[decimal.Decimal, Any]) -> None:
+    _agree_raw(pg, case[0], case[1], "numeric")
+
+
+@SETTINGS
+@given(value=st.integers(min_value=-(2**63), max_value=2**63 - 1),
+       style=st.sampled_from(["int", "string", "float-text"]))
+def test_bigint_renders_alike(pg: psycopg.Connection[Any], value: int, style: str) -> None:
+    json_value = {"int": value, "string": str(value), "float-text": _Raw(f"{value}.0")}[style]
+    _agree_raw(pg, value, json_value, "int8")
+
+
+@SETTINGS
+@given(value=st.floats(allow_nan=False, allow_infinity=False, width=64),
+       as_string=st.booleans())
+def test_double_precision_renders_alike(pg: psycopg.Connection[Any], value: float,
+                                        as_string: bool) -> None:
+    _agree_raw(pg, value, repr(value) if as_string else _Raw(repr(value)), "float8")
+
+
+@SETTINGS
+@given(value=st.floats(allow_nan=False, allow_infinity=False, width=32))
+def test_real_renders_alike(pg: psycopg.Connection[Any], value: float) -> None:
+    # a producer of a real column writes what Postgres prints for it
+    printed = pg.execute("SELECT %s::float4::text", (value,)).fetchone()
+    assert printed is not None
+    _agree_raw(pg, value, _Raw(printed[0]), "float4")
+
+
+def test_numeric_integer_and_float_columns_agree_on_one_value(
+        pg: psycopg.Connection[Any]) -> None:
+    texts = {_sql_text(pg, [v], [t])[0] for v, t in
+             [(decimal.Decimal("1050.00"), "numeric"), (1050, "int8"), (1050.0, "float8"),
+              (decimal.Decimal("1.05E+3"), "numeric")]}
+    assert texts == {"1050"}
+
+
+# -- text-like ---------------------------------------------------------------------------------
+
+texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                max_size=40)
+
+
+@SETTINGS
+@given(value=texts)
+def test_text_renders_alike(pg: psycopg.Connection[Any], value: str) -> None:
+    _agree(pg, value, value, "text")
+    _agree(pg, value, value, "varchar")
+
+
+@SETTINGS
+@given(value=texts.map(lambda s: s[:8].rstrip(" ")), pad=st.booleans())
+def test_char_renders_alike_with_or_without_padding(pg: psycopg.Connection[Any], value: str,
+                                                    pad: bool) -> None:
+    _agree(pg, value, value.ljust(8) if pad else value, "bpchar")
+
+
+@SETTINGS
+@given(value=st.uuids(), upper=st.booleans())
+def test_uuid_renders_alike_in_any_case(pg: psycopg.Connection[Any], value: uuid.UUID,
+                                        upper: bool) -> None:
+    _agree(pg, value, str(value).upper() if upper else str(value), "uuid")
+
+
+def test_text_fields_cannot_run_into_each_other(pg: psycopg.Connection[Any]) -> None:
+    one = _sql_text(pg, ["a|b", "c"], ["text", "text"])
+    other = _sql_text(pg, ["a", "b|c"], ["text", "text"])
+    assert one[0] != other[0] and one[1] != other[1]
+
+
+# -- booleans, times, dates --------------------------------------------------------------------
+
+
+@SETTINGS
+@given(value=st.booleans(), style=st.sampled_from(["json", "short", "word"]))
+def test_boolean_renders_alike(pg: psycopg.Connection[Any], value: bool, style: str) -> None:
+    json_value = {"json": value, "short": "t" if value else "f",
+                  "word": "true" if value else "false"}[style]
+    _agree(pg, value, json_value, "bool")
+
+
+offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(
+    lambda m: dt.timezone(dt.timedelta(minutes=m)))
+instants = st.datetimes(min_value=dt.datetime(1900, 1, 1), max_value=dt.datetime(2200, 1, 1),
+                        timezones=st.just(dt.UTC))
+
+
+@SETTINGS
+@given(value=instants, zone=offsets, style=st.sampled_from(["iso", "space", "zulu"]))
+def test_timestamptz_renders_alike_from_any_time_zone(
+        pg: psycopg.Connection[Any], value: dt.datetime, zone: dt.timezone, style: str) -> None:
+    local = value.astimezone(zone)
+    json_value = {"iso": local.isoformat(), "space": local.isoformat(sep=" "),
+                  "zulu": value.isoformat().replace("+00:00", "Z")}[style]
+    _agree(pg, value, json_value, "timestamptz")
+
+
+@SETTINGS
+@given(value=st.datetimes(min_value=dt.datetime(1900, 1, 1),
+                          max_value=dt.datetime(2200, 1, 1)))
+def test_timestamp_without_zone_renders_alike(pg: psycopg.Connection[Any],
+                                              value: dt.datetime) -> None:
+    _agree(pg, value, value.isoformat(), "timestamp")
+
+
+@SETTINGS
+@given(value=st.dates(min_value=dt.date(1, 1, 1), max_value=dt.date(9999, 12, 31)))
+def test_date_renders_alike(pg: psycopg.Connection[Any], value: dt.date) -> None:
+    _agree(pg, value, value.isoformat(), "date")
+
+
+# -- JSON --------------------------------------------------------------------------------------
+
+json_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(10**20), max_value=10**20), texts,
+    decimals.map(lambda d: _Raw(str(d))),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(texts, children,
+                                                                       max_size=4),
+    max_leaves=12,
+)
+
+
+def _json_text(value: Any) -> str:
+    if isinstance(value, _Raw):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_json_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{json.dumps(k)}:{_json_text(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+@SETTINGS
+@given(value=json_values, type_name=st.sampled_from(["jsonb", "json"]))
+def test_json_renders_alike_whatever_the_key_order(pg: psycopg.Connection[Any], value: Any,
+                                                   type_name: str) -> None:
+    text = _json_text(value)
+    sql_text, sql_fp = _sql_text(pg, [text], [type_name])
+    message = loads("[" + text + "]")
+    ctypes = [ColumnType.of(type_name)]
+    assert fields_text(message, ctypes) == sql_text
+    assert fingerprint(message, ctypes) == sql_fp
+
+
+# -- whole rows --------------------------------------------------------------------------------
+
+ROW_TYPES = ["int8", "numeric", "text", "bool", "timestamptz", "date", "uuid", "jsonb"]
+
+
+@st.composite
+def rows(draw: st.DrawFn) -> tuple[list[Any], list[Any]]:
+    """A row (with NULLs) and the JSON values a producer could have written for it."""
+    makers: list[Callable[[], tuple[Any, Any]]] = [
+        lambda: (v := draw(st.integers(-(2**63), 2**63 - 1)), str(v)),
+        lambda: (v := draw(decimals), str(v)),
+        lambda: (v := draw(texts), v),
+        lambda: (v := draw(st.booleans()), v),
+        lambda: (v := draw(instants), v.astimezone(draw(offsets)).isoformat()),
+        lambda: (v := draw(st.dates()), v.isoformat()),
+        lambda: (v := draw(st.uuids()), str(v).upper()),
+        lambda: (v := {"a": draw(st.integers()), "bb": [draw(texts)]}, v),
+    ]
+    pairs = [maker() if not draw(st.integers(0, 4)) == 0 else (None, None) for maker in makers]
+    return [p[0] if not isinstance(p[0], dict) else json.dumps(p[0]) for p in pairs], [
+        p[1] for p in pairs]
+
+
+@SETTINGS
+@given(row=rows())
+def test_whole_rows_with_nulls_fingerprint_alike(pg: psycopg.Connection[Any],
+                                                 row: tuple[list[Any], list[Any]]) -> None:
+    values, json_row = row
+    sql_text, sql_fp = _sql_text(pg, values, ROW_TYPES)
+    py_text, py_fp = _python(json_row, ROW_TYPES)
+    assert py_text == sql_text
+    assert py_fp == sql_fp
+
+
+def test_null_and_empty_text_differ(pg: psycopg.Connection[Any]) -> None:
+    assert _sql_text(pg, [None], ["text"])[0] == "~"
+    assert _sql_text(pg, [""], ["text"])[0] == "0:"
+    assert _sql_text(pg, ["~"], ["text"])[0] == "1:~"
+
+
+def test_unreadable_value_never_equals_a_valid_rendering() -> None:
+    ctypes = [ColumnType.of("int8")]
+    assert fields_text(["not a number"], ctypes) == '!"not a number"'
+    assert random.Random(0)  # keep the import honest for seeded cases elsewhere
