@@ -139,6 +139,28 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_diff(config: Config, args: argparse.Namespace) -> int:
+    from trueup.diff import diff
+
+    def show(difference: Any) -> None:
+        if args.show:
+            print(to_json(difference.to_json()), flush=True)
+
+    summary = diff(config, args.name, partition=args.partition, on_difference=show)
+    if args.json:
+        print(to_json(summary.to_json()))
+    else:
+        where = f" partition {summary.partition}" if summary.partition else ""
+        counts = "  ".join(f"{c} {getattr(summary, c)}" for c in (
+            "missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"))
+        verdict = "consistent" if summary.consistent else "differences found"
+        print(f"{summary.reconciliation}{where}: run {summary.run_id}, {summary.source_rows} "
+              f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s")
+        print(f"  {counts}")
+        print(f"  {verdict}")
+    return EXIT_OK if summary.consistent else EXIT_DIFFERENCES
+
+
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from trueup.state import open_state
     from trueup.status import status
@@ -191,7 +213,7 @@ def _not_yet(issue: int) -> Callable[[Config, argparse.Namespace], int]:
 #: Imported on use, so `trueup validate` does not pay for the Kafka or Dagster imports.
 COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
-    "diff": _not_yet(3),
+    "diff": cmd_diff,
     "backfill": _not_yet(4),
     "dlq": _not_yet(5),
     "replay": _not_yet(5),

@@ -170,6 +170,42 @@ def render(value: Any, ctype: ColumnType) -> str | None:
     return text
 
 
+def copy_text(value: Any, ctype: ColumnType) -> str | None:
+    """A JSON value as text Postgres reads into a column of ``ctype`` (None when unreadable).
+
+    Used for the typed key and version columns of the Kafka mirror: ``42.0`` becomes ``42``
+    for a bigint, a timestamp in any zone becomes UTC, a uuid lower case.
+    """
+    if value is None:
+        return None
+    try:
+        if ctype.kind is Kind.NUMBER:
+            text = _number(value, ctype)
+            if text is not None and ctype.name in ("int2", "int4", "int8", "oid") \
+                    and not text.lstrip("-").isdigit():
+                return None
+            return text
+        if ctype.kind is Kind.TEXT:
+            rendered = _text(value, ctype)
+            return None if rendered is None else rendered.partition(":")[2]
+        if ctype.kind is Kind.BOOL:
+            return _bool(value, ctype)
+        if ctype.kind is Kind.TIMESTAMP:
+            micros = _timestamp(value, ctype)
+            if micros is None:
+                return None
+            moment = _EPOCH + dt.timedelta(microseconds=int(micros))
+            return moment.isoformat() if ctype.name == "timestamptz" else \
+                moment.replace(tzinfo=None).isoformat()
+        if ctype.kind is Kind.DATE:
+            days = _date(value, ctype)
+            return None if days is None else (_EPOCH_DATE + dt.timedelta(days=int(days))
+                                              ).isoformat()
+        return jsonb_text(value)
+    except (ValueError, TypeError, ArithmeticError, OverflowError, struct.error):
+        return None
+
+
 def fields_text(values: Iterable[Any], types: Sequence[ColumnType]) -> str:
     rendered = (render(v, t) for v, t in zip(values, types, strict=True))
     return FIELD_SEPARATOR.join(NULL if r is None else r for r in rendered)

@@ -277,7 +277,7 @@ def rows(draw: st.DrawFn) -> tuple[list[Any], list[Any]]:
         lambda: (v := draw(st.uuids()), str(v).upper()),
         lambda: (v := {"a": draw(st.integers()), "bb": [draw(texts)]}, v),
     ]
-    pairs = [maker() if not draw(st.integers(0, 4)) == 0 else (None, None) for maker in makers]
+    pairs = [maker() if draw(st.integers(0, 4)) != 0 else (None, None) for maker in makers]
     return [p[0] if not isinstance(p[0], dict) else json.dumps(p[0]) for p in pairs], [
         p[1] for p in pairs]
 

@@ -1,0 +1,326 @@
+"""``trueup diff``: find where a copy disagrees with its source, and record it as a run.
+
+A whole-table run makes one checksum pass over each side, both sides at once, then reads rows
+only in the segments whose checksums differ (see :mod:`trueup.segments`). A partition run (one
+day of the source's ``updated_at``) reads that day's source rows in key batches and looks their
+keys up in the target. Kafka targets are first brought up to date in their mirror table
+(:mod:`trueup.mirror`), then compared like a table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from trueup import segments
+from trueup.config import Config, ReconciliationConfig
+from trueup.db import connect, first_line
+from trueup.errors import TrueupError, UsageError
+from trueup.fingerprint import ColumnType
+from trueup.log import get_logger
+from trueup.runs import (
+    Difference,
+    DifferenceWriter,
+    RunSummary,
+    fail_run,
+    finish_run,
+    json_value,
+    start_run,
+)
+from trueup.sides import Side, column_types, require, table_side
+from trueup.state import open_state
+from trueup.statuses import DifferenceClass
+
+log = get_logger(__name__)
+
+#: Rows of a partition read per round trip (source keys looked up in the target at once).
+PARTITION_BATCH_ROWS = 5_000
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+
+class DiffFailed(TrueupError):
+    """A run could not finish; it is recorded as failed with this reason."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    """Everything a run compares: the two sides and the rows each is restricted to."""
+
+    source: Side
+    target: Side
+    source_where: sql.Composable
+    target_where: sql.Composable
+    in_flight_since: dt.datetime | None  # source rows updated after this are in flight
+
+
+def parse_partition(rec: ReconciliationConfig, name: str, partition: str | None) -> dt.date | None:
+    if partition is None:
+        return None
+    if rec.partitions is None:
+        raise UsageError(f"reconciliation {name!r} has no partitions; drop --partition")
+    try:
+        day = dt.date.fromisoformat(partition)
+    except ValueError:
+        raise UsageError(f"--partition: expected a day like 2026-01-31 (got {partition!r})"
+                         ) from None
+    if day < rec.partitions.daily.start:
+        raise UsageError(f"--partition: {partition} is before the first partition "
+                         f"{rec.partitions.daily.start.isoformat()}")
+    return day
+
+
+def diff(config: Config, name: str, *, partition: str | None = None,
+         on_difference: Callable[[Difference], None] | None = None,
+         progress: Progress | None = None) -> RunSummary:
+    """Run reconciliation ``name`` (optionally one partition) and record the run."""
+    rec = config.reconciliation(name)
+    day = parse_partition(rec, name, partition)
+    started = time.monotonic()
+    with open_state(config.state) as state:
+        run_id, started_at = start_run(state, name, partition)
+        log.info("diff.started", reconciliation=name, run_id=run_id, partition=partition)
+        try:
+            summary = _run(config, name, rec, run_id, started_at, day, state, started,
+                           on_difference or (lambda d: None), progress or (lambda *a: None))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, TrueupError) else first_line(exc)
+            _record_failure(config.state, run_id, reason, time.monotonic() - started)
+            log.error("diff.failed", reconciliation=name, run_id=run_id, error=reason)
+            if isinstance(exc, TrueupError):
+                raise
+            raise DiffFailed(f"diff {name}: run {run_id} failed: {reason}") from exc
+    log.info("diff.finished", reconciliation=name, run_id=run_id, seconds=summary.seconds,
+             **{c.value: getattr(summary, c.value) for c in DifferenceClass})
+    return summary
+
+
+def _record_failure(state_dsn: str, run_id: int, reason: str, seconds: float) -> None:
+    # A fresh connection: the run's own may be the one that broke.
+    with connect(state_dsn, what="state") as conn:
+        fail_run(conn, run_id, reason, seconds)
+
+
+def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
+         started_at: dt.datetime, day: dt.date | None, state: psycopg.Connection[Any],
+         started: float, on_difference: Callable[[Difference], None],
+         progress: Progress) -> RunSummary:
+    writer = DifferenceWriter(state, run_id, name)
+    with ExitStack() as stack:
+        source_dsn = config.connections[rec.source.connection].postgres
+        assert source_dsn is not None
+        source_conn = stack.enter_context(connect(source_dsn, what="source",
+                                                  application_name=f"trueup diff {name}"))
+        source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
+                            key=rec.source.key, version=rec.source.version,
+                            columns=rec.source.columns, updated_at=rec.source.updated_at,
+                            conn=source_conn)
+        source_types = _types_of(source_conn, rec)
+        unreadable: list[Difference] = []
+        if rec.target.topic is not None:
+            from trueup.mirror import sync_mirror
+
+            target_conn = stack.enter_context(connect(config.state, what="state",
+                                                      application_name=f"trueup diff {name}"))
+            target, unreadable = sync_mirror(config, name, rec, source, source_types,
+                                             target_conn, progress)
+        else:
+            target_dsn = config.connections[rec.target.connection].postgres
+            assert target_dsn is not None and rec.target.table is not None
+            target_conn = stack.enter_context(connect(target_dsn, what="target",
+                                                      application_name=f"trueup diff {name}"))
+            target = table_side(
+                label="target", dsn=target_dsn, table=rec.target.table, key=rec.target.key,
+                version=rec.target.version,
+                columns=[rec.target.columns[c] for c in rec.source.columns],
+                as_types=source_types, key_as=source.key_types,
+                version_as=source.version_type if rec.target.version else None,
+                conn=target_conn)
+        comparison = Comparison(
+            source=source, target=target,
+            source_where=_partition_filter(source, day),
+            target_where=sql.SQL("true"),
+            in_flight_since=(started_at - rec.grace) if source.updated_at is not None else None,
+        )
+        if day is None:
+            found = _compare_whole(comparison, source_conn, target_conn, progress)
+        else:
+            found = _compare_partition(comparison, source_conn, target_conn, progress)
+        source_rows, target_rows = 0, 0
+        for item in found:
+            if isinstance(item, tuple):
+                source_rows, target_rows = item
+                continue
+            writer.write([item])
+            on_difference(item)
+        for item in unreadable:
+            writer.write([item])
+            on_difference(item)
+    counts = {c.value: n for c, n in writer.counts.items()}
+    summary = RunSummary(reconciliation=name, run_id=run_id,
+                         partition=day.isoformat() if day else None, source_rows=source_rows,
+                         target_rows=target_rows, seconds=round(time.monotonic() - started, 3),
+                         **counts)
+    finish_run(state, summary)
+    return summary
+
+
+def _types_of(conn: psycopg.Connection[Any], rec: ReconciliationConfig) -> list[ColumnType]:
+    return require(column_types(conn, rec.source.table), rec.source.table, rec.source.columns,
+                   conn)
+
+
+def _partition_filter(source: Side, day: dt.date | None) -> sql.Composable:
+    if day is None:
+        return sql.SQL("true")
+    assert source.updated_at is not None
+    start = dt.datetime.combine(day, dt.time(), dt.UTC)
+    return sql.SQL("{col} >= {start} AND {col} < {end}").format(
+        col=source.updated_at, start=sql.Literal(start),
+        end=sql.Literal(start + dt.timedelta(days=1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole table
+
+
+def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
+                   target_conn: psycopg.Connection[Any],
+                   progress: Progress) -> Iterator[Difference | tuple[int, int]]:
+    rows = max(segments.estimate_rows(source_conn, c.source, c.source_where),
+               segments.estimate_rows(target_conn, c.target, c.target_where))
+    plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
+    progress("checksums", 0, plan.count)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
+        source_sums_f = pool.submit(segments.checksums, source_conn, c.source, c.source_where,
+                                    plan)
+        target_sums_f = pool.submit(segments.checksums, target_conn, c.target, c.target_where,
+                                    plan)
+        source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
+        yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))
+        todo = segments.differing(source_sums, target_sums)
+        log.info("diff.segments", segments=plan.count, differing=len(todo))
+        progress("checksums", plan.count, plan.count)
+        done = 0
+        extra = _source_extra(c)
+        for batch in segments.batches(todo, source_sums, target_sums):
+            source_rows_f = pool.submit(segments.rows_in_segments, source_conn, c.source,
+                                        c.source_where, plan, batch, extra)
+            target_rows_f = pool.submit(segments.rows_in_segments, target_conn, c.target,
+                                        c.target_where, plan, batch)
+            yield from classify(source_rows_f.result(), target_rows_f.result(),
+                                c.in_flight_since, orphans=True)
+            done += len(batch)
+            progress("segments", done, len(todo))
+
+
+def _source_extra(c: Comparison) -> list[sql.Composable]:
+    if c.source.updated_at is None:
+        return []
+    return [sql.SQL("{} AS updated_at").format(c.source.updated_at)]
+
+
+# ---------------------------------------------------------------------------------------------
+# One partition
+
+
+def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
+                       target_conn: psycopg.Connection[Any],
+                       progress: Progress) -> Iterator[Difference | tuple[int, int]]:
+    columns = sql.SQL(", ").join([
+        sql.SQL("{} AS key_text").format(c.source.key_text),
+        *[sql.SQL("{} AS {}").format(k, sql.Identifier(f"k{i}"))
+          for i, k in enumerate(c.source.key)],
+        sql.SQL("{} AS version").format(c.source.version or sql.NULL),
+        sql.SQL("{} AS fingerprint").format(c.source.fingerprint),
+        *_source_extra(c),
+    ])
+    source_rows = target_rows = 0
+    # A named (server-side) cursor streams the day in batches: memory stays bounded.
+    with source_conn.cursor(name="trueup_partition") as cur:
+        cur.itersize = PARTITION_BATCH_ROWS
+        cur.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            columns, c.source.relation, c.source_where))
+        while batch := cur.fetchmany(PARTITION_BATCH_ROWS):
+            found = _target_rows_for(target_conn, c.target, batch)
+            source_rows += len(batch)
+            target_rows += len(found)
+            yield from classify(batch, found, c.in_flight_since, orphans=False)
+            progress("rows", source_rows, 0)
+    yield (source_rows, target_rows)
+
+
+def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
+                     batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
+    wanted = [sql.SQL("%(k{})s::{}[]").format(sql.SQL(str(i)), sql.Identifier(t.name))
+              for i, t in enumerate(target.key_types)]
+    names = [sql.Identifier(f"trueup_k{i}") for i in range(len(target.key))]
+    on = sql.SQL(" AND ").join(sql.SQL("{} = u.{}").format(k, n)
+                               for k, n in zip(target.key, names, strict=True))
+    query = sql.SQL(
+        "SELECT {key_text} AS key_text, {version} AS version, {fp} AS fingerprint "
+        "FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on}"
+    ).format(key_text=target.key_text, version=target.version or sql.NULL,
+             fp=target.fingerprint, arrays=sql.SQL(", ").join(wanted),
+             names=sql.SQL(", ").join(names), rel=target.relation, on=on)
+    params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(target.key))}
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification
+
+
+def classify(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]],
+             in_flight_since: dt.datetime | None, *, orphans: bool) -> Iterator[Difference]:
+    """The differences between two sets of rows of the same key range."""
+    target_by_key = {r["key_text"]: r for r in target_rows}
+    for s in source_rows:
+        t = target_by_key.pop(s["key_text"], None)
+        cls = _class_of(s, t)
+        if cls is None:
+            continue
+        changed = s.get("updated_at")
+        if in_flight_since is not None and changed is not None and changed > in_flight_since:
+            cls = DifferenceClass.IN_FLIGHT
+        yield Difference(
+            key=_key_of(s), cls=cls, source_version=json_value(s["version"]),
+            target_version=json_value(t["version"]) if t else None,
+            source_fingerprint=s["fingerprint"], target_fingerprint=t["fingerprint"] if t else None,
+        )
+    if orphans:
+        for t in target_by_key.values():
+            yield Difference(key=_key_of(t), cls=DifferenceClass.ORPHAN,
+                             target_version=json_value(t["version"]),
+                             target_fingerprint=t["fingerprint"])
+
+
+def _class_of(s: dict[str, Any], t: dict[str, Any] | None) -> DifferenceClass | None:
+    if t is None:
+        return DifferenceClass.MISSING
+    sv, tv = s["version"], t["version"]
+    if sv is not None and tv is not None and sv != tv:
+        return DifferenceClass.STALE if tv < sv else DifferenceClass.AHEAD
+    if s["fingerprint"] != t["fingerprint"]:
+        return DifferenceClass.MISMATCH
+    return None
+
+
+def _key_of(row: dict[str, Any]) -> list[Any]:
+    values = []
+    i = 0
+    while f"k{i}" in row:
+        values.append(json_value(row[f"k{i}"]))
+        i += 1
+    return values

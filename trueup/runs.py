@@ -1,0 +1,147 @@
+"""Runs and their differences in trueup's state database.
+
+Each transition is one guarded statement (``WHERE status = 'running'``); a run that is not
+where the caller expects raises instead of being overwritten.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+
+from trueup.errors import StateError
+from trueup.queries import query
+from trueup.statuses import DifferenceClass
+
+#: Classes that make a run "inconsistent" (exit status 1, failing checks); in_flight does not.
+FAILING_CLASSES = (DifferenceClass.MISSING, DifferenceClass.ORPHAN, DifferenceClass.STALE,
+                   DifferenceClass.AHEAD, DifferenceClass.MISMATCH, DifferenceClass.UNREADABLE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Difference:
+    """One key on which source and target disagree."""
+
+    key: list[Any]
+    cls: DifferenceClass
+    source_version: Any = None
+    target_version: Any = None
+    source_fingerprint: int | None = None
+    target_fingerprint: int | None = None
+    detail: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"key": self.key, "class": self.cls.value,
+               "source_version": self.source_version, "target_version": self.target_version}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary:
+    """What ``trueup diff --json`` prints."""
+
+    reconciliation: str
+    run_id: int
+    partition: str | None
+    source_rows: int
+    target_rows: int
+    missing: int = 0
+    orphan: int = 0
+    stale: int = 0
+    ahead: int = 0
+    mismatch: int = 0
+    in_flight: int = 0
+    unreadable: int = 0
+    seconds: float = 0.0
+
+    @property
+    def consistent(self) -> bool:
+        return not any(getattr(self, c.value) for c in FAILING_CLASSES)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def start_run(conn: psycopg.Connection[Any], reconciliation: str,
+              partition: str | None) -> tuple[int, dt.datetime]:
+    row = conn.execute(query("start_run"), {"reconciliation": reconciliation,
+                                            "partition": partition}).fetchone()
+    conn.commit()
+    assert row is not None
+    return int(row["run_id"]), row["started_at"]
+
+
+def finish_run(conn: psycopg.Connection[Any], summary: RunSummary) -> None:
+    row = conn.execute(query("finish_run"), summary.to_json()).fetchone()
+    conn.commit()
+    if row is None:
+        raise StateError(f"run {summary.run_id} is no longer running; not overwriting it")
+
+
+def fail_run(conn: psycopg.Connection[Any], run_id: int, error: str, seconds: float) -> None:
+    conn.execute(query("fail_run"), {"run_id": run_id, "error": error, "seconds": seconds})
+    conn.commit()
+
+
+class DifferenceWriter:
+    """Streams a run's differences into trueup.differences with COPY, in order."""
+
+    def __init__(self, conn: psycopg.Connection[Any], run_id: int, reconciliation: str) -> None:
+        self.conn = conn
+        self.run_id = run_id
+        self.reconciliation = reconciliation
+        self.counts = {c: 0 for c in DifferenceClass}
+        self._seq = 0
+
+    def write(self, differences: Iterable[Difference]) -> None:
+        rows = []
+        for d in differences:
+            self._seq += 1
+            self.counts[d.cls] += 1
+            rows.append((self.run_id, self._seq, self.reconciliation, _jsonb(d.key), d.cls.value,
+                         _jsonb(d.source_version), _jsonb(d.target_version),
+                         d.source_fingerprint, d.target_fingerprint, _jsonb(d.detail)))
+        if not rows:
+            return
+        with self.conn.cursor() as cur, cur.copy(
+            "COPY trueup.differences (run_id, seq, reconciliation, key, class, source_version, "
+            "target_version, source_fingerprint, target_fingerprint, detail) FROM STDIN"
+        ) as copy:
+            for row in rows:
+                copy.write_row(row)
+        self.conn.commit()
+
+
+def differences_of(conn: psycopg.Connection[Any], run_id: int) -> list[Difference]:
+    return [Difference(key=r["key"], cls=DifferenceClass(r["class"]),
+                       source_version=r["source_version"], target_version=r["target_version"],
+                       source_fingerprint=r["source_fingerprint"],
+                       target_fingerprint=r["target_fingerprint"], detail=r["detail"])
+            for r in conn.execute(query("run_differences"), {"run_id": run_id})]
+
+
+def json_value(value: Any) -> Any:
+    """A database value as plain JSON (keys and versions in --show and the state tables)."""
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, int | str | bool | float) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_value(v) for k, v in value.items()}
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else str(value)
+    return str(value)  # UUID and other scalars print as their text
+
+
+def _jsonb(value: Any) -> str | None:
+    return None if value is None else json.dumps(json_value(value))

@@ -1,0 +1,159 @@
+"""One side of a comparison: a Postgres relation and the SQL that fingerprints its rows.
+
+A side is a source table, a target table, or the mirror of a Kafka topic (a table in trueup's
+state database). Each exposes the same expressions, so the diff never cares which it reads:
+``key_text`` and ``version_text`` (canonical renderings), ``fingerprint`` (of the compared
+columns) and ``row_hash`` (key, version and columns together, for segment checksums).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from trueup.errors import TrueupError
+from trueup.fingerprint import (
+    NULL,
+    PART_SEPARATOR,
+    ColumnType,
+    Kind,
+    fields_sql,
+    render_sql,
+)
+
+_COLUMN_TYPES = """
+SELECT a.attname AS name, t.typname AS typname, t.typtype AS typtype
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+class SchemaMismatch(TrueupError):
+    """A configured table or column is not what the database has."""
+
+
+def column_types(conn: psycopg.Connection[Any], table: str) -> dict[str, ColumnType]:
+    """The canonical type of every column of ``table`` (``schema.name``)."""
+    schema, _, name = table.partition(".")
+    regclass = sql.Identifier(schema, name).as_string(conn)
+    try:
+        rows = conn.execute(_COLUMN_TYPES, (regclass,)).fetchall()
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaMismatch(f"table {table} does not exist") from exc
+    found: dict[str, ColumnType] = {}
+    for row in rows:
+        name_, typname, typtype = _values(row)
+        try:
+            found[name_] = ColumnType.of(typname, typtype)
+        except TrueupError:
+            continue  # only a compared column with such a type is an error, see require()
+    return found
+
+
+def require(types: dict[str, ColumnType], table: str, columns: Sequence[str],
+            conn: psycopg.Connection[Any]) -> list[ColumnType]:
+    """The types of ``columns``, or a clear error naming the first missing or unsupported one."""
+    result = []
+    for column in columns:
+        if column not in types:
+            exists = conn.execute(
+                "SELECT t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                "WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped",
+                (sql.Identifier(*table.split(".")).as_string(conn), column)).fetchone()
+            if exists:
+                ColumnType.of(_values(exists)[0])  # raises UnsupportedType with the reason
+            raise SchemaMismatch(f"column {column!r} does not exist in {table}")
+        result.append(types[column])
+    return result
+
+
+def _values(row: Any) -> list[Any]:
+    return list(row.values()) if isinstance(row, dict) else list(row)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Side:
+    """A relation to compare, with canonical expressions over its columns."""
+
+    label: str                          # "source" or "target", for messages
+    dsn: str
+    relation: sql.Composable            # schema-qualified identifier
+    key: Sequence[sql.Composable]       # key column expressions, in key order
+    key_types: list[ColumnType]         # the canonical type of each key column (the source's)
+    version: sql.Composable | None
+    version_type: ColumnType | None
+    fingerprint: sql.Composable         # bigint expression
+    row_hash: sql.Composable            # bigint expression
+    updated_at: sql.Composable | None = None
+
+    @property
+    def first_key(self) -> sql.Composable:
+        """The expression segments are cut on: the first key column (C collation for text)."""
+        if self.key_types[0].kind is Kind.TEXT:
+            return sql.SQL("({}::text COLLATE \"C\")").format(self.key[0])
+        return self.key[0]
+
+    @property
+    def key_text(self) -> sql.Composable:
+        return fields_sql(self.key, self.key_types)
+
+    @property
+    def version_text(self) -> sql.Composable:
+        if self.version is None or self.version_type is None:
+            return sql.Literal(NULL)
+        return sql.SQL("coalesce({}, {})").format(render_sql(self.version, self.version_type),
+                                                  sql.Literal(NULL))
+
+
+def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version: str | None,
+               columns: Sequence[str], as_types: Sequence[ColumnType] | None = None,
+               key_as: Sequence[ColumnType] | None = None,
+               version_as: ColumnType | None = None, updated_at: str | None = None,
+               conn: psycopg.Connection[Any]) -> Side:
+    """A side over a plain table. ``*_as`` give the source's types: a target column of another
+    type is cast to its source column's type, so both sides render the same canonical text."""
+    types = column_types(conn, table)
+    own_key = require(types, table, key, conn)
+    own_columns = require(types, table, columns, conn)
+    own_version = require(types, table, [version], conn)[0] if version else None
+
+    def cast(name: str, own: ColumnType, wanted: ColumnType | None) -> sql.Composable:
+        ident = sql.Identifier(name)
+        if wanted is None or wanted.name == own.name:
+            return ident
+        return sql.SQL("({})::{}").format(ident, sql.Identifier(wanted.name))
+
+    key_types = list(key_as or own_key)
+    column_types_ = list(as_types or own_columns)
+    key_exprs = [cast(n, o, w) for n, o, w in zip(key, own_key, key_types, strict=True)]
+    col_exprs = [cast(n, o, w) for n, o, w in zip(columns, own_columns, column_types_,
+                                                    strict=True)]
+    version_type = version_as or own_version
+    version_expr = (cast(version, own_version, version_type)
+                    if version and own_version else None)
+    fields = fields_sql(col_exprs, column_types_)
+    side = Side(
+        label=label, dsn=dsn, relation=sql.Identifier(*table.split(".")), key=key_exprs,
+        key_types=key_types, version=version_expr, version_type=version_type,
+        fingerprint=sql.SQL("hashtextextended({}, 0)").format(fields),
+        row_hash=sql.Literal(0),  # replaced below, needs key_text and version_text
+        updated_at=sql.Identifier(updated_at) if updated_at else None,
+    )
+    row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
+        sql.Literal(PART_SEPARATOR), side.key_text, side.version_text, fields)
+    return Side(**{**side.__dict__, "row_hash": row_hash})
+
+
+def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],
+                key_types: Sequence[ColumnType], version_type: ColumnType | None) -> Side:
+    """A side over a Kafka mirror table, whose fingerprints and row hashes are stored."""
+    return Side(
+        label="target", dsn=dsn, relation=relation,
+        key=[sql.Identifier(k) for k in key], key_types=list(key_types),
+        version=sql.Identifier("version") if version_type else None, version_type=version_type,
+        fingerprint=sql.Identifier("fingerprint"), row_hash=sql.Identifier("row_hash"),
+    )
