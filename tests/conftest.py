@@ -92,3 +92,18 @@ def kafka_bootstrap() -> str:
 @pytest.fixture
 def amqp_url() -> str:
     return AMQP_URL
+
+
+@pytest.fixture
+def new_db(unique: Callable[[str], str]) -> Iterator[Callable[[], str]]:
+    """Make as many fresh databases as a test needs: ``dsn = new_db()``; all dropped after."""
+    made: list[str] = []
+
+    def make() -> str:
+        name = unique("t")
+        made.append(name)
+        return create_database(name)
+
+    yield make
+    for name in made:
+        drop_database(name)

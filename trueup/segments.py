@@ -67,11 +67,19 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
     if wanted == 1:
         return Segmentation(bounds=[], array_type=array_type)
     percent = min(100.0, 100.0 * wanted * SAMPLE_PER_SEGMENT / max(rows, 1))
-    sample = sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent)) if percent < 100 \
-        else sql.SQL("")
+    sample, where_sampled = sql.SQL(""), where
+    if percent < 100:
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass",
+                            (side.relation.as_string(conn),)).fetchone()
+        if kind is not None and kind["relkind"] in ("r", "m", "p"):
+            # page sampling: reads a few percent of the table, not all of it
+            sample = sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent))
+        else:  # a view cannot be page-sampled; thin its rows out instead
+            where_sampled = sql.SQL("({}) AND random() < {}").format(
+                where, sql.Literal(percent / 100))
     keys = [r["k"] for r in conn.execute(sql.SQL(
         "SELECT DISTINCT {first} AS k FROM {rel} {sample} WHERE {where} ORDER BY 1"
-    ).format(first=side.first_key, rel=side.relation, sample=sample, where=where))]
+    ).format(first=side.first_key, rel=side.relation, sample=sample, where=where_sampled))]
     step = max(1, len(keys) // wanted)
     return Segmentation(bounds=keys[step::step], array_type=array_type)
 

@@ -1,0 +1,196 @@
+"""``trueup diff`` between a Postgres table and a Kafka topic, through the mirror."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from trueup.config import Config, load_config
+from trueup.diff import diff
+from trueup.runs import differences_of
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "bigint": {"ddl": "id bigint PRIMARY KEY", "key": ["id"],
+               "keys": [(1,), (2,), (3,), (4,), (5,), (6,), (10**15,)], "orphan": (4242,)},
+    "text": {"ddl": "id text PRIMARY KEY", "key": ["id"],
+             "keys": [("a",), ("b",), ("c",), ("d",), ("e",), ("é",), ("z z",)],
+             "orphan": ("nope",)},
+    "uuid": {"ddl": "id uuid PRIMARY KEY", "key": ["id"],
+             "keys": [(f"00000000-0000-0000-0000-00000000000{i}",) for i in range(1, 8)],
+             "orphan": ("ffffffff-ffff-ffff-ffff-ffffffffffff",)},
+    "composite": {"ddl": "region text, id bigint, PRIMARY KEY (region, id)",
+                  "key": ["region", "id"],
+                  "keys": [("eu", 1), ("eu", 2), ("us", 1), ("us", 2), ("ap", 1), ("ap", 2),
+                           ("eu", 10**12)], "orphan": ("zz", 9)},
+}
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str, unique: Callable[[str], str]) -> Iterator[str]:
+    name = unique("orders")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    new = NewTopic(name, num_partitions=3, replication_factor=1,
+                   config={"cleanup.policy": "compact"})
+    for future in admin.create_topics([new]).values():
+        future.result()
+    yield name
+    for future in admin.delete_topics([name]).values():
+        future.result()
+
+
+def _produce(bootstrap: str, topic: str, messages: list[tuple[str | None, Any]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                         "enable.idempotence": True})
+    failures: list[Any] = []
+    for key, value in messages:
+        payload = value if isinstance(value, bytes | None) else json.dumps(value)
+        producer.produce(topic, key=key, value=payload,
+                         on_delivery=lambda err, msg: failures.append(err) if err else None)
+    assert producer.flush(30) == 0 and not failures, failures
+
+
+def _message_key(key: tuple[Any, ...]) -> str:
+    return str(key[0]) if len(key) == 1 else json.dumps(list(key))
+
+
+def _config(tmp_path: Path, state: str, source: str, bootstrap: str, topic: str,
+            key: list[str], **extra: Any) -> Config:
+    raw = {
+        "state": state,
+        "connections": {"shop": {"postgres": source},
+                        "bus": {"kafka": {"bootstrap.servers": bootstrap}}},
+        "reconciliations": {"events": {
+            "source": {"connection": "shop", "table": "public.orders", "key": key,
+                       "version": "version", "updated_at": "updated_at",
+                       "columns": ["status", "amount", "placed_at"]},
+            "target": {"connection": "bus", "topic": topic, "format": "json", "key": key,
+                       "version": "v",
+                       "columns": {"status": "state", "amount": "total", "placed_at": "at"}},
+            **extra,
+        }},
+    }
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+def test_every_class_is_found_against_a_topic_on_every_key_shape(
+        shape_name: str, new_db: Callable[[], str], state_db: str, kafka_bootstrap: str,
+        topic: str, tmp_path: Path) -> None:
+    shape = SHAPES[shape_name]
+    source = new_db()
+    at = dt.datetime(2026, 3, 1, 9, 30, 0, 123456, tzinfo=dt.UTC)
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.orders ({shape['ddl']}, version bigint NOT NULL, "
+                     "status text, amount numeric(12,2), placed_at timestamptz, "
+                     "updated_at timestamptz NOT NULL)")
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO public.orders ({', '.join(shape['key'])}, version, status, "
+                "amount, placed_at, updated_at) VALUES "
+                f"({', '.join(['%s'] * len(shape['key']))}, %s, %s, %s, %s, %s)",
+                [(*k, 3, None if i == 6 else "paid", 10.5 + i, at, old)
+                 for i, k in enumerate(shape["keys"])])
+
+    def message(i: int, key: tuple[Any, ...], **changes: Any) -> tuple[str, dict[str, Any]]:
+        body = dict(zip(shape["key"], key, strict=True))
+        body |= {"v": 3, "state": None if i == 6 else "paid",
+                 # amounts as number, as string and with another scale all mean 10.5 + i
+                 "total": [10.5 + i, f"{10.5 + i:.2f}", str(10.5 + i)][i % 3],
+                 # the same instant, written in another time zone
+                 "at": at.astimezone(dt.timezone(dt.timedelta(hours=5, minutes=30)))
+                 .isoformat()}
+        return _message_key(key), body | changes
+
+    keys = shape["keys"]
+    messages: list[tuple[str | None, Any]] = [
+        message(1, keys[1], v=2),                        # stale
+        message(2, keys[2], v=4),                        # ahead
+        message(3, keys[3], total="11.00"),              # mismatch (source 13.5)
+        message(3, keys[3], total=13.5, state="void"),   # mismatch, the later message wins
+        message(4, keys[4]),
+        message(5, keys[5]),
+        message(6, keys[6]),                             # NULL status on both sides: equal
+        message(0, shape["orphan"]),                     # orphan
+        message(0, keys[0]),
+        (_message_key(keys[0]), None),                   # tombstone: keys[0] is missing
+        ("garbage", b"\x00not json"),                    # unreadable
+        ("no-key", {"state": "paid"}),                   # unreadable: no key field
+    ]
+    _produce(kafka_bootstrap, topic, messages)
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, shape["key"])
+
+    summary = diff(config, "events")
+
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        found = {(tuple(d.key), d.cls.value) for d in differences_of(conn, summary.run_id)}
+    expected = {(keys[0], "missing"), (keys[1], "stale"), (keys[2], "ahead"),
+                (keys[3], "mismatch"), (shape["orphan"], "orphan"),
+                (("garbage",), "unreadable"), (("no-key",), "unreadable")}
+    assert found == expected
+    assert (summary.source_rows, summary.target_rows) == (7, 7)  # 6 keys and the orphan
+
+
+def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount numeric, placed_at timestamptz, updated_at "
+                     "timestamptz)")
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, %s "
+                     "FROM generate_series(1, 300) g", (old, old))
+    _produce(kafka_bootstrap, topic, [
+        (str(i), {"id": i, "v": 1, "state": "new" if i != 7 else "old", "total": i,
+                  "at": old.isoformat()}) for i in range(1, 301)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    first = diff(config, "events")
+    assert (first.mismatch, first.target_rows) == (1, 300)
+
+    _produce(kafka_bootstrap, topic, [
+        ("7", {"id": 7, "v": 1, "state": "new", "total": 7, "at": old.isoformat()}),
+        ("300", None)])
+    second = diff(config, "events")
+    assert (second.mismatch, second.missing, second.target_rows) == (0, 1, 299)
+    with psycopg.connect(state_db) as conn:
+        offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets "
+                               "WHERE reconciliation = 'events'").fetchone()
+    assert offsets is not None and offsets[0] == 302  # every message read exactly once
+
+    third = diff(config, "events")
+    assert (third.missing, third.target_rows) == (1, 299)
+
+
+def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount numeric, placed_at timestamptz, updated_at "
+                     "timestamptz)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 1, %s, %s)", (old, old))
+    _produce(kafka_bootstrap, topic, [("1", b"{broken")])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    first = diff(config, "events")
+    assert (first.unreadable, first.missing) == (1, 1)
+    _produce(kafka_bootstrap, topic, [
+        ("1", {"id": 1, "v": 1, "state": "a", "total": "1.0", "at": old.isoformat()})])
+    assert diff(config, "events").consistent

@@ -1,0 +1,277 @@
+"""``trueup diff`` between Postgres tables: every class, on every key shape, exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from trueup.config import Config, load_config
+from trueup.diff import diff
+from trueup.errors import TrueupError
+from trueup.runs import Difference, differences_of
+
+pytestmark = pytest.mark.postgres
+
+KEY_SHAPES: dict[str, dict[str, Any]] = {
+    "bigint": {"ddl": "id bigint PRIMARY KEY", "cols": ["id"],
+               "keys": [1, 2, 3, 4, 5, 6, 10**12, 10**15, 10**15 + 1, 9 * 10**18],
+               "orphan": [777]},
+    "text": {"ddl": "id text PRIMARY KEY", "cols": ["id"],
+             "keys": ["a", "B", "b", "é", "zz", "a b", "0", "~", "Z", "日本"],
+             "orphan": ["orphan"]},
+    "uuid": {"ddl": "id uuid PRIMARY KEY", "cols": ["id"],
+             "keys": [f"00000000-0000-0000-0000-{i:012d}" for i in (1, 2, 3, 9, 10, 99, 100,
+                                                                   10**6, 10**9, 10**11)],
+             "orphan": ["ffffffff-0000-0000-0000-000000000000"]},
+    "composite": {"ddl": "region text, id bigint, PRIMARY KEY (region, id)",
+                  "cols": ["region", "id"],
+                  "keys": [("eu", 1), ("eu", 2), ("us", 1), ("us", 2), ("eu", 10**12),
+                           ("ap", 5), ("ap", 6), ("us", 3), ("eu", 3), ("ap", 7)],
+                  "orphan": [("zz", 1)]},
+}
+
+
+def _key_values(shape: dict[str, Any], key: Any) -> list[Any]:
+    return list(key) if isinstance(key, tuple) else [key]
+
+
+def _make_tables(source_dsn: str, target_dsn: str, shape: dict[str, Any]) -> None:
+    with psycopg.connect(source_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.orders ({shape['ddl']}, version bigint NOT NULL, "
+                     "status text, amount numeric(12,2), placed_at timestamptz, "
+                     "updated_at timestamptz NOT NULL DEFAULT now() - interval '1 day')")
+    with psycopg.connect(target_dsn, autocommit=True) as conn:
+        # other names and types on purpose: bigint cents vs numeric, text vs varchar
+        target_key = shape["ddl"].replace("id ", "order_id ", 1).replace(
+            "(region, id)", "(region, order_id)")
+        if shape["ddl"].startswith("id uuid"):
+            target_key = "order_id uuid PRIMARY KEY"
+        conn.execute("CREATE SCHEMA billing")
+        conn.execute(f"CREATE TABLE billing.invoices ({target_key}, order_version integer, "
+                     "state varchar(20), total double precision, placed timestamptz)")
+
+
+def _config(tmp_path: Path, state: str, source: str, target: str, shape: dict[str, Any],
+            **extra: Any) -> Config:
+    target_key = [c if c != "id" else "order_id" for c in shape["cols"]]
+    raw = {
+        "state": state,
+        "connections": {"shop": {"postgres": source}, "billing": {"postgres": target}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "shop", "table": "public.orders", "key": shape["cols"],
+                       "version": "version", "updated_at": "updated_at",
+                       "columns": ["status", "amount", "placed_at"]},
+            "target": {"connection": "billing", "table": "billing.invoices", "key": target_key,
+                       "version": "order_version",
+                       "columns": {"status": "state", "amount": "total", "placed_at": "placed"}},
+            **extra,
+        }},
+    }
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def _insert(dsn: str, table: str, columns: list[str], rows: list[tuple[Any, ...]]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        names = ", ".join(columns)
+        marks = ", ".join(["%s"] * len(columns))
+        cur.executemany(f"INSERT INTO {table} ({names}) VALUES ({marks})", rows)
+
+
+def _found(differences: list[Difference]) -> set[tuple[tuple[Any, ...], str]]:
+    return {(tuple(d.key), d.cls.value) for d in differences}
+
+
+def _expected_key(key: Any) -> tuple[Any, ...]:
+    return tuple(key) if isinstance(key, tuple) else (key,)
+
+
+@pytest.mark.parametrize("shape_name", list(KEY_SHAPES))
+def test_every_class_is_found_exactly_on_every_key_shape(
+        shape_name: str, new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    shape = KEY_SHAPES[shape_name]
+    source, target = new_db(), new_db()
+    _make_tables(source, target, shape)
+    keys = shape["keys"]
+    at = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    # source rows: some with NULLs in compared columns
+    source_rows = [(*_key_values(shape, k), 5, "paid" if i % 2 else None,
+                    None if i == 3 else 10.5 + i, at + dt.timedelta(minutes=i))
+                   for i, k in enumerate(keys)]
+    _insert(source, "public.orders", [*shape["cols"], "version", "status", "amount",
+                                      "placed_at"], source_rows)
+    target_cols = [c if c != "id" else "order_id" for c in shape["cols"]]
+    n = len(shape["cols"])
+    target_rows = []
+    for i, row in enumerate(source_rows):
+        key, (version, status, amount, placed) = row[:n], row[n:]
+        if i == 0:
+            continue                                  # missing
+        if i == 1:
+            version -= 1                              # stale
+        if i == 2:
+            version += 1                              # ahead
+        if i == 4:
+            amount = 999.25                           # mismatch
+        if i == 5:
+            status = "paid" if status is None else None  # mismatch: NULL vs value
+        # the same instant written in another time zone is not a difference
+        placed_other_zone = placed.astimezone(dt.timezone(dt.timedelta(hours=-7)))
+        target_rows.append((*key, version, status, amount, placed_other_zone))
+    target_rows.append((*_key_values(shape, shape["orphan"][0]), 1, "x", 1.0, at))  # orphan
+    _insert(target, "billing.invoices", [*target_cols, "order_version", "state", "total",
+                                         "placed"], target_rows)
+
+    config = _config(tmp_path, state_db, source, target, shape)
+    summary = diff(config, "orders")
+
+    expected = {
+        (_expected_key(keys[0]), "missing"), (_expected_key(keys[1]), "stale"),
+        (_expected_key(keys[2]), "ahead"), (_expected_key(keys[4]), "mismatch"),
+        (_expected_key(keys[5]), "mismatch"), (_expected_key(shape["orphan"][0]), "orphan"),
+    }
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        stored = differences_of(conn, summary.run_id)
+    assert _found(stored) == expected
+    assert (summary.missing, summary.orphan, summary.stale, summary.ahead, summary.mismatch,
+            summary.in_flight, summary.unreadable) == (1, 1, 1, 1, 2, 0, 0)
+    assert (summary.source_rows, summary.target_rows) == (len(keys), len(keys))
+    assert not summary.consistent
+
+
+def _simple(new_db: Callable[[], str], state_db: str, tmp_path: Path,
+            source_rows: list[tuple[Any, ...]], target_rows: list[tuple[Any, ...]],
+            **extra: Any) -> Config:
+    shape = KEY_SHAPES["bigint"]
+    source, target = new_db(), new_db()
+    _make_tables(source, target, shape)
+    _insert(source, "public.orders", ["id", "version", "status", "amount", "updated_at"],
+            source_rows)
+    _insert(target, "billing.invoices", ["order_id", "order_version", "state", "total"],
+            target_rows)
+    return _config(tmp_path, state_db, source, target, shape, **extra)
+
+
+def test_an_empty_target_makes_every_row_missing_and_an_empty_source_every_row_orphan(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = [(i, 1, "s", i, old) for i in range(1, 501)]
+    config = _simple(new_db, state_db, tmp_path, rows, [])
+    summary = diff(config, "orders")
+    assert (summary.missing, summary.orphan, summary.source_rows, summary.target_rows) == (
+        500, 0, 500, 0)
+    config = _simple(new_db, state_db, tmp_path, [], [(i, 1, "s", i) for i in range(1, 501)])
+    summary = diff(config, "orders")
+    assert (summary.missing, summary.orphan) == (0, 500)
+    config = _simple(new_db, state_db, tmp_path, [], [])
+    assert diff(config, "orders").consistent
+
+
+def test_large_table_with_sparse_drift_reads_only_differing_segments(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    shape = KEY_SHAPES["bigint"]
+    source, target = new_db(), new_db()
+    _make_tables(source, target, shape)
+    fill = ("INSERT INTO {} SELECT g * 7, 1, 's' || (g % 5), g % 1000, "
+            "'2026-01-01'::timestamptz FROM generate_series(1, 100000) g")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(fill.format("public.orders (id, version, status, amount, placed_at)"))
+        conn.execute("ANALYZE public.orders")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(fill.format("billing.invoices"))
+        conn.execute("DELETE FROM billing.invoices WHERE order_id IN (7, 350000, 700000)")
+        conn.execute("UPDATE billing.invoices SET total = -1 WHERE order_id = 69993")
+        conn.execute("INSERT INTO billing.invoices VALUES (3, 1, 's', 1, now())")
+        conn.execute("ANALYZE billing.invoices")
+    config = _config(tmp_path, state_db, source, target, shape)
+    summary = diff(config, "orders")
+    assert (summary.missing, summary.orphan, summary.mismatch, summary.stale) == (3, 1, 1, 0)
+    assert summary.source_rows == 100000
+
+
+def test_partition_run_covers_one_day_of_updated_at(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    day1 = dt.datetime(2026, 2, 1, 10, tzinfo=dt.UTC)
+    day2 = dt.datetime(2026, 2, 2, 10, tzinfo=dt.UTC)
+    source_rows = [(1, 1, "a", 1, day1), (2, 1, "a", 1, day1), (3, 1, "a", 1, day2),
+                   (4, 1, "a", 1, day2)]
+    target_rows = [(2, 1, "b", 1), (4, 1, "b", 1), (99, 1, "orphan", 1)]
+    config = _simple(new_db, state_db, tmp_path, source_rows, target_rows,
+                     partitions={"daily": {"start": "2026-01-01"}})
+    summary = diff(config, "orders", partition="2026-02-01")
+    assert summary.partition == "2026-02-01"
+    assert (summary.source_rows, summary.target_rows) == (2, 1)
+    assert (summary.missing, summary.mismatch, summary.orphan) == (1, 1, 0)
+    with pytest.raises(TrueupError, match="before the first partition 2026-01-01"):
+        diff(config, "orders", partition="2025-12-31")
+    with pytest.raises(TrueupError, match="expected a day like 2026-01-31"):
+        diff(config, "orders", partition="feb")
+
+
+def test_rows_changed_within_grace_are_in_flight_and_do_not_fail(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    source_rows = [(1, 2, "new", 5, now), (2, 1, "old", 5, now - dt.timedelta(hours=2))]
+    target_rows = [(1, 1, "new", 5), (2, 1, "old", 5)]
+    config = _simple(new_db, state_db, tmp_path, source_rows, target_rows, grace="1h")
+    summary = diff(config, "orders")
+    assert (summary.in_flight, summary.stale) == (1, 0)
+    assert summary.consistent
+
+
+def test_a_connection_dropped_mid_run_fails_the_run_and_the_next_run_works(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    config = _simple(new_db, state_db, tmp_path, [(i, 1, "s", i, old) for i in range(1, 2001)],
+                     [(i, 1, "s", i) for i in range(1, 2001)])
+    source = config.connections["shop"].postgres
+    assert source is not None
+    with psycopg.connect(source, autocommit=True) as conn:
+        # a slow view in front of the table: its scan lasts long enough to be cut
+        conn.execute("ALTER TABLE public.orders RENAME TO orders_data")
+        conn.execute("CREATE FUNCTION slow(x bigint) RETURNS bigint LANGUAGE plpgsql AS "
+                     "$$ BEGIN PERFORM pg_sleep(0.002); RETURN x; END $$")
+        conn.execute("CREATE VIEW public.orders AS SELECT slow(id) AS id, version, status, "
+                     "amount, placed_at, updated_at FROM orders_data")
+    killed: list[int] = []
+
+    def kill_when_active() -> None:
+        deadline = time.monotonic() + 30
+        with psycopg.connect(source, autocommit=True) as admin:
+            while time.monotonic() < deadline and not killed:
+                row = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = 'trueup diff "
+                    "orders' AND state = 'active' AND datname = current_database()").fetchone()
+                if row:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (row[0],))
+                    killed.append(row[0])
+                time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_when_active)
+    killer.start()
+    with pytest.raises(TrueupError) as caught:
+        diff(config, "orders")
+    killer.join()
+    assert killed, "the diff's source connection was never seen active"
+    with psycopg.connect(state_db) as conn:
+        status, error = conn.execute(
+            "SELECT status, error FROM trueup.runs ORDER BY run_id DESC LIMIT 1").fetchone()
+    assert status == "failed"
+    assert "terminat" in error.lower() or "connection" in error.lower(), error
+    assert "failed" in str(caught.value)
+
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE OR REPLACE VIEW public.orders AS SELECT id, version, status, "
+                      "amount, placed_at, updated_at FROM orders_data")
+    summary = diff(config, "orders")
+    assert summary.consistent and summary.source_rows == 2000
