@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.differences import reconciliation_definitions
 from assets.external import external_assets
 from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
 
@@ -24,7 +25,10 @@ def _config_path() -> str:
 
 
 config = load_config(_config_path())
+reconciliations = reconciliation_definitions(config)
 
 defs = dg.Definitions(
-    assets=[*external_assets(config)],
+    assets=[*external_assets(config), *(r.asset for r in reconciliations)],
+    jobs=[r.job for r in reconciliations],
+    schedules=[s for r in reconciliations for s in r.schedules],
 )

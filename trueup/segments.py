@@ -67,7 +67,8 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
     if wanted == 1:
         return Segmentation(bounds=[], array_type=array_type)
     percent = min(100.0, 100.0 * wanted * SAMPLE_PER_SEGMENT / max(rows, 1))
-    sample, where_sampled = sql.SQL(""), where
+    sample: sql.Composable = sql.SQL("")
+    where_sampled = where
     if percent < 100:
         kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass",
                             (side.relation.as_string(conn),)).fetchone()

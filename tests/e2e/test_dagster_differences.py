@@ -1,0 +1,122 @@
+"""The differences asset in Dagster: materializing runs the diff, checks report each class."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import psycopg
+import pytest
+import yaml
+
+from assets.differences import differences_key, reconciliation_definitions
+from assets.external import external_assets
+from trueup.config import Config, load_config
+
+pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
+
+
+def _setup(new_db: Callable[[], str], state_db: str, tmp_path: Path,
+           **extra: Any) -> tuple[Config, str, str]:
+    source, target = new_db(), new_db()
+    day = dt.datetime(2026, 2, 1, 12, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text, updated_at timestamptz)")
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', %s "
+                     "FROM generate_series(1, 50) g", (day,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id bigint PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO public.copy SELECT g, 1, 'new' FROM generate_series(3, 50) g")
+        conn.execute("UPDATE public.copy SET status = 'old' WHERE id = 10")
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source}, "copy": {"postgres": target}},
+           "reconciliations": {"orders": {
+               "source": {"connection": "shop", "table": "orders", "key": ["id"],
+                          "version": "version", "updated_at": "updated_at",
+                          "columns": ["status"]},
+               "target": {"connection": "copy", "table": "copy", "key": ["id"],
+                          "version": "version", "columns": ["status"]},
+               "schedule": "*/30 * * * *", **extra}}}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path), source, target
+
+
+def _checks(result: dg.ExecuteInProcessResult) -> dict[str, tuple[bool, str]]:
+    return {e.check_name: (e.passed, e.severity.value)
+            for e in result.get_asset_check_evaluations()}
+
+
+def test_drift_fails_error_checks_and_a_fix_makes_them_pass(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    config, _, target = _setup(new_db, state_db, tmp_path)
+    (orders,) = reconciliation_definitions(config)
+    assets = [*external_assets(config), orders.asset]
+
+    result = dg.materialize(assets, selection=[differences_key("orders")])
+    assert result.success
+    checks = _checks(result)
+    assert checks["missing"] == (False, "ERROR")
+    assert checks["mismatch"] == (False, "ERROR")
+    assert checks["orphan"] == (True, "ERROR")
+    assert checks["in_flight"] == (True, "WARN")
+    (materialization,) = result.asset_materializations_for_node(orders.asset.op.name)
+    assert materialization.metadata["missing"].value == 2
+    assert materialization.metadata["mismatch"].value == 1
+
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'new'), (2, 1, 'new')")
+        conn.execute("UPDATE public.copy SET status = 'new' WHERE id = 10")
+    result = dg.materialize(assets, selection=[differences_key("orders")])
+    assert all(passed for passed, _ in _checks(result).values()), _checks(result)
+
+    with psycopg.connect(state_db) as conn:
+        stored = conn.execute(
+            "SELECT check_name, passed FROM trueup.check_results WHERE reconciliation = "
+            "'orders' ORDER BY check_result_id").fetchall()
+    assert len(stored) == 14
+    assert ("missing", False) in stored[:7] and ("missing", True) in stored[7:]
+
+
+def test_partitioned_reconciliation_materializes_one_day_and_schedules_today(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    config, _, _ = _setup(new_db, state_db, tmp_path,
+                          partitions={"daily": {"start": "2026-01-01"}})
+    (orders,) = reconciliation_definitions(config)
+    assets = [*external_assets(config), orders.asset]
+
+    result = dg.materialize(assets, selection=[differences_key("orders")],
+                            partition_key="2026-02-01")
+    (materialization,) = result.asset_materializations_for_node(orders.asset.op.name)
+    assert materialization.partition == "2026-02-01"
+    assert materialization.metadata["source_rows"].value == 50
+    assert _checks(result)["missing"] == (False, "ERROR")
+
+    quiet = dg.materialize(assets, selection=[differences_key("orders")],
+                           partition_key="2026-02-02")
+    assert all(passed for passed, _ in _checks(quiet).values())
+
+    (schedule,) = orders.schedules
+    assert schedule.cron_schedule == "*/30 * * * *"
+    defs = dg.Definitions(assets=assets, jobs=[orders.job], schedules=orders.schedules)
+    tick = dt.datetime(2026, 3, 4, 10, 30, tzinfo=dt.UTC)
+    context = dg.build_schedule_context(scheduled_execution_time=tick,
+                                        repository_def=defs.get_repository_def())
+    request = schedule.evaluate_tick(context).run_requests
+    assert request is not None and request[0].partition_key == "2026-03-04"
+
+
+def test_reconcile_job_and_schedule_are_named_after_the_reconciliation(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    config, _, _ = _setup(new_db, state_db, tmp_path)
+    (orders,) = reconciliation_definitions(config)
+    defs = dg.Definitions(assets=[*external_assets(config), orders.asset], jobs=[orders.job],
+                          schedules=orders.schedules)
+    job = defs.resolve_job_def("reconcile_orders")
+    assert job.asset_layer.executable_asset_keys == {differences_key("orders")}
+    assert defs.resolve_schedule_def("reconcile_orders_schedule").job_name == "reconcile_orders"
