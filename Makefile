@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PORT ?= 3000
 
-.PHONY: install stack stack-down stack-status test unit lint demo prepare benchmarks clean
+.PHONY: install stack stack-down stack-status test unit lint demo prepare seed clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,9 @@ stack-status:
 prepare: stack
 	$(BIN)/python -m examples.prepare --config examples/trueup.yaml
 
+seed: stack
+	$(BIN)/python -m examples.seed --config examples/trueup.yaml
+
 # The whole suite: unit, integration (real Postgres, Kafka, RabbitMQ) and end-to-end (Dagster).
 test: stack
 	$(BIN)/python -m pytest
@@ -38,7 +41,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-demo: prepare
+demo: seed
 	mkdir -p .dagster_home
 	DAGSTER_HOME=$(CURDIR)/.dagster_home TRUEUP_CONFIG=examples/trueup.yaml \
 	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEMO_PORT)

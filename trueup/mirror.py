@@ -189,14 +189,28 @@ class MirrorReader:
             "SELECT partition, next_offset FROM trueup.mirror_offsets "
             "WHERE reconciliation = %s AND topic = %s", (self.shape.name, self.shape.topic))}
         self.conn.commit()
+        marks = {p: self.consumer.get_watermark_offsets(
+            TopicPartition(self.shape.topic, p), timeout=WATERMARK_TIMEOUT_SECONDS)
+            for p in topic.partitions}
+        if any(offset > marks.get(p, (0, -1))[1] for p, offset in stored.items()):
+            # Offsets we read are gone: the topic was deleted and created again. The mirror
+            # describes a topic that no longer exists, so it starts over.
+            log.warning("mirror.reset", reconciliation=self.shape.name, topic=self.shape.topic)
+            self._reset()
+            stored = {}
         plan = {}
-        for partition in topic.partitions:
-            low, high = self.consumer.get_watermark_offsets(
-                TopicPartition(self.shape.topic, partition), timeout=WATERMARK_TIMEOUT_SECONDS)
+        for partition, (low, high) in marks.items():
             start = max(stored.get(partition, low), low)
             if start < high:
                 plan[partition] = (start, high)
         return plan
+
+    def _reset(self) -> None:
+        with self.conn.transaction():
+            self.conn.execute(sql.SQL("TRUNCATE {}, {}").format(self.shape.table,
+                                                                self.shape.unreadable_table))
+            self.conn.execute("DELETE FROM trueup.mirror_offsets WHERE reconciliation = %s",
+                              (self.shape.name,))
 
     def _run(self) -> int:
         plan = self._plan()
