@@ -1,0 +1,85 @@
+"""A real ``dagster dev`` (webserver and daemon) for end-to-end tests, and a GraphQL client."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DAGSTER = str(Path(sys.executable).parent / "dagster")
+STARTUP_SECONDS = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dagster_env(tmp_path: Path, config: Path) -> dict[str, str]:
+    home = tmp_path / "dagster_home"
+    home.mkdir(exist_ok=True)
+    return {**os.environ, "DAGSTER_HOME": str(home), "TRUEUP_CONFIG": str(config)}
+
+
+@contextlib.contextmanager
+def dagster_dev(tmp_path: Path, config: Path) -> Iterator[str]:
+    """Run ``dagster dev`` on ``config`` on a free local port; yield its base URL."""
+    port = _free_port()
+    log_path = tmp_path / "dagster-dev.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [DAGSTER, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+            cwd=REPO, env=dagster_env(tmp_path, config), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_SECONDS
+            while True:
+                with contextlib.suppress(OSError), urllib.request.urlopen(
+                        f"{url}/server_info", timeout=5) as response:
+                    if response.status == 200:
+                        break
+                assert process.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "dagster dev did not answer in time"
+                time.sleep(1)
+            yield url
+        finally:
+            # dagster dev stops its webserver and daemon on SIGTERM (they share its session)
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(f"{url}/graphql", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    assert not result.get("errors"), result["errors"]
+    return result["data"]  # type: ignore[no-any-return]
+
+
+def wait_for(what: str, probe: Any, seconds: float = STARTUP_SECONDS) -> Any:
+    """Call ``probe`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
