@@ -257,14 +257,8 @@ def _plain_decimal(value: decimal.Decimal) -> str:
 
 
 def _text(value: Any, ctype: ColumnType) -> str | None:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, str):
-        text = value
-    elif isinstance(value, int | float | decimal.Decimal):
-        text = str(value)
-    else:
-        return None
+    # a number, boolean, object or array read as text prints as Postgres's jsonb does
+    text = value if isinstance(value, str) else jsonb_text(value)
     if ctype.name == "uuid":
         text = str(uuid.UUID(text))
     elif ctype.name == "bpchar":
@@ -274,6 +268,8 @@ def _text(value: Any, ctype: ColumnType) -> str | None:
 
 def _bool(value: Any, ctype: ColumnType) -> str | None:
     if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value in (0, 1):
         return "true" if value else "false"
     if isinstance(value, str):
         lowered = value.strip().lower()

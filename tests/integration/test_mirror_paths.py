@@ -1,0 +1,133 @@
+"""Parsing messages in Postgres and in Python builds the same mirror, row for row."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from trueup.config import ReconciliationConfig
+from trueup.mirror import MirrorShape, _ensure_tables, shape_of
+from trueup.sides import column_types, require, table_side
+from trueup.staging import Merger, RawMessage
+
+pytestmark = pytest.mark.postgres
+
+COLUMNS = ["status", "amount", "price", "flag", "at", "naive", "day", "doc", "ref", "code"]
+
+
+def _shape(source: str, name: str) -> tuple[MirrorShape, list[Any]]:
+    rec = ReconciliationConfig.model_validate({
+        "source": {"connection": "s", "table": "public.items", "key": ["id"],
+                   "version": "version", "columns": COLUMNS},
+        "target": {"connection": "b", "topic": "t", "key": ["id"], "version": "v",
+                   "columns": {c: f"j_{c}" for c in COLUMNS}},
+    })
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        side = table_side(label="source", dsn=source, table="public.items", key=["id"],
+                          version="version", columns=COLUMNS, conn=conn)
+        types = require(column_types(conn, "public.items"), "public.items", COLUMNS, conn)
+    return shape_of(name, rec, side, types), types
+
+
+def _messages(count: int) -> list[RawMessage]:
+    rng = random.Random(11)
+    out = []
+    for i in range(count):
+        at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
+            seconds=rng.randint(0, 10**8), microseconds=rng.randint(0, 999999))
+        zone = dt.timezone(dt.timedelta(minutes=rng.choice([-420, 0, 60, 330])))
+        amount = decimal.Decimal(rng.randint(-10**6, 10**6)) / 100
+        doc: dict[str, Any] = {
+            "id": rng.choice([i, str(i)]),
+            "v": rng.choice([1, "2", None]),
+            "j_status": rng.choice(["paid", "", "é|x", None, 42, True]),
+            "j_amount": rng.choice([str(amount), float(amount), f"{amount:e}"]),
+            "j_price": rng.choice([0.1 + 0.2, 1e20, -0.0, 3, "2.5"]),
+            "j_flag": rng.choice([True, False, "t", "false", None]),
+            "j_at": rng.choice([at.astimezone(zone).isoformat(), at.isoformat().replace(
+                "+00:00", "Z"), at.astimezone(zone).isoformat(sep=" ")]),
+            "j_naive": at.replace(tzinfo=None).isoformat(),
+            "j_day": at.date().isoformat(),
+            "j_doc": rng.choice([{"b": 1, "a": [1, "x"]}, None, [], {"long key": {"z": None}}]),
+            "j_ref": rng.choice([str(uuid.UUID(int=i)).upper(), str(uuid.UUID(int=i))]),
+            "j_code": rng.choice(["ab", "ab  ", None]),
+        }
+        if rng.random() < 0.1:
+            del doc["j_status"]
+        value = json.dumps(doc, default=str)
+        if isinstance(doc["j_amount"], str) and "e" in doc["j_amount"]:
+            value = value.replace(f'"{doc["j_amount"]}"', doc["j_amount"])  # a bare exponent
+        out.append(RawMessage(i % 3, i, str(i), value.encode()))
+    # tombstones and a key that is sent twice (the later one wins)
+    out.append(RawMessage(0, count, "3", None))
+    out.append(RawMessage(1, count + 1, "4", json.dumps({"id": 4, "v": 9}).encode()))
+    return out
+
+
+def _mirror(conn: psycopg.Connection[Any], shape: MirrorShape) -> list[tuple[Any, ...]]:
+    return conn.execute(sql.SQL("SELECT id, version, fingerprint, row_hash FROM {} ORDER BY id"
+                                ).format(shape.table)).fetchall()
+
+
+def test_postgres_and_python_parsing_build_identical_mirrors(
+        new_db: Callable[[], str], state_db: str) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount numeric(12,2), price double precision, flag boolean, "
+                     "at timestamptz, naive timestamp, day date, doc jsonb, ref uuid, "
+                     "code char(4))")
+    messages = _messages(600)
+    mirrors = []
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        for name, in_postgres in (("fast", True), ("slow", False)):
+            shape, _ = _shape(source, name)
+            _ensure_tables(conn, shape)
+            merger = Merger(shape, conn, parse_in_postgres=in_postgres)
+            for start in range(0, len(messages), 250):
+                merger.merge(messages[start:start + 250])
+            assert merger.fallbacks == 0
+            conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+            mirrors.append(_mirror(conn, shape))
+            conn.row_factory = dict_row  # type: ignore[assignment]
+    fast, slow = mirrors
+    assert len(fast) == 599  # 600 keys, one tombstoned
+    assert fast == slow
+
+
+def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recorded(
+        new_db: Callable[[], str], state_db: str) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount numeric(12,2), price double precision, flag boolean, "
+                     "at timestamptz, naive timestamp, day date, doc jsonb, ref uuid, "
+                     "code char(4))")
+    good = _messages(20)
+    bad = [RawMessage(0, 100, "x", b"{not json"), RawMessage(0, 101, "y", b"[1, 2]"),
+           RawMessage(0, 102, "z", json.dumps({"id": "seven"}).encode()),
+           RawMessage(0, 103, "w", json.dumps({"id": 5.5}).encode())]
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        shape, _ = _shape(source, "mixed")
+        _ensure_tables(conn, shape)
+        merger = Merger(shape, conn)
+        merger.merge(good + bad)
+        assert merger.fallbacks == 1
+        reasons = conn.execute(sql.SQL("SELECT kafka_offset, reason FROM {} ORDER BY 1").format(
+            shape.unreadable_table)).fetchall()
+        count = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(shape.table)
+                             ).fetchone()
+    assert [(r["kafka_offset"], r["reason"]) for r in reasons] == [
+        (100, "not JSON"), (101, "not a JSON object"), (102, "key field of the wrong type"),
+        (103, "key field of the wrong type")]
+    assert count is not None and count["n"] == 19

@@ -1,0 +1,323 @@
+"""Staging batches of Kafka messages into a mirror table, in one transaction each.
+
+Two ways to the same staged rows:
+
+- **In Postgres** (the fast path): the raw messages are copied in as text and Postgres parses the
+  JSON, casts the fields to the source's types and renders them with the SQL of
+  :mod:`trueup.fingerprint`. Parsing in C is several times faster than in Python.
+- **In Python** (the fallback): :func:`trueup.fingerprint.fields_text` renders every message.
+  A batch takes this path when Postgres refuses it: a message that is not valid JSON text or a
+  field that its type's cast rejects. The Python path also reports *which* message was
+  unreadable and why.
+
+Both paths give the same canonical text for every message that either can read (a test builds
+the same mirror both ways). After staging, one set of statements merges the batch: latest
+message per key wins, tombstones delete, unreadable messages are recorded, and the partition
+offsets advance in the same transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import psycopg
+from psycopg import sql
+
+from trueup.fingerprint import (
+    PART_SEPARATOR,
+    ColumnType,
+    Kind,
+    fields_sql,
+    fields_text,
+    loads,
+)
+from trueup.fingerprint import copy_text as value_text
+from trueup.log import get_logger
+from trueup.sides import Side
+
+if TYPE_CHECKING:
+    from trueup.mirror import MirrorShape
+
+log = get_logger(__name__)
+
+
+class RawMessage(NamedTuple):
+    """One message as read from Kafka (a tuple: there are millions of them)."""
+
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes | None
+
+
+def storage_type(ctype: ColumnType) -> sql.Composable:
+    """The mirror column type for a source type: built-ins only (no enums or extensions)."""
+    if ctype.kind is Kind.TEXT and ctype.name != "uuid":
+        return sql.SQL("text")
+    if ctype.kind is Kind.JSON:
+        return sql.SQL("jsonb")
+    return sql.Identifier(ctype.name)
+
+
+def _record_type(ctype: ColumnType) -> sql.Composable:
+    """The type a JSON field is read as by ``jsonb_to_record``, as the source would hold it."""
+    if ctype.kind is Kind.TEXT:
+        return sql.SQL("uuid") if ctype.name == "uuid" else sql.SQL("text")
+    if ctype.kind is Kind.JSON:
+        return sql.SQL("jsonb")
+    if ctype.kind is Kind.TIMESTAMP:  # an offset always counts, as in the Python path
+        return sql.SQL("timestamptz")
+    return sql.Identifier(ctype.name)
+
+
+def _record_value(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
+    if ctype.name == "bpchar":
+        return sql.SQL("rtrim({}, ' ')").format(column)
+    return column
+
+
+class Merger:
+    """Stages and merges batches for one mirror; owns the connection while it runs."""
+
+    def __init__(self, shape: MirrorShape, conn: psycopg.Connection[Any], *,
+                 parse_in_postgres: bool = True) -> None:
+        self.shape = shape
+        self.conn = conn
+        self.parse_in_postgres = parse_in_postgres
+        self.fallbacks = 0
+        keys = [sql.SQL("{} {}").format(sql.Identifier(c), storage_type(t))
+                for c, t in zip(shape.key_columns, shape.key_types, strict=True)]
+        version = sql.SQL("version {},").format(storage_type(shape.version_type)) \
+            if shape.version_type else sql.SQL("")
+        conn.execute(sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS trueup_stage (kafka_partition integer, "
+            "kafka_offset bigint, message_key text, tombstone boolean, {keys}, {version} "
+            "fields text, reason text) ON COMMIT DELETE ROWS"
+        ).format(keys=sql.SQL(", ").join(keys), version=version))
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (kafka_partition integer, "
+                     "kafka_offset bigint, message_key text, value text) ON COMMIT DELETE ROWS")
+        conn.commit()
+        self.columns = ["kafka_partition", "kafka_offset", "message_key", "tombstone",
+                        *shape.key_columns, *(["version"] if shape.version_type else []),
+                        "fields", "reason"]
+        self._parse_sql = self._build_parse()
+        self._merge_sql = self._build_merge()
+
+    def merge(self, messages: Sequence[RawMessage]) -> None:
+        """Stage and merge one batch, committing it with its offsets."""
+        if not messages:
+            return
+        if self.parse_in_postgres:
+            try:
+                with self.conn.transaction(), self.conn.cursor() as cur:
+                    cur.execute("SET LOCAL TimeZone = 'UTC'")
+                    with cur.copy("COPY trueup_raw (kafka_partition, kafka_offset, message_key, "
+                                  "value) FROM STDIN") as copy:
+                        for m in messages:
+                            copy.write_row((m.partition, m.offset, m.key,
+                                            None if m.value is None else m.value.decode()))
+                    cur.execute(self._parse_sql)
+                    self._finish(cur)
+                return
+            except (psycopg.errors.DataError, UnicodeDecodeError) as exc:
+                self.fallbacks += 1
+                log.info("mirror.batch_parsed_in_python", reconciliation=self.shape.name,
+                         reason=str(exc).splitlines()[0][:200])
+        copy_sql = sql.SQL("COPY trueup_stage ({}) FROM STDIN").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns))
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            with cur.copy(copy_sql) as copy:
+                for row in self.python_rows(messages):
+                    copy.write_row(row)
+            self._finish(cur)
+
+    def _finish(self, cur: psycopg.Cursor[Any]) -> None:
+        for statement in self._merge_sql:
+            cur.execute(statement)
+
+    # -- in Postgres ---------------------------------------------------------------------------
+
+    def _build_parse(self) -> sql.Composed:
+        """SQL staging ``trueup_raw`` into ``trueup_stage``: one ``jsonb_to_record`` per
+        message reads every field at once, typed as the source column (6x faster than one
+        ``->>`` and cast per field)."""
+        shape = self.shape
+        fields: dict[str, ColumnType] = {}  # JSON field -> the type it is read as
+        wanted = [*zip(shape.key_fields, shape.key_types, strict=True),
+                  *([(shape.version_field, shape.version_type)]
+                    if shape.version_field and shape.version_type else []),
+                  *zip(shape.column_fields, shape.column_types, strict=True)]
+        for field, ctype in wanted:
+            fields.setdefault(field, ctype)
+        # jsonb_to_record finds fields by the record's column names: name them as the fields
+        names = {field: sql.Identifier(field) for field in fields}
+        record = sql.SQL(", ").join(sql.SQL("{} {}").format(names[f], _record_type(t))
+                                    for f, t in fields.items())
+
+        def read(field: str, ctype: ColumnType) -> sql.Composable:
+            value = sql.SQL("x.{}").format(names[field])
+            if _record_type(ctype).as_string(None) != _record_type(fields[field]).as_string(None):
+                value = sql.SQL("({})::{}").format(value, _record_type(ctype))
+            return _record_value(value, ctype)
+
+        one_key = len(shape.key_fields) == 1
+
+        def from_message_key(i: int, ctype: ColumnType) -> sql.Composable:
+            raw = sql.SQL("(CASE WHEN left(message_key, 1) = '[' THEN message_key::jsonb ->> 0 "
+                          "ELSE message_key END)") if one_key else \
+                sql.SQL("(message_key::jsonb ->> {})").format(sql.Literal(i))
+            return sql.SQL("{}::{}").format(raw, storage_type(ctype))
+
+        keys = [sql.SQL("CASE WHEN value IS NULL THEN {} ELSE ({})::{} END").format(
+            from_message_key(i, t), read(f, t), storage_type(t))
+            for i, (f, t) in enumerate(zip(shape.key_fields, shape.key_types, strict=True))]
+        version: list[sql.Composable] = []
+        if shape.version_type is not None and shape.version_field is not None:
+            version = [read(shape.version_field, shape.version_type)]
+        rendered = fields_sql([read(f, t) for f, t in
+                               zip(shape.column_fields, shape.column_types, strict=True)],
+                              shape.column_types)
+        missing = [sql.SQL("WHEN {} IS NULL THEN {}").format(
+            read(f, t), sql.Literal(f"no key field {f!r}"))
+            for f, t in zip(shape.key_fields, shape.key_types, strict=True)]
+        return sql.SQL(
+            "INSERT INTO trueup_stage ({cols}) SELECT kafka_partition, kafka_offset, "
+            "message_key, value IS NULL, {values}, CASE WHEN value IS NULL THEN NULL "
+            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END "
+            "FROM trueup_raw LEFT JOIN LATERAL jsonb_to_record(value::jsonb) AS x({record}) "
+            "ON true"
+        ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in self.columns),
+                 values=sql.SQL(", ").join([*keys, *version]), fields=rendered,
+                 missing=sql.SQL(" ").join(missing), record=record)
+
+    # -- in Python -----------------------------------------------------------------------------
+
+    def python_rows(self, messages: Sequence[RawMessage]) -> Iterator[tuple[Any, ...]]:
+        shape = self.shape
+        n_keys = len(shape.key_columns)
+        with_version = shape.version_type is not None
+        filler: tuple[Any, ...] = (None,) * (n_keys + with_version)
+        for m in messages:
+            head = (m.partition, m.offset, m.key)
+            if m.value is None:
+                keys = keys_from_message_key(m.key, shape)
+                if keys is None:
+                    yield (*head, True, *filler, None, "tombstone without a readable key")
+                else:
+                    yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
+                continue
+            try:
+                document = loads(m.value)
+            except ValueError:
+                yield (*head, False, *filler, None, "not JSON")
+                continue
+            if not isinstance(document, dict):
+                yield (*head, False, *filler, None, "not a JSON object")
+                continue
+            key_values = [document.get(f) for f in shape.key_fields]
+            missing = [f for f, k in zip(shape.key_fields, key_values, strict=True) if k is None]
+            if missing:
+                yield (*head, False, *filler, None, f"no key field {missing[0]!r}")
+                continue
+            key_texts = [value_text(k, t) for k, t in
+                         zip(key_values, shape.key_types, strict=True)]
+            if any(k is None for k in key_texts):
+                yield (*head, False, *filler, None, "key field of the wrong type")
+                continue
+            version: tuple[Any, ...] = ()
+            if with_version:
+                assert shape.version_field is not None and shape.version_type is not None
+                raw_version = document.get(shape.version_field)
+                version_text = None if raw_version is None else value_text(
+                    raw_version, shape.version_type)
+                if raw_version is not None and version_text is None:
+                    yield (*head, False, *filler, None,
+                           f"version field {shape.version_field!r} of the wrong type")
+                    continue
+                version = (version_text,)
+            fields = fields_text((document.get(f) for f in shape.column_fields),
+                                 shape.column_types)
+            yield (*head, False, *key_texts, *version, fields, None)
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def _build_merge(self) -> list[sql.Composed]:
+        shape = self.shape
+        keys = [sql.Identifier(c) for c in shape.key_columns]
+        key_list = sql.SQL(", ").join(keys)
+        staged = Side(label="target", dsn="", relation=sql.Identifier("trueup_stage"), key=keys,
+                      key_types=shape.key_types,
+                      version=sql.Identifier("version") if shape.version_type else None,
+                      version_type=shape.version_type, fingerprint=sql.SQL("0"),
+                      row_hash=sql.SQL("0"))
+        version_col = sql.SQL("version, ") if shape.version_type else sql.SQL("")
+        latest = sql.SQL(
+            "SELECT DISTINCT ON ({keys}) * FROM trueup_stage WHERE reason IS NULL "
+            "ORDER BY {keys}, kafka_offset DESC").format(keys=key_list)
+        match = sql.SQL(" AND ").join(sql.SQL("m.{0} = l.{0}").format(k) for k in keys)
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in
+            [*(["version"] if shape.version_type else []), "fingerprint", "row_hash",
+             "kafka_partition", "kafka_offset"])
+        row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, fields), 0)").format(
+            sql.Literal(PART_SEPARATOR), staged.key_text, staged.version_text)
+        return [
+            sql.SQL("CREATE TEMP TABLE trueup_latest ON COMMIT DROP AS {}").format(latest),
+            sql.SQL("DELETE FROM {mirror} AS m USING trueup_latest AS l "
+                    "WHERE l.tombstone AND {match}").format(mirror=shape.table, match=match),
+            sql.SQL(
+                "INSERT INTO {mirror} ({keys}, {version}fingerprint, row_hash, kafka_partition, "
+                "kafka_offset) SELECT {keys}, {version}hashtextextended(fields, 0), {row_hash}, "
+                "kafka_partition, kafka_offset FROM trueup_latest WHERE NOT tombstone "
+                "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+            ).format(mirror=shape.table, keys=key_list, version=version_col, row_hash=row_hash,
+                     updates=updates),
+            # a later message of the same Kafka key supersedes an unreadable one
+            sql.SQL(
+                "DELETE FROM {unreadable} AS u USING trueup_stage AS s "
+                "WHERE u.message_key = s.message_key AND u.kafka_partition = s.kafka_partition "
+                "AND u.kafka_offset < s.kafka_offset").format(unreadable=shape.unreadable_table),
+            sql.SQL(
+                "INSERT INTO {unreadable} (kafka_partition, kafka_offset, message_key, reason) "
+                "SELECT s.kafka_partition, s.kafka_offset, s.message_key, s.reason "
+                "FROM trueup_stage AS s WHERE s.reason IS NOT NULL AND NOT EXISTS ("
+                "SELECT 1 FROM trueup_stage AS later WHERE later.message_key = s.message_key "
+                "AND later.kafka_partition = s.kafka_partition "
+                "AND later.kafka_offset > s.kafka_offset) "
+                "ON CONFLICT DO NOTHING").format(unreadable=shape.unreadable_table),
+            sql.SQL(
+                "INSERT INTO trueup.mirror_offsets (reconciliation, topic, partition, "
+                "next_offset) SELECT {name}, {topic}, kafka_partition, max(kafka_offset) + 1 "
+                "FROM trueup_stage GROUP BY kafka_partition "
+                "ON CONFLICT (reconciliation, topic, partition) DO UPDATE SET next_offset = "
+                "GREATEST(trueup.mirror_offsets.next_offset, excluded.next_offset), "
+                "updated_at = now()").format(name=sql.Literal(shape.name),
+                                             topic=sql.Literal(shape.topic)),
+        ]
+
+
+def keys_from_message_key(message_key: str | None, shape: MirrorShape) -> list[str] | None:
+    """Key values of a tombstone, from the Kafka message key (text, or a JSON array)."""
+    if message_key is None:
+        return None
+    if len(shape.key_fields) == 1:
+        try:
+            parsed = loads(message_key) if message_key.startswith("[") else None
+        except ValueError:
+            parsed = None
+        values = parsed if isinstance(parsed, list) and len(parsed) == 1 else [message_key]
+    else:
+        try:
+            values = loads(message_key)
+        except ValueError:
+            return None
+        if not isinstance(values, list) or len(values) != len(shape.key_fields):
+            return None
+    texts: list[str] = []
+    for v, t in zip(values, shape.key_types, strict=True):
+        text = value_text(v, t)
+        if text is None:
+            return None
+        texts.append(text)
+    return texts
