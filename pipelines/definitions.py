@@ -11,6 +11,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from assets.dead_letters import dead_letter_definitions
 from assets.differences import reconciliation_definitions
 from assets.external import external_assets
 from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
@@ -26,9 +27,12 @@ def _config_path() -> str:
 
 config = load_config(_config_path())
 reconciliations = reconciliation_definitions(config)
+dead_letters = dead_letter_definitions(config)
 
 defs = dg.Definitions(
-    assets=[*external_assets(config), *(r.asset for r in reconciliations)],
-    jobs=[r.job for r in reconciliations],
+    assets=[*external_assets(config), *(r.asset for r in reconciliations),
+            *dead_letters.assets],
+    jobs=[*(r.job for r in reconciliations), *dead_letters.jobs],
     schedules=[s for r in reconciliations for s in r.schedules],
+    sensors=[*dead_letters.sensors],
 )

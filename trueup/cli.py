@@ -215,8 +215,8 @@ COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "diff": cmd_diff,
     "backfill": _not_yet(4),
-    "dlq": _not_yet(5),
-    "replay": _not_yet(5),
+    "dlq": "trueup.dlq:cmd_dlq",
+    "replay": "trueup.replay:cmd_replay",
     "status": cmd_status,
     "lineage": _not_yet(4),
 }

@@ -1,12 +1,13 @@
-"""Kafka through confluent-kafka: admin connections, topic inspection, error translation."""
+"""Kafka through confluent-kafka: connect, publish with confirm, consume, error translation."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from trueup.errors import ConnectionFailed, TrueupError
 
@@ -51,3 +52,157 @@ def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None
     if found is None or found.error is not None:
         return None
     return len(found.partitions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Publish with confirm, consume, topics (used by the workers and the replayer)
+
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    # Nothing is acknowledged before the write it depends on is confirmed: every replica must
+    # have the message, and a retried send never duplicates it.
+    "acks": "all",
+    "enable.idempotence": True,
+    "linger.ms": 5,
+}
+CONFIRM_TIMEOUT_SECONDS = 120.0
+
+
+class Deliveries:
+    """Delivery reports of the messages given to a producer since the last :func:`confirm`."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.errors: list[str] = []
+
+    def on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        self.pending -= 1
+        if error is not None:
+            self.errors.append(f"{message.topic()}: {error.str()}")
+
+
+def create_producer(properties: Mapping[str, Any], *, what: str,
+                    **overrides: Any) -> Producer:
+    """A producer with ``acks=all`` and idempotence (the caller may add properties)."""
+    try:
+        return Producer({**properties, **PRODUCER_DEFAULTS, **overrides})
+    except KafkaException as exc:
+        raise translate(exc, what) from exc
+
+
+def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | None,
+            key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
+            partition: int | None = None, timestamp_ms: int | None = None) -> None:
+    """Hand one message to ``producer``; :func:`confirm` waits for its delivery report."""
+    kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
+                              "on_delivery": deliveries.on_delivery}
+    if partition is not None:
+        kwargs["partition"] = partition
+    if timestamp_ms is not None:
+        kwargs["timestamp"] = timestamp_ms
+    while True:
+        try:
+            producer.produce(topic, **kwargs)
+            break
+        except BufferError:
+            producer.poll(0.05)  # the local queue is full: let deliveries drain
+    deliveries.pending += 1
+    producer.poll(0)
+
+
+def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
+            timeout: float = CONFIRM_TIMEOUT_SECONDS) -> None:
+    """Wait until every message produced so far is acknowledged by all in-sync replicas.
+
+    Raises :class:`KafkaFailed` when one was refused or not confirmed in ``timeout`` seconds;
+    the caller must then not commit or ack anything that depends on those messages.
+    """
+    remaining = producer.flush(timeout)
+    errors, deliveries.errors = deliveries.errors, []
+    if remaining or deliveries.pending:
+        deliveries.pending = 0
+        raise KafkaFailed(f"{what}: {remaining} messages not confirmed within {timeout:.0f}s")
+    if errors:
+        raise KafkaFailed(f"{what}: {len(errors)} messages refused, first: {errors[0]}")
+
+
+def publish(producer: Producer, topic: str, *, value: bytes | None, what: str,
+            key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
+            ) -> None:
+    """Produce one message and wait for its confirmation."""
+    deliveries = Deliveries()
+    produce(producer, deliveries, topic, value=value, key=key, headers=headers)
+    confirm(producer, deliveries, what=what)
+
+
+def create_consumer(properties: Mapping[str, Any], *, group: str, what: str,
+                    **overrides: Any) -> Consumer:
+    """A consumer of ``group`` that never commits by itself unless ``overrides`` say so."""
+    settings = {**properties, "group.id": group, "enable.auto.commit": False,
+                "auto.offset.reset": "earliest", **overrides}
+    try:
+        return Consumer(settings)
+    except KafkaException as exc:
+        raise translate(exc, what) from exc
+
+
+def create_topics(admin: AdminClient, names: list[str], *, partitions: int = 1,
+                  what: str, config: Mapping[str, str] | None = None) -> None:
+    """Create the topics among ``names`` that do not exist yet (and wait for them)."""
+    existing = admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS).topics
+    wanted = [NewTopic(n, num_partitions=partitions, replication_factor=-1,
+                       config=dict(config or {})) for n in names if n not in existing]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, operation_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise translate(exc, f"{what}: topic {name}") from exc
+
+
+def delete_topics(admin: AdminClient, names: list[str], *, what: str) -> None:
+    existing = admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS).topics
+    doomed = [n for n in names if n in existing]
+    if not doomed:
+        return
+    for name, future in admin.delete_topics(doomed, operation_timeout=30).items():
+        try:
+            future.result()
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise translate(exc, f"{what}: topic {name}") from exc
+
+
+def end_offsets(consumer: Consumer, topic: str, partitions: int, *,
+                what: str) -> dict[int, tuple[int, int]]:
+    """``partition -> (low, high)`` watermarks of ``topic``."""
+    found = {}
+    for partition in range(partitions):
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_SECONDS, cached=False)
+        except KafkaException as exc:
+            raise translate(exc, what) from exc
+        found[partition] = (int(low), int(high))
+    return found
+
+
+def committed_offsets(consumer: Consumer, topic: str, partitions: int, *,
+                      what: str) -> dict[int, int | None]:
+    """``partition -> next offset`` committed by the consumer's group (None when none)."""
+    try:
+        offsets = consumer.committed([TopicPartition(topic, p) for p in range(partitions)],
+                                     timeout=METADATA_TIMEOUT_SECONDS)
+    except KafkaException as exc:
+        raise translate(exc, what) from exc
+    return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in offsets}
+
+
+def is_transient(error: KafkaError) -> bool:
+    """Errors a consumer or producer outlives: librdkafka reconnects and retries by itself."""
+    return bool(error.retriable()) or error.code() in (
+        KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+        KafkaError._PARTITION_EOF, KafkaError.NOT_COORDINATOR, KafkaError._RESOLVE,
+        KafkaError.LEADER_NOT_AVAILABLE, KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError.COORDINATOR_LOAD_IN_PROGRESS)

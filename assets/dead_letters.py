@@ -1,0 +1,150 @@
+"""Dead letters in Dagster: per dead-letter queue an asset, a check, a replay job and a sensor.
+
+- The asset ``trueup/<name>/dead_letters`` (downstream of the topic or queue itself) runs
+  ``trueup dlq``: depth, oldest age and the breakdown by error and origin become metadata.
+- Its check ``within_limits`` fails when the depth or the oldest age passes a threshold; the
+  result is also stored in trueup's state.
+- The job ``replay_<name>`` runs ``trueup replay`` with the CLI's options as run config, so it
+  can be launched from the UI (dry run first, then for real).
+- The sensor ``dead_letters_<name>_depth`` asks for the depth only (cheap: nothing is read) and
+  refreshes the asset, with its check, whenever the depth changed.
+"""
+# No ``from __future__ import annotations``: Dagster reads the context annotations at runtime.
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+from dagster import AssetExecutionContext, OpExecutionContext, SensorEvaluationContext
+
+from assets.keys import queue_key, topic_key
+from trueup.checks import record_check_results
+from trueup.config import Config
+from trueup.dlq import DlqReport, inspect
+from trueup.replay import ReplayOptions, replay
+from trueup.statuses import CheckSeverity
+
+MAX_DEPTH = 100                  # dead letters waiting, beyond which the check fails
+MAX_AGE_SECONDS = 24 * 3600      # age of the oldest dead letter, beyond which it fails
+SENSOR_INTERVAL_SECONDS = 60
+CHECK_NAME = "within_limits"
+
+
+def dead_letters_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["trueup", name, "dead_letters"])
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetterDefinitions:
+    """Everything the code location needs for the config's dead-letter queues."""
+
+    assets: Sequence[dg.AssetsDefinition]
+    jobs: Sequence[Any]           # asset jobs and op jobs (their classes are not public API)
+    sensors: Sequence[dg.SensorDefinition]
+
+
+class ReplayRunConfig(dg.Config):
+    """The options of ``trueup replay``, as run config of a replay job."""
+
+    max: int | None = None
+    rate: float | None = None
+    dry_run: bool = True          # launching from the UI is a dry run unless asked otherwise
+    where: str | None = None
+
+
+def check_result(report: DlqReport, *, max_depth: int = MAX_DEPTH,
+                 max_age_seconds: float = MAX_AGE_SECONDS) -> dg.AssetCheckResult:
+    age = report.oldest_age_seconds
+    too_deep = report.depth > max_depth
+    too_old = age is not None and age > max_age_seconds
+    reasons = ([f"depth {report.depth} > {max_depth}"] if too_deep else []) + (
+        [f"oldest {age:.0f}s > {max_age_seconds:.0f}s"] if too_old and age is not None else [])
+    return dg.AssetCheckResult(
+        check_name=CHECK_NAME, passed=not (too_deep or too_old),
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"depth": report.depth, "oldest_age_seconds": age, "max_depth": max_depth,
+                  "max_age_seconds": max_age_seconds},
+        description="; ".join(reasons) or f"depth {report.depth} within limits")
+
+
+def _definitions(config: Config, name: str, *, max_depth: int,
+                 max_age_seconds: float) -> tuple[dg.AssetsDefinition, Any, Any,
+                                                  dg.SensorDefinition]:
+    dlq = config.dead_letters[name]
+    if dlq.topic is not None:
+        upstream, where = topic_key(dlq.connection, dlq.topic), f"Kafka topic {dlq.topic}"
+    else:
+        assert dlq.queue is not None
+        upstream, where = queue_key(dlq.connection, dlq.queue), f"RabbitMQ queue {dlq.queue}"
+    key = dead_letters_key(name)
+    trueup_config = config  # the ops' own parameter must be called config
+
+    @dg.asset(
+        key=key, deps=[upstream], group_name="dead_letters", kinds={"trueup"},
+        check_specs=[dg.AssetCheckSpec(
+            name=CHECK_NAME, asset=key,
+            description=f"At most {max_depth} dead letters, none older than "
+                        f"{max_age_seconds:.0f}s.")],
+        description=f"Dead letters waiting in {where} (dead letters {name}): depth, oldest "
+                    f"age, counts by error and origin.",
+        metadata={"dead_letters": name, "max_attempts": dlq.max_attempts},
+    )
+    def _dead_letters(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        report = inspect(config, name)
+        context.log.info(f"{name}: depth {report.depth}, by error {report.by_error}")
+        result = check_result(report, max_depth=max_depth, max_age_seconds=max_age_seconds)
+        record_check_results(config.state, key.to_user_string(), None, None, [
+            (CHECK_NAME, result.passed, CheckSeverity.ERROR,
+             {"depth": report.depth, "oldest_age_seconds": report.oldest_age_seconds})])
+        return dg.MaterializeResult(metadata={
+            "depth": report.depth,
+            "oldest_age_seconds": report.oldest_age_seconds,
+            "by_error": dg.MetadataValue.json(report.by_error),
+            "by_origin": dg.MetadataValue.json(report.by_origin),
+            "inspected": report.inspected,
+        }, check_results=[result])
+
+    observe = dg.define_asset_job(f"dead_letters_{name}", selection=dg.AssetSelection.assets(key),
+                                  description=f"Inspect dead letters {name}.")
+
+    @dg.op(name=f"replay_{name}_op", description=f"trueup replay {name}")
+    def _replay(context: OpExecutionContext, config: ReplayRunConfig) -> None:
+        summary = replay(trueup_config, name, ReplayOptions(
+            max_messages=config.max, rate=config.rate, dry_run=config.dry_run,
+            where=config.where))
+        context.log.info(f"replay {summary.replay_id}: {summary.as_json()}")
+        context.add_output_metadata(summary.as_json())
+
+    @dg.job(name=f"replay_{name}",
+            description=f"Replay dead letters {name} (run config: max, rate, dry_run, where).")
+    def _replay_job() -> None:
+        _replay()
+
+    @dg.sensor(name=f"dead_letters_{name}_depth", job=observe,
+               minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
+               description=f"Refreshes dead letters {name} when its depth changes.")
+    def _depth(context: SensorEvaluationContext) -> dg.SensorResult:
+        depth = inspect(config, name, breakdown=False).depth
+        if context.cursor is not None and int(context.cursor) == depth:
+            return dg.SensorResult(skip_reason=f"depth still {depth}", cursor=str(depth))
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(run_key=f"{name}-depth-{depth}-{context.cursor}",
+                                        tags={"trueup/dead_letters": name,
+                                              "trueup/depth": str(depth)})],
+            cursor=str(depth))
+
+    return _dead_letters, observe, _replay_job, _depth
+
+
+def dead_letter_definitions(config: Config, *, max_depth: int = MAX_DEPTH,
+                            max_age_seconds: float = MAX_AGE_SECONDS) -> DeadLetterDefinitions:
+    """Assets (with checks), jobs and sensors of every dead-letter queue of ``config``."""
+    assets, jobs, sensors = [], [], []
+    for name in config.dead_letters:
+        asset, observe, replay_job, sensor = _definitions(
+            config, name, max_depth=max_depth, max_age_seconds=max_age_seconds)
+        assets.append(asset)
+        jobs.extend([observe, replay_job])
+        sensors.append(sensor)
+    return DeadLetterDefinitions(assets=assets, jobs=jobs, sensors=sensors)

@@ -1,0 +1,246 @@
+"""Benchmark: ``trueup replay`` of 100,000 dead letters per broker, against a floor.
+
+The floor is the plainest consume-and-republish loop with the same guarantees, written without
+trueup: Kafka, a consumer assigned from the start, batches republished with an ``acks=all``
+idempotent producer, flushed (every delivery confirmed), then offsets committed synchronously;
+RabbitMQ, a prefetch window, each copy published with a publisher confirm, then the batch acked.
+trueup does the same plus what the floor skips: reading its headers, deciding per letter,
+recording every letter in ``trueup.replay_events`` and checking ids already replayed.
+
+Each side gets its own, identical dead-letter topic or queue. Run on the local stack::
+
+    .venv/bin/python benchmarks/replay.py [--letters 100000] [--broker kafka|rabbitmq|both]
+
+Not a test: it prints a table and a verdict (target: trueup at least 70% of the floor's rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pika
+import psycopg
+from confluent_kafka import TopicPartition
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trueup import headers
+from trueup.brokers import kafka, rabbitmq
+from trueup.config import Config, parse_config
+from trueup.replay import ReplayOptions, replay
+from trueup.state import migrate
+
+PG_SERVER = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+KAFKA_BOOTSTRAP = os.environ.get("BENCH_KAFKA", "127.0.0.1:9092")
+AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+STATE_DB = "trueup_bench_replay"
+BATCH = 1000          # the floor's batch, the same as trueup's default
+TARGET_RATIO = 0.70
+BODY_BYTES = 200      # a small JSON order event
+
+
+def _body(n: int) -> bytes:
+    return json.dumps({"id": n, "status": "paid", "note": "x" * (BODY_BYTES - 40)}).encode()
+
+
+def _letter_headers(origin: str, n: int) -> dict[str, str]:
+    return {headers.MESSAGE_ID: f"bench-{n}", headers.ATTEMPTS: "2", headers.ORIGIN: origin,
+            headers.ERROR_CLASS: "TimeoutError", headers.ERROR_MESSAGE: "billing timed out",
+            headers.LAST_FAILURE: "2026-01-02T03:04:05.000Z"}
+
+
+def _state_dsn() -> str:
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(STATE_DB)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(STATE_DB)))
+    dsn = f"{PG_SERVER}/{STATE_DB}"
+    with psycopg.connect(dsn) as conn:
+        migrate(conn)
+    return dsn
+
+
+def _timed(run: Callable[[], int]) -> tuple[float, int]:
+    start = time.perf_counter()
+    moved = run()
+    return time.perf_counter() - start, moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka
+
+
+def _kafka_seed(topic: str, target: str, letters: int) -> None:
+    producer = kafka.create_producer({"bootstrap.servers": KAFKA_BOOTSTRAP}, what="seed",
+                                     **{"linger.ms": 20})
+    deliveries = kafka.Deliveries()
+    for n in range(letters):
+        kafka.produce(producer, deliveries, topic, value=_body(n), key=str(n),
+                      headers=headers.to_kafka(_letter_headers(target, n)))
+    kafka.confirm(producer, deliveries, what="seed")
+
+
+def _kafka_floor(dlq: str, target: str, letters: int) -> int:
+    properties = {"bootstrap.servers": KAFKA_BOOTSTRAP}
+    consumer = kafka.create_consumer(properties, group=f"floor-{dlq}", what="floor")
+    producer = kafka.create_producer(properties, what="floor")
+    consumer.assign([TopicPartition(dlq, 0, 0)])
+    deliveries = kafka.Deliveries()
+    moved = 0
+    while moved < letters:
+        batch = [m for m in consumer.consume(BATCH, 1.0) if m.error() is None]
+        for message in batch:
+            kafka.produce(producer, deliveries, target, value=message.value(),
+                          key=message.key(), headers=message.headers())
+        kafka.confirm(producer, deliveries, what="floor")
+        if batch:
+            last = batch[-1].offset()
+            assert last is not None
+            consumer.commit(offsets=[TopicPartition(dlq, 0, last + 1)], asynchronous=False)
+            moved += len(batch)
+    consumer.close()
+    return moved
+
+
+def _bench_kafka(letters: int, state: str) -> list[tuple[str, float, int]]:
+    admin = kafka.connect_admin({"bootstrap.servers": KAFKA_BOOTSTRAP}, what="bench")
+    tag = uuid.uuid4().hex[:8]
+    topics = {side: (f"bench.replay.{side}.{tag}.dlq", f"bench.replay.{side}.{tag}")
+              for side in ("floor", "trueup")}
+    names = [t for pair in topics.values() for t in pair]
+    kafka.create_topics(admin, names, partitions=1, what="bench")
+    try:
+        for dlq, target in topics.values():
+            _kafka_seed(dlq, target, letters)
+        floor = _timed(lambda: _kafka_floor(*topics["floor"], letters))
+        dlq, _ = topics["trueup"]
+        config = _config(state, {"bench_kafka": {"connection": "bus", "topic": dlq}})
+        ours = _timed(lambda: replay(config, "bench_kafka", ReplayOptions()).moved)
+    finally:
+        kafka.delete_topics(admin, names, what="bench")
+    return [("floor", *floor), ("trueup", *ours)]
+
+
+# ---------------------------------------------------------------------------------------------
+# RabbitMQ
+
+
+def _rabbit_seed(connection: pika.BlockingConnection, queue: str, target: str,
+                 letters: int) -> None:
+    # Seeding without confirms (fast), then waiting until the queue holds every letter.
+    channel = connection.channel()
+    for n in range(letters):
+        channel.basic_publish("", queue, _body(n), pika.BasicProperties(
+            message_id=f"bench-{n}", delivery_mode=2, headers=_letter_headers(target, n)))
+    channel.close()
+    deadline = time.monotonic() + 300
+    while (rabbitmq.queue_depth(connection, queue) or 0) < letters:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"seeding {queue}: not all {letters} letters arrived")
+        time.sleep(0.2)
+
+
+def _rabbit_floor(queue: str, target: str, letters: int) -> int:
+    connection = rabbitmq.connect(AMQP_URL, what="floor")
+    channel = rabbitmq.confirmed_channel(connection, prefetch=BATCH)
+    moved, pending = 0, 0
+    last_tag = 0
+    for method, properties, body in channel.consume(queue, inactivity_timeout=2.0):
+        if method is None:
+            break
+        rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
+                         properties=properties, what="floor")
+        moved, pending, last_tag = moved + 1, pending + 1, method.delivery_tag
+        if pending == BATCH or moved == letters:
+            channel.basic_ack(last_tag, multiple=True)
+            pending = 0
+        if moved == letters:
+            break
+    if pending:
+        channel.basic_ack(last_tag, multiple=True)
+    channel.cancel()
+    connection.close()
+    return moved
+
+
+def _bench_rabbitmq(letters: int, state: str) -> list[tuple[str, float, int]]:
+    connection = rabbitmq.connect(AMQP_URL, what="bench")
+    tag = uuid.uuid4().hex[:8]
+    queues = {side: (f"bench.replay.{side}.{tag}.dlq", f"bench.replay.{side}.{tag}")
+              for side in ("floor", "trueup")}
+    names = [q for pair in queues.values() for q in pair]
+    channel = connection.channel()
+    for name in names:
+        channel.queue_declare(name, durable=True)
+    channel.close()
+    try:
+        for dlq, target in queues.values():
+            _rabbit_seed(connection, dlq, target, letters)
+        floor = _timed(lambda: _rabbit_floor(*queues["floor"], letters))
+        dlq, _ = queues["trueup"]
+        config = _config(state, {"bench_rabbitmq": {"connection": "amqp", "queue": dlq}})
+        ours = _timed(lambda: replay(config, "bench_rabbitmq", ReplayOptions()).moved)
+    finally:
+        channel = connection.channel()
+        for name in names:
+            channel.queue_delete(name)
+        connection.close()
+    return [("floor", *floor), ("trueup", *ours)]
+
+
+def _config(state: str, dead_letters: dict[str, object]) -> Config:
+    text = json.dumps({"state": state, "connections": {
+        "bus": {"kafka": {"bootstrap.servers": KAFKA_BOOTSTRAP}},
+        "amqp": {"rabbitmq": AMQP_URL}}, "dead_letters": dead_letters})
+    return parse_config(text, "benchmarks/replay.py", os.environ)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--letters", type=int, default=100_000)
+    parser.add_argument("--broker", choices=["kafka", "rabbitmq", "both"], default="both")
+    args = parser.parse_args()
+    os.environ.setdefault("TRUEUP_LOG_LEVEL", "warning")
+    state = _state_dsn()
+    results: dict[str, list[tuple[str, float, int]]] = {}
+    if args.broker in ("kafka", "both"):
+        results["kafka"] = _bench_kafka(args.letters, state)
+    if args.broker in ("rabbitmq", "both"):
+        results["rabbitmq"] = _bench_rabbitmq(args.letters, state)
+
+    print(f"\nreplay of {args.letters:,} dead letters ({BODY_BYTES}-byte bodies), "
+          f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"{'broker':<9} {'side':<7} {'moved':>9} {'seconds':>8} {'letters/s':>10} "
+          f"{'of floor':>9}")
+    verdicts = []
+    for broker, rows in results.items():
+        floor_rate = rows[0][2] / rows[0][1]
+        for side, seconds, moved in rows:
+            rate = moved / seconds
+            print(f"{broker:<9} {side:<7} {moved:>9,} {seconds:>8.2f} {rate:>10,.0f} "
+                  f"{rate / floor_rate:>8.0%}")
+        ratio = (rows[1][2] / rows[1][1]) / floor_rate
+        ok = ratio >= TARGET_RATIO and rows[1][2] == args.letters
+        verdicts.append(ok)
+        print(f"{broker:<9} verdict: trueup at {ratio:.0%} of the floor "
+              f"(target {TARGET_RATIO:.0%}): {'ok' if ok else 'BELOW TARGET'}")
+    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(STATE_DB)))
+    return 0 if all(verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+-- Queries behind `trueup replay`: one row per replay, one event per replayed message.
+
+-- name: replay_lock
+-- One replay (or dry run) per dead-letter queue at a time: a session-level advisory lock,
+-- released when the process ends, even by kill -9.
+SELECT pg_try_advisory_lock(hashtextextended('trueup.replay:' || %(name)s, 0)) AS locked;
+
+-- name: replay_unlock
+SELECT pg_advisory_unlock(hashtextextended('trueup.replay:' || %(name)s, 0));
+
+-- name: abandon_replays
+-- Called while holding the lock: a replay of this queue still 'running' lost its process.
+UPDATE trueup.replays
+SET status = 'failed', finished_at = now(),
+    error = 'interrupted: the replaying process ended before finishing'
+WHERE name = %(name)s AND status = 'running'
+RETURNING replay_id;
+
+-- name: start_replay
+INSERT INTO trueup.replays (name, dry_run, filter, max_messages, rate)
+VALUES (%(name)s, %(dry_run)s, %(filter)s, %(max_messages)s, %(rate)s)
+RETURNING replay_id, started_at;
+
+-- name: record_replay_events
+INSERT INTO trueup.replay_events
+    (replay_id, message_id, origin, destination, outcome, error_class, attempts)
+SELECT %(replay_id)s, e.message_id, e.origin, e.destination, e.outcome, e.error_class,
+       e.attempts
+FROM unnest(%(message_ids)s::text[], %(origins)s::text[], %(destinations)s::text[],
+            %(outcomes)s::text[], %(error_classes)s::text[], %(attempts)s::integer[])
+     AS e (message_id, origin, destination, outcome, error_class, attempts)
+ON CONFLICT (replay_id, message_id) DO NOTHING;
+
+-- name: count_replay
+UPDATE trueup.replays
+SET moved = moved + %(moved)s, parked = parked + %(parked)s, skipped = skipped + %(skipped)s
+WHERE replay_id = %(replay_id)s AND status = 'running'
+RETURNING replay_id;
+
+-- name: last_replayed
+-- The newest replay of this queue that moved or parked each of these messages: a letter whose
+-- copy came from an older replay (its trueup-replay-id header) was already handled.
+SELECT e.message_id, max(e.replay_id) AS replay_id
+FROM trueup.replay_events AS e
+JOIN trueup.replays AS r USING (replay_id)
+WHERE e.message_id = ANY(%(message_ids)s::text[])
+  AND e.outcome IN ('moved', 'parked')
+  AND r.name = %(name)s
+GROUP BY e.message_id;
+
+-- name: finish_replay
+UPDATE trueup.replays
+SET status = %(status)s, finished_at = now(), seconds = %(seconds)s, error = %(error)s
+WHERE replay_id = %(replay_id)s AND status = 'running'
+RETURNING replay_id;
+
+-- name: replay_events
+SELECT message_id, origin, destination, outcome, error_class, attempts, at
+FROM trueup.replay_events
+WHERE replay_id = %(replay_id)s
+ORDER BY at, message_id;

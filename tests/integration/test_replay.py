@@ -1,0 +1,238 @@
+"""``trueup dlq`` and ``trueup replay`` against the real brokers and the state database."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.integration.test_workers_support import (
+    POLICY,
+    FlakyHandler,
+    Queues,
+    Topics,
+    body_ids,
+    cli,
+    cli_json,
+    kafka_remaining,
+    kafka_worker,
+    produce_json,
+    rabbit_worker,
+    read_topic,
+    running,
+    wait_until,
+    write_config,
+)
+from trueup import headers
+from trueup.letterboxes.kafka import replay_group
+
+BACKOFF = {"initial": "200ms", "multiplier": 2, "max": "2s"}
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> Iterator[Topics]:
+    made = Topics(kafka_bootstrap)
+    yield made
+    made.delete()
+
+
+@pytest.fixture
+def queues(amqp_url: str) -> Iterator[Queues]:
+    made = Queues(amqp_url)
+    yield made
+    made.delete()
+
+
+def _events(state: str) -> list[tuple[str, str]]:
+    with psycopg.connect(state) as conn:
+        rows = conn.execute("SELECT message_id, outcome FROM trueup.replay_events "
+                            "ORDER BY replay_id, message_id").fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_poison_letters_replay_after_the_fix_and_exhausted_ones_are_parked(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    topic = unique("orders")
+    handler = FlakyHandler({"2": 99}, permanent={"1"})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    topics.track(f"{topic}.parked")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"orders_dlq": {
+                              "connection": "bus", "topic": f"{topic}.dlq",
+                              "max_attempts": POLICY.max_attempts, "backoff": BACKOFF,
+                              "parking": f"{topic}.parked"}})
+    produce_json(kafka_bootstrap, topic, [{"id": 1}, {"id": 2}, {"id": 3}])
+    with running(worker.run):
+        wait_until(lambda: len(read_topic(kafka_bootstrap, f"{topic}.dlq")) == 2,
+                   "two dead letters")
+
+    report = cli_json(config, "dlq", "orders_dlq")
+    assert report["depth"] == 2
+    assert report["by_error"] == {"trueup.retry.PermanentError": 1, "ConnectionError": 1}
+    assert report["by_origin"] == {topic: 2}
+    assert 0 <= report["oldest_age_seconds"] < 120
+    assert cli_json(config, "dlq", "orders_dlq")["depth"] == 2, "inspecting took letters"
+
+    dry = cli_json(config, "replay", "orders_dlq", "--dry-run")
+    assert (dry["dry_run"], dry["moved"], dry["parked"], dry["skipped"]) == (True, 1, 1, 0)
+    assert cli_json(config, "dlq", "orders_dlq")["depth"] == 2, "a dry run took letters"
+
+    handler.fixed = True
+    with running(worker.run):
+        done = cli_json(config, "replay", "orders_dlq")
+        wait_until(lambda: "1" in handler.effects, "the replayed letter's effect")
+    assert (done["dry_run"], done["moved"], done["parked"], done["skipped"]) == (False, 1, 1, 0)
+    assert set(done) == {"replay_id", "name", "dry_run", "moved", "parked", "skipped",
+                         "seconds"}
+    assert handler.effects == ["3", "1"]
+    parked = read_topic(kafka_bootstrap, f"{topic}.parked")
+    assert body_ids(parked) == ["2"]
+    text = headers.from_kafka(parked[0].headers())
+    assert text[headers.ATTEMPTS] == str(POLICY.max_attempts)
+    assert text[headers.REPLAY_ID] == str(done["replay_id"])
+    assert cli_json(config, "dlq", "orders_dlq")["depth"] == 0
+    again = cli_json(config, "replay", "orders_dlq")
+    assert (again["moved"], again["parked"]) == (0, 0)
+    outcomes = sorted(o for _, o in _events(state_db))
+    assert outcomes == ["moved", "parked", "would_move", "would_park"]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_letters_without_trueup_headers_go_to_replay_to_and_where_filters(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    dlq, target = unique("legacy.dlq"), unique("orders")
+    topics.create(dlq, target)
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(10)])           # no headers
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(10, 15)],
+                 extra_headers={headers.ERROR_CLASS: "ValueError", headers.ATTEMPTS: "1",
+                                headers.ORIGIN: "somewhere.else"})
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"legacy": {"connection": "bus", "topic": dlq,
+                                                   "replay_to": target}})
+    assert cli_json(config, "dlq", "legacy")["by_error"] == {"unknown": 10, "ValueError": 5}
+
+    first = cli_json(config, "replay", "legacy", "--where", "error=ValueError", "--max", "3")
+    assert (first["moved"], first["skipped"]) == (3, 10)
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["10", "11", "12"]
+    # The unheaded letters came first and stayed: nothing could be committed past them.
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("legacy"))) == 15
+
+    rest = cli_json(config, "replay", "legacy")
+    assert (rest["moved"], rest["skipped"]) == (12, 3)   # the 3 already moved are recognised
+    moved = body_ids(read_topic(kafka_bootstrap, target))
+    assert sorted(moved, key=int) == [str(n) for n in range(15)], "lost or duplicated"
+    assert kafka_remaining(kafka_bootstrap, dlq, replay_group("legacy")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# RabbitMQ
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_poison_letters_replay_after_the_fix_and_exhausted_ones_are_parked(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    queue = unique("payments")
+    handler = FlakyHandler({"2": 99}, permanent={"1"})
+    worker = rabbit_worker(amqp_url, queue, handler, queues)
+    queues.track(f"{queue}.parked")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"payments_dlq": {
+                              "connection": "amqp", "queue": f"{queue}.dlq",
+                              "max_attempts": POLICY.max_attempts, "backoff": BACKOFF,
+                              "parking": f"{queue}.parked"}})
+    for n in (1, 2, 3):
+        queues.publish(queue, json.dumps({"id": n}).encode(), message_id=f"m{n}")
+    with running(worker.run):
+        wait_until(lambda: queues.depth(f"{queue}.dlq") == 2, "two dead letters")
+
+    report = cli_json(config, "dlq", "payments_dlq")
+    assert report["depth"] == 2
+    assert report["by_error"] == {"trueup.retry.PermanentError": 1, "ConnectionError": 1}
+    assert report["by_origin"] == {queue: 2}
+    assert queues.depth(f"{queue}.dlq") == 2, "inspecting took letters"
+
+    status, out, _ = cli(config, "replay", "payments_dlq", "--dry-run")
+    assert status == 0
+    assert "would_move  m1" in out and "would_park  m2" in out, out
+    assert queues.depth(f"{queue}.dlq") == 2, "a dry run took letters"
+
+    handler.fixed = True
+    with running(worker.run):
+        done = cli_json(config, "replay", "payments_dlq")
+        wait_until(lambda: "1" in handler.effects, "the replayed letter's effect")
+    assert (done["moved"], done["parked"], done["skipped"]) == (1, 1, 0)
+    assert handler.effects == ["3", "1"]
+    assert queues.depth(f"{queue}.dlq") == 0
+    parked = queues.drain(f"{queue}.parked")
+    assert [p.message_id for p, _ in parked] == ["m2"]
+    assert parked[0][0].headers[headers.REPLAY_ID] == str(done["replay_id"])
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_broker_made_dead_letters_are_inspected_in_place_and_replayed(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    work, short, dlq = unique("settle"), unique("settle.ttl"), unique("settle.dlq")
+    queues.declare(dlq)
+    dead = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq}
+    queues.declare(work, arguments=dead)
+    queues.declare(short, arguments={**dead, "x-message-ttl": 50})
+    for n in range(4):
+        queues.publish(short, json.dumps({"id": n}).encode())           # expire, no message id
+    channel = queues.connection.channel()
+    for n in range(4, 7):
+        queues.publish(work, json.dumps({"id": n}).encode(), message_id=f"r{n}")
+    for _ in range(3):
+        method, _, _ = channel.basic_get(work, auto_ack=False)
+        assert method is not None
+        channel.basic_reject(method.delivery_tag, requeue=False)      # RabbitMQ dead-letters
+    channel.close()
+    wait_until(lambda: queues.depth(dlq) == 7, "seven broker-made dead letters")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"settle_dlq": {"connection": "amqp", "queue": dlq}})
+
+    report = cli_json(config, "dlq", "settle_dlq")
+    assert report == {**report, "depth": 7,
+                      "by_error": {"rabbitmq.expired": 4, "rabbitmq.rejected": 3},
+                      "by_origin": {short: 4, work: 3}}
+    assert queues.depth(dlq) == 7, "inspecting took letters"
+
+    done = cli_json(config, "replay", "settle_dlq", "--where", "error=rabbitmq.rejected")
+    assert (done["moved"], done["parked"], done["skipped"]) == (3, 0, 4)
+    assert queues.depth(work) == 3 and queues.depth(dlq) == 4
+    replayed = queues.drain(work)
+    assert sorted(p.message_id for p, _ in replayed) == ["r4", "r5", "r6"]
+    table = replayed[0][0].headers
+    assert table[headers.ERROR_CLASS] == "rabbitmq.rejected"
+    assert table[headers.ATTEMPTS] == "1" and "x-death" not in table
+    # The expired ones stayed, moved to the tail, still readable as RabbitMQ's dead letters.
+    assert cli_json(config, "dlq", "settle_dlq")["by_error"] == {"rabbitmq.expired": 4}
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+def test_replay_of_an_unknown_queue_or_a_bad_filter_is_one_clear_line(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        tmp_path: Path) -> None:
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"gone": {"connection": "amqp",
+                                                 "queue": unique("missing")}})
+    for args in (["replay", "nope"], ["dlq", "gone"], ["replay", "gone", "--where", "color=red"]):
+        status, out, err = cli(config, *args)
+        assert status == 2, (args, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

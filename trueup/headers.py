@@ -1,0 +1,155 @@
+"""trueup's message headers: attempts, origin and error of a message, the same on both brokers.
+
+The workers write them when a message is retried or dead-lettered; the replayer reads them to
+find where a dead letter came from and how often it failed. RabbitMQ 3.13+ ignores an
+``x-death`` header set by a client, so the attempt count lives in a header of our own.
+
+Values are text on the wire (UTF-8 bytes in Kafka, strings in AMQP tables), times are ISO 8601
+in UTC with milliseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+PREFIX = "trueup-"
+MESSAGE_ID = "trueup-message-id"
+ATTEMPTS = "trueup-attempts"              # failed handler attempts over the message's life
+NOT_BEFORE = "trueup-not-before"          # epoch milliseconds: a retry is not due before
+ORIGIN = "trueup-origin"                  # the topic or queue the message was consumed from
+ORIGIN_PARTITION = "trueup-origin-partition"
+ORIGIN_OFFSET = "trueup-origin-offset"
+ORIGIN_TIMESTAMP = "trueup-origin-timestamp"  # epoch milliseconds of the original message
+GROUP = "trueup-group"                    # consumer group (Kafka) or consumer name (RabbitMQ)
+ERROR_CLASS = "trueup-error-class"
+ERROR_MESSAGE = "trueup-error-message"
+FIRST_FAILURE = "trueup-first-failure"
+LAST_FAILURE = "trueup-last-failure"
+REPLAY_ID = "trueup-replay-id"            # the replay that last moved this message
+
+ERROR_MESSAGE_MAX_CHARS = 1000
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def format_time(value: dt.datetime) -> str:
+    return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _int(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """What trueup knows about a message's failures, as carried in its headers."""
+
+    message_id: str | None = None
+    attempts: int = 0
+    origin: str | None = None
+    origin_partition: int | None = None
+    origin_offset: int | None = None
+    origin_timestamp_ms: int | None = None
+    group: str | None = None
+    error_class: str | None = None
+    error_message: str | None = None
+    first_failure: dt.datetime | None = None
+    last_failure: dt.datetime | None = None
+    replay_id: int | None = None
+
+    @classmethod
+    def read(cls, headers: Mapping[str, str]) -> Failure:
+        """The failure record of a message's (text) headers; missing fields stay empty."""
+        return cls(
+            message_id=headers.get(MESSAGE_ID) or None,
+            attempts=_int(headers.get(ATTEMPTS)) or 0,
+            origin=headers.get(ORIGIN) or None,
+            origin_partition=_int(headers.get(ORIGIN_PARTITION)),
+            origin_offset=_int(headers.get(ORIGIN_OFFSET)),
+            origin_timestamp_ms=_int(headers.get(ORIGIN_TIMESTAMP)),
+            group=headers.get(GROUP) or None,
+            error_class=headers.get(ERROR_CLASS) or None,
+            error_message=headers.get(ERROR_MESSAGE) or None,
+            first_failure=parse_time(headers.get(FIRST_FAILURE)),
+            last_failure=parse_time(headers.get(LAST_FAILURE)),
+            replay_id=_int(headers.get(REPLAY_ID)),
+        )
+
+    def failed(self, error: BaseException, *, attempt: int, at: dt.datetime) -> Failure:
+        """This record after attempt ``attempt`` failed with ``error`` at ``at``."""
+        return replace(self, attempts=attempt, error_class=error_class(error),
+                       error_message=error_message(error),
+                       first_failure=self.first_failure or at, last_failure=at)
+
+    def write(self) -> dict[str, str]:
+        """The headers of this record (only the fields that are set)."""
+        values: dict[str, Any] = {
+            MESSAGE_ID: self.message_id, ATTEMPTS: self.attempts, ORIGIN: self.origin,
+            ORIGIN_PARTITION: self.origin_partition, ORIGIN_OFFSET: self.origin_offset,
+            ORIGIN_TIMESTAMP: self.origin_timestamp_ms, GROUP: self.group,
+            ERROR_CLASS: self.error_class, ERROR_MESSAGE: self.error_message,
+            FIRST_FAILURE: format_time(self.first_failure) if self.first_failure else None,
+            LAST_FAILURE: format_time(self.last_failure) if self.last_failure else None,
+            REPLAY_ID: self.replay_id,
+        }
+        return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def error_class(error: BaseException) -> str:
+    """``module.Class`` of an error, short for builtins (``ValueError``)."""
+    kind = type(error)
+    return kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
+
+
+def error_message(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text[:ERROR_MESSAGE_MAX_CHARS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kafka headers are a list of (name, bytes) pairs; trueup works on a name -> text mapping.
+
+
+def from_kafka(headers: Iterable[tuple[str, str | bytes | None]] | Mapping[
+        str, str | bytes | None] | None) -> dict[str, str]:
+    """Kafka headers as text (the last value of a repeated name wins; undecodable bytes are
+    replaced, never fatal)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if isinstance(value, bytes):
+            found[name] = value.decode("utf-8", "replace")
+        else:
+            found[name] = value or ""
+    return found
+
+
+def to_kafka(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
+    return [(name, value.encode("utf-8")) for name, value in headers.items()]
+
+
+def merged(base: Mapping[str, str], failure: Failure, **extra: str) -> dict[str, str]:
+    """``base`` headers with trueup's replaced by ``failure`` (and ``extra``)."""
+    kept = {k: v for k, v in base.items() if not k.startswith(PREFIX)}
+    return {**kept, **failure.write(), **extra}

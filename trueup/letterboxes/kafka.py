@@ -1,0 +1,188 @@
+"""A Kafka dead-letter topic as a letterbox.
+
+"Not yet replayed" means past the offsets committed by consumer group ``trueup-replay-<name>``.
+Reading never joins that group: partitions are ``assign()``-ed from its committed offsets, with
+auto commit off, so inspecting and dry runs commit nothing. A replay commits a partition's
+offset only up to its first letter kept in the topic (filtered out, no destination), and only
+after Kafka confirmed the copies (``acks=all``, idempotent producer). Letters past a kept one are
+re-read by the next replay and recognised as replayed by their id in ``trueup.replay_events``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Generator, Mapping
+from typing import Any
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from trueup import headers
+from trueup.brokers import kafka
+from trueup.errors import ConnectionFailed, NotFound
+from trueup.letterboxes import Received, Settle
+from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination
+from trueup.log import get_logger
+
+log = get_logger(__name__)
+
+POLL_SECONDS = 1.0
+STALL_SECONDS = 300.0  # no message at all for this long while some are due: give up
+
+
+def replay_group(name: str) -> str:
+    return f"trueup-replay-{name}"
+
+
+def letter_of(message: Message) -> DeadLetter:
+    """A dead letter of a Kafka message, with or without trueup's headers."""
+    text = headers.from_kafka(message.headers())
+    failure = headers.Failure.read(text)
+    key = message.key()
+    stamp_type, stamp_ms = message.timestamp()
+    stamped = (dt.datetime.fromtimestamp(stamp_ms / 1000, dt.UTC)
+               if stamp_type != TIMESTAMP_NOT_AVAILABLE else None)
+    return DeadLetter(
+        message_id=failure.message_id or (f"{message.topic()}:{message.partition()}:"
+                                          f"{message.offset()}"),
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        origin=failure.origin, error_class=failure.error_class or UNKNOWN_ERROR,
+        attempts=failure.attempts, failed_at=failure.last_failure or stamped,
+        generation=failure.replay_id or 0, headers=text, record=failure)
+
+
+class KafkaLetterbox:
+    def __init__(self, *, properties: Mapping[str, Any], topic: str, name: str,
+                 what: str) -> None:
+        self.properties = dict(properties)
+        self.confirms_each_publish = False
+        self.where = topic
+        self.name = name
+        self.what = what
+        self.admin = kafka.connect_admin(self.properties, what=what)
+        partitions = kafka.topic_partitions(self.admin, topic, what=what)
+        if partitions is None:
+            raise NotFound(f"{what}: Kafka topic {topic!r} does not exist")
+        self.partitions = partitions
+        self.consumer = kafka.create_consumer(self.properties, group=replay_group(name),
+                                              what=what, **{"enable.auto.offset.store": False})
+        self._producer: Producer | None = None
+        self._deliveries = kafka.Deliveries()
+        self._blocked: set[int] = set()
+        self._committed: dict[int, int] = {}  # partition -> next offset committed (async)
+
+    def _bounds(self) -> dict[int, tuple[int, int]]:
+        """``partition -> (first offset not yet replayed, end offset now)``."""
+        ends = kafka.end_offsets(self.consumer, self.where, self.partitions, what=self.what)
+        committed = kafka.committed_offsets(self.consumer, self.where, self.partitions,
+                                            what=self.what)
+        bounds = {}
+        for partition, (low, high) in ends.items():
+            start = max(low, committed.get(partition) or low)
+            bounds[partition] = (start, max(start, high))
+        return bounds
+
+    def depth(self) -> int:
+        return sum(end - start for start, end in self._bounds().values())
+
+    def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
+        bounds = self._bounds()
+        active = {p for p, (start, end) in bounds.items() if end > start}
+        self._blocked = set()
+        if not active:
+            return
+        self.consumer.assign([TopicPartition(self.where, p, bounds[p][0]) for p in active])
+        last_seen = time.monotonic()
+        try:
+            while active:
+                batch: list[Received] = []
+                for message in self.consumer.consume(batch_size, POLL_SECONDS):
+                    error = message.error()
+                    if error is not None:
+                        if kafka.is_transient(error):
+                            continue
+                        raise kafka.translate(KafkaException(error), self.what)
+                    partition, offset = message.partition(), message.offset()
+                    assert partition is not None and offset is not None
+                    if partition not in active:
+                        continue
+                    end = bounds[partition][1]
+                    if offset < end:
+                        batch.append(Received(letter=letter_of(message), handle=message))
+                    if offset + 1 >= end:
+                        # Letters that arrive during the replay wait for the next one.
+                        active.discard(partition)
+                        self.consumer.pause([TopicPartition(self.where, partition)])
+                if batch:
+                    last_seen = time.monotonic()
+                    yield batch
+                elif time.monotonic() - last_seen > STALL_SECONDS:
+                    raise ConnectionFailed(f"{self.what}: no message from Kafka topic "
+                                           f"{self.where!r} for {STALL_SECONDS:.0f}s")
+        finally:
+            self.consumer.unassign()
+
+    def prepare(self, destination: Destination) -> None:
+        if destination.name is not None:
+            kafka.create_topics(self.admin, [destination.name], partitions=self.partitions,
+                                what=self.what)
+
+    def _producer_(self) -> Producer:
+        if self._producer is None:
+            self._producer = kafka.create_producer(self.properties, what=self.what)
+        return self._producer
+
+    def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
+        assert destination.name is not None
+        message: Message = item.handle
+        raw = message.headers()
+        kept: list[tuple[str, Any]] = [(k, v) for k, v in (raw if isinstance(raw, list) else ())
+                                       if not k.startswith(headers.PREFIX)]
+        fresh = headers.to_kafka(item.letter.failure(replay_id=replay_id).write())
+        # The key is kept, so a replayed letter lands in its key's partition, in key order.
+        kafka.produce(self._producer_(), self._deliveries, destination.name,
+                      value=message.value(), key=message.key(), headers=[*kept, *fresh])
+
+    def confirm(self) -> None:
+        if self._producer is not None:
+            kafka.confirm(self._producer, self._deliveries, what=self.what)
+
+    def settle(self, items: list[Received], states: list[Settle]) -> None:
+        """Commit, per partition, up to the first letter that stays in the topic."""
+        commits: dict[int, int] = {}
+        for item, state in zip(items, states, strict=True):
+            message: Message = item.handle
+            partition, offset = message.partition(), message.offset()
+            assert partition is not None and offset is not None
+            if partition in self._blocked:
+                continue
+            if state is Settle.DONE:
+                commits[partition] = offset + 1
+            else:
+                self._blocked.add(partition)
+        if not commits:
+            return
+        self._committed.update(commits)
+        # Asynchronous: a commit lost to a crash only makes the next replay re-read letters it
+        # then recognises as replayed (recorded before this call). close() commits for sure.
+        self.consumer.commit(offsets=[TopicPartition(self.where, p, o)
+                                      for p, o in commits.items()], asynchronous=True)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
+        try:
+            if self._committed:
+                self.consumer.commit(offsets=[TopicPartition(self.where, p, o)
+                                              for p, o in self._committed.items()],
+                                     asynchronous=False)
+        except KafkaException as exc:
+            raise kafka.translate(exc, f"{self.what}: commit") from exc
+        finally:
+            self.consumer.close()

@@ -1,0 +1,191 @@
+"""A RabbitMQ dead-letter queue as a letterbox.
+
+Depth comes from a passive declare, which touches no message. Reading without taking (inspection,
+dry runs) uses ``basic_get`` without ack and then closes the channel: RabbitMQ puts every message
+back at its place, marked ``redelivered`` (the only trace; nothing consumes a dead-letter queue
+but the replayer, which ignores the flag). Do not give a dead-letter queue an
+``x-delivery-limit``: a requeue counts as a delivery there.
+
+A replay consumes with a prefetch window and handles exactly as many messages as the queue held
+when it started. A copy is published with a publisher confirm before the letter is acked. A
+letter that stays (filtered out, no destination) is moved to the tail of the queue (published,
+confirmed, then acked), so later letters can be reached; letters not looked at are requeued in
+place.
+
+Letters RabbitMQ dead-lettered by itself (rejected, expired, delivery limit) carry only
+``x-death``: their origin is the queue they died in, their error ``rabbitmq.<reason>``, their
+attempts the sum of the death counts (added to trueup's count when both exist).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Generator
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from trueup import headers
+from trueup.brokers import rabbitmq
+from trueup.errors import NotFound
+from trueup.letterboxes import Received, Settle
+from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination
+from trueup.log import get_logger
+
+log = get_logger(__name__)
+
+IDLE_SECONDS = 1.0
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
+    """A dead letter of an AMQP message, from trueup's headers and RabbitMQ's ``x-death``."""
+    table = properties.headers or {}
+    text = rabbitmq.text_headers(properties)
+    failure = headers.Failure.read(text)
+    origin, error, failed_at, attempts = (failure.origin, failure.error_class,
+                                          failure.last_failure, failure.attempts)
+    deaths = [d for d in table.get("x-death") or [] if isinstance(d, dict)]
+    if deaths:
+        latest = deaths[0]  # RabbitMQ keeps the most recent death first
+        origin = _text(latest.get("queue")) or origin
+        error = f"rabbitmq.{_text(latest.get('reason')) or 'dead_lettered'}"
+        when = latest.get("time")
+        failed_at = when if isinstance(when, dt.datetime) else failed_at
+        attempts += sum(int(d.get("count") or 1) for d in deaths)
+    message_id = properties.message_id or failure.message_id
+    if not message_id:
+        # No id anywhere: the content and its death make one (identical twins share it).
+        digest = hashlib.sha256(body)
+        digest.update(f"|{origin}|{failed_at}|{error}".encode())
+        message_id = f"sha256:{digest.hexdigest()[:32]}"
+    return DeadLetter(message_id=message_id, key=properties.message_id, origin=origin,
+                      error_class=error or UNKNOWN_ERROR, attempts=attempts,
+                      failed_at=failed_at or _stamp(properties),
+                      generation=failure.replay_id or 0, headers=text, record=failure)
+
+
+def _stamp(properties: pika.BasicProperties) -> dt.datetime | None:
+    stamp = properties.timestamp
+    if isinstance(stamp, int | float):
+        return dt.datetime.fromtimestamp(stamp, dt.UTC)
+    return None
+
+
+class RabbitLetterbox:
+    def __init__(self, *, url: str, queue: str, name: str, what: str) -> None:
+        self.url = url
+        self.confirms_each_publish = True
+        self.where = queue
+        self.name = name
+        self.what = what
+        self.connection = rabbitmq.connect_retrying(url, what=what)
+        if rabbitmq.queue_depth(self.connection, queue) is None:
+            self.connection.close()
+            raise NotFound(f"{what}: RabbitMQ queue {queue!r} does not exist")
+        self.channel: BlockingChannel | None = None
+
+    def depth(self) -> int:
+        return rabbitmq.queue_depth(self.connection, self.where) or 0
+
+    def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
+        budget = self.depth()
+        if budget == 0:
+            return
+        if not take:
+            yield from self._peek(budget, batch_size)
+            return
+        channel = rabbitmq.confirmed_channel(self.connection, prefetch=batch_size)
+        self.channel = channel
+        try:
+            deliveries = channel.consume(self.where, inactivity_timeout=IDLE_SECONDS)
+            seen = 0
+            while seen < budget:
+                batch: list[Received] = []
+                for method, properties, body in deliveries:
+                    if method is None:
+                        break  # idle: hand over what there is
+                    batch.append(Received(letter=letter_of(properties, body),
+                                          handle=(method.delivery_tag, properties, body)))
+                    seen += 1
+                    if len(batch) >= batch_size or seen >= budget:
+                        break
+                if batch:
+                    yield batch
+                elif self.depth() == 0:
+                    break  # someone else emptied the queue meanwhile
+        finally:
+            self.channel = None
+            if channel.is_open:
+                # Anything delivered and not settled goes back to its place.
+                channel.close()
+
+    def _peek(self, budget: int, batch_size: int) -> Generator[list[Received], None, None]:
+        channel = self.connection.channel()
+        try:
+            seen = 0
+            while seen < budget:
+                batch: list[Received] = []
+                while seen < budget and len(batch) < batch_size:
+                    method, properties, body = channel.basic_get(self.where, auto_ack=False)
+                    if method is None:
+                        budget = seen
+                        break
+                    seen += 1
+                    batch.append(Received(letter=letter_of(properties, body), handle=None))
+                if batch:
+                    yield batch
+        finally:
+            if channel.is_open:
+                channel.close()  # every message read goes back, in order
+
+    def prepare(self, destination: Destination) -> None:
+        if destination.name is not None and destination.exchange is None:
+            rabbitmq.ensure_queue(self.connection, destination.name)
+
+    def _copy(self, item: Received, *, exchange: str, routing_key: str,
+              replay_id: int | None) -> None:
+        assert self.channel is not None
+        _, properties, body = item.handle
+        kept = {k: v for k, v in rabbitmq.without_broker_deaths(properties.headers).items()
+                if not k.startswith(headers.PREFIX)}
+        table = {**kept, **item.letter.failure(replay_id=replay_id).write()}
+        rabbitmq.publish(self.channel, exchange=exchange, routing_key=routing_key, body=body,
+                         properties=rabbitmq.republished_properties(properties, headers=table),
+                         what=f"{self.what}: {exchange or 'default exchange'}/{routing_key}")
+
+    def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
+        if destination.exchange is not None:
+            self._copy(item, exchange=destination.exchange,
+                       routing_key=destination.routing_key, replay_id=replay_id)
+        else:
+            assert destination.name is not None
+            self._copy(item, exchange="", routing_key=destination.name, replay_id=replay_id)
+
+    def confirm(self) -> None:
+        """Nothing to wait for: each publish returned after its confirm."""
+
+    def settle(self, items: list[Received], states: list[Settle]) -> None:
+        if self.channel is None:
+            return  # read without taking
+        for item, state in zip(items, states, strict=True):
+            tag = item.handle[0]
+            if state is Settle.DONE:
+                self.channel.basic_ack(tag)
+            elif state is Settle.KEEP:
+                # To the tail, so the letters behind it can be reached; then off the head.
+                self._copy(item, exchange="", routing_key=self.where, replay_id=None)
+                self.channel.basic_ack(tag)
+            else:
+                self.channel.basic_nack(tag, requeue=True)
+
+    def close(self) -> None:
+        rabbitmq.close_quietly(self.connection)

@@ -1,0 +1,150 @@
+"""Dead letters as trueup reads them, and the ``--where`` filter of ``trueup replay``.
+
+A :class:`DeadLetter` is broker-neutral: its id, key, origin, error class, attempts and failure
+time, read from trueup's headers or, for messages RabbitMQ dead-lettered by itself, from the
+broker's ``x-death`` header.
+
+``--where`` holds conditions joined by ``,`` or ``and`` (all must hold)::
+
+    error=ConnectionError          error class (full name, or its last dotted part)
+    error!=rabbitmq.expired|rabbitmq.rejected     (``|`` separates alternatives)
+    origin=orders.v1               the topic or queue the letter came from
+    key=42                         Kafka message key; RabbitMQ message_id
+    attempts>=3                    also attempts=, !=, <, <=, >
+    since=2026-01-02T00:00:00Z     last failure at or after (a date or an ISO time, UTC if no
+    until=2026-01-03               zone); until is exclusive
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from trueup.errors import UsageError
+from trueup.headers import Failure
+
+UNKNOWN_ERROR = "unknown"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeadLetter:
+    """One dead letter, whatever broker holds it."""
+
+    message_id: str
+    key: str | None
+    origin: str | None
+    error_class: str
+    attempts: int
+    failed_at: dt.datetime | None
+    generation: int = 0   # the replay that produced this copy (0: none)
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    record: Failure | None = field(default=None, compare=False, repr=False)  # parsed headers
+
+    def failure(self, *, replay_id: int | None = None) -> Failure:
+        """trueup's headers for a copy of this letter (replayed by ``replay_id``, or moved
+        within its queue when None): what the broker's own headers said, folded into ours."""
+        record = self.record or Failure.read(self.headers)
+        return replace(record, message_id=self.message_id, attempts=self.attempts,
+                       origin=self.origin, error_class=self.error_class,
+                       first_failure=record.first_failure or self.failed_at,
+                       last_failure=self.failed_at or record.last_failure,
+                       replay_id=replay_id if replay_id is not None else record.replay_id)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Destination:
+    """Where a replayed letter goes: a Kafka topic or RabbitMQ queue (``name``), or a RabbitMQ
+    exchange and routing key."""
+
+    name: str | None = None
+    exchange: str | None = None
+    routing_key: str = ""
+
+    def __str__(self) -> str:
+        if self.exchange is not None:
+            return f"{self.exchange}/{self.routing_key}"
+        return self.name or "-"
+
+
+_CONDITION = re.compile(r"^\s*([a-z_]+)\s*(!=|>=|<=|=|<|>)\s*(.*?)\s*$")
+_SPLIT = re.compile(r"\s*,\s*|\s+and\s+", re.IGNORECASE)
+_FIELDS = ("error", "origin", "key", "attempts", "since", "until")
+_COMPARE: dict[str, Callable[[int, int], bool]] = {
+    "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+    ">=": operator.ge}
+
+Test = Callable[[DeadLetter], bool]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LetterFilter:
+    """A parsed ``--where``; :meth:`matches` tells whether a letter is selected."""
+
+    text: str = ""
+    tests: tuple[Test, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str | None) -> LetterFilter:
+        if text is None or not text.strip():
+            return cls()
+        tests = tuple(_condition(part) for part in _SPLIT.split(text.strip()) if part)
+        return cls(text=text.strip(), tests=tests)
+
+    def matches(self, letter: DeadLetter) -> bool:
+        return all(test(letter) for test in self.tests)
+
+
+def _condition(text: str) -> Test:
+    match = _CONDITION.match(text)
+    if not match:
+        raise UsageError(f"--where: cannot read {text!r} (expected FIELD=VALUE with a field "
+                         f"among {', '.join(_FIELDS)})")
+    name, op, value = match.group(1), match.group(2), match.group(3).strip("'\"")
+    if name not in _FIELDS:
+        raise UsageError(f"--where: unknown field {name!r} (expected one of "
+                         f"{', '.join(_FIELDS)})")
+    if name == "attempts":
+        try:
+            number = int(value)
+        except ValueError:
+            raise UsageError(f"--where: attempts needs a whole number (got {value!r})") from None
+        compare = _COMPARE[op]
+        return lambda letter: compare(letter.attempts, number)
+    if op not in ("=", "!=") or (name in ("since", "until") and op != "="):
+        raise UsageError(f"--where: {name} takes = {'' if name in ('since', 'until') else 'or != '}"
+                         f"(got {op!r})")
+    if name in ("since", "until"):
+        at = _time(value, name)
+        if name == "since":
+            return lambda letter: letter.failed_at is not None and letter.failed_at >= at
+        return lambda letter: letter.failed_at is not None and letter.failed_at < at
+    choices = {v.strip() for v in value.split("|")}
+    negate = op == "!="
+
+    def test(letter: DeadLetter) -> bool:
+        found = _field(letter, name)
+        hit = found is not None and (found in choices or (
+            name == "error" and found.rsplit(".", 1)[-1] in choices))
+        return hit != negate
+
+    return test
+
+
+def _field(letter: DeadLetter, name: str) -> str | None:
+    if name == "error":
+        return letter.error_class
+    if name == "origin":
+        return letter.origin
+    return letter.key
+
+
+def _time(value: str, name: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"--where: {name} needs a date or ISO time such as "
+                         f"2026-01-02T15:04:05Z (got {value!r})") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)

@@ -1,0 +1,177 @@
+"""A Kafka consumer-group worker with retry topics and a dead-letter topic.
+
+A failed message is copied to ``<topic>.retry.<n>`` (``n`` = its failed attempts so far, capped
+at the number of retry topics) with a ``trueup-not-before`` header, and its offset is committed:
+the work partition moves on and a failing message never blocks it. The worker also consumes the
+retry topics; a retry that is not due yet pauses its partition (and seeks back) until it is.
+Once the policy gives up, the message goes to the dead-letter topic with headers naming the
+original topic, partition, offset and timestamp, the group, the attempts, the error and the
+first and last failure times.
+
+Offsets are committed only for messages whose handler succeeded or whose retry/dead-letter copy
+Kafka has confirmed (``acks=all``, idempotent producer): at least once, never lost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from trueup import headers
+from trueup.brokers import kafka
+from trueup.log import get_logger
+from trueup.retry import RetryPolicy
+from trueup.workers.runtime import Action, Delivery, Handler, settle
+
+log = get_logger(__name__)
+
+POLL_SECONDS = 0.2
+BATCH_MESSAGES = 100
+AUTO_COMMIT_INTERVAL_MS = 1000
+
+
+class KafkaWorker:
+    """Consume ``topic`` as ``group``, run ``handler``, retry and dead-letter per ``policy``."""
+
+    def __init__(self, *, properties: Mapping[str, Any], topic: str, group: str,
+                 handler: Handler, policy: RetryPolicy, dead_letter_topic: str,
+                 retry_topics: int | None = None, consumer_overrides: Mapping[str, Any] | None
+                 = None) -> None:
+        self.properties = dict(properties)
+        self.topic = topic
+        self.group = group
+        self.handler = handler
+        self.policy = policy
+        self.dead_letter_topic = dead_letter_topic
+        self.tiers = max(1, policy.retries if retry_topics is None else retry_topics)
+        self.consumer_overrides = dict(consumer_overrides or {})
+        self.what = f"worker {group} on {topic}"
+        self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
+
+    def retry_topic(self, failed_attempts: int) -> str:
+        return f"{self.topic}.retry.{min(max(1, failed_attempts), self.tiers)}"
+
+    @property
+    def retry_topics(self) -> list[str]:
+        return [f"{self.topic}.retry.{n}" for n in range(1, self.tiers + 1)]
+
+    def ensure_topics(self, partitions: int | None = None) -> None:
+        """Create the retry and dead-letter topics (as many partitions as the work topic)."""
+        admin = kafka.connect_admin(self.properties, what=self.what)
+        count = partitions or kafka.topic_partitions(admin, self.topic, what=self.what) or 1
+        kafka.create_topics(admin, [self.topic, *self.retry_topics, self.dead_letter_topic],
+                            partitions=count, what=self.what)
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; then commit what is done and leave the group."""
+        consumer = kafka.create_consumer(
+            self.properties, group=self.group, what=self.what,
+            **{"enable.auto.commit": True, "enable.auto.offset.store": False,
+               "auto.commit.interval.ms": AUTO_COMMIT_INTERVAL_MS,
+               "topic.metadata.refresh.interval.ms": 5000, **self.consumer_overrides})
+        producer = kafka.create_producer(self.properties, what=self.what)
+        consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
+                           on_revoke=self._on_revoke, on_lost=self._on_lost)
+        log.info("worker.started", broker="kafka", topic=self.topic, group=self.group)
+        try:
+            while not stop.is_set():
+                self._resume_due(consumer)
+                for message in consumer.consume(BATCH_MESSAGES, self._poll_timeout()):
+                    if stop.is_set():
+                        break
+                    self._one(consumer, producer, message)
+        finally:
+            producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
+            consumer.close()  # commits the stored offsets (auto commit), leaves the group
+            log.info("worker.stopped", broker="kafka", topic=self.topic, group=self.group)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _one(self, consumer: Consumer, producer: Any, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if kafka.is_transient(error):
+                log.debug("worker.kafka_error", error=error.str())
+                return
+            raise kafka.translate(KafkaException(error), self.what)
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None and partition is not None and offset is not None
+        if (topic, partition) in self._paused:
+            return  # fetched before the pause; the seek brings it back when due
+        text = headers.from_kafka(message.headers())
+        if topic != self.topic:
+            due_ms = int(text.get(headers.NOT_BEFORE) or 0)
+            wait = due_ms / 1000 - time.time()
+            if wait > 0:
+                self._pause(consumer, topic, partition, offset, wait)
+                return
+        failure = headers.Failure.read(text)
+        if topic == self.topic:
+            failure = replace(failure, origin=topic, origin_partition=partition,
+                              origin_offset=offset, origin_timestamp_ms=message.timestamp()[1],
+                              group=self.group)
+        delivery = Delivery(body=message.value(), key=message.key(), headers=text,
+                            source=self.topic, attempt=failure.attempts + 1,
+                            message_id=failure.message_id or f"{topic}:{partition}:{offset}")
+        settlement = settle(self.handler, delivery, self.policy, failure)
+        if settlement.action is not Action.ACK:
+            extra = {}
+            if settlement.action is Action.RETRY:
+                target = self.retry_topic(settlement.failure.attempts)
+                due = time.time() + settlement.delay_seconds
+                extra[headers.NOT_BEFORE] = str(int(due * 1000))
+            else:
+                target = self.dead_letter_topic
+            kafka.publish(producer, target, value=message.value(), key=message.key(),
+                          headers=headers.to_kafka(headers.merged(text, settlement.failure,
+                                                                  **extra)),
+                          what=f"{self.what}: {target}")
+        # Committed by the next auto commit, or on revoke/close: only now is the message done.
+        consumer.store_offsets(message=message)
+
+    def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
+               wait: float) -> None:
+        tp = TopicPartition(topic, partition, offset)
+        consumer.pause([tp])
+        consumer.seek(tp)
+        self._paused[(topic, partition)] = time.monotonic() + wait
+
+    def _resume_due(self, consumer: Consumer) -> None:
+        now = time.monotonic()
+        due = [key for key, at in self._paused.items() if at <= now]
+        if due:
+            consumer.resume([TopicPartition(t, p) for t, p in due])
+            for key in due:
+                del self._paused[key]
+
+    def _poll_timeout(self) -> float:
+        if not self._paused:
+            return POLL_SECONDS
+        return max(0.0, min(POLL_SECONDS, min(self._paused.values()) - time.monotonic()))
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._paused.pop((tp.topic, tp.partition), None)
+        log.info("worker.assigned", group=self.group,
+                 partitions=[f"{tp.topic}:{tp.partition}" for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Commit what is done before another member takes the partitions over.
+        try:
+            consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                log.warning("worker.commit_failed", group=self.group, error=str(exc))
+        for tp in partitions:
+            self._paused.pop((tp.topic, tp.partition), None)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: another member may own them already, so nothing is committed.
+        for tp in partitions:
+            self._paused.pop((tp.topic, tp.partition), None)
+        log.warning("worker.partitions_lost", group=self.group, count=len(partitions))

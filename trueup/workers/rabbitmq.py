@@ -1,0 +1,123 @@
+"""A RabbitMQ worker with per-attempt delay queues and a dead-letter queue.
+
+The worker consumes ``queue`` with a prefetch window and acks a message only after its handler
+succeeded, or after its retry or dead-letter copy was confirmed by the broker (publisher
+confirms). A retry waits in ``<queue>.retry.<n>`` (``n`` = failed attempts so far): a queue
+without consumers whose messages expire after the policy's delay (per-message ``expiration``)
+and are dead-lettered by RabbitMQ back to ``queue``. The attempt count travels in trueup's own
+header: RabbitMQ 4 ignores an ``x-death`` set by a client.
+
+When the connection drops (broker restart, network) the worker reconnects with growing pauses;
+unacked messages are delivered again, so a handler may see a message twice (at least once).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+
+from trueup import headers
+from trueup.brokers import rabbitmq
+from trueup.errors import ConnectionFailed
+from trueup.log import get_logger
+from trueup.retry import RetryPolicy
+from trueup.workers.runtime import Action, Delivery, Handler, Reconnect, settle
+
+log = get_logger(__name__)
+
+PREFETCH = 20
+IDLE_SECONDS = 0.25
+RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed,
+                                                     *rabbitmq.CONNECTION_ERRORS)
+
+
+class RabbitWorker:
+    """Consume ``queue``, run ``handler``, retry and dead-letter per ``policy``."""
+
+    def __init__(self, *, url: str, queue: str, handler: Handler, policy: RetryPolicy,
+                 dead_letter_queue: str, prefetch: int = PREFETCH, name: str | None = None,
+                 retry_queues: int | None = None) -> None:
+        self.url = url
+        self.queue = queue
+        self.handler = handler
+        self.policy = policy
+        self.dead_letter_queue = dead_letter_queue
+        self.prefetch = prefetch
+        self.name = name or f"trueup-worker-{queue}"
+        self.tiers = max(1, policy.retries if retry_queues is None else retry_queues)
+        self.what = f"worker {self.name} on {queue}"
+
+    def delay_queue(self, failed_attempts: int) -> str:
+        return f"{self.queue}.retry.{min(max(1, failed_attempts), self.tiers)}"
+
+    def declare(self, connection: pika.BlockingConnection) -> None:
+        """The work queue (unless it exists), the delay queues and the dead-letter queue."""
+        rabbitmq.ensure_queue(connection, self.queue)
+        rabbitmq.ensure_queue(connection, self.dead_letter_queue)
+        for n in range(1, self.tiers + 1):
+            # No x-message-ttl on the queue: the delay is each message's expiration, so a
+            # changed backoff never clashes with the declared arguments.
+            rabbitmq.ensure_queue(connection, self.delay_queue(n), {
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue})
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, reconnecting whenever the connection is lost."""
+        reconnect = Reconnect()
+        while not stop.is_set():
+            try:
+                self._session(stop, reconnect)
+            except RECONNECT_ERRORS as exc:
+                log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
+                            error=f"{type(exc).__name__}: {exc}",
+                            pause_seconds=reconnect.pause)
+                reconnect.wait(stop)
+        log.info("worker.stopped", broker="rabbitmq", queue=self.queue)
+
+    def _session(self, stop: threading.Event, reconnect: Reconnect) -> None:
+        connection = rabbitmq.connect_retrying(self.url, what=self.what)
+        try:
+            self.declare(connection)
+            channel = rabbitmq.confirmed_channel(connection, prefetch=self.prefetch)
+            log.info("worker.started", broker="rabbitmq", queue=self.queue, name=self.name)
+            reconnect.reset()
+            for method, properties, body in channel.consume(self.queue,
+                                                            inactivity_timeout=IDLE_SECONDS):
+                if stop.is_set():
+                    break
+                if method is None:
+                    continue
+                self._one(channel, method, properties, body)
+            channel.cancel()  # unacked prefetched messages go back to the queue
+        finally:
+            rabbitmq.close_quietly(connection)
+
+    def _one(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
+             body: bytes) -> None:
+        text = rabbitmq.text_headers(properties)
+        failure = headers.Failure.read(text)
+        message_id = properties.message_id or failure.message_id or uuid.uuid4().hex
+        delivery = Delivery(body=body, key=None, headers=text, source=self.queue,
+                            attempt=failure.attempts + 1, message_id=message_id)
+        settlement = settle(self.handler, delivery, self.policy, failure)
+        if settlement.action is not Action.ACK:
+            record = settlement.failure
+            record = replace(record, origin=self.queue, group=self.name)
+            table = {**rabbitmq.without_broker_deaths(
+                {k: v for k, v in (properties.headers or {}).items()
+                 if not k.startswith(headers.PREFIX)}), **record.write()}
+            if settlement.action is Action.RETRY:
+                target = self.delay_queue(record.attempts)
+                expiration = str(max(0, int(settlement.delay_seconds * 1000)))
+            else:
+                target, expiration = self.dead_letter_queue, None
+            rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
+                             properties=rabbitmq.republished_properties(
+                                 properties, headers=table, expiration=expiration),
+                             what=f"{self.what}: {target}")
+        # Only now, with the handler done or its copy confirmed, does the message leave.
+        channel.basic_ack(method.delivery_tag)

@@ -1,0 +1,107 @@
+"""What both worker runtimes share: the delivery a handler sees, and the one place that decides
+what happens to a message after its handler ran (ack, retry or dead-letter)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from types import FrameType
+
+from trueup.headers import Failure, now
+from trueup.log import get_logger
+from trueup.retry import RetryDecision, RetryPolicy
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delivery:
+    """One message as a handler sees it."""
+
+    body: bytes | None
+    key: bytes | None
+    headers: Mapping[str, str]
+    source: str          # the work topic or queue (not a retry topic or delay queue)
+    attempt: int         # 1 for the first attempt; counts across retries and replays
+    message_id: str
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Action(StrEnum):
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settlement:
+    """The decision for one delivery, and the failure record to send along with it."""
+
+    action: Action
+    failure: Failure
+    decision: RetryDecision | None = None
+
+    @property
+    def delay_seconds(self) -> float:
+        return self.decision.delay_seconds if self.decision else 0.0
+
+
+def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: Failure, *,
+           at: dt.datetime | None = None) -> Settlement:
+    """Run ``handler`` on ``delivery`` and decide: ack, retry after a delay, or dead-letter.
+
+    Only ``Exception`` counts as a handler failure: ``KeyboardInterrupt``/``SystemExit`` go
+    through and leave the message unacknowledged, to be delivered again.
+    """
+    try:
+        handler(delivery)
+    except Exception as exc:
+        decision = policy.decide(delivery.attempt, exc)
+        failed = failure.failed(exc, attempt=delivery.attempt, at=at or now())
+        failed = replace(failed, message_id=delivery.message_id)
+        action = Action.RETRY if decision.retry else Action.DEAD_LETTER
+        log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
+                 attempt=delivery.attempt, error=failed.error_class, action=action.value,
+                 delay_seconds=round(decision.delay_seconds, 3))
+        return Settlement(action=action, failure=failed, decision=decision)
+    return Settlement(action=Action.ACK, failure=failure)
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """Make SIGTERM and SIGINT set ``stop``: the worker finishes the message in hand, commits
+    or acks it, and returns. Only possible from the main thread."""
+    def handle(signum: int, frame: FrameType | None) -> None:
+        log.info("worker.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+class Reconnect:
+    """Growing pauses between reconnection attempts (0.2 s doubling to 5 s)."""
+
+    FIRST_SECONDS = 0.2
+    MAX_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self.pause = self.FIRST_SECONDS
+
+    def wait(self, stop: threading.Event) -> None:
+        stop.wait(self.pause)
+        self.pause = min(self.MAX_SECONDS, self.pause * 2)
+
+    def reset(self) -> None:
+        self.pause = self.FIRST_SECONDS
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)
