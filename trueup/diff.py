@@ -164,6 +164,7 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
         for item in unreadable:
             writer.write([item])
             on_difference(item)
+        writer.flush()
     counts = {c.value: n for c, n in writer.counts.items()}
     summary = RunSummary(reconciliation=name, run_id=run_id,
                          partition=day.isoformat() if day else None, source_rows=source_rows,

@@ -1,9 +1,9 @@
 """Segment checksums: the one pass over each side that finds where the differences are.
 
-Keys are cut into segments by boundaries sampled from the source's key (``width_bucket`` over a
-sorted array, so both sides assign every key to the same segment whatever their physical
-order). Each side returns ``(segment, rows, xor of row hashes)`` in one scan; only segments
-whose checksums differ are read row by row. Segments are small (about
+Keys are cut into segments by boundaries sampled row by row from the source's key
+(``width_bucket`` over a sorted array, so both sides assign every key to the same segment
+whatever their physical order). Each side returns ``(segment, rows, xor of row hashes)``
+in one scan; only segments whose checksums differ are read row by row. Segments are small (about
 :data:`SEGMENT_ROWS` rows), so rare drift reads few rows, and drift in every segment costs one
 plain read of each table, never more.
 """
@@ -26,6 +26,8 @@ SEGMENT_ROWS = 64
 MAX_SEGMENTS = 250_000
 #: Sample this many keys per segment boundary, so segments come out about even.
 SAMPLE_PER_SEGMENT = 4
+#: work_mem for the checksum pass's hash aggregate (a cap, not an allocation).
+CHECKSUM_WORK_MEM = "256MB"
 #: Read differing segments in batches of about this many rows per side.
 FETCH_BATCH_ROWS = 50_000
 
@@ -73,8 +75,10 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
         kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass",
                             (side.relation.as_string(conn),)).fetchone()
         if kind is not None and kind["relkind"] in ("r", "m", "p"):
-            # page sampling: reads a few percent of the table, not all of it
-            sample = sql.SQL("TABLESAMPLE SYSTEM ({})").format(sql.Literal(percent))
+            # Row sampling. Page sampling (SYSTEM) reads less but returns runs of neighbouring
+            # keys, so boundaries bunch up inside sampled pages and the gaps between them
+            # become huge segments: on 5M rows, 3,000 differing segments held 4.2M rows.
+            sample = sql.SQL("TABLESAMPLE BERNOULLI ({})").format(sql.Literal(percent))
         else:  # a view cannot be page-sampled; thin its rows out instead
             where_sampled = sql.SQL("({}) AND random() < {}").format(
                 where, sql.Literal(percent / 100))
@@ -93,7 +97,12 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
         "bit_xor({row_hash}) AS h FROM {rel} WHERE {where} GROUP BY 1"
     ).format(first=side.first_key, atype=segmentation.array_type, row_hash=side.row_hash,
              rel=side.relation, where=where)
-    with conn.cursor() as cur:
+    with conn.transaction(), conn.cursor() as cur:
+        # The planner cannot see that there are few segments, guesses one per row and sorts
+        # the whole table to group it; a hash aggregate (a few MB per 100k segments) does
+        # the same work in one pass. Measured on 5M rows: 5.5 s sorted, 4.5 s hashed.
+        cur.execute("SET LOCAL enable_sort = off")
+        cur.execute(f"SET LOCAL work_mem = '{CHECKSUM_WORK_MEM}'")
         cur.execute(query, {"bounds": segmentation.bounds})
         return {int(r["seg"]): (int(r["n"]), int(r["h"])) for r in cur}
 
