@@ -14,6 +14,7 @@ import dagster as dg
 from assets.dead_letters import dead_letter_definitions
 from assets.differences import reconciliation_definitions
 from assets.external import external_assets
+from assets.repairs import repair_definitions
 from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "trueup.yaml"
@@ -28,11 +29,12 @@ def _config_path() -> str:
 config = load_config(_config_path())
 reconciliations = reconciliation_definitions(config)
 dead_letters = dead_letter_definitions(config)
+repairs = repair_definitions(config)
 
 defs = dg.Definitions(
     assets=[*external_assets(config), *(r.asset for r in reconciliations),
-            *dead_letters.assets],
-    jobs=[*(r.job for r in reconciliations), *dead_letters.jobs],
+            *dead_letters.assets, *repairs.assets],
+    jobs=[*(r.job for r in reconciliations), *dead_letters.jobs, *repairs.jobs],
     schedules=[s for r in reconciliations for s in r.schedules],
-    sensors=[*dead_letters.sensors],
+    sensors=[*dead_letters.sensors, *repairs.sensors],
 )

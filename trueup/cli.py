@@ -214,11 +214,11 @@ def _not_yet(issue: int) -> Callable[[Config, argparse.Namespace], int]:
 COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "diff": cmd_diff,
-    "backfill": _not_yet(4),
+    "backfill": "trueup.backfill:cmd_backfill",
     "dlq": "trueup.dlq:cmd_dlq",
     "replay": "trueup.replay:cmd_replay",
     "status": cmd_status,
-    "lineage": _not_yet(4),
+    "lineage": "trueup.lineage:cmd_lineage",
 }
 
 

@@ -1,0 +1,210 @@
+"""Repairs in Dagster: a repairs asset per reconciliation (downstream of its differences), the
+backfill job that materializes it, and an auto-repair sensor with a circuit breaker.
+
+Materializing ``trueup/<name>/repairs`` runs a backfill (:mod:`trueup.backfill`) with the
+launchpad's config (scope, run_id, partition, dry_run, chunk_size, rate, workers); on a
+partitioned reconciliation, materializing a partition backfills that day. Progress (chunks
+done of total, rows per second) is logged while it runs; the result and a sample of the
+row-level lineage become the materialization's metadata.
+
+The sensor watches the differences asset: when a run finds between 1 and
+``auto_repair.max_differences`` repairable differences it launches a backfill of that run;
+above that it only reports (large drift needs a person to look).
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+from dagster import AssetExecutionContext, EventLogEntry, SensorEvaluationContext
+from pydantic import Field
+
+from assets.differences import differences_key, partitions_of
+from trueup.backfill import BackfillOptions, BackfillSummary, WorkerOptions, start_backfill
+from trueup.backfill.model import DEFAULT_CHUNK_ROWS
+from trueup.config import Config, RepairMode
+from trueup.db import connect
+from trueup.errors import TrueupError
+from trueup.queries import query
+from trueup.statuses import BackfillScope, BackfillStatus, DifferenceClass
+
+#: Classes a backfill can fix; ahead and unreadable need a person, in_flight heals itself.
+REPAIRABLE = (DifferenceClass.MISSING, DifferenceClass.ORPHAN, DifferenceClass.STALE,
+              DifferenceClass.MISMATCH)
+#: Repairs rows shown in the materialization's lineage sample.
+LINEAGE_SAMPLE_ROWS = 20
+SCOPES = ("auto", "run", "partition", "all")
+
+
+def repairs_key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["trueup", name, "repairs"])
+
+
+def repairs_op_name(name: str) -> str:
+    """The op behind the repairs asset: where the launchpad's config goes."""
+    return "__".join(repairs_key(name).path)
+
+
+class BackfillRunConfig(dg.Config):
+    """The launchpad form of a backfill job."""
+
+    scope: str = Field(
+        default="auto",
+        description="auto (the partition being materialized, else run_id if given, else all), "
+                    "run, partition or all")
+    run_id: int | None = None
+    partition: str | None = None
+    dry_run: bool = False
+    chunk_size: int = DEFAULT_CHUNK_ROWS
+    rate: float | None = None
+    workers: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RepairDefinitions:
+    assets: list[dg.AssetsDefinition]
+    jobs: list[Any]            # what dg.define_asset_job returns
+    sensors: list[dg.SensorDefinition]
+
+
+def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOptions:
+    scope = config.scope
+    if scope not in SCOPES:
+        raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
+    partition = config.partition or partition_key
+    if scope == "auto":
+        scope = "partition" if partition else "run" if config.run_id else "all"
+    if scope == "run" and config.run_id is None:
+        raise dg.Failure("scope run needs run_id")
+    if scope == "partition" and not partition:
+        raise dg.Failure("scope partition needs a partition (or a partitioned run)")
+    return BackfillOptions(scope=BackfillScope(scope), run_id=config.run_id,
+                           partition=partition if scope == "partition" else None,
+                           dry_run=config.dry_run, chunk_size=config.chunk_size,
+                           rate=config.rate, workers=config.workers)
+
+
+def lineage_sample(state_dsn: str, backfill_id: int) -> str:
+    """A markdown table of the backfill's first repairs rows."""
+    with connect(state_dsn, what="state", autocommit=True) as conn:
+        rows = conn.execute(query("lineage_sample"), {"backfill_id": backfill_id,
+                                                      "limit": LINEAGE_SAMPLE_ROWS}).fetchall()
+    lines = ["| key | run | chunk | action | fingerprint before | fingerprint after |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {json.dumps(r['key'])} | {r['run_id'] or ''} | {r['chunk']} | {r['action']} "
+              f"| {r['fingerprint_before'] or ''} | {r['fingerprint_after'] or ''} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def summary_metadata(summary: BackfillSummary) -> dict[str, Any]:
+    return {
+        "backfill_id": summary.backfill_id, "status": summary.status.value,
+        "chunks": summary.chunks, "chunks_done": summary.chunks_done,
+        "rows_planned": summary.rows_planned, "rows_repaired": summary.rows_repaired,
+        "rows_skipped": summary.rows_skipped, "seconds": summary.seconds,
+        "rows_per_second": round(summary.rows_planned / summary.seconds, 1)
+        if summary.seconds else 0.0,
+        "dry_run": summary.dry_run,
+    }
+
+
+def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
+    rec = trueup_config.reconciliations[name]
+    partitions = partitions_of(rec)
+
+    @dg.asset(
+        key=repairs_key(name), deps=[differences_key(name)], partitions_def=partitions,
+        group_name="reconciliations", kinds={"trueup"},
+        description=f"Backfills repairing {rec.target.topic or rec.target.table} from "
+                    f"{rec.source.table} by {rec.repair.value} (reconciliation {name}).",
+        metadata={"reconciliation": name, "repair": rec.repair.value},
+    )
+    def _repairs(context: AssetExecutionContext,
+                 config: BackfillRunConfig) -> dg.MaterializeResult:  # type: ignore[type-arg]
+        partition_key = context.partition_key if partitions is not None else None
+        options = _options(config, partition_key)
+
+        def progress(done: int, total: int, repaired: int, rows_per_second: float) -> None:
+            context.log.info(f"backfill {name}: {done}/{total} chunks, {repaired} rows "
+                             f"repaired, {rows_per_second:.0f} rows/s")
+
+        try:
+            summary = start_backfill(trueup_config, name, options,
+                                     WorkerOptions(workers=options.workers), progress)
+        except TrueupError as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        metadata = summary_metadata(summary)
+        if not summary.dry_run:
+            metadata["lineage_sample"] = dg.MetadataValue.md(
+                lineage_sample(trueup_config.state, summary.backfill_id))
+        if summary.status is not BackfillStatus.SUCCEEDED:
+            raise dg.Failure(description=f"backfill {summary.backfill_id} of {name} "
+                                         f"{summary.status.value}: {summary.error or ''}",
+                             metadata=metadata)
+        context.log.info(f"backfill {summary.backfill_id}: {summary.rows_repaired} repaired, "
+                         f"{summary.rows_skipped} skipped (newer in the target)")
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _repairs
+
+
+def auto_repair_decision(name: str, metadata: dict[str, Any], max_differences: int,
+                         partition: str | None) -> dg.RunRequest | dg.SkipReason:
+    """Launch a backfill of the run, or skip (nothing to do, or the circuit breaker opened)."""
+    run_id = metadata.get("run_id")
+    count = sum(int(metadata.get(c.value, 0)) for c in REPAIRABLE)
+    if run_id is None:
+        return dg.SkipReason("the materialization has no run_id")
+    if count == 0:
+        return dg.SkipReason(f"run {run_id} of {name} found nothing to repair")
+    if count > max_differences:
+        return dg.SkipReason(
+            f"circuit breaker: run {run_id} of {name} found {count} differences, more than "
+            f"auto_repair.max_differences ({max_differences}); not repairing automatically")
+    return dg.RunRequest(
+        run_key=f"auto-repair-{name}-run-{run_id}", partition_key=partition,
+        run_config={"ops": {repairs_op_name(name): {"config": {"scope": "run",
+                                                               "run_id": int(run_id)}}}},
+        tags={"trueup/reconciliation": name, "trueup/run_id": str(run_id)})
+
+
+def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
+    rec = config.reconciliations[name]
+    assert rec.auto_repair is not None
+    limit = rec.auto_repair.max_differences
+
+    @dg.asset_sensor(asset_key=differences_key(name), job=job, name=f"auto_repair_{name}",
+                     description=f"Backfill {name} after a run finds 1 to {limit} "
+                                 f"differences; above that only report.")
+    def _auto_repair(context: SensorEvaluationContext,
+                     asset_event: EventLogEntry) -> dg.RunRequest | dg.SkipReason:
+        materialization = asset_event.asset_materialization
+        if materialization is None:
+            return dg.SkipReason("not a materialization")
+        metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+        decision = auto_repair_decision(name, metadata, limit, materialization.partition)
+        if isinstance(decision, dg.SkipReason):
+            context.log.info(decision.skip_message or "")
+        return decision
+
+    return _auto_repair
+
+
+def repair_definitions(config: Config) -> RepairDefinitions:
+    """A repairs asset and backfill job per repairable reconciliation; sensors where
+    ``auto_repair`` is set."""
+    assets, jobs, sensors = [], [], []
+    for name, rec in config.reconciliations.items():
+        if rec.repair is RepairMode.NONE:
+            continue
+        asset = _repairs_asset(config, name)
+        job = dg.define_asset_job(f"backfill_{name}",
+                                  selection=dg.AssetSelection.assets(repairs_key(name)),
+                                  description=f"Backfill {name}: repair its target.")
+        assets.append(asset)
+        jobs.append(job)
+        if rec.auto_repair is not None:
+            sensors.append(_sensor(config, name, job))
+    return RepairDefinitions(assets=assets, jobs=jobs, sensors=sensors)

@@ -1,0 +1,221 @@
+"""Backfill speed: repair 1,000,000 rows by upsert and by republish, next to their floors.
+
+Floors, measured in the same run on the same data:
+
+* upsert floor: a plain ``COPY`` of the source rows into the (emptied) target table, piped
+  from ``COPY ... TO STDOUT`` on the source server, no comparison and no bookkeeping;
+* republish floor: the same JSON messages read from the source in one query and produced
+  with confluent-kafka (idempotent, ``acks=all``), one flush at the end, no bookkeeping.
+
+trueup's runs do everything a real backfill does: plan chunks on the key index, lease and
+heartbeat each chunk, compare with the target, write under the version guard, record one
+repairs row per key, complete the chunk. Target: at least 50% of each floor's rows per second.
+
+    .venv/bin/python benchmarks/backfill.py [--rows 1000000] [--chunk-size 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill  # noqa: E402
+from trueup.config import load_config  # noqa: E402
+from trueup.statuses import BackfillScope  # noqa: E402
+
+PG = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+KAFKA = os.environ.get("BENCH_KAFKA", "127.0.0.1:9092")
+SOURCE_DB, TARGET_DB, STATE_DB = "bench_backfill_source", "bench_backfill_target", \
+    "bench_backfill_state"
+DDL = ("CREATE TABLE {} (id bigint PRIMARY KEY, version bigint NOT NULL, status text, "
+       "amount numeric(12,2), qty integer, note text)")
+
+
+def dsn(db: str) -> str:
+    return f"{PG}/{db}"
+
+
+def recreate(db: str) -> None:
+    with psycopg.connect(dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(db)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+
+
+def prepare(rows: int) -> None:
+    recreate(SOURCE_DB)
+    recreate(TARGET_DB)
+    with psycopg.connect(dsn(SOURCE_DB), autocommit=True) as conn:
+        conn.execute(sql.SQL(DDL).format(sql.Identifier("items")))
+        conn.execute("INSERT INTO items SELECT g, 1 + g %% 7, 's' || (g %% 11), "
+                     "(g %% 10000) / 100.0, g %% 97, md5(g::text) "
+                     "FROM generate_series(1, %s) g", (rows,))
+        conn.execute("VACUUM ANALYZE items")
+    with psycopg.connect(dsn(TARGET_DB), autocommit=True) as conn:
+        conn.execute(sql.SQL(DDL).format(sql.Identifier("items")))
+
+
+def empty_target() -> None:
+    with psycopg.connect(dsn(TARGET_DB), autocommit=True) as conn:
+        conn.execute("TRUNCATE items")
+        conn.execute("CHECKPOINT")
+
+
+def floor_copy() -> float:
+    started = time.perf_counter()
+    with psycopg.connect(dsn(SOURCE_DB)) as src, psycopg.connect(dsn(TARGET_DB)) as dst:
+        with src.cursor() as s, dst.cursor() as d, \
+                s.copy("COPY (SELECT * FROM items) TO STDOUT") as out, \
+                d.copy("COPY items FROM STDIN") as into:
+            for block in out:
+                into.write(block)
+        dst.commit()
+    return time.perf_counter() - started
+
+
+def new_topic() -> str:
+    name = f"bench.backfill.{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    for future in admin.create_topics([NewTopic(name, num_partitions=3,
+                                                replication_factor=1)]).values():
+        future.result()
+    return name
+
+
+def drop_topic(name: str) -> None:
+    admin = AdminClient({"bootstrap.servers": KAFKA})
+    for future in admin.delete_topics([name]).values():
+        future.result()
+
+
+def floor_produce(topic: str) -> float:
+    started = time.perf_counter()
+    producer = Producer({"bootstrap.servers": KAFKA, "acks": "all", "enable.idempotence": True,
+                         "linger.ms": 5})
+    failed: list[Any] = []
+
+    def report(error: Any, message: Any) -> None:
+        if error is not None:
+            failed.append(error)
+
+    with psycopg.connect(dsn(SOURCE_DB)) as conn, conn.cursor(name="floor") as cur:
+        cur.itersize = 10_000
+        cur.execute("SELECT id::text, json_build_object('id', id, 'version', version, "
+                    "'status', status, 'amount', amount, 'qty', qty, 'note', note)::text "
+                    "FROM items ORDER BY id")
+        for key, value in cur:
+            while True:
+                try:
+                    producer.produce(topic, key=key.encode(), value=value.encode(),
+                                     on_delivery=report)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            producer.poll(0)
+    assert producer.flush(120) == 0 and not failed
+    return time.perf_counter() - started
+
+
+def config_file(directory: str, topic: str | None) -> Path:
+    target: dict[str, Any]
+    if topic:
+        target = {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
+                  "version": "version", "columns": ["status", "amount", "qty", "note"]}
+    else:
+        target = {"connection": "target", "table": "public.items", "key": ["id"],
+                  "version": "version", "columns": ["status", "amount", "qty", "note"]}
+    raw = {"state": dsn(STATE_DB),
+           "connections": {"source": {"postgres": dsn(SOURCE_DB)},
+                           "target": {"postgres": dsn(TARGET_DB)},
+                           "bus": {"kafka": {"bootstrap.servers": KAFKA}}},
+           "reconciliations": {"items": {
+               "source": {"connection": "source", "table": "public.items", "key": ["id"],
+                          "version": "version", "columns": ["status", "amount", "qty", "note"]},
+               "target": target, "repair": "republish" if topic else "upsert"}}}
+    path = Path(directory) / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def trueup_backfill(path: Path, chunk_size: int, workers: int) -> tuple[float, int]:
+    recreate(STATE_DB)
+    config = load_config(path)
+    started = time.perf_counter()
+    summary = start_backfill(config, "items", BackfillOptions(
+        scope=BackfillScope.ALL, chunk_size=chunk_size, workers=workers),
+        WorkerOptions(workers=workers))
+    seconds = time.perf_counter() - started
+    assert summary.status.value == "succeeded", summary
+    return seconds, summary.rows_repaired
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--chunk-size", type=int, default=10_000)
+    args = parser.parse_args()
+    rows = args.rows
+    print(f"preparing {rows:,} source rows ...", file=sys.stderr)
+    prepare(rows)
+    results: list[tuple[str, float, int, float | None]] = []
+
+    empty_target()
+    floor = floor_copy()
+    results.append(("upsert floor: COPY source -> target", floor, rows, None))
+    for workers in (1, 2):
+        empty_target()
+        with tempfile.TemporaryDirectory() as tmp:
+            seconds, repaired = trueup_backfill(config_file(tmp, None), args.chunk_size, workers)
+        assert repaired == rows, repaired
+        results.append((f"trueup backfill --all, upsert, {workers} worker(s)", seconds, repaired,
+                        floor))
+
+    topic = new_topic()
+    try:
+        floor = floor_produce(topic)
+    finally:
+        drop_topic(topic)
+    results.append(("republish floor: produce (acks=all)", floor, rows, None))
+    for workers in (1, 2):
+        topic = new_topic()
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                seconds, repaired = trueup_backfill(config_file(tmp, topic), args.chunk_size,
+                                                    workers)
+        finally:
+            drop_topic(topic)
+        assert repaired == rows, repaired
+        results.append((f"trueup backfill --all, republish, {workers} worker(s)", seconds,
+                        repaired, floor))
+
+    header = f"| {'what':<48} | {'rows':>9} | {'seconds':>7} | {'rows/s':>9} | {'of floor':>8} |"
+    print(f"{rows:,} rows, chunk size {args.chunk_size:,}, {os.cpu_count()} cores")
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for what, seconds, n, floor_seconds in results:
+        share = f"{floor_seconds / seconds:.0%}" if floor_seconds else "-"
+        print(f"| {what:<48} | {n:>9,} | {seconds:>7.2f} | {n / seconds:>9,.0f} | {share:>8} |")
+    print(json.dumps({"rows": rows, "results": [
+        {"what": w, "seconds": round(s, 3), "rows": n} for w, s, n, _ in results]}),
+        file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

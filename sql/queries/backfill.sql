@@ -1,0 +1,173 @@
+-- Backfills, their chunks and repairs (trueup/backfill/). Every transition is guarded by the
+-- status it expects; the caller raises when no row comes back.
+
+-- name: active_backfill
+SELECT backfill_id, status, created_at
+FROM trueup.backfills
+WHERE reconciliation = %(reconciliation)s AND status IN ('planning', 'running');
+
+-- name: insert_backfill
+INSERT INTO trueup.backfills (reconciliation, scope, run_id, partition, status, dry_run,
+                              chunk_size, rate)
+VALUES (%(reconciliation)s, %(scope)s, %(run_id)s, %(partition)s, 'planning', %(dry_run)s,
+        %(chunk_size)s, %(rate)s)
+RETURNING backfill_id;
+
+-- name: plan_run_chunks
+-- Batches of a run's repairable differences, in the order the run found them.
+INSERT INTO trueup.chunks (backfill_id, chunk, keys, rows_planned)
+SELECT %(backfill_id)s, (n - 1) / %(chunk_size)s, jsonb_agg(key ORDER BY n), count(*)
+FROM (SELECT key, row_number() OVER (ORDER BY seq) AS n
+      FROM trueup.differences
+      WHERE run_id = %(run_id)s AND class IN ('missing', 'orphan', 'stale', 'ahead', 'mismatch')
+     ) AS d
+GROUP BY (n - 1) / %(chunk_size)s;
+
+-- name: insert_range_chunk
+INSERT INTO trueup.chunks (backfill_id, chunk, key_from, key_to, rows_planned)
+VALUES (%(backfill_id)s, %(chunk)s, %(key_from)s, %(key_to)s, %(rows_planned)s);
+
+-- name: start_backfill
+UPDATE trueup.backfills
+SET status = 'running', started_at = now(),
+    rows_planned = (SELECT coalesce(sum(rows_planned), 0) FROM trueup.chunks
+                    WHERE backfill_id = %(backfill_id)s)
+WHERE backfill_id = %(backfill_id)s AND status = 'planning'
+RETURNING backfill_id;
+
+-- name: get_backfill
+SELECT b.*,
+       (SELECT count(*) FROM trueup.chunks c WHERE c.backfill_id = b.backfill_id) AS chunks,
+       (SELECT count(*) FROM trueup.chunks c
+        WHERE c.backfill_id = b.backfill_id AND c.status = 'done') AS chunks_done
+FROM trueup.backfills AS b
+WHERE b.backfill_id = %(backfill_id)s;
+
+-- name: claim_chunk
+-- A pending chunk that is due, or a running one whose worker stopped renewing its lease.
+UPDATE trueup.chunks AS c
+SET status = 'running', attempts = c.attempts + 1, lease_owner = %(owner)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE (c.backfill_id, c.chunk) = (
+    SELECT backfill_id, chunk FROM trueup.chunks
+    WHERE backfill_id = %(backfill_id)s
+      AND ((status = 'pending' AND next_attempt_at <= now())
+           OR (status = 'running' AND lease_expires_at < now()))
+    ORDER BY next_attempt_at, chunk
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED)
+RETURNING c.backfill_id, c.chunk, c.key_from, c.key_to, c.keys, c.rows_planned, c.attempts;
+
+-- name: renew_lease
+UPDATE trueup.chunks
+SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s AND status = 'running'
+  AND lease_owner = %(owner)s
+RETURNING chunk;
+
+-- name: complete_chunk
+-- Counts come from the chunk's repairs rows, so a retried chunk never counts a key twice.
+WITH counted AS (
+    SELECT count(*) FILTER (WHERE action <> 'skipped') AS repaired,
+           count(*) FILTER (WHERE action = 'skipped') AS skipped
+    FROM trueup.repairs
+    WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s
+), done AS (
+    UPDATE trueup.chunks AS c
+    SET status = 'done', finished_at = now(), lease_expires_at = NULL,  -- owner kept: who did it
+        error = NULL,
+        rows_repaired = CASE WHEN %(dry_run)s THEN %(repaired)s ELSE counted.repaired END,
+        rows_skipped = CASE WHEN %(dry_run)s THEN %(skipped)s ELSE counted.skipped END
+    FROM counted
+    WHERE c.backfill_id = %(backfill_id)s AND c.chunk = %(chunk)s AND c.status = 'running'
+      AND c.lease_owner = %(owner)s
+    RETURNING c.rows_repaired, c.rows_skipped
+)
+UPDATE trueup.backfills AS b
+SET rows_repaired = b.rows_repaired + done.rows_repaired,
+    rows_skipped = b.rows_skipped + done.rows_skipped
+FROM done
+WHERE b.backfill_id = %(backfill_id)s
+RETURNING done.rows_repaired, done.rows_skipped;
+
+-- name: retry_chunk
+UPDATE trueup.chunks
+SET status = 'pending', next_attempt_at = now() + make_interval(secs => %(delay_seconds)s),
+    lease_owner = NULL, lease_expires_at = NULL, error = %(error)s
+WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s AND status = 'running'
+  AND lease_owner = %(owner)s
+RETURNING chunk;
+
+-- name: fail_chunk
+UPDATE trueup.chunks
+SET status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+    error = %(error)s
+WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s AND status = 'running'
+  AND lease_owner = %(owner)s
+RETURNING chunk;
+
+-- name: chunk_progress
+SELECT count(*) AS chunks,
+       count(*) FILTER (WHERE status = 'done') AS done,
+       count(*) FILTER (WHERE status IN ('pending', 'running')) AS open,
+       (SELECT chunk::text || ': ' || coalesce(error, 'failed') FROM trueup.chunks
+        WHERE backfill_id = %(backfill_id)s AND status = 'failed'
+        ORDER BY chunk LIMIT 1) AS failure
+FROM trueup.chunks
+WHERE backfill_id = %(backfill_id)s;
+
+-- name: finish_backfill
+UPDATE trueup.backfills
+SET status = %(status)s, finished_at = now(), error = %(error)s
+WHERE backfill_id = %(backfill_id)s AND status = 'running'
+RETURNING backfill_id;
+
+-- name: cancel_backfill
+WITH cancelled AS (
+    UPDATE trueup.backfills
+    SET status = 'cancelled', finished_at = now()
+    WHERE backfill_id = %(backfill_id)s AND status IN ('planning', 'running')
+    RETURNING backfill_id
+)
+-- Pending chunks stop here; a running chunk finishes (or is reclaimed by a resume).
+UPDATE trueup.chunks AS c
+SET status = 'cancelled'
+FROM cancelled
+WHERE c.backfill_id = cancelled.backfill_id AND c.status = 'pending'
+RETURNING c.chunk;
+
+-- name: reopen_backfill
+UPDATE trueup.backfills
+SET status = 'running', finished_at = NULL, error = NULL
+WHERE backfill_id = %(backfill_id)s AND status IN ('failed', 'cancelled')
+RETURNING backfill_id;
+
+-- name: reopen_chunks
+UPDATE trueup.chunks
+SET status = 'pending', attempts = 0, next_attempt_at = now(), error = NULL
+WHERE backfill_id = %(backfill_id)s AND status IN ('failed', 'cancelled');
+
+-- name: stage_repairs
+CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (
+    key jsonb NOT NULL, action text NOT NULL, fingerprint_before bigint,
+    fingerprint_after bigint
+) ON COMMIT DELETE ROWS;
+
+-- name: record_repairs
+-- Idempotent: a retried chunk finds its earlier rows and corrects them instead of adding more.
+INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
+                            fingerprint_before, fingerprint_after)
+SELECT %(reconciliation)s, s.key,
+       coalesce(%(run_id)s, (SELECT max(d.run_id) FROM trueup.differences AS d
+                             WHERE d.reconciliation = %(reconciliation)s AND d.key = s.key)),
+       %(backfill_id)s, %(chunk)s, s.action, s.fingerprint_before, s.fingerprint_after
+FROM trueup_repairs_stage AS s
+ON CONFLICT (backfill_id, key) DO UPDATE
+SET action = excluded.action, fingerprint_after = excluded.fingerprint_after, at = now();
+
+-- name: lineage_sample
+SELECT key, run_id, chunk, action, fingerprint_before, fingerprint_after, at
+FROM trueup.repairs
+WHERE backfill_id = %(backfill_id)s
+ORDER BY repair_id
+LIMIT %(limit)s;

@@ -1,0 +1,141 @@
+"""``trueup backfill`` by republishing to a Kafka topic, and ``trueup lineage`` of its keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from trueup.backfill import BackfillOptions, start_backfill
+from trueup.cli import main
+from trueup.config import Config, load_config
+from trueup.diff import diff
+from trueup.statuses import BackfillScope, BackfillStatus
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str, unique: Callable[[str], str]) -> Iterator[str]:
+    name = unique("orders")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1,
+                                                config={"cleanup.policy": "compact"})]).values():
+        future.result()
+    yield name
+    for future in admin.delete_topics([name]).values():
+        future.result()
+
+
+def _produce(bootstrap: str, topic: str, messages: list[tuple[str, Any]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for key, value in messages:
+        producer.produce(topic, key=key, value=None if value is None else json.dumps(value))
+    assert producer.flush(30) == 0
+
+
+def _high_watermarks(bootstrap: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "trueup-test-peek"})
+    try:
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in range(3))
+    finally:
+        consumer.close()
+
+
+def _setup(new_db: Callable[[], str], state_db: str, tmp_path: Path, bootstrap: str,
+           topic: str) -> Config:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, version bigint, status text, "
+                     "amount numeric(12,2), placed_at timestamptz, updated_at timestamptz "
+                     "DEFAULT '2026-01-01T00:00Z')")
+        conn.execute("INSERT INTO orders (id, version, status, amount, placed_at) "
+                     "SELECT g, 2, 'paid', g * 1.10, '2026-01-01T10:00Z'::timestamptz "
+                     "+ g * interval '1 second' FROM generate_series(1, 200) g")
+        rows = conn.execute("SELECT id, version, status, amount::text, "
+                            "to_json(placed_at)#>>'{}' FROM orders ORDER BY id").fetchall()
+    messages: list[tuple[str, Any]] = []
+    for id_, version, status, amount, placed in rows:
+        value = {"id": id_, "v": version, "state": status, "total": float(amount), "at": placed}
+        if id_ in (3, 4):
+            continue                                   # missing
+        if id_ == 5:
+            value["v"] = 1                             # stale
+        if id_ == 6:
+            value["v"], value["state"] = 3, "refunded"  # ahead
+        if id_ == 7:
+            value["total"] = -1                        # mismatch
+        messages.append((str(id_), value))
+    messages.append(("999", {"id": 999, "v": 1, "state": "ghost", "total": 0, "at": None}))
+    _produce(bootstrap, topic, messages)
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": bootstrap}}},
+           "reconciliations": {"events": {
+               "source": {"connection": "shop", "table": "orders", "key": ["id"],
+                          "version": "version", "updated_at": "updated_at",
+                          "columns": ["status", "amount", "placed_at"]},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
+                          "version": "v",
+                          "columns": {"status": "state", "amount": "total", "placed_at": "at"}},
+               "repair": "republish"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(tmp_path / "trueup.yaml")
+
+
+def test_republish_of_a_run_fixes_the_topic_and_lineage_shows_each_key_history(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    run = diff(config, "events")
+    assert (run.missing, run.stale, run.ahead, run.mismatch, run.orphan) == (2, 1, 1, 1, 1), run
+
+    dry = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                           run_id=run.run_id, dry_run=True))
+    assert (dry.rows_repaired, dry.rows_skipped) == (5, 1)
+    marks = _high_watermarks(kafka_bootstrap, topic)
+
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id, chunk_size=2))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_planned, summary.rows_repaired, summary.rows_skipped) == (6, 5, 1)
+    assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
+    after = diff(config, "events")
+    assert (after.missing, after.stale, after.mismatch, after.orphan, after.ahead) == (
+        0, 0, 0, 0, 1)
+
+    assert main(["--config", config.path, "lineage", "events", "3", "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)
+    assert history["reconciliation"] == "events" and history["key"] == [3]
+    assert [r["class"] for r in history["runs"]] == ["missing"]
+    (repair,) = history["repairs"]
+    assert set(repair) >= {"backfill_id", "chunk", "action", "at", "fingerprint_before",
+                           "fingerprint_after"}
+    assert repair["action"] == "publish" and repair["fingerprint_before"] is None
+    assert repair["backfill_id"] == summary.backfill_id
+    assert main(["--config", config.path, "lineage", "events", "999", "--json"]) == 0
+    assert [r["action"] for r in json.loads(capsys.readouterr().out)["repairs"]] == [
+        "tombstone"]
+
+
+def test_republish_all_produces_only_what_the_mirror_lacks(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    diff(config, "events")  # fills the mirror
+    marks = _high_watermarks(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=64, workers=2))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.chunks == 4
+    assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
+    assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
+    assert diff(config, "events").ahead == 1
+    assert diff(config, "events").missing == 0

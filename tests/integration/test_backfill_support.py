@@ -1,0 +1,87 @@
+"""Helpers for the backfill tests: a source table, a drifted target table and their config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import yaml
+
+from trueup.config import Config, load_config
+
+SOURCE_DDL = ("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint NOT NULL, "
+              "status text, amount numeric(12,2), "
+              "updated_at timestamptz NOT NULL DEFAULT '2026-02-01 12:00+00')")
+TARGET_DDL = ("CREATE TABLE IF NOT EXISTS public.copy (order_id bigint PRIMARY KEY, "
+              "order_version integer, state varchar(20), total double precision)")
+
+
+def make_tables(source: str, target: str, rows: int) -> None:
+    """``rows`` source rows; the target lacks some, holds stale, ahead, mismatched and orphan
+    rows (see :func:`drift`)."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(SOURCE_DDL)
+        conn.execute("INSERT INTO public.orders (id, version, status, amount) "
+                     "SELECT g, 2, 'paid', g * 1.25 FROM generate_series(1, %s) g", (rows,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(TARGET_DDL)
+        conn.execute("INSERT INTO public.copy SELECT g, 2, 'paid', g * 1.25 "
+                     "FROM generate_series(1, %s) g", (rows,))
+
+
+def drift(target: str) -> dict[str, list[int]]:
+    """Damage the target: returns the keys of each difference class made."""
+    made = {"missing": [3, 50, 99], "stale": [7, 60], "ahead": [8], "mismatch": [9, 70],
+            "orphan": [100_001, 100_002]}
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id = ANY(%s)", (made["missing"],))
+        conn.execute("UPDATE public.copy SET order_version = 1, state = 'new' "
+                     "WHERE order_id = ANY(%s)", (made["stale"],))
+        conn.execute("UPDATE public.copy SET order_version = 3, state = 'refunded' "
+                     "WHERE order_id = ANY(%s)", (made["ahead"],))
+        conn.execute("UPDATE public.copy SET total = -1 WHERE order_id = ANY(%s)",
+                     (made["mismatch"],))
+        conn.execute("INSERT INTO public.copy SELECT g, 1, 'ghost', 0 FROM unnest(%s::bigint[]) g",
+                     (made["orphan"],))
+    return made
+
+
+def write_config(tmp_path: Path, state: str, source: str, target: str,
+                 **extra: Any) -> Config:
+    raw = {
+        "state": state,
+        "connections": {"shop": {"postgres": source}, "copy": {"postgres": target}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "shop", "table": "public.orders", "key": ["id"],
+                       "version": "version", "updated_at": "updated_at",
+                       "columns": ["status", "amount"]},
+            "target": {"connection": "copy", "table": "public.copy", "key": ["order_id"],
+                       "version": "order_version",
+                       "columns": {"status": "state", "amount": "total"}},
+            "repair": "upsert", **extra,
+        }},
+    }
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def table_rows(dsn: str, sql_text: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return [tuple(r) for r in conn.execute(sql_text).fetchall()]
+
+
+def source_rows(dsn: str) -> list[tuple[Any, ...]]:
+    return table_rows(dsn, "SELECT id, version, status, amount::float8 FROM public.orders "
+                           "ORDER BY id")
+
+
+def target_rows(dsn: str) -> list[tuple[Any, ...]]:
+    return table_rows(dsn, "SELECT order_id, order_version, state::text, total FROM public.copy "
+                           "ORDER BY order_id")
+
+
+def repairs(state: str) -> list[tuple[Any, ...]]:
+    """(key, action, chunk) of every repairs row."""
+    return table_rows(state, "SELECT key, action, chunk FROM trueup.repairs ORDER BY repair_id")

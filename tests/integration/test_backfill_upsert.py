@@ -1,0 +1,198 @@
+"""``trueup backfill`` by upsert into a Postgres table: scopes, guards, dry run, one active."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.integration.test_backfill_support import (
+    drift,
+    make_tables,
+    repairs,
+    source_rows,
+    target_rows,
+    write_config,
+)
+from trueup.backfill import (
+    BackfillOptions,
+    WorkerOptions,
+    cancel_backfill,
+    resume_backfill,
+    start_backfill,
+)
+from trueup.backfill.planner import plan
+from trueup.cli import main
+from trueup.diff import diff
+from trueup.retry import RetryPolicy
+from trueup.state import open_state
+from trueup.statuses import BackfillScope, BackfillStatus
+
+pytestmark = pytest.mark.postgres
+
+ROWS = 1000
+
+
+def _all(**kw: object) -> BackfillOptions:
+    return BackfillOptions(scope=BackfillScope.ALL, **kw)  # type: ignore[arg-type]
+
+
+def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahead_row(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    made = drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+
+    summary = start_backfill(config, "orders", _all(chunk_size=128, workers=2),
+                             WorkerOptions(workers=2))
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert summary.chunks == 8 and summary.chunks_done == 8
+    assert summary.rows_planned == ROWS
+    fixed = len(made["missing"]) + len(made["stale"]) + len(made["mismatch"]) + 2
+    assert (summary.rows_repaired, summary.rows_skipped) == (fixed, 1)
+    actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
+    assert len(actions) == len(repairs(state_db)) == fixed + 1, "one repairs row per key"
+    assert {actions[f"[{k}]"] for k in made["missing"]} == {"insert"}
+    assert {actions[f"[{k}]"] for k in made["stale"] + made["mismatch"]} == {"update"}
+    assert {actions[f"[{k}]"] for k in made["orphan"]} == {"delete"}
+    assert actions["[8]"] == "skipped"  # the target's newer row is never overwritten
+    after = diff(config, "orders")
+    assert (after.missing, after.orphan, after.stale, after.mismatch, after.ahead) == (
+        0, 0, 0, 0, 1)
+    ahead = [r for r in target_rows(target) if r[0] == 8]
+    assert ahead == [(8, 3, "refunded", 10.0)]
+
+
+def test_backfill_of_a_run_repairs_only_that_runs_differences(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    run = diff(config, "orders")
+    # found after the run: not part of its scope
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id = 500")
+    summary = start_backfill(config, "orders", BackfillOptions(
+        scope=BackfillScope.RUN, run_id=run.run_id, chunk_size=3))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert summary.rows_planned == 10 and summary.chunks == 4
+    assert (summary.rows_repaired, summary.rows_skipped) == (9, 1)
+    with psycopg.connect(state_db) as conn:
+        found = conn.execute("SELECT DISTINCT run_id FROM trueup.repairs").fetchall()
+    assert found == [(run.run_id,)]
+    after = diff(config, "orders")
+    assert (after.missing, after.ahead, after.orphan, after.stale, after.mismatch) == (
+        1, 1, 0, 0, 0)
+
+
+def test_shared_state_and_target_database_commit_repairs_with_the_target_writes(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source = new_db()
+    make_tables(source, state_db, ROWS)
+    drift(state_db)
+    config = write_config(tmp_path, state_db, source, state_db)
+    summary = start_backfill(config, "orders", _all(chunk_size=300))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (9, 1)
+    assert len(repairs(state_db)) == 10
+    assert diff(config, "orders").ahead == 1
+
+
+def test_dry_run_plans_and_counts_but_writes_nothing(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    before = target_rows(target)
+    config = write_config(tmp_path, state_db, source, target)
+    summary = start_backfill(config, "orders", _all(chunk_size=256, dry_run=True))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.dry_run
+    assert (summary.rows_repaired, summary.rows_skipped) == (9, 1)
+    assert target_rows(target) == before
+    assert repairs(state_db) == []
+
+
+def test_a_second_active_backfill_is_refused_with_a_line_naming_the_active_one(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        first = plan(config, "orders", _all(chunk_size=5), state)
+    status = main(["--config", config.path, "backfill", "orders", "--all"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert len(err.splitlines()) == 1 and f"backfill {first} of orders is already running" in err
+    # the planned one can be served by a resume, then a new one may start
+    assert resume_backfill(config, first).status is BackfillStatus.SUCCEEDED
+    assert main(["--config", config.path, "backfill", "orders", "--all", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"backfill_id", "reconciliation", "status", "chunks", "rows_planned",
+                        "rows_repaired", "rows_skipped", "seconds"}
+    assert out["status"] == "succeeded" and out["backfill_id"] == first + 1
+
+
+def test_cancel_stops_pending_chunks_and_resume_finishes_them(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    made = drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", _all(chunk_size=100), state)
+    cancelled = cancel_backfill(config, backfill_id)
+    assert cancelled.status is BackfillStatus.CANCELLED and cancelled.chunks_done == 0
+    assert target_rows(target) != source_rows(source)
+    done = resume_backfill(config, backfill_id)
+    assert done.status is BackfillStatus.SUCCEEDED and done.chunks_done == done.chunks == 10
+    assert {k[0] for k, a, _ in repairs(state_db) if a == "insert"} == set(made["missing"])
+
+
+def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume_recovers(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT no_big CHECK (order_id < 40)"
+                     " NOT VALID")
+    config = write_config(tmp_path, state_db, source, target)
+    fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
+                                           max_seconds=0.1))
+    failed = start_backfill(config, "orders", _all(chunk_size=500), fast)
+    assert failed.status is BackfillStatus.FAILED
+    assert failed.error is not None and "no_big" in failed.error and "chunk" in failed.error
+    with psycopg.connect(state_db) as conn:
+        attempts = conn.execute("SELECT chunk, status, attempts FROM trueup.chunks "
+                                "ORDER BY chunk").fetchall()
+    assert (0, "failed", 3) in attempts
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy DROP CONSTRAINT no_big")
+    resumed = resume_backfill(config, failed.backfill_id, fast)
+    assert resumed.status is BackfillStatus.SUCCEEDED
+    assert diff(config, "orders").missing == 0
+
+
+def test_repair_none_and_bad_scopes_are_user_errors(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10)
+    config = write_config(tmp_path, state_db, source, target)
+    assert main(["--config", config.path, "backfill", "orders", "--run", "999"]) == 2
+    assert "no run 999" in capsys.readouterr().err
+    assert main(["--config", config.path, "backfill", "orders", "--partition", "x"]) == 2
+    assert "no partitions" in capsys.readouterr().err
+    (tmp_path / "none").mkdir()
+    none = write_config(tmp_path / "none", state_db, source, target, repair="none")
+    assert main(["--config", none.path, "backfill", "orders", "--all"]) == 2
+    assert "repair: is none" in capsys.readouterr().err

@@ -1,0 +1,68 @@
+"""Backfill pieces that need no services: SQL over keys, message keys, pacing, lineage keys."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from psycopg import sql
+
+from trueup.backfill.keyspace import KeySpace
+from trueup.backfill.republish import message_key
+from trueup.backfill.runner import Pacer
+from trueup.errors import UsageError
+from trueup.fingerprint import ColumnType
+from trueup.lineage import parse_key
+
+TEXT, INT8 = ColumnType.of("text"), ColumnType.of("int8")
+
+
+def _render(composable: sql.Composable) -> str:
+    # Literal quoting needs no connection for str/int values with as_string(None)
+    return composable.as_string(None)
+
+
+def test_a_composite_range_compares_rows_in_the_c_collation_with_open_ends() -> None:
+    space = KeySpace(exprs=[sql.Identifier("region"), sql.Identifier("id")],
+                     types=[TEXT, INT8])
+    text = _render(space.in_range(["eu", 5], None))
+    assert text.startswith('(("region" COLLATE "C"), "id") >= (')
+    assert "::\"int8\"" in text and "<" not in text
+    assert _render(space.in_range(None, None)) == "true"
+    both = _render(space.in_range(["a", 1], ["b", 2]))
+    assert ">=" in both and " < " in both
+
+
+def test_a_key_list_is_matched_through_jsonb_elements() -> None:
+    space = KeySpace(exprs=[sql.Identifier("id")], types=[INT8])
+    text = _render(space.in_list([[1], [2]]))
+    assert text.startswith('"id" IN (SELECT (j ->> 0)::"int8" FROM jsonb_array_elements(')
+    assert "'[[1], [2]]'" in text
+
+
+def test_message_keys_follow_the_contract() -> None:
+    assert message_key([42]) == "42"
+    assert message_key(["a b"]) == "a b"
+    assert message_key(["eu", 1]) == '["eu", 1]'
+    assert message_key(["é", 2]) == '["é", 2]'
+
+
+def test_the_pacer_caps_rows_per_second() -> None:
+    pace = Pacer(1000.0)
+    started = time.monotonic()
+    for _ in range(4):
+        pace(100)  # 400 rows at 1000/s: the first goes at once, the rest 0.3 s later
+    assert 0.25 <= time.monotonic() - started < 0.6
+    unlimited = Pacer(None)
+    started = time.monotonic()
+    unlimited(10**9)
+    assert time.monotonic() - started < 0.05
+
+
+def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
+    assert parse_key("42", 1) == [[42], ["42"]]
+    assert parse_key("abc", 1) == [["abc"]]
+    assert parse_key('["eu", 1]', 2) == [["eu", 1]]
+    assert parse_key("[7]", 1) == [[7]]
+    with pytest.raises(UsageError, match="JSON array of 2"):
+        parse_key("eu", 2)

@@ -1,0 +1,139 @@
+"""Chunks of a backfill: claimed with ``FOR UPDATE SKIP LOCKED`` under a lease, renewed by a
+heartbeat while the chunk runs, completed or retried once, each step one guarded statement.
+
+A worker that dies (kill -9, a lost machine) stops renewing; once its lease has expired any
+other worker claims the chunk again. Completion is guarded by the lease owner, so a worker that
+lost its lease can never mark done a chunk someone else now holds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from trueup.db import connect
+from trueup.errors import StateError
+from trueup.log import get_logger
+from trueup.queries import query
+
+log = get_logger(__name__)
+
+#: How long a claim holds without a heartbeat (seconds); a killed worker's chunk waits this long.
+LEASE_SECONDS = 30.0
+
+
+class LeaseLost(StateError):
+    """The chunk's lease expired and another worker may hold it; this worker must stop."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chunk:
+    """One claimed chunk: a key range ``[key_from, key_to)`` or an explicit list of keys."""
+
+    backfill_id: int
+    chunk: int
+    key_from: list[Any] | None
+    key_to: list[Any] | None
+    keys: list[list[Any]] | None
+    rows_planned: int
+    attempts: int
+
+
+def new_owner(worker: int) -> str:
+    """A lease owner name unique across machines, processes and workers."""
+    return f"{socket.gethostname()}:{os.getpid()}:{worker}:{uuid.uuid4().hex[:6]}"
+
+
+def claim(conn: psycopg.Connection[Any], backfill_id: int, owner: str,
+          lease_seconds: float) -> Chunk | None:
+    """Claim the next due chunk (or one whose lease expired); None when nothing is claimable."""
+    with conn.transaction():
+        row = conn.execute(query("claim_chunk"), {"backfill_id": backfill_id, "owner": owner,
+                                                  "lease_seconds": lease_seconds}).fetchone()
+    if row is None:
+        return None
+    return Chunk(backfill_id=row["backfill_id"], chunk=row["chunk"], key_from=row["key_from"],
+                 key_to=row["key_to"], keys=row["keys"], rows_planned=row["rows_planned"],
+                 attempts=row["attempts"])
+
+
+def _guarded(conn: psycopg.Connection[Any], name: str, params: dict[str, Any],
+             chunk: Chunk) -> Any:
+    row = conn.execute(query(name), params).fetchone()
+    if row is None:
+        raise LeaseLost(f"backfill {chunk.backfill_id} chunk {chunk.chunk}: no longer held by "
+                        f"this worker (lease expired or backfill cancelled)")
+    return row
+
+
+def complete(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *, dry_run: bool,
+             repaired: int = 0, skipped: int = 0) -> tuple[int, int]:
+    """Mark the chunk done inside the caller's transaction; return (repaired, skipped)."""
+    row = _guarded(conn, "complete_chunk", {
+        "backfill_id": chunk.backfill_id, "chunk": chunk.chunk, "owner": owner,
+        "dry_run": dry_run, "repaired": repaired, "skipped": skipped}, chunk)
+    return int(row["rows_repaired"]), int(row["rows_skipped"])
+
+
+def retry_later(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *,
+                delay_seconds: float, error: str) -> None:
+    with conn.transaction():
+        _guarded(conn, "retry_chunk", {"backfill_id": chunk.backfill_id, "chunk": chunk.chunk,
+                                       "owner": owner, "delay_seconds": delay_seconds,
+                                       "error": error}, chunk)
+
+
+def fail(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *, error: str) -> None:
+    with conn.transaction():
+        _guarded(conn, "fail_chunk", {"backfill_id": chunk.backfill_id, "chunk": chunk.chunk,
+                                      "owner": owner, "error": error}, chunk)
+
+
+class Heartbeat:
+    """Renews a chunk's lease every third of the lease, on a connection of its own."""
+
+    def __init__(self, state_dsn: str, chunk: Chunk, owner: str, lease_seconds: float) -> None:
+        self.chunk = chunk
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._conn = connect(state_dsn, what="state", autocommit=True,
+                             application_name="trueup backfill heartbeat")
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"trueup-lease-{chunk.chunk}")
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        params = {"backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
+                  "owner": self.owner, "lease_seconds": self.lease_seconds}
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                row = self._conn.execute(query("renew_lease"), params).fetchone()
+            except psycopg.Error as exc:
+                log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
+                            chunk=self.chunk.chunk, error=str(exc).strip())
+                continue
+            if row is None and not self._stop.is_set():
+                self.lost.set()
+                return
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` when a renewal found the chunk held by someone else."""
+        if self.lost.is_set():
+            raise LeaseLost(f"backfill {self.chunk.backfill_id} chunk {self.chunk.chunk}: "
+                            f"lease lost")

@@ -1,0 +1,180 @@
+"""Values that travel through a backfill, and the repairs rows every writer records."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from trueup.backfill.chunks import LEASE_SECONDS, Chunk, Heartbeat
+from trueup.config import ReconciliationConfig
+from trueup.fingerprint import ColumnType
+from trueup.queries import query
+from trueup.retry import RetryPolicy
+from trueup.sides import Side, column_types, require, table_side
+from trueup.statuses import BackfillScope, BackfillStatus, RepairAction
+
+#: Rows per chunk unless ``--chunk-size`` says otherwise.
+DEFAULT_CHUNK_ROWS = 10_000
+#: A failing chunk is tried this often, backing off 1 s, 2 s, 4 s ... (capped at 60 s).
+CHUNK_RETRY = RetryPolicy(max_attempts=5, initial_seconds=1.0, multiplier=2.0, max_seconds=60.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillOptions:
+    """What ``trueup backfill NAME ...`` asks for."""
+
+    scope: BackfillScope
+    run_id: int | None = None
+    partition: str | None = None
+    dry_run: bool = False
+    chunk_size: int = DEFAULT_CHUNK_ROWS
+    rate: float | None = None          # rows per second per process, None: as fast as it goes
+    workers: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions:
+    """How one process serves a backfill."""
+
+    workers: int = 1
+    lease_seconds: float = LEASE_SECONDS
+    retry: RetryPolicy = CHUNK_RETRY
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackfillSummary:
+    """What ``trueup backfill --json`` prints (plus a few fields for status and Dagster)."""
+
+    backfill_id: int
+    reconciliation: str
+    status: BackfillStatus
+    chunks: int
+    rows_planned: int
+    rows_repaired: int
+    rows_skipped: int
+    seconds: float
+    chunks_done: int = 0
+    dry_run: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["status"] = self.status.value
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Backfill:
+    """A backfill as stored: what each chunk of it needs to know."""
+
+    backfill_id: int
+    reconciliation: str
+    scope: BackfillScope
+    run_id: int | None
+    partition: str | None
+    dry_run: bool
+    rate: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Repair:
+    """One repaired (or deliberately skipped) key: a row of trueup.repairs."""
+
+    key: list[Any]
+    action: RepairAction
+    fingerprint_before: int | None
+    fingerprint_after: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChunkResult:
+    rows_read: int
+    repaired: int
+    skipped: int
+
+
+@dataclass(kw_only=True)
+class ChunkContext:
+    """What a writer gets with a chunk: who holds it, the lease, the rate limit."""
+
+    backfill: Backfill
+    owner: str
+    heartbeat: Heartbeat
+    pace: Callable[[int], None] = field(default=lambda rows: None)
+
+
+def key_text(key: Sequence[Any]) -> str:
+    """A hashable, canonical text of a key read back from jsonb."""
+    return json.dumps(list(key), sort_keys=True, default=str)
+
+
+def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
+                   repairs: Sequence[Repair]) -> None:
+    """Write repairs rows inside the caller's transaction (idempotent per backfill and key)."""
+    if not repairs:
+        return
+    conn.execute(query("stage_repairs"))
+    with conn.cursor() as cur, cur.copy(
+            "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
+            "FROM STDIN") as copy:
+        for r in repairs:
+            copy.write_row((json.dumps(r.key), r.action.value, r.fingerprint_before,
+                            r.fingerprint_after))
+    record_staged(conn, backfill, chunk)
+
+
+def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk) -> None:
+    """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs."""
+    conn.execute(query("record_repairs"), {
+        "reconciliation": backfill.reconciliation, "run_id": backfill.run_id,
+        "backfill_id": backfill.backfill_id, "chunk": chunk.chunk})
+    conn.execute("DELETE FROM trueup_repairs_stage")
+
+
+#: Bytes gathered before handing COPY data on (COPY yields one row at a time).
+PIPE_BYTES = 1 << 20
+
+
+def pipe(reader: Iterable[Any], writer: Any) -> None:
+    """Pass COPY data from a ``COPY ... TO STDOUT`` to a ``COPY ... FROM STDIN``."""
+    buffer = bytearray()
+    for block in reader:
+        buffer += block
+        if len(buffer) >= PIPE_BYTES:
+            writer.write(bytes(buffer))
+            buffer.clear()
+    if buffer:
+        writer.write(bytes(buffer))
+
+
+def counts(repairs: Sequence[Repair]) -> tuple[int, int]:
+    skipped = sum(1 for r in repairs if r.action is RepairAction.SKIPPED)
+    return len(repairs) - skipped, skipped
+
+
+def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig,
+                dsn: str) -> tuple[Side, list[ColumnType]]:
+    """The source as a diff sees it, and the types of its compared columns."""
+    side = table_side(label="source", dsn=dsn, table=rec.source.table, key=rec.source.key,
+                      version=rec.source.version, columns=rec.source.columns,
+                      updated_at=rec.source.updated_at, conn=conn)
+    types = require(column_types(conn, rec.source.table), rec.source.table,
+                    rec.source.columns, conn)
+    return side, types
+
+
+def day_filter(side: Side, partition: str | None) -> sql.Composable:
+    """Rows of one partition (a UTC day of ``updated_at``); all rows without a partition."""
+    if partition is None:
+        return sql.SQL("true")
+    assert side.updated_at is not None
+    start = dt.datetime.combine(dt.date.fromisoformat(partition), dt.time(), dt.UTC)
+    return sql.SQL("{col} >= {start} AND {col} < {end}").format(
+        col=side.updated_at, start=sql.Literal(start),
+        end=sql.Literal(start + dt.timedelta(days=1)))

@@ -1,0 +1,177 @@
+"""The ``republish`` repair of a Kafka target topic.
+
+Each chunk reads the *current* source rows and produces them as the contract's messages: the
+key value as text (a JSON array for a composite key), a JSON object value holding the target's
+key, version and column fields (built by Postgres, so numbers stay exact), and a tombstone for
+an orphan. The producer is idempotent with ``acks=all``; the chunk completes (and its repairs
+rows commit) only after every delivery report succeeded.
+
+The "before" of a key comes from the topic's mirror (``trueup_mirror.<name>``, kept by
+``trueup diff``) when there is one: then only keys whose mirror row differs are produced, a key
+whose mirror version is newer than the source is skipped, and mirror keys the source lacks
+(asked again at that moment) get tombstones. Without a mirror every source row is produced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from trueup.backfill import chunks
+from trueup.backfill.keyspace import KeySpace, scope_condition
+from trueup.backfill.model import (
+    ChunkContext,
+    ChunkResult,
+    Repair,
+    counts,
+    day_filter,
+    key_text,
+    record_repairs,
+    source_side,
+)
+from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce
+from trueup.config import Config, ReconciliationConfig
+from trueup.db import connect
+from trueup.mirror import SCHEMA
+from trueup.statuses import BackfillScope, RepairAction
+
+
+def message_key(key: Sequence[Any]) -> str:
+    """The Kafka key of a key (values as read back from jsonb)."""
+    if len(key) == 1:
+        value = key[0]
+        return value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(list(key), ensure_ascii=False)
+
+
+class RepublishWriter:
+    """Produces chunks of one reconciliation to its topic (one per worker)."""
+
+    def __init__(self, config: Config, name: str, rec: ReconciliationConfig,
+                 state: psycopg.Connection[Any]) -> None:
+        assert rec.target.topic is not None
+        self.name = name
+        self.rec = rec
+        self.topic = rec.target.topic
+        self.state = state
+        self.stack = ExitStack()
+        dsn = config.connections[rec.source.connection].postgres
+        properties = config.connections[rec.target.connection].kafka
+        assert dsn is not None and properties is not None
+        self.source = self.stack.enter_context(connect(
+            dsn, what="source", autocommit=True, application_name=f"trueup backfill {name}"))
+        self.side, _ = source_side(self.source, rec, dsn)
+        self.space = KeySpace(exprs=self.side.key, types=self.side.key_types)
+        self.producer = create_producer(dict(properties),
+                                        what=f"reconciliations.{name}.target")
+        self.what = f"topic {self.topic}"
+
+    def close(self) -> None:
+        self.producer.flush(10)
+        self.stack.close()
+
+    def _value(self) -> sql.Composable:
+        rec, side = self.rec, self.side
+        pairs: list[sql.Composable] = []
+        for field, expr in zip(rec.target.key, side.key, strict=True):
+            pairs += [sql.Literal(field), expr]
+        if rec.target.version is not None and side.version is not None:
+            pairs += [sql.Literal(rec.target.version), side.version]
+        for column in rec.source.columns:
+            pairs += [sql.Literal(rec.target.columns[column]), sql.Identifier(column)]
+        return sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
+
+    def _mirror(self, chunk: chunks.Chunk) -> dict[str, dict[str, Any]] | None:
+        table = sql.Identifier(SCHEMA, self.name)
+        exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                    (table.as_string(self.state),)).fetchone()
+        if not exists or not exists["ok"]:
+            return None
+        space = KeySpace(exprs=[sql.Identifier(k) for k in self.rec.source.key],
+                         types=self.side.key_types)
+        version = sql.SQL("version") if self.side.version_type is not None and \
+            self.rec.target.version else sql.NULL
+        rows = self.state.execute(sql.SQL(
+            "SELECT {key} AS key, {version} AS version, fingerprint FROM {table} WHERE {scope}"
+        ).format(key=space.as_json, version=version, table=table,
+                 scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
+        return {key_text(r["key"]): r for r in rows}
+
+    def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
+        backfill = ctx.backfill
+        where = sql.SQL("({}) AND ({})").format(
+            scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
+            day_filter(self.side, backfill.partition))
+        rows = self.source.execute(sql.SQL(
+            "SELECT {key} AS key, {value} AS value, {version} AS version, {fp} AS fp "
+            "FROM {rel} WHERE {where} ORDER BY {order}"
+        ).format(key=self.space.as_json, value=self._value(),
+                 version=self.side.version or sql.NULL, fp=self.side.fingerprint,
+                 rel=self.side.relation, where=where, order=self.space.ordered)).fetchall()
+        ctx.pace(len(rows))
+        mirror = self._mirror(chunk)
+        versioned = self.rec.target.version is not None and self.side.version is not None
+        messages: list[tuple[str, bytes | None]] = []
+        repairs: list[Repair] = []
+        for row in rows:
+            known = mirror.pop(key_text(row["key"]), None) if mirror is not None else None
+            before = known["fingerprint"] if known else None
+            if known is not None:
+                newer = versioned and known["version"] is not None and \
+                    row["version"] is not None and known["version"] > row["version"]
+                if newer:
+                    repairs.append(Repair(key=row["key"], action=RepairAction.SKIPPED,
+                                          fingerprint_before=before, fingerprint_after=before))
+                    continue
+                if known["version"] == row["version"] and before == row["fp"]:
+                    continue  # the topic already holds this row
+            messages.append((message_key(row["key"]), row["value"].encode()))
+            repairs.append(Repair(key=row["key"], action=RepairAction.PUBLISH,
+                                  fingerprint_before=before, fingerprint_after=row["fp"]))
+        for key, before in self._orphans(chunk, backfill.scope, rows, mirror):
+            messages.append((message_key(key), None))
+            repairs.append(Repair(key=key, action=RepairAction.TOMBSTONE,
+                                  fingerprint_before=before, fingerprint_after=None))
+        ctx.heartbeat.check()
+        repaired, skipped = counts(repairs)
+        if not backfill.dry_run:
+            deliveries = Deliveries()
+            for key_, value in messages:
+                produce(self.producer, deliveries, self.topic, key=key_.encode(), value=value)
+            # the chunk is done only when every message is acknowledged by all replicas
+            confirm(self.producer, deliveries, what=self.what)
+        ctx.heartbeat.check()
+        with self.state.transaction():
+            if not backfill.dry_run:
+                record_repairs(self.state, backfill, chunk, repairs)
+            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
+                                                dry_run=backfill.dry_run, repaired=repaired,
+                                                skipped=skipped)
+        return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
+
+    def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, rows: list[dict[str, Any]],
+                 mirror: dict[str, dict[str, Any]] | None) -> list[tuple[list[Any], int | None]]:
+        """Keys of the chunk the topic may hold but the source lacks, confirmed with it now."""
+        if scope is BackfillScope.PARTITION:
+            return []
+        candidates: dict[str, tuple[list[Any], int | None]] = {}
+        if mirror:
+            candidates = {k: (r["key"], r["fingerprint"]) for k, r in mirror.items()}
+        if chunk.keys is not None:
+            found = {key_text(r["key"]) for r in rows}
+            for key in chunk.keys:
+                text = key_text(key)
+                if text not in found and text not in candidates and mirror is None:
+                    candidates[text] = (key, None)
+        if not candidates:
+            return []
+        present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
+            "SELECT {} AS key FROM {} WHERE {}").format(
+                self.space.as_json, self.side.relation,
+                self.space.in_list([k for k, _ in candidates.values()])))}
+        return [v for k, v in candidates.items() if k not in present]

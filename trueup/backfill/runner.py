@@ -1,0 +1,235 @@
+"""Serving a backfill: worker threads claim chunks until none is open, then finish it.
+
+Any number of processes, on any number of machines sharing the state database, may serve one
+backfill at once (``trueup backfill --resume ID`` joins a running one): chunk claims and leases
+in Postgres are the only coordination. A failing chunk is retried with exponential backoff and
+jitter; when its attempts are exhausted the backfill ends ``failed`` with that chunk's error.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import psycopg
+
+from trueup.backfill import chunks
+from trueup.backfill.model import (
+    Backfill,
+    BackfillSummary,
+    ChunkContext,
+    ChunkResult,
+    WorkerOptions,
+)
+from trueup.config import Config
+from trueup.db import connect, first_line
+from trueup.errors import NotFound, TrueupError
+from trueup.log import get_logger
+from trueup.queries import query
+from trueup.statuses import BackfillScope, BackfillStatus
+
+log = get_logger(__name__)
+
+#: How often an idle worker looks again for a chunk that became due (seconds).
+POLL_SECONDS = 0.2
+
+#: (chunks_done, chunks, rows_repaired, rows_per_second)
+Progress = Callable[[int, int, int, float], None]
+
+
+class Writer(Protocol):
+    def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult: ...
+
+    def close(self) -> None: ...
+
+
+class Pacer:
+    """Caps the rows per second of every worker of this process together."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def __call__(self, rows: int) -> None:
+        if not self.rate or rows <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + rows / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def load(conn: psycopg.Connection[Any], backfill_id: int) -> dict[str, Any]:
+    row = conn.execute(query("get_backfill"), {"backfill_id": backfill_id}).fetchone()
+    if row is None:
+        raise NotFound(f"backfill: no backfill {backfill_id}")
+    return dict(row)
+
+
+def summary_of(row: dict[str, Any], seconds: float) -> BackfillSummary:
+    return BackfillSummary(
+        backfill_id=row["backfill_id"], reconciliation=row["reconciliation"],
+        status=BackfillStatus(row["status"]), chunks=int(row["chunks"]),
+        chunks_done=int(row["chunks_done"]), rows_planned=int(row["rows_planned"]),
+        rows_repaired=int(row["rows_repaired"]), rows_skipped=int(row["rows_skipped"]),
+        seconds=round(seconds, 3), dry_run=bool(row["dry_run"]), error=row["error"])
+
+
+def backfill_of(row: dict[str, Any]) -> Backfill:
+    return Backfill(backfill_id=row["backfill_id"], reconciliation=row["reconciliation"],
+                    scope=BackfillScope(row["scope"]), run_id=row["run_id"],
+                    partition=row["partition"], dry_run=row["dry_run"], rate=row["rate"])
+
+
+def make_writer(config: Config, backfill: Backfill, state: psycopg.Connection[Any]) -> Writer:
+    rec = config.reconciliations[backfill.reconciliation]
+    if rec.target.topic is not None:
+        from trueup.backfill.republish import RepublishWriter
+
+        return RepublishWriter(config, backfill.reconciliation, rec, state)
+    from trueup.backfill.upsert import UpsertWriter
+
+    return UpsertWriter(config, backfill.reconciliation, rec, state, with_orphans=True)
+
+
+def serve(config: Config, backfill_id: int, options: WorkerOptions,
+          progress: Progress | None = None) -> BackfillSummary:
+    """Work on backfill ``backfill_id`` with ``options.workers`` threads until nothing is open."""
+    started = time.monotonic()
+    with connect(config.state, what="state", autocommit=True) as state:
+        backfill = backfill_of(load(state, backfill_id))
+    if backfill.reconciliation not in config.reconciliations:
+        raise NotFound(f"backfill {backfill_id}: reconciliation {backfill.reconciliation!r} "
+                       f"is not in {config.path}")
+    pacer = Pacer(backfill.rate)
+    errors: list[BaseException] = []
+    rows_done = [0]
+    lock = threading.Lock()
+
+    def report(result: ChunkResult) -> None:
+        if progress is None:
+            return
+        with lock:
+            rows_done[0] += result.rows_read
+            elapsed = max(time.monotonic() - started, 1e-6)
+        with connect(config.state, what="state", autocommit=True) as conn:
+            row = load(conn, backfill_id)
+        progress(int(row["chunks_done"]), int(row["chunks"]), int(row["rows_repaired"]),
+                 rows_done[0] / elapsed)
+
+    def work(index: int) -> None:
+        try:
+            _Worker(config, backfill, options, index, pacer, report).run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), name=f"trueup-backfill-{i}")
+               for i in range(options.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    with connect(config.state, what="state", autocommit=True) as state:
+        return summary_of(load(state, backfill_id), time.monotonic() - started)
+
+
+class _Worker:
+    def __init__(self, config: Config, backfill: Backfill, options: WorkerOptions, index: int,
+                 pacer: Pacer, report: Callable[[ChunkResult], None]) -> None:
+        self.config = config
+        self.backfill = backfill
+        self.options = options
+        self.owner = chunks.new_owner(index)
+        self.pacer = pacer
+        self.report = report
+
+    def run(self) -> None:
+        bid = self.backfill.backfill_id
+        with connect(self.config.state, what="state", autocommit=True,
+                     application_name="trueup backfill") as state:
+            writer: Writer | None = None
+            try:
+                while load(state, bid)["status"] == BackfillStatus.RUNNING:
+                    chunk = chunks.claim(state, bid, self.owner, self.options.lease_seconds)
+                    if chunk is None:
+                        if self._finish_if_done(state):
+                            return
+                        time.sleep(POLL_SECONDS)
+                        continue
+                    if writer is None:
+                        writer = make_writer(self.config, self.backfill, state)
+                    if not self._run_chunk(state, writer, chunk):
+                        writer.close()
+                        writer = None  # its connections may be broken: open new ones
+            finally:
+                if writer is not None:
+                    writer.close()
+
+    def _run_chunk(self, state: psycopg.Connection[Any], writer: Writer,
+                   chunk: chunks.Chunk) -> bool:
+        bid = self.backfill.backfill_id
+        log.info("backfill.chunk_started", reconciliation=self.backfill.reconciliation,
+                 backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts)
+        try:
+            with chunks.Heartbeat(self.config.state, chunk, self.owner,
+                                  self.options.lease_seconds) as heartbeat:
+                ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
+                                   heartbeat=heartbeat, pace=self.pacer)
+                result = writer.repair(chunk, ctx)
+        except chunks.LeaseLost as exc:
+            log.warning("backfill.lease_lost", backfill_id=bid, chunk=chunk.chunk,
+                        error=str(exc))
+            return False
+        except Exception as exc:
+            self._failed(state, chunk, exc)
+            return False
+        log.info("backfill.chunk_done", reconciliation=self.backfill.reconciliation,
+                 backfill_id=bid, chunk=chunk.chunk, rows=result.rows_read,
+                 repaired=result.repaired, skipped=result.skipped)
+        self.report(result)
+        return True
+
+    def _failed(self, state: psycopg.Connection[Any], chunk: chunks.Chunk,
+                exc: Exception) -> None:
+        bid = self.backfill.backfill_id
+        error = str(exc) if isinstance(exc, TrueupError) else first_line(exc)
+        decision = self.options.retry.decide(chunk.attempts, exc)
+        try:
+            if decision.retry:
+                log.warning("backfill.chunk_retry", backfill_id=bid, chunk=chunk.chunk,
+                            attempt=chunk.attempts, delay_seconds=decision.delay_seconds,
+                            error=error)
+                chunks.retry_later(state, chunk, self.owner,
+                                   delay_seconds=decision.delay_seconds, error=error)
+                return
+            log.error("backfill.chunk_failed", backfill_id=bid, chunk=chunk.chunk,
+                      attempt=chunk.attempts, error=error)
+            chunks.fail(state, chunk, self.owner, error=error)
+        except chunks.LeaseLost:
+            return
+        state.execute(query("finish_backfill"), {
+            "backfill_id": bid, "status": BackfillStatus.FAILED.value,
+            "error": f"chunk {chunk.chunk}: {error}"})
+
+    def _finish_if_done(self, state: psycopg.Connection[Any]) -> bool:
+        bid = self.backfill.backfill_id
+        row = state.execute(query("chunk_progress"), {"backfill_id": bid}).fetchone()
+        assert row is not None
+        if row["open"]:
+            return False
+        failed = row["failure"]
+        status = BackfillStatus.FAILED if failed else BackfillStatus.SUCCEEDED
+        finished = state.execute(query("finish_backfill"), {
+            "backfill_id": bid, "status": status.value,
+            "error": f"chunk {failed}" if failed else None}).fetchone()
+        if finished is not None:
+            log.info("backfill.finished", reconciliation=self.backfill.reconciliation,
+                     backfill_id=bid, status=status.value)
+        return True

@@ -1,0 +1,359 @@
+"""The ``upsert`` repair of a Postgres target table.
+
+For each chunk the *current* source rows are copied straight from the source server into a
+temporary stage on the target server (``COPY ... TO STDOUT`` piped into ``COPY ... FROM STDIN``,
+no parsing in Python), compared there with the target rows, and written with
+``INSERT ... ON CONFLICT DO UPDATE ... WHERE target.version <= excluded.version``: a target row
+that is newer than the source is never overwritten (it is recorded as ``skipped``). An orphan is
+deleted only after the source is asked again, at that moment, whether it still lacks the key.
+
+When trueup's state lives in the target database, the target writes, the repairs rows and the
+chunk's completion commit in one transaction. Otherwise the repairs are recorded first as
+intent (committed), then the target commits, then the chunk completes with the actual outcome;
+a crash between these steps leaves the chunk to be claimed again, and the retry finds the rows
+already repaired (no candidates) or repairs them again under the same repairs rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from trueup.backfill import chunks
+from trueup.backfill.keyspace import KeySpace, scope_condition, storage_type
+from trueup.backfill.model import (
+    ChunkContext,
+    ChunkResult,
+    Repair,
+    day_filter,
+    key_text,
+    pipe,
+    record_repairs,
+    record_staged,
+    source_side,
+)
+from trueup.config import Config, ReconciliationConfig
+from trueup.db import connect
+from trueup.fingerprint import ColumnType
+from trueup.log import get_logger
+from trueup.queries import query
+from trueup.sides import table_side
+from trueup.statuses import BackfillScope, RepairAction
+
+log = get_logger(__name__)
+
+_STAGE = sql.Identifier("trueup_stage")
+_CAND = sql.Identifier("trueup_cand")
+#: A candidate as a repairs row: key, action, fingerprint before and after.
+_REPAIR_COLUMNS = sql.SQL(
+    "trueup_key, trueup_action, trueup_before, "
+    "CASE WHEN trueup_action = 'skipped' THEN trueup_before ELSE trueup_fp END")
+
+
+class _DryRun(Exception):
+    """Raised inside the chunk's transaction to roll back a dry run."""
+
+
+def _names(prefix: str, n: int) -> list[sql.Identifier]:
+    return [sql.Identifier(f"trueup_{prefix}{i}") for i in range(n)]
+
+
+def same_database(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
+    """True when two connections reach the same database of the same cluster."""
+    probe = ("SELECT current_database() AS db, "
+             "(SELECT system_identifier FROM pg_control_system()) AS cluster")
+    return bool(a.execute(probe).fetchone() == b.execute(probe).fetchone())
+
+
+class UpsertWriter:
+    """Repairs chunks of one reconciliation into its target table (one per worker)."""
+
+    def __init__(self, config: Config, name: str, rec: ReconciliationConfig,
+                 state: psycopg.Connection[Any], *, with_orphans: bool) -> None:
+        self.name = name
+        self.rec = rec
+        self.state = state
+        self.with_orphans = with_orphans
+        self.stack = ExitStack()
+        source_dsn = config.connections[rec.source.connection].postgres
+        target_dsn = config.connections[rec.target.connection].postgres
+        assert source_dsn is not None and target_dsn is not None and rec.target.table
+        app = f"trueup backfill {name}"
+        self.source = self.stack.enter_context(connect(source_dsn, what="source",
+                                                       autocommit=True, application_name=app))
+        self.target = self.stack.enter_context(connect(target_dsn, what="target",
+                                                       autocommit=True, application_name=app))
+        self.source_side, self.column_types = source_side(self.source, rec, source_dsn)
+        self.source.commit()
+        self.target_side = table_side(
+            label="target", dsn=target_dsn, table=rec.target.table, key=rec.target.key,
+            version=rec.target.version,
+            columns=[rec.target.columns[c] for c in rec.source.columns],
+            as_types=self.column_types, key_as=self.source_side.key_types,
+            version_as=self.source_side.version_type if rec.target.version else None,
+            conn=self.target)
+        self.target_types = self._target_types(rec.target.table)
+        self.shared = same_database(self.target, state)
+        self.target.commit()
+        self._create_stage()
+
+    def close(self) -> None:
+        self.stack.close()
+
+    # -- shapes ------------------------------------------------------------------------------
+
+    @property
+    def key_types(self) -> list[ColumnType]:
+        return self.source_side.key_types
+
+    def _target_types(self, table: str) -> dict[str, sql.Composable]:
+        rows = self.target.execute(
+            "SELECT a.attname AS name, n.nspname AS schema, t.typname AS type "
+            "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+            "JOIN pg_namespace n ON n.oid = t.typnamespace "
+            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+            (sql.Identifier(*table.split(".")).as_string(self.target),)).fetchall()
+        return {r["name"]: sql.Identifier(r["schema"], r["type"]) for r in rows}
+
+    def _create_stage(self) -> None:
+        rec, st = self.rec, self.source_side
+        cols: list[sql.Composable] = [
+            sql.SQL("{} {}").format(n, storage_type(t))
+            for n, t in zip(_names("k", len(rec.source.key)), st.key_types, strict=True)]
+        if st.version is not None and st.version_type is not None:
+            cols.append(sql.SQL("trueup_v {}").format(storage_type(st.version_type)))
+        cols += [sql.SQL("{} {}").format(n, storage_type(t))
+                 for n, t in zip(_names("c", len(rec.source.columns)), self.column_types,
+                                 strict=True)]
+        cols.append(sql.SQL("trueup_fp bigint"))
+        self.target.execute(sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
+                _STAGE, sql.SQL(", ").join(cols)))
+        self.target.commit()
+
+    @property
+    def _versioned(self) -> bool:
+        return self.source_side.version is not None and self.rec.target.version is not None
+
+    def _source_space(self) -> KeySpace:
+        return KeySpace(exprs=self.source_side.key, types=self.key_types)
+
+    def _target_space(self) -> KeySpace:
+        return KeySpace(exprs=[sql.Identifier(k) for k in self.rec.target.key],
+                        types=self.key_types)
+
+    def _stage_space(self) -> KeySpace:
+        return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
+        try:
+            return self._repair(chunk, ctx)
+        except _DryRun as dry:
+            return dry.args[0]  # type: ignore[no-any-return]
+        except BaseException:
+            for conn in (self.source, self.target, self.state):
+                if not conn.closed:
+                    conn.rollback()
+            raise
+
+    def _repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
+        backfill = ctx.backfill
+        where = sql.SQL("({}) AND ({})").format(
+            scope_condition(self._source_space(), chunk.key_from, chunk.key_to, chunk.keys),
+            day_filter(self.source_side, backfill.partition))
+        with self.target.transaction():
+            rows = self._stage(where)
+            ctx.pace(rows)
+            ctx.heartbeat.check()
+            self._candidates()
+            orphans = self._orphans(chunk) if self._orphans_apply(backfill.scope) else []
+            if backfill.dry_run:
+                planned = self.target.execute(sql.SQL(
+                    "SELECT count(*) FILTER (WHERE trueup_action <> 'skipped') AS repaired, "
+                    "count(*) FILTER (WHERE trueup_action = 'skipped') AS skipped FROM {}"
+                ).format(_CAND)).fetchone()
+                assert planned is not None
+                repaired = int(planned["repaired"]) + len(orphans)
+                skipped = int(planned["skipped"])
+                with self.state.transaction():
+                    chunks.complete(self.state, chunk, ctx.owner, dry_run=True,
+                                    repaired=repaired, skipped=skipped)
+                raise _DryRun(ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped))
+            if not self.shared:
+                # intent first: a crash after the target commits still leaves these rows
+                with self.state.transaction():
+                    self._pipe_candidates(self.state)
+                    record_staged(self.state, backfill, chunk)
+                    record_repairs(self.state, backfill, chunk, orphans)
+            changed = self._write()
+            deleted = self._delete(orphans)
+            changed += [a for a, p in zip(deleted, orphans, strict=True) if a != p]
+            ctx.heartbeat.check()
+            if self.shared:
+                self._correct(changed)
+                self.target.execute(query("stage_repairs"))
+                self.target.execute(sql.SQL(
+                    "INSERT INTO trueup_repairs_stage SELECT {} FROM {}").format(
+                        _REPAIR_COLUMNS, _CAND))
+                record_staged(self.target, backfill, chunk)
+                record_repairs(self.target, backfill, chunk, deleted)
+                repaired, skipped = chunks.complete(self.target, chunk, ctx.owner,
+                                                    dry_run=False)
+        if not self.shared:
+            with self.state.transaction():
+                record_repairs(self.state, backfill, chunk, changed)
+                repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
+                                                    dry_run=False)
+        return ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped)
+
+    def _pipe_candidates(self, state: psycopg.Connection[Any]) -> None:
+        """Copy the candidates, with their expected actions, into the state's repairs stage."""
+        state.execute(query("stage_repairs"))
+        with self.target.cursor() as src, state.cursor() as dst, \
+                src.copy(sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
+                    _REPAIR_COLUMNS, _CAND)) as reader, \
+                dst.copy("COPY trueup_repairs_stage (key, action, fingerprint_before, "
+                         "fingerprint_after) FROM STDIN") as writer:
+            pipe(reader, writer)
+
+    def _correct(self, changed: Sequence[Repair]) -> None:
+        """Candidates whose write turned out otherwise than expected (the guard refused)."""
+        for repair in changed:
+            self.target.execute(sql.SQL(
+                "UPDATE {} SET trueup_action = %s WHERE trueup_key = %s::jsonb").format(_CAND),
+                (repair.action.value, json.dumps(repair.key)))
+
+    def _orphans_apply(self, scope: BackfillScope) -> bool:
+        # A partition is a window of the source's updated_at: target rows have no such column.
+        return self.with_orphans and scope is not BackfillScope.PARTITION
+
+    def _stage(self, where: sql.Composable) -> int:
+        st = self.source_side
+        columns: list[sql.Composable] = [
+            sql.SQL("{}::{}").format(k, storage_type(t))
+            for k, t in zip(st.key, st.key_types, strict=True)]
+        if st.version is not None and st.version_type is not None:
+            columns.append(st.version)
+        source_cols = [sql.Identifier(c) for c in self.rec.source.columns]
+        columns += [sql.SQL("({})::{}").format(c, storage_type(t))
+                    for c, t in zip(source_cols, self.column_types, strict=True)]
+        columns.append(st.fingerprint)
+        out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
+            sql.SQL(", ").join(columns), st.relation, where)
+        with self.source.cursor() as src, self.target.cursor() as dst:
+            with src.copy(out) as reader, dst.copy(sql.SQL("COPY {} FROM STDIN").format(
+                    _STAGE)) as writer:
+                pipe(reader, writer)
+            return max(dst.rowcount, 0)
+
+    def _join(self) -> sql.Composable:
+        return sql.SQL(" AND ").join(
+            sql.SQL("t.{} = s.{}").format(sql.Identifier(k), n)
+            for k, n in zip(self.rec.target.key, _names("k", len(self.key_types)), strict=True))
+
+    def _candidates(self) -> None:
+        """Stage rows the target lacks or holds differently, with the action expected."""
+        ts = self.target_side
+        first = sql.SQL("t.{}").format(sql.Identifier(self.rec.target.key[0]))
+        differs: list[sql.Composable] = [sql.SQL("{} IS NULL").format(first),
+                   sql.SQL("{} IS DISTINCT FROM s.trueup_fp").format(ts.fingerprint)]
+        action: sql.Composable = sql.SQL("'update'")
+        if self._versioned:
+            assert ts.version is not None
+            differs.append(sql.SQL("{} IS DISTINCT FROM s.trueup_v").format(ts.version))
+            action = sql.SQL("CASE WHEN {} > s.trueup_v THEN 'skipped' ELSE 'update' END"
+                             ).format(ts.version)
+        self.target.execute(sql.SQL(
+            "CREATE TEMP TABLE {cand} ON COMMIT DROP AS "
+            "SELECT s.*, {key} AS trueup_key, "
+            "CASE WHEN {first} IS NULL THEN NULL ELSE {fp} END AS trueup_before, "
+            "CASE WHEN {first} IS NULL THEN 'insert' ELSE {action} END AS trueup_action "
+            "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} WHERE {differs}"
+        ).format(cand=_CAND, key=self._stage_space().as_json, first=first, fp=ts.fingerprint,
+                 action=action, stage=_STAGE, target=ts.relation, join=self._join(),
+                 differs=sql.SQL(" OR ").join(differs)))
+
+    def _write(self) -> list[Repair]:
+        """Upsert the candidates under the version guard; the candidates whose actual action
+        differs from the expected one (a newer row arrived meanwhile)."""
+        rec, ts = self.rec, self.target_side
+        target_cols = [*rec.target.key,
+                       *([rec.target.version] if self._versioned and rec.target.version else []),
+                       *(rec.target.columns[c] for c in rec.source.columns)]
+        stage_cols = [*_names("k", len(self.key_types)),
+                      *([sql.Identifier("trueup_v")] if self._versioned else []),
+                      *_names("c", len(rec.source.columns))]
+        values = sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(s, self.target_types[t])
+            for s, t in zip(stage_cols, target_cols, strict=True))
+        updated = target_cols[len(rec.target.key):]
+        updates = sql.SQL(", ").join(
+            sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in updated)
+        guard: sql.Composable = sql.SQL("")
+        if self._versioned:
+            assert rec.target.version is not None
+            guard = sql.SQL(" WHERE trueup_t.{0} IS NULL OR trueup_t.{0} <= excluded.{0}").format(
+                sql.Identifier(rec.target.version))
+        conflict = (sql.SQL("DO UPDATE SET {}{}").format(updates, guard) if updated
+                    else sql.SQL("DO NOTHING"))
+        rows = self.target.execute(sql.SQL(
+            "WITH up AS (INSERT INTO {target} AS trueup_t ({cols}) SELECT {values} FROM {cand} "
+            "WHERE trueup_action <> 'skipped' ORDER BY {order} "
+            "ON CONFLICT ({keys}) {conflict} "
+            "RETURNING {key} AS key, (xmax = 0) AS inserted), "
+            "outcome AS (SELECT c.trueup_key, c.trueup_action, c.trueup_before, c.trueup_fp, "
+            "CASE WHEN up.key IS NULL THEN 'skipped' WHEN up.inserted THEN 'insert' "
+            "ELSE 'update' END AS actual FROM {cand} AS c LEFT JOIN up ON up.key = c.trueup_key) "
+            "SELECT * FROM outcome WHERE actual <> trueup_action"
+        ).format(target=ts.relation, cols=sql.SQL(", ").join(map(sql.Identifier, target_cols)),
+                 values=values, cand=_CAND,
+                 order=sql.SQL(", ").join(_names("k", len(self.key_types))),
+                 keys=sql.SQL(", ").join(map(sql.Identifier, rec.target.key)),
+                 conflict=conflict, key=self._target_space().as_json)).fetchall()
+        return [Repair(key=r["trueup_key"], action=RepairAction(r["actual"]),
+                       fingerprint_before=r["trueup_before"],
+                       fingerprint_after=r["trueup_before"] if r["actual"] == "skipped"
+                       else r["trueup_fp"])
+                for r in rows]
+
+    def _orphans(self, chunk: chunks.Chunk) -> list[Repair]:
+        """Target rows of the chunk without a source row, confirmed by asking the source."""
+        ts = self.target_side
+        space = self._target_space()
+        candidates = self.target.execute(sql.SQL(
+            "SELECT {key} AS key, {fp} AS fp FROM {target} AS t WHERE {scope} "
+            "AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
+        ).format(key=space.as_json, fp=ts.fingerprint, target=ts.relation,
+                 scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
+                 stage=_STAGE, join=self._join())).fetchall()
+        if not candidates:
+            return []
+        keys = [r["key"] for r in candidates]
+        present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
+            "SELECT {} AS key FROM {} WHERE {}").format(
+                self._source_space().as_json, self.source_side.relation,
+                self._source_space().in_list(keys)))}
+        self.source.commit()
+        return [Repair(key=r["key"], action=RepairAction.DELETE, fingerprint_before=r["fp"],
+                       fingerprint_after=None)
+                for r in candidates if key_text(r["key"]) not in present]
+
+    def _delete(self, orphans: Sequence[Repair]) -> list[Repair]:
+        if not orphans:
+            return []
+        space = self._target_space()
+        deleted = {key_text(r["key"]) for r in self.target.execute(sql.SQL(
+            "DELETE FROM {} WHERE {} RETURNING {} AS key").format(
+                self.target_side.relation, space.in_list([o.key for o in orphans]),
+                space.as_json))}
+        return [o if key_text(o.key) in deleted else
+                Repair(key=o.key, action=RepairAction.SKIPPED,
+                       fingerprint_before=o.fingerprint_before, fingerprint_after=None)
+                for o in orphans]

@@ -1,0 +1,70 @@
+"""``trueup lineage NAME KEY``: a key's history, every run that found it different and every
+repair of it, read from trueup's state (row-level lineage)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import psycopg
+
+from trueup.cli import to_json
+from trueup.config import Config
+from trueup.errors import UsageError
+from trueup.queries import query
+from trueup.state import open_state
+
+
+def parse_key(text: str, parts: int) -> list[list[Any]]:
+    """The stored forms a command-line KEY may have: ``42`` is ``[42]`` or ``["42"]``.
+
+    A single key is its value (a number, a string, or a JSON value); a composite key must be a
+    JSON array of ``parts`` values. The type of a column is not known here, so both a number's
+    JSON form and its text are looked up.
+    """
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None if parts > 1 else text
+    if parts > 1:
+        if not isinstance(parsed, list) or len(parsed) != parts:
+            raise UsageError(f"lineage: KEY: expected a JSON array of {parts} values for a "
+                             f"composite key (got {text!r})")
+        return [parsed]
+    if isinstance(parsed, list):
+        if len(parsed) != 1:
+            raise UsageError(f"lineage: KEY: expected one value (got {text!r})")
+        return [parsed]
+    forms = [[parsed]]
+    if [text] != forms[0]:
+        forms.append([text])
+    return forms
+
+
+def lineage(conn: psycopg.Connection[Any], name: str,
+            forms: list[list[Any]]) -> dict[str, Any]:
+    params = {"reconciliation": name, "keys": [json.dumps(f) for f in forms]}
+    runs = conn.execute(query("key_runs"), params).fetchall()
+    repairs = conn.execute(query("key_repairs"), params).fetchall()
+    return {"reconciliation": name, "key": forms[0], "runs": runs, "repairs": repairs}
+
+
+def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
+    rec = config.reconciliation(args.name)
+    forms = parse_key(args.key, len(rec.source.key))
+    with open_state(config.state) as conn:
+        document = lineage(conn, args.name, forms)
+    if args.json:
+        print(to_json(document))
+        return 0
+    print(f"{args.name} key {to_json(document['key'])}: {len(document['runs'])} runs, "
+          f"{len(document['repairs'])} repairs")
+    for run in document["runs"]:
+        print(f"  run {run['run_id']}  {run['started_at']:%Y-%m-%d %H:%M:%S}  {run['class']}  "
+              f"source v{run['source_version']} target v{run['target_version']}")
+    for rep in document["repairs"]:
+        print(f"  backfill {rep['backfill_id']} chunk {rep['chunk']}  "
+              f"{rep['at']:%Y-%m-%d %H:%M:%S}  {rep['action']}  "
+              f"{rep['fingerprint_before']} -> {rep['fingerprint_after']}")
+    return 0
