@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ from trueup.statuses import DifferenceClass
 log = get_logger(__name__)
 
 BATCH_MESSAGES = 20_000
-POLL_SECONDS = 1.0
+#: consume() waits this long for a full batch; short, so a small tail is not a 1 s wait.
+POLL_SECONDS = 0.05
 WATERMARK_TIMEOUT_SECONDS = 10.0
 #: Give up when the broker delivers nothing for this long although messages remain.
 STALL_SECONDS = 60.0
@@ -162,6 +164,9 @@ class MirrorReader:
             "auto.offset.reset": "earliest",
             "enable.partition.eof": True,  # how a partition ending in a compacted gap is seen
             "fetch.max.bytes": 52_428_800,
+            # the default (1000 ms) pauses fetching whenever the local queue is full: a fast
+            # reader like this one then idles most of the time (4.5 s vs 0.7 s per 1M messages)
+            "fetch.queue.backoff.ms": 10,
             "queued.max.messages.kbytes": 262_144,
         })
 
@@ -215,32 +220,32 @@ class MirrorReader:
                                              OFFSET_BEGINNING) for p, (start, _) in plan.items()])
         remaining = {p: high for p, (_, high) in plan.items()}
         merger = Merger(self.shape, self.conn, parse_in_postgres=self.parse_in_postgres)
-        done = idle = 0.0
+        done = 0
+        last_message = time.monotonic()
         # The merge of one batch runs in Postgres while this thread fetches the next.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-mirror") as writer:
             pending: Future[None] | None = None
             while remaining:
                 batch = self.consumer.consume(num_messages=BATCH_MESSAGES, timeout=POLL_SECONDS)
                 if not batch:
-                    idle += POLL_SECONDS
-                    if idle >= STALL_SECONDS:
+                    if time.monotonic() - last_message >= STALL_SECONDS:
                         raise MirrorFailed(
                             f"topic {self.shape.topic}: no messages for {STALL_SECONDS:.0f} s "
                             f"although the high watermark was not reached")
                     continue
-                idle = 0.0
+                last_message = time.monotonic()
                 staged = self._take(batch, remaining)
                 if pending is not None:
                     pending.result()  # one batch in flight at a time: offsets stay in order
                 pending = writer.submit(merger.merge, staged)
                 done += len(staged)
-                self.progress("mirror", int(done), total)
+                self.progress("mirror", done, total)
             if pending is not None:
                 pending.result()
         if merger.fallbacks:
             log.info("mirror.python_batches", reconciliation=self.shape.name,
                      batches=merger.fallbacks)
-        return int(done)
+        return done
 
     @staticmethod
     def _take(batch: list[Any], remaining: dict[int, int]) -> list[RawMessage]:
