@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from trueup import __version__
 from trueup.config import Config, config_path, load_config
-from trueup.errors import NotImplementedYet, TrueupError, UsageError
+from trueup.errors import TrueupError, UsageError
 from trueup.log import configure
 
 EXIT_OK = 0
@@ -200,13 +200,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
     return str(value)
-
-
-def _not_yet(issue: int) -> Callable[[Config, argparse.Namespace], int]:
-    def command(config: Config, args: argparse.Namespace) -> int:
-        raise NotImplementedYet(f"trueup {args.command}: not implemented yet (issue #{issue})")
-
-    return command
 
 
 #: Subcommand -> "module:function" taking (config, args) and returning the exit status.
