@@ -35,7 +35,7 @@ from trueup.runs import (
     json_value,
     start_run,
 )
-from trueup.sides import Side, column_types, require, table_side
+from trueup.sides import Side, column_types, common_type, require, table_side
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
 
@@ -137,13 +137,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             assert target_dsn is not None and rec.target.table is not None
             target_conn = stack.enter_context(connect(target_dsn, what="target",
                                                       application_name=f"trueup diff {name}"))
-            target = table_side(
-                label="target", dsn=target_dsn, table=rec.target.table, key=rec.target.key,
-                version=rec.target.version,
-                columns=[rec.target.columns[c] for c in rec.source.columns],
-                as_types=source_types, key_as=source.key_types,
-                version_as=source.version_type if rec.target.version else None,
-                conn=target_conn)
+            source, target = _table_sides(rec, source, source_conn, source_dsn, target_conn,
+                                          target_dsn)
         comparison = Comparison(
             source=source, target=target,
             source_where=_partition_filter(source, day),
@@ -151,7 +146,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             in_flight_since=(started_at - rec.grace) if source.updated_at is not None else None,
         )
         if day is None:
-            found = _compare_whole(comparison, source_conn, target_conn, progress)
+            found = _compare_whole(comparison, source_conn, target_conn, progress,
+                                   native=rec.target.table is not None)
         else:
             found = _compare_partition(comparison, source_conn, target_conn, progress)
         source_rows, target_rows = 0, 0
@@ -174,6 +170,33 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
     return summary
 
 
+def _table_sides(rec: ReconciliationConfig, source: Side,
+                 source_conn: psycopg.Connection[Any], source_dsn: str,
+                 target_conn: psycopg.Connection[Any], target_dsn: str) -> tuple[Side, Side]:
+    """Both sides of a table-to-table run, each column read as the type both share."""
+    assert rec.target.table is not None
+    target_columns = [rec.target.columns[c] for c in rec.source.columns]
+    target_all = column_types(target_conn, rec.target.table)
+    target_types = require(target_all, rec.target.table, target_columns, target_conn)
+    target_keys = require(target_all, rec.target.table, rec.target.key, target_conn)
+    columns = [common_type(s, t) for s, t in
+               zip(_types_of(source_conn, rec), target_types, strict=True)]
+    keys = [common_type(s, t) for s, t in zip(source.key_types, target_keys, strict=True)]
+    version = None
+    if rec.target.version and source.version_type is not None:
+        target_version = require(target_all, rec.target.table, [rec.target.version],
+                                 target_conn)[0]
+        version = common_type(source.version_type, target_version)
+    source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
+                        key=rec.source.key, version=rec.source.version,
+                        columns=rec.source.columns, updated_at=rec.source.updated_at,
+                        as_types=columns, key_as=keys, version_as=version, conn=source_conn)
+    target = table_side(label="target", dsn=target_dsn, table=rec.target.table,
+                        key=rec.target.key, version=rec.target.version, columns=target_columns,
+                        as_types=columns, key_as=keys, version_as=version, conn=target_conn)
+    return source, target
+
+
 def _types_of(conn: psycopg.Connection[Any], rec: ReconciliationConfig) -> list[ColumnType]:
     return require(column_types(conn, rec.source.table), rec.source.table, rec.source.columns,
                    conn)
@@ -194,17 +217,17 @@ def _partition_filter(source: Side, day: dt.date | None) -> sql.Composable:
 
 
 def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
-                   target_conn: psycopg.Connection[Any],
-                   progress: Progress) -> Iterator[Difference | tuple[int, int]]:
+                   target_conn: psycopg.Connection[Any], progress: Progress, *,
+                   native: bool) -> Iterator[Difference | tuple[int, int]]:
     rows = max(segments.estimate_rows(source_conn, c.source, c.source_where),
                segments.estimate_rows(target_conn, c.target, c.target_where))
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
     progress("checksums", 0, plan.count)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
         source_sums_f = pool.submit(segments.checksums, source_conn, c.source, c.source_where,
-                                    plan)
+                                    plan, native=native)
         target_sums_f = pool.submit(segments.checksums, target_conn, c.target, c.target_where,
-                                    plan)
+                                    plan, native=native)
         source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
         yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))
         todo = segments.differing(source_sums, target_sums)

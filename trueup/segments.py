@@ -90,12 +90,16 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
 
 
 def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
-              segmentation: Segmentation) -> dict[int, tuple[int, int]]:
-    """``segment -> (rows, xor of row hashes)`` for one side, in one scan."""
+              segmentation: Segmentation, *, native: bool = False) -> dict[int, tuple[int, int]]:
+    """``segment -> (rows, xor of row hashes)`` for one side, in one scan.
+
+    ``native`` uses the side's binary hash (table-to-table runs) instead of the canonical one.
+    """
+    row_hash = side.native_hash if native and side.native_hash is not None else side.row_hash
     query = sql.SQL(
         "SELECT width_bucket({first}, %(bounds)s::{atype}) AS seg, count(*) AS n, "
         "bit_xor({row_hash}) AS h FROM {rel} WHERE {where} GROUP BY 1"
-    ).format(first=side.first_key, atype=segmentation.array_type, row_hash=side.row_hash,
+    ).format(first=side.first_key, atype=segmentation.array_type, row_hash=row_hash,
              rel=side.relation, where=where)
     with conn.transaction(), conn.cursor() as cur:
         # The planner cannot see that there are few segments, guesses one per row and sorts

@@ -89,6 +89,9 @@ class Side:
     fingerprint: sql.Composable         # bigint expression
     row_hash: sql.Composable            # bigint expression
     updated_at: sql.Composable | None = None
+    #: A cheaper checksum hash for table-to-table runs (see :func:`native_hash`); None for a
+    #: mirror, whose row hashes are stored in the canonical form.
+    native_hash: sql.Composable | None = None
 
     @property
     def first_key(self) -> sql.Composable:
@@ -145,7 +148,49 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     )
     row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
         sql.Literal(PART_SEPARATOR), side.key_text, side.version_text, fields)
-    return Side(**{**side.__dict__, "row_hash": row_hash})
+    values = [*zip(key_exprs, key_types, strict=True),
+              *([(version_expr, version_type)] if version_expr and version_type else []),
+              *zip(col_exprs, column_types_, strict=True)]
+    return Side(**{**side.__dict__, "row_hash": row_hash, "native_hash": native_hash(values)})
+
+
+def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Composable:
+    """A row hash from the values' own binary hash functions (``hash_record_extended``).
+
+    Twice as fast as even a plain text hash of the row, and with the same notion of equal as
+    the canonical form: numerics ignore their scale, char its padding, timestamps compare as
+    instants, -0 equals 0. Text is hashed in the C collation (a nondeterministic collation
+    would call different strings equal) and json through its canonical text. Both sides must
+    hold the same types, which table-to-table runs ensure by casting to a common type. Used
+    only for segment checksums inside one run; stored fingerprints stay canonical.
+    """
+    parts: list[sql.Composable] = []
+    for expr, ctype in values:
+        if ctype.kind is Kind.TEXT and ctype.name != "uuid":
+            parts.append(sql.SQL("(({})::text COLLATE \"C\")").format(expr))
+        elif ctype.kind is Kind.JSON:
+            parts.append(sql.SQL("hashtextextended(nullif(({})::jsonb, 'null')::text, 0)"
+                                 ).format(expr))
+        else:
+            parts.append(expr)
+    return sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts))
+
+
+def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
+    """The type both sides are compared as when a target column's type differs.
+
+    Numbers of different types compare as numeric and text-like values as text, so no cast
+    can round or cut a value (a numeric target cast to a bigint source would round 10.5).
+    Otherwise the target is read as the source's type.
+    """
+    if source.name == target.name:
+        return source
+    if source.kind is Kind.NUMBER and target.kind is Kind.NUMBER:
+        return ColumnType.of("numeric")
+    if source.kind is Kind.TEXT and target.kind is Kind.TEXT and "uuid" not in (
+            source.name, target.name):
+        return ColumnType.of("text")
+    return source
 
 
 def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],

@@ -275,3 +275,33 @@ def test_a_connection_dropped_mid_run_fails_the_run_and_the_next_run_works(
                       "amount, placed_at, updated_at FROM orders_data")
     summary = diff(config, "orders")
     assert summary.consistent and summary.source_rows == 2000
+
+
+def test_columns_of_different_number_types_compare_without_rounding(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version int, "
+                     "status varchar(10), amount bigint)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 11), (2, 1, 'b', 20), "
+                     "(3, 1, 'c', 30)")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id numeric PRIMARY KEY, version bigint, "
+                     "status text, amount numeric(12,2))")
+        # 10.5 would round to the source's 11 if cast to bigint; 20.00 equals 20
+        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5), (2, 1, 'b', 20.00), "
+                     "(3, 1, 'c ', 30)")
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "a", "table": "orders", "key": ["id"],
+                       "version": "version", "columns": ["status", "amount"]},
+            "target": {"connection": "b", "table": "copy", "key": ["id"],
+                       "version": "version", "columns": ["status", "amount"]}}}}))
+    summary = diff(load_config(path), "orders")
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        found = _found(differences_of(conn, summary.run_id))
+    assert found == {((1,), "mismatch"), ((3,), "mismatch")}
