@@ -13,6 +13,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	# the browser tests use Debian's chromium (Playwright's own download is not used)
+	test -x /usr/bin/chromium || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; }
 	touch $@
 
 stack: install

@@ -16,6 +16,7 @@ import dagster as dg
 from dagster import AssetExecutionContext, ScheduleEvaluationContext
 
 from assets.keys import table_key, topic_key
+from assets.lineage import mirror_key
 from trueup.checks import record_check_results
 from trueup.config import Config, ReconciliationConfig
 from trueup.diff import diff
@@ -83,7 +84,9 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
 
     @dg.asset(
         key=key,
-        deps=[source_key(config, rec), target_key(config, rec)],
+        # a topic is read through its mirror table (assets/lineage.py), a table directly
+        deps=[source_key(config, rec),
+              mirror_key(name) if rec.target.topic is not None else target_key(config, rec)],
         partitions_def=partitions,
         check_specs=checks,
         group_name="reconciliations",

@@ -20,9 +20,10 @@ import dagster as dg
 from dagster import AssetExecutionContext, EventLogEntry, SensorEvaluationContext
 from pydantic import Field
 
-from assets.differences import differences_key, partitions_of
+from assets.differences import differences_key, partitions_of, source_key
 from trueup.backfill import BackfillOptions, BackfillSummary, WorkerOptions, start_backfill
 from trueup.backfill.model import DEFAULT_CHUNK_ROWS
+from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
 from trueup.db import connect
 from trueup.errors import TrueupError
@@ -185,6 +186,17 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
             return dg.SkipReason("not a materialization")
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         decision = auto_repair_decision(name, metadata, limit, materialization.partition)
+        if isinstance(decision, dg.RunRequest):
+            # blocking checks: a failed ERROR check a backfill does not answer (unreadable
+            # messages, bad values in the source table's GX suite) stops the auto-repair
+            run_id = decision.tags["trueup/run_id"]
+            blocking = failed_blocking_checks(
+                config.state, differences_key(name).to_user_string(), int(run_id),
+                [*(c.value for c in REPAIRABLE), DifferenceClass.AHEAD.value],
+                [source_key(config, rec).to_user_string()])
+            if blocking:
+                decision = dg.SkipReason(f"blocked: run {run_id} of {name} has failed ERROR "
+                                         f"checks {', '.join(blocking)}")
         if isinstance(decision, dg.SkipReason):
             context.log.info(decision.skip_message or "")
         return decision

@@ -14,7 +14,10 @@ import dagster as dg
 from assets.dead_letters import dead_letter_definitions
 from assets.differences import reconciliation_definitions
 from assets.external import external_assets
+from assets.freshness import freshness_definitions
+from assets.lineage import mirror_assets, with_dead_letter_lineage
 from assets.repairs import repair_definitions
+from checks.gx import quality_definitions
 from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "trueup.yaml"
@@ -30,11 +33,15 @@ config = load_config(_config_path())
 reconciliations = reconciliation_definitions(config)
 dead_letters = dead_letter_definitions(config)
 repairs = repair_definitions(config)
+quality = quality_definitions(config)
+freshness = freshness_definitions(config)
 
 defs = dg.Definitions(
-    assets=[*external_assets(config), *(r.asset for r in reconciliations),
-            *dead_letters.assets, *repairs.assets],
-    jobs=[*(r.job for r in reconciliations), *dead_letters.jobs, *repairs.jobs],
+    assets=[*with_dead_letter_lineage(external_assets(config), config), *mirror_assets(config),
+            *(r.asset for r in reconciliations), *dead_letters.assets, *repairs.assets],
+    asset_checks=[*quality.checks, *freshness.checks],
+    jobs=[*(r.job for r in reconciliations), *dead_letters.jobs, *repairs.jobs, *quality.jobs,
+          *freshness.jobs],
     schedules=[s for r in reconciliations for s in r.schedules],
-    sensors=[*dead_letters.sensors, *repairs.sensors],
+    sensors=[*dead_letters.sensors, *repairs.sensors, *freshness.sensors],
 )

@@ -1,0 +1,212 @@
+"""The Dagster UI as users drive it, through its GraphQL API: schedules, a drifted
+reconciliation failing its checks, the backfill job repairing it, and a GX suite on a table."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+
+from tests.e2e.conftest import dagster_dev, graphql, wait_for
+
+pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
+
+REPOSITORIES = """
+{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name }
+    schedules { name scheduleState { status } } } } } }
+"""
+START_SCHEDULE = """
+mutation($selector: ScheduleSelector!) {
+  startSchedule(scheduleSelector: $selector) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { status } }
+    ... on PythonError { message }
+  }
+}
+"""
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+RUN = """
+query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }
+"""
+CHECKS = """
+query($path: [String!]!) {
+  assetNodeOrError(assetKey: {path: $path}) {
+    ... on AssetNode {
+      assetChecksOrError { ... on AssetChecks { checks { name
+        executionForLatestMaterialization { runId status evaluation { success
+          metadataEntries { label ... on IntMetadataEntry { intValue }
+                                    ... on FloatMetadataEntry { floatValue } } } } } } }
+    }
+  }
+}
+"""
+DIFFERENCES = ["trueup", "orders", "differences"]
+ORDERS_TABLE = ["postgres", "shop", "public", "orders"]
+REPAIRS_OP = "trueup__orders__repairs"
+SUITE = {
+    "connection": "shop", "table": "public.orders",
+    "expectations": [
+        {"type": "expect_column_values_to_be_between",
+         "kwargs": {"column": "amount_cents", "min_value": 0}},
+        {"type": "expect_column_values_to_be_in_set",
+         "kwargs": {"column": "currency", "value_set": ["EUR", "USD"]}},
+    ],
+}
+
+
+def drifted_shop(new_db: Callable[[], str], state_db: str, tmp_path: Path
+                 ) -> tuple[Path, Path, str, str]:
+    """A shop with 200 orders (two with a negative amount), a copy with missing, stale,
+    mismatched and orphan rows; the config (scheduled, repaired by upsert) and a suites folder."""
+    shop, copy = new_db(), new_db()
+    with psycopg.connect(shop, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint NOT NULL,"
+                     " status text NOT NULL, amount_cents bigint NOT NULL, currency text)")
+        conn.execute("INSERT INTO public.orders SELECT g, 2, 'paid', 100 * g, 'EUR' "
+                     "FROM generate_series(1, 200) g")
+        conn.execute("UPDATE public.orders SET amount_cents = -50 WHERE id IN (11, 12)")
+    with psycopg.connect(copy, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount_cents bigint)")
+        conn.execute("INSERT INTO public.copy SELECT g, 2, 'paid', 100 * g "
+                     "FROM generate_series(1, 200) g")
+        conn.execute("UPDATE public.copy SET amount_cents = -50 WHERE id IN (11, 12)")
+        conn.execute("DELETE FROM public.copy WHERE id IN (3, 4)")                  # missing
+        conn.execute("UPDATE public.copy SET version = 1, status = 'new' WHERE id = 7")  # stale
+        conn.execute("UPDATE public.copy SET amount_cents = 1 WHERE id = 9")         # mismatch
+        conn.execute("INSERT INTO public.copy VALUES (9999, 1, 'ghost', 0)")          # orphan
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "shop.public.orders.yaml").write_text(yaml.safe_dump(SUITE))
+    config = tmp_path / "trueup.yaml"
+    config.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"shop": {"postgres": shop}, "copy": {"postgres": copy}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "shop", "table": "public.orders", "key": ["id"],
+                       "version": "version", "columns": ["status", "amount_cents"]},
+            "target": {"connection": "copy", "table": "public.copy", "key": ["id"],
+                       "version": "version", "columns": ["status", "amount_cents"]},
+            "schedule": "*/30 * * * *", "repair": "upsert"}}}))
+    return config, suites, shop, copy
+
+
+@contextlib.contextmanager
+def shop_in_dagster(new_db: Callable[[], str], state_db: str, tmp_path: Path,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
+    """``dagster dev`` on a drifted shop; yields its URL, the shop DSN and the copy DSN."""
+    config, suites, shop, copy = drifted_shop(new_db, state_db, tmp_path)
+    monkeypatch.setenv("TRUEUP_CHECKS_DIR", str(suites))
+    with dagster_dev(tmp_path, config) as url:
+        wait_for("the code location", lambda: checks(url, DIFFERENCES))
+        yield url, shop, copy
+
+
+def repository(url: str) -> dict[str, Any]:
+    (repo,) = graphql(url, REPOSITORIES)["repositoriesOrError"]["nodes"]
+    return repo  # type: ignore[no-any-return]
+
+
+def launch(url: str, job: str, run_config: dict[str, Any] | None = None) -> str:
+    repo = repository(url)
+    launched = graphql(url, LAUNCH_RUN, {"params": {
+        "selector": {"repositoryLocationName": repo["location"]["name"],
+                     "repositoryName": repo["name"], "jobName": job},
+        "runConfigData": run_config or {}}})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return str(launched["run"]["runId"])
+
+
+def run_status(url: str, run_id: str, seconds: float = 90) -> str:
+    def finished() -> str | None:
+        status: str = graphql(url, RUN, {"id": run_id})["runOrError"]["status"]
+        return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+    return str(wait_for(f"run {run_id} to finish", finished, seconds=seconds))
+
+
+def checks(url: str, path: list[str]) -> dict[str, dict[str, Any]]:
+    """Every check of the asset at ``path`` with its latest execution (or None)."""
+    node = graphql(url, CHECKS, {"path": path})["assetNodeOrError"]
+    found = (node or {}).get("assetChecksOrError") or {}
+    return {c["name"]: c["executionForLatestMaterialization"] for c in found.get("checks", [])}
+
+
+def outcomes(url: str, path: list[str], run_id: str) -> dict[str, bool]:
+    """Passed or not, per check evaluated in ``run_id``."""
+    return {name: bool(e["evaluation"]["success"]) for name, e in checks(url, path).items()
+            if e and e["runId"] == run_id and e["evaluation"]}
+
+
+def test_schedules_exist_and_can_be_turned_on(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, _):
+        repo = repository(url)
+        schedules = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
+        assert schedules == {"reconcile_orders_schedule": "STOPPED"}, schedules
+        started = graphql(url, START_SCHEDULE, {"selector": {
+            "repositoryLocationName": repo["location"]["name"],
+            "repositoryName": repo["name"], "scheduleName": "reconcile_orders_schedule"}})[
+                "startSchedule"]
+        assert started["__typename"] == "ScheduleStateResult", started
+        assert started["scheduleState"]["status"] == "RUNNING"
+        assert {s["name"]: s["scheduleState"]["status"] for s in repository(url)["schedules"]
+                } == {"reconcile_orders_schedule": "RUNNING"}
+
+
+def test_drift_fails_checks_backfill_repairs_and_the_next_run_passes(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, copy):
+        run = launch(url, "reconcile_orders")
+        assert run_status(url, run) == "SUCCESS"
+        first = outcomes(url, DIFFERENCES, run)
+        assert {k: first[k] for k in ("missing", "stale", "mismatch", "orphan")} == {
+            "missing": False, "stale": False, "mismatch": False, "orphan": False}, first
+        assert first["ahead"] and first["fresh"]  # it just ran
+
+        backfill = launch(url, "backfill_orders",
+                          {"ops": {REPAIRS_OP: {"config": {"scope": "all", "chunk_size": 50}}}})
+        assert run_status(url, backfill) == "SUCCESS"
+
+        again = launch(url, "reconcile_orders")
+        assert run_status(url, again) == "SUCCESS"
+        second = outcomes(url, DIFFERENCES, again)
+        assert second and all(second.values()), second
+    with psycopg.connect(copy) as conn:
+        assert conn.execute("SELECT count(*) FROM public.copy").fetchone() == (200,)
+
+
+def test_gx_check_fails_on_bad_values_and_passes_once_fixed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, shop, _):
+        run = launch(url, "quality_shop_public_orders")
+        assert run_status(url, run) == "SUCCESS"
+        result = outcomes(url, ORDERS_TABLE, run)
+        assert result == {"amount_cents__be_between": False, "currency__be_in_set": True}, result
+        failed = checks(url, ORDERS_TABLE)["amount_cents__be_between"]
+        metadata = {m["label"]: m.get("intValue", m.get("floatValue"))
+                    for m in failed["evaluation"]["metadataEntries"]}
+        assert metadata["unexpected_count"] == 2 and metadata["unexpected_percent"] == 1.0
+
+        with psycopg.connect(shop, autocommit=True) as conn:
+            conn.execute("UPDATE public.orders SET amount_cents = 50 WHERE amount_cents < 0")
+        run = launch(url, "quality_shop_public_orders")
+        assert run_status(url, run) == "SUCCESS"
+        assert outcomes(url, ORDERS_TABLE, run) == {
+            "amount_cents__be_between": True, "currency__be_in_set": True}

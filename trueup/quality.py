@@ -1,0 +1,273 @@
+"""Data-quality suites: Great Expectations 1.x expectations on Postgres tables.
+
+A suite is a YAML file naming a table (a connection of the config and a table in it) and a
+list of GX expectations with their keyword arguments::
+
+    connection: shop
+    table: public.orders
+    expectations:
+      - type: expect_column_values_to_be_between
+        kwargs: {column: amount_cents, min_value: 0}
+      - type: expect_column_values_to_be_in_set
+        kwargs: {column: currency, value_set: [EUR, USD]}
+        severity: WARN            # ERROR (the default) or WARN
+        name: known_currency      # the check's name; derived from type and column if absent
+
+:func:`validate_suite` runs the suite against the real table through SQLAlchemy, with GX's own
+API (an ephemeral context, a Postgres data source, a whole-table batch), and returns one
+:class:`ExpectationOutcome` per expectation: passed or not, GX's unexpected count and percent,
+and a sample of the failing values. Nothing here knows about Dagster (see ``checks/gx.py``).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from trueup.config import Config, ConnectionKind
+from trueup.db import first_line, redact
+from trueup.errors import ConfigError, TrueupError
+from trueup.statuses import CheckSeverity
+
+SUITE_SUFFIXES = (".yaml", ".yml")
+#: Failing values kept per expectation (GX's ``partial_unexpected_list``).
+SAMPLE_SIZE = 20
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SHORT_PREFIXES = ("expect_column_values_to_", "expect_column_", "expect_table_", "expect_")
+
+
+class QualityFailed(TrueupError):
+    """A suite could not be run (the table is unreachable, an expectation is malformed)."""
+
+
+class ExpectationSpec(BaseModel):
+    """One expectation of a suite: GX's snake_case type and its keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    severity: CheckSeverity = CheckSeverity.ERROR
+    name: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if not value.startswith("expect_"):
+            raise ValueError(f"expected a GX expectation type like "
+                             f"expect_column_values_to_not_be_null (got {value!r})")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"expected letters, digits and underscores (got {value!r})")
+        return value
+
+    @property
+    def check_name(self) -> str:
+        """The name of the check: ``name``, else ``<column>__<short type>``."""
+        if self.name:
+            return self.name
+        short = self.type
+        for prefix in _SHORT_PREFIXES:
+            if short.startswith(prefix):
+                short = short[len(prefix):]
+                break
+        column = self.kwargs.get("column")
+        if isinstance(column, str):
+            return re.sub(r"[^A-Za-z0-9_]", "_", f"{column}__{short}")
+        return short
+
+
+class Suite(BaseModel):
+    """A table and the expectations its rows must meet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connection: str
+    table: str
+    expectations: list[ExpectationSpec] = Field(min_length=1)
+    file: str = ""
+
+    @property
+    def schema_name(self) -> str:
+        return self.table.partition(".")[0] if "." in self.table else "public"
+
+    @property
+    def table_name(self) -> str:
+        return self.table.rpartition(".")[2]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpectationOutcome:
+    """The result of one expectation on one table."""
+
+    name: str
+    type: str
+    passed: bool
+    severity: CheckSeverity
+    element_count: int | None
+    unexpected_count: int | None
+    unexpected_percent: float | None
+    sample: list[Any]
+    observed_value: Any
+    kwargs: dict[str, Any]
+    error: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """What a check result carries (and what ``trueup.check_results`` stores)."""
+        return {
+            "expectation": self.type, "kwargs": self.kwargs,
+            "element_count": self.element_count,
+            "unexpected_count": self.unexpected_count,
+            "unexpected_percent": self.unexpected_percent,
+            "unexpected_sample": self.sample, "observed_value": self.observed_value,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+def load_suite(path: Path) -> Suite:
+    """Read and validate one suite file; a bad value raises a one-line :class:`ConfigError`."""
+    file = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(file, "", f"expected a readable YAML suite ({first_line(exc)})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(file, "", "expected a mapping with connection, table, expectations")
+    try:
+        suite = Suite.model_validate({**raw, "file": file})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(file, where, err["msg"]) from None
+    names = [e.check_name for e in suite.expectations]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ConfigError(file, f"expectations.{i}.name",
+                              f"expected a unique check name ({name!r} is used twice)")
+    for i, spec in enumerate(suite.expectations):
+        try:
+            _expectation(spec)
+        except QualityFailed as exc:
+            raise ConfigError(file, f"expectations.{i}", str(exc)) from None
+    return suite
+
+
+def load_suites(directory: str | Path) -> list[Suite]:
+    """Every suite in ``directory`` (sorted by file name); a missing directory has none."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return []
+    return [load_suite(p) for p in sorted(folder.iterdir())
+            if p.suffix in SUITE_SUFFIXES and p.is_file()]
+
+
+def suites_for(config: Config, suites: Sequence[Suite]) -> list[Suite]:
+    """The suites whose table is a Postgres table of ``config`` (source or target)."""
+    tables = {(r.source.connection, r.source.table) for r in config.reconciliations.values()}
+    tables |= {(r.target.connection, r.target.table) for r in config.reconciliations.values()
+               if r.target.table is not None}
+    return [s for s in suites if (s.connection, s.table) in tables
+            and s.connection in config.connections
+            and config.connections[s.connection].kind is ConnectionKind.POSTGRES]
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    """The SQLAlchemy URL of a ``postgresql://`` DSN, on the psycopg 3 driver."""
+    for scheme in ("postgresql://", "postgres://"):
+        if dsn.startswith(scheme):
+            return "postgresql+psycopg://" + dsn[len(scheme):]
+    if dsn.startswith("postgresql+"):
+        return dsn
+    raise QualityFailed(f"expected a postgresql:// URL for GX (got {redact(dsn)})")
+
+
+def _expectation(spec: ExpectationSpec) -> Any:
+    from great_expectations.expectations.registry import get_expectation_impl
+
+    try:
+        cls = get_expectation_impl(spec.type)
+    except Exception as exc:
+        raise QualityFailed(f"type: unknown GX expectation {spec.type!r}") from exc
+    try:
+        return cls(**spec.kwargs)
+    except Exception as exc:
+        raise QualityFailed(f"kwargs: not valid for {spec.type}: "
+                            f"{first_line(exc)}") from exc
+
+
+def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
+    """Run ``suite`` against its table at ``dsn``; one outcome per expectation."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    gx_suite = gx.ExpectationSuite(name=f"{suite.connection}.{suite.table}")
+    expectations = [_expectation(spec) for spec in suite.expectations]
+    for expectation in expectations:
+        gx_suite.add_expectation(expectation)
+    try:
+        source = context.data_sources.add_postgres(
+            suite.connection, connection_string=sqlalchemy_url(dsn))
+        with warnings.catch_warnings():
+            # GX 1.x would rather have the schema in the connection's search_path; a table
+            # asset per schema-qualified table is clearer and still supported
+            warnings.filterwarnings("ignore", "`schema_name` is deprecated", DeprecationWarning)
+            asset = source.add_table_asset(suite.table, table_name=suite.table_name,
+                                           schema_name=suite.schema_name)
+        batch = asset.add_batch_definition_whole_table("whole_table").get_batch()
+        result = batch.validate(gx_suite, result_format={
+            "result_format": "SUMMARY", "partial_unexpected_count": SAMPLE_SIZE})
+    except QualityFailed:
+        raise
+    except Exception as exc:
+        raise QualityFailed(f"{suite.file or suite.table}: cannot validate {suite.table} at "
+                            f"{redact(dsn)}: {first_line(exc)}") from exc
+    outcomes = []
+    for spec, res in _pair(suite.expectations, expectations, result.results):
+        info: dict[str, Any] = dict(res.result or {})
+        error = None
+        exception = getattr(res, "exception_info", None) or {}
+        if isinstance(exception, dict) and exception.get("raised_exception"):
+            error = str(exception.get("exception_message") or "expectation raised")
+        percent = info.get("unexpected_percent")
+        outcomes.append(ExpectationOutcome(
+            name=spec.check_name, type=spec.type, passed=bool(res.success),
+            severity=spec.severity, element_count=info.get("element_count"),
+            unexpected_count=info.get("unexpected_count"),
+            unexpected_percent=round(float(percent), 4) if percent is not None else None,
+            sample=list(info.get("partial_unexpected_list") or [])[:SAMPLE_SIZE],
+            observed_value=info.get("observed_value"), kwargs=dict(spec.kwargs), error=error))
+    return outcomes
+
+
+def _signature(type_: str, kwargs: dict[str, Any]) -> str:
+    return repr((type_, sorted((k, repr(v)) for k, v in kwargs.items() if k != "batch_id")))
+
+
+def _pair(specs: Sequence[ExpectationSpec], expectations: Sequence[Any],
+          results: Sequence[Any]) -> list[tuple[ExpectationSpec, Any]]:
+    """Each spec with its GX result (GX does not promise to keep the suite's order)."""
+    waiting: dict[str, list[Any]] = {}
+    for res in results:
+        config = res.expectation_config
+        waiting.setdefault(_signature(config.type, dict(config.kwargs)), []).append(res)
+    pairs = []
+    for spec, expectation in zip(specs, expectations, strict=True):
+        config = expectation.configuration
+        found = waiting.get(_signature(config.type, dict(config.kwargs))) or []
+        if not found:
+            raise QualityFailed(f"GX returned no result for {spec.type} {spec.kwargs}")
+        pairs.append((spec, found.pop(0)))
+    return pairs
