@@ -5,7 +5,8 @@ trueup: Kafka, a consumer assigned from the start, batches republished with an `
 idempotent producer, flushed (every delivery confirmed), then offsets committed synchronously;
 RabbitMQ, a prefetch window, each copy published with a publisher confirm, then the batch acked.
 trueup does the same plus what the floor skips: reading its headers, deciding per letter,
-recording every letter in ``trueup.replay_events`` and checking ids already replayed.
+recording every letter in ``trueup.replay_events`` and checking ids already replayed (Kafka:
+the record of batch *k* is written while batch *k+1* is sent).
 
 Each side gets its own, identical dead-letter topic or queue. Run on the local stack::
 
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pika
 import psycopg
@@ -100,7 +102,7 @@ def _kafka_floor(dlq: str, target: str, letters: int) -> int:
         batch = [m for m in consumer.consume(BATCH, 1.0) if m.error() is None]
         for message in batch:
             kafka.produce(producer, deliveries, target, value=message.value(),
-                          key=message.key(), headers=message.headers())
+                          key=message.key(), headers=cast(Any, message.headers()))
         kafka.confirm(producer, deliveries, what="floor")
         if batch:
             last = batch[-1].offset()
@@ -190,6 +192,9 @@ def _bench_rabbitmq(letters: int, state: str) -> list[tuple[str, float, int]]:
         config = _config(state, {"bench_rabbitmq": {"connection": "amqp", "queue": dlq}})
         ours = _timed(lambda: replay(config, "bench_rabbitmq", ReplayOptions()).moved)
     finally:
+        # A fresh connection: the first one sat idle (no heartbeats) through both loops.
+        rabbitmq.close_quietly(connection)
+        connection = rabbitmq.connect(AMQP_URL, what="bench")
         channel = connection.channel()
         for name in names:
             channel.queue_delete(name)

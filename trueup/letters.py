@@ -24,7 +24,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from trueup.errors import UsageError
-from trueup.headers import Failure
+from trueup.headers import (
+    ATTEMPTS,
+    ERROR_CLASS,
+    FIRST_FAILURE,
+    LAST_FAILURE,
+    MESSAGE_ID,
+    ORIGIN,
+    REPLAY_ID,
+    Failure,
+    format_time,
+    parse_time,
+)
 
 UNKNOWN_ERROR = "unknown"
 
@@ -52,6 +63,33 @@ class DeadLetter:
                        first_failure=record.first_failure or self.failed_at,
                        last_failure=self.failed_at or record.last_failure,
                        replay_id=replay_id if replay_id is not None else record.replay_id)
+
+    def copy_changes(self, *, replay_id: int) -> dict[str, str]:
+        """The trueup headers a replayed copy must set: those of :meth:`failure` whose value
+        differs from this letter's own header (the others are carried over as they are).
+
+        Same meaning as ``failure(replay_id=...).write()``, without rebuilding every header:
+        a replay handles tens of thousands of letters per second.
+        """
+        text = self.headers
+        get = text.get
+        changes = {REPLAY_ID: str(replay_id)}
+        if get(MESSAGE_ID) != self.message_id:
+            changes[MESSAGE_ID] = self.message_id
+        attempts = str(self.attempts)
+        if get(ATTEMPTS) != attempts:
+            changes[ATTEMPTS] = attempts
+        if self.origin is not None and get(ORIGIN) != self.origin:
+            changes[ORIGIN] = self.origin
+        if get(ERROR_CLASS) != self.error_class:
+            changes[ERROR_CLASS] = self.error_class
+        if self.failed_at is not None:
+            last = get(LAST_FAILURE)
+            if last is None or parse_time(last) != self.failed_at:
+                last = changes[LAST_FAILURE] = format_time(self.failed_at)
+            if not get(FIRST_FAILURE):
+                changes[FIRST_FAILURE] = last
+        return changes
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import json
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,11 +78,17 @@ class Plan:
     settle: Settle
     reason: str = ""
 
-    @property
+    @functools.cached_property
+    def destination_text(self) -> str | None:
+        """The destination as recorded in ``trueup.replay_events``."""
+        return str(self.destination) if self.destination is not None else None
+
+    # Cached: plans are shared by many letters (see _Planner) and asked for each one.
+    @functools.cached_property
     def sends(self) -> bool:
         return self.outcome in (ReplayOutcome.MOVED, ReplayOutcome.PARKED)
 
-    @property
+    @functools.cached_property
     def counts_toward_max(self) -> bool:
         return self.outcome in (ReplayOutcome.MOVED, ReplayOutcome.PARKED,
                                 ReplayOutcome.WOULD_MOVE, ReplayOutcome.WOULD_PARK)
@@ -233,103 +242,218 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
          counts: _Counts, listing: Listing | None) -> None:
     box = open_letterbox(config, name)
     counts.connected = True
+    recorder = _Recorder(config.state)
+    step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
+                 replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
+                 planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
+                 pacer=Pacer(options.rate))
     try:
         if not options.dry_run and dlq.parking is not None:
             box.prepare(Destination(name=dlq.parking))
-        pacer = Pacer(options.rate)
-        policy = RetryPolicy.from_config(dlq)
         batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
         with contextlib.closing(batches):
             for batch in batches:
-                full = _batch(box, dlq, policy, selection, options, conn, replay_id, counts,
-                              pacer, batch, listing)
-                if full:
+                if step.batch(batch):
                     break
-    finally:
-        box.close()
-
-
-def _batch(box: Letterbox, dlq: DeadLetterConfig, policy: RetryPolicy,
-           selection: LetterFilter,
-           options: ReplayOptions, conn: psycopg.Connection[dict[str, Any]], replay_id: int,
-           counts: _Counts, pacer: Pacer, batch: list[Received],
-           listing: Listing | None) -> bool:
-    """Handle one batch; True when ``--max`` is reached."""
-    ids = list({item.letter.message_id for item in batch})
-    replayed = {row["message_id"]: int(row["replay_id"]) for row in conn.execute(
-        query("last_replayed"), {"message_ids": ids, "name": box.name}).fetchall()}
-    plans: list[Plan] = []
-    in_batch: set[str] = set()
-    limit = options.max_messages
-    for item in batch:
-        letter = item.letter
-        if limit is not None and counts.sent_or_planned >= limit:
-            plans.append(Plan(outcome=None, destination=None, settle=Settle.UNTOUCHED))
-            continue
-        replayed_by = replay_id if letter.message_id in in_batch else (
-            replayed.get(letter.message_id))
-        chosen = plan(letter, dlq, selected=selection.matches(letter),
-                      replayed_by=replayed_by, dry_run=options.dry_run, policy=policy)
-        if chosen.counts_toward_max:
-            counts.sent_or_planned += 1
-        if chosen.sends:
-            in_batch.add(letter.message_id)
-        plans.append(chosen)
-        if listing is not None and chosen.outcome is not None:
-            listing(letter, chosen)
-
-    sent: list[tuple[Received, Plan]] = []
-    try:
-        if not options.dry_run:
-            for item, chosen in zip(batch, plans, strict=True):
-                if chosen.sends:
-                    assert chosen.destination is not None
-                    pacer.wait()
-                    box.publish(item, chosen.destination, replay_id=replay_id)
-                    sent.append((item, chosen))
-            box.confirm()
+                if box.confirms_each_publish:
+                    # Nothing to overlap (each publish waited for its confirm), and the
+                    # prefetch window needs the acks before it delivers the next batch.
+                    step.drain()
+            step.drain()  # the last batch (after --max: before the generator is closed)
     except BaseException:
-        if box.confirms_each_publish and sent:
-            # Confirmed one by one: record them, so the next attempt does not send them again.
-            _record(conn, replay_id, counts, [i for i, _ in sent], [p for _, p in sent])
+        with contextlib.suppress(Exception):
+            step.drain()  # a batch recorded meanwhile is settled (or re-read and skipped)
         raise
-    recorded = [(i, p) for i, p in zip(batch, plans, strict=True)
-                if p.outcome is not None or p.settle is Settle.KEEP]
-    _record(conn, replay_id, counts, [i for i, _ in recorded], [p for _, p in recorded])
-    if not options.dry_run:
-        box.settle(batch, [p.settle for p in plans])
-    return limit is not None and counts.sent_or_planned >= limit
+    finally:
+        try:
+            recorder.close()
+        finally:
+            box.close()
 
 
-def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int, counts: _Counts,
-            items: list[Received], plans: list[Plan]) -> None:
-    """Record the events of a batch and add its counts, in one transaction."""
+@dataclass(frozen=True, kw_only=True)
+class _Pending:
+    """A batch whose copies are confirmed and whose events are being recorded; it is settled
+    (committed, acked) only once the record is in Postgres."""
+
+    items: list[Received]
+    settles: list[Settle]
+    sent_ids: frozenset[str]
+    recorded: Future[tuple[int, int, int]]
+
+
+class _Recorder:
+    """Writes batches to ``trueup.replay_events`` on a connection and thread of its own, so
+    Postgres records batch *k* while the broker takes and confirms batch *k+1*."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-replay")
+        self.conn: psycopg.Connection[dict[str, Any]] | None = None
+
+    def submit(self, replay_id: int, items: list[Received],
+               plans: list[Plan]) -> Future[tuple[int, int, int]]:
+        return self.executor.submit(self._record, replay_id, items, plans)
+
+    def _record(self, replay_id: int, items: list[Received],
+                plans: list[Plan]) -> tuple[int, int, int]:
+        if self.conn is None:
+            self.conn = open_state(self.dsn, migrate_schema=False)
+            self.conn.autocommit = True
+        return _record(self.conn, replay_id, items, plans)
+
+    def close(self) -> None:
+        def close_conn() -> None:
+            if self.conn is not None:
+                self.conn.close()
+        try:
+            self.executor.submit(close_conn).result()
+        finally:
+            self.executor.shutdown(wait=True)
+
+
+class _Planner:
+    """:func:`plan` for every letter, sharing one :class:`Plan` among letters with the same
+    fate (most letters of a queue have the same one)."""
+
+    def __init__(self, dlq: DeadLetterConfig, policy: RetryPolicy, dry_run: bool) -> None:
+        self.dlq, self.policy, self.dry_run = dlq, policy, dry_run
+        self.memo: dict[tuple[bool, int, int, str | None], Plan] = {}
+
+    def __call__(self, letter: DeadLetter, *, selected: bool, replayed_by: int | None) -> Plan:
+        already = replayed_by is not None and replayed_by > letter.generation
+        exhausted = self.policy.exhausted(letter.attempts)
+        key = (selected, replayed_by if already and replayed_by is not None else -1,
+               letter.attempts if exhausted else -1, letter.origin)
+        found = self.memo.get(key)
+        if found is None:
+            found = self.memo[key] = plan(letter, self.dlq, selected=selected,
+                                          replayed_by=replayed_by if already else None,
+                                          dry_run=self.dry_run, policy=self.policy)
+        return found
+
+
+@dataclass(kw_only=True)
+class _Step:
+    """Moves one batch after another: decide, publish, confirm, then record (in the
+    background) and settle the batch before it."""
+
+    box: Letterbox
+    dlq: DeadLetterConfig
+    selection: LetterFilter
+    options: ReplayOptions
+    conn: psycopg.Connection[dict[str, Any]]
+    replay_id: int
+    counts: _Counts
+    listing: Listing | None
+    recorder: _Recorder
+    planner: _Planner
+    pacer: Pacer
+    pending: _Pending | None = None
+
+    def batch(self, batch: list[Received]) -> bool:
+        """Handle one batch; True when ``--max`` is reached."""
+        options, counts, replay_id = self.options, self.counts, self.replay_id
+        ids = list({item.letter.message_id for item in batch})
+        replayed = {row["message_id"]: int(row["replay_id"]) for row in self.conn.execute(
+            query("last_replayed"),
+            {"message_ids": json.dumps(ids), "name": self.box.name}).fetchall()}
+        # Ids sent by this replay and not yet recorded: the previous batch and this one.
+        in_flight = set(self.pending.sent_ids) if self.pending is not None else set()
+        plans: list[Plan] = []
+        sent: list[tuple[Received, Plan]] = []
+        limit = options.max_messages
+        selection = self.selection.matches if self.selection.tests else None
+        publish = None if options.dry_run else self.box.publish
+        pace = self.pacer.wait if self.pacer.rate else None
+        try:
+            # Decided and published in one pass: the fate of a letter depends on the lookup
+            # above and on the letters before it, never on those after it.
+            for item in batch:
+                letter = item.letter
+                if limit is not None and counts.sent_or_planned >= limit:
+                    plans.append(_UNTOUCHED)
+                    continue
+                message_id = letter.message_id
+                chosen = self.planner(
+                    letter, selected=selection is None or selection(letter),
+                    replayed_by=replay_id if message_id in in_flight else replayed.get(
+                        message_id))
+                plans.append(chosen)
+                if chosen.counts_toward_max:
+                    counts.sent_or_planned += 1
+                if self.listing is not None and chosen.outcome is not None:
+                    self.listing(letter, chosen)
+                if chosen.sends:
+                    in_flight.add(message_id)
+                    if publish is not None:
+                        assert chosen.destination is not None
+                        if pace is not None:
+                            pace()
+                        publish(item, chosen.destination, replay_id=replay_id)
+                        sent.append((item, chosen))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.drain()
+            if self.box.confirms_each_publish and sent:
+                # Confirmed one by one: record them, so the next attempt does not send them
+                # again.
+                self._count(_record(self.conn, replay_id, [i for i, _ in sent],
+                                    [p for _, p in sent]))
+            raise
+        self.drain()  # the batch before: recorded, then settled (in order)
+        if not options.dry_run:
+            self.box.confirm()
+        recorded = [(i, p) for i, p in zip(batch, plans, strict=True)
+                    if p.outcome is not None or p.settle is Settle.KEEP]
+        self.pending = _Pending(
+            items=batch, settles=[p.settle for p in plans],
+            sent_ids=frozenset(i.letter.message_id for i, _ in sent),
+            recorded=self.recorder.submit(replay_id, [i for i, _ in recorded],
+                                          [p for _, p in recorded]))
+        return limit is not None and counts.sent_or_planned >= limit
+
+    def drain(self) -> None:
+        """Wait until the pending batch is recorded, then settle it."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        self._count(pending.recorded.result())
+        if not self.options.dry_run:
+            self.box.settle(pending.items, pending.settles)
+
+    def _count(self, added: tuple[int, int, int]) -> None:
+        moved, parked, skipped = added
+        self.counts.moved += moved
+        self.counts.parked += parked
+        self.counts.skipped += skipped
+
+
+_UNTOUCHED = Plan(outcome=None, destination=None, settle=Settle.UNTOUCHED)
+_MOVED_OR_WOULD = (ReplayOutcome.MOVED, ReplayOutcome.WOULD_MOVE)
+_PARKED_OR_WOULD = (ReplayOutcome.PARKED, ReplayOutcome.WOULD_PARK)
+
+
+def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int, items: list[Received],
+            plans: list[Plan]) -> tuple[int, int, int]:
+    """Record the events of a batch and add its counts, in one statement; return the counts
+    (moved, parked, skipped)."""
     events = [(item.letter, p) for item, p in zip(items, plans, strict=True)
               if p.outcome is not None]
-    moved = sum(1 for _, p in events if p.outcome in (ReplayOutcome.MOVED,
-                                                      ReplayOutcome.WOULD_MOVE))
-    parked = sum(1 for _, p in events if p.outcome in (ReplayOutcome.PARKED,
-                                                       ReplayOutcome.WOULD_PARK))
+    moved = sum(1 for _, p in events if p.outcome in _MOVED_OR_WOULD)
+    parked = sum(1 for _, p in events if p.outcome in _PARKED_OR_WOULD)
     skipped = len(plans) - moved - parked
-    with conn.transaction():
-        if events:
-            conn.execute(query("record_replay_events"), {
-                "replay_id": replay_id,
-                "message_ids": [letter.message_id for letter, _ in events],
-                "origins": [letter.origin for letter, _ in events],
-                "destinations": [str(p.destination) if p.destination else None
-                                 for _, p in events],
-                "outcomes": [str(p.outcome) for _, p in events],
-                "error_classes": [letter.error_class for letter, _ in events],
-                "attempts": [letter.attempts for letter, _ in events]})
-        row = conn.execute(query("count_replay"), {
-            "replay_id": replay_id, "moved": moved, "parked": parked,
-            "skipped": skipped}).fetchone()
-        if row is None:
-            raise StateError(f"replay {replay_id} is no longer running (cancelled?)")
-    counts.moved += moved
-    counts.parked += parked
-    counts.skipped += skipped
+    row = conn.execute(query("record_replay_batch"), {
+        "replay_id": replay_id, "moved": moved, "parked": parked, "skipped": skipped,
+        "message_ids": json.dumps([letter.message_id for letter, _ in events]),
+        "origins": json.dumps([letter.origin for letter, _ in events]),
+        "destinations": json.dumps([p.destination_text for _, p in events]),
+        "outcomes": json.dumps([p.outcome for _, p in events]),
+        "error_classes": json.dumps([letter.error_class for letter, _ in events]),
+        "attempts": json.dumps([letter.attempts for letter, _ in events])}).fetchone()
+    if row is None:
+        raise StateError(f"replay {replay_id} is no longer running (cancelled?)")
+    return moved, parked, skipped
 
 
 # ---------------------------------------------------------------------------------------------

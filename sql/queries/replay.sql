@@ -21,29 +21,41 @@ INSERT INTO trueup.replays (name, dry_run, filter, max_messages, rate)
 VALUES (%(name)s, %(dry_run)s, %(filter)s, %(max_messages)s, %(rate)s)
 RETURNING replay_id, started_at;
 
--- name: record_replay_events
-INSERT INTO trueup.replay_events
-    (replay_id, message_id, origin, destination, outcome, error_class, attempts)
-SELECT %(replay_id)s, e.message_id, e.origin, e.destination, e.outcome, e.error_class,
-       e.attempts
-FROM unnest(%(message_ids)s::text[], %(origins)s::text[], %(destinations)s::text[],
-            %(outcomes)s::text[], %(error_classes)s::text[], %(attempts)s::integer[])
-     AS e (message_id, origin, destination, outcome, error_class, attempts)
-ON CONFLICT (replay_id, message_id) DO NOTHING;
-
--- name: count_replay
-UPDATE trueup.replays
-SET moved = moved + %(moved)s, parked = parked + %(parked)s, skipped = skipped + %(skipped)s
-WHERE replay_id = %(replay_id)s AND status = 'running'
-RETURNING replay_id;
+-- name: record_replay_batch
+-- A batch's events and counts in one statement (atomic without a transaction block, one round
+-- trip). Columns travel as JSON arrays: encoding them is cheap next to Postgres array literals.
+-- Nothing is written when the replay is no longer running; the caller sees no row then.
+WITH counted AS (
+    UPDATE trueup.replays
+    SET moved = moved + %(moved)s, parked = parked + %(parked)s,
+        skipped = skipped + %(skipped)s
+    WHERE replay_id = %(replay_id)s AND status = 'running'
+    RETURNING replay_id
+), recorded AS (
+    INSERT INTO trueup.replay_events
+        (replay_id, message_id, origin, destination, outcome, error_class, attempts)
+    SELECT c.replay_id, e.message_id, e.origin, e.destination, e.outcome, e.error_class,
+           e.attempts::integer
+    FROM counted AS c,
+         ROWS FROM (json_array_elements_text(%(message_ids)s::json),
+                    json_array_elements_text(%(origins)s::json),
+                    json_array_elements_text(%(destinations)s::json),
+                    json_array_elements_text(%(outcomes)s::json),
+                    json_array_elements_text(%(error_classes)s::json),
+                    json_array_elements_text(%(attempts)s::json))
+         AS e (message_id, origin, destination, outcome, error_class, attempts)
+    ON CONFLICT (replay_id, message_id) DO NOTHING
+)
+SELECT replay_id FROM counted;
 
 -- name: last_replayed
--- The newest replay of this queue that moved or parked each of these messages: a letter whose
--- copy came from an older replay (its trueup-replay-id header) was already handled.
+-- The newest replay of this queue that moved or parked each of these messages (a JSON array of
+-- ids): a letter whose copy came from an older replay (its trueup-replay-id header) was already
+-- handled.
 SELECT e.message_id, max(e.replay_id) AS replay_id
 FROM trueup.replay_events AS e
 JOIN trueup.replays AS r USING (replay_id)
-WHERE e.message_id = ANY(%(message_ids)s::text[])
+WHERE e.message_id = ANY(ARRAY(SELECT json_array_elements_text(%(message_ids)s::json)))
   AND e.outcome IN ('moved', 'parked')
   AND r.name = %(name)s
 GROUP BY e.message_id;

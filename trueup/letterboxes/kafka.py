@@ -40,21 +40,38 @@ def replay_group(name: str) -> str:
     return f"trueup-replay-{name}"
 
 
-def letter_of(message: Message) -> DeadLetter:
-    """A dead letter of a Kafka message, with or without trueup's headers."""
-    text = headers.from_kafka(message.headers())
-    failure = headers.Failure.read(text)
+def letter_of(message: Message, raw: Any = None) -> DeadLetter:
+    """A dead letter of a Kafka message (``raw``: its headers, when already read), with or
+    without trueup's headers."""
+    text = headers.from_kafka(message.headers() if raw is None else raw)
+    get = text.get
     key = message.key()
-    stamp_type, stamp_ms = message.timestamp()
-    stamped = (dt.datetime.fromtimestamp(stamp_ms / 1000, dt.UTC)
-               if stamp_type != TIMESTAMP_NOT_AVAILABLE else None)
+    failed_at = headers.parse_time(get(headers.LAST_FAILURE))
+    if failed_at is None:
+        stamp_type, stamp_ms = message.timestamp()
+        if stamp_type != TIMESTAMP_NOT_AVAILABLE:
+            failed_at = dt.datetime.fromtimestamp(stamp_ms / 1000, dt.UTC)
+    # Only the fields a replay decides on are read here; the full record is parsed on demand.
     return DeadLetter(
-        message_id=failure.message_id or (f"{message.topic()}:{message.partition()}:"
-                                          f"{message.offset()}"),
+        message_id=get(headers.MESSAGE_ID) or (f"{message.topic()}:{message.partition()}:"
+                                               f"{message.offset()}"),
         key=key.decode("utf-8", "replace") if key is not None else None,
-        origin=failure.origin, error_class=failure.error_class or UNKNOWN_ERROR,
-        attempts=failure.attempts, failed_at=failure.last_failure or stamped,
-        generation=failure.replay_id or 0, headers=text, record=failure)
+        origin=get(headers.ORIGIN) or None,
+        error_class=get(headers.ERROR_CLASS) or UNKNOWN_ERROR,
+        attempts=headers.integer(get(headers.ATTEMPTS)) or 0, failed_at=failed_at,
+        generation=headers.integer(get(headers.REPLAY_ID)) or 0, headers=text)
+
+
+def copy_headers(raw: list[tuple[str, Any]], letter: DeadLetter, *,
+                 replay_id: int) -> list[tuple[str, Any]]:
+    """The headers of a replayed copy: the letter's own, with trueup's brought up to date."""
+    changes = letter.copy_changes(replay_id=replay_id)
+    known = headers.FAILURE_HEADERS
+    prefix = headers.PREFIX
+    kept = [(k, v) for k, v in raw
+            if not k.startswith(prefix) or (k in known and k not in changes)]
+    kept.extend((k, v.encode()) for k, v in changes.items())
+    return kept
 
 
 class KafkaLetterbox:
@@ -114,7 +131,9 @@ class KafkaLetterbox:
                         continue
                     end = bounds[partition][1]
                     if offset < end:
-                        batch.append(Received(letter=letter_of(message), handle=message))
+                        raw = message.headers() or []
+                        batch.append(Received(letter=letter_of(message, raw),
+                                              handle=(message, raw)))
                     if offset + 1 >= end:
                         # Letters that arrive during the replay wait for the next one.
                         active.discard(partition)
@@ -140,14 +159,12 @@ class KafkaLetterbox:
 
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
         assert destination.name is not None
-        message: Message = item.handle
-        raw = message.headers()
-        kept: list[tuple[str, Any]] = [(k, v) for k, v in (raw if isinstance(raw, list) else ())
-                                       if not k.startswith(headers.PREFIX)]
-        fresh = headers.to_kafka(item.letter.failure(replay_id=replay_id).write())
+        message: Message
+        message, raw = item.handle
         # The key is kept, so a replayed letter lands in its key's partition, in key order.
         kafka.produce(self._producer_(), self._deliveries, destination.name,
-                      value=message.value(), key=message.key(), headers=[*kept, *fresh])
+                      value=message.value(), key=message.key(),
+                      headers=copy_headers(raw, item.letter, replay_id=replay_id))
 
     def confirm(self) -> None:
         if self._producer is not None:
@@ -157,7 +174,7 @@ class KafkaLetterbox:
         """Commit, per partition, up to the first letter that stays in the topic."""
         commits: dict[int, int] = {}
         for item, state in zip(items, states, strict=True):
-            message: Message = item.handle
+            message: Message = item.handle[0]
             partition, offset = message.partition(), message.offset()
             assert partition is not None and offset is not None
             if partition in self._blocked:
