@@ -10,6 +10,7 @@ plain read of each table, never more.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,9 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
     array_type = _array_type(side)
     if wanted == 1:
         return Segmentation(bounds=[], array_type=array_type)
+    from_statistics = _bounds_from_statistics(conn, side, where, wanted)
+    if from_statistics is not None:
+        return Segmentation(bounds=from_statistics, array_type=array_type)
     percent = min(100.0, 100.0 * wanted * SAMPLE_PER_SEGMENT / max(rows, 1))
     sample: sql.Composable = sql.SQL("")
     where_sampled = where
@@ -87,6 +91,40 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
     ).format(first=side.first_key, rel=side.relation, sample=sample, where=where_sampled))]
     step = max(1, len(keys) // wanted)
     return Segmentation(bounds=keys[step::step], array_type=array_type)
+
+
+_INTEGER_TYPES = ("int2", "int4", "int8")
+
+
+def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
+                            wanted: int) -> list[int] | None:
+    """Boundaries for an integer key from the planner's histogram, without reading the table.
+
+    ANALYZE keeps ~100 quantiles of the key; splitting each bucket evenly gives ``wanted``
+    boundaries at no cost (sampling rows reads the whole table: 0.4 s per 5M rows). The real
+    minimum and maximum (two index lookups) stretch the ends, so rows added since ANALYZE still
+    spread over segments. None when there is no histogram or the key is not an integer.
+    """
+    if side.key_types[0].name not in _INTEGER_TYPES or side.statistics is None:
+        return None
+    schema, table, column = side.statistics
+    row = conn.execute(
+        "SELECT histogram_bounds::text::bigint[] AS h FROM pg_stats "
+        "WHERE schemaname = %s AND tablename = %s AND attname = %s",
+        (schema, table, column)).fetchone()
+    histogram = row["h"] if row else None
+    if not histogram or len(histogram) < 2:
+        return None
+    ends = conn.execute(sql.SQL("SELECT min({k}) AS lo, max({k}) AS hi FROM {rel} WHERE {w}"
+                                ).format(k=side.key[0], rel=side.relation, w=where)).fetchone()
+    if ends is None or ends["lo"] is None:
+        return None
+    points = sorted({int(ends["lo"]), *histogram, int(ends["hi"]) + 1})
+    per_bucket = max(1, wanted // (len(points) - 1))
+    bounds: set[int] = set()
+    for low, high in itertools.pairwise(points):
+        bounds.update(low + (high - low) * j // per_bucket for j in range(per_bucket))
+    return sorted(bounds)[1:]  # the first is the minimum: nothing lies below it
 
 
 def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,

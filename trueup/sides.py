@@ -92,6 +92,8 @@ class Side:
     #: A cheaper checksum hash for table-to-table runs (see :func:`native_hash`); None for a
     #: mirror, whose row hashes are stored in the canonical form.
     native_hash: sql.Composable | None = None
+    #: (schema, table, first key column) of a plain table side, for the planner's statistics
+    statistics: tuple[str, str, str] | None = None
 
     @property
     def first_key(self) -> sql.Composable:
@@ -145,6 +147,7 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         fingerprint=sql.SQL("hashtextextended({}, 0)").format(fields),
         row_hash=sql.Literal(0),  # replaced below, needs key_text and version_text
         updated_at=sql.Identifier(updated_at) if updated_at else None,
+        statistics=(table.partition(".")[0], table.partition(".")[2], key[0]),
     )
     row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
         sql.Literal(PART_SEPARATOR), side.key_text, side.version_text, fields)
