@@ -141,12 +141,18 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_diff(config: Config, args: argparse.Namespace) -> int:
     from trueup.diff import diff
+    from trueup.progress import ProgressBar
 
     def show(difference: Any) -> None:
         if args.show:
             print(to_json(difference.to_json()), flush=True)
 
-    summary = diff(config, args.name, partition=args.partition, on_difference=show)
+    bar = ProgressBar()
+    try:
+        summary = diff(config, args.name, partition=args.partition, on_difference=show,
+                       progress=bar)
+    finally:
+        bar.close()
     if args.json:
         print(to_json(summary.to_json()))
     else:

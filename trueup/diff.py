@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from trueup import segments
+from trueup import metrics, segments, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line
 from trueup.errors import TrueupError, UsageError
@@ -85,19 +85,23 @@ def diff(config: Config, name: str, *, partition: str | None = None,
     rec = config.reconciliation(name)
     day = parse_partition(rec, name, partition)
     started = time.monotonic()
-    with open_state(config.state) as state:
+    with open_state(config.state) as state, tracing.span(
+            "diff", reconciliation=name, partition=partition) as span:
         run_id, started_at = start_run(state, name, partition)
+        span.set_attribute("run_id", run_id)
         log.info("diff.started", reconciliation=name, run_id=run_id, partition=partition)
         try:
             summary = _run(config, name, rec, run_id, started_at, day, state, started,
                            on_difference or (lambda d: None), progress or (lambda *a: None))
         except Exception as exc:
             reason = str(exc) if isinstance(exc, TrueupError) else first_line(exc)
+            metrics.DIFF_RUNS.labels(name, "failed").inc()
             _record_failure(config.state, run_id, reason, time.monotonic() - started)
             log.error("diff.failed", reconciliation=name, run_id=run_id, error=reason)
             if isinstance(exc, TrueupError):
                 raise
             raise DiffFailed(f"diff {name}: run {run_id} failed: {reason}") from exc
+    metrics.record_diff(summary)
     log.info("diff.finished", reconciliation=name, run_id=run_id, seconds=summary.seconds,
              **{c.value: getattr(summary, c.value) for c in DifferenceClass})
     return summary
@@ -224,11 +228,13 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
     progress("checksums", 0, plan.count)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
-        source_sums_f = pool.submit(segments.checksums, source_conn, c.source, c.source_where,
-                                    plan, native=native)
-        target_sums_f = pool.submit(segments.checksums, target_conn, c.target, c.target_where,
-                                    plan, native=native)
-        source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
+        with tracing.span("diff.checksums", segments=plan.count) as span:
+            source_sums_f = pool.submit(segments.checksums, source_conn, c.source,
+                                        c.source_where, plan, native=native)
+            target_sums_f = pool.submit(segments.checksums, target_conn, c.target,
+                                        c.target_where, plan, native=native)
+            source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
+            span.set_attribute("differing", len(segments.differing(source_sums, target_sums)))
         yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))
         todo = segments.differing(source_sums, target_sums)
         log.info("diff.segments", segments=plan.count, differing=len(todo))
@@ -236,12 +242,15 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
         done = 0
         extra = _source_extra(c)
         for batch in segments.batches(todo, source_sums, target_sums):
-            source_rows_f = pool.submit(segments.rows_in_segments, source_conn, c.source,
-                                        c.source_where, plan, batch, extra)
-            target_rows_f = pool.submit(segments.rows_in_segments, target_conn, c.target,
-                                        c.target_where, plan, batch)
-            yield from classify(source_rows_f.result(), target_rows_f.result(),
-                                c.in_flight_since, orphans=True)
+            with tracing.span("diff.segments", segments=len(batch), first=batch[0],
+                              last=batch[-1]):
+                source_rows_f = pool.submit(segments.rows_in_segments, source_conn, c.source,
+                                            c.source_where, plan, batch, extra)
+                target_rows_f = pool.submit(segments.rows_in_segments, target_conn, c.target,
+                                            c.target_where, plan, batch)
+                found = list(classify(source_rows_f.result(), target_rows_f.result(),
+                                      c.in_flight_since, orphans=True))
+            yield from found
             done += len(batch)
             progress("segments", done, len(todo))
 
@@ -274,10 +283,12 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
         cur.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
             columns, c.source.relation, c.source_where))
         while batch := cur.fetchmany(PARTITION_BATCH_ROWS):
-            found = _target_rows_for(target_conn, c.target, batch)
+            with tracing.span("diff.partition_batch", rows=len(batch)):
+                found = _target_rows_for(target_conn, c.target, batch)
+                differences = list(classify(batch, found, c.in_flight_since, orphans=False))
             source_rows += len(batch)
             target_rows += len(found)
-            yield from classify(batch, found, c.in_flight_since, orphans=False)
+            yield from differences
             progress("rows", source_rows, 0)
     yield (source_rows, target_rows)
 

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from trueup import metrics
 from trueup.config import Config
 from trueup.headers import now
 from trueup.letterboxes import open_letterbox
@@ -52,6 +53,9 @@ def inspect(config: Config, name: str, *, limit: int = INSPECT_LIMIT,
     box = open_letterbox(config, name)
     try:
         depth = box.depth()
+        metrics.DLQ_DEPTH.labels(name).set(depth)
+        if depth == 0:
+            metrics.DLQ_OLDEST_AGE.labels(name).set(0)
         if not breakdown or depth == 0:
             # Without reading, the oldest age is unknown.
             return DlqReport(name=name, depth=depth, oldest_age_seconds=None)
@@ -80,6 +84,8 @@ def inspect(config: Config, name: str, *, limit: int = INSPECT_LIMIT,
     report = DlqReport(name=name, depth=depth, oldest_age_seconds=age,
                        by_error=dict(errors.most_common()), by_origin=dict(origins.most_common()),
                        inspected=seen)
+    if age is not None:
+        metrics.DLQ_OLDEST_AGE.labels(name).set(age)
     log.info("dlq.inspected", name=name, depth=depth, inspected=seen)
     return report
 

@@ -39,6 +39,22 @@ class _Formatter(logging.Formatter):
         return text.rstrip()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is now, not the one seen when logging was set up
+    (a test's captured stream, or a redirected one, may be closed by the time we log)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class StructuredLogger:
     """A thin wrapper: ``log.info("event.name", key=value, ...)``."""
 
@@ -48,6 +64,8 @@ class StructuredLogger:
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
             exc_info = fields.pop("exc_info", None)
+            if "trace_id" not in fields and (trace_id := _trace_id()) is not None:
+                fields["trace_id"] = trace_id
             self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
     def debug(self, event: str, **fields: Any) -> None:
@@ -63,6 +81,15 @@ class StructuredLogger:
         self._log(logging.ERROR, event, fields)
 
 
+def _trace_id() -> str | None:
+    """The active OpenTelemetry trace's id, so a log line can be found from its trace."""
+    trace = sys.modules.get("opentelemetry.trace")  # not imported: no span can be active
+    if trace is None:
+        return None
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
 def configure(level: str | None = None, as_json: bool | None = None) -> None:
     """Install the handler on the ``trueup`` logger (idempotent)."""
     global _CONFIGURED
@@ -76,7 +103,7 @@ def configure(level: str | None = None, as_json: bool | None = None) -> None:
         for handler in logger.handlers:
             handler.setFormatter(_Formatter(as_json))
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(_Formatter(as_json))
     logger.addHandler(handler)
     logger.propagate = False

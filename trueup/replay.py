@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from opentelemetry.trace import SpanKind
 
+from trueup import metrics, tracing
 from trueup.config import Config, DeadLetterConfig
 from trueup.errors import Conflict, ConnectionFailed, StateError
 from trueup.letterboxes import Letterbox, Received, Settle, open_letterbox
@@ -186,6 +188,9 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
     summary = ReplaySummary(replay_id=replay_id, name=name, dry_run=options.dry_run,
                             moved=counts.moved, parked=counts.parked, skipped=counts.skipped,
                             seconds=seconds)
+    if not options.dry_run:
+        for outcome in ("moved", "parked", "skipped"):
+            metrics.REPLAYED.labels(name, outcome).inc(getattr(summary, outcome))
     log.info("replay.finished", **summary.as_json())
     return summary
 
@@ -390,7 +395,11 @@ class _Step:
                         assert chosen.destination is not None
                         if pace is not None:
                             pace()
-                        publish(item, chosen.destination, replay_id=replay_id)
+                        with tracing.message_span(
+                                "replay.publish", letter.headers, kind=SpanKind.PRODUCER,
+                                dead_letters=self.box.name, replay_id=replay_id,
+                                destination=chosen.destination_text):
+                            publish(item, chosen.destination, replay_id=replay_id)
                         sent.append((item, chosen))
         except BaseException:
             with contextlib.suppress(Exception):

@@ -44,19 +44,23 @@ FROM trueup.backfills AS b
 WHERE b.backfill_id = %(backfill_id)s;
 
 -- name: claim_chunk
--- A pending chunk that is due, or a running one whose worker stopped renewing its lease.
-UPDATE trueup.chunks AS c
-SET status = 'running', attempts = c.attempts + 1, lease_owner = %(owner)s,
-    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
-WHERE (c.backfill_id, c.chunk) = (
-    SELECT backfill_id, chunk FROM trueup.chunks
+-- A pending chunk that is due, or a running one whose worker stopped renewing its lease
+-- (taken_over: the previous holder's lease had expired).
+WITH picked AS (
+    SELECT backfill_id, chunk, status AS was FROM trueup.chunks
     WHERE backfill_id = %(backfill_id)s
       AND ((status = 'pending' AND next_attempt_at <= now())
            OR (status = 'running' AND lease_expires_at < now()))
     ORDER BY next_attempt_at, chunk
     LIMIT 1
     FOR UPDATE SKIP LOCKED)
-RETURNING c.backfill_id, c.chunk, c.key_from, c.key_to, c.keys, c.rows_planned, c.attempts;
+UPDATE trueup.chunks AS c
+SET status = 'running', attempts = c.attempts + 1, lease_owner = %(owner)s,
+    lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+FROM picked
+WHERE (c.backfill_id, c.chunk) = (picked.backfill_id, picked.chunk)
+RETURNING c.backfill_id, c.chunk, c.key_from, c.key_to, c.keys, c.rows_planned, c.attempts,
+          picked.was = 'running' AS taken_over;
 
 -- name: renew_lease
 UPDATE trueup.chunks

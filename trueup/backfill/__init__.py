@@ -109,20 +109,29 @@ def exit_status(summary: BackfillSummary) -> int:
 def cmd_backfill(config: Config, args: argparse.Namespace) -> int:
     from trueup.backfill.model import DEFAULT_CHUNK_ROWS
     from trueup.cli import to_json
+    from trueup.progress import ProgressBar
 
     worker = WorkerOptions(workers=args.workers, lease_seconds=lease_seconds())
-    if args.cancel:
-        summary = cancel_backfill(config, args.cancel)
-    elif args.resume:
-        summary = resume_backfill(config, args.resume, worker)
-    else:
-        scope = (BackfillScope.RUN if args.run else
-                 BackfillScope.PARTITION if args.partition else BackfillScope.ALL)
-        options = BackfillOptions(scope=scope, run_id=args.run, partition=args.partition,
-                                  dry_run=args.dry_run,
-                                  chunk_size=args.chunk_size or DEFAULT_CHUNK_ROWS,
-                                  rate=args.rate, workers=args.workers)
-        summary = start_backfill(config, args.name, options, worker)
+    bar = ProgressBar()
+
+    def progress(chunks_done: int, chunks: int, rows_repaired: int, rows_per_s: float) -> None:
+        bar("chunks", chunks_done, chunks, repaired=rows_repaired, rows_per_s=rows_per_s)
+
+    try:
+        if args.cancel:
+            summary = cancel_backfill(config, args.cancel)
+        elif args.resume:
+            summary = resume_backfill(config, args.resume, worker, progress)
+        else:
+            scope = (BackfillScope.RUN if args.run else
+                     BackfillScope.PARTITION if args.partition else BackfillScope.ALL)
+            options = BackfillOptions(scope=scope, run_id=args.run, partition=args.partition,
+                                      dry_run=args.dry_run,
+                                      chunk_size=args.chunk_size or DEFAULT_CHUNK_ROWS,
+                                      rate=args.rate, workers=args.workers)
+            summary = start_backfill(config, args.name, options, worker, progress)
+    finally:
+        bar.close()
     if args.json:
         out = summary.to_json()
         print(to_json({k: out[k] for k in ("backfill_id", "reconciliation", "status", "chunks",

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from trueup import metrics
 from trueup.db import connect
 from trueup.errors import StateError
 from trueup.log import get_logger
@@ -58,6 +59,10 @@ def claim(conn: psycopg.Connection[Any], backfill_id: int, owner: str,
                                                   "lease_seconds": lease_seconds}).fetchone()
     if row is None:
         return None
+    if row["taken_over"]:
+        metrics.LEASES_TAKEN_OVER.inc()
+        log.warning("backfill.lease_taken_over", backfill_id=backfill_id, chunk=row["chunk"],
+                    owner=owner, attempt=row["attempts"])
     return Chunk(backfill_id=row["backfill_id"], chunk=row["chunk"], key_from=row["key_from"],
                  key_to=row["key_to"], keys=row["keys"], rows_planned=row["rows_planned"],
                  attempts=row["attempts"])

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import psycopg
 
+from trueup import metrics, tracing
 from trueup.backfill import chunks
 from trueup.backfill.model import (
     Backfill,
@@ -177,19 +178,32 @@ class _Worker:
         bid = self.backfill.backfill_id
         log.info("backfill.chunk_started", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts)
-        try:
-            with chunks.Heartbeat(self.config.state, chunk, self.owner,
-                                  self.options.lease_seconds) as heartbeat:
-                ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
-                                   heartbeat=heartbeat, pace=self.pacer)
-                result = writer.repair(chunk, ctx)
-        except chunks.LeaseLost as exc:
-            log.warning("backfill.lease_lost", backfill_id=bid, chunk=chunk.chunk,
-                        error=str(exc))
-            return False
-        except Exception as exc:
-            self._failed(state, chunk, exc)
-            return False
+        began = time.monotonic()
+        with tracing.span("backfill.chunk", reconciliation=self.backfill.reconciliation,
+                          backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts,
+                          rows_planned=chunk.rows_planned) as span:
+            try:
+                with chunks.Heartbeat(self.config.state, chunk, self.owner,
+                                      self.options.lease_seconds) as heartbeat:
+                    ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
+                                       heartbeat=heartbeat, pace=self.pacer)
+                    result = writer.repair(chunk, ctx)
+            except chunks.LeaseLost as exc:
+                log.warning("backfill.lease_lost", backfill_id=bid, chunk=chunk.chunk,
+                            error=str(exc))
+                metrics.record_chunk("lease_lost", time.monotonic() - began)
+                span.set_attribute("outcome", "lease_lost")
+                return False
+            except Exception as exc:
+                span.record_exception(exc)
+                outcome = self._failed(state, chunk, exc)
+                span.set_attribute("outcome", outcome)
+                metrics.record_chunk(outcome, time.monotonic() - began)
+                return False
+            span.set_attributes({"outcome": "done", "repaired": result.repaired,
+                                 "skipped": result.skipped})
+        metrics.record_chunk("done", time.monotonic() - began, repaired=result.repaired,
+                             skipped=result.skipped)
         log.info("backfill.chunk_done", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, rows=result.rows_read,
                  repaired=result.repaired, skipped=result.skipped)
@@ -197,7 +211,8 @@ class _Worker:
         return True
 
     def _failed(self, state: psycopg.Connection[Any], chunk: chunks.Chunk,
-                exc: Exception) -> None:
+                exc: Exception) -> str:
+        """Retry the chunk later or fail the backfill; returns the outcome for metrics."""
         bid = self.backfill.backfill_id
         error = str(exc) if isinstance(exc, TrueupError) else first_line(exc)
         decision = self.options.retry.decide(chunk.attempts, exc)
@@ -208,15 +223,16 @@ class _Worker:
                             error=error)
                 chunks.retry_later(state, chunk, self.owner,
                                    delay_seconds=decision.delay_seconds, error=error)
-                return
+                return "retry"
             log.error("backfill.chunk_failed", backfill_id=bid, chunk=chunk.chunk,
                       attempt=chunk.attempts, error=error)
             chunks.fail(state, chunk, self.owner, error=error)
         except chunks.LeaseLost:
-            return
+            return "lease_lost"
         state.execute(query("finish_backfill"), {
             "backfill_id": bid, "status": BackfillStatus.FAILED.value,
             "error": f"chunk {chunk.chunk}: {error}"})
+        return "failed"
 
     def _finish_if_done(self, state: psycopg.Connection[Any]) -> bool:
         bid = self.backfill.backfill_id

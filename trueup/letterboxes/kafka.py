@@ -23,7 +23,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from trueup import headers
+from trueup import headers, tracing
 from trueup.brokers import kafka
 from trueup.errors import ConnectionFailed, NotFound
 from trueup.letterboxes import Received, Settle
@@ -164,7 +164,8 @@ class KafkaLetterbox:
         # The key is kept, so a replayed letter lands in its key's partition, in key order.
         kafka.produce(self._producer_(), self._deliveries, destination.name,
                       value=message.value(), key=message.key(),
-                      headers=copy_headers(raw, item.letter, replay_id=replay_id))
+                      headers=tracing.inject(copy_headers(raw, item.letter,
+                                                          replay_id=replay_id)))
 
     def confirm(self) -> None:
         if self._producer is not None:

@@ -28,7 +28,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from trueup import headers
+from trueup import headers, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import NotFound
 from trueup.letterboxes import Received, Settle
@@ -157,7 +157,7 @@ class RabbitLetterbox:
         _, properties, body = item.handle
         kept = {k: v for k, v in rabbitmq.without_broker_deaths(properties.headers).items()
                 if not k.startswith(headers.PREFIX)}
-        table = {**kept, **item.letter.failure(replay_id=replay_id).write()}
+        table = tracing.inject({**kept, **item.letter.failure(replay_id=replay_id).write()})
         rabbitmq.publish(self.channel, exchange=exchange, routing_key=routing_key, body=body,
                          properties=rabbitmq.republished_properties(properties, headers=table),
                          what=f"{self.what}: {exchange or 'default exchange'}/{routing_key}")

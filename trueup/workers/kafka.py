@@ -22,11 +22,12 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from trueup import headers
+from trueup import headers, tracing
 from trueup.brokers import kafka
+from trueup.health import HEALTH
 from trueup.log import get_logger
 from trueup.retry import RetryPolicy
-from trueup.workers.runtime import Action, Delivery, Handler, settle
+from trueup.workers.runtime import Action, Delivery, Handler, record_settlement, settle
 
 log = get_logger(__name__)
 
@@ -80,6 +81,7 @@ class KafkaWorker:
         log.info("worker.started", broker="kafka", topic=self.topic, group=self.group)
         try:
             while not stop.is_set():
+                HEALTH.progressed()  # the loop turns: not stuck, even when idle
                 self._resume_due(consumer)
                 for message in consumer.consume(BATCH_MESSAGES, self._poll_timeout()):
                     if stop.is_set():
@@ -110,6 +112,15 @@ class KafkaWorker:
             if wait > 0:
                 self._pause(consumer, topic, partition, offset, wait)
                 return
+        with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
+                                  offset=offset, group=self.group):
+            self._settle(consumer, producer, message, text)
+        HEALTH.progressed()
+
+    def _settle(self, consumer: Consumer, producer: Any, message: Message,
+                text: dict[str, str]) -> None:
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None and partition is not None and offset is not None
         failure = headers.Failure.read(text)
         if topic == self.topic:
             failure = replace(failure, origin=topic, origin_partition=partition,
@@ -128,11 +139,12 @@ class KafkaWorker:
             else:
                 target = self.dead_letter_topic
             kafka.publish(producer, target, value=message.value(), key=message.key(),
-                          headers=headers.to_kafka(headers.merged(text, settlement.failure,
-                                                                  **extra)),
+                          headers=headers.to_kafka(tracing.inject(
+                              headers.merged(text, settlement.failure, **extra))),
                           what=f"{self.what}: {target}")
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         consumer.store_offsets(message=message)
+        record_settlement(self.group, settlement)
 
     def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
                wait: float) -> None:

@@ -21,12 +21,20 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from trueup import headers
+from trueup import headers, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import ConnectionFailed
+from trueup.health import HEALTH
 from trueup.log import get_logger
 from trueup.retry import RetryPolicy
-from trueup.workers.runtime import Action, Delivery, Handler, Reconnect, settle
+from trueup.workers.runtime import (
+    Action,
+    Delivery,
+    Handler,
+    Reconnect,
+    record_settlement,
+    settle,
+)
 
 log = get_logger(__name__)
 
@@ -89,6 +97,7 @@ class RabbitWorker:
                                                             inactivity_timeout=IDLE_SECONDS):
                 if stop.is_set():
                     break
+                HEALTH.progressed()  # the loop turns: not stuck, even when idle
                 if method is None:
                     continue
                 self._one(channel, method, properties, body)
@@ -99,6 +108,13 @@ class RabbitWorker:
     def _one(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
              body: bytes) -> None:
         text = rabbitmq.text_headers(properties)
+        with tracing.message_span("worker.handle", text, queue=self.queue,
+                                  delivery_tag=method.delivery_tag):
+            self._settle(channel, method, properties, body, text)
+        HEALTH.progressed()
+
+    def _settle(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
+                body: bytes, text: dict[str, str]) -> None:
         failure = headers.Failure.read(text)
         message_id = properties.message_id or failure.message_id or uuid.uuid4().hex
         delivery = Delivery(body=body, key=None, headers=text, source=self.queue,
@@ -107,9 +123,9 @@ class RabbitWorker:
         if settlement.action is not Action.ACK:
             record = settlement.failure
             record = replace(record, origin=self.queue, group=self.name)
-            table = {**rabbitmq.without_broker_deaths(
+            table = tracing.inject({**rabbitmq.without_broker_deaths(
                 {k: v for k, v in (properties.headers or {}).items()
-                 if not k.startswith(headers.PREFIX)}), **record.write()}
+                 if not k.startswith(headers.PREFIX)}), **record.write()})
             if settlement.action is Action.RETRY:
                 target = self.delay_queue(record.attempts)
                 expiration = str(max(0, int(settlement.delay_seconds * 1000)))
@@ -121,3 +137,4 @@ class RabbitWorker:
                              what=f"{self.what}: {target}")
         # Only now, with the handler done or its copy confirmed, does the message leave.
         channel.basic_ack(method.delivery_tag)
+        record_settlement(self.name, settlement)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import FrameType
 
+from trueup import metrics
 from trueup.headers import Failure, now
 from trueup.log import get_logger
 from trueup.retry import RetryDecision, RetryPolicy
@@ -72,6 +73,14 @@ def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: F
                  delay_seconds=round(decision.delay_seconds, 3))
         return Settlement(action=action, failure=failed, decision=decision)
     return Settlement(action=Action.ACK, failure=failure)
+
+
+def record_settlement(worker: str, settlement: Settlement) -> None:
+    """Count a settled message by outcome, and a retry by the attempt that failed."""
+    metrics.WORKER_MESSAGES.labels(worker, settlement.action.value).inc()
+    if settlement.action is Action.RETRY:
+        metrics.WORKER_RETRIES.labels(worker, metrics.attempt_label(
+            settlement.failure.attempts)).inc()
 
 
 def install_stop_signals(stop: threading.Event) -> None:

@@ -1,0 +1,130 @@
+"""The metrics registry, its recording helpers, and the /metrics, /healthz, /readyz server."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+
+from trueup import metrics
+from trueup.health import Health, health_app
+
+
+@pytest.fixture
+def server() -> Iterator[metrics.MetricsServer]:
+    running = metrics.serve_metrics(0)
+    yield running
+    running.close()
+
+
+def test_every_metric_is_named_trueup_with_its_unit() -> None:
+    names = {m.name for m in metrics.REGISTRY.collect()}
+    assert names, "the registry holds no metrics"
+    assert all(n.startswith("trueup_") for n in names), names
+    assert {"trueup_rows_scanned", "trueup_differences", "trueup_backfill_chunks",
+            "trueup_backfill_rows", "trueup_chunk_duration_seconds",
+            "trueup_leases_taken_over", "trueup_dlq_depth", "trueup_dlq_oldest_age_seconds",
+            "trueup_replayed_messages", "trueup_worker_retries", "trueup_consumer_lag"} <= names
+
+
+def test_a_diff_summary_counts_rows_by_side_and_differences_by_class() -> None:
+    summary = SimpleNamespace(reconciliation="unit_diff", source_rows=10, target_rows=9,
+                              missing=1, orphan=0, stale=2, ahead=0, mismatch=3, in_flight=0,
+                              unreadable=0, seconds=0.5, consistent=False)
+    metrics.record_diff(summary)
+    assert metrics.value("trueup_rows_scanned_total",
+                         {"reconciliation": "unit_diff", "side": "source"}) == 10
+    assert metrics.value("trueup_rows_scanned_total",
+                         {"reconciliation": "unit_diff", "side": "target"}) == 9
+    assert metrics.value("trueup_differences_total",
+                         {"reconciliation": "unit_diff", "class": "mismatch"}) == 3
+    # classes with nothing found are exported as 0, so alerts can rate() them from the start
+    assert metrics.REGISTRY.get_sample_value(
+        "trueup_differences_total", {"reconciliation": "unit_diff", "class": "orphan"}) == 0
+    assert metrics.value("trueup_diff_runs_total",
+                         {"reconciliation": "unit_diff", "outcome": "differences"}) == 1
+
+
+def test_a_chunk_is_counted_by_outcome_with_its_rows_and_duration() -> None:
+    before = metrics.value("trueup_chunk_duration_seconds_count")
+    done = metrics.value("trueup_backfill_chunks_total", {"outcome": "done"})
+    repaired = metrics.value("trueup_backfill_rows_total", {"outcome": "repaired"})
+    metrics.record_chunk("done", 0.2, repaired=5, skipped=1)
+    assert metrics.value("trueup_backfill_chunks_total", {"outcome": "done"}) == done + 1
+    assert metrics.value("trueup_backfill_rows_total", {"outcome": "repaired"}) == repaired + 5
+    assert metrics.value("trueup_chunk_duration_seconds_count") == before + 1
+
+
+def test_attempt_labels_stay_few() -> None:
+    assert [metrics.attempt_label(a) for a in (1, 9, 10, 250)] == ["1", "9", "10+", "10+"]
+
+
+def test_the_server_serves_metrics_in_prometheus_text(server: metrics.MetricsServer) -> None:
+    metrics.LEASES_TAKEN_OVER.inc(0)
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+        body = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/plain")
+    assert "# TYPE trueup_leases_taken_over_total counter" in body
+
+
+def test_liveness_answers_ok(server: metrics.MetricsServer) -> None:
+    with urllib.request.urlopen(f"{server.url}/healthz", timeout=5) as response:
+        assert response.status == 200
+        assert json.loads(response.read()) == {"status": "ok"}
+
+
+def test_readiness_fails_naming_the_failing_check() -> None:
+    health = Health()
+    health.add_check("database", lambda: None)
+    health.add_check("broker", lambda: "kafka unreachable: refused")
+    verdict = health.readiness()
+    assert not verdict.ok
+    assert verdict.checks == {"database": "ok", "broker": "kafka unreachable: refused",
+                              "progress": "ok"}
+
+
+def test_readiness_fails_when_no_progress_for_too_long() -> None:
+    health = Health(stuck_after_seconds=0.0)
+    health.add_check("database", lambda: None)
+    verdict = health.readiness()
+    assert not verdict.ok and verdict.checks["progress"].startswith("no progress for")
+    health.stuck_after_seconds = 60.0
+    health.progressed()
+    assert health.readiness().ok
+
+
+def test_a_check_that_raises_fails_readiness_instead_of_erroring() -> None:
+    health = Health()
+
+    def broken() -> str | None:
+        raise RuntimeError("boom")
+
+    health.add_check("database", broken)
+    assert health.readiness().checks["database"] == "boom"
+
+
+def test_readyz_answers_503_with_the_checks_when_not_ready() -> None:
+    health = Health()
+    health.add_check("broker", lambda: "down")
+    app = health_app(lambda env, start: [b"metrics"], health)
+    seen: list[str] = []
+    body = b"".join(app({"PATH_INFO": "/readyz"}, lambda status, headers: seen.append(status)))
+    assert seen == ["503 Service Unavailable"]
+    assert json.loads(body)["checks"]["broker"] == "down"
+    assert b"".join(app({"PATH_INFO": "/metrics"}, lambda s, h: None)) == b"metrics"
+
+
+def test_readyz_over_http_is_503_when_a_check_fails(server: metrics.MetricsServer) -> None:
+    from trueup.health import HEALTH
+
+    HEALTH.add_check("unit_broker", lambda: "down")
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"{server.url}/readyz", timeout=5)
+        assert caught.value.code == 503
+    finally:
+        HEALTH.clear()

@@ -1,0 +1,88 @@
+"""Trace context in Kafka and RabbitMQ headers, and spans exported in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from trueup import tracing
+from trueup.errors import UsageError
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    memory = InMemorySpanExporter()
+    tracing.configure(memory)
+    yield memory
+    tracing.shutdown()
+
+
+def test_kafka_headers_get_a_traceparent_and_keep_the_others(
+        exporter: InMemorySpanExporter) -> None:
+    with tracing.span("produce") as span:
+        headers = tracing.inject([("attempt", b"2"), ("traceparent", b"00-stale")])
+    trace_id = format(span.get_span_context().trace_id, "032x")
+    assert headers[0] == ("attempt", b"2")
+    assert [k for k, _ in headers].count("traceparent") == 1
+    value = dict(headers)["traceparent"]
+    assert isinstance(value, bytes) and value.decode().split("-")[1] == trace_id
+
+
+def test_rabbitmq_headers_get_a_traceparent_string(exporter: InMemorySpanExporter) -> None:
+    with tracing.span("publish"):
+        headers = tracing.inject({"x-trueup-attempt": 1})
+    assert headers["x-trueup-attempt"] == 1
+    assert isinstance(headers["traceparent"], str) and headers["traceparent"].startswith("00-")
+
+
+def test_none_headers_become_a_kafka_list() -> None:
+    assert tracing.inject(None) == []  # no active trace: nothing to carry
+
+
+def test_extract_reads_both_shapes_and_a_child_span_joins_the_trace(
+        exporter: InMemorySpanExporter) -> None:
+    for headers in ([("traceparent", TRACEPARENT.encode())], {"traceparent": TRACEPARENT}):
+        with tracing.message_span("handle", headers, topic="t") as span:
+            context = span.get_span_context()
+        assert format(context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    spans = exporter.get_finished_spans()
+    assert [s.parent.span_id if s.parent else None for s in spans] == [0xb7ad6b7169203331] * 2
+    assert all(s.kind is SpanKind.CONSUMER for s in spans)
+    assert spans[0].attributes == {"topic": "t"}
+
+
+def test_a_malformed_traceparent_starts_a_new_trace(exporter: InMemorySpanExporter) -> None:
+    with tracing.message_span("handle", [("traceparent", b"garbage")]) as span:
+        pass
+    assert span.get_span_context().is_valid
+    assert exporter.get_finished_spans()[0].parent is None
+
+
+def test_without_an_exporter_incoming_context_is_still_passed_on() -> None:
+    tracing.shutdown()
+    with tracing.message_span("handle", {"traceparent": TRACEPARENT}):
+        forwarded = tracing.inject([])
+    assert tracing.traceparent(forwarded) is not None
+    assert tracing.traceparent(forwarded).split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
+
+
+def test_current_trace_id_is_known_inside_a_span_only(exporter: InMemorySpanExporter) -> None:
+    assert tracing.current_trace_id() is None
+    with tracing.span("work") as span:
+        assert tracing.current_trace_id() == format(span.get_span_context().trace_id, "032x")
+
+
+def test_an_unknown_exporter_name_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "zipkin")
+    with pytest.raises(UsageError, match="expected none or console"):
+        tracing.configure()
+
+
+def test_no_exporter_configured_means_tracing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tracing.EXPORTER_ENV, raising=False)
+    assert tracing.configure() is None
