@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from trueup.brokers.kafka import translate
@@ -105,7 +113,7 @@ def sync_mirror(config: Config, name: str, rec: ReconciliationConfig, source: Si
     # One mirror sync at a time per reconciliation; a second run waits, then reads less.
     conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
     try:
-        _ensure_tables(conn, shape)
+        _ensure_tables(conn, shape, topic_id(dict(properties), shape.topic))
         consumed = MirrorReader(shape, dict(properties), conn, progress).run()
         log.info("mirror.synced", reconciliation=name, topic=shape.topic, messages=consumed)
         unreadable = list(_unreadable(conn, shape))
@@ -117,13 +125,31 @@ def sync_mirror(config: Config, name: str, rec: ReconciliationConfig, source: Si
     return side, unreadable
 
 
-def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape) -> None:
+def topic_id(properties: dict[str, Any], topic: str) -> str:
+    """The topic's id: a topic deleted and created again under its old name gets a new one."""
+    admin = AdminClient(properties)
+    try:
+        description = admin.describe_topics(TopicCollection([topic]))[topic].result(
+            timeout=WATERMARK_TIMEOUT_SECONDS)
+    except KafkaException as exc:
+        raise translate(exc, f"topic {topic}") from exc
+    return str(description.topic_id)
+
+
+def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
+                   topic: str = "") -> None:
+    """Create the mirror tables, or start them over when they describe something else: other
+    config (the shape's signature) or another incarnation of the topic (its id)."""
+    identity = f"{shape.signature} {topic}".strip()
     with conn.transaction():
         found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class') AS sig",
                              (shape.table.as_string(conn),)).fetchone()
-        if found is not None and found["sig"] == shape.signature:
+        if found is not None and found["sig"] == identity:
             return
-        # New, or configured differently than when it was filled: start it over.
+        if found is not None and found["sig"]:
+            log.warning("mirror.rebuilt", reconciliation=shape.name, topic=shape.topic,
+                        was=found["sig"], now=identity)
+        # New, configured differently, or the topic was recreated: start it over.
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(shape.table,
                                                                    shape.unreadable_table))
         conn.execute("DELETE FROM trueup.mirror_offsets WHERE reconciliation = %s",
@@ -143,7 +169,7 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape) -> None:
             "message_key text, reason text NOT NULL, PRIMARY KEY (kafka_partition, kafka_offset))"
         ).format(shape.unreadable_table))
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
-            shape.table, sql.Literal(shape.signature)))
+            shape.table, sql.Literal(identity)))
 
 
 class MirrorReader:

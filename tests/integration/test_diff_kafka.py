@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -194,3 +195,39 @@ def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
     _produce(kafka_bootstrap, topic, [
         ("1", {"id": 1, "v": 1, "state": "a", "total": "1.0", "at": old.isoformat()})])
     assert diff(config, "events").consistent
+
+
+def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text, amount numeric, placed_at timestamptz, updated_at "
+                     "timestamptz)")
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'a', g, %s, %s "
+                     "FROM generate_series(1, 3) g", (old, old))
+
+    def event(i: int) -> tuple[str, dict[str, Any]]:
+        return str(i), {"id": i, "v": 1, "state": "a", "total": i, "at": old.isoformat()}
+
+    _produce(kafka_bootstrap, topic, [event(i) for i in range(1, 6)])  # 4 and 5 are orphans
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    assert diff(config, "events").orphan == 2
+
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.delete_topics([topic]).values():
+        future.result()
+    for _ in range(100):  # the broker finishes deleting in the background
+        try:
+            for future in admin.create_topics([NewTopic(topic, 3, 1)]).values():
+                future.result()
+            break
+        except Exception:  # TOPIC_ALREADY_EXISTS until the deletion completes
+            time.sleep(0.2)
+    # the new topic outgrows the old offsets, so only its id tells it apart
+    _produce(kafka_bootstrap, topic, [event(1 + i % 3) for i in range(30)])
+    summary = diff(config, "events")
+    assert (summary.orphan, summary.target_rows) == (0, 3)
+    assert summary.consistent
