@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_PORT ?= 3000
 
-.PHONY: install stack stack-down stack-status test unit lint demo prepare seed clean
+.PHONY: install stack stack-down stack-status test unit lint demo demo-shop demo-stop prepare seed clean
 
 install: $(VENV)/.installed
 
@@ -44,10 +44,19 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-demo: seed
+# The shop runs (relay, billing consumer, ledger in the background: .stack/demo/), traffic and
+# faults go through it, then Dagster's UI starts on the result.
+demo: demo-shop
 	mkdir -p .dagster_home
 	DAGSTER_HOME=$(CURDIR)/.dagster_home TRUEUP_CONFIG=examples/trueup.yaml \
 	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEMO_PORT)
+
+demo-shop: stack
+	TRUEUP_LOG_LEVEL=warning $(BIN)/python -m examples.shop.demo --config examples/trueup.yaml
+
+# Stops only the demo's workers (by the pids in .stack/demo/), never the stack.
+demo-stop:
+	$(BIN)/python -m examples.shop.demo stop
 
 clean:
 	rm -rf $(VENV) .dagster_home .mypy_cache .ruff_cache

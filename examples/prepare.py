@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pika
 import psycopg
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from psycopg import sql
 
+from examples.shop.settings import shop_of
 from trueup.config import Config, load_config
 from trueup.errors import TrueupError
 from trueup.state import open_state
@@ -36,40 +38,38 @@ def ensure_database(dsn: str) -> None:
 
 
 def prepare(config: Config) -> None:
-    shop, billing = config.connections["shop"].postgres, config.connections["billing"].postgres
-    assert shop and billing
-    for dsn in (config.state, shop, billing):
+    """Databases, tables, topics, exchanges and queues of the shop named by ``config``."""
+    shop = shop_of(config)
+    for dsn in (config.state, shop.shop_dsn, shop.billing_dsn):
         ensure_database(dsn)
     open_state(config.state).close()
-    for dsn, script in ((shop, "shop.sql"), (billing, "billing.sql")):
+    for dsn, script in ((shop.shop_dsn, "shop.sql"), (shop.billing_dsn, "billing.sql")):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute((HERE / "shop" / script).read_bytes())
 
-    kafka = config.connections["bus"].kafka
-    assert kafka
-    admin = AdminClient(dict(kafka))
+    admin = AdminClient(dict(shop.kafka))
     existing = admin.list_topics(timeout=10).topics
+    topics = {shop.orders_topic: TOPICS["orders.v1"], shop.orders_dlq: TOPICS["orders.v1.dlq"],
+              shop.orders_parked: TOPICS["orders.v1.parked"]}
     wanted = [NewTopic(t, num_partitions=n, replication_factor=1)
-              for t, n in TOPICS.items() if t not in existing]
+              for t, n in topics.items() if t not in existing]
     for topic, future in (admin.create_topics(wanted).items() if wanted else []):
         future.result()
         print(f"created topic {topic}")
 
-    url = config.connections["amqp"].rabbitmq
-    assert url
-    with pika.BlockingConnection(pika.URLParameters(url)) as connection:
+    with pika.BlockingConnection(pika.URLParameters(shop.amqp_url)) as connection:
         channel = connection.channel()
-        channel.exchange_declare("payments", exchange_type="direct", durable=True)
-        channel.exchange_declare("payments.dlx", exchange_type="direct", durable=True)
-        channel.queue_declare("payments.settle.dlq", durable=True,
+        channel.exchange_declare(shop.exchange, exchange_type="direct", durable=True)
+        channel.exchange_declare(shop.payments_dlx, exchange_type="direct", durable=True)
+        channel.queue_declare(shop.payments_dlq, durable=True,
                               arguments={"x-queue-type": "quorum"})
-        channel.queue_bind("payments.settle.dlq", "payments.dlx", routing_key="settle")
-        channel.queue_declare("payments.settle", durable=True, arguments={
+        channel.queue_bind(shop.payments_dlq, shop.payments_dlx, routing_key=shop.routing_key)
+        channel.queue_declare(shop.payments_queue, durable=True, arguments={
             "x-queue-type": "quorum",
-            "x-dead-letter-exchange": "payments.dlx",
-            "x-dead-letter-routing-key": "settle",
+            "x-dead-letter-exchange": shop.payments_dlx,
+            "x-dead-letter-routing-key": shop.routing_key,
         })
-        channel.queue_bind("payments.settle", "payments", routing_key="settle")
+        channel.queue_bind(shop.payments_queue, shop.exchange, routing_key=shop.routing_key)
     print("example shop ready")
 
 

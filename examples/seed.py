@@ -17,10 +17,13 @@ from pathlib import Path
 
 import psycopg
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+from psycopg import sql
 
 from examples.prepare import TOPICS, prepare
 from trueup.config import Config, load_config
+from trueup.mirror import SCHEMA as MIRROR_SCHEMA
 
 HERE = Path(__file__).resolve().parent
 STATUSES = ["new", "paid", "shipped", "cancelled"]
@@ -82,6 +85,11 @@ def seed(config: Config, count: int) -> None:
                                 amount * 100 if i in INVOICES_BAD_DEPLOY else amount))
             copy.write_row((ORPHAN_INVOICE, 1, "paid", 1_000))
 
+    with psycopg.connect(config.state, autocommit=True) as conn:
+        # the mirror of the old topic holds its offsets: start it over with the new topic
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0}").format(
+            sql.Identifier(MIRROR_SCHEMA)))
+        conn.execute("DELETE FROM trueup.mirror_offsets WHERE topic = 'orders.v1'")
     kafka = config.connections["bus"].kafka
     assert kafka
     _recreate_topic(AdminClient(dict(kafka)), "orders.v1", TOPICS["orders.v1"])
