@@ -14,9 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trueup.db import first_line
+
+if TYPE_CHECKING:
+    from trueup.metrics import MetricsServer
 
 #: Readiness fails when the process has made no progress for this long (seconds).
 STUCK_AFTER_SECONDS = 120.0
@@ -166,10 +169,14 @@ def _reply(start_response: Callable[..., Any], code: int,
 
 
 def serve_worker(port: int, *, database: str | None = None,
-                 kafka: Mapping[str, Any] | None = None, rabbitmq: str | None = None) -> Any:
+                 kafka: Mapping[str, Any] | None = None,
+                 rabbitmq: str | None = None) -> MetricsServer:
     """Serve /metrics, /healthz and /readyz for a worker process (what ``--metrics-port N``
-    of a worker's command line should call), readiness checking the given dependencies."""
-    from trueup.metrics import serve_metrics
+    of a worker's command line should call), readiness checking the given dependencies.
+
+    The worker runtimes call it themselves when given ``metrics_port``."""
+    from trueup.errors import UsageError
+    from trueup.metrics import DEFAULT_HOST, serve_metrics
 
     if database:
         HEALTH.add_check("database", postgres_check(database))
@@ -177,4 +184,8 @@ def serve_worker(port: int, *, database: str | None = None,
         HEALTH.add_check("kafka", kafka_check(kafka))
     if rabbitmq:
         HEALTH.add_check("rabbitmq", rabbitmq_check(rabbitmq))
-    return serve_metrics(port)
+    try:
+        return serve_metrics(port)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {DEFAULT_HOST}:{port}: "
+                         f"{exc.strerror or exc}") from exc

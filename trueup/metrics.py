@@ -64,7 +64,7 @@ REPLAYED = Counter(
     ["name", "outcome"], registry=REGISTRY)
 WORKER_MESSAGES = Counter(
     "trueup_worker_messages_total",
-    "Messages a worker settled, by outcome (ok, retry, dead_letter).",
+    "Messages a worker settled, by outcome (ack, retry, dead_letter).",
     ["worker", "outcome"], registry=REGISTRY)
 WORKER_RETRIES = Counter(
     "trueup_worker_retries_total",

@@ -43,6 +43,8 @@ RECONNECT_ATTEMPTS = 20            # a broker restart takes seconds; give up aft
 RECONNECT_MAX_PAUSE_SECONDS = 5.0
 
 Listing = Callable[[DeadLetter, "Plan"], None]
+#: ``progress(letters_done, letters_total)`` after each batch (total: the depth at the start).
+Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,12 +152,15 @@ class _Counts:
     parked: int = 0
     skipped: int = 0
     sent_or_planned: int = 0
+    seen: int = 0             # letters looked at (progress)
     connected: bool = False   # the letterbox was opened once: later failures are outages
 
 
 def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), *,
-           listing: Listing | None = None) -> ReplaySummary:
-    """Replay the dead letters of ``name``; see the module docstring for the guarantees."""
+           listing: Listing | None = None, progress: Progress | None = None) -> ReplaySummary:
+    """Replay the dead letters of ``name``; see the module docstring for the guarantees.
+
+    ``progress`` is told after each batch how many letters were looked at, of how many."""
     dlq = config.dead_letter(name)
     selection = LetterFilter.parse(options.where)
     started = time.monotonic()
@@ -176,7 +181,7 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
             counts = _Counts()
             try:
                 _with_reconnects(lambda: _run(config, name, dlq, selection, options, conn,
-                                              replay_id, counts, listing), counts)
+                                              replay_id, counts, listing, progress), counts)
             except BaseException as exc:
                 _finish(conn, replay_id, ReplayStatus.FAILED, time.monotonic() - started,
                         f"{type(exc).__name__}: {exc}")
@@ -244,9 +249,11 @@ def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:
 
 def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilter,
          options: ReplayOptions, conn: psycopg.Connection[dict[str, Any]], replay_id: int,
-         counts: _Counts, listing: Listing | None) -> None:
+         counts: _Counts, listing: Listing | None, progress: Progress | None) -> None:
     box = open_letterbox(config, name)
     counts.connected = True
+    # After a reconnect the letters not yet removed are read again: the total grows by them.
+    total = counts.seen + box.depth() if progress is not None else 0
     recorder = _Recorder(config.state)
     step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
                  replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
@@ -258,7 +265,11 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
         batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
         with contextlib.closing(batches):
             for batch in batches:
-                if step.batch(batch):
+                reached_max = step.batch(batch)
+                counts.seen += len(batch)
+                if progress is not None:
+                    progress(min(counts.seen, total), total)
+                if reached_max:
                     break
                 if box.confirms_each_publish:
                     # Nothing to overlap (each publish waited for its confirm), and the
@@ -472,6 +483,7 @@ def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int, items: lis
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     """``trueup replay NAME [--max N] [--rate N] [--dry-run] [--where FILTER] [--json]``."""
     from trueup.cli import EXIT_OK, to_json
+    from trueup.progress import ProgressBar
 
     options = ReplayOptions(max_messages=args.max, rate=args.rate, dry_run=args.dry_run,
                             where=args.where)
@@ -482,8 +494,13 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         print(f"{chosen.outcome}  {letter.message_id}  origin={letter.origin or '-'}"
               f"{target}  error={letter.error_class}  attempts={letter.attempts}{why}")
 
-    summary = replay(config, args.name, options,
-                     listing=show if args.dry_run and not args.json else None)
+    bar = ProgressBar()
+    try:
+        summary = replay(config, args.name, options,
+                         listing=show if args.dry_run and not args.json else None,
+                         progress=lambda done, total: bar("letters", done, total))
+    finally:
+        bar.close()
     if args.json:
         print(to_json(summary.as_json()))
     else:

@@ -118,6 +118,20 @@ def message_span(name: str, headers: Any, *, kind: SpanKind = SpanKind.CONSUMER,
         yield current
 
 
+def annotate(error: BaseException | None = None, **attributes: Any) -> None:
+    """Add attributes (and a failure, recorded as an exception event with an error status) to
+    the current span; nothing happens outside a span or with tracing off."""
+    current = trace.get_current_span()
+    if not current.is_recording():
+        return
+    for key, value in attributes.items():
+        if value is not None:
+            current.set_attribute(key.replace("__", "."), _attribute(value))
+    if error is not None:
+        current.record_exception(error)
+        current.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}"))
+
+
 def _attribute(value: Any) -> Any:
     if isinstance(value, bool | int | float | str):
         return value

@@ -4,20 +4,38 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from tests.integration.test_backfill_support import drift, make_tables, write_config
-from trueup import metrics
+from tests.integration.test_workers_support import (
+    POLICY,
+    Queues,
+    Topics,
+    cli,
+    produce_json,
+    rabbit_worker,
+    running,
+    wait_until,
+)
+from tests.integration.test_workers_support import write_config as write_broker_config
+from trueup import headers, metrics
 from trueup.backfill import BackfillOptions, WorkerOptions, resume_backfill, start_backfill
 from trueup.backfill.planner import plan
 from trueup.cli import main
+from trueup.health import HEALTH
 from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
+from trueup.workers.kafka import KafkaWorker
+from trueup.workers.runtime import Delivery
 
 pytestmark = pytest.mark.postgres
 
@@ -32,9 +50,48 @@ def server() -> Iterator[metrics.MetricsServer]:
     running.close()
 
 
-def scrape(server: metrics.MetricsServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of /metrics, keyed by (name, labels)."""
-    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as response:
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> Iterator[Topics]:
+    made = Topics(kafka_bootstrap)
+    yield made
+    made.delete()
+
+
+@pytest.fixture
+def queues(amqp_url: str) -> Iterator[Queues]:
+    made = Queues(amqp_url)
+    yield made
+    made.delete()
+
+
+@pytest.fixture
+def fresh_health() -> Iterator[None]:
+    """Readiness checks of this test only (the process keeps one set)."""
+    HEALTH.clear()
+    yield
+    HEALTH.clear()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def fetch(url: str) -> tuple[int, Any]:
+    """(status, JSON body) of a health route; error statuses are answers too."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def scrape(server: metrics.MetricsServer | str) -> dict[
+        tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of /metrics (of a server, or at a base URL), keyed by (name, labels)."""
+    base = server if isinstance(server, str) else server.url
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples = {}
     for line in text.splitlines():
@@ -122,3 +179,104 @@ def test_a_backfill_shows_chunks_rows_durations_and_a_taken_over_lease_on_metric
     assert delta("trueup_chunk_duration_seconds_count") == 10
     assert delta("trueup_chunk_duration_seconds_sum") > 0
     assert delta("trueup_leases_taken_over_total") == 1
+
+
+@pytest.mark.kafka
+def test_a_kafka_worker_serves_its_partition_lag_and_readiness_on_its_metrics_port(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
+        fresh_health: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One message per poll, each taking a while: the lag is refreshed (from the poll loop)
+    # while the backlog is worked off.
+    monkeypatch.setattr("trueup.workers.kafka.BATCH_MESSAGES", 1)
+    topic = unique("orders")
+    done: list[int] = []
+
+    def handler(delivery: Delivery) -> None:
+        assert delivery.body is not None
+        time.sleep(0.3)
+        done.append(int(json.loads(delivery.body)["id"]))
+
+    port = free_port()
+    worker = KafkaWorker(properties={"bootstrap.servers": kafka_bootstrap}, topic=topic,
+                         group=unique("group"), handler=handler, policy=POLICY,
+                         dead_letter_topic=f"{topic}.dlq", metrics_port=port,
+                         lag_interval_seconds=0.1)
+    topics.track(topic, *worker.retry_topics, worker.dead_letter_topic)
+    worker.ensure_topics(partitions=1)
+    produce_json(kafka_bootstrap, topic, [{"id": n} for n in range(10)])
+    base = f"http://127.0.0.1:{port}"
+    seen: list[float] = []
+
+    def lag() -> float | None:
+        try:
+            samples = scrape(base)
+        except OSError:
+            return None  # the worker's server is not up yet
+        found = samples.get(("trueup_consumer_lag", frozenset(
+            {("topic", topic), ("partition", "0")})))
+        if found is not None:
+            seen.append(found)
+        return found
+
+    with running(worker.run):
+        wait_until(lambda: (lag() or 0) > 0, "a positive lag while the backlog is worked off")
+        assert fetch(f"{base}/healthz") == (200, {"status": "ok"})
+        status, body = fetch(f"{base}/readyz")
+        assert status == 200 and body["checks"] == {"kafka": "ok", "progress": "ok"}, body
+        wait_until(lambda: len(done) == 10 and lag() == 0,
+                   "lag 0 once every message is done and committed")
+    assert sorted(done) == list(range(10))
+    assert max(seen) <= 10 and len({v for v in seen if v > 0}) >= 2, (
+        f"expected the lag to shrink step by step from at most 10, saw {seen}")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{base}/healthz", timeout=2)  # the server stopped with the worker
+    assert metrics.REGISTRY.get_sample_value(
+        "trueup_consumer_lag", {"topic": topic, "partition": "0"}) is None, (
+        "a stopped worker should stop reporting the lag of partitions it no longer owns")
+
+
+@pytest.mark.rabbitmq
+def test_a_rabbitmq_worker_answers_readiness_for_its_broker_and_database_on_its_port(
+        amqp_url: str, state_db: str, unique: Callable[[str], str], queues: Queues,
+        fresh_health: None) -> None:
+    queue = unique("payments")
+    worker = rabbit_worker(amqp_url, queue, lambda delivery: None, queues)
+    worker.metrics_port, worker.database = free_port(), state_db
+    base = f"http://127.0.0.1:{worker.metrics_port}"
+    with running(worker.run):
+        wait_until(lambda: _answers(f"{base}/healthz"), "the worker's health server")
+        status, body = fetch(f"{base}/readyz")
+        assert status == 200, body
+        assert body["checks"] == {"database": "ok", "rabbitmq": "ok", "progress": "ok"}, body
+        assert ("trueup_last_progress_timestamp_seconds", frozenset()) in scrape(base)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return fetch(url)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.kafka
+def test_a_replay_counts_its_letters_on_metrics_and_prints_progress(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path, server: metrics.MetricsServer) -> None:
+    dlq, target = unique("orders.dlq"), unique("orders")
+    topics.create(dlq, target)
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(3)],
+                 extra_headers={headers.ERROR_CLASS: "ValueError", headers.ATTEMPTS: "1",
+                                headers.ORIGIN: target})
+    config = write_broker_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap,
+                                 amqp=amqp_url, dead_letters={
+                                     "orders_dlq": {"connection": "bus", "topic": dlq}})
+    before = scrape(server)
+    status, out, err = cli(config, "replay", "orders_dlq", "--json")
+    after = scrape(server)
+    assert status == 0, err
+    assert json.loads(out)["moved"] == 3
+    moved = {("name", "orders_dlq"), ("outcome", "moved")}
+    key = ("trueup_replayed_messages_total", frozenset(moved))
+    assert after.get(key, 0.0) - before.get(key, 0.0) == 3
+    assert "progress phase=letters done=3 total=3" in err, (
+        f"expected plain progress lines on a non-terminal stderr, got {err!r}")

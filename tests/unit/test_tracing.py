@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from trueup import tracing
 from trueup.errors import UsageError
@@ -86,3 +86,17 @@ def test_an_unknown_exporter_name_is_a_usage_error(monkeypatch: pytest.MonkeyPat
 def test_no_exporter_configured_means_tracing_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(tracing.EXPORTER_ENV, raising=False)
     assert tracing.configure() is None
+
+
+def test_annotate_adds_attributes_and_an_error_to_the_current_span(
+        exporter: InMemorySpanExporter) -> None:
+    with tracing.span("handle"):
+        tracing.annotate(ValueError("bad order"), attempt=2, outcome="retry", skipped=None)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes == {"attempt": 2, "outcome": "retry"}
+    assert span.status.status_code is StatusCode.ERROR
+    assert [e.name for e in span.events] == ["exception"]
+
+
+def test_annotate_outside_a_span_does_nothing() -> None:
+    tracing.annotate(ValueError("nowhere"), attempt=1)  # no span, no error

@@ -10,10 +10,16 @@ first and last failure times.
 
 Offsets are committed only for messages whose handler succeeded or whose retry/dead-letter copy
 Kafka has confirmed (``acks=all``, idempotent producer): at least once, never lost.
+
+Every ``lag_interval_seconds`` the worker sets ``trueup_consumer_lag{topic,partition}`` for the
+partitions it owns (work and retry topics) from librdkafka's statistics: the partition's high
+watermark minus the group's committed offset, with no request of its own to the brokers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
 from collections.abc import Mapping
@@ -22,27 +28,43 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from trueup import headers, tracing
+from trueup import headers, metrics, tracing
 from trueup.brokers import kafka
 from trueup.health import HEALTH
 from trueup.log import get_logger
 from trueup.retry import RetryPolicy
-from trueup.workers.runtime import Action, Delivery, Handler, record_settlement, settle
+from trueup.workers.runtime import (
+    Action,
+    Delivery,
+    Handler,
+    forwarding,
+    record_settlement,
+    serving,
+    settle,
+)
 
 log = get_logger(__name__)
 
 POLL_SECONDS = 0.2
 BATCH_MESSAGES = 100
 AUTO_COMMIT_INTERVAL_MS = 1000
+#: How often the consumer lag gauge is refreshed (seconds): librdkafka's statistics interval.
+LAG_INTERVAL_SECONDS = 5.0
 
 
 class KafkaWorker:
-    """Consume ``topic`` as ``group``, run ``handler``, retry and dead-letter per ``policy``."""
+    """Consume ``topic`` as ``group``, run ``handler``, retry and dead-letter per ``policy``.
+
+    ``metrics_port``: serve ``/metrics``, ``/healthz`` and ``/readyz`` on that port of
+    127.0.0.1 while :meth:`run` runs (0: any free port); readiness checks Kafka and, when
+    ``database`` (a Postgres DSN the handler depends on) is given, the database too.
+    """
 
     def __init__(self, *, properties: Mapping[str, Any], topic: str, group: str,
                  handler: Handler, policy: RetryPolicy, dead_letter_topic: str,
                  retry_topics: int | None = None, consumer_overrides: Mapping[str, Any] | None
-                 = None) -> None:
+                 = None, metrics_port: int | None = None, database: str | None = None,
+                 lag_interval_seconds: float = LAG_INTERVAL_SECONDS) -> None:
         self.properties = dict(properties)
         self.topic = topic
         self.group = group
@@ -51,8 +73,12 @@ class KafkaWorker:
         self.dead_letter_topic = dead_letter_topic
         self.tiers = max(1, policy.retries if retry_topics is None else retry_topics)
         self.consumer_overrides = dict(consumer_overrides or {})
+        self.metrics_port = metrics_port
+        self.database = database
+        self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
         self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
+        self._assigned: set[tuple[str, int]] = set()  # whose lag this worker reports
 
     def retry_topic(self, failed_attempts: int) -> str:
         return f"{self.topic}.retry.{min(max(1, failed_attempts), self.tiers)}"
@@ -70,11 +96,17 @@ class KafkaWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then commit what is done and leave the group."""
+        with serving(self.metrics_port, database=self.database, kafka=self.properties):
+            self._consume(stop)
+
+    def _consume(self, stop: threading.Event) -> None:
         consumer = kafka.create_consumer(
             self.properties, group=self.group, what=self.what,
             **{"enable.auto.commit": True, "enable.auto.offset.store": False,
                "auto.commit.interval.ms": AUTO_COMMIT_INTERVAL_MS,
-               "topic.metadata.refresh.interval.ms": 5000, **self.consumer_overrides})
+               "topic.metadata.refresh.interval.ms": 5000,
+               "statistics.interval.ms": max(100, int(self.lag_interval_seconds * 1000)),
+               "stats_cb": self._on_stats, **self.consumer_overrides})
         producer = kafka.create_producer(self.properties, what=self.what)
         consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
                            on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -90,6 +122,7 @@ class KafkaWorker:
         finally:
             producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
             consumer.close()  # commits the stored offsets (auto commit), leaves the group
+            self._forget_lag(list(self._assigned))
             log.info("worker.stopped", broker="kafka", topic=self.topic, group=self.group)
 
     # -----------------------------------------------------------------------------------------
@@ -138,10 +171,11 @@ class KafkaWorker:
                 extra[headers.NOT_BEFORE] = str(int(due * 1000))
             else:
                 target = self.dead_letter_topic
-            kafka.publish(producer, target, value=message.value(), key=message.key(),
-                          headers=headers.to_kafka(tracing.inject(
-                              headers.merged(text, settlement.failure, **extra))),
-                          what=f"{self.what}: {target}")
+            with forwarding(settlement, target):
+                kafka.publish(producer, target, value=message.value(), key=message.key(),
+                              headers=headers.to_kafka(tracing.inject(
+                                  headers.merged(text, settlement.failure, **extra))),
+                              what=f"{self.what}: {target}")
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         consumer.store_offsets(message=message)
         record_settlement(self.group, settlement)
@@ -166,9 +200,37 @@ class KafkaWorker:
             return POLL_SECONDS
         return max(0.0, min(POLL_SECONDS, min(self._paused.values()) - time.monotonic()))
 
+    def _on_stats(self, document: str) -> None:
+        """librdkafka's statistics (every ``lag_interval_seconds``, from ``consume``): the lag
+        of each owned partition. Committed lag when the group committed an offset there, else
+        the lag behind the offsets stored for the next commit; unknown (not set) before
+        either."""
+        try:
+            stats = json.loads(document)
+            for topic, about in (stats.get("topics") or {}).items():
+                for number, partition in (about.get("partitions") or {}).items():
+                    key = (topic, int(number))
+                    if key not in self._assigned:
+                        continue  # the -1 "unassigned" entry, or another member's
+                    lag = int(partition.get("consumer_lag", -1))
+                    if lag < 0:
+                        lag = int(partition.get("consumer_lag_stored", -1))
+                    if lag >= 0:
+                        metrics.CONSUMER_LAG.labels(topic, str(key[1])).set(lag)
+        except (ValueError, TypeError, AttributeError) as exc:  # never fail the poll loop
+            log.debug("worker.stats_unreadable", group=self.group, error=str(exc))
+
+    def _forget_lag(self, partitions: list[tuple[str, int]]) -> None:
+        """Stop reporting partitions this worker no longer owns: their new owner reports."""
+        for topic, partition in partitions:
+            self._assigned.discard((topic, partition))
+            with contextlib.suppress(KeyError):  # never reported (lag not known yet)
+                metrics.CONSUMER_LAG.remove(topic, str(partition))
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+            self._assigned.add((tp.topic, tp.partition))
         log.info("worker.assigned", group=self.group,
                  partitions=[f"{tp.topic}:{tp.partition}" for tp in partitions])
 
@@ -181,9 +243,11 @@ class KafkaWorker:
                 log.warning("worker.commit_failed", group=self.group, error=str(exc))
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+        self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not revoked: another member may own them already, so nothing is committed.
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+        self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
         log.warning("worker.partitions_lost", group=self.group, count=len(partitions))

@@ -32,7 +32,9 @@ from trueup.workers.runtime import (
     Delivery,
     Handler,
     Reconnect,
+    forwarding,
     record_settlement,
+    serving,
     settle,
 )
 
@@ -45,11 +47,17 @@ RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed,
 
 
 class RabbitWorker:
-    """Consume ``queue``, run ``handler``, retry and dead-letter per ``policy``."""
+    """Consume ``queue``, run ``handler``, retry and dead-letter per ``policy``.
+
+    ``metrics_port``: serve ``/metrics``, ``/healthz`` and ``/readyz`` on that port of
+    127.0.0.1 while :meth:`run` runs (0: any free port); readiness checks RabbitMQ and, when
+    ``database`` (a Postgres DSN the handler depends on) is given, the database too.
+    """
 
     def __init__(self, *, url: str, queue: str, handler: Handler, policy: RetryPolicy,
                  dead_letter_queue: str, prefetch: int = PREFETCH, name: str | None = None,
-                 retry_queues: int | None = None) -> None:
+                 retry_queues: int | None = None, metrics_port: int | None = None,
+                 database: str | None = None) -> None:
         self.url = url
         self.queue = queue
         self.handler = handler
@@ -58,6 +66,8 @@ class RabbitWorker:
         self.prefetch = prefetch
         self.name = name or f"trueup-worker-{queue}"
         self.tiers = max(1, policy.retries if retry_queues is None else retry_queues)
+        self.metrics_port = metrics_port
+        self.database = database
         self.what = f"worker {self.name} on {queue}"
 
     def delay_queue(self, failed_attempts: int) -> str:
@@ -76,14 +86,15 @@ class RabbitWorker:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting whenever the connection is lost."""
         reconnect = Reconnect()
-        while not stop.is_set():
-            try:
-                self._session(stop, reconnect)
-            except RECONNECT_ERRORS as exc:
-                log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
-                            error=f"{type(exc).__name__}: {exc}",
-                            pause_seconds=reconnect.pause)
-                reconnect.wait(stop)
+        with serving(self.metrics_port, database=self.database, rabbitmq=self.url):
+            while not stop.is_set():
+                try:
+                    self._session(stop, reconnect)
+                except RECONNECT_ERRORS as exc:
+                    log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
+                                error=f"{type(exc).__name__}: {exc}",
+                                pause_seconds=reconnect.pause)
+                    reconnect.wait(stop)
         log.info("worker.stopped", broker="rabbitmq", queue=self.queue)
 
     def _session(self, stop: threading.Event, reconnect: Reconnect) -> None:
@@ -123,18 +134,20 @@ class RabbitWorker:
         if settlement.action is not Action.ACK:
             record = settlement.failure
             record = replace(record, origin=self.queue, group=self.name)
-            table = tracing.inject({**rabbitmq.without_broker_deaths(
+            table = {**rabbitmq.without_broker_deaths(
                 {k: v for k, v in (properties.headers or {}).items()
-                 if not k.startswith(headers.PREFIX)}), **record.write()})
+                 if not k.startswith(headers.PREFIX)}), **record.write()}
             if settlement.action is Action.RETRY:
                 target = self.delay_queue(record.attempts)
                 expiration = str(max(0, int(settlement.delay_seconds * 1000)))
             else:
                 target, expiration = self.dead_letter_queue, None
-            rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
-                             properties=rabbitmq.republished_properties(
-                                 properties, headers=table, expiration=expiration),
-                             what=f"{self.what}: {target}")
+            with forwarding(settlement, target):
+                rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
+                                 properties=rabbitmq.republished_properties(
+                                     properties, headers=tracing.inject(table),
+                                     expiration=expiration),
+                                 what=f"{self.what}: {target}")
         # Only now, with the handler done or its copy confirmed, does the message leave.
         channel.basic_ack(method.delivery_tag)
         record_settlement(self.name, settlement)

@@ -7,12 +7,16 @@ import datetime as dt
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from types import FrameType
+from typing import Any
 
-from trueup import metrics
+from opentelemetry.trace import SpanKind
+
+from trueup import metrics, tracing
 from trueup.headers import Failure, now
 from trueup.log import get_logger
 from trueup.retry import RetryDecision, RetryPolicy
@@ -68,11 +72,43 @@ def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: F
         failed = failure.failed(exc, attempt=delivery.attempt, at=at or now())
         failed = replace(failed, message_id=delivery.message_id)
         action = Action.RETRY if decision.retry else Action.DEAD_LETTER
+        tracing.annotate(exc, attempt=delivery.attempt, outcome=action.value)
         log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
                  attempt=delivery.attempt, error=failed.error_class, action=action.value,
                  delay_seconds=round(decision.delay_seconds, 3))
         return Settlement(action=action, failure=failed, decision=decision)
+    tracing.annotate(attempt=delivery.attempt, outcome=Action.ACK.value)
     return Settlement(action=Action.ACK, failure=failure)
+
+
+@contextmanager
+def forwarding(settlement: Settlement, destination: str) -> Iterator[None]:
+    """A producer span around sending a message's retry or dead-letter copy. The copy's
+    ``traceparent`` names this span, so the next attempt (or the replay of the dead letter)
+    continues the message's trace as its child."""
+    with tracing.span(f"worker.{settlement.action.value}", kind=SpanKind.PRODUCER,
+                      destination=destination, attempt=settlement.failure.attempts):
+        yield
+
+
+@contextmanager
+def serving(metrics_port: int | None, *, database: str | None = None,
+            kafka: Mapping[str, Any] | None = None,
+            rabbitmq: str | None = None) -> Iterator[None]:
+    """While a worker runs, serve ``/metrics``, ``/healthz`` and ``/readyz`` on
+    ``127.0.0.1:metrics_port`` (None: serve nothing; 0: any free port), readiness checking the
+    broker and, when given, the database the handler writes to."""
+    if metrics_port is None:
+        yield
+        return
+    from trueup.health import serve_worker
+
+    server = serve_worker(metrics_port, database=database, kafka=kafka, rabbitmq=rabbitmq)
+    log.info("worker.serving_metrics", url=server.url)
+    try:
+        yield
+    finally:
+        server.close()
 
 
 def record_settlement(worker: str, settlement: Settlement) -> None:
