@@ -11,6 +11,7 @@ import datetime as dt
 import decimal
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -23,6 +24,9 @@ from trueup.log import configure
 EXIT_OK = 0
 EXIT_DIFFERENCES = 1
 EXIT_TROUBLE = 2
+#: When set, a command serves /metrics, /healthz and /readyz on 127.0.0.1 at this port while
+#: it runs (for long replays and backfills).
+METRICS_PORT_ENV = "TRUEUP_METRICS_PORT"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -234,7 +238,14 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure()
+    metrics = None
     try:
+        port = os.environ.get(METRICS_PORT_ENV)
+        if port:
+            # long work (a replay, a backfill) can be scraped while it runs
+            from trueup.metrics import serve_metrics
+
+            metrics = serve_metrics(_metrics_port(port))
         if args.command == "backfill":
             _check_backfill_args(args)
         config = load_config(config_path(args.config))
@@ -245,6 +256,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trueup: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _metrics_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise UsageError(f"{METRICS_PORT_ENV}: expected a port number (got {text!r})")
+    return port
 
 
 def _check_backfill_args(args: argparse.Namespace) -> None:

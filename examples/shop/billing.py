@@ -63,24 +63,28 @@ class Billing:
             self.conn.execute(UPSERT, (order_id, version, status, total))
 
 
-def worker(shop: Shop) -> KafkaWorker:
+def worker(shop: Shop, metrics_port: int | None = None) -> KafkaWorker:
     return KafkaWorker(
         properties=shop.kafka, topic=shop.orders_topic, group=shop.billing_group,
         handler=Billing(shop), dead_letter_topic=shop.orders_dlq,
         policy=RetryPolicy.from_config(shop.config.dead_letters["orders_dlq"]),
         # a crashed member's partitions move on after 6 s, not Kafka's default 45 s
         consumer_overrides={"session.timeout.ms": SESSION_TIMEOUT_MS,
-                            "heartbeat.interval.ms": 1000})
+                            "heartbeat.interval.ms": 1000},
+        # /metrics, /healthz and /readyz on 127.0.0.1 while it runs
+        metrics_port=metrics_port, database=shop.billing_dsn)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve /metrics, /healthz and /readyz on 127.0.0.1:PORT")
     args = parser.parse_args()
     configure()
     stop = threading.Event()
     install_stop_signals(stop)
-    consumer = worker(load_shop(args.config))
+    consumer = worker(load_shop(args.config), args.metrics_port)
     consumer.ensure_topics()
     consumer.run(stop)
     return 0

@@ -52,21 +52,25 @@ class Ledger:
                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (payment_id) DO NOTHING", values)
 
 
-def worker(shop: Shop) -> RabbitWorker:
+def worker(shop: Shop, metrics_port: int | None = None) -> RabbitWorker:
     return RabbitWorker(
         url=shop.amqp_url, queue=shop.payments_queue, handler=Ledger(shop), name="ledger",
         dead_letter_queue=shop.payments_dlq,
-        policy=RetryPolicy.from_config(shop.config.dead_letters["payments_dlq"]))
+        policy=RetryPolicy.from_config(shop.config.dead_letters["payments_dlq"]),
+        # /metrics, /healthz and /readyz on 127.0.0.1 while it runs
+        metrics_port=metrics_port, database=shop.billing_dsn)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve /metrics, /healthz and /readyz on 127.0.0.1:PORT")
     args = parser.parse_args()
     configure()
     stop = threading.Event()
     install_stop_signals(stop)
-    worker(load_shop(args.config)).run(stop)
+    worker(load_shop(args.config), args.metrics_port).run(stop)
     return 0
 
 

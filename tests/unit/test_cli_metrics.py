@@ -1,0 +1,49 @@
+"""TRUEUP_METRICS_PORT makes any command serve /metrics while it runs, and only then."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from trueup import cli
+from trueup.config import Config
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_command_serves_metrics_while_it_runs(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    port = _free_port()
+    seen: list[str] = []
+
+    def scrape_self(config: Config, args: argparse.Namespace) -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            seen.append(reply.read().decode())
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "status", scrape_self)
+    monkeypatch.setenv(cli.METRICS_PORT_ENV, str(port))
+    assert cli.main(["--config", str(config), "status"]) == 0
+    assert seen and "# TYPE trueup_rows_scanned_total counter" in seen[0]
+    with pytest.raises(OSError):  # closed once the command returned
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+def test_a_bad_metrics_port_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    monkeypatch.setenv(cli.METRICS_PORT_ENV, "nope")
+    assert cli.main(["--config", str(config), "status"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "TRUEUP_METRICS_PORT: expected a port number (got 'nope')")
