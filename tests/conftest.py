@@ -10,6 +10,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -107,3 +108,23 @@ def new_db(unique: Callable[[str], str]) -> Iterator[Callable[[], str]]:
     yield make
     for name in made:
         drop_database(name)
+
+
+@pytest.fixture
+def topics(kafka_bootstrap: str) -> Iterator[Any]:
+    """Kafka topics made for one test (``topics.make(...)``) and deleted afterwards."""
+    from tests.integration.test_workers_support import Topics
+
+    made = Topics(kafka_bootstrap)
+    yield made
+    made.delete()
+
+
+@pytest.fixture
+def queues(amqp_url: str) -> Iterator[Any]:
+    """RabbitMQ queues made for one test and deleted afterwards."""
+    from tests.integration.test_workers_support import Queues
+
+    made = Queues(amqp_url)
+    yield made
+    made.delete()

@@ -50,19 +50,6 @@ def server() -> Iterator[metrics.MetricsServer]:
     running.close()
 
 
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> Iterator[Topics]:
-    made = Topics(kafka_bootstrap)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def queues(amqp_url: str) -> Iterator[Queues]:
-    made = Queues(amqp_url)
-    yield made
-    made.delete()
-
 
 @pytest.fixture
 def fresh_health() -> Iterator[None]:

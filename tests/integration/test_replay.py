@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -31,19 +31,6 @@ from trueup.letterboxes.kafka import replay_group
 
 BACKOFF = {"initial": "200ms", "multiplier": 2, "max": "2s"}
 
-
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> Iterator[Topics]:
-    made = Topics(kafka_bootstrap)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def queues(amqp_url: str) -> Iterator[Queues]:
-    made = Queues(amqp_url)
-    yield made
-    made.delete()
 
 
 def _events(state: str) -> list[tuple[str, str]]:

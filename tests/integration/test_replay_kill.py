@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pika
@@ -39,19 +39,6 @@ KILLS = 3
 RATE = 600           # letters per second: every run lasts long enough to be killed in
 REPO = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> Iterator[Topics]:
-    made = Topics(kafka_bootstrap)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def queues(amqp_url: str) -> Iterator[Queues]:
-    made = Queues(amqp_url)
-    yield made
-    made.delete()
 
 
 def _letter_headers(origin: str, n: int) -> dict[str, str]:

@@ -40,19 +40,6 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     tracing.shutdown()
 
 
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> Iterator[Topics]:
-    made = Topics(kafka_bootstrap)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def queues(amqp_url: str) -> Iterator[Queues]:
-    made = Queues(amqp_url)
-    yield made
-    made.delete()
-
 
 class FailTwiceThenFixed:
     """Attempt 1 fails for a while (retried), attempt 2 for good (dead-lettered); after the

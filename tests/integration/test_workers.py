@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -25,20 +25,6 @@ from tests.integration.test_workers_support import (
     wait_until,
 )
 from trueup import headers
-
-
-@pytest.fixture
-def topics(kafka_bootstrap: str) -> Iterator[Topics]:
-    made = Topics(kafka_bootstrap)
-    yield made
-    made.delete()
-
-
-@pytest.fixture
-def queues(amqp_url: str) -> Iterator[Queues]:
-    made = Queues(amqp_url)
-    yield made
-    made.delete()
 
 
 def _check_retry_timing(handler: FlakyHandler, item: str, failures: int) -> None:
