@@ -18,6 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).parent / "dagster")
 STARTUP_SECONDS = 120
+SHUTDOWN_GRACE_SECONDS = 10
 
 
 def _free_port() -> int:
@@ -55,13 +56,19 @@ def dagster_dev(tmp_path: Path, config: Path) -> Iterator[str]:
                 time.sleep(1)
             yield url
         finally:
-            # dagster dev stops its webserver and daemon on SIGTERM (they share its session)
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            # The whole session we started: dagster dev, its webserver, daemon and code
+            # server. Its webserver can take a minute to honour SIGTERM; this instance is
+            # throwaway, so after a short grace the group is killed outright.
+            _signal_group(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=SHUTDOWN_GRACE_SECONDS)
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
 
 
 def graphql(url: str, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
