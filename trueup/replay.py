@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +27,11 @@ from opentelemetry.trace import SpanKind
 from trueup import metrics, tracing
 from trueup.config import Config, DeadLetterConfig
 from trueup.errors import Conflict, ConnectionFailed, StateError
+from trueup.fates import Plan, plan
 from trueup.letterboxes import Letterbox, Received, Settle, open_letterbox
 from trueup.letters import DeadLetter, Destination, LetterFilter
 from trueup.log import get_logger
+from trueup.pacing import Pacer
 from trueup.queries import query
 from trueup.retry import RetryPolicy
 from trueup.state import open_state
@@ -70,80 +71,6 @@ class ReplaySummary:
         return {"replay_id": self.replay_id, "name": self.name, "dry_run": self.dry_run,
                 "moved": self.moved, "parked": self.parked, "skipped": self.skipped,
                 "seconds": round(self.seconds, 3)}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    """What happens to one letter. ``outcome`` None: filtered out (counted as skipped, not
-    recorded as an event)."""
-
-    outcome: ReplayOutcome | None
-    destination: Destination | None
-    settle: Settle
-    reason: str = ""
-
-    @functools.cached_property
-    def destination_text(self) -> str | None:
-        """The destination as recorded in ``trueup.replay_events``."""
-        return str(self.destination) if self.destination is not None else None
-
-    # Cached: plans are shared by many letters (see _Planner) and asked for each one.
-    @functools.cached_property
-    def sends(self) -> bool:
-        return self.outcome in (ReplayOutcome.MOVED, ReplayOutcome.PARKED)
-
-    @functools.cached_property
-    def counts_toward_max(self) -> bool:
-        return self.outcome in (ReplayOutcome.MOVED, ReplayOutcome.PARKED,
-                                ReplayOutcome.WOULD_MOVE, ReplayOutcome.WOULD_PARK)
-
-
-def plan(letter: DeadLetter, dlq: DeadLetterConfig, *, selected: bool,
-         replayed_by: int | None, dry_run: bool, policy: RetryPolicy | None = None) -> Plan:
-    """The fate of one letter; ``replayed_by`` is the newest replay that moved its id.
-
-    ``policy`` is the queue's retry policy (built from ``dlq`` when not given).
-    """
-    if not selected:
-        return Plan(outcome=None, destination=None, settle=Settle.KEEP, reason="filtered out")
-    if replayed_by is not None and replayed_by > letter.generation:
-        # This copy was moved already (the process stopped before removing it): drop it.
-        return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.DONE,
-                    reason=f"already replayed by replay {replayed_by}")
-    if (policy or RetryPolicy.from_config(dlq)).exhausted(letter.attempts):
-        if dlq.parking is None:
-            return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.KEEP,
-                        reason=f"{letter.attempts} attempts and no parking configured")
-        return Plan(outcome=ReplayOutcome.WOULD_PARK if dry_run else ReplayOutcome.PARKED,
-                    destination=Destination(name=dlq.parking), settle=Settle.DONE,
-                    reason=f"{letter.attempts} attempts (max_attempts {dlq.max_attempts})")
-    if dlq.replay_to is not None:
-        destination = Destination(name=dlq.replay_to.name, exchange=dlq.replay_to.exchange,
-                                  routing_key=dlq.replay_to.routing_key)
-    elif letter.origin is not None:
-        destination = Destination(name=letter.origin)
-    else:
-        return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.KEEP,
-                    reason="no origin header and no replay_to")
-    return Plan(outcome=ReplayOutcome.WOULD_MOVE if dry_run else ReplayOutcome.MOVED,
-                destination=destination, settle=Settle.DONE)
-
-
-class Pacer:
-    """At most ``rate`` sends per second (None: no limit)."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
-        self.start = time.monotonic()
-        self.count = 0
-
-    def wait(self) -> None:
-        if not self.rate:
-            return
-        self.count += 1
-        pause = self.start + self.count / self.rate - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
 
 
 @dataclass(kw_only=True)
@@ -381,7 +308,7 @@ class _Step:
         limit = options.max_messages
         selection = self.selection.matches if self.selection.tests else None
         publish = None if options.dry_run else self.box.publish
-        pace = self.pacer.wait if self.pacer.rate else None
+        pace = self.pacer if self.pacer.rate else None
         try:
             # Decided and published in one pass: the fate of a letter depends on the lookup
             # above and on the letters before it, never on those after it.

@@ -9,10 +9,10 @@ from psycopg import sql
 
 from trueup.backfill.keyspace import KeySpace
 from trueup.backfill.republish import message_key
-from trueup.backfill.runner import Pacer
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
 from trueup.lineage import parse_key
+from trueup.pacing import Pacer
 
 TEXT, INT8 = ColumnType.of("text"), ColumnType.of("int8")
 

@@ -28,6 +28,7 @@ from trueup.config import Config
 from trueup.db import connect, first_line
 from trueup.errors import NotFound, TrueupError
 from trueup.log import get_logger
+from trueup.pacing import Pacer
 from trueup.queries import query
 from trueup.statuses import BackfillScope, BackfillStatus
 
@@ -44,25 +45,6 @@ class Writer(Protocol):
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult: ...
 
     def close(self) -> None: ...
-
-
-class Pacer:
-    """Caps the rows per second of every worker of this process together."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.rate = rate
-        self._lock = threading.Lock()
-        self._next = time.monotonic()
-
-    def __call__(self, rows: int) -> None:
-        if not self.rate or rows <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            start = max(now, self._next)
-            self._next = start + rows / self.rate
-        if start > now:
-            time.sleep(start - now)
 
 
 def load(conn: psycopg.Connection[Any], backfill_id: int) -> dict[str, Any]:

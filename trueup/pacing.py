@@ -1,0 +1,26 @@
+"""Rate limits for long work: backfill rows and replayed letters per second."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Pacer:
+    """At most ``rate`` units (rows, letters) per second over every caller of this process
+    together (None: no limit). Thread-safe: several backfill workers share one."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def __call__(self, units: int = 1) -> None:
+        if not self.rate or units <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + units / self.rate
+        if start > now:
+            time.sleep(start - now)
