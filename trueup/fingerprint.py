@@ -101,6 +101,16 @@ class ColumnType:
         return cls(name=typname, kind=kind, float_digits=_FLOAT_DIGITS.get(typname))
 
 
+def storage_type(ctype: ColumnType) -> sql.Composable:
+    """A built-in type that holds values of ``ctype`` in any database (mirror and stage tables,
+    casts): the state database has none of the source's enums or extensions."""
+    if ctype.kind is Kind.TEXT and ctype.name != "uuid":
+        return sql.SQL("text")
+    if ctype.kind is Kind.JSON:
+        return sql.SQL("jsonb")
+    return sql.Identifier(ctype.name)
+
+
 # ---------------------------------------------------------------------------------------------
 # SQL side
 

@@ -33,11 +33,11 @@ from psycopg import sql
 from trueup.brokers.kafka import translate
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
-from trueup.fingerprint import ColumnType
+from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.runs import Difference
 from trueup.sides import Side, mirror_side
-from trueup.staging import Merger, RawMessage, storage_type
+from trueup.staging import Merger, RawMessage
 from trueup.statuses import DifferenceClass
 
 log = get_logger(__name__)
@@ -78,6 +78,17 @@ class MirrorShape:
     @property
     def unreadable_table(self) -> sql.Composable:
         return sql.Identifier(SCHEMA, f"{self.name}__unreadable")
+
+    def stored_columns(self, *, not_null_keys: bool) -> sql.Composable:
+        """Column definitions of the key columns, then the version's (if any), comma-ended
+        when there is a version; shared by the mirror table and the stage table."""
+        null = sql.SQL(" NOT NULL") if not_null_keys else sql.SQL("")
+        keys = sql.SQL(", ").join(
+            sql.SQL("{} {}{}").format(sql.Identifier(c), storage_type(t), null)
+            for c, t in zip(self.key_columns, self.key_types, strict=True))
+        if self.version_type is None:
+            return keys
+        return sql.SQL("{}, version {}").format(keys, storage_type(self.version_type))
 
     @property
     def signature(self) -> str:
@@ -154,15 +165,11 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
                                                                    shape.unreadable_table))
         conn.execute("DELETE FROM trueup.mirror_offsets WHERE reconciliation = %s",
                      (shape.name,))
-        keys = [sql.SQL("{} {} NOT NULL").format(sql.Identifier(c), storage_type(t))
-                for c, t in zip(shape.key_columns, shape.key_types, strict=True)]
-        version = sql.SQL("version {},").format(storage_type(shape.version_type)) \
-            if shape.version_type else sql.SQL("")
         conn.execute(sql.SQL(
-            "CREATE TABLE {table} ({keys}, {version} fingerprint bigint NOT NULL, "
+            "CREATE TABLE {table} ({stored}, fingerprint bigint NOT NULL, "
             "row_hash bigint NOT NULL, kafka_partition integer NOT NULL, "
             "kafka_offset bigint NOT NULL, PRIMARY KEY ({pk}))"
-        ).format(table=shape.table, keys=sql.SQL(", ").join(keys), version=version,
+        ).format(table=shape.table, stored=shape.stored_columns(not_null_keys=True),
                  pk=sql.SQL(", ").join(sql.Identifier(c) for c in shape.key_columns)))
         conn.execute(sql.SQL(
             "CREATE TABLE {} (kafka_partition integer NOT NULL, kafka_offset bigint NOT NULL, "

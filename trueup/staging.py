@@ -31,6 +31,7 @@ from trueup.fingerprint import (
     fields_sql,
     fields_text,
     loads,
+    storage_type,
 )
 from trueup.fingerprint import copy_text as value_text
 from trueup.log import get_logger
@@ -50,14 +51,6 @@ class RawMessage(NamedTuple):
     key: str | None
     value: bytes | None
 
-
-def storage_type(ctype: ColumnType) -> sql.Composable:
-    """The mirror column type for a source type: built-ins only (no enums or extensions)."""
-    if ctype.kind is Kind.TEXT and ctype.name != "uuid":
-        return sql.SQL("text")
-    if ctype.kind is Kind.JSON:
-        return sql.SQL("jsonb")
-    return sql.Identifier(ctype.name)
 
 
 def _record_type(ctype: ColumnType) -> sql.Composable:
@@ -86,15 +79,11 @@ class Merger:
         self.conn = conn
         self.parse_in_postgres = parse_in_postgres
         self.fallbacks = 0
-        keys = [sql.SQL("{} {}").format(sql.Identifier(c), storage_type(t))
-                for c, t in zip(shape.key_columns, shape.key_types, strict=True)]
-        version = sql.SQL("version {},").format(storage_type(shape.version_type)) \
-            if shape.version_type else sql.SQL("")
         conn.execute(sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS trueup_stage (kafka_partition integer, "
-            "kafka_offset bigint, message_key text, tombstone boolean, {keys}, {version} "
+            "kafka_offset bigint, message_key text, tombstone boolean, {stored}, "
             "fields text, reason text) ON COMMIT DELETE ROWS"
-        ).format(keys=sql.SQL(", ").join(keys), version=version))
+        ).format(stored=shape.stored_columns(not_null_keys=False)))
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (kafka_partition integer, "
                      "kafka_offset bigint, message_key text, value text) ON COMMIT DELETE ROWS")
         conn.commit()

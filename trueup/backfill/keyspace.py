@@ -15,19 +15,11 @@ from typing import Any
 
 from psycopg import sql
 
-from trueup.fingerprint import ColumnType, Kind
+from trueup.fingerprint import ColumnType, Kind, storage_type
 
 #: Text-like types compared as they are; other TEXT kinds (enums, citext) go through ::text.
 _PLAIN_TEXT = ("text", "varchar", "bpchar", "name")
 
-
-def storage_type(ctype: ColumnType) -> sql.Composable:
-    """A built-in type that holds values of ``ctype`` in any database (stage tables, casts)."""
-    if ctype.kind is Kind.TEXT and ctype.name != "uuid":
-        return sql.SQL("text")
-    if ctype.kind is Kind.JSON:
-        return sql.SQL("jsonb")
-    return sql.Identifier(ctype.name)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from trueup.backfill import chunks
-from trueup.backfill.keyspace import KeySpace, scope_condition, storage_type
+from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
     ChunkContext,
     ChunkResult,
@@ -39,7 +39,7 @@ from trueup.backfill.model import (
 )
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
-from trueup.fingerprint import ColumnType
+from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
 from trueup.sides import table_side
