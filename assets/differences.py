@@ -109,8 +109,8 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
              {"count": getattr(summary, r.check_name or "")}) for r in results])
         return dg.MaterializeResult(metadata=summary_metadata(summary), check_results=results)
 
+    # the job's partitions come from the asset's
     job = dg.define_asset_job(f"reconcile_{name}", selection=dg.AssetSelection.assets(key),
-                              partitions_def=partitions,
                               description=f"Run reconciliation {name}.")
     schedules: list[dg.ScheduleDefinition] = []
     if rec.schedule:
