@@ -100,3 +100,17 @@ def test_annotate_adds_attributes_and_an_error_to_the_current_span(
 
 def test_annotate_outside_a_span_does_nothing() -> None:
     tracing.annotate(ValueError("nowhere"), attempt=1)  # no span, no error
+
+
+def test_with_tracing_off_a_message_span_makes_its_trace_current_without_a_span() -> None:
+    tracing.shutdown()  # tracing off
+    carried = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    headers = [("x", b"1"), ("traceparent", carried.encode())]
+    with tracing.message_span("handle", headers) as current:
+        assert not current.is_recording()
+        # log lines see the message's trace id, and its headers travel on unchanged
+        assert tracing.current_trace_id() == "0af7651916cd43dd8448eb211c80319c"
+        assert tracing.inject(headers) == headers
+    assert tracing.current_trace_id() is None
+    with tracing.message_span("handle", [("x", b"1")]) as current:
+        assert tracing.current_trace_id() is None
