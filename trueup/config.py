@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from trueup.errors import ConfigError, ConfigErrors
+from trueup.errors import ConfigError, ConfigErrors, NotFound
 from trueup.messages import describe_pydantic_error
 
 DEFAULT_CONFIG = "trueup.yaml"
@@ -321,8 +321,6 @@ class Config(_Model):
         return self.connections[name]
 
     def reconciliation(self, name: str) -> ReconciliationConfig:
-        from trueup.errors import NotFound
-
         try:
             return self.reconciliations[name]
         except KeyError:
@@ -332,8 +330,6 @@ class Config(_Model):
             ) from None
 
     def dead_letter(self, name: str) -> DeadLetterConfig:
-        from trueup.errors import NotFound
-
         try:
             return self.dead_letters[name]
         except KeyError:

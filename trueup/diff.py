@@ -141,8 +141,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             assert target_dsn is not None and rec.target.table is not None
             target_conn = stack.enter_context(connect(target_dsn, what="target",
                                                       application_name=f"trueup diff {name}"))
-            source, target = _table_sides(rec, source, source_conn, source_dsn, target_conn,
-                                          target_dsn)
+            source, target = _table_sides(rec, source, source_types, source_conn, source_dsn,
+                                          target_conn, target_dsn)
         comparison = Comparison(
             source=source, target=target,
             source_where=_partition_filter(source, day),
@@ -174,7 +174,7 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
     return summary
 
 
-def _table_sides(rec: ReconciliationConfig, source: Side,
+def _table_sides(rec: ReconciliationConfig, source: Side, source_types: list[ColumnType],
                  source_conn: psycopg.Connection[Any], source_dsn: str,
                  target_conn: psycopg.Connection[Any], target_dsn: str) -> tuple[Side, Side]:
     """Both sides of a table-to-table run, each column read as the type both share."""
@@ -184,7 +184,7 @@ def _table_sides(rec: ReconciliationConfig, source: Side,
     target_types = require(target_all, rec.target.table, target_columns, target_conn)
     target_keys = require(target_all, rec.target.table, rec.target.key, target_conn)
     columns = [common_type(s, t) for s, t in
-               zip(_types_of(source_conn, rec), target_types, strict=True)]
+               zip(source_types, target_types, strict=True)]
     keys = [common_type(s, t) for s, t in zip(source.key_types, target_keys, strict=True)]
     version = None
     if rec.target.version and source.version_type is not None:

@@ -50,7 +50,3 @@ class NotFound(TrueupError):
 
 class Conflict(TrueupError):
     """The requested work clashes with work already running (for example an active backfill)."""
-
-
-class NotImplementedYet(TrueupError):
-    """A subcommand promised by the interface whose implementation has not landed."""

@@ -9,7 +9,7 @@ columns) and ``row_hash`` (key, version and columns together, for segment checks
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -154,7 +154,7 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     values = [*zip(key_exprs, key_types, strict=True),
               *([(version_expr, version_type)] if version_expr and version_type else []),
               *zip(col_exprs, column_types_, strict=True)]
-    return Side(**{**side.__dict__, "row_hash": row_hash, "native_hash": native_hash(values)})
+    return replace(side, row_hash=row_hash, native_hash=native_hash(values))
 
 
 def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Composable:

@@ -11,18 +11,15 @@ Usage: python -m examples.shop.billing [--config PATH]
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import threading
 
 import psycopg
 
 from examples.shop.deploy import Features
-from examples.shop.settings import Shop, load_shop
-from trueup.log import configure
+from examples.shop.settings import Shop, run_worker
 from trueup.retry import PermanentError, RetryPolicy
-from trueup.workers import Delivery, install_stop_signals
+from trueup.workers import Delivery
 from trueup.workers.kafka import KafkaWorker
 
 SESSION_TIMEOUT_MS = 6000
@@ -75,19 +72,14 @@ def worker(shop: Shop, metrics_port: int | None = None) -> KafkaWorker:
         metrics_port=metrics_port, database=shop.billing_dsn)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve /metrics, /healthz and /readyz on 127.0.0.1:PORT")
-    args = parser.parse_args()
-    configure()
-    stop = threading.Event()
-    install_stop_signals(stop)
-    consumer = worker(load_shop(args.config), args.metrics_port)
+def ready_worker(shop: Shop, metrics_port: int | None) -> KafkaWorker:
+    consumer = worker(shop, metrics_port)
     consumer.ensure_topics()
-    consumer.run(stop)
-    return 0
+    return consumer
+
+
+def main() -> int:
+    return run_worker(__doc__.splitlines()[0], ready_worker)
 
 
 if __name__ == "__main__":

@@ -11,19 +11,16 @@ Usage: python -m examples.shop.ledger [--config PATH]
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import threading
 import zlib
 
 import psycopg
 
 from examples.shop.deploy import Features
-from examples.shop.settings import Shop, load_shop
-from trueup.log import configure
+from examples.shop.settings import Shop, run_worker
 from trueup.retry import PermanentError, RetryPolicy
-from trueup.workers import Delivery, install_stop_signals
+from trueup.workers import Delivery
 from trueup.workers.rabbitmq import RabbitWorker
 
 FLAKY_ONE_IN = 10  # payments whose first attempt times out
@@ -62,16 +59,7 @@ def worker(shop: Shop, metrics_port: int | None = None) -> RabbitWorker:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config")
-    parser.add_argument("--metrics-port", type=int, metavar="PORT",
-                        help="serve /metrics, /healthz and /readyz on 127.0.0.1:PORT")
-    args = parser.parse_args()
-    configure()
-    stop = threading.Event()
-    install_stop_signals(stop)
-    worker(load_shop(args.config), args.metrics_port).run(stop)
-    return 0
+    return run_worker(__doc__.splitlines()[0], worker)
 
 
 if __name__ == "__main__":

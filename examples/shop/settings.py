@@ -13,10 +13,13 @@ own by writing another config. Names the config does not hold directly follow fr
 
 from __future__ import annotations
 
+import argparse
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from trueup.config import CONFIG_ENV, Config, load_config
 
@@ -84,3 +87,25 @@ def shop_of(config: Config) -> Shop:
         routing_key=replay_to.routing_key,
         payments_queue=payments_dlq.queue.removesuffix(".dlq"),
         payments_dlq=payments_dlq.queue, payments_dlx=f"{replay_to.exchange}.dlx")
+
+
+class _Runnable(Protocol):
+    def run(self, stop: threading.Event) -> None: ...
+
+
+def run_worker(description: str, build: Callable[[Shop, int | None], _Runnable]) -> int:
+    """The command line of a shop worker: ``--config``, ``--metrics-port``; runs until
+    SIGTERM or SIGINT."""
+    from trueup.log import configure
+    from trueup.workers import install_stop_signals
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve /metrics, /healthz and /readyz on 127.0.0.1:PORT")
+    args = parser.parse_args()
+    configure()
+    stop = threading.Event()
+    install_stop_signals(stop)
+    build(load_shop(args.config), args.metrics_port).run(stop)
+    return 0

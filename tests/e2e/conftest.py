@@ -90,3 +90,37 @@ def wait_for(what: str, probe: Any, seconds: float = STARTUP_SECONDS) -> Any:
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(1)
+
+
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+RUN = """
+query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }
+"""
+REPOSITORIES = """
+{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }
+"""
+
+
+def launch_job(url: str, job: str, run_config: dict[str, Any] | None = None,
+               partition: str | None = None) -> str:
+    """Launch ``job`` of the only code location with ``run_config``; its run id."""
+    (repo,) = graphql(url, REPOSITORIES)["repositoriesOrError"]["nodes"]
+    params: dict[str, Any] = {
+        "selector": {"repositoryLocationName": repo["location"]["name"],
+                     "repositoryName": repo["name"], "jobName": job},
+        "runConfigData": run_config or {}}
+    if partition is not None:
+        params["executionMetadata"] = {"tags": [{"key": "dagster/partition",
+                                                 "value": partition}]}
+    launched = graphql(url, LAUNCH_RUN, {"params": params})["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return str(launched["run"]["runId"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pika
 import psycopg
@@ -23,29 +22,13 @@ from examples.shop.demo import DEMO_FAULTS, start
 from examples.shop.deploy import set_feature
 from examples.shop.settings import Shop, load_shop
 from examples.shop.watch import wait_quiet, wait_until
-from tests.e2e.conftest import dagster_dev, graphql, wait_for
+from tests.e2e.conftest import REPOSITORIES, RUN, dagster_dev, graphql, launch_job, wait_for
 from trueup.statuses import DifferenceClass
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres, pytest.mark.kafka,
               pytest.mark.rabbitmq, pytest.mark.stack]
 
 ORDERS = 300
-REPOSITORIES = """
-{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }
-"""
-LAUNCH_RUN = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}
-"""
-RUN = """
-query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }
-"""
 CHECKS = """
 query($path: [String!]!) {
   assetNodeOrError(assetKey: {path: $path}) {
@@ -134,21 +117,6 @@ def running_shop(new_db: Callable[[], str], state_db: str, kafka_bootstrap: str,
 # Dagster through GraphQL, as the UI drives it
 
 
-def launch(url: str, job: str, run_config: dict[str, Any] | None = None,
-           partition: str | None = None) -> str:
-    (repo,) = graphql(url, REPOSITORIES)["repositoriesOrError"]["nodes"]
-    params: dict[str, Any] = {
-        "selector": {"repositoryLocationName": repo["location"]["name"],
-                     "repositoryName": repo["name"], "jobName": job},
-        "runConfigData": run_config or {}}
-    if partition is not None:
-        params["executionMetadata"] = {"tags": [{"key": "dagster/partition",
-                                                 "value": partition}]}
-    launched = graphql(url, LAUNCH_RUN, {"params": params})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return str(launched["run"]["runId"])
-
-
 def succeed(url: str, runs: dict[str, str]) -> None:
     """Wait for every run of ``{run id: job}`` (launched together, run side by side)."""
     def finished() -> dict[str, str] | None:
@@ -189,10 +157,10 @@ def reconcile(url: str, shop: Shop) -> dict[str, dict[str, int]]:
     runs: dict[str, tuple[str, list[str]]] = {}
     for name, partitions in (("orders_invoices", [None]), ("orders_events", days(shop))):
         for partition in partitions:
-            runs[launch(url, f"reconcile_{name}", partition=partition)] = (
+            runs[launch_job(url, f"reconcile_{name}", partition=partition)] = (
                 name, ["trueup", name, "differences"])
     for name in ("orders_dlq", "payments_dlq"):
-        runs[launch(url, f"dead_letters_{name}")] = (name, ["trueup", name, "dead_letters"])
+        runs[launch_job(url, f"dead_letters_{name}")] = (name, ["trueup", name, "dead_letters"])
     succeed(url, {r: name for r, (name, _) in runs.items()})
     failed: dict[str, dict[str, int]] = {}
     for run_id, (name, path) in runs.items():
@@ -225,12 +193,12 @@ def test_demo_shop_checks_fail_then_replay_and_backfill_from_dagster_turn_them_g
         }, failed
 
         set_feature(shop, "refunds", True)  # python -m examples.shop.deploy refunds
-        repairs = {launch(url, f"replay_{name}", {"ops": {f"replay_{name}_op": {
+        repairs = {launch_job(url, f"replay_{name}", {"ops": {f"replay_{name}_op": {
             "config": {"dry_run": False}}}}): f"replay_{name}"
             for name in ("orders_dlq", "payments_dlq")}
-        repairs[launch(url, "backfill_orders_invoices", {"ops": {
+        repairs[launch_job(url, "backfill_orders_invoices", {"ops": {
             "trueup__orders_invoices__repairs": {"config": {"scope": "all"}}}})] = "invoices"
-        repairs[launch(url, "backfill_orders_events", {"ops": {
+        repairs[launch_job(url, "backfill_orders_events", {"ops": {
             "trueup__orders_events__repairs": {"config": {"scope": "all"}}}},
             partition=days(shop)[-1])] = "events"
         succeed(url, repairs)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.e2e.conftest import dagster_dev, graphql, wait_for
+from tests.e2e.conftest import RUN, dagster_dev, graphql, launch_job, wait_for
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
 
@@ -28,19 +28,6 @@ mutation($selector: ScheduleSelector!) {
     ... on PythonError { message }
   }
 }
-"""
-LAUNCH_RUN = """
-mutation($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}
-"""
-RUN = """
-query($id: ID!) { runOrError(runId: $id) { __typename ... on Run { status } } }
 """
 CHECKS = """
 query($path: [String!]!) {
@@ -121,16 +108,6 @@ def repository(url: str) -> dict[str, Any]:
     return repo  # type: ignore[no-any-return]
 
 
-def launch(url: str, job: str, run_config: dict[str, Any] | None = None) -> str:
-    repo = repository(url)
-    launched = graphql(url, LAUNCH_RUN, {"params": {
-        "selector": {"repositoryLocationName": repo["location"]["name"],
-                     "repositoryName": repo["name"], "jobName": job},
-        "runConfigData": run_config or {}}})["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    return str(launched["run"]["runId"])
-
-
 def run_status(url: str, run_id: str, seconds: float = 90) -> str:
     def finished() -> str | None:
         status: str = graphql(url, RUN, {"id": run_id})["runOrError"]["status"]
@@ -172,18 +149,18 @@ def test_drift_fails_checks_backfill_repairs_and_the_next_run_passes(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, copy):
-        run = launch(url, "reconcile_orders")
+        run = launch_job(url, "reconcile_orders")
         assert run_status(url, run) == "SUCCESS"
         first = outcomes(url, DIFFERENCES, run)
         assert {k: first[k] for k in ("missing", "stale", "mismatch", "orphan")} == {
             "missing": False, "stale": False, "mismatch": False, "orphan": False}, first
         assert first["ahead"] and first["fresh"]  # it just ran
 
-        backfill = launch(url, "backfill_orders",
+        backfill = launch_job(url, "backfill_orders",
                           {"ops": {REPAIRS_OP: {"config": {"scope": "all", "chunk_size": 50}}}})
         assert run_status(url, backfill) == "SUCCESS"
 
-        again = launch(url, "reconcile_orders")
+        again = launch_job(url, "reconcile_orders")
         assert run_status(url, again) == "SUCCESS"
         second = outcomes(url, DIFFERENCES, again)
         assert second and all(second.values()), second
@@ -195,7 +172,7 @@ def test_gx_check_fails_on_bad_values_and_passes_once_fixed(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, shop, _):
-        run = launch(url, "quality_shop_public_orders")
+        run = launch_job(url, "quality_shop_public_orders")
         assert run_status(url, run) == "SUCCESS"
         result = outcomes(url, ORDERS_TABLE, run)
         assert result == {"amount_cents__be_between": False, "currency__be_in_set": True}, result
@@ -206,7 +183,7 @@ def test_gx_check_fails_on_bad_values_and_passes_once_fixed(
 
         with psycopg.connect(shop, autocommit=True) as conn:
             conn.execute("UPDATE public.orders SET amount_cents = 50 WHERE amount_cents < 0")
-        run = launch(url, "quality_shop_public_orders")
+        run = launch_job(url, "quality_shop_public_orders")
         assert run_status(url, run) == "SUCCESS"
         assert outcomes(url, ORDERS_TABLE, run) == {
             "amount_cents__be_between": True, "currency__be_in_set": True}

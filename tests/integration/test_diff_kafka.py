@@ -21,6 +21,10 @@ from trueup.runs import differences_of
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
+#: The source table of the tests that need one shape only (a bigint key).
+ORDERS_DDL = ("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, status text, "
+              "amount numeric, placed_at timestamptz, updated_at timestamptz)")
+
 SHAPES: dict[str, dict[str, Any]] = {
     "bigint": {"ddl": "id bigint PRIMARY KEY", "key": ["id"],
                "keys": [(1,), (2,), (3,), (4,), (5,), (6,), (10**15,)], "orphan": (4242,)},
@@ -152,9 +156,7 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
     source = new_db()
     old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
-                     "status text, amount numeric, placed_at timestamptz, updated_at "
-                     "timestamptz)")
+        conn.execute(ORDERS_DDL)
         conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, %s "
                      "FROM generate_series(1, 300) g", (old, old))
     _produce(kafka_bootstrap, topic, [
@@ -184,9 +186,7 @@ def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
     source = new_db()
     old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
-                     "status text, amount numeric, placed_at timestamptz, updated_at "
-                     "timestamptz)")
+        conn.execute(ORDERS_DDL)
         conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 1, %s, %s)", (old, old))
     _produce(kafka_bootstrap, topic, [("1", b"{broken")])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
@@ -203,9 +203,7 @@ def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
     source = new_db()
     old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
-                     "status text, amount numeric, placed_at timestamptz, updated_at "
-                     "timestamptz)")
+        conn.execute(ORDERS_DDL)
         conn.execute("INSERT INTO public.orders SELECT g, 1, 'a', g, %s, %s "
                      "FROM generate_series(1, 3) g", (old, old))
 

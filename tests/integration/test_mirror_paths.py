@@ -22,6 +22,11 @@ from trueup.staging import Merger, RawMessage
 
 pytestmark = pytest.mark.postgres
 
+#: One column of every supported kind, the source of both tests.
+ITEMS_DDL = ("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, status text, "
+             "amount numeric(12,2), price double precision, flag boolean, at timestamptz, "
+             "naive timestamp, day date, doc jsonb, ref uuid, code char(4))")
+
 COLUMNS = ["status", "amount", "price", "flag", "at", "naive", "day", "doc", "ref", "code"]
 
 
@@ -83,10 +88,7 @@ def test_postgres_and_python_parsing_build_identical_mirrors(
         new_db: Callable[[], str], state_db: str) -> None:
     source = new_db()
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, "
-                     "status text, amount numeric(12,2), price double precision, flag boolean, "
-                     "at timestamptz, naive timestamp, day date, doc jsonb, ref uuid, "
-                     "code char(4))")
+        conn.execute(ITEMS_DDL)
     messages = _messages(600)
     mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
@@ -109,10 +111,7 @@ def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recor
         new_db: Callable[[], str], state_db: str) -> None:
     source = new_db()
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, "
-                     "status text, amount numeric(12,2), price double precision, flag boolean, "
-                     "at timestamptz, naive timestamp, day date, doc jsonb, ref uuid, "
-                     "code char(4))")
+        conn.execute(ITEMS_DDL)
     good = _messages(20)
     bad = [RawMessage(0, 100, "x", b"{not json"), RawMessage(0, 101, "y", b"[1, 2]"),
            RawMessage(0, 102, "z", json.dumps({"id": "seven"}).encode()),
