@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import launch_job, wait_for
 from tests.e2e.test_ui_graphql import (
     DIFFERENCES,
     REPAIRS_OP,
     checks,
-    launch,
     repository,
     run_status,
     shop_in_dagster,
@@ -66,7 +65,7 @@ def test_a_user_sees_failed_checks_launches_the_backfill_and_sees_them_pass(
         monkeypatch: pytest.MonkeyPatch, page: object) -> None:
     p = page  # a playwright Page
     with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, _):
-        first = launch(url, "reconcile_orders")
+        first = launch_job(url, "reconcile_orders")
         assert run_status(url, first) == "SUCCESS"
 
         # the asset page's checks tab: the difference checks failed
