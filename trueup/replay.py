@@ -309,6 +309,9 @@ class _Step:
         selection = self.selection.matches if self.selection.tests else None
         publish = None if options.dry_run else self.box.publish
         pace = self.pacer if self.pacer.rate else None
+        # With tracing off a span would only make the letter's trace current, and its copy
+        # carries that trace in its own headers anyway: skip it (a few us a letter).
+        traced = tracing.enabled()
         try:
             # Decided and published in one pass: the fate of a letter depends on the lookup
             # above and on the letters before it, never on those after it.
@@ -333,10 +336,13 @@ class _Step:
                         assert chosen.destination is not None
                         if pace is not None:
                             pace()
-                        with tracing.message_span(
-                                "replay.publish", letter.headers, kind=SpanKind.PRODUCER,
-                                dead_letters=self.box.name, replay_id=replay_id,
-                                destination=chosen.destination_text):
+                        if traced:
+                            with tracing.message_span(
+                                    "replay.publish", letter.headers, kind=SpanKind.PRODUCER,
+                                    dead_letters=self.box.name, replay_id=replay_id,
+                                    destination=chosen.destination_text):
+                                publish(item, chosen.destination, replay_id=replay_id)
+                        else:
                             publish(item, chosen.destination, replay_id=replay_id)
                         sent.append((item, chosen))
         except BaseException:

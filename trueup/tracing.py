@@ -92,6 +92,11 @@ def _is_in_memory(exporter: SpanExporter) -> bool:
     return type(exporter).__name__ == "InMemorySpanExporter"
 
 
+def enabled() -> bool:
+    """True when spans are exported (:func:`configure` was called with an exporter)."""
+    return _provider is not None
+
+
 def tracer() -> trace.Tracer:
     provider = _provider
     if provider is not None:
@@ -181,8 +186,11 @@ def inject(headers: Any, ctx: Context | None = None) -> Any:
     headers already there are replaced, all others kept in order. Without an active trace the
     headers come back without trace headers.
     """
-    if _provider is None and ctx is None and traceparent(headers) is not None:
-        # tracing off, and the headers already carry their trace: it travels on as it is
+    if _provider is None and ctx is None and (
+            not trace.get_current_span().get_span_context().is_valid
+            or traceparent(headers) is not None):
+        # tracing off, and no message's trace is current or the headers already carry theirs:
+        # they travel on as they are
         return dict(headers) if isinstance(headers, Mapping) else list(headers or [])
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier, context=ctx)
