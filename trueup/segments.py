@@ -37,10 +37,28 @@ FETCH_BATCH_ROWS = 50_000
 class Segmentation:
     bounds: list[Any]            # sorted first-key boundaries; segment i is [b[i-1], b[i])
     array_type: sql.Composable   # SQL array type of the bounds, e.g. bigint[]
+    #: ``(low, width)`` when the bounds are ``low + i * width`` (i = 1, 2, ...): an integer key
+    #: spread evenly, whose segment is then computed instead of searched for
+    step: tuple[int, int] | None = None
 
     @property
     def count(self) -> int:
         return len(self.bounds) + 1
+
+    def segment_of(self, key: sql.Composable) -> sql.Composable:
+        """The segment of ``key`` (``width_bucket`` over the bounds), as one SQL expression.
+
+        With evenly spaced bounds it is arithmetic: the same numbers as ``width_bucket``,
+        without a binary search per row (12% of a checksum pass over 5M rows)."""
+        if self.step is None or not self.bounds:
+            return sql.SQL("width_bucket({}, %(bounds)s::{})").format(key, self.array_type)
+        low, width = self.step
+        end = self.bounds[-1] + width  # below it, every key is in a segment < len(bounds)
+        return sql.SQL(
+            "CASE WHEN {k} < {low} THEN 0 WHEN {k} >= {end} THEN {last} "
+            "ELSE ({k}::int8 - {low}) / {width} END").format(
+                k=key, low=sql.Literal(low), end=sql.Literal(end),
+                last=sql.Literal(len(self.bounds)), width=sql.Literal(width))
 
 
 def _array_type(side: Side) -> sql.Composable:
@@ -71,7 +89,8 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
         return Segmentation(bounds=[], array_type=array_type)
     from_statistics = _bounds_from_statistics(conn, side, where, wanted)
     if from_statistics is not None:
-        return Segmentation(bounds=from_statistics, array_type=array_type)
+        bounds, even = from_statistics
+        return Segmentation(bounds=bounds, array_type=array_type, step=even)
     percent = min(100.0, 100.0 * wanted * SAMPLE_PER_SEGMENT / max(rows, 1))
     sample: sql.Composable = sql.SQL("")
     where_sampled = where
@@ -94,16 +113,21 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
 
 
 _INTEGER_TYPES = ("int2", "int4", "int8")
+#: Even cuts subtract the minimum from each key in bigint: only for ranges far from overflowing.
+_MAX_EVEN_RANGE = 2**62
 
 
 def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
-                            wanted: int) -> list[int] | None:
-    """Boundaries for an integer key from the planner's histogram, without reading the table.
+                            wanted: int) -> tuple[list[int], tuple[int, int] | None] | None:
+    """Boundaries for an integer key from the planner's histogram, without reading the table,
+    and ``(low, width)`` when they are evenly spaced (see :attr:`Segmentation.step`).
 
     ANALYZE keeps ~100 quantiles of the key; splitting each bucket evenly gives ``wanted``
     boundaries at no cost (sampling rows reads the whole table: 0.4 s per 5M rows). The real
     minimum and maximum (two index lookups) stretch the ends, so rows added since ANALYZE still
-    spread over segments. None when there is no histogram or the key is not an integer.
+    spread over segments. When no bucket is less than half as wide as the average (no part of
+    the key range is more than twice as dense as the whole), the range is cut evenly instead.
+    None when there is no histogram or the key is not an integer.
     """
     if side.key_types[0].name not in _INTEGER_TYPES or side.statistics is None:
         return None
@@ -119,12 +143,18 @@ def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sq
                                 ).format(k=side.key[0], rel=side.relation, w=where)).fetchone()
     if ends is None or ends["lo"] is None:
         return None
-    points = sorted({int(ends["lo"]), *histogram, int(ends["hi"]) + 1})
+    first, end = int(ends["lo"]), int(ends["hi"]) + 1
+    widths = [b - a for a, b in itertools.pairwise(histogram)]
+    if (min(widths) * 2 * len(widths) >= histogram[-1] - histogram[0]
+            and end - first < _MAX_EVEN_RANGE):
+        width = max(1, -(-(end - first) // wanted))
+        return list(range(first + width, end, width)), (first, width)
+    points = sorted({first, *histogram, end})
     per_bucket = max(1, wanted // (len(points) - 1))
     bounds: set[int] = set()
     for low, high in itertools.pairwise(points):
         bounds.update(low + (high - low) * j // per_bucket for j in range(per_bucket))
-    return sorted(bounds)[1:]  # the first is the minimum: nothing lies below it
+    return sorted(bounds)[1:], None  # the first is the minimum: nothing lies below it
 
 
 def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
@@ -135,9 +165,9 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
     """
     row_hash = side.native_hash if native and side.native_hash is not None else side.row_hash
     query = sql.SQL(
-        "SELECT width_bucket({first}, %(bounds)s::{atype}) AS seg, count(*) AS n, "
-        "bit_xor({row_hash}) AS h FROM {rel} WHERE {where} GROUP BY 1"
-    ).format(first=side.first_key, atype=segmentation.array_type, row_hash=row_hash,
+        "SELECT {seg} AS seg, count(*) AS n, bit_xor({row_hash}) AS h FROM {rel} "
+        "WHERE {where} GROUP BY 1"
+    ).format(seg=segmentation.segment_of(side.first_key), row_hash=row_hash,
              rel=side.relation, where=where)
     with conn.transaction(), conn.cursor() as cur:
         # The planner cannot see that there are few segments, guesses one per row and sorts

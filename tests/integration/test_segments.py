@@ -1,0 +1,139 @@
+"""Segment checksums between two tables: even cuts of integer keys and the native row hash."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from trueup import segments
+from trueup.config import load_config
+from trueup.diff import diff
+from trueup.fingerprint import ColumnType
+from trueup.sides import table_side
+
+pytestmark = pytest.mark.postgres
+
+
+def _keys_table(dsn: str, ids: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int4 PRIMARY KEY, v text)")
+        conn.execute(f"INSERT INTO t SELECT g, 'x' FROM ({ids}) AS s (g)")
+        conn.execute("ANALYZE t")
+
+
+def _plan(dsn: str) -> tuple[segments.Segmentation, psycopg.Connection[Any]]:
+    conn = psycopg.connect(dsn, autocommit=True, row_factory=psycopg.rows.dict_row)
+    side = table_side(label="source", dsn=dsn, table="public.t", key=["id"], version=None,
+                      columns=["v"], conn=conn)
+    rows = segments.estimate_rows(conn, side, sql.SQL("true"))
+    return segments.plan_segments(conn, side, sql.SQL("true"), rows), conn
+
+
+def test_an_even_key_is_cut_arithmetically_into_the_segments_width_bucket_gives(
+        new_db: Callable[[], str]) -> None:
+    dsn = new_db()
+    _keys_table(dsn, "SELECT g * 3 - 3000 FROM generate_series(1, 20000) g")
+    plan, conn = _plan(dsn)
+    with conn:
+        assert plan.step is not None and plan.count > 100
+        low, width = plan.step
+        assert plan.bounds == list(range(low + width, plan.bounds[-1] + 1, width))
+        # keys far below, on and around every kind of bound, and far above the range (int4)
+        probes = [-2**31, -3001, low - 1, low, low + 1, plan.bounds[0] - 1, plan.bounds[0],
+                  plan.bounds[1], plan.bounds[-1] - 1, plan.bounds[-1],
+                  plan.bounds[-1] + width - 1, plan.bounds[-1] + width, 2**31 - 1]
+        rows = conn.execute(sql.SQL(
+            "SELECT k, {} AS computed, width_bucket(k, %(bounds)s::int4[]) AS searched "
+            "FROM unnest(%(probes)s::int4[]) AS u (k)").format(
+                plan.segment_of(sql.Identifier("k"))),
+            {"bounds": plan.bounds, "probes": probes}).fetchall()
+        assert [(r["k"], r["computed"]) for r in rows] == [
+            (r["k"], r["searched"]) for r in rows]
+        assert {r["computed"] for r in rows} >= {0, 1, 2, len(plan.bounds)}
+
+
+def test_a_skewed_key_is_cut_by_its_histogram(new_db: Callable[[], str]) -> None:
+    dsn = new_db()
+    # nine tenths of the rows in the first thousandth of the range
+    _keys_table(dsn, "SELECT g FROM generate_series(1, 18000) g UNION ALL "
+                     "SELECT 20000000 + g * 10000 FROM generate_series(1, 2000) g")
+    plan, conn = _plan(dsn)
+    conn.close()
+    assert plan.step is None
+    below = sum(1 for b in plan.bounds if b <= 18000)
+    assert below > len(plan.bounds) * 0.8  # the dense part gets most of the segments
+
+
+def _pair(new_db: Callable[[], str], tmp_path: Path, ddl: str, source_rows: str,
+          target_rows: str, columns: list[str], target_zone: str = "UTC") -> Any:
+    source, target = new_db(), new_db()
+    for dsn, rows in ((source, source_rows), (target, target_rows)):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE t ({ddl})")
+            conn.execute(f"INSERT INTO t VALUES {rows}")
+            conn.execute("ANALYZE t")
+    with psycopg.connect(target, autocommit=True) as conn:
+        name = conn.execute("SELECT current_database()").fetchone()
+        assert name is not None
+        conn.execute(sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
+            sql.Identifier(name[0]), sql.Literal(target_zone)))
+    side = {"table": "public.t", "key": ["id"], "columns": columns}
+    raw = {"state": new_db(), "connections": {"a": {"postgres": source},
+                                              "b": {"postgres": target}},
+           "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                     "target": {"connection": "b", **side}}}}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from trueup.state import migrate
+    with psycopg.connect(raw["state"]) as conn:
+        migrate(conn)
+    return diff(load_config(path), "t")
+
+
+def test_values_swapped_between_rows_or_columns_of_one_segment_are_mismatches(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    summary = _pair(new_db, tmp_path, "id int8 PRIMARY KEY, a text, b text",
+                    "(1, 'x', 'y'), (2, 'p', 'q'), (3, 'm', NULL), (4, NULL, 'm')",
+                    # 1: a and b swapped; 2 and 3: their a swapped; 4 as in the source
+                    "(1, 'y', 'x'), (2, 'm', 'q'), (3, 'p', NULL), (4, NULL, 'm')",
+                    ["a", "b"])
+    assert (summary.mismatch, summary.missing, summary.orphan) == (3, 0, 0)
+
+
+def test_equal_values_written_differently_hash_alike_in_any_session_time_zone(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    at = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
+    ddl = ("id int8 PRIMARY KEY, n numeric, f float8, ts timestamptz, d date, ok bool, "
+           "j jsonb, c char(5)")
+    source = (f"(1, 1.0, 0.0, '{at.isoformat()}', '2026-03-01', true, "
+              "'{\"a\": 1, \"b\": [1, 2]}', 'ab'), "
+              "(2, NULL, NULL, NULL, NULL, NULL, 'null', NULL), "
+              "(3, 2.5, 1.5, '1999-12-31 23:59:59.999999+00', '1999-12-31', false, '{}', 'x')")
+    target = (f"(1, 1.000, -0.0, '{at.astimezone(dt.timezone(dt.timedelta(hours=9))).isoformat()}"
+              "', '2026-03-01', true, '{\"b\": [1, 2], \"a\": 1}', 'ab   '), "
+              "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL), "
+              "(3, 2.50, 1.5, '2000-01-01 08:59:59.999999+09', '1999-12-31', false, '{}', 'x')")
+    columns = ["n", "f", "ts", "d", "ok", "j", "c"]
+    summary = _pair(new_db, tmp_path, ddl, source, target, columns,
+                    target_zone="America/Los_Angeles")
+    assert summary.consistent, summary
+    changed = target.replace("true, '{\"b\"", "false, '{\"b\"")
+    summary = _pair(new_db, tmp_path, ddl, source, changed, columns,
+                    target_zone="America/Los_Angeles")
+    assert (summary.mismatch, summary.missing, summary.orphan) == (1, 0, 0)
+
+
+def test_every_compared_type_has_a_native_hash() -> None:
+    from trueup.fingerprint import _KINDS
+    from trueup.sides import native_hash
+
+    for name in _KINDS:
+        native_hash([(sql.Identifier("c"), ColumnType.of(name))])
+    native_hash([(sql.Identifier("c"), ColumnType.of("mood", "e"))])  # an enum
