@@ -244,15 +244,36 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
         for batch in segments.batches(todo, source_sums, target_sums):
             with tracing.span("diff.segments", segments=len(batch), first=batch[0],
                               last=batch[-1]):
-                source_rows_f = pool.submit(segments.rows_in_segments, source_conn, c.source,
-                                            c.source_where, plan, batch, extra)
-                target_rows_f = pool.submit(segments.rows_in_segments, target_conn, c.target,
-                                            c.target_where, plan, batch)
+                suspects = (_suspects(c, source_conn, target_conn, pool, plan, batch)
+                            if native else None)
+                source_rows_f = pool.submit(
+                    segments.rows_in_segments, source_conn, c.source, c.source_where, plan,
+                    batch, extra, first_keys=suspects)
+                target_rows_f = pool.submit(
+                    segments.rows_in_segments, target_conn, c.target, c.target_where, plan,
+                    batch, first_keys=suspects)
                 found = list(classify(source_rows_f.result(), target_rows_f.result(),
                                       c.in_flight_since, orphans=True))
             yield from found
             done += len(batch)
             progress("segments", done, len(todo))
+
+
+def _suspects(c: Comparison, source_conn: psycopg.Connection[Any],
+              target_conn: psycopg.Connection[Any], pool: ThreadPoolExecutor,
+              plan: segments.Segmentation, batch: list[int]) -> list[Any]:
+    """The first keys of the rows of ``batch`` that differ by their native row hash (or are on
+    one side only): rendering and comparing the canonical rows is then done for those alone.
+    In a differing segment of 64 rows, typically one or two."""
+    source_f = pool.submit(segments.row_hashes_in_segments, source_conn, c.source,
+                           c.source_where, plan, batch)
+    target_f = pool.submit(segments.row_hashes_in_segments, target_conn, c.target,
+                           c.target_where, plan, batch)
+    source, target = source_f.result(), target_f.result()
+    firsts = {first for key, (first, h) in source.items()
+              if key not in target or target[key][1] != h}
+    firsts.update(first for key, (first, _) in target.items() if key not in source)
+    return list(firsts)
 
 
 def _source_extra(c: Comparison) -> list[sql.Composable]:

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from trueup.fingerprint import Kind
+from trueup.fingerprint import Kind, storage_type
 from trueup.sides import Side
 
 #: Aim for this many rows per segment. Small segments keep rare drift cheap to pinpoint; the
@@ -199,10 +199,27 @@ def batches(segments: Sequence[int], source: dict[int, tuple[int, int]],
         yield batch
 
 
+def row_hashes_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
+                           segmentation: Segmentation,
+                           segments: list[int]) -> dict[Any, tuple[Any, int]]:
+    """``key -> (first key value, native row hash)`` of every row of ``segments``: what it
+    takes to tell which rows differ, without rendering any row's canonical text. The key is
+    the first key's value for a one-column key, the canonical key text otherwise."""
+    assert side.native_hash is not None
+    key = side.key[0] if len(side.key) == 1 else side.key_text
+    columns = sql.SQL("{} AS key, {} AS first, {} AS h").format(key, side.key[0],
+                                                                 side.native_hash)
+    rows = _select_segments(conn, side, where, segmentation, segments, columns,
+                            row_factory=psycopg.rows.tuple_row)
+    return {key: (first, h) for key, first, h in rows}
+
+
 def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                      segmentation: Segmentation, segments: list[int],
-                     extra: Sequence[sql.Composable] = ()) -> list[dict[str, Any]]:
-    """Key, version and fingerprint of every row of ``segments`` on one side.
+                     extra: Sequence[sql.Composable] = (), *,
+                     first_keys: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Key, version and fingerprint of every row of ``segments`` on one side (only those whose
+    first key is among ``first_keys``, when given).
 
     Segments of ordered keys are read as key ranges on the key index; text keys (compared in
     C collation, which the table's index may not follow) are filtered in one scan instead.
@@ -214,10 +231,25 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
         sql.SQL("{} AS fingerprint").format(side.fingerprint),
         *extra,
     ])
+    return _select_segments(conn, side, where, segmentation, segments, columns,
+                            first_keys=first_keys)
+
+
+def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
+                     segmentation: Segmentation, segments: list[int], columns: sql.Composable,
+                     *, first_keys: list[Any] | None = None,
+                     row_factory: Any = None) -> list[Any]:
     bounds = segmentation.bounds
+    params: dict[str, Any] = {"bounds": bounds, "segments": segments}
+    if first_keys is not None:
+        # A filter, not the access path: the rows are still found by segment. Sent unprepared
+        # so the planner sees the list and hashes it, whatever its length.
+        where = sql.SQL("({}) AND ({})::{} = ANY(%(first_keys)s::{}[])").format(
+            where, side.key[0], storage_type(side.key_types[0]),
+            storage_type(side.key_types[0]))
+        params["first_keys"] = first_keys
     in_segments = sql.SQL("width_bucket({}, %(bounds)s::{}) = ANY(%(segments)s)").format(
         side.first_key, segmentation.array_type)
-    params: dict[str, Any] = {"bounds": bounds, "segments": segments}
     if side.key_types[0].kind is Kind.TEXT or not bounds:
         query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
             columns, side.relation, where, in_segments)
@@ -242,6 +274,6 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
                 columns, side.relation, where, side.first_key))
             params["high_end"] = bounds[-1]
         query = sql.SQL(" UNION ALL ").join(parts)
-    with conn.cursor() as cur:
-        cur.execute(query, params)
+    with conn.cursor(row_factory=row_factory) if row_factory else conn.cursor() as cur:
+        cur.execute(query, params, prepare=False)
         return cur.fetchall()
