@@ -44,3 +44,10 @@ def connect(dsn: str, *, what: str, autocommit: bool = False,
         raise ConnectionFailed(
             f"{what}: cannot connect to {redact(dsn)}: {first_line(exc)}"
         ) from exc
+
+
+def same_server(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
+    """True when two connections reach the same Postgres cluster (any database of it)."""
+    probe = "SELECT system_identifier AS cluster FROM pg_control_system()"
+    first, second = a.execute(probe).fetchone(), b.execute(probe).fetchone()
+    return first is not None and first == second

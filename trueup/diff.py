@@ -22,7 +22,7 @@ from psycopg import sql
 
 from trueup import metrics, segments, tracing
 from trueup.config import Config, ReconciliationConfig
-from trueup.db import connect, first_line
+from trueup.db import connect, first_line, same_server
 from trueup.errors import TrueupError, UsageError
 from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
@@ -226,13 +226,14 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
     rows = max(segments.estimate_rows(source_conn, c.source, c.source_where),
                segments.estimate_rows(target_conn, c.target, c.target_where))
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
+    parallel = not same_server(source_conn, target_conn)
     progress("checksums", 0, plan.count)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
         with tracing.span("diff.checksums", segments=plan.count) as span:
             source_sums_f = pool.submit(segments.checksums, source_conn, c.source,
-                                        c.source_where, plan, native=native)
+                                        c.source_where, plan, native=native, parallel=parallel)
             target_sums_f = pool.submit(segments.checksums, target_conn, c.target,
-                                        c.target_where, plan, native=native)
+                                        c.target_where, plan, native=native, parallel=parallel)
             source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
             span.set_attribute("differing", len(segments.differing(source_sums, target_sums)))
         yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))

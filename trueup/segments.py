@@ -158,10 +158,14 @@ def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sq
 
 
 def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
-              segmentation: Segmentation, *, native: bool = False) -> dict[int, tuple[int, int]]:
+              segmentation: Segmentation, *, native: bool = False,
+              parallel: bool = True) -> dict[int, tuple[int, int]]:
     """``segment -> (rows, xor of row hashes)`` for one side, in one scan.
 
     ``native`` uses the side's binary hash (table-to-table runs) instead of the canonical one.
+    ``parallel=False`` keeps the server from adding parallel workers: when both sides run at
+    once on one server, each already has a core, and workers on top only add overhead (2.06 s
+    -> 1.90 s for two 5M-row tables on 2 cores).
     """
     row_hash = side.native_hash if native and side.native_hash is not None else side.row_hash
     query = sql.SQL(
@@ -175,6 +179,8 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
         # the same work in one pass. Measured on 5M rows: 5.5 s sorted, 4.5 s hashed.
         cur.execute("SET LOCAL enable_sort = off")
         cur.execute(f"SET LOCAL work_mem = '{CHECKSUM_WORK_MEM}'")
+        if not parallel:
+            cur.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         cur.execute(query, {"bounds": segmentation.bounds})
         return {int(r["seg"]): (int(r["n"]), int(r["h"])) for r in cur}
 

@@ -38,7 +38,7 @@ from trueup.backfill.model import (
     source_side,
 )
 from trueup.config import Config, ReconciliationConfig
-from trueup.db import connect
+from trueup.db import connect, same_server
 from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
@@ -65,9 +65,8 @@ def _names(prefix: str, n: int) -> list[sql.Identifier]:
 
 def same_database(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
     """True when two connections reach the same database of the same cluster."""
-    probe = ("SELECT current_database() AS db, "
-             "(SELECT system_identifier FROM pg_control_system()) AS cluster")
-    return bool(a.execute(probe).fetchone() == b.execute(probe).fetchone())
+    probe = "SELECT current_database() AS db"
+    return same_server(a, b) and a.execute(probe).fetchone() == b.execute(probe).fetchone()
 
 
 class UpsertWriter:
