@@ -16,8 +16,8 @@ kind         canonical text                                  SQL
 number       plain decimal, no exponent, no trailing zeros   ``trim_scale(x::numeric)``
 text         ``<utf8 bytes>:<text>`` (uuid lowercased)       ``octet_length(x) || ':' || x``
 bool         ``true`` / ``false``                            ``x::text``
-timestamp    microseconds since 1970-01-01 UTC               ``extract(epoch ...) * 1e6``
-date         days since 1970-01-01                           ``x - DATE '1970-01-01'``
+timestamp    microseconds since 1970-01-01 UTC, infinity     ``extract(epoch ...) * 1e6``
+date         days since 1970-01-01, infinity                 ``x - DATE '1970-01-01'``
 json         ``<bytes>:<jsonb text>`` (jsonb's own layout;   ``x::jsonb::text``
              JSON ``null`` is NULL)
 ===========  ==============================================  ===========================
@@ -49,6 +49,8 @@ INVALID = "!"
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _EPOCH_DATE = dt.date(1970, 1, 1)
+#: Infinite timestamps and dates render as Postgres prints them.
+_INFINITIES = ("infinity", "-infinity")
 _MASK32 = 0xFFFFFFFF
 
 
@@ -135,9 +137,11 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     if ctype.kind is Kind.BOOL:
         return sql.SQL("({})::text").format(column)
     if ctype.kind is Kind.TIMESTAMP:
-        return sql.SQL("(extract(epoch FROM {}) * 1000000)::bigint::text").format(column)
+        return sql.SQL("(CASE WHEN isfinite({0}) THEN (extract(epoch FROM {0}) * 1000000)"
+                       "::bigint::text ELSE ({0})::text END)").format(column)
     if ctype.kind is Kind.DATE:
-        return sql.SQL("(({}) - DATE '1970-01-01')::text").format(column)
+        return sql.SQL("(CASE WHEN isfinite({0}) THEN (({0}) - DATE '1970-01-01')::text "
+                       "ELSE ({0})::text END)").format(column)
     # A message cannot tell JSON null from SQL NULL, so neither does the canonical form.
     value = sql.SQL("nullif(({})::jsonb, 'null')").format(column)
     return sql.SQL("(octet_length({0}::text)::text || ':' || {0}::text)").format(value)
@@ -214,14 +218,16 @@ def copy_text(value: Any, ctype: ColumnType) -> str | None:
             return _bool(value, ctype)
         if ctype.kind is Kind.TIMESTAMP:
             micros = _timestamp(value, ctype)
-            if micros is None:
-                return None
+            if micros is None or micros in _INFINITIES:
+                return micros
             moment = _EPOCH + dt.timedelta(microseconds=int(micros))
             return moment.isoformat() if ctype.name == "timestamptz" else \
                 moment.replace(tzinfo=None).isoformat()
         if ctype.kind is Kind.DATE:
             days = _date(value, ctype)
-            return None if days is None else (_EPOCH_DATE + dt.timedelta(days=int(days))
+            if days is None or days in _INFINITIES:
+                return days
+            return (_EPOCH_DATE + dt.timedelta(days=int(days))
                                               ).isoformat()
         return jsonb_text(value)
     except (ValueError, TypeError, ArithmeticError, OverflowError, struct.error):
@@ -330,7 +336,21 @@ def _bool(value: Any, ctype: ColumnType) -> str | None:
     return None
 
 
+def _infinity(value: Any) -> str | None:
+    """``infinity`` or ``-infinity`` for Postgres's spellings of an infinite time, else None."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("infinity", "+infinity"):
+            return "infinity"
+        if text == "-infinity":
+            return "-infinity"
+    return None
+
+
 def _timestamp(value: Any, ctype: ColumnType) -> str | None:
+    infinite = _infinity(value)
+    if infinite is not None:
+        return infinite
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value.strip())
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
@@ -343,6 +363,9 @@ def _timestamp(value: Any, ctype: ColumnType) -> str | None:
 
 
 def _date(value: Any, ctype: ColumnType) -> str | None:
+    infinite = _infinity(value)
+    if infinite is not None:
+        return infinite
     if isinstance(value, str):
         value = dt.date.fromisoformat(value.strip())
     if isinstance(value, dt.datetime):

@@ -25,6 +25,7 @@ from psycopg import sql
 from tests.conftest import PG_ADMIN_DSN
 from trueup.fingerprint import (
     ColumnType,
+    copy_text,
     fields_sql,
     fields_text,
     fingerprint,
@@ -303,3 +304,12 @@ def test_unreadable_value_never_equals_a_valid_rendering() -> None:
     ctypes = [ColumnType.of("int8")]
     assert fields_text(["not a number"], ctypes) == '!"not a number"'
     assert random.Random(0)  # keep the import honest for seeded cases elsewhere
+
+
+@pytest.mark.parametrize("type_name", ["timestamptz", "timestamp", "date"])
+@pytest.mark.parametrize("spelling", ["infinity", "-infinity", "Infinity", "+infinity"])
+def test_infinite_times_render_alike(pg: psycopg.Connection[Any], type_name: str,
+                                     spelling: str) -> None:
+    value = "-infinity" if spelling.startswith("-") else "infinity"
+    _agree(pg, value, spelling, type_name)
+    assert copy_text(spelling, ColumnType.of(type_name)) == value

@@ -60,9 +60,9 @@ def _messages(count: int) -> list[RawMessage]:
             "j_price": rng.choice([0.1 + 0.2, 1e20, -0.0, 3, "2.5"]),
             "j_flag": rng.choice([True, False, "t", "false", None]),
             "j_at": rng.choice([at.astimezone(zone).isoformat(), at.isoformat().replace(
-                "+00:00", "Z"), at.astimezone(zone).isoformat(sep=" ")]),
-            "j_naive": at.replace(tzinfo=None).isoformat(),
-            "j_day": at.date().isoformat(),
+                "+00:00", "Z"), at.astimezone(zone).isoformat(sep=" "), "Infinity"]),
+            "j_naive": rng.choice([at.replace(tzinfo=None).isoformat(), "infinity"]),
+            "j_day": rng.choice([at.date().isoformat(), at.date().isoformat(), "-infinity"]),
             "j_doc": rng.choice([{"b": 1, "a": [1, "x"]}, None, [], {"long key": {"z": None}}]),
             "j_ref": rng.choice([str(uuid.UUID(int=i)).upper(), str(uuid.UUID(int=i))]),
             "j_code": rng.choice(["ab", "ab  ", None]),

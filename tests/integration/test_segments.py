@@ -115,11 +115,13 @@ def test_equal_values_written_differently_hash_alike_in_any_session_time_zone(
     source = (f"(1, 1.0, 0.0, '{at.isoformat()}', '2026-03-01', true, "
               "'{\"a\": 1, \"b\": [1, 2]}', 'ab'), "
               "(2, NULL, NULL, NULL, NULL, NULL, 'null', NULL), "
-              "(3, 2.5, 1.5, '1999-12-31 23:59:59.999999+00', '1999-12-31', false, '{}', 'x')")
+              "(3, 2.5, 1.5, '1999-12-31 23:59:59.999999+00', '1999-12-31', false, '{}', 'x'), "
+              "(4, 0, 0, 'infinity', '-infinity', true, '[]', '')")
     target = (f"(1, 1.000, -0.0, '{at.astimezone(dt.timezone(dt.timedelta(hours=9))).isoformat()}"
               "', '2026-03-01', true, '{\"b\": [1, 2], \"a\": 1}', 'ab   '), "
               "(2, NULL, NULL, NULL, NULL, NULL, NULL, NULL), "
-              "(3, 2.50, 1.5, '2000-01-01 08:59:59.999999+09', '1999-12-31', false, '{}', 'x')")
+              "(3, 2.50, 1.5, '2000-01-01 08:59:59.999999+09', '1999-12-31', false, '{}', 'x'), "
+              "(4, 0, 0, 'infinity', '-infinity', true, '[]', '')")
     columns = ["n", "f", "ts", "d", "ok", "j", "c"]
     summary = _pair(new_db, tmp_path, ddl, source, target, columns,
                     target_zone="America/Los_Angeles")
