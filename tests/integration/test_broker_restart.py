@@ -45,9 +45,12 @@ pytestmark = [pytest.mark.stack, pytest.mark.kafka, pytest.mark.rabbitmq, pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "scripts" / "stack"
+# Every port below 32768: Linux hands out 32768-60999 as the local ports of outgoing
+# connections, and a listener there can find its port taken by one (a CI run lost Kafka's
+# 39092 that way).
 PORTS = {"TRUEUP_PG_PORT": 26432, "TRUEUP_RABBITMQ_PORT": 6672,
-         "TRUEUP_RABBITMQ_DIST_PORT": 26672, "TRUEUP_KAFKA_PORT": 39092,
-         "TRUEUP_KAFKA_CONTROLLER_PORT": 39093}
+         "TRUEUP_RABBITMQ_DIST_PORT": 26672, "TRUEUP_KAFKA_PORT": 29092,
+         "TRUEUP_KAFKA_CONTROLLER_PORT": 29093}
 NODE = "restart@localhost"
 STACK_TIMEOUT_SECONDS = 180
 STOP_TIMEOUT_SECONDS = 60

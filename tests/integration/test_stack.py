@@ -25,9 +25,12 @@ from confluent_kafka.admin import AdminClient, NewTopic
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "scripts" / "stack"
 
+# Every port below 32768: Linux hands out 32768-60999 as the local ports of outgoing
+# connections, and a listener there can find its port taken by one.
 TEST_PORTS = {
     "TRUEUP_PG_PORT": "15432",
     "TRUEUP_RABBITMQ_PORT": "15772",
+    "TRUEUP_RABBITMQ_DIST_PORT": "25772",
     "TRUEUP_KAFKA_PORT": "19092",
     "TRUEUP_KAFKA_CONTROLLER_PORT": "19093",
 }
