@@ -205,6 +205,12 @@ def batches(segments: Sequence[int], source: dict[int, tuple[int, int]],
         yield batch
 
 
+def _first_stored(side: Side) -> sql.Composable:
+    """The first key as the built-in type that holds it (``char`` unpadded, enums as text):
+    what :func:`row_hashes_in_segments` returns and ``first_keys`` filters on."""
+    return sql.SQL("({})::{}").format(side.key[0], storage_type(side.key_types[0]))
+
+
 def row_hashes_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                            segmentation: Segmentation,
                            segments: list[int]) -> dict[Any, tuple[Any, int]]:
@@ -212,9 +218,9 @@ def row_hashes_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql
     takes to tell which rows differ, without rendering any row's canonical text. The key is
     the first key's value for a one-column key, the canonical key text otherwise."""
     assert side.native_hash is not None
-    key = side.key[0] if len(side.key) == 1 else side.key_text
-    columns = sql.SQL("{} AS key, {} AS first, {} AS h").format(key, side.key[0],
-                                                                 side.native_hash)
+    first = _first_stored(side)
+    key = first if len(side.key) == 1 else side.key_text
+    columns = sql.SQL("{} AS key, {} AS first, {} AS h").format(key, first, side.native_hash)
     rows = _select_segments(conn, side, where, segmentation, segments, columns,
                             row_factory=psycopg.rows.tuple_row)
     return {key: (first, h) for key, first, h in rows}
@@ -250,9 +256,8 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     if first_keys is not None:
         # A filter, not the access path: the rows are still found by segment. Sent unprepared
         # so the planner sees the list and hashes it, whatever its length.
-        where = sql.SQL("({}) AND ({})::{} = ANY(%(first_keys)s::{}[])").format(
-            where, side.key[0], storage_type(side.key_types[0]),
-            storage_type(side.key_types[0]))
+        where = sql.SQL("({}) AND {} = ANY(%(first_keys)s::{}[])").format(
+            where, _first_stored(side), storage_type(side.key_types[0]))
         params["first_keys"] = first_keys
     in_segments = sql.SQL("width_bucket({}, %(bounds)s::{}) = ANY(%(segments)s)").format(
         side.first_key, segmentation.array_type)

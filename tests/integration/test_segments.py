@@ -139,3 +139,12 @@ def test_every_compared_type_has_a_native_hash() -> None:
     for name in _KINDS:
         native_hash([(sql.Identifier("c"), ColumnType.of(name))])
     native_hash([(sql.Identifier("c"), ColumnType.of("mood", "e"))])  # an enum
+
+
+def test_padded_char_keys_missing_or_orphaned_are_found(new_db: Callable[[], str],
+                                                        tmp_path: Path) -> None:
+    # the second stage asks for suspect keys as Python read them: 'ab  ' must find 'ab'
+    summary = _pair(new_db, tmp_path, "id char(4) PRIMARY KEY, a text",
+                    "('ab', 'x'), ('cd', 'y'), ('gh', 'w')",
+                    "('cd', 'y'), ('ef', 'z'), ('gh', 'v')", ["a"])
+    assert (summary.missing, summary.orphan, summary.mismatch) == (1, 1, 1)
