@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,3 +150,40 @@ def test_padded_char_keys_missing_or_orphaned_are_found(new_db: Callable[[], str
                     "('ab', 'x'), ('cd', 'y'), ('gh', 'w')",
                     "('cd', 'y'), ('ef', 'z'), ('gh', 'v')", ["a"])
     assert (summary.missing, summary.orphan, summary.mismatch) == (1, 1, 1)
+
+
+KEY_TYPES: dict[str, tuple[str, Callable[[int], Any]]] = {
+    "int4": ("id int4", lambda i: i * 3 - 3000),
+    "int8 sparse": ("id int8", lambda i: i * i * 1000),
+    "numeric": ("id numeric", lambda i: f"{i * 1.5:.1f}"),
+    "text": ("id text", lambda i: f"k{i:05d}{'é' if i % 7 == 0 else ''}"),
+    "char": ("id char(8)", lambda i: f"c{i}"),
+    "varchar": ("id varchar(20)", lambda i: f"v{i % 97}-{i}"),
+    "uuid": ("id uuid", lambda i: str(uuid.UUID(int=i * 7919))),
+    "date": ("id date", lambda i: (dt.date(2000, 1, 1) + dt.timedelta(days=i)).isoformat()),
+    "timestamptz": ("id timestamptz", lambda i: (dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+                                                  + dt.timedelta(minutes=i)).isoformat()),
+}
+
+
+@pytest.mark.parametrize("key_type", list(KEY_TYPES))
+def test_drift_over_many_segments_is_found_exactly_for_every_key_type(
+        key_type: str, new_db: Callable[[], str], tmp_path: Path) -> None:
+    column, key_of = KEY_TYPES[key_type]
+    rng = random.Random(key_type)
+    n = 3000
+    keys = [key_of(i) for i in range(n)]
+    missing = set(rng.sample(range(n), 20))
+    changed = set(rng.sample(sorted(set(range(n)) - missing), 20))
+    orphans = [key_of(i) for i in range(n, n + 10)]
+
+    def row(key: Any, value: str) -> str:
+        return "(" + ", ".join(psycopg.sql.quote(v) for v in (key, value)) + ")"
+
+    source = ", ".join(row(k, f"v{i}") for i, k in enumerate(keys))
+    target = ", ".join([row(k, f"w{i}" if i in changed else f"v{i}")
+                        for i, k in enumerate(keys) if i not in missing]
+                       + [row(k, "orphan") for k in orphans])
+    summary = _pair(new_db, tmp_path, f"{column} PRIMARY KEY, a text", source, target, ["a"],
+                    target_zone="Asia/Kolkata")
+    assert (summary.missing, summary.orphan, summary.mismatch) == (20, 10, 20)
