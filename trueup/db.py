@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from trueup.errors import ConnectionFailed
 
@@ -47,7 +47,17 @@ def connect(dsn: str, *, what: str, autocommit: bool = False,
 
 
 def same_server(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
-    """True when two connections reach the same Postgres cluster (any database of it)."""
-    probe = "SELECT system_identifier AS cluster FROM pg_control_system()"
-    first, second = a.execute(probe).fetchone(), b.execute(probe).fetchone()
+    """True when two connections reach the same Postgres cluster (any database of it); False
+    when either may not ask (a managed server can deny ``pg_control_system()``)."""
+    first, second = _cluster(a), _cluster(b)
     return first is not None and first == second
+
+
+def _cluster(conn: psycopg.Connection[Any]) -> int | None:
+    try:
+        # a savepoint inside a transaction: a refusal leaves the transaction usable
+        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            row = cur.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+    except psycopg.Error:
+        return None
+    return None if row is None else int(row[0])

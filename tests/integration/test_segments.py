@@ -187,3 +187,27 @@ def test_drift_over_many_segments_is_found_exactly_for_every_key_type(
     summary = _pair(new_db, tmp_path, f"{column} PRIMARY KEY, a text", source, target, ["a"],
                     target_zone="Asia/Kolkata")
     assert (summary.missing, summary.orphan, summary.mismatch) == (20, 10, 20)
+
+
+def test_same_server_tells_clusters_apart_and_survives_a_refused_probe(
+        new_db: Callable[[], str]) -> None:
+    from trueup.db import same_server
+
+    first, second = new_db(), new_db()
+    with psycopg.connect(first) as a, psycopg.connect(second) as b:
+        assert same_server(a, b)
+    # A managed server may deny pg_control_system(): the answer is then "not known to be the
+    # same", and the caller's transaction stays usable.
+    role = f"trueup_probe_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(first, autocommit=True) as admin:
+        admin.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        limited = psycopg.conninfo.make_conninfo(first, user=role)
+        with psycopg.connect(limited) as a, psycopg.connect(second) as b:
+            a.execute("SELECT 1")  # inside a transaction, as diff's connections are
+            assert not same_server(a, b)
+            assert a.execute("SELECT 2").fetchone() == (2,)
+    finally:
+        with psycopg.connect(second, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
