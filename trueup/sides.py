@@ -184,28 +184,27 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Comp
     the same types, which table-to-table runs ensure by casting to a common type. Used only
     for segment checksums inside one run; stored fingerprints stay canonical.
     """
-    parts: list[sql.Composable] = []
-    for seed, (expr, ctype) in enumerate(values):
-        function, value = "timestamp_hash_extended", expr
-        if ctype.kind is Kind.JSON:
-            function = "hashtextextended"
-            value = sql.SQL("nullif(({})::jsonb, 'null')::text").format(expr)
-        elif ctype.name in _NATIVE_HASH_FUNCTIONS:
-            function = _NATIVE_HASH_FUNCTIONS[ctype.name]
-        elif ctype.kind is Kind.TEXT:
-            function, value = "hashtextextended", sql.SQL("({})::text COLLATE \"C\"").format(expr)
-        elif ctype.name == "timestamptz":
-            value = sql.SQL("({}) AT TIME ZONE 'UTC'").format(expr)
-        elif ctype.name == "date":
-            value = sql.SQL("({})::timestamp").format(expr)
-        elif ctype.name == "bool":
-            function, value = "hashint4extended", sql.SQL("({})::int4").format(expr)
-        else:
-            raise AssertionError(f"no native hash for type {ctype.name}")
-        parts.append(sql.SQL("coalesce({}({}, {}), {})").format(
-            sql.Identifier("pg_catalog", function), value, sql.Literal(seed),
-            sql.Literal(seed)))
+    parts = [sql.SQL("coalesce({}({}, {}), {})").format(
+        sql.Identifier("pg_catalog", function), value, sql.Literal(seed), sql.Literal(seed))
+        for seed, (function, value) in enumerate(_hashed(e, t) for e, t in values)]
     return sql.SQL("pg_catalog.hashint8extended({}, 0)").format(sql.SQL(" # ").join(parts))
+
+
+def _hashed(expr: sql.Composable, ctype: ColumnType) -> tuple[str, sql.Composable]:
+    """The extended hash function for a value of ``ctype``, and the value as it takes it."""
+    if ctype.kind is Kind.JSON:
+        return "hashtextextended", sql.SQL("nullif(({})::jsonb, 'null')::text").format(expr)
+    if ctype.name in _NATIVE_HASH_FUNCTIONS:
+        return _NATIVE_HASH_FUNCTIONS[ctype.name], expr
+    if ctype.kind is Kind.TEXT:  # text, varchar, char, name, citext, enums
+        return "hashtextextended", sql.SQL("({})::text COLLATE \"C\"").format(expr)
+    if ctype.name == "timestamptz":
+        return "timestamp_hash_extended", sql.SQL("({}) AT TIME ZONE 'UTC'").format(expr)
+    if ctype.name == "date":
+        return "timestamp_hash_extended", sql.SQL("({})::timestamp").format(expr)
+    if ctype.name == "bool":
+        return "hashint4extended", sql.SQL("({})::int4").format(expr)
+    raise AssertionError(f"no native hash for type {ctype.name}")
 
 
 def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
