@@ -128,3 +128,12 @@ def queues(amqp_url: str) -> Iterator[Any]:
     made = Queues(amqp_url)
     yield made
     made.delete()
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists (signal 0 checks without signalling)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -30,6 +30,7 @@ import psycopg
 import pytest
 from confluent_kafka import TopicPartition
 
+from tests.conftest import pid_alive
 from tests.integration.test_workers_support import POLICY, running, wait_until
 from trueup import headers
 from trueup.brokers import kafka, rabbitmq
@@ -82,7 +83,7 @@ class PrivateStack:
         pid = int(pid_file.read_text().split()[0])
         os.kill(pid, signal.SIGTERM)  # both brokers shut down in order on SIGTERM
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-        while _alive(pid):
+        while pid_alive(pid):
             assert time.monotonic() < deadline, f"pid {pid} ({pid_file}) did not stop"
             time.sleep(0.1)
 
@@ -93,14 +94,6 @@ class PrivateStack:
     def restart_rabbitmq(self) -> None:
         self._stop(self.folder / "rabbitmq" / "rabbitmq.pid")
         self.up()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _port_free(port: int) -> bool:

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.integration.test_workers_support import (
+    BACKOFF,
     POLICY,
     FlakyHandler,
     Queues,
@@ -28,9 +29,6 @@ from tests.integration.test_workers_support import (
 )
 from trueup import headers
 from trueup.letterboxes.kafka import replay_group
-
-BACKOFF = {"initial": "200ms", "multiplier": 2, "max": "2s"}
-
 
 
 def _events(state: str) -> list[tuple[str, str]]:

@@ -22,6 +22,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.conftest import pid_alive
+
 REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "scripts" / "stack"
 
@@ -46,14 +48,6 @@ def _run(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.Co
 
 def _pid(path: Path) -> int:
     return int(path.read_text().splitlines()[0].strip())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _pids(stack_dir: Path) -> dict[str, int]:
@@ -102,7 +96,7 @@ def test_isolated_stack_starts_from_nothing_and_up_is_idempotent(
         print(f"isolated stack up from nothing in {elapsed:.1f}s")
 
         pids = _pids(stack_dir)
-        assert all(_alive(pid) for pid in pids.values()), pids
+        assert all(pid_alive(pid) for pid in pids.values()), pids
 
         # The services answer on the test ports, not the main stack's.
         with psycopg.connect("postgresql://postgres@127.0.0.1:15432/postgres") as conn:
@@ -129,9 +123,9 @@ def test_isolated_stack_starts_from_nothing_and_up_is_idempotent(
         down = _run(env, "down")
     assert down.returncode == 0, f"down failed:\n{down.stdout}\n{down.stderr}"
     deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+    while any(pid_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(_alive(pid) for pid in pids.values()), pids
+    assert not any(pid_alive(pid) for pid in pids.values()), pids
     status = _run(env, "status", timeout=60)
     assert status.returncode == 1, status.stdout
     assert status.stdout.count(" down ") == 3, status.stdout

@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.integration.test_workers_support import (
+    BACKOFF,
     POLICY,
     Queues,
     Topics,
@@ -28,8 +29,6 @@ from tests.integration.test_workers_support import (
 from trueup import tracing
 from trueup.retry import PermanentError
 from trueup.workers.runtime import Delivery
-
-BACKOFF = {"initial": "200ms", "multiplier": 2, "max": "2s"}
 
 
 @pytest.fixture

@@ -30,6 +30,8 @@ POLICY = RetryPolicy(max_attempts=4, initial_seconds=0.2, multiplier=2, max_seco
                      jitter=0)
 EARLY_TOLERANCE = 0.05   # a retry never runs before its delay (clock granularity aside)
 LATE_TOLERANCE = 1.0     # ... and not much later (consumer poll, fetch, broker expiry)
+#: POLICY as the config file writes it (dead_letters.*.backoff).
+BACKOFF = {"initial": "200ms", "multiplier": 2, "max": "2s"}
 
 
 class Topics:
