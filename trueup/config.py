@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from croniter import croniter
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -84,6 +83,8 @@ def _topic_name(value: str) -> str:
 
 
 def _cron(value: str) -> str:
+    from croniter import croniter  # only configs with a schedule pay for its import
+
     if not croniter.is_valid(value) or len(value.split()) != 5:
         raise ValueError(
             f"expected a 5-field cron expression such as '*/30 * * * *' (got {value!r})"

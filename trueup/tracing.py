@@ -17,23 +17,19 @@ import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    ConsoleSpanExporter,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from trueup import __version__
+
+if TYPE_CHECKING:  # the SDK is imported when tracing is configured, not by every command
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 #: Header names of the W3C trace context, as they travel in messages.
 TRACEPARENT = "traceparent"
@@ -58,6 +54,14 @@ def configure(exporter: SpanExporter | None = None, *, service: str = "trueup",
     Batching is the default for real exporters; ``batch=False`` exports each span as it ends.
     """
     global _provider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        ConsoleSpanExporter,
+        SimpleSpanProcessor,
+    )
+
     if exporter is None:
         wanted = os.environ.get(EXPORTER_ENV, "none").strip().lower()
         if wanted in ("", "none"):
