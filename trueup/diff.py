@@ -126,16 +126,21 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
         source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
                             key=rec.source.key, version=rec.source.version,
                             columns=rec.source.columns, updated_at=rec.source.updated_at,
-                            conn=source_conn)
+                            hashed_version=rec.target.version is not None, conn=source_conn)
         source_types = _types_of(source_conn, rec)
         unreadable: list[Difference] = []
+        sync_target: Callable[[], None] | None = None
         if rec.target.topic is not None:
-            from trueup.mirror import sync_mirror
+            from trueup.mirror import mirror_of, shape_of, sync_mirror
 
             target_conn = stack.enter_context(connect(config.state, what="state",
                                                       application_name=f"trueup diff {name}"))
-            target, unreadable = sync_mirror(config, name, rec, source, source_types,
-                                             target_conn, progress)
+            shape = shape_of(name, rec, source, source_types)
+            target = mirror_of(config, shape)
+
+            def sync_target() -> None:
+                unreadable.extend(sync_mirror(config, shape, rec.target.connection,
+                                              target_conn, progress))
         else:
             target_dsn = config.connections[rec.target.connection].postgres
             assert target_dsn is not None and rec.target.table is not None
@@ -151,8 +156,10 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
         )
         if day is None:
             found = _compare_whole(comparison, source_conn, target_conn, progress,
-                                   native=rec.target.table is not None)
+                                   sync_target=sync_target)
         else:
+            if sync_target is not None:
+                sync_target()
             found = _compare_partition(comparison, source_conn, target_conn, progress)
         source_rows, target_rows = 0, 0
         for item in found:
@@ -194,7 +201,8 @@ def _table_sides(rec: ReconciliationConfig, source: Side, source_types: list[Col
     source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
                         key=rec.source.key, version=rec.source.version,
                         columns=rec.source.columns, updated_at=rec.source.updated_at,
-                        as_types=columns, key_as=keys, version_as=version, conn=source_conn)
+                        as_types=columns, key_as=keys, version_as=version,
+                        hashed_version=rec.target.version is not None, conn=source_conn)
     target = table_side(label="target", dsn=target_dsn, table=rec.target.table,
                         key=rec.target.key, version=rec.target.version, columns=target_columns,
                         as_types=columns, key_as=keys, version_as=version, conn=target_conn)
@@ -222,18 +230,33 @@ def _partition_filter(source: Side, day: dt.date | None) -> sql.Composable:
 
 def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
                    target_conn: psycopg.Connection[Any], progress: Progress, *,
-                   native: bool) -> Iterator[Difference | tuple[int, int]]:
+                   sync_target: Callable[[], None] | None = None
+                   ) -> Iterator[Difference | tuple[int, int]]:
+    """Checksums of both sides, then the rows of the segments that differ. ``sync_target``
+    (a Kafka mirror's sync) runs while the source's checksum pass does: the mirror's own pass
+    follows it, with the server's cores to itself when the source's is done by then."""
+    # a mirror is estimated as it was before this sync (a few new messages change little)
     rows = max(segments.estimate_rows(source_conn, c.source, c.source_where),
-               segments.estimate_rows(target_conn, c.target, c.target_where))
+               segments.estimate_rows(target_conn, c.target, c.target_where,
+                                      count_unknown=sync_target is None))
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
     parallel = not same_server(source_conn, target_conn)
-    progress("checksums", 0, plan.count)
+    native = c.source.native_hash is not None and c.target.native_hash is not None
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
         with tracing.span("diff.checksums", segments=plan.count) as span:
             source_sums_f = pool.submit(segments.checksums, source_conn, c.source,
-                                        c.source_where, plan, native=native, parallel=parallel)
+                                        c.source_where, plan, native=native,
+                                        parallel=parallel)
+            if sync_target is not None:
+                try:
+                    sync_target()
+                except BaseException:
+                    source_conn.cancel_safe()  # do not wait for a pass nobody will read
+                    raise
+            progress("checksums", 0, plan.count)
             target_sums_f = pool.submit(segments.checksums, target_conn, c.target,
-                                        c.target_where, plan, native=native, parallel=parallel)
+                                        c.target_where, plan, native=native,
+                                        parallel=parallel or source_sums_f.done())
             source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
             span.set_attribute("differing", len(segments.differing(source_sums, target_sums)))
         yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))

@@ -95,7 +95,7 @@ class MirrorShape:
         """Changes whenever stored fingerprints would mean something else: then rebuild."""
         parts = [self.topic, self.key_fields, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v1"]
+                 self.column_fields, [t.name for t in self.column_types], "v2"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -112,28 +112,32 @@ def shape_of(name: str, rec: ReconciliationConfig, source: Side,
     )
 
 
-def sync_mirror(config: Config, name: str, rec: ReconciliationConfig, source: Side,
-                column_types: list[ColumnType], conn: psycopg.Connection[Any],
-                progress: Progress) -> tuple[Side, list[Difference]]:
-    """Bring the mirror of ``name`` up to date; return it as a side, and what is unreadable."""
-    shape = shape_of(name, rec, source, column_types)
-    properties = config.connections[rec.target.connection].kafka
+def mirror_of(config: Config, shape: MirrorShape) -> Side:
+    """The mirror of ``shape`` as a side to compare (it may not exist until the first sync)."""
+    return mirror_side(dsn=config.state, relation=shape.table, key=shape.key_columns,
+                       key_types=shape.key_types, version_type=shape.version_type)
+
+
+def sync_mirror(config: Config, shape: MirrorShape, target: str,
+                conn: psycopg.Connection[Any], progress: Progress) -> list[Difference]:
+    """Bring the mirror of ``shape`` up to date from connection ``target``; return what is
+    unreadable."""
+    properties = config.connections[target].kafka
     assert properties is not None
-    lock = int.from_bytes(hashlib.sha256(f"trueup-mirror:{name}".encode()).digest()[:8],
+    lock = int.from_bytes(hashlib.sha256(f"trueup-mirror:{shape.name}".encode()).digest()[:8],
                           "big", signed=True)
+    conn.commit()  # each batch commits with its offsets: no transaction of the caller's around
     # One mirror sync at a time per reconciliation; a second run waits, then reads less.
     conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
     try:
         _ensure_tables(conn, shape, topic_id(dict(properties), shape.topic))
         consumed = MirrorReader(shape, dict(properties), conn, progress).run()
-        log.info("mirror.synced", reconciliation=name, topic=shape.topic, messages=consumed)
-        unreadable = list(_unreadable(conn, shape))
+        log.info("mirror.synced", reconciliation=shape.name, topic=shape.topic,
+                 messages=consumed)
+        return list(_unreadable(conn, shape))
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (lock,))
         conn.commit()
-    side = mirror_side(dsn=config.state, relation=shape.table, key=shape.key_columns,
-                       key_types=shape.key_types, version_type=shape.version_type)
-    return side, unreadable
 
 
 def topic_id(properties: dict[str, Any], topic: str) -> str:
@@ -167,7 +171,7 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
                      (shape.name,))
         conn.execute(sql.SQL(
             "CREATE TABLE {table} ({stored}, fingerprint bigint NOT NULL, "
-            "row_hash bigint NOT NULL, kafka_partition integer NOT NULL, "
+            "row_hash bigint NOT NULL, native_hash bigint, kafka_partition integer NOT NULL, "
             "kafka_offset bigint NOT NULL, PRIMARY KEY ({pk}))"
         ).format(table=shape.table, stored=shape.stored_columns(not_null_keys=True),
                  pk=sql.SQL(", ").join(sql.Identifier(c) for c in shape.key_columns)))

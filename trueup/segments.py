@@ -67,17 +67,22 @@ def _array_type(side: Side) -> sql.Composable:
     return sql.SQL("{}[]").format(sql.Identifier(name))
 
 
-def estimate_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composable) -> int:
-    """Planner's row estimate of the side (exact count when the table was never analyzed)."""
+def estimate_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composable, *,
+                  count_unknown: bool = True) -> int:
+    """Planner's row estimate of the side: 0 when the relation does not exist (a mirror before
+    its first sync), an exact count when it was never analyzed (or 0, ``count_unknown=False``).
+    """
     row = conn.execute(
-        sql.SQL("SELECT reltuples::bigint AS n FROM pg_class WHERE oid = {}::regclass").format(
+        sql.SQL("SELECT reltuples::bigint AS n FROM pg_class WHERE oid = to_regclass({})").format(
             sql.Literal(side.relation.as_string(conn)))).fetchone()
-    estimate = int(row["n"]) if row else -1
-    if estimate < 0:
+    if row is None:
+        return 0
+    estimate = int(row["n"])
+    if estimate < 0 and count_unknown:
         counted = conn.execute(sql.SQL("SELECT count(*) AS n FROM {} WHERE {}").format(
             side.relation, where)).fetchone()
         estimate = int(counted["n"]) if counted else 0
-    return estimate
+    return max(estimate, 0)
 
 
 def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,

@@ -89,8 +89,7 @@ class Side:
     fingerprint: sql.Composable         # bigint expression
     row_hash: sql.Composable            # bigint expression
     updated_at: sql.Composable | None = None
-    #: A cheaper checksum hash for table-to-table runs (see :func:`native_hash`); None for a
-    #: mirror, whose row hashes are stored in the canonical form.
+    #: A cheaper checksum hash from the values' binary forms (see :func:`native_hash`)
     native_hash: sql.Composable | None = None
     #: (schema, table, first key column) of a plain table side, for the planner's statistics
     statistics: tuple[str, str, str] | None = None
@@ -118,9 +117,11 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
                columns: Sequence[str], as_types: Sequence[ColumnType] | None = None,
                key_as: Sequence[ColumnType] | None = None,
                version_as: ColumnType | None = None, updated_at: str | None = None,
-               conn: psycopg.Connection[Any]) -> Side:
+               hashed_version: bool = True, conn: psycopg.Connection[Any]) -> Side:
     """A side over a plain table. ``*_as`` give the source's types: a target column of another
-    type is cast to its source column's type, so both sides render the same canonical text."""
+    type is cast to its source column's type, so both sides render the same canonical text.
+    ``hashed_version=False`` leaves the version out of the row hashes (it is still read): when
+    the target has no version, a source's would make every segment's checksum differ."""
     types = column_types(conn, table)
     own_key = require(types, table, key, conn)
     own_columns = require(types, table, columns, conn)
@@ -150,9 +151,11 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         statistics=(table.partition(".")[0], table.partition(".")[2], key[0]),
     )
     row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
-        sql.Literal(PART_SEPARATOR), side.key_text, side.version_text, fields)
+        sql.Literal(PART_SEPARATOR), side.key_text,
+        side.version_text if hashed_version else sql.Literal(NULL), fields)
     values = [*zip(key_exprs, key_types, strict=True),
-              *([(version_expr, version_type)] if version_expr and version_type else []),
+              *([(version_expr, version_type)] if version_expr and version_type
+                and hashed_version else []),
               *zip(col_exprs, column_types_, strict=True)]
     return replace(side, row_hash=row_hash, native_hash=native_hash(values))
 
@@ -181,8 +184,10 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Comp
     padding, timestamps compare as instants (``timestamptz`` in UTC, whatever the session's
     zone), -0 equals 0. Text is hashed in the C collation (a nondeterministic collation would
     call different strings equal) and json through its canonical text. Both sides must hold
-    the same types, which table-to-table runs ensure by casting to a common type. Used only
-    for segment checksums inside one run; stored fingerprints stay canonical.
+    the same types, which table-to-table runs ensure by casting to a common type, and a Kafka
+    mirror by hashing each message's fields read as the source's types when it stages them.
+    It only points at the segments and rows that may differ: every difference reported is
+    confirmed in canonical form.
     """
     parts = [sql.SQL("coalesce({}({}, {}), {})").format(
         sql.Identifier("pg_catalog", function), value, sql.Literal(seed), sql.Literal(seed))
@@ -226,10 +231,16 @@ def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
 
 def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],
                 key_types: Sequence[ColumnType], version_type: ColumnType | None) -> Side:
-    """A side over a Kafka mirror table, whose fingerprints and row hashes are stored."""
+    """A side over a Kafka mirror table, whose fingerprints and row hashes are stored.
+
+    Rows staged in Postgres store their native hash as the source computes it; rows staged in
+    Python (see :mod:`trueup.staging`) have none and stand in with their canonical row hash
+    inverted, which matches a native hash only by chance: their segments are then compared
+    row by row in canonical form, exact either way, only slower."""
     return Side(
         label="target", dsn=dsn, relation=relation,
         key=[sql.Identifier(k) for k in key], key_types=list(key_types),
         version=sql.Identifier("version") if version_type else None, version_type=version_type,
         fingerprint=sql.Identifier("fingerprint"), row_hash=sql.Identifier("row_hash"),
+        native_hash=sql.SQL("coalesce(native_hash, ~row_hash)"),
     )

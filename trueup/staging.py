@@ -35,7 +35,7 @@ from trueup.fingerprint import (
 )
 from trueup.fingerprint import copy_text as value_text
 from trueup.log import get_logger
-from trueup.sides import Side
+from trueup.sides import Side, native_hash
 
 if TYPE_CHECKING:
     from trueup.mirror import MirrorShape
@@ -82,7 +82,7 @@ class Merger:
         conn.execute(sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS trueup_stage (kafka_partition integer, "
             "kafka_offset bigint, message_key text, tombstone boolean, {stored}, "
-            "fields text, reason text) ON COMMIT DELETE ROWS"
+            "fields text, native bigint, reason text) ON COMMIT DELETE ROWS"
         ).format(stored=shape.stored_columns(not_null_keys=False)))
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (kafka_partition integer, "
                      "kafka_offset bigint, message_key text, value text) ON COMMIT DELETE ROWS")
@@ -167,17 +167,23 @@ class Merger:
         rendered = fields_sql([read(f, t) for f, t in
                                zip(shape.column_fields, shape.column_types, strict=True)],
                               shape.column_types)
+        # The row's native hash as the source computes it (see trueup.sides.native_hash): each
+        # value held as the source's type, so a checksum pass can skip rendering canonical text
+        native = native_hash([(sql.SQL("({})::{}").format(read(f, t), storage_type(t)), t)
+                              for f, t in wanted])
         missing = [sql.SQL("WHEN {} IS NULL THEN {}").format(
             read(f, t), sql.Literal(f"no key field {f!r}"))
             for f, t in zip(shape.key_fields, shape.key_types, strict=True)]
         return sql.SQL(
             "INSERT INTO trueup_stage ({cols}) SELECT kafka_partition, kafka_offset, "
             "message_key, value IS NULL, {values}, CASE WHEN value IS NULL THEN NULL "
-            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END "
+            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL ELSE {native} END, "
+            "CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END "
             "FROM trueup_raw LEFT JOIN LATERAL jsonb_to_record(value::jsonb) AS x({record}) "
             "ON true"
-        ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in self.columns),
-                 values=sql.SQL(", ").join([*keys, *version]), fields=rendered,
+        ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in
+                                         [*self.columns[:-1], "native", "reason"]),
+                 values=sql.SQL(", ").join([*keys, *version]), fields=rendered, native=native,
                  missing=sql.SQL(" ").join(missing), record=record)
 
     # -- in Python -----------------------------------------------------------------------------
@@ -248,7 +254,7 @@ class Merger:
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in
             [*(["version"] if shape.version_type else []), "fingerprint", "row_hash",
-             "kafka_partition", "kafka_offset"])
+             "native_hash", "kafka_partition", "kafka_offset"])
         row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, fields), 0)").format(
             sql.Literal(PART_SEPARATOR), staged.key_text, staged.version_text)
         return [
@@ -256,9 +262,10 @@ class Merger:
             sql.SQL("DELETE FROM {mirror} AS m USING trueup_latest AS l "
                     "WHERE l.tombstone AND {match}").format(mirror=shape.table, match=match),
             sql.SQL(
-                "INSERT INTO {mirror} ({keys}, {version}fingerprint, row_hash, kafka_partition, "
-                "kafka_offset) SELECT {keys}, {version}hashtextextended(fields, 0), {row_hash}, "
-                "kafka_partition, kafka_offset FROM trueup_latest WHERE NOT tombstone "
+                "INSERT INTO {mirror} ({keys}, {version}fingerprint, row_hash, native_hash, "
+                "kafka_partition, kafka_offset) SELECT {keys}, {version}"
+                "hashtextextended(fields, 0), {row_hash}, native, kafka_partition, kafka_offset "
+                "FROM trueup_latest WHERE NOT tombstone "
                 "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
             ).format(mirror=shape.table, keys=key_list, version=version_col, row_hash=row_hash,
                      updates=updates),

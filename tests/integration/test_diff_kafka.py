@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from trueup.config import Config, load_config
 from trueup.diff import diff
+from trueup.errors import TrueupError
 from trueup.runs import differences_of
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
@@ -176,8 +177,15 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
                                "WHERE reconciliation = 'events'").fetchone()
     assert offsets is not None and offsets[0] == 302  # every message read exactly once
 
-    third = diff(config, "events")
+    read: list[int] = []  # differing segments read row by row: only the missing key's
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "segments":
+            read.append(total)
+
+    third = diff(config, "events", progress=progress)
     assert (third.missing, third.target_rows) == (1, 299)
+    assert set(read) == {1}
 
 
 def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
@@ -229,3 +237,24 @@ def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
     summary = diff(config, "events")
     assert (summary.orphan, summary.target_rows) == (0, 3)
     assert summary.consistent
+
+
+def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        # the source's checksum pass runs during the mirror's sync, which fails first
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'a', g, now(), now() "
+                     "FROM generate_series(1, 100000) g")
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, f"{topic}-gone", ["id"])
+    with pytest.raises(TrueupError, match="-gone"):
+        diff(config, "events")
+    with psycopg.connect(state_db) as conn:
+        run = conn.execute("SELECT status, error FROM trueup.runs ORDER BY run_id DESC LIMIT 1"
+                           ).fetchone()
+    assert run is not None and run[0] == "failed" and f"{topic}-gone" in run[1]
+    _produce(kafka_bootstrap, topic, [])
+    assert diff(_config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"]),
+                "events").missing == 100000  # and the next run works

@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 
 from trueup.config import ReconciliationConfig
 from trueup.mirror import MirrorShape, _ensure_tables, shape_of
-from trueup.sides import column_types, require, table_side
+from trueup.sides import column_types, mirror_side, require, table_side
 from trueup.staging import Merger, RawMessage
 
 pytestmark = pytest.mark.postgres
@@ -130,3 +130,53 @@ def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recor
         (100, "not JSON"), (101, "not a JSON object"), (102, "key field of the wrong type"),
         (103, "key field of the wrong type")]
     assert count is not None and count["n"] == 19
+
+
+def test_rows_staged_in_postgres_store_the_native_hash_the_source_computes(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """A checksum pass compares the source's native row hashes with the mirror's stored ones:
+    equal rows must hash alike however their messages wrote the values, and a row staged in
+    Python (no native hash) must never pass for equal."""
+    source = new_db()
+    messages = _messages(600)
+    latest: dict[str, bytes | None] = {}
+    for m in messages:
+        assert m.key is not None
+        latest[m.key] = m.value
+    documents = [json.loads(v) for v in latest.values() if v is not None]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ITEMS_DDL)
+        # each field cast straight to its column: another reading than the mirror's
+        conn.execute(
+            "INSERT INTO public.items SELECT (d->>'id')::bigint, (d->>'v')::bigint, "
+            "d->>'j_status', (d->>'j_amount')::numeric, (d->>'j_price')::float8, "
+            "(d->>'j_flag')::boolean, (d->>'j_at')::timestamptz, (d->>'j_naive')::timestamp, "
+            "(d->>'j_day')::date, d->'j_doc', (d->>'j_ref')::uuid, d->>'j_code' "
+            "FROM jsonb_array_elements(%s::jsonb) AS d", (json.dumps(documents),))
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        # the server's zone must not matter to either side
+        conn.execute("SET TimeZone = 'Asia/Kolkata'")
+        side = table_side(label="source", dsn=source, table="public.items", key=["id"],
+                          version="version", columns=COLUMNS, conn=conn)
+        assert side.native_hash is not None
+        expected = {r["id"]: (r["fp"], r["native"]) for r in conn.execute(sql.SQL(
+            "SELECT id, {} AS fp, {} AS native FROM public.items").format(
+                side.fingerprint, side.native_hash))}
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        stored = {}
+        for name, in_postgres in (("fast", True), ("slow", False)):
+            shape, _ = _shape(source, name)
+            _ensure_tables(conn, shape)
+            merger = Merger(shape, conn, parse_in_postgres=in_postgres)
+            merger.merge(messages)
+            mirror = mirror_side(dsn=state_db, relation=shape.table, key=["id"],
+                                 key_types=shape.key_types, version_type=shape.version_type)
+            assert mirror.native_hash is not None
+            stored[name] = {r["id"]: (r["fp"], r["native"]) for r in conn.execute(sql.SQL(
+                "SELECT id, fingerprint AS fp, {} AS native FROM {}").format(
+                    mirror.native_hash, shape.table))}
+    assert len(expected) == 599
+    assert stored["fast"] == expected
+    assert {k: fp for k, (fp, _) in stored["slow"].items()} == {
+        k: fp for k, (fp, _) in expected.items()}
+    assert not any(native == expected[k][1] for k, (_, native) in stored["slow"].items())

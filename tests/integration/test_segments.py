@@ -74,11 +74,17 @@ def test_a_skewed_key_is_cut_by_its_histogram(new_db: Callable[[], str]) -> None
 
 
 def _pair(new_db: Callable[[], str], tmp_path: Path, ddl: str, source_rows: str,
-          target_rows: str, columns: list[str], target_zone: str = "UTC") -> Any:
+          target_rows: str, columns: list[str], target_zone: str = "UTC", *,
+          source_version: str | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> Any:
+    """Diff table ``t`` of two new databases; ``source_version`` is a column (``name type``)
+    only the source has, filled with 7, and compared as its version."""
     source, target = new_db(), new_db()
     for dsn, rows in ((source, source_rows), (target, target_rows)):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(f"CREATE TABLE t ({ddl})")
+            if dsn == source and source_version:
+                conn.execute(f"ALTER TABLE t ADD COLUMN {source_version} DEFAULT 7")
             conn.execute(f"INSERT INTO t VALUES {rows}")
             conn.execute("ANALYZE t")
     with psycopg.connect(target, autocommit=True) as conn:
@@ -87,16 +93,17 @@ def _pair(new_db: Callable[[], str], tmp_path: Path, ddl: str, source_rows: str,
         conn.execute(sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
             sql.Identifier(name[0]), sql.Literal(target_zone)))
     side = {"table": "public.t", "key": ["id"], "columns": columns}
+    versioned = {"version": source_version.split()[0]} if source_version else {}
     raw = {"state": new_db(), "connections": {"a": {"postgres": source},
                                               "b": {"postgres": target}},
-           "reconciliations": {"t": {"source": {"connection": "a", **side},
+           "reconciliations": {"t": {"source": {"connection": "a", **side, **versioned},
                                      "target": {"connection": "b", **side}}}}
     path = tmp_path / "trueup.yaml"
     path.write_text(yaml.safe_dump(raw))
     from trueup.state import migrate
     with psycopg.connect(raw["state"]) as conn:
         migrate(conn)
-    return diff(load_config(path), "t")
+    return diff(load_config(path), "t", progress=progress)
 
 
 def test_values_swapped_between_rows_or_columns_of_one_segment_are_mismatches(
@@ -132,6 +139,26 @@ def test_equal_values_written_differently_hash_alike_in_any_session_time_zone(
     summary = _pair(new_db, tmp_path, ddl, source, changed, columns,
                     target_zone="America/Los_Angeles")
     assert (summary.mismatch, summary.missing, summary.orphan) == (1, 0, 0)
+
+
+def test_a_version_only_the_source_has_leaves_equal_segments_equal(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    rows = ", ".join(f"({i}, 'v{i}')" for i in range(1, 2001))
+    read: list[int] = []  # differing segments read row by row
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "segments":
+            read.append(total)
+
+    summary = _pair(new_db, tmp_path, "id int8 PRIMARY KEY, a text", rows, rows, ["a"],
+                    source_version="version bigint", progress=progress)
+    assert summary.consistent and summary.source_rows == 2000, summary
+    assert read == []
+    changed = rows.replace("(700, 'v700')", "(700, 'w')")
+    summary = _pair(new_db, tmp_path, "id int8 PRIMARY KEY, a text", rows, changed, ["a"],
+                    source_version="version bigint", progress=progress)
+    assert (summary.mismatch, summary.stale, summary.ahead) == (1, 0, 0)
+    assert set(read) == {1}
 
 
 def test_every_compared_type_has_a_native_hash() -> None:
