@@ -76,6 +76,9 @@ def _messages(count: int) -> list[RawMessage]:
     # tombstones and a key that is sent twice (the later one wins)
     out.append(RawMessage(0, count, "3", None))
     out.append(RawMessage(1, count + 1, "4", json.dumps({"id": 4, "v": 9}).encode()))
+    # a field written twice: the last one counts, in Postgres as in Python
+    out.append(RawMessage(2, count + 2, "5",
+                          b'{"id": 5, "v": 1, "j_status": "first", "j_status": "last"}'))
     return out
 
 
