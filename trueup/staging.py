@@ -82,11 +82,12 @@ class Merger:
         conn.execute(sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS trueup_stage (kafka_partition integer, "
             "kafka_offset bigint, message_key text, tombstone boolean, {stored}, "
-            "fields text, native bigint, reason text) ON COMMIT DELETE ROWS"
+            "fields text, reason text, native bigint) ON COMMIT DELETE ROWS"
         ).format(stored=shape.stored_columns(not_null_keys=False)))
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (kafka_partition integer, "
                      "kafka_offset bigint, message_key text, value text) ON COMMIT DELETE ROWS")
         conn.commit()
+        # what both paths stage; only Postgres adds each row's native hash (see mirror_side)
         self.columns = ["kafka_partition", "kafka_offset", "message_key", "tombstone",
                         *shape.key_columns, *(["version"] if shape.version_type else []),
                         "fields", "reason"]
@@ -178,12 +179,11 @@ class Merger:
         return sql.SQL(
             "INSERT INTO trueup_stage ({cols}) SELECT kafka_partition, kafka_offset, "
             "message_key, value IS NULL, {values}, CASE WHEN value IS NULL THEN NULL "
-            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL ELSE {native} END, "
-            "CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END "
+            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END, "
+            "CASE WHEN value IS NULL THEN NULL ELSE {native} END "
             "FROM trueup_raw LEFT JOIN LATERAL json_to_record(value::json) AS x({record}) "
             "ON true"
-        ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in
-                                         [*self.columns[:-1], "native", "reason"]),
+        ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in [*self.columns, "native"]),
                  values=sql.SQL(", ").join([*keys, *version]), fields=rendered, native=native,
                  missing=sql.SQL(" ").join(missing), record=record)
 
