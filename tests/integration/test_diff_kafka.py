@@ -258,3 +258,30 @@ def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(
     _produce(kafka_bootstrap, topic, [])
     assert diff(_config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"]),
                 "events").missing == 100000  # and the next run works
+
+
+def test_a_partition_run_reads_new_messages_then_compares_that_day_only(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    day1 = dt.datetime(2026, 2, 1, 12, tzinfo=dt.UTC)
+    day2 = day1 + dt.timedelta(days=1)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, "
+                     "CASE WHEN g <= 50 THEN %s ELSE %s END FROM generate_series(1, 100) g",
+                     (day1, day1, day2))
+
+    def event(i: int, state: str = "new") -> tuple[str, dict[str, Any]]:
+        return str(i), {"id": i, "v": 1, "state": state, "total": i, "at": day1.isoformat()}
+
+    # 7 (day 1) and 70 (day 2) differ; 99 (day 2) was never published; 500 is an orphan
+    _produce(kafka_bootstrap, topic, [event(i, "old" if i in (7, 70) else "new")
+                                      for i in [*range(1, 99), 100, 500]])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"],
+                     partitions={"daily": {"start": "2026-01-01"}})
+    first = diff(config, "events", partition="2026-02-01")
+    assert (first.mismatch, first.missing, first.orphan, first.source_rows) == (1, 0, 0, 50)
+    _produce(kafka_bootstrap, topic, [event(70)])  # fixed since: the next run reads it
+    second = diff(config, "events", partition="2026-02-02")
+    assert (second.mismatch, second.missing, second.orphan, second.source_rows) == (0, 1, 0, 50)
