@@ -71,7 +71,7 @@ def _message_key(key: tuple[Any, ...]) -> str:
 
 
 def _config(tmp_path: Path, state: str, source: str, bootstrap: str, topic: str,
-            key: list[str], **extra: Any) -> Config:
+            key: list[str], target_version: str | None = "v", **extra: Any) -> Config:
     raw = {
         "state": state,
         "connections": {"shop": {"postgres": source},
@@ -81,7 +81,7 @@ def _config(tmp_path: Path, state: str, source: str, bootstrap: str, topic: str,
                        "version": "version", "updated_at": "updated_at",
                        "columns": ["status", "amount", "placed_at"]},
             "target": {"connection": "bus", "topic": topic, "format": "json", "key": key,
-                       "version": "v",
+                       **({"version": target_version} if target_version else {}),
                        "columns": {"status": "state", "amount": "total", "placed_at": "at"}},
             **extra,
         }},
@@ -285,3 +285,28 @@ def test_a_partition_run_reads_new_messages_then_compares_that_day_only(
     _produce(kafka_bootstrap, topic, [event(70)])  # fixed since: the next run reads it
     second = diff(config, "events", partition="2026-02-02")
     assert (second.mismatch, second.missing, second.orphan, second.source_rows) == (0, 1, 0, 50)
+
+
+def test_a_topic_without_versions_agrees_segment_by_segment_with_a_versioned_source(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        conn.execute("INSERT INTO public.orders SELECT g, 3, 'new', g, %s, %s "
+                     "FROM generate_series(1, 1000) g", (old, old))
+    _produce(kafka_bootstrap, topic, [
+        (str(i), {"id": i, "state": "new" if i != 700 else "old", "total": i,
+                  "at": old.isoformat()}) for i in range(1, 1001)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"],
+                     target_version=None)
+    read: list[int] = []  # differing segments read row by row: only key 700's
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "segments":
+            read.append(total)
+
+    summary = diff(config, "events", progress=progress)
+    assert (summary.mismatch, summary.stale, summary.missing) == (1, 0, 0)
+    assert set(read) == {1}
