@@ -233,33 +233,31 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
                    sync_target: Callable[[], None] | None = None
                    ) -> Iterator[Difference | tuple[int, int]]:
     """Checksums of both sides, then the rows of the segments that differ. ``sync_target``
-    (a Kafka mirror's sync) runs while the source's checksum pass does: the mirror's own pass
-    follows it, with the server's cores to itself when the source's is done by then."""
+    (a Kafka mirror's sync) runs while the source's checksum pass does."""
     # a mirror is estimated as it was before this sync (a few new messages change little)
     rows = max(segments.estimate_rows(source_conn, c.source, c.source_where),
                segments.estimate_rows(target_conn, c.target, c.target_where,
                                       count_unknown=sync_target is None))
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
-    parallel = not same_server(source_conn, target_conn)
-    native = c.source.native_hash is not None and c.target.native_hash is not None
+    passes = _Passes(c, source_conn, target_conn, progress,
+                     parallel=not same_server(source_conn, target_conn))
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
-        with tracing.span("diff.checksums", segments=plan.count) as span:
-            source_sums_f = pool.submit(segments.checksums, source_conn, c.source,
-                                        c.source_where, plan, native=native,
-                                        parallel=parallel)
-            if sync_target is not None:
-                try:
-                    sync_target()
-                except BaseException:
-                    source_conn.cancel_safe()  # do not wait for a pass nobody will read
-                    raise
-            progress("checksums", 0, plan.count)
-            target_sums_f = pool.submit(segments.checksums, target_conn, c.target,
-                                        c.target_where, plan, native=native,
-                                        parallel=parallel or source_sums_f.done())
-            source_sums, target_sums = source_sums_f.result(), target_sums_f.result()
-            span.set_attribute("differing", len(segments.differing(source_sums, target_sums)))
-        yield (sum(n for n, _ in source_sums.values()), sum(n for n, _ in target_sums.values()))
+        source_sums, target_sums = passes.run(pool, plan, sync_target)
+        source_total = sum(n for n, _ in source_sums.values())
+        target_total = sum(n for n, _ in target_sums.values())
+        if segments.too_coarse(plan, max(source_total, target_total)):
+            # The estimates were far off (stale statistics, an empty source): cut again by the
+            # true count, from the side that holds the rows, so no segment is read whole.
+            if source_total >= target_total:
+                plan = segments.plan_segments(source_conn, c.source, c.source_where,
+                                              source_total)
+            else:
+                plan = segments.plan_segments(target_conn, c.target, c.target_where,
+                                              target_total)
+            log.info("diff.replanned", segments=plan.count, source_rows=source_total,
+                     target_rows=target_total)
+            source_sums, target_sums = passes.run(pool, plan, None)
+        yield source_total, target_total
         todo = segments.differing(source_sums, target_sums)
         log.info("diff.segments", segments=plan.count, differing=len(todo))
         progress("checksums", plan.count, plan.count)
@@ -269,7 +267,7 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
             with tracing.span("diff.segments", segments=len(batch), first=batch[0],
                               last=batch[-1]):
                 suspects = (_suspects(c, source_conn, target_conn, pool, plan, batch)
-                            if native else None)
+                            if passes.native else None)
                 source_rows_f = pool.submit(
                     segments.rows_in_segments, source_conn, c.source, c.source_where, plan,
                     batch, extra, first_keys=suspects)
@@ -281,6 +279,45 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
             yield from found
             done += len(batch)
             progress("segments", done, len(todo))
+
+
+@dataclass
+class _Passes:
+    """One checksum pass over each side, both at once."""
+
+    c: Comparison
+    source_conn: psycopg.Connection[Any]
+    target_conn: psycopg.Connection[Any]
+    progress: Progress
+    parallel: bool  # parallel workers: not when both sides share the server's cores
+
+    @property
+    def native(self) -> bool:
+        return self.c.source.native_hash is not None and self.c.target.native_hash is not None
+
+    def run(self, pool: ThreadPoolExecutor, plan: segments.Segmentation,
+            sync_target: Callable[[], None] | None
+            ) -> tuple[dict[int, tuple[int, int]], dict[int, tuple[int, int]]]:
+        """``(source, target)`` checksums; the target's pass follows ``sync_target``, with the
+        server's cores to itself when the source's pass is done by then."""
+        c = self.c
+        with tracing.span("diff.checksums", segments=plan.count) as span:
+            source_f = pool.submit(segments.checksums, self.source_conn, c.source,
+                                   c.source_where, plan, native=self.native,
+                                   parallel=self.parallel)
+            if sync_target is not None:
+                try:
+                    sync_target()
+                except BaseException:
+                    self.source_conn.cancel_safe()  # do not wait for a pass nobody will read
+                    raise
+            self.progress("checksums", 0, plan.count)
+            target_f = pool.submit(segments.checksums, self.target_conn, c.target,
+                                   c.target_where, plan, native=self.native,
+                                   parallel=self.parallel or source_f.done())
+            source, target = source_f.result(), target_f.result()
+            span.set_attribute("differing", len(segments.differing(source, target)))
+        return source, target
 
 
 def _suspects(c: Comparison, source_conn: psycopg.Connection[Any],

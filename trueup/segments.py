@@ -190,6 +190,13 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
         return {int(r["seg"]): (int(r["n"]), int(r["h"])) for r in cur}
 
 
+def too_coarse(segmentation: Segmentation, rows: int) -> bool:
+    """True when ``rows`` (counted by a checksum pass) are far more than ``segmentation`` was
+    cut for: its segments would average over 8 times the rows they should hold."""
+    wanted = max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
+    return segmentation.count * 8 < wanted
+
+
 def differing(source: dict[int, tuple[int, int]],
               target: dict[int, tuple[int, int]]) -> list[int]:
     return sorted(s for s in source.keys() | target.keys() if source.get(s) != target.get(s))

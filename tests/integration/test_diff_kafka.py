@@ -310,3 +310,26 @@ def test_a_topic_without_versions_agrees_segment_by_segment_with_a_versioned_sou
     summary = diff(config, "events", progress=progress)
     assert (summary.mismatch, summary.stale, summary.missing) == (1, 0, 0)
     assert set(read) == {1}
+
+
+def test_an_empty_source_still_cuts_a_full_topic_into_segments(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).isoformat()
+    _produce(kafka_bootstrap, topic, [
+        (str(i), {"id": i, "v": 1, "state": "a", "total": i, "at": old})
+        for i in range(1, 5001)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    plans: list[int] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "checksums" and done == 0:
+            plans.append(total)
+
+    summary = diff(config, "events", progress=progress)
+    assert (summary.orphan, summary.target_rows) == (5000, 5000)
+    # cut by the mirror's keys once the source's plan proved far too coarse (one segment)
+    assert plans[0] == 1 and plans[-1] >= 5000 // 64 // 2

@@ -238,3 +238,53 @@ def test_same_server_tells_clusters_apart_and_survives_a_refused_probe(
     finally:
         with psycopg.connect(second, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def _checksum_plans(new_db: Callable[[], str], tmp_path: Path, source_sql: list[str],
+                    target_sql: list[str]) -> tuple[Any, list[int]]:
+    """Diff ``t`` of two new databases set up by the given statements; return the summary and
+    the segment counts of its checksum passes, as progress reports them."""
+    source, target = new_db(), new_db()
+    for dsn, statements in ((source, source_sql), (target, target_sql)):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int8 PRIMARY KEY, a text)")
+            for statement in statements:
+                conn.execute(statement)
+    side = {"table": "public.t", "key": ["id"], "columns": ["a"]}
+    raw = {"state": new_db(), "connections": {"a": {"postgres": source},
+                                              "b": {"postgres": target}},
+           "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                     "target": {"connection": "b", **side}}}}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    from trueup.state import migrate
+    with psycopg.connect(raw["state"]) as conn:
+        migrate(conn)
+    plans: list[int] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "checksums" and done == 0:
+            plans.append(total)
+
+    return diff(load_config(path), "t", progress=progress), plans
+
+
+FILL = "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20000) g"
+
+
+def test_an_empty_source_still_cuts_a_full_target_into_segments(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    # every target row is an orphan: read in segments, never as one 20,000-row piece
+    summary, plans = _checksum_plans(new_db, tmp_path, ["ANALYZE t"], [FILL, "ANALYZE t"])
+    assert (summary.orphan, summary.missing) == (20000, 0)
+    assert plans[-1] >= 20000 // segments.SEGMENT_ROWS // 2
+
+
+def test_stale_statistics_are_corrected_by_the_counts_of_the_first_pass(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    # analyzed at 10 rows, 20,000 now: planned for one segment, cut again by the true count
+    stale = ["INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 10) g", "ANALYZE t",
+             "INSERT INTO t SELECT g, 'v' || g FROM generate_series(11, 20000) g"]
+    summary, plans = _checksum_plans(new_db, tmp_path, stale, stale)
+    assert summary.consistent and summary.source_rows == 20000
+    assert plans[0] == 1 and plans[-1] >= 20000 // segments.SEGMENT_ROWS // 2
