@@ -270,10 +270,10 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
                             if passes.native else None)
                 source_rows_f = pool.submit(
                     segments.rows_in_segments, source_conn, c.source, c.source_where, plan,
-                    batch, extra, first_keys=suspects)
+                    batch, extra, keys=suspects)
                 target_rows_f = pool.submit(
                     segments.rows_in_segments, target_conn, c.target, c.target_where, plan,
-                    batch, first_keys=suspects)
+                    batch, keys=suspects)
                 found = list(classify(source_rows_f.result(), target_rows_f.result(),
                                       c.in_flight_since, orphans=True))
             yield from found
@@ -323,18 +323,16 @@ class _Passes:
 def _suspects(c: Comparison, source_conn: psycopg.Connection[Any],
               target_conn: psycopg.Connection[Any], pool: ThreadPoolExecutor,
               plan: segments.Segmentation, batch: list[int]) -> list[Any]:
-    """The first keys of the rows of ``batch`` that differ by their native row hash (or are on
-    one side only): rendering and comparing the canonical rows is then done for those alone.
-    In a differing segment of 64 rows, typically one or two."""
+    """The keys of the rows of ``batch`` that differ by their native row hash (or are on one
+    side only): rendering and comparing the canonical rows is then done for those alone. In a
+    differing segment of 64 rows, typically one or two."""
     source_f = pool.submit(segments.row_hashes_in_segments, source_conn, c.source,
                            c.source_where, plan, batch)
     target_f = pool.submit(segments.row_hashes_in_segments, target_conn, c.target,
                            c.target_where, plan, batch)
     source, target = source_f.result(), target_f.result()
-    firsts = {first for key, (first, h) in source.items()
-              if key not in target or target[key][1] != h}
-    firsts.update(first for key, (first, _) in target.items() if key not in source)
-    return list(firsts)
+    return [*(key for key, h in source.items() if target.get(key) != h),
+            *(key for key in target.keys() - source.keys())]
 
 
 def _source_extra(c: Comparison) -> list[sql.Composable]:

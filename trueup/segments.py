@@ -40,10 +40,22 @@ class Segmentation:
     #: ``(low, width)`` when the bounds are ``low + i * width`` (i = 1, 2, ...): an integer key
     #: spread evenly, whose segment is then computed instead of searched for
     step: tuple[int, int] | None = None
+    #: When > 0 there are no bounds: segments are this many buckets of a hash of the whole
+    #: key, for a composite key whose first column has too few values to cut on (a tenant
+    #: or region first). Their rows are found by a filtered scan, not by key ranges.
+    buckets: int = 0
 
     @property
     def count(self) -> int:
-        return len(self.bounds) + 1
+        return self.buckets or len(self.bounds) + 1
+
+    def segment_for(self, side: Side) -> sql.Composable:
+        """The segment of each row of ``side``, as one SQL expression."""
+        if self.buckets:
+            return sql.SQL(
+                "mod(pg_catalog.hashtextextended({}, 0) & 9223372036854775807, {})::int4"
+            ).format(side.key_text, sql.Literal(self.buckets))
+        return self.segment_of(side.first_key)
 
     def segment_of(self, key: sql.Composable) -> sql.Composable:
         """The segment of ``key`` (``width_bucket`` over the bounds), as one SQL expression.
@@ -87,8 +99,18 @@ def estimate_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
 
 def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                   rows: int) -> Segmentation:
-    """Boundaries for about ``rows / SEGMENT_ROWS`` segments, from a sample of the key."""
+    """About ``rows / SEGMENT_ROWS`` segments: ranges of the first key column, or hash buckets
+    of the whole key when a composite key's first column cannot be cut that finely."""
     wanted = max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
+    plan = _first_key_plan(conn, side, where, rows, wanted)
+    if len(side.key) > 1 and too_coarse(plan, rows):
+        return Segmentation(bounds=[], array_type=plan.array_type, buckets=wanted)
+    return plan
+
+
+def _first_key_plan(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
+                    rows: int, wanted: int) -> Segmentation:
+    """Boundaries on the first key column, from its statistics or a sample of its values."""
     array_type = _array_type(side)
     if wanted == 1:
         return Segmentation(bounds=[], array_type=array_type)
@@ -176,7 +198,7 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
     query = sql.SQL(
         "SELECT {seg} AS seg, count(*) AS n, bit_xor({row_hash}) AS h FROM {rel} "
         "WHERE {where} GROUP BY 1"
-    ).format(seg=segmentation.segment_of(side.first_key), row_hash=row_hash,
+    ).format(seg=segmentation.segment_for(side), row_hash=row_hash,
              rel=side.relation, where=where)
     with conn.transaction(), conn.cursor() as cur:
         # The planner cannot see that there are few segments, guesses one per row and sorts
@@ -217,36 +239,39 @@ def batches(segments: Sequence[int], source: dict[int, tuple[int, int]],
         yield batch
 
 
-def _first_stored(side: Side) -> sql.Composable:
-    """The first key as the built-in type that holds it (``char`` unpadded, enums as text):
-    what :func:`row_hashes_in_segments` returns and ``first_keys`` filters on."""
-    return sql.SQL("({})::{}").format(side.key[0], storage_type(side.key_types[0]))
+def _stored_key(side: Side) -> tuple[sql.Composable, sql.Composable]:
+    """The key as :func:`row_hashes_in_segments` returns it and ``keys`` filters on, and its
+    SQL type: a one-column key as the built-in type that holds it (``char`` unpadded, enums as
+    text), a composite key as its canonical text."""
+    if len(side.key) > 1:
+        return side.key_text, sql.SQL("text")
+    ctype = storage_type(side.key_types[0])
+    return sql.SQL("({})::{}").format(side.key[0], ctype), ctype
 
 
 def row_hashes_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                            segmentation: Segmentation,
-                           segments: list[int]) -> dict[Any, tuple[Any, int]]:
-    """``key -> (first key value, native row hash)`` of every row of ``segments``: what it
-    takes to tell which rows differ, without rendering any row's canonical text. The key is
-    the first key's value for a one-column key, the canonical key text otherwise."""
+                           segments: list[int]) -> dict[Any, int]:
+    """``key -> native row hash`` of every row of ``segments`` (the key as
+    :func:`_stored_key` gives it): what it takes to tell which rows differ, without rendering
+    any row's canonical text."""
     assert side.native_hash is not None
-    first = _first_stored(side)
-    key = first if len(side.key) == 1 else side.key_text
-    columns = sql.SQL("{} AS key, {} AS first, {} AS h").format(key, first, side.native_hash)
+    columns = sql.SQL("{} AS key, {} AS h").format(_stored_key(side)[0], side.native_hash)
     rows = _select_segments(conn, side, where, segmentation, segments, columns,
                             row_factory=psycopg.rows.tuple_row)
-    return {key: (first, h) for key, first, h in rows}
+    return dict(rows)
 
 
 def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                      segmentation: Segmentation, segments: list[int],
                      extra: Sequence[sql.Composable] = (), *,
-                     first_keys: list[Any] | None = None) -> list[dict[str, Any]]:
+                     keys: list[Any] | None = None) -> list[dict[str, Any]]:
     """Key, version and fingerprint of every row of ``segments`` on one side (only those whose
-    first key is among ``first_keys``, when given).
+    key is among ``keys``, as :func:`row_hashes_in_segments` returns them, when given).
 
     Segments of ordered keys are read as key ranges on the key index; text keys (compared in
-    C collation, which the table's index may not follow) are filtered in one scan instead.
+    C collation, which the table's index may not follow) and hashed segments are filtered in
+    one scan instead.
     """
     columns = sql.SQL(", ").join([
         sql.SQL("{} AS key_text").format(side.key_text),
@@ -255,24 +280,21 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
         sql.SQL("{} AS fingerprint").format(side.fingerprint),
         *extra,
     ])
-    return _select_segments(conn, side, where, segmentation, segments, columns,
-                            first_keys=first_keys)
+    return _select_segments(conn, side, where, segmentation, segments, columns, keys=keys)
 
 
 def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                      segmentation: Segmentation, segments: list[int], columns: sql.Composable,
-                     *, first_keys: list[Any] | None = None,
-                     row_factory: Any = None) -> list[Any]:
+                     *, keys: list[Any] | None = None, row_factory: Any = None) -> list[Any]:
     bounds = segmentation.bounds
     params: dict[str, Any] = {"bounds": bounds, "segments": segments}
-    if first_keys is not None:
+    if keys is not None:
         # A filter, not the access path: the rows are still found by segment. Sent unprepared
         # so the planner sees the list and hashes it, whatever its length.
-        where = sql.SQL("({}) AND {} = ANY(%(first_keys)s::{}[])").format(
-            where, _first_stored(side), storage_type(side.key_types[0]))
-        params["first_keys"] = first_keys
-    in_segments = sql.SQL("width_bucket({}, %(bounds)s::{}) = ANY(%(segments)s)").format(
-        side.first_key, segmentation.array_type)
+        key, key_type = _stored_key(side)
+        where = sql.SQL("({}) AND {} = ANY(%(keys)s::{}[])").format(where, key, key_type)
+        params["keys"] = keys
+    in_segments = sql.SQL("{} = ANY(%(segments)s)").format(segmentation.segment_for(side))
     if side.key_types[0].kind is Kind.TEXT or not bounds:
         query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
             columns, side.relation, where, in_segments)
