@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -128,19 +129,19 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                             columns=rec.source.columns, updated_at=rec.source.updated_at,
                             hashed_version=rec.target.version is not None, conn=source_conn)
         source_types = _types_of(source_conn, rec)
-        unreadable: list[Difference] = []
+        unreadable: Callable[[], Iterator[Difference]] | None = None  # a mirror's, streamed
         sync_target: Callable[[], None] | None = None
         if rec.target.topic is not None:
-            from trueup.mirror import mirror_of, shape_of, sync_mirror
+            from trueup import mirror
 
             target_conn = stack.enter_context(connect(config.state, what="state",
                                                       application_name=f"trueup diff {name}"))
-            shape = shape_of(name, rec, source, source_types)
-            target = mirror_of(config, shape)
+            shape = mirror.shape_of(name, rec, source, source_types)
+            target = mirror.mirror_of(config, shape)
 
-            def sync_target() -> None:
-                unreadable.extend(sync_mirror(config, shape, rec.target.connection,
-                                              target_conn, progress))
+            sync_target = partial(mirror.sync_mirror, config, shape, rec.target.connection,
+                                  target_conn, progress)
+            unreadable = partial(mirror.unreadable, target_conn, shape)
         else:
             target_dsn = config.connections[rec.target.connection].postgres
             assert target_dsn is not None and rec.target.table is not None
@@ -168,7 +169,7 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                 continue
             writer.write([item])
             on_difference(item)
-        for item in unreadable:
+        for item in unreadable() if unreadable is not None else ():
             writer.write([item])
             on_difference(item)
         writer.flush()

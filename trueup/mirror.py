@@ -119,9 +119,8 @@ def mirror_of(config: Config, shape: MirrorShape) -> Side:
 
 
 def sync_mirror(config: Config, shape: MirrorShape, target: str,
-                conn: psycopg.Connection[Any], progress: Progress) -> list[Difference]:
-    """Bring the mirror of ``shape`` up to date from connection ``target``; return what is
-    unreadable."""
+                conn: psycopg.Connection[Any], progress: Progress) -> None:
+    """Bring the mirror of ``shape`` up to date from connection ``target``."""
     properties = config.connections[target].kafka
     assert properties is not None
     lock = int.from_bytes(hashlib.sha256(f"trueup-mirror:{shape.name}".encode()).digest()[:8],
@@ -134,7 +133,6 @@ def sync_mirror(config: Config, shape: MirrorShape, target: str,
         consumed = MirrorReader(shape, dict(properties), conn, progress).run()
         log.info("mirror.synced", reconciliation=shape.name, topic=shape.topic,
                  messages=consumed)
-        return list(_unreadable(conn, shape))
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (lock,))
         conn.commit()
@@ -311,12 +309,19 @@ class MirrorReader:
         return staged
 
 
-def _unreadable(conn: psycopg.Connection[Any], shape: MirrorShape) -> Iterator[Difference]:
-    rows = conn.execute(sql.SQL(
-        "SELECT kafka_partition, kafka_offset, message_key, reason FROM {} "
-        "ORDER BY kafka_partition, kafka_offset").format(shape.unreadable_table))
-    for row in rows:
-        yield Difference(key=[row["message_key"]], cls=DifferenceClass.UNREADABLE,
-                         detail={"partition": row["kafka_partition"],
-                                 "offset": row["kafka_offset"], "reason": row["reason"]})
+#: Unreadable messages read from the mirror per round trip.
+UNREADABLE_BATCH = 5_000
 
+
+def unreadable(conn: psycopg.Connection[Any], shape: MirrorShape) -> Iterator[Difference]:
+    """The mirror's unreadable messages as differences, streamed (a topic of another format
+    than JSON makes every message unreadable: millions of them)."""
+    with conn.cursor(name="trueup_unreadable") as cur:
+        cur.itersize = UNREADABLE_BATCH
+        cur.execute(sql.SQL(
+            "SELECT kafka_partition, kafka_offset, message_key, reason FROM {} "
+            "ORDER BY kafka_partition, kafka_offset").format(shape.unreadable_table))
+        for row in cur:
+            yield Difference(key=[row["message_key"]], cls=DifferenceClass.UNREADABLE,
+                             detail={"partition": row["kafka_partition"],
+                                     "offset": row["kafka_offset"], "reason": row["reason"]})

@@ -333,3 +333,23 @@ def test_an_empty_source_still_cuts_a_full_topic_into_segments(
     assert (summary.orphan, summary.target_rows) == (5000, 5000)
     # cut by the mirror's keys once the source's plan proved far too coarse (one segment)
     assert plans[0] == 1 and plans[-1] >= 5000 // 64 // 2
+
+
+def test_a_topic_of_another_format_reports_every_message_unreadable(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    # e.g. an Avro topic configured as JSON: more unreadable messages than one read holds
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+    _produce(kafka_bootstrap, topic, [(str(i), b"\x00\x00\x00\x00\x01avro" + bytes([i % 256]))
+                                      for i in range(12000)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    summary = diff(config, "events")
+    assert (summary.unreadable, summary.target_rows, summary.missing) == (12000, 0, 0)
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        found = differences_of(conn, summary.run_id)
+    assert len(found) == 12000 and {d.cls.value for d in found} == {"unreadable"}
+    assert len({((d.detail or {})["partition"], (d.detail or {})["offset"])
+                for d in found}) == 12000
