@@ -102,6 +102,11 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
     """About ``rows / SEGMENT_ROWS`` segments: ranges of the first key column, or hash buckets
     of the whole key when a composite key's first column cannot be cut that finely."""
     wanted = max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
+    if wanted > 1 and side.key_types[0].kind is Kind.TEXT:
+        # Text-like keys (text, uuid, enums) are hashed. Their C-collation ranges could not be
+        # read through an index in another collation anyway, and width_bucket searches an
+        # array of text linearly: 41 s per 1M rows with 15,000 bounds, against 0.5 s hashed.
+        return Segmentation(bounds=[], array_type=_array_type(side), buckets=wanted)
     plan = _first_key_plan(conn, side, where, rows, wanted)
     if len(side.key) > 1 and too_coarse(plan, rows):
         return Segmentation(bounds=[], array_type=plan.array_type, buckets=wanted)
