@@ -13,7 +13,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -262,6 +262,10 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
         todo = segments.differing(source_sums, target_sums)
         log.info("diff.segments", segments=plan.count, differing=len(todo))
         progress("checksums", plan.count, plan.count)
+        if todo and not plan.bounds:
+            yield from _compare_streamed(c, source_conn, target_conn, pool, plan, todo,
+                                         progress)
+            return
         done = 0
         extra = _source_extra(c)
         for batch in segments.batches(todo, source_sums, target_sums):
@@ -280,6 +284,38 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
             yield from found
             done += len(batch)
             progress("segments", done, len(todo))
+
+
+def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
+                      target_conn: psycopg.Connection[Any], pool: ThreadPoolExecutor,
+                      plan: segments.Segmentation, todo: list[int],
+                      progress: Progress) -> Iterator[Difference]:
+    """The rows of the differing segments of a plan without key ranges (hash buckets, one
+    segment): one scan of each side, ordered by segment and merged segment by segment. Read
+    batch by batch, such plans would scan both tables once per batch: with every segment
+    differing, tens of scans."""
+    with tracing.span("diff.segments", segments=len(todo)), ExitStack() as stack:
+        source = stack.enter_context(closing(segments.segment_rows(
+            source_conn, c.source, c.source_where, plan, todo, _source_extra(c))))
+        target = stack.enter_context(closing(segments.segment_rows(
+            target_conn, c.target, c.target_where, plan, todo)))
+        # The first rows of each side come after its whole scan and sort: both at once.
+        source_next, target_next = pool.submit(next, source, None), pool.submit(next, target, None)
+        s, t = source_next.result(), target_next.result()
+        done = 0
+        while s is not None or t is not None:
+            segment = min(item[0] for item in (s, t) if item is not None)
+            source_rows = s[1] if s is not None and s[0] == segment else []
+            target_rows = t[1] if t is not None and t[0] == segment else []
+            yield from classify(source_rows, target_rows, c.in_flight_since, orphans=True)
+            if source_rows:
+                s = next(source, None)
+            if target_rows:
+                t = next(target, None)
+            done += 1
+            if done % 1000 == 0:
+                progress("segments", done, len(todo))
+        progress("segments", len(todo), len(todo))
 
 
 @dataclass

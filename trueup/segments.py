@@ -11,7 +11,7 @@ plain read of each table, never more.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -278,14 +278,58 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     C collation, which the table's index may not follow) and hashed segments are filtered in
     one scan instead.
     """
-    columns = sql.SQL(", ").join([
+    return _select_segments(conn, side, where, segmentation, segments,
+                            _row_columns(side, extra), keys=keys)
+
+
+def _row_columns(side: Side, extra: Sequence[sql.Composable]) -> sql.Composable:
+    """What a row is compared by: its key (canonical text and values), version, fingerprint."""
+    return sql.SQL(", ").join([
         sql.SQL("{} AS key_text").format(side.key_text),
         *[sql.SQL("{} AS {}").format(k, sql.Identifier(f"k{i}")) for i, k in enumerate(side.key)],
         sql.SQL("{} AS version").format(side.version if side.version else sql.NULL),
         sql.SQL("{} AS fingerprint").format(side.fingerprint),
         *extra,
     ])
-    return _select_segments(conn, side, where, segmentation, segments, columns, keys=keys)
+
+
+#: Rows fetched per round trip when the rows of differing segments are streamed.
+STREAM_ROWS = 10_000
+
+
+Rows = list[dict[str, Any]]
+
+
+def segment_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
+                 segmentation: Segmentation, segments: list[int],
+                 extra: Sequence[sql.Composable] = ()) -> Generator[tuple[int, Rows], None, None]:
+    """``(segment, rows)`` for each of ``segments`` that has rows on this side, in segment
+    order, from one scan (rows as :func:`rows_in_segments` gives them), streamed with a
+    server-side cursor: memory holds a fetch and a segment, whatever the drift."""
+    query = sql.SQL("SELECT * FROM (SELECT {} AS trueup_segment, {} FROM {} WHERE {}) AS r "
+                    "WHERE {} ORDER BY trueup_segment").format(
+        segmentation.segment_for(side), _row_columns(side, extra), side.relation, where,
+        _among(sql.Identifier("trueup_segment"), "segments", sql.SQL("int4")))
+    with conn.cursor(name=f"trueup_segments_{side.label}") as cur:
+        cur.itersize = STREAM_ROWS
+        cur.execute(query, {"bounds": segmentation.bounds, "segments": segments})
+        segment, rows = -1, list[dict[str, Any]]()
+        for row in cur:
+            if row["trueup_segment"] != segment:
+                if rows:
+                    yield segment, rows
+                segment, rows = row["trueup_segment"], []
+            rows.append(row)
+        if rows:
+            yield segment, rows
+
+
+def _among(expr: sql.Composable, param: str, element: sql.Composable) -> sql.Composable:
+    """``expr`` is one of the array parameter ``param``, looked up in a hash table. The
+    planner does not hash ``= ANY(%(param)s)``: it compares each row with every element
+    (1M rows against 780 segments: 0.9 s, against 0.17 s this way)."""
+    return sql.SQL("{} IN (SELECT unnest({}::{}[]))").format(
+        expr, sql.Placeholder(param), element)
 
 
 def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
@@ -294,12 +338,11 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     bounds = segmentation.bounds
     params: dict[str, Any] = {"bounds": bounds, "segments": segments}
     if keys is not None:
-        # A filter, not the access path: the rows are still found by segment. Sent unprepared
-        # so the planner sees the list and hashes it, whatever its length.
+        # A filter, not the access path: the rows are still found by segment.
         key, key_type = _stored_key(side)
-        where = sql.SQL("({}) AND {} = ANY(%(keys)s::{}[])").format(where, key, key_type)
+        where = sql.SQL("({}) AND {}").format(where, _among(key, "keys", key_type))
         params["keys"] = keys
-    in_segments = sql.SQL("{} = ANY(%(segments)s)").format(segmentation.segment_for(side))
+    in_segments = _among(segmentation.segment_for(side), "segments", sql.SQL("int4"))
     if side.key_types[0].kind is Kind.TEXT or not bounds:
         query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
             columns, side.relation, where, in_segments)
