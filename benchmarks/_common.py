@@ -148,15 +148,27 @@ def write_marker(conn: psycopg.Connection[Any], spec: dict[str, Any]) -> None:
     conn.execute("INSERT INTO public.bench_meta (spec) VALUES (%s)", (json.dumps(spec),))
 
 
-def generate_items(conn: psycopg.Connection[Any], rows: int, seed: int) -> None:
-    """Create ``public.items`` with ids 2, 4, ..., 2*rows (even: odd ids are left for orphans)."""
+#: The text key of ``--key text``: derived from the id, so drift is still applied by id.
+TEXT_KEY = "code"
+TEXT_KEY_COLUMN = ("code text GENERATED ALWAYS AS ('item-' || lpad(id::text, 12, '0')) "
+                   "STORED")
+
+
+def generate_items(conn: psycopg.Connection[Any], rows: int, seed: int, *,
+                   text_key: bool = False) -> None:
+    """Create ``public.items`` with ids 2, 4, ..., 2*rows (even: odd ids are left for orphans);
+    with ``text_key`` the primary key is the text column ``code`` derived from the id."""
     conn.execute("DROP TABLE IF EXISTS public.items")
     conn.execute(CREATE_ITEMS)
+    if text_key:
+        conn.execute(f"ALTER TABLE public.items ADD COLUMN {TEXT_KEY_COLUMN}")
     ids = f"(SELECT g * 2 FROM generate_series(1, {int(rows)}) g)"
     conn.execute("SET work_mem = '256MB'")
     conn.execute(f"INSERT INTO public.items {ROWS_SELECT.format(seed=int(seed), ids=ids)}")
     conn.execute("SET maintenance_work_mem = '512MB'")
-    conn.execute("ALTER TABLE public.items ADD PRIMARY KEY (id)")
+    conn.execute(f"ALTER TABLE public.items ADD PRIMARY KEY ({TEXT_KEY if text_key else KEY})")
+    if text_key:
+        conn.execute("CREATE INDEX ON public.items (id)")  # for applying the drift
 
 
 def insert_generated(conn: psycopg.Connection[Any], ids: Sequence[int], seed: int) -> None:

@@ -1,6 +1,7 @@
 """Benchmark: `trueup diff` of two Postgres tables against reladiff hashdiff and the floor.
 
     .venv/bin/python benchmarks/diff_postgres.py [--rows N] [--tools floor,trueup,reladiff]
+                                                 [--key bigint|text]
 
 Data (kept between runs; a ``bench_meta`` marker table in each database says what it holds):
   (for another --rows N than the default, the databases are named bench_src_N and so on)
@@ -13,6 +14,8 @@ Data (kept between runs; a ``bench_meta`` marker table in each database says wha
                version untouched, so they are `mismatch`): 2,500 / 1,000 / 5,000 at 5M rows.
   bench_dst50  a copy with 50 differences: 20 missing, 10 orphans, 20 changed.
   bench_state  trueup's state database, recreated on every run.
+  With --key text the same data is keyed by a text column, code = 'item-' || lpad(id, 12, '0')
+  (the databases get a _text suffix): the key trueup cuts into hash buckets.
 
 Rows printed per scenario: the expected findings; the floor (count(*) plus a bit_xor of
 hashtextextended(concat_ws(...)) over each table, on 2 connections at once, and the same one
@@ -40,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
 DEFAULT_ROWS = 5_000_000
-SOURCE_DB = "bench_src"  # bench_src_<rows> for other sizes
+SOURCE_DB = "bench_src"  # bench_src_<rows> for other sizes, bench_src_text for --key text
+KEY = c.KEY  # or c.TEXT_KEY (--key text)
 STATE_DB = "bench_state"
 RELADIFF = c.BENCH_DIR / ".venv" / "bin" / "reladiff"
 MEMORY_LIMIT_MB = 500
@@ -93,7 +97,8 @@ def scenarios(rows: int, suffix: str = "") -> list[Scenario]:
 
 def ensure_source(rows: int, seed: int, regenerate: bool) -> str:
     """Make bench_src hold the wanted table; return its generation token."""
-    want = {"gen": c.GENERATOR_VERSION, "role": "source", "rows": rows, "seed": seed}
+    want = {"gen": c.GENERATOR_VERSION, "role": "source", "rows": rows, "seed": seed,
+            "key": KEY}
     marker = c.read_marker(SOURCE_DB)
     if not regenerate and marker and {k: marker.get(k) for k in want} == want:
         c.log(f"{SOURCE_DB}: reusing {rows:,} rows (marker token {marker['token']})")
@@ -102,7 +107,7 @@ def ensure_source(rows: int, seed: int, regenerate: bool) -> str:
     c.recreate_database(SOURCE_DB)
     token = uuid.uuid4().hex[:12]
     with psycopg.connect(c.dsn(SOURCE_DB)) as conn:
-        c.generate_items(conn, rows, seed)
+        c.generate_items(conn, rows, seed, text_key=KEY == c.TEXT_KEY)
         c.write_marker(conn, {**want, "token": token})
     c.vacuum_analyze(SOURCE_DB)
     c.log(f"{SOURCE_DB}: done")
@@ -112,7 +117,7 @@ def ensure_source(rows: int, seed: int, regenerate: bool) -> str:
 def ensure_target(sc: Scenario, rows: int, seed: int, token: str, regenerate: bool) -> None:
     want = {"gen": c.GENERATOR_VERSION, "role": "target", "rows": rows, "seed": seed,
             "source_token": token, "missing": sc.missing, "orphan": sc.orphan,
-            "changed": sc.changed}
+            "changed": sc.changed, "key": KEY}
     marker = c.read_marker(sc.database)
     if not regenerate and marker and {k: marker.get(k) for k in want} == want:
         c.log(f"{sc.database}: reusing ({sc.name})")
@@ -173,9 +178,9 @@ def write_trueup_config(path: Path, scs: list[Scenario]) -> None:
         conn_name = sc.database.removeprefix("bench_")
         document["connections"][conn_name] = {"postgres": c.dsn(sc.database)}
         document["reconciliations"][recname(sc)] = {
-            "source": {"connection": "src", "table": c.TABLE, "key": [c.KEY],
+            "source": {"connection": "src", "table": c.TABLE, "key": [KEY],
                        "version": c.VERSION, "columns": list(c.COLUMNS)},
-            "target": {"connection": conn_name, "table": c.TABLE, "key": [c.KEY],
+            "target": {"connection": conn_name, "table": c.TABLE, "key": [KEY],
                        "version": c.VERSION, "columns": list(c.COLUMNS)},
         }
     c.write_config(path, document)
@@ -203,7 +208,7 @@ def run_reladiff(sc: Scenario, threads: int) -> Row:
         return Row("reladiff hashdiff", sc.label,
                    note=f"{RELADIFF} missing: see benchmarks/README.md")
     argv = [str(RELADIFF), c.dsn(SOURCE_DB), "items", c.dsn(sc.database), "items",
-            "-k", c.KEY, *[a for col in [c.VERSION, *c.COLUMNS] for a in ("-c", col)],
+            "-k", KEY, *[a for col in [c.VERSION, *c.COLUMNS] for a in ("-c", col)],
             "-a", "hashdiff", "-j", str(threads), "--json",
             # reladiff 0.6.0 sorts its results by whole row and dies on NULL vs text
             # (erezsh/reladiff#81, fixed after 0.6.0), printing "ERROR" and exiting 0 with a
@@ -292,11 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="all", help="all, drift or small")
     parser.add_argument("--reladiff-threads", type=int, default=2)
     parser.add_argument("--regenerate", action="store_true", help="rebuild the databases")
+    parser.add_argument("--key", choices=["bigint", "text"], default="bigint",
+                        help="key the tables by their bigint id or by a text code")
     args = parser.parse_args(argv)
     tools = set(args.tools.split(","))
-    # Other sizes get databases of their own, so a quick check keeps the full data around.
-    global SOURCE_DB
-    suffix = "" if args.rows == DEFAULT_ROWS else f"_{args.rows}"
+    # Other sizes and keys get databases of their own, so the full data stays around.
+    global SOURCE_DB, KEY
+    KEY = c.TEXT_KEY if args.key == "text" else c.KEY
+    suffix = ("" if args.rows == DEFAULT_ROWS else f"_{args.rows}") + (
+        "_text" if args.key == "text" else "")
     SOURCE_DB = SOURCE_DB.removesuffix(suffix) + suffix
     scs = scenarios(args.rows, suffix)
     if args.scenarios == "drift":
@@ -333,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 c.log(f"{sc.name}: reladiff hashdiff")
                 results.append(run_reladiff(sc, args.reladiff_threads))
 
-    print(f"diff_postgres: {args.rows:,} rows per table, 2 databases; {c.now()}")
+    print(f"diff_postgres: {args.rows:,} rows per table, 2 databases, {args.key} key; "
+          f"{c.now()}")
     print(f"machine: {c.machine()}; load average {load_start} at start, {c.load()} at end")
     print()
     print(c.format_table(

@@ -294,14 +294,16 @@ def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
     segment): one scan of each side, ordered by segment and merged segment by segment. Read
     batch by batch, such plans would scan both tables once per batch: with every segment
     differing, tens of scans."""
-    with tracing.span("diff.segments", segments=len(todo)), ExitStack() as stack:
+    with ExitStack() as stack:
         source = stack.enter_context(closing(segments.segment_rows(
             source_conn, c.source, c.source_where, plan, todo, _source_extra(c))))
         target = stack.enter_context(closing(segments.segment_rows(
             target_conn, c.target, c.target_where, plan, todo)))
         # The first rows of each side come after its whole scan and sort: both at once.
-        source_next, target_next = pool.submit(next, source, None), pool.submit(next, target, None)
-        s, t = source_next.result(), target_next.result()
+        with tracing.span("diff.segments", segments=len(todo)):
+            source_next = pool.submit(next, source, None)
+            target_next = pool.submit(next, target, None)
+            s, t = source_next.result(), target_next.result()
         done = 0
         while s is not None or t is not None:
             segment = min(item[0] for item in (s, t) if item is not None)
