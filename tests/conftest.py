@@ -137,3 +137,24 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class ProgressLog:
+    """The progress reports of a run (pass it as ``progress=``), to see how it went about it."""
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int]] = []
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        self.reports.append((phase, done, total))
+
+    @property
+    def plans(self) -> list[int]:
+        """The segment count of each checksum pass, in order."""
+        return [total for phase, done, total in self.reports
+                if phase == "checksums" and done == 0]
+
+    @property
+    def segments_read(self) -> set[int]:
+        """How many differing segments were read row by row (empty: none differed)."""
+        return {total for phase, _, total in self.reports if phase == "segments"}

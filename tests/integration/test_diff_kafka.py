@@ -15,6 +15,7 @@ import yaml
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.conftest import ProgressLog
 from trueup.config import Config, load_config
 from trueup.diff import diff
 from trueup.errors import TrueupError
@@ -177,15 +178,10 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
                                "WHERE reconciliation = 'events'").fetchone()
     assert offsets is not None and offsets[0] == 302  # every message read exactly once
 
-    read: list[int] = []  # differing segments read row by row: only the missing key's
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "segments":
-            read.append(total)
-
+    progress = ProgressLog()
     third = diff(config, "events", progress=progress)
     assert (third.missing, third.target_rows) == (1, 299)
-    assert set(read) == {1}
+    assert progress.segments_read == {1}  # only the missing key's segment
 
 
 def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
@@ -301,15 +297,10 @@ def test_a_topic_without_versions_agrees_segment_by_segment_with_a_versioned_sou
                   "at": old.isoformat()}) for i in range(1, 1001)])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"],
                      target_version=None)
-    read: list[int] = []  # differing segments read row by row: only key 700's
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "segments":
-            read.append(total)
-
+    progress = ProgressLog()
     summary = diff(config, "events", progress=progress)
     assert (summary.mismatch, summary.stale, summary.missing) == (1, 0, 0)
-    assert set(read) == {1}
+    assert progress.segments_read == {1}  # only key 700's segment
 
 
 def test_an_empty_source_still_cuts_a_full_topic_into_segments(
@@ -323,16 +314,11 @@ def test_an_empty_source_still_cuts_a_full_topic_into_segments(
         (str(i), {"id": i, "v": 1, "state": "a", "total": i, "at": old})
         for i in range(1, 5001)])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
-    plans: list[int] = []
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "checksums" and done == 0:
-            plans.append(total)
-
+    progress = ProgressLog()
     summary = diff(config, "events", progress=progress)
     assert (summary.orphan, summary.target_rows) == (5000, 5000)
     # cut by the mirror's keys once the source's plan proved far too coarse (one segment)
-    assert plans[0] == 1 and plans[-1] >= 5000 // 64 // 2
+    assert progress.plans[0] == 1 and progress.plans[-1] >= 5000 // 64 // 2
 
 
 def test_a_topic_of_another_format_reports_every_message_unreadable(

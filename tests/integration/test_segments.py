@@ -14,6 +14,7 @@ import pytest
 import yaml
 from psycopg import sql
 
+from tests.conftest import ProgressLog
 from trueup import segments
 from trueup.config import load_config
 from trueup.diff import diff
@@ -92,11 +93,21 @@ def _pair(new_db: Callable[[], str], tmp_path: Path, ddl: str, source_rows: str,
         assert name is not None
         conn.execute(sql.SQL("ALTER DATABASE {} SET timezone = {}").format(
             sql.Identifier(name[0]), sql.Literal(target_zone)))
-    side = {"table": "public.t", "key": ["id"], "columns": columns}
     versioned = {"version": source_version.split()[0]} if source_version else {}
+    return _diff_t(new_db, tmp_path, source, target, ["id"], columns, progress,
+                   source_extra=versioned)
+
+
+def _diff_t(new_db: Callable[[], str], tmp_path: Path, source: str, target: str,
+            key: list[str], columns: list[str],
+            progress: Callable[[str, int, int], None] | None = None, *,
+            source_extra: dict[str, Any] | None = None) -> Any:
+    """Diff table ``t`` of ``source`` and ``target`` (keyed by ``key``) with a new state."""
+    side = {"table": "public.t", "key": key, "columns": columns}
     raw = {"state": new_db(), "connections": {"a": {"postgres": source},
                                               "b": {"postgres": target}},
-           "reconciliations": {"t": {"source": {"connection": "a", **side, **versioned},
+           "reconciliations": {"t": {"source": {"connection": "a", **side,
+                                                **(source_extra or {})},
                                      "target": {"connection": "b", **side}}}}
     path = tmp_path / "trueup.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -144,21 +155,16 @@ def test_equal_values_written_differently_hash_alike_in_any_session_time_zone(
 def test_a_version_only_the_source_has_leaves_equal_segments_equal(
         new_db: Callable[[], str], tmp_path: Path) -> None:
     rows = ", ".join(f"({i}, 'v{i}')" for i in range(1, 2001))
-    read: list[int] = []  # differing segments read row by row
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "segments":
-            read.append(total)
-
+    progress = ProgressLog()
     summary = _pair(new_db, tmp_path, "id int8 PRIMARY KEY, a text", rows, rows, ["a"],
                     source_version="version bigint", progress=progress)
     assert summary.consistent and summary.source_rows == 2000, summary
-    assert read == []
+    assert progress.segments_read == set()
     changed = rows.replace("(700, 'v700')", "(700, 'w')")
     summary = _pair(new_db, tmp_path, "id int8 PRIMARY KEY, a text", rows, changed, ["a"],
                     source_version="version bigint", progress=progress)
     assert (summary.mismatch, summary.stale, summary.ahead) == (1, 0, 0)
-    assert set(read) == {1}
+    assert progress.segments_read == {1}
 
 
 def test_every_compared_type_has_a_native_hash() -> None:
@@ -241,32 +247,19 @@ def test_same_server_tells_clusters_apart_and_survives_a_refused_probe(
 
 
 def _checksum_plans(new_db: Callable[[], str], tmp_path: Path, source_sql: list[str],
-                    target_sql: list[str]) -> tuple[Any, list[int]]:
+                    target_sql: list[str], *, ddl: str = "id int8 PRIMARY KEY, a text",
+                    key: tuple[str, ...] = ("id",)) -> tuple[Any, list[int]]:
     """Diff ``t`` of two new databases set up by the given statements; return the summary and
     the segment counts of its checksum passes, as progress reports them."""
     source, target = new_db(), new_db()
     for dsn, statements in ((source, source_sql), (target, target_sql)):
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("CREATE TABLE t (id int8 PRIMARY KEY, a text)")
+            conn.execute(f"CREATE TABLE t ({ddl})")
             for statement in statements:
                 conn.execute(statement)
-    side = {"table": "public.t", "key": ["id"], "columns": ["a"]}
-    raw = {"state": new_db(), "connections": {"a": {"postgres": source},
-                                              "b": {"postgres": target}},
-           "reconciliations": {"t": {"source": {"connection": "a", **side},
-                                     "target": {"connection": "b", **side}}}}
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    from trueup.state import migrate
-    with psycopg.connect(raw["state"]) as conn:
-        migrate(conn)
-    plans: list[int] = []
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "checksums" and done == 0:
-            plans.append(total)
-
-    return diff(load_config(path), "t", progress=progress), plans
+    progress = ProgressLog()
+    return _diff_t(new_db, tmp_path, source, target, list(key), ["a"], progress), \
+        progress.plans
 
 
 FILL = "INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20000) g"
@@ -298,35 +291,12 @@ def test_a_composite_key_with_few_first_values_is_cut_into_small_segments(
     whole when anything in them differs. They are cut by a hash of the whole key instead."""
     column = first.split()[0]
     value = "g % 2" if first.endswith("int4") else "CASE WHEN g % 2 = 0 THEN 'eu' ELSE 'us' END"
-    source, target = new_db(), new_db()
-    ddl = f"CREATE TABLE t ({first}, id int8, a text, PRIMARY KEY ({column}, id))"
     fill = f"INSERT INTO t SELECT {value}, g, 'v' || g FROM generate_series(1, 20000) g"
-    for dsn in (source, target):
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(ddl)
-            conn.execute(fill)
-            if dsn == target:
-                conn.execute("UPDATE t SET a = 'changed' WHERE id IN (5, 500, 5000)")
-                conn.execute("DELETE FROM t WHERE id IN (7, 7777)")
-                conn.execute(f"INSERT INTO t SELECT {value}, g, 'x' FROM "
-                             "generate_series(30001, 30001) g")
-            conn.execute("ANALYZE t")
-    side = {"table": "public.t", "key": [column, "id"], "columns": ["a"]}
-    raw = {"state": new_db(), "connections": {"a": {"postgres": source},
-                                              "b": {"postgres": target}},
-           "reconciliations": {"t": {"source": {"connection": "a", **side},
-                                     "target": {"connection": "b", **side}}}}
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    from trueup.state import migrate
-    with psycopg.connect(raw["state"]) as conn:
-        migrate(conn)
-    plans: list[int] = []
-
-    def progress(phase: str, done: int, total: int) -> None:
-        if phase == "checksums" and done == 0:
-            plans.append(total)
-
-    summary = diff(load_config(path), "t", progress=progress)
+    drift = ["UPDATE t SET a = 'changed' WHERE id IN (5, 500, 5000)",
+             "DELETE FROM t WHERE id IN (7, 7777)",
+             f"INSERT INTO t SELECT {value}, g, 'x' FROM generate_series(30001, 30001) g"]
+    summary, plans = _checksum_plans(
+        new_db, tmp_path, [fill, "ANALYZE t"], [fill, *drift, "ANALYZE t"],
+        ddl=f"{first}, id int8, a text, PRIMARY KEY ({column}, id)", key=(column, "id"))
     assert (summary.mismatch, summary.missing, summary.orphan) == (3, 2, 1)
     assert plans[-1] >= 20000 // segments.SEGMENT_ROWS // 2
