@@ -118,10 +118,10 @@ def mirror_of(config: Config, shape: MirrorShape) -> Side:
                        key_types=shape.key_types, version_type=shape.version_type)
 
 
-def sync_mirror(config: Config, shape: MirrorShape, target: str,
+def sync_mirror(config: Config, shape: MirrorShape, connection: str,
                 conn: psycopg.Connection[Any], progress: Progress) -> None:
-    """Bring the mirror of ``shape`` up to date from connection ``target``."""
-    properties = config.connections[target].kafka
+    """Bring the mirror of ``shape`` up to date from Kafka ``connection`` (a config name)."""
+    properties = config.connections[connection].kafka
     assert properties is not None
     lock = int.from_bytes(hashlib.sha256(f"trueup-mirror:{shape.name}".encode()).digest()[:8],
                           "big", signed=True)

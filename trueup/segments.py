@@ -43,8 +43,9 @@ class Segmentation:
     #: spread evenly, whose segment is then computed instead of searched for
     step: tuple[int, int] | None = None
     #: When > 0 there are no bounds: segments are this many buckets of a hash of the whole
-    #: key, for a composite key whose first column has too few values to cut on (a tenant
-    #: or region first). Their rows are found by a filtered scan, not by key ranges.
+    #: key, for text-like keys and for a composite key whose first column has too few values
+    #: to cut on (a tenant or region first). Their rows are found by one ordered scan
+    #: (:func:`segment_rows`), not by key ranges.
     buckets: int = 0
 
     @property
@@ -198,7 +199,7 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
               parallel: bool = True) -> dict[int, tuple[int, int]]:
     """``segment -> (rows, xor of row hashes)`` for one side, in one scan.
 
-    ``native`` uses the side's binary hash (table-to-table runs) instead of the canonical one.
+    ``native`` uses the side's binary hash instead of the canonical one (both sides have one).
     ``parallel=False`` keeps the server from adding parallel workers: when both sides run at
     once on one server, each already has a core, and workers on top only add overhead (2.06 s
     -> 1.90 s for two 5M-row tables on 2 cores).
@@ -278,9 +279,8 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     """Key, version and fingerprint of every row of ``segments`` on one side (only those whose
     key is among ``keys``, as :func:`row_hashes_in_segments` returns them, when given).
 
-    Segments of ordered keys are read as key ranges on the key index; text keys (compared in
-    C collation, which the table's index may not follow) and hashed segments are filtered in
-    one scan instead.
+    The segments are read as key ranges on the key index (plans without ranges are streamed
+    by :func:`segment_rows`).
     """
     return _select_segments(conn, side, where, segmentation, segments,
                             _row_columns(side, extra), keys=keys)
@@ -317,7 +317,8 @@ def segment_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composabl
     with conn.cursor(name=f"trueup_segments_{side.label}") as cur:
         cur.itersize = STREAM_ROWS
         cur.execute(query, {"bounds": segmentation.bounds, "segments": segments})
-        segment, rows = -1, list[dict[str, Any]]()
+        segment: int = -1
+        rows: Rows = []
         for row in cur:
             if row["trueup_segment"] != segment:
                 if rows:
@@ -339,38 +340,35 @@ def _among(expr: sql.Composable, param: str, element: sql.Composable) -> sql.Com
 def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
                      segmentation: Segmentation, segments: list[int], columns: sql.Composable,
                      *, keys: list[Any] | None = None, row_factory: Any = None) -> list[Any]:
+    """``columns`` of the rows of ``segments``, read as key ranges: a plan without bounds is
+    read by :func:`segment_rows` instead."""
     bounds = segmentation.bounds
-    params: dict[str, Any] = {"bounds": bounds, "segments": segments}
+    assert bounds, "a plan without key ranges is streamed (segment_rows)"
+    params: dict[str, Any] = {}
     if keys is not None:
         # A filter, not the access path: the rows are still found by segment.
         key, key_type = _stored_key(side)
         where = sql.SQL("({}) AND {}").format(where, _among(key, "keys", key_type))
         params["keys"] = keys
-    in_segments = _among(segmentation.segment_for(side), "segments", sql.SQL("int4"))
-    if side.key_types[0].kind is Kind.TEXT or not bounds:
-        query = sql.SQL("SELECT {} FROM {} WHERE {} AND {}").format(
-            columns, side.relation, where, in_segments)
-    else:
-        # Segment s covers [bounds[s-1], bounds[s]); segments 0 and len(bounds) are open-ended
-        # and read on their own, so every inner range stays an index range scan.
-        first, last = 0, len(bounds)
-        inner = [s for s in segments if first < s < last]
-        params |= {"lows": [bounds[s - 1] for s in inner], "highs": [bounds[s] for s in inner]}
-        parts = [sql.SQL(
-            "SELECT {cols} FROM unnest(%(lows)s::{atype}, %(highs)s::{atype}) "
-            "AS r(trueup_lo, trueup_hi) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {where} "
-            "AND {key} >= r.trueup_lo AND {key} < r.trueup_hi) AS t"
-        ).format(cols=columns, atype=segmentation.array_type, rel=side.relation, where=where,
-                 key=side.first_key)]
-        if first in segments:
-            parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} < %(low_end)s").format(
-                columns, side.relation, where, side.first_key))
-            params["low_end"] = bounds[0]
-        if last in segments:
-            parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} >= %(high_end)s").format(
-                columns, side.relation, where, side.first_key))
-            params["high_end"] = bounds[-1]
-        query = sql.SQL(" UNION ALL ").join(parts)
+    # Segment s covers [bounds[s-1], bounds[s]); segments 0 and len(bounds) are open-ended
+    # and read on their own, so every inner range stays an index range scan.
+    first, last = 0, len(bounds)
+    inner = [s for s in segments if first < s < last]
+    params |= {"lows": [bounds[s - 1] for s in inner], "highs": [bounds[s] for s in inner]}
+    parts = [sql.SQL(
+        "SELECT {cols} FROM unnest(%(lows)s::{atype}, %(highs)s::{atype}) "
+        "AS r(trueup_lo, trueup_hi) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {where} "
+        "AND {key} >= r.trueup_lo AND {key} < r.trueup_hi) AS t"
+    ).format(cols=columns, atype=segmentation.array_type, rel=side.relation, where=where,
+             key=side.first_key)]
+    if first in segments:
+        parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} < %(low_end)s").format(
+            columns, side.relation, where, side.first_key))
+        params["low_end"] = bounds[0]
+    if last in segments:
+        parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} >= %(high_end)s").format(
+            columns, side.relation, where, side.first_key))
+        params["high_end"] = bounds[-1]
     with conn.cursor(row_factory=row_factory) if row_factory else conn.cursor() as cur:
-        cur.execute(query, params, prepare=False)
+        cur.execute(sql.SQL(" UNION ALL ").join(parts), params, prepare=False)
         return cur.fetchall()
