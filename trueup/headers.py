@@ -11,6 +11,7 @@ in UTC with milliseconds.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,6 +48,7 @@ def format_time(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+@functools.lru_cache(maxsize=1024)  # a replay reads each letter's failure time twice
 def parse_time(text: str | None) -> dt.datetime | None:
     if not text:
         return None
@@ -142,7 +144,9 @@ def from_kafka(headers: Iterable[tuple[str, str | bytes | None]] | Mapping[
         str, str | bytes | None] | None) -> dict[str, str]:
     """Kafka headers as text (the last value of a repeated name wins; undecodable bytes are
     replaced, never fatal)."""
-    pairs = headers.items() if isinstance(headers, Mapping) else headers or ()
+    # A list (what confluent-kafka gives) is checked first: a Mapping check costs an ABC lookup.
+    pairs = headers if isinstance(headers, list) else (
+        headers.items() if isinstance(headers, Mapping) else headers or ())
     # One comprehension: this runs for every letter a replay reads.
     return {name: value.decode("utf-8", "replace") if isinstance(value, bytes) else value or ""
             for name, value in pairs}

@@ -28,7 +28,9 @@ from tests.integration.test_workers_support import (
     write_config,
 )
 from trueup import headers
-from trueup.letterboxes.kafka import replay_group
+from trueup.config import load_config
+from trueup.letterboxes import open_letterbox
+from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
 
 
 def _events(state: str) -> list[tuple[str, str]]:
@@ -119,6 +121,33 @@ def test_kafka_letters_without_trueup_headers_go_to_replay_to_and_where_filters(
     moved = body_ids(read_topic(kafka_bootstrap, target))
     assert sorted(moved, key=int) == [str(n) for n in range(15)], "lost or duplicated"
     assert kafka_remaining(kafka_bootstrap, dlq, replay_group("legacy")) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_letterbox_has_its_producer_before_the_first_letters_and_inspecting_makes_none(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # An idempotent producer holds messages produced before it has its producer id for about
+    # half a second (librdkafka PR 5032): a replay makes it before fetching, not at the first
+    # publish, and inspecting or a dry run (which publish nothing) make none.
+    dlq = unique("early.dlq")
+    topics.create(dlq)
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(3)])
+    config = load_config(write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap,
+                                      amqp=amqp_url,
+                                      dead_letters={"early": {"connection": "bus", "topic": dlq}}))
+    box = open_letterbox(config, "early")
+    assert isinstance(box, KafkaLetterbox)
+    try:
+        looked = [item for batch in box.letters(batch_size=10, take=False) for item in batch]
+        assert len(looked) == 3 and box._producer is None
+        batches = box.letters(batch_size=10, take=True)
+        first = next(batches)
+        assert len(first) == 3 and box._producer is not None
+        batches.close()
+    finally:
+        box.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,7 +114,15 @@ class KafkaLetterbox:
         self._blocked = set()
         if not active:
             return
-        self.consumer.assign([TopicPartition(self.where, p, bounds[p][0]) for p in active])
+        if take:
+            # An idempotent producer holds the first messages produced before it has its
+            # producer id until a timer fires, about half a second (librdkafka PR 5032): made
+            # now, it gets the id while the first letters are fetched.
+            self._producer_()
+        assigned = [TopicPartition(self.where, p, bounds[p][0]) for p in active]
+        self.consumer.assign(assigned)
+        # A partition paused at its end by an earlier call stays paused through unassign().
+        self.consumer.resume(assigned)
         last_seen = time.monotonic()
         try:
             while active:
