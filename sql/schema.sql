@@ -65,6 +65,11 @@ CREATE TABLE trueup.backfills (
     dry_run         boolean     NOT NULL DEFAULT false,
     chunk_size      integer     NOT NULL CHECK (chunk_size > 0),
     rate            double precision CHECK (rate IS NULL OR rate > 0),
+    -- the order key ranges were cut in: 'c' (text keys in the C collation on every side) or
+    -- 'native' (every side's text key columns share one collation, served by the key index)
+    key_order       text        NOT NULL DEFAULT 'c'
+                    CONSTRAINT backfills_key_order_check
+                    CHECK (key_order IN ('c', 'native')),
     rows_planned    bigint      NOT NULL DEFAULT 0,
     rows_repaired   bigint      NOT NULL DEFAULT 0,
     rows_skipped    bigint      NOT NULL DEFAULT 0,

@@ -32,6 +32,13 @@ class BackfillScope(StrEnum):
     KEYS = "keys"
 
 
+class KeyOrder(StrEnum):
+    """How a backfill's key ranges compare text keys (trueup.backfills.key_order)."""
+
+    C = "c"             # in the C collation on every side
+    NATIVE = "native"   # in the collation every side's key columns share (index-served)
+
+
 class BackfillStatus(StrEnum):
     PLANNING = "planning"
     RUNNING = "running"
@@ -87,6 +94,7 @@ STATUS_COLUMNS: dict[tuple[str, str], type[StrEnum]] = {
     ("differences", "class"): DifferenceClass,
     ("backfills", "scope"): BackfillScope,
     ("backfills", "status"): BackfillStatus,
+    ("backfills", "key_order"): KeyOrder,
     ("chunks", "status"): ChunkStatus,
     ("repairs", "action"): RepairAction,
     ("replays", "status"): ReplayStatus,

@@ -13,6 +13,9 @@ VALUES (%(reconciliation)s, %(scope)s, %(run_id)s, %(partition)s, 'planning', %(
         %(chunk_size)s, %(rate)s)
 RETURNING backfill_id;
 
+-- name: set_key_order
+UPDATE trueup.backfills SET key_order = %(key_order)s WHERE backfill_id = %(backfill_id)s;
+
 -- name: plan_run_chunks
 -- Batches of a run's repairable differences, in the order the run found them.
 INSERT INTO trueup.chunks (backfill_id, chunk, keys, rows_planned)

@@ -8,11 +8,14 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from trueup.backfill import BackfillOptions, start_backfill
+from trueup.backfill.keyspace import KeySpace
 from trueup.config import load_config
 from trueup.diff import diff
-from trueup.statuses import BackfillScope, BackfillStatus
+from trueup.fingerprint import ColumnType
+from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder
 
 pytestmark = pytest.mark.postgres
 
@@ -51,6 +54,77 @@ def test_composite_text_keys_are_cut_into_ranges_that_cover_every_row_once(
     assert summary.chunks == 18 and summary.rows_planned == 300
     assert summary.rows_repaired == before.missing + before.mismatch + before.orphan == 50
     assert diff(config, "sales").consistent
+
+
+#: An ICU collation (Debian's PostgreSQL is built with ICU): it sorts a < B < b, C sorts B < a.
+ICU = "en-x-icu"
+CODES = [f"{stem}{n}" for stem in ("a", "A", "b", "B", "_x", "Z", "é", "e", "10", "9", "a-b",
+                                    "ab", "Ab") for n in range(20)]
+
+
+@pytest.mark.parametrize(("target_collation", "order"),
+                         [(ICU, KeyOrder.NATIVE), ("C", KeyOrder.C)])
+def test_text_key_ranges_compare_in_the_shared_collation_else_in_c(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, target_collation: str,
+        order: KeyOrder) -> None:
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE codes (code text COLLATE "{ICU}" PRIMARY KEY, v int, '
+                     f'note text)')
+        conn.execute("INSERT INTO codes SELECT c, 1, 'n-' || c FROM unnest(%s::text[]) c",
+                     (CODES,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE codes_copy (code text COLLATE "{target_collation}" '
+                     f'PRIMARY KEY, v int, note text)')
+        conn.execute("INSERT INTO codes_copy SELECT c, 1, 'n-' || c "
+                     "FROM unnest(%s::text[]) WITH ORDINALITY AS u(c, i) WHERE i %% 5 <> 0",
+                     (CODES,))
+        conn.execute("INSERT INTO codes_copy VALUES ('zzz', 1, 'orphan'), ('AAA', 1, 'orphan'),"
+                     " ('_', 1, 'orphan')")
+        conn.execute("UPDATE codes_copy SET note = 'bad' WHERE code LIKE '%7'")
+    raw = {"state": state_db,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"codes": {
+               "source": {"connection": "a", "table": "codes", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "target": {"connection": "b", "table": "codes_copy", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    before = diff(config, "codes")
+    assert (before.missing, before.orphan) == (len(CODES) // 5, 3) and before.mismatch > 10
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL,
+                                                              chunk_size=9))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert summary.rows_repaired == before.missing + before.orphan + before.mismatch
+    with psycopg.connect(state_db) as conn:
+        stored = conn.execute("SELECT key_order FROM trueup.backfills WHERE backfill_id = %s",
+                              (summary.backfill_id,)).fetchone()
+    assert stored is not None and stored[0] == order.value
+    rows = 'SELECT code, v, note FROM {} ORDER BY code COLLATE "C"'
+    with psycopg.connect(source) as a, psycopg.connect(target) as b:
+        assert a.execute(rows.format("codes")).fetchall() == \
+            b.execute(rows.format("codes_copy")).fetchall()
+    assert diff(config, "codes").consistent
+
+
+def test_ranges_in_the_columns_own_collation_are_served_by_the_key_index(
+        new_db: Callable[[], str]) -> None:
+    with psycopg.connect(new_db(), autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE codes (code text COLLATE "{ICU}" PRIMARY KEY, note text)')
+        conn.execute("INSERT INTO codes SELECT 'k' || g, 'x' FROM generate_series(1, 20000) g")
+        conn.execute("ANALYZE codes")
+
+        def plan(order: KeyOrder) -> str:
+            space = KeySpace(exprs=[sql.Identifier("code")], types=[ColumnType.of("text")],
+                             order=order)
+            return "\n".join(r[0] for r in conn.execute(
+                sql.SQL("EXPLAIN SELECT * FROM codes WHERE {}").format(
+                    space.in_range(["k100"], ["k101"]))))
+
+        assert "Index Cond" in plan(KeyOrder.NATIVE)
+        assert "Index Cond" not in plan(KeyOrder.C) and "Seq Scan" in plan(KeyOrder.C)
 
 
 def test_partition_scope_repairs_that_days_rows_and_nothing_else(

@@ -2,23 +2,37 @@
 
 A chunk is either a key range ``[key_from, key_to)`` (NULL bounds are open) or a list of keys.
 Keys travel as JSON arrays of the key values (as in ``trueup.differences.key``), so the state
-database never needs the user's types. Text keys compare in the ``C`` collation on every side:
-a range means the same rows in the source, the target and the Kafka mirror.
+database never needs the user's types.
+
+A range must mean the same rows in the source, the target and the Kafka mirror, so text keys
+compare in one order on every side (the backfill's :class:`~trueup.statuses.KeyOrder`, chosen
+when it is planned by :func:`key_order`): their columns' own collation when every side's key
+columns share one that sorts the same wherever it runs (then the key index serves each range),
+else the ``C`` collation (each range is then a filtered scan: no index in another collation
+serves it).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from psycopg import sql
 
 from trueup.fingerprint import ColumnType, Kind, storage_type
+from trueup.statuses import KeyOrder
 
 #: Text-like types compared as they are; other TEXT kinds (enums, citext) go through ::text.
 _PLAIN_TEXT = ("text", "varchar", "bpchar", "name")
+#: Types whose ranges may compare in the column's own collation (bpchar compares padded, enums
+#: and citext by their own rules: those stay in ``C``).
+_NATIVE_TEXT = ("text", "varchar")
+#: libc collations that sort by code point wherever they run (they have no version).
+_CODE_POINT = re.compile(r"^(C|POSIX)(\..*)?$", re.IGNORECASE)
 
 
 
@@ -28,9 +42,13 @@ class KeySpace:
 
     exprs: Sequence[sql.Composable]
     types: Sequence[ColumnType]
+    order: KeyOrder = KeyOrder.C
+
+    def _native(self, ctype: ColumnType) -> bool:
+        return self.order is KeyOrder.NATIVE and ctype.name in _NATIVE_TEXT
 
     def _comparable(self, expr: sql.Composable, ctype: ColumnType) -> sql.Composable:
-        if ctype.kind is Kind.TEXT and ctype.name != "uuid":
+        if ctype.kind is Kind.TEXT and ctype.name != "uuid" and not self._native(ctype):
             if ctype.name not in _PLAIN_TEXT:
                 expr = sql.SQL("({})::text").format(expr)
             return sql.SQL("({} COLLATE \"C\")").format(expr)
@@ -39,6 +57,8 @@ class KeySpace:
     def _bound(self, value: Any, position: int, ctype: ColumnType) -> sql.Composable:
         text = sql.SQL("({}::jsonb ->> {})").format(sql.Literal(json.dumps(value)),
                                                     sql.Literal(position))
+        if self._native(ctype):
+            return text  # the default collation yields to the column's own
         if ctype.kind is Kind.TEXT and ctype.name != "uuid":
             return sql.SQL("({} COLLATE \"C\")").format(text)
         return sql.SQL("{}::{}").format(text, storage_type(ctype))
@@ -105,3 +125,75 @@ def scope_condition(space: KeySpace, key_from: Sequence[Any] | None,
     if keys is not None:
         return space.in_list(keys)
     return space.in_range(key_from, key_to)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the order at planning
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyColumns:
+    """Where one side keeps its key: a connection, and a table with its key columns (None: a
+    table that may not exist yet, whose columns take the database's default collation)."""
+
+    conn: psycopg.Connection[Any]
+    table: str | None
+    columns: Sequence[str]
+
+
+_COLUMN_COLLATION = """
+SELECT t.typname AS type,
+       CASE WHEN a.attcollation = 100 THEN NULL ELSE jsonb_build_object(
+           'provider', c.collprovider, 'collate', c.collcollate, 'ctype', c.collctype,
+           'locale', coalesce(to_jsonb(c) -> 'colliculocale', to_jsonb(c) -> 'colllocale'),
+           'version', pg_collation_actual_version(c.oid),
+           'deterministic', c.collisdeterministic) END AS collation
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation c ON c.oid = a.attcollation
+WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND NOT a.attisdropped
+"""
+
+_DEFAULT_COLLATION = """
+SELECT jsonb_build_object(
+           'provider', d.datlocprovider, 'collate', d.datcollate, 'ctype', d.datctype,
+           'locale', coalesce(to_jsonb(d) -> 'daticulocale', to_jsonb(d) -> 'datlocale'),
+           'version', pg_database_collation_actual_version(d.oid),
+           'deterministic', true) AS collation
+FROM pg_database d WHERE d.datname = current_database()
+"""
+
+
+def key_order(types: Sequence[ColumnType], sides: Sequence[KeyColumns]) -> KeyOrder:
+    """:attr:`KeyOrder.NATIVE` when every text key column on every side is ``text`` or
+    ``varchar`` and all of them sort in one deterministic collation that sorts the same on any
+    machine (a recorded version, or code point order); else :attr:`KeyOrder.C`."""
+    texts = [i for i, t in enumerate(types) if t.kind is Kind.TEXT and t.name != "uuid"]
+    if not texts or any(types[i].name not in _NATIVE_TEXT for i in texts):
+        return KeyOrder.C
+    seen: set[str] = set()
+    for side in sides:
+        default = side.conn.execute(_DEFAULT_COLLATION).fetchone()
+        assert default is not None
+        for i in texts:
+            found: dict[str, Any] | None = {"type": "text", "collation": None}
+            if side.table is not None:
+                found = side.conn.execute(_COLUMN_COLLATION, {
+                    "table": sql.Identifier(*side.table.split(".")).as_string(side.conn),
+                    "column": side.columns[i]}).fetchone()
+            if found is None or found["type"] not in _NATIVE_TEXT:
+                return KeyOrder.C
+            collation = found["collation"] or default["collation"]
+            if not _sorts_alike_everywhere(collation):
+                return KeyOrder.C
+            seen.add(json.dumps(collation, sort_keys=True))
+    return KeyOrder.NATIVE if len(seen) == 1 else KeyOrder.C
+
+
+def _sorts_alike_everywhere(collation: dict[str, Any]) -> bool:
+    if not collation["deterministic"]:
+        return False
+    if collation["version"] is not None:
+        return True  # ICU, glibc: the same version sorts the same
+    return collation["provider"] == "c" and all(
+        _CODE_POINT.match(collation[part] or "") for part in ("collate", "ctype"))

@@ -17,7 +17,7 @@ from trueup.fingerprint import ColumnType
 from trueup.queries import query
 from trueup.retry import RetryPolicy
 from trueup.sides import Side, column_types, require, table_side
-from trueup.statuses import BackfillScope, BackfillStatus, RepairAction
+from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder, RepairAction
 
 #: Rows per chunk unless ``--chunk-size`` says otherwise.
 DEFAULT_CHUNK_ROWS = 10_000
@@ -80,6 +80,7 @@ class Backfill:
     partition: str | None
     dry_run: bool
     rate: float | None
+    key_order: KeyOrder = KeyOrder.C  # how its key ranges compare text keys
 
 
 @dataclass(frozen=True, kw_only=True)

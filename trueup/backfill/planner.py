@@ -15,15 +15,16 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from trueup.backfill.keyspace import KeySpace
+from trueup.backfill.keyspace import KeyColumns, KeySpace, key_order
 from trueup.backfill.model import BackfillOptions, day_filter, source_side
 from trueup.config import Config, RepairMode
 from trueup.db import connect
 from trueup.diff import parse_partition
 from trueup.errors import Conflict, NotFound, UsageError
+from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
 from trueup.queries import query
-from trueup.statuses import BackfillScope
+from trueup.statuses import BackfillScope, KeyOrder
 
 log = get_logger(__name__)
 
@@ -111,8 +112,11 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
     with connect(dsn, what="source", autocommit=True,
                  application_name=f"trueup backfill {name}") as source:
         side, _ = source_side(source, rec, dsn)
+        order = _key_order(config, name, side.key_types, source, state)
+        state.execute(query("set_key_order"), {"backfill_id": backfill_id,
+                                               "key_order": order.value})
         where = day_filter(side, options.partition)
-        space = KeySpace(exprs=side.key, types=side.key_types)
+        space = KeySpace(exprs=side.key, types=side.key_types, order=order)
         names = [sql.Identifier(f"k{i}") for i in range(len(side.key))]
         outer = KeySpace(exprs=names, types=side.key_types)
         # Every chunk_size-th key in key order: one scan of the key, never OFFSET.
@@ -137,3 +141,20 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
             "key_from": None if i == 0 else json.dumps(bounds[i]),
             "key_to": None if last else json.dumps(bounds[i + 1]),
             "rows_planned": (total - options.chunk_size * i) if last else options.chunk_size})
+
+
+def _key_order(config: Config, name: str, types: list[ColumnType],
+               source: psycopg.Connection[Any], state: psycopg.Connection[Any]) -> KeyOrder:
+    """The order the ranges are cut in: see :mod:`trueup.backfill.keyspace`. The other side is
+    the target table (upsert), or the mirror in the state database (republish)."""
+    rec = config.reconciliations[name]
+    mine = KeyColumns(conn=source, table=rec.source.table, columns=rec.source.key)
+    if rec.target.table is None:
+        return key_order(types, [mine, KeyColumns(conn=state, table=None,
+                                                  columns=rec.source.key)])
+    dsn = config.connections[rec.target.connection].postgres
+    assert dsn is not None
+    with connect(dsn, what="target", autocommit=True,
+                 application_name=f"trueup backfill {name}") as target:
+        return key_order(types, [mine, KeyColumns(conn=target, table=rec.target.table,
+                                                  columns=rec.target.key)])

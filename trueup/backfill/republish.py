@@ -38,7 +38,7 @@ from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.mirror import SCHEMA
-from trueup.statuses import BackfillScope, RepairAction
+from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 
 def message_key(key: Sequence[Any]) -> str:
@@ -53,7 +53,7 @@ class RepublishWriter:
     """Produces chunks of one reconciliation to its topic (one per worker)."""
 
     def __init__(self, config: Config, name: str, rec: ReconciliationConfig,
-                 state: psycopg.Connection[Any]) -> None:
+                 state: psycopg.Connection[Any], *, order: KeyOrder = KeyOrder.C) -> None:
         assert rec.target.topic is not None
         self.name = name
         self.rec = rec
@@ -66,7 +66,8 @@ class RepublishWriter:
         self.source = self.stack.enter_context(connect(
             dsn, what="source", autocommit=True, application_name=f"trueup backfill {name}"))
         self.side, _ = source_side(self.source, rec, dsn)
-        self.space = KeySpace(exprs=self.side.key, types=self.side.key_types)
+        self.order = order  # how the backfill's key ranges compare text keys
+        self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
         self.producer = create_producer(dict(properties),
                                         what=f"reconciliations.{name}.target")
         self.what = f"topic {self.topic}"
@@ -93,7 +94,7 @@ class RepublishWriter:
         if not exists or not exists["ok"]:
             return None
         space = KeySpace(exprs=[sql.Identifier(k) for k in self.rec.source.key],
-                         types=self.side.key_types)
+                         types=self.side.key_types, order=self.order)
         version = sql.SQL("version") if self.side.version_type is not None and \
             self.rec.target.version else sql.NULL
         rows = self.state.execute(sql.SQL(

@@ -30,7 +30,7 @@ from trueup.errors import NotFound, TrueupError
 from trueup.log import get_logger
 from trueup.pacing import Pacer
 from trueup.queries import query
-from trueup.statuses import BackfillScope, BackfillStatus
+from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder
 
 log = get_logger(__name__)
 
@@ -66,7 +66,8 @@ def summary_of(row: dict[str, Any], seconds: float) -> BackfillSummary:
 def backfill_of(row: dict[str, Any]) -> Backfill:
     return Backfill(backfill_id=row["backfill_id"], reconciliation=row["reconciliation"],
                     scope=BackfillScope(row["scope"]), run_id=row["run_id"],
-                    partition=row["partition"], dry_run=row["dry_run"], rate=row["rate"])
+                    partition=row["partition"], dry_run=row["dry_run"], rate=row["rate"],
+                    key_order=KeyOrder(row["key_order"]))
 
 
 def make_writer(config: Config, backfill: Backfill, state: psycopg.Connection[Any]) -> Writer:
@@ -74,10 +75,12 @@ def make_writer(config: Config, backfill: Backfill, state: psycopg.Connection[An
     if rec.target.topic is not None:
         from trueup.backfill.republish import RepublishWriter
 
-        return RepublishWriter(config, backfill.reconciliation, rec, state)
+        return RepublishWriter(config, backfill.reconciliation, rec, state,
+                               order=backfill.key_order)
     from trueup.backfill.upsert import UpsertWriter
 
-    return UpsertWriter(config, backfill.reconciliation, rec, state, with_orphans=True)
+    return UpsertWriter(config, backfill.reconciliation, rec, state, with_orphans=True,
+                        order=backfill.key_order)
 
 
 def serve(config: Config, backfill_id: int, options: WorkerOptions,

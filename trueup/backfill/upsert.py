@@ -43,7 +43,7 @@ from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
 from trueup.sides import table_side
-from trueup.statuses import BackfillScope, RepairAction
+from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
 
@@ -73,8 +73,10 @@ class UpsertWriter:
     """Repairs chunks of one reconciliation into its target table (one per worker)."""
 
     def __init__(self, config: Config, name: str, rec: ReconciliationConfig,
-                 state: psycopg.Connection[Any], *, with_orphans: bool) -> None:
+                 state: psycopg.Connection[Any], *, with_orphans: bool,
+                 order: KeyOrder = KeyOrder.C) -> None:
         self.name = name
+        self.order = order  # how the backfill's key ranges compare text keys
         self.rec = rec
         self.state = state
         self.with_orphans = with_orphans
@@ -140,11 +142,11 @@ class UpsertWriter:
         return self.source_side.version is not None and self.rec.target.version is not None
 
     def _source_space(self) -> KeySpace:
-        return KeySpace(exprs=self.source_side.key, types=self.key_types)
+        return KeySpace(exprs=self.source_side.key, types=self.key_types, order=self.order)
 
     def _target_space(self) -> KeySpace:
         return KeySpace(exprs=[sql.Identifier(k) for k in self.rec.target.key],
-                        types=self.key_types)
+                        types=self.key_types, order=self.order)
 
     def _stage_space(self) -> KeySpace:
         return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)
