@@ -99,7 +99,8 @@ def _kafka_floor(dlq: str, target: str, letters: int) -> int:
     deliveries = kafka.Deliveries()
     moved = 0
     while moved < letters:
-        batch = [m for m in consumer.consume(BATCH, 1.0) if m.error() is None]
+        batch = [m for m in consumer.consume(min(BATCH, letters - moved), 1.0)
+                 if m.error() is None]
         for message in batch:
             kafka.produce(producer, deliveries, target, value=message.value(),
                           key=message.key(), headers=cast(Any, message.headers()))

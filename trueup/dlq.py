@@ -4,7 +4,8 @@ Nothing is taken off the queue: Kafka letters are read with ``assign()`` from th
 committed offsets without committing; RabbitMQ's depth is a passive declare, and the breakdown
 reads messages without acking them, which puts them back in place (see
 :mod:`trueup.letterboxes.rabbitmq`). The breakdown covers at most :data:`INSPECT_LIMIT` letters
-(the oldest); the depth is always exact.
+(the oldest); the depth is always exact (for Kafka, in offsets, as consumer lag counts them:
+transaction markers count too).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from confluent_kafka import Producer
 
 from tests.integration.test_workers_support import (
     BACKOFF,
@@ -29,8 +30,11 @@ from tests.integration.test_workers_support import (
 )
 from trueup import headers
 from trueup.config import load_config
+from trueup.dlq import inspect
+from trueup.letterboxes import kafka as letterbox_kafka
 from trueup.letterboxes import open_letterbox
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
+from trueup.replay import replay
 
 
 def _events(state: str) -> list[tuple[str, str]]:
@@ -148,6 +152,34 @@ def test_kafka_letterbox_has_its_producer_before_the_first_letters_and_inspectin
         batches.close()
     finally:
         box.close()
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_dlq_written_in_a_transaction_is_read_to_its_end(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A transactional producer ends the log with a commit marker, an offset no consumer sees:
+    # the last letter is not at the end offset - 1. Reading stalled until STALL_SECONDS.
+    monkeypatch.setattr(letterbox_kafka, "STALL_SECONDS", 15.0)
+    dlq, target = unique("tx.dlq"), unique("tx.orders")
+    topics.create(dlq, target)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap,
+                         "transactional.id": unique("tx")})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for n in range(3):
+        producer.produce(dlq, value=json.dumps({"id": n}).encode(), key=str(n))
+    producer.commit_transaction(30)
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"tx": {"connection": "bus", "topic": dlq, "replay_to": target}}))
+
+    report = inspect(config, "tx")
+    assert (report.inspected, report.by_error) == (3, {"unknown": 3})
+    assert replay(config, "tx").moved == 3
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["0", "1", "2"]
+    assert replay(config, "tx").moved == 0
 
 
 # ---------------------------------------------------------------------------------------------

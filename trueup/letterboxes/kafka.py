@@ -17,6 +17,7 @@ from typing import Any
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
+    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -88,7 +89,8 @@ class KafkaLetterbox:
             raise NotFound(f"{what}: Kafka topic {topic!r} does not exist")
         self.partitions = partitions
         self.consumer = kafka.create_consumer(self.properties, group=replay_group(name),
-                                              what=what, **{"enable.auto.offset.store": False})
+                                              what=what, **{"enable.auto.offset.store": False,
+                                                            "enable.partition.eof": True})
         self._producer: Producer | None = None
         self._deliveries = kafka.Deliveries()
         self._blocked: set[int] = set()
@@ -123,29 +125,45 @@ class KafkaLetterbox:
         self.consumer.assign(assigned)
         # A partition paused at its end by an earlier call stays paused through unassign().
         self.consumer.resume(assigned)
+        due = {p: bounds[p][0] for p in active}  # the next offset expected per partition
+
+        def finished(partition: int) -> None:
+            # Letters that arrive during the replay wait for the next one.
+            active.discard(partition)
+            self.consumer.pause([TopicPartition(self.where, partition)])
+
         last_seen = time.monotonic()
         try:
             while active:
                 batch: list[Received] = []
-                for message in self.consumer.consume(batch_size, POLL_SECONDS):
+                # No more than are left: consume() waits out its timeout for a full batch.
+                left = sum(bounds[p][1] - due[p] for p in active)
+                for message in self.consumer.consume(max(1, min(batch_size, left)),
+                                                     POLL_SECONDS):
+                    partition, offset = message.partition(), message.offset()
                     error = message.error()
                     if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            # The end, though no letter sat at end - 1: the last offsets held
+                            # no message (transaction markers).
+                            if partition in active and offset is not None and \
+                                    offset >= bounds[partition][1]:
+                                finished(partition)
+                            continue
                         if kafka.is_transient(error):
                             continue
                         raise kafka.translate(KafkaException(error), self.what)
-                    partition, offset = message.partition(), message.offset()
                     assert partition is not None and offset is not None
                     if partition not in active:
                         continue
                     end = bounds[partition][1]
+                    due[partition] = offset + 1
                     if offset < end:
                         raw = message.headers() or []
                         batch.append(Received(letter=letter_of(message, raw),
                                               handle=(message, raw)))
                     if offset + 1 >= end:
-                        # Letters that arrive during the replay wait for the next one.
-                        active.discard(partition)
-                        self.consumer.pause([TopicPartition(self.where, partition)])
+                        finished(partition)
                 if batch:
                     last_seen = time.monotonic()
                     yield batch
