@@ -254,6 +254,7 @@ class MirrorReader:
         self.consumer.assign([TopicPartition(self.shape.topic, p, start if start else
                                              OFFSET_BEGINNING) for p, (start, _) in plan.items()])
         remaining = {p: high for p, (_, high) in plan.items()}
+        due = {p: start for p, (start, _) in plan.items()}  # the next offset per partition
         merger = Merger(self.shape, self.conn, parse_in_postgres=self.parse_in_postgres)
         done = 0
         last_message = time.monotonic()
@@ -261,7 +262,10 @@ class MirrorReader:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-mirror") as writer:
             pending: Future[None] | None = None
             while remaining:
-                batch = self.consumer.consume(num_messages=BATCH_MESSAGES, timeout=POLL_SECONDS)
+                # No more than are left: consume() waits out its timeout for a full batch.
+                left = sum(high - due[p] for p, high in remaining.items())
+                batch = self.consumer.consume(num_messages=max(1, min(BATCH_MESSAGES, left)),
+                                              timeout=POLL_SECONDS)
                 if not batch:
                     if time.monotonic() - last_message >= STALL_SECONDS:
                         raise MirrorFailed(
@@ -269,7 +273,7 @@ class MirrorReader:
                             f"although the high watermark was not reached")
                     continue
                 last_message = time.monotonic()
-                staged = self._take(batch, remaining)
+                staged = self._take(batch, remaining, due)
                 if pending is not None:
                     pending.result()  # one batch in flight at a time: offsets stay in order
                 pending = writer.submit(merger.merge, staged)
@@ -283,29 +287,32 @@ class MirrorReader:
         return done
 
     @staticmethod
-    def _take(batch: list[Any], remaining: dict[int, int]) -> list[RawMessage]:
-        """The messages of ``batch`` inside this run's snapshot; marks partitions done."""
+    def _take(batch: list[Any], remaining: dict[int, int],
+              due: dict[int, int]) -> list[RawMessage]:
+        """The messages of ``batch`` inside this run's snapshot; marks partitions done and
+        advances ``due`` (the next offset of each partition)."""
         staged = []
         for message in batch:
-                error = message.error()
-                partition, offset = int(message.partition() or 0), int(message.offset() or 0)
-                if error is not None:
-                    if error.code() != KafkaError._PARTITION_EOF:
-                        raise KafkaException(error)
-                    eof_high = remaining.get(partition)
-                    if eof_high is not None and offset >= eof_high:
-                        del remaining[partition]
-                    continue
-                high = remaining.get(partition)
-                if high is None or offset >= high:
-                    continue  # beyond this run's snapshot: the next run reads it
-                raw_key = message.key()
-                staged.append(RawMessage(
-                    partition, offset,
-                    raw_key.decode("utf-8", "replace") if raw_key is not None else None,
-                    message.value()))
-                if offset + 1 >= high:
+            error = message.error()
+            partition, offset = int(message.partition() or 0), int(message.offset() or 0)
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    raise KafkaException(error)
+                eof_high = remaining.get(partition)
+                if eof_high is not None and offset >= eof_high:
                     del remaining[partition]
+                continue
+            high = remaining.get(partition)
+            if high is None or offset >= high:
+                continue  # beyond this run's snapshot: the next run reads it
+            raw_key = message.key()
+            staged.append(RawMessage(
+                partition, offset,
+                raw_key.decode("utf-8", "replace") if raw_key is not None else None,
+                message.value()))
+            due[partition] = offset + 1
+            if offset + 1 >= high:
+                del remaining[partition]
         return staged
 
 
