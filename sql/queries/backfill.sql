@@ -16,6 +16,29 @@ RETURNING backfill_id;
 -- name: set_key_order
 UPDATE trueup.backfills SET key_order = %(key_order)s WHERE backfill_id = %(backfill_id)s;
 
+-- name: column_collation
+-- The type and collation of a table's column (collation NULL: the database's default).
+SELECT t.typname AS type,
+       CASE WHEN a.attcollation = 100 THEN NULL ELSE jsonb_build_object(
+           'provider', c.collprovider, 'collate', c.collcollate, 'ctype', c.collctype,
+           'locale', coalesce(to_jsonb(c) -> 'colliculocale', to_jsonb(c) -> 'colllocale'),
+           'version', pg_collation_actual_version(c.oid),
+           'deterministic', c.collisdeterministic) END AS collation
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation c ON c.oid = a.attcollation
+WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND NOT a.attisdropped;
+
+-- name: default_collation
+-- The current database's default collation, described as column_collation describes one
+-- (PostgreSQL 15 and later: datlocprovider and the actual version).
+SELECT jsonb_build_object(
+           'provider', d.datlocprovider, 'collate', d.datcollate, 'ctype', d.datctype,
+           'locale', coalesce(to_jsonb(d) -> 'daticulocale', to_jsonb(d) -> 'datlocale'),
+           'version', pg_database_collation_actual_version(d.oid),
+           'deterministic', true) AS collation
+FROM pg_database d WHERE d.datname = current_database();
+
 -- name: plan_run_chunks
 -- Batches of a run's repairable differences, in the order the run found them.
 INSERT INTO trueup.chunks (backfill_id, chunk, keys, rows_planned)

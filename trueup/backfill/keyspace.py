@@ -24,6 +24,7 @@ import psycopg
 from psycopg import sql
 
 from trueup.fingerprint import ColumnType, Kind, storage_type
+from trueup.queries import query
 from trueup.statuses import KeyOrder
 
 #: Text-like types compared as they are; other TEXT kinds (enums, citext) go through ::text.
@@ -141,29 +142,6 @@ class KeyColumns:
     columns: Sequence[str]
 
 
-_COLUMN_COLLATION = """
-SELECT t.typname AS type,
-       CASE WHEN a.attcollation = 100 THEN NULL ELSE jsonb_build_object(
-           'provider', c.collprovider, 'collate', c.collcollate, 'ctype', c.collctype,
-           'locale', coalesce(to_jsonb(c) -> 'colliculocale', to_jsonb(c) -> 'colllocale'),
-           'version', pg_collation_actual_version(c.oid),
-           'deterministic', c.collisdeterministic) END AS collation
-FROM pg_attribute a
-JOIN pg_type t ON t.oid = a.atttypid
-LEFT JOIN pg_collation c ON c.oid = a.attcollation
-WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND NOT a.attisdropped
-"""
-
-_DEFAULT_COLLATION = """
-SELECT jsonb_build_object(
-           'provider', d.datlocprovider, 'collate', d.datcollate, 'ctype', d.datctype,
-           'locale', coalesce(to_jsonb(d) -> 'daticulocale', to_jsonb(d) -> 'datlocale'),
-           'version', pg_database_collation_actual_version(d.oid),
-           'deterministic', true) AS collation
-FROM pg_database d WHERE d.datname = current_database()
-"""
-
-
 def key_order(types: Sequence[ColumnType], sides: Sequence[KeyColumns]) -> KeyOrder:
     """:attr:`KeyOrder.NATIVE` when every text key column on every side is ``text`` or
     ``varchar`` and all of them sort in one deterministic collation that sorts the same on any
@@ -173,21 +151,36 @@ def key_order(types: Sequence[ColumnType], sides: Sequence[KeyColumns]) -> KeyOr
         return KeyOrder.C
     seen: set[str] = set()
     for side in sides:
-        default = side.conn.execute(_DEFAULT_COLLATION).fetchone()
-        assert default is not None
-        for i in texts:
-            found: dict[str, Any] | None = {"type": "text", "collation": None}
-            if side.table is not None:
-                found = side.conn.execute(_COLUMN_COLLATION, {
-                    "table": sql.Identifier(*side.table.split(".")).as_string(side.conn),
-                    "column": side.columns[i]}).fetchone()
-            if found is None or found["type"] not in _NATIVE_TEXT:
+        try:
+            with side.conn.transaction():  # a savepoint when the caller is in a transaction
+                found = _text_key_collations(side, texts)
+        except (psycopg.errors.UndefinedFunction, psycopg.errors.UndefinedColumn):
+            return KeyOrder.C  # before PostgreSQL 15 a server does not report enough
+        for column in found:
+            if column is None or column["type"] not in _NATIVE_TEXT or \
+                    not _sorts_alike_everywhere(column["collation"]):
                 return KeyOrder.C
-            collation = found["collation"] or default["collation"]
-            if not _sorts_alike_everywhere(collation):
-                return KeyOrder.C
-            seen.add(json.dumps(collation, sort_keys=True))
+            seen.add(json.dumps(column["collation"], sort_keys=True))
     return KeyOrder.NATIVE if len(seen) == 1 else KeyOrder.C
+
+
+def _text_key_collations(side: KeyColumns, texts: Sequence[int]) -> list[dict[str, Any] | None]:
+    """``{"type", "collation"}`` of the side's key columns at ``texts`` (None: no such column);
+    a column in the database's default collation gets the database's."""
+    default = side.conn.execute(query("default_collation")).fetchone()
+    assert default is not None
+    found: list[dict[str, Any] | None] = []
+    for i in texts:
+        column: dict[str, Any] | None = {"type": "text", "collation": None}
+        if side.table is not None:
+            column = side.conn.execute(query("column_collation"), {
+                "table": sql.Identifier(*side.table.split(".")).as_string(side.conn),
+                "column": side.columns[i]}).fetchone()
+        if column is not None:
+            column = {"type": column["type"],
+                      "collation": column["collation"] or default["collation"]}
+        found.append(column)
+    return found
 
 
 def _sorts_alike_everywhere(collation: dict[str, Any]) -> bool:
