@@ -184,6 +184,39 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
     assert progress.segments_read == {1}  # only the missing key's segment
 
 
+def test_a_topic_written_in_transactions_is_mirrored_to_its_end_without_aborted_ones(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        unique: Callable[[str], str], tmp_path: Path) -> None:
+    # Every transaction leaves a commit or abort marker, an offset no consumer sees; an aborted
+    # transaction's messages are never delivered.
+    source = new_db()
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, %s "
+                     "FROM generate_series(1, 60) g", (old, old))
+
+    def event(i: int, state: str = "new") -> tuple[str, bytes]:
+        return str(i), json.dumps({"id": i, "v": 1, "state": state, "total": i,
+                                   "at": old.isoformat()}).encode()
+
+    producer = Producer({"bootstrap.servers": kafka_bootstrap,
+                         "transactional.id": unique("orders-tx")})
+    producer.init_transactions(30)
+    for first, last, commit in ((1, 30, True), (1, 60, False), (31, 60, True)):
+        producer.begin_transaction()
+        for i in range(first, last + 1):
+            key, value = event(i, "new" if commit else "aborted")
+            producer.produce(topic, key=key, value=value)
+        if commit:
+            producer.commit_transaction(30)
+        else:
+            producer.abort_transaction(30)
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    result = diff(config, "events")  # a sync waiting past a marker fails after STALL_SECONDS
+    assert result.consistent and result.target_rows == 60
+
+
 def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
