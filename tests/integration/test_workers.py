@@ -25,6 +25,8 @@ from tests.integration.test_workers_support import (
     wait_until,
 )
 from trueup import headers
+from trueup.brokers import kafka
+from trueup.workers import kafka as kafka_workers
 
 
 def _check_retry_timing(handler: FlakyHandler, item: str, failures: int) -> None:
@@ -92,6 +94,37 @@ def test_kafka_poison_messages_end_in_the_dlq_with_complete_headers(
         assert first is not None and last is not None and first <= last
         assert headers.NOT_BEFORE not in text
     assert letters["1"].key() == b"1"
+
+
+@pytest.mark.kafka
+def test_kafka_worker_handles_each_message_of_a_quiet_topic_as_it_arrives(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # consume() waits out its timeout for a full batch: a message alone on a quiet topic waited
+    # up to the poll timeout (made long here, so that such a wait cannot go unseen).
+    poll_seconds = 3.0
+    monkeypatch.setattr(kafka_workers, "POLL_SECONDS", poll_seconds)
+    topic = unique("quiet")
+    handler = FlakyHandler({})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    producer = kafka.create_producer({"bootstrap.servers": kafka_bootstrap}, what="test")
+    producer.list_topics(timeout=10)  # connected, so its first message is not held back
+    deliveries = kafka.Deliveries()
+
+    def send(n: int) -> None:
+        kafka.produce(producer, deliveries, topic, value=json.dumps({"id": n}).encode())
+        kafka.confirm(producer, deliveries, what="test")
+
+    with running(worker.run):
+        send(0)
+        wait_until(lambda: handler.effects == ["0"], "the first message (the group joined)")
+        started = time.monotonic()
+        for n in range(1, 6):
+            send(n)
+            wait_until(lambda n=n: len(handler.effects) == n + 1, f"message {n}")
+        seconds = time.monotonic() - started
+    assert handler.effects == [str(n) for n in range(6)]
+    assert seconds < 5 * poll_seconds / 2, f"5 messages one by one took {seconds:.1f}s"
 
 
 # ---------------------------------------------------------------------------------------------

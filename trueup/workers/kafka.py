@@ -115,7 +115,7 @@ class KafkaWorker:
             while not stop.is_set():
                 HEALTH.progressed()  # the loop turns: not stuck, even when idle
                 self._resume_due(consumer)
-                for message in consumer.consume(BATCH_MESSAGES, self._poll_timeout()):
+                for message in self._next_messages(consumer):
                     if stop.is_set():
                         break
                     self._one(consumer, producer, message)
@@ -194,6 +194,15 @@ class KafkaWorker:
             consumer.resume([TopicPartition(t, p) for t, p in due])
             for key in due:
                 del self._paused[key]
+
+    def _next_messages(self, consumer: Consumer) -> list[Message]:
+        """What has arrived, up to a batch. Only the first message is waited for (until the
+        poll timeout): consume() would wait out its timeout for a full batch, delaying every
+        message of a quiet topic by up to the timeout."""
+        first = consumer.poll(self._poll_timeout())
+        if first is None:
+            return []
+        return [first, *consumer.consume(BATCH_MESSAGES - 1, 0)]
 
     def _poll_timeout(self) -> float:
         if not self._paused:
