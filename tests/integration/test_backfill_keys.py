@@ -12,6 +12,7 @@ from psycopg import sql
 
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.backfill.keyspace import KeySpace
+from trueup.cli import main
 from trueup.config import load_config
 from trueup.diff import diff
 from trueup.fingerprint import ColumnType
@@ -107,6 +108,29 @@ def test_text_key_ranges_compare_in_the_shared_collation_else_in_c(
         assert a.execute(rows.format("codes")).fetchall() == \
             b.execute(rows.format("codes_copy")).fetchall()
     assert diff(config, "codes").consistent
+
+
+def test_a_missing_target_table_is_one_line_and_plans_nothing(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE codes (code text PRIMARY KEY, v int, note text)")
+        conn.execute("INSERT INTO codes VALUES ('a', 1, 'x')")
+    raw = {"state": state_db,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"codes": {
+               "source": {"connection": "a", "table": "codes", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "target": {"connection": "b", "table": "codes_copy", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["--config", str(tmp_path / "trueup.yaml"), "backfill", "codes", "--all"]) == 2
+    err = capsys.readouterr().err
+    assert "table public.codes_copy does not exist" in err and "Traceback" not in err
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT count(*) FROM trueup.backfills").fetchone() == (0,)
 
 
 def test_ranges_in_the_columns_own_collation_are_served_by_the_key_index(

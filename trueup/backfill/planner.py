@@ -24,6 +24,7 @@ from trueup.errors import Conflict, NotFound, UsageError
 from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
 from trueup.queries import query
+from trueup.sides import column_types, require
 from trueup.statuses import BackfillScope, KeyOrder
 
 log = get_logger(__name__)
@@ -156,5 +157,8 @@ def _key_order(config: Config, name: str, types: list[ColumnType],
     assert dsn is not None
     with connect(dsn, what="target", autocommit=True,
                  application_name=f"trueup backfill {name}") as target:
+        # A missing table or key column is one clear line, before anything is planned.
+        require(column_types(target, rec.target.table), rec.target.table, rec.target.key,
+                target)
         return key_order(types, [mine, KeyColumns(conn=target, table=rec.target.table,
                                                   columns=rec.target.key)])
