@@ -63,6 +63,21 @@ CODES = [f"{stem}{n}" for stem in ("a", "A", "b", "B", "_x", "Z", "é", "e", "10
                                     "ab", "Ab") for n in range(20)]
 
 
+def _codes_config(tmp_path: Path, state: str, source: str, target: str) -> Path:
+    """A config repairing table codes of ``source`` into codes_copy of ``target``; its path."""
+    raw = {"state": state,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"codes": {
+               "source": {"connection": "a", "table": "codes", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "target": {"connection": "b", "table": "codes_copy", "key": ["code"],
+                          "version": "v", "columns": ["note"]},
+               "repair": "upsert"}}}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 @pytest.mark.parametrize(("target_collation", "order"),
                          [(ICU, KeyOrder.NATIVE), ("C", KeyOrder.C)])
 def test_text_key_ranges_compare_in_the_shared_collation_else_in_c(
@@ -83,16 +98,7 @@ def test_text_key_ranges_compare_in_the_shared_collation_else_in_c(
         conn.execute("INSERT INTO codes_copy VALUES ('zzz', 1, 'orphan'), ('AAA', 1, 'orphan'),"
                      " ('_', 1, 'orphan')")
         conn.execute("UPDATE codes_copy SET note = 'bad' WHERE code LIKE '%7'")
-    raw = {"state": state_db,
-           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-           "reconciliations": {"codes": {
-               "source": {"connection": "a", "table": "codes", "key": ["code"],
-                          "version": "v", "columns": ["note"]},
-               "target": {"connection": "b", "table": "codes_copy", "key": ["code"],
-                          "version": "v", "columns": ["note"]},
-               "repair": "upsert"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
     before = diff(config, "codes")
     assert (before.missing, before.orphan) == (len(CODES) // 5, 3) and before.mismatch > 10
     summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL,
@@ -117,16 +123,8 @@ def test_a_missing_target_table_is_one_line_and_plans_nothing(
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE codes (code text PRIMARY KEY, v int, note text)")
         conn.execute("INSERT INTO codes VALUES ('a', 1, 'x')")
-    raw = {"state": state_db,
-           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-           "reconciliations": {"codes": {
-               "source": {"connection": "a", "table": "codes", "key": ["code"],
-                          "version": "v", "columns": ["note"]},
-               "target": {"connection": "b", "table": "codes_copy", "key": ["code"],
-                          "version": "v", "columns": ["note"]},
-               "repair": "upsert"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    assert main(["--config", str(tmp_path / "trueup.yaml"), "backfill", "codes", "--all"]) == 2
+    path = _codes_config(tmp_path, state_db, source, target)
+    assert main(["--config", str(path), "backfill", "codes", "--all"]) == 2
     err = capsys.readouterr().err
     assert "table public.codes_copy does not exist" in err and "Traceback" not in err
     with psycopg.connect(state_db) as conn:
