@@ -106,7 +106,7 @@ def plan_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Composab
                   rows: int) -> Segmentation:
     """About ``rows / SEGMENT_ROWS`` segments: ranges of the first key column, or hash buckets
     of the whole key when a composite key's first column cannot be cut that finely."""
-    wanted = max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
+    wanted = _wanted(rows)
     if wanted > 1 and side.key_types[0].kind is Kind.TEXT:
         # Text-like keys (text, uuid, enums) are hashed. Their C-collation ranges could not be
         # read through an index in another collation anyway, and width_bucket searches an
@@ -225,8 +225,12 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
 def too_coarse(segmentation: Segmentation, rows: int) -> bool:
     """True when ``rows`` (counted by a checksum pass) are far more than ``segmentation`` was
     cut for: its segments would average over 8 times the rows they should hold."""
-    wanted = max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
-    return segmentation.count * 8 < wanted
+    return segmentation.count * 8 < _wanted(rows)
+
+
+def _wanted(rows: int) -> int:
+    """How many segments ``rows`` rows should be cut into."""
+    return max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))
 
 
 def differing(source: dict[int, tuple[int, int]],

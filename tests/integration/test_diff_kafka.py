@@ -71,6 +71,23 @@ def _message_key(key: tuple[Any, ...]) -> str:
     return str(key[0]) if len(key) == 1 else json.dumps(list(key))
 
 
+#: When the orders of the one-shape tests were placed and last updated.
+OLD = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def _orders(source: str, rows: int, *, version: int = 1, state: str = "new") -> None:
+    """Table public.orders of ``source`` holding orders 1 to ``rows`` (amount = id)."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ORDERS_DDL)
+        conn.execute("INSERT INTO public.orders SELECT g, %s, %s, g, %s, %s "
+                     "FROM generate_series(1, %s) g", (version, state, OLD, OLD, rows))
+
+
+def _event(i: int, state: str = "new", **fields: Any) -> dict[str, Any]:
+    """The message of order ``i`` as the topic carries it, version 1 unless ``fields`` say."""
+    return {"id": i, "v": 1, "state": state, "total": i, "at": OLD.isoformat(), **fields}
+
+
 def _config(tmp_path: Path, state: str, source: str, bootstrap: str, topic: str,
             key: list[str], target_version: str | None = "v", **extra: Any) -> Config:
     raw = {
@@ -99,7 +116,6 @@ def test_every_class_is_found_against_a_topic_on_every_key_shape(
     shape = SHAPES[shape_name]
     source = new_db()
     at = dt.datetime(2026, 3, 1, 9, 30, 0, 123456, tzinfo=dt.UTC)
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE public.orders ({shape['ddl']}, version bigint NOT NULL, "
                      "status text, amount numeric(12,2), placed_at timestamptz, "
@@ -109,7 +125,7 @@ def test_every_class_is_found_against_a_topic_on_every_key_shape(
                 f"INSERT INTO public.orders ({', '.join(shape['key'])}, version, status, "
                 "amount, placed_at, updated_at) VALUES "
                 f"({', '.join(['%s'] * len(shape['key']))}, %s, %s, %s, %s, %s)",
-                [(*k, 3, None if i == 6 else "paid", 10.5 + i, at, old)
+                [(*k, 3, None if i == 6 else "paid", 10.5 + i, at, OLD)
                  for i, k in enumerate(shape["keys"])])
 
     def message(i: int, key: tuple[Any, ...], **changes: Any) -> tuple[str, dict[str, Any]]:
@@ -156,20 +172,15 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
     source = new_db()
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, %s "
-                     "FROM generate_series(1, 300) g", (old, old))
+    _orders(source, 300)
     _produce(kafka_bootstrap, topic, [
-        (str(i), {"id": i, "v": 1, "state": "new" if i != 7 else "old", "total": i,
-                  "at": old.isoformat()}) for i in range(1, 301)])
+        (str(i), _event(i, "new" if i != 7 else "old")) for i in range(1, 301)])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
     first = diff(config, "events")
     assert (first.mismatch, first.target_rows) == (1, 300)
 
     _produce(kafka_bootstrap, topic, [
-        ("7", {"id": 7, "v": 1, "state": "new", "total": 7, "at": old.isoformat()}),
+        ("7", _event(7)),
         ("300", None)])
     second = diff(config, "events")
     assert (second.mismatch, second.missing, second.target_rows) == (0, 1, 299)
@@ -190,24 +201,15 @@ def test_a_topic_written_in_transactions_is_mirrored_to_its_end_without_aborted_
     # Every transaction leaves a commit or abort marker, an offset no consumer sees; an aborted
     # transaction's messages are never delivered.
     source = new_db()
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-        conn.execute("INSERT INTO public.orders SELECT g, 1, 'new', g, %s, %s "
-                     "FROM generate_series(1, 60) g", (old, old))
-
-    def event(i: int, state: str = "new") -> tuple[str, bytes]:
-        return str(i), json.dumps({"id": i, "v": 1, "state": state, "total": i,
-                                   "at": old.isoformat()}).encode()
-
+    _orders(source, 60)
     producer = Producer({"bootstrap.servers": kafka_bootstrap,
                          "transactional.id": unique("orders-tx")})
     producer.init_transactions(30)
     for first, last, commit in ((1, 30, True), (1, 60, False), (31, 60, True)):
         producer.begin_transaction()
         for i in range(first, last + 1):
-            key, value = event(i, "new" if commit else "aborted")
-            producer.produce(topic, key=key, value=value)
+            producer.produce(topic, key=str(i),
+                             value=json.dumps(_event(i, "new" if commit else "aborted")))
         if commit:
             producer.commit_transaction(30)
         else:
@@ -221,16 +223,13 @@ def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
     source = new_db()
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 1, %s, %s)", (old, old))
+    _orders(source, 1, state="a")
     _produce(kafka_bootstrap, topic, [("1", b"{broken")])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
     first = diff(config, "events")
     assert (first.unreadable, first.missing) == (1, 1)
     _produce(kafka_bootstrap, topic, [
-        ("1", {"id": 1, "v": 1, "state": "a", "total": "1.0", "at": old.isoformat()})])
+        ("1", _event(1, "a", total="1.0"))])
     assert diff(config, "events").consistent
 
 
@@ -238,14 +237,10 @@ def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
     source = new_db()
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-        conn.execute("INSERT INTO public.orders SELECT g, 1, 'a', g, %s, %s "
-                     "FROM generate_series(1, 3) g", (old, old))
+    _orders(source, 3, state="a")
 
     def event(i: int) -> tuple[str, dict[str, Any]]:
-        return str(i), {"id": i, "v": 1, "state": "a", "total": i, "at": old.isoformat()}
+        return str(i), _event(i, "a")
 
     _produce(kafka_bootstrap, topic, [event(i) for i in range(1, 6)])  # 4 and 5 are orphans
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
@@ -302,7 +297,7 @@ def test_a_partition_run_reads_new_messages_then_compares_that_day_only(
                      (day1, day1, day2))
 
     def event(i: int, state: str = "new") -> tuple[str, dict[str, Any]]:
-        return str(i), {"id": i, "v": 1, "state": state, "total": i, "at": day1.isoformat()}
+        return str(i), _event(i, state, at=day1.isoformat())
 
     # 7 (day 1) and 70 (day 2) differ; 99 (day 2) was never published; 500 is an orphan
     _produce(kafka_bootstrap, topic, [event(i, "old" if i in (7, 70) else "new")
@@ -320,14 +315,10 @@ def test_a_topic_without_versions_agrees_segment_by_segment_with_a_versioned_sou
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
     source = new_db()
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-        conn.execute("INSERT INTO public.orders SELECT g, 3, 'new', g, %s, %s "
-                     "FROM generate_series(1, 1000) g", (old, old))
-    _produce(kafka_bootstrap, topic, [
-        (str(i), {"id": i, "state": "new" if i != 700 else "old", "total": i,
-                  "at": old.isoformat()}) for i in range(1, 1001)])
+    _orders(source, 1000, version=3)
+    unversioned = [{k: v for k, v in _event(i, "new" if i != 700 else "old").items()
+                    if k != "v"} for i in range(1, 1001)]
+    _produce(kafka_bootstrap, topic, [(str(e["id"]), e) for e in unversioned])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"],
                      target_version=None)
     progress = ProgressLog()
@@ -340,12 +331,8 @@ def test_an_empty_source_still_cuts_a_full_topic_into_segments(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
     source = new_db()
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(ORDERS_DDL)
-    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).isoformat()
-    _produce(kafka_bootstrap, topic, [
-        (str(i), {"id": i, "v": 1, "state": "a", "total": i, "at": old})
-        for i in range(1, 5001)])
+    _orders(source, 0)
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i, "a")) for i in range(1, 5001)])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
     progress = ProgressLog()
     summary = diff(config, "events", progress=progress)

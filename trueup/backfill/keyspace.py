@@ -36,6 +36,10 @@ _NATIVE_TEXT = ("text", "varchar")
 _CODE_POINT = re.compile(r"^(C|POSIX)(\..*)?$", re.IGNORECASE)
 
 
+def _collated(ctype: ColumnType) -> bool:
+    """Whether keys of this type compare in a collation (text-like, not uuid)."""
+    return ctype.kind is Kind.TEXT and ctype.name != "uuid"
+
 
 @dataclass(frozen=True, kw_only=True)
 class KeySpace:
@@ -49,7 +53,7 @@ class KeySpace:
         return self.order is KeyOrder.NATIVE and ctype.name in _NATIVE_TEXT
 
     def _comparable(self, expr: sql.Composable, ctype: ColumnType) -> sql.Composable:
-        if ctype.kind is Kind.TEXT and ctype.name != "uuid" and not self._native(ctype):
+        if _collated(ctype) and not self._native(ctype):
             if ctype.name not in _PLAIN_TEXT:
                 expr = sql.SQL("({})::text").format(expr)
             return sql.SQL("({} COLLATE \"C\")").format(expr)
@@ -60,7 +64,7 @@ class KeySpace:
                                                     sql.Literal(position))
         if self._native(ctype):
             return text  # the default collation yields to the column's own
-        if ctype.kind is Kind.TEXT and ctype.name != "uuid":
+        if _collated(ctype):
             return sql.SQL("({} COLLATE \"C\")").format(text)
         return sql.SQL("{}::{}").format(text, storage_type(ctype))
 
@@ -146,7 +150,7 @@ def key_order(types: Sequence[ColumnType], sides: Sequence[KeyColumns]) -> KeyOr
     """:attr:`KeyOrder.NATIVE` when every text key column on every side is ``text`` or
     ``varchar`` and all of them sort in one deterministic collation that sorts the same on any
     machine (a recorded version, or code point order); else :attr:`KeyOrder.C`."""
-    texts = [i for i, t in enumerate(types) if t.kind is Kind.TEXT and t.name != "uuid"]
+    texts = [i for i, t in enumerate(types) if _collated(t)]
     if not texts or any(types[i].name not in _NATIVE_TEXT for i in texts):
         return KeyOrder.C
     seen: set[str] = set()
