@@ -29,6 +29,8 @@ from tests.integration.test_workers_support import (
     write_config,
 )
 from trueup import headers
+from trueup.brokers import kafka
+from trueup.brokers.kafka import KafkaFailed
 from trueup.config import load_config
 from trueup.dlq import inspect
 from trueup.letterboxes import kafka as letterbox_kafka
@@ -180,6 +182,32 @@ def test_kafka_dlq_written_in_a_transaction_is_read_to_its_end(
     assert replay(config, "tx").moved == 3
     assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["0", "1", "2"]
     assert replay(config, "tx").moved == 0
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_copies_the_destination_refuses_leave_their_letters_in_the_dlq(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # Producers ask for delivery reports of failures only: a refused copy must still fail the
+    # replay before anything is committed.
+    dlq, target = unique("refused.dlq"), unique("refused.orders")
+    topics.create(dlq)
+    kafka.create_topics(topics.admin, [target], what="test",
+                        config={"max.message.bytes": "2000"})
+    topics.track(target)
+    produce_json(kafka_bootstrap, dlq, [{"id": 1}, {"id": 2, "note": "x" * 5000}, {"id": 3}])
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"refused": {"connection": "bus", "topic": dlq, "replay_to": target}}))
+
+    with pytest.raises(KafkaFailed, match=r"messages refused.*too large"):
+        replay(config, "refused")
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("refused"))) == 3
+    with psycopg.connect(state_db) as conn:
+        status = conn.execute("SELECT status FROM trueup.replays").fetchall()
+    assert status == [("failed",)]
+    assert _events(state_db) == []
 
 
 # ---------------------------------------------------------------------------------------------
