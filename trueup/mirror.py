@@ -12,25 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
-    KafkaError,
     KafkaException,
+    Message,
     TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from trueup.brokers.kafka import translate
+from trueup.brokers.kafka import read_to_ends, translate
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, storage_type
@@ -251,29 +250,22 @@ class MirrorReader:
         if not plan:
             return 0
         total = sum(high - start for start, high in plan.values())
-        self.consumer.assign([TopicPartition(self.shape.topic, p, start if start else
-                                             OFFSET_BEGINNING) for p, (start, _) in plan.items()])
-        remaining = {p: high for p, (_, high) in plan.items()}
-        due = {p: start for p, (start, _) in plan.items()}  # the next offset per partition
+
+        def stalled() -> Exception:
+            return MirrorFailed(f"topic {self.shape.topic}: no messages for "
+                                f"{STALL_SECONDS:.0f} s although the high watermark was not "
+                                f"reached")
+
         merger = Merger(self.shape, self.conn, parse_in_postgres=self.parse_in_postgres)
         done = 0
-        last_message = time.monotonic()
         # The merge of one batch runs in Postgres while this thread fetches the next.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-mirror") as writer:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-mirror") as writer, \
+                closing(read_to_ends(self.consumer, self.shape.topic, plan,
+                                     batch_size=BATCH_MESSAGES, poll_seconds=POLL_SECONDS,
+                                     stall_seconds=STALL_SECONDS, stalled=stalled)) as batches:
             pending: Future[None] | None = None
-            while remaining:
-                # No more than are left: consume() waits out its timeout for a full batch.
-                left = sum(high - due[p] for p, high in remaining.items())
-                batch = self.consumer.consume(num_messages=max(1, min(BATCH_MESSAGES, left)),
-                                              timeout=POLL_SECONDS)
-                if not batch:
-                    if time.monotonic() - last_message >= STALL_SECONDS:
-                        raise MirrorFailed(
-                            f"topic {self.shape.topic}: no messages for {STALL_SECONDS:.0f} s "
-                            f"although the high watermark was not reached")
-                    continue
-                last_message = time.monotonic()
-                staged = self._take(batch, remaining, due)
+            for batch in batches:
+                staged = [_raw(message) for message in batch]
                 if pending is not None:
                     pending.result()  # one batch in flight at a time: offsets stay in order
                 pending = writer.submit(merger.merge, staged)
@@ -286,34 +278,12 @@ class MirrorReader:
                      batches=merger.fallbacks)
         return done
 
-    @staticmethod
-    def _take(batch: list[Any], remaining: dict[int, int],
-              due: dict[int, int]) -> list[RawMessage]:
-        """The messages of ``batch`` inside this run's snapshot; marks partitions done and
-        advances ``due`` (the next offset of each partition)."""
-        staged = []
-        for message in batch:
-            error = message.error()
-            partition, offset = int(message.partition() or 0), int(message.offset() or 0)
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    raise KafkaException(error)
-                eof_high = remaining.get(partition)
-                if eof_high is not None and offset >= eof_high:
-                    del remaining[partition]
-                continue
-            high = remaining.get(partition)
-            if high is None or offset >= high:
-                continue  # beyond this run's snapshot: the next run reads it
-            raw_key = message.key()
-            staged.append(RawMessage(
-                partition, offset,
-                raw_key.decode("utf-8", "replace") if raw_key is not None else None,
-                message.value()))
-            due[partition] = offset + 1
-            if offset + 1 >= high:
-                del remaining[partition]
-        return staged
+
+def _raw(message: Message) -> RawMessage:
+    key = message.key()
+    return RawMessage(int(message.partition() or 0), int(message.offset() or 0),
+                      key.decode("utf-8", "replace") if key is not None else None,
+                      message.value())
 
 
 #: Unreadable messages read from the mirror per round trip.

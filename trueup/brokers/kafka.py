@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
@@ -197,6 +205,68 @@ def committed_offsets(consumer: Consumer, topic: str, partitions: int, *,
     except KafkaException as exc:
         raise translate(exc, what) from exc
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in offsets}
+
+
+def read_to_ends(consumer: Consumer, topic: str, bounds: Mapping[int, tuple[int, int]], *,
+                 batch_size: int, poll_seconds: float, stall_seconds: float,
+                 stalled: Callable[[], Exception],
+                 outlive_transient: bool = False) -> Generator[list[Message], None, None]:
+    """The messages of ``topic`` from ``start`` up to ``end`` (exclusive) of each partition in
+    ``bounds`` (``partition -> (start, end)``), batch by batch as consumed.
+
+    The ends are a snapshot: what arrives past them waits for the next reader. A partition is
+    done at its message at ``end - 1``, or at its end-of-partition event past ``end`` when the
+    last offsets held no message (transaction markers, compacted away): ``consumer`` needs
+    ``enable.partition.eof``. Raises ``stalled()`` when no message came for ``stall_seconds``
+    while some are due, and a consumer error as :class:`KafkaException` (errors librdkafka
+    recovers from by itself are waited out instead with ``outlive_transient``).
+    """
+    active = {p: end for p, (start, end) in bounds.items() if end > start}
+    if not active:
+        return
+    assigned = [TopicPartition(topic, p, bounds[p][0]) for p in active]
+    consumer.assign(assigned)
+    # A partition paused at its end by an earlier read stays paused through unassign().
+    consumer.resume(assigned)
+    due = {p: bounds[p][0] for p in active}  # the next offset expected per partition
+
+    def finished(partition: int) -> None:
+        del active[partition]
+        consumer.pause([TopicPartition(topic, partition)])
+
+    last_seen = time.monotonic()
+    try:
+        while active:
+            # No more than are left: consume() waits out its timeout for a full batch.
+            left = sum(end - due[p] for p, end in active.items())
+            batch = []
+            for message in consumer.consume(max(1, min(batch_size, left)), poll_seconds):
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
+                    if outlive_transient and is_transient(error):
+                        continue
+                    raise KafkaException(error)
+                partition, offset = message.partition(), message.offset()
+                assert partition is not None and offset is not None  # a message, or an EOF
+                end = active.get(partition)
+                if end is None:
+                    continue  # finished: the rest waits for the next reader
+                if error is not None:  # the partition's end as of now
+                    if offset >= end:  # no message sat at end - 1 (markers, compacted away)
+                        finished(partition)
+                    continue
+                if offset < end:
+                    batch.append(message)
+                    due[partition] = offset + 1
+                if offset + 1 >= end:
+                    finished(partition)
+            if batch:
+                last_seen = time.monotonic()
+                yield batch
+            elif time.monotonic() - last_seen > stall_seconds:
+                raise stalled()
+    finally:
+        consumer.unassign()
 
 
 def is_transient(error: KafkaError) -> bool:

@@ -11,13 +11,11 @@ re-read by the next replay and recognised as replayed by their id in ``trueup.re
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Generator, Mapping
 from typing import Any
 
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
-    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -112,66 +110,32 @@ class KafkaLetterbox:
 
     def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
         bounds = self._bounds()
-        active = {p for p, (start, end) in bounds.items() if end > start}
         self._blocked = set()
-        if not active:
-            return
-        if take:
+        if take and any(end > start for start, end in bounds.values()):
             # An idempotent producer holds the first messages produced before it has its
             # producer id until a timer fires, about half a second (librdkafka PR 5032): made
             # now, it gets the id while the first letters are fetched.
             self._producer_()
-        assigned = [TopicPartition(self.where, p, bounds[p][0]) for p in active]
-        self.consumer.assign(assigned)
-        # A partition paused at its end by an earlier call stays paused through unassign().
-        self.consumer.resume(assigned)
-        due = {p: bounds[p][0] for p in active}  # the next offset expected per partition
 
-        def finished(partition: int) -> None:
-            # Letters that arrive during the replay wait for the next one.
-            active.discard(partition)
-            self.consumer.pause([TopicPartition(self.where, partition)])
+        def stalled() -> Exception:
+            return ConnectionFailed(f"{self.what}: no message from Kafka topic {self.where!r} "
+                                    f"for {STALL_SECONDS:.0f}s")
 
-        last_seen = time.monotonic()
+        # Letters that arrive during the replay wait for the next one.
+        batches = kafka.read_to_ends(self.consumer, self.where, bounds, batch_size=batch_size,
+                                     poll_seconds=POLL_SECONDS, stall_seconds=STALL_SECONDS,
+                                     stalled=stalled, outlive_transient=True)
         try:
-            while active:
-                batch: list[Received] = []
-                # No more than are left: consume() waits out its timeout for a full batch.
-                left = sum(bounds[p][1] - due[p] for p in active)
-                for message in self.consumer.consume(max(1, min(batch_size, left)),
-                                                     POLL_SECONDS):
-                    partition, offset = message.partition(), message.offset()
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._PARTITION_EOF:
-                            # The end, though no letter sat at end - 1: the last offsets held
-                            # no message (transaction markers).
-                            if partition in active and offset is not None and \
-                                    offset >= bounds[partition][1]:
-                                finished(partition)
-                            continue
-                        if kafka.is_transient(error):
-                            continue
-                        raise kafka.translate(KafkaException(error), self.what)
-                    assert partition is not None and offset is not None
-                    if partition not in active:
-                        continue
-                    end = bounds[partition][1]
-                    due[partition] = offset + 1
-                    if offset < end:
-                        raw = message.headers() or []
-                        batch.append(Received(letter=letter_of(message, raw),
-                                              handle=(message, raw)))
-                    if offset + 1 >= end:
-                        finished(partition)
-                if batch:
-                    last_seen = time.monotonic()
-                    yield batch
-                elif time.monotonic() - last_seen > STALL_SECONDS:
-                    raise ConnectionFailed(f"{self.what}: no message from Kafka topic "
-                                           f"{self.where!r} for {STALL_SECONDS:.0f}s")
+            for messages in batches:
+                batch = []
+                for message in messages:
+                    raw = message.headers() or []
+                    batch.append(Received(letter=letter_of(message, raw), handle=(message, raw)))
+                yield batch
+        except KafkaException as exc:
+            raise kafka.translate(exc, self.what) from exc
         finally:
-            self.consumer.unassign()
+            batches.close()
 
     def prepare(self, destination: Destination) -> None:
         if destination.name is not None:
