@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,11 +23,14 @@ from trueup.backfill import (
     WorkerOptions,
     cancel_backfill,
     resume_backfill,
+    runner,
     start_backfill,
 )
 from trueup.backfill.planner import plan
+from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
 from trueup.diff import diff
+from trueup.pacing import Pacer
 from trueup.retry import RetryPolicy
 from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
@@ -182,6 +186,63 @@ def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume
     resumed = resume_backfill(config, failed.backfill_id, fast)
     assert resumed.status is BackfillStatus.SUCCEEDED
     assert diff(config, "orders").missing == 0
+
+
+def test_rows_are_read_after_the_rate_limit_wait_so_a_write_during_it_is_not_undone(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)  # key 3, in the first chunk, is missing from the target
+    config = write_config(tmp_path, state_db, source, target)
+
+    class WriteDuringTheWait(Pacer):
+        """The application writes key 3 while the first chunk waits for its turn."""
+
+        written = False
+
+        def __call__(self, units: int = 1) -> None:
+            if not self.written:
+                self.written = True
+                with psycopg.connect(source, autocommit=True) as conn:
+                    conn.execute("UPDATE public.orders SET version = 3, status = 'refunded' "
+                                 "WHERE id = 3")
+            super().__call__(units)
+
+    monkeypatch.setattr(runner, "Pacer", WriteDuringTheWait)
+    summary = start_backfill(config, "orders", _all(chunk_size=100, rate=100_000))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert [r for r in target_rows(target) if r[0] == 3] == [(3, 3, "refunded", 3.75)]
+    assert [r for r in target_rows(target) if r[0] != 8] == [  # 8: the target's is newer
+        r for r in source_rows(source) if r[0] != 8]
+
+
+def test_an_orphan_written_again_after_the_source_was_asked_is_not_deleted(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)  # orphans 100001 and 100002
+    config = write_config(tmp_path, state_db, source, target)
+    delete = UpsertWriter._delete
+
+    def key_comes_back(self: UpsertWriter, orphans: Sequence[Any]) -> Any:
+        # Between asking the source and deleting: the application creates key 100001 again
+        # and its projection writes it to the target.
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.orders (id, version, status, amount) "
+                         "VALUES (100001, 5, 'new', 1)")
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("UPDATE public.copy SET order_version = 5, state = 'new', total = 1 "
+                         "WHERE order_id = 100001")
+        return delete(self, orphans)
+
+    monkeypatch.setattr(UpsertWriter, "_delete", key_comes_back)
+    summary = start_backfill(config, "orders", _all(chunk_size=2000))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert [r for r in target_rows(target) if r[0] > ROWS] == [(100001, 5, "new", 1.0)]
+    actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
+    assert (actions["[100001]"], actions["[100002]"]) == ("skipped", "delete")
 
 
 def test_repair_none_and_bad_scopes_are_user_errors(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import psycopg
 
 from trueup import metrics
 from trueup.db import connect
-from trueup.errors import StateError
+from trueup.errors import ConnectionFailed, StateError
 from trueup.log import get_logger
 from trueup.queries import query
 
@@ -101,18 +102,34 @@ def fail(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *, error: str)
 
 
 class Heartbeat:
-    """Renews a chunk's lease every third of the lease, on a connection of its own."""
+    """Renews a chunk's lease every third of the lease, on a connection of its own.
+
+    :meth:`check` fails when a renewal found the chunk taken over, and also when no renewal
+    succeeded for :data:`SILENCE_SHARE` of the lease (the state database unreachable, a renewal
+    stuck behind a lock): the lease may have run out, so the work must stop.
+    """
+
+    #: Of the lease: how long without a successful renewal until the lease counts as lost.
+    SILENCE_SHARE = 2 / 3
 
     def __init__(self, state_dsn: str, chunk: Chunk, owner: str, lease_seconds: float) -> None:
         self.chunk = chunk
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.lost = threading.Event()
+        self._state_dsn = state_dsn
+        self._renewed = time.monotonic()  # the claim, just before: the lease's start
         self._stop = threading.Event()
-        self._conn = connect(state_dsn, what="state", autocommit=True,
-                             application_name="trueup backfill heartbeat")
+        self._conn: psycopg.Connection[Any] | None = self._connect()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"trueup-lease-{chunk.chunk}")
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = connect(self._state_dsn, what="state", autocommit=True,
+                       application_name="trueup backfill heartbeat")
+        # A renewal stuck behind a lock gives up in time for the next one.
+        conn.execute(f"SET statement_timeout = {int(self.lease_seconds / 3 * 1000)}")
+        return conn
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -121,24 +138,46 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
     def _run(self) -> None:
         params = {"backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
                   "owner": self.owner, "lease_seconds": self.lease_seconds}
         while not self._stop.wait(self.lease_seconds / 3):
             try:
+                if self._conn is None or self._conn.broken:
+                    if self._conn is not None:
+                        self._conn.close()
+                    self._conn = None
+                    self._conn = self._connect()
                 row = self._conn.execute(query("renew_lease"), params).fetchone()
-            except psycopg.Error as exc:
+            except (psycopg.Error, ConnectionFailed) as exc:
                 log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
                             chunk=self.chunk.chunk, error=str(exc).strip())
                 continue
             if row is None and not self._stop.is_set():
                 self.lost.set()
                 return
+            self._renewed = time.monotonic()
+
+    def hold(self, conn: psycopg.Connection[Any]) -> None:
+        """Renew the lease inside ``conn``'s current transaction, or raise :class:`LeaseLost`.
+
+        The renewal locks the chunk's row until that transaction ends, so no other worker can
+        take the chunk over before it commits: what it writes is fenced by the lease."""
+        _guarded(conn, "renew_lease", {
+            "backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
+            "owner": self.owner, "lease_seconds": self.lease_seconds}, self.chunk)
+        self._renewed = time.monotonic()
 
     def check(self) -> None:
-        """Raise :class:`LeaseLost` when a renewal found the chunk held by someone else."""
+        """Raise :class:`LeaseLost` when the chunk was taken over, or its lease may have run
+        out for want of renewals."""
         if self.lost.is_set():
             raise LeaseLost(f"backfill {self.chunk.backfill_id} chunk {self.chunk.chunk}: "
                             f"lease lost")
+        silent = time.monotonic() - self._renewed
+        if silent > self.lease_seconds * self.SILENCE_SHARE:
+            raise LeaseLost(f"backfill {self.chunk.backfill_id} chunk {self.chunk.chunk}: "
+                            f"lease not renewed for {silent:.1f}s of {self.lease_seconds:.0f}s")

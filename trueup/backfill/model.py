@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
@@ -102,12 +102,11 @@ class ChunkResult:
 
 @dataclass(kw_only=True)
 class ChunkContext:
-    """What a writer gets with a chunk: who holds it, the lease, the rate limit."""
+    """What a writer gets with a chunk: who holds it, and the lease."""
 
     backfill: Backfill
     owner: str
     heartbeat: Heartbeat
-    pace: Callable[[int], None] = field(default=lambda rows: None)
 
 
 def key_text(key: Sequence[Any]) -> str:

@@ -114,7 +114,6 @@ class RepublishWriter:
         ).format(key=self.space.as_json, value=self._value(),
                  version=self.side.version or sql.NULL, fp=self.side.fingerprint,
                  rel=self.side.relation, where=where, order=self.space.ordered)).fetchall()
-        ctx.pace(len(rows))
         mirror = self._mirror(chunk)
         versioned = self.rec.target.version is not None and self.side.version is not None
         messages: list[tuple[str, bytes | None]] = []

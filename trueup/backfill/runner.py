@@ -170,8 +170,11 @@ class _Worker:
             try:
                 with chunks.Heartbeat(self.config.state, chunk, self.owner,
                                       self.options.lease_seconds) as heartbeat:
+                    # Paced before the source is read, never between reading and writing: rows
+                    # read before a wait could be written after the source changed them.
+                    self.pacer(chunk.rows_planned)
                     ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
-                                       heartbeat=heartbeat, pace=self.pacer)
+                                       heartbeat=heartbeat)
                     result = writer.repair(chunk, ctx)
             except chunks.LeaseLost as exc:
                 log.warning("backfill.lease_lost", backfill_id=bid, chunk=chunk.chunk,

@@ -171,7 +171,6 @@ class UpsertWriter:
             day_filter(self.source_side, backfill.partition))
         with self.target.transaction():
             rows = self._stage(where)
-            ctx.pace(rows)
             ctx.heartbeat.check()
             self._candidates()
             orphans = self._orphans(chunk) if self._orphans_apply(backfill.scope) else []
@@ -190,6 +189,7 @@ class UpsertWriter:
             if not self.shared:
                 # intent first: a crash after the target commits still leaves these rows
                 with self.state.transaction():
+                    ctx.heartbeat.hold(self.state)
                     self._pipe_candidates(self.state)
                     record_staged(self.state, backfill, chunk)
                     record_repairs(self.state, backfill, chunk, orphans)
@@ -347,13 +347,18 @@ class UpsertWriter:
                 for r in candidates if key_text(r["key"]) not in present]
 
     def _delete(self, orphans: Sequence[Repair]) -> list[Repair]:
+        """Delete the orphans still as they were seen: a row written meanwhile (its key came
+        back to the source, and its projection wrote it) is left alone, counted skipped."""
         if not orphans:
             return []
         space = self._target_space()
         deleted = {key_text(r["key"]) for r in self.target.execute(sql.SQL(
-            "DELETE FROM {} WHERE {} RETURNING {} AS key").format(
-                self.target_side.relation, space.in_list([o.key for o in orphans]),
-                space.as_json))}
+            "DELETE FROM {rel} WHERE {keys} AND ({key}, {fp}) IN ("
+            "SELECT j -> 0, (j ->> 1)::bigint FROM jsonb_array_elements({seen}::jsonb) AS j) "
+            "RETURNING {key} AS key").format(
+                rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
+                key=space.as_json, fp=self.target_side.fingerprint,
+                seen=sql.Literal(json.dumps([[o.key, o.fingerprint_before] for o in orphans]))))}
         return [o if key_text(o.key) in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
                        fingerprint_before=o.fingerprint_before, fingerprint_after=None)

@@ -1,0 +1,84 @@
+"""Chunk leases: a worker stops when it cannot renew its lease, and what it commits under
+:meth:`Heartbeat.hold` is fenced against a takeover."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.integration.test_backfill_support import make_tables, write_config
+from trueup.backfill import BackfillOptions
+from trueup.backfill import chunks as chunk_leases
+from trueup.backfill.planner import plan
+from trueup.db import connect
+from trueup.state import open_state
+from trueup.statuses import BackfillScope
+
+pytestmark = pytest.mark.postgres
+
+LEASE = 1.5  # seconds
+
+
+@pytest.fixture
+def claimed(new_db: Callable[[], str], state_db: str,
+            tmp_path: Path) -> Iterator[tuple[psycopg.Connection[dict[str, object]],
+                                              chunk_leases.Chunk]]:
+    """A planned backfill's first chunk, claimed by worker ``a`` on a state connection."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 100)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
+                                                             chunk_size=50), state)
+    with connect(state_db, what="state", autocommit=True) as conn:
+        chunk = chunk_leases.claim(conn, backfill_id, "a", LEASE)
+        assert chunk is not None
+        yield conn, chunk
+
+
+def test_a_lease_whose_renewals_stall_counts_as_lost_before_it_can_expire(
+        state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
+                                      chunk_leases.Chunk]) -> None:
+    _, chunk = claimed
+    with psycopg.connect(state_db) as blocker:
+        # Every renewal waits behind this lock (a state database that does not answer).
+        blocker.execute("SELECT 1 FROM trueup.chunks WHERE backfill_id = %s AND chunk = %s "
+                        "FOR UPDATE", (chunk.backfill_id, chunk.chunk))
+        with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat:
+            heartbeat.check()  # just claimed
+            deadline = time.monotonic() + 3 * LEASE
+            with pytest.raises(chunk_leases.LeaseLost, match="not renewed"):
+                while time.monotonic() < deadline:
+                    heartbeat.check()
+                    time.sleep(0.05)
+            blocker.rollback()
+
+
+def _expire(conn: psycopg.Connection[dict[str, object]], chunk: chunk_leases.Chunk) -> None:
+    conn.execute("UPDATE trueup.chunks SET lease_expires_at = now() - interval '1 hour' "
+                 "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk))
+
+
+def test_a_held_lease_keeps_other_workers_off_until_commit_and_a_lost_one_cannot_be_held(
+        state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
+                                      chunk_leases.Chunk]) -> None:
+    conn, chunk = claimed
+    with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat, \
+            connect(state_db, what="state", autocommit=True) as other, conn.transaction():
+        heartbeat.hold(conn)
+        _expire(conn, chunk)  # as if the lease ran out while this transaction commits
+        taken = chunk_leases.claim(other, chunk.backfill_id, "b", LEASE)
+        assert taken is None or taken.chunk != chunk.chunk
+    _expire(conn, chunk)  # the heartbeat has stopped: now the lease does run out
+    with connect(state_db, what="state", autocommit=True) as other:
+        while (taken := chunk_leases.claim(other, chunk.backfill_id, "b", LEASE)) is not None \
+                and taken.chunk != chunk.chunk:
+            pass
+        assert taken is not None, "the expired chunk was not taken over"
+    with conn.transaction(), pytest.raises(chunk_leases.LeaseLost):
+        heartbeat.hold(conn)
