@@ -175,3 +175,27 @@ def test_live_source_writes_during_a_backfill_are_never_lost_or_overwritten(
     tgt = {r[0]: r for r in target_rows(target)}
     for key in set(written):
         assert tgt[key] == src[key], f"live write to {key} lost: {tgt[key]} vs {src[key]}"
+
+
+def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 500)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("UPDATE public.copy SET state = 'old'")
+    config = write_config(tmp_path, state_db, source, target)
+    # 100 rows a second: the whole backfill would take 5 s.
+    worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "100")
+    deadline = time.monotonic() + 60
+    while not any(c[1] == "done" for c in _chunks(state_db)):
+        assert time.monotonic() < deadline and worker.poll() is None, "no chunk got done"
+        time.sleep(0.05)
+    interrupted = time.monotonic()
+    worker.send_signal(signal.SIGINT)
+    worker.communicate(timeout=60)
+    assert worker.returncode == 130
+    assert time.monotonic() - interrupted < 3, "the workers went on after Ctrl-C"
+    assert any(c[1] != "done" for c in _chunks(state_db))
+    summary = resume_backfill(config, 1, WorkerOptions(lease_seconds=LEASE))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert target_rows(target) == source_rows(source)

@@ -245,6 +245,32 @@ def test_an_orphan_written_again_after_the_source_was_asked_is_not_deleted(
     assert (actions["[100001]"], actions["[100002]"]) == ("skipped", "delete")
 
 
+def test_a_target_unreachable_when_workers_start_is_retried_then_fails_and_resume_recovers(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", _all(chunk_size=500), state)
+    database = target.rsplit("/", 1)[1]
+    with psycopg.connect(source.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" RENAME TO "{database}_away"')
+        fast = WorkerOptions(retry=RetryPolicy(max_attempts=2, initial_seconds=0.05,
+                                               max_seconds=0.1))
+        try:
+            failed = resume_backfill(config, backfill_id, fast)
+        finally:
+            admin.execute(f'ALTER DATABASE "{database}_away" RENAME TO "{database}"')
+    assert failed.status is BackfillStatus.FAILED
+    assert failed.error is not None and "cannot connect" in failed.error
+    resumed = resume_backfill(config, backfill_id, fast)
+    assert resumed.status is BackfillStatus.SUCCEEDED
+    assert [r for r in target_rows(target) if r[0] != 8] == [
+        r for r in source_rows(source) if r[0] != 8]
+
+
 def test_repair_none_and_bad_scopes_are_user_errors(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -128,7 +128,7 @@ class RepublishWriter:
                     repairs.append(Repair(key=row["key"], action=RepairAction.SKIPPED,
                                           fingerprint_before=before, fingerprint_after=before))
                     continue
-                if known["version"] == row["version"] and before == row["fp"]:
+                if before == row["fp"] and (not versioned or known["version"] == row["version"]):
                     continue  # the topic already holds this row
             messages.append((message_key(row["key"]), row["value"].encode()))
             repairs.append(Repair(key=row["key"], action=RepairAction.PUBLISH,

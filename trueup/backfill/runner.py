@@ -26,7 +26,7 @@ from trueup.backfill.model import (
 )
 from trueup.config import Config
 from trueup.db import connect, first_line
-from trueup.errors import NotFound, TrueupError
+from trueup.errors import NotFound, StateError, TrueupError
 from trueup.log import get_logger
 from trueup.pacing import Pacer
 from trueup.queries import query
@@ -103,8 +103,13 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
         with lock:
             rows_done[0] += result.rows_read
             elapsed = max(time.monotonic() - started, 1e-6)
-        with connect(config.state, what="state", autocommit=True) as conn:
-            row = load(conn, backfill_id)
+        try:
+            with connect(config.state, what="state", autocommit=True) as conn:
+                row = load(conn, backfill_id)
+        except (TrueupError, psycopg.Error) as exc:  # progress only: the work goes on
+            log.warning("backfill.progress_unavailable", backfill_id=backfill_id,
+                        error=first_line(exc))
+            return
         progress(int(row["chunks_done"]), int(row["chunks"]), int(row["rows_repaired"]),
                  rows_done[0] / elapsed)
 
@@ -120,10 +125,24 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
         thread.start()
     for thread in threads:
         thread.join()
-    if errors:
-        raise errors[0]
     with connect(config.state, what="state", autocommit=True) as state:
-        return summary_of(load(state, backfill_id), time.monotonic() - started)
+        row = load(state, backfill_id)
+    if errors:
+        if BackfillStatus(row["status"]).active:
+            raise _translated(errors[0])
+        # The other workers finished the backfill: a worker's trouble is no longer its fate.
+        for error in errors:
+            log.warning("backfill.worker_failed", backfill_id=backfill_id,
+                        error=first_line(error))
+    return summary_of(row, time.monotonic() - started)
+
+
+def _translated(error: BaseException) -> BaseException:
+    """A state database error as one line for the user; the backfill resumes from it."""
+    if isinstance(error, psycopg.Error):
+        return StateError(f"backfill: state database: {first_line(error)} (resume with "
+                          f"--resume once it is back)")
+    return error
 
 
 class _Worker:
@@ -150,7 +169,11 @@ class _Worker:
                         time.sleep(POLL_SECONDS)
                         continue
                     if writer is None:
-                        writer = make_writer(self.config, self.backfill, state)
+                        try:
+                            writer = make_writer(self.config, self.backfill, state)
+                        except Exception as exc:  # a source or target not reachable yet
+                            self._failed(state, chunk, exc)
+                            continue
                     if not self._run_chunk(state, writer, chunk):
                         writer.close()
                         writer = None  # its connections may be broken: open new ones
