@@ -144,6 +144,16 @@ def test_a_second_active_backfill_is_refused_with_a_line_naming_the_active_one(
     assert set(out) == {"backfill_id", "reconciliation", "status", "chunks", "rows_planned",
                         "rows_repaired", "rows_skipped", "seconds"}
     assert out["status"] == "succeeded" and out["backfill_id"] == first + 1
+    # a cancelled one is not reopened while another is active
+    with open_state(state_db) as state:
+        state.autocommit = True
+        third = plan(config, "orders", _all(chunk_size=5), state)
+        cancel_backfill(config, third)
+        fourth = plan(config, "orders", _all(chunk_size=5), state)
+    assert main(["--config", config.path, "backfill", "--resume", str(third)]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith('{"at": ')]
+    assert len(err) == 1 and f"backfill {fourth} of orders is already running" in err[0]
 
 
 def test_cancel_stops_pending_chunks_and_resume_finishes_them(

@@ -11,6 +11,9 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
+
+import psycopg
 
 from trueup.backfill.chunks import LEASE_SECONDS, Chunk
 from trueup.backfill.model import (
@@ -64,19 +67,28 @@ def resume_backfill(config: Config, backfill_id: int, worker: WorkerOptions | No
         if status is BackfillStatus.SUCCEEDED:
             return summary_of(row, time.monotonic() - started)
         if status in (BackfillStatus.FAILED, BackfillStatus.CANCELLED):
-            active = state.execute(query("active_backfill"),
-                                   {"reconciliation": row["reconciliation"]}).fetchone()
-            if active is not None:
-                from trueup.backfill.planner import active_conflict
-
-                raise active_conflict(row["reconciliation"], active)
-            with state.transaction():
-                state.execute(query("reopen_backfill"), {"backfill_id": backfill_id})
-                state.execute(query("reopen_chunks"), {"backfill_id": backfill_id})
+            _reopen(state, backfill_id, row["reconciliation"])
         elif status is BackfillStatus.PLANNING:
             raise Conflict(f"backfill {backfill_id} is still being planned")
     log.info("backfill.resumed", backfill_id=backfill_id, was=status.value)
     return serve(config, backfill_id, worker or WorkerOptions(), progress)
+
+
+def _reopen(state: psycopg.Connection[Any], backfill_id: int, reconciliation: str) -> None:
+    """Make a failed or cancelled backfill running again, unless another one is active."""
+    from trueup.backfill.planner import active_conflict
+
+    try:
+        with state.transaction():
+            state.execute(query("reopen_backfill"), {"backfill_id": backfill_id})
+            state.execute(query("reopen_chunks"), {"backfill_id": backfill_id})
+    except psycopg.errors.UniqueViolation:  # backfills_one_active_idx: one active at a time
+        active = state.execute(query("active_backfill"),
+                               {"reconciliation": reconciliation}).fetchone()
+        if active is None:
+            raise Conflict(f"backfill {backfill_id}: another backfill of {reconciliation} was "
+                           f"active a moment ago; run --resume again") from None
+        raise active_conflict(reconciliation, active) from None
 
 
 def cancel_backfill(config: Config, backfill_id: int) -> BackfillSummary:
