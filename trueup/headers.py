@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -32,6 +32,9 @@ LAST_FAILURE = "trueup-last-failure"
 REPLAY_ID = "trueup-replay-id"            # the replay that last moved this message
 
 ERROR_MESSAGE_MAX_CHARS = 1000
+#: The most attempts a header is believed to count: a larger one (or a negative one) was not
+#: written by trueup, and must neither overflow an ``integer`` column nor crash a worker.
+MAX_ATTEMPTS = 1_000_000
 
 # The headers a :class:`Failure` reads and writes; any other ``trueup-`` header (a retry's
 # NOT_BEFORE) is dropped from a dead letter's replayed copy.
@@ -69,6 +72,15 @@ def integer(text: str | None) -> int | None:
         return None
 
 
+def attempt_count(text: str | None) -> int:
+    """A header's attempt count: 0 when absent or not a number, within ``0..MAX_ATTEMPTS``."""
+    return clamp_attempts(integer(text) or 0)
+
+
+def clamp_attempts(count: int) -> int:
+    return min(max(0, count), MAX_ATTEMPTS)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Failure:
     """What trueup knows about a message's failures, as carried in its headers."""
@@ -91,7 +103,7 @@ class Failure:
         """The failure record of a message's (text) headers; missing fields stay empty."""
         return cls(
             message_id=headers.get(MESSAGE_ID) or None,
-            attempts=integer(headers.get(ATTEMPTS)) or 0,
+            attempts=attempt_count(headers.get(ATTEMPTS)),
             origin=headers.get(ORIGIN) or None,
             origin_partition=integer(headers.get(ORIGIN_PARTITION)),
             origin_offset=integer(headers.get(ORIGIN_OFFSET)),
@@ -156,7 +168,16 @@ def to_kafka(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
     return [(name, value.encode("utf-8")) for name, value in headers.items()]
 
 
-def merged(base: Mapping[str, str], failure: Failure, **extra: str) -> dict[str, str]:
-    """``base`` headers with trueup's replaced by ``failure`` (and ``extra``)."""
-    kept = {k: v for k, v in base.items() if not k.startswith(PREFIX)}
-    return {**kept, **failure.write(), **extra}
+def kafka_copy(raw: Iterable[tuple[str, Any]] | Mapping[str, Any] | None,
+               changes: Mapping[str, str], *,
+               keep: Container[str] = frozenset()) -> list[tuple[str, Any]]:
+    """The headers of a copy of a Kafka message: the message's own (``raw``) as they are,
+    byte for byte, repeats and empty values included (a schema id is binary), except
+    trueup's: those in ``changes`` take its value, the others are dropped unless in ``keep``."""
+    pairs = raw if isinstance(raw, list) else (
+        raw.items() if isinstance(raw, Mapping) else raw or ())
+    prefix = PREFIX
+    kept = [(k, v) for k, v in pairs
+            if not k.startswith(prefix) or (k in keep and k not in changes)]
+    kept.extend((k, v.encode()) for k, v in changes.items())
+    return kept

@@ -177,41 +177,39 @@ def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:
 def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilter,
          options: ReplayOptions, conn: psycopg.Connection[dict[str, Any]], replay_id: int,
          counts: _Counts, listing: Listing | None, progress: Progress | None) -> None:
-    box = open_letterbox(config, name)
-    counts.connected = True
-    # After a reconnect the letters not yet removed are read again: the total grows by them.
-    total = counts.seen + box.depth() if progress is not None else 0
-    recorder = _Recorder(config.state)
-    step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
-                 replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
-                 planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
-                 pacer=Pacer(options.rate))
-    try:
-        if not options.dry_run and dlq.parking is not None:
-            box.prepare(Destination(name=dlq.parking))
-        batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
-        with contextlib.closing(batches):
-            for batch in batches:
-                reached_max = step.batch(batch)
-                counts.seen += len(batch)
-                if progress is not None:
-                    progress(min(counts.seen, total), total)
-                if reached_max:
-                    break
-                if box.confirms_each_publish:
-                    # Nothing to overlap (each publish waited for its confirm), and the
-                    # prefetch window needs the acks before it delivers the next batch.
-                    step.drain()
-            step.drain()  # the last batch (after --max: before the generator is closed)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            step.drain()  # a batch recorded meanwhile is settled (or re-read and skipped)
-        raise
-    finally:
+    with contextlib.ExitStack() as closing:
+        box = open_letterbox(config, name)
+        closing.callback(box.close)  # last: after the recorder's, even when that one fails
+        counts.connected = True
+        # After a reconnect the letters not yet removed are read again: the total grows by them.
+        total = counts.seen + box.depth() if progress is not None else 0
+        recorder = _Recorder(config.state)
+        closing.callback(recorder.close)
+        step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
+                     replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
+                     planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
+                     pacer=Pacer(options.rate))
         try:
-            recorder.close()
-        finally:
-            box.close()
+            if not options.dry_run and dlq.parking is not None:
+                box.prepare(Destination(name=dlq.parking))
+            batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
+            with contextlib.closing(batches):
+                for batch in batches:
+                    reached_max = step.batch(batch)
+                    counts.seen += len(batch)
+                    if progress is not None:
+                        progress(min(counts.seen, total), total)
+                    if reached_max:
+                        break
+                    if box.confirms_each_publish:
+                        # Nothing to overlap (each publish waited for its confirm), and the
+                        # prefetch window needs the acks before it delivers the next batch.
+                        step.drain()
+                step.drain()  # the last batch (after --max: before the generator is closed)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                step.drain()  # a batch recorded meanwhile is settled (or re-read and skipped)
+            raise
 
 
 @dataclass(frozen=True, kw_only=True)

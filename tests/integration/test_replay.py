@@ -210,6 +210,30 @@ def test_kafka_copies_the_destination_refuses_leave_their_letters_in_the_dlq(
     assert _events(state_db) == []
 
 
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_letter_with_an_attempt_count_past_an_integer_is_parked_and_recorded(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # trueup.replay_events.attempts is an integer: recording 3000000000 failed the batch.
+    dlq, parking = unique("huge.dlq"), unique("huge.parked")
+    topics.create(dlq)
+    topics.track(parking)
+    produce_json(kafka_bootstrap, dlq, [{"id": 1}],
+                 extra_headers={headers.ATTEMPTS: "3000000000", headers.ORIGIN: "orders"})
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"huge": {"connection": "bus", "topic": dlq, "parking": parking}}))
+
+    done = replay(config, "huge")
+    assert (done.moved, done.parked) == (0, 1)
+    assert body_ids(read_topic(kafka_bootstrap, parking)) == ["1"]
+    with psycopg.connect(state_db) as conn:
+        recorded = conn.execute("SELECT outcome, attempts FROM trueup.replay_events").fetchall()
+    assert recorded == [("parked", headers.MAX_ATTEMPTS)]
+    assert kafka_remaining(kafka_bootstrap, dlq, replay_group("huge")) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # RabbitMQ
 

@@ -4,10 +4,13 @@ complete headers, no blocked partition."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, ConsumerGroupState, Message
 
 from tests.integration.test_workers_support import (
     EARLY_TOLERANCE,
@@ -17,6 +20,7 @@ from tests.integration.test_workers_support import (
     Queues,
     Topics,
     body_ids,
+    join_and_leave,
     kafka_worker,
     produce_json,
     rabbit_worker,
@@ -24,9 +28,11 @@ from tests.integration.test_workers_support import (
     running,
     wait_until,
 )
-from trueup import headers
+from trueup import headers, tracing
 from trueup.brokers import kafka
+from trueup.retry import RetryPolicy
 from trueup.workers import kafka as kafka_workers
+from trueup.workers.runtime import Delivery
 
 
 def _check_retry_timing(handler: FlakyHandler, item: str, failures: int) -> None:
@@ -127,6 +133,155 @@ def test_kafka_worker_handles_each_message_of_a_quiet_topic_as_it_arrives(
     assert seconds < 5 * poll_seconds / 2, f"5 messages one by one took {seconds:.1f}s"
 
 
+@pytest.mark.kafka
+def test_kafka_worker_reads_a_negative_attempt_count_and_an_unreadable_due_time_as_none(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    # Attempt 0 made the policy raise, and int("soon") failed: the worker crashed on them.
+    topic = unique("orders")
+    handler = FlakyHandler({"1": 99, "2": 1})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    produce_json(kafka_bootstrap, topic, [{"id": 1}], extra_headers={headers.ATTEMPTS: "-1"})
+    produce_json(kafka_bootstrap, worker.retry_topic(1), [{"id": 2}],
+                 extra_headers={headers.ATTEMPTS: "-1", headers.NOT_BEFORE: "soon"})
+    with running(worker.run):
+        wait_until(lambda: "2" in handler.effects, "the retried message's effect")
+        wait_until(lambda: read_topic(kafka_bootstrap, worker.dead_letter_topic) != [],
+                   "the dead letter")
+    assert [a for _, a in handler.attempts["2"]] == [1, 2]
+    assert [a for _, a in handler.attempts["1"]] == list(range(1, POLICY.max_attempts + 1))
+    dead = read_topic(kafka_bootstrap, worker.dead_letter_topic)
+    assert body_ids(dead) == ["1"]
+    assert headers.from_kafka(dead[0].headers())[headers.ATTEMPTS] == str(POLICY.max_attempts)
+
+
+@pytest.mark.kafka
+def test_kafka_retry_paused_when_the_group_rebalances_still_runs_when_due(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    # librdkafka keeps an application's pause on a partition through unassign and reassign: a
+    # retry partition paused (not due yet) when the group rebalanced stayed paused for good.
+    delay = 5.0
+    policy = RetryPolicy(max_attempts=2, initial_seconds=delay, max_seconds=delay, jitter=0)
+    topic = unique("orders")
+    handler = FlakyHandler({"1": 1})
+    # Quick heartbeats: the worker hears of each rebalance well before the retry is due.
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, policy=policy,
+                          consumer_overrides={"heartbeat.interval.ms": 500})
+    produce_json(kafka_bootstrap, topic, [{"id": 1}])
+    with running(worker.run):
+        wait_until(lambda: (worker.retry_topic(1), 0) in worker._paused,
+                   "the retry partition paused until the retry is due")
+        failed_at = handler.attempts["1"][0][0]
+        rebalanced_at = join_and_leave(kafka_bootstrap, worker.group,
+                                       [topic, *worker.retry_topics])
+        assert rebalanced_at < failed_at + delay, (
+            f"the group rebalanced {rebalanced_at - failed_at:.1f}s after the failure, after "
+            f"the retry was due: the test proves nothing, make its delay longer")
+        wait_until(lambda: "1" in handler.effects, "the retry's effect")
+    assert handler.effects == ["1"]
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+    waited = handler.attempts["1"][1][0] - failed_at
+    assert delay - EARLY_TOLERANCE <= waited <= delay + 10, (
+        f"the retry ran {waited:.1f}s after the failure, expected {delay:.0f}s")
+
+
+@pytest.mark.kafka
+def test_kafka_retry_and_dead_letter_copies_keep_binary_and_repeated_headers_as_they_were(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    topic = unique("orders")
+    handler = FlakyHandler({"1": 99})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    own = [("schema-id", b"\x00\x00\x00\x01\xff"), ("tag", b"red"), ("tag", b"blue"),
+           ("empty", None)]
+    producer = kafka.create_producer({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.publish(producer, topic, value=json.dumps({"id": 1}).encode(), key="1",
+                  headers=own, what="test")
+    with running(worker.run):
+        wait_until(lambda: read_topic(kafka_bootstrap, worker.dead_letter_topic) != [],
+                   "the dead letter")
+    retried = read_topic(kafka_bootstrap, worker.retry_topic(1))
+    dead = read_topic(kafka_bootstrap, worker.dead_letter_topic)
+    for copy, where in ((retried[0], "retry"), (dead[0], "dead letter")):
+        carried = [(k, v) for k, v in copy.headers()
+                   if not k.startswith(headers.PREFIX) and k not in tracing.TRACE_HEADERS]
+        assert carried == own, f"the {where} copy changed the message's own headers"
+    assert headers.from_kafka(dead[0].headers())[headers.ATTEMPTS] == str(POLICY.max_attempts)
+
+
+class _PollThen:
+    """A consumer whose poll() calls ``then()`` before it returns a message."""
+
+    def __init__(self, consumer: Consumer, then: Callable[[], None]) -> None:
+        self.consumer, self.then = consumer, then
+
+    def poll(self, timeout: float) -> Message | None:
+        message = self.consumer.poll(timeout)
+        if message is not None and message.error() is None:
+            self.then()
+        return message
+
+    def consume(self, *args: Any) -> list[Message]:
+        return self.consumer.consume(*args)
+
+
+class _RebalancedMidBatch(kafka_workers.KafkaWorker):
+    """A worker that holds its first message between poll() and consume() until the group is
+    rebalancing: consume() then runs the revoke of that message's partition."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.holding = threading.Event()
+        self.revoked_mid_batch = False
+
+    def _next_messages(self, consumer: Consumer) -> list[Message]:
+        if self.holding.is_set():
+            return super()._next_messages(consumer)
+        held = _PollThen(consumer, self._until_rebalancing)
+        batch = super()._next_messages(held)  # type: ignore[arg-type]
+        if batch:
+            first = batch[0]
+            self.revoked_mid_batch = (first.topic(), first.partition()) not in self._assigned
+        return batch
+
+    def _until_rebalancing(self) -> None:
+        self.holding.set()
+        admin = kafka.connect_admin(self.properties, what="test")
+        deadline = time.monotonic() + 60
+        while admin.describe_consumer_groups([self.group])[self.group].result().state is not (
+                ConsumerGroupState.PREPARING_REBALANCING):
+            assert time.monotonic() < deadline, "the group did not start rebalancing"
+            time.sleep(0.1)
+        # The worker hears of it at its next heartbeat (every 0.2 s) and queues the revoke for
+        # consume(); nothing shows when it has, so give it twenty heartbeats (a loaded machine).
+        time.sleep(4)
+
+
+@pytest.mark.kafka
+def test_kafka_rebalance_between_poll_and_consume_skips_the_revoked_message(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    # The handler ran on a message of a partition revoked meanwhile, then store_offsets()
+    # raised for that partition and the worker exited.
+    topic = unique("orders")
+    handler = FlakyHandler({})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics,
+                          kind=_RebalancedMidBatch,
+                          consumer_overrides={"heartbeat.interval.ms": 200})
+    assert isinstance(worker, _RebalancedMidBatch)
+    produce_json(kafka_bootstrap, topic, [{"id": 1}])
+    offsets = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": worker.group,
+                        "enable.auto.commit": False})
+    try:
+        with running(worker.run):
+            wait_until(worker.holding.is_set, "the first message polled")
+            join_and_leave(kafka_bootstrap, worker.group, [topic, *worker.retry_topics])
+            # Committed only once the message was settled on a partition the worker owned.
+            wait_until(lambda: kafka.committed_offsets(offsets, topic, 1, what="test")[0] == 1,
+                       "the message's offset committed")
+    finally:
+        offsets.close()
+    assert worker.revoked_mid_batch, "the rebalance did not land between poll and consume"
+    assert handler.effects == ["1"], "the message was handled on a revoked partition"
+
+
 # ---------------------------------------------------------------------------------------------
 # RabbitMQ
 
@@ -180,3 +335,25 @@ def test_rabbitmq_poison_messages_end_in_the_dlq_with_complete_headers(
         assert headers.parse_time(table[headers.FIRST_FAILURE]) is not None
         assert headers.parse_time(table[headers.LAST_FAILURE]) is not None
         assert "x-death" not in table
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_handler_slower_than_the_heartbeat_is_handled_once_and_acked(
+        amqp_url: str, unique: Callable[[str], str], queues: Queues) -> None:
+    # The handler ran on pika's connection thread: no heartbeats while it ran, so RabbitMQ
+    # dropped the connection, the ack failed and the message came again, endlessly.
+    heartbeat = 2
+    queue = unique("payments")
+    handled: list[int] = []
+
+    def slow(delivery: Delivery) -> None:
+        time.sleep(3.5 * heartbeat)
+        handled.append(delivery.attempt)
+
+    worker = rabbit_worker(amqp_url, queue, slow, queues, heartbeat_seconds=heartbeat)
+    queues.publish(queue, json.dumps({"id": 1}).encode(), message_id="m1")
+    with running(worker.run):
+        wait_until(lambda: handled != [], "the slow handler's end")
+    # Stopped after the handler returned: the ack went out before the worker stopped.
+    assert queues.depth(queue) == 0, "the message was not acked: it is back in the queue"
+    assert handled == [1]

@@ -142,6 +142,24 @@ def read_topic(bootstrap: str, topic: str, partitions: int = 1) -> list[Any]:
         consumer.close()
 
 
+def join_and_leave(bootstrap: str, group: str, topics: list[str]) -> float:
+    """Make ``group`` rebalance twice: a plain member joins (subscribed to ``topics``), waits
+    for its assignment, and leaves without committing. Returns when it got its assignment
+    (monotonic seconds): every older member was revoked before then."""
+    assigned: list[float] = []
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False, "heartbeat.interval.ms": 500})
+    try:
+        consumer.subscribe(topics, on_assign=lambda c, ps: assigned.append(time.monotonic()))
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not assigned and time.monotonic() < deadline:
+            consumer.poll(0.1)
+        assert assigned, f"no assignment in group {group} within {WAIT_SECONDS:.0f}s"
+    finally:
+        consumer.close()
+    return assigned[0]
+
+
 def body_ids(messages: list[Any]) -> list[str]:
     return [str(json.loads(m.value())["id"]) for m in messages]
 
@@ -249,19 +267,21 @@ class FlakyHandler:
 
 
 def kafka_worker(bootstrap: str, topic: str, handler: Callable[[Delivery], None],
-                  unique: Callable[[str], str], topics: Topics) -> KafkaWorker:
-    worker = KafkaWorker(properties={"bootstrap.servers": bootstrap}, topic=topic,
-                         group=unique("group"), handler=handler, policy=POLICY,
-                         dead_letter_topic=f"{topic}.dlq")
+                  unique: Callable[[str], str], topics: Topics, *,
+                  policy: RetryPolicy = POLICY, kind: type[KafkaWorker] = KafkaWorker,
+                  consumer_overrides: dict[str, Any] | None = None) -> KafkaWorker:
+    worker = kind(properties={"bootstrap.servers": bootstrap}, topic=topic,
+                  group=unique("group"), handler=handler, policy=policy,
+                  dead_letter_topic=f"{topic}.dlq", consumer_overrides=consumer_overrides)
     topics.track(topic, *worker.retry_topics, worker.dead_letter_topic)
     worker.ensure_topics(partitions=1)
     return worker
 
 
 def rabbit_worker(url: str, queue: str, handler: Callable[[Delivery], None],
-                   queues: Queues) -> RabbitWorker:
+                   queues: Queues, **options: Any) -> RabbitWorker:
     worker = RabbitWorker(url=url, queue=queue, handler=handler, policy=POLICY,
-                          dead_letter_queue=f"{queue}.dlq")
+                          dead_letter_queue=f"{queue}.dlq", **options)
     queues.track(queue, worker.dead_letter_queue,
                  *(worker.delay_queue(n) for n in range(1, worker.tiers + 1)))
     connection = rabbitmq.connect(url, what="test")

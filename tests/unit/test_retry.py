@@ -96,8 +96,8 @@ def test_failure_headers_round_trip_and_keep_the_first_failure() -> None:
     assert text[headers.ERROR_CLASS] == "trueup.retry.PermanentError"
     assert text[headers.FIRST_FAILURE] == "2026-01-02T03:04:05.678Z"
     assert headers.Failure.read(text) == record
-    wire = headers.to_kafka(headers.merged({"content-type": "json", headers.NOT_BEFORE: "1"},
-                                           record))
+    wire = headers.kafka_copy([("content-type", b"json"), (headers.NOT_BEFORE, b"1")],
+                              record.write())
     back = headers.from_kafka(wire)
     assert back["content-type"] == "json" and headers.NOT_BEFORE not in back
     assert headers.Failure.read(back).attempts == 2

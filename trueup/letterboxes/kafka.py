@@ -57,20 +57,15 @@ def letter_of(message: Message, raw: Any = None) -> DeadLetter:
         key=key.decode("utf-8", "replace") if key is not None else None,
         origin=get(headers.ORIGIN) or None,
         error_class=get(headers.ERROR_CLASS) or UNKNOWN_ERROR,
-        attempts=headers.integer(get(headers.ATTEMPTS)) or 0, failed_at=failed_at,
+        attempts=headers.attempt_count(get(headers.ATTEMPTS)), failed_at=failed_at,
         generation=headers.integer(get(headers.REPLAY_ID)) or 0, headers=text)
 
 
 def copy_headers(raw: list[tuple[str, Any]], letter: DeadLetter, *,
                  replay_id: int) -> list[tuple[str, Any]]:
     """The headers of a replayed copy: the letter's own, with trueup's brought up to date."""
-    changes = letter.copy_changes(replay_id=replay_id)
-    known = headers.FAILURE_HEADERS
-    prefix = headers.PREFIX
-    kept = [(k, v) for k, v in raw
-            if not k.startswith(prefix) or (k in known and k not in changes)]
-    kept.extend((k, v.encode()) for k, v in changes.items())
-    return kept
+    return headers.kafka_copy(raw, letter.copy_changes(replay_id=replay_id),
+                              keep=headers.FAILURE_HEADERS)
 
 
 class KafkaLetterbox:

@@ -60,7 +60,8 @@ def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         error = f"rabbitmq.{_text(latest.get('reason')) or 'dead_lettered'}"
         when = latest.get("time")
         failed_at = when if isinstance(when, dt.datetime) else failed_at
-        attempts += sum(int(d.get("count") or 1) for d in deaths)
+        attempts = headers.clamp_attempts(
+            attempts + sum(int(d.get("count") or 1) for d in deaths))
     message_id = properties.message_id or failure.message_id
     if not message_id:
         # No id anywhere: the content and its death make one (identical twins share it).

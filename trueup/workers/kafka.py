@@ -78,7 +78,8 @@ class KafkaWorker:
         self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
         self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
-        self._assigned: set[tuple[str, int]] = set()  # whose lag this worker reports
+        # What the rebalance callbacks assigned: whose messages are handled, whose lag reported.
+        self._assigned: set[tuple[str, int]] = set()
 
     def retry_topic(self, failed_attempts: int) -> str:
         return f"{self.topic}.retry.{min(max(1, failed_attempts), self.tiers)}"
@@ -107,20 +108,22 @@ class KafkaWorker:
                "topic.metadata.refresh.interval.ms": 5000,
                "statistics.interval.ms": max(100, int(self.lag_interval_seconds * 1000)),
                "stats_cb": self._on_stats, **self.consumer_overrides})
-        producer = kafka.create_producer(self.properties, what=self.what)
-        consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
-                           on_revoke=self._on_revoke, on_lost=self._on_lost)
-        log.info("worker.started", broker="kafka", topic=self.topic, group=self.group)
         try:
-            while not stop.is_set():
-                HEALTH.progressed()  # the loop turns: not stuck, even when idle
-                self._resume_due(consumer)
-                for message in self._next_messages(consumer):
-                    if stop.is_set():
-                        break
-                    self._one(consumer, producer, message)
+            producer = kafka.create_producer(self.properties, what=self.what)
+            try:
+                consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
+                                   on_revoke=self._on_revoke, on_lost=self._on_lost)
+                log.info("worker.started", broker="kafka", topic=self.topic, group=self.group)
+                while not stop.is_set():
+                    HEALTH.progressed()  # the loop turns: not stuck, even when idle
+                    self._resume_due(consumer)
+                    for message in self._next_messages(consumer):
+                        if stop.is_set():
+                            break
+                        self._one(consumer, producer, message)
+            finally:
+                producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
         finally:
-            producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
             consumer.close()  # commits the stored offsets (auto commit), leaves the group
             self._forget_lag(list(self._assigned))
             log.info("worker.stopped", broker="kafka", topic=self.topic, group=self.group)
@@ -136,14 +139,23 @@ class KafkaWorker:
             raise kafka.translate(KafkaException(error), self.what)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
+        if (topic, partition) not in self._assigned:
+            # Polled just before consume() ran a rebalance that revoked its partition: its
+            # owner now reads it again from the committed offset.
+            log.debug("worker.skipped_revoked", group=self.group, topic=topic,
+                      partition=partition, offset=offset)
+            return
         if (topic, partition) in self._paused:
             return  # fetched before the pause; the seek brings it back when due
         text = headers.from_kafka(message.headers())
         if topic != self.topic:
-            due_ms = int(text.get(headers.NOT_BEFORE) or 0)
-            wait = due_ms / 1000 - time.time()
-            if wait > 0:
-                self._pause(consumer, topic, partition, offset, wait)
+            # Not a number: due now. Never further off than the policy's longest delay, which
+            # bounds every retry a worker writes: a far-off time (a wrong clock, a hand-made
+            # header) must not hold up the partition for good.
+            due_ms = headers.integer(text.get(headers.NOT_BEFORE)) or 0
+            wait_ms = min(due_ms - int(time.time() * 1000), int(self.policy.max_seconds * 1000))
+            if wait_ms > 0:
+                self._pause(consumer, topic, partition, offset, wait_ms / 1000)
                 return
         with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                   offset=offset, group=self.group):
@@ -164,28 +176,53 @@ class KafkaWorker:
                             message_id=failure.message_id or f"{topic}:{partition}:{offset}")
         settlement = settle(self.handler, delivery, self.policy, failure)
         if settlement.action is not Action.ACK:
-            extra = {}
+            changes = settlement.failure.write()
             if settlement.action is Action.RETRY:
                 target = self.retry_topic(settlement.failure.attempts)
                 due = time.time() + settlement.delay_seconds
-                extra[headers.NOT_BEFORE] = str(int(due * 1000))
+                changes[headers.NOT_BEFORE] = str(int(due * 1000))
             else:
                 target = self.dead_letter_topic
+            # From the raw headers, not ``text``: the message's own travel on byte for byte.
+            copied = headers.kafka_copy(message.headers(), changes)
             with forwarding(settlement, target):
                 kafka.publish(producer, target, value=message.value(), key=message.key(),
-                              headers=headers.to_kafka(tracing.inject(
-                                  headers.merged(text, settlement.failure, **extra))),
-                              what=f"{self.what}: {target}")
+                              headers=tracing.inject(copied), what=f"{self.what}: {target}")
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
-        consumer.store_offsets(message=message)
+        try:
+            consumer.store_offsets(message=message)
+        except KafkaException as exc:
+            if not self._revoked(consumer, exc, topic, partition, offset):
+                raise
         record_settlement(self.group, settlement)
 
     def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
                wait: float) -> None:
         tp = TopicPartition(topic, partition, offset)
         consumer.pause([tp])
-        consumer.seek(tp)
+        try:
+            consumer.seek(tp)
+        except KafkaException as exc:
+            if not self._revoked(consumer, exc, topic, partition, offset):
+                raise
+            return  # the pause is undone when the partition is assigned again
         self._paused[(topic, partition)] = time.monotonic() + wait
+
+    def _revoked(self, consumer: Consumer, exc: KafkaException, topic: str, partition: int,
+                 offset: int) -> bool:
+        """True (and logged) when ``exc`` says the partition of a message is no longer this
+        consumer's: a rebalance took it while the message was in hand. Its new owner reads the
+        message again from the committed offset (at least once)."""
+        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        if error is None or error.code() not in (KafkaError._STATE,
+                                                 KafkaError._UNKNOWN_PARTITION):
+            return False
+        if any(tp.topic == topic and tp.partition == partition
+               for tp in consumer.assignment()):
+            return False  # still ours: a real failure, never to be passed over
+        log.warning("worker.partition_revoked", group=self.group, topic=topic,
+                    partition=partition, offset=offset, error=error.str())
+        return True
 
     def _resume_due(self, consumer: Consumer) -> None:
         now = time.monotonic()
@@ -237,6 +274,10 @@ class KafkaWorker:
                 metrics.CONSUMER_LAG.remove(topic, str(partition))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps an application's pause on a partition through unassign and reassign:
+        # a retry partition paused when the group rebalanced would never be fetched again.
+        # Its retry, fetched anew, pauses it again until due.
+        consumer.resume(partitions)
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._assigned.add((tp.topic, tp.partition))

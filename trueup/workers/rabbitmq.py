@@ -7,14 +7,20 @@ without consumers whose messages expire after the policy's delay (per-message ``
 and are dead-lettered by RabbitMQ back to ``queue``. The attempt count travels in trueup's own
 header: RabbitMQ 4 ignores an ``x-death`` set by a client.
 
+The handler runs on a thread of its own while the worker keeps the connection serviced
+(heartbeats): a handler slower than the heartbeat timeout must not get the connection dropped,
+its ack refused and its message delivered again. Acks stay on the connection's thread.
+
 When the connection drops (broker restart, network) the worker reconnects with growing pauses;
 unacked messages are delivered again, so a handler may see a message twice (at least once).
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +38,7 @@ from trueup.workers.runtime import (
     Delivery,
     Handler,
     Reconnect,
+    Settlement,
     forwarding,
     record_settlement,
     serving,
@@ -42,6 +49,8 @@ log = get_logger(__name__)
 
 PREFETCH = 20
 IDLE_SECONDS = 0.25
+HEARTBEAT_SECONDS = 10  # a dead broker is noticed within two of them
+SERVICE_SECONDS = 0.2   # while a handler runs, the connection is serviced this often
 RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed,
                                                      *rabbitmq.CONNECTION_ERRORS)
 
@@ -52,12 +61,14 @@ class RabbitWorker:
     ``metrics_port``: serve ``/metrics``, ``/healthz`` and ``/readyz`` on that port of
     127.0.0.1 while :meth:`run` runs (0: any free port); readiness checks RabbitMQ and, when
     ``database`` (a Postgres DSN the handler depends on) is given, the database too.
+    ``heartbeat_seconds``: the AMQP heartbeat timeout of the worker's connection.
     """
 
     def __init__(self, *, url: str, queue: str, handler: Handler, policy: RetryPolicy,
                  dead_letter_queue: str, prefetch: int = PREFETCH, name: str | None = None,
                  retry_queues: int | None = None, metrics_port: int | None = None,
-                 database: str | None = None) -> None:
+                 database: str | None = None,
+                 heartbeat_seconds: int = HEARTBEAT_SECONDS) -> None:
         self.url = url
         self.queue = queue
         self.handler = handler
@@ -68,7 +79,9 @@ class RabbitWorker:
         self.tiers = max(1, policy.retries if retry_queues is None else retry_queues)
         self.metrics_port = metrics_port
         self.database = database
+        self.heartbeat_seconds = heartbeat_seconds
         self.what = f"worker {self.name} on {queue}"
+        self._handling: ThreadPoolExecutor | None = None
 
     def delay_queue(self, failed_attempts: int) -> str:
         return f"{self.queue}.retry.{min(max(1, failed_attempts), self.tiers)}"
@@ -86,19 +99,26 @@ class RabbitWorker:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting whenever the connection is lost."""
         reconnect = Reconnect()
-        with serving(self.metrics_port, database=self.database, rabbitmq=self.url):
-            while not stop.is_set():
-                try:
-                    self._session(stop, reconnect)
-                except RECONNECT_ERRORS as exc:
-                    log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
-                                error=f"{type(exc).__name__}: {exc}",
-                                pause_seconds=reconnect.pause)
-                    reconnect.wait(stop)
+        self._handling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-handler")
+        try:
+            with serving(self.metrics_port, database=self.database, rabbitmq=self.url):
+                while not stop.is_set():
+                    try:
+                        self._session(stop, reconnect)
+                    except RECONNECT_ERRORS as exc:
+                        log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
+                                    error=f"{type(exc).__name__}: {exc}",
+                                    pause_seconds=reconnect.pause)
+                        reconnect.wait(stop)
+        finally:
+            # A handler still running after a lost connection finishes before run() returns.
+            self._handling.shutdown(wait=True)
+            self._handling = None
         log.info("worker.stopped", broker="rabbitmq", queue=self.queue)
 
     def _session(self, stop: threading.Event, reconnect: Reconnect) -> None:
-        connection = rabbitmq.connect_retrying(self.url, what=self.what)
+        connection = rabbitmq.connect_retrying(self.url, what=self.what,
+                                               heartbeat=self.heartbeat_seconds)
         try:
             self.declare(connection)
             channel = rabbitmq.confirmed_channel(connection, prefetch=self.prefetch)
@@ -130,7 +150,7 @@ class RabbitWorker:
         message_id = properties.message_id or failure.message_id or uuid.uuid4().hex
         delivery = Delivery(body=body, key=None, headers=text, source=self.queue,
                             attempt=failure.attempts + 1, message_id=message_id)
-        settlement = settle(self.handler, delivery, self.policy, failure)
+        settlement = self._handled(channel, delivery, failure)
         if settlement.action is not Action.ACK:
             record = settlement.failure
             record = replace(record, origin=self.queue, group=self.name)
@@ -151,3 +171,15 @@ class RabbitWorker:
         # Only now, with the handler done or its copy confirmed, does the message leave.
         channel.basic_ack(method.delivery_tag)
         record_settlement(self.name, settlement)
+
+    def _handled(self, channel: BlockingChannel, delivery: Delivery,
+                 failure: headers.Failure) -> Settlement:
+        """:func:`settle` on the handler thread (in this thread's trace context), servicing the
+        connection until it is done. One handler at a time: a handler left running by a lost
+        connection holds up the next one, never runs beside it."""
+        assert self._handling is not None
+        running = self._handling.submit(contextvars.copy_context().run, settle, self.handler,
+                                        delivery, self.policy, failure)
+        while not wait([running], timeout=SERVICE_SECONDS).done:
+            channel.connection.process_data_events(time_limit=0)
+        return running.result()
