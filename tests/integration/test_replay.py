@@ -324,6 +324,44 @@ def test_rabbitmq_broker_made_dead_letters_are_inspected_in_place_and_replayed(
 
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
+def test_rabbitmq_letter_that_waited_in_a_workers_delay_queue_counts_only_its_failures(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    # Waiting out a retry delay leaves an "expired" x-death of the worker's own delay queue:
+    # no failure. Counted as one, a letter at max_attempts - 1 was parked instead of replayed.
+    work, dlq = unique("count"), unique("count.dlq")
+    delay = f"{work}.retry.2"
+    queues.declare(dlq)
+    queues.declare(work, arguments={"x-dead-letter-exchange": "",
+                                    "x-dead-letter-routing-key": dlq})
+    queues.declare(delay, arguments={"x-dead-letter-exchange": "",
+                                     "x-dead-letter-routing-key": work, "x-message-ttl": 50})
+    queues.publish(delay, b'{"id": 1}', message_id="c1",
+                   headers_={headers.ATTEMPTS: "2", headers.ORIGIN: work})
+    wait_until(lambda: queues.depth(work) == 1, "the retry back in its work queue")
+    channel = queues.connection.channel()
+    method, _, _ = channel.basic_get(work, auto_ack=False)
+    assert method is not None
+    channel.basic_reject(method.delivery_tag, requeue=False)  # a third failure: dead-lettered
+    channel.close()
+    wait_until(lambda: queues.depth(dlq) == 1, "the dead letter")
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"count": {"connection": "amqp", "queue": dlq, "max_attempts": 4}}))
+
+    box = open_letterbox(config, "count")
+    try:
+        letters = [i.letter for b in box.letters(batch_size=10, take=False) for i in b]
+    finally:
+        box.close()
+    assert [(x.attempts, x.origin, x.error_class) for x in letters] == [
+        (3, work, "rabbitmq.rejected")]
+    done = replay(config, "count")
+    assert (done.moved, done.parked) == (1, 0)
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
 def test_replay_of_an_unknown_queue_or_a_bad_filter_is_one_clear_line(
         amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
         tmp_path: Path) -> None:

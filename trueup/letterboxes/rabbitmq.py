@@ -60,8 +60,8 @@ def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
         error = f"rabbitmq.{_text(latest.get('reason')) or 'dead_lettered'}"
         when = latest.get("time")
         failed_at = when if isinstance(when, dt.datetime) else failed_at
-        attempts = headers.clamp_attempts(
-            attempts + sum(int(d.get("count") or 1) for d in deaths))
+        attempts = headers.clamp_attempts(attempts + sum(
+            int(d.get("count") or 1) for d in deaths if not _waited(d, origin)))
     message_id = properties.message_id or failure.message_id
     if not message_id:
         # No id anywhere: the content and its death make one (identical twins share it).
@@ -72,6 +72,14 @@ def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
                       error_class=error or UNKNOWN_ERROR, attempts=attempts,
                       failed_at=failed_at or _stamp(properties),
                       generation=failure.replay_id or 0, headers=text, record=failure)
+
+
+def _waited(death: dict[str, Any], origin: str | None) -> bool:
+    """A death that was no failure: the message waited out a retry delay in its worker's
+    delay queue (``<origin>.retry.<n>``), which expires it back to the work queue."""
+    queue = _text(death.get("queue")) or ""
+    return (_text(death.get("reason")) == "expired" and origin is not None
+            and queue.startswith(f"{origin}.retry.") and queue.rpartition(".")[2].isdigit())
 
 
 def _stamp(properties: pika.BasicProperties) -> dt.datetime | None:
