@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -31,12 +32,19 @@ from tests.integration.test_workers_support import (
 from trueup import headers
 from trueup.brokers import kafka
 from trueup.brokers.kafka import KafkaFailed
-from trueup.config import load_config
+from trueup.config import Config, load_config
 from trueup.dlq import inspect
 from trueup.letterboxes import kafka as letterbox_kafka
 from trueup.letterboxes import open_letterbox
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
 from trueup.replay import replay
+
+
+def _loaded(tmp_path: Path, state: str, bootstrap: str, amqp: str,
+            **dead_letters: dict[str, Any]) -> Config:
+    """The loaded config of the stack with these ``dead_letters``."""
+    return load_config(write_config(tmp_path, state=state, bootstrap=bootstrap, amqp=amqp,
+                                    dead_letters=dead_letters))
 
 
 def _events(state: str) -> list[tuple[str, str]]:
@@ -140,9 +148,8 @@ def test_kafka_letterbox_has_its_producer_before_the_first_letters_and_inspectin
     dlq = unique("early.dlq")
     topics.create(dlq)
     produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(3)])
-    config = load_config(write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap,
-                                      amqp=amqp_url,
-                                      dead_letters={"early": {"connection": "bus", "topic": dlq}}))
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     early={"connection": "bus", "topic": dlq})
     box = open_letterbox(config, "early")
     assert isinstance(box, KafkaLetterbox)
     try:
@@ -173,9 +180,8 @@ def test_kafka_dlq_written_in_a_transaction_is_read_to_its_end(
     for n in range(3):
         producer.produce(dlq, value=json.dumps({"id": n}).encode(), key=str(n))
     producer.commit_transaction(30)
-    config = load_config(write_config(
-        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-        dead_letters={"tx": {"connection": "bus", "topic": dlq, "replay_to": target}}))
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     tx={"connection": "bus", "topic": dlq, "replay_to": target})
 
     report = inspect(config, "tx")
     assert (report.inspected, report.by_error) == (3, {"unknown": 3})
@@ -197,9 +203,8 @@ def test_kafka_copies_the_destination_refuses_leave_their_letters_in_the_dlq(
                         config={"max.message.bytes": "2000"})
     topics.track(target)
     produce_json(kafka_bootstrap, dlq, [{"id": 1}, {"id": 2, "note": "x" * 5000}, {"id": 3}])
-    config = load_config(write_config(
-        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-        dead_letters={"refused": {"connection": "bus", "topic": dlq, "replay_to": target}}))
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     refused={"connection": "bus", "topic": dlq, "replay_to": target})
 
     with pytest.raises(KafkaFailed, match=r"messages refused.*too large"):
         replay(config, "refused")
@@ -221,9 +226,8 @@ def test_kafka_letter_with_an_attempt_count_past_an_integer_is_parked_and_record
     topics.track(parking)
     produce_json(kafka_bootstrap, dlq, [{"id": 1}],
                  extra_headers={headers.ATTEMPTS: "3000000000", headers.ORIGIN: "orders"})
-    config = load_config(write_config(
-        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-        dead_letters={"huge": {"connection": "bus", "topic": dlq, "parking": parking}}))
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     huge={"connection": "bus", "topic": dlq, "parking": parking})
 
     done = replay(config, "huge")
     assert (done.moved, done.parked) == (0, 1)
@@ -345,9 +349,8 @@ def test_rabbitmq_letter_that_waited_in_a_workers_delay_queue_counts_only_its_fa
     channel.basic_reject(method.delivery_tag, requeue=False)  # a third failure: dead-lettered
     channel.close()
     wait_until(lambda: queues.depth(dlq) == 1, "the dead letter")
-    config = load_config(write_config(
-        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-        dead_letters={"count": {"connection": "amqp", "queue": dlq, "max_attempts": 4}}))
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     count={"connection": "amqp", "queue": dlq, "max_attempts": 4})
 
     box = open_letterbox(config, "count")
     try:
