@@ -245,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # long work (a replay, a backfill) can be scraped while it runs
             from trueup.metrics import serve_metrics
 
-            metrics = serve_metrics(_metrics_port(port))
+            try:
+                metrics = serve_metrics(_metrics_port(port))
+            except OSError as exc:
+                raise UsageError(f"{METRICS_PORT_ENV}: cannot serve metrics on port {port}: "
+                                 f"{exc.strerror}") from exc
         if args.command == "backfill":
             _check_backfill_args(args)
         config = load_config(config_path(args.config))
@@ -256,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("trueup: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a failure nothing foresaw: trouble, never "differences found"
+        from trueup.log import get_logger
+
+        get_logger(__name__).error("cli.unexpected_error", exc_info=True)
+        reason = str(exc).strip().splitlines()
+        print(f"trueup: unexpected error: {type(exc).__name__}"
+              f"{': ' + reason[0] if reason else ''}", file=sys.stderr)
+        return EXIT_TROUBLE
     finally:
         if metrics is not None:
             metrics.close()

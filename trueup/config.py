@@ -38,6 +38,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+#: The longest duration a config may give (a grace, a retry delay): a year.
+MAX_DURATION = dt.timedelta(days=366)
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -50,12 +52,17 @@ def _duration(value: Any) -> dt.timedelta:
         return value
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as 500ms, 30s, 10m, 1h or 2d (got {value!r})")
+    seconds: float | None = None
     if isinstance(value, int | float) and value >= 0:
-        return dt.timedelta(seconds=value)
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if not match:
+        seconds = value
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _DURATION_UNITS_SECONDS[match.group(2)]
+    if seconds is None:
         raise ValueError(f"expected a duration such as 500ms, 30s, 10m, 1h or 2d (got {value!r})")
-    return dt.timedelta(seconds=float(match.group(1)) * _DURATION_UNITS_SECONDS[match.group(2)])
+    if not seconds <= MAX_DURATION.total_seconds():  # also false for nan
+        raise ValueError(f"expected a duration of at most {MAX_DURATION.days} days "
+                         f"(got {value!r})")
+    return dt.timedelta(seconds=seconds)
 
 
 def _identifier(value: str) -> str:
@@ -252,6 +259,9 @@ class ReconciliationConfig(_Model):
             raise ValueError("target.version needs source.version to compare against")
         if self.partitions is not None and self.source.updated_at is None:
             raise ValueError("partitions need source.updated_at (the column a day is cut on)")
+        if self.grace and self.source.updated_at is None:
+            raise ValueError("grace needs source.updated_at (the column that says a row was "
+                             "updated within it)")
         if self.repair is RepairMode.UPSERT and self.target.is_topic:
             raise ValueError("repair: upsert needs a table target; use republish for a topic")
         if self.repair is RepairMode.REPUBLISH and not self.target.is_topic:
@@ -352,6 +362,9 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
         text = Path(file).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(file, "", f"cannot read the config file: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "", f"the config file is not UTF-8 text: {exc.reason} at byte "
+                                    f"{exc.start}") from exc
     return parse_config(text, file, os.environ if environ is None else environ)
 
 

@@ -16,6 +16,10 @@ from trueup.queries import query
 from trueup.state import open_state
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_key(text: str, parts: int) -> list[list[Any]]:
     """The stored forms a command-line KEY may have: ``42`` is ``[42]`` or ``["42"]``.
 
@@ -24,7 +28,8 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
     JSON form and its text are looked up.
     """
     try:
-        parsed = json.loads(text)
+        # NaN and Infinity are JSON to Python, not to Postgres: such a key is its text
+        parsed = json.loads(text, parse_constant=_not_json)
     except ValueError:
         parsed = None if parts > 1 else text
     if parts > 1:

@@ -136,7 +136,7 @@ class Validator:
             return Finding(path=path, ok=True, message=f"rabbitmq {redact(conn.rabbitmq)}")
         except TrueupError as exc:
             return Finding(path=path, ok=False, message=str(exc).removeprefix(f"{path}: "))
-        except sa.exc.SQLAlchemyError as exc:
+        except (sa.exc.SQLAlchemyError, ValueError) as exc:  # ValueError: a malformed DSN
             return Finding(path=path, ok=False, message=f"cannot connect: {first_line(exc)}")
 
     # -- reconciliations -----------------------------------------------------------------------

@@ -142,6 +142,13 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any], dict[str, str]], None], str]] 
      lambda c, w: c["connections"].update(billing={"postgres":
                                                    "postgresql://postgres@127.0.0.1:1/x"}),
      "connections.billing: cannot connect: "),
+    ("malformed postgres DSN",
+     lambda c, w: c["connections"].update(billing={"postgres":
+                                                   "postgresql://postgres@127.0.0.1:5432x/x"}),
+     "connections.billing: cannot connect: "),
+    ("kafka property librdkafka does not know",
+     lambda c, w: c["connections"]["bus"]["kafka"].update({"bootstrap.server": w["kafka"]}),
+     'connections.bus: No such configuration property: "bootstrap.server"'),
 ]
 
 

@@ -64,5 +64,6 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
     assert parse_key("abc", 1) == [["abc"]]
     assert parse_key('["eu", 1]', 2) == [["eu", 1]]
     assert parse_key("[7]", 1) == [[7]]
+    assert parse_key("NaN", 1) == [["NaN"]]  # JSON to Python, not to Postgres
     with pytest.raises(UsageError, match="JSON array of 2"):
         parse_key("eu", 2)

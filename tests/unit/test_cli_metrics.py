@@ -47,3 +47,36 @@ def test_a_bad_metrics_port_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     assert cli.main(["--config", str(config), "status"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "TRUEUP_METRICS_PORT: expected a port number (got 'nope')")
+
+
+def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(cli.METRICS_PORT_ENV, str(port))
+        assert cli.main(["--config", str(config), "status"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"TRUEUP_METRICS_PORT: cannot serve metrics on port {port}: Address already in use")
+
+
+def test_an_unforeseen_error_is_trouble_in_one_line_never_differences_found(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+
+    def broken(config: Config, args: argparse.Namespace) -> int:
+        raise OverflowError("date value out of range\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "status", broken)
+    monkeypatch.setenv("TRUEUP_LOG_FORMAT", "json")
+    assert cli.main(["--config", str(config), "status"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    said = [line for line in lines if not line.startswith('{"at": ')]
+    assert said == ["trueup: unexpected error: OverflowError: date value out of range"]
+    assert any('"event": "cli.unexpected_error"' in line and "Traceback" in line
+               for line in lines), "the traceback is logged for whoever debugs it"

@@ -93,6 +93,14 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: _rec(r).update(grace="soon"),
      "trueup.yaml: reconciliations.orders_events.grace: expected a duration such as 500ms, 30s, "
      "10m, 1h or 2d (got 'soon')"),
+    ("endless duration",
+     lambda r: _rec(r).update(grace=float("inf")),
+     "trueup.yaml: reconciliations.orders_events.grace: expected a duration of at most 366 days "
+     "(got inf)"),
+    ("grace without updated_at",
+     lambda r: _rec(r, "orders_invoices").update(grace="1m"),
+     "trueup.yaml: reconciliations.orders_invoices: grace needs source.updated_at (the column "
+     "that says a row was updated within it)"),
     ("bad cron",
      lambda r: _rec(r).update(schedule="every hour"),
      "trueup.yaml: reconciliations.orders_events.schedule: expected a 5-field cron expression "
@@ -179,6 +187,15 @@ def test_missing_file_is_one_line() -> None:
         load_config("/nonexistent/trueup.yaml")
     assert str(caught.value) == ("/nonexistent/trueup.yaml: cannot read the config file: "
                                  "No such file or directory")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "trueup.yaml"
+    path.write_bytes(b"state: caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == (f"{path}: the config file is not UTF-8 text: invalid "
+                                 f"continuation byte at byte 10")
 
 
 def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -38,8 +38,8 @@ def translate(exc: KafkaException, what: str) -> TrueupError:
 
 def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
     """An AdminClient that has answered a metadata request (so the cluster is reachable)."""
-    admin = AdminClient({**properties, "socket.connection.setup.timeout.ms": 5000})
-    try:
+    try:  # the constructor already refuses a property librdkafka does not know
+        admin = AdminClient({**properties, "socket.connection.setup.timeout.ms": 5000})
         admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
     except KafkaException as exc:
         raise translate(exc, what) from exc
