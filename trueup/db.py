@@ -12,9 +12,11 @@ from trueup.errors import ConnectionFailed
 
 CONNECT_TIMEOUT_SECONDS = 10
 #: Session settings every trueup connection runs with. Canonical renderings depend on
-#: extra_float_digits (shortest round-trip float text); JIT compiling costs more than it saves
-#: on trueup's one-pass scans (measured: a 5M-row checksum pass, 6.9 s with JIT, 4.7 s without).
-SESSION_OPTIONS = "-c extra_float_digits=1 -c jit=off"
+#: extra_float_digits (shortest round-trip float text) and TimeZone (a timestamp without time
+#: zone reads as UTC wherever it meets a timestamptz, whatever the server's own zone); JIT
+#: compiling costs more than it saves on trueup's one-pass scans (measured: a 5M-row checksum
+#: pass, 6.9 s with JIT, 4.7 s without).
+SESSION_OPTIONS = "-c extra_float_digits=1 -c jit=off -c TimeZone=UTC"
 _PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
 
 

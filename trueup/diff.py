@@ -94,12 +94,14 @@ def diff(config: Config, name: str, *, partition: str | None = None,
         try:
             summary = _run(config, name, rec, run_id, started_at, day, state, started,
                            on_difference or (lambda d: None), progress or (lambda *a: None))
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, TrueupError) else first_line(exc)
+        except BaseException as exc:  # Ctrl-C and a Dagster termination too: never left running
+            reason = (str(exc) if isinstance(exc, TrueupError) else
+                      first_line(exc) if isinstance(exc, Exception) else
+                      f"interrupted ({type(exc).__name__})")
             metrics.DIFF_RUNS.labels(name, "failed").inc()
             _record_failure(config.state, run_id, reason, time.monotonic() - started)
             log.error("diff.failed", reconciliation=name, run_id=run_id, error=reason)
-            if isinstance(exc, TrueupError):
+            if isinstance(exc, TrueupError) or not isinstance(exc, Exception):
                 raise
             raise DiffFailed(f"diff {name}: run {run_id} failed: {reason}") from exc
     metrics.record_diff(summary)
@@ -377,7 +379,9 @@ def _suspects(c: Comparison, source_conn: psycopg.Connection[Any],
 def _source_extra(c: Comparison) -> list[sql.Composable]:
     if c.source.updated_at is None:
         return []
-    return [sql.SQL("{} AS updated_at").format(c.source.updated_at)]
+    # timestamptz whatever the column is (a timestamp or a date reads as UTC): compared with
+    # the run's start, an aware time
+    return [sql.SQL("({})::timestamptz AS updated_at").format(c.source.updated_at)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -431,8 +431,13 @@ def _jsonb_string(text: str) -> str:
 
 
 def loads(payload: bytes | str) -> Any:
-    """Parse a JSON message keeping numbers exact (decimals stay :class:`decimal.Decimal`)."""
-    return json.loads(payload, parse_float=decimal.Decimal)
+    """Parse a JSON message keeping numbers exact (decimals stay :class:`decimal.Decimal`).
+
+    Raises ValueError for anything that cannot be read, JSON nested too deeply included."""
+    try:
+        return json.loads(payload, parse_float=decimal.Decimal)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
 
 
 # ---------------------------------------------------------------------------------------------

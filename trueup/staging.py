@@ -70,6 +70,9 @@ def _record_value(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     return column
 
 
+_REFUSED = "not storable in Postgres: "
+
+
 class Merger:
     """Stages and merges batches for one mirror; owns the connection while it runs."""
 
@@ -110,17 +113,43 @@ class Merger:
                     cur.execute(self._parse_sql)
                     self._finish(cur)
                 return
-            except (psycopg.errors.DataError, UnicodeDecodeError) as exc:
+            # StatementTooComplex: JSON nested past the server's stack depth
+            except (psycopg.errors.DataError, psycopg.errors.StatementTooComplex,
+                    UnicodeDecodeError) as exc:
                 self.fallbacks += 1
                 log.info("mirror.batch_parsed_in_python", reconciliation=self.shape.name,
                          reason=str(exc).splitlines()[0][:200])
         copy_sql = sql.SQL("COPY trueup_stage ({}) FROM STDIN").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in self.columns))
         with self.conn.transaction(), self.conn.cursor() as cur:
-            with cur.copy(copy_sql) as copy:
-                for row in self.python_rows(messages):
-                    copy.write_row(row)
+            self._stage_storable(cur, copy_sql, list(self.python_rows(messages)))
             self._finish(cur)
+
+    def _stage_storable(self, cur: psycopg.Cursor[Any], copy_sql: sql.Composed,
+                        rows: list[tuple[Any, ...]]) -> None:
+        """COPY ``rows`` into the stage; a row Postgres refuses (a NUL in text, a number past
+        its column's range) is staged as unreadable instead, found by halving the batch."""
+        try:
+            with self.conn.transaction(), cur.copy(copy_sql) as copy:  # a savepoint
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.errors.DataError as exc:
+            if len(rows) > 1:
+                half = len(rows) // 2
+                self._stage_storable(cur, copy_sql, rows[:half])
+                self._stage_storable(cur, copy_sql, rows[half:])
+            elif rows[0][-1] is None or not rows[0][-1].startswith(_REFUSED):
+                self._stage_storable(cur, copy_sql, [self._refused(rows[0], exc)])
+            else:
+                raise  # even its unreadable stand-in was refused: nothing left to try
+
+    def _refused(self, row: tuple[Any, ...], exc: psycopg.Error) -> tuple[Any, ...]:
+        partition, offset, message_key, tombstone = row[:4]
+        if message_key is not None:
+            message_key = message_key.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+        blank = (None,) * (len(self.columns) - 6)  # keys, version and fields
+        reason = f"{_REFUSED}{str(exc).strip().splitlines()[0]}"
+        return (partition, offset, message_key, tombstone, *blank, None, reason)
 
     def _finish(self, cur: psycopg.Cursor[Any]) -> None:
         for statement in self._merge_sql:

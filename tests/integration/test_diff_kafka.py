@@ -168,6 +168,29 @@ def test_every_class_is_found_against_a_topic_on_every_key_shape(
     assert (summary.source_rows, summary.target_rows) == (7, 7)  # 6 keys and the orphan
 
 
+def test_messages_postgres_cannot_store_are_unreadable_and_never_stop_the_mirror(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    _orders(source, 3)
+    deep = b'{"id": 3, "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    messages: list[tuple[str | None, Any]] = [
+        ("1", _event(1)),
+        ("2", _event(2, state="a\u0000b")),              # a NUL Postgres text cannot hold
+        (str(2**70), _event(3, id=2**70)),                # a key past bigint
+        ("3", deep),                                      # JSON nested past any parser
+        ("nul\u0000key", None),                           # a tombstone keyed with a NUL
+    ]
+    _produce(kafka_bootstrap, topic, messages)
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+
+    first = diff(config, "events")
+    assert (first.unreadable, first.missing, first.target_rows) == (4, 2, 1)
+    _produce(kafka_bootstrap, topic, [("2", _event(2)), ("3", _event(3))])
+    second = diff(config, "events")  # the mirror moved past them: the fixes are read
+    assert (second.unreadable, second.missing, second.target_rows) == (2, 0, 3)
+
+
 def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:

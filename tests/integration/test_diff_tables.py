@@ -229,6 +229,49 @@ def test_rows_changed_within_grace_are_in_flight_and_do_not_fail(
     assert summary.consistent
 
 
+@pytest.mark.parametrize("column_type", ["timestamp", "date"])
+def test_grace_works_with_an_updated_at_without_time_zone_on_a_server_in_another_zone(
+        column_type: str, new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    source_rows = [(1, 2, "new", 5, now), (2, 2, "old", 5, now - dt.timedelta(days=5)),
+                   (3, 1, "same", 5, now - dt.timedelta(days=5))]
+    target_rows = [(1, 1, "new", 5), (2, 1, "old", 5), (3, 1, "same", 5)]
+    config = _simple(new_db, state_db, tmp_path, source_rows, target_rows, grace="2d")
+    source, target = config.connections["shop"].postgres, config.connections["billing"].postgres
+    assert source is not None and target is not None
+    for dsn in (source, target):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{dsn.rsplit("/", 1)[1]}" SET timezone = '
+                         "'America/Los_Angeles'")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET placed_at = '2026-03-01 12:00+00'")
+        # UTC wall times without a zone, as an application writing UTC keeps them
+        conn.execute(f"ALTER TABLE public.orders ALTER COLUMN updated_at TYPE {column_type} "
+                     "USING updated_at AT TIME ZONE 'UTC'")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("UPDATE billing.invoices SET placed = '2026-03-01 12:00+00'")
+        conn.execute("ALTER TABLE billing.invoices ALTER COLUMN placed TYPE timestamp "
+                     "USING placed AT TIME ZONE 'UTC'")
+    summary = diff(config, "orders")
+    assert (summary.in_flight, summary.stale, summary.mismatch) == (1, 1, 0)
+
+
+def test_an_interrupted_run_is_marked_failed_not_left_running(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    config = _simple(new_db, state_db, tmp_path, [(1, 2, "s", 1, old)], [(1, 1, "s", 1)])
+
+    def ctrl_c(difference: Difference) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        diff(config, "orders", on_difference=ctrl_c)
+    with psycopg.connect(state_db) as conn:
+        runs = conn.execute("SELECT status, error FROM trueup.runs").fetchall()
+    assert runs == [("failed", "interrupted (KeyboardInterrupt)")]
+    assert diff(config, "orders").stale == 1
+
+
 def test_a_connection_dropped_mid_run_fails_the_run_and_the_next_run_works(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
