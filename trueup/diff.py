@@ -260,6 +260,14 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
             log.info("diff.replanned", segments=plan.count, source_rows=source_total,
                      target_rows=target_total)
             source_sums, target_sums = passes.run(pool, plan, None)
+        if segments.overfull(plan, source_sums, target_sums):
+            # Cut where either side's keys lie, so no segment read holds a side's bulk.
+            plan = segments.merged(
+                segments.plan_segments(source_conn, c.source, c.source_where, source_total),
+                segments.plan_segments(target_conn, c.target, c.target_where, target_total))
+            log.info("diff.replanned", segments=plan.count, source_rows=source_total,
+                     target_rows=target_total, reason="overfull segment")
+            source_sums, target_sums = passes.run(pool, plan, None)
         yield source_total, target_total
         todo = segments.differing(source_sums, target_sums)
         log.info("diff.segments", segments=plan.count, differing=len(todo))

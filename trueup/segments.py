@@ -228,6 +228,20 @@ def too_coarse(segmentation: Segmentation, rows: int) -> bool:
     return segmentation.count * 8 < _wanted(rows)
 
 
+def overfull(segmentation: Segmentation, source: dict[int, tuple[int, int]],
+             target: dict[int, tuple[int, int]]) -> bool:
+    """True when key ranges put more rows in one segment than a batch reads: the other side's
+    keys reach far past the keys the ranges were cut on (a target that kept millions of rows
+    its source purged), and reading that segment would hold them all at once."""
+    return bool(segmentation.bounds) and any(
+        n > FETCH_BATCH_ROWS for sums in (source, target) for n, _ in sums.values())
+
+
+def merged(a: Segmentation, b: Segmentation) -> Segmentation:
+    """Ranges cut at the boundaries of both ``a`` and ``b``: each side's keys spread out."""
+    return Segmentation(bounds=sorted({*a.bounds, *b.bounds}), array_type=a.array_type)
+
+
 def _wanted(rows: int) -> int:
     """How many segments ``rows`` rows should be cut into."""
     return max(1, min(MAX_SEGMENTS, rows // SEGMENT_ROWS))

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import yaml
 
+from trueup import segments
 from trueup.config import Config, load_config
 from trueup.diff import diff
 from trueup.errors import TrueupError
@@ -216,6 +217,37 @@ def test_partition_run_covers_one_day_of_updated_at(
         diff(config, "orders", partition="2025-12-31")
     with pytest.raises(TrueupError, match="expected a day like 2026-01-31"):
         diff(config, "orders", partition="feb")
+
+
+def test_a_target_that_kept_rows_far_beyond_the_source_keys_is_read_in_bounded_batches(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The source purged orders 1-5000, its copy kept them: cut on the source's keys alone,
+    # they all fell into the one open-ended segment below the source's first key, read at once.
+    monkeypatch.setattr(segments, "FETCH_BATCH_ROWS", 1000)
+    largest: list[int] = [0]
+    select = segments._select_segments
+
+    def measured(*args: Any, **kwargs: Any) -> list[Any]:
+        rows = select(*args, **kwargs)
+        largest[0] = max(largest[0], len(rows))
+        return rows
+
+    monkeypatch.setattr(segments, "_select_segments", measured)
+    shape = KEY_SHAPES["bigint"]
+    source, target = new_db(), new_db()
+    _make_tables(source, target, shape)
+    fill = ("INSERT INTO {} SELECT g, 1, 's', 1, '2026-01-01'::timestamptz "
+            "FROM generate_series({}, 10000) g")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(fill.format("public.orders (id, version, status, amount, placed_at)", 5001))
+        conn.execute("ANALYZE public.orders")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(fill.format("billing.invoices", 1))
+        conn.execute("ANALYZE billing.invoices")
+    summary = diff(_config(tmp_path, state_db, source, target, shape), "orders")
+    assert (summary.orphan, summary.missing, summary.mismatch) == (5000, 0, 0)
+    assert largest[0] <= 2 * 1000, f"one read held {largest[0]} rows"
 
 
 def test_rows_changed_within_grace_are_in_flight_and_do_not_fail(
