@@ -25,7 +25,7 @@ from trueup import metrics, segments, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server
 from trueup.errors import TrueupError, UsageError
-from trueup.fingerprint import ColumnType
+from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.runs import (
     Difference,
@@ -427,11 +427,15 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
 def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
                      batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
-    wanted = [sql.SQL("%(k{})s::{}[]").format(sql.SQL(str(i)), sql.Identifier(t.name))
-              for i, t in enumerate(target.key_types)]
+    # Keys travel as built-in types: a mirror's database has none of the source's enums.
+    stored = [storage_type(t) for t in target.key_types]
+    wanted = [sql.SQL("%(k{})s::{}[]").format(sql.SQL(str(i)), s) for i, s in enumerate(stored)]
     names = [sql.Identifier(f"trueup_k{i}") for i in range(len(target.key))]
-    on = sql.SQL(" AND ").join(sql.SQL("{} = u.{}").format(k, n)
-                               for k, n in zip(target.key, names, strict=True))
+    on = sql.SQL(" AND ").join(
+        sql.SQL("{} = u.{}").format(
+            k if s.as_string(None) == sql.Identifier(t.name).as_string(None)
+            else sql.SQL("({})::{}").format(k, s), n)
+        for k, t, s, n in zip(target.key, target.key_types, stored, names, strict=True))
     query = sql.SQL(
         "SELECT {key_text} AS key_text, {version} AS version, {fp} AS fingerprint "
         "FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on}"

@@ -334,6 +334,26 @@ def test_a_partition_run_reads_new_messages_then_compares_that_day_only(
     assert (second.mismatch, second.missing, second.orphan, second.source_rows) == (0, 1, 0, 50)
 
 
+def test_a_partition_run_of_an_enum_key_looks_it_up_in_the_mirror(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    # The mirror lives in the state database, which has none of the source's enum types.
+    source = new_db()
+    day = dt.datetime(2026, 2, 1, 12, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TYPE plan AS ENUM ('free', 'team', 'corp')")
+        conn.execute(ORDERS_DDL.replace("id bigint PRIMARY KEY", "id plan PRIMARY KEY"))
+        conn.execute("INSERT INTO public.orders VALUES ('free', 1, 'new', 1, %s, %s), "
+                     "('team', 1, 'new', 2, %s, %s)", (day, day, day, day))
+    _produce(kafka_bootstrap, topic, [
+        ("free", _event(1, at=day.isoformat()) | {"id": "free"}),
+        ("team", _event(2, "old", at=day.isoformat()) | {"id": "team"})])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"],
+                     partitions={"daily": {"start": "2026-01-01"}})
+    summary = diff(config, "events", partition="2026-02-01")
+    assert (summary.mismatch, summary.missing, summary.source_rows) == (1, 0, 2)
+
+
 def test_a_topic_without_versions_agrees_segment_by_segment_with_a_versioned_source(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
