@@ -127,8 +127,9 @@ class Heartbeat:
     def _connect(self) -> psycopg.Connection[Any]:
         conn = connect(self._state_dsn, what="state", autocommit=True,
                        application_name="trueup backfill heartbeat")
-        # A renewal stuck behind a lock gives up in time for the next one.
-        conn.execute(f"SET statement_timeout = {int(self.lease_seconds / 3 * 1000)}")
+        # A renewal stuck longer than the silence a lease survives is of no use: give up, retry.
+        conn.execute("SET statement_timeout = "
+                     f"{int(self.lease_seconds * self.SILENCE_SHARE * 1000)}")
         return conn
 
     def __enter__(self) -> Heartbeat:
@@ -145,6 +146,7 @@ class Heartbeat:
         params = {"backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
                   "owner": self.owner, "lease_seconds": self.lease_seconds}
         while not self._stop.wait(self.lease_seconds / 3):
+            asked = time.monotonic()  # the server's lease runs from about now
             try:
                 if self._conn is None or self._conn.broken:
                     if self._conn is not None:
@@ -159,7 +161,7 @@ class Heartbeat:
             if row is None and not self._stop.is_set():
                 self.lost.set()
                 return
-            self._renewed = time.monotonic()
+            self._renewed = asked
 
     def hold(self, conn: psycopg.Connection[Any]) -> None:
         """Renew the lease inside ``conn``'s current transaction, or raise :class:`LeaseLost`.
