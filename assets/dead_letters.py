@@ -17,6 +17,7 @@ from typing import Any
 
 import dagster as dg
 from dagster import AssetExecutionContext, OpExecutionContext, SensorEvaluationContext
+from pydantic import Field
 
 from assets.keys import queue_key, topic_key
 from trueup.checks import record_check_results
@@ -47,10 +48,20 @@ class DeadLetterDefinitions:
 class ReplayRunConfig(dg.Config):
     """The options of ``trueup replay``, as run config of a replay job."""
 
-    max: int | None = None
-    rate: float | None = None
+    # bounds are checked when the run starts (_replay), like the CLI's: Dagster's launchpad
+    # does not know pydantic's, and a pydantic error reaches the user as a traceback
+    max: int | None = Field(default=None, description="dead letters to move at most (> 0)")
+    rate: float | None = Field(default=None, description="dead letters per second (> 0)")
     dry_run: bool = True          # launching from the UI is a dry run unless asked otherwise
     where: str | None = None
+
+    def check(self) -> None:
+        """Fail the run with one clear line on a value ``trueup replay`` would refuse."""
+        if self.max is not None and self.max <= 0:
+            raise dg.Failure(f"max: expected a positive integer (got {self.max})")
+        if self.rate is not None and self.rate <= 0:
+            raise dg.Failure(f"rate: expected a positive number of dead letters per second "
+                             f"(got {self.rate})")
 
 
 def check_result(report: DlqReport, *, max_depth: int = MAX_DEPTH,
@@ -110,6 +121,7 @@ def _definitions(config: Config, name: str, *, max_depth: int,
 
     @dg.op(name=f"replay_{name}_op", description=f"trueup replay {name}")
     def _replay(context: OpExecutionContext, config: ReplayRunConfig) -> None:
+        config.check()
         summary = replay(trueup_config, name, ReplayOptions(
             max_messages=config.max, rate=config.rate, dry_run=config.dry_run,
             where=config.where))
@@ -128,9 +140,11 @@ def _definitions(config: Config, name: str, *, max_depth: int,
         depth = inspect(config, name, breakdown=False).depth
         if context.cursor is not None and int(context.cursor) == depth:
             return dg.SensorResult(skip_reason=f"depth still {depth}", cursor=str(depth))
+        # no run key: the cursor already asks once per change, and a key made of depths
+        # repeats when the depth swings back and forth (120, 0, 120, 0), so Dagster would
+        # skip the refresh and leave the asset showing the old depth
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(run_key=f"{name}-depth-{depth}-{context.cursor}",
-                                        tags={"trueup/dead_letters": name,
+            run_requests=[dg.RunRequest(tags={"trueup/dead_letters": name,
                                               "trueup/depth": str(depth)})],
             cursor=str(depth))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+from croniter import croniter
 from dagster import AssetExecutionContext, ScheduleEvaluationContext
 
 from assets.keys import table_key, topic_key
@@ -114,7 +115,8 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
                               description=f"Run reconciliation {name}.")
     schedules: list[dg.ScheduleDefinition] = []
     if rec.schedule:
-        schedules.append(_schedule(name, rec.schedule, job, partitioned=partitions is not None))
+        schedules.append(_schedule(name, rec.schedule, job, start=rec.partitions.daily.start
+                                   if rec.partitions is not None else None))
     return ReconciliationDefinitions(asset=_differences, job=job, schedules=schedules)
 
 
@@ -130,20 +132,35 @@ def _check_results(summary: RunSummary) -> Iterator[dg.AssetCheckResult]:
 
 
 def _schedule(name: str, cron: str, job: Any,
-              *, partitioned: bool) -> dg.ScheduleDefinition:
-    if not partitioned:
+              *, start: dt.date | None) -> dg.ScheduleDefinition:
+    if start is None:
         return dg.ScheduleDefinition(name=f"reconcile_{name}_schedule", job=job,
                                      cron_schedule=cron, execution_timezone="UTC")
 
     @dg.schedule(name=f"reconcile_{name}_schedule", job=job, cron_schedule=cron,
                  execution_timezone="UTC")
-    def _today(context: ScheduleEvaluationContext) -> dg.RunRequest:
-        # each tick checks the day it falls in (UTC), the partition still being written
+    def _days(context: ScheduleEvaluationContext) -> list[dg.RunRequest]:
         moment = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
-        day = moment.astimezone(dt.UTC).date().isoformat()
-        return dg.RunRequest(run_key=f"{name}-{moment.isoformat()}", partition_key=day)
+        return [dg.RunRequest(run_key=f"{name}-{day}-{moment.isoformat()}", partition_key=day)
+                for day in scheduled_days(cron, moment, start)]
 
-    return _today
+    return _days
+
+
+def scheduled_days(cron: str, moment: dt.datetime, start: dt.date) -> list[str]:
+    """The daily partitions a tick of ``cron`` at ``moment`` checks: the day it falls in (UTC),
+    the partition still being written, and, at the first tick of a day, the day before too.
+
+    Without the day before, rows updated after a day's last tick would never be checked by
+    the schedule (``0 2 * * *`` would miss 02:00-24:00 of every day).
+    """
+    utc = moment.astimezone(dt.UTC)
+    day = utc.date()
+    days = [day]
+    previous_tick: dt.datetime = croniter(cron, utc).get_prev(dt.datetime)
+    if previous_tick.astimezone(dt.UTC).date() != day and day - dt.timedelta(days=1) >= start:
+        days.insert(0, day - dt.timedelta(days=1))
+    return [d.isoformat() for d in days]
 
 
 def reconciliation_definitions(config: Config) -> list[ReconciliationDefinitions]:

@@ -1,6 +1,6 @@
-"""Freshness: a check per scheduled reconciliation that fails when its last successful run is
-older than twice its schedule interval (from ``trueup.runs``, so it survives a reset of the
-Dagster instance).
+"""Freshness: a check per scheduled reconciliation that fails when no run succeeded since the
+second-to-last tick of its schedule, a whole tick missed (from ``trueup.runs``, so it survives
+a reset of the Dagster instance; rule in :class:`trueup.checks.Freshness`).
 
 The check ``fresh`` sits on the differences asset, so every reconciliation run re-evaluates it;
 the sensor ``freshness_<name>`` looks at ``trueup.runs`` every minute and runs the check (job
@@ -17,7 +17,7 @@ import dagster as dg
 from dagster import AssetCheckExecutionContext, SensorEvaluationContext
 
 from assets.differences import differences_key
-from trueup.checks import FRESHNESS_INTERVALS, freshness, record_check_results
+from trueup.checks import freshness, record_check_results
 from trueup.config import Config
 from trueup.statuses import CheckSeverity
 
@@ -41,8 +41,8 @@ def _definitions(config: Config, name: str, cron: str
     key = differences_key(name)
 
     @dg.asset_check(asset=key, name=CHECK_NAME,
-                    description=f"The last successful run of {name} is at most "
-                                f"{FRESHNESS_INTERVALS} schedule intervals old ({cron}).")
+                    description=f"{name} succeeded since the second-to-last tick of "
+                                f"its schedule ({cron}, UTC).")
     def _fresh(context: AssetCheckExecutionContext) -> dg.AssetCheckResult:
         state = freshness(config.state, name, cron)
         context.log.info(f"{name}: {state.describe()}")

@@ -7,9 +7,10 @@ partitioned reconciliation, materializing a partition backfills that day. Progre
 done of total, rows per second) is logged while it runs; the result and a sample of the
 row-level lineage become the materialization's metadata.
 
-The sensor watches the differences asset: when a run finds between 1 and
-``auto_repair.max_differences`` repairable differences it launches a backfill of that run;
-above that it only reports (large drift needs a person to look).
+The sensor watches the differences asset: for every run since its last tick (one per
+partition, say) that finds between 1 and ``auto_repair.max_differences`` repairable
+differences it launches a backfill of that run; above that it only reports (large drift needs
+a person to look).
 """
 
 import json
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
-from dagster import AssetExecutionContext, EventLogEntry, SensorEvaluationContext
+from dagster import AssetExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
 from assets.differences import differences_key, partitions_of, source_key
@@ -36,6 +37,8 @@ REPAIRABLE = (DifferenceClass.MISSING, DifferenceClass.ORPHAN, DifferenceClass.S
 #: Repairs rows shown in the materialization's lineage sample.
 LINEAGE_SAMPLE_ROWS = 20
 SCOPES = ("auto", "run", "partition", "all")
+#: Materializations the auto-repair sensor decides on per tick; the rest wait for the next.
+AUTO_REPAIR_BATCH = 100
 
 
 def repairs_key(name: str) -> dg.AssetKey:
@@ -57,9 +60,12 @@ class BackfillRunConfig(dg.Config):
     run_id: int | None = None
     partition: str | None = None
     dry_run: bool = False
-    chunk_size: int = DEFAULT_CHUNK_ROWS
-    rate: float | None = None
-    workers: int = 1
+    # bounds are checked when the run starts (_options), not by pydantic: Dagster's launchpad
+    # does not know them, and a pydantic error reaches the user as a traceback
+    chunk_size: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per chunk (> 0)")
+    rate: float | None = Field(default=None, description="rows per second (> 0); none: as "
+                                                         "fast as it goes")
+    workers: int = Field(default=1, description="worker threads (> 0)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +76,15 @@ class RepairDefinitions:
 
 
 def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOptions:
+    """The backfill the launchpad asks for; a bad value fails the run before anything is
+    planned (0 workers would leave a backfill running that no thread works on, blocking every
+    later one)."""
+    for field, value in (("chunk_size", config.chunk_size), ("workers", config.workers)):
+        if value <= 0:
+            raise dg.Failure(f"{field}: expected a positive integer (got {value})")
+    if config.rate is not None and config.rate <= 0:
+        raise dg.Failure(f"rate: expected a positive number of rows per second "
+                         f"(got {config.rate})")
     scope = config.scope
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
@@ -175,15 +190,9 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
     rec = config.reconciliations[name]
     assert rec.auto_repair is not None
     limit = rec.auto_repair.max_differences
+    key = differences_key(name)
 
-    @dg.asset_sensor(asset_key=differences_key(name), job=job, name=f"auto_repair_{name}",
-                     description=f"Backfill {name} after a run finds 1 to {limit} "
-                                 f"differences; above that only report.")
-    def _auto_repair(context: SensorEvaluationContext,
-                     asset_event: EventLogEntry) -> dg.RunRequest | dg.SkipReason:
-        materialization = asset_event.asset_materialization
-        if materialization is None:
-            return dg.SkipReason("not a materialization")
+    def decide(materialization: dg.AssetMaterialization) -> dg.RunRequest | dg.SkipReason:
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         decision = auto_repair_decision(name, metadata, limit, materialization.partition)
         if isinstance(decision, dg.RunRequest):
@@ -191,15 +200,48 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
             # messages, bad values in the source table's GX suite) stops the auto-repair
             run_id = decision.tags["trueup/run_id"]
             blocking = failed_blocking_checks(
-                config.state, differences_key(name).to_user_string(), int(run_id),
+                config.state, key.to_user_string(), int(run_id),
                 [*(c.value for c in REPAIRABLE), DifferenceClass.AHEAD.value],
                 [source_key(config, rec).to_user_string()])
             if blocking:
                 decision = dg.SkipReason(f"blocked: run {run_id} of {name} has failed ERROR "
                                          f"checks {', '.join(blocking)}")
-        if isinstance(decision, dg.SkipReason):
-            context.log.info(decision.skip_message or "")
         return decision
+
+    # A plain sensor over the event log rather than dg.asset_sensor, which only sees the newest
+    # materialization: several runs (partitions) can finish between two ticks, and each needs
+    # its own decision. The cursor is the storage id of the last materialization decided, as
+    # dg.asset_sensor kept it, so a running sensor carries on where it was.
+    @dg.sensor(name=f"auto_repair_{name}", job=job,
+               description=f"Backfill {name} after a run finds 1 to {limit} "
+                           f"differences; above that only report.")
+    def _auto_repair(context: SensorEvaluationContext) -> dg.SensorResult:
+        after = int(context.cursor) if context.cursor else None
+        records = context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=key, after_storage_id=after),
+            # without a cursor (a new sensor) only the newest run counts, not the history
+            limit=AUTO_REPAIR_BATCH if after is not None else 1,
+            ascending=after is not None).records
+        if not records:
+            # nothing materialized yet: every materialization from now on is new
+            return dg.SensorResult(skip_reason=f"no new materialization of {key.to_user_string()}",
+                                   cursor=context.cursor or "0")
+        requests, skipped = [], []
+        for record in records:
+            materialization = record.asset_materialization
+            if materialization is None:
+                continue
+            decision = decide(materialization)
+            if isinstance(decision, dg.RunRequest):
+                requests.append(decision)
+            else:
+                context.log.info(decision.skip_message or "")
+                skipped.append(decision.skip_message or "")
+        cursor = str(max(r.storage_id for r in records))
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        return dg.SensorResult(skip_reason="; ".join(skipped) or "not a materialization",
+                               cursor=cursor)
 
     return _auto_repair
 

@@ -18,6 +18,7 @@ from assets.freshness import freshness_definitions
 from assets.lineage import mirror_assets, with_dead_letter_lineage
 from assets.repairs import repair_definitions
 from checks.gx import quality_definitions
+from trueup import tracing
 from trueup.config import CONFIG_ENV, DEFAULT_CONFIG, load_config
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "trueup.yaml"
@@ -29,6 +30,9 @@ def _config_path() -> str:
     return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else str(EXAMPLE_CONFIG)
 
 
+# every process that loads the code location (code server, each run's process) exports its
+# diffs', backfills' and replays' spans when $TRUEUP_TRACES_EXPORTER asks
+tracing.configure_from_env()
 config = load_config(_config_path())
 reconciliations = reconciliation_definitions(config)
 dead_letters = dead_letter_definitions(config)

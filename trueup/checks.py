@@ -8,18 +8,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from croniter import croniter
 
 from trueup.db import connect
+from trueup.state import open_state
 from trueup.statuses import CheckSeverity
 
 CheckResult = tuple[str, bool, CheckSeverity, dict[str, Any]]  # name, passed, severity, metadata
+
+#: State databases this process has migrated. A check or sensor can be the first thing to touch
+#: a new state database, so the first connection migrates it; later ones skip the lock and the
+#: version lookup, which a sensor asking every minute has no use for.
+_migrated: set[str] = set()
+
+
+def _open_state(state_dsn: str, *, autocommit: bool = False
+                ) -> psycopg.Connection[dict[str, Any]]:
+    if state_dsn in _migrated:
+        return connect(state_dsn, what="state", autocommit=autocommit)
+    conn = open_state(state_dsn)
+    _migrated.add(state_dsn)
+    conn.autocommit = autocommit  # the migration's transaction is over: allowed
+    return conn
 
 
 def record_check_results(state_dsn: str, asset_key: str, reconciliation: str | None,
                          run_id: int | None, results: Sequence[CheckResult]) -> None:
     """Append one row per check result to ``trueup.check_results``."""
-    with connect(state_dsn, what="state") as conn, conn.cursor() as cur:
+    with _open_state(state_dsn) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO trueup.check_results (asset_key, check_name, reconciliation, run_id, "
             "passed, severity, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -30,56 +47,68 @@ def record_check_results(state_dsn: str, asset_key: str, reconciliation: str | N
 # ---------------------------------------------------------------------------------------------
 # Freshness: is a scheduled reconciliation still running as often as it should?
 
-#: A reconciliation is stale once its last successful run is older than this many intervals.
-FRESHNESS_INTERVALS = 2
-
 
 @dataclass(frozen=True, kw_only=True)
 class Freshness:
+    """A reconciliation is fresh while it has succeeded since its second-to-last scheduled tick:
+    the run of the last tick may still be going, the one before must have finished. One missed
+    tick is tolerated; a schedule that only runs on weekdays or office hours is not stale at
+    night or on Sunday."""
+
     reconciliation: str
     last_success_at: dt.datetime | None
     age_seconds: float | None
-    max_age_seconds: float
+    due_since: dt.datetime        # the second-to-last tick before now
+    max_age_seconds: float        # from due_since to now
 
     @property
     def fresh(self) -> bool:
-        return self.age_seconds is not None and self.age_seconds <= self.max_age_seconds
+        return self.last_success_at is not None and self.last_success_at >= self.due_since
 
     def describe(self) -> str:
         if self.last_success_at is None:
             return f"{self.reconciliation} has no successful run yet"
-        return (f"last successful run {self.age_seconds:.0f}s ago "
-                f"(limit {self.max_age_seconds:.0f}s)")
+        return (f"last successful run {self.age_seconds:.0f}s ago (limit "
+                f"{self.max_age_seconds:.0f}s: a run since the tick of "
+                f"{self.due_since.isoformat()})")
 
     def metadata(self) -> dict[str, Any]:
         return {"last_success_at": self.last_success_at.isoformat()
                 if self.last_success_at else None,
                 "age_seconds": round(self.age_seconds, 1) if self.age_seconds is not None
-                else None, "max_age_seconds": self.max_age_seconds}
+                else None, "max_age_seconds": round(self.max_age_seconds, 1),
+                "due_since": self.due_since.isoformat()}
 
 
-def schedule_interval_seconds(cron: str, now: dt.datetime | None = None) -> float:
-    """The gap between the two next ticks of ``cron`` after ``now`` (UTC), in seconds."""
-    moment = now or dt.datetime.now(dt.UTC)
-    ticks = croniter(cron, moment)
-    first: dt.datetime = ticks.get_next(dt.datetime)
-    second: dt.datetime = ticks.get_next(dt.datetime)
-    return (second - first).total_seconds()
+def due_since(cron: str, now: dt.datetime) -> dt.datetime:
+    """The second-to-last tick of ``cron`` (UTC) before ``now``: its run has had a whole
+    interval to succeed."""
+    ticks = croniter(cron, now.astimezone(dt.UTC))
+    ticks.get_prev(dt.datetime)
+    second: dt.datetime = ticks.get_prev(dt.datetime)
+    return second
+
+
+def freshness_of(reconciliation: str, cron: str, last_success_at: dt.datetime | None,
+                 now: dt.datetime) -> Freshness:
+    """The freshness of ``reconciliation`` at ``now``, given its last successful run."""
+    due = due_since(cron, now)
+    return Freshness(
+        reconciliation=reconciliation, last_success_at=last_success_at,
+        age_seconds=(now - last_success_at).total_seconds()
+        if last_success_at is not None else None,
+        due_since=due, max_age_seconds=(now - due).total_seconds())
 
 
 def freshness(state_dsn: str, reconciliation: str, cron: str,
               now: dt.datetime | None = None) -> Freshness:
-    """How old the last successful run of ``reconciliation`` is, against twice its interval."""
-    moment = now or dt.datetime.now(dt.UTC)
-    with connect(state_dsn, what="state", autocommit=True) as conn:
+    """How fresh ``reconciliation`` is, from its last successful run in ``trueup.runs``."""
+    with _open_state(state_dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT max(finished_at) AS last FROM trueup.runs "
             "WHERE reconciliation = %s AND status = 'succeeded'", (reconciliation,)).fetchone()
     last: dt.datetime | None = row["last"] if row else None
-    return Freshness(
-        reconciliation=reconciliation, last_success_at=last,
-        age_seconds=(moment - last).total_seconds() if last is not None else None,
-        max_age_seconds=FRESHNESS_INTERVALS * schedule_interval_seconds(cron, moment))
+    return freshness_of(reconciliation, cron, last, now or dt.datetime.now(dt.UTC))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +126,7 @@ def failed_blocking_checks(state_dsn: str, differences_key: str, run_id: int,
     ``table_keys`` (a source with bad values must not be copied into the target).
     Each is returned as ``asset_key:check_name``.
     """
-    with connect(state_dsn, what="state", autocommit=True) as conn:
+    with _open_state(state_dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT asset_key, check_name FROM trueup.check_results "
             "WHERE asset_key = %s AND run_id = %s AND severity = 'ERROR' AND NOT passed "

@@ -238,6 +238,7 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure()
+    importlib.import_module("trueup.tracing").configure_from_env()
     metrics = None
     try:
         port = os.environ.get(METRICS_PORT_ENV)

@@ -4,8 +4,10 @@ the W3C ``traceparent`` carried in Kafka and RabbitMQ headers.
 Nothing is exported unless asked: without :func:`configure` the OpenTelemetry API's no-op
 tracer is used, spans cost next to nothing, and a context that arrived in a message's headers
 is still passed on to the messages it causes (so a traced producer's trace survives an untraced
-worker). ``TRUEUP_TRACES_EXPORTER=console`` prints finished spans on stderr; an exporter object
-(an OTLP exporter, or the SDK's in-memory exporter in tests) can be given to :func:`configure`.
+worker). ``TRUEUP_TRACES_EXPORTER=console`` prints finished spans on stderr: every entry point
+(the CLI, the Dagster code location, a worker's run) calls :func:`configure_from_env` as it
+starts. An exporter object (an OTLP exporter, or the SDK's in-memory exporter in tests) can be
+given to :func:`configure`.
 
 Headers: Kafka's are a list of ``(key, bytes)`` tuples, RabbitMQ's a dict; :func:`inject`
 and :func:`extract` take either shape.
@@ -14,6 +16,7 @@ and :func:`extract` take either shape.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -40,6 +43,7 @@ EXPORTER_ENV = "TRUEUP_TRACES_EXPORTER"
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _lock = threading.Lock()
+_env_lock = threading.Lock()  # one configure_from_env at a time: two would both configure
 _provider: TracerProvider | None = None
 
 KafkaHeaders = list[tuple[str, bytes]]
@@ -54,23 +58,22 @@ def configure(exporter: SpanExporter | None = None, *, service: str = "trueup",
     Batching is the default for real exporters; ``batch=False`` exports each span as it ends.
     """
     global _provider
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import (
-        BatchSpanProcessor,
-        ConsoleSpanExporter,
-        SimpleSpanProcessor,
-    )
-
     if exporter is None:
-        wanted = os.environ.get(EXPORTER_ENV, "none").strip().lower()
-        if wanted in ("", "none"):
-            return None
+        wanted = _wanted_exporter()
+        if wanted is None:
+            return None  # before importing the SDK: tracing off costs no start-up time
         if wanted != "console":
             from trueup.errors import UsageError
 
             raise UsageError(f"{EXPORTER_ENV}: expected none or console (got {wanted!r})")
-        exporter = ConsoleSpanExporter(service_name=service)
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        # stderr: stdout carries the commands' output (--json)
+        exporter = ConsoleSpanExporter(service_name=service, out=sys.stderr)
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+
     provider = TracerProvider(resource=Resource.create({"service.name": service,
                                                         "service.version": __version__}))
     use_batch = batch if batch is not None else not _is_in_memory(exporter)
@@ -81,6 +84,26 @@ def configure(exporter: SpanExporter | None = None, *, service: str = "trueup",
     if old is not None:
         old.shutdown()
     return provider
+
+
+def configure_from_env(*, service: str = "trueup") -> TracerProvider | None:
+    """Export spans as ``$TRUEUP_TRACES_EXPORTER`` says; what a process calls as it starts.
+
+    Idempotent: tracing already on (an earlier call, or a test's own exporter) stays as it is.
+    With the variable unset it returns None at once, without importing the SDK. Spans still
+    waiting in a batch are exported at exit (the SDK's provider shuts down at exit).
+    """
+    if _provider is not None or _wanted_exporter() is None:
+        return _provider
+    with _env_lock:
+        if _provider is not None:
+            return _provider
+        return configure(service=service)
+
+
+def _wanted_exporter() -> str | None:
+    wanted = os.environ.get(EXPORTER_ENV, "none").strip().lower()
+    return None if wanted in ("", "none") else wanted
 
 
 def shutdown() -> None:

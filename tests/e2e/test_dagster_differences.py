@@ -104,11 +104,35 @@ def test_partitioned_reconciliation_materializes_one_day_and_schedules_today(
     (schedule,) = orders.schedules
     assert schedule.cron_schedule == "*/30 * * * *"
     defs = dg.Definitions(assets=assets, jobs=[orders.job], schedules=orders.schedules)
-    tick = dt.datetime(2026, 3, 4, 10, 30, tzinfo=dt.UTC)
+    assert _scheduled_partitions(defs, dt.datetime(2026, 3, 4, 10, 30, tzinfo=dt.UTC)) == [
+        "2026-03-04"]
+
+
+def _scheduled_partitions(defs: dg.Definitions, tick: dt.datetime) -> list[str | None]:
+    schedule = defs.resolve_schedule_def("reconcile_orders_schedule")
     context = dg.build_schedule_context(scheduled_execution_time=tick,
                                         repository_def=defs.get_repository_def())
-    request = schedule.evaluate_tick(context).run_requests
-    assert request is not None and request[0].partition_key == "2026-03-04"
+    requests = schedule.evaluate_tick(context).run_requests or []
+    assert len({r.run_key for r in requests}) == len(requests), "run keys must differ"
+    return [r.partition_key for r in requests]
+
+
+@pytest.mark.parametrize("cron", ["*/30 * * * *", "0 2 * * *"])
+def test_first_tick_of_a_day_also_checks_the_day_before_so_no_hour_goes_unchecked(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, cron: str) -> None:
+    config, _, _ = _setup(new_db, state_db, tmp_path, schedule=cron,
+                          partitions={"daily": {"start": "2026-01-01"}})
+    (orders,) = reconciliation_definitions(config)
+    defs = dg.Definitions(assets=[*external_assets(config), orders.asset], jobs=[orders.job],
+                          schedules=orders.schedules)
+    first = dt.datetime(2026, 3, 4, 0 if cron.startswith("*/30") else 2, tzinfo=dt.UTC)
+    assert _scheduled_partitions(defs, first) == ["2026-03-03", "2026-03-04"], (
+        "the first tick of a day must check the day before, which ended after its last tick")
+    if cron.startswith("*/30"):
+        later = dt.datetime(2026, 3, 4, 0, 30, tzinfo=dt.UTC)
+        assert _scheduled_partitions(defs, later) == ["2026-03-04"]
+    # the partitions start on 2026-01-01: there is no day before to check
+    assert _scheduled_partitions(defs, first.replace(month=1, day=1)) == ["2026-01-01"]
 
 
 def test_reconcile_job_and_schedule_are_named_after_the_reconciliation(

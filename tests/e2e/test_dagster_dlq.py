@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pika
+import psycopg
 import pytest
 
 from assets.dead_letters import dead_letter_definitions, dead_letters_key
@@ -74,3 +75,75 @@ def test_dlq_asset_check_sensor_and_replay_job_work_from_dagster(
     refreshed = dg.materialize(list(made.assets), instance=instance)
     [check] = refreshed.get_asset_check_evaluations()
     assert check.passed, check
+
+
+def test_depth_sensor_refreshes_on_every_change_even_when_a_depth_comes_back(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    dlq = unique("pay.dlq")
+    queues.declare(dlq)
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    made = dead_letter_definitions(config)
+    defs = dg.Definitions(assets=made.assets, jobs=made.jobs, sensors=made.sensors)
+    sensor = defs.resolve_sensor_def("dead_letters_pay_dlq_depth")
+    instance = dg.DagsterInstance.ephemeral()
+
+    cursor, requests = "0", []
+    for depth in (3, 0, 3, 0):  # a burst of dead letters replayed, twice
+        for n in range(depth):
+            queues.publish(dlq, b"{}", message_id=f"m{n}")
+        if depth == 0:
+            queues.drain(dlq)
+        tick = sensor.evaluate_tick(dg.build_sensor_context(
+            instance=instance, definitions=defs, cursor=cursor))
+        assert len(tick.run_requests or []) == 1, f"no refresh when the depth became {depth}"
+        requests.extend(tick.run_requests or [])
+        cursor = tick.cursor or ""
+    # Dagster launches a run key once per sensor: a repeated key is a refresh that never runs
+    keys = [r.run_key for r in requests if r.run_key is not None]
+    assert len(keys) == len(set(keys)), f"run keys repeat: {keys}"
+    assert [r.tags["trueup/depth"] for r in requests] == ["3", "0", "3", "0"]
+
+
+def test_dlq_asset_works_against_a_brand_new_state_database(
+        amqp_url: str, kafka_bootstrap: str, empty_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    dlq = unique("pay.dlq")
+    queues.declare(dlq)
+    queues.publish(dlq, b"{}", message_id="m1")
+    config = load_config(write_config(
+        tmp_path, state=empty_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    made = dead_letter_definitions(config)
+
+    # the first thing to touch the state database is this check: it migrates the schema
+    observed = dg.materialize(list(made.assets), raise_on_error=False)
+    assert observed.success, "materializing on a new state database failed"
+    with psycopg.connect(empty_db) as conn:
+        stored = conn.execute("SELECT check_name, passed FROM trueup.check_results").fetchall()
+    assert stored == [("within_limits", True)]
+
+
+def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    dlq, target = unique("pay.dlq"), unique("pay")
+    queues.declare(dlq, target)
+    queues.publish(dlq, b"{}", message_id="m1", headers_={headers.ORIGIN: target})
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    made = dead_letter_definitions(config)
+    job = dg.Definitions(jobs=made.jobs).resolve_job_def("replay_pay_dlq")
+    for field, value, expected in [
+            ("max", 0, "max: expected a positive integer (got 0)"),
+            ("rate", 0.0, "rate: expected a positive number of dead letters per second "
+                          "(got 0.0)")]:
+        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
+            "replay_pay_dlq_op": {"config": {"dry_run": False, field: value}}}})
+        (failure,) = result.get_step_failure_events()
+        user = failure.step_failure_data.user_failure_data
+        assert user is not None and user.description == expected, failure.step_failure_data
+    assert queues.depth(dlq) == 1 and queues.depth(target) == 0

@@ -88,3 +88,54 @@ def test_auto_repair_sensor_launches_a_backfill_of_the_run_and_opens_the_breaker
     assert not tick.run_requests
     assert tick.skip_message and "circuit breaker" in tick.skip_message
     assert "100 differences" in tick.skip_message
+
+
+def test_auto_repair_sensor_decides_on_every_run_since_its_last_tick(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target,
+                          auto_repair={"max_differences": 20})
+    defs, assets = _defs(config)
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert not idle.run_requests
+
+    # two runs finish between two ticks (two partitions, or a manual run and a scheduled one)
+    for _ in range(2):
+        assert dg.materialize(assets, selection=[differences_key("orders")],
+                              instance=instance).success
+    tick = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=idle.cursor))
+    run_ids = [r.run_config["ops"][repairs_op_name("orders")]["config"]["run_id"]
+               for r in tick.run_requests or []]
+    assert len(run_ids) == 2 and run_ids[0] < run_ids[1], (
+        f"expected a backfill of each of the two runs, oldest first (got run ids {run_ids})")
+
+    again = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=tick.cursor))
+    assert not again.run_requests, "a run was decided on twice"
+
+
+def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_planning(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 30)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    job = _defs(config)[0].resolve_job_def("backfill_orders")
+    for field, value, expected in [
+            ("workers", 0, "workers: expected a positive integer (got 0)"),
+            ("chunk_size", 0, "chunk_size: expected a positive integer (got 0)"),
+            ("rate", -1.0, "rate: expected a positive number of rows per second (got -1.0)")]:
+        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
+            repairs_op_name("orders"): {"config": {"scope": "all", field: value}}}})
+        assert not result.success, f"{field} {value} was accepted"
+        (failure,) = result.get_step_failure_events()
+        user = failure.step_failure_data.user_failure_data
+        assert user is not None and user.description == expected, failure.step_failure_data
+    with psycopg.connect(state_db) as conn:
+        left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
+    assert left == [], f"a refused launch left backfills behind: {left}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trueup import cli
+from trueup import cli, tracing
 from trueup.config import Config
 
 
@@ -80,3 +80,22 @@ def test_an_unforeseen_error_is_trouble_in_one_line_never_differences_found(
     assert said == ["trueup: unexpected error: OverflowError: date value out of range"]
     assert any('"event": "cli.unexpected_error"' in line and "Traceback" in line
                for line in lines), "the traceback is logged for whoever debugs it"
+
+
+def test_a_command_exports_its_spans_when_the_environment_asks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+
+    def traced(config: Config, args: argparse.Namespace) -> int:
+        with tracing.span("work"):
+            return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "status", traced)
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "console")
+    try:
+        assert cli.main(["--config", str(config), "status"]) == 0
+    finally:
+        tracing.shutdown()  # flushes the spans, and leaves tracing off for the next tests
+    assert '"name": "work"' in capsys.readouterr().err

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -114,3 +117,40 @@ def test_with_tracing_off_a_message_span_makes_its_trace_current_without_a_span(
     assert tracing.current_trace_id() is None
     with tracing.message_span("handle", [("x", b"1")]) as current:
         assert tracing.current_trace_id() is None
+
+
+def test_the_exporter_named_in_the_environment_prints_spans_on_stderr(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "console")
+    tracing.shutdown()
+    try:
+        provider = tracing.configure_from_env()
+        assert provider is not None, "TRUEUP_TRACES_EXPORTER=console left tracing off"
+        assert tracing.configure_from_env() is provider, "a second call replaced the exporter"
+        with tracing.span("diff", reconciliation="orders"):
+            pass
+        provider.force_flush()
+    finally:
+        tracing.shutdown()
+    printed = capsys.readouterr()
+    assert '"name": "diff"' in printed.err and '"reconciliation": "orders"' in printed.err
+    assert printed.out == "", "spans on stdout would corrupt the commands' --json output"
+
+
+def test_configure_from_env_keeps_an_exporter_already_configured(
+        exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "console")
+    tracing.configure_from_env()
+    with tracing.span("work"):
+        pass
+    assert [s.name for s in exporter.get_finished_spans()] == ["work"]
+
+
+def test_configure_from_env_without_the_variable_stays_off_and_skips_the_sdk() -> None:
+    env = {k: v for k, v in os.environ.items() if k != tracing.EXPORTER_ENV}
+    code = ("import sys; from trueup import tracing; "
+            "print(tracing.configure_from_env(), 'opentelemetry.sdk' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["None", "False"], (
+        f"expected tracing off without importing the SDK, got {done.stdout!r}")

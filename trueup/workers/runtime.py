@@ -97,7 +97,9 @@ def serving(metrics_port: int | None, *, database: str | None = None,
             rabbitmq: str | None = None) -> Iterator[None]:
     """While a worker runs, serve ``/metrics``, ``/healthz`` and ``/readyz`` on
     ``127.0.0.1:metrics_port`` (None: serve nothing; 0: any free port), readiness checking the
-    broker and, when given, the database the handler writes to."""
+    broker and, when given, the database the handler writes to. Spans are exported when
+    ``$TRUEUP_TRACES_EXPORTER`` asks (a worker's run is its process's entry point)."""
+    tracing.configure_from_env()
     if metrics_port is None:
         yield
         return
