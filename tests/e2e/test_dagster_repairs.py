@@ -57,15 +57,22 @@ def test_backfill_job_repairs_the_target_and_records_progress_and_lineage_metada
     assert all(fixed[r[0]] == r for r in source_rows(source) if r[0] != 8)
 
 
-def test_auto_repair_sensor_launches_a_backfill_of_the_run_and_opens_the_breaker_on_drift(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+def _auto_repaired(new_db: Callable[[], str], state_db: str, tmp_path: Path
+                   ) -> tuple[dg.Definitions, list[Any], dg.DagsterInstance, str]:
+    """Definitions of a drifted reconciliation with auto_repair (20 at most), an instance,
+    and the target's DSN."""
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     drift(target)
     config = write_config(tmp_path, state_db, source, target,
                           auto_repair={"max_differences": 20})
     defs, assets = _defs(config)
-    instance = dg.DagsterInstance.ephemeral()
+    return defs, assets, dg.DagsterInstance.ephemeral(), target
+
+
+def test_auto_repair_sensor_launches_a_backfill_of_the_run_and_opens_the_breaker_on_drift(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    defs, assets, instance, target = _auto_repaired(new_db, state_db, tmp_path)
     assert dg.materialize(assets, selection=[differences_key("orders")],
                           instance=instance).success
     sensor = defs.resolve_sensor_def("auto_repair_orders")
@@ -92,13 +99,7 @@ def test_auto_repair_sensor_launches_a_backfill_of_the_run_and_opens_the_breaker
 
 def test_auto_repair_sensor_decides_on_every_run_since_its_last_tick(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, 300)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target,
-                          auto_repair={"max_differences": 20})
-    defs, assets = _defs(config)
-    instance = dg.DagsterInstance.ephemeral()
+    defs, assets, instance, _ = _auto_repaired(new_db, state_db, tmp_path)
     sensor = defs.resolve_sensor_def("auto_repair_orders")
     idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
     assert not idle.run_requests
