@@ -29,6 +29,7 @@ import datetime as dt
 import decimal
 import json
 import math
+import re
 import struct
 import uuid
 from collections.abc import Iterable, Sequence
@@ -347,12 +348,28 @@ def _infinity(value: Any) -> str | None:
     return None
 
 
+#: Fractional seconds finer than microseconds (Java's Instant, Go's time write nanoseconds).
+_FINE_FRACTION = re.compile(r"\.(\d{7,})")
+
+
+def _parse_instant(text: str) -> dt.datetime:
+    """An ISO 8601 time, its fraction rounded to microseconds as Postgres rounds it (``rint``
+    of the fraction read as a double), where ``fromisoformat`` would cut it off."""
+    fine = _FINE_FRACTION.search(text)
+    if fine is None:
+        return dt.datetime.fromisoformat(text)
+    micros = round(float("0." + fine.group(1)) * 1_000_000)  # round half to even, as rint
+    carry, micros = divmod(micros, 1_000_000)
+    moment = dt.datetime.fromisoformat(f"{text[:fine.start()]}.{micros:06d}{text[fine.end():]}")
+    return moment + dt.timedelta(seconds=carry)
+
+
 def _timestamp(value: Any, ctype: ColumnType) -> str | None:
     infinite = _infinity(value)
     if infinite is not None:
         return infinite
     if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value.strip())
+        value = _parse_instant(value.strip())
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
     if not isinstance(value, dt.datetime):

@@ -211,6 +211,25 @@ def test_timestamptz_renders_alike_from_any_time_zone(
 
 
 @SETTINGS
+@given(value=instants, digits=st.text("0123456789", min_size=7, max_size=9),
+       type_name=st.sampled_from(["timestamptz", "timestamp"]))
+def test_timestamps_finer_than_microseconds_round_as_postgres_rounds(
+        pg: psycopg.Connection[Any], value: dt.datetime, digits: str, type_name: str) -> None:
+    # Java's Instant and Go's time write nanoseconds: Postgres rounds them to microseconds,
+    # Python's fromisoformat cuts them off.
+    text = value.replace(microsecond=0, tzinfo=None).isoformat() + "." + digits + "Z"
+    sql_text, _ = _sql_text(pg, [text], [type_name])
+    assert _python([text], [type_name])[0] == sql_text, text
+
+
+@pytest.mark.parametrize("text", ["2026-01-01T00:00:00.9999995Z", "2026-12-31T23:59:59.99999951Z",
+                                  "2026-01-01T00:00:00.1234565+05:30"])
+def test_a_rounding_that_carries_into_the_next_second_agrees(
+        pg: psycopg.Connection[Any], text: str) -> None:
+    assert _python([text], ["timestamptz"])[0] == _sql_text(pg, [text], ["timestamptz"])[0]
+
+
+@SETTINGS
 @given(value=st.datetimes(min_value=dt.datetime(1900, 1, 1),
                           max_value=dt.datetime(2200, 1, 1)))
 def test_timestamp_without_zone_renders_alike(pg: psycopg.Connection[Any],
