@@ -67,12 +67,14 @@ class Segmentation:
 
         With evenly spaced bounds it is arithmetic: the same numbers as ``width_bucket``,
         without a binary search per row (12% of a checksum pass over 5M rows)."""
+        # A NULL key (a unique index lets one in) goes with the lowest keys, to segment 0.
         if self.step is None or not self.bounds:
-            return sql.SQL("width_bucket({}, %(bounds)s::{})").format(key, self.array_type)
+            return sql.SQL("coalesce(width_bucket({}, %(bounds)s::{}), 0)").format(
+                key, self.array_type)
         low, width = self.step
         end = self.bounds[-1] + width  # below it, every key is in a segment < len(bounds)
         return sql.SQL(
-            "CASE WHEN {k} < {low} THEN 0 WHEN {k} >= {end} THEN {last} "
+            "CASE WHEN {k} IS NULL OR {k} < {low} THEN 0 WHEN {k} >= {end} THEN {last} "
             "ELSE ({k}::int8 - {low}) / {width} END").format(
                 k=key, low=sql.Literal(low), end=sql.Literal(end),
                 last=sql.Literal(len(self.bounds)), width=sql.Literal(width))
@@ -366,8 +368,11 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     if keys is not None:
         # A filter, not the access path: the rows are still found by segment.
         key, key_type = _stored_key(side)
-        where = sql.SQL("({}) AND {}").format(where, _among(key, "keys", key_type))
-        params["keys"] = keys
+        among = _among(key, "keys", key_type)
+        if None in keys:  # a row without a key is a suspect too (IN never matches a NULL)
+            among = sql.SQL("({} OR {} IS NULL)").format(among, key)
+        where = sql.SQL("({}) AND {}").format(where, among)
+        params["keys"] = [k for k in keys if k is not None]
     # Segment s covers [bounds[s-1], bounds[s]); segments 0 and len(bounds) are open-ended
     # and read on their own, so every inner range stays an index range scan.
     first, last = 0, len(bounds)
@@ -380,8 +385,8 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     ).format(cols=columns, atype=segmentation.array_type, rel=side.relation, where=where,
              key=side.first_key)]
     if first in segments:
-        parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} < %(low_end)s").format(
-            columns, side.relation, where, side.first_key))
+        parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND ({k} < %(low_end)s OR {k} IS NULL)"
+                             ).format(columns, side.relation, where, k=side.first_key))
         params["low_end"] = bounds[0]
     if last in segments:
         parts.append(sql.SQL("SELECT {} FROM {} WHERE {} AND {} >= %(high_end)s").format(

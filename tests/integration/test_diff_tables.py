@@ -250,6 +250,28 @@ def test_a_target_that_kept_rows_far_beyond_the_source_keys_is_read_in_bounded_b
     assert largest[0] <= 2 * 1000, f"one read held {largest[0]} rows"
 
 
+def test_a_target_row_without_a_key_is_an_orphan_not_a_failed_run(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    # A unique index, unlike a primary key, lets a NULL key in: such a row matches no source
+    # row. Its segment was NULL, and every run failed on it.
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = [(i, 1, "s", i, old) for i in range(1, 2001)]
+    config = _simple(new_db, state_db, tmp_path, rows, [(i, 1, "s", i) for i in range(1, 2001)])
+    target = config.connections["billing"].postgres
+    assert target is not None
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE billing.invoices DROP CONSTRAINT invoices_pkey")
+        conn.execute("ALTER TABLE billing.invoices ALTER COLUMN order_id DROP NOT NULL")
+        conn.execute("CREATE UNIQUE INDEX invoices_order_id ON billing.invoices (order_id)")
+        conn.execute("INSERT INTO billing.invoices VALUES (NULL, 1, 'ghost', 0)")
+        conn.execute("ANALYZE billing.invoices")
+    summary = diff(config, "orders")
+    assert (summary.orphan, summary.missing, summary.mismatch) == (1, 0, 0)
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        assert [d.key for d in differences_of(conn, summary.run_id)] == [[None]]
+
+
 def test_rows_changed_within_grace_are_in_flight_and_do_not_fail(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     now = dt.datetime.now(dt.UTC)
