@@ -11,32 +11,24 @@ from typing import Any
 import psycopg
 from croniter import croniter
 
-from trueup.db import connect
 from trueup.state import open_state
 from trueup.statuses import CheckSeverity
 
 CheckResult = tuple[str, bool, CheckSeverity, dict[str, Any]]  # name, passed, severity, metadata
 
-#: State databases this process has migrated. A check or sensor can be the first thing to touch
-#: a new state database, so the first connection migrates it; later ones skip the lock and the
-#: version lookup, which a sensor asking every minute has no use for.
-_migrated: set[str] = set()
 
-
-def _open_state(state_dsn: str, *, autocommit: bool = False
-                ) -> psycopg.Connection[dict[str, Any]]:
-    if state_dsn in _migrated:
-        return connect(state_dsn, what="state", autocommit=autocommit)
+def _state(state_dsn: str) -> psycopg.Connection[dict[str, Any]]:
+    """The state, migrated (a check or sensor can be the first to touch a new one), in
+    autocommit: reads only."""
     conn = open_state(state_dsn)
-    _migrated.add(state_dsn)
-    conn.autocommit = autocommit  # the migration's transaction is over: allowed
+    conn.autocommit = True
     return conn
 
 
 def record_check_results(state_dsn: str, asset_key: str, reconciliation: str | None,
                          run_id: int | None, results: Sequence[CheckResult]) -> None:
     """Append one row per check result to ``trueup.check_results``."""
-    with _open_state(state_dsn) as conn, conn.cursor() as cur:
+    with open_state(state_dsn) as conn, conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO trueup.check_results (asset_key, check_name, reconciliation, run_id, "
             "passed, severity, metadata) VALUES (%s, %s, %s, %s, %s, %s, %s)",
@@ -103,7 +95,7 @@ def freshness_of(reconciliation: str, cron: str, last_success_at: dt.datetime | 
 def freshness(state_dsn: str, reconciliation: str, cron: str,
               now: dt.datetime | None = None) -> Freshness:
     """How fresh ``reconciliation`` is, from its last successful run in ``trueup.runs``."""
-    with _open_state(state_dsn, autocommit=True) as conn:
+    with _state(state_dsn) as conn:
         row = conn.execute(
             "SELECT max(finished_at) AS last FROM trueup.runs "
             "WHERE reconciliation = %s AND status = 'succeeded'", (reconciliation,)).fetchone()
@@ -126,7 +118,7 @@ def failed_blocking_checks(state_dsn: str, differences_key: str, run_id: int,
     ``table_keys`` (a source with bad values must not be copied into the target).
     Each is returned as ``asset_key:check_name``.
     """
-    with _open_state(state_dsn, autocommit=True) as conn:
+    with _state(state_dsn) as conn:
         rows = conn.execute(
             "SELECT asset_key, check_name FROM trueup.check_results "
             "WHERE asset_key = %s AND run_id = %s AND severity = 'ERROR' AND NOT passed "

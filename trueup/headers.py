@@ -152,16 +152,22 @@ def error_message(error: BaseException) -> str:
 # Kafka headers are a list of (name, bytes) pairs; trueup works on a name -> text mapping.
 
 
+def _pairs(headers: Iterable[tuple[str, Any]] | Mapping[str, Any] | None
+           ) -> Iterable[tuple[str, Any]]:
+    """Kafka headers as ``(name, value)`` pairs, whatever shape they came in."""
+    # A list (what confluent-kafka gives) is checked first: a Mapping check costs an ABC lookup.
+    if isinstance(headers, list):
+        return headers
+    return headers.items() if isinstance(headers, Mapping) else headers or ()
+
+
 def from_kafka(headers: Iterable[tuple[str, str | bytes | None]] | Mapping[
         str, str | bytes | None] | None) -> dict[str, str]:
     """Kafka headers as text (the last value of a repeated name wins; undecodable bytes are
     replaced, never fatal)."""
-    # A list (what confluent-kafka gives) is checked first: a Mapping check costs an ABC lookup.
-    pairs = headers if isinstance(headers, list) else (
-        headers.items() if isinstance(headers, Mapping) else headers or ())
     # One comprehension: this runs for every letter a replay reads.
     return {name: value.decode("utf-8", "replace") if isinstance(value, bytes) else value or ""
-            for name, value in pairs}
+            for name, value in _pairs(headers)}
 
 
 def to_kafka(headers: Mapping[str, str]) -> list[tuple[str, bytes]]:
@@ -174,10 +180,8 @@ def kafka_copy(raw: Iterable[tuple[str, Any]] | Mapping[str, Any] | None,
     """The headers of a copy of a Kafka message: the message's own (``raw``) as they are,
     byte for byte, repeats and empty values included (a schema id is binary), except
     trueup's: those in ``changes`` take its value, the others are dropped unless in ``keep``."""
-    pairs = raw if isinstance(raw, list) else (
-        raw.items() if isinstance(raw, Mapping) else raw or ())
     prefix = PREFIX
-    kept = [(k, v) for k, v in pairs
+    kept = [(k, v) for k, v in _pairs(raw)
             if not k.startswith(prefix) or (k in keep and k not in changes)]
     kept.extend((k, v.encode()) for k, v in changes.items())
     return kept

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 from psycopg import sql
 
+from trueup.db import first_line
 from trueup.fingerprint import (
     PART_SEPARATOR,
     ColumnType,
@@ -148,7 +149,7 @@ class Merger:
         if message_key is not None:
             message_key = message_key.replace("\x00", "\N{REPLACEMENT CHARACTER}")
         blank = (None,) * (len(self.columns) - 6)  # keys, version and fields
-        reason = f"{_REFUSED}{str(exc).strip().splitlines()[0]}"
+        reason = f"{_REFUSED}{first_line(exc)}"
         return (partition, offset, message_key, tombstone, *blank, None, reason)
 
     def _finish(self, cur: psycopg.Cursor[Any]) -> None:

@@ -19,10 +19,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_a_command_serves_metrics_while_it_runs(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def _config(tmp_path: Path) -> Path:
+    """A config file with a state database and nothing else (the commands here are stubs)."""
     config = tmp_path / "trueup.yaml"
     config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    return config
+
+
+def test_a_command_serves_metrics_while_it_runs(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _config(tmp_path)
     port = _free_port()
     seen: list[str] = []
 
@@ -41,8 +47,7 @@ def test_a_command_serves_metrics_while_it_runs(tmp_path: Path,
 
 def test_a_bad_metrics_port_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "trueup.yaml"
-    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    config = _config(tmp_path)
     monkeypatch.setenv(cli.METRICS_PORT_ENV, "nope")
     assert cli.main(["--config", str(config), "status"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -51,8 +56,7 @@ def test_a_bad_metrics_port_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "trueup.yaml"
-    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    config = _config(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -66,8 +70,7 @@ def test_a_metrics_port_in_use_is_one_line(tmp_path: Path, monkeypatch: pytest.M
 def test_an_unforeseen_error_is_trouble_in_one_line_never_differences_found(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "trueup.yaml"
-    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    config = _config(tmp_path)
 
     def broken(config: Config, args: argparse.Namespace) -> int:
         raise OverflowError("date value out of range\nsecond line")
@@ -85,8 +88,7 @@ def test_an_unforeseen_error_is_trouble_in_one_line_never_differences_found(
 def test_a_command_exports_its_spans_when_the_environment_asks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "trueup.yaml"
-    config.write_text("state: postgresql://postgres@127.0.0.1:5432/trueup\nconnections: {}\n")
+    config = _config(tmp_path)
 
     def traced(config: Config, args: argparse.Namespace) -> int:
         with tracing.span("work"):

@@ -119,6 +119,8 @@ class Heartbeat:
         self.lost = threading.Event()
         self._state_dsn = state_dsn
         self._renewed = time.monotonic()  # the claim, just before: the lease's start
+        self._lease = {"backfill_id": chunk.backfill_id, "chunk": chunk.chunk, "owner": owner,
+                       "lease_seconds": lease_seconds}  # what renew_lease asks
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = self._connect()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -139,21 +141,21 @@ class Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+            self._conn = None
 
     def _run(self) -> None:
-        params = {"backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
-                  "owner": self.owner, "lease_seconds": self.lease_seconds}
         while not self._stop.wait(self.lease_seconds / 3):
             asked = time.monotonic()  # the server's lease runs from about now
             try:
                 if self._conn is None or self._conn.broken:
-                    if self._conn is not None:
-                        self._conn.close()
-                    self._conn = None
+                    self._close()
                     self._conn = self._connect()
-                row = self._conn.execute(query("renew_lease"), params).fetchone()
+                row = self._conn.execute(query("renew_lease"), self._lease).fetchone()
             except (psycopg.Error, ConnectionFailed) as exc:
                 log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
                             chunk=self.chunk.chunk, error=str(exc).strip())
@@ -168,9 +170,7 @@ class Heartbeat:
 
         The renewal locks the chunk's row until that transaction ends, so no other worker can
         take the chunk over before it commits: what it writes is fenced by the lease."""
-        _guarded(conn, "renew_lease", {
-            "backfill_id": self.chunk.backfill_id, "chunk": self.chunk.chunk,
-            "owner": self.owner, "lease_seconds": self.lease_seconds}, self.chunk)
+        _guarded(conn, "renew_lease", self._lease, self.chunk)
         self._renewed = time.monotonic()
 
     def check(self) -> None:

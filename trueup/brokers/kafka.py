@@ -26,9 +26,14 @@ class KafkaFailed(TrueupError):
     """A Kafka operation failed after the connection was made."""
 
 
+def error_of(exc: KafkaException) -> KafkaError | None:
+    """The librdkafka error a confluent-kafka exception carries, if any."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
 def translate(exc: KafkaException, what: str) -> TrueupError:
     """A trueup error for a confluent-kafka exception; ``what`` names the config path."""
-    error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    error = error_of(exc)
     reason = error.str() if error is not None else str(exc)
     if error is not None and error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                                               KafkaError._TIMED_OUT):

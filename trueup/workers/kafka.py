@@ -213,7 +213,7 @@ class KafkaWorker:
         """True (and logged) when ``exc`` says the partition of a message is no longer this
         consumer's: a rebalance took it while the message was in hand. Its new owner reads the
         message again from the committed offset (at least once)."""
-        error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+        error = kafka.error_of(exc)
         if error is None or error.code() not in (KafkaError._STATE,
                                                  KafkaError._UNKNOWN_PARTITION):
             return False
