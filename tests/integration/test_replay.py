@@ -37,7 +37,7 @@ from trueup.dlq import inspect
 from trueup.letterboxes import kafka as letterbox_kafka
 from trueup.letterboxes import open_letterbox
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
-from trueup.replay import replay
+from trueup.replay import ReplayOptions, replay
 
 
 def _loaded(tmp_path: Path, state: str, bootstrap: str, amqp: str,
@@ -361,6 +361,33 @@ def test_rabbitmq_letter_that_waited_in_a_workers_delay_queue_counts_only_its_fa
         (3, work, "rabbitmq.rejected")]
     done = replay(config, "count")
     assert (done.moved, done.parked) == (1, 0)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_runs_of_moved_letters_between_kept_and_untouched_ones_settle_each_its_way(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    # A run of moved letters is acked with one multiple=True ack: it must stop short of a kept
+    # letter (copied to the tail, then acked by itself) and of letters --max left untouched.
+    dlq, target = unique("runs.dlq"), unique("runs")
+    queues.declare(dlq, target)
+    kinds = ["move", "move", "keep", "move", "keep", "keep", "move", "move", "move", "move"]
+    for n, kind in enumerate(kinds):
+        queues.publish(dlq, json.dumps({"id": n}).encode(), message_id=f"m{n}", headers_={
+            headers.ORIGIN: target, headers.ATTEMPTS: "1",
+            headers.ERROR_CLASS: "TimeoutError" if kind == "move" else "ValueError"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     runs={"connection": "amqp", "queue": dlq})
+
+    # Batches 0-3 and 4-7; --max is reached at 6, in the second batch: 7 is left untouched.
+    done = replay(config, "runs", ReplayOptions(where="error=TimeoutError", max_messages=4,
+                                                batch_size=4))
+    assert (done.moved, done.skipped) == (4, 3)
+    assert sorted(json.loads(body)["id"] for _, body in queues.drain(target)) == [0, 1, 3, 6]
+    # Kept letters went to the tail; the untouched ones stayed where they were, before them.
+    left = [json.loads(body)["id"] for _, body in queues.drain(dlq)]
+    assert left == [7, 8, 9, 2, 4, 5], left
 
 
 @pytest.mark.postgres

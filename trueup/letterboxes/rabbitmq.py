@@ -185,16 +185,26 @@ class RabbitLetterbox:
     def settle(self, items: list[Received], states: list[Settle]) -> None:
         if self.channel is None:
             return  # read without taking
+        # A run of DONE letters is acked at once (multiple=True up to its last tag): every
+        # delivery of this channel before the run is settled already, those after it have
+        # higher tags. One frame a batch instead of one a letter.
+        done_up_to: int | None = None
         for item, state in zip(items, states, strict=True):
             tag = item.handle[0]
             if state is Settle.DONE:
-                self.channel.basic_ack(tag)
-            elif state is Settle.KEEP:
+                done_up_to = tag
+                continue
+            if done_up_to is not None:
+                self.channel.basic_ack(done_up_to, multiple=True)
+                done_up_to = None
+            if state is Settle.KEEP:
                 # To the tail, so the letters behind it can be reached; then off the head.
                 self._copy(item, exchange="", routing_key=self.where, replay_id=None)
                 self.channel.basic_ack(tag)
             else:
                 self.channel.basic_nack(tag, requeue=True)
+        if done_up_to is not None:
+            self.channel.basic_ack(done_up_to, multiple=True)
 
     def close(self) -> None:
         rabbitmq.close_quietly(self.connection)
