@@ -40,7 +40,9 @@ from trueup.headers import (
 UNKNOWN_ERROR = "unknown"
 
 
-@dataclass(frozen=True, kw_only=True)
+# Not frozen (treat as frozen): a replay makes one for every letter it reads, and a frozen
+# dataclass's __init__ takes three times as long (1.0 us against 0.35 us with its 9 fields).
+@dataclass(kw_only=True, slots=True)
 class DeadLetter:
     """One dead letter, whatever broker holds it."""
 

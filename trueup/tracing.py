@@ -213,8 +213,10 @@ def inject(headers: Any, ctx: Context | None = None) -> Any:
     headers already there are replaced, all others kept in order. Without an active trace the
     headers come back without trace headers.
     """
+    # An empty context (nothing ever made current) is the cheap test of the common case.
     if _provider is None and ctx is None and (
-            not trace.get_current_span().get_span_context().is_valid
+            not otel_context.get_current()
+            or not trace.get_current_span().get_span_context().is_valid
             or traceparent(headers) is not None):
         # tracing off, and no message's trace is current or the headers already carry theirs:
         # they travel on as they are

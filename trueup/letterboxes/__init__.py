@@ -24,7 +24,7 @@ class Settle(StrEnum):
     UNTOUCHED = "untouched"  # not looked at (--max reached): as if never read
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True, slots=True)  # one per letter read: not frozen, see DeadLetter
 class Received:
     """A letter and the broker's handle on it (a Kafka message, a RabbitMQ delivery)."""
 
