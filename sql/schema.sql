@@ -151,8 +151,10 @@ CREATE TABLE trueup.replays (
 );
 CREATE INDEX replays_name_started_idx ON trueup.replays (name, started_at DESC);
 
+-- No foreign key to replays, primary key led by message_id: see migration 0004 (one row per
+-- dead letter a replay handles, written on the path of every batch).
 CREATE TABLE trueup.replay_events (
-    replay_id    bigint      NOT NULL REFERENCES trueup.replays (replay_id) ON DELETE CASCADE,
+    replay_id    bigint      NOT NULL,
     message_id   text        NOT NULL,
     origin       text,
     destination  text,
@@ -162,10 +164,9 @@ CREATE TABLE trueup.replay_events (
     error_class  text,
     attempts     integer,
     at           timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (replay_id, message_id)
+    PRIMARY KEY (message_id, replay_id)  -- also "was this message ever replayed?"
 );
--- "was this message ever replayed?": by message id across replays.
-CREATE INDEX replay_events_message_idx ON trueup.replay_events (message_id);
+CREATE INDEX replay_events_replay_idx ON trueup.replay_events (replay_id);
 
 CREATE TABLE trueup.check_results (
     check_result_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

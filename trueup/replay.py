@@ -16,15 +16,17 @@ import argparse
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from opentelemetry.trace import SpanKind
 
 from trueup import metrics, tracing
+from trueup.collection import batch_loop
 from trueup.config import Config, DeadLetterConfig
 from trueup.errors import Conflict, ConnectionFailed, StateError
 from trueup.fates import Plan, plan
@@ -107,8 +109,9 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
             log.info("replay.started", name=name, replay_id=replay_id, dry_run=options.dry_run)
             counts = _Counts()
             try:
-                _with_reconnects(lambda: _run(config, name, dlq, selection, options, conn,
-                                              replay_id, counts, listing, progress), counts)
+                with batch_loop():
+                    _with_reconnects(lambda: _run(config, name, dlq, selection, options, conn,
+                                                  replay_id, counts, listing, progress), counts)
             except BaseException as exc:
                 _finish(conn, replay_id, ReplayStatus.FAILED, time.monotonic() - started,
                         f"{type(exc).__name__}: {exc}")
@@ -194,8 +197,15 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                 box.prepare(Destination(name=dlq.parking))
             batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
             with contextlib.closing(batches):
-                for batch in batches:
-                    reached_max = step.batch(batch)
+                # Kafka: the next batch is read, and its lookup asked, before this one is
+                # handled, and the batch before is finished (confirmed) only after that read:
+                # the broker confirms and Postgres answers while Python reads. A prefetch
+                # window (RabbitMQ) delivers the next batch only after this one is settled.
+                ahead = 0 if box.confirms_each_publish else 1
+                for batch, lookup in _ahead(batches, ahead, lambda batch: recorder.lookup(
+                        box.name, replay_id, batch)):
+                    step.finish()
+                    reached_max = step.send(batch, lookup)
                     counts.seen += len(batch)
                     if progress is not None:
                         progress(min(counts.seen, total), total)
@@ -204,12 +214,47 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                     if box.confirms_each_publish:
                         # Nothing to overlap (each publish waited for its confirm), and the
                         # prefetch window needs the acks before it delivers the next batch.
+                        step.finish()
                         step.drain()
+                step.finish()
                 step.drain()  # the last batch (after --max: before the generator is closed)
         except BaseException:
             with contextlib.suppress(Exception):
+                step.finish()  # copies sent before the failure: confirmed and recorded if can be
+            with contextlib.suppress(Exception):
                 step.drain()  # a batch recorded meanwhile is settled (or re-read and skipped)
             raise
+
+
+def _ahead(batches: Iterator[list[Received]], ahead: int,
+           lookup: Callable[[list[Received]], Future[_Lookup]]
+           ) -> Iterator[tuple[list[Received], Future[_Lookup]]]:
+    """Each batch with its ``lookup``, asked when the batch is read, ``ahead`` batches before
+    it is handed out."""
+    read: list[tuple[list[Received], Future[_Lookup]]] = []
+    for batch in batches:
+        read.append((batch, lookup(batch)))
+        if len(read) > ahead:
+            yield read.pop(0)
+    yield from read
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Lookup:
+    """What ``trueup.replay_events`` holds of a batch's ids (see :meth:`_Recorder.lookup`)."""
+
+    replayed: dict[str, int]   # id -> the newest replay of the queue that moved or parked it
+    recorded: frozenset[str]   # ids this replay recorded
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Sent:
+    """A batch whose copies are published and not yet confirmed."""
+
+    items: list[Received]
+    plans: list[Plan]
+    events: list[tuple[DeadLetter, Plan]]  # to record: each id once in a replay
+    sent_ids: frozenset[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,29 +264,50 @@ class _Pending:
 
     items: list[Received]
     settles: list[Settle]
-    sent_ids: frozenset[str]
     recorded: Future[tuple[int, int, int]]
 
 
 class _Recorder:
-    """Writes batches to ``trueup.replay_events`` on a connection and thread of its own, so
-    Postgres records batch *k* while the broker takes and confirms batch *k+1*."""
+    """Writes batches to ``trueup.replay_events``, and looks up which letters earlier replays
+    moved, on a connection and thread of its own: Postgres records batch *k* while the broker
+    takes and confirms batch *k+1*.
+
+    One thread, so requests run in the order they were made: a lookup asked after batch *k* was
+    submitted sees batch *k* recorded (the replay loop relies on it, see :meth:`_Step.batch`).
+    """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-replay")
         self.conn: psycopg.Connection[dict[str, Any]] | None = None
 
-    def submit(self, replay_id: int, items: list[Received],
+    def submit(self, replay_id: int, events: list[tuple[DeadLetter, Plan]],
                plans: list[Plan]) -> Future[tuple[int, int, int]]:
-        return self.executor.submit(self._record, replay_id, items, plans)
+        return self.executor.submit(self._record, replay_id, events, plans)
 
-    def _record(self, replay_id: int, items: list[Received],
-                plans: list[Plan]) -> tuple[int, int, int]:
+    def lookup(self, name: str, replay_id: int, batch: list[Received]) -> Future[_Lookup]:
+        """What replays of queue ``name`` recorded of the letters of ``batch``, replay
+        ``replay_id`` (the running one) included, as far as submitted for recording."""
+        return self.executor.submit(self._lookup, name, replay_id, batch)
+
+    def _connection(self) -> psycopg.Connection[dict[str, Any]]:
         if self.conn is None:
             self.conn = open_state(self.dsn, migrate_schema=False)
             self.conn.autocommit = True
-        return _record(self.conn, replay_id, items, plans)
+        return self.conn
+
+    def _record(self, replay_id: int, events: list[tuple[DeadLetter, Plan]],
+                plans: list[Plan]) -> tuple[int, int, int]:
+        return _record(self._connection(), replay_id, events, plans)
+
+    def _lookup(self, name: str, replay_id: int, batch: list[Received]) -> _Lookup:
+        ids = list({item.letter.message_id for item in batch})
+        rows = self._connection().execute(query("last_replayed"), {
+            "message_ids": json.dumps(ids), "name": name, "replay_id": replay_id}).fetchall()
+        return _Lookup(
+            replayed={row["message_id"]: int(row["replay_id"]) for row in rows
+                      if row["replay_id"] is not None},
+            recorded=frozenset(row["message_id"] for row in rows if row["recorded_here"]))
 
     def close(self) -> None:
         def close_conn() -> None:
@@ -290,18 +356,28 @@ class _Step:
     recorder: _Recorder
     planner: _Planner
     pacer: Pacer
+    sent: _Sent | None = None
     pending: _Pending | None = None
+    #: The last two batches sent: recorded or not, a lookup may not have seen them.
+    recent: deque[_Sent] = field(default_factory=lambda: deque(maxlen=2))
 
-    def batch(self, batch: list[Received]) -> bool:
-        """Handle one batch; True when ``--max`` is reached."""
+    def send(self, batch: list[Received], lookup: Future[_Lookup]) -> bool:
+        """Decide and publish one batch, after :meth:`finish` of the batch before
+        (``lookup``: what replays recorded of its ids, see :meth:`_Recorder.lookup`); True
+        when ``--max`` is reached."""
+        assert self.sent is None, "finish() the batch before"
         options, counts, replay_id = self.options, self.counts, self.replay_id
-        ids = list({item.letter.message_id for item in batch})
-        replayed = {row["message_id"]: int(row["replay_id"]) for row in self.conn.execute(
-            query("last_replayed"),
-            {"message_ids": json.dumps(ids), "name": self.box.name}).fetchall()}
-        # Ids sent by this replay and not yet recorded: the previous batch and this one.
-        in_flight = set(self.pending.sent_ids) if self.pending is not None else set()
+        found = lookup.result()
+        replayed = found.replayed
+        # What this replay did that the lookup may have missed: the two batches before and
+        # this one. The lookup was asked once the batch three before this one was submitted
+        # for recording (the next batch is read before the one before it is finished), and it
+        # ran after that record on the recorder's one thread.
+        in_flight: set[str] = set().union(*(s.sent_ids for s in self.recent))
+        recorded = set(found.recorded).union(*(
+            (letter.message_id for letter, _ in s.events) for s in self.recent))
         plans: list[Plan] = []
+        events: list[tuple[DeadLetter, Plan]] = []
         sent: list[tuple[Received, Plan]] = []
         limit = options.max_messages
         selection = self.selection.matches if self.selection.tests else None
@@ -343,26 +419,37 @@ class _Step:
                         else:
                             publish(item, chosen.destination, replay_id=replay_id)
                         sent.append((item, chosen))
+                # After its publish: an event is a letter handled, never one whose copy failed.
+                if chosen.outcome is not None and message_id not in recorded:
+                    recorded.add(message_id)  # the first event of an id in a replay stays
+                    events.append((letter, chosen))
         except BaseException:
             with contextlib.suppress(Exception):
                 self.drain()
             if self.box.confirms_each_publish and sent:
                 # Confirmed one by one: record them, so the next attempt does not send them
                 # again.
-                self._count(_record(self.conn, replay_id, [i for i, _ in sent],
+                self._count(_record(self.conn, replay_id,
+                                    [(letter, p) for letter, p in events if p.sends],
                                     [p for _, p in sent]))
             raise
-        self.drain()  # the batch before: recorded, then settled (in order)
-        if not options.dry_run:
-            self.box.confirm()
-        recorded = [(i, p) for i, p in zip(batch, plans, strict=True)
-                    if p.outcome is not None or p.settle is Settle.KEEP]
-        self.pending = _Pending(
-            items=batch, settles=[p.settle for p in plans],
-            sent_ids=frozenset(i.letter.message_id for i, _ in sent),
-            recorded=self.recorder.submit(replay_id, [i for i, _ in recorded],
-                                          [p for _, p in recorded]))
+        self.sent = _Sent(items=batch, plans=plans, events=events,
+                          sent_ids=frozenset(i.letter.message_id for i, _ in sent))
+        self.recent.append(self.sent)
         return limit is not None and counts.sent_or_planned >= limit
+
+    def finish(self) -> None:
+        """Settle the batch before the sent one, wait until the broker confirmed the sent
+        one's copies, and submit it for recording (it is settled once recorded)."""
+        sent, self.sent = self.sent, None
+        if sent is None:
+            return
+        self.drain()  # the batch before: recorded, then settled (in order)
+        if not self.options.dry_run:
+            self.box.confirm()
+        self.pending = _Pending(
+            items=sent.items, settles=[p.settle for p in sent.plans],
+            recorded=self.recorder.submit(self.replay_id, sent.events, sent.plans))
 
     def drain(self) -> None:
         """Wait until the pending batch is recorded, then settle it."""
@@ -385,15 +472,14 @@ _MOVED_OR_WOULD = (ReplayOutcome.MOVED, ReplayOutcome.WOULD_MOVE)
 _PARKED_OR_WOULD = (ReplayOutcome.PARKED, ReplayOutcome.WOULD_PARK)
 
 
-def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int, items: list[Received],
-            plans: list[Plan]) -> tuple[int, int, int]:
-    """Record the events of a batch and add its counts, in one statement; return the counts
-    (moved, parked, skipped)."""
-    events = [(item.letter, p) for item, p in zip(items, plans, strict=True)
-              if p.outcome is not None]
-    moved = sum(1 for _, p in events if p.outcome in _MOVED_OR_WOULD)
-    parked = sum(1 for _, p in events if p.outcome in _PARKED_OR_WOULD)
-    skipped = len(plans) - moved - parked
+def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int,
+            events: list[tuple[DeadLetter, Plan]], plans: list[Plan]) -> tuple[int, int, int]:
+    """Record ``events`` and add the counts of ``plans`` (the batch's: a letter not looked at
+    counts nothing, a duplicate of an id counts without a second event), in one statement;
+    return the counts (moved, parked, skipped)."""
+    moved = sum(1 for p in plans if p.outcome in _MOVED_OR_WOULD)
+    parked = sum(1 for p in plans if p.outcome in _PARKED_OR_WOULD)
+    skipped = sum(1 for p in plans if p.settle is not Settle.UNTOUCHED) - moved - parked
     row = conn.execute(query("record_replay_batch"), {
         "replay_id": replay_id, "moved": moved, "parked": parked, "skipped": skipped,
         "message_ids": json.dumps([letter.message_id for letter, _ in events]),

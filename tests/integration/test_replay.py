@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pika
 import psycopg
 import pytest
 from confluent_kafka import Producer
@@ -37,6 +38,7 @@ from trueup.dlq import inspect
 from trueup.letterboxes import kafka as letterbox_kafka
 from trueup.letterboxes import open_letterbox
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
+from trueup.letterboxes.rabbitmq import RabbitLetterbox
 from trueup.replay import ReplayOptions, replay
 
 
@@ -217,6 +219,45 @@ def test_kafka_copies_the_destination_refuses_leave_their_letters_in_the_dlq(
 
 @pytest.mark.kafka
 @pytest.mark.postgres
+def test_kafka_copies_of_one_message_are_sent_and_recorded_once_in_any_batch(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # A worker that dead-letters a message twice leaves two copies with one id. A replay
+    # records each id once (replay_events has no ON CONFLICT to fall back on): copies in the
+    # same batch, in the batches just before (not yet recorded when the batch is looked up)
+    # and far apart (recorded long before) must all be told apart, in a dry run too.
+    dlq, target = unique("twice.dlq"), unique("orders")
+    topics.create(dlq, target)
+    #  batch (of 3):  0        1        2        3        4        5
+    order = ["a", "a", "b",  "c", "d", "e",  "a", "f", "g",  "h", "i", "j",  "k", "b", "c",
+             "l", "m", "a"]
+    for position, message_id in enumerate(order):
+        produce_json(kafka_bootstrap, dlq, [{"id": position}], extra_headers={
+            headers.MESSAGE_ID: message_id, headers.ORIGIN: target, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     twice={"connection": "bus", "topic": dlq})
+    copies = len(order) - len(set(order))
+
+    tried = replay(config, "twice", ReplayOptions(dry_run=True, batch_size=3))
+    assert (tried.moved, tried.skipped) == (len(order), 0)  # a dry run sends nothing to know by
+    done = replay(config, "twice", ReplayOptions(batch_size=3))
+    assert (done.moved, done.skipped) == (len(set(order)), copies)
+
+    moved = body_ids(read_topic(kafka_bootstrap, target))
+    assert sorted(map(int, moved)) == sorted(order.index(i) for i in set(order)), (
+        "each id's first copy, once")
+    with psycopg.connect(state_db) as conn:
+        recorded = conn.execute(
+            "SELECT replay_id, message_id, count(*) FROM trueup.replay_events "
+            "GROUP BY replay_id, message_id").fetchall()
+    assert {r[2] for r in recorded} == {1}
+    assert sorted(r[1] for r in recorded if r[0] == done.replay_id) == sorted(set(order))
+    assert sorted(r[1] for r in recorded if r[0] == tried.replay_id) == sorted(set(order))
+    assert kafka_remaining(kafka_bootstrap, dlq, replay_group("twice")) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
 def test_kafka_letter_with_an_attempt_count_past_an_integer_is_parked_and_recorded(
         kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
         topics: Topics, tmp_path: Path) -> None:
@@ -388,6 +429,39 @@ def test_rabbitmq_runs_of_moved_letters_between_kept_and_untouched_ones_settle_e
     # Kept letters went to the tail; the untouched ones stayed where they were, before them.
     left = [json.loads(body)["id"] for _, body in queues.drain(dlq)]
     assert left == [7, 8, 9, 2, 4, 5], left
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_letter_whose_copy_failed_is_sent_again_after_the_reconnect_not_dropped(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The connection drops while the third copy is published. The two confirmed before are
+    # recorded (so they are not sent twice); the third must not be: recorded as moved, it was
+    # taken for replayed after the reconnect and acked, lost.
+    dlq, target = unique("drop.dlq"), unique("drop")
+    queues.declare(dlq, target)
+    for n in range(5):
+        queues.publish(dlq, json.dumps({"id": n}).encode(), message_id=f"d{n}",
+                       headers_={headers.ORIGIN: target, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     drop={"connection": "amqp", "queue": dlq})
+    publish = RabbitLetterbox.publish
+    calls = []
+
+    def dropping(self: RabbitLetterbox, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            self.connection.close()  # the broker went away mid-batch
+            raise pika.exceptions.StreamLostError("connection lost")
+        publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(RabbitLetterbox, "publish", dropping)
+    done = replay(config, "drop")
+    assert (done.moved, done.skipped) == (5, 2)  # the two confirmed first, read again
+    assert sorted(json.loads(body)["id"] for _, body in queues.drain(target)) == [0, 1, 2, 3, 4]
+    assert queues.depth(dlq) == 0
+    assert sorted(_events(state_db)) == [(f"d{n}", "moved") for n in range(5)]
 
 
 @pytest.mark.postgres
