@@ -11,6 +11,7 @@ the record of batch *k* is written while batch *k+1* is sent).
 Each side gets its own, identical dead-letter topic or queue. Run on the local stack::
 
     .venv/bin/python benchmarks/replay.py [--letters 100000] [--broker kafka|rabbitmq|both]
+                                          [--rounds 3]
 
 Not a test: it prints a table and a verdict (target: trueup at least 70% of the floor's rate).
 """
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import uuid
@@ -47,6 +49,8 @@ AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 STATE_DB = "trueup_bench_replay"
 BATCH = 1000          # the floor's batch, the same as trueup's default
 TARGET_RATIO = 0.70
+SETTLE_SECONDS = 2.0  # after seeding: the side that went first paid for the broker's catching up
+ROUNDS = 3            # a 100,000-letter run takes 1-2 s: one run is at the mercy of noise
 BODY_BYTES = 200      # a small JSON order event
 
 
@@ -55,7 +59,7 @@ def _body(n: int) -> bytes:
 
 
 def _letter_headers(origin: str, n: int) -> dict[str, str]:
-    return {headers.MESSAGE_ID: f"bench-{n}", headers.ATTEMPTS: "2", headers.ORIGIN: origin,
+    return {headers.MESSAGE_ID: f"{origin}-{n}", headers.ATTEMPTS: "2", headers.ORIGIN: origin,
             headers.ERROR_CLASS: "TimeoutError", headers.ERROR_MESSAGE: "billing timed out",
             headers.LAST_FAILURE: "2026-01-02T03:04:05.000Z"}
 
@@ -75,6 +79,13 @@ def _timed(run: Callable[[], int]) -> tuple[float, int]:
     start = time.perf_counter()
     moved = run()
     return time.perf_counter() - start, moved
+
+
+def _both(floor: Callable[[], int], ours: Callable[[], int], *,
+          floor_first: bool) -> list[tuple[str, float, int]]:
+    """Both sides of one round, timed: ``(side, seconds, letters moved)``."""
+    sides = [("floor", floor), ("trueup", ours)]
+    return [(side, *_timed(run)) for side, run in (sides if floor_first else sides[::-1])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +125,8 @@ def _kafka_floor(dlq: str, target: str, letters: int) -> int:
     return moved
 
 
-def _bench_kafka(letters: int, state: str) -> list[tuple[str, float, int]]:
+def _bench_kafka(letters: int, state: str, *,
+                 floor_first: bool) -> list[tuple[str, float, int]]:
     admin = kafka.connect_admin({"bootstrap.servers": KAFKA_BOOTSTRAP}, what="bench")
     tag = uuid.uuid4().hex[:8]
     topics = {side: (f"bench.replay.{side}.{tag}.dlq", f"bench.replay.{side}.{tag}")
@@ -124,13 +136,14 @@ def _bench_kafka(letters: int, state: str) -> list[tuple[str, float, int]]:
     try:
         for dlq, target in topics.values():
             _kafka_seed(dlq, target, letters)
-        floor = _timed(lambda: _kafka_floor(*topics["floor"], letters))
+        time.sleep(SETTLE_SECONDS)
         dlq, _ = topics["trueup"]
         config = _config(state, {"bench_kafka": {"connection": "bus", "topic": dlq}})
-        ours = _timed(lambda: replay(config, "bench_kafka", ReplayOptions()).moved)
+        return _both(lambda: _kafka_floor(*topics["floor"], letters),
+                     lambda: replay(config, "bench_kafka", ReplayOptions()).moved,
+                     floor_first=floor_first)
     finally:
         kafka.delete_topics(admin, names, what="bench")
-    return [("floor", *floor), ("trueup", *ours)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ def _rabbit_seed(connection: pika.BlockingConnection, queue: str, target: str,
     channel = connection.channel()
     for n in range(letters):
         channel.basic_publish("", queue, _body(n), pika.BasicProperties(
-            message_id=f"bench-{n}", delivery_mode=2, headers=_letter_headers(target, n)))
+            message_id=f"{target}-{n}", delivery_mode=2, headers=_letter_headers(target, n)))
     channel.close()
     deadline = time.monotonic() + 300
     while (rabbitmq.queue_depth(connection, queue) or 0) < letters:
@@ -175,7 +188,8 @@ def _rabbit_floor(queue: str, target: str, letters: int) -> int:
     return moved
 
 
-def _bench_rabbitmq(letters: int, state: str) -> list[tuple[str, float, int]]:
+def _bench_rabbitmq(letters: int, state: str, *,
+                    floor_first: bool) -> list[tuple[str, float, int]]:
     connection = rabbitmq.connect(AMQP_URL, what="bench")
     tag = uuid.uuid4().hex[:8]
     queues = {side: (f"bench.replay.{side}.{tag}.dlq", f"bench.replay.{side}.{tag}")
@@ -188,10 +202,12 @@ def _bench_rabbitmq(letters: int, state: str) -> list[tuple[str, float, int]]:
     try:
         for dlq, target in queues.values():
             _rabbit_seed(connection, dlq, target, letters)
-        floor = _timed(lambda: _rabbit_floor(*queues["floor"], letters))
+        time.sleep(SETTLE_SECONDS)
         dlq, _ = queues["trueup"]
         config = _config(state, {"bench_rabbitmq": {"connection": "amqp", "queue": dlq}})
-        ours = _timed(lambda: replay(config, "bench_rabbitmq", ReplayOptions()).moved)
+        return _both(lambda: _rabbit_floor(*queues["floor"], letters),
+                     lambda: replay(config, "bench_rabbitmq", ReplayOptions()).moved,
+                     floor_first=floor_first)
     finally:
         # A fresh connection: the first one sat idle (no heartbeats) through both loops.
         rabbitmq.close_quietly(connection)
@@ -200,7 +216,6 @@ def _bench_rabbitmq(letters: int, state: str) -> list[tuple[str, float, int]]:
         for name in names:
             channel.queue_delete(name)
         connection.close()
-    return [("floor", *floor), ("trueup", *ours)]
 
 
 def _config(state: str, dead_letters: dict[str, object]) -> Config:
@@ -217,28 +232,40 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--letters", type=int, default=100_000)
     parser.add_argument("--broker", choices=["kafka", "rabbitmq", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="rounds per broker; the table shows each side's median")
     args = parser.parse_args()
     os.environ.setdefault("TRUEUP_LOG_LEVEL", "warning")
     state = _state_dsn()
-    results: dict[str, list[tuple[str, float, int]]] = {}
-    if args.broker in ("kafka", "both"):
-        results["kafka"] = _bench_kafka(args.letters, state)
-    if args.broker in ("rabbitmq", "both"):
-        results["rabbitmq"] = _bench_rabbitmq(args.letters, state)
+    benches = {"kafka": _bench_kafka, "rabbitmq": _bench_rabbitmq}
+    results: dict[str, dict[str, list[tuple[float, int]]]] = {}
+    for broker, bench in benches.items():
+        if args.broker not in (broker, "both"):
+            continue
+        runs: dict[str, list[tuple[float, int]]] = {"floor": [], "trueup": []}
+        for round_ in range(args.rounds):
+            # Sides alternate which goes first: neither always gets the warmer broker.
+            for side, seconds, moved in bench(args.letters, state, floor_first=round_ % 2 == 0):
+                runs[side].append((seconds, moved))
+        results[broker] = runs
 
     print(f"\nreplay of {args.letters:,} dead letters ({BODY_BYTES}-byte bodies), "
-          f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
-    print(f"{'broker':<9} {'side':<7} {'moved':>9} {'seconds':>8} {'letters/s':>10} "
-          f"{'of floor':>9}")
+          f"{platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
+          f"median of {args.rounds} rounds")
+    print(f"{'broker':<9} {'side':<7} {'moved':>9} {'seconds':>8} {'range':>11} "
+          f"{'letters/s':>10} {'of floor':>9}")
     verdicts = []
-    for broker, rows in results.items():
-        floor_rate = rows[0][2] / rows[0][1]
-        for side, seconds, moved in rows:
-            rate = moved / seconds
-            print(f"{broker:<9} {side:<7} {moved:>9,} {seconds:>8.2f} {rate:>10,.0f} "
-                  f"{rate / floor_rate:>8.0%}")
-        ratio = (rows[1][2] / rows[1][1]) / floor_rate
-        ok = ratio >= TARGET_RATIO and rows[1][2] == args.letters
+    for broker, runs in results.items():
+        rates = {side: statistics.median(moved / seconds for seconds, moved in side_runs)
+                 for side, side_runs in runs.items()}
+        for side, side_runs in runs.items():
+            seconds = [s for s, _ in side_runs]
+            moved = min(m for _, m in side_runs)
+            print(f"{broker:<9} {side:<7} {moved:>9,} {statistics.median(seconds):>8.2f} "
+                  f"{f'{min(seconds):.2f}-{max(seconds):.2f}':>11} {rates[side]:>10,.0f} "
+                  f"{rates[side] / rates['floor']:>8.0%}")
+        ratio = rates["trueup"] / rates["floor"]
+        ok = ratio >= TARGET_RATIO and all(m == args.letters for _, m in runs["trueup"])
         verdicts.append(ok)
         print(f"{broker:<9} verdict: trueup at {ratio:.0%} of the floor "
               f"(target {TARGET_RATIO:.0%}): {'ok' if ok else 'BELOW TARGET'}")
