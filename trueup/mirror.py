@@ -30,6 +30,7 @@ from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
 from trueup.brokers.kafka import read_to_ends, translate
+from trueup.collection import batch_loop
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, storage_type
@@ -129,7 +130,8 @@ def sync_mirror(config: Config, shape: MirrorShape, connection: str,
     conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
     try:
         _ensure_tables(conn, shape, topic_id(dict(properties), shape.topic))
-        consumed = MirrorReader(shape, dict(properties), conn, progress).run()
+        with batch_loop():
+            consumed = MirrorReader(shape, dict(properties), conn, progress).run()
         log.info("mirror.synced", reconciliation=shape.name, topic=shape.topic,
                  messages=consumed)
     finally:
