@@ -253,8 +253,16 @@ class _Sent:
 
     items: list[Received]
     plans: list[Plan]
-    events: list[tuple[DeadLetter, Plan]]  # to record: each id once in a replay
+    events: list[tuple[DeadLetter, Plan]]    # to record: each id once in a replay
+    upgrades: list[tuple[DeadLetter, Plan]]  # ids recorded before as not sent, sent now
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Done:
+    """What a sent batch did, as far as a lookup may not have seen it yet."""
+
     sent_ids: frozenset[str]
+    event_ids: frozenset[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,7 +281,7 @@ class _Recorder:
     takes and confirms batch *k+1*.
 
     One thread, so requests run in the order they were made: a lookup asked after batch *k* was
-    submitted sees batch *k* recorded (the replay loop relies on it, see :meth:`_Step.batch`).
+    submitted sees batch *k* recorded (the replay loop relies on it, see :meth:`_Step.send`).
     """
 
     def __init__(self, dsn: str) -> None:
@@ -281,9 +289,9 @@ class _Recorder:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-replay")
         self.conn: psycopg.Connection[dict[str, Any]] | None = None
 
-    def submit(self, replay_id: int, events: list[tuple[DeadLetter, Plan]],
-               plans: list[Plan]) -> Future[tuple[int, int, int]]:
-        return self.executor.submit(self._record, replay_id, events, plans)
+    def submit(self, replay_id: int, events: list[tuple[DeadLetter, Plan]], plans: list[Plan],
+               upgrades: list[tuple[DeadLetter, Plan]]) -> Future[tuple[int, int, int]]:
+        return self.executor.submit(self._record, replay_id, events, plans, upgrades)
 
     def lookup(self, name: str, replay_id: int, batch: list[Received]) -> Future[_Lookup]:
         """What replays of queue ``name`` recorded of the letters of ``batch``, replay
@@ -296,9 +304,9 @@ class _Recorder:
             self.conn.autocommit = True
         return self.conn
 
-    def _record(self, replay_id: int, events: list[tuple[DeadLetter, Plan]],
-                plans: list[Plan]) -> tuple[int, int, int]:
-        return _record(self._connection(), replay_id, events, plans)
+    def _record(self, replay_id: int, events: list[tuple[DeadLetter, Plan]], plans: list[Plan],
+                upgrades: list[tuple[DeadLetter, Plan]]) -> tuple[int, int, int]:
+        return _record(self._connection(), replay_id, events, plans, upgrades)
 
     def _lookup(self, name: str, replay_id: int, batch: list[Received]) -> _Lookup:
         ids = list({item.letter.message_id for item in batch})
@@ -359,7 +367,7 @@ class _Step:
     sent: _Sent | None = None
     pending: _Pending | None = None
     #: The last two batches sent: recorded or not, a lookup may not have seen them.
-    recent: deque[_Sent] = field(default_factory=lambda: deque(maxlen=2))
+    recent: deque[_Done] = field(default_factory=lambda: deque(maxlen=2))
 
     def send(self, batch: list[Received], lookup: Future[_Lookup]) -> bool:
         """Decide and publish one batch, after :meth:`finish` of the batch before
@@ -370,14 +378,16 @@ class _Step:
         found = lookup.result()
         replayed = found.replayed
         # What this replay did that the lookup may have missed: the two batches before and
-        # this one. The lookup was asked once the batch three before this one was submitted
-        # for recording (the next batch is read before the one before it is finished), and it
-        # ran after that record on the recorder's one thread.
-        in_flight: set[str] = set().union(*(s.sent_ids for s in self.recent))
-        recorded = set(found.recorded).union(*(
-            (letter.message_id for letter, _ in s.events) for s in self.recent))
+        # this one. On Kafka the lookup was asked once the batch three before this one was
+        # submitted for recording (the next batch is read before the one before it is
+        # finished), and it ran after that record on the recorder's one thread; on RabbitMQ it
+        # saw every batch before.
+        in_flight: set[str] = set().union(*(d.sent_ids for d in self.recent))
+        recorded = set(found.recorded).union(*(d.event_ids for d in self.recent))
         plans: list[Plan] = []
         events: list[tuple[DeadLetter, Plan]] = []
+        event_at: dict[str, int] = {}  # id -> its event in this batch
+        upgrades: list[tuple[DeadLetter, Plan]] = []
         sent: list[tuple[Received, Plan]] = []
         limit = options.max_messages
         selection = self.selection.matches if self.selection.tests else None
@@ -420,9 +430,20 @@ class _Step:
                             publish(item, chosen.destination, replay_id=replay_id)
                         sent.append((item, chosen))
                 # After its publish: an event is a letter handled, never one whose copy failed.
-                if chosen.outcome is not None and message_id not in recorded:
-                    recorded.add(message_id)  # the first event of an id in a replay stays
+                if chosen.outcome is None:
+                    pass
+                elif message_id not in recorded:
+                    recorded.add(message_id)  # one event per id in a replay: the first ...
+                    event_at[message_id] = len(events)
                     events.append((letter, chosen))
+                elif chosen.sends:
+                    # ... unless a later copy of the id is the one sent (the first was skipped:
+                    # moved by an older replay, or no destination): the event must say so, or
+                    # later copies are not known as replayed by this one.
+                    if message_id in event_at:
+                        events[event_at[message_id]] = (letter, chosen)
+                    else:
+                        upgrades.append((letter, chosen))
         except BaseException:
             with contextlib.suppress(Exception):
                 self.drain()
@@ -431,11 +452,11 @@ class _Step:
                 # again.
                 self._count(_record(self.conn, replay_id,
                                     [(letter, p) for letter, p in events if p.sends],
-                                    [p for _, p in sent]))
+                                    [p for _, p in sent], upgrades))
             raise
-        self.sent = _Sent(items=batch, plans=plans, events=events,
-                          sent_ids=frozenset(i.letter.message_id for i, _ in sent))
-        self.recent.append(self.sent)
+        self.sent = _Sent(items=batch, plans=plans, events=events, upgrades=upgrades)
+        self.recent.append(_Done(sent_ids=frozenset(i.letter.message_id for i, _ in sent),
+                                 event_ids=frozenset(event_at)))
         return limit is not None and counts.sent_or_planned >= limit
 
     def finish(self) -> None:
@@ -449,7 +470,8 @@ class _Step:
             self.box.confirm()
         self.pending = _Pending(
             items=sent.items, settles=[p.settle for p in sent.plans],
-            recorded=self.recorder.submit(self.replay_id, sent.events, sent.plans))
+            recorded=self.recorder.submit(self.replay_id, sent.events, sent.plans,
+                                          sent.upgrades))
 
     def drain(self) -> None:
         """Wait until the pending batch is recorded, then settle it."""
@@ -473,10 +495,12 @@ _PARKED_OR_WOULD = (ReplayOutcome.PARKED, ReplayOutcome.WOULD_PARK)
 
 
 def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int,
-            events: list[tuple[DeadLetter, Plan]], plans: list[Plan]) -> tuple[int, int, int]:
-    """Record ``events`` and add the counts of ``plans`` (the batch's: a letter not looked at
-    counts nothing, a duplicate of an id counts without a second event), in one statement;
-    return the counts (moved, parked, skipped)."""
+            events: list[tuple[DeadLetter, Plan]], plans: list[Plan],
+            upgrades: list[tuple[DeadLetter, Plan]]) -> tuple[int, int, int]:
+    """Record ``events``, turn the events of ``upgrades``' ids (recorded by an earlier batch
+    of this replay) into theirs, and add the counts of ``plans`` (the batch's: a letter not
+    looked at counts nothing, a duplicate of an id counts without a second event), in one
+    statement; return the counts (moved, parked, skipped)."""
     moved = sum(1 for p in plans if p.outcome in _MOVED_OR_WOULD)
     parked = sum(1 for p in plans if p.outcome in _PARKED_OR_WOULD)
     skipped = sum(1 for p in plans if p.settle is not Settle.UNTOUCHED) - moved - parked
@@ -487,7 +511,12 @@ def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int,
         "destinations": json.dumps([p.destination_text for _, p in events]),
         "outcomes": json.dumps([p.outcome for _, p in events]),
         "error_classes": json.dumps([letter.error_class for letter, _ in events]),
-        "attempts": json.dumps([letter.attempts for letter, _ in events])}).fetchone()
+        "attempts": json.dumps([letter.attempts for letter, _ in events]),
+        "upgraded_ids": json.dumps([letter.message_id for letter, _ in upgrades]),
+        "upgraded_outcomes": json.dumps([p.outcome for _, p in upgrades]),
+        "upgraded_destinations": json.dumps([p.destination_text for _, p in upgrades]),
+        "upgraded_attempts": json.dumps([letter.attempts for letter, _ in upgrades]),
+    }).fetchone()
     if row is None:
         raise StateError(f"replay {replay_id} is no longer running (cancelled?)")
     return moved, parked, skipped

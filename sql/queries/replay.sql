@@ -27,6 +27,7 @@ RETURNING replay_id, started_at;
 -- Nothing is written when the replay is no longer running; the caller sees no row then.
 -- A replay records each message once (the caller leaves out ids it recorded, see
 -- last_replayed): no ON CONFLICT, whose speculative insertion cost a quarter of the statement.
+-- An id recorded as not sent whose later copy was sent is updated instead (upgraded).
 WITH counted AS (
     UPDATE trueup.replays
     SET moved = moved + %(moved)s, parked = parked + %(parked)s,
@@ -46,6 +47,18 @@ WITH counted AS (
                     json_array_elements_text(%(error_classes)s::json),
                     json_array_elements_text(%(attempts)s::json))
          AS e (message_id, origin, destination, outcome, error_class, attempts)
+), upgraded AS (
+    -- Rare: a later copy of an id this replay recorded as not sent was sent (empty arrays
+    -- otherwise). Its event says so, or that copy's later duplicates would be sent again.
+    UPDATE trueup.replay_events AS e
+    SET outcome = u.outcome, destination = u.destination, attempts = u.attempts::integer
+    FROM counted AS c,
+         ROWS FROM (json_array_elements_text(%(upgraded_ids)s::json),
+                    json_array_elements_text(%(upgraded_outcomes)s::json),
+                    json_array_elements_text(%(upgraded_destinations)s::json),
+                    json_array_elements_text(%(upgraded_attempts)s::json))
+         AS u (message_id, outcome, destination, attempts)
+    WHERE e.message_id = u.message_id AND e.replay_id = c.replay_id
 )
 SELECT replay_id FROM counted;
 

@@ -10,7 +10,7 @@ from typing import Any
 import pika
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
 
 from tests.integration.test_workers_support import (
     BACKOFF,
@@ -254,6 +254,49 @@ def test_kafka_copies_of_one_message_are_sent_and_recorded_once_in_any_batch(
     assert sorted(r[1] for r in recorded if r[0] == done.replay_id) == sorted(set(order))
     assert sorted(r[1] for r in recorded if r[0] == tried.replay_id) == sorted(set(order))
     assert kafka_remaining(kafka_bootstrap, dlq, replay_group("twice")) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_id_skipped_then_sent_in_one_replay_is_known_as_replayed_by_it_afterwards(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # Replay 1 moved x and y but did not commit (offset reset below). Both came back, failed
+    # again, and were dead-lettered twice more as replay 1's copies. Replay 2 skips the first
+    # x and y (replay 1 moved them), sends the next ones (new failures), and must then know
+    # them as its own: their events, first recorded as skipped (y's in the same batch, x's in
+    # the batch before), say moved, so the last copies (three batches on, seen only through
+    # the lookup) are not sent a third time.
+    dlq, target = unique("again.dlq"), unique("orders")
+    topics.create(dlq, target)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     again={"connection": "bus", "topic": dlq})
+    letter = {headers.ORIGIN: target, headers.ATTEMPTS: "1"}
+    for n, message_id in enumerate("xy"):
+        produce_json(kafka_bootstrap, dlq, [{"id": n}],
+                     extra_headers={**letter, headers.MESSAGE_ID: message_id})
+    first = replay(config, "again")
+    assert first.moved == 2
+    copies = {2: "y", 4: "x", 12: "x", 13: "y"}
+    # Batches of 3: [0 x, 1 y, 2 y'] [3, 4 x', 5] [6-8] [9-11] [12 x', 13 y'].
+    for n in range(2, 14):
+        produce_json(kafka_bootstrap, dlq, [{"id": n}], extra_headers={
+            **letter, headers.MESSAGE_ID: copies.get(n, f"f{n}"),
+            **({headers.REPLAY_ID: str(first.replay_id)} if n in copies else {})})
+    consumer = kafka.create_consumer({"bootstrap.servers": kafka_bootstrap},
+                                     group=replay_group("again"), what="test")
+    consumer.commit(offsets=[TopicPartition(dlq, 0, 0)], asynchronous=False)  # not committed
+    consumer.close()
+
+    second = replay(config, "again", ReplayOptions(batch_size=3))
+    assert (second.moved, second.skipped) == (10, 4)
+    assert sorted(map(int, body_ids(read_topic(kafka_bootstrap, target)))) == list(range(12)), (
+        "x and y sent by replay 1 (0, 1) and replay 2 (4, 2), not a third time (12, 13)")
+    with psycopg.connect(state_db) as conn:
+        events = conn.execute("SELECT message_id, replay_id, outcome FROM trueup.replay_events "
+                              "WHERE message_id IN ('x', 'y') ORDER BY 1, 2").fetchall()
+    assert events == [("x", first.replay_id, "moved"), ("x", second.replay_id, "moved"),
+                      ("y", first.replay_id, "moved"), ("y", second.replay_id, "moved")]
 
 
 @pytest.mark.kafka
