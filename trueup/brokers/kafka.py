@@ -107,7 +107,12 @@ def create_producer(properties: Mapping[str, Any], *, what: str,
 def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | None,
             key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
             partition: int | None = None, timestamp_ms: int | None = None) -> None:
-    """Hand one message to ``producer``; :func:`confirm` waits for its delivery report."""
+    """Hand one message to ``producer``; :func:`confirm` waits for its delivery report.
+
+    No poll() per message: the producers report failures only, and confirm()'s flush serves
+    those. A poll releases and retakes the GIL, a handover to any other busy thread of the
+    process (a replay's recorder) every message.
+    """
     kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
                               "on_delivery": deliveries.on_delivery}
     if partition is not None:
@@ -120,7 +125,6 @@ def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: by
             break
         except BufferError:
             producer.poll(0.05)  # the local queue is full: let deliveries drain
-    producer.poll(0)
 
 
 def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
