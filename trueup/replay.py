@@ -438,8 +438,9 @@ class _Step:
                     events.append((letter, chosen))
                 elif chosen.sends:
                     # ... unless a later copy of the id is the one sent (the first was skipped:
-                    # moved by an older replay, or no destination): the event must say so, or
-                    # later copies are not known as replayed by this one.
+                    # moved by an older replay, or kept): the event must say so, or later copies
+                    # are not known as replayed by this one. (A copy this replay made, read
+                    # again, is sent too: its event then names that copy's fate.)
                     if message_id in event_at:
                         events[event_at[message_id]] = (letter, chosen)
                     else:
@@ -516,6 +517,8 @@ def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int,
         "upgraded_outcomes": json.dumps([p.outcome for _, p in upgrades]),
         "upgraded_destinations": json.dumps([p.destination_text for _, p in upgrades]),
         "upgraded_attempts": json.dumps([letter.attempts for letter, _ in upgrades]),
+        "upgraded_origins": json.dumps([letter.origin for letter, _ in upgrades]),
+        "upgraded_error_classes": json.dumps([letter.error_class for letter, _ in upgrades]),
     }).fetchone()
     if row is None:
         raise StateError(f"replay {replay_id} is no longer running (cancelled?)")

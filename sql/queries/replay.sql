@@ -50,14 +50,18 @@ WITH counted AS (
 ), upgraded AS (
     -- Rare: a later copy of an id this replay recorded as not sent was sent (empty arrays
     -- otherwise). Its event says so, or that copy's later duplicates would be sent again.
+    -- The whole event becomes the sent copy's, as when both copies are in one batch.
     UPDATE trueup.replay_events AS e
-    SET outcome = u.outcome, destination = u.destination, attempts = u.attempts::integer
+    SET outcome = u.outcome, destination = u.destination, attempts = u.attempts::integer,
+        origin = u.origin, error_class = u.error_class
     FROM counted AS c,
          ROWS FROM (json_array_elements_text(%(upgraded_ids)s::json),
                     json_array_elements_text(%(upgraded_outcomes)s::json),
                     json_array_elements_text(%(upgraded_destinations)s::json),
-                    json_array_elements_text(%(upgraded_attempts)s::json))
-         AS u (message_id, outcome, destination, attempts)
+                    json_array_elements_text(%(upgraded_attempts)s::json),
+                    json_array_elements_text(%(upgraded_origins)s::json),
+                    json_array_elements_text(%(upgraded_error_classes)s::json))
+         AS u (message_id, outcome, destination, attempts, origin, error_class)
     WHERE e.message_id = u.message_id AND e.replay_id = c.replay_id
 )
 SELECT replay_id FROM counted;
