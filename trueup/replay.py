@@ -507,22 +507,24 @@ def _record(conn: psycopg.Connection[dict[str, Any]], replay_id: int,
     skipped = sum(1 for p in plans if p.settle is not Settle.UNTOUCHED) - moved - parked
     row = conn.execute(query("record_replay_batch"), {
         "replay_id": replay_id, "moved": moved, "parked": parked, "skipped": skipped,
-        "message_ids": json.dumps([letter.message_id for letter, _ in events]),
-        "origins": json.dumps([letter.origin for letter, _ in events]),
-        "destinations": json.dumps([p.destination_text for _, p in events]),
-        "outcomes": json.dumps([p.outcome for _, p in events]),
-        "error_classes": json.dumps([letter.error_class for letter, _ in events]),
-        "attempts": json.dumps([letter.attempts for letter, _ in events]),
-        "upgraded_ids": json.dumps([letter.message_id for letter, _ in upgrades]),
-        "upgraded_outcomes": json.dumps([p.outcome for _, p in upgrades]),
-        "upgraded_destinations": json.dumps([p.destination_text for _, p in upgrades]),
-        "upgraded_attempts": json.dumps([letter.attempts for letter, _ in upgrades]),
-        "upgraded_origins": json.dumps([letter.origin for letter, _ in upgrades]),
-        "upgraded_error_classes": json.dumps([letter.error_class for letter, _ in upgrades]),
-    }).fetchone()
+        **_event_columns(events), **_event_columns(upgrades, prefix="upgraded_")}).fetchone()
     if row is None:
         raise StateError(f"replay {replay_id} is no longer running (cancelled?)")
     return moved, parked, skipped
+
+
+def _event_columns(events: list[tuple[DeadLetter, Plan]], *,
+                   prefix: str = "") -> dict[str, str]:
+    """The columns of ``events`` as JSON arrays, as ``record_replay_batch`` takes them."""
+    letters = [letter for letter, _ in events]
+    plans = [p for _, p in events]
+    return {f"{prefix}{name}": json.dumps(values) for name, values in (
+        ("message_ids", [letter.message_id for letter in letters]),
+        ("origins", [letter.origin for letter in letters]),
+        ("destinations", [p.destination_text for p in plans]),
+        ("outcomes", [p.outcome for p in plans]),
+        ("error_classes", [letter.error_class for letter in letters]),
+        ("attempts", [letter.attempts for letter in letters]))}
 
 
 # ---------------------------------------------------------------------------------------------

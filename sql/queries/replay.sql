@@ -55,7 +55,7 @@ WITH counted AS (
     SET outcome = u.outcome, destination = u.destination, attempts = u.attempts::integer,
         origin = u.origin, error_class = u.error_class
     FROM counted AS c,
-         ROWS FROM (json_array_elements_text(%(upgraded_ids)s::json),
+         ROWS FROM (json_array_elements_text(%(upgraded_message_ids)s::json),
                     json_array_elements_text(%(upgraded_outcomes)s::json),
                     json_array_elements_text(%(upgraded_destinations)s::json),
                     json_array_elements_text(%(upgraded_attempts)s::json),
