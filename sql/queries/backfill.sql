@@ -184,7 +184,8 @@ CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (
 ) ON COMMIT DELETE ROWS;
 
 -- name: record_repairs
--- Idempotent: a retried chunk finds its earlier rows and corrects them instead of adding more.
+-- A plain insert: the unique (backfill_id, key) refuses a second row for a key. A chunk that
+-- may hold rows already adds record_repairs_again (see trueup.backfill.model.record_staged).
 INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
                             fingerprint_before, fingerprint_after)
 SELECT %(reconciliation)s, s.key,
@@ -192,6 +193,9 @@ SELECT %(reconciliation)s, s.key,
                              WHERE d.reconciliation = %(reconciliation)s AND d.key = s.key)),
        %(backfill_id)s, %(chunk)s, s.action, s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
+
+-- name: record_repairs_again
+-- Appended to record_repairs: a retried chunk finds its earlier rows and corrects them.
 ON CONFLICT (backfill_id, key) DO UPDATE
 SET action = excluded.action, fingerprint_after = excluded.fingerprint_after, at = now();
 

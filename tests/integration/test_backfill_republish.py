@@ -12,11 +12,17 @@ import pytest
 import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg.rows import dict_row
 
-from trueup.backfill import BackfillOptions, start_backfill
+from trueup.backfill import BackfillOptions, WorkerOptions, republish, start_backfill
+from trueup.backfill.chunks import Chunk
+from trueup.backfill.model import record_rows
+from trueup.backfill.runner import backfill_of, load
+from trueup.brokers.kafka import KafkaFailed
 from trueup.cli import main
 from trueup.config import Config, load_config
 from trueup.diff import diff
+from trueup.retry import RetryPolicy
 from trueup.statuses import BackfillScope, BackfillStatus
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
@@ -158,3 +164,68 @@ def test_republish_to_a_topic_without_versions_produces_only_differing_rows(
     assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
     after = diff(config, "events")
     assert (after.missing, after.mismatch, after.orphan) == (0, 0, 0)
+
+
+def test_a_chunk_commits_its_repairs_rows_only_after_every_message_is_confirmed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repairs rows are written while the messages are produced: a chunk whose messages
+    are not all confirmed must leave none behind, and its retry records each key once."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    diff(config, "events")  # fills the mirror
+    marks = _high_watermarks(kafka_bootstrap, topic)
+    committed_at_failure: list[int] = []
+
+    def confirm_failing_once(*args: Any, **kwargs: Any) -> None:
+        if not committed_at_failure:
+            with psycopg.connect(state_db) as conn:
+                row = conn.execute("SELECT count(*) FROM trueup.repairs").fetchone()
+            committed_at_failure.append(row[0] if row else -1)
+            raise KafkaFailed("topic: 4 messages not confirmed within 0s (test)")
+        original_confirm(*args, **kwargs)
+
+    original_confirm = republish.confirm
+    monkeypatch.setattr(republish, "confirm", confirm_failing_once)
+    summary = start_backfill(
+        config, "events", BackfillOptions(scope=BackfillScope.ALL, chunk_size=64),
+        WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.01, jitter=0)))
+
+    assert committed_at_failure == [0]  # chunk 0 (keys 1 to 64) had its rows written by then
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
+    with psycopg.connect(state_db) as conn:
+        keys = conn.execute("SELECT key, count(*) FROM trueup.repairs GROUP BY key").fetchall()
+        attempts = conn.execute("SELECT chunk, attempts FROM trueup.chunks ORDER BY chunk"
+                                ).fetchall()
+    assert sorted(k[0] for k, _ in keys) == [3, 4, 5, 6, 7, 999]
+    assert all(n == 1 for _, n in keys)
+    assert attempts[0] == (0, 2) and all(a == 1 for _, a in attempts[1:])
+    # the refused chunk's four messages went out twice: republishing is at least once
+    assert _high_watermarks(kafka_bootstrap, topic) == marks + 5 + 4
+
+
+def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    """A chunk that recorded rows before (its intent, before a crash) finds them: the plain
+    insert's unique violation falls back to correcting them, one row per key still."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    run = diff(config, "events")
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id))
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        backfill = backfill_of(load(conn, summary.backfill_id))
+        row = conn.execute("SELECT chunk FROM trueup.repairs WHERE key = '[3]'").fetchone()
+        assert row is not None
+        chunk = Chunk(backfill_id=summary.backfill_id, chunk=row["chunk"], key_from=None,
+                      key_to=None, keys=None, rows_planned=0, attempts=1)
+        with conn.transaction():
+            record_rows(conn, backfill, chunk, [
+                ("[3]", "skipped", None, None), ("[12345]", "publish", None, 7)])
+        rows = conn.execute("SELECT key, action, fingerprint_after, run_id FROM trueup.repairs "
+                            "WHERE key IN ('[3]', '[4]', '[12345]') ORDER BY key").fetchall()
+    assert [(r["key"], r["action"], r["fingerprint_after"]) for r in rows] == [
+        ([3], "skipped", None), ([4], "publish", rows[1]["fingerprint_after"]),
+        ([12345], "publish", 7)]
+    assert rows[1]["fingerprint_after"] is not None
+    assert {r["run_id"] for r in rows} == {run.run_id}

@@ -114,26 +114,54 @@ def key_text(key: Sequence[Any]) -> str:
     return json.dumps(list(key), sort_keys=True, default=str)
 
 
+#: A repairs row as staged: the key as JSON text, the action, the fingerprints before and after.
+RepairRow = tuple[str, str, int | None, int | None]
+
+
 def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
-                   repairs: Sequence[Repair]) -> None:
-    """Write repairs rows inside the caller's transaction (idempotent per backfill and key)."""
-    if not repairs:
+                   repairs: Sequence[Repair], *, again: bool = False) -> None:
+    """Write repairs rows inside the caller's transaction (one per backfill and key; see
+    :func:`record_staged` for ``again``)."""
+    record_rows(conn, backfill, chunk, [
+        (json.dumps(r.key), r.action.value, r.fingerprint_before, r.fingerprint_after)
+        for r in repairs], again=again)
+
+
+def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
+                rows: Sequence[RepairRow], *, again: bool = False) -> None:
+    """:func:`record_repairs` for rows already in their staged form."""
+    if not rows:
         return
     conn.execute(query("stage_repairs"))
     with conn.cursor() as cur, cur.copy(
             "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
             "FROM STDIN") as copy:
-        for r in repairs:
-            copy.write_row((json.dumps(r.key), r.action.value, r.fingerprint_before,
-                            r.fingerprint_after))
-    record_staged(conn, backfill, chunk)
+        for row in rows:
+            copy.write_row(row)
+    record_staged(conn, backfill, chunk, again=again)
 
 
-def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk) -> None:
-    """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs."""
-    conn.execute(query("record_repairs"), {
-        "reconciliation": backfill.reconciliation, "run_id": backfill.run_id,
-        "backfill_id": backfill.backfill_id, "chunk": chunk.chunk})
+def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk, *,
+                  again: bool = False) -> None:
+    """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs.
+
+    A chunk's rows are usually new: they commit with its completion, so a chunk tried again
+    has none yet, and a plain insert (no ``ON CONFLICT`` probe: 2.2 of 8.8 us per row) does.
+    Where rows may exist (a chunk that recorded its intent before a crash, or the correction
+    of that intent: ``again``) the insert updates them instead; a plain insert that finds one
+    anyway rolls back to its savepoint and does that.
+    """
+    params = {"reconciliation": backfill.reconciliation, "run_id": backfill.run_id,
+              "backfill_id": backfill.backfill_id, "chunk": chunk.chunk}
+    insert = query("record_repairs")
+    if not again:
+        try:
+            with conn.transaction():  # a savepoint
+                conn.execute(insert, params)
+        except psycopg.errors.UniqueViolation:
+            again = True
+    if again:
+        conn.execute(sql.SQL("{} {}").format(insert, query("record_repairs_again")), params)
     conn.execute("DELETE FROM trueup_repairs_stage")
 
 

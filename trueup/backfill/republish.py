@@ -16,22 +16,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from trueup.backfill import chunks
 from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
     ChunkContext,
     ChunkResult,
-    Repair,
-    counts,
+    RepairRow,
     day_filter,
     key_text,
-    record_repairs,
+    record_rows,
     source_side,
 )
 from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce
@@ -71,6 +72,9 @@ class RepublishWriter:
         self.producer = create_producer(dict(properties),
                                         what=f"reconciliations.{name}.target")
         self.what = f"topic {self.topic}"
+        # records a chunk's repairs rows in the state database while this thread produces
+        self.recorder = self.stack.enter_context(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-repairs"))
 
     def close(self) -> None:
         self.producer.flush(10)
@@ -87,7 +91,8 @@ class RepublishWriter:
             pairs += [sql.Literal(rec.target.columns[column]), sql.Identifier(column)]
         return sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
 
-    def _mirror(self, chunk: chunks.Chunk) -> dict[str, dict[str, Any]] | None:
+    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int]] | None:
+        """The mirror's rows of ``chunk``: key (JSON text) -> (version, fingerprint)."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -97,76 +102,91 @@ class RepublishWriter:
                          types=self.side.key_types, order=self.order)
         version = sql.SQL("version") if self.side.version_type is not None and \
             self.rec.target.version else sql.NULL
-        rows = self.state.execute(sql.SQL(
-            "SELECT {key} AS key, {version} AS version, fingerprint FROM {table} WHERE {scope}"
-        ).format(key=space.as_json, version=version, table=table,
-                 scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
-        return {key_text(r["key"]): r for r in rows}
+        with self.state.cursor(row_factory=tuple_row) as cur:
+            cur.execute(sql.SQL(
+                "SELECT ({key})::text, {version}, fingerprint FROM {table} WHERE {scope}"
+            ).format(key=space.as_json, version=version, table=table,
+                     scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
+            return {key: (version, fingerprint) for key, version, fingerprint in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
         backfill = ctx.backfill
         where = sql.SQL("({}) AND ({})").format(
             scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.side, backfill.partition))
-        rows = self.source.execute(sql.SQL(
-            "SELECT {key} AS key, {value} AS value, {version} AS version, {fp} AS fp "
-            "FROM {rel} WHERE {where} ORDER BY {order}"
-        ).format(key=self.space.as_json, value=self._value(),
-                 version=self.side.version or sql.NULL, fp=self.side.fingerprint,
-                 rel=self.side.relation, where=where, order=self.space.ordered)).fetchall()
+        # Keys as JSON text, as the repairs rows and the mirror's keys hold them: a million
+        # keys are neither parsed nor rendered again in Python.
+        with self.source.cursor(row_factory=tuple_row) as cur:
+            rows = cur.execute(sql.SQL(
+                "SELECT ({key})::text, {message_key}, {value}, {version}, {fp} "
+                "FROM {rel} WHERE {where} ORDER BY {order}"
+            ).format(key=self.space.as_json, message_key=self.space.message_key,
+                     value=self._value(), version=self.side.version or sql.NULL,
+                     fp=self.side.fingerprint, rel=self.side.relation, where=where,
+                     order=self.space.ordered)).fetchall()
         mirror = self._mirror(chunk)
         versioned = self.rec.target.version is not None and self.side.version is not None
-        messages: list[tuple[str, bytes | None]] = []
-        repairs: list[Repair] = []
-        for row in rows:
-            known = mirror.pop(key_text(row["key"]), None) if mirror is not None else None
-            before = known["fingerprint"] if known else None
+        messages: list[tuple[str, str | None]] = []
+        repairs: list[RepairRow] = []
+        skipped = 0
+        for key, kafka_key, value, version, fingerprint in rows:
+            known = mirror.pop(key, None) if mirror is not None else None
+            before = None
             if known is not None:
-                newer = versioned and known["version"] is not None and \
-                    row["version"] is not None and known["version"] > row["version"]
-                if newer:
-                    repairs.append(Repair(key=row["key"], action=RepairAction.SKIPPED,
-                                          fingerprint_before=before, fingerprint_after=before))
+                known_version, before = known
+                if versioned and known_version is not None and version is not None \
+                        and known_version > version:
+                    repairs.append((key, RepairAction.SKIPPED.value, before, before))
+                    skipped += 1
                     continue
-                if before == row["fp"] and (not versioned or known["version"] == row["version"]):
+                if before == fingerprint and (not versioned or known_version == version):
                     continue  # the topic already holds this row
-            messages.append((message_key(row["key"]), row["value"].encode()))
-            repairs.append(Repair(key=row["key"], action=RepairAction.PUBLISH,
-                                  fingerprint_before=before, fingerprint_after=row["fp"]))
+            messages.append((kafka_key, value))
+            repairs.append((key, RepairAction.PUBLISH.value, before, fingerprint))
         for key, before in self._orphans(chunk, backfill.scope, rows, mirror):
             messages.append((message_key(key), None))
-            repairs.append(Repair(key=key, action=RepairAction.TOMBSTONE,
-                                  fingerprint_before=before, fingerprint_after=None))
+            repairs.append((json.dumps(key), RepairAction.TOMBSTONE.value, before, None))
         ctx.heartbeat.check()
-        repaired, skipped = counts(repairs)
-        if not backfill.dry_run:
-            deliveries = Deliveries()
-            for key_, value in messages:
-                produce(self.producer, deliveries, self.topic, key=key_.encode(), value=value)
-            # the chunk is done only when every message is acknowledged by all replicas
-            confirm(self.producer, deliveries, what=self.what)
-        ctx.heartbeat.check()
+        repaired = len(repairs) - skipped
+        if backfill.dry_run:
+            with self.state.transaction():
+                repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=True,
+                                                    repaired=repaired, skipped=skipped)
+            return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
+        deliveries = Deliveries()
         with self.state.transaction():
-            if not backfill.dry_run:
-                record_repairs(self.state, backfill, chunk, repairs)
-            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
-                                                dry_run=backfill.dry_run, repaired=repaired,
-                                                skipped=skipped)
+            # The repairs rows are written while the messages are produced, and committed only
+            # once every message is acknowledged by all in-sync replicas.
+            recorded = self.recorder.submit(record_rows, self.state, backfill, chunk, repairs)
+            try:
+                for kafka_key, value in messages:
+                    produce(self.producer, deliveries, self.topic, key=kafka_key, value=value)
+            finally:
+                wait([recorded])  # the connection is the recorder's until then
+            recorded.result()
+            confirm(self.producer, deliveries, what=self.what)
+            ctx.heartbeat.check()
+            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=False)
         return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
 
-    def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, rows: list[dict[str, Any]],
-                 mirror: dict[str, dict[str, Any]] | None) -> list[tuple[list[Any], int | None]]:
-        """Keys of the chunk the topic may hold but the source lacks, confirmed with it now."""
+    def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, rows: list[tuple[Any, ...]],
+                 mirror: dict[str, tuple[Any, int]] | None
+                 ) -> list[tuple[list[Any], int | None]]:
+        """Keys of the chunk the topic may hold but the source lacks, confirmed with it now.
+        ``mirror`` holds the mirror's rows the source rows did not claim; a row of ``rows``
+        starts with its key as JSON text."""
         if scope is BackfillScope.PARTITION:
             return []
         candidates: dict[str, tuple[list[Any], int | None]] = {}
         if mirror:
-            candidates = {k: (r["key"], r["fingerprint"]) for k, r in mirror.items()}
-        if chunk.keys is not None:
-            found = {key_text(r["key"]) for r in rows}
+            for text, (_, fingerprint) in mirror.items():
+                key = json.loads(text)
+                candidates[key_text(key)] = (key, fingerprint)
+        if chunk.keys is not None and mirror is None:
+            found = {key_text(json.loads(row[0])) for row in rows}
             for key in chunk.keys:
                 text = key_text(key)
-                if text not in found and text not in candidates and mirror is None:
+                if text not in found:
                     candidates[text] = (key, None)
         if not candidates:
             return []

@@ -209,7 +209,8 @@ class UpsertWriter:
                                                     dry_run=False)
         if not self.shared:
             with self.state.transaction():
-                record_repairs(self.state, backfill, chunk, changed)
+                # corrections of the intent rows written above
+                record_repairs(self.state, backfill, chunk, changed, again=True)
                 repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
                                                     dry_run=False)
         return ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped)

@@ -104,7 +104,7 @@ def create_producer(properties: Mapping[str, Any], *, what: str,
         raise translate(exc, what) from exc
 
 
-def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | None,
+def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | str | None,
             key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
             partition: int | None = None, timestamp_ms: int | None = None) -> None:
     """Hand one message to ``producer``; :func:`confirm` waits for its delivery report.
