@@ -101,8 +101,20 @@ def fail(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *, error: str)
                                       "owner": owner, "error": error}, chunk)
 
 
+def lease_connection(state_dsn: str, lease_seconds: float) -> psycopg.Connection[Any]:
+    """A connection to renew leases on (a worker keeps one from chunk to chunk: a connection
+    per chunk costs the server a new process each time)."""
+    conn = connect(state_dsn, what="state", autocommit=True,
+                   application_name="trueup backfill heartbeat")
+    # A renewal stuck longer than the silence a lease survives is of no use: give up, retry.
+    conn.execute("SET statement_timeout = "
+                 f"{int(lease_seconds * Heartbeat.SILENCE_SHARE * 1000)}")
+    return conn
+
+
 class Heartbeat:
-    """Renews a chunk's lease every third of the lease, on a connection of its own.
+    """Renews a chunk's lease every third of the lease, on a connection of its own or on
+    ``conn`` (from :func:`lease_connection`, left open; replaced by one of its own if it breaks).
 
     :meth:`check` fails when a renewal found the chunk taken over, and also when no renewal
     succeeded for :data:`SILENCE_SHARE` of the lease (the state database unreachable, a renewal
@@ -112,7 +124,8 @@ class Heartbeat:
     #: Of the lease: how long without a successful renewal until the lease counts as lost.
     SILENCE_SHARE = 2 / 3
 
-    def __init__(self, state_dsn: str, chunk: Chunk, owner: str, lease_seconds: float) -> None:
+    def __init__(self, state_dsn: str, chunk: Chunk, owner: str, lease_seconds: float, *,
+                 conn: psycopg.Connection[Any] | None = None) -> None:
         self.chunk = chunk
         self.owner = owner
         self.lease_seconds = lease_seconds
@@ -122,17 +135,13 @@ class Heartbeat:
         self._lease = {"backfill_id": chunk.backfill_id, "chunk": chunk.chunk, "owner": owner,
                        "lease_seconds": lease_seconds}  # what renew_lease asks
         self._stop = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = self._connect()
+        self._lent = conn
+        self._conn: psycopg.Connection[Any] | None = conn or self._connect()
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"trueup-lease-{chunk.chunk}")
 
     def _connect(self) -> psycopg.Connection[Any]:
-        conn = connect(self._state_dsn, what="state", autocommit=True,
-                       application_name="trueup backfill heartbeat")
-        # A renewal stuck longer than the silence a lease survives is of no use: give up, retry.
-        conn.execute("SET statement_timeout = "
-                     f"{int(self.lease_seconds * self.SILENCE_SHARE * 1000)}")
-        return conn
+        return lease_connection(self._state_dsn, self.lease_seconds)
 
     def __enter__(self) -> Heartbeat:
         self._thread.start()
@@ -144,9 +153,9 @@ class Heartbeat:
         self._close()
 
     def _close(self) -> None:
-        if self._conn is not None:
+        if self._conn is not None and self._conn is not self._lent:
             self._conn.close()
-            self._conn = None
+        self._conn = None
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):

@@ -154,6 +154,15 @@ class _Worker:
         self.owner = chunks.new_owner(index)
         self.pacer = pacer
         self.report = report
+        self._lease_conn: psycopg.Connection[Any] | None = None  # the heartbeats', kept
+
+    def _lease_connection(self) -> psycopg.Connection[Any]:
+        if self._lease_conn is None or self._lease_conn.broken or self._lease_conn.closed:
+            if self._lease_conn is not None:
+                self._lease_conn.close()
+            self._lease_conn = chunks.lease_connection(self.config.state,
+                                                       self.options.lease_seconds)
+        return self._lease_conn
 
     def run(self) -> None:
         bid = self.backfill.backfill_id
@@ -180,6 +189,8 @@ class _Worker:
             finally:
                 if writer is not None:
                     writer.close()
+                if self._lease_conn is not None:
+                    self._lease_conn.close()
 
     def _run_chunk(self, state: psycopg.Connection[Any], writer: Writer,
                    chunk: chunks.Chunk) -> bool:
@@ -192,7 +203,8 @@ class _Worker:
                           rows_planned=chunk.rows_planned) as span:
             try:
                 with chunks.Heartbeat(self.config.state, chunk, self.owner,
-                                      self.options.lease_seconds) as heartbeat:
+                                      self.options.lease_seconds,
+                                      conn=self._lease_connection()) as heartbeat:
                     # Paced before the source is read, never between reading and writing: rows
                     # read before a wait could be written after the source changed them.
                     self.pacer(chunk.rows_planned)
