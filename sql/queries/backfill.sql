@@ -194,18 +194,9 @@ SELECT %(reconciliation)s, s.key,
        %(backfill_id)s, %(chunk)s, s.action, s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
 
--- name: repairs_run_ids
--- A chunk's rows COPYed by a backfill that names no run (a partition, the whole table) take the
--- last run that found their key, as record_repairs gives them.
-UPDATE trueup.repairs AS p
-SET run_id = d.run_id
-FROM (SELECT key, max(run_id) AS run_id
-      FROM trueup.differences
-      WHERE reconciliation = %(reconciliation)s
-        AND key IN (SELECT key FROM trueup.repairs
-                    WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s)
-      GROUP BY key) AS d
-WHERE p.backfill_id = %(backfill_id)s AND p.chunk = %(chunk)s AND p.key = d.key;
+-- name: has_differences
+-- Whether any run of the reconciliation found differences: else no repairs row has a run to name.
+SELECT EXISTS (SELECT 1 FROM trueup.differences WHERE reconciliation = %(reconciliation)s);
 
 -- name: record_repairs_again
 -- Appended to record_repairs: a retried chunk finds its earlier rows and corrects them.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 from psycopg import sql
 
 from trueup.backfill.keyspace import KeySpace
-from trueup.backfill.republish import message_key
+from trueup.backfill.model import key_text
+from trueup.backfill.republish import keys_of, message_key
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
 from trueup.lineage import parse_key
@@ -45,6 +47,17 @@ def test_message_keys_follow_the_contract() -> None:
     assert message_key(["a b"]) == "a b"
     assert message_key(["eu", 1]) == '["eu", 1]'
     assert message_key(["é", 2]) == '["é", 2]'
+
+
+@pytest.mark.parametrize("key_json", [
+    "[42]", "[-7]", "[9223372036854775807]", "[1, 2]", '["a b"]', '["\\u00e9t\\u00e9"]',
+    '["été"]', "[1.50]", "[1.0]", '["2024-01-01T00:00:00+00:00"]', '["eu", 1]', "[true]",
+    '["[1]"]'])
+def test_keys_of_jsonb_text_equal_parsing_it(key_json: str) -> None:
+    """Republish reads keys as jsonb's text and skips parsing keys of integers: the key text
+    and the message key must be what parsing the key gives (as tombstones get them)."""
+    key = json.loads(key_json)
+    assert keys_of(key_json) == (key_text(key), message_key(key))
 
 
 def test_the_pacer_caps_rows_per_second() -> None:

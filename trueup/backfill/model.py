@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from trueup.backfill.chunks import LEASE_SECONDS, Chunk, Heartbeat
 from trueup.config import ReconciliationConfig
@@ -132,33 +133,39 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     """:func:`record_repairs` for rows already in their staged form.
 
     Rows new to the chunk are COPYed straight into trueup.repairs (3.5 us per row against 4.5
-    staged and inserted), and take the run that found their key afterwards when the backfill
-    names none. Rows the chunk may hold already (``again``, or a COPY that meets one) are
-    staged and corrected by :func:`record_staged`.
+    staged and inserted) when their run is known: the backfill's, or none at all (no run of
+    the reconciliation has differences). Otherwise each row is given the last run that found
+    its key by :func:`record_staged`, as are rows the chunk may hold already (``again``, or a
+    COPY that meets one), which it corrects.
     """
     if not rows:
         return
-    if not again:
+    params = _record_params(backfill, chunk)
+    if not again and (backfill.run_id is not None or not _has_differences(conn, params)):
         try:
-            with conn.transaction(), conn.cursor() as cur:  # a savepoint
-                with cur.copy(sql.SQL("COPY trueup.repairs ({}) FROM STDIN").format(
+            name, run, bid, n = (backfill.reconciliation, backfill.run_id,
+                                 backfill.backfill_id, chunk.chunk)
+            with conn.transaction(), conn.cursor() as cur, cur.copy(  # in a savepoint
+                    sql.SQL("COPY trueup.repairs ({}) FROM STDIN").format(
                         sql.SQL(_REPAIRS_COLUMNS))) as copy:
-                    name, run, bid, n = (backfill.reconciliation, backfill.run_id,
-                                         backfill.backfill_id, chunk.chunk)
-                    for key, action, before, after in rows:
-                        copy.write_row((name, key, run, bid, n, action, before, after))
-                if backfill.run_id is None:
-                    cur.execute(query("repairs_run_ids"), _record_params(backfill, chunk))
+                for key, action, before, after in rows:
+                    copy.write_row((name, key, run, bid, n, action, before, after))
             return
         except psycopg.errors.UniqueViolation:
-            pass
+            again = True
     conn.execute(query("stage_repairs"))
     with conn.cursor() as cur, cur.copy(
             "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
             "FROM STDIN") as copy:
         for row in rows:
             copy.write_row(row)
-    record_staged(conn, backfill, chunk, again=True)
+    record_staged(conn, backfill, chunk, again=again)
+
+
+def _has_differences(conn: psycopg.Connection[Any], params: dict[str, Any]) -> bool:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(query("has_differences"), params).fetchone()
+    return bool(row and row[0])
 
 
 #: The columns of a repairs row a writer gives, in COPY order.

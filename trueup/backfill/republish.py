@@ -15,6 +15,7 @@ whose mirror version is newer than the source is skipped, and mirror keys the so
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack
@@ -48,6 +49,19 @@ def message_key(key: Sequence[Any]) -> str:
         value = key[0]
         return value if isinstance(value, str) else json.dumps(value)
     return json.dumps(list(key), ensure_ascii=False)
+
+
+#: A key of integers as jsonb renders it, which is also its canonical text (key_text).
+_INTEGERS = re.compile(r"\[-?\d+(?:, -?\d+)*\]")
+
+
+def keys_of(key_json: str) -> tuple[str, str]:
+    """``(key_text, message_key)`` of a key given as jsonb's text: what parsing it and calling
+    both would give, without parsing the common key of integers."""
+    if _INTEGERS.fullmatch(key_json):
+        return key_json, key_json if ", " in key_json else key_json[1:-1]
+    key = json.loads(key_json)
+    return key_text(key), message_key(key)
 
 
 class RepublishWriter:
@@ -91,8 +105,8 @@ class RepublishWriter:
             pairs += [sql.Literal(rec.target.columns[column]), sql.Identifier(column)]
         return sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(pairs))
 
-    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int]] | None:
-        """The mirror's rows of ``chunk``: key (JSON text) -> (version, fingerprint)."""
+    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str]] | None:
+        """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON)."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -107,33 +121,36 @@ class RepublishWriter:
                 "SELECT ({key})::text, {version}, fingerprint FROM {table} WHERE {scope}"
             ).format(key=space.as_json, version=version, table=table,
                      scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
-            return {key: (version, fingerprint) for key, version, fingerprint in cur}
+            return {keys_of(key)[0]: (version, fingerprint, key)
+                    for key, version, fingerprint in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
         backfill = ctx.backfill
         where = sql.SQL("({}) AND ({})").format(
             scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.side, backfill.partition))
-        # Keys as JSON text, as the repairs rows and the mirror's keys hold them: a million
-        # keys are neither parsed nor rendered again in Python.
+        # Keys as jsonb's text: a key of integers is used as it comes (keys_of), and the
+        # repairs rows take that text whatever the key.
         with self.source.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(sql.SQL(
-                "SELECT ({key})::text, {message_key}, {value}, {version}, {fp} "
+                "SELECT ({key})::text, {value}, {version}, {fp} "
                 "FROM {rel} WHERE {where} ORDER BY {order}"
-            ).format(key=self.space.as_json, message_key=self.space.message_key,
-                     value=self._value(), version=self.side.version or sql.NULL,
-                     fp=self.side.fingerprint, rel=self.side.relation, where=where,
-                     order=self.space.ordered)).fetchall()
+            ).format(key=self.space.as_json, value=self._value(),
+                     version=self.side.version or sql.NULL, fp=self.side.fingerprint,
+                     rel=self.side.relation, where=where, order=self.space.ordered)).fetchall()
         mirror = self._mirror(chunk)
         versioned = self.rec.target.version is not None and self.side.version is not None
         messages: list[tuple[str, str | None]] = []
         repairs: list[RepairRow] = []
+        found: set[str] = set()
         skipped = 0
-        for key, kafka_key, value, version, fingerprint in rows:
-            known = mirror.pop(key, None) if mirror is not None else None
+        for key, value, version, fingerprint in rows:
+            text, kafka_key = keys_of(key)
+            found.add(text)
+            known = mirror.pop(text, None) if mirror is not None else None
             before = None
             if known is not None:
-                known_version, before = known
+                known_version, before, _ = known
                 if versioned and known_version is not None and version is not None \
                         and known_version > version:
                     repairs.append((key, RepairAction.SKIPPED.value, before, before))
@@ -143,7 +160,7 @@ class RepublishWriter:
                     continue  # the topic already holds this row
             messages.append((kafka_key, value))
             repairs.append((key, RepairAction.PUBLISH.value, before, fingerprint))
-        for key, before in self._orphans(chunk, backfill.scope, rows, mirror):
+        for key, before in self._orphans(chunk, backfill.scope, found, mirror):
             messages.append((message_key(key), None))
             repairs.append((json.dumps(key), RepairAction.TOMBSTONE.value, before, None))
         ctx.heartbeat.check()
@@ -169,21 +186,19 @@ class RepublishWriter:
             repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=False)
         return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
 
-    def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, rows: list[tuple[Any, ...]],
-                 mirror: dict[str, tuple[Any, int]] | None
+    def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],
+                 mirror: dict[str, tuple[Any, int, str]] | None
                  ) -> list[tuple[list[Any], int | None]]:
         """Keys of the chunk the topic may hold but the source lacks, confirmed with it now.
-        ``mirror`` holds the mirror's rows the source rows did not claim; a row of ``rows``
-        starts with its key as JSON text."""
+        ``found``: the key_text of every source row read; ``mirror``: the mirror's rows the
+        source rows did not claim."""
         if scope is BackfillScope.PARTITION:
             return []
         candidates: dict[str, tuple[list[Any], int | None]] = {}
         if mirror:
-            for text, (_, fingerprint) in mirror.items():
-                key = json.loads(text)
-                candidates[key_text(key)] = (key, fingerprint)
+            candidates = {text: (json.loads(key), fingerprint)
+                          for text, (_, fingerprint, key) in mirror.items()}
         if chunk.keys is not None and mirror is None:
-            found = {key_text(json.loads(row[0])) for row in rows}
             for key in chunk.keys:
                 text = key_text(key)
                 if text not in found:
