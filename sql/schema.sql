@@ -188,6 +188,8 @@ CREATE TABLE trueup.check_results (
 CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, check_name, at DESC);
 
 CREATE SCHEMA IF NOT EXISTS trueup_mirror;
+-- unreadable messages of each mirror, a table named as its reconciliation (migration 0006)
+CREATE SCHEMA IF NOT EXISTS trueup_mirror_unreadable;
 
 CREATE TABLE trueup.mirror_offsets (
     reconciliation  text        NOT NULL,

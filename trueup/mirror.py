@@ -49,6 +49,7 @@ WATERMARK_TIMEOUT_SECONDS = 10.0
 #: Give up when the broker delivers nothing for this long although messages remain.
 STALL_SECONDS = 60.0
 SCHEMA = "trueup_mirror"
+UNREADABLE_SCHEMA = "trueup_mirror_unreadable"
 
 Progress = Callable[[str, int, int], None]
 
@@ -77,6 +78,13 @@ class MirrorShape:
 
     @property
     def unreadable_table(self) -> sql.Composable:
+        # A schema of its own: in trueup_mirror, "<name>__unreadable" was cut to 63 characters
+        # (a 63-character name's was its mirror) and could be another reconciliation's mirror.
+        return sql.Identifier(UNREADABLE_SCHEMA, self.name)
+
+    @property
+    def old_unreadable_table(self) -> sql.Composable:
+        """Where the unreadable messages were kept before migration 0006."""
         return sql.Identifier(SCHEMA, f"{self.name}__unreadable")
 
     def stored_columns(self, *, not_null_keys: bool) -> sql.Composable:
@@ -158,14 +166,28 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
     with conn.transaction():
         found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class') AS sig",
                              (shape.table.as_string(conn),)).fetchone()
+        old = _old_unreadable(conn, shape)
         if found is not None and found["sig"] == identity:
-            return
+            if _exists(conn, shape.unreadable_table):
+                return
+            if old:  # kept as before migration 0006: moved, not read again from Kafka
+                # by a name no reconciliation can have (a dash), so nothing is in the way
+                moving = "trueup-moving"
+                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    shape.old_unreadable_table, sql.Identifier(moving)))
+                conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+                    sql.Identifier(SCHEMA, moving), sql.Identifier(UNREADABLE_SCHEMA)))
+                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                    sql.Identifier(UNREADABLE_SCHEMA, moving), sql.Identifier(shape.name)))
+                return
         if found is not None and found["sig"]:
             log.warning("mirror.rebuilt", reconciliation=shape.name, topic=shape.topic,
                         was=found["sig"], now=identity)
         # New, configured differently, or the topic was recreated: start it over.
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(shape.table,
                                                                    shape.unreadable_table))
+        if old:
+            conn.execute(sql.SQL("DROP TABLE {}").format(shape.old_unreadable_table))
         conn.execute("DELETE FROM trueup.mirror_offsets WHERE reconciliation = %s",
                      (shape.name,))
         conn.execute(sql.SQL(
@@ -180,6 +202,23 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
         ).format(shape.unreadable_table))
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
             shape.table, sql.Literal(identity)))
+
+
+def _exists(conn: psycopg.Connection[Any], table: sql.Composable) -> bool:
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL AS found",
+                       (table.as_string(conn),)).fetchone()
+    return bool(row and row["found"])
+
+
+def _old_unreadable(conn: psycopg.Connection[Any], shape: MirrorShape) -> bool:
+    """Whether the table of unreadable messages is there as kept before migration 0006. A
+    mirror table is never taken for one: the name, cut to 63 characters, may be a mirror's (its
+    own or another reconciliation's), and mirrors carry a comment."""
+    row = conn.execute(
+        "SELECT obj_description(to_regclass(%s), 'pg_class') IS NULL "
+        "AND to_regclass(%s) IS NOT NULL AS found",
+        (shape.old_unreadable_table.as_string(conn),) * 2).fetchone()
+    return bool(row and row["found"])
 
 
 class MirrorReader:

@@ -402,3 +402,57 @@ def test_a_topic_of_another_format_reports_every_message_unreadable(
     assert len(found) == 12000 and {d.cls.value for d in found} == {"unreadable"}
     assert len({((d.detail or {})["partition"], (d.detail or {})["offset"])
                 for d in found}) == 12000
+
+
+def _named(tmp_path: Path, state: str, source: str, bootstrap: str, topic: str,
+           names: list[str]) -> Config:
+    """``_config``'s reconciliation once under each of ``names``."""
+    config = _config(tmp_path, state, source, bootstrap, topic, ["id"])
+    raw = yaml.safe_load(Path(config.path).read_text())
+    one = raw["reconciliations"].pop("events")
+    raw["reconciliations"] = {name: one for name in names}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(tmp_path / "trueup.yaml")
+
+
+def test_reconciliations_of_any_valid_name_keep_their_mirrors_apart(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    """A 63-character name, and a name that ends as another's unreadable table used to: each
+    mirror and each table of unreadable messages is its own."""
+    source = new_db()
+    _orders(source, 2)
+    _produce(kafka_bootstrap, topic, [("1", _event(1)), ("2", b"{broken")])
+    longest = "r" * 63
+    names = [longest, "events", "events__unreadable"]
+    config = _named(tmp_path, state_db, source, kafka_bootstrap, topic, names)
+    for _ in range(2):
+        for name in names:
+            run = diff(config, name)
+            assert (run.unreadable, run.missing, run.target_rows) == (1, 1, 1), (name, run)
+
+
+def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    source = new_db()
+    _orders(source, 2)
+    _produce(kafka_bootstrap, topic, [("1", _event(1)), ("2", b"{broken")])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    assert diff(config, "events").unreadable == 1
+    with psycopg.connect(state_db, autocommit=True) as conn:  # as trueup kept it before
+        conn.execute("ALTER TABLE trueup_mirror_unreadable.events RENAME TO events__unreadable")
+        conn.execute("ALTER INDEX trueup_mirror_unreadable.events_pkey "
+                     "RENAME TO events__unreadable_pkey")
+        conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
+                     "SET SCHEMA trueup_mirror")
+        offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets").fetchone()
+    again = diff(config, "events")
+    assert (again.unreadable, again.missing, again.target_rows) == (1, 1, 1)
+    with psycopg.connect(state_db) as conn:
+        tables = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema LIKE 'trueup_mirror%' ORDER BY 1, 2").fetchall()
+        assert conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets"
+                            ).fetchone() == offsets  # nothing read again
+    assert tables == [("trueup_mirror", "events"), ("trueup_mirror_unreadable", "events")]
