@@ -232,3 +232,56 @@ def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
         ([12345], "publish", 7)]
     assert rows[1]["fingerprint_after"] is not None
     assert {r["run_id"] for r in rows} == {run.run_id}
+
+
+def test_chunks_read_in_many_batches_record_and_produce_the_same(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk is read a batch at a time (its repairs rows recorded while the next batch is
+    read): with batches of 7 rows, the outcome is the one of a single batch."""
+    monkeypatch.setattr(republish, "READ_BATCH", 7)
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    run = diff(config, "events")
+    marks = _high_watermarks(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=64))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
+    assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
+    with psycopg.connect(state_db) as conn:
+        rows = conn.execute("SELECT key, action, run_id FROM trueup.repairs ORDER BY key"
+                            ).fetchall()
+    assert [(k[0], a) for k, a, _ in rows] == [
+        (3, "publish"), (4, "publish"), (5, "publish"), (6, "skipped"), (7, "publish"),
+        (999, "tombstone")]
+    assert {r for _, _, r in rows} == {run.run_id}
+    assert diff(config, "events").missing == 0
+
+
+def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_once(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(republish, "READ_BATCH", 5)
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    failed: list[int] = []
+
+    def record_failing_once(conn: Any, backfill: Any, chunk: Any, rows: Any, **kw: Any) -> None:
+        if not failed:
+            taken = [next(rows), next(rows)]  # mid-stream, with batches still coming
+            failed.append(len(taken))
+            raise psycopg.OperationalError("state database went away (test)")
+        original(conn, backfill, chunk, rows, **kw)
+
+    original = republish.record_rows
+    monkeypatch.setattr(republish, "record_rows", record_failing_once)
+    summary = start_backfill(
+        config, "events", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100),
+        WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.01, jitter=0)))
+    assert failed == [2]
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert summary.rows_repaired == 200  # no mirror: every source row is produced
+    with psycopg.connect(state_db) as conn:
+        counts = conn.execute("SELECT count(*), count(DISTINCT key) FROM trueup.repairs"
+                              ).fetchone()
+        attempts = conn.execute("SELECT max(attempts) FROM trueup.chunks").fetchone()
+    assert counts == (200, 200) and attempts == (2,)

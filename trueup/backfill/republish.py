@@ -15,10 +15,12 @@ whose mirror version is newer than the source is skipped, and mirror keys the so
 from __future__ import annotations
 
 import json
+import queue
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -28,6 +30,7 @@ from psycopg.rows import tuple_row
 from trueup.backfill import chunks
 from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
+    Backfill,
     ChunkContext,
     ChunkResult,
     RepairRow,
@@ -64,6 +67,55 @@ def keys_of(key_json: str) -> tuple[str, str]:
     return key_text(key), message_key(key)
 
 
+#: Source rows a chunk reads per round trip: their repairs rows are recorded while the next
+#: batch is read and produced.
+READ_BATCH = 2_000
+
+_INTEGER_TYPES = ("int2", "int4", "int8")
+
+
+class _Recording:
+    """A chunk's repairs rows, recorded on the recorder's thread as batches are added, in
+    the caller's transaction on ``conn`` (which is the recorder's until the end of the
+    ``with``: :meth:`finish`, or leaving it on an error, waits for the recorder)."""
+
+    def __init__(self, recorder: ThreadPoolExecutor, conn: psycopg.Connection[Any],
+                 backfill: Backfill, chunk: chunks.Chunk) -> None:
+        self._recorder = recorder
+        self._record = partial(record_rows, conn, backfill, chunk)
+        self._batches: queue.SimpleQueue[list[RepairRow] | None] = queue.SimpleQueue()
+        self._done: Future[None] | None = None
+
+    def add(self, rows: list[RepairRow]) -> None:
+        if not rows:
+            return
+        if self._done is None:  # started by the first rows: a chunk with none records none
+            self._done = self._recorder.submit(self._record, self._rows())
+        elif self._done.done():
+            self._done.result()  # the recorder failed: raise its error now
+        self._batches.put(rows)
+
+    def _rows(self) -> Iterator[RepairRow]:
+        while (batch := self._batches.get()) is not None:
+            yield from batch
+
+    def finish(self) -> None:
+        """Wait until every row added is recorded; raise the recorder's error if it failed."""
+        if self._done is not None:
+            self._batches.put(None)
+            done, self._done = self._done, None
+            wait([done])
+            done.result()
+
+    def __enter__(self) -> _Recording:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._done is not None:  # an error: stop the recorder before the rollback
+            self._batches.put(None)
+            wait([self._done])
+
+
 class RepublishWriter:
     """Produces chunks of one reconciliation to its topic (one per worker)."""
 
@@ -83,12 +135,16 @@ class RepublishWriter:
         self.side, _ = source_side(self.source, rec, dsn)
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
+        self.integer_keys = all(t.name in _INTEGER_TYPES for t in self.side.key_types)
         self.producer = create_producer(dict(properties),
                                         what=f"reconciliations.{name}.target")
         self.what = f"topic {self.topic}"
         # records a chunk's repairs rows in the state database while this thread produces
         self.recorder = self.stack.enter_context(
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-repairs"))
+        # reads the next batch of source rows while this thread produces the last one's
+        self.reader = self.stack.enter_context(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-source"))
 
     def close(self) -> None:
         self.producer.flush(10)
@@ -125,27 +181,97 @@ class RepublishWriter:
                     for key, version, fingerprint in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
+        """Produce the chunk's rows a batch at a time; the repairs rows of each batch are
+        recorded (on the recorder's thread) while the next one is read and produced, and
+        committed with the chunk only once every message is acknowledged by all replicas."""
         backfill = ctx.backfill
+        mirror = self._mirror(chunk)
+        deliveries = Deliveries()
+        found: set[str] = set()
+        rows_read = repaired = skipped = 0
+        with ExitStack() as stack:
+            recording: _Recording | None = None
+            if not backfill.dry_run:
+                stack.enter_context(self.state.transaction())
+                recording = stack.enter_context(
+                    _Recording(self.recorder, self.state, backfill, chunk))
+            for batch in self._prefetched(self._source_rows(chunk, backfill)):
+                rows_read += len(batch)
+                messages, repairs, batch_skipped = self._classify(batch, mirror, found)
+                repaired += len(repairs) - batch_skipped
+                skipped += batch_skipped
+                if recording is not None:
+                    recording.add(repairs)
+                    for kafka_key, value in messages:
+                        produce(self.producer, deliveries, self.topic, key=kafka_key,
+                                value=value)
+                ctx.heartbeat.check()
+            orphans = self._orphans(chunk, backfill.scope, found, mirror)
+            repaired += len(orphans)
+            if recording is None:
+                with self.state.transaction():
+                    repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
+                                                        dry_run=True, repaired=repaired,
+                                                        skipped=skipped)
+                return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
+            recording.add([(json.dumps(key), RepairAction.TOMBSTONE.value, before, None)
+                           for key, before in orphans])
+            for key, _ in orphans:
+                produce(self.producer, deliveries, self.topic, key=message_key(key),
+                        value=None)
+            recording.finish()
+            confirm(self.producer, deliveries, what=self.what)
+            ctx.heartbeat.check()
+            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=False)
+        return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
+
+    def _prefetched(self, batches: Generator[list[tuple[Any, ...]], None, None]
+                    ) -> Iterator[list[tuple[Any, ...]]]:
+        """``batches``, each read on the reader's thread while the one before is used."""
+        pending = self.reader.submit(next, batches, None)
+        try:
+            while (batch := pending.result()) is not None:
+                pending = self.reader.submit(next, batches, None)
+                yield batch
+        finally:
+            wait([pending])  # then the source connection is this thread's again
+            batches.close()
+
+    def _source_rows(self, chunk: chunks.Chunk, backfill: Backfill
+                     ) -> Generator[list[tuple[Any, ...]], None, None]:
+        """The chunk's current source rows, in batches of one snapshot: (key as jsonb's text,
+        message key or None, message value, version, fingerprint)."""
         where = sql.SQL("({}) AND ({})").format(
             scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.side, backfill.partition))
-        # Keys as jsonb's text: a key of integers is used as it comes (keys_of), and the
-        # repairs rows take that text whatever the key.
-        with self.source.cursor(row_factory=tuple_row) as cur:
-            rows = cur.execute(sql.SQL(
-                "SELECT ({key})::text, {value}, {version}, {fp} "
+        # Keys of integers: jsonb's text is their key_text, and the key's own text its message
+        # key; other keys go through keys_of (parsed once).
+        kafka_key = self.space.message_key if self.integer_keys else sql.NULL
+        with self.source.transaction(), self.source.cursor(
+                name="trueup_republish", row_factory=tuple_row) as cur:
+            cur.execute(sql.SQL(
+                "SELECT ({key})::text, {kafka_key}, {value}, {version}, {fp} "
                 "FROM {rel} WHERE {where} ORDER BY {order}"
-            ).format(key=self.space.as_json, value=self._value(),
+            ).format(key=self.space.as_json, kafka_key=kafka_key, value=self._value(),
                      version=self.side.version or sql.NULL, fp=self.side.fingerprint,
-                     rel=self.side.relation, where=where, order=self.space.ordered)).fetchall()
-        mirror = self._mirror(chunk)
+                     rel=self.side.relation, where=where, order=self.space.ordered))
+            while batch := cur.fetchmany(READ_BATCH):
+                yield batch
+
+    def _classify(self, batch: list[tuple[Any, ...]],
+                  mirror: dict[str, tuple[Any, int, str]] | None, found: set[str]
+                  ) -> tuple[list[tuple[str, str]], list[RepairRow], int]:
+        """The messages and repairs rows of a batch of source rows, and how many of those rows
+        are skipped (the topic holds a newer version). ``found`` gains each row's key_text;
+        ``mirror`` loses the rows the batch's keys claim."""
         versioned = self.rec.target.version is not None and self.side.version is not None
-        messages: list[tuple[str, str | None]] = []
+        messages: list[tuple[str, str]] = []
         repairs: list[RepairRow] = []
-        found: set[str] = set()
         skipped = 0
-        for key, value, version, fingerprint in rows:
-            text, kafka_key = keys_of(key)
+        for key, kafka_key, value, version, fingerprint in batch:
+            text = key
+            if kafka_key is None:
+                text, kafka_key = keys_of(key)
             found.add(text)
             known = mirror.pop(text, None) if mirror is not None else None
             before = None
@@ -160,31 +286,7 @@ class RepublishWriter:
                     continue  # the topic already holds this row
             messages.append((kafka_key, value))
             repairs.append((key, RepairAction.PUBLISH.value, before, fingerprint))
-        for key, before in self._orphans(chunk, backfill.scope, found, mirror):
-            messages.append((message_key(key), None))
-            repairs.append((json.dumps(key), RepairAction.TOMBSTONE.value, before, None))
-        ctx.heartbeat.check()
-        repaired = len(repairs) - skipped
-        if backfill.dry_run:
-            with self.state.transaction():
-                repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=True,
-                                                    repaired=repaired, skipped=skipped)
-            return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
-        deliveries = Deliveries()
-        with self.state.transaction():
-            # The repairs rows are written while the messages are produced, and committed only
-            # once every message is acknowledged by all in-sync replicas.
-            recorded = self.recorder.submit(record_rows, self.state, backfill, chunk, repairs)
-            try:
-                for kafka_key, value in messages:
-                    produce(self.producer, deliveries, self.topic, key=kafka_key, value=value)
-            finally:
-                wait([recorded])  # the connection is the recorder's until then
-            recorded.result()
-            confirm(self.producer, deliveries, what=self.what)
-            ctx.heartbeat.check()
-            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=False)
-        return ChunkResult(rows_read=len(rows), repaired=repaired, skipped=skipped)
+        return messages, repairs, skipped
 
     def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],
                  mirror: dict[str, tuple[Any, int, str]] | None
