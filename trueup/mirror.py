@@ -5,7 +5,8 @@ partition from the offsets stored in ``trueup.mirror_offsets`` up to the high wa
 when the run started, and merges each batch (latest message per key wins, a tombstone deletes
 its key) in the same transaction that advances the offsets: exactly once into the mirror, and
 the next run reads only new messages. Messages that are not JSON objects or lack a key field are
-kept in ``<mirror>__unreadable`` until a later message of the same Kafka key supersedes them.
+kept in ``trueup_mirror_unreadable.<name>`` until a later message of the same Kafka key
+supersedes them.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ WATERMARK_TIMEOUT_SECONDS = 10.0
 STALL_SECONDS = 60.0
 SCHEMA = "trueup_mirror"
 UNREADABLE_SCHEMA = "trueup_mirror_unreadable"
+#: What named a mirror's table of unreadable messages in trueup_mirror before migration 0006.
+_OLD_SUFFIX = "__unreadable"
 
 Progress = Callable[[str, int, int], None]
 
@@ -85,7 +88,7 @@ class MirrorShape:
     @property
     def old_unreadable_table(self) -> sql.Composable:
         """Where the unreadable messages were kept before migration 0006."""
-        return sql.Identifier(SCHEMA, f"{self.name}__unreadable")
+        return sql.Identifier(SCHEMA, f"{self.name}{_OLD_SUFFIX}")
 
     def stored_columns(self, *, not_null_keys: bool) -> sql.Composable:
         """Column definitions of the key columns, then the version's (if any), comma-ended
@@ -171,18 +174,19 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
             if _exists(conn, shape.unreadable_table):
                 return
             if old:  # kept as before migration 0006: moved, not read again from Kafka
-                # by a name no reconciliation can have (a dash), so nothing is in the way
-                moving = "trueup-moving"
-                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-                    shape.old_unreadable_table, sql.Identifier(moving)))
-                conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
-                    sql.Identifier(SCHEMA, moving), sql.Identifier(UNREADABLE_SCHEMA)))
-                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
-                    sql.Identifier(UNREADABLE_SCHEMA, moving), sql.Identifier(shape.name)))
+                _move_old_unreadable(conn, shape.old_unreadable_table, shape.name)
                 return
         if found is not None and found["sig"]:
             log.warning("mirror.rebuilt", reconciliation=shape.name, topic=shape.topic,
                         was=found["sig"], now=identity)
+        owner = shape.name.removesuffix(_OLD_SUFFIX)
+        if owner != shape.name and not (found and found["sig"]) and _exists(conn, shape.table):
+            # Where this mirror goes, reconciliation `owner` kept its unreadable messages
+            # before migration 0006: they move to their place first.
+            if _exists(conn, sql.Identifier(UNREADABLE_SCHEMA, owner)):
+                conn.execute(sql.SQL("DROP TABLE {}").format(shape.table))
+            else:
+                _move_old_unreadable(conn, shape.table, owner)
         # New, configured differently, or the topic was recreated: start it over.
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(shape.table,
                                                                    shape.unreadable_table))
@@ -202,6 +206,18 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
         ).format(shape.unreadable_table))
         conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
             shape.table, sql.Literal(identity)))
+
+
+def _move_old_unreadable(conn: psycopg.Connection[Any], table: sql.Composable,
+                         name: str) -> None:
+    """Move a table of unreadable messages kept as before migration 0006 to its place."""
+    # by a name no reconciliation can have (a dash), so nothing is in the way
+    moving = "trueup-moving"
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table, sql.Identifier(moving)))
+    conn.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(
+        sql.Identifier(SCHEMA, moving), sql.Identifier(UNREADABLE_SCHEMA)))
+    conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+        sql.Identifier(UNREADABLE_SCHEMA, moving), sql.Identifier(name)))
 
 
 def _exists(conn: psycopg.Connection[Any], table: sql.Composable) -> bool:

@@ -432,6 +432,11 @@ def test_reconciliations_of_any_valid_name_keep_their_mirrors_apart(
             assert (run.unreadable, run.missing, run.target_rows) == (1, 1, 1), (name, run)
 
 
+#: A row of unreadable messages that no topic holds: it survives a move, not a rebuild.
+MARKER = ("INSERT INTO {} (kafka_partition, kafka_offset, message_key, reason) "
+          "VALUES (0, 999999, 'marker', 'not a JSON object')")
+
+
 def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
@@ -446,9 +451,11 @@ def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again
                      "RENAME TO events__unreadable_pkey")
         conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
                      "SET SCHEMA trueup_mirror")
+        conn.execute(MARKER.format("trueup_mirror.events__unreadable"))
         offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets").fetchone()
     again = diff(config, "events")
-    assert (again.unreadable, again.missing, again.target_rows) == (1, 1, 1)
+    # the marker came along: the table was moved, not rebuilt from the topic
+    assert (again.unreadable, again.missing, again.target_rows) == (2, 1, 1)
     with psycopg.connect(state_db) as conn:
         tables = conn.execute(
             "SELECT table_schema, table_name FROM information_schema.tables "
@@ -456,3 +463,36 @@ def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again
         assert conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets"
                             ).fetchone() == offsets  # nothing read again
     assert tables == [("trueup_mirror", "events"), ("trueup_mirror_unreadable", "events")]
+
+
+def test_a_new_mirror_where_another_kept_its_unreadable_messages_moves_them_first(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    """``events`` kept its unreadable messages in trueup_mirror.events__unreadable before
+    migration 0006: a new reconciliation of that name diffed first must not drop them."""
+    source = new_db()
+    _orders(source, 2)
+    _produce(kafka_bootstrap, topic, [("1", _event(1)), ("2", b"{broken")])
+    config = _named(tmp_path, state_db, source, kafka_bootstrap, topic,
+                    ["events", "events__unreadable"])
+    assert diff(config, "events").unreadable == 1
+    with psycopg.connect(state_db, autocommit=True) as conn:  # as trueup kept it before
+        conn.execute("ALTER TABLE trueup_mirror_unreadable.events RENAME TO events__unreadable")
+        conn.execute("ALTER INDEX trueup_mirror_unreadable.events_pkey "
+                     "RENAME TO events__unreadable_pkey")
+        conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
+                     "SET SCHEMA trueup_mirror")
+        conn.execute(MARKER.format("trueup_mirror.events__unreadable"))
+        offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets "
+                               "WHERE reconciliation = 'events'").fetchone()
+    assert diff(config, "events__unreadable").unreadable == 1
+    assert diff(config, "events").unreadable == 2  # with the marker: moved, not rebuilt
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets "
+                            "WHERE reconciliation = 'events'").fetchone() == offsets
+        tables = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema LIKE 'trueup_mirror%' ORDER BY 1, 2").fetchall()
+    assert tables == [("trueup_mirror", "events"), ("trueup_mirror", "events__unreadable"),
+                      ("trueup_mirror_unreadable", "events"),
+                      ("trueup_mirror_unreadable", "events__unreadable")]

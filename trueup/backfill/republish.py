@@ -19,7 +19,7 @@ import queue
 import re
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from functools import partial
 from typing import Any
 
@@ -195,7 +195,9 @@ class RepublishWriter:
                 stack.enter_context(self.state.transaction())
                 recording = stack.enter_context(
                     _Recording(self.recorder, self.state, backfill, chunk))
-            for batch in self._prefetched(self._source_rows(chunk, backfill)):
+            batches = stack.enter_context(closing(
+                self._prefetched(self._source_rows(chunk, backfill))))
+            for batch in batches:
                 rows_read += len(batch)
                 messages, repairs, batch_skipped = self._classify(batch, mirror, found)
                 repaired += len(repairs) - batch_skipped
@@ -206,6 +208,8 @@ class RepublishWriter:
                         produce(self.producer, deliveries, self.topic, key=kafka_key,
                                 value=value)
                 ctx.heartbeat.check()
+            batches.close()  # the source connection is this thread's again
+            ctx.heartbeat.check()
             orphans = self._orphans(chunk, backfill.scope, found, mirror)
             repaired += len(orphans)
             if recording is None:
@@ -226,7 +230,7 @@ class RepublishWriter:
         return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
 
     def _prefetched(self, batches: Generator[list[tuple[Any, ...]], None, None]
-                    ) -> Iterator[list[tuple[Any, ...]]]:
+                    ) -> Generator[list[tuple[Any, ...]], None, None]:
         """``batches``, each read on the reader's thread while the one before is used."""
         pending = self.reader.submit(next, batches, None)
         try:
