@@ -238,9 +238,9 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure()
-    importlib.import_module("trueup.tracing").configure_from_env()
     metrics = None
     try:
+        importlib.import_module("trueup.tracing").configure_from_env()
         port = os.environ.get(METRICS_PORT_ENV)
         if port:
             # long work (a replay, a backfill) can be scraped while it runs
@@ -289,6 +289,12 @@ def _check_backfill_args(args: argparse.Namespace) -> None:
         raise UsageError("trueup backfill: --resume and --cancel take a backfill ID, not a NAME")
     if not (args.resume or args.cancel) and not args.name:
         raise UsageError("trueup backfill: NAME is required with --run, --partition or --all")
+    planned = [flag for flag, given in (("--dry-run", args.dry_run),
+                                        ("--chunk-size", args.chunk_size is not None),
+                                        ("--rate", args.rate is not None)) if given]
+    if (args.resume or args.cancel) and planned:
+        raise UsageError(f"trueup backfill: {', '.join(planned)} belong to planning a backfill; "
+                         f"--resume and --cancel keep the options it was planned with")
 
 
 def run() -> NoReturn:

@@ -10,6 +10,7 @@ keys up in the target. Kafka targets are first brought up to date in their mirro
 from __future__ import annotations
 
 import datetime as dt
+import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,12 +64,19 @@ class Comparison:
     in_flight_since: dt.datetime | None  # source rows updated after this are in flight
 
 
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def parse_partition(rec: ReconciliationConfig, name: str, partition: str | None) -> dt.date | None:
     if partition is None:
         return None
     if rec.partitions is None:
         raise UsageError(f"reconciliation {name!r} has no partitions; drop --partition")
     try:
+        # only YYYY-MM-DD: runs store the text as given, and fromisoformat also takes
+        # 20260131 and 2026-W05-6, which status and lineage would then show
+        if not _DAY.fullmatch(partition):
+            raise ValueError(partition)
         day = dt.date.fromisoformat(partition)
     except ValueError:
         raise UsageError(f"--partition: expected a day like 2026-01-31 (got {partition!r})"

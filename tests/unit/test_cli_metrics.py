@@ -101,3 +101,26 @@ def test_a_command_exports_its_spans_when_the_environment_asks(
     finally:
         tracing.shutdown()  # flushes the spans, and leaves tracing off for the next tests
     assert '"name": "work"' in capsys.readouterr().err
+
+
+def test_a_bad_traces_exporter_is_one_line_and_trouble(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Exit 2 (trouble), never 1 (differences found), and no traceback."""
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "otlp")
+    assert cli.main(["--config", str(_config(tmp_path)), "status"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "TRUEUP_TRACES_EXPORTER: expected none or console (got 'otlp')"]
+
+
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--chunk-size", "10"], ["--rate", "5"]])
+@pytest.mark.parametrize("action", ["--resume", "--cancel"])
+def test_resume_and_cancel_refuse_options_of_planning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str,
+        flags: list[str]) -> None:
+    """They keep the options the backfill was planned with: a --dry-run given to --resume of a
+    real backfill must not look like it holds."""
+    assert cli.main(["--config", str(_config(tmp_path)), "backfill", action, "3", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"trueup backfill: {flags[0]} belong to planning a backfill; --resume and --cancel "
+        f"keep the options it was planned with"]

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from trueup.config import ConnectionKind, RepairMode, load_config, parse_config
-from trueup.errors import ConfigError, ConfigErrors
+from trueup.diff import parse_partition
+from trueup.errors import ConfigError, ConfigErrors, UsageError
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "trueup.yaml"
@@ -182,6 +183,27 @@ def test_yaml_syntax_error_names_the_line() -> None:
     assert str(caught.value).startswith("bad.yaml: line 3: expected valid YAML")
 
 
+def test_a_key_given_twice_is_refused_not_silently_replaced() -> None:
+    text = EXAMPLE.read_text()
+    # a second reconciliation under the first one's name: YAML would keep only the last
+    twice = text.replace("  orders_invoices:", "  orders_events:")
+    assert twice != text
+    with pytest.raises(ConfigError) as caught:
+        parse_config(twice, "trueup.yaml", {})
+    line = text[:text.index("  orders_invoices:")].count("\n") + 1
+    assert str(caught.value) == (f"trueup.yaml: line {line}: expected valid YAML "
+                                 f"(found the key 'orders_events' twice)")
+
+
+def test_yaml_merge_keys_may_still_override_what_they_merge() -> None:
+    raw = ("state: postgresql://x@127.0.0.1/s\n"
+           "connections:\n"
+           "  a: &pg {postgres: 'postgresql://x@127.0.0.1/a'}\n"
+           "  b: {<<: *pg, postgres: 'postgresql://x@127.0.0.1/b'}\n")
+    config = parse_config(raw, "trueup.yaml", {})
+    assert config.connections["b"].postgres == "postgresql://x@127.0.0.1/b"
+
+
 def test_missing_file_is_one_line() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config("/nonexistent/trueup.yaml")
@@ -218,3 +240,15 @@ def test_config_from_environment_variable(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"{tmp_path / 'absent.yaml'}: cannot read the config file: "
                            f"No such file or directory\n")
+
+
+@pytest.mark.parametrize("given", ["20260131", "2026-W05-6", "2026-01-31T00:00", " 2026-01-31"])
+def test_a_partition_is_a_day_written_yyyy_mm_dd_only(given: str) -> None:
+    """Runs store the partition as given: other spellings of the day (which fromisoformat
+    takes) would show in status and lineage unlike the run's own output."""
+    config = parse_config(EXAMPLE.read_text(), "trueup.yaml", {})
+    rec = config.reconciliation("orders_events")
+    assert parse_partition(rec, "orders_events", "2026-01-31") == dt.date(2026, 1, 31)
+    with pytest.raises(UsageError) as caught:
+        parse_partition(rec, "orders_events", given)
+    assert str(caught.value) == f"--partition: expected a day like 2026-01-31 (got {given!r})"
