@@ -402,3 +402,24 @@ def test_columns_of_different_number_types_compare_without_rounding(
         conn.row_factory = psycopg.rows.dict_row
         found = _found(differences_of(conn, summary.run_id))
     assert found == {((1,), "mismatch"), ((3,), "mismatch")}
+
+
+def test_a_partition_run_finds_padded_char_keys_in_the_target(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Source keys arrive padded ('ab  '); the target's are looked up unpadded."""
+    shape = {"ddl": "id char(4) PRIMARY KEY", "cols": ["id"]}
+    source, target = new_db(), new_db()
+    _make_tables(source, target, shape)
+    day = dt.datetime(2026, 2, 1, 10, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.orders VALUES ('ab', 1, 'a', 1, %(d)s, %(d)s), "
+                     "('cd', 1, 'a', 1, %(d)s, %(d)s), ('ef', 1, 'a', 1, %(d)s, %(d)s)",
+                     {"d": day})
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO billing.invoices VALUES ('ab', 1, 'a', 1, %(d)s), "
+                     "('cd', 1, 'b', 1, %(d)s)", {"d": day})
+    config = _config(tmp_path, state_db, source, target, shape,
+                     partitions={"daily": {"start": "2026-01-01"}})
+    summary = diff(config, "orders", partition="2026-02-01")
+    assert (summary.source_rows, summary.target_rows) == (3, 2)
+    assert (summary.missing, summary.mismatch) == (1, 1)

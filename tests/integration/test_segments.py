@@ -19,6 +19,7 @@ from trueup import segments
 from trueup.config import load_config
 from trueup.diff import diff
 from trueup.fingerprint import ColumnType
+from trueup.runs import differences_of
 from trueup.sides import table_side
 
 pytestmark = pytest.mark.postgres
@@ -300,3 +301,25 @@ def test_a_composite_key_with_few_first_values_is_cut_into_small_segments(
         ddl=f"{first}, id int8, a text, PRIMARY KEY ({column}, id)", key=(column, "id"))
     assert (summary.mismatch, summary.missing, summary.orphan) == (3, 2, 1)
     assert plans[-1] >= 20000 // segments.SEGMENT_ROWS // 2
+
+
+def test_a_double_compared_with_a_numeric_keeps_every_digit(new_db: Callable[[], str],
+                                                           tmp_path: Path) -> None:
+    """A double and a numeric compare as numeric: the double's own cast keeps 15 digits, so
+    0.1 + 0.2 (0.30000000000000004) would equal a numeric 0.3 and differ from its exact
+    copy."""
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, x double precision)")
+        conn.execute("INSERT INTO t VALUES (1, 0.1::float8 + 0.2), (2, 0.1::float8 + 0.2), "
+                     "(3, 19.99), (4, 1e16), (5, 'NaN')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, x numeric)")
+        conn.execute("INSERT INTO t VALUES (1, 0.30000000000000004), (2, 0.3), (3, 19.990), "
+                     "(4, 10000000000000000), (5, 'NaN')")
+    summary = _diff_t(new_db, tmp_path, source, target, ["id"], ["x"])
+    assert (summary.mismatch, summary.missing, summary.orphan) == (1, 0, 0)
+    with psycopg.connect(load_config(tmp_path / "trueup.yaml").state,
+                         row_factory=psycopg.rows.dict_row) as conn:
+        (found,) = differences_of(conn, summary.run_id)
+    assert found.key == [2]
