@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import json
 import time
 from collections import deque
@@ -243,7 +244,8 @@ def _ahead(batches: Iterator[list[Received]], ahead: int,
 class _Lookup:
     """What ``trueup.replay_events`` holds of a batch's ids (see :meth:`_Recorder.lookup`)."""
 
-    replayed: dict[str, int]   # id -> the newest replay of the queue that moved or parked it
+    # id -> the newest replay of the queue that moved or parked it, and when it last was
+    replayed: dict[str, tuple[int, dt.datetime]]
     recorded: frozenset[str]   # ids this replay recorded
 
 
@@ -313,8 +315,8 @@ class _Recorder:
         rows = self._connection().execute(query("last_replayed"), {
             "message_ids": json.dumps(ids), "name": name, "replay_id": replay_id}).fetchall()
         return _Lookup(
-            replayed={row["message_id"]: int(row["replay_id"]) for row in rows
-                      if row["replay_id"] is not None},
+            replayed={row["message_id"]: (int(row["replay_id"]), row["moved_at"])
+                      for row in rows if row["replay_id"] is not None},
             recorded=frozenset(row["message_id"] for row in rows if row["recorded_here"]))
 
     def close(self) -> None:
@@ -325,6 +327,16 @@ class _Recorder:
             self.executor.submit(close_conn).result()
         finally:
             self.executor.shutdown(wait=True)
+
+
+def _moved_copy_of(letter: DeadLetter, replay_id: int, moved_at: dt.datetime) -> int | None:
+    """``replay_id`` when that replay's move of this id may have been this very letter (left
+    behind by a process stopped before removing it); None when the letter failed after the
+    move: another message under a reused id (a Kafka topic created again restarts the offsets
+    its ids default to), which must be moved too."""
+    if letter.failed_at is not None and letter.failed_at > moved_at:
+        return None
+    return replay_id
 
 
 class _Planner:
@@ -405,10 +417,14 @@ class _Step:
                     plans.append(_UNTOUCHED)
                     continue
                 message_id = letter.message_id
+                if message_id in in_flight:
+                    replayed_by: int | None = replay_id
+                else:
+                    moved = replayed.get(message_id)
+                    replayed_by = None if moved is None else _moved_copy_of(letter, *moved)
                 chosen = self.planner(
                     letter, selected=selection is None or selection(letter),
-                    replayed_by=replay_id if message_id in in_flight else replayed.get(
-                        message_id))
+                    replayed_by=replayed_by)
                 plans.append(chosen)
                 if chosen.counts_toward_max:
                     counts.sent_or_planned += 1

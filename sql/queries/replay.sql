@@ -69,10 +69,12 @@ SELECT replay_id FROM counted;
 -- name: last_replayed
 -- Of these messages (a JSON array of ids), those that replays of this queue recorded: the
 -- newest replay that moved or parked each (NULL: none did; a letter whose copy came from an
--- older replay, its trueup-replay-id header, was already handled), and whether replay
+-- older replay, its trueup-replay-id header, was already handled) and when it last was (a
+-- letter that failed after that is another message under a reused id), and whether replay
 -- %(replay_id)s itself recorded it.
 SELECT e.message_id,
        max(e.replay_id) FILTER (WHERE e.outcome IN ('moved', 'parked')) AS replay_id,
+       max(e.at) FILTER (WHERE e.outcome IN ('moved', 'parked')) AS moved_at,
        bool_or(e.replay_id = %(replay_id)s) AS recorded_here
 FROM trueup.replay_events AS e
 JOIN trueup.replays AS r USING (replay_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -254,6 +255,34 @@ def test_kafka_copies_of_one_message_are_sent_and_recorded_once_in_any_batch(
     assert sorted(r[1] for r in recorded if r[0] == done.replay_id) == sorted(set(order))
     assert sorted(r[1] for r in recorded if r[0] == tried.replay_id) == sorted(set(order))
     assert kafka_remaining(kafka_bootstrap, dlq, replay_group("twice")) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_letter_that_failed_after_its_id_was_moved_is_another_message_and_moved(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """A copy left in the DLQ after its id was moved (a stop before removing it) is dropped;
+    a letter that failed after the move is another message under the same id (a topic
+    created again restarts the offsets ids default to) and is moved, never dropped."""
+    dlq, target = unique("reused.dlq"), unique("orders")
+    topics.create(dlq, target)
+    first = {headers.MESSAGE_ID: "orders:0:5", headers.ORIGIN: target, headers.ATTEMPTS: "1"}
+    produce_json(kafka_bootstrap, dlq, [{"id": 1}], extra_headers=first)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     reused={"connection": "bus", "topic": dlq})
+    assert replay(config, "reused", ReplayOptions()).moved == 1
+
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    produce_json(kafka_bootstrap, dlq, [{"id": 2}, {"id": 3}], extra_headers={
+        **first, headers.LAST_FAILURE: later.isoformat()})
+    produce_json(kafka_bootstrap, dlq, [{"id": 4}], extra_headers={
+        **first, headers.LAST_FAILURE: "2026-01-01T00:00:00+00:00"})  # the copy left behind
+    again = replay(config, "reused", ReplayOptions())
+    # 2 is moved; 3, its copy, once; 4 failed before the first move: that move was its own
+    assert (again.moved, again.skipped) == (1, 2)
+    assert sorted(map(int, body_ids(read_topic(kafka_bootstrap, target)))) == [1, 2]
+    assert kafka_remaining(kafka_bootstrap, dlq, replay_group("reused")) == []
 
 
 @pytest.mark.kafka
