@@ -72,6 +72,7 @@ def _record_value(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
 
 
 _REFUSED = "not storable in Postgres: "
+UNKEYED_TOMBSTONE = "tombstone without a readable key"
 
 
 class Merger:
@@ -185,8 +186,12 @@ class Merger:
         one_key = len(shape.key_fields) == 1
 
         def from_message_key(i: int, ctype: ColumnType) -> sql.Composable:
-            raw = sql.SQL("(CASE WHEN left(message_key, 1) = '[' THEN message_key::jsonb ->> 0 "
-                          "ELSE message_key END)") if one_key else \
+            # As keys_from_message_key reads them: a one-column key given as a JSON array
+            # holds exactly one value, else the text is the value. CASE, not AND: only CASE
+            # promises not to parse a key that is not JSON.
+            raw = sql.SQL("(CASE WHEN left(message_key, 1) <> '[' THEN message_key "
+                          "WHEN jsonb_array_length(message_key::jsonb) = 1 "
+                          "THEN message_key::jsonb ->> 0 ELSE message_key END)") if one_key else \
                 sql.SQL("(message_key::jsonb ->> {})").format(sql.Literal(i))
             return sql.SQL("{}::{}").format(raw, storage_type(ctype))
 
@@ -206,16 +211,28 @@ class Merger:
         missing = [sql.SQL("WHEN {} IS NULL THEN {}").format(
             read(f, t), sql.Literal(f"no key field {f!r}"))
             for f, t in zip(shape.key_fields, shape.key_types, strict=True)]
+        # a tombstone whose key cannot be read is unreadable, never ignored
+        unkeyed = [sql.SQL("message_key IS NULL"),
+                   *[sql.SQL("{} IS NULL").format(from_message_key(i, t))
+                     for i, t in enumerate(shape.key_types)]]
+        if not one_key:
+            unkeyed.append(sql.SQL(
+                "CASE WHEN jsonb_typeof(message_key::jsonb) = 'array' "
+                "THEN jsonb_array_length(message_key::jsonb) END IS DISTINCT FROM {}").format(
+                    sql.Literal(len(shape.key_types))))
+        tombstone_reason = sql.SQL("CASE WHEN {} THEN {} END").format(
+            sql.SQL(" OR ").join(unkeyed), sql.Literal(UNKEYED_TOMBSTONE))
         return sql.SQL(
             "INSERT INTO trueup_stage ({cols}) SELECT kafka_partition, kafka_offset, "
             "message_key, value IS NULL, {values}, CASE WHEN value IS NULL THEN NULL "
-            "ELSE {fields} END, CASE WHEN value IS NULL THEN NULL {missing} ELSE NULL END, "
+            "ELSE {fields} END, CASE WHEN value IS NULL THEN {tombstone} {missing} ELSE NULL END, "
             "CASE WHEN value IS NULL THEN NULL ELSE {native} END "
             "FROM trueup_raw LEFT JOIN LATERAL json_to_record(value::json) AS x({record}) "
             "ON true"
         ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in [*self.columns, "native"]),
                  values=sql.SQL(", ").join([*keys, *version]), fields=rendered, native=native,
-                 missing=sql.SQL(" ").join(missing), record=record)
+                 missing=sql.SQL(" ").join(missing), record=record,
+                 tombstone=tombstone_reason)
 
     # -- in Python -----------------------------------------------------------------------------
 
@@ -229,7 +246,7 @@ class Merger:
             if m.value is None:
                 keys = keys_from_message_key(m.key, shape)
                 if keys is None:
-                    yield (*head, True, *filler, None, "tombstone without a readable key")
+                    yield (*head, True, *filler, None, UNKEYED_TOMBSTONE)
                 else:
                     yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
                 continue

@@ -82,6 +82,13 @@ def _messages(count: int) -> list[RawMessage]:
     return out
 
 
+def _odd_tombstones(count: int) -> list[RawMessage]:
+    """Tombstones after ``_messages(count)``: those whose key cannot be read are unreadable,
+    never ignored; a key of one column given as a JSON array holds exactly one value."""
+    return [RawMessage(1, count + 3, None, None), RawMessage(0, count + 5, "[8]", None),
+            RawMessage(1, count + 6, "[null]", None)]
+
+
 def _mirror(conn: psycopg.Connection[Any], shape: MirrorShape) -> list[tuple[Any, ...]]:
     return conn.execute(sql.SQL("SELECT id, version, fingerprint, row_hash FROM {} ORDER BY id"
                                 ).format(shape.table)).fetchall()
@@ -92,7 +99,7 @@ def test_postgres_and_python_parsing_build_identical_mirrors(
     source = new_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(ITEMS_DDL)
-    messages = _messages(600)
+    messages = _messages(600) + _odd_tombstones(600)
     mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         for name, in_postgres in (("fast", True), ("slow", False)):
@@ -103,11 +110,17 @@ def test_postgres_and_python_parsing_build_identical_mirrors(
                 merger.merge(messages[start:start + 250])
             assert merger.fallbacks == 0
             conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
-            mirrors.append(_mirror(conn, shape))
+            unreadable = conn.execute(sql.SQL(
+                "SELECT kafka_partition, kafka_offset, message_key, reason FROM {} "
+                "ORDER BY 2").format(shape.unreadable_table)).fetchall()
+            mirrors.append((_mirror(conn, shape), unreadable))
             conn.row_factory = dict_row  # type: ignore[assignment]
-    fast, slow = mirrors
-    assert len(fast) == 599  # 600 keys, one tombstoned
+    (fast, fast_unreadable), (slow, slow_unreadable) = mirrors
+    assert len(fast) == 598  # 600 keys, 3 and 8 tombstoned
     assert fast == slow
+    assert fast_unreadable == slow_unreadable == [
+        (1, 603, None, "tombstone without a readable key"),
+        (1, 606, "[null]", "tombstone without a readable key")]
 
 
 def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recorded(
@@ -118,7 +131,9 @@ def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recor
     good = _messages(20)
     bad = [RawMessage(0, 100, "x", b"{not json"), RawMessage(0, 101, "y", b"[1, 2]"),
            RawMessage(0, 102, "z", json.dumps({"id": "seven"}).encode()),
-           RawMessage(0, 103, "w", json.dumps({"id": 5.5}).encode())]
+           RawMessage(0, 103, "w", json.dumps({"id": 5.5}).encode()),
+           # a tombstone of two values for a one-column key: not the first of them
+           RawMessage(0, 104, "[6, 7]", None)]
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         shape, _ = _shape(source, "mixed")
         _ensure_tables(conn, shape)
@@ -131,8 +146,8 @@ def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recor
                              ).fetchone()
     assert [(r["kafka_offset"], r["reason"]) for r in reasons] == [
         (100, "not JSON"), (101, "not a JSON object"), (102, "key field of the wrong type"),
-        (103, "key field of the wrong type")]
-    assert count is not None and count["n"] == 19
+        (103, "key field of the wrong type"), (104, "tombstone without a readable key")]
+    assert count is not None and count["n"] == 19  # 3 tombstoned; 6 is still there
 
 
 def test_rows_staged_in_postgres_store_the_native_hash_the_source_computes(
@@ -183,3 +198,24 @@ def test_rows_staged_in_postgres_store_the_native_hash_the_source_computes(
     assert {k: fp for k, (fp, _) in stored["slow"].items()} == {
         k: fp for k, (fp, _) in expected.items()}
     assert not any(native == expected[k][1] for k, (_, native) in stored["slow"].items())
+
+
+def test_a_tombstone_of_two_values_for_a_one_column_key_deletes_nothing(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """'[6, 7]' is no key of one column: not the first of its values either (Postgres would
+    take 6 and delete it; the batch is read in Python, which calls it unreadable)."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ITEMS_DDL)
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        shape, _ = _shape(source, "pair")
+        _ensure_tables(conn, shape)
+        merger = Merger(shape, conn)
+        merger.merge([*_messages(20), RawMessage(0, 100, "[6, 7]", None)])
+        reasons = conn.execute(sql.SQL("SELECT kafka_offset, reason FROM {}").format(
+            shape.unreadable_table)).fetchall()
+        six = conn.execute(sql.SQL("SELECT count(*) AS n FROM {} WHERE id = 6").format(
+            shape.table)).fetchone()
+    assert [(r["kafka_offset"], r["reason"]) for r in reasons] == [
+        (100, "tombstone without a readable key")]
+    assert six is not None and six["n"] == 1
