@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -143,6 +144,8 @@ def json_value(value: Any) -> Any:
     """A database value as plain JSON (keys and versions in --show and the state tables)."""
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
+    if isinstance(value, float) and not math.isfinite(value):
+        return _non_finite(value)  # JSON has no NaN or Infinity: jsonb would refuse the run
     if isinstance(value, int | str | bool | float) or value is None:
         return value
     if isinstance(value, list | tuple):
@@ -150,8 +153,17 @@ def json_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: json_value(v) for k, v in value.items()}
     if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            return _non_finite(value)
         return int(value) if value == value.to_integral_value() else str(value)
     return str(value)  # UUID and other scalars print as their text
+
+
+def _non_finite(value: float | decimal.Decimal) -> str:
+    """NaN and the infinities as Postgres spells them."""
+    if value != value:  # NaN
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
 
 
 def _jsonb(value: Any) -> str | None:
