@@ -185,6 +185,9 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
         box = open_letterbox(config, name)
         closing.callback(box.close)  # last: after the recorder's, even when that one fails
         counts.connected = True
+        # --max counts what is sent: after a reconnect, the letters whose copies were recorded
+        # (a letter counted as it was sent, its copy never confirmed, is read and sent again)
+        counts.sent_or_planned = counts.moved + counts.parked
         # After a reconnect the letters not yet removed are read again: the total grows by them.
         total = counts.seen + box.depth() if progress is not None else 0
         recorder = _Recorder(config.state)
