@@ -36,7 +36,8 @@ CONFIG_ENV = "TRUEUP_CONFIG"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+#: A duration with a unit, or bare seconds (``${GRACE:-60}`` gives the text "60").
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 #: The longest duration a config may give (a grace, a retry delay): a year.
 MAX_DURATION = dt.timedelta(days=366)
@@ -56,7 +57,7 @@ def _duration(value: Any) -> dt.timedelta:
     if isinstance(value, int | float) and value >= 0:
         seconds = value
     elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _DURATION_UNITS_SECONDS[match.group(2)]
+        seconds = float(match.group(1)) * _DURATION_UNITS_SECONDS[match.group(2) or "s"]
     if seconds is None:
         raise ValueError(f"expected a duration such as 500ms, 30s, 10m, 1h or 2d (got {value!r})")
     if not seconds <= MAX_DURATION.total_seconds():  # also false for nan

@@ -57,6 +57,15 @@ def test_interpolation_uses_the_environment_then_the_default() -> None:
     assert parse_config(text, "x.yaml", {}).state.endswith("/trueup")
 
 
+@pytest.mark.parametrize(("given", "seconds"), [
+    ("${GRACE:-60}", 60), ("${GRACE:-1.5}", 1.5), ("${GRACE:-90s}", 90), ("45", 45)])
+def test_a_duration_may_be_bare_seconds_also_as_text(given: str, seconds: float) -> None:
+    """`grace: 60` is 60 s; so is the "60" a variable's default gives."""
+    text = EXAMPLE.read_text().replace("grace: 60s", f'grace: "{given}"')
+    events = parse_config(text, "x.yaml", {}).reconciliation("orders_events")
+    assert events.grace == dt.timedelta(seconds=seconds)
+
+
 def test_target_columns_may_be_a_list_of_same_names() -> None:
     raw = copy.deepcopy(BASE)
     _rec(raw)["target"]["columns"] = ["status", "amount_cents", "currency"]
