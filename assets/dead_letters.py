@@ -11,6 +11,7 @@
 """
 # No ``from __future__ import annotations``: Dagster reads the context annotations at runtime.
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,9 @@ from trueup.statuses import CheckSeverity
 MAX_DEPTH = 100                  # dead letters waiting, beyond which the check fails
 MAX_AGE_SECONDS = 24 * 3600      # age of the oldest dead letter, beyond which it fails
 SENSOR_INTERVAL_SECONDS = 60
+#: An unchanged, non-empty queue is refreshed this often (a quarter of the age limit, at most
+#: hourly), so its check fails once its oldest letter grows past the limit.
+AGE_RECHECK_MAX_SECONDS = 3600
 CHECK_NAME = "within_limits"
 
 
@@ -79,10 +83,22 @@ def check_result(report: DlqReport, *, max_depth: int = MAX_DEPTH,
         description="; ".join(reasons) or f"depth {report.depth} within limits")
 
 
+def _refreshed_before(context: SensorEvaluationContext, key: dg.AssetKey,
+                      seconds: float) -> bool:
+    """True when the asset was last materialized more than ``seconds`` ago (or never)."""
+    try:
+        instance = context.instance
+    except dg.DagsterInvariantViolationError:  # a context built without one (tests)
+        return False
+    event = instance.get_latest_materialization_event(key)
+    return event is None or time.time() - event.timestamp >= seconds
+
+
 def _definitions(config: Config, name: str, *, max_depth: int,
                  max_age_seconds: float) -> tuple[dg.AssetsDefinition, Any, Any,
                                                   dg.SensorDefinition]:
     dlq = config.dead_letters[name]
+    recheck_seconds = min(AGE_RECHECK_MAX_SECONDS, max_age_seconds / 4)
     if dlq.topic is not None:
         upstream, where = topic_key(dlq.connection, dlq.topic), f"Kafka topic {dlq.topic}"
     else:
@@ -135,10 +151,18 @@ def _definitions(config: Config, name: str, *, max_depth: int,
 
     @dg.sensor(name=f"dead_letters_{name}_depth", job=observe,
                minimum_interval_seconds=SENSOR_INTERVAL_SECONDS,
-               description=f"Refreshes dead letters {name} when its depth changes.")
+               description=f"Refreshes dead letters {name} when its depth changes, and "
+                           f"every {recheck_seconds:.0f}s while letters wait (their age).")
     def _depth(context: SensorEvaluationContext) -> dg.SensorResult:
         depth = inspect(config, name, breakdown=False).depth
         if context.cursor is not None and int(context.cursor) == depth:
+            if depth and _refreshed_before(context, key, recheck_seconds):
+                # letters age while the depth stands still: the check must see them again
+                bucket = int(time.time() // recheck_seconds)
+                return dg.SensorResult(run_requests=[dg.RunRequest(
+                    run_key=f"age-{depth}-{bucket}",
+                    tags={"trueup/dead_letters": name, "trueup/depth": str(depth)})],
+                    cursor=str(depth))
             return dg.SensorResult(skip_reason=f"depth still {depth}", cursor=str(depth))
         # no run key: the cursor already asks once per change, and a key made of depths
         # repeats when the depth swings back and forth (120, 0, 120, 0), so Dagster would

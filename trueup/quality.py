@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trueup.config import Config, ConnectionKind
+from trueup.config import Config, ConnectionKind, TableName
 from trueup.db import first_line, redact
 from trueup.errors import ConfigError, TrueupError
 from trueup.statuses import CheckSeverity
@@ -94,7 +94,7 @@ class Suite(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     connection: str
-    table: str
+    table: TableName  # "orders" reads as "public.orders", as in the config
     expectations: list[ExpectationSpec] = Field(min_length=1)
     file: str = ""
 
@@ -206,6 +206,18 @@ def _expectation(spec: ExpectationSpec) -> Any:
                             f"{first_line(exc)}") from exc
 
 
+def _raised(exception_info: Any) -> str | None:
+    """The message of an expectation that raised. GX 1.x gives ``{"raised_exception": ...}``
+    for the expectation itself, and one such mapping per metric (keyed by the metric's id)
+    when a metric failed, as when the column does not exist."""
+    if not isinstance(exception_info, dict):
+        return None
+    for info in (exception_info, *exception_info.values()):
+        if isinstance(info, dict) and info.get("raised_exception"):
+            return str(info.get("exception_message") or "expectation raised")
+    return None
+
+
 def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
     """Run ``suite`` against its table at ``dsn``; one outcome per expectation."""
     import great_expectations as gx
@@ -237,10 +249,7 @@ def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
     outcomes = []
     for spec, res in _pair(suite.expectations, expectations, result.results):
         info: dict[str, Any] = dict(res.result or {})
-        error = None
-        exception = getattr(res, "exception_info", None) or {}
-        if isinstance(exception, dict) and exception.get("raised_exception"):
-            error = str(exception.get("exception_message") or "expectation raised")
+        error = _raised(getattr(res, "exception_info", None))
         percent = info.get("unexpected_percent")
         outcomes.append(ExpectationOutcome(
             name=spec.check_name, type=spec.type, passed=bool(res.success),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -147,3 +149,34 @@ def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
         user = failure.step_failure_data.user_failure_data
         assert user is not None and user.description == expected, failure.step_failure_data
     assert queues.depth(dlq) == 1 and queues.depth(target) == 0
+
+
+def test_depth_sensor_refreshes_a_standing_queue_so_its_age_check_can_fail(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    """An unchanged depth asked for nothing, so the check that passed while the letters were
+    young stayed 'passed' as they grew old. Refreshed every quarter of the age limit."""
+    dlq = unique("pay.dlq")
+    queues.declare(dlq)
+    queues.publish(dlq, b"{}", message_id="old", headers_={
+        headers.LAST_FAILURE: dt.datetime.now(dt.UTC).isoformat()})
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    made = dead_letter_definitions(config, max_age_seconds=2.0)  # refreshed every 0.5 s
+    defs = dg.Definitions(assets=made.assets, jobs=made.jobs, sensors=made.sensors)
+    sensor = defs.resolve_sensor_def("dead_letters_pay_dlq_depth")
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize(list(made.assets), instance=instance).success
+
+    fresh = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                         cursor="1"))
+    assert not fresh.run_requests, "refreshed again right after a refresh"
+    time.sleep(0.6)
+    stale = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                         cursor="1"))
+    assert len(stale.run_requests or []) == 1 and stale.cursor == "1"
+    time.sleep(1.5)  # the letter is now past 2 s old: the refresh it asks for fails the check
+    refreshed = dg.materialize(list(made.assets), instance=instance)
+    [check] = refreshed.get_asset_check_evaluations()
+    assert not check.passed and "oldest" in (check.description or ""), check

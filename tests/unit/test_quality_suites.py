@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from checks.gx import DEFAULT_SUITES
+from trueup.config import parse_config
 from trueup.errors import ConfigError
-from trueup.quality import ExpectationSpec, load_suite, load_suites
+from trueup.quality import ExpectationSpec, _raised, load_suite, load_suites, suites_for
 from trueup.statuses import CheckSeverity
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trueup.yaml"
 
 
 def test_example_suites_load_with_readable_unique_check_names() -> None:
@@ -52,3 +55,27 @@ def test_a_bad_suite_is_one_line_naming_the_file_and_field(
     message = str(raised.value)
     assert message.startswith(str(path)) and expected in message, message
     assert "\n" not in message
+
+
+def test_a_suite_table_without_its_schema_is_the_configs_public_table(tmp_path: Path) -> None:
+    """The config reads ``orders`` as ``public.orders``; a suite naming ``orders`` was matched
+    against nothing and silently dropped (no GX checks, nothing for auto-repair to wait on)."""
+    path = tmp_path / "orders.yaml"
+    path.write_text("connection: shop\ntable: orders\nexpectations:\n"
+                    "  - type: expect_column_values_to_not_be_null\n    kwargs: {column: id}\n")
+    suite = load_suite(path)
+    assert (suite.table, suite.schema_name, suite.table_name) == (
+        "public.orders", "public", "orders")
+    config = parse_config(EXAMPLE.read_text(), "trueup.yaml", {})
+    assert suites_for(config, [suite]) == [suite]
+
+
+@pytest.mark.parametrize(("info", "expected"), [
+    ({"raised_exception": True, "exception_message": "boom"}, "boom"),
+    ({"('column_values.nonnull.unexpected_count', 'abc', ())": {
+        "raised_exception": True, "exception_message": 'column "nope" does not exist',
+        "exception_traceback": "..."}}, 'column "nope" does not exist'),
+    ({"raised_exception": False}, None), ({}, None), (None, None)])
+def test_an_expectation_that_raised_keeps_its_reason(info: object, expected: str | None) -> None:
+    """GX 1.x reports a failed metric under the metric's id, not at the top."""
+    assert _raised(info) == expected
