@@ -409,8 +409,8 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
                        progress: Progress) -> Iterator[Difference | tuple[int, int]]:
     columns = sql.SQL(", ").join([
         sql.SQL("{} AS key_text").format(c.source.key_text),
-        *[sql.SQL("{} AS {}").format(k, sql.Identifier(f"k{i}"))
-          for i, k in enumerate(c.source.key)],
+        *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
+          for i, (k, t) in enumerate(zip(c.source.key, c.source.key_types, strict=True))],
         sql.SQL("{} AS version").format(c.source.version or sql.NULL),
         sql.SQL("{} AS fingerprint").format(c.source.fingerprint),
         *_source_extra(c),

@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from trueup.fingerprint import Kind, storage_type
+from trueup.fingerprint import ColumnType, Kind, storage_type
 from trueup.sides import Side, native_hash
 
 #: Aim for this many rows per segment. Small segments keep rare drift cheap to pinpoint; the
@@ -312,11 +312,18 @@ def rows_in_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
                             _row_columns(side, extra), keys=keys)
 
 
+def key_value(expr: sql.Composable, ctype: ColumnType) -> sql.Composable:
+    """A key column as differences record it: char(n) without its padding (as its canonical
+    text, the repairs rows and ``trueup lineage`` have it)."""
+    return sql.SQL("({})::text").format(expr) if ctype.name == "bpchar" else expr
+
+
 def _row_columns(side: Side, extra: Sequence[sql.Composable]) -> sql.Composable:
     """What a row is compared by: its key (canonical text and values), version, fingerprint."""
     return sql.SQL(", ").join([
         sql.SQL("{} AS key_text").format(side.key_text),
-        *[sql.SQL("{} AS {}").format(k, sql.Identifier(f"k{i}")) for i, k in enumerate(side.key)],
+        *[sql.SQL("{} AS {}").format(key_value(k, t), sql.Identifier(f"k{i}"))
+          for i, (k, t) in enumerate(zip(side.key, side.key_types, strict=True))],
         sql.SQL("{} AS version").format(side.version if side.version else sql.NULL),
         sql.SQL("{} AS fingerprint").format(side.fingerprint),
         *extra,

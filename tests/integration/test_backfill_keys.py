@@ -178,3 +178,28 @@ def test_partition_scope_repairs_that_days_rows_and_nothing_else(
     assert day.consistent
     whole = diff(config, "t")
     assert (whole.missing, whole.orphan) == (200, 1)  # other days and the orphan untouched
+
+
+def test_a_backfill_of_a_runs_differences_finds_padded_char_keys(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A run records a char(4) key as read, padded ('ab  '): the backfill must find 'ab'."""
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE codes (code char(4) PRIMARY KEY, v int, note text)")
+        conn.execute("INSERT INTO codes VALUES ('ab', 1, 'x'), ('cd', 1, 'y'), ('efgh', 1, 'z')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE codes_copy (code char(4) PRIMARY KEY, v int, note text)")
+        conn.execute("INSERT INTO codes_copy VALUES ('cd', 1, 'old'), ('zz', 1, 'orphan')")
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    run = diff(config, "codes")
+    assert (run.missing, run.mismatch, run.orphan) == (2, 1, 1)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        keys = conn.execute("SELECT key FROM trueup.differences ORDER BY 1").fetchall()
+        assert [k for (k,) in keys] == [["ab"], ["cd"], ["efgh"], ["zz"]]  # as lineage reads
+        # as runs recorded them before: padded
+        conn.execute("UPDATE trueup.differences SET key = jsonb_build_array(rpad(key->>0, 4))")
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.RUN,
+                                                              run_id=run.run_id))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (4, 0)
+    assert diff(config, "codes").consistent

@@ -109,9 +109,12 @@ class KeySpace:
 
     def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
         """The key is one of ``keys`` (JSON arrays of key values)."""
+        # char(n) values compare without their padding (runs before 2026-11-29 stored keys
+        # as read, padded: 'ab  ' must find 'ab')
         wanted = sql.SQL(", ").join(
-            sql.SQL("{}::{}").format(sql.SQL("(j ->> {})").format(sql.Literal(i)),
-                                     storage_type(t))
+            sql.SQL("{}::{}").format(
+                sql.SQL("rtrim(j ->> {}, ' ')" if t.name == "bpchar" else "(j ->> {})").format(
+                    sql.Literal(i)), storage_type(t))
             for i, t in enumerate(self.types))
         exprs = [sql.SQL("({})::text").format(e) if t.kind is Kind.TEXT
                  and t.name not in (*_PLAIN_TEXT, "uuid") else e
