@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import Any
 
 import psycopg
@@ -20,6 +21,12 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+def _finite(number: str) -> float:
+    """A JSON number as a float; one past a double's range (1e400) would be Infinity."""
+    value = float(number)
+    return value if math.isfinite(value) else _not_json(number)
+
+
 def parse_key(text: str, parts: int) -> list[list[Any]]:
     """The stored forms a command-line KEY may have: ``42`` is ``[42]`` or ``["42"]``.
 
@@ -28,8 +35,9 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
     JSON form and its text are looked up.
     """
     try:
-        # NaN and Infinity are JSON to Python, not to Postgres: such a key is its text
-        parsed = json.loads(text, parse_constant=_not_json)
+        # NaN and Infinity (and 1e400) are JSON to Python, not to Postgres: such a key is
+        # its text
+        parsed = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except ValueError:
         parsed = None if parts > 1 else text
     if parts > 1:

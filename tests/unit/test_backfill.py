@@ -78,5 +78,8 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
     assert parse_key('["eu", 1]', 2) == [["eu", 1]]
     assert parse_key("[7]", 1) == [[7]]
     assert parse_key("NaN", 1) == [["NaN"]]  # JSON to Python, not to Postgres
+    assert parse_key("1e400", 1) == [["1e400"]]  # Infinity as a double: its text
+    with pytest.raises(UsageError, match="JSON array of 2"):
+        parse_key("[1.5, 1e400]", 2)  # no such key: one line, not a jsonb error
     with pytest.raises(UsageError, match="JSON array of 2"):
         parse_key("eu", 2)
