@@ -437,6 +437,17 @@ MARKER = ("INSERT INTO {} (kafka_partition, kafka_offset, message_key, reason) "
           "VALUES (0, 999999, 'marker', 'not a JSON object')")
 
 
+def _keep_as_before_migration_6(conn: psycopg.Connection[Any]) -> None:
+    """Put the unreadable messages of ``events`` back where trueup kept them before
+    migration 0006, with a marker row no topic holds."""
+    conn.execute("ALTER TABLE trueup_mirror_unreadable.events RENAME TO events__unreadable")
+    conn.execute("ALTER INDEX trueup_mirror_unreadable.events_pkey "
+                 "RENAME TO events__unreadable_pkey")
+    conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
+                 "SET SCHEMA trueup_mirror")
+    conn.execute(MARKER.format("trueup_mirror.events__unreadable"))
+
+
 def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
@@ -445,13 +456,8 @@ def test_unreadable_messages_kept_as_before_migration_6_are_moved_not_read_again
     _produce(kafka_bootstrap, topic, [("1", _event(1)), ("2", b"{broken")])
     config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
     assert diff(config, "events").unreadable == 1
-    with psycopg.connect(state_db, autocommit=True) as conn:  # as trueup kept it before
-        conn.execute("ALTER TABLE trueup_mirror_unreadable.events RENAME TO events__unreadable")
-        conn.execute("ALTER INDEX trueup_mirror_unreadable.events_pkey "
-                     "RENAME TO events__unreadable_pkey")
-        conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
-                     "SET SCHEMA trueup_mirror")
-        conn.execute(MARKER.format("trueup_mirror.events__unreadable"))
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        _keep_as_before_migration_6(conn)
         offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets").fetchone()
     again = diff(config, "events")
     # the marker came along: the table was moved, not rebuilt from the topic
@@ -476,13 +482,8 @@ def test_a_new_mirror_where_another_kept_its_unreadable_messages_moves_them_firs
     config = _named(tmp_path, state_db, source, kafka_bootstrap, topic,
                     ["events", "events__unreadable"])
     assert diff(config, "events").unreadable == 1
-    with psycopg.connect(state_db, autocommit=True) as conn:  # as trueup kept it before
-        conn.execute("ALTER TABLE trueup_mirror_unreadable.events RENAME TO events__unreadable")
-        conn.execute("ALTER INDEX trueup_mirror_unreadable.events_pkey "
-                     "RENAME TO events__unreadable_pkey")
-        conn.execute("ALTER TABLE trueup_mirror_unreadable.events__unreadable "
-                     "SET SCHEMA trueup_mirror")
-        conn.execute(MARKER.format("trueup_mirror.events__unreadable"))
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        _keep_as_before_migration_6(conn)
         offsets = conn.execute("SELECT sum(next_offset) FROM trueup.mirror_offsets "
                                "WHERE reconciliation = 'events'").fetchone()
     assert diff(config, "events__unreadable").unreadable == 1
