@@ -68,36 +68,6 @@ def test_kafka_handler_failing_twice_has_its_effect_once_after_retries_at_the_de
 
 
 @pytest.mark.kafka
-def test_kafka_copy_the_broker_cannot_confirm_is_sent_again_not_the_worker_stopped(
-        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A broker out for longer than a confirmation's timeout made the worker stop (its
-    KafkaFailed ended the loop); it now sends the copy again until it is confirmed, and the
-    message's offset is stored only then."""
-    topic = unique("orders")
-    handler = FlakyHandler({}, permanent={"1"})
-    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
-    monkeypatch.setattr(kafka_workers, "COPY_RETRY_INITIAL_SECONDS", 0.05)
-    publish, refused = kafka.publish, []
-
-    def unconfirmed_twice(*args: Any, **kwargs: Any) -> None:
-        if len(refused) < 2:
-            refused.append(kwargs.get("what"))
-            raise kafka.KafkaFailed("1 messages not confirmed within 120s (test)")
-        publish(*args, **kwargs)
-
-    monkeypatch.setattr(kafka_workers.kafka, "publish", unconfirmed_twice)
-    produce_json(kafka_bootstrap, topic, [{"id": 1}, {"id": 2}])
-    with running(worker.run):
-        wait_until(lambda: len(read_topic(kafka_bootstrap, f"{topic}.dlq")) == 1,
-                   "the dead letter, after two unconfirmed tries")
-        wait_until(lambda: "2" in handler.effects, "the next message, handled")
-    assert len(refused) == 2
-    assert body_ids(read_topic(kafka_bootstrap, f"{topic}.dlq")) == ["1"]
-    assert len(handler.attempts["1"]) == 1  # the handler is not run again for the copy
-
-
-@pytest.mark.kafka
 def test_kafka_poison_messages_end_in_the_dlq_with_complete_headers(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
     topic = unique("orders")

@@ -145,10 +145,8 @@ class UpsertWriter:
         return KeySpace(exprs=self.source_side.key, types=self.key_types, order=self.order)
 
     def _target_space(self) -> KeySpace:
-        # The target's key as the source's type (as its side reads it: a numeric 2.00 is the
-        # bigint 2), so its keys are the candidates' and the source's. The same columns as
-        # they are when both sides share the type (and the key index serves ranges).
-        return KeySpace(exprs=self.target_side.key, types=self.key_types, order=self.order)
+        return KeySpace(exprs=[sql.Identifier(k) for k in self.rec.target.key],
+                        types=self.key_types, order=self.order)
 
     def _stage_space(self) -> KeySpace:
         return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)

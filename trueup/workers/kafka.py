@@ -45,11 +45,6 @@ from trueup.workers.runtime import (
 
 log = get_logger(__name__)
 
-#: A retry or dead-letter copy the broker did not confirm is sent again after this pause,
-#: doubling up to the cap, until it is confirmed or the worker is stopped.
-COPY_RETRY_INITIAL_SECONDS = 0.5
-COPY_RETRY_MAX_SECONDS = 10.0
-
 POLL_SECONDS = 0.2
 BATCH_MESSAGES = 100
 AUTO_COMMIT_INTERVAL_MS = 1000
@@ -83,7 +78,6 @@ class KafkaWorker:
         self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
         self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
-        self._stop = threading.Event()  # run()'s, once it runs
         # What the rebalance callbacks assigned: whose messages are handled, whose lag reported.
         self._assigned: set[tuple[str, int]] = set()
 
@@ -107,7 +101,6 @@ class KafkaWorker:
             self._consume(stop)
 
     def _consume(self, stop: threading.Event) -> None:
-        self._stop = stop
         consumer = kafka.create_consumer(
             self.properties, group=self.group, what=self.what,
             **{"enable.auto.commit": True, "enable.auto.offset.store": False,
@@ -193,7 +186,8 @@ class KafkaWorker:
             # From the raw headers, not ``text``: the message's own travel on byte for byte.
             copied = headers.kafka_copy(message.headers(), changes)
             with forwarding(settlement, target):
-                self._copy(producer, target, message, tracing.inject(copied))
+                kafka.publish(producer, target, value=message.value(), key=message.key(),
+                              headers=tracing.inject(copied), what=f"{self.what}: {target}")
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         try:
             consumer.store_offsets(message=message)
@@ -201,25 +195,6 @@ class KafkaWorker:
             if not self._revoked(consumer, exc, topic, partition, offset):
                 raise
         record_settlement(self.group, settlement)
-
-    def _copy(self, producer: Any, target: str, message: Message,
-              copy_headers: list[tuple[str, Any]]) -> None:
-        """Publish a retry or dead-letter copy and wait until it is confirmed, trying again
-        while the broker cannot confirm it (an outage longer than one confirmation's timeout)
-        rather than stopping the worker; the message's offset is stored only after."""
-        pause = COPY_RETRY_INITIAL_SECONDS
-        while True:
-            try:
-                kafka.publish(producer, target, value=message.value(), key=message.key(),
-                              headers=copy_headers, what=f"{self.what}: {target}")
-                return
-            except kafka.KafkaFailed as exc:
-                if self._stop.is_set():
-                    raise  # unsettled: consumed again from the committed offset
-                log.warning("worker.copy_unconfirmed", target=target, error=str(exc),
-                            retry_in_seconds=pause)
-                self._stop.wait(pause)
-                pause = min(pause * 2, COPY_RETRY_MAX_SECONDS)
 
     def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
                wait: float) -> None:
