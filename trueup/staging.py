@@ -193,7 +193,7 @@ class Merger:
                           "WHEN jsonb_array_length(message_key::jsonb) = 1 "
                           "THEN message_key::jsonb ->> 0 ELSE message_key END)") if one_key else \
                 sql.SQL("(message_key::jsonb ->> {})").format(sql.Literal(i))
-            return sql.SQL("{}::{}").format(raw, storage_type(ctype))
+            return sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
 
         keys = [sql.SQL("CASE WHEN value IS NULL THEN {} ELSE ({})::{} END").format(
             from_message_key(i, t), read(f, t), storage_type(t))

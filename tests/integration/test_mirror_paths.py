@@ -219,3 +219,33 @@ def test_a_tombstone_of_two_values_for_a_one_column_key_deletes_nothing(
     assert [(r["kafka_offset"], r["reason"]) for r in reasons] == [
         (100, "tombstone without a readable key")]
     assert six is not None and six["n"] == 1
+
+
+def test_a_tombstone_of_a_padded_char_key_deletes_it_in_either_path(
+        new_db: Callable[[], str], state_db: str) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.codes (code char(4) PRIMARY KEY, version bigint, "
+                     "note text)")
+    rec = ReconciliationConfig.model_validate({
+        "source": {"connection": "s", "table": "public.codes", "key": ["code"],
+                   "version": "version", "columns": ["note"]},
+        "target": {"connection": "b", "topic": "t", "key": ["code"], "version": "v",
+                   "columns": ["note"]}})
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        side = table_side(label="source", dsn=source, table="public.codes", key=["code"],
+                          version="version", columns=["note"], conn=conn)
+        types = require(column_types(conn, "public.codes"), "public.codes", ["note"], conn)
+    messages = [RawMessage(0, 0, "ab", json.dumps({"code": "ab", "v": 1, "note": "x"}).encode()),
+                RawMessage(0, 1, "cd", json.dumps({"code": "cd", "v": 1, "note": "y"}).encode()),
+                RawMessage(0, 2, "ab  ", None)]  # the key as char(4) prints it
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        for name, in_postgres in (("codes_fast", True), ("codes_slow", False)):
+            shape = shape_of(name, rec, side, types)
+            _ensure_tables(conn, shape)
+            merger = Merger(shape, conn, parse_in_postgres=in_postgres)
+            merger.merge(messages)
+            assert merger.fallbacks == 0
+            left = conn.execute(sql.SQL("SELECT code FROM {} ORDER BY 1").format(
+                shape.table)).fetchall()
+            assert [r["code"] for r in left] == ["cd"], name
