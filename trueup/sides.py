@@ -132,9 +132,13 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         if wanted is None or wanted.name == own.name:
             return ident
         if own.name in ("float4", "float8") and wanted.name == "numeric":
-            # through the float's shortest exact text (extra_float_digits=1): its own cast
-            # keeps 15 digits (6 for real), so 0.30000000000000004 would compare as 0.3
-            return sql.SQL("({})::text::numeric").format(ident)
+            # Exactly: its own cast keeps 15 digits (6 for real), so 0.30000000000000004 would
+            # compare as 0.3. A whole number within bigint goes through bigint (2^60 is
+            # 1152921504606846976, which its shortest text is not); any other value through
+            # its shortest exact text (extra_float_digits=1), NaN and the infinities included.
+            return sql.SQL(
+                "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9.2e18 THEN ({0})::int8::numeric "
+                "ELSE ({0})::text::numeric END)").format(ident)
         return sql.SQL("({})::{}").format(ident, sql.Identifier(wanted.name))
 
     key_types = list(key_as or own_key)

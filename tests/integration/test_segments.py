@@ -312,11 +312,13 @@ def test_a_double_compared_with_a_numeric_keeps_every_digit(new_db: Callable[[],
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, x double precision)")
         conn.execute("INSERT INTO t VALUES (1, 0.1::float8 + 0.2), (2, 0.1::float8 + 0.2), "
-                     "(3, 19.99), (4, 1e16), (5, 'NaN')")
+                     "(3, 19.99), (4, 1e16), (5, 'NaN'), (6, 2::float8 ^ 60), "
+                     "(7, '-Infinity'), (8, '-0')")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id bigint PRIMARY KEY, x numeric)")
         conn.execute("INSERT INTO t VALUES (1, 0.30000000000000004), (2, 0.3), (3, 19.990), "
-                     "(4, 10000000000000000), (5, 'NaN')")
+                     "(4, 10000000000000000), (5, 'NaN'), (6, 1152921504606846976), "
+                     "(7, '-Infinity'), (8, 0)")
     summary = _diff_t(new_db, tmp_path, source, target, ["id"], ["x"])
     assert (summary.mismatch, summary.missing, summary.orphan) == (1, 0, 0)
     with psycopg.connect(load_config(tmp_path / "trueup.yaml").state,
