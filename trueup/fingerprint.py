@@ -64,6 +64,9 @@ class Kind(StrEnum):
     JSON = "json"
 
 
+#: Postgres's integer types (whole numbers in bigint's range).
+INTEGER_TYPES = ("int2", "int4", "int8")
+
 _KINDS: dict[str, Kind] = {
     "int2": Kind.NUMBER, "int4": Kind.NUMBER, "int8": Kind.NUMBER, "numeric": Kind.NUMBER,
     "float4": Kind.NUMBER, "float8": Kind.NUMBER, "oid": Kind.NUMBER,

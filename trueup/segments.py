@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from trueup.fingerprint import ColumnType, Kind, storage_type
+from trueup.fingerprint import INTEGER_TYPES, ColumnType, Kind, storage_type
 from trueup.sides import Side, native_hash
 
 #: Aim for this many rows per segment. Small segments keep rare drift cheap to pinpoint; the
@@ -157,7 +157,6 @@ def _first_key_plan(conn: psycopg.Connection[Any], side: Side, where: sql.Compos
     return Segmentation(bounds=keys[step::step], array_type=array_type)
 
 
-_INTEGER_TYPES = ("int2", "int4", "int8")
 #: Even cuts subtract the minimum from each key in bigint: only for ranges far from overflowing.
 _MAX_EVEN_RANGE = 2**62
 
@@ -174,7 +173,7 @@ def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sq
     the key range is more than twice as dense as the whole), the range is cut evenly instead.
     None when there is no histogram or the key is not an integer.
     """
-    if side.key_types[0].name not in _INTEGER_TYPES or side.statistics is None:
+    if side.key_types[0].name not in INTEGER_TYPES or side.statistics is None:
         return None
     schema, table, column = side.statistics
     row = conn.execute(

@@ -225,11 +225,6 @@ def pipe(reader: Iterable[Any], writer: Any) -> None:
         writer.write(bytes(buffer))
 
 
-def counts(repairs: Sequence[Repair]) -> tuple[int, int]:
-    skipped = sum(1 for r in repairs if r.action is RepairAction.SKIPPED)
-    return len(repairs) - skipped, skipped
-
-
 def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig,
                 dsn: str) -> tuple[Side, list[ColumnType]]:
     """The source as a diff sees it, and the types of its compared columns."""

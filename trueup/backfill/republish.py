@@ -42,6 +42,7 @@ from trueup.backfill.model import (
 from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
+from trueup.fingerprint import INTEGER_TYPES
 from trueup.mirror import SCHEMA
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
@@ -70,8 +71,6 @@ def keys_of(key_json: str) -> tuple[str, str]:
 #: Source rows a chunk reads per round trip: their repairs rows are recorded while the next
 #: batch is read and produced.
 READ_BATCH = 2_000
-
-_INTEGER_TYPES = ("int2", "int4", "int8")
 
 
 class _Recording:
@@ -135,7 +134,7 @@ class RepublishWriter:
         self.side, _ = source_side(self.source, rec, dsn)
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
-        self.integer_keys = all(t.name in _INTEGER_TYPES for t in self.side.key_types)
+        self.integer_keys = all(t.name in INTEGER_TYPES for t in self.side.key_types)
         self.producer = create_producer(dict(properties),
                                         what=f"reconciliations.{name}.target")
         self.what = f"topic {self.topic}"
