@@ -198,6 +198,44 @@ def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume
     assert diff(config, "orders").missing == 0
 
 
+class _Died(Exception):
+    """The worker process dying at a chosen statement."""
+
+
+def test_a_worker_killed_between_failing_a_chunk_and_the_backfill_leaves_one_resume_to_do(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT no_big CHECK (order_id < 40)"
+                     " NOT VALID")
+    config = write_config(tmp_path, state_db, source, target)
+    real_query = runner.query
+
+    def dying(name: str) -> Any:
+        if name == "finish_backfill":  # the chunk is marked failed; the backfill not yet
+            raise _Died(name)
+        return real_query(name)
+
+    monkeypatch.setattr(runner, "query", dying)
+    once = WorkerOptions(lease_seconds=1.0, retry=RetryPolicy(max_attempts=1))
+    with pytest.raises(_Died):
+        start_backfill(config, "orders", _all(chunk_size=500), once)
+    monkeypatch.setattr(runner, "query", real_query)
+    with psycopg.connect(state_db) as conn:
+        backfill_id, status = conn.execute(
+            "SELECT backfill_id, status FROM trueup.backfills").fetchone()  # type: ignore[misc]
+        statuses = conn.execute("SELECT status FROM trueup.chunks").fetchall()
+    assert status == "running" and ("failed",) not in statuses
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy DROP CONSTRAINT no_big")
+    resumed = resume_backfill(config, backfill_id, once)  # the dead worker's lease runs out
+    assert resumed.status is BackfillStatus.SUCCEEDED
+    assert diff(config, "orders").missing == 0
+
+
 def test_rows_are_read_after_the_rate_limit_wait_so_a_write_during_it_is_not_undone(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

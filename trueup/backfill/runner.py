@@ -249,12 +249,15 @@ class _Worker:
                 return "retry"
             log.error("backfill.chunk_failed", backfill_id=bid, chunk=chunk.chunk,
                       attempt=chunk.attempts, error=error)
-            chunks.fail(state, chunk, self.owner, error=error)
+            # One transaction: a process killed in between must not leave a failed chunk
+            # under a running backfill (its chunk stays leased instead, and is claimed again).
+            with state.transaction():
+                chunks.fail(state, chunk, self.owner, error=error)
+                state.execute(query("finish_backfill"), {
+                    "backfill_id": bid, "status": BackfillStatus.FAILED.value,
+                    "error": f"chunk {chunk.chunk}: {error}"})
         except chunks.LeaseLost:
             return "lease_lost"
-        state.execute(query("finish_backfill"), {
-            "backfill_id": bid, "status": BackfillStatus.FAILED.value,
-            "error": f"chunk {chunk.chunk}: {error}"})
         return "failed"
 
     def _finish_if_done(self, state: psycopg.Connection[Any]) -> bool:
