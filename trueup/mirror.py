@@ -167,20 +167,23 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
     config (the shape's signature) or another incarnation of the topic (its id)."""
     identity = f"{shape.signature} {topic}".strip()
     with conn.transaction():
-        found = conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class') AS sig",
-                             (shape.table.as_string(conn),)).fetchone()
+        found = conn.execute(
+            "SELECT obj_description(to_regclass(%s), 'pg_class') AS sig, "
+            "to_regclass(%s) IS NOT NULL AS unreadable",
+            (shape.table.as_string(conn), shape.unreadable_table.as_string(conn))).fetchone()
+        assert found is not None
+        if found["sig"] == identity and found["unreadable"]:
+            return  # every run but the first: one catalog lookup
         old = _old_unreadable(conn, shape)
-        if found is not None and found["sig"] == identity:
-            if _exists(conn, shape.unreadable_table):
-                return
-            if old:  # kept as before migration 0006: moved, not read again from Kafka
-                _move_old_unreadable(conn, shape.old_unreadable_table, shape.name)
-                return
-        if found is not None and found["sig"]:
+        if found["sig"] == identity and old:
+            # kept as before migration 0006: moved, not read again from Kafka
+            _move_old_unreadable(conn, shape.old_unreadable_table, shape.name)
+            return
+        if found["sig"]:
             log.warning("mirror.rebuilt", reconciliation=shape.name, topic=shape.topic,
                         was=found["sig"], now=identity)
         owner = shape.name.removesuffix(_OLD_SUFFIX)
-        if owner != shape.name and not (found and found["sig"]) and _exists(conn, shape.table):
+        if owner != shape.name and not found["sig"] and _exists(conn, shape.table):
             # Where this mirror goes, reconciliation `owner` kept its unreadable messages
             # before migration 0006: they move to their place first.
             if _exists(conn, sql.Identifier(UNREADABLE_SCHEMA, owner)):
