@@ -25,6 +25,7 @@ from trueup.backfill import (
     resume_backfill,
     runner,
     start_backfill,
+    upsert,
 )
 from trueup.backfill.planner import plan
 from trueup.backfill.upsert import UpsertWriter
@@ -70,6 +71,73 @@ def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahe
         0, 0, 0, 0, 1)
     ahead = [r for r in target_rows(target) if r[0] == 8]
     assert ahead == [(8, 3, "refunded", 10.0)]
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["intent-in-memory", "intent-piped"])
+def test_a_target_write_between_comparing_and_writing_is_kept_and_recorded_as_skipped(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    made = drift(target)
+    with psycopg.connect(target, autocommit=True) as conn:  # a narrower key than the source's
+        conn.execute("ALTER TABLE public.copy ALTER order_id TYPE integer")
+    config = write_config(tmp_path, state_db, source, target)
+    if not in_memory:
+        monkeypatch.setattr(upsert, "INTENT_IN_MEMORY_ROWS", 0)
+    write = UpsertWriter._write
+
+    def projection_writes_first(self: UpsertWriter) -> Any:
+        # After the chunk compared the rows, before it writes: the projection catches up
+        # with a newer version of a missing key (3) and of a stale one (7).
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.copy VALUES (3, 9, 'shipped', 3.75) "
+                         "ON CONFLICT DO NOTHING")
+            conn.execute("UPDATE public.copy SET order_version = 9, state = 'shipped' "
+                         "WHERE order_id = 7")
+        return write(self)
+
+    monkeypatch.setattr(UpsertWriter, "_write", projection_writes_first)
+    summary = start_backfill(config, "orders", _all(chunk_size=2000))
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
+    assert (actions["[3]"], actions["[7]"]) == ("skipped", "skipped")
+    assert {actions[f"[{k}]"] for k in made["missing"] if k != 3} == {"insert"}
+    assert {actions[f"[{k}]"] for k in made["mismatch"] + [60]} == {"update"}
+    assert [r for r in target_rows(target) if r[0] in (3, 7)] == [
+        (3, 9, "shipped", 3.75), (7, 9, "shipped", 8.75)]
+    assert (summary.rows_repaired, summary.rows_skipped) == (7, 3)
+
+
+def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repairs(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    made = drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    record, failed = upsert.record_staged, []
+
+    def failing_once(conn: psycopg.Connection[Any], *args: Any, **kw: Any) -> None:
+        if not failed:  # the chunk's intent, recorded while the target writes
+            failed.append(True)
+            raise psycopg.OperationalError("state database went away")
+        record(conn, *args, **kw)
+
+    monkeypatch.setattr(upsert, "record_staged", failing_once)
+    fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
+                                           max_seconds=0.1))
+    summary = start_backfill(config, "orders", _all(chunk_size=2000), fast)
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    with psycopg.connect(state_db) as conn:
+        attempts = conn.execute("SELECT attempts FROM trueup.chunks").fetchall()
+    assert attempts == [(2,)]
+    fixed = len(made["missing"]) + len(made["stale"]) + len(made["mismatch"]) + 2
+    assert len(repairs(state_db)) == fixed + 1, "one repairs row per key"
+    assert [r for r in target_rows(target) if r[0] != 8] == [
+        r for r in source_rows(source) if r[0] != 8]
 
 
 def test_backfill_of_a_run_repairs_only_that_runs_differences(

@@ -8,8 +8,9 @@ that is newer than the source is never overwritten (it is recorded as ``skipped`
 deleted only after the source is asked again, at that moment, whether it still lacks the key.
 
 When trueup's state lives in the target database, the target writes, the repairs rows and the
-chunk's completion commit in one transaction. Otherwise the repairs are recorded first as
-intent (committed), then the target commits, then the chunk completes with the actual outcome;
+chunk's completion commit in one transaction. Otherwise the repairs are recorded as intent
+(on a thread of their own while the target writes) and committed before the target commits,
+then the chunk completes with the actual outcome;
 a crash between these steps leaves the chunk to be claimed again, and the retry finds the rows
 already repaired (no candidates) or repairs them again under the same repairs rows.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Any
 
@@ -46,6 +48,10 @@ from trueup.sides import table_side
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
+
+#: Candidates of a chunk whose repairs rows (about 100 bytes each) are held in memory, to be
+#: recorded in the state database while the target writes; more are piped first, then written.
+INTENT_IN_MEMORY_ROWS = 50_000
 
 _STAGE = sql.Identifier("trueup_stage")
 _CAND = sql.Identifier("trueup_cand")
@@ -101,6 +107,9 @@ class UpsertWriter:
         self.target_types = self._target_types(rec.target.table)
         self.shared = same_database(self.target, state)
         self.target.commit()
+        # records a chunk's intent in the state database while this thread writes the target
+        self.recorder = self.stack.enter_context(
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-repairs"))
         self._create_stage()
 
     def close(self) -> None:
@@ -144,8 +153,9 @@ class UpsertWriter:
     def _source_space(self) -> KeySpace:
         return KeySpace(exprs=self.source_side.key, types=self.key_types, order=self.order)
 
-    def _target_space(self) -> KeySpace:
-        return KeySpace(exprs=[sql.Identifier(k) for k in self.rec.target.key],
+    def _target_space(self, alias: str | None = None) -> KeySpace:
+        return KeySpace(exprs=[sql.Identifier(*([alias] if alias else []), k)
+                               for k in self.rec.target.key],
                         types=self.key_types, order=self.order)
 
     def _stage_space(self) -> KeySpace:
@@ -172,7 +182,7 @@ class UpsertWriter:
         with self.target.transaction():
             rows = self._stage(where)
             ctx.heartbeat.check()
-            self._candidates()
+            candidates = self._candidates(chunk)
             orphans = self._orphans(chunk) if self._orphans_apply(backfill.scope) else []
             if backfill.dry_run:
                 planned = self.target.execute(sql.SQL(
@@ -186,15 +196,24 @@ class UpsertWriter:
                     chunks.complete(self.state, chunk, ctx.owner, dry_run=True,
                                     repaired=repaired, skipped=skipped)
                 raise _DryRun(ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped))
+            intent: Future[None] | None = None
             if not self.shared:
-                # intent first: a crash after the target commits still leaves these rows
-                with self.state.transaction():
-                    ctx.heartbeat.hold(self.state)
-                    self._pipe_candidates(self.state)
-                    record_staged(self.state, backfill, chunk)
-                    record_repairs(self.state, backfill, chunk, orphans)
-            changed = self._write()
-            deleted = self._delete(orphans)
+                # Intent first: it commits before the target does, so a crash in between still
+                # leaves these rows. Recorded while the target writes, when the candidates are
+                # few enough to hold in memory.
+                if candidates <= INTENT_IN_MEMORY_ROWS:
+                    intent = self.recorder.submit(self._record_intent, ctx, chunk, orphans,
+                                                  self._candidate_rows())
+                else:
+                    self._record_intent(ctx, chunk, orphans, None)
+            try:
+                changed = self._write()
+                deleted = self._delete(orphans)
+            finally:
+                if intent is not None:
+                    wait([intent])  # then the state connection is this thread's again
+            if intent is not None:
+                intent.result()  # its error, if it failed: the target rolls back
             changed += [a for a, p in zip(deleted, orphans, strict=True) if a != p]
             ctx.heartbeat.check()
             if self.shared:
@@ -215,15 +234,33 @@ class UpsertWriter:
                                                     dry_run=False)
         return ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped)
 
-    def _pipe_candidates(self, state: psycopg.Connection[Any]) -> None:
-        """Copy the candidates, with their expected actions, into the state's repairs stage."""
-        state.execute(query("stage_repairs"))
-        with self.target.cursor() as src, state.cursor() as dst, \
-                src.copy(sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(
-                    _REPAIR_COLUMNS, _CAND)) as reader, \
-                dst.copy("COPY trueup_repairs_stage (key, action, fingerprint_before, "
-                         "fingerprint_after) FROM STDIN") as writer:
-            pipe(reader, writer)
+    def _record_intent(self, ctx: ChunkContext, chunk: chunks.Chunk,
+                       orphans: Sequence[Repair], candidates: bytes | None) -> None:
+        """Commit the repairs rows of the candidates, with their expected actions, and of the
+        orphans, fenced by the chunk's lease. ``candidates``: their COPY data, read already;
+        None: piped from the target now."""
+        state = self.state
+        with state.transaction():
+            ctx.heartbeat.hold(state)
+            state.execute(query("stage_repairs"))
+            with state.cursor() as dst, dst.copy(
+                    "COPY trueup_repairs_stage (key, action, fingerprint_before, "
+                    "fingerprint_after) FROM STDIN") as writer:
+                if candidates is not None:
+                    writer.write(candidates)
+                else:
+                    with self.target.cursor() as src, src.copy(self._candidates_out()) as reader:
+                        pipe(reader, writer)
+            record_staged(state, ctx.backfill, chunk)
+            record_repairs(state, ctx.backfill, chunk, orphans)
+
+    def _candidates_out(self) -> sql.Composed:
+        return sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT").format(_REPAIR_COLUMNS, _CAND)
+
+    def _candidate_rows(self) -> bytes:
+        """The candidates as repairs rows in COPY's text form."""
+        with self.target.cursor() as cur, cur.copy(self._candidates_out()) as reader:
+            return b"".join(reader)
 
     def _correct(self, changed: Sequence[Repair]) -> None:
         """Candidates whose write turned out otherwise than expected (the guard refused)."""
@@ -260,8 +297,13 @@ class UpsertWriter:
             sql.SQL("t.{} = s.{}").format(sql.Identifier(k), n)
             for k, n in zip(self.rec.target.key, _names("k", len(self.key_types)), strict=True))
 
-    def _candidates(self) -> None:
-        """Stage rows the target lacks or holds differently, with the action expected."""
+    def _candidates(self, chunk: chunks.Chunk) -> int:
+        """Stage rows the target lacks or holds differently, with the action expected; how many.
+
+        The target is read within the chunk's scope: a join to the whole table lets the planner
+        choose a scan of it, whose cost grows with every chunk the backfill writes. (A target
+        row the scope missed would only make an expected insert an actual update, which the
+        write's outcome corrects.)"""
         ts = self.target_side
         first = sql.SQL("t.{}").format(sql.Identifier(self.rec.target.key[0]))
         differs: list[sql.Composable] = [sql.SQL("{} IS NULL").format(first),
@@ -272,15 +314,18 @@ class UpsertWriter:
             differs.append(sql.SQL("{} IS DISTINCT FROM s.trueup_v").format(ts.version))
             action = sql.SQL("CASE WHEN {} > s.trueup_v THEN 'skipped' ELSE 'update' END"
                              ).format(ts.version)
-        self.target.execute(sql.SQL(
+        made = self.target.execute(sql.SQL(
             "CREATE TEMP TABLE {cand} ON COMMIT DROP AS "
             "SELECT s.*, {key} AS trueup_key, "
             "CASE WHEN {first} IS NULL THEN NULL ELSE {fp} END AS trueup_before, "
             "CASE WHEN {first} IS NULL THEN 'insert' ELSE {action} END AS trueup_action "
-            "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} WHERE {differs}"
+            "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} AND {scope} WHERE {differs}"
         ).format(cand=_CAND, key=self._stage_space().as_json, first=first, fp=ts.fingerprint,
                  action=action, stage=_STAGE, target=ts.relation, join=self._join(),
+                 scope=scope_condition(self._target_space("t"), chunk.key_from, chunk.key_to,
+                                       chunk.keys),
                  differs=sql.SQL(" OR ").join(differs)))
+        return max(made.rowcount, 0)
 
     def _write(self) -> list[Repair]:
         """Upsert the candidates under the version guard; the candidates whose actual action
@@ -305,20 +350,29 @@ class UpsertWriter:
                 sql.Identifier(rec.target.version))
         conflict = (sql.SQL("DO UPDATE SET {}{}").format(updates, guard) if updated
                     else sql.SQL("DO NOTHING"))
+        # Written rows come back by their key columns, matched to the candidates as written
+        # (cast to the target's types): cheaper than matching keys as jsonb.
+        stage_keys = _names("k", len(self.key_types))
+        returned = [sql.Identifier(f"trueup_r{i}") for i in range(len(stage_keys))]
+        written = sql.SQL(" AND ").join(
+            sql.SQL("up.{} = c.{}::{}").format(r, k, self.target_types[t])
+            for r, k, t in zip(returned, stage_keys, rec.target.key, strict=True))
         rows = self.target.execute(sql.SQL(
             "WITH up AS (INSERT INTO {target} AS trueup_t ({cols}) SELECT {values} FROM {cand} "
             "WHERE trueup_action <> 'skipped' ORDER BY {order} "
             "ON CONFLICT ({keys}) {conflict} "
-            "RETURNING {key} AS key, (xmax = 0) AS inserted), "
+            "RETURNING {returning}, (xmax = 0) AS trueup_inserted), "
             "outcome AS (SELECT c.trueup_key, c.trueup_action, c.trueup_before, c.trueup_fp, "
-            "CASE WHEN up.key IS NULL THEN 'skipped' WHEN up.inserted THEN 'insert' "
-            "ELSE 'update' END AS actual FROM {cand} AS c LEFT JOIN up ON up.key = c.trueup_key) "
+            "CASE WHEN up.{first} IS NULL THEN 'skipped' WHEN up.trueup_inserted THEN 'insert' "
+            "ELSE 'update' END AS actual FROM {cand} AS c LEFT JOIN up ON {written}) "
             "SELECT * FROM outcome WHERE actual <> trueup_action"
         ).format(target=ts.relation, cols=sql.SQL(", ").join(map(sql.Identifier, target_cols)),
-                 values=values, cand=_CAND,
-                 order=sql.SQL(", ").join(_names("k", len(self.key_types))),
+                 values=values, cand=_CAND, order=sql.SQL(", ").join(stage_keys),
                  keys=sql.SQL(", ").join(map(sql.Identifier, rec.target.key)),
-                 conflict=conflict, key=self._target_space().as_json)).fetchall()
+                 conflict=conflict, returning=sql.SQL(", ").join(
+                     sql.SQL("trueup_t.{} AS {}").format(sql.Identifier(k), r)
+                     for k, r in zip(rec.target.key, returned, strict=True)),
+                 first=returned[0], written=written)).fetchall()
         return [Repair(key=r["trueup_key"], action=RepairAction(r["actual"]),
                        fingerprint_before=r["trueup_before"],
                        fingerprint_after=r["trueup_before"] if r["actual"] == "skipped"
