@@ -285,3 +285,85 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
                               ).fetchone()
         attempts = conn.execute("SELECT max(attempts) FROM trueup.chunks").fetchone()
     assert counts == (200, 200) and attempts == (2,)
+
+
+def _ends(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "trueup-test-peek"})
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in range(3)}
+    finally:
+        consumer.close()
+
+
+def _messages_after(bootstrap: str, topic: str, starts: dict[int, int]
+                    ) -> list[tuple[str, Any]]:
+    """(key, value) of each partition's messages from its offset in ``starts`` on."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "trueup-test-read",
+                         "enable.auto.commit": False})
+    found: list[tuple[str, Any]] = []
+    try:
+        ends = _ends(bootstrap, topic)
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in range(3)])
+        wanted = sum(ends[p] - starts[p] for p in range(3))
+        while len(found) < wanted:
+            message = consumer.poll(10)
+            assert message is not None, f"read {len(found)} of {wanted} messages"
+            assert message.error() is None, message.error()
+            value = message.value()
+            found.append((message.key().decode(), value and json.loads(value)))
+    finally:
+        consumer.close()
+    return found
+
+
+@pytest.mark.parametrize(("key_ddl", "key", "rows", "message_key"), [
+    ("region int, id bigint", ["region", "id"], "(g % 3) - 1, g", "[{}, {}]"),
+    ("code text", ["code"], "'o-' || g || E'\\t\"'", "{}"),
+    ("region text, id int", ["region", "id"], "'r\"' || (g % 2), g", "[{}, {}]"),
+], ids=["integers", "text", "text-and-integer"])
+def test_republish_keys_of_every_shape_as_the_contract_says(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, key_ddl: str, key: list[str], rows: str, message_key: str) -> None:
+    """Message keys (a single key's text, else a JSON array) and repairs keys of composite and
+    text keys, produced into a topic holding every row but three."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE things ({key_ddl}, version bigint, status text, "
+                     f"PRIMARY KEY ({', '.join(key)}))")
+        conn.execute(f"INSERT INTO things SELECT {rows}, 1, 'new' FROM generate_series(1, 40) g")
+        keys = [list(r) for r in conn.execute(
+            f"SELECT {', '.join(key)} FROM things ORDER BY {', '.join(key)}")]
+
+    def kafka_key(k: list[Any]) -> str:
+        return message_key.format(*(json.dumps(v) for v in k)) if len(k) > 1 else str(k[0])
+    present = keys[3:]
+    _produce(kafka_bootstrap, topic, [
+        (kafka_key(k), {**dict(zip(key, k, strict=True)), "version": 1, "status": "new"})
+        for k in present])
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+           "reconciliations": {"things": {
+               "source": {"connection": "shop", "table": "things", "key": key,
+                          "version": "version", "columns": ["status"]},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": key,
+                          "version": "version", "columns": ["status"]},
+               "repair": "republish"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    assert diff(config, "things").missing == 3
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "things", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=16))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 3
+    produced = _messages_after(kafka_bootstrap, topic, starts)
+    assert sorted(k for k, _ in produced) == sorted(kafka_key(k) for k in keys[:3])
+    for k, value in produced:
+        assert value == {**dict(zip(key, json.loads(k) if len(key) > 1 else [k],
+                                    strict=True)), "version": 1, "status": "new"}
+    with psycopg.connect(state_db) as conn:
+        recorded = [r[0] for r in conn.execute(
+            "SELECT key FROM trueup.repairs WHERE action = 'publish' ORDER BY key")]
+    assert sorted(recorded, key=json.dumps) == sorted(keys[:3], key=json.dumps)
+    assert diff(config, "things").consistent

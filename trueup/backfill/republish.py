@@ -20,6 +20,7 @@ import re
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
+from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -66,6 +67,17 @@ def keys_of(key_json: str) -> tuple[str, str]:
         return key_json, key_json if ", " in key_json else key_json[1:-1]
     key = json.loads(key_json)
     return key_text(key), message_key(key)
+
+
+class _KeyForm(Enum):
+    """How _source_rows gives a row's key, and _classify completes it. Keys of integers: jsonb's
+    text is their key_text (and a composite key's message key), and a single one's message key
+    is its own text: ``[`` + that + ``]`` is its jsonb text, for less work on the source server
+    than rendering both (0.7 us a row). Other keys come as jsonb's text, parsed by keys_of."""
+
+    INTEGER = "one integer column: the message key only"
+    INTEGERS = "several integer columns: jsonb's text only"
+    OTHER = "jsonb's text only"
 
 
 #: Source rows a chunk reads per round trip: their repairs rows are recorded while the next
@@ -134,7 +146,11 @@ class RepublishWriter:
         self.side, _ = source_side(self.source, rec, dsn)
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
-        self.integer_keys = all(t.name in INTEGER_TYPES for t in self.side.key_types)
+        integers = all(t.name in INTEGER_TYPES for t in self.side.key_types)
+        # How a source row's key comes out of _source_rows (see there)
+        self.key_form = (_KeyForm.OTHER if not integers else
+                         _KeyForm.INTEGER if len(self.side.key_types) == 1 else
+                         _KeyForm.INTEGERS)
         self.producer = create_producer(dict(properties),
                                         what=f"reconciliations.{name}.target")
         self.what = f"topic {self.topic}"
@@ -243,19 +259,21 @@ class RepublishWriter:
     def _source_rows(self, chunk: chunks.Chunk, backfill: Backfill
                      ) -> Generator[list[tuple[Any, ...]], None, None]:
         """The chunk's current source rows, in batches of one snapshot: (key as jsonb's text,
-        message key or None, message value, version, fingerprint)."""
+        message key, message value, version, fingerprint), where the key's form leaves out
+        what _classify derives (see _KeyForm)."""
         where = sql.SQL("({}) AND ({})").format(
             scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.side, backfill.partition))
-        # Keys of integers: jsonb's text is their key_text, and the key's own text its message
-        # key; other keys go through keys_of (parsed once).
-        kafka_key = self.space.message_key if self.integer_keys else sql.NULL
+        form = self.key_form
+        key = sql.NULL if form is _KeyForm.INTEGER else \
+            sql.SQL("({})::text").format(self.space.as_json)
+        kafka_key = self.space.message_key if form is _KeyForm.INTEGER else sql.NULL
         with self.source.transaction(), self.source.cursor(
                 name="trueup_republish", row_factory=tuple_row) as cur:
             cur.execute(sql.SQL(
-                "SELECT ({key})::text, {kafka_key}, {value}, {version}, {fp} "
+                "SELECT {key}, {kafka_key}, {value}, {version}, {fp} "
                 "FROM {rel} WHERE {where} ORDER BY {order}"
-            ).format(key=self.space.as_json, kafka_key=kafka_key, value=self._value(),
+            ).format(key=key, kafka_key=kafka_key, value=self._value(),
                      version=self.side.version or sql.NULL, fp=self.side.fingerprint,
                      rel=self.side.relation, where=where, order=self.space.ordered))
             while batch := cur.fetchmany(READ_BATCH):
@@ -268,12 +286,16 @@ class RepublishWriter:
         are skipped (the topic holds a newer version). ``found`` gains each row's key_text;
         ``mirror`` loses the rows the batch's keys claim."""
         versioned = self.rec.target.version is not None and self.side.version is not None
+        form = self.key_form
         messages: list[tuple[str, str]] = []
         repairs: list[RepairRow] = []
         skipped = 0
         for key, kafka_key, value, version, fingerprint in batch:
-            text = key
-            if kafka_key is None:
+            if form is _KeyForm.INTEGER:
+                key = text = f"[{kafka_key}]"
+            elif form is _KeyForm.INTEGERS:
+                text = kafka_key = key
+            else:
                 text, kafka_key = keys_of(key)
             found.add(text)
             known = mirror.pop(text, None) if mirror is not None else None
