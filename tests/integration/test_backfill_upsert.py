@@ -30,6 +30,7 @@ from trueup.backfill import (
 from trueup.backfill.planner import plan
 from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
+from trueup.config import load_config
 from trueup.diff import diff
 from trueup.pacing import Pacer
 from trueup.retry import RetryPolicy
@@ -108,6 +109,33 @@ def test_a_target_write_between_comparing_and_writing_is_kept_and_recorded_as_sk
     assert [r for r in target_rows(target) if r[0] in (3, 7)] == [
         (3, 9, "shipped", 3.75), (7, 9, "shipped", 8.75)]
     assert (summary.rows_repaired, summary.rows_skipped) == (7, 3)
+
+
+def test_a_key_with_a_null_part_is_left_alone_and_never_inserted_twice(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    for dsn in (source, target):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE things (region int, id int, version bigint, "
+                         "status text, UNIQUE (region, id))")
+            conn.execute("INSERT INTO things VALUES (1, NULL, 1, 'a'), (1, 1, 1, 'a'), "
+                         "(2, 2, 1, 'a')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("UPDATE things SET status = 'old' WHERE id = 2")
+    side = {"connection": "db", "table": "things", "key": ["region", "id"],
+            "version": "version", "columns": ["status"]}
+    raw = {"state": state_db, "connections": {"db": {"postgres": source},
+                                              "copy": {"postgres": target}},
+           "reconciliations": {"things": {"source": side, "target": {**side, "connection": "copy"},
+                                          "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(json.dumps(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    for _ in range(2):
+        summary = start_backfill(config, "things", _all(chunk_size=2))
+        assert summary.status is BackfillStatus.SUCCEEDED
+    with psycopg.connect(target) as conn:
+        rows = conn.execute("SELECT region, id, status FROM things ORDER BY region, id").fetchall()
+    assert rows == [(1, 1, "a"), (1, None, "a"), (2, 2, "a")]
 
 
 def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repairs(

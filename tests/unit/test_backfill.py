@@ -15,6 +15,7 @@ from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
 from trueup.lineage import parse_key
 from trueup.pacing import Pacer
+from trueup.statuses import KeyOrder
 
 TEXT, INT8 = ColumnType.of("text"), ColumnType.of("int8")
 
@@ -40,6 +41,20 @@ def test_a_key_list_is_matched_through_jsonb_elements() -> None:
     text = _render(space.in_list([[1], [2]]))
     assert text.startswith('"id" IN (SELECT (j ->> 0)::"int8" FROM jsonb_array_elements(')
     assert "'[[1], [2]]'" in text
+
+
+def test_only_comparisons_of_the_columns_as_they_are_count_as_served_by_the_key_index() -> None:
+    def space(*names: str, order: KeyOrder = KeyOrder.C) -> KeySpace:
+        return KeySpace(exprs=[sql.Identifier(f"k{i}") for i in range(len(names))],
+                        types=[ColumnType.of(n) for n in names], order=order)
+
+    assert space("int8", "uuid").indexed(ranges=True)
+    assert not space("int4", "text").indexed(ranges=True)  # COLLATE "C"
+    assert space("int4", "text", order=KeyOrder.NATIVE).indexed(ranges=True)
+    assert not space("bpchar", order=KeyOrder.NATIVE).indexed(ranges=True)
+    assert space("text", "bpchar", "uuid").indexed(ranges=False)
+    assert not space("citext").indexed(ranges=False)  # ::text
+    assert _render(space("int8", "text").complete) == '"k0" IS NOT NULL AND "k1" IS NOT NULL'
 
 
 def test_message_keys_follow_the_contract() -> None:

@@ -107,6 +107,18 @@ class KeySpace:
             parts.append(sql.SQL("{} < {}").format(self.row, self._literal_row(key_to)))
         return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
+    def indexed(self, *, ranges: bool) -> bool:
+        """Whether :meth:`in_range` (``ranges``) or :meth:`in_list` compares the key columns as
+        they are, so that their index can serve it (not through ``COLLATE "C"`` or ``::text``)."""
+        if ranges:
+            return all(not _collated(t) or self._native(t) for t in self.types)
+        return all(t.kind is not Kind.TEXT or t.name in (*_PLAIN_TEXT, "uuid") for t in self.types)
+
+    @property
+    def complete(self) -> sql.Composable:
+        """The key has no NULL part."""
+        return sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(e) for e in self.exprs)
+
     def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
         """The key is one of ``keys`` (JSON arrays of key values)."""
         # char(n) values compare without their padding (runs before 2026-11-29 stored keys

@@ -40,7 +40,7 @@ from trueup.backfill.model import (
     record_rows,
     source_side,
 )
-from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce
+from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce_all
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.fingerprint import INTEGER_TYPES
@@ -219,9 +219,7 @@ class RepublishWriter:
                 skipped += batch_skipped
                 if recording is not None:
                     recording.add(repairs)
-                    for kafka_key, value in messages:
-                        produce(self.producer, deliveries, self.topic, key=kafka_key,
-                                value=value)
+                    produce_all(self.producer, deliveries, self.topic, messages)
                 ctx.heartbeat.check()
             batches.close()  # the source connection is this thread's again
             ctx.heartbeat.check()
@@ -235,9 +233,8 @@ class RepublishWriter:
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
             recording.add([(json.dumps(key), RepairAction.TOMBSTONE.value, before, None)
                            for key, before in orphans])
-            for key, _ in orphans:
-                produce(self.producer, deliveries, self.topic, key=message_key(key),
-                        value=None)
+            produce_all(self.producer, deliveries, self.topic,
+                        [(message_key(key), None) for key, _ in orphans])
             recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
@@ -287,6 +284,7 @@ class RepublishWriter:
         ``mirror`` loses the rows the batch's keys claim."""
         versioned = self.rec.target.version is not None and self.side.version is not None
         form = self.key_form
+        publish, skip = RepairAction.PUBLISH.value, RepairAction.SKIPPED.value
         messages: list[tuple[str, str]] = []
         repairs: list[RepairRow] = []
         skipped = 0
@@ -304,13 +302,13 @@ class RepublishWriter:
                 known_version, before, _ = known
                 if versioned and known_version is not None and version is not None \
                         and known_version > version:
-                    repairs.append((key, RepairAction.SKIPPED.value, before, before))
+                    repairs.append((key, skip, before, before))
                     skipped += 1
                     continue
                 if before == fingerprint and (not versioned or known_version == version):
                     continue  # the topic already holds this row
             messages.append((kafka_key, value))
-            repairs.append((key, RepairAction.PUBLISH.value, before, fingerprint))
+            repairs.append((key, publish, before, fingerprint))
         return messages, repairs, skipped
 
     def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],

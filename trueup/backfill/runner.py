@@ -119,7 +119,10 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"trueup-backfill-{i}")
+    # Daemons: a Ctrl-C ends the process at once, whatever a worker is doing (its chunk's lease
+    # runs out, and a --resume claims it again); the process does not wait for the backfill.
+    threads = [threading.Thread(target=work, args=(i,), name=f"trueup-backfill-{i}",
+                                daemon=True)
                for i in range(options.workers)]
     for thread in threads:
         thread.start()

@@ -176,9 +176,11 @@ class UpsertWriter:
 
     def _repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
         backfill = ctx.backfill
-        where = sql.SQL("({}) AND ({})").format(
+        # A key with a NULL part never meets its target row (= is never true): it would be
+        # inserted again by every backfill. Such keys are not repaired.
+        where = sql.SQL("({}) AND ({}) AND {}").format(
             scope_condition(self._source_space(), chunk.key_from, chunk.key_to, chunk.keys),
-            day_filter(self.source_side, backfill.partition))
+            day_filter(self.source_side, backfill.partition), self._source_space().complete)
         with self.target.transaction():
             rows = self._stage(where)
             ctx.heartbeat.check()
@@ -300,10 +302,10 @@ class UpsertWriter:
     def _candidates(self, chunk: chunks.Chunk) -> int:
         """Stage rows the target lacks or holds differently, with the action expected; how many.
 
-        The target is read within the chunk's scope: a join to the whole table lets the planner
-        choose a scan of it, whose cost grows with every chunk the backfill writes. (A target
-        row the scope missed would only make an expected insert an actual update, which the
-        write's outcome corrects.)"""
+        The target is read within the chunk's scope when its key index serves that: a join to
+        the whole table lets the planner choose a scan of it, whose cost grows with every chunk
+        the backfill writes. (A target row the scope missed would only make an expected insert
+        an actual update, which the write's outcome corrects.)"""
         ts = self.target_side
         first = sql.SQL("t.{}").format(sql.Identifier(self.rec.target.key[0]))
         differs: list[sql.Composable] = [sql.SQL("{} IS NULL").format(first),
@@ -322,10 +324,15 @@ class UpsertWriter:
             "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} AND {scope} WHERE {differs}"
         ).format(cand=_CAND, key=self._stage_space().as_json, first=first, fp=ts.fingerprint,
                  action=action, stage=_STAGE, target=ts.relation, join=self._join(),
-                 scope=scope_condition(self._target_space("t"), chunk.key_from, chunk.key_to,
-                                       chunk.keys),
+                 scope=self._indexed_scope(chunk),
                  differs=sql.SQL(" OR ").join(differs)))
         return max(made.rowcount, 0)
+
+    def _indexed_scope(self, chunk: chunks.Chunk) -> sql.Composable:
+        space = self._target_space("t")
+        if not space.indexed(ranges=chunk.keys is None):
+            return sql.SQL("true")  # a filter on every row: the join's own index probes are less
+        return scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)
 
     def _write(self) -> list[Repair]:
         """Upsert the candidates under the version guard; the candidates whose actual action

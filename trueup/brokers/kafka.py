@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import (
@@ -125,6 +125,19 @@ def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: by
             break
         except BufferError:
             producer.poll(0.05)  # the local queue is full: let deliveries drain
+
+
+def produce_all(producer: Producer, deliveries: Deliveries, topic: str,
+                messages: Iterable[tuple[str | None, str | None]]) -> None:
+    """:func:`produce` each ``(key, value)`` of ``messages``, in order (a backfill's many)."""
+    send, report = producer.produce, deliveries.on_delivery
+    for key, value in messages:
+        while True:
+            try:
+                send(topic, value, key, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.05)  # the local queue is full: let deliveries drain
 
 
 def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
