@@ -71,6 +71,9 @@ def _record_value(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     return column
 
 
+#: The longest column name Postgres keeps (NAMEDATALEN - 1); longer ones are cut.
+MAX_NAME_BYTES = 63
+
 _REFUSED = "not storable in Postgres: "
 UNKEYED_TOMBSTONE = "tombstone without a readable key"
 
@@ -172,12 +175,22 @@ class Merger:
                   *zip(shape.column_fields, shape.column_types, strict=True)]
         for field, ctype in wanted:
             fields.setdefault(field, ctype)
-        # json_to_record finds fields by the record's column names: name them as the fields
-        names = {field: sql.Identifier(field) for field in fields}
-        record = sql.SQL(", ").join(sql.SQL("{} {}").format(names[f], _record_type(t))
-                                    for f, t in fields.items())
+        # json_to_record finds fields by the record's column names: name them as the fields.
+        # A name longer than Postgres keeps for a column would be cut, and match no field: such
+        # fields are read with an operator instead.
+        names = {field: sql.Identifier(field) for field in fields
+                 if len(field.encode()) <= MAX_NAME_BYTES}
+        record: sql.Composable = sql.SQL(", ").join(
+            sql.SQL("{} {}").format(names[f], _record_type(t))
+            for f, t in fields.items() if f in names)
+        if not names:
+            record = sql.SQL("trueup_none text")  # a record needs a column
 
         def read(field: str, ctype: ColumnType) -> sql.Composable:
+            if field not in names:
+                operator = "->" if ctype.kind is Kind.JSON else "->>"
+                return _record_value(sql.SQL("(value::json {} {})::{}").format(
+                    sql.SQL(operator), sql.Literal(field), _record_type(ctype)), ctype)
             value = sql.SQL("x.{}").format(names[field])
             if _record_type(ctype).as_string(None) != _record_type(fields[field]).as_string(None):
                 value = sql.SQL("({})::{}").format(value, _record_type(ctype))

@@ -367,3 +367,36 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
             "SELECT key FROM trueup.repairs WHERE action = 'publish' ORDER BY key")]
     assert sorted(recorded, key=json.dumps) == sorted(keys[:3], key=json.dumps)
     assert diff(config, "things").consistent
+
+
+@pytest.mark.parametrize("names", [
+    {"status": "v", "amount": "trueup_fields", "placed_at": "Placed At"},
+    {"status": "s" * 70, "amount": "total", "placed_at": "at"},
+], ids=["names-like-the-query's", "a-name-longer-than-postgres-names"])
+def test_message_values_carry_the_target_field_names_whatever_they_are(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, names: dict[str, str]) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, version bigint, status text, "
+                     "amount numeric(12,2), placed_at timestamptz)")
+        conn.execute("INSERT INTO orders VALUES (1, 2, 'paid', 1.10, '2026-01-01T10:00Z')")
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+           "reconciliations": {"events": {
+               "source": {"connection": "shop", "table": "orders", "key": ["id"],
+                          "version": "version", "columns": list(names)},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
+                          "version": "version", "columns": names},
+               "repair": "republish"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 1
+    [(key, value)] = _messages_after(kafka_bootstrap, topic, starts)
+    assert key == "1"
+    assert value == {"id": 1, "version": 2, names["status"]: "paid", names["amount"]: 1.10,
+                     names["placed_at"]: "2026-01-01T10:00:00+00:00"}
+    assert diff(config, "events").consistent

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg.rows import dict_row
 
 from tests.conftest import ProgressLog
 from trueup.config import Config, load_config
@@ -497,3 +498,42 @@ def test_a_new_mirror_where_another_kept_its_unreadable_messages_moves_them_firs
     assert tables == [("trueup_mirror", "events"), ("trueup_mirror", "events__unreadable"),
                       ("trueup_mirror_unreadable", "events"),
                       ("trueup_mirror_unreadable", "events__unreadable")]
+
+
+@pytest.mark.parametrize("all_long", [False, True], ids=["one-long-name", "every-name-long"])
+def test_fields_named_longer_than_a_postgres_column_are_read(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path, all_long: bool) -> None:
+    """Postgres cuts names past 63 bytes: json_to_record would find no such field."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.things (id bigint PRIMARY KEY, version bigint, "
+                     "status text, attrs jsonb)")
+        conn.execute("INSERT INTO public.things VALUES (1, 1, 'new', '{\"a\": [1]}'), "
+                     "(2, 1, 'paid', '\"plain\"'), (3, 1, 'new', NULL)")
+    long = "é" * 40  # 80 bytes
+    names = {"id": long + "_id" if all_long else "id", "version": long + "_v" if all_long
+             else "v", "status": long + "_status", "attrs": long + "_attrs"}
+
+    def message(i: int, status: str, attrs: Any) -> tuple[str, dict[str, Any]]:
+        return str(i), {names["id"]: i, names["version"]: 1, names["status"]: status,
+                        names["attrs"]: attrs}
+
+    _produce(kafka_bootstrap, topic, [message(1, "new", {"a": [1]}), message(2, "paid", "plain"),
+                                      message(3, "shipped", None)])
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+           "reconciliations": {"things": {
+               "source": {"connection": "shop", "table": "public.things", "key": ["id"],
+                          "version": "version", "columns": ["status", "attrs"]},
+               "target": {"connection": "bus", "topic": topic, "format": "json",
+                          "key": [names["id"]], "version": names["version"],
+                          "columns": {"status": names["status"], "attrs": names["attrs"]}}}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
+    config = load_config(tmp_path / "trueup.yaml")
+    run = diff(config, "things")
+    assert (run.mismatch, run.missing, run.unreadable, run.target_rows) == (1, 0, 0, 3), run
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        [found] = differences_of(conn, run.run_id)
+    assert (found.key, found.cls.value) == ([3], "mismatch")
