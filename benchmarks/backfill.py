@@ -4,8 +4,9 @@ Floors, measured in the same run on the same data:
 
 * upsert floor: a plain ``COPY`` of the source rows into the (emptied) target table, piped
   from ``COPY ... TO STDOUT`` on the source server, no comparison and no bookkeeping;
-* republish floor: the same JSON messages read from the source in one query and produced
-  with confluent-kafka (idempotent, ``acks=all``), one flush at the end, no bookkeeping.
+* republish floor: the same JSON messages (rendered as trueup renders them, ``row_to_json``)
+  read from the source in one query and produced with confluent-kafka (idempotent,
+  ``acks=all``), one flush at the end, no bookkeeping.
 
 trueup's runs do everything a real backfill does: plan chunks on the key index, lease and
 heartbeat each chunk, compare with the target, write under the version guard, record one
@@ -117,9 +118,10 @@ def floor_produce(topic: str) -> float:
 
     with psycopg.connect(dsn(SOURCE_DB)) as conn, conn.cursor(name="floor") as cur:
         cur.itersize = 10_000
-        cur.execute("SELECT id::text, json_build_object('id', id, 'version', version, "
-                    "'status', status, 'amount', amount, 'qty', qty, 'note', note)::text "
-                    "FROM items ORDER BY id")
+        # the same messages as trueup's, rendered the same way (row_to_json of a lateral row)
+        cur.execute("SELECT i.id::text, row_to_json(m)::text FROM items AS i CROSS JOIN "
+                    "LATERAL (SELECT i.id, i.version, i.status, i.amount, i.qty, i.note) AS m "
+                    "ORDER BY i.id")
         for key, value in cur:
             while True:
                 try:

@@ -114,7 +114,7 @@ CREATE INDEX chunks_claimable_idx
 -- No foreign key to backfills: see migration 0005 (one row per repaired key, a million in a
 -- backfill of a million keys).
 CREATE TABLE trueup.repairs (
-    repair_id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    repair_id           bigint GENERATED ALWAYS AS IDENTITY,
     reconciliation      text        NOT NULL,
     key                 jsonb       NOT NULL,
     run_id              bigint REFERENCES trueup.runs (run_id),
@@ -128,10 +128,10 @@ CREATE TABLE trueup.repairs (
     fingerprint_after   bigint,
     at                  timestamptz NOT NULL DEFAULT now(),
     -- each key is repaired once per backfill, even when a chunk is retried after a crash
-    CONSTRAINT repairs_once_per_backfill UNIQUE (backfill_id, key)
+    CONSTRAINT repairs_pkey PRIMARY KEY (backfill_id, key)
 );
 -- complete_chunk counts a chunk's rows. (lineage NAME KEY goes through the backfills of NAME
--- and the unique (backfill_id, key): see migration 0005.)
+-- and the primary key (backfill_id, key): see migrations 0005 and 0007.)
 CREATE INDEX repairs_chunk_idx ON trueup.repairs (backfill_id, chunk);
 
 CREATE TABLE trueup.replays (

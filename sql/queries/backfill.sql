@@ -184,7 +184,7 @@ CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (
 ) ON COMMIT DELETE ROWS;
 
 -- name: record_repairs
--- A plain insert: the unique (backfill_id, key) refuses a second row for a key. A chunk that
+-- A plain insert: the primary key (backfill_id, key) refuses a second row for a key. A chunk that
 -- may hold rows already adds record_repairs_again (see trueup.backfill.model.record_staged).
 INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
                             fingerprint_before, fingerprint_after)
@@ -207,5 +207,5 @@ SET action = excluded.action, fingerprint_after = excluded.fingerprint_after, at
 SELECT key, run_id, chunk, action, fingerprint_before, fingerprint_after, at
 FROM trueup.repairs
 WHERE backfill_id = %(backfill_id)s
-ORDER BY repair_id
+ORDER BY chunk, repair_id  -- the first chunks, read through (backfill_id, chunk)
 LIMIT %(limit)s;
