@@ -194,6 +194,15 @@ SELECT %(reconciliation)s, s.key,
        %(backfill_id)s, %(chunk)s, s.action, s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
 
+-- name: record_repairs_of_run
+-- record_repairs when the rows' run is known: the backfill's, or none (no run of the
+-- reconciliation has differences). No lookup per row.
+INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
+                            fingerprint_before, fingerprint_after)
+SELECT %(reconciliation)s, s.key, %(run_id)s, %(backfill_id)s, %(chunk)s, s.action,
+       s.fingerprint_before, s.fingerprint_after
+FROM trueup_repairs_stage AS s
+
 -- name: has_differences
 -- Whether any run of the reconciliation found differences: else no repairs row has a run to name.
 SELECT EXISTS (SELECT 1 FROM trueup.differences WHERE reconciliation = %(reconciliation)s);

@@ -168,6 +168,21 @@ def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repa
         r for r in source_rows(source) if r[0] != 8]
 
 
+@pytest.mark.parametrize("diffed", [True, False], ids=["after-a-diff", "before-any-diff"])
+def test_repairs_rows_of_a_whole_table_backfill_name_the_run_that_found_each_key(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, diffed: bool) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    runs = [diff(config, "orders").run_id, diff(config, "orders").run_id] if diffed else []
+    summary = start_backfill(config, "orders", _all(chunk_size=500))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    with psycopg.connect(state_db) as conn:
+        named = conn.execute("SELECT DISTINCT run_id FROM trueup.repairs").fetchall()
+    assert named == [(runs[-1] if diffed else None,)]  # the last run that found the key
+
+
 def test_backfill_of_a_run_repairs_only_that_runs_differences(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()

@@ -194,10 +194,12 @@ def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chun
     has none yet, and a plain insert (no ``ON CONFLICT`` probe: 2.2 of 8.8 us per row) does.
     Where rows may exist (a chunk that recorded its intent before a crash, or the correction
     of that intent: ``again``) the insert updates them instead; a plain insert that finds one
-    anyway rolls back to its savepoint and does that.
+    anyway rolls back to its savepoint and does that. Each row is given the last run that
+    found its key only when the backfill names no run and some run found differences.
     """
     params = _record_params(backfill, chunk)
-    insert = query("record_repairs")
+    known = backfill.run_id is not None or not _has_differences(conn, params)
+    insert = query("record_repairs_of_run" if known else "record_repairs")
     if not again:
         try:
             with conn.transaction():  # a savepoint
