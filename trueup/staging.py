@@ -187,10 +187,12 @@ class Merger:
             record = sql.SQL("trueup_none text")  # a record needs a column
 
         def read(field: str, ctype: ColumnType) -> sql.Composable:
-            if field not in names:
-                operator = "->" if ctype.kind is Kind.JSON else "->>"
-                return _record_value(sql.SQL("(value::json {} {})::{}").format(
-                    sql.SQL(operator), sql.Literal(field), _record_type(ctype)), ctype)
+            if field not in names:  # as json_to_record reads it: a JSON null is NULL
+                if ctype.kind is Kind.JSON:
+                    return sql.SQL("NULLIF((value::json -> {})::jsonb, 'null'::jsonb)").format(
+                        sql.Literal(field))
+                return _record_value(sql.SQL("(value::json ->> {})::{}").format(
+                    sql.Literal(field), _record_type(ctype)), ctype)
             value = sql.SQL("x.{}").format(names[field])
             if _record_type(ctype).as_string(None) != _record_type(fields[field]).as_string(None):
                 value = sql.SQL("({})::{}").format(value, _record_type(ctype))

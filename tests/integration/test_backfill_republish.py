@@ -400,3 +400,27 @@ def test_message_values_carry_the_target_field_names_whatever_they_are(
     assert value == {"id": 1, "version": 2, names["status"]: "paid", names["amount"]: 1.10,
                      names["placed_at"]: "2026-01-01T10:00:00+00:00"}
     assert diff(config, "events").consistent
+
+
+def test_a_key_with_a_null_part_is_not_republished(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:  # a unique key may be NULL
+        conn.execute("CREATE TABLE orders (id bigint UNIQUE, version bigint, status text)")
+        conn.execute("INSERT INTO orders VALUES (1, 1, 'new'), (NULL, 1, 'lost'), (2, 1, 'new')")
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+           "reconciliations": {"events": {
+               "source": {"connection": "shop", "table": "orders", "key": ["id"],
+                          "version": "version", "columns": ["status"]},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
+                          "version": "version", "columns": ["status"]},
+               "repair": "republish"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 2, summary
+    assert sorted(k for k, _ in _messages_after(kafka_bootstrap, topic, starts)) == ["1", "2"]

@@ -510,7 +510,7 @@ def test_fields_named_longer_than_a_postgres_column_are_read(
         conn.execute("CREATE TABLE public.things (id bigint PRIMARY KEY, version bigint, "
                      "status text, attrs jsonb)")
         conn.execute("INSERT INTO public.things VALUES (1, 1, 'new', '{\"a\": [1]}'), "
-                     "(2, 1, 'paid', '\"plain\"'), (3, 1, 'new', NULL)")
+                     "(2, 1, 'paid', '\"plain\"'), (3, 1, 'new', NULL), (4, 1, 'new', NULL)")
     long = "é" * 40  # 80 bytes
     names = {"id": long + "_id" if all_long else "id", "version": long + "_v" if all_long
              else "v", "status": long + "_status", "attrs": long + "_attrs"}
@@ -520,7 +520,7 @@ def test_fields_named_longer_than_a_postgres_column_are_read(
                         names["attrs"]: attrs}
 
     _produce(kafka_bootstrap, topic, [message(1, "new", {"a": [1]}), message(2, "paid", "plain"),
-                                      message(3, "shipped", None)])
+                                      message(3, "shipped", None), message(4, "new", None)])
     raw = {"state": state_db,
            "connections": {"shop": {"postgres": source},
                            "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
@@ -533,7 +533,7 @@ def test_fields_named_longer_than_a_postgres_column_are_read(
     (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
     config = load_config(tmp_path / "trueup.yaml")
     run = diff(config, "things")
-    assert (run.mismatch, run.missing, run.unreadable, run.target_rows) == (1, 0, 0, 3), run
+    assert (run.mismatch, run.missing, run.unreadable, run.target_rows) == (1, 0, 0, 4), run
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         [found] = differences_of(conn, run.run_id)
     assert (found.key, found.cls.value) == ([3], "mismatch")

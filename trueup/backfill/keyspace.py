@@ -112,7 +112,9 @@ class KeySpace:
         they are, so that their index can serve it (not through ``COLLATE "C"`` or ``::text``)."""
         if ranges:
             return all(not _collated(t) or self._native(t) for t in self.types)
-        return all(t.kind is not Kind.TEXT or t.name in (*_PLAIN_TEXT, "uuid") for t in self.types)
+        # bpchar: the list's values are text (compared unpadded), which its index cannot serve
+        return all(t.kind is not Kind.TEXT or t.name in ("text", "varchar", "name", "uuid")
+                   for t in self.types)
 
     @property
     def complete(self) -> sql.Composable:
