@@ -287,6 +287,23 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
     assert counts == (200, 200) and attempts == (2,)
 
 
+def _config_of(tmp_path: Path, state_db: str, source: str, bootstrap: str, topic: str, *,
+               table: str, key: list[str], columns: dict[str, str]) -> Config:
+    """Reconciliation ``events`` of ``table`` to ``topic`` by republish (its target field
+    names: the key's and version's own, ``columns`` for the rest)."""
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": bootstrap}}},
+           "reconciliations": {"events": {
+               "source": {"connection": "shop", "table": table, "key": key,
+                          "version": "version", "columns": list(columns)},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": key,
+                          "version": "version", "columns": columns},
+               "repair": "republish"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    return load_config(tmp_path / "trueup.yaml")
+
+
 def _ends(bootstrap: str, topic: str) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "trueup-test-peek"})
     try:
@@ -341,20 +358,11 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
     _produce(kafka_bootstrap, topic, [
         (kafka_key(k), {**dict(zip(key, k, strict=True)), "version": 1, "status": "new"})
         for k in present])
-    raw = {"state": state_db,
-           "connections": {"shop": {"postgres": source},
-                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
-           "reconciliations": {"things": {
-               "source": {"connection": "shop", "table": "things", "key": key,
-                          "version": "version", "columns": ["status"]},
-               "target": {"connection": "bus", "topic": topic, "format": "json", "key": key,
-                          "version": "version", "columns": ["status"]},
-               "repair": "republish"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
-    assert diff(config, "things").missing == 3
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="things",
+                        key=key, columns={"status": "status"})
+    assert diff(config, "events").missing == 3
     starts = _ends(kafka_bootstrap, topic)
-    summary = start_backfill(config, "things", BackfillOptions(scope=BackfillScope.ALL,
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
                                                                chunk_size=16))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 3
     produced = _messages_after(kafka_bootstrap, topic, starts)
@@ -366,7 +374,7 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
         recorded = [r[0] for r in conn.execute(
             "SELECT key FROM trueup.repairs WHERE action = 'publish' ORDER BY key")]
     assert sorted(recorded, key=json.dumps) == sorted(keys[:3], key=json.dumps)
-    assert diff(config, "things").consistent
+    assert diff(config, "events").consistent
 
 
 @pytest.mark.parametrize("names", [
@@ -381,17 +389,8 @@ def test_message_values_carry_the_target_field_names_whatever_they_are(
         conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, version bigint, status text, "
                      "amount numeric(12,2), placed_at timestamptz)")
         conn.execute("INSERT INTO orders VALUES (1, 2, 'paid', 1.10, '2026-01-01T10:00Z')")
-    raw = {"state": state_db,
-           "connections": {"shop": {"postgres": source},
-                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
-           "reconciliations": {"events": {
-               "source": {"connection": "shop", "table": "orders", "key": ["id"],
-                          "version": "version", "columns": list(names)},
-               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
-                          "version": "version", "columns": names},
-               "repair": "republish"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="orders",
+                        key=["id"], columns=names)
     starts = _ends(kafka_bootstrap, topic)
     summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 1
@@ -409,17 +408,8 @@ def test_a_key_with_a_null_part_is_not_republished(
     with psycopg.connect(source, autocommit=True) as conn:  # a unique key may be NULL
         conn.execute("CREATE TABLE orders (id bigint UNIQUE, version bigint, status text)")
         conn.execute("INSERT INTO orders VALUES (1, 1, 'new'), (NULL, 1, 'lost'), (2, 1, 'new')")
-    raw = {"state": state_db,
-           "connections": {"shop": {"postgres": source},
-                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
-           "reconciliations": {"events": {
-               "source": {"connection": "shop", "table": "orders", "key": ["id"],
-                          "version": "version", "columns": ["status"]},
-               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
-                          "version": "version", "columns": ["status"]},
-               "repair": "republish"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="orders",
+                        key=["id"], columns={"status": "status"})
     starts = _ends(kafka_bootstrap, topic)
     summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 2, summary

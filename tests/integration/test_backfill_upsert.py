@@ -284,14 +284,19 @@ def test_cancel_stops_pending_chunks_and_resume_finishes_them(
     assert {k[0] for k, a, _ in repairs(state_db) if a == "insert"} == set(made["missing"])
 
 
+def _refuse_orders_from_40(target: str) -> None:
+    """A target that refuses every write of an order from 40 on (until no_big is dropped)."""
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT no_big CHECK (order_id < 40)"
+                     " NOT VALID")
+
+
 def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume_recovers(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()
     make_tables(source, target, ROWS)
     drift(target)
-    with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT no_big CHECK (order_id < 40)"
-                     " NOT VALID")
+    _refuse_orders_from_40(target)
     config = write_config(tmp_path, state_db, source, target)
     fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
                                            max_seconds=0.1))
@@ -319,9 +324,7 @@ def test_a_worker_killed_between_failing_a_chunk_and_the_backfill_leaves_one_res
     source, target = new_db(), new_db()
     make_tables(source, target, ROWS)
     drift(target)
-    with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT no_big CHECK (order_id < 40)"
-                     " NOT VALID")
+    _refuse_orders_from_40(target)
     config = write_config(tmp_path, state_db, source, target)
     real_query = runner.query
 
