@@ -169,10 +169,10 @@ def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,
     with conn.transaction():
         found = conn.execute(
             "SELECT obj_description(to_regclass(%s), 'pg_class') AS sig, "
-            "to_regclass(%s) IS NOT NULL AS unreadable",
+            "to_regclass(%s) IS NOT NULL AS unreadable_exists",
             (shape.table.as_string(conn), shape.unreadable_table.as_string(conn))).fetchone()
         assert found is not None
-        if found["sig"] == identity and found["unreadable"]:
+        if found["sig"] == identity and found["unreadable_exists"]:
             return  # every run but the first: one catalog lookup
         old = _old_unreadable(conn, shape)
         if found["sig"] == identity and old:

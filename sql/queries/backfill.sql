@@ -208,7 +208,8 @@ FROM trueup_repairs_stage AS s
 SELECT EXISTS (SELECT 1 FROM trueup.differences WHERE reconciliation = %(reconciliation)s);
 
 -- name: record_repairs_again
--- Appended to record_repairs: a retried chunk finds its earlier rows and corrects them.
+-- Appended to record_repairs or record_repairs_of_run: a retried chunk finds its earlier rows
+-- and corrects them.
 ON CONFLICT (backfill_id, key) DO UPDATE
 SET action = excluded.action, fingerprint_after = excluded.fingerprint_after, at = now();
 

@@ -48,12 +48,7 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[str, Any]]) -> Non
 
 
 def _high_watermarks(bootstrap: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "trueup-test-peek"})
-    try:
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                   for p in range(3))
-    finally:
-        consumer.close()
+    return sum(_ends(bootstrap, topic).values())
 
 
 def _setup(new_db: Callable[[], str], state_db: str, tmp_path: Path, bootstrap: str,

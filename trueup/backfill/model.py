@@ -144,7 +144,8 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     params = _record_params(backfill, chunk)
     rows = iter(rows)
     seen: list[RepairRow] = []
-    if not again and (backfill.run_id is not None or not _has_differences(conn, params)):
+    known = _run_known(conn, backfill, params)
+    if not again and known:
         try:
             name, run, bid, n = (backfill.reconciliation, backfill.run_id,
                                  backfill.backfill_id, chunk.chunk)
@@ -167,7 +168,14 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
             "FROM STDIN") as copy:
         for row in seen:
             copy.write_row(row)
-    record_staged(conn, backfill, chunk, again=again)
+    record_staged(conn, backfill, chunk, again=again, run_known=known)
+
+
+def _run_known(conn: psycopg.Connection[Any], backfill: Backfill,
+               params: dict[str, Any]) -> bool:
+    """Whether every repairs row of the backfill has one run to name: its own, or none (no run
+    of the reconciliation has differences); else each row names the last run that found it."""
+    return backfill.run_id is not None or not _has_differences(conn, params)
 
 
 def _has_differences(conn: psycopg.Connection[Any], params: dict[str, Any]) -> bool:
@@ -187,7 +195,7 @@ def _record_params(backfill: Backfill, chunk: Chunk) -> dict[str, Any]:
 
 
 def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk, *,
-                  again: bool = False) -> None:
+                  again: bool = False, run_known: bool | None = None) -> None:
     """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs.
 
     A chunk's rows are usually new: they commit with its completion, so a chunk tried again
@@ -195,10 +203,11 @@ def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chun
     Where rows may exist (a chunk that recorded its intent before a crash, or the correction
     of that intent: ``again``) the insert updates them instead; a plain insert that finds one
     anyway rolls back to its savepoint and does that. Each row is given the last run that
-    found its key only when the backfill names no run and some run found differences.
+    found its key only when the backfill names no run and some run found differences
+    (``run_known``: that answer, when the caller has it).
     """
     params = _record_params(backfill, chunk)
-    known = backfill.run_id is not None or not _has_differences(conn, params)
+    known = _run_known(conn, backfill, params) if run_known is None else run_known
     insert = query("record_repairs_of_run" if known else "record_repairs")
     if not again:
         try:

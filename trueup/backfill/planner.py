@@ -116,8 +116,11 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
         order = _key_order(config, name, side.key_types, source, state)
         state.execute(query("set_key_order"), {"backfill_id": backfill_id,
                                                "key_order": order.value})
-        where = day_filter(side, options.partition)
         space = KeySpace(exprs=side.key, types=side.key_types, order=order)
+        # A bound with a NULL part would leave the rows next to it in no chunk (a comparison
+        # with NULL is never true); such keys are not repaired anyway.
+        where = sql.SQL("({}) AND {}").format(day_filter(side, options.partition),
+                                              space.complete)
         names = [sql.Identifier(f"k{i}") for i in range(len(side.key))]
         outer = KeySpace(exprs=names, types=side.key_types)
         # Every chunk_size-th key in key order: one scan of the key, never OFFSET.

@@ -331,7 +331,7 @@ class UpsertWriter:
     def _indexed_scope(self, chunk: chunks.Chunk) -> sql.Composable:
         space = self._target_space("t")
         if not space.indexed(ranges=chunk.keys is None):
-            return sql.SQL("true")  # a filter on every row: the join's own index probes are less
+            return sql.SQL("true")  # the index cannot serve it: a filter costs more than probes
         return scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)
 
     def _write(self) -> list[Repair]:
@@ -391,9 +391,10 @@ class UpsertWriter:
         ts = self.target_side
         space = self._target_space()
         candidates = self.target.execute(sql.SQL(
-            "SELECT {key} AS key, {fp} AS fp FROM {target} AS t WHERE {scope} "
+            "SELECT {key} AS key, {fp} AS fp FROM {target} AS t WHERE {scope} AND {complete} "
             "AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
         ).format(key=space.as_json, fp=ts.fingerprint, target=ts.relation,
+                 complete=space.complete,
                  scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
                  stage=_STAGE, join=self._join())).fetchall()
         if not candidates:
