@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from tests.integration.test_backfill_support import (
     drift,
@@ -450,3 +451,20 @@ def test_repair_none_and_bad_scopes_are_user_errors(
     none = write_config(tmp_path / "none", state_db, source, target, repair="none")
     assert main(["--config", none.path, "backfill", "orders", "--all"]) == 2
     assert "repair: is none" in capsys.readouterr().err
+
+
+def test_candidates_rendered_as_copy_text_equal_what_copy_itself_writes(new_db: Callable[[], str]
+                                                                         ) -> None:
+    """The intent's rows are rendered by string_agg, not COPY: escapes must agree."""
+    with psycopg.connect(new_db(), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("CREATE TEMP TABLE trueup_cand AS SELECT * FROM (VALUES "
+                     "(jsonb_build_array(E'a\\\\b\\t\"c\\n\\r', 1), 'insert', NULL::bigint, "
+                     "5::bigint), (jsonb_build_array('é ü', -2), 'update', 7::bigint, -9::bigint), "
+                     "(jsonb_build_array(E'\\x01', 3.5), 'skipped', 11::bigint, 12::bigint)) "
+                     "AS v (trueup_key, trueup_action, trueup_before, trueup_fp)")
+        with conn.cursor() as cur, cur.copy(upsert.CANDIDATES_OUT) as copy:
+            written = b"".join(copy)
+        assert upsert.candidate_rows(conn) == written
+        assert written.count(b"\n") == 3 and b"\tskipped\t11\t11\n" in written
+        conn.execute("TRUNCATE trueup_cand")
+        assert upsert.candidate_rows(conn) == b""
