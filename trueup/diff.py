@@ -423,7 +423,7 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
             columns, c.source.relation, c.source_where))
         while batch := cur.fetchmany(PARTITION_BATCH_ROWS):
             with tracing.span("diff.partition_batch", rows=len(batch)):
-                found = _target_rows_for(target_conn, c.target, batch, c.source.key_types)
+                found = _target_rows_for(target_conn, c.target, batch)
                 differences = list(classify(batch, found, c.in_flight_since, orphans=False))
             source_rows += len(batch)
             target_rows += len(found)
@@ -433,8 +433,7 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
 
 
 def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
-                     batch: list[dict[str, Any]],
-                     source_key_types: list[ColumnType]) -> list[dict[str, Any]]:
+                     batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
     # Keys travel as built-in types: a mirror's database has none of the source's enums.
     stored = [storage_type(t) for t in target.key_types]
@@ -451,19 +450,11 @@ def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
     ).format(key_text=target.key_text, version=target.version or sql.NULL,
              fp=target.fingerprint, arrays=sql.SQL(", ").join(wanted),
              names=sql.SQL(", ").join(names), rel=target.relation, on=on)
-    # as their storage type holds them: a char(n) key arrives padded, its text is not
-    params = {f"k{i}": [_stored_value(row[f"k{i}"], t) for row in batch]
-              for i, t in enumerate(source_key_types)}
+    # (a char(n) key comes as its text, unpadded: see segments.key_value)
+    params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(target.key))}
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchall()
-
-
-def _stored_value(value: Any, ctype: ColumnType) -> Any:
-    """A source key value as its storage type (``storage_type``) holds it."""
-    if ctype.name == "bpchar" and isinstance(value, str):
-        return value.rstrip(" ")  # Postgres's char-to-text cast drops the padding
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
