@@ -111,13 +111,13 @@ CREATE INDEX chunks_claimable_idx
     ON trueup.chunks (backfill_id, next_attempt_at)
     WHERE status IN ('pending', 'running');
 
--- No foreign key to backfills: see migration 0005 (one row per repaired key, a million in a
--- backfill of a million keys).
+-- No foreign keys (to backfills or runs) and one index: see migrations 0005, 0007 and 0008
+-- (one row per repaired key, a million in a backfill of a million keys).
 CREATE TABLE trueup.repairs (
-    repair_id           bigint GENERATED ALWAYS AS IDENTITY,
+    repair_id           bigint GENERATED ALWAYS AS IDENTITY (CACHE 1000),
     reconciliation      text        NOT NULL,
     key                 jsonb       NOT NULL,
-    run_id              bigint REFERENCES trueup.runs (run_id),
+    run_id              bigint,
     backfill_id         bigint      NOT NULL,
     chunk               integer     NOT NULL,
     action              text        NOT NULL
@@ -127,12 +127,11 @@ CREATE TABLE trueup.repairs (
     fingerprint_before  bigint,
     fingerprint_after   bigint,
     at                  timestamptz NOT NULL DEFAULT now(),
-    -- each key is repaired once per backfill, even when a chunk is retried after a crash
-    CONSTRAINT repairs_pkey PRIMARY KEY (backfill_id, key)
+    -- each key is repaired once per backfill (a key belongs to one of its chunks), even when a
+    -- chunk is retried after a crash. complete_chunk counts a chunk's rows through it, and
+    -- `trueup lineage` probes each chunk of a reconciliation's backfills for a key.
+    CONSTRAINT repairs_pkey PRIMARY KEY (backfill_id, chunk, key)
 );
--- complete_chunk counts a chunk's rows. (lineage NAME KEY goes through the backfills of NAME
--- and the primary key (backfill_id, key): see migrations 0005 and 0007.)
-CREATE INDEX repairs_chunk_idx ON trueup.repairs (backfill_id, chunk);
 
 CREATE TABLE trueup.replays (
     replay_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

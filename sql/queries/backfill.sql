@@ -42,10 +42,14 @@ FROM pg_database d WHERE d.datname = current_database();
 -- name: plan_run_chunks
 -- Batches of a run's repairable differences, in the order the run found them.
 INSERT INTO trueup.chunks (backfill_id, chunk, keys, rows_planned)
+-- Each key once, so that it belongs to one chunk (the repairs primary key counts on that).
 SELECT %(backfill_id)s, (n - 1) / %(chunk_size)s, jsonb_agg(key ORDER BY n), count(*)
-FROM (SELECT key, row_number() OVER (ORDER BY seq) AS n
-      FROM trueup.differences
-      WHERE run_id = %(run_id)s AND class IN ('missing', 'orphan', 'stale', 'ahead', 'mismatch')
+FROM (SELECT key, row_number() OVER (ORDER BY first_seq) AS n
+      FROM (SELECT key, min(seq) AS first_seq
+            FROM trueup.differences
+            WHERE run_id = %(run_id)s
+              AND class IN ('missing', 'orphan', 'stale', 'ahead', 'mismatch')
+            GROUP BY key) AS k
      ) AS d
 GROUP BY (n - 1) / %(chunk_size)s;
 
@@ -184,8 +188,9 @@ CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (
 ) ON COMMIT DELETE ROWS;
 
 -- name: record_repairs
--- A plain insert: the primary key (backfill_id, key) refuses a second row for a key. A chunk that
--- may hold rows already adds record_repairs_again (see trueup.backfill.model.record_staged).
+-- A plain insert: the primary key (backfill_id, chunk, key) refuses a second row for a key. A
+-- chunk that may hold rows already adds record_repairs_again (see
+-- trueup.backfill.model.record_staged).
 INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
                             fingerprint_before, fingerprint_after)
 SELECT %(reconciliation)s, s.key,
@@ -210,12 +215,12 @@ SELECT EXISTS (SELECT 1 FROM trueup.differences WHERE reconciliation = %(reconci
 -- name: record_repairs_again
 -- Appended to record_repairs or record_repairs_of_run: a retried chunk finds its earlier rows
 -- and corrects them.
-ON CONFLICT (backfill_id, key) DO UPDATE
+ON CONFLICT (backfill_id, chunk, key) DO UPDATE
 SET action = excluded.action, fingerprint_after = excluded.fingerprint_after, at = now();
 
 -- name: lineage_sample
 SELECT key, run_id, chunk, action, fingerprint_before, fingerprint_after, at
 FROM trueup.repairs
 WHERE backfill_id = %(backfill_id)s
-ORDER BY chunk, repair_id  -- the first chunks, read through (backfill_id, chunk)
+ORDER BY chunk, key  -- the first chunks, read through the primary key
 LIMIT %(limit)s;

@@ -12,7 +12,10 @@ ORDER BY d.run_id;
 SELECT p.backfill_id, p.chunk, p.action, p.at, p.fingerprint_before, p.fingerprint_after,
        p.run_id, b.scope, b.status AS backfill_status
 FROM trueup.backfills AS b
--- one probe of the primary key (backfill_id, key) per backfill of the reconciliation
-JOIN trueup.repairs AS p ON p.backfill_id = b.backfill_id AND p.key = ANY(%(keys)s::jsonb[])
+JOIN trueup.chunks AS c ON c.backfill_id = b.backfill_id
+-- one probe of the primary key (backfill_id, chunk, key) per chunk of the reconciliation's
+-- backfills (a key has its row in one of them)
+JOIN trueup.repairs AS p ON p.backfill_id = c.backfill_id AND p.chunk = c.chunk
+                        AND p.key = ANY(%(keys)s::jsonb[])
 WHERE b.reconciliation = %(reconciliation)s
-ORDER BY p.at, p.repair_id;
+ORDER BY p.at, p.backfill_id;

@@ -128,6 +128,19 @@ def test_republish_of_a_run_fixes_the_topic_and_lineage_shows_each_key_history(
     assert [r["action"] for r in json.loads(capsys.readouterr().out)["repairs"]] == [
         "tombstone"]
 
+    # the key drifts again and a second backfill repairs it: lineage lists both, in order
+    with psycopg.connect(config.connections["shop"].postgres or "", autocommit=True) as conn:
+        conn.execute("UPDATE orders SET version = 3, status = 'shipped' WHERE id = 3")
+    again = diff(config, "events")
+    second = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                              run_id=again.run_id))
+    assert second.status is BackfillStatus.SUCCEEDED and second.rows_repaired == 1
+    assert main(["--config", config.path, "lineage", "events", "3", "--json"]) == 0
+    history = json.loads(capsys.readouterr().out)
+    assert [(r["backfill_id"], r["action"]) for r in history["repairs"]] == [
+        (summary.backfill_id, "publish"), (second.backfill_id, "publish")]
+    assert [r["class"] for r in history["runs"]] == ["missing", "stale"]
+
 
 def test_republish_all_produces_only_what_the_mirror_lacks(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,

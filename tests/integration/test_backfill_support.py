@@ -84,4 +84,5 @@ def target_rows(dsn: str) -> list[tuple[Any, ...]]:
 
 def repairs(state: str) -> list[tuple[Any, ...]]:
     """(key, action, chunk) of every repairs row."""
-    return table_rows(state, "SELECT key, action, chunk FROM trueup.repairs ORDER BY repair_id")
+    return table_rows(state, "SELECT key, action, chunk FROM trueup.repairs "
+                             "ORDER BY backfill_id, chunk, key")

@@ -210,6 +210,26 @@ def test_backfill_of_a_run_repairs_only_that_runs_differences(
         1, 1, 0, 0, 0)
 
 
+def test_a_key_a_run_lists_twice_is_planned_into_one_chunk_and_repaired_once(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    run = diff(config, "orders")
+    with psycopg.connect(state_db) as conn:  # e.g. a target table holding a key twice
+        conn.execute("""INSERT INTO trueup.differences (run_id, seq, reconciliation, key, class)
+                        SELECT run_id, seq + 1000, reconciliation, key, class
+                        FROM trueup.differences WHERE run_id = %s AND class = 'missing'
+                        ORDER BY seq LIMIT 1""", (run.run_id,))
+    summary = start_backfill(config, "orders", BackfillOptions(
+        scope=BackfillScope.RUN, run_id=run.run_id, chunk_size=1))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert summary.rows_planned == summary.chunks == 10
+    keys = [json.dumps(k) for k, _, _ in repairs(state_db)]
+    assert len(keys) == len(set(keys)) == 10, "one repairs row per key"
+
+
 def test_shared_state_and_target_database_commit_repairs_with_the_target_writes(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source = new_db()

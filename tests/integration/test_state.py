@@ -31,6 +31,9 @@ UNION ALL
 SELECT 'index', indexname, indexdef FROM pg_indexes
 WHERE schemaname = 'trueup' AND tablename <> 'schema_migrations'
 UNION ALL
+SELECT 'sequence', schemaname || '.' || sequencename, 'cache ' || cache_size FROM pg_sequences
+WHERE schemaname = 'trueup'
+UNION ALL
 SELECT 'schema', nspname, '' FROM pg_namespace WHERE nspname LIKE 'trueup%'
 ORDER BY 1, 2
 """
