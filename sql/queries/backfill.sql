@@ -100,18 +100,19 @@ WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s AND status = 'running'
 RETURNING chunk;
 
 -- name: complete_chunk
--- Counts come from the chunk's repairs rows, so a retried chunk never counts a key twice.
+-- Counts come from the chunk's repairs rows (count), so a retried chunk never counts a key
+-- twice, unless the caller knows them (see trueup.backfill.chunks.complete).
 WITH counted AS (
     SELECT count(*) FILTER (WHERE action <> 'skipped') AS repaired,
            count(*) FILTER (WHERE action = 'skipped') AS skipped
     FROM trueup.repairs
-    WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s
+    WHERE %(count)s AND backfill_id = %(backfill_id)s AND chunk = %(chunk)s
 ), done AS (
     UPDATE trueup.chunks AS c
     SET status = 'done', finished_at = now(), lease_expires_at = NULL,  -- owner kept: who did it
         error = NULL,
-        rows_repaired = CASE WHEN %(dry_run)s THEN %(repaired)s ELSE counted.repaired END,
-        rows_skipped = CASE WHEN %(dry_run)s THEN %(skipped)s ELSE counted.skipped END
+        rows_repaired = CASE WHEN %(count)s THEN counted.repaired ELSE %(repaired)s END,
+        rows_skipped = CASE WHEN %(count)s THEN counted.skipped ELSE %(skipped)s END
     FROM counted
     WHERE c.backfill_id = %(backfill_id)s AND c.chunk = %(chunk)s AND c.status = 'running'
       AND c.lease_owner = %(owner)s

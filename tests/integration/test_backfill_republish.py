@@ -231,8 +231,10 @@ def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
         chunk = Chunk(backfill_id=summary.backfill_id, chunk=row["chunk"], key_from=None,
                       key_to=None, keys=None, rows_planned=0, attempts=1)
         with conn.transaction():
-            record_rows(conn, backfill, chunk, [
+            fresh = record_rows(conn, backfill, chunk, [
                 ("[3]", "skipped", None, None), ("[12345]", "publish", None, 7)])
+            assert record_rows(conn, backfill, chunk, [("[23456]", "publish", None, 8)])
+        assert not fresh, "rows the chunk held: complete must count them"
         rows = conn.execute("SELECT key, action, fingerprint_after, run_id FROM trueup.repairs "
                             "WHERE key IN ('[3]', '[4]', '[12345]') ORDER BY key").fetchall()
     assert [(r["key"], r["action"], r["fingerprint_after"]) for r in rows] == [
@@ -273,12 +275,12 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
     failed: list[int] = []
 
-    def record_failing_once(conn: Any, backfill: Any, chunk: Any, rows: Any, **kw: Any) -> None:
+    def record_failing_once(conn: Any, backfill: Any, chunk: Any, rows: Any, **kw: Any) -> bool:
         if not failed:
             taken = [next(rows), next(rows)]  # mid-stream, with batches still coming
             failed.append(len(taken))
             raise psycopg.OperationalError("state database went away (test)")
-        original(conn, backfill, chunk, rows, **kw)
+        return original(conn, backfill, chunk, rows, **kw)
 
     original = republish.record_rows
     monkeypatch.setattr(republish, "record_rows", record_failing_once)

@@ -78,12 +78,17 @@ def _guarded(conn: psycopg.Connection[Any], name: str, params: dict[str, Any],
     return row
 
 
-def complete(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *, dry_run: bool,
-             repaired: int = 0, skipped: int = 0) -> tuple[int, int]:
-    """Mark the chunk done inside the caller's transaction; return (repaired, skipped)."""
+def complete(conn: psycopg.Connection[Any], chunk: Chunk, owner: str, *,
+             counts: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Mark the chunk done inside the caller's transaction; return (repaired, skipped).
+
+    ``counts``: (repaired, skipped) when the caller knows them (a dry run, or a chunk whose
+    every repairs row this transaction recorded, new); None: counted from the chunk's repairs
+    rows, which a retried chunk may hold from an earlier attempt."""
+    repaired, skipped = counts or (0, 0)
     row = _guarded(conn, "complete_chunk", {
         "backfill_id": chunk.backfill_id, "chunk": chunk.chunk, "owner": owner,
-        "dry_run": dry_run, "repaired": repaired, "skipped": skipped}, chunk)
+        "count": counts is None, "repaired": repaired, "skipped": skipped}, chunk)
     return int(row["rows_repaired"]), int(row["rows_skipped"])
 
 

@@ -131,9 +131,10 @@ def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chu
 
 
 def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
-                rows: Iterable[RepairRow], *, again: bool = False) -> None:
+                rows: Iterable[RepairRow], *, again: bool = False) -> bool:
     """:func:`record_repairs` for rows already in their staged form (``rows`` may be a
-    stream: it is read once).
+    stream: it is read once). Return whether every row was new to the chunk (none met a row
+    it held already).
 
     Rows new to the chunk are COPYed straight into trueup.repairs (3.5 us per row against 4.5
     staged and inserted) when their run is known: the backfill's, or none at all (no run of
@@ -156,19 +157,19 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
                     seen.append(row)
                     key, action, before, after = row
                     copy.write_row((name, key, run, bid, n, action, before, after))
-            return
+            return True
         except psycopg.errors.UniqueViolation:
             again = True
     seen.extend(rows)  # all of them, or those the COPY did not reach
     if not seen:
-        return
+        return not again
     conn.execute(query("stage_repairs"))
     with conn.cursor() as cur, cur.copy(
             "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
             "FROM STDIN") as copy:
         for row in seen:
             copy.write_row(row)
-    record_staged(conn, backfill, chunk, again=again, run_known=known)
+    return record_staged(conn, backfill, chunk, again=again, run_known=known)
 
 
 def _run_known(conn: psycopg.Connection[Any], backfill: Backfill,
@@ -195,8 +196,9 @@ def _record_params(backfill: Backfill, chunk: Chunk) -> dict[str, Any]:
 
 
 def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk, *,
-                  again: bool = False, run_known: bool | None = None) -> None:
-    """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs.
+                  again: bool = False, run_known: bool | None = None) -> bool:
+    """Move the rows staged in ``trueup_repairs_stage`` into trueup.repairs; return whether
+    they were all new to the chunk.
 
     A chunk's rows are usually new: they commit with its completion, so a chunk tried again
     has none yet, and a plain insert (no ``ON CONFLICT`` probe: 2.2 of 8.8 us per row) does.
@@ -218,6 +220,7 @@ def record_staged(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chun
     if again:
         conn.execute(sql.SQL("{} {}").format(insert, query("record_repairs_again")), params)
     conn.execute("DELETE FROM trueup_repairs_stage")
+    return not again
 
 
 #: Bytes gathered before handing COPY data on (COPY yields one row at a time).

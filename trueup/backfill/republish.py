@@ -96,7 +96,7 @@ class _Recording:
         self._recorder = recorder
         self._record = partial(record_rows, conn, backfill, chunk)
         self._batches: queue.SimpleQueue[list[RepairRow] | None] = queue.SimpleQueue()
-        self._done: Future[None] | None = None
+        self._done: Future[bool] | None = None
 
     def add(self, rows: list[RepairRow]) -> None:
         if not rows:
@@ -111,13 +111,15 @@ class _Recording:
         while (batch := self._batches.get()) is not None:
             yield from batch
 
-    def finish(self) -> None:
-        """Wait until every row added is recorded; raise the recorder's error if it failed."""
-        if self._done is not None:
-            self._batches.put(None)
-            done, self._done = self._done, None
-            wait([done])
-            done.result()
+    def finish(self) -> bool:
+        """Wait until every row added is recorded; raise the recorder's error if it failed.
+        Return whether every row was new to the chunk (see record_rows)."""
+        if self._done is None:
+            return True
+        self._batches.put(None)
+        done, self._done = self._done, None
+        wait([done])
+        return done.result()
 
     def __enter__(self) -> _Recording:
         return self
@@ -166,25 +168,50 @@ class RepublishWriter:
         self.producer.flush(10)
         self.stack.close()
 
-    def _value(self) -> sql.Composable:
-        """The message value: ``row_to_json`` of a row whose column names are the target's
-        field names (a quarter cheaper than ``json_build_object``, which looks up each
-        argument's type on every row); names too long for a column take ``json_build_object``.
-        A scalar subquery, so the row's names are never seen by the rest of the query."""
+    def _fields(self) -> list[tuple[str, sql.Composable]]:
+        """The message value's fields: (the target's field name, the source expression)."""
         rec, side = self.rec, self.side
         fields: list[tuple[str, sql.Composable]] = list(zip(rec.target.key, side.key,
                                                             strict=True))
         if rec.target.version is not None and side.version is not None:
             fields.append((rec.target.version, side.version))
         fields += [(rec.target.columns[c], sql.Identifier(c)) for c in rec.source.columns]
-        if all(len(name.encode()) <= MAX_NAME_BYTES for name, _ in fields):
-            row = sql.SQL(", ").join(sql.SQL("{} AS {}").format(expr, sql.Identifier(name))
-                                     for name, expr in fields)
-            return sql.SQL("(SELECT row_to_json(trueup_fields.*)::text "
-                           "FROM (SELECT {}) AS trueup_fields)").format(row)
-        pairs = sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(name), expr)
-                                   for name, expr in fields)
-        return sql.SQL("json_build_object({})::text").format(pairs)
+        return fields
+
+    def _rows_query(self, where: sql.Composable, key: sql.Composable,
+                    kafka_key: sql.Composable) -> sql.Composed:
+        """The source rows of ``where`` as _source_rows gives them. The inner query reads the
+        table under its own column names; the outer one names each field's value as the target
+        does and renders it with ``row_to_json`` (a third cheaper than ``json_build_object``,
+        which looks up each argument's type on every row, and than a scalar subquery per row).
+        The outer query names only trueup's own columns, so no field name can clash with a
+        source column. Names too long for a column take ``json_build_object``."""
+        fields = self._fields()
+        inner = [sql.SQL("{} AS {}").format(expr, sql.Identifier(f"trueup_f{n}"))
+                 for n, (_, expr) in enumerate(fields)]
+        values = [(name, sql.SQL("trueup_row.{}").format(sql.Identifier(f"trueup_f{n}")))
+                  for n, (name, _) in enumerate(fields)]
+        value: sql.Composable
+        lateral: sql.Composable
+        if all(len(name.encode()) <= MAX_NAME_BYTES for name, _ in values):
+            value = sql.SQL("row_to_json(trueup_fields.*)::text")
+            lateral = sql.SQL(" CROSS JOIN LATERAL (SELECT {}) AS trueup_fields").format(
+                sql.SQL(", ").join(sql.SQL("{} AS {}").format(ref, sql.Identifier(name))
+                                   for name, ref in values))
+        else:
+            value = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(
+                sql.SQL("{}, {}").format(sql.Literal(name), ref) for name, ref in values))
+            lateral = sql.SQL("")
+        return sql.SQL(
+            "SELECT trueup_row.trueup_key, trueup_row.trueup_kafka_key, {value}, "
+            "trueup_row.trueup_version, trueup_row.trueup_fp "
+            "FROM (SELECT {key} AS trueup_key, {kafka_key} AS trueup_kafka_key, "
+            "{version} AS trueup_version, {fp} AS trueup_fp, {inner} "
+            "FROM {rel} WHERE {where} ORDER BY {order}) AS trueup_row{lateral}"
+        ).format(value=value, key=key, kafka_key=kafka_key,
+                 version=self.side.version or sql.NULL, fp=self.side.fingerprint,
+                 inner=sql.SQL(", ").join(inner), rel=self.side.relation, where=where,
+                 order=self.space.ordered, lateral=lateral)
 
     def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str]] | None:
         """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON)."""
@@ -238,17 +265,19 @@ class RepublishWriter:
             if recording is None:
                 with self.state.transaction():
                     repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
-                                                        dry_run=True, repaired=repaired,
-                                                        skipped=skipped)
+                                                        counts=(repaired, skipped))
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
             recording.add([(json.dumps(key), RepairAction.TOMBSTONE.value, before, None)
                            for key, before in orphans])
             produce_all(self.producer, deliveries, self.topic,
                         [(message_key(key), None) for key, _ in orphans])
-            recording.finish()
+            fresh = recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
-            repaired, skipped = chunks.complete(self.state, chunk, ctx.owner, dry_run=False)
+            # A chunk's repairs rows commit only with its completion: when those recorded here
+            # were all new, they are all it holds, and their counts are this chunk's.
+            repaired, skipped = chunks.complete(
+                self.state, chunk, ctx.owner, counts=(repaired, skipped) if fresh else None)
         return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
 
     def _prefetched(self, batches: Generator[list[tuple[Any, ...]], None, None]
@@ -276,15 +305,9 @@ class RepublishWriter:
         key = sql.NULL if form is _KeyForm.INTEGER else \
             sql.SQL("({})::text").format(self.space.as_json)
         kafka_key = self.space.message_key if form is _KeyForm.INTEGER else sql.NULL
-        value = self._value()
         with self.source.transaction(), self.source.cursor(
                 name="trueup_republish", row_factory=tuple_row) as cur:
-            cur.execute(sql.SQL(
-                "SELECT {key}, {kafka_key}, {value}, {version}, {fp} "
-                "FROM {rel} WHERE {where} ORDER BY {order}"
-            ).format(key=key, kafka_key=kafka_key, value=value,
-                     version=self.side.version or sql.NULL, fp=self.side.fingerprint,
-                     rel=self.side.relation, where=where, order=self.space.ordered))
+            cur.execute(self._rows_query(where, key, kafka_key))
             while batch := cur.fetchmany(READ_BATCH):
                 yield batch
 

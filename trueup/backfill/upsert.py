@@ -213,8 +213,7 @@ class UpsertWriter:
                 repaired = int(planned["repaired"]) + len(orphans)
                 skipped = int(planned["skipped"])
                 with self.state.transaction():
-                    chunks.complete(self.state, chunk, ctx.owner, dry_run=True,
-                                    repaired=repaired, skipped=skipped)
+                    chunks.complete(self.state, chunk, ctx.owner, counts=(repaired, skipped))
                 raise _DryRun(ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped))
             intent: Future[None] | None = None
             if not self.shared:
@@ -244,14 +243,12 @@ class UpsertWriter:
                         _REPAIR_COLUMNS, _CAND))
                 record_staged(self.target, backfill, chunk)
                 record_repairs(self.target, backfill, chunk, deleted)
-                repaired, skipped = chunks.complete(self.target, chunk, ctx.owner,
-                                                    dry_run=False)
+                repaired, skipped = chunks.complete(self.target, chunk, ctx.owner)
         if not self.shared:
             with self.state.transaction():
                 # corrections of the intent rows written above
                 record_repairs(self.state, backfill, chunk, changed, again=True)
-                repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
-                                                    dry_run=False)
+                repaired, skipped = chunks.complete(self.state, chunk, ctx.owner)
         return ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped)
 
     def _record_intent(self, ctx: ChunkContext, chunk: chunks.Chunk,
