@@ -248,7 +248,8 @@ def test_chunks_read_in_many_batches_record_and_produce_the_same(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A chunk is read a batch at a time (its repairs rows recorded while the next batch is
-    read): with batches of 7 rows, the outcome is the one of a single batch."""
+    read): with a first batch of 3 rows and then 7, the outcome is the one of a single batch."""
+    monkeypatch.setattr(republish, "FIRST_BATCH", 3)
     monkeypatch.setattr(republish, "READ_BATCH", 7)
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
     run = diff(config, "events")
@@ -271,6 +272,7 @@ def test_chunks_read_in_many_batches_record_and_produce_the_same(
 def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_once(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(republish, "FIRST_BATCH", 5)
     monkeypatch.setattr(republish, "READ_BATCH", 5)
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
     failed: list[int] = []
