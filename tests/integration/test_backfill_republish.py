@@ -274,6 +274,7 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
         topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(republish, "FIRST_BATCH", 5)
     monkeypatch.setattr(republish, "READ_BATCH", 5)
+    monkeypatch.setattr(republish, "STREAM_ROWS", 5)  # the query is cut off mid-stream
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
     failed: list[int] = []
 
