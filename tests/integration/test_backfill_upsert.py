@@ -28,7 +28,10 @@ from trueup.backfill import (
     start_backfill,
     upsert,
 )
+from trueup.backfill.chunks import Chunk
+from trueup.backfill.model import record_text
 from trueup.backfill.planner import plan
+from trueup.backfill.runner import backfill_of, load
 from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
 from trueup.config import load_config
@@ -142,22 +145,27 @@ def test_a_key_with_a_null_part_is_left_alone_and_never_inserted_twice(
     assert rows == [(1, 1, "a"), (1, None, "a"), (2, 2, "a")]
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["intent-in-memory", "intent-piped"])
 def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repairs(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
     source, target = new_db(), new_db()
     make_tables(source, target, ROWS)
     made = drift(target)
     config = write_config(tmp_path, state_db, source, target)
-    record, failed = upsert.record_staged, []
+    # the chunk's intent, recorded while the target writes (in memory) or before (piped)
+    recorder = "record_text" if in_memory else "record_staged"
+    if not in_memory:
+        monkeypatch.setattr(upsert, "INTENT_IN_MEMORY_ROWS", 0)
+    record, failed = getattr(upsert, recorder), []
 
-    def failing_once(conn: psycopg.Connection[Any], *args: Any, **kw: Any) -> None:
-        if not failed:  # the chunk's intent, recorded while the target writes
+    def failing_once(conn: psycopg.Connection[Any], *args: Any, **kw: Any) -> bool:
+        if not failed:
             failed.append(True)
             raise psycopg.OperationalError("state database went away")
-        record(conn, *args, **kw)
+        return bool(record(conn, *args, **kw))
 
-    monkeypatch.setattr(upsert, "record_staged", failing_once)
+    monkeypatch.setattr(upsert, recorder, failing_once)
     fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
                                            max_seconds=0.1))
     summary = start_backfill(config, "orders", _all(chunk_size=2000), fast)
@@ -170,6 +178,40 @@ def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repa
     assert len(repairs(state_db)) == fixed + 1, "one repairs row per key"
     assert [r for r in target_rows(target) if r[0] != 8] == [
         r for r in source_rows(source) if r[0] != 8]
+
+
+@pytest.mark.parametrize("scope", [BackfillScope.RUN, BackfillScope.ALL])
+def test_intent_rows_given_as_copy_text_are_recorded_once_and_corrected_when_met_again(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, scope: BackfillScope) -> None:
+    """record_text COPYs rows straight into trueup.repairs when their run is known (--run);
+    otherwise (--all after a diff) each row is staged and named after the last run that found
+    its key. Rows a chunk holds already are corrected in place."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    run = diff(config, "orders")
+    planned = start_backfill(config, "orders", BackfillOptions(  # nothing recorded: a dry run
+        scope=scope, run_id=run.run_id if scope is BackfillScope.RUN else None, dry_run=True))
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        backfill = backfill_of(load(conn, planned.backfill_id))
+        chunk = Chunk(backfill_id=planned.backfill_id, chunk=0, key_from=None, key_to=None,
+                      keys=None, rows_planned=0, attempts=1)
+        with conn.transaction():
+            assert record_text(conn, backfill, chunk, b"[3]\tinsert\t\\N\t11\n"
+                                                      b"[7]\tupdate\t5\t12\n")
+        with conn.transaction():
+            assert not record_text(conn, backfill, chunk, b"[7]\tskipped\t5\t5\n"
+                                                          b"[1]\tinsert\t\\N\t13\n")
+        rows = conn.execute(
+            "SELECT key, action, fingerprint_before, fingerprint_after, run_id, reconciliation "
+            "FROM trueup.repairs WHERE backfill_id = %s ORDER BY key", (planned.backfill_id,)
+        ).fetchall()
+    found = run.run_id  # the run found 3 and 7; none found 1
+    assert [tuple(r.values()) for r in rows] == [
+        ([1], "insert", None, 13, found if scope is BackfillScope.RUN else None, "orders"),
+        ([3], "insert", None, 11, found, "orders"),
+        ([7], "skipped", 5, 5, found, "orders")]
 
 
 @pytest.mark.parametrize("diffed", [True, False], ids=["after-a-diff", "before-any-diff"])

