@@ -13,9 +13,14 @@ SELECT p.backfill_id, p.chunk, p.action, p.at, p.fingerprint_before, p.fingerpri
        p.run_id, b.scope, b.status AS backfill_status
 FROM trueup.backfills AS b
 JOIN trueup.chunks AS c ON c.backfill_id = b.backfill_id
--- one probe of the primary key (backfill_id, chunk, key) per chunk of the reconciliation's
--- backfills (a key has its row in one of them)
-JOIN trueup.repairs AS p ON p.backfill_id = c.backfill_id AND p.chunk = c.chunk
-                        AND p.key = ANY(%(keys)s::jsonb[])
-WHERE b.reconciliation = %(reconciliation)s
+-- one probe of the primary key (backfill_id, chunk, key) per chunk that may hold rows (a key has
+-- its row in one of them): not a dry run's, nor a done chunk that counted none; OFFSET 0 keeps
+-- it a probe per chunk
+CROSS JOIN LATERAL (
+    SELECT r.* FROM trueup.repairs AS r
+    WHERE r.backfill_id = c.backfill_id AND r.chunk = c.chunk
+      AND r.key = ANY(%(keys)s::jsonb[])
+    OFFSET 0) AS p
+WHERE b.reconciliation = %(reconciliation)s AND NOT b.dry_run
+  AND (c.status <> 'done' OR c.rows_repaired + c.rows_skipped > 0)
 ORDER BY p.at, p.backfill_id;

@@ -274,7 +274,8 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
         topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(republish, "FIRST_BATCH", 5)
     monkeypatch.setattr(republish, "READ_BATCH", 5)
-    monkeypatch.setattr(republish, "STREAM_ROWS", 5)  # the query is cut off mid-stream
+    # the query is cut off mid-stream (5-row results, where libpq can stream them)
+    monkeypatch.setattr(republish, "STREAM_ROWS", 5 if republish.STREAM_ROWS > 1 else 1)
     config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
     failed: list[int] = []
 
@@ -298,6 +299,67 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
                               ).fetchone()
         attempts = conn.execute("SELECT max(attempts) FROM trueup.chunks").fetchone()
     assert counts == (200, 200) and attempts == (2,)
+
+
+def test_a_chunk_left_mid_stream_cancels_its_query_and_its_retry_reads_it_whole(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk of 4 MB of rows, streamed 50 at a time: the server is still sending when the
+    worker fails after its second batch. The query is cancelled, and the retry reads the chunk
+    whole on the same connection."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, version bigint, note text)")
+        conn.execute("INSERT INTO orders SELECT g, 1, repeat(md5(g::text), 6) "
+                     "FROM generate_series(1, 20000) g")
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="orders",
+                        key=["id"], columns={"note": "note"})
+    monkeypatch.setattr(republish, "FIRST_BATCH", 100)
+    monkeypatch.setattr(republish, "READ_BATCH", 100)
+    monkeypatch.setattr(republish, "STREAM_ROWS", 50 if republish.STREAM_ROWS > 1 else 1)
+    calls: list[int] = []
+    produce = republish.produce_all
+
+    def failing_on_the_second_batch(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KafkaFailed("the broker went away (test)")
+        produce(*args)
+
+    monkeypatch.setattr(republish, "produce_all", failing_on_the_second_batch)
+    summary = start_backfill(
+        config, "events", BackfillOptions(scope=BackfillScope.ALL, chunk_size=50_000),
+        WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.01, jitter=0)))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert summary.rows_repaired == 20_000
+    with psycopg.connect(state_db) as conn:
+        row = conn.execute("SELECT count(DISTINCT key), max(c.attempts) FROM trueup.repairs "
+                           "JOIN trueup.chunks AS c USING (backfill_id, chunk)").fetchone()
+    assert row == (20_000, 2)
+
+
+def test_a_chunk_whose_rows_meet_rows_it_held_counts_them_from_the_table(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Republish passes its own counts when every row it recorded was new; rows meeting rows
+    the chunk held already (left by an attempt before: none do today) make it count them."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    repair = republish.RepublishWriter.repair
+
+    def with_rows_left_before(self: Any, chunk: Any, ctx: Any) -> Any:
+        with psycopg.connect(state_db, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO trueup.repairs (reconciliation, key, backfill_id, chunk, action) "
+                "VALUES ('events', '[1]', %(b)s, %(c)s, 'publish'), "
+                "('events', '[-5]', %(b)s, %(c)s, 'publish') ON CONFLICT DO NOTHING",
+                {"b": chunk.backfill_id, "c": chunk.chunk})
+        return repair(self, chunk, ctx)
+
+    monkeypatch.setattr(republish.RepublishWriter, "repair", with_rows_left_before)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=1000))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.chunks == 1
+    assert summary.rows_repaired == 201  # the 200 source rows, and [-5] counted from the table
 
 
 def _config_of(tmp_path: Path, state_db: str, source: str, bootstrap: str, topic: str, *,
@@ -392,8 +454,9 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
 
 @pytest.mark.parametrize("names", [
     {"status": "v", "amount": "trueup_fields", "placed_at": "Placed At"},
+    {"status": "trueup_row", "amount": "trueup_f0", "placed_at": "trueup_key"},
     {"status": "s" * 70, "amount": "total", "placed_at": "at"},
-], ids=["names-like-the-query's", "a-name-longer-than-postgres-names"])
+], ids=["names-like-the-query's", "names-like-its-columns", "a-name-longer-than-postgres-names"])
 def test_message_values_carry_the_target_field_names_whatever_they_are(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str, names: dict[str, str]) -> None:
@@ -411,6 +474,28 @@ def test_message_values_carry_the_target_field_names_whatever_they_are(
     assert key == "1"
     assert value == {"id": 1, "version": 2, names["status"]: "paid", names["amount"]: 1.10,
                      names["placed_at"]: "2026-01-01T10:00:00+00:00"}
+    assert diff(config, "events").consistent
+
+
+def test_source_columns_named_like_the_query_s_own_are_read_as_themselves(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (trueup_f1 bigint PRIMARY KEY, version bigint, "
+                     "trueup_key text, trueup_fp text)")
+        conn.execute("INSERT INTO orders SELECT g, 2, 'k' || g, 'f' || g "
+                     "FROM generate_series(1, 30) g")
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="orders",
+                        key=["trueup_f1"], columns={"trueup_key": "a", "trueup_fp": "b"})
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=7))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 30
+    produced = _messages_after(kafka_bootstrap, topic, starts)
+    assert sorted(produced, key=lambda m: int(m[0])) == [
+        (str(g), {"trueup_f1": g, "version": 2, "a": f"k{g}", "b": f"f{g}"})
+        for g in range(1, 31)]
     assert diff(config, "events").consistent
 
 

@@ -89,7 +89,7 @@ READ_BATCH = 2_000
 FIRST_BATCH = 250
 #: Rows per result the source streams (libpq's chunked mode needs libpq 17, which the
 #: psycopg[binary] wheel bundles; an older one gets one row per result, slower but right).
-STREAM_ROWS = 250 if psycopg.pq.version() >= 170000 else 1
+STREAM_ROWS = 250 if psycopg.capabilities.has_stream_chunked() else 1
 
 
 class _Recording:
@@ -208,16 +208,20 @@ class RepublishWriter:
             value = sql.SQL("json_build_object({})::text").format(sql.SQL(", ").join(
                 sql.SQL("{}, {}").format(sql.Literal(name), ref) for name, ref in values))
             lateral = sql.SQL("")
+        # in key order, named by the outer query: inside, a bare name would be matched to the
+        # inner query's output names first (the key fields come first)
+        order = KeySpace(exprs=[ref for _, ref in values[:len(self.side.key)]],
+                         types=self.side.key_types, order=self.order).ordered
         return sql.SQL(
             "SELECT trueup_row.trueup_key, trueup_row.trueup_kafka_key, {value}, "
             "trueup_row.trueup_version, trueup_row.trueup_fp "
             "FROM (SELECT {key} AS trueup_key, {kafka_key} AS trueup_kafka_key, "
             "{version} AS trueup_version, {fp} AS trueup_fp, {inner} "
-            "FROM {rel} WHERE {where} ORDER BY {order}) AS trueup_row{lateral}"
+            "FROM {rel} WHERE {where}) AS trueup_row{lateral} ORDER BY {order}"
         ).format(value=value, key=key, kafka_key=kafka_key,
                  version=self.side.version or sql.NULL, fp=self.side.fingerprint,
                  inner=sql.SQL(", ").join(inner), rel=self.side.relation, where=where,
-                 order=self.space.ordered, lateral=lateral)
+                 lateral=lateral, order=order)
 
     def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str]] | None:
         """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON)."""
@@ -295,6 +299,8 @@ class RepublishWriter:
                 pending = self.reader.submit(next, batches, None)
                 yield batch
         finally:
+            if not pending.done():  # left early (a failure, a lost lease): stop the read
+                self.source.cancel_safe()
             wait([pending])  # then the source connection is this thread's again
             batches.close()
 
