@@ -34,7 +34,7 @@ from trueup.backfill.planner import plan
 from trueup.backfill.runner import backfill_of, load
 from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
-from trueup.config import load_config
+from trueup.config import Config, load_config
 from trueup.diff import diff
 from trueup.pacing import Pacer
 from trueup.retry import RetryPolicy
@@ -46,16 +46,23 @@ pytestmark = pytest.mark.postgres
 ROWS = 1000
 
 
+def _drifted(new_db: Callable[[], str], state_db: str, tmp_path: Path
+             ) -> tuple[str, str, Config, dict[str, list[int]]]:
+    """Source and target tables of ROWS rows, the target drifted (the keys of each class
+    made: see drift), and the config of reconciliation ``orders`` between them."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    made = drift(target)
+    return source, target, write_config(tmp_path, state_db, source, target), made
+
+
 def _all(**kw: object) -> BackfillOptions:
     return BackfillOptions(scope=BackfillScope.ALL, **kw)  # type: ignore[arg-type]
 
 
 def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahead_row(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    made = drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    _source, target, config, made = _drifted(new_db, state_db, tmp_path)
 
     summary = start_backfill(config, "orders", _all(chunk_size=128, workers=2),
                              WorkerOptions(workers=2))
@@ -149,10 +156,7 @@ def test_a_key_with_a_null_part_is_left_alone_and_never_inserted_twice(
 def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repairs(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    made = drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    source, target, config, made = _drifted(new_db, state_db, tmp_path)
     # the chunk's intent, recorded while the target writes (in memory) or before (piped)
     recorder = "record_text" if in_memory else "record_staged"
     if not in_memory:
@@ -186,10 +190,7 @@ def test_intent_rows_given_as_copy_text_are_recorded_once_and_corrected_when_met
     """record_text COPYs rows straight into trueup.repairs when their run is known (--run);
     otherwise (--all after a diff) each row is staged and named after the last run that found
     its key. Rows a chunk holds already are corrected in place."""
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    _source, _target, config, _ = _drifted(new_db, state_db, tmp_path)
     run = diff(config, "orders")
     planned = start_backfill(config, "orders", BackfillOptions(  # nothing recorded: a dry run
         scope=scope, run_id=run.run_id if scope is BackfillScope.RUN else None, dry_run=True))
@@ -217,10 +218,7 @@ def test_intent_rows_given_as_copy_text_are_recorded_once_and_corrected_when_met
 @pytest.mark.parametrize("diffed", [True, False], ids=["after-a-diff", "before-any-diff"])
 def test_repairs_rows_of_a_whole_table_backfill_name_the_run_that_found_each_key(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, diffed: bool) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    _source, _target, config, _ = _drifted(new_db, state_db, tmp_path)
     runs = [diff(config, "orders").run_id, diff(config, "orders").run_id] if diffed else []
     summary = start_backfill(config, "orders", _all(chunk_size=500))
     assert summary.status is BackfillStatus.SUCCEEDED
@@ -231,10 +229,7 @@ def test_repairs_rows_of_a_whole_table_backfill_name_the_run_that_found_each_key
 
 def test_backfill_of_a_run_repairs_only_that_runs_differences(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    _source, target, config, _ = _drifted(new_db, state_db, tmp_path)
     run = diff(config, "orders")
     # found after the run: not part of its scope
     with psycopg.connect(target, autocommit=True) as conn:
@@ -254,10 +249,7 @@ def test_backfill_of_a_run_repairs_only_that_runs_differences(
 
 def test_a_key_a_run_lists_twice_is_planned_into_one_chunk_and_repaired_once(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    _source, _target, config, _ = _drifted(new_db, state_db, tmp_path)
     run = diff(config, "orders")
     with psycopg.connect(state_db) as conn:  # e.g. a target table holding a key twice
         conn.execute("""INSERT INTO trueup.differences (run_id, seq, reconciliation, key, class)
@@ -335,10 +327,7 @@ def test_a_second_active_backfill_is_refused_with_a_line_naming_the_active_one(
 
 def test_cancel_stops_pending_chunks_and_resume_finishes_them(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    made = drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    source, target, config, made = _drifted(new_db, state_db, tmp_path)
     with open_state(state_db) as state:
         state.autocommit = True
         backfill_id = plan(config, "orders", _all(chunk_size=100), state)
@@ -475,10 +464,7 @@ def test_an_orphan_written_again_after_the_source_was_asked_is_not_deleted(
 
 def test_a_target_unreachable_when_workers_start_is_retried_then_fails_and_resume_recovers(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    source, target = new_db(), new_db()
-    make_tables(source, target, ROWS)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
+    source, target, config, _ = _drifted(new_db, state_db, tmp_path)
     with open_state(state_db) as state:
         state.autocommit = True
         backfill_id = plan(config, "orders", _all(chunk_size=500), state)
