@@ -30,7 +30,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from trueup.brokers.kafka import read_to_ends, translate
+from trueup.brokers.kafka import CLIENT_DEFAULTS, read_to_ends, translate
 from trueup.collection import batch_loop
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
@@ -251,6 +251,7 @@ class MirrorReader:
         self.progress = progress
         self.parse_in_postgres = parse_in_postgres
         self.consumer = Consumer({
+            **CLIENT_DEFAULTS,
             **properties,
             "group.id": f"trueup-mirror-{shape.name}",  # offsets live in Postgres, not here
             "enable.auto.commit": False,

@@ -122,6 +122,76 @@ def test_a_target_write_between_comparing_and_writing_is_kept_and_recorded_as_sk
     assert (summary.rows_repaired, summary.rows_skipped) == (7, 3)
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["intent-in-memory", "intent-piped"])
+def test_an_insert_only_chunk_meeting_a_row_written_meanwhile_keeps_it_and_inserts_the_rest(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, in_memory: bool) -> None:
+    """Every write of the chunk is an insert, so they go in by a plain INSERT; a row the
+    projection wrote meanwhile makes it fail, and the guarded upsert takes them all."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id <= 40")
+    config = write_config(tmp_path, state_db, source, target)
+    if not in_memory:
+        monkeypatch.setattr(upsert, "INTENT_IN_MEMORY_ROWS", 0)
+    write, plain = UpsertWriter._write, UpsertWriter._insert_new
+    went_in: list[bool] = []
+
+    def projection_writes_first(self: UpsertWriter) -> Any:
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.copy VALUES (3, 9, 'shipped', 3.75)")
+        return write(self)
+
+    def recorded(self: UpsertWriter, *args: Any) -> bool:
+        went_in.append(plain(self, *args))
+        return went_in[-1]
+
+    monkeypatch.setattr(UpsertWriter, "_write", projection_writes_first)
+    monkeypatch.setattr(UpsertWriter, "_insert_new", recorded)
+    summary = start_backfill(config, "orders", _all(chunk_size=ROWS))
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert went_in == [False]
+    actions = {k[0]: a for k, a, _ in repairs(state_db)}
+    assert actions == {k: "skipped" if k == 3 else "insert" for k in range(1, 41)}
+    assert (summary.rows_repaired, summary.rows_skipped) == (39, 1)
+    assert [r for r in target_rows(target) if r[0] <= 40] == [
+        (3, 9, "shipped", 3.75) if r[0] == 3 else r for r in source_rows(source) if r[0] <= 40]
+
+
+def test_insert_only_chunks_go_in_by_a_plain_insert_and_a_trigger_s_veto_is_recorded(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id <= 40 OR order_id > 900")
+        # a trigger keeps order 905 out, without an error
+        conn.execute("CREATE FUNCTION veto() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                     "RETURN CASE WHEN NEW.order_id = 905 THEN NULL ELSE NEW END; END $$")
+        conn.execute("CREATE TRIGGER veto BEFORE INSERT ON public.copy "
+                     "FOR EACH ROW EXECUTE FUNCTION veto()")
+    config = write_config(tmp_path, state_db, source, target)
+    plain = UpsertWriter._insert_new
+    went_in: list[bool] = []
+
+    def recorded(self: UpsertWriter, *args: Any) -> bool:
+        went_in.append(plain(self, *args))
+        return went_in[-1]
+
+    monkeypatch.setattr(UpsertWriter, "_insert_new", recorded)
+    summary = start_backfill(config, "orders", _all(chunk_size=ROWS // 2))
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert went_in == [True, False]  # the second chunk's insert was undone, then upserted
+    actions = {k[0]: a for k, a, _ in repairs(state_db)}
+    missing = [*range(1, 41), *range(901, ROWS + 1)]
+    assert actions == {k: "skipped" if k == 905 else "insert" for k in missing}
+    assert (summary.rows_repaired, summary.rows_skipped) == (len(missing) - 1, 1)
+    assert [r[0] for r in target_rows(target)] == [k for k in range(1, ROWS + 1) if k != 905]
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_a_key_with_a_null_part_is_left_alone_and_never_inserted_twice(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, chunk_size: int) -> None:
@@ -205,14 +275,14 @@ def test_intent_rows_given_as_copy_text_are_recorded_once_and_corrected_when_met
             assert not record_text(conn, backfill, chunk, b"[7]\tskipped\t5\t5\n"
                                                           b"[1]\tinsert\t\\N\t13\n")
         rows = conn.execute(
-            "SELECT key, action, fingerprint_before, fingerprint_after, run_id, reconciliation "
-            "FROM trueup.repairs WHERE backfill_id = %s ORDER BY key", (planned.backfill_id,)
-        ).fetchall()
+            "SELECT key, action, fingerprint_before, fingerprint_after, run_id, reconciliation, "
+            "chunk FROM trueup.repairs WHERE backfill_id = %s ORDER BY key",
+            (planned.backfill_id,)).fetchall()
     found = run.run_id  # the run found 3 and 7; none found 1
     assert [tuple(r.values()) for r in rows] == [
-        ([1], "insert", None, 13, found if scope is BackfillScope.RUN else None, "orders"),
-        ([3], "insert", None, 11, found, "orders"),
-        ([7], "skipped", 5, 5, found, "orders")]
+        ([1], "insert", None, 13, found if scope is BackfillScope.RUN else None, "orders", 0),
+        ([3], "insert", None, 11, found, "orders", 0),
+        ([7], "skipped", 5, 5, found, "orders", 0)]
 
 
 @pytest.mark.parametrize("diffed", [True, False], ids=["after-a-diff", "before-any-diff"])
