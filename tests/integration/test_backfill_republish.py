@@ -234,6 +234,11 @@ def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
             fresh = record_rows(conn, backfill, chunk, [
                 ("[3]", "skipped", None, None), ("[12345]", "publish", None, 7)])
             assert record_rows(conn, backfill, chunk, [("[23456]", "publish", None, 8)])
+            # new rows go in as COPY text made in Python: a key's backslashes are escaped
+            nasty = ["a\tb\"c\\d", 1]
+            assert record_rows(conn, backfill, chunk, [(json.dumps(nasty), "publish", None, 9)])
+            assert conn.execute("SELECT key FROM trueup.repairs WHERE fingerprint_after = 9"
+                                ).fetchall() == [{"key": nasty}]
         assert not fresh, "rows the chunk held: complete must count them"
         rows = conn.execute("SELECT key, action, fingerprint_after, run_id FROM trueup.repairs "
                             "WHERE key IN ('[3]', '[4]', '[12345]') ORDER BY key").fetchall()
@@ -411,7 +416,7 @@ def _messages_after(bootstrap: str, topic: str, starts: dict[int, int]
 
 @pytest.mark.parametrize(("key_ddl", "key", "rows", "message_key"), [
     ("region int, id bigint", ["region", "id"], "(g % 3) - 1, g", "[{}, {}]"),
-    ("code text", ["code"], "'o-' || g || E'\\t\"'", "{}"),
+    ("code text", ["code"], "'o-' || g || E'\\t\"\\\\'", "{}"),  # a tab, a quote, a backslash
     ("region text, id int", ["region", "id"], "'r\"' || (g % 2), g", "[{}, {}]"),
 ], ids=["integers", "text", "text-and-integer"])
 def test_republish_keys_of_every_shape_as_the_contract_says(
