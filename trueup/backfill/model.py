@@ -136,11 +136,11 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     stream: it is read once). Return whether every row was new to the chunk (none met a row
     it held already).
 
-    Rows new to the chunk are COPYed straight into trueup.repairs (3.5 us per row against 4.5
-    staged and inserted) when their run is known: the backfill's, or none at all (no run of
-    the reconciliation has differences). Otherwise each row is given the last run that found
-    its key by :func:`record_staged`, as are rows the chunk may hold already (``again``, or a
-    COPY that meets one), which it corrects.
+    Rows new to the chunk are COPYed straight into trueup.repairs (1.9 us per row on the
+    server against 2.7 staged and inserted) when their run is known: the backfill's, or none
+    at all (no run of the reconciliation has differences). Otherwise each row is given the
+    last run that found its key by :func:`record_staged`, as are rows the chunk may hold
+    already (``again``, or a COPY that meets one), which it corrects.
     """
     params = _record_params(backfill, chunk)
     rows = iter(rows)
