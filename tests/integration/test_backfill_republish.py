@@ -306,12 +306,17 @@ def test_a_recorder_that_fails_mid_chunk_fails_the_chunk_and_its_retry_records_o
     assert counts == (200, 200) and attempts == (2,)
 
 
+@pytest.mark.parametrize("cancel_fails", [False, True], ids=["cancelled", "cancel-refused"])
 def test_a_chunk_left_mid_stream_cancels_its_query_and_its_retry_reads_it_whole(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
-        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        topic: str, monkeypatch: pytest.MonkeyPatch, cancel_fails: bool) -> None:
     """A chunk of 4 MB of rows, streamed 50 at a time: the server is still sending when the
-    worker fails after its second batch. The query is cancelled, and the retry reads the chunk
-    whole on the same connection."""
+    worker fails after its second batch. The query is cancelled (or, when the cancel request
+    fails, read to its end), and the retry reads the chunk whole on the same connection."""
+    if cancel_fails:
+        def refused(self: psycopg.Connection[Any], **kw: Any) -> None:
+            raise psycopg.OperationalError("cancel refused (test)")
+        monkeypatch.setattr(psycopg.Connection, "cancel_safe", refused)
     source = new_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, version bigint, note text)")

@@ -45,9 +45,12 @@ from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce_a
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.fingerprint import INTEGER_TYPES
+from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.staging import MAX_NAME_BYTES
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
+
+log = get_logger(__name__)
 
 
 def message_key(key: Sequence[Any]) -> str:
@@ -90,6 +93,8 @@ FIRST_BATCH = 250
 #: Rows per result the source streams (libpq's chunked mode needs libpq 17, which the
 #: psycopg[binary] wheel bundles; an older one gets one row per result, slower but right).
 STREAM_ROWS = 250 if psycopg.capabilities.has_stream_chunked() else 1
+#: How long a chunk left mid-read waits for the source to take its cancel request.
+CANCEL_TIMEOUT_SECONDS = 5.0
 
 
 class _Recording:
@@ -301,9 +306,17 @@ class RepublishWriter:
                 yield batch
         finally:
             if not pending.done():  # left early (a failure, a lost lease): stop the read
-                self.source.cancel_safe()
+                self._cancel_read()
             wait([pending])  # then the source connection is this thread's again
             batches.close()
+
+    def _cancel_read(self) -> None:
+        """Ask the source to cancel the statement the reader is streaming. When that fails (the
+        server is unreachable, say), the read ends by itself, with an error or its last row."""
+        try:
+            self.source.cancel_safe(timeout=CANCEL_TIMEOUT_SECONDS)
+        except psycopg.Error as exc:
+            log.warning("backfill.cancel_failed", reconciliation=self.name, error=str(exc))
 
     def _source_rows(self, chunk: chunks.Chunk, backfill: Backfill
                      ) -> Generator[list[tuple[Any, ...]], None, None]:
