@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -170,10 +171,7 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     seen.extend(rows)  # all of them, or those the COPY did not reach
     if not seen:
         return not again
-    conn.execute(query("stage_repairs"))
-    with conn.cursor() as cur, cur.copy(
-            "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
-            "FROM STDIN") as copy:
+    with staging(conn) as copy:
         for row in seen:
             copy.write_row(row)
     return record_staged(conn, backfill, chunk, again=again, run_known=known)
@@ -200,12 +198,20 @@ def record_text(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
             return True
         except psycopg.errors.UniqueViolation:
             pass
+    with staging(conn) as copy:
+        copy.write(data)
+    return record_staged(conn, backfill, chunk, again=known, run_known=known)
+
+
+@contextmanager
+def staging(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Copy]:
+    """A ``COPY`` of repairs rows in their staged form (key, action, fingerprints before and
+    after) into the stage that :func:`record_staged` moves into trueup.repairs."""
     conn.execute(query("stage_repairs"))
     with conn.cursor() as cur, cur.copy(
             "COPY trueup_repairs_stage (key, action, fingerprint_before, fingerprint_after) "
             "FROM STDIN") as copy:
-        copy.write(data)
-    return record_staged(conn, backfill, chunk, again=known, run_known=known)
+        yield copy
 
 
 #: Repairs rows COPYed straight into trueup.repairs: each line the row's own fields (as staged),

@@ -40,6 +40,7 @@ from trueup.backfill.model import (
     record_staged,
     record_text,
     source_side,
+    staging,
 )
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, same_server
@@ -268,11 +269,8 @@ class UpsertWriter:
             if candidates is not None:
                 record_text(state, ctx.backfill, chunk, candidates)
             else:
-                state.execute(query("stage_repairs"))
-                with state.cursor() as dst, dst.copy(
-                        "COPY trueup_repairs_stage (key, action, fingerprint_before, "
-                        "fingerprint_after) FROM STDIN") as writer, \
-                        self.target.cursor() as src, src.copy(CANDIDATES_OUT) as reader:
+                with staging(state) as writer, self.target.cursor() as src, \
+                        src.copy(CANDIDATES_OUT) as reader:
                     pipe(reader, writer)
                 record_staged(state, ctx.backfill, chunk)
             record_repairs(state, ctx.backfill, chunk, orphans)
