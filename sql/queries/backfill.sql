@@ -209,6 +209,11 @@ SELECT %(reconciliation)s, s.key, %(run_id)s, %(backfill_id)s, %(chunk)s, s.acti
        s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
 
+-- name: chunk_has_repairs
+-- Whether a chunk holds repairs rows already: the intent of an attempt that did not finish.
+SELECT EXISTS (SELECT 1 FROM trueup.repairs
+               WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s);
+
 -- name: has_differences
 -- Whether any run of the reconciliation found differences: else no repairs row has a run to name.
 SELECT EXISTS (SELECT 1 FROM trueup.differences WHERE reconciliation = %(reconciliation)s);

@@ -15,17 +15,20 @@ SOURCE_DDL = ("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint
               "updated_at timestamptz NOT NULL DEFAULT '2026-02-01 12:00+00')")
 TARGET_DDL = ("CREATE TABLE IF NOT EXISTS public.copy (order_id bigint PRIMARY KEY, "
               "order_version integer, state varchar(20), total double precision)")
+#: The target with its source columns' own types: a chunk it holds no row of goes in by COPY.
+SAME_TYPES_DDL = ("CREATE TABLE IF NOT EXISTS public.copy (order_id bigint PRIMARY KEY, "
+                  "order_version bigint, state text, total numeric(12,2))")
 
 
-def make_tables(source: str, target: str, rows: int) -> None:
-    """``rows`` source rows; the target lacks some, holds stale, ahead, mismatched and orphan
-    rows (see :func:`drift`)."""
+def make_tables(source: str, target: str, rows: int, *, same_types: bool = False) -> None:
+    """``rows`` source rows and their copy in the target (see :func:`drift` to damage it),
+    whose columns have other types than the source's unless ``same_types``."""
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(SOURCE_DDL)
         conn.execute("INSERT INTO public.orders (id, version, status, amount) "
                      "SELECT g, 2, 'paid', g * 1.25 FROM generate_series(1, %s) g", (rows,))
     with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute(TARGET_DDL)
+        conn.execute(SAME_TYPES_DDL if same_types else TARGET_DDL)
         conn.execute("INSERT INTO public.copy SELECT g, 2, 'paid', g * 1.25 "
                      "FROM generate_series(1, %s) g", (rows,))
 
@@ -78,8 +81,8 @@ def source_rows(dsn: str) -> list[tuple[Any, ...]]:
 
 
 def target_rows(dsn: str) -> list[tuple[Any, ...]]:
-    return table_rows(dsn, "SELECT order_id, order_version, state::text, total FROM public.copy "
-                           "ORDER BY order_id")
+    return table_rows(dsn, "SELECT order_id, order_version, state::text, total::float8 "
+                           "FROM public.copy ORDER BY order_id")
 
 
 def repairs(state: str) -> list[tuple[Any, ...]]:

@@ -11,6 +11,7 @@ from psycopg import sql
 from trueup.backfill.keyspace import KeySpace
 from trueup.backfill.model import key_text
 from trueup.backfill.republish import keys_of, message_key
+from trueup.backfill.upsert import split_fresh
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
 from trueup.lineage import parse_key
@@ -99,3 +100,17 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
         parse_key("[1.5, 1e400]", 2)  # no such key: one line, not a jsonb error
     with pytest.raises(UsageError, match="JSON array of 2"):
         parse_key("eu", 2)
+
+
+def test_a_fresh_chunk_s_copy_lines_split_into_target_rows_and_repairs_rows_escapes_and_all(
+        ) -> None:
+    """COPY text escapes tabs, newlines and backslashes inside fields: each field passes on
+    as it is, and the split keeps lines whole."""
+    data = (b'[1]\t-5\t1\t2\ta\\tb\t1.25\n'
+            b'["x\\\\y", 2]\t7\tx\\\\y\t2\t\\N\tline\\nbreak\n')
+    rows, repairs, n = split_fresh(data, b"\t!\n")
+    assert n == 2
+    assert rows == b"1\t2\ta\\tb\t1.25\nx\\\\y\t2\t\\N\tline\\nbreak\n"
+    assert repairs == (b"[1]\tinsert\t\\N\t-5\t!\n"
+                       b'["x\\\\y", 2]\tinsert\t\\N\t7\t!\n')
+    assert split_fresh(b"", b"\n") == (b"", b"", 0)

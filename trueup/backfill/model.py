@@ -203,6 +203,31 @@ def record_text(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     return record_staged(conn, backfill, chunk, again=known, run_known=known)
 
 
+def chunk_has_repairs(conn: psycopg.Connection[Any], chunk: Chunk) -> bool:
+    """Whether the chunk holds repairs rows already (an unfinished attempt's intent)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(query("chunk_has_repairs"), {
+            "backfill_id": chunk.backfill_id, "chunk": chunk.chunk}).fetchone()
+    return bool(row and row[0])
+
+
+@contextmanager
+def new_repairs(conn: psycopg.Connection[Any], backfill: Backfill,
+                chunk: Chunk) -> Iterator[tuple[psycopg.Copy, bytes]]:
+    """A ``COPY`` taking the repairs rows of a chunk that holds none yet as COPY text in their
+    staged form (key, action, fingerprints before and after), and the bytes that must end each
+    line. The rows go straight into trueup.repairs when their run is known; otherwise through
+    the stage, where each gets the last run that found its key (see :func:`record_text`)."""
+    params = _record_params(backfill, chunk)
+    if _run_known(conn, backfill, params):
+        with conn.cursor() as cur, cur.copy(_COPY_REPAIRS) as copy:
+            yield copy, f"\t{_shared_fields(backfill, chunk)}\n".encode()
+    else:
+        with staging(conn) as copy:
+            yield copy, b"\n"
+        record_staged(conn, backfill, chunk, run_known=False)
+
+
 @contextmanager
 def staging(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Copy]:
     """A ``COPY`` of repairs rows in their staged form (key, action, fingerprints before and

@@ -1,12 +1,16 @@
 """The ``upsert`` repair of a Postgres target table.
 
-For each chunk the *current* source rows are copied straight from the source server into a
-temporary stage on the target server (``COPY ... TO STDOUT`` piped into ``COPY ... FROM STDIN``,
-no parsing in Python), compared there with the target rows, and written with
-``INSERT ... ON CONFLICT DO UPDATE ... WHERE target.version <= excluded.version``: a target row
-that is newer than the source is never overwritten (it is recorded as ``skipped``). A chunk
-whose every write is an insert tries a plain ``INSERT`` first (see ``_insert_new``). An orphan
-is deleted only after the source is asked again, at that moment, whether it still lacks the key.
+A chunk whose scope the target holds no row of (a new projection, a lost range) is repaired
+by one ``COPY`` of the current source rows from the source server into the target table, as a
+plain copy would, while their repairs rows stream into the state database (see
+``_copy_fresh``). For every other chunk the current source rows are copied straight from the
+source server into a temporary stage on the target server (``COPY ... TO STDOUT`` piped into
+``COPY ... FROM STDIN``, no parsing in Python), compared there with the target rows, and
+written with ``INSERT ... ON CONFLICT DO UPDATE ... WHERE target.version <=
+excluded.version``: a target row that is newer than the source is never overwritten (it is
+recorded as ``skipped``). A chunk whose every write is an insert tries a plain ``INSERT``
+first (see ``_insert_new``). An orphan is deleted only after the source is asked again, at
+that moment, whether it still lacks the key.
 
 When trueup's state lives in the target database, the target writes, the repairs rows and the
 chunk's completion commit in one transaction. Otherwise the repairs are recorded as intent
@@ -19,7 +23,7 @@ already repaired (no candidates) or repairs them again under the same repairs ro
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Any
@@ -30,11 +34,14 @@ from psycopg import sql
 from trueup.backfill import chunks
 from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
+    Backfill,
     ChunkContext,
     ChunkResult,
     Repair,
+    chunk_has_repairs,
     day_filter,
     key_text,
+    new_repairs,
     pipe,
     record_repairs,
     record_staged,
@@ -55,6 +62,13 @@ log = get_logger(__name__)
 #: Candidates of a chunk whose repairs rows (about 100 bytes each) are held in memory, to be
 #: recorded in the state database while the target writes; more are piped first, then written.
 INTENT_IN_MEMORY_ROWS = 50_000
+
+#: Source COPY data handed on at once to the target and the state by a fresh chunk's COPY:
+#: small enough that the three servers work at once, large enough to cost Python little.
+SPLIT_BYTES = 1 << 16
+#: The first object id a database gives its own types: those below are built in, the same in
+#: every database.
+FIRST_NORMAL_OID = 16384
 
 _STAGE = sql.Identifier("trueup_stage")
 _CAND = sql.Identifier("trueup_cand")
@@ -82,6 +96,26 @@ def candidate_rows(target: psycopg.Connection[Any]) -> bytes:
     return f"{copied}\n".encode() if copied else b""
 
 
+#: Between the key and the fingerprint of a fresh chunk's repairs row: inserted, nothing before.
+_INSERTED = b"\tinsert\t\\N\t"
+
+
+def split_fresh(data: bytes, end: bytes) -> tuple[bytes, bytes, int]:
+    """Whole lines of a fresh chunk's source COPY (the key as JSON, the fingerprint, then the
+    target's row) as the target rows, the repairs rows in their staged form (each ended by
+    ``end``), and how many. COPY text escapes tabs and newlines inside fields, so each field
+    passes on as it is, escapes and all."""
+    rows: list[bytes] = []
+    repairs: list[bytes] = []
+    for line in data.split(b"\n")[:-1]:
+        key, fp, row = line.split(b"\t", 2)
+        rows.append(row)
+        repairs.append(key + _INSERTED + fp)
+    if not rows:
+        return b"", b"", 0
+    return b"\n".join(rows) + b"\n", end.join(repairs) + end, len(rows)
+
+
 class _DryRun(Exception):
     """Raised inside the chunk's transaction to roll back a dry run."""
 
@@ -92,6 +126,19 @@ class _KeptOut(Exception):
 
 def _names(prefix: str, n: int) -> list[sql.Identifier]:
     return [sql.Identifier(f"trueup_{prefix}{i}") for i in range(n)]
+
+
+def _regclass(conn: psycopg.Connection[Any], table: str) -> str:
+    return sql.Identifier(*table.split(".")).as_string(conn)
+
+
+def _exact_types(conn: psycopg.Connection[Any], table: str) -> dict[str, tuple[int, int]]:
+    """Each column of ``table`` with its type's object id and modifier."""
+    rows = conn.execute(
+        "SELECT attname AS name, atttypid::int AS type, atttypmod AS modifier FROM pg_attribute "
+        "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
+        (_regclass(conn, table),)).fetchall()
+    return {r["name"]: (r["type"], r["modifier"]) for r in rows}
 
 
 def same_database(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
@@ -130,6 +177,7 @@ class UpsertWriter:
             version_as=self.source_side.version_type if rec.target.version else None,
             conn=self.target)
         self.target_types = self._target_types(rec.target.table)
+        self.copies_as_is = self._copies_as_is()
         self.shared = same_database(self.target, state)
         self.target.commit()
         # records a chunk's intent in the state database while this thread writes the target
@@ -152,8 +200,30 @@ class UpsertWriter:
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "JOIN pg_namespace n ON n.oid = t.typnamespace "
             "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-            (sql.Identifier(*table.split(".")).as_string(self.target),)).fetchall()
+            (_regclass(self.target, table),)).fetchall()
         return {r["name"]: sql.Identifier(r["schema"], r["type"]) for r in rows}
+
+    def _copies_as_is(self) -> bool:
+        """Whether source rows can go into the target by a ``COPY`` of the text the source
+        writes: the target is a table that takes a COPY as it takes an INSERT (not a view, no
+        rules, no row-level security), and each written column has exactly the built-in type of
+        its source column (modifier included), so the text reads back as the same value."""
+        rec = self.rec
+        pairs = [*zip(rec.source.key, rec.target.key, strict=True),
+                 *((c, rec.target.columns[c]) for c in rec.source.columns)]
+        if self._versioned:
+            assert rec.source.version is not None and rec.target.version is not None
+            pairs.append((rec.source.version, rec.target.version))
+        assert rec.target.table
+        source = _exact_types(self.source, rec.source.table)
+        target = _exact_types(self.target, rec.target.table)
+        row = self.target.execute(
+            "SELECT relkind IN ('r', 'p') AND NOT relrowsecurity AND NOT relhasrules AS plain "
+            "FROM pg_class WHERE oid = %s::regclass", (_regclass(self.target, rec.target.table),)
+        ).fetchone()
+        return bool(row and row["plain"]) and all(
+            s in source and source[s] == target.get(t) and source[s][0] < FIRST_NORMAL_OID
+            for s, t in pairs)
 
     def _create_stage(self) -> None:
         rec, st = self.rec, self.source_side
@@ -206,6 +276,9 @@ class UpsertWriter:
         where = sql.SQL("({}) AND ({}) AND {}").format(
             scope_condition(self._source_space(), chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.source_side, backfill.partition), self._source_space().complete)
+        copied = self._copy_fresh(chunk, where, ctx)
+        if copied is not None:
+            return copied
         with self.target.transaction():
             rows = self._stage(where)
             ctx.heartbeat.check()
@@ -257,6 +330,92 @@ class UpsertWriter:
                 record_repairs(self.state, backfill, chunk, changed, again=True)
                 repaired, skipped = chunks.complete(self.state, chunk, ctx.owner)
         return ChunkResult(rows_read=rows, repaired=repaired, skipped=skipped)
+
+    def _copy_fresh(self, chunk: chunks.Chunk, where: sql.Composable,
+                    ctx: ChunkContext) -> ChunkResult | None:
+        """Repair a fresh chunk (see :meth:`_fresh`) by one ``COPY`` from the source into the
+        target, the repairs rows (all inserts) streaming into the state database meanwhile and
+        committed before the target commits, as the intent of the compare path is; None, with
+        nothing written, when the chunk is not fresh or stopped being so: a row with one of its
+        keys arrived meanwhile (the COPY meets it), or a trigger kept a row out. The compare
+        path then repairs it, and finds and corrects the repairs rows of any attempt that
+        committed its intent but not the target."""
+        backfill = ctx.backfill
+        try:
+            with self.target.transaction():
+                if not self._fresh(chunk, backfill):
+                    return None
+                if self.shared:  # one connection: the repairs rows wait for the target's COPY
+                    held: list[bytes] = []
+                    rows = self._copy_rows(where, held.append, b"\n")
+                    counts = (rows, 0) if record_text(
+                        self.target, backfill, chunk, b"".join(held)) else None
+                    done = chunks.complete(self.target, chunk, ctx.owner, counts=counts)
+                else:
+                    with self.state.transaction():
+                        ctx.heartbeat.hold(self.state)
+                        with new_repairs(self.state, backfill, chunk) as (copy, end):
+                            rows = self._copy_rows(where, copy.write, end)
+                ctx.heartbeat.check()
+        except (psycopg.errors.UniqueViolation, _KeptOut) as exc:
+            log.info("backfill.chunk_not_fresh", backfill_id=backfill.backfill_id,
+                     chunk=chunk.chunk, reason=type(exc).__name__)
+            return None
+        if not self.shared:
+            with self.state.transaction():
+                done = chunks.complete(self.state, chunk, ctx.owner, counts=(rows, 0))
+        return ChunkResult(rows_read=rows, repaired=done[0], skipped=done[1])
+
+    def _fresh(self, chunk: chunks.Chunk, backfill: Backfill) -> bool:
+        """Whether a COPY may repair the chunk: it writes (no dry run) columns the target takes
+        as the source writes them (:meth:`_copies_as_is`), the target holds no row in its
+        scope (asked through the key index) and it holds no repairs rows yet. Held by a shared
+        database's single connection, its repairs rows must fit in memory."""
+        space = self._target_space("t")
+        if (backfill.dry_run or not self.copies_as_is
+                or not space.indexed(ranges=chunk.keys is None)
+                or (self.shared and chunk.rows_planned > INTENT_IN_MEMORY_ROWS)):
+            return False
+        held = self.target.execute(sql.SQL(
+            "SELECT EXISTS (SELECT 1 FROM {} AS t WHERE {}) AS held").format(
+                self.target_side.relation,
+                scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys))).fetchone()
+        assert held is not None
+        return not held["held"] and not chunk_has_repairs(
+            self.target if self.shared else self.state, chunk)
+
+    def _copy_rows(self, where: sql.Composable, record: Callable[[bytes], object],
+                   end: bytes) -> int:
+        """COPY the source rows of ``where`` into the target, handing their repairs rows (COPY
+        text, each line ended by ``end``) to ``record`` on the way; how many went in."""
+        st = self.source_side
+        columns = [self._source_space().as_json, st.fingerprint, *st.key,
+                   *([st.version] if self._versioned and st.version is not None else []),
+                   *(sql.Identifier(c) for c in self.rec.source.columns)]
+        out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
+            sql.SQL(", ").join(columns), st.relation, where)
+        into = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            self.target_side.relation, sql.SQL(", ").join(map(sql.Identifier, self._written())))
+        read = 0
+        with self.source.cursor() as src, self.target.cursor() as dst:
+            with src.copy(out) as reader, dst.copy(into) as writer:
+                buffer = bytearray()
+                for block in reader:
+                    buffer += block
+                    if len(buffer) >= SPLIT_BYTES:
+                        rows, repairs, n = split_fresh(bytes(buffer), end)
+                        writer.write(rows)
+                        record(repairs)
+                        read += n
+                        buffer.clear()
+                rows, repairs, n = split_fresh(bytes(buffer), end)
+                if n:
+                    writer.write(rows)
+                    record(repairs)
+                    read += n
+            if dst.rowcount != read:
+                raise _KeptOut  # a trigger kept rows out: the compare path says which
+        return read
 
     def _record_intent(self, ctx: ChunkContext, chunk: chunks.Chunk,
                        orphans: Sequence[Repair], candidates: bytes | None) -> None:
@@ -345,13 +504,19 @@ class UpsertWriter:
             return sql.SQL("true")  # the index cannot serve it: a filter costs more than probes
         return scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)
 
+    def _written(self) -> list[str]:
+        """The target columns a repair writes: key, version (when both sides have one), the
+        columns compared."""
+        rec = self.rec
+        return [*rec.target.key,
+                *([rec.target.version] if self._versioned and rec.target.version else []),
+                *(rec.target.columns[c] for c in rec.source.columns)]
+
     def _write(self) -> list[Repair]:
         """Upsert the candidates under the version guard; the candidates whose actual action
         differs from the expected one (a newer row arrived meanwhile)."""
         rec, ts = self.rec, self.target_side
-        target_cols = [*rec.target.key,
-                       *([rec.target.version] if self._versioned and rec.target.version else []),
-                       *(rec.target.columns[c] for c in rec.source.columns)]
+        target_cols = self._written()
         stage_cols = [*_names("k", len(self.key_types)),
                       *([sql.Identifier("trueup_v")] if self._versioned else []),
                       *_names("c", len(rec.source.columns))]

@@ -1,0 +1,260 @@
+"""Upsert chunks the target holds no row of go in by one ``COPY`` from the source: they record
+what the compare path would, and every way out of that path (a row written meanwhile, a
+trigger's veto, a crash after the intent) leaves the chunk to the compare path, repaired once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.integration.test_backfill_support import (
+    drift,
+    make_tables,
+    source_rows,
+    target_rows,
+    write_config,
+)
+from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill
+from trueup.backfill.chunks import Heartbeat
+from trueup.backfill.upsert import UpsertWriter
+from trueup.config import Config
+from trueup.db import connect
+from trueup.diff import diff
+from trueup.retry import RetryPolicy
+from trueup.statuses import BackfillScope, BackfillStatus
+
+pytestmark = pytest.mark.postgres
+
+ROWS = 1000
+#: The target keeps its rows up to this key: chunks of 100 beyond it are fresh, up to the last
+#: one, which holds the orphans drift() makes.
+KEPT = 400
+FRESH_CHUNKS = [4, 5, 6, 7, 8]
+#: Statuses whose COPY text needs escapes, given to source rows of the fresh chunks.
+ODD = ["a\tb", "line\nbreak\r", "back\\slash", 'quo"te', "é ü", "\\N"]
+FAST = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05, max_seconds=0.1))
+
+
+def _tables(new_db: Callable[[], str], state_db: str, tmp_path: Path, *,
+            shared: bool = False) -> tuple[str, str, Config]:
+    source = new_db()
+    target = state_db if shared else new_db()
+    make_tables(source, target, ROWS, same_types=True)
+    drift(target)
+    with psycopg.connect(source, autocommit=True) as conn:
+        for i, status in enumerate(ODD):
+            conn.execute("UPDATE public.orders SET status = %s WHERE id = %s",
+                         (status, KEPT + 1 + i))
+        conn.execute("UPDATE public.orders SET amount = NULL, status = NULL WHERE id = %s",
+                     (KEPT + 10,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id > %s AND order_id <= %s",
+                     (KEPT, ROWS))
+    return source, target, write_config(tmp_path, state_db, source, target)
+
+
+def _copied(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(chunk, went in by COPY) of every chunk that asked, in order."""
+    asked: list[tuple[int, bool]] = []
+    copy_fresh = UpsertWriter._copy_fresh
+
+    def spied(self: UpsertWriter, chunk: Any, *args: Any) -> Any:
+        result = copy_fresh(self, chunk, *args)
+        asked.append((chunk.chunk, result is not None))
+        return result
+
+    monkeypatch.setattr(UpsertWriter, "_copy_fresh", spied)
+    return asked
+
+
+def _repairs(state: str, backfill_id: int, keys: range) -> set[tuple[Any, ...]]:
+    """(key, action, fingerprints before and after, run) of the backfill's repairs of ``keys``."""
+    with psycopg.connect(state) as conn:
+        return {tuple(r) for r in conn.execute(
+            "SELECT (key ->> 0)::bigint, action, fingerprint_before, fingerprint_after, run_id "
+            "FROM trueup.repairs WHERE backfill_id = %s AND (key ->> 0)::bigint "
+            "BETWEEN %s AND %s", (backfill_id, keys.start, keys.stop - 1))}
+
+
+def _one_row_per_key(state: str) -> int:
+    with psycopg.connect(state) as conn:
+        row = conn.execute("SELECT count(*), count(DISTINCT (backfill_id, key)) "
+                           "FROM trueup.repairs").fetchone()
+    assert row is not None and row[0] == row[1], f"expected one repairs row per key, got {row}"
+    return int(row[0])
+
+
+def _all(chunk_size: int = 100) -> BackfillOptions:
+    return BackfillOptions(scope=BackfillScope.ALL, chunk_size=chunk_size)
+
+
+def _same_but_ahead(source: str, target: str) -> None:
+    """The target equals the source but for the row drift() put ahead of it (key 8)."""
+    assert [r for r in target_rows(target) if r[0] != 8] == [
+        r for r in source_rows(source) if r[0] != 8]
+
+
+@pytest.mark.parametrize(("diffed", "shared"), [(True, False), (False, False), (True, True)],
+                         ids=["after-a-diff", "before-any-diff", "state-in-the-target"])
+def test_fresh_chunks_go_in_by_copy_and_record_what_the_compare_path_records(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, diffed: bool, shared: bool) -> None:
+    source, target, config = _tables(new_db, state_db, tmp_path, shared=shared)
+    if diffed:
+        diff(config, "orders")
+    asked = _copied(monkeypatch)
+    copied = start_backfill(config, "orders", _all())
+
+    assert copied.status is BackfillStatus.SUCCEEDED, copied
+    assert [c for c, went_in in asked if went_in] == FRESH_CHUNKS
+    _same_but_ahead(source, target)
+    fresh = range(KEPT + 1, ROWS + 1)
+    by_copy = _repairs(state_db, copied.backfill_id, fresh)
+    assert {r[1] for r in by_copy} == {"insert"} and len(by_copy) == ROWS - KEPT
+    assert all(r[4] is not None for r in by_copy) == diffed  # named after the run that found it
+
+    # the same rows again through the compare path: the same repairs rows
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id BETWEEN %s AND %s",
+                     (fresh.start, fresh.stop - 1))
+    monkeypatch.setattr(UpsertWriter, "_copies_as_is", lambda self: False)
+    compared = start_backfill(config, "orders", _all())
+    assert compared.status is BackfillStatus.SUCCEEDED, compared
+    assert asked[-1] == (9, False) and not any(went_in for _, went_in in asked[10:])
+    assert _repairs(state_db, compared.backfill_id, fresh) == by_copy
+    _same_but_ahead(source, target)
+    _one_row_per_key(state_db)
+    after = diff(config, "orders")
+    assert (after.missing, after.orphan, after.stale, after.mismatch) == (0, 0, 0, 0), after
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["state-apart", "state-in-the-target"])
+def test_a_row_written_meanwhile_sends_a_fresh_chunk_to_the_compare_path_which_keeps_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+    source, target, config = _tables(new_db, state_db, tmp_path, shared=shared)
+    fresh = UpsertWriter._fresh
+
+    def projection_writes_then(self: UpsertWriter, chunk: Any, *args: Any) -> bool:
+        answer = fresh(self, chunk, *args)
+        if answer and chunk.chunk == 4:  # after the target was asked, before the COPY
+            with psycopg.connect(target, autocommit=True) as conn:
+                conn.execute("INSERT INTO public.copy VALUES (450, 9, 'shipped', 1)")
+        return answer
+
+    monkeypatch.setattr(UpsertWriter, "_fresh", projection_writes_then)
+    asked = _copied(monkeypatch)
+    summary = start_backfill(config, "orders", _all())
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert [c for c, went_in in asked if went_in] == FRESH_CHUNKS[1:]
+    actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(401, 501))}
+    assert actions == {k: "skipped" if k == 450 else "insert" for k in range(401, 501)}
+    assert [r for r in target_rows(target) if r[0] == 450] == [(450, 9, "shipped", 1.0)]
+    assert [r for r in target_rows(target) if r[0] not in (8, 450)] == [
+        r for r in source_rows(source) if r[0] not in (8, 450)]
+    _one_row_per_key(state_db)
+
+
+def test_a_trigger_s_veto_sends_a_fresh_chunk_to_the_compare_path_which_records_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source, target, config = _tables(new_db, state_db, tmp_path)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE FUNCTION veto() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                     "RETURN CASE WHEN NEW.order_id = 505 THEN NULL ELSE NEW END; END $$")
+        conn.execute("CREATE TRIGGER veto BEFORE INSERT ON public.copy "
+                     "FOR EACH ROW EXECUTE FUNCTION veto()")
+    asked = _copied(monkeypatch)
+    summary = start_backfill(config, "orders", _all())
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert [c for c, went_in in asked if went_in] == [4, 6, 7, 8]
+    actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(501, 601))}
+    assert actions == {k: "skipped" if k == 505 else "insert" for k in range(501, 601)}
+    assert [r for r in target_rows(target) if r[0] != 8] == [
+        r for r in source_rows(source) if r[0] not in (8, 505)]
+    _one_row_per_key(state_db)
+
+
+def test_a_crash_after_the_intent_committed_leaves_the_retry_to_correct_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repairs rows commit before the target does; a target lost in between leaves them
+    to the chunk's retry, which sees them, takes the compare path and corrects them."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS, same_types=True)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("TRUNCATE public.copy")
+    config = write_config(tmp_path, state_db, source, target)
+    copy_rows, check = UpsertWriter._copy_rows, Heartbeat.check
+    copies: list[int] = []
+
+    def counted(self: UpsertWriter, *args: Any) -> int:
+        copies.append(copy_rows(self, *args))
+        return copies[-1]
+
+    def target_lost_once(self: Heartbeat) -> None:
+        if len(copies) == 1 and not getattr(target_lost_once, "done", False):
+            target_lost_once.done = True  # type: ignore[attr-defined]
+            raise psycopg.OperationalError("target went away")
+        check(self)
+
+    monkeypatch.setattr(UpsertWriter, "_copy_rows", counted)
+    monkeypatch.setattr(Heartbeat, "check", target_lost_once)
+    summary = start_backfill(config, "orders", _all(chunk_size=ROWS), FAST)
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert copies == [ROWS], "the retry found the intent and compared instead"
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT attempts FROM trueup.chunks").fetchall() == [(2,)]
+    assert _one_row_per_key(state_db) == ROWS == summary.rows_repaired
+    assert {r[1] for r in _repairs(state_db, summary.backfill_id, range(1, ROWS + 1))} == {
+        "insert"}
+    assert target_rows(target) == source_rows(source)
+
+
+def test_a_dry_run_of_fresh_chunks_writes_nothing(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    _source, target, config = _tables(new_db, state_db, tmp_path)
+    before = target_rows(target)
+    summary = start_backfill(config, "orders", BackfillOptions(
+        scope=BackfillScope.ALL, chunk_size=100, dry_run=True))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.dry_run
+    assert summary.rows_repaired == ROWS - KEPT + 9  # and drift's: 3 missing, 4 changed, 2 orphans
+    assert target_rows(target) == before
+    _assert_no_repairs(state_db)
+
+
+def _assert_no_repairs(state: str) -> None:
+    with psycopg.connect(state) as conn:
+        assert conn.execute("SELECT count(*) FROM trueup.repairs").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(("change", "as_is"), [
+    (None, True),
+    ("ALTER TABLE public.copy ALTER total TYPE numeric(14, 2)", False),
+    ("ALTER TABLE public.copy ALTER order_version TYPE integer", False),
+    ("ALTER TABLE public.copy ENABLE ROW LEVEL SECURITY", False),
+    ("CREATE RULE also AS ON INSERT TO public.copy DO ALSO NOTIFY copied", False),
+], ids=["same-types", "another-modifier", "another-type", "row-level-security", "a-rule"])
+def test_only_a_table_of_the_source_s_own_types_takes_source_rows_by_copy(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        change: str | None, as_is: bool) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10, same_types=True)
+    if change:
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute(change)
+    config = write_config(tmp_path, state_db, source, target)
+    with connect(state_db, what="state", autocommit=True) as state:
+        writer = UpsertWriter(config, "orders", config.reconciliations["orders"], state,
+                              with_orphans=True)
+        try:
+            assert writer.copies_as_is is as_is
+        finally:
+            writer.close()
