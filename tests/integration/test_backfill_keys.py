@@ -203,3 +203,33 @@ def test_a_backfill_of_a_runs_differences_finds_padded_char_keys(
     assert summary.status is BackfillStatus.SUCCEEDED
     assert (summary.rows_repaired, summary.rows_skipped) == (4, 0)
     assert diff(config, "codes").consistent
+
+
+@pytest.mark.parametrize(("typname", "values"), [
+    ("int8", ["-9223372036854775808", "0", "42"]),
+    ("numeric", ["9.00", "-0.5", "1e30", "NaN"]),
+    ("float8", ["1e100", "0.30000000000000004", "-0", "NaN", "Infinity"]),
+    ("text", ["plain", 'quo"te', "back\\slash", "tab\tnew\nline", "é ü \u2028", ""]),
+    ("bpchar", ["ab  ", "x"]),
+    ("uuid", ["6f1c0a5e-3b9d-4f3e-9a57-0c2d1e4f5a6b"]),
+    ("timestamptz", ["2026-03-29 01:30:00.123456+02", "infinity"]),
+    ("timestamp", ["2026-03-29 01:30:00", "-infinity"]),
+    ("date", ["2026-11-29", "0044-03-15 BC"]),
+    ("bool", ["true", "false"]),
+])
+def test_a_key_as_json_text_reads_back_as_the_jsonb_key(
+        new_db: Callable[[], str], typname: str, values: list[str]) -> None:
+    """Fresh chunks write repairs rows' keys from json_build_array: a jsonb column must read
+    them as the key jsonb_build_array makes, as differences store it."""
+    space = KeySpace(exprs=[sql.Identifier("k"), sql.Identifier("n")],
+                     types=[ColumnType.of(typname), ColumnType.of("int8")])
+    with psycopg.connect(new_db(), autocommit=True) as conn:
+        conn.execute(sql.SQL("SET extra_float_digits = 1; SET TimeZone = 'UTC'; "
+                             "CREATE TABLE keys (k {}, n bigint)").format(
+                                 sql.Identifier(typname)))
+        for value in values:
+            conn.execute("INSERT INTO keys VALUES (%s, 7)", (value,))
+        rows = conn.execute(sql.SQL("SELECT {}::text, ({})::jsonb = {} FROM keys").format(
+            space.as_json, space.as_json_text, space.as_json)).fetchall()
+    assert len(rows) == len(values)
+    assert all(same for _, same in rows), rows

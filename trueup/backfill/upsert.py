@@ -389,7 +389,7 @@ class UpsertWriter:
         """COPY the source rows of ``where`` into the target, handing their repairs rows (COPY
         text, each line ended by ``end``) to ``record`` on the way; how many went in."""
         st = self.source_side
-        columns = [self._source_space().as_json, st.fingerprint, *st.key,
+        columns = [self._source_space().as_json_text, st.fingerprint, *st.key,
                    *([st.version] if self._versioned and st.version is not None else []),
                    *(sql.Identifier(c) for c in self.rec.source.columns)]
         out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
