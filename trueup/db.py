@@ -16,8 +16,10 @@ CONNECT_TIMEOUT_SECONDS = 10
 #: zone reads as UTC wherever it meets a timestamptz, whatever the server's own zone); JIT
 #: compiling costs more than it saves on trueup's one-pass scans (measured: a 5M-row checksum
 #: pass, 6.9 s with JIT, 4.7 s without). Backfills pipe COPY text from the source server into
-#: the target: dates written in ISO read back the same whatever either server's DateStyle.
-SESSION_OPTIONS = "-c extra_float_digits=1 -c jit=off -c TimeZone=UTC -c DateStyle=ISO"
+#: the target and the state: in UTF-8, dates in ISO, it reads back the same whatever each
+#: server's encoding and DateStyle.
+SESSION_OPTIONS = ("-c extra_float_digits=1 -c jit=off -c TimeZone=UTC -c DateStyle=ISO "
+                   "-c client_encoding=UTF8")
 _PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
 
 

@@ -209,6 +209,22 @@ SELECT %(reconciliation)s, s.key, %(run_id)s, %(backfill_id)s, %(chunk)s, s.acti
        s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
 
+-- name: copy_target
+-- Whether an upsert target takes a COPY of source rows as it takes an INSERT: a plain or
+-- partitioned table without rules or row-level security, with a unique index on exactly the
+-- key columns (valid, checked at once, not partial) for a row that arrives meanwhile to meet.
+SELECT c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND NOT c.relhasrules
+       AND EXISTS (
+           SELECT 1 FROM pg_index AS i
+           WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate AND i.indisvalid
+             AND i.indpred IS NULL AND i.indexprs IS NULL
+             AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text COLLATE "C")
+                  FROM unnest(i.indkey[0:i.indnkeyatts - 1]) AS k (attnum)
+                  JOIN pg_attribute AS a ON a.attrelid = c.oid AND a.attnum = k.attnum)
+                 = %(key)s::text[]) AS takes_copy
+FROM pg_class AS c
+WHERE c.oid = %(table)s::regclass;
+
 -- name: chunk_has_repairs
 -- Whether a chunk holds repairs rows already: the intent of an attempt that did not finish.
 SELECT EXISTS (SELECT 1 FROM trueup.repairs

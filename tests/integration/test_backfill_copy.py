@@ -4,12 +4,16 @@ trigger's veto, a crash after the intent) leaves the chunk to the compare path, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 
 from tests.integration.test_backfill_support import (
     drift,
@@ -18,10 +22,10 @@ from tests.integration.test_backfill_support import (
     target_rows,
     write_config,
 )
-from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill
+from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill, upsert
 from trueup.backfill.chunks import Heartbeat
 from trueup.backfill.upsert import UpsertWriter
-from trueup.config import Config
+from trueup.config import Config, load_config
 from trueup.db import connect
 from trueup.diff import diff
 from trueup.retry import RetryPolicy
@@ -71,6 +75,29 @@ def _copied(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
     return asked
 
 
+class _NotFresh(logging.Handler):
+    """The reasons chunks gave for leaving the COPY path (``backfill.chunk_not_fresh``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "backfill.chunk_not_fresh":
+            self.reasons.append(record.fields["reason"])  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def not_fresh() -> Iterator[_NotFresh]:
+    handler, logger = _NotFresh(), logging.getLogger("trueup.backfill.upsert")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
 def _repairs(state: str, backfill_id: int, keys: range) -> set[tuple[Any, ...]]:
     """(key, action, fingerprints before and after, run) of the backfill's repairs of ``keys``."""
     with psycopg.connect(state) as conn:
@@ -98,12 +125,14 @@ def _same_but_ahead(source: str, target: str) -> None:
         r for r in source_rows(source) if r[0] != 8]
 
 
-@pytest.mark.parametrize(("diffed", "shared"), [(True, False), (False, False), (True, True)],
-                         ids=["after-a-diff", "before-any-diff", "state-in-the-target"])
+@pytest.mark.parametrize(("diffed", "shared"), [
+    (True, False), (False, False), (True, True), (False, True)], ids=[
+    "after-a-diff", "before-any-diff", "state-in-the-target", "state-in-the-target-no-diff"])
 def test_fresh_chunks_go_in_by_copy_and_record_what_the_compare_path_records(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, diffed: bool, shared: bool) -> None:
     source, target, config = _tables(new_db, state_db, tmp_path, shared=shared)
+    monkeypatch.setattr(upsert, "SPLIT_BYTES", 300)  # a chunk's rows handed on in pieces
     if diffed:
         diff(config, "orders")
     asked = _copied(monkeypatch)
@@ -135,7 +164,7 @@ def test_fresh_chunks_go_in_by_copy_and_record_what_the_compare_path_records(
 @pytest.mark.parametrize("shared", [False, True], ids=["state-apart", "state-in-the-target"])
 def test_a_row_written_meanwhile_sends_a_fresh_chunk_to_the_compare_path_which_keeps_it(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, shared: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh, shared: bool) -> None:
     source, target, config = _tables(new_db, state_db, tmp_path, shared=shared)
     fresh = UpsertWriter._fresh
 
@@ -152,6 +181,7 @@ def test_a_row_written_meanwhile_sends_a_fresh_chunk_to_the_compare_path_which_k
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
     assert [c for c, went_in in asked if went_in] == FRESH_CHUNKS[1:]
+    assert not_fresh.reasons == ["UniqueViolation"]
     actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(401, 501))}
     assert actions == {k: "skipped" if k == 450 else "insert" for k in range(401, 501)}
     assert [r for r in target_rows(target) if r[0] == 450] == [(450, 9, "shipped", 1.0)]
@@ -162,7 +192,7 @@ def test_a_row_written_meanwhile_sends_a_fresh_chunk_to_the_compare_path_which_k
 
 def test_a_trigger_s_veto_sends_a_fresh_chunk_to_the_compare_path_which_records_it(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh) -> None:
     source, target, config = _tables(new_db, state_db, tmp_path)
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE FUNCTION veto() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
@@ -174,6 +204,7 @@ def test_a_trigger_s_veto_sends_a_fresh_chunk_to_the_compare_path_which_records_
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
     assert [c for c, went_in in asked if went_in] == [4, 6, 7, 8]
+    assert not_fresh.reasons == ["_KeptOut"]
     actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(501, 601))}
     assert actions == {k: "skipped" if k == 505 else "insert" for k in range(501, 601)}
     assert [r for r in target_rows(target) if r[0] != 8] == [
@@ -235,13 +266,150 @@ def _assert_no_repairs(state: str) -> None:
         assert conn.execute("SELECT count(*) FROM trueup.repairs").fetchone() == (0,)
 
 
+def _wait_for_a_lock_wait(target: str) -> None:
+    """Until the backfill's target session waits for another transaction's row."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(target, autocommit=True) as watch:
+        while True:
+            waiting = watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                "'trueup backfill%%' AND wait_event_type = 'Lock'").fetchone()
+            if waiting and waiting[0]:
+                return
+            assert time.monotonic() < deadline, "the backfill never waited for the row"
+            time.sleep(0.01)
+
+
+def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(work()))
+    thread.start()
+    return thread, done
+
+
+@pytest.mark.parametrize("commits", [True, False], ids=["commits", "rolls-back"])
+def test_a_copy_meeting_a_projection_s_uncommitted_row_waits_for_its_outcome(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh, commits: bool) -> None:
+    """The probe cannot see a row not yet committed; the COPY waits for it, then meets it
+    (the chunk is compared and the row kept) or, rolled back, goes in whole."""
+    source, target, config = _tables(new_db, state_db, tmp_path)
+    asked = _copied(monkeypatch)
+    with psycopg.connect(target) as projection:
+        projection.execute("INSERT INTO public.copy VALUES (450, 9, 'shipped', 1)")
+        backfill, done = _in_thread(lambda: start_backfill(config, "orders", _all()))
+        _wait_for_a_lock_wait(target)
+        if commits:
+            projection.commit()
+        else:
+            projection.rollback()
+        backfill.join()
+    summary = done[0]
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert [c for c, went_in in asked if went_in] == (FRESH_CHUNKS[1:] if commits
+                                                      else FRESH_CHUNKS)
+    assert not_fresh.reasons == (["UniqueViolation"] if commits else [])
+    actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(450, 451))}
+    assert actions == {450: "skipped" if commits else "insert"}
+    kept = [(450, 9, "shipped", 1.0)] if commits else [
+        r for r in source_rows(source) if r[0] == 450]
+    assert [r for r in target_rows(target) if r[0] == 450] == kept
+    _one_row_per_key(state_db)
+
+
+def test_a_projection_taking_keys_in_another_order_deadlocks_the_copy_into_the_compare_path(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh) -> None:
+    """The COPY holds 455 and waits for 460, which a projection's transaction holds and then
+    wants 455 too: the server ends the COPY (it waited longest), whose chunk is compared."""
+    source, target, config = _tables(new_db, state_db, tmp_path)
+    asked = _copied(monkeypatch)
+    with psycopg.connect(target) as projection:
+        projection.execute("INSERT INTO public.copy VALUES (460, 9, 'shipped', 1)")
+        backfill, done = _in_thread(lambda: start_backfill(config, "orders", _all()))
+        _wait_for_a_lock_wait(target)
+        projection.execute("INSERT INTO public.copy VALUES (455, 9, 'shipped', 2)")
+        projection.commit()
+        backfill.join()
+    summary = done[0]
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert [c for c, went_in in asked if went_in] == FRESH_CHUNKS[1:]
+    assert not_fresh.reasons == ["DeadlockDetected"]
+    actions = {r[0]: r[1] for r in _repairs(state_db, summary.backfill_id, range(401, 501))}
+    assert actions == {k: "skipped" if k in (455, 460) else "insert" for k in range(401, 501)}
+    assert [r for r in target_rows(target) if r[0] in (455, 460)] == [
+        (455, 9, "shipped", 2.0), (460, 9, "shipped", 1.0)]
+    assert [r for r in target_rows(target) if r[0] not in (8, 455, 460)] == [
+        r for r in source_rows(source) if r[0] not in (8, 455, 460)]
+    _one_row_per_key(state_db)
+
+
+def test_text_keys_copied_name_the_keys_their_differences_name(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Composite keys with text needing escapes: the repairs rows' keys, written from the
+    source's JSON text, equal the keys the diff stored, so lineage finds them."""
+    source, target = new_db(), new_db()
+    regions = ["eu", 'q"t', "b\\s", "t\tb", "n\nl", "é"]
+    for dsn, table in ((source, "sales"), (target, "sales_copy")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE {table} (region text, id bigint, v bigint, note text, "
+                         "PRIMARY KEY (region, id))")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("INSERT INTO sales SELECT r, g, 1, r || g FROM unnest(%s::text[]) r, "
+                     "generate_series(1, 20) g", (regions,))
+    raw = {"state": state_db,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"sales": {
+               "source": {"connection": "a", "table": "sales", "key": ["region", "id"],
+                          "version": "v", "columns": ["note"]},
+               "target": {"connection": "b", "table": "sales_copy", "key": ["region", "id"],
+                          "version": "v", "columns": ["note"]},
+               "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    run = diff(config, "sales")
+    assert run.missing == len(regions) * 20
+    summary = start_backfill(config, "sales", BackfillOptions(
+        scope=BackfillScope.RUN, run_id=run.run_id, chunk_size=30))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert summary.rows_repaired == len(regions) * 20
+    with psycopg.connect(state_db) as conn:
+        joined = conn.execute(
+            "SELECT count(*) FROM trueup.repairs r JOIN trueup.differences d "
+            "ON d.run_id = r.run_id AND d.key = r.key WHERE r.action = 'insert'").fetchone()
+    assert joined == (len(regions) * 20,)
+    assert diff(config, "sales").missing == 0
+
+
 @pytest.mark.parametrize(("change", "as_is"), [
     (None, True),
     ("ALTER TABLE public.copy ALTER total TYPE numeric(14, 2)", False),
     ("ALTER TABLE public.copy ALTER order_version TYPE integer", False),
     ("ALTER TABLE public.copy ENABLE ROW LEVEL SECURITY", False),
     ("CREATE RULE also AS ON INSERT TO public.copy DO ALSO NOTIFY copied", False),
-], ids=["same-types", "another-modifier", "another-type", "row-level-security", "a-rule"])
+    ("ALTER TABLE public.copy ALTER state TYPE varchar(20)", False),
+    ("ALTER TABLE public.copy DROP CONSTRAINT copy_pkey; "
+     "CREATE INDEX ON public.copy (order_id)", False),
+    ("ALTER TABLE public.copy DROP CONSTRAINT copy_pkey; "
+     "CREATE UNIQUE INDEX ON public.copy (order_id) WHERE order_id > 0", False),
+    ("ALTER TABLE public.copy DROP CONSTRAINT copy_pkey; ALTER TABLE public.copy "
+     "ADD UNIQUE (order_id) DEFERRABLE INITIALLY DEFERRED", False),
+    ("ALTER TABLE public.copy DROP CONSTRAINT copy_pkey; "
+     "CREATE UNIQUE INDEX ON public.copy (order_id) INCLUDE (state)", True),
+    ("ALTER TABLE public.copy ALTER order_id ADD GENERATED ALWAYS AS IDENTITY", False),
+    ("ALTER TABLE public.copy ALTER order_id ADD GENERATED BY DEFAULT AS IDENTITY", True),
+    ("ALTER TABLE public.copy RENAME TO copy_rows; CREATE TABLE public.copy ("
+     "order_id bigint, order_version bigint, state text, total numeric(12,2), "
+     "PRIMARY KEY (order_id)) PARTITION BY RANGE (order_id); CREATE TABLE public.copy_all "
+     "PARTITION OF public.copy FOR VALUES FROM (MINVALUE) TO (MAXVALUE)", True),
+    ("ALTER TABLE public.copy RENAME TO copy_rows; "
+     "CREATE VIEW public.copy AS SELECT * FROM public.copy_rows", False),
+], ids=["same-types", "another-modifier", "another-type", "row-level-security", "a-rule",
+        "varchar-for-text", "no-unique-index", "a-partial-unique-index", "a-deferred-unique-key",
+        "a-unique-index-with-included-columns", "identity-always", "identity-by-default",
+        "partitioned", "a-view"])
 def test_only_a_table_of_the_source_s_own_types_takes_source_rows_by_copy(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         change: str | None, as_is: bool) -> None:

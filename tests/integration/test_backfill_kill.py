@@ -74,9 +74,12 @@ def _one_row_per_key(state: str) -> int:
 
 @pytest.mark.parametrize("fresh", [False, True], ids=["compared", "copied"])
 def test_kill_9_mid_chunk_then_resume_completes_with_one_repairs_row_per_key(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path, fresh: bool) -> None:
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, fresh: bool) -> None:
     """``copied``: the target is empty and of the source's types, so every chunk goes in by
-    COPY (see trueup.backfill.upsert._copy_fresh) and the kill lands in one."""
+    COPY (see trueup.backfill.upsert._copy_fresh): the killed chunk is one of them (killed
+    mostly while paced, before its read; a kill after its repairs rows committed is
+    test_backfill_copy's crash test), and so are the chunks the resume does."""
     source, target = new_db(), new_db()
     make_tables(source, target, 2000, same_types=fresh)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -98,9 +101,11 @@ def test_kill_9_mid_chunk_then_resume_completes_with_one_repairs_row_per_key(
     killed = [c for c in _chunks(state_db) if c[1] == "running"]
     assert len(killed) == 1, _chunks(state_db)
 
+    copied = _count_copies(monkeypatch)
     summary = resume_backfill(config, 1, WorkerOptions(lease_seconds=LEASE))
 
     assert summary.status is BackfillStatus.SUCCEEDED
+    assert bool(copied) is fresh, copied
     after = _chunks(state_db)
     assert all(c[1] == "done" for c in after)
     assert after[killed[0][0]][2] == 2, "the killed chunk was claimed again once"

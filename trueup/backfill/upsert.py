@@ -51,6 +51,7 @@ from trueup.backfill.model import (
 )
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, same_server
+from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
@@ -66,8 +67,8 @@ INTENT_IN_MEMORY_ROWS = 50_000
 #: Source COPY data handed on at once to the target and the state by a fresh chunk's COPY:
 #: small enough that the three servers work at once, large enough to cost Python little.
 SPLIT_BYTES = 1 << 16
-#: The first object id a database gives its own types: those below are built in, the same in
-#: every database.
+#: The first object id a database gives objects created in it: the built-in types trueup
+#: compares have fixed ids below it, the same in every database of a server version.
 FIRST_NORMAL_OID = 16384
 
 _STAGE = sql.Identifier("trueup_stage")
@@ -132,13 +133,15 @@ def _regclass(conn: psycopg.Connection[Any], table: str) -> str:
     return sql.Identifier(*table.split(".")).as_string(conn)
 
 
-def _exact_types(conn: psycopg.Connection[Any], table: str) -> dict[str, tuple[int, int]]:
-    """Each column of ``table`` with its type's object id and modifier."""
+def _exact_types(conn: psycopg.Connection[Any], table: str) -> dict[str, tuple[int, int, bool]]:
+    """Each column of ``table``: its type's object id and modifier, and whether a ``COPY``
+    writes it as an INSERT does (not generated, not an identity column ``ALWAYS``)."""
     rows = conn.execute(
-        "SELECT attname AS name, atttypid::int AS type, atttypmod AS modifier FROM pg_attribute "
+        "SELECT attname AS name, atttypid::int AS type, atttypmod AS modifier, "
+        "attidentity <> 'a' AND attgenerated = '' AS ordinary FROM pg_attribute "
         "WHERE attrelid = %s::regclass AND attnum > 0 AND NOT attisdropped",
         (_regclass(conn, table),)).fetchall()
-    return {r["name"]: (r["type"], r["modifier"]) for r in rows}
+    return {r["name"]: (r["type"], r["modifier"], r["ordinary"]) for r in rows}
 
 
 def same_database(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
@@ -205,9 +208,12 @@ class UpsertWriter:
 
     def _copies_as_is(self) -> bool:
         """Whether source rows can go into the target by a ``COPY`` of the text the source
-        writes: the target is a table that takes a COPY as it takes an INSERT (not a view, no
-        rules, no row-level security), and each written column has exactly the built-in type of
-        its source column (modifier included), so the text reads back as the same value."""
+        writes, with the outcome an INSERT would have: the target is a plain or partitioned
+        table (a COPY ignores rules and refuses row-level security and views) whose unique
+        index on the key columns (valid, not deferred, not partial) makes a row that arrives
+        meanwhile fail the COPY, and each written column is an ordinary one (not an identity
+        column a COPY would override) of exactly its source column's built-in type, modifier
+        included, so the text reads back as the same value."""
         rec = self.rec
         pairs = [*zip(rec.source.key, rec.target.key, strict=True),
                  *((c, rec.target.columns[c]) for c in rec.source.columns)]
@@ -217,13 +223,12 @@ class UpsertWriter:
         assert rec.target.table
         source = _exact_types(self.source, rec.source.table)
         target = _exact_types(self.target, rec.target.table)
-        row = self.target.execute(
-            "SELECT relkind IN ('r', 'p') AND NOT relrowsecurity AND NOT relhasrules AS plain "
-            "FROM pg_class WHERE oid = %s::regclass", (_regclass(self.target, rec.target.table),)
-        ).fetchone()
-        return bool(row and row["plain"]) and all(
-            s in source and source[s] == target.get(t) and source[s][0] < FIRST_NORMAL_OID
-            for s, t in pairs)
+        row = self.target.execute(query("copy_target"), {
+            "table": _regclass(self.target, rec.target.table),
+            "key": sorted(rec.target.key)}).fetchone()
+        return bool(row and row["takes_copy"]) and all(
+            s in source and t in target and source[s][:2] == target[t][:2] and target[t][2]
+            and source[s][0] < FIRST_NORMAL_OID for s, t in pairs)
 
     def _create_stage(self) -> None:
         rec, st = self.rec, self.source_side
@@ -339,7 +344,9 @@ class UpsertWriter:
         nothing written, when the chunk is not fresh or stopped being so: a row with one of its
         keys arrived meanwhile (the COPY meets it), or a trigger kept a row out. The compare
         path then repairs it, and finds and corrects the repairs rows of any attempt that
-        committed its intent but not the target."""
+        committed its intent but not the target. The rows go in in key order, as the compare
+        path writes them; should a projection's transaction writing several keys take them in
+        another order, the deadlock it meets rolls the chunk back to the compare path too."""
         backfill = ctx.backfill
         try:
             with self.target.transaction():
@@ -353,11 +360,14 @@ class UpsertWriter:
                     done = chunks.complete(self.target, chunk, ctx.owner, counts=counts)
                 else:
                     with self.state.transaction():
-                        ctx.heartbeat.hold(self.state)
                         with new_repairs(self.state, backfill, chunk) as (copy, end):
                             rows = self._copy_rows(where, copy.write, end)
+                        # fenced by the lease from here to the commit, not during the copy:
+                        # meanwhile the heartbeat renews it (it waits for this row lock)
+                        ctx.heartbeat.hold(self.state)
                 ctx.heartbeat.check()
-        except (psycopg.errors.UniqueViolation, _KeptOut) as exc:
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
+                _KeptOut) as exc:
             log.info("backfill.chunk_not_fresh", backfill_id=backfill.backfill_id,
                      chunk=chunk.chunk, reason=type(exc).__name__)
             return None
@@ -386,33 +396,39 @@ class UpsertWriter:
 
     def _copy_rows(self, where: sql.Composable, record: Callable[[bytes], object],
                    end: bytes) -> int:
-        """COPY the source rows of ``where`` into the target, handing their repairs rows (COPY
-        text, each line ended by ``end``) to ``record`` on the way; how many went in."""
+        """COPY the source rows of ``where`` into the target in key order, handing their
+        repairs rows (COPY text, each line ended by ``end``) to ``record`` on the way; how many
+        went in."""
         st = self.source_side
         columns = [self._source_space().as_json_text, st.fingerprint, *st.key,
                    *([st.version] if self._versioned and st.version is not None else []),
                    *(sql.Identifier(c) for c in self.rec.source.columns)]
-        out = sql.SQL("COPY (SELECT {} FROM {} WHERE {}) TO STDOUT").format(
-            sql.SQL(", ").join(columns), st.relation, where)
+        out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT").format(
+            sql.SQL(", ").join(columns), st.relation, where, sql.SQL(", ").join(st.key))
         into = sql.SQL("COPY {} ({}) FROM STDIN").format(
             self.target_side.relation, sql.SQL(", ").join(map(sql.Identifier, self._written())))
         read = 0
+
+        def hand_on(lines: bytes) -> None:
+            nonlocal read
+            rows, repairs, n = split_fresh(lines, end)
+            if n:
+                writer.write(rows)
+                record(repairs)
+                read += n
+
         with self.source.cursor() as src, self.target.cursor() as dst:
             with src.copy(out) as reader, dst.copy(into) as writer:
                 buffer = bytearray()
                 for block in reader:
                     buffer += block
                     if len(buffer) >= SPLIT_BYTES:
-                        rows, repairs, n = split_fresh(bytes(buffer), end)
-                        writer.write(rows)
-                        record(repairs)
-                        read += n
-                        buffer.clear()
-                rows, repairs, n = split_fresh(bytes(buffer), end)
-                if n:
-                    writer.write(rows)
-                    record(repairs)
-                    read += n
+                        whole = buffer.rfind(b"\n") + 1  # a block is a row: this is the end
+                        hand_on(bytes(buffer[:whole]))
+                        del buffer[:whole]
+                if buffer and not buffer.endswith(b"\n"):
+                    raise TrueupError("source COPY data ended inside a row")
+                hand_on(bytes(buffer))
             if dst.rowcount != read:
                 raise _KeptOut  # a trigger kept rows out: the compare path says which
         return read
