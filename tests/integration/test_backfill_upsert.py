@@ -85,6 +85,28 @@ def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahe
     assert ahead == [(8, 3, "refunded", 10.0)]
 
 
+@pytest.mark.parametrize("scope", [BackfillScope.ALL, BackfillScope.RUN])
+def test_orphans_of_a_target_key_rendering_otherwise_are_asked_of_the_source_as_it_renders(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, scope: BackfillScope) -> None:
+    """A numeric(12,2) target key under a bigint source key renders 100001.00: the source is
+    asked for 100001, and the repairs rows name the key as the diff does."""
+    _source, target, config, made = _drifted(new_db, state_db, tmp_path)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy ALTER order_id TYPE numeric(12, 2)")
+    run = diff(config, "orders")
+    assert (run.orphan, run.missing) == (2, 3)
+    summary = start_backfill(config, "orders", BackfillOptions(
+        scope=scope, run_id=run.run_id if scope is BackfillScope.RUN else None,
+        chunk_size=400))
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
+    assert {actions[f"[{k}]"] for k in made["orphan"]} == {"delete"}
+    assert {actions[f"[{k}]"] for k in made["missing"]} == {"insert"}
+    after = diff(config, "orders")
+    assert (after.missing, after.orphan, after.stale, after.mismatch) == (0, 0, 0, 0), after
+
+
 @pytest.mark.parametrize("in_memory", [True, False], ids=["intent-in-memory", "intent-piped"])
 def test_a_target_write_between_comparing_and_writing_is_kept_and_recorded_as_skipped(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,

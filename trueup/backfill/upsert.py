@@ -258,6 +258,12 @@ class UpsertWriter:
                                for k in self.rec.target.key],
                         types=self.key_types, order=self.order)
 
+    def _target_key_json(self) -> sql.Composable:
+        """A target row's key as JSON rendered as the source's (each column cast to its source
+        column's type, as a diff renders it): a ``numeric(12,2)`` key 9.00 under a ``bigint``
+        one is ``[9]``, which the source can be asked for."""
+        return KeySpace(exprs=self.target_side.key, types=self.key_types).as_json
+
     def _stage_space(self) -> KeySpace:
         return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)
 
@@ -619,7 +625,7 @@ class UpsertWriter:
         candidates = self.target.execute(sql.SQL(
             "SELECT {key} AS key, {fp} AS fp FROM {target} AS t WHERE {scope} AND {complete} "
             "AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
-        ).format(key=space.as_json, fp=ts.fingerprint, target=ts.relation,
+        ).format(key=self._target_key_json(), fp=ts.fingerprint, target=ts.relation,
                  complete=space.complete,
                  scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
                  stage=_STAGE, join=self._join())).fetchall()
@@ -646,7 +652,7 @@ class UpsertWriter:
             "SELECT j -> 0, (j ->> 1)::bigint FROM jsonb_array_elements({seen}::jsonb) AS j) "
             "RETURNING {key} AS key").format(
                 rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
-                key=space.as_json, fp=self.target_side.fingerprint,
+                key=self._target_key_json(), fp=self.target_side.fingerprint,
                 seen=sql.Literal(json.dumps([[o.key, o.fingerprint_before] for o in orphans]))))}
         return [o if key_text(o.key) in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
