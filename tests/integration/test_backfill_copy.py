@@ -13,19 +13,21 @@ from typing import Any
 
 import psycopg
 import pytest
-import yaml
 
 from tests.integration.test_backfill_support import (
     drift,
+    make_sales,
     make_tables,
     source_rows,
     target_rows,
     write_config,
+    write_sales_config,
 )
 from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill, upsert
 from trueup.backfill.chunks import Heartbeat
+from trueup.backfill.model import BackfillSummary
 from trueup.backfill.upsert import UpsertWriter
-from trueup.config import Config, load_config
+from trueup.config import Config
 from trueup.db import connect
 from trueup.diff import diff
 from trueup.retry import RetryPolicy
@@ -280,11 +282,20 @@ def _wait_for_a_lock_wait(target: str) -> None:
             time.sleep(0.01)
 
 
-def _in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
-    done: list[Any] = []
-    thread = threading.Thread(target=lambda: done.append(work()))
-    thread.start()
-    return thread, done
+def _backfill_meeting(target: str, config: Config, pending: tuple[Any, ...],
+                      then: Callable[[psycopg.Connection[Any]], object]) -> BackfillSummary:
+    """Backfill while a projection's transaction holds the target row ``pending``, not yet
+    committed; once the backfill waits for it, ``then`` ends that transaction."""
+    done: list[BackfillSummary] = []
+    with psycopg.connect(target) as projection:
+        projection.execute("INSERT INTO public.copy VALUES (%s, %s, %s, %s)", pending)
+        backfill = threading.Thread(
+            target=lambda: done.append(start_backfill(config, "orders", _all())))
+        backfill.start()
+        _wait_for_a_lock_wait(target)
+        then(projection)
+        backfill.join()
+    return done[0]
 
 
 @pytest.mark.parametrize("commits", [True, False], ids=["commits", "rolls-back"])
@@ -295,16 +306,9 @@ def test_a_copy_meeting_a_projection_s_uncommitted_row_waits_for_its_outcome(
     (the chunk is compared and the row kept) or, rolled back, goes in whole."""
     source, target, config = _tables(new_db, state_db, tmp_path)
     asked = _copied(monkeypatch)
-    with psycopg.connect(target) as projection:
-        projection.execute("INSERT INTO public.copy VALUES (450, 9, 'shipped', 1)")
-        backfill, done = _in_thread(lambda: start_backfill(config, "orders", _all()))
-        _wait_for_a_lock_wait(target)
-        if commits:
-            projection.commit()
-        else:
-            projection.rollback()
-        backfill.join()
-    summary = done[0]
+    summary = _backfill_meeting(
+        target, config, (450, 9, "shipped", 1),
+        lambda projection: projection.commit() if commits else projection.rollback())
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
     assert [c for c, went_in in asked if went_in] == (FRESH_CHUNKS[1:] if commits
@@ -325,14 +329,12 @@ def test_a_projection_taking_keys_in_another_order_deadlocks_the_copy_into_the_c
     wants 455 too: the server ends the COPY (it waited longest), whose chunk is compared."""
     source, target, config = _tables(new_db, state_db, tmp_path)
     asked = _copied(monkeypatch)
-    with psycopg.connect(target) as projection:
-        projection.execute("INSERT INTO public.copy VALUES (460, 9, 'shipped', 1)")
-        backfill, done = _in_thread(lambda: start_backfill(config, "orders", _all()))
-        _wait_for_a_lock_wait(target)
+
+    def wants_455_too(projection: psycopg.Connection[Any]) -> None:
         projection.execute("INSERT INTO public.copy VALUES (455, 9, 'shipped', 2)")
         projection.commit()
-        backfill.join()
-    summary = done[0]
+
+    summary = _backfill_meeting(target, config, (460, 9, "shipped", 1), wants_455_too)
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
     assert [c for c, went_in in asked if went_in] == FRESH_CHUNKS[1:]
@@ -352,23 +354,8 @@ def test_text_keys_copied_name_the_keys_their_differences_name(
     source's JSON text, equal the keys the diff stored, so lineage finds them."""
     source, target = new_db(), new_db()
     regions = ["eu", 'q"t', "b\\s", "t\tb", "n\nl", "é"]
-    for dsn, table in ((source, "sales"), (target, "sales_copy")):
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(f"CREATE TABLE {table} (region text, id bigint, v bigint, note text, "
-                         "PRIMARY KEY (region, id))")
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("INSERT INTO sales SELECT r, g, 1, r || g FROM unnest(%s::text[]) r, "
-                     "generate_series(1, 20) g", (regions,))
-    raw = {"state": state_db,
-           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-           "reconciliations": {"sales": {
-               "source": {"connection": "a", "table": "sales", "key": ["region", "id"],
-                          "version": "v", "columns": ["note"]},
-               "target": {"connection": "b", "table": "sales_copy", "key": ["region", "id"],
-                          "version": "v", "columns": ["note"]},
-               "repair": "upsert"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
+    make_sales(source, target, regions, 20)
+    config = write_sales_config(tmp_path, state_db, source, target)
     run = diff(config, "sales")
     assert run.missing == len(regions) * 20
     summary = start_backfill(config, "sales", BackfillOptions(

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from psycopg import sql
 
+from tests.integration.test_backfill_support import make_sales, write_sales_config
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.backfill.keyspace import KeySpace
 from trueup.cli import main
@@ -25,29 +26,14 @@ def test_composite_text_keys_are_cut_into_ranges_that_cover_every_row_once(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()
     regions = ["eu", "EU", "us", "ap", "é", "zz z"]
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE sales (region text, id bigint, v int, note text, "
-                     "PRIMARY KEY (region, id))")
-        conn.execute("INSERT INTO sales SELECT r, g, 1, r || g FROM unnest(%s::text[]) r, "
-                     "generate_series(1, 50) g", (regions,))
+    make_sales(source, target, regions, 50)
     with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("CREATE TABLE sales_copy (region text, id bigint, v int, note text, "
-                     "PRIMARY KEY (region, id))")
         conn.execute("INSERT INTO sales_copy SELECT r, g, 1, r || g "
                      "FROM unnest(%s::text[]) r, generate_series(1, 50) g WHERE g %% 7 <> 0",
                      (regions,))
         conn.execute("INSERT INTO sales_copy VALUES ('a', 1, 1, 'x'), ('zzzz', 9, 1, 'y')")
         conn.execute("UPDATE sales_copy SET note = 'bad' WHERE id = 11")
-    raw = {"state": state_db,
-           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-           "reconciliations": {"sales": {
-               "source": {"connection": "a", "table": "sales", "key": ["region", "id"],
-                          "version": "v", "columns": ["note"]},
-               "target": {"connection": "b", "table": "sales_copy", "key": ["region", "id"],
-                          "version": "v", "columns": ["note"]},
-               "repair": "upsert"}}}
-    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
-    config = load_config(tmp_path / "trueup.yaml")
+    config = write_sales_config(tmp_path, state_db, source, target)
     before = diff(config, "sales")
     summary = start_backfill(config, "sales", BackfillOptions(scope=BackfillScope.ALL,
                                                               chunk_size=17))

@@ -89,3 +89,32 @@ def repairs(state: str) -> list[tuple[Any, ...]]:
     """(key, action, chunk) of every repairs row."""
     return table_rows(state, "SELECT key, action, chunk FROM trueup.repairs "
                              "ORDER BY backfill_id, chunk, key")
+
+
+#: A composite (text, bigint) key: regions by number.
+SALES_DDL = ("CREATE TABLE {} (region text, id bigint, v bigint, note text, "
+             "PRIMARY KEY (region, id))")
+
+
+def make_sales(source: str, target: str, regions: list[str], per_region: int) -> None:
+    """Source table ``sales`` of ``per_region`` rows per region; target ``sales_copy`` empty."""
+    for dsn, table in ((source, "sales"), (target, "sales_copy")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(SALES_DDL.format(table))
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("INSERT INTO sales SELECT r, g, 1, r || g FROM unnest(%s::text[]) r, "
+                     "generate_series(1, %s) g", (regions, per_region))
+
+
+def write_sales_config(tmp_path: Path, state: str, source: str, target: str) -> Config:
+    raw = {"state": state,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"sales": {
+               "source": {"connection": "a", "table": "sales", "key": ["region", "id"],
+                          "version": "v", "columns": ["note"]},
+               "target": {"connection": "b", "table": "sales_copy", "key": ["region", "id"],
+                          "version": "v", "columns": ["note"]},
+               "repair": "upsert"}}}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
