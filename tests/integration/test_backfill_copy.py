@@ -269,13 +269,15 @@ def _assert_no_repairs(state: str) -> None:
 
 
 def _wait_for_a_lock_wait(target: str) -> None:
-    """Until the backfill's target session waits for another transaction's row."""
+    """Until the backfill's target session waits for another transaction (its row): not a
+    session of another database, such as a lease renewal waiting in the state."""
     deadline = time.monotonic() + 30
     with psycopg.connect(target, autocommit=True) as watch:
         while True:
             waiting = watch.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
-                "'trueup backfill%%' AND wait_event_type = 'Lock'").fetchone()
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name LIKE 'trueup backfill%%' AND wait_event_type = 'Lock' "
+                "AND wait_event = 'transactionid'").fetchone()
             if waiting and waiting[0]:
                 return
             assert time.monotonic() < deadline, "the backfill never waited for the row"
