@@ -149,10 +149,10 @@ def record_rows(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     known = _run_known(conn, backfill, params)
     if not again and known:
         # COPY text made here: 0.18 us a row, against 0.42 through write_row
-        null, end = "\\N", f"\t{_shared_fields(backfill, chunk)}\n"
+        null = "\\N"
         try:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(  # in a savepoint
-                    _COPY_REPAIRS) as copy:
+            with conn.transaction(), _into_repairs(conn, backfill, chunk) as (  # a savepoint
+                    copy, end):
                 lines: list[str] = []
                 for row in rows:
                     seen.append(row)
@@ -190,11 +190,10 @@ def record_text(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chunk,
     known = _run_known(conn, backfill, params)
     if known:
         try:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(  # in a savepoint
-                    _COPY_REPAIRS) as copy:
+            with conn.transaction(), _into_repairs(conn, backfill, chunk) as (  # a savepoint
+                    copy, end):
                 # no field holds a newline (jsonb escapes them): one ends each line
-                copy.write(data.replace(b"\n", f"\t{_shared_fields(backfill, chunk)}\n"
-                                        .encode()))
+                copy.write(data.replace(b"\n", end.encode()))
             return True
         except psycopg.errors.UniqueViolation:
             pass
@@ -220,8 +219,8 @@ def new_repairs(conn: psycopg.Connection[Any], backfill: Backfill,
     the stage, where each gets the last run that found its key (see :func:`record_text`)."""
     params = _record_params(backfill, chunk)
     if _run_known(conn, backfill, params):
-        with conn.cursor() as cur, cur.copy(_COPY_REPAIRS) as copy:
-            yield copy, f"\t{_shared_fields(backfill, chunk)}\n".encode()
+        with _into_repairs(conn, backfill, chunk) as (copy, end):
+            yield copy, end.encode()
     else:
         with staging(conn) as copy:
             yield copy, b"\n"
@@ -239,18 +238,22 @@ def staging(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Copy]:
         yield copy
 
 
-#: Repairs rows COPYed straight into trueup.repairs: each line the row's own fields (as staged),
-#: then those the chunk gives them all (_shared_fields).
-_COPY_REPAIRS = ("COPY trueup.repairs (key, action, fingerprint_before, fingerprint_after, "
-                 "reconciliation, run_id, backfill_id, chunk) FROM STDIN")
 #: Lines of COPY text handed on at once.
 COPY_LINES = 1_000
 
 
-def _shared_fields(backfill: Backfill, chunk: Chunk) -> str:
-    """The fields every repairs row of a chunk has, as COPY text (the end of each line)."""
-    return "\t".join(_copy_text(v) for v in (
+@contextmanager
+def _into_repairs(conn: psycopg.Connection[Any], backfill: Backfill,
+                  chunk: Chunk) -> Iterator[tuple[psycopg.Copy, str]]:
+    """A ``COPY`` straight into trueup.repairs of lines that hold a row's own fields as staged
+    (key, action, fingerprints before and after), and the text that must end each line: the
+    fields every repairs row of the chunk has, then the newline."""
+    shared = "\t".join(_copy_text(v) for v in (
         backfill.reconciliation, backfill.run_id, backfill.backfill_id, chunk.chunk))
+    with conn.cursor() as cur, cur.copy(
+            "COPY trueup.repairs (key, action, fingerprint_before, fingerprint_after, "
+            "reconciliation, run_id, backfill_id, chunk) FROM STDIN") as copy:
+        yield copy, f"\t{shared}\n"
 
 
 def _copy_text(value: str | int | None) -> str:

@@ -397,8 +397,9 @@ class UpsertWriter:
                 self.target_side.relation,
                 scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys))).fetchone()
         assert held is not None
-        return not held["held"] and not chunk_has_repairs(
-            self.target if self.shared else self.state, chunk)
+        # repairs rows are only an earlier attempt's: a first one need not ask
+        return not held["held"] and not (chunk.attempts > 1 and chunk_has_repairs(
+            self.target if self.shared else self.state, chunk))
 
     def _copy_rows(self, where: sql.Composable, record: Callable[[bytes], object],
                    end: bytes) -> int:
