@@ -23,14 +23,22 @@ from tests.integration.test_backfill_support import (
     write_config,
     write_sales_config,
 )
-from trueup.backfill import BackfillOptions, WorkerOptions, start_backfill, upsert
+from trueup.backfill import (
+    BackfillOptions,
+    WorkerOptions,
+    resume_backfill,
+    start_backfill,
+    upsert,
+)
 from trueup.backfill.chunks import Heartbeat
 from trueup.backfill.model import BackfillSummary
+from trueup.backfill.planner import plan
 from trueup.backfill.upsert import UpsertWriter
 from trueup.config import Config
 from trueup.db import connect
 from trueup.diff import diff
 from trueup.retry import RetryPolicy
+from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
 
 pytestmark = pytest.mark.postgres
@@ -212,6 +220,36 @@ def test_a_trigger_s_veto_sends_a_fresh_chunk_to_the_compare_path_which_records_
     assert [r for r in target_rows(target) if r[0] != 8] == [
         r for r in source_rows(source) if r[0] not in (8, 505)]
     _one_row_per_key(state_db)
+
+
+def test_a_fresh_chunk_grown_past_memory_with_the_state_in_the_target_is_compared(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh) -> None:
+    """With the state in the target database, a COPY's repairs rows wait in memory: a chunk
+    planned small that has grown since (rows inserted into its range) goes to the compare
+    path, which pipes them, rather than holding them all."""
+    source = new_db()
+    make_tables(source, state_db, ROWS, same_types=True)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("TRUNCATE public.copy")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.orders WHERE id % 10 <> 0")
+    config = write_config(tmp_path, state_db, source, state_db)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", _all(chunk_size=50), state)
+    with psycopg.connect(source, autocommit=True) as conn:  # each chunk: 50 rows -> 500
+        conn.execute("INSERT INTO public.orders (id, version, status, amount) "
+                     "SELECT g, 2, 'late', 1 FROM generate_series(1, %s) g WHERE g %% 10 <> 0",
+                     (ROWS,))
+    monkeypatch.setattr(upsert, "INTENT_IN_MEMORY_ROWS", 100)  # planned chunks fit
+    monkeypatch.setattr(upsert, "INTENT_IN_MEMORY_BYTES", 100 * 100)  # grown ones do not
+    summary = resume_backfill(config, backfill_id)
+
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert not_fresh.reasons == ["_TooMany", "_TooMany"]
+    assert _one_row_per_key(state_db) == ROWS == summary.rows_repaired
+    assert target_rows(state_db) == source_rows(source)
 
 
 def test_a_crash_after_the_intent_committed_leaves_the_retry_to_correct_it(

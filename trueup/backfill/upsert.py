@@ -63,6 +63,9 @@ log = get_logger(__name__)
 #: Candidates of a chunk whose repairs rows (about 100 bytes each) are held in memory, to be
 #: recorded in the state database while the target writes; more are piped first, then written.
 INTENT_IN_MEMORY_ROWS = 50_000
+#: The same bound in bytes, for a chunk that goes in by COPY with its state in the target
+#: database (its repairs rows wait in memory for the COPY to end).
+INTENT_IN_MEMORY_BYTES = INTENT_IN_MEMORY_ROWS * 100
 
 #: Source COPY data handed on at once to the target and the state by a fresh chunk's COPY:
 #: small enough that the three servers work at once, large enough to cost Python little.
@@ -123,6 +126,10 @@ class _DryRun(Exception):
 
 class _KeptOut(Exception):
     """Raised inside a savepoint to undo a plain insert that a trigger let only partly in."""
+
+
+class _TooMany(Exception):
+    """Raised when a fresh chunk's repairs rows, held in memory, outgrow it (see _copy_fresh)."""
 
 
 def _names(prefix: str, n: int) -> list[sql.Identifier]:
@@ -360,7 +367,16 @@ class UpsertWriter:
                     return None
                 if self.shared:  # one connection: the repairs rows wait for the target's COPY
                     held: list[bytes] = []
-                    rows = self._copy_rows(where, held.append, b"\n")
+                    size = 0
+
+                    def hold(repairs: bytes) -> None:
+                        nonlocal size  # a chunk may have grown since it was planned
+                        held.append(repairs)
+                        size += len(repairs)
+                        if size > INTENT_IN_MEMORY_BYTES:
+                            raise _TooMany
+
+                    rows = self._copy_rows(where, hold, b"\n")
                     counts = (rows, 0) if record_text(
                         self.target, backfill, chunk, b"".join(held)) else None
                     done = chunks.complete(self.target, chunk, ctx.owner, counts=counts)
@@ -373,7 +389,7 @@ class UpsertWriter:
                         ctx.heartbeat.hold(self.state)
                 ctx.heartbeat.check()
         except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected,
-                _KeptOut) as exc:
+                _KeptOut, _TooMany) as exc:
             log.info("backfill.chunk_not_fresh", backfill_id=backfill.backfill_id,
                      chunk=chunk.chunk, reason=type(exc).__name__)
             return None
