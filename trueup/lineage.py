@@ -15,6 +15,7 @@ from trueup.config import Config
 from trueup.errors import UsageError
 from trueup.queries import query
 from trueup.state import open_state
+from trueup.statuses import ChunkStatus
 
 
 def _not_json(constant: str) -> Any:
@@ -63,6 +64,14 @@ def lineage(conn: psycopg.Connection[Any], name: str,
     return {"reconciliation": name, "key": forms[0], "runs": runs, "repairs": repairs}
 
 
+def _unconfirmed(chunk_status: str) -> str:
+    """A note for a repair its chunk never confirmed: the intent of a chunk that failed (or is
+    still running), which the target may or may not hold."""
+    if chunk_status == ChunkStatus.DONE:
+        return ""
+    return f"  (intent only: chunk {chunk_status}, not confirmed)"
+
+
 def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
     rec = config.reconciliation(args.name)
     forms = parse_key(args.key, len(rec.source.key))
@@ -79,5 +88,6 @@ def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
     for rep in document["repairs"]:
         print(f"  backfill {rep['backfill_id']} chunk {rep['chunk']}  "
               f"{rep['at']:%Y-%m-%d %H:%M:%S}  {rep['action']}  "
-              f"{rep['fingerprint_before']} -> {rep['fingerprint_after']}")
+              f"{rep['fingerprint_before']} -> {rep['fingerprint_after']}"
+              f"{_unconfirmed(rep['chunk_status'])}")
     return 0

@@ -9,8 +9,10 @@ WHERE d.reconciliation = %(reconciliation)s AND d.key = ANY(%(keys)s::jsonb[])
 ORDER BY d.run_id;
 
 -- name: key_repairs
+-- A repair of a chunk not done is an intent (a cross-database upsert records it before the
+-- target commits): chunk_status says so.
 SELECT p.backfill_id, p.chunk, p.action, p.at, p.fingerprint_before, p.fingerprint_after,
-       p.run_id, b.scope, b.status AS backfill_status
+       p.run_id, b.scope, b.status AS backfill_status, c.status AS chunk_status
 FROM trueup.backfills AS b
 JOIN trueup.chunks AS c ON c.backfill_id = b.backfill_id
 -- one probe of the primary key (backfill_id, chunk, key) per chunk that may hold rows (a key has

@@ -4,6 +4,7 @@ trigger's veto, a crash after the intent) leaves the chunk to the compare path, 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import threading
 import time
@@ -37,6 +38,7 @@ from trueup.backfill.upsert import UpsertWriter
 from trueup.config import Config
 from trueup.db import connect
 from trueup.diff import diff
+from trueup.lineage import cmd_lineage, lineage
 from trueup.retry import RetryPolicy
 from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
@@ -287,6 +289,42 @@ def test_a_crash_after_the_intent_committed_leaves_the_retry_to_correct_it(
     assert {r[1] for r in _repairs(state_db, summary.backfill_id, range(1, ROWS + 1))} == {
         "insert"}
     assert target_rows(target) == source_rows(source)
+
+
+def test_lineage_marks_the_intent_of_a_chunk_that_failed_for_good_as_unconfirmed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A chunk whose target never commits keeps the intent rows it recorded first: lineage
+    lists them with their chunk's status, and says they are not confirmed."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS, same_types=True)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("TRUNCATE public.copy")
+    config = write_config(tmp_path, state_db, source, target)
+
+    def target_lost(self: Heartbeat) -> None:
+        raise psycopg.OperationalError("target went away")
+
+    monkeypatch.setattr(Heartbeat, "check", target_lost)
+    summary = start_backfill(config, "orders", _all(chunk_size=ROWS), FAST)
+
+    assert summary.status is BackfillStatus.FAILED, summary
+    assert target_rows(target) == []
+    with open_state(state_db) as conn:
+        repairs = lineage(conn, "orders", [[1]])["repairs"]
+    assert [(r["action"], r["chunk_status"], r["backfill_status"]) for r in repairs] == [
+        ("insert", "failed", "failed")]
+    assert cmd_lineage(config, argparse.Namespace(name="orders", key="1", json=False)) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(
+        "  (intent only: chunk failed, not confirmed)")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert resume_backfill(config, summary.backfill_id).status is BackfillStatus.SUCCEEDED
+    with open_state(state_db) as conn:
+        repairs = lineage(conn, "orders", [[1]])["repairs"]
+    assert [(r["action"], r["chunk_status"]) for r in repairs] == [("insert", "done")]
+    assert cmd_lineage(config, argparse.Namespace(name="orders", key="1", json=False)) == 0
+    assert "not confirmed" not in capsys.readouterr().out
 
 
 def test_a_dry_run_of_fresh_chunks_writes_nothing(
