@@ -48,6 +48,8 @@ log = get_logger(__name__)
 POLL_SECONDS = 0.2
 BATCH_MESSAGES = 100
 AUTO_COMMIT_INTERVAL_MS = 1000
+#: librdkafka's default max.poll.interval.ms: a batch is handled within half of it.
+MAX_POLL_INTERVAL_MS = 300_000
 #: How often the consumer lag gauge is refreshed (seconds): librdkafka's statistics interval.
 LAG_INTERVAL_SECONDS = 5.0
 
@@ -117,10 +119,7 @@ class KafkaWorker:
                 while not stop.is_set():
                     HEALTH.progressed()  # the loop turns: not stuck, even when idle
                     self._resume_due(consumer)
-                    for message in self._next_messages(consumer):
-                        if stop.is_set():
-                            break
-                        self._one(consumer, producer, message)
+                    self._batch(consumer, producer, self._next_messages(consumer), stop)
             finally:
                 producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
         finally:
@@ -130,11 +129,58 @@ class KafkaWorker:
 
     # -----------------------------------------------------------------------------------------
 
+    def _batch(self, consumer: Consumer, producer: Any, batch: list[Message],
+               stop: threading.Event) -> None:
+        """Handle a batch, within half the group's poll interval: past it, the messages not yet
+        handled are handed back (their partitions seeked back to them) for the next poll, so
+        that slow handlers never keep the worker from polling long enough to leave the group
+        with a batch in hand."""
+        started = time.monotonic()
+        for i, message in enumerate(batch):
+            if stop.is_set():
+                return
+            if i and time.monotonic() - started > self._batch_seconds:
+                self._hand_back(consumer, batch[i:])
+                return
+            self._one(consumer, producer, message)
+
+    @property
+    def _batch_seconds(self) -> float:
+        interval_ms = (self.consumer_overrides.get("max.poll.interval.ms")
+                       or self.properties.get("max.poll.interval.ms") or MAX_POLL_INTERVAL_MS)
+        return int(interval_ms) / 1000 / 2
+
+    def _hand_back(self, consumer: Consumer, messages: list[Message]) -> None:
+        """Seek each partition back to its first message of ``messages``: the next poll
+        fetches them again. A paused partition was seeked back to its retry already."""
+        first: dict[tuple[str, int], int] = {}
+        for message in messages:
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            if message.error() is None and topic is not None and partition is not None \
+                    and offset is not None:
+                first.setdefault((topic, partition), offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in self._paused or (topic, partition) not in self._assigned:
+                continue
+            try:
+                consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                if not self._revoked(consumer, exc, topic, partition, offset):
+                    raise
+        log.info("worker.batch_handed_back", group=self.group, messages=len(messages),
+                 seconds=round(self._batch_seconds, 1))
+
     def _one(self, consumer: Consumer, producer: Any, message: Message) -> None:
         error = message.error()
         if error is not None:
             if kafka.is_transient(error):
                 log.debug("worker.kafka_error", error=error.str())
+                return
+            if error.code() == KafkaError._MAX_POLL_EXCEEDED:
+                # One handler outlasted max.poll.interval.ms: the consumer left the group and
+                # joins again on the next poll. Whatever it had not committed, the partitions'
+                # owners handle again (at least once).
+                log.warning("worker.left_group", group=self.group, error=error.str())
                 return
             raise kafka.translate(KafkaException(error), self.what)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
@@ -148,6 +194,11 @@ class KafkaWorker:
         if (topic, partition) in self._paused:
             return  # fetched before the pause; the seek brings it back when due
         text = headers.from_kafka(message.headers())
+        if topic != self.topic and (text.get(headers.GROUP) or self.group) != self.group:
+            # Every group consuming a topic shares its retry topics: another group's retry is
+            # that group's to handle.
+            self._done(consumer, topic, partition, offset, message)
+            return
         if topic != self.topic:
             # Not a number: due now. Never further off than the policy's longest delay, which
             # bounds every retry a worker writes: a far-off time (a wrong clock, a hand-made
@@ -189,12 +240,17 @@ class KafkaWorker:
                 kafka.publish(producer, target, value=message.value(), key=message.key(),
                               headers=tracing.inject(copied), what=f"{self.what}: {target}")
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
+        self._done(consumer, topic, partition, offset, message)
+        record_settlement(self.group, settlement)
+
+    def _done(self, consumer: Consumer, topic: str, partition: int, offset: int,
+              message: Message) -> None:
+        """Store the message's offset for the next commit."""
         try:
             consumer.store_offsets(message=message)
         except KafkaException as exc:
             if not self._revoked(consumer, exc, topic, partition, offset):
                 raise
-        record_settlement(self.group, settlement)
 
     def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
                wait: float) -> None:
