@@ -63,6 +63,11 @@ class Comparison:
     target_where: sql.Composable
     in_flight_since: dt.datetime | None  # source rows updated after this are in flight
 
+    @property
+    def versioned(self) -> bool:
+        """Both sides have a version to compare."""
+        return self.source.version is not None and self.target.version is not None
+
 
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -179,7 +184,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                 continue
             writer.write([item])
             on_difference(item)
-        for item in unreadable() if unreadable is not None else ():
+        # Unreadable messages belong to no day (like orphans): whole-table runs list them.
+        for item in unreadable() if unreadable is not None and day is None else ():
             writer.write([item])
             on_difference(item)
         writer.flush()
@@ -298,7 +304,8 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
                     segments.rows_in_segments, target_conn, c.target, c.target_where, plan,
                     batch, keys=suspects)
                 found = list(classify(source_rows_f.result(), target_rows_f.result(),
-                                      c.in_flight_since, orphans=True))
+                                      c.in_flight_since, orphans=True,
+                                      versioned=c.versioned))
             yield from found
             done += len(batch)
             progress("segments", done, len(todo))
@@ -327,7 +334,8 @@ def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
             segment = min(item[0] for item in (s, t) if item is not None)
             source_rows = s[1] if s is not None and s[0] == segment else []
             target_rows = t[1] if t is not None and t[0] == segment else []
-            yield from classify(source_rows, target_rows, c.in_flight_since, orphans=True)
+            yield from classify(source_rows, target_rows, c.in_flight_since, orphans=True,
+                                versioned=c.versioned)
             if source_rows:
                 s = next(source, None)
             if target_rows:
@@ -424,7 +432,8 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
         while batch := cur.fetchmany(PARTITION_BATCH_ROWS):
             with tracing.span("diff.partition_batch", rows=len(batch)):
                 found = _target_rows_for(target_conn, c.target, batch)
-                differences = list(classify(batch, found, c.in_flight_since, orphans=False))
+                differences = list(classify(batch, found, c.in_flight_since, orphans=False,
+                                            versioned=c.versioned))
             source_rows += len(batch)
             target_rows += len(found)
             yield from differences
@@ -462,12 +471,14 @@ def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
 
 
 def classify(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]],
-             in_flight_since: dt.datetime | None, *, orphans: bool) -> Iterator[Difference]:
-    """The differences between two sets of rows of the same key range."""
+             in_flight_since: dt.datetime | None, *, orphans: bool,
+             versioned: bool) -> Iterator[Difference]:
+    """The differences between two sets of rows of the same key range. ``versioned``: both
+    sides have a version (a side without one reads as NULL versions)."""
     target_by_key = {r["key_text"]: r for r in target_rows}
     for s in source_rows:
         t = target_by_key.pop(s["key_text"], None)
-        cls = _class_of(s, t)
+        cls = _class_of(s, t, versioned)
         if cls is None:
             continue
         changed = s.get("updated_at")
@@ -485,12 +496,17 @@ def classify(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]
                              target_fingerprint=t["fingerprint"])
 
 
-def _class_of(s: dict[str, Any], t: dict[str, Any] | None) -> DifferenceClass | None:
+def _class_of(s: dict[str, Any], t: dict[str, Any] | None,
+              versioned: bool) -> DifferenceClass | None:
     if t is None:
         return DifferenceClass.MISSING
     sv, tv = s["version"], t["version"]
-    if sv is not None and tv is not None and sv != tv:
-        return DifferenceClass.STALE if tv < sv else DifferenceClass.AHEAD
+    if versioned and sv != tv:
+        # A NULL version is older than any, as the upsert's guard takes it: a target row
+        # without one is overwritten, a source row without one overwrites nothing.
+        if sv is None:
+            return DifferenceClass.AHEAD
+        return DifferenceClass.STALE if tv is None or tv < sv else DifferenceClass.AHEAD
     if s["fingerprint"] != t["fingerprint"]:
         return DifferenceClass.MISMATCH
     return None

@@ -1,0 +1,246 @@
+"""``trueup diff`` exactness at the edges of the native hashes and of versions: values that hash
+like NULL, NULL versions, and what a partition run counts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import yaml
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from trueup.config import Config, load_config
+from trueup.diff import diff
+from trueup.runs import differences_of
+
+pytestmark = pytest.mark.postgres
+
+#: Source and target values of (f float8, r real, n numeric, m numeric) for ids 1..: each row
+#: differs in one column only, by a value whose type's hash function returns its seed (as a
+#: NULL's hash was) or the same hash as the other value.
+ROWS: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = [
+    ((0.0, 1, 1, 1), (None, 1, 1, 1)),
+    ((-0.0, 1, 1, 1), (None, 1, 1, 1)),
+    ((1.0, 0.0, 1, 1), (1.0, None, 1, 1)),
+    ((1.0, 1, None, 1), (1.0, 1, "NaN", 1)),
+    ((1.0, 1, "Infinity", 1), (1.0, 1, "NaN", 1)),
+    ((1.0, 1, "-Infinity", 1), (1.0, 1, "Infinity", 1)),
+    ((1.0, 1, 1, "Infinity"), (1.0, 1, 1, None)),
+    ((1.0, 1, 1, 0), (1.0, 1, 1, None)),
+]
+#: Rows alike on both sides, special values included: no difference.
+ALIKE: list[tuple[Any, ...]] = [
+    (0.0, 0.0, "NaN", 0),
+    (-0.0, -0.0, "Infinity", "-Infinity"),
+    (None, None, None, None),
+    (float("nan"), 1, 0, "NaN"),
+]
+
+
+DDL = (
+    "CREATE TABLE public.t (id bigint PRIMARY KEY, version int, f float8, r real, "
+    "n numeric, m numeric, updated_at timestamptz DEFAULT '2026-02-01T10:00Z')"
+)
+
+
+#: Each row of ROWS and ALIKE is one in SPREAD rows, among rows alike on both sides: in a
+#: segment of its own, which only its own hash can make differ.
+SPREAD = 1000
+DIFFERING = [i * SPREAD for i in range(1, len(ROWS) + 1)]
+
+
+def _rows(side: int) -> list[tuple[Any, ...]]:
+    """(id, version, f, r, n, m) of the source (``side`` 0) or the target (1)."""
+    special = {i * SPREAD: pair[side] for i, pair in enumerate(ROWS, 1)}
+    special |= {(len(ROWS) + i) * SPREAD: row for i, row in enumerate(ALIKE, 1)}
+    return [(i, 1, *special.get(i, (i, i, i, i)))
+            for i in range(1, (len(ROWS) + len(ALIKE) + 1) * SPREAD)]
+
+
+def _tables(source: str, target: str) -> None:
+    for side, dsn in enumerate((source, target)):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(DDL)
+            with conn.cursor().copy("COPY public.t (id, version, f, r, n, m) FROM STDIN") as copy:
+                for row in _rows(side):
+                    copy.write_row(row)
+            conn.execute("ANALYZE public.t")
+
+
+def _config(
+    tmp_path: Path,
+    state: str,
+    source: str,
+    target: dict[str, Any],
+    source_version: str | None = "version",
+    **extra: Any,
+) -> Config:
+    raw = {
+        "state": state,
+        "connections": {"a": {"postgres": source}, **target.pop("connections")},
+        "reconciliations": {
+            "t": {
+                "source": {
+                    "connection": "a",
+                    "table": "public.t",
+                    "key": ["id"],
+                    **({"version": source_version} if source_version else {}),
+                    "updated_at": "updated_at",
+                    "columns": ["f", "r", "n", "m"],
+                },
+                "target": target,
+                **extra,
+            }
+        },
+    }
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_config(path)
+
+
+def _table_target(target: str) -> dict[str, Any]:
+    return {
+        "connections": {"b": {"postgres": target}},
+        "connection": "b",
+        "table": "public.t",
+        "key": ["id"],
+        "version": "version",
+        "columns": ["f", "r", "n", "m"],
+    }
+
+
+def _found(state: str, run_id: int) -> dict[int, str]:
+    with psycopg.connect(state) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        return {d.key[0]: d.cls.value for d in differences_of(conn, run_id)}
+
+
+def test_values_hashing_like_null_or_like_each_other_are_found_between_tables(
+    new_db: Callable[[], str], state_db: str, tmp_path: Path
+) -> None:
+    """A float's 0 and a numeric's NaN hash to the seed, as NULL did: the segment's checksum
+    did not change, and the run found nothing."""
+    source, target = new_db(), new_db()
+    _tables(source, target)
+    summary = diff(_config(tmp_path, state_db, source, _table_target(target)), "t")
+    assert _found(state_db, summary.run_id) == {i: "mismatch" for i in DIFFERING}
+
+
+@pytest.fixture
+def topic(kafka_bootstrap: str, unique: Callable[[str], str]) -> Iterator[str]:
+    name = unique("exact")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(name, 1, 1)]).values():
+        future.result()
+    yield name
+    for future in admin.delete_topics([name]).values():
+        future.result()
+
+
+def _produce(bootstrap: str, topic: str, messages: list[tuple[str, bytes]]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    for key, value in messages:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+
+
+def _kafka_target(bootstrap: str, topic: str) -> dict[str, Any]:
+    return {
+        "connections": {"bus": {"kafka": {"bootstrap.servers": bootstrap}}},
+        "connection": "bus",
+        "topic": topic,
+        "format": "json",
+        "key": ["id"],
+        "version": "version",
+        "columns": ["f", "r", "n", "m"],
+    }
+
+
+def _json(value: Any) -> Any:
+    """A value as JSON carries it: NaN as its text (a bare NaN is not JSON)."""
+    if value is None or isinstance(value, str):
+        return value
+    return "NaN" if value != value else float(value)
+
+
+@pytest.mark.kafka
+def test_values_hashing_like_null_are_found_against_a_topic(
+    new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str, topic: str
+) -> None:
+    source, target = new_db(), new_db()
+    _tables(source, target)
+    messages = []
+    for i, _version, *row in _rows(1):
+        fields = dict(zip("frnm", row, strict=True))
+        # a missing field and a null are both NULL; NaN travels as its text
+        document = {"id": i, "version": 1,
+                    **{k: _json(v) for k, v in fields.items() if v is not None or i % 2}}
+        messages.append((str(i), json.dumps(document).encode()))
+    _produce(kafka_bootstrap, topic, messages)
+    summary = diff(_config(tmp_path, state_db, source, _kafka_target(kafka_bootstrap, topic)), "t")
+    assert _found(state_db, summary.run_id) == {i: "mismatch" for i in DIFFERING}
+
+
+def test_a_null_version_on_one_side_is_stale_or_ahead_as_the_upsert_guard_takes_it(
+    new_db: Callable[[], str], state_db: str, tmp_path: Path
+) -> None:
+    """Same columns; versions 1 against NULL: the target's row without one is overwritten by a
+    backfill (stale), a source's row without one overwrites nothing (ahead)."""
+    source, target = new_db(), new_db()
+    for dsn, nulls in ((source, (2, 3)), (target, (1, 3))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(DDL)
+            conn.execute(
+                "INSERT INTO public.t (id, version, f, r, n, m) "
+                "SELECT g, CASE WHEN g = ANY(%s) THEN NULL ELSE 1 END, g, g, g, g "
+                "FROM generate_series(1, 4) g",
+                (list(nulls),),
+            )
+    summary = diff(_config(tmp_path, state_db, source, _table_target(target)), "t")
+    assert _found(state_db, summary.run_id) == {1: "stale", 2: "ahead"}
+
+
+def test_a_target_without_versions_is_compared_by_its_columns_only(
+    new_db: Callable[[], str], state_db: str, tmp_path: Path
+) -> None:
+    """No target version is no NULL version: nothing is stale for want of one."""
+    source, target = new_db(), new_db()
+    _tables(source, target)
+    unversioned = {k: v for k, v in _table_target(target).items() if k != "version"}
+    summary = diff(_config(tmp_path, state_db, source, unversioned), "t")
+    assert _found(state_db, summary.run_id) == {i: "mismatch" for i in DIFFERING}
+
+
+@pytest.mark.kafka
+def test_a_partition_run_leaves_the_topic_s_unreadable_messages_to_whole_runs(
+    new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str, topic: str
+) -> None:
+    """An unreadable message belongs to no day: counted in every partition's run, it failed
+    every partition's check (and blocked its auto-repair)."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(DDL)
+        conn.execute("INSERT INTO public.t VALUES (1, 1, 1, 1, 1, 1)")
+    _produce(
+        kafka_bootstrap,
+        topic,
+        [("1", b'{"id": 1, "version": 1, "f": 1, "r": 1, "n": 1, "m": 1}'), ("2", b"oops")],
+    )
+    config = _config(
+        tmp_path,
+        state_db,
+        source,
+        _kafka_target(kafka_bootstrap, topic),
+        partitions={"daily": {"start": "2026-01-01"}},
+    )
+
+    day = diff(config, "t", partition="2026-02-01")
+    assert (day.unreadable, day.source_rows, day.consistent) == (0, 1, True)
+    assert diff(config, "t", partition="2099-01-01").unreadable == 0
+    whole = diff(config, "t")
+    assert (whole.unreadable, whole.consistent) == (1, False)
