@@ -135,11 +135,16 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         if own.name in ("float4", "float8") and wanted.name == "numeric":
             # Exactly: its own cast keeps 15 digits (6 for real), so 0.30000000000000004 would
             # compare as 0.3. A whole number within bigint goes through bigint (2^60 is
-            # 1152921504606846976, which its shortest text is not); any other value through
-            # its shortest exact text (extra_float_digits=1), NaN and the infinities included.
+            # 1152921504606846976, which its shortest text is not); a larger one as a bigint
+            # times a power of two (2^70 is 1180591620717411303424, its shortest text
+            # 1.1805916207174113e+21); any other value through its shortest exact text
+            # (extra_float_digits=1), NaN and the infinities included.
+            exponent = sql.SQL("(floor(ln(abs({0})) / ln(2))::int - 60)").format(ident)
             return sql.SQL(
                 "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9.2e18 THEN ({0})::int8::numeric "
-                "ELSE ({0})::text::numeric END)").format(ident)
+                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity' "
+                "THEN (({0})::float8 / 2::float8 ^ {1})::int8::numeric * 2::numeric ^ {1} "
+                "ELSE ({0})::text::numeric END)").format(ident, exponent)
         return sql.SQL("({})::{}").format(ident, sql.Identifier(wanted.name))
 
     key_types = list(key_as or own_key)

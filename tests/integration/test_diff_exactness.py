@@ -244,3 +244,20 @@ def test_a_partition_run_leaves_the_topic_s_unreadable_messages_to_whole_runs(
     assert diff(config, "t", partition="2099-01-01").unreadable == 0
     whole = diff(config, "t")
     assert (whole.unreadable, whole.consistent) == (1, False)
+
+
+def test_whole_doubles_past_bigint_compare_exactly_with_numerics(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """2^70 as a double is 1180591620717411303424 exactly; its shortest text is not."""
+    source, target = new_db(), new_db()
+    values = {1: 2.0**70, 2: 1e20, 3: -(2.0**100), 4: 2.0**70, 5: 0.0, 6: 9.3e18}
+    exact = {1: 2**70, 2: 10**20, 3: -(2**100), 4: 2**70 + 1, 5: 0, 6: 9300000000000000000}
+    for dsn, column, rows in ((source, "float8", values), (target, "numeric", exact)):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, "
+                         f"f {column}, r real, n numeric, m numeric, updated_at timestamptz)")
+            for i, value in rows.items():
+                conn.execute("INSERT INTO public.t VALUES (%s, 1, %s, 1, 1, 1, '2026-01-01')",
+                             (i, value))
+    summary = diff(_config(tmp_path, state_db, source, _table_target(target)), "t")
+    assert _found(state_db, summary.run_id) == {4: "mismatch"}
