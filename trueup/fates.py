@@ -56,7 +56,7 @@ def plan(letter: DeadLetter, dlq: DeadLetterConfig, *, selected: bool,
                     reason=f"already replayed by replay {replayed_by}")
     if (policy or RetryPolicy.from_config(dlq)).exhausted(letter.attempts):
         if dlq.parking is None:
-            return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.KEEP,
+            return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.TAIL,
                         reason=f"{letter.attempts} attempts and no parking configured")
         return Plan(outcome=ReplayOutcome.WOULD_PARK if dry_run else ReplayOutcome.PARKED,
                     destination=Destination(name=dlq.parking), settle=Settle.DONE,
@@ -67,7 +67,7 @@ def plan(letter: DeadLetter, dlq: DeadLetterConfig, *, selected: bool,
     elif letter.origin is not None:
         destination = Destination(name=letter.origin)
     else:
-        return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.KEEP,
+        return Plan(outcome=ReplayOutcome.SKIPPED, destination=None, settle=Settle.TAIL,
                     reason="no origin header and no replay_to")
     return Plan(outcome=ReplayOutcome.WOULD_MOVE if dry_run else ReplayOutcome.MOVED,
                 destination=destination, settle=Settle.DONE)

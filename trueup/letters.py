@@ -10,6 +10,7 @@ broker's ``x-death`` header.
     error!=rabbitmq.expired|rabbitmq.rejected     (``|`` separates alternatives)
     origin=orders.v1               the topic or queue the letter came from
     key=42                         Kafka message key; RabbitMQ message_id
+    key=[1, 2]                     a composite key, as a JSON array (its commas split nothing)
     attempts>=3                    also attempts=, !=, <, <=, >
     since=2026-01-02T00:00:00Z     last failure at or after (a date or an ISO time, UTC if no
     until=2026-01-03               zone); until is exclusive
@@ -18,6 +19,7 @@ broker's ``x-death`` header.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -38,6 +40,20 @@ from trueup.headers import (
 )
 
 UNKNOWN_ERROR = "unknown"
+#: An epoch past this many seconds (the year 5138) is taken for milliseconds: producers often
+#: set the AMQP ``timestamp`` (seconds by the spec) in milliseconds.
+MILLISECONDS_FROM = 1e11
+
+
+def epoch_time(value: float) -> dt.datetime | None:
+    """The UTC time of an epoch in seconds (or milliseconds, past :data:`MILLISECONDS_FROM`);
+    None when it is no representable time. A broker's timestamp is the producer's word: a bad
+    one must cost the letter its time, never the inspection or replay of the whole queue."""
+    seconds = value / 1000 if abs(value) >= MILLISECONDS_FROM else value
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 # Not frozen (treat as frozen): a replay makes one for every letter it reads, and a frozen
@@ -66,16 +82,17 @@ class DeadLetter:
                        last_failure=self.failed_at or record.last_failure,
                        replay_id=replay_id if replay_id is not None else record.replay_id)
 
-    def copy_changes(self, *, replay_id: int) -> dict[str, str]:
+    def copy_changes(self, *, replay_id: int | None) -> dict[str, str]:
         """The trueup headers a replayed copy must set: those of :meth:`failure` whose value
         differs from this letter's own header (the others are carried over as they are).
+        ``replay_id`` None: a copy kept in its own box (the replay that made it is not named).
 
         Same meaning as ``failure(replay_id=...).write()``, without rebuilding every header:
         a replay handles tens of thousands of letters per second.
         """
         text = self.headers
         get = text.get
-        changes = {REPLAY_ID: str(replay_id)}
+        changes = {REPLAY_ID: str(replay_id)} if replay_id is not None else {}
         if get(MESSAGE_ID) != self.message_id:
             changes[MESSAGE_ID] = self.message_id
         attempts = str(self.attempts)
@@ -110,7 +127,10 @@ class Destination:
 
 
 _CONDITION = re.compile(r"^\s*([a-z_]+)\s*(!=|>=|<=|=|<|>)\s*(.*?)\s*$")
-_SPLIT = re.compile(r"\s*,\s*|\s+and\s+", re.IGNORECASE)
+_AND = re.compile(r"\s+and\s+", re.IGNORECASE)
+_OPENING, _CLOSING = "[({", "])}"
+_QUOTES = "'\""
+_BEFORE_QUOTE = "=<>!|[(,{ \t"  # a quote opens a value only after one of these
 _FIELDS = ("error", "origin", "key", "attempts", "since", "until")
 _COMPARE: dict[str, Callable[[int, int], bool]] = {
     "=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
@@ -130,11 +150,41 @@ class LetterFilter:
     def parse(cls, text: str | None) -> LetterFilter:
         if text is None or not text.strip():
             return cls()
-        tests = tuple(_condition(part) for part in _SPLIT.split(text.strip()) if part)
+        tests = tuple(_condition(part) for part in _conditions(text.strip()))
         return cls(text=text.strip(), tests=tests)
 
     def matches(self, letter: DeadLetter) -> bool:
         return all(test(letter) for test in self.tests)
+
+
+def _conditions(text: str) -> list[str]:
+    """The conditions of ``text``: split at ``,`` and ``and`` outside brackets and quotes, so
+    a composite key (``key=[1, 2]``) or a quoted value keeps its commas."""
+    parts: list[str] = []
+    start = depth = i = 0
+    quote: str | None = None
+    while i < len(text):
+        char = text[i]
+        if quote is not None:
+            if char == quote:
+                quote = None
+        elif char in _QUOTES and (i == 0 or text[i - 1] in _BEFORE_QUOTE):
+            quote = char
+        elif char in _OPENING:
+            depth += 1
+        elif char in _CLOSING:
+            depth = max(0, depth - 1)
+        elif depth == 0:
+            joined = i + 1 if char == "," else None
+            if joined is None and (found := _AND.match(text, i)) is not None:
+                joined = found.end()
+            if joined is not None:
+                parts.append(text[start:i])
+                start = i = joined
+                continue
+        i += 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
 
 
 def _condition(text: str) -> Test:
@@ -162,10 +212,14 @@ def _condition(text: str) -> Test:
             return lambda letter: letter.failed_at is not None and letter.failed_at >= at
         return lambda letter: letter.failed_at is not None and letter.failed_at < at
     choices = {v.strip() for v in value.split("|")}
+    if name == "key":
+        choices = {_key_text(v) for v in choices}
     negate = op == "!="
 
     def test(letter: DeadLetter) -> bool:
         found = _field(letter, name)
+        if name == "key" and found is not None:
+            found = _key_text(found)
         hit = found is not None and (found in choices or (
             name == "error" and found.rsplit(".", 1)[-1] in choices))
         return hit != negate
@@ -179,6 +233,17 @@ def _field(letter: DeadLetter, name: str) -> str | None:
     if name == "origin":
         return letter.origin
     return letter.key
+
+
+def _key_text(text: str) -> str:
+    """A key in one spelling: a composite key (a JSON array) compact, so ``[1, 2]`` on the
+    command line matches a message key written ``[1,2]``; any other key as it is."""
+    if not text.startswith("["):
+        return text
+    try:
+        return json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
+    except ValueError:
+        return text
 
 
 def _time(value: str, name: str) -> dt.datetime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class Pacer:
@@ -15,7 +16,10 @@ class Pacer:
         self._lock = threading.Lock()
         self._next = time.monotonic()
 
-    def __call__(self, units: int = 1) -> None:
+    def __call__(self, units: int = 1, *,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        """Return when ``units`` more are within the rate. ``sleep`` waits: a caller whose
+        connection needs serving meanwhile (RabbitMQ heartbeats) passes one that serves it."""
         if not self.rate or units <= 0:
             return
         with self._lock:
@@ -23,4 +27,4 @@ class Pacer:
             start = max(now, self._next)
             self._next = start + units / self.rate
         if start > now:
-            time.sleep(start - now)
+            sleep(start - now)

@@ -109,10 +109,12 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
                             replay_ids=[r["replay_id"] for r in abandoned])
             log.info("replay.started", name=name, replay_id=replay_id, dry_run=options.dry_run)
             counts = _Counts()
+            pacer = Pacer(options.rate)  # one for the whole replay: a reconnect keeps the pace
             try:
                 with batch_loop():
                     _with_reconnects(lambda: _run(config, name, dlq, selection, options, conn,
-                                                  replay_id, counts, listing, progress), counts)
+                                                  replay_id, counts, listing, progress, pacer),
+                                     counts)
             except BaseException as exc:
                 _finish(conn, replay_id, ReplayStatus.FAILED, time.monotonic() - started,
                         f"{type(exc).__name__}: {exc}")
@@ -160,10 +162,12 @@ def _finish(conn: psycopg.Connection[dict[str, Any]], replay_id: int, status: Re
 def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:
     """Run ``session``; after a lost broker connection, run it again (it resumes: letters
     already moved are recognised, those not yet removed are still in the queue). A broker that
-    cannot be reached at the start is an error at once."""
-    from trueup.brokers.rabbitmq import CONNECTION_ERRORS
+    cannot be reached at the start is an error at once, and so is a request the broker
+    refused (a channel it closed: a missing exchange, access refused): trying again changes
+    nothing."""
+    from trueup.brokers.rabbitmq import OUTAGE_ERRORS
 
-    outages: tuple[type[BaseException], ...] = (ConnectionFailed, *CONNECTION_ERRORS)
+    outages: tuple[type[BaseException], ...] = (ConnectionFailed, *OUTAGE_ERRORS)
     pause = 0.5
     for attempt in range(1, RECONNECT_ATTEMPTS + 1):
         try:
@@ -180,7 +184,8 @@ def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:
 
 def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilter,
          options: ReplayOptions, conn: psycopg.Connection[dict[str, Any]], replay_id: int,
-         counts: _Counts, listing: Listing | None, progress: Progress | None) -> None:
+         counts: _Counts, listing: Listing | None, progress: Progress | None,
+         pacer: Pacer) -> None:
     with contextlib.ExitStack() as closing:
         box = open_letterbox(config, name)
         closing.callback(box.close)  # last: after the recorder's, even when that one fails
@@ -195,7 +200,7 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
         step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
                      replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
                      planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
-                     pacer=Pacer(options.rate))
+                     pacer=pacer)
         try:
             if not options.dry_run and dlq.parking is not None:
                 box.prepare(Destination(name=dlq.parking))
@@ -408,6 +413,7 @@ class _Step:
         selection = self.selection.matches if self.selection.tests else None
         publish = None if options.dry_run else self.box.publish
         pace = self.pacer if self.pacer.rate else None
+        wait = self.box.wait
         # With tracing off a span would only make the letter's trace current, and its copy
         # carries that trace in its own headers anyway: skip it (a few us a letter).
         traced = tracing.enabled()
@@ -438,7 +444,7 @@ class _Step:
                     if publish is not None:
                         assert chosen.destination is not None
                         if pace is not None:
-                            pace()
+                            pace(sleep=wait)
                         if traced:
                             with tracing.message_span(
                                     "replay.publish", letter.headers, kind=SpanKind.PRODUCER,

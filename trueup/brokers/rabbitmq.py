@@ -82,6 +82,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+#: Errors that mean the connection itself is gone (a broker restart, the network): worth a new
+#: connection and another try. Unlike :data:`CONNECTION_ERRORS` (the workers' reconnect loop)
+#: it leaves out a channel the broker closed: that is its answer to what was asked (a missing
+#: exchange, 404; access refused, 403; a precondition, 406), the same on every try.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = tuple(
+    error for error in CONNECTION_ERRORS if error is not pika.exceptions.ChannelClosedByBroker)
+
+
+def refused(exc: pika.exceptions.ChannelClosedByBroker, what: str) -> RabbitFailed:
+    """The error for a channel the broker closed in answer to a request (``what``)."""
+    return RabbitFailed(f"{what}: RabbitMQ refused it and closed the channel "
+                        f"({exc.reply_code} {exc.reply_text})")
+
 
 def connect_retrying(url: str, *, what: str, heartbeat: int = 10) -> pika.BlockingConnection:
     """A connection with a short heartbeat, so a dead broker is noticed within seconds."""

@@ -20,7 +20,12 @@ from trueup.letters import DeadLetter, Destination
 
 class Settle(StrEnum):
     DONE = "done"            # copied and confirmed (or a duplicate): remove it from the box
-    KEEP = "keep"            # looked at and not moved (filtered out, no destination): keep it
+    KEEP = "keep"            # looked at and not moved (filtered out): keep it
+    #: Looked at and kept for good: no replay moves it as the config stands (attempts used up
+    #: without a parking lot, nowhere to go). Kept at the box's tail (copied there, confirmed,
+    #: then removed from its place), so the letters behind it can be removed and the depth
+    #: drops (Kafka; RabbitMQ moves every kept letter to its tail).
+    TAIL = "tail"
     UNTOUCHED = "untouched"  # not looked at (--max reached): as if never read
 
 
@@ -54,6 +59,10 @@ class Letterbox(Protocol):
         ...
 
     def confirm(self) -> None:
+        ...
+
+    def wait(self, seconds: float) -> None:
+        """Pause (``--rate``) while keeping the broker connection alive (heartbeats)."""
         ...
 
     def settle(self, items: list[Received], states: list[Settle]) -> None:

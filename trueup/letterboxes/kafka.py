@@ -3,14 +3,17 @@
 "Not yet replayed" means past the offsets committed by consumer group ``trueup-replay-<name>``.
 Reading never joins that group: partitions are ``assign()``-ed from its committed offsets, with
 auto commit off, so inspecting and dry runs commit nothing. A replay commits a partition's
-offset only up to its first letter kept in the topic (filtered out, no destination), and only
-after Kafka confirmed the copies (``acks=all``, idempotent producer). Letters past a kept one are
+offset only up to its first letter kept in place (filtered out by ``--where``), and only after
+Kafka confirmed the copies (``acks=all``, idempotent producer). Letters past a kept one are
 re-read by the next replay and recognised as replayed by their id in ``trueup.replay_events``.
+A letter no replay can move as the config stands (attempts used up without ``parking``,
+nowhere to go) is copied to its partition's tail first, confirmed, and committed past, as
+RabbitMQ's kept letters go to the queue's tail: it does not hold the depth up for good.
 """
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 from collections.abc import Generator, Mapping
 from typing import Any
 
@@ -26,7 +29,7 @@ from trueup import headers, tracing
 from trueup.brokers import kafka
 from trueup.errors import ConnectionFailed, NotFound
 from trueup.letterboxes import Received, Settle
-from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination
+from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination, epoch_time
 from trueup.log import get_logger
 
 log = get_logger(__name__)
@@ -49,7 +52,9 @@ def letter_of(message: Message, raw: Any = None) -> DeadLetter:
     if failed_at is None:
         stamp_type, stamp_ms = message.timestamp()
         if stamp_type != TIMESTAMP_NOT_AVAILABLE:
-            failed_at = dt.datetime.fromtimestamp(stamp_ms / 1000, dt.UTC)
+            # Milliseconds, unless the producer set another unit: a time past the year 5138
+            # is read once more as milliseconds, and one still out of range is none.
+            failed_at = epoch_time(stamp_ms / 1000)
     # Only the fields a replay decides on are read here; the full record is parsed on demand.
     return DeadLetter(
         message_id=get(headers.MESSAGE_ID) or (f"{message.topic()}:{message.partition()}:"
@@ -62,8 +67,9 @@ def letter_of(message: Message, raw: Any = None) -> DeadLetter:
 
 
 def copy_headers(raw: list[tuple[str, Any]], letter: DeadLetter, *,
-                 replay_id: int) -> list[tuple[str, Any]]:
-    """The headers of a replayed copy: the letter's own, with trueup's brought up to date."""
+                 replay_id: int | None) -> list[tuple[str, Any]]:
+    """The headers of a replayed copy (``replay_id`` None: a copy kept in the DLQ): the
+    letter's own, with trueup's brought up to date."""
     return headers.kafka_copy(raw, letter.copy_changes(replay_id=replay_id),
                               keep=headers.FAILURE_HEADERS)
 
@@ -156,26 +162,59 @@ class KafkaLetterbox:
         if self._producer is not None:
             kafka.confirm(self._producer, self._deliveries, what=self.what)
 
+    def wait(self, seconds: float) -> None:
+        # The consumer is assign()-ed (no group to heartbeat to) and librdkafka's threads keep
+        # the connections: a plain sleep is enough.
+        time.sleep(seconds)
+
     def settle(self, items: list[Received], states: list[Settle]) -> None:
-        """Commit, per partition, up to the first letter that stays in the topic."""
+        """Commit, per partition, up to the first letter that stays in its place; a letter kept
+        for good (``TAIL``) is copied to its partition's tail first (confirmed), so the
+        partition is committed past it and the depth drops."""
         commits: dict[int, int] = {}
+        tail: list[Received] = []
         for item, state in zip(items, states, strict=True):
             message: Message = item.handle[0]
             partition, offset = message.partition(), message.offset()
             assert partition is not None and offset is not None
             if partition in self._blocked:
+                # Read again by the next replay anyway: a copy at the tail would be a duplicate.
                 continue
             if state is Settle.DONE:
+                commits[partition] = offset + 1
+            elif state is Settle.TAIL:
+                tail.append(item)
                 commits[partition] = offset + 1
             else:
                 self._blocked.add(partition)
         if not commits:
             return
+        if tail:
+            self._to_tail(tail)  # confirmed before the commit past them: a crash between the
+            # two leaves the letter twice (the next replay keeps both), never lost
         self._committed.update(commits)
         # Asynchronous: a commit lost to a crash only makes the next replay re-read letters it
         # then recognises as replayed (recorded before this call). close() commits for sure.
         self.consumer.commit(offsets=[TopicPartition(self.where, p, o)
                                       for p, o in commits.items()], asynchronous=True)
+
+    def _to_tail(self, items: list[Received]) -> None:
+        """Copy letters kept for good to the end of their partition and wait for the broker's
+        confirm. A copy keeps the letter's id, failure record, trace and the replay that made
+        the letter, if any (it was moved within its box, not replayed by this one). The copies
+        are past the end offsets this replay reads to: it never meets them again."""
+        producer, deliveries = self._producer_(), kafka.Deliveries()
+        for item in items:
+            message: Message
+            message, raw = item.handle
+            kafka.produce(producer, deliveries, self.where, value=message.value(),
+                          key=message.key(), partition=message.partition(),
+                          headers=copy_headers(raw, item.letter, replay_id=None))
+        # Its own deliveries: failures of the next batch's copies (produced meanwhile) are
+        # that batch's to report, from confirm().
+        kafka.confirm(producer, deliveries, what=f"{self.what}: kept letters to the tail")
+        log.info("replay.kept_to_tail", dead_letters=self.name, topic=self.where,
+                 letters=len(items))
 
     def close(self) -> None:
         if self._producer is not None:

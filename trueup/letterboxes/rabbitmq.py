@@ -32,7 +32,7 @@ from trueup import headers, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import NotFound
 from trueup.letterboxes import Received, Settle
-from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination
+from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination, epoch_time
 from trueup.log import get_logger
 
 log = get_logger(__name__)
@@ -83,9 +83,11 @@ def _waited(death: dict[str, Any], origin: str | None) -> bool:
 
 
 def _stamp(properties: pika.BasicProperties) -> dt.datetime | None:
+    """The AMQP ``timestamp`` (seconds; many producers write milliseconds), None when absent or
+    no time at all."""
     stamp = properties.timestamp
-    if isinstance(stamp, int | float):
-        return dt.datetime.fromtimestamp(stamp, dt.UTC)
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool):
+        return epoch_time(stamp)
     return None
 
 
@@ -167,9 +169,17 @@ class RabbitLetterbox:
         kept = {k: v for k, v in rabbitmq.without_broker_deaths(properties.headers).items()
                 if not k.startswith(headers.PREFIX)}
         table = tracing.inject({**kept, **item.letter.failure(replay_id=replay_id).write()})
-        rabbitmq.publish(self.channel, exchange=exchange, routing_key=routing_key, body=body,
-                         properties=rabbitmq.republished_properties(properties, headers=table),
-                         what=f"{self.what}: {exchange or 'default exchange'}/{routing_key}")
+        target = (f"exchange {exchange!r} with routing key {routing_key!r}" if exchange
+                  else f"queue {routing_key!r}")
+        what = f"{self.what}: a copy to {target}"
+        try:
+            rabbitmq.publish(self.channel, exchange=exchange, routing_key=routing_key,
+                             body=body, what=what, properties=rabbitmq.republished_properties(
+                                 properties, headers=table))
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            # The broker's answer (no such exchange, access refused), the same on every try:
+            # no outage to reconnect through. The channel's unacked letters are back in place.
+            raise rabbitmq.refused(exc, what) from exc
 
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
         if destination.exchange is not None:
@@ -181,6 +191,11 @@ class RabbitLetterbox:
 
     def confirm(self) -> None:
         """Nothing to wait for: each publish returned after its confirm."""
+
+    def wait(self, seconds: float) -> None:
+        # Through the connection: a plain sleep leaves heartbeats unanswered, and a pause
+        # longer than the heartbeat timeout gets the connection dropped by the broker.
+        self.connection.sleep(seconds)
 
     def settle(self, items: list[Received], states: list[Settle]) -> None:
         if self.channel is None:
@@ -197,7 +212,7 @@ class RabbitLetterbox:
             if done_up_to is not None:
                 self.channel.basic_ack(done_up_to, multiple=True)
                 done_up_to = None
-            if state is Settle.KEEP:
+            if state is Settle.KEEP or state is Settle.TAIL:
                 # To the tail, so the letters behind it can be reached; then off the head.
                 self._copy(item, exchange="", routing_key=self.where, replay_id=None)
                 self.channel.basic_ack(tag)

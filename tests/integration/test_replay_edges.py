@@ -1,0 +1,272 @@
+"""Edges of ``trueup dlq`` and ``trueup replay`` found in review, against the real brokers: odd
+producer timestamps, a destination the broker refuses, a very low ``--rate``, and letters a
+Kafka replay keeps for good."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pika
+import psycopg
+import pytest
+
+from tests.integration.test_workers_support import (
+    Queues,
+    Topics,
+    body_ids,
+    cli,
+    cli_json,
+    kafka_remaining,
+    produce_json,
+    read_topic,
+    write_config,
+)
+from trueup import headers
+from trueup.brokers import rabbitmq
+from trueup.config import Config, load_config
+from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
+from trueup.replay import ReplayOptions, replay
+
+#: 2026-01-01T00:00:00Z in milliseconds, as many AMQP producers write the ``timestamp``
+#: property (seconds by the spec).
+NEW_YEAR_MS = 1767225600000
+
+
+def _loaded(tmp_path: Path, state: str, bootstrap: str, amqp: str,
+            **dead_letters: dict[str, Any]) -> Config:
+    return load_config(write_config(tmp_path, state=state, bootstrap=bootstrap, amqp=amqp,
+                                    dead_letters=dead_letters))
+
+
+def _events(state: str) -> list[tuple[int, str, str]]:
+    with psycopg.connect(state) as conn:
+        rows = conn.execute("SELECT replay_id, message_id, outcome FROM trueup.replay_events "
+                            "ORDER BY replay_id, message_id").fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def _publish(queues: Queues, queue: str, message_id: str, *, origin: str,
+             timestamp: int | None = None) -> None:
+    channel = rabbitmq.confirmed_channel(queues.connection)
+    rabbitmq.publish(channel, exchange="", routing_key=queue,
+                     body=json.dumps({"id": message_id}).encode(),
+                     properties=pika.BasicProperties(
+                         message_id=message_id, timestamp=timestamp, delivery_mode=2,
+                         headers={headers.ORIGIN: origin, headers.ATTEMPTS: "1"}),
+                     what="test")
+    channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# A producer's timestamp in milliseconds
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_letter_stamped_in_milliseconds_is_inspected_and_replayed_with_the_others(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    # No trueup failure time and no x-death: the AMQP timestamp is the letter's time. Read as
+    # seconds, 1767225600000 is the year 57971 and failed the inspection and replay of the
+    # whole queue (exit 2, nothing moved).
+    dlq, target = unique("stamp.dlq"), unique("stamp")
+    queues.declare(dlq, target)
+    _publish(queues, dlq, "a", origin=target)
+    _publish(queues, dlq, "b", origin=target, timestamp=NEW_YEAR_MS)
+    _publish(queues, dlq, "c", origin=target)
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"stamped": {"connection": "amqp", "queue": dlq}})
+
+    report = cli_json(config, "dlq", "stamped")
+    assert (report["depth"], report["by_origin"]) == (3, {target: 3})
+    assert report["oldest_age_seconds"] is not None and report["oldest_age_seconds"] >= 0
+    done = cli_json(config, "replay", "stamped")
+    assert (done["moved"], done["parked"], done["skipped"]) == (3, 0, 0)
+    assert queues.depth(dlq) == 0
+    assert sorted(p.message_id for p, _ in queues.drain(target)) == ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A destination the broker refuses
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_moves_nothing(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    # The broker closes the channel (404 NOT_FOUND) when a copy goes to an exchange that does
+    # not exist: no outage, so no 20 reconnects over ~84 s ending in "unexpected error".
+    dlq, missing = unique("refused.dlq"), unique("no.such.exchange")
+    queues.declare(dlq)
+    for n in range(2):
+        _publish(queues, dlq, f"r{n}", origin="payments")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"refused": {
+                              "connection": "amqp", "queue": dlq,
+                              "replay_to": {"exchange": missing, "routing_key": "settle"}}})
+
+    started = time.monotonic()
+    status, out, err = cli(config, "replay", "refused")
+    seconds = time.monotonic() - started
+    assert status == 2, (out, err)
+    assert seconds < 10, f"the refused copy took {seconds:.0f}s to fail (retried as an outage?)"
+    said = [line for line in err.splitlines() if not line.startswith("{")]  # not the logs
+    assert len(said) == 1 and "unexpected error" not in err and "Traceback" not in err, err
+    assert missing in said[0] and "404" in said[0], said
+    assert queues.depth(dlq) == 2, "letters left the DLQ though their copies were refused"
+    assert _events(state_db) == []
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT status FROM trueup.replays").fetchall() == [("failed",)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A very low --rate on RabbitMQ
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_replay_paced_slower_than_the_heartbeat_keeps_its_connection(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # With a 1 s heartbeat, 3 s between letters: a pacer that sleeps without serving the
+    # connection lets the broker drop it after each copy; the letter whose ack was lost is
+    # read again after the reconnect and counted as skipped.
+    dlq, target = unique("slow.dlq"), unique("slow")
+    queues.declare(dlq, target)
+    for n in range(3):
+        _publish(queues, dlq, f"s{n}", origin=target)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     slow={"connection": "amqp", "queue": dlq})
+    connect = rabbitmq.connect_retrying
+    connections: list[str] = []
+
+    def short_heartbeat(url: str, *, what: str, heartbeat: int = 10) -> Any:
+        connections.append(what)
+        return connect(url, what=what, heartbeat=1)
+
+    monkeypatch.setattr(rabbitmq, "connect_retrying", short_heartbeat)
+    done = replay(config, "slow", ReplayOptions(rate=1 / 3))
+    assert len(connections) == 1, f"{len(connections) - 1} reconnects during a paced replay"
+    assert (done.moved, done.parked, done.skipped) == (3, 0, 0)
+    assert done.seconds >= 5.5, f"3 letters at 1/3 per second took {done.seconds:.1f}s"
+    assert queues.depth(dlq) == 0
+    assert sorted(p.message_id for p, _ in queues.drain(target)) == ["s0", "s1", "s2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Letters a Kafka replay keeps for good
+
+
+def _kafka_letters(bootstrap: str, topic: str, origin: str,
+                   letters: list[tuple[str, int, str]]) -> None:
+    """``(message id, attempts, error class)`` of each letter, in order."""
+    for message_id, attempts, error in letters:
+        produce_json(bootstrap, topic, [{"id": message_id}], extra_headers={
+            headers.MESSAGE_ID: message_id, headers.ORIGIN: origin,
+            headers.ATTEMPTS: str(attempts), headers.ERROR_CLASS: error})
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_exhausted_letters_without_parking_go_to_the_dlq_tail_so_the_depth_drops(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # Without parking a letter at max_attempts stays. Kept in place, it blocked its partition's
+    # commit: the depth never dropped, and every replay read and recorded the letters behind
+    # it again. Copied to the tail (confirmed) and committed past, like RabbitMQ's.
+    dlq, target = unique("kept.dlq"), unique("kept")
+    topics.create(dlq, target)
+    _kafka_letters(kafka_bootstrap, dlq, target, [
+        ("x", 4, "ValueError"), ("a", 1, "ValueError"), ("b", 1, "ValueError")])
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"kept": {"connection": "bus", "topic": dlq,
+                                                 "max_attempts": 4}})
+
+    first = cli_json(config, "replay", "kept")
+    assert (first["moved"], first["parked"], first["skipped"]) == (2, 0, 1)
+    assert cli_json(config, "dlq", "kept")["depth"] == 1, "the moved letters stayed counted"
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["a", "b"]
+    left = kafka_remaining(kafka_bootstrap, dlq, replay_group("kept"))
+    assert body_ids(left) == ["x"]
+    text = headers.from_kafka(left[0].headers())
+    assert (text[headers.MESSAGE_ID], text[headers.ATTEMPTS]) == ("x", "4")
+    assert headers.REPLAY_ID not in text, "a kept copy was taken for one a replay made"
+
+    for _ in range(2):
+        again = cli_json(config, "replay", "kept")
+        assert (again["moved"], again["parked"], again["skipped"]) == (0, 0, 1)
+        assert cli_json(config, "dlq", "kept")["depth"] == 1
+    assert len(read_topic(kafka_bootstrap, dlq)) == 3 + 3, "one copy of x per replay, no more"
+    events = _events(state_db)
+    assert [(m, o) for _, m, o in events] == [
+        ("a", "moved"), ("b", "moved"), ("x", "skipped"), ("x", "skipped"), ("x", "skipped")]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_exhausted_letter_behind_a_filtered_out_one_is_not_copied_until_reached(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    # A letter --where did not select still blocks its partition (a later replay may want
+    # it): the kept letter behind it is read again next time, so copying it to the tail now
+    # would only duplicate it.
+    dlq, target = unique("held.dlq"), unique("held")
+    topics.create(dlq, target)
+    _kafka_letters(kafka_bootstrap, dlq, target, [
+        ("f", 1, "KeyError"), ("x", 4, "ValueError"), ("a", 1, "ValueError")])
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     held={"connection": "bus", "topic": dlq, "max_attempts": 4})
+
+    filtered = replay(config, "held", ReplayOptions(where="error=ValueError"))
+    assert (filtered.moved, filtered.skipped) == (1, 2)
+    assert len(read_topic(kafka_bootstrap, dlq)) == 3, "the blocked kept letter was copied"
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("held"))) == 3
+
+    rest = replay(config, "held")
+    assert (rest.moved, rest.skipped) == (1, 2)     # f moved; x kept; a moved before
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["a", "f"]
+    assert body_ids(kafka_remaining(kafka_bootstrap, dlq, replay_group("held"))) == ["x"]
+
+
+class _Killed(BaseException):
+    """A stop no ``except Exception`` catches, as close as a test gets to kill -9."""
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_replay_stopped_between_a_kept_letters_tail_copy_and_its_commit_loses_nothing(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The copy is confirmed before the commit past the letter: stopped in between, the letter
+    # is in the DLQ twice (both kept from then on, never more copies than that), never lost.
+    dlq, target = unique("stop.dlq"), unique("stop")
+    topics.create(dlq, target)
+    _kafka_letters(kafka_bootstrap, dlq, target, [("x", 4, "ValueError"), ("a", 1, "ValueError")])
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     stop={"connection": "bus", "topic": dlq, "max_attempts": 4})
+    to_tail = KafkaLetterbox._to_tail
+
+    def stopped(self: KafkaLetterbox, items: list[Any]) -> None:
+        to_tail(self, items)
+        raise _Killed
+
+    monkeypatch.setattr(KafkaLetterbox, "_to_tail", stopped)
+    with pytest.raises(_Killed):
+        replay(config, "stop")
+    monkeypatch.setattr(KafkaLetterbox, "_to_tail", to_tail)
+    assert body_ids(read_topic(kafka_bootstrap, target)) == ["a"]
+    assert sorted(body_ids(kafka_remaining(kafka_bootstrap, dlq, replay_group("stop")))) == [
+        "a", "x", "x"]
+
+    # a is recognised as moved (then committed past); x is kept, both copies, no more
+    for skipped in (3, 2):
+        again = replay(config, "stop")
+        assert (again.moved, again.skipped) == (0, skipped)
+        left = body_ids(kafka_remaining(kafka_bootstrap, dlq, replay_group("stop")))
+        assert left == ["x", "x"], left
+    assert body_ids(read_topic(kafka_bootstrap, target)) == ["a"]

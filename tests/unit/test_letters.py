@@ -1,0 +1,125 @@
+"""Dead letters as trueup reads them (times, keys) and the ``--where`` filter of a replay."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pika
+import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME
+
+from trueup import headers
+from trueup.errors import UsageError
+from trueup.letterboxes import kafka as letterbox_kafka
+from trueup.letterboxes import rabbitmq as letterbox_rabbitmq
+from trueup.letters import DeadLetter, LetterFilter, epoch_time
+
+NEW_YEAR = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+NEW_YEAR_SECONDS = 1767225600
+
+
+def _letter(*, key: str | None = None, error: str = "ValueError", attempts: int = 1,
+            origin: str | None = "orders.v1") -> DeadLetter:
+    return DeadLetter(message_id="m1", key=key, origin=origin, error_class=error,
+                      attempts=attempts, failed_at=NEW_YEAR)
+
+
+# ---------------------------------------------------------------------------------------------
+# --where
+
+
+@pytest.mark.parametrize("where", [
+    "key=[1, 2]",
+    "key=[1,2]",
+    "key = [1, 2] and attempts>=1",
+    "attempts>=1, key=[1, 2]",
+    "key=[1, 2], error=ValueError and origin=orders.v1",
+    "key='[1, 2]'",
+    "key=[3, 4]|[1, 2]",
+])
+def test_where_key_takes_a_composite_key_as_a_json_array_with_its_commas(where: str) -> None:
+    selection = LetterFilter.parse(where)
+    assert selection.matches(_letter(key="[1, 2]")), f"{where!r} did not select key [1, 2]"
+    assert selection.matches(_letter(key="[1,2]")), f"{where!r} did not select key [1,2]"
+    assert not selection.matches(_letter(key="[1, 3]")), f"{where!r} selected key [1, 3]"
+    assert not selection.matches(_letter(key="1")), f"{where!r} selected key 1"
+
+
+def test_where_composite_key_conditions_count_each_condition_once() -> None:
+    selection = LetterFilter.parse("key=[1, 2], error=KeyError")
+    assert len(selection.tests) == 2
+    assert not selection.matches(_letter(key="[1, 2]"))   # error differs
+    assert LetterFilter.parse("key!=[1, 2]").matches(_letter(key="[2, 1]"))
+    assert not LetterFilter.parse("key!=[1, 2]").matches(_letter(key="[1,2]"))
+
+
+def test_where_still_splits_plain_conditions_at_commas_and_and() -> None:
+    assert len(LetterFilter.parse("error=ValueError,attempts>=1 AND origin=orders.v1").tests) == 3
+    assert len(LetterFilter.parse("error='a, b' and key=it's").tests) == 2
+    assert LetterFilter.parse("key=it's").matches(_letter(key="it's"))
+    with pytest.raises(UsageError, match="cannot read"):
+        LetterFilter.parse("key=[1, 2], colour")
+
+
+# ---------------------------------------------------------------------------------------------
+# Times a producer set
+
+
+def test_epoch_time_reads_seconds_and_milliseconds_and_gives_none_out_of_range() -> None:
+    assert epoch_time(NEW_YEAR_SECONDS) == NEW_YEAR
+    assert epoch_time(NEW_YEAR_SECONDS * 1000) == NEW_YEAR
+    assert epoch_time(NEW_YEAR_SECONDS * 1_000_000) is None       # microseconds: no time
+    assert epoch_time(2**63 - 1) is None
+    assert epoch_time(float("nan")) is None
+
+
+@pytest.mark.parametrize(("stamp", "expected"), [
+    (NEW_YEAR_SECONDS, NEW_YEAR),
+    (NEW_YEAR_SECONDS * 1000, NEW_YEAR),            # milliseconds, as many producers write it
+    (NEW_YEAR_SECONDS * 1_000_000, None),           # still out of range: no time, no error
+    (2**64 - 1, None),
+])
+def test_rabbitmq_letter_reads_an_amqp_timestamp_in_seconds_or_milliseconds(
+        stamp: int, expected: dt.datetime | None) -> None:
+    properties = pika.BasicProperties(message_id="m1", timestamp=stamp,
+                                      headers={headers.ORIGIN: "payments"})
+    letter = letterbox_rabbitmq.letter_of(properties, b"{}")
+    assert letter.failed_at == expected
+
+
+class _KafkaMessage:
+    """The parts of a confluent_kafka Message a letter is read from."""
+
+    def __init__(self, timestamp_ms: int) -> None:
+        self.stamp = timestamp_ms
+
+    def headers(self) -> list[tuple[str, Any]]:
+        return [(headers.ORIGIN, b"orders.v1")]
+
+    def key(self) -> bytes:
+        return b"[1, 2]"
+
+    def timestamp(self) -> tuple[int, int]:
+        return TIMESTAMP_CREATE_TIME, self.stamp
+
+    def topic(self) -> str:
+        return "orders.v1.dlq"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return 7
+
+
+@pytest.mark.parametrize(("stamp_ms", "expected"), [
+    (NEW_YEAR_SECONDS * 1000, NEW_YEAR),
+    (NEW_YEAR_SECONDS * 1_000_000, NEW_YEAR),       # microseconds in the milliseconds field
+    (2**63 - 1, None),
+])
+def test_kafka_letter_with_a_timestamp_out_of_range_has_no_time_instead_of_failing(
+        stamp_ms: int, expected: dt.datetime | None) -> None:
+    letter = letterbox_kafka.letter_of(_KafkaMessage(stamp_ms))  # type: ignore[arg-type]
+    assert letter.failed_at == expected
+    assert letter.message_id == "orders.v1.dlq:0:7"
