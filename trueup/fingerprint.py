@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import json
 import math
 import re
 import struct
 import uuid
+import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -79,8 +81,6 @@ _KINDS: dict[str, Kind] = {
 }
 #: float types render through numeric with these significant digits (Postgres's float8_numeric).
 _FLOAT_DIGITS = {"float4": 6}
-#: 2^53: every double from here on is an integer and renders through numeric (15 digits).
-FLOAT8_EXACT_LIMIT = 9007199254740992
 
 
 class UnsupportedType(TrueupError):
@@ -127,14 +127,26 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
         if ctype.name in ("int2", "int4", "int8", "oid"):
             return sql.SQL("({})::text").format(column)
         if ctype.name == "float8":
-            # Shortest round-trip text (extra_float_digits >= 1; + 0 turns -0 into 0, which
-            # numeric and jsonb cannot tell apart either): 2 s per 5M rows cheaper than
-            # going through numeric, and exact. From 2^53 on (integers only, where Postgres's
-            # digits are not always the shortest) through numeric, as Python does too.
+            # Every distinct double renders distinctly, in the plain decimal form of numbers.
+            # From 1e-4 to 1e15 Postgres's own text is that already (the shortest round-trip
+            # digits, extra_float_digits >= 1, without exponent): the cheap, common case. A
+            # whole number is its exact integer (through bigint, or from its bits past bigint's
+            # range: from 2^53 on Postgres's text is not always the shortest digits, and its
+            # numeric cast keeps 15), -0 is 0; any other value is its shortest text read as
+            # numeric (1e-05 is 0.00001).
+            value = sql.SQL("(({})::float8)").format(column)
+            bits = sql.SQL("(('x' || encode(float8send({}), 'hex'))::bit(64)::int8)").format(value)
             return sql.SQL(
-                "(CASE WHEN abs(({0})::float8) >= {1} AND abs(({0})::float8) <> 'Infinity' "
-                "THEN trim_scale(({0})::numeric)::text ELSE (({0})::float8 + 0)::text END)"
-            ).format(column, sql.Literal(FLOAT8_EXACT_LIMIT))
+                "(CASE WHEN abs({0}) >= 1e-4::float8 AND abs({0}) < 1e15::float8 "
+                "THEN ({0})::text "
+                "WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::float8 "
+                "THEN ({0})::int8::text "
+                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::float8 "
+                "THEN trim_scale(sign({0})::numeric * (({1} & 4503599627370495) "
+                "| 4503599627370496)::numeric "
+                "* power(2::numeric, (({1} >> 52) & 2047)::int4 - 1075))::text "
+                "ELSE trim_scale(({0})::text::numeric)::text END)"
+            ).format(value, bits)
         return sql.SQL("trim_scale(({})::numeric)::text").format(column)
     if ctype.kind is Kind.TEXT:
         return sql.SQL("(octet_length(({0})::text)::text || ':' || ({0})::text)").format(column)
@@ -252,19 +264,53 @@ def row_hash(key_text: str, version_text: str, fp: int) -> int:
     return pg_hash(f"{key_text}{PART_SEPARATOR}{version_text}{PART_SEPARATOR}{fp}")
 
 
+#: The whitespace Postgres's input functions skip around a value (C's isspace).
+PG_SPACE = " \t\n\r\v\f"
+#: A number as Postgres's numeric and integer inputs read it (ASCII digits: no ``1_000``).
+_DECIMAL_TEXT = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+#: numeric's words: NaN (no sign) and the infinities, in any case.
+_NUMERIC_WORD = re.compile(r"nan|[+-]?inf(?:inity)?", re.IGNORECASE)
+#: A float's words as strtod reads them, and its hexadecimal form (``0x1p3``).
+_FLOAT_WORD = re.compile(r"[+-]?(?:nan|inf(?:inity)?)", re.IGNORECASE)
+_FLOAT_HEX = re.compile(
+    r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?\d+)?")
+
+
+def _number_text(text: str, ctype: ColumnType) -> decimal.Decimal | float:
+    """A string as the type's input function reads it (ValueError when it refuses it)."""
+    text = text.strip(PG_SPACE)
+    if _DECIMAL_TEXT.fullmatch(text):
+        return decimal.Decimal(text)
+    if ctype.float_digits is not None or ctype.name == "float8":
+        if _FLOAT_WORD.fullmatch(text):
+            return float(text)
+        if _FLOAT_HEX.fullmatch(text):
+            return float.fromhex(text)
+    elif _NUMERIC_WORD.fullmatch(text):
+        return decimal.Decimal(text.lstrip("+"))
+    raise ValueError(f"not a number: {text!r}")
+
+
+def _as_double(value: Any) -> float:
+    """A JSON number or numeric text as float8's input reads it: out of range (rounding to
+    zero or past the largest double) is refused, as Postgres refuses it."""
+    number = float(value)
+    if isinstance(value, decimal.Decimal) and value.is_finite() and (
+            math.isinf(number) or (number == 0 and not value.is_zero())):
+        raise ValueError(f"{value} is out of range for type double precision")
+    return number
+
+
 def _number(value: Any, ctype: ColumnType) -> str | None:
     if isinstance(value, bool):
         return None
+    if isinstance(value, str):
+        value = _number_text(value, ctype)
     if ctype.name == "float8":
-        number = float(value.strip() if isinstance(value, str) else value)
-        if math.isfinite(number) and abs(number) >= FLOAT8_EXACT_LIMIT:
-            return _plain_decimal(decimal.Decimal(f"{number:.15g}"))
-        return float8_text(number)
+        return float8_text(_as_double(value))
     if isinstance(value, int) and ctype.float_digits is None:
         return str(value)
-    if isinstance(value, str):
-        value = decimal.Decimal(value.strip())
-    elif isinstance(value, float):
+    if isinstance(value, float):
         value = decimal.Decimal(repr(value))
     elif isinstance(value, int):
         value = decimal.Decimal(value)
@@ -276,35 +322,30 @@ def _number(value: Any, ctype: ColumnType) -> str | None:
         return "Infinity" if value > 0 else "-Infinity"
     if ctype.float_digits is not None:
         # Postgres converts float to numeric through "%.{FLT_DIG or DBL_DIG}g" of the stored
-        # value; a real is stored in single precision, so round to that first.
-        number = float(value)
+        # value; a real is stored in single precision, so round to that first (past its range
+        # or down to zero, float4's input refuses it).
+        number = _as_double(value)
         if ctype.name == "float4":
             number = struct.unpack("f", struct.pack("f", number))[0]
+            if math.isinf(number) or (number == 0 and not value.is_zero()):
+                raise ValueError(f"{value} is out of range for type real")
         value = decimal.Decimal(f"{number:.{ctype.float_digits}g}")
     return _plain_decimal(value)
 
 
 def float8_text(number: float) -> str:
-    """``number::float8::text`` as Postgres 12+ prints it: the shortest text that reads back as
-    the same double, in exponent form below 1e-4 and from 1e15 on (two exponent digits at
-    least). Python's ``repr`` finds the same shortest digits; only the layout differs."""
+    """The canonical text of a double: every distinct double renders distinctly, in the plain
+    decimal form of numbers. A whole number is its exact integer (``1e20`` is
+    ``100000000000000000000``, ``2^60`` is ``1152921504606846976``), any other value the
+    shortest digits that read back as the same double (Python's ``repr``, Postgres's
+    ``float8out``) without exponent (``0.1``, ``0.00001``); ``0`` for -0."""
     if math.isnan(number):
         return "NaN"
     if math.isinf(number):
         return "Infinity" if number > 0 else "-Infinity"
-    if number == 0:
-        return "0"  # -0 too: it equals 0, and numeric and jsonb cannot hold it
-    sign = "-" if number < 0 else ""
-    digits_tuple = decimal.Decimal(repr(abs(number))).as_tuple()
-    digits = "".join(map(str, digits_tuple.digits)).rstrip("0") or "0"
-    exponent = len(digits_tuple.digits) + int(digits_tuple.exponent) - 1
-    if exponent < -4 or exponent >= 15:
-        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{sign}{mantissa}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
-    if exponent < 0:
-        return f"{sign}0.{'0' * (-exponent - 1)}{digits}"
-    whole, fraction = digits[:exponent + 1].ljust(exponent + 1, "0"), digits[exponent + 1:]
-    return f"{sign}{whole}" + (f".{fraction}" if fraction else "")
+    if number.is_integer():
+        return str(int(number))  # -0 too: it equals 0, and numeric and jsonb cannot hold it
+    return _plain_decimal(decimal.Decimal(repr(number)))
 
 
 def _plain_decimal(value: decimal.Decimal) -> str:
@@ -326,53 +367,126 @@ def _text(value: Any, ctype: ColumnType) -> str | None:
     return f"{len(text.encode())}:{text}"
 
 
+#: What Postgres's boolin reads, after trimming whitespace and in any case: its words, any
+#: prefix of them that is not ambiguous (``o`` is), ``1`` and ``0``.
+_BOOL_WORDS = {
+    **{w[:n]: "true" for w in ("true", "yes") for n in range(1, len(w) + 1)},
+    **{w[:n]: "false" for w in ("false", "no") for n in range(1, len(w) + 1)},
+    "on": "true", "of": "false", "off": "false", "1": "true", "0": "false",
+}
+
+
 def _bool(value: Any, ctype: ColumnType) -> str | None:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int) and value in (0, 1):
         return "true" if value else "false"
     if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered in ("t", "true", "y", "yes", "on", "1"):
-            return "true"
-        if lowered in ("f", "false", "n", "no", "off", "0"):
-            return "false"
-    return None
-
-
-def _infinity(value: Any) -> str | None:
-    """``infinity`` or ``-infinity`` for Postgres's spellings of an infinite time, else None."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text in ("infinity", "+infinity"):
-            return "infinity"
-        if text == "-infinity":
-            return "-infinity"
+        return _BOOL_WORDS.get(value.strip(PG_SPACE).lower())
     return None
 
 
 #: Fractional seconds finer than microseconds (Java's Instant, Go's time write nanoseconds).
 _FINE_FRACTION = re.compile(r"\.(\d{7,})")
+#: A zone named after the time (``2026-01-01 00:00:00 UTC``, ``... Europe/Paris``).
+_ZONE_NAME = re.compile(r"(?<=[\d\s])\s*([A-Za-z_]+(?:/[A-Za-z_]+)*)$")
+#: Names of UTC that Postgres reads whatever its abbreviation settings.
+_UTC_NAMES = frozenset({"z", "utc", "gmt", "ut", "zulu", "etc/utc", "etc/gmt", "etc/zulu",
+                        "etc/universal", "universal", "etc/uct", "uct", "etc/greenwich",
+                        "greenwich"})
+#: Hour 24 (the midnight that ends a day) and second 60 (a leap second), which Postgres reads
+#: as the next day's midnight and the next minute's first second.
+_HOUR_24 = re.compile(r"(?<=[T ])24:00(?::00(?:\.0*)?)?(?=$|[^\d.:])")
+_SECOND_60 = re.compile(r"(?<=:\d\d:)60(?:\.0*)?(?![\d.])")
+
+
+@functools.cache
+def _zone_names() -> dict[str, str]:
+    """IANA zone names by their lower case: Postgres finds them in any case."""
+    return {name.lower(): name for name in zoneinfo.available_timezones()}
+
+
+def _zone(name: str) -> dt.tzinfo:
+    """A zone named in a time, as Postgres reads it. Only UTC's names and IANA region names
+    (``Europe/Paris``): abbreviations (``EST``, ``CET``) mean what Postgres's
+    timezone_abbreviations setting says, which Python cannot know, so they are refused."""
+    lowered = name.lower()
+    if lowered in _UTC_NAMES:
+        return dt.UTC
+    if "/" in lowered and lowered in _zone_names():
+        return zoneinfo.ZoneInfo(_zone_names()[lowered])
+    raise ValueError(f"time zone {name!r} not read")
+
+
+def _localize(moment: dt.datetime, zone: dt.tzinfo) -> dt.datetime:
+    """A wall-clock time in ``zone`` as Postgres places it: in a jump back (an hour that
+    happens twice) after the jump, in a jump forward (an hour that never happens) before it;
+    the smaller of the two offsets either way."""
+    first = moment.replace(tzinfo=zone, fold=0)
+    second = moment.replace(tzinfo=zone, fold=1)
+    offset = min(first.utcoffset() or dt.timedelta(0), second.utcoffset() or dt.timedelta(0))
+    return moment.replace(tzinfo=dt.timezone(offset))
+
+
+def _split_time(text: str) -> tuple[str, dt.tzinfo | None, dt.timedelta]:
+    """An ISO 8601 time as Postgres reads it: the text ``fromisoformat`` reads, the zone named
+    after it (if any) and what to add (hour 24, second 60)."""
+    zone: dt.tzinfo | None = None
+    named = _ZONE_NAME.search(text)
+    if named is not None:
+        zone = _zone(named.group(1))
+        text = text[:named.start()]
+    extra = dt.timedelta(0)
+    if _HOUR_24.search(text):
+        text, extra = _HOUR_24.sub("00:00:00", text), dt.timedelta(days=1)
+    elif _SECOND_60.search(text):
+        text, extra = _SECOND_60.sub("59", text), dt.timedelta(seconds=1)
+    return text, zone, extra
 
 
 def _parse_instant(text: str) -> dt.datetime:
     """An ISO 8601 time, its fraction rounded to microseconds as Postgres rounds it (``rint``
-    of the fraction read as a double), where ``fromisoformat`` would cut it off."""
+    of the fraction read as a double), where ``fromisoformat`` would cut it off; a zone may
+    be named after it, as Postgres reads it (see :func:`_zone`)."""
+    text, zone, extra = _split_time(text)
     fine = _FINE_FRACTION.search(text)
-    if fine is None:
-        return dt.datetime.fromisoformat(text)
-    micros = round(float("0." + fine.group(1)) * 1_000_000)  # round half to even, as rint
-    carry, micros = divmod(micros, 1_000_000)
-    moment = dt.datetime.fromisoformat(f"{text[:fine.start()]}.{micros:06d}{text[fine.end():]}")
-    return moment + dt.timedelta(seconds=carry)
+    if fine is not None:
+        micros = round(float("0." + fine.group(1)) * 1_000_000)  # round half to even, as rint
+        carry, micros = divmod(micros, 1_000_000)
+        text = f"{text[:fine.start()]}.{micros:06d}{text[fine.end():]}"
+        extra += dt.timedelta(seconds=carry)
+    moment = dt.datetime.fromisoformat(text)
+    if zone is not None:
+        if moment.tzinfo is not None:
+            raise ValueError("both an offset and a time zone")
+        moment = _localize(moment, zone)
+    return moment + extra
+
+
+def _special_time(value: Any) -> str | None:
+    """``infinity``, ``-infinity`` or ``epoch`` for Postgres's spellings of them, else None.
+
+    Postgres also reads ``now``, ``today``, ``tomorrow`` and ``yesterday``: times of the moment
+    the message is read, never what it meant. They are not read here (a mismatch)."""
+    if isinstance(value, str):
+        text = value.strip(PG_SPACE).lower()
+        if text in ("infinity", "+infinity"):
+            return "infinity"
+        if text == "-infinity":
+            return "-infinity"
+        if text == "epoch":
+            return "epoch"
+    return None
 
 
 def _timestamp(value: Any, ctype: ColumnType) -> str | None:
-    infinite = _infinity(value)
-    if infinite is not None:
-        return infinite
+    special = _special_time(value)
+    if special == "epoch":
+        return "0"
+    if special is not None:
+        return special
     if isinstance(value, str):
-        value = _parse_instant(value.strip())
+        value = _parse_instant(value.strip(PG_SPACE))
     if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
         value = dt.datetime(value.year, value.month, value.day)
     if not isinstance(value, dt.datetime):
@@ -382,12 +496,24 @@ def _timestamp(value: Any, ctype: ColumnType) -> str | None:
     return str((value - _EPOCH) // dt.timedelta(microseconds=1))
 
 
+#: Where the date ends and a time begins in an ISO 8601 string.
+_DATE_TIME = re.compile(r"(\d{4}-?\d{2}-?\d{2})[T ](.+)$", re.ASCII)
+
+
 def _date(value: Any, ctype: ColumnType) -> str | None:
-    infinite = _infinity(value)
-    if infinite is not None:
-        return infinite
+    special = _special_time(value)
+    if special == "epoch":
+        return "0"
+    if special is not None:
+        return special
     if isinstance(value, str):
-        value = dt.date.fromisoformat(value.strip())
+        text, _, _ = _split_time(value.strip(PG_SPACE))  # the zone is checked, not applied
+        parts = _DATE_TIME.match(text)
+        if parts is not None:
+            # Postgres's date input takes a time and an offset, and keeps the date as written
+            _parse_instant(f"2000-01-01T{parts.group(2)}")
+            text = parts.group(1)
+        value = dt.date.fromisoformat(text)
     if isinstance(value, dt.datetime):
         value = value.date()
     if not isinstance(value, dt.date):
@@ -450,14 +576,61 @@ def _jsonb_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_float=decimal.Decimal, parse_constant=_no_constant)
+_JSON_SPACE = " \t\n\r"
+
+
 def loads(payload: bytes | str) -> Any:
     """Parse a JSON message keeping numbers exact (decimals stay :class:`decimal.Decimal`).
 
-    Raises ValueError for anything that cannot be read, JSON nested too deeply included."""
+    Reads what Postgres's json reads: UTF-8 only (no UTF-16 guessed from the bytes, no byte
+    order mark), no bare ``NaN`` or ``Infinity``. Raises ValueError for anything that cannot
+    be read, JSON nested too deeply included."""
     try:
-        return json.loads(payload, parse_float=decimal.Decimal)
+        text = payload.decode() if isinstance(payload, bytes | bytearray) else payload
+        return _DECODER.decode(text)
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+
+
+def raw_fields(payload: bytes | str) -> dict[str, str]:
+    """The JSON text of each field of a JSON object, exactly as the message writes it (the
+    last of duplicate fields): what Postgres's ``json_to_record`` and ``->>`` give for a field
+    that is not a string read as text (``1e3``, ``-0``, ``{"b":1,  "a":2}``)."""
+    text = payload.decode() if isinstance(payload, bytes | bytearray) else payload
+    raw: dict[str, str] = {}
+
+    def skip(at: int) -> int:
+        while at < len(text) and text[at] in _JSON_SPACE:
+            at += 1
+        return at
+
+    at = skip(0)
+    if text[at:at + 1] != "{":
+        raise ValueError("not a JSON object")
+    at = skip(at + 1)
+    if text[at:at + 1] == "}":
+        return raw
+    while True:
+        if text[at:at + 1] != '"':
+            raise ValueError("expected a field name")
+        name, at = _DECODER.raw_decode(text, at)
+        at = skip(at)
+        if text[at:at + 1] != ":":
+            raise ValueError("expected ':'")
+        at = skip(at + 1)
+        _, end = _DECODER.raw_decode(text, at)
+        raw[name] = text[at:end]
+        at = skip(end)
+        if text[at:at + 1] == "}":
+            return raw
+        if text[at:at + 1] != ",":
+            raise ValueError("expected ',' or '}'")
+        at = skip(at + 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ class MirrorShape:
         """Changes whenever stored fingerprints would mean something else: then rebuild."""
         parts = [self.topic, self.key_fields, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v2"]
+                 self.column_fields, [t.name for t in self.column_types], "v3"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

@@ -32,6 +32,7 @@ from trueup.fingerprint import (
     fields_sql,
     fields_text,
     loads,
+    raw_fields,
     storage_type,
 )
 from trueup.fingerprint import copy_text as value_text
@@ -100,6 +101,8 @@ class Merger:
                         *shape.key_columns, *(["version"] if shape.version_type else []),
                         "fields", "reason"]
         self._parse_sql = self._build_parse()
+        #: JSON fields read as text (Postgres reads a field once, as the first type asking)
+        self._text_fields = self._fields_read_as_text()
         self._merge_sql = self._build_merge()
 
     def merge(self, messages: Sequence[RawMessage]) -> None:
@@ -251,6 +254,16 @@ class Merger:
 
     # -- in Python -----------------------------------------------------------------------------
 
+    def _fields_read_as_text(self) -> frozenset[str]:
+        shape = self.shape
+        first: dict[str, ColumnType] = {}
+        for field, ctype in [*zip(shape.key_fields, shape.key_types, strict=True),
+                             *([(shape.version_field, shape.version_type)]
+                               if shape.version_field and shape.version_type else []),
+                             *zip(shape.column_fields, shape.column_types, strict=True)]:
+            first.setdefault(field, ctype)
+        return frozenset(f for f, t in first.items() if t.kind is Kind.TEXT)
+
     def python_rows(self, messages: Sequence[RawMessage]) -> Iterator[tuple[Any, ...]]:
         shape = self.shape
         n_keys = len(shape.key_columns)
@@ -273,6 +286,12 @@ class Merger:
             if not isinstance(document, dict):
                 yield (*head, False, *filler, None, "not a JSON object")
                 continue
+            if any(not isinstance(document.get(f), str | None) for f in self._text_fields):
+                # a number, boolean, object or array read as text is its JSON as written
+                # (json_to_record's reading): 1e3 is "1e3", not "1000"
+                raw = raw_fields(m.value)
+                document = {**document, **{f: raw[f] for f in self._text_fields
+                                           if not isinstance(document.get(f), str | None)}}
             key_values = [document.get(f) for f in shape.key_fields]
             missing = [f for f, k in zip(shape.key_fields, key_values, strict=True) if k is None]
             if missing:

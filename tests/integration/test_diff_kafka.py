@@ -537,3 +537,40 @@ def test_fields_named_longer_than_a_postgres_column_are_read(
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         [found] = differences_of(conn, run.run_id)
     assert (found.key, found.cls.value) == ([3], "mismatch")
+
+
+def test_values_read_the_same_whether_or_not_a_message_of_the_batch_is_unreadable(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    """Postgres reads a batch unless it refuses one of its messages (then Python reads it):
+    an unreadable message must not turn the rows beside it into mismatches."""
+    source = new_db()
+    _orders(source, 6)
+    statuses = {1: "1e3", 2: "-0", 3: '{"b":1,  "a":2}', 4: "2.50E+2", 5: "x", 6: "y"}
+    with psycopg.connect(source, autocommit=True) as conn:
+        for i, status in statuses.items():
+            conn.execute("UPDATE public.orders SET status = %s WHERE id = %s", (status, i))
+    at = '"2026-01-01T00:00:00+00:00"'
+    written = {1: ('1e3', at), 2: ('-0', at), 3: ('{"b":1,  "a":2}', at),
+               4: ('2.50E+2', at), 5: ('"x"', '"2026-01-01 00:00:00 UTC"'),
+               6: ('"y"', '"2026-01-01 01:00:00 Europe/Paris"')}
+    messages: list[tuple[str | None, Any]] = [
+        (str(i), f'{{"id": {i}, "v": 1, "state": {state}, "total": {i}, "at": {when}}}'.encode())
+        for i, (state, when) in written.items()]
+    _produce(kafka_bootstrap, topic, [(k, v) for k, v in messages])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    alone = diff(config, "events")
+    assert (alone.mismatch, alone.unreadable, alone.target_rows) == (0, 0, 6)
+
+    other = new_db()  # the same rows against a topic where one message is no JSON
+    _orders(other, 6)
+    with psycopg.connect(other, autocommit=True) as conn:
+        for i, status in statuses.items():
+            conn.execute("UPDATE public.orders SET status = %s WHERE id = %s", (status, i))
+    _produce(kafka_bootstrap, topic, [("7", b"oops")])
+    config = _config(tmp_path, state_db, other, kafka_bootstrap, topic, ["id"])
+    with psycopg.connect(state_db, autocommit=True) as conn:  # read the topic again, at once
+        conn.execute("DELETE FROM trueup.mirror_offsets WHERE reconciliation = 'events'")
+        conn.execute("TRUNCATE trueup_mirror.events")
+    together = diff(config, "events")
+    assert (together.mismatch, together.unreadable, together.target_rows) == (0, 1, 6)

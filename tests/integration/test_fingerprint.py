@@ -32,6 +32,7 @@ from trueup.fingerprint import (
     fingerprint_sql,
     loads,
     pg_hash,
+    raw_fields,
 )
 
 pytestmark = pytest.mark.postgres
@@ -148,6 +149,48 @@ def test_numeric_integer_and_float_columns_agree_on_one_value(
              [(decimal.Decimal("1050.00"), "numeric"), (1050, "int8"), (1050.0, "float8"),
               (decimal.Decimal("1.05E+3"), "numeric")]}
     assert texts == {"1050"}
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    (1e20, 1.0000000000000002e20), (9007199254740992.0, 9007199254740994.0),
+    (2.0**60, 2.0**60 + 256), (1.7976931348623157e308, 1.7976931348623155e308),
+    (-20034855448587448.0, -20034855448587452.0), (0.30000000000000004, 0.3)])
+def test_distinct_doubles_render_distinctly_from_2_to_the_53_on_too(
+        pg: psycopg.Connection[Any], one: float, other: float) -> None:
+    # From 2^53 on the doubles are integers 2, 4, 8... apart: 15 significant digits
+    # (numeric's cast) called 1e20 and the next double equal.
+    assert one != other
+    texts = [_sql_text(pg, [v], ["float8"])[0] for v in (one, other)]
+    assert texts[0] != texts[1]
+    assert texts == [_python([_Raw(repr(v))], ["float8"])[0] for v in (one, other)]
+
+
+@SETTINGS
+@given(value=st.floats(allow_nan=False, allow_infinity=False, width=64),
+       step=st.sampled_from([-1.0, 1.0]))
+def test_neighbouring_doubles_never_render_alike(pg: psycopg.Connection[Any], value: float,
+                                                 step: float) -> None:
+    import math
+    neighbour = math.nextafter(value, math.copysign(math.inf, step))
+    if neighbour == value or math.isinf(neighbour) or value == 0 == neighbour:
+        return
+    texts = [_sql_text(pg, [v], ["float8"])[0] for v in (value, neighbour)]
+    assert texts[0] != texts[1], (value, neighbour)
+    assert texts == [_python([_Raw(repr(v))], ["float8"])[0] for v in (value, neighbour)]
+
+
+@pytest.mark.parametrize(("value", "text"), [
+    (1e20, "100000000000000000000"), (2.0**60, "1152921504606846976"),
+    (-2.0**70, "-1180591620717411303424"), (1e-05, "0.00001"), (0.1, "0.1"),
+    (1.5e-7, "0.00000015"), (-0.0, "0"), (1050.0, "1050")])
+def test_a_double_renders_as_the_plain_decimal_of_its_value(
+        pg: psycopg.Connection[Any], value: float, text: str) -> None:
+    # whole doubles as the very integer (as bigint and numeric render it), others as the
+    # shortest text that reads back as the same double: the form of every number
+    assert _sql_text(pg, [value], ["float8"])[0] == text
+    assert _python([_Raw(repr(value))], ["float8"])[0] == text
+    if float(text) == int(float(text)):
+        assert _sql_text(pg, [int(float(text))], ["numeric"])[0] == text
 
 
 # -- text-like ---------------------------------------------------------------------------------
@@ -323,6 +366,83 @@ def test_unreadable_value_never_equals_a_valid_rendering() -> None:
     ctypes = [ColumnType.of("int8")]
     assert fields_text(["not a number"], ctypes) == '!"not a number"'
     assert random.Random(0)  # keep the import honest for seeded cases elsewhere
+
+
+def _postgres_reads(pg: psycopg.Connection[Any], json_value: str, type_name: str) -> str | None:
+    """How the mirror's Postgres path reads ``{"x": json_value}`` (json_to_record, cast to the
+    column's type as staging does), in canonical text; None when Postgres refuses it."""
+    from trueup.staging import _record_type, _record_value
+    ctype = ColumnType.of(type_name)
+    column = _record_value(sql.SQL("x.x"), ctype)
+    try:
+        with pg.transaction():
+            row = pg.execute(sql.SQL("SELECT {} FROM json_to_record(%s::json) AS x(x {})").format(
+                fields_sql([column], [ctype]), _record_type(ctype)),
+                ('{"x": ' + json_value + "}",)).fetchone()
+    except psycopg.errors.DataError:
+        return None
+    assert row is not None
+    return str(row[0])
+
+
+def _python_reads(json_value: str, type_name: str) -> str:
+    """How the mirror's Python path reads the same field (a value that is no string read as
+    text is its JSON as written)."""
+    ctype = ColumnType.of(type_name)
+    value = loads('{"x": ' + json_value + "}")["x"]
+    if ctype.kind.value == "text" and not isinstance(value, str | None):
+        value = raw_fields('{"x": ' + json_value + "}")["x"]
+    return fields_text([value], [ctype])
+
+
+@pytest.mark.parametrize(("json_value", "type_name"), [
+    ("1e3", "text"), ("-0", "text"), ('{"b":1,  "a":2}', "text"), ("2.50E+2", "varchar"),
+    ("[1.0, null]", "text"), ("true", "text"), ("1e3", "bpchar"),
+    ('"ye"', "bool"), ('"of"', "bool"), ('" ON "', "bool"), ('"Tr"', "bool"),
+    ('"2026-01-01 00:00:00 UTC"', "timestamptz"), ('"2026-01-01 00:00:00 utc"', "timestamp"),
+    ('"2026-01-01 00:00:00 Europe/Paris"', "timestamptz"),
+    ('"2026-11-01 01:30:00 America/New_York"', "timestamptz"),  # happens twice
+    ('"2026-03-08 02:30:00 America/New_York"', "timestamptz"),  # never happens
+    ('"2026-01-01T24:00:00Z"', "timestamptz"), ('"2026-12-31T23:59:60Z"', "timestamp"),
+    ('"epoch"', "timestamptz"), ('"EPOCH"', "timestamp"), ('"epoch"', "date"),
+    ('"2026-01-01T00:00:00Z"', "date"), ('"2026-03-04 00:00:00"', "date"),
+    ('"2026-01-01 23:00:00-05"', "date"), ('"2026-01-01T23:59:59.9999995Z"', "date"),
+    ('"2026-01-01T24:00:00"', "date"), ('"2026-01-01 10:00 Europe/Paris"', "date"),
+    ('"0x10"', "float8"), ('"-nan"', "float8"), ('" 1.5 "', "numeric"), ('"inf"', "numeric"),
+    ("1e20", "float8"), ("9007199254740993", "float8"), ("1e-320", "float8"),
+])
+def test_both_mirror_paths_read_a_field_alike(pg: psycopg.Connection[Any], json_value: str,
+                                              type_name: str) -> None:
+    """A batch of messages is read by Postgres, or by Python when Postgres refuses any message
+    of it: a message must read the same either way (Postgres's reading is the reference)."""
+    expected = _postgres_reads(pg, json_value, type_name)
+    assert expected is not None and not expected.startswith("!")
+    assert _python_reads(json_value, type_name) == expected
+
+
+@pytest.mark.parametrize(("json_value", "type_name"), [
+    ('"1_000"', "numeric"), ('"1_000"', "float8"), ('"1_000"', "int8"), ("1e-400", "float8"),
+    ("1e400", "float8"), ("3.5e38", "float4"), ("1e-50", "float4"), ('"sNaN"', "numeric"),
+    ('"+NaN"', "numeric"), ('"\u0661"', "numeric"), ('"\u00a01"', "float8"),
+    ('"ye s"', "bool"), ('"o"', "bool"), ('"2026-01-01 00:00:00 Nowhere/Land"', "timestamptz"),
+    ('"2026-01-01T23:59:60.5Z"', "timestamptz"), ('"2026-01-01 00:00:00+01 UTC"', "timestamptz"),
+])
+def test_python_refuses_what_postgres_refuses(pg: psycopg.Connection[Any], json_value: str,
+                                              type_name: str) -> None:
+    """Read leniently in Python, 1e-400 would be a float 0 and "1_000" the number 1000, equal
+    to a source's: such a message must show up as a mismatch, as its value is no such thing."""
+    assert _postgres_reads(pg, json_value, type_name) is None
+    assert _python_reads(json_value, type_name).startswith("!")
+
+
+@pytest.mark.parametrize("payload", [b'{"x": NaN}', b'{"x": -Infinity}', b'{"x": Infinity}',
+                                     b'\xef\xbb\xbf{"x": 1}', '{"x": 1}'.encode("utf-16")])
+def test_messages_postgres_cannot_parse_are_not_json_in_python_either(
+        pg: psycopg.Connection[Any], payload: bytes) -> None:
+    with pytest.raises((psycopg.errors.DataError, UnicodeDecodeError)), pg.transaction():
+        pg.execute("SELECT %s::json", (payload.decode(),))
+    with pytest.raises(ValueError):
+        loads(payload)
 
 
 @pytest.mark.parametrize("type_name", ["timestamptz", "timestamp", "date"])
