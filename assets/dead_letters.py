@@ -24,6 +24,8 @@ from assets.keys import queue_key, topic_key
 from trueup.checks import record_check_results
 from trueup.config import Config
 from trueup.dlq import DlqReport, inspect
+from trueup.errors import TrueupError, UsageError
+from trueup.letters import LetterFilter
 from trueup.replay import ReplayOptions, replay
 from trueup.statuses import CheckSeverity
 
@@ -66,6 +68,10 @@ class ReplayRunConfig(dg.Config):
         if self.rate is not None and self.rate <= 0:
             raise dg.Failure(f"rate: expected a positive number of dead letters per second "
                              f"(got {self.rate})")
+        try:
+            LetterFilter.parse(self.where)
+        except UsageError as exc:  # its message names the CLI's --where; here it is where
+            raise dg.Failure(f"where: {str(exc).removeprefix('--where: ')}") from exc
 
 
 def check_result(report: DlqReport, *, max_depth: int = MAX_DEPTH,
@@ -138,9 +144,12 @@ def _definitions(config: Config, name: str, *, max_depth: int,
     @dg.op(name=f"replay_{name}_op", description=f"trueup replay {name}")
     def _replay(context: OpExecutionContext, config: ReplayRunConfig) -> None:
         config.check()
-        summary = replay(trueup_config, name, ReplayOptions(
-            max_messages=config.max, rate=config.rate, dry_run=config.dry_run,
-            where=config.where))
+        try:
+            summary = replay(trueup_config, name, ReplayOptions(
+                max_messages=config.max, rate=config.rate, dry_run=config.dry_run,
+                where=config.where))
+        except TrueupError as exc:  # one line for the user, as the CLI prints, no traceback
+            raise dg.Failure(description=str(exc)) from exc
         context.log.info(f"replay {summary.replay_id}: {summary.as_json()}")
         context.add_output_metadata(summary.as_json())
 

@@ -139,10 +139,14 @@ def _schedule(name: str, cron: str, job: Any,
 
     @dg.schedule(name=f"reconcile_{name}_schedule", job=job, cron_schedule=cron,
                  execution_timezone="UTC")
-    def _days(context: ScheduleEvaluationContext) -> list[dg.RunRequest]:
+    def _days(context: ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
         moment = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
+        days = scheduled_days(cron, moment, start)
+        if not days:
+            return dg.SkipReason(f"{name}: its daily partitions start on {start.isoformat()}; "
+                                 f"nothing to check at {moment.isoformat()}")
         return [dg.RunRequest(run_key=f"{name}-{day}-{moment.isoformat()}", partition_key=day)
-                for day in scheduled_days(cron, moment, start)]
+                for day in days]
 
     return _days
 
@@ -152,10 +156,13 @@ def scheduled_days(cron: str, moment: dt.datetime, start: dt.date) -> list[str]:
     the partition still being written, and, at the first tick of a day, the day before too.
 
     Without the day before, rows updated after a day's last tick would never be checked by
-    the schedule (``0 2 * * *`` would miss 02:00-24:00 of every day).
+    the schedule (``0 2 * * *`` would miss 02:00-24:00 of every day). Before ``start`` there
+    is no partition yet: no days.
     """
     utc = moment.astimezone(dt.UTC)
     day = utc.date()
+    if day < start:
+        return []
     days = [day]
     previous_tick: dt.datetime = croniter(cron, utc).get_prev(dt.datetime)
     if previous_tick.astimezone(dt.UTC).date() != day and day - dt.timedelta(days=1) >= start:

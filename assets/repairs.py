@@ -10,7 +10,13 @@ row-level lineage become the materialization's metadata.
 The sensor watches the differences asset: for every run since its last tick (one per
 partition, say) that finds between 1 and ``auto_repair.max_differences`` repairable
 differences it launches a backfill of that run; above that it only reports (large drift needs
-a person to look).
+a person to look). The circuit breaker also holds back:
+
+- every run of a tick in which one run found too many differences (the tick's skip reason
+  says which run tripped it);
+- every run while the reconciliation's latest backfill failed (a new one would most likely
+  fail the same way) or a backfill is still planning or running (a second one would fail
+  with a conflict): the skip reason names that backfill and what to do about it.
 """
 
 import json
@@ -39,6 +45,8 @@ LINEAGE_SAMPLE_ROWS = 20
 SCOPES = ("auto", "run", "partition", "all")
 #: Materializations the auto-repair sensor decides on per tick; the rest wait for the next.
 AUTO_REPAIR_BATCH = 100
+#: Characters of a failed backfill's error quoted in the sensor's skip reason.
+ERROR_EXCERPT_CHARS = 200
 
 
 def repairs_key(name: str) -> dg.AssetKey:
@@ -166,11 +174,16 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
     return _repairs
 
 
+def repairable_count(metadata: dict[str, Any]) -> int:
+    """The differences of a differences materialization that a backfill can fix."""
+    return sum(int(metadata.get(c.value, 0)) for c in REPAIRABLE)
+
+
 def auto_repair_decision(name: str, metadata: dict[str, Any], max_differences: int,
                          partition: str | None) -> dg.RunRequest | dg.SkipReason:
     """Launch a backfill of the run, or skip (nothing to do, or the circuit breaker opened)."""
     run_id = metadata.get("run_id")
-    count = sum(int(metadata.get(c.value, 0)) for c in REPAIRABLE)
+    count = repairable_count(metadata)
     if run_id is None:
         return dg.SkipReason("the materialization has no run_id")
     if count == 0:
@@ -186,15 +199,57 @@ def auto_repair_decision(name: str, metadata: dict[str, Any], max_differences: i
         tags={"trueup/reconciliation": name, "trueup/run_id": str(run_id)})
 
 
+def blocking_backfill(state_dsn: str, name: str) -> dict[str, Any] | None:
+    """The backfill of ``name`` that stops the auto-repair: the active one (planning or
+    running), else the newest when it failed; None when a new backfill may start."""
+    with connect(state_dsn, what="state", autocommit=True) as conn:
+        row = conn.execute(
+            # the active one first (one at most: backfills_one_active_idx), else the newest
+            "SELECT backfill_id, status, error FROM trueup.backfills "
+            "WHERE reconciliation = %s "
+            "ORDER BY status IN ('planning', 'running') DESC, created_at DESC, backfill_id DESC "
+            "LIMIT 1", (name,)).fetchone()
+    if row is None:
+        return None
+    status = BackfillStatus(row["status"])
+    return row if status.active or status is BackfillStatus.FAILED else None
+
+
+def _runs(requests: list[dg.RunRequest]) -> str:
+    ids = [r.tags["trueup/run_id"] for r in requests]
+    return f"run{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
+
+
+def paused_reason(name: str, backfill: dict[str, Any], requests: list[dg.RunRequest]) -> str:
+    """Why no backfill of ``requests``' runs is launched while ``backfill`` is in the way, and
+    what a person does about it."""
+    backfill_id, status = backfill["backfill_id"], BackfillStatus(backfill["status"])
+    held = f"not launching the backfill of {_runs(requests)}"
+    if status.active:
+        return (f"auto-repair of {name} waits: backfill {backfill_id} is still {status.value} "
+                f"(one backfill per reconciliation at a time); {held}. Follow it with "
+                f"`trueup status`; if its workers are gone, `trueup backfill --resume "
+                f"{backfill_id}` (or `--cancel {backfill_id}`)")
+    lines = (backfill["error"] or "").strip().splitlines()
+    excerpt = lines[0][:ERROR_EXCERPT_CHARS] if lines else "no error recorded"
+    return (f"auto-repair of {name} paused: its latest backfill {backfill_id} failed "
+            f"({excerpt}); {held}. Look at it (`trueup status`, the failed run of "
+            f"backfill_{name}), fix the cause, then `trueup backfill --resume {backfill_id}`: "
+            f"auto-repair carries on once a backfill of {name} succeeds")
+
+
 def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
     rec = config.reconciliations[name]
     assert rec.auto_repair is not None
     limit = rec.auto_repair.max_differences
     key = differences_key(name)
 
-    def decide(materialization: dg.AssetMaterialization) -> dg.RunRequest | dg.SkipReason:
+    def decide(materialization: dg.AssetMaterialization
+               ) -> tuple[dg.RunRequest | dg.SkipReason, bool]:
+        """The run's decision, and whether it tripped the circuit breaker."""
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         decision = auto_repair_decision(name, metadata, limit, materialization.partition)
+        tripped = isinstance(decision, dg.SkipReason) and repairable_count(metadata) > limit
         if isinstance(decision, dg.RunRequest):
             # blocking checks: a failed ERROR check a backfill does not answer (unreadable
             # messages, bad values in the source table's GX suite) stops the auto-repair
@@ -206,7 +261,7 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
             if blocking:
                 decision = dg.SkipReason(f"blocked: run {run_id} of {name} has failed ERROR "
                                          f"checks {', '.join(blocking)}")
-        return decision
+        return decision, tripped
 
     # A plain sensor over the event log rather than dg.asset_sensor, which only sees the newest
     # materialization: several runs (partitions) can finish between two ticks, and each needs
@@ -226,22 +281,38 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
             # nothing materialized yet: every materialization from now on is new
             return dg.SensorResult(skip_reason=f"no new materialization of {key.to_user_string()}",
                                    cursor=context.cursor or "0")
-        requests, skipped = [], []
+        requests: list[dg.RunRequest] = []
+        skipped: list[str] = []
+        breakers: list[str] = []
         for record in records:
             materialization = record.asset_materialization
             if materialization is None:
                 continue
-            decision = decide(materialization)
+            decision, tripped = decide(materialization)
             if isinstance(decision, dg.RunRequest):
                 requests.append(decision)
             else:
-                context.log.info(decision.skip_message or "")
-                skipped.append(decision.skip_message or "")
+                (breakers if tripped else skipped).append(decision.skip_message or "")
+        # A tick either launches runs or says why it skipped, never both, so a breaker that
+        # opened on one run holds back the tick's other runs as well (older ones found part
+        # of the same drift): the tick's skip reason then says why. The next run decides anew.
+        if requests and breakers:
+            breakers.append(f"held back with it: the backfill of {_runs(requests)}")
+            requests = []
+        if requests:
+            backfill = blocking_backfill(config.state, name)
+            if backfill is not None:
+                breakers.append(paused_reason(name, backfill, requests))
+                requests = []
+        for message in breakers:
+            context.log.warning(message)
+        for message in skipped:
+            context.log.info(message)
         cursor = str(max(r.storage_id for r in records))
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=cursor)
-        return dg.SensorResult(skip_reason="; ".join(skipped) or "not a materialization",
-                               cursor=cursor)
+        return dg.SensorResult(skip_reason="; ".join(breakers + skipped)
+                               or "not a materialization", cursor=cursor)
 
     return _auto_repair
 

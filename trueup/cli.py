@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import decimal
+import functools
 import importlib
 import json
 import os
@@ -27,6 +28,7 @@ EXIT_TROUBLE = 2
 #: When set, a command serves /metrics, /healthz and /readyz on 127.0.0.1 at this port while
 #: it runs (for long replays and backfills).
 METRICS_PORT_ENV = "TRUEUP_METRICS_PORT"
+CONFIG_HELP = "config file (default: $TRUEUP_CONFIG or trueup.yaml)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,19 +60,24 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="trueup", description="Reconcile, repair and replay: keep copies "
                      "of your data honest.")
-    parser.add_argument("--config", help="config file (default: $TRUEUP_CONFIG or trueup.yaml)")
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"trueup {__version__}")
+    # --config is also taken after the command (`trueup status --config f.yaml`); SUPPRESS
+    # leaves the value given before the command in place when the command has none
+    config = _Parser(add_help=False)
+    config.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=CONFIG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub_parser = functools.partial(sub.add_parser, parents=[config])
 
-    sub.add_parser("validate", help="check config, reach every connection, reflect tables")
+    sub_parser("validate", help="check config, reach every connection, reflect tables")
 
-    diff = sub.add_parser("diff", help="find differences between a source and its copy")
+    diff = sub_parser("diff", help="find differences between a source and its copy")
     diff.add_argument("name")
     diff.add_argument("--partition", metavar="P", help="one day of the source, YYYY-MM-DD")
     diff.add_argument("--json", action="store_true", help="print one JSON summary object")
     diff.add_argument("--show", action="store_true", help="print one JSON line per difference")
 
-    backfill = sub.add_parser("backfill", help="repair differences in resumable chunks")
+    backfill = sub_parser("backfill", help="repair differences in resumable chunks")
     backfill.add_argument("name", nargs="?")
     scope = backfill.add_mutually_exclusive_group(required=True)
     scope.add_argument("--run", type=_positive_int, metavar="ID")
@@ -84,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--workers", type=_positive_int, metavar="N", default=1)
     backfill.add_argument("--json", action="store_true")
 
-    dlq = sub.add_parser("dlq", help="depth, oldest age and counts by error of a DLQ")
+    dlq = sub_parser("dlq", help="depth, oldest age and counts by error of a DLQ")
     dlq.add_argument("name")
     dlq.add_argument("--json", action="store_true")
 
-    replay = sub.add_parser("replay", help="move dead letters back where they came from")
+    replay = sub_parser("replay", help="move dead letters back where they came from")
     replay.add_argument("name")
     replay.add_argument("--max", type=_positive_int, metavar="N")
     replay.add_argument("--rate", type=_positive_float, metavar="N")
@@ -96,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--where", metavar="FILTER")
     replay.add_argument("--json", action="store_true")
 
-    status = sub.add_parser("status", help="newest runs, backfills and replays")
+    status = sub_parser("status", help="newest runs, backfills and replays")
     status.add_argument("--limit", type=_positive_int, default=20, metavar="N")
     status.add_argument("--json", action="store_true")
 
-    lineage = sub.add_parser("lineage", help="every run that saw a key, every repair of it")
+    lineage = sub_parser("lineage", help="every run that saw a key, every repair of it")
     lineage.add_argument("name")
     lineage.add_argument("key", help="the key's value, or a JSON array for a composite key")
     lineage.add_argument("--json", action="store_true")

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    PrivateAttr,
     ValidationError,
     model_validator,
 )
@@ -327,7 +328,18 @@ class Config(_Model):
     connections: dict[Annotated[str, AfterValidator(_name)], ConnectionConfig]
     reconciliations: dict[Annotated[str, AfterValidator(_name)], ReconciliationConfig] = {}
     dead_letters: dict[Annotated[str, AfterValidator(_name)], DeadLetterConfig] = {}
-    path: Annotated[str, Field(exclude=True)] = DEFAULT_CONFIG
+    # The file the config was read from, for messages. Not a field: a `path:` in the file is
+    # an unknown field like any other. load_config passes it as the validation context.
+    _path: str = PrivateAttr(default=DEFAULT_CONFIG)
+
+    def model_post_init(self, context: Any, /) -> None:
+        if isinstance(context, dict) and isinstance(context.get("path"), str):
+            self._path = context["path"]
+
+    @property
+    def path(self) -> str:
+        """The config file this was read from."""
+        return self._path
 
     def connection(self, name: str) -> ConnectionConfig:
         return self.connections[name]
@@ -407,7 +419,7 @@ def parse_config(text: str, file: str, environ: Any) -> Config:
     if errors:
         raise ConfigErrors(errors)
     try:
-        config = Config.model_validate({**raw, "path": file})
+        config = Config.model_validate(raw, context={"path": file})
     except ValidationError as exc:
         raise ConfigErrors(
             [ConfigError(file, *describe_pydantic_error(err, Config)) for err in exc.errors()]

@@ -27,10 +27,15 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 from psycopg import sql
 
-from trueup.brokers.kafka import CLIENT_DEFAULTS, read_to_ends, translate
+from trueup.brokers.kafka import (
+    CLIENT_DEFAULTS,
+    connect_admin,
+    read_to_ends,
+    translate,
+    unreachable,
+)
 from trueup.collection import batch_loop
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
@@ -151,13 +156,21 @@ def sync_mirror(config: Config, shape: MirrorShape, connection: str,
 
 
 def topic_id(properties: dict[str, Any], topic: str) -> str:
-    """The topic's id: a topic deleted and created again under its old name gets a new one."""
-    admin = AdminClient(properties)
+    """The topic's id: a topic deleted and created again under its old name gets a new one.
+
+    A Kafka that does not answer is :class:`~trueup.errors.ConnectionFailed` naming its
+    bootstrap servers, a property librdkafka does not know a trueup error too: one line.
+    """
+    what, servers = f"topic {topic}", properties.get("bootstrap.servers")
+    admin = connect_admin(properties, what=what)
     try:
         description = admin.describe_topics(TopicCollection([topic]))[topic].result(
             timeout=WATERMARK_TIMEOUT_SECONDS)
     except KafkaException as exc:
-        raise translate(exc, f"topic {topic}") from exc
+        raise translate(exc, what, servers=servers) from exc
+    except TimeoutError as exc:  # the future's own timeout: the broker went quiet
+        raise unreachable(what, servers, f"no answer within {WATERMARK_TIMEOUT_SECONDS:.0f}s "
+                                         f"describing the topic") from exc
     return str(description.topic_id)
 
 

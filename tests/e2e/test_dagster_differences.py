@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import yaml
 
-from assets.differences import differences_key, reconciliation_definitions
+from assets.differences import differences_key, reconciliation_definitions, scheduled_days
 from assets.external import external_assets
 from trueup.config import Config, load_config
 
@@ -133,6 +133,24 @@ def test_first_tick_of_a_day_also_checks_the_day_before_so_no_hour_goes_unchecke
         assert _scheduled_partitions(defs, later) == ["2026-03-04"]
     # the partitions start on 2026-01-01: there is no day before to check
     assert _scheduled_partitions(defs, first.replace(month=1, day=1)) == ["2026-01-01"]
+
+
+def test_a_tick_before_the_partitions_start_requests_nothing_and_says_why(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    config, _, _ = _setup(new_db, state_db, tmp_path,
+                          partitions={"daily": {"start": "2026-01-01"}})
+    (orders,) = reconciliation_definitions(config)
+    defs = dg.Definitions(assets=[*external_assets(config), orders.asset], jobs=[orders.job],
+                          schedules=orders.schedules)
+    eve = dt.datetime(2025, 12, 31, 23, 30, tzinfo=dt.UTC)
+    assert scheduled_days("*/30 * * * *", eve, dt.date(2026, 1, 1)) == []
+    context = dg.build_schedule_context(scheduled_execution_time=eve,
+                                        repository_def=defs.get_repository_def())
+    tick = defs.resolve_schedule_def("reconcile_orders_schedule").evaluate_tick(context)
+    assert not tick.run_requests, f"expected no run before the first partition: {tick}"
+    assert tick.skip_message and "start on 2026-01-01" in tick.skip_message, tick.skip_message
+    # the first tick of the first day checks that day only
+    assert _scheduled_partitions(defs, eve + dt.timedelta(minutes=30)) == ["2026-01-01"]
 
 
 def test_reconcile_job_and_schedule_are_named_after_the_reconciliation(

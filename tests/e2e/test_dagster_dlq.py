@@ -151,6 +151,40 @@ def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
     assert queues.depth(dlq) == 1 and queues.depth(target) == 0
 
 
+def test_replay_job_fails_a_bad_where_and_a_busy_queue_with_one_clear_line(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    """trueup's own errors fail the step with their message (no traceback), and the filter's
+    message names the run config's ``where``, not the CLI's ``--where``."""
+    dlq, target = unique("pay.dlq"), unique("pay")
+    queues.declare(dlq, target)
+    queues.publish(dlq, b"{}", message_id="m1", headers_={headers.ORIGIN: target})
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    job = dg.Definitions(jobs=dead_letter_definitions(config).jobs).resolve_job_def(
+        "replay_pay_dlq")
+
+    def failure(run_config: dict[str, object]) -> str | None:
+        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
+            "replay_pay_dlq_op": {"config": {"dry_run": False, **run_config}}}})
+        (event,) = result.get_step_failure_events()
+        user = event.step_failure_data.user_failure_data
+        assert user is not None, f"expected a one-line failure, got {event.step_failure_data}"
+        return user.description
+
+    assert failure({"where": "bogus"}) == (
+        "where: cannot read 'bogus' (expected FIELD=VALUE with a field among error, origin, "
+        "key, attempts, since, until)")
+    # another replay of the queue holds its lock: trueup's Conflict, as one line
+    with psycopg.connect(state_db, autocommit=True) as other:
+        other.execute("SELECT pg_advisory_lock(hashtextextended('trueup.replay:' || %s, 0))",
+                      ("pay_dlq",))
+        assert failure({}) == ("dead_letters.pay_dlq: another replay or dry run of this queue "
+                               "is running; wait for it to finish")
+    assert queues.depth(dlq) == 1 and queues.depth(target) == 0
+
+
 def test_depth_sensor_refreshes_a_standing_queue_so_its_age_check_can_fail(
         amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
         queues: Queues, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ and the auto-repair sensor with its circuit breaker."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import dagster as dg
 import psycopg
 import pytest
 
+from assets import repairs
 from assets.differences import differences_key, reconciliation_definitions
 from assets.external import external_assets
 from assets.repairs import repair_definitions, repairs_key, repairs_op_name
@@ -21,7 +23,10 @@ from tests.integration.test_backfill_support import (
     target_rows,
     write_config,
 )
-from trueup.config import Config
+from trueup.backfill import WorkerOptions, resume_backfill
+from trueup.config import Config, load_config
+from trueup.retry import RetryPolicy
+from trueup.statuses import BackfillStatus
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
 
@@ -118,6 +123,100 @@ def test_auto_repair_sensor_decides_on_every_run_since_its_last_tick(
     again = sensor.evaluate_tick(dg.build_sensor_context(
         instance=instance, definitions=defs, cursor=tick.cursor))
     assert not again.run_requests, "a run was decided on twice"
+
+
+def _diff_then_tick(defs: dg.Definitions, assets: list[Any], instance: dg.DagsterInstance,
+                    cursor: str | None) -> dg.SensorExecutionData:
+    """Materialize the differences (one run), then one tick of the auto-repair sensor."""
+    assert dg.materialize(assets, selection=[differences_key("orders")],
+                          instance=instance).success
+    return defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor))
+
+
+def _backfills(state_db: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(state_db) as conn:
+        return [tuple(r) for r in conn.execute(
+            "SELECT backfill_id, status FROM trueup.backfills ORDER BY backfill_id")]
+
+
+#: A target that refuses every write: each chunk of a backfill fails.
+REFUSE_WRITES = """
+CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'copy is read-only today'; END $$;
+CREATE TRIGGER refuse BEFORE INSERT OR UPDATE OR DELETE ON public.copy
+    FOR EACH ROW EXECUTE FUNCTION refuse();
+"""
+
+
+def test_auto_repair_pauses_after_a_failed_backfill_until_it_is_resumed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a chunk fails the backfill at its first error (not after 5 attempts and 15 s of backoff)
+    monkeypatch.setattr(repairs, "WorkerOptions", functools.partial(
+        WorkerOptions, retry=RetryPolicy(max_attempts=1)))
+    defs, assets, instance, target = _auto_repaired(new_db, state_db, tmp_path)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(REFUSE_WRITES)
+    tick = _diff_then_tick(defs, assets, instance, None)
+    (request,) = tick.run_requests or []
+    assert not dg.materialize(assets, selection=[repairs_key("orders")], instance=instance,
+                              run_config=request.run_config, raise_on_error=False).success
+    ((backfill_id, status),) = _backfills(state_db)
+    assert status == "failed"
+
+    # the next run finds the same differences: no backfill that would fail the same way
+    tick = _diff_then_tick(defs, assets, instance, tick.cursor)
+    assert not tick.run_requests, "a backfill was launched after the last one failed"
+    message = tick.skip_message or ""
+    assert f"backfill {backfill_id} failed (chunk 0: copy is read-only today)" in message, message
+    assert f"`trueup backfill --resume {backfill_id}`" in message, message
+    assert len(_backfills(state_db)) == 1
+
+    # fixed and resumed: the auto-repair carries on with the next run's differences
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DROP TRIGGER refuse ON public.copy")
+        conn.execute("DELETE FROM public.copy WHERE order_id = 200")
+    config = load_config(tmp_path / "trueup.yaml")
+    assert resume_backfill(config, backfill_id).status is BackfillStatus.SUCCEEDED
+    tick = _diff_then_tick(defs, assets, instance, tick.cursor)
+    assert len(tick.run_requests or []) == 1, tick.skip_message
+
+
+def test_auto_repair_waits_while_a_backfill_of_the_reconciliation_is_active(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    defs, assets, instance, _ = _auto_repaired(new_db, state_db, tmp_path)
+    with psycopg.connect(state_db, autocommit=True) as conn:  # someone's `trueup backfill`
+        row = conn.execute("INSERT INTO trueup.backfills (reconciliation, scope, status, "
+                           "chunk_size) VALUES ('orders', 'all', 'running', 100) "
+                           "RETURNING backfill_id").fetchone()
+    assert row is not None
+    tick = _diff_then_tick(defs, assets, instance, None)
+    assert not tick.run_requests, "a backfill was launched while another one runs"
+    message = tick.skip_message or ""
+    assert f"backfill {row[0]} is still running" in message, message
+    assert f"`trueup backfill --resume {row[0]}`" in message, message
+
+
+def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    defs, assets, instance, target = _auto_repaired(new_db, state_db, tmp_path)
+    idle = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs))
+    assert dg.materialize(assets, selection=[differences_key("orders")],
+                          instance=instance).success  # 9 differences: repairable alone
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id <= 100")
+    tick = _diff_then_tick(defs, assets, instance, idle.cursor)  # 102: more than 20
+    with psycopg.connect(state_db) as conn:
+        first, second = (r[0] for r in conn.execute(
+            "SELECT run_id FROM trueup.runs ORDER BY run_id"))
+    assert not tick.run_requests, (
+        f"run {first}'s backfill was launched although run {second} opened the breaker")
+    message = tick.skip_message or ""
+    assert message.startswith(f"circuit breaker: run {second} of orders found 102 "
+                              "differences, more than auto_repair.max_differences (20)"), message
+    assert f"held back with it: the backfill of run {first}" in message, message
 
 
 def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_planning(

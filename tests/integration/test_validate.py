@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from trueup.brokers import kafka
 from trueup.cli import main
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
@@ -201,3 +203,36 @@ def test_status_json_lists_runs_and_backfills_newest_first(
         "backfill_id": 0, "reconciliation": "second", "status": "running", "chunks": 2,
         "chunks_done": 1, "rows_repaired": 0}
     assert document["replays"] == []
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: bound once, then closed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_diff_against_an_unreachable_or_misconfigured_kafka_is_one_line(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not "run N failed: TimeoutError", nor a raw KafkaError: what failed, and where."""
+    monkeypatch.setattr(kafka, "METADATA_TIMEOUT_SECONDS", 2.0)  # refused: no need to wait 10s
+    servers = f"127.0.0.1:{_closed_port()}"
+    config = _config(world)
+    config["connections"]["bus"]["kafka"]["bootstrap.servers"] = servers
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["--config", str(path), "diff", "events"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert f"topic {world['topic']}: cannot reach Kafka at {servers}: " in last, last
+    assert main(["--config", str(path), "validate"]) == 2
+    assert f"connections.bus: cannot reach Kafka at {servers}: " in capsys.readouterr().err
+
+    config["connections"]["bus"]["kafka"].update({"bootstrap.servers": world["kafka"],
+                                                  "no.such.property": "1"})
+    path.write_text(yaml.safe_dump(config))
+    assert main(["--config", str(path), "diff", "events"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert (f'topic {world["topic"]}: No such configuration property: "no.such.property"'
+            in last), last

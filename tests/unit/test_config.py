@@ -37,6 +37,7 @@ def _rec(raw: dict[str, Any], name: str = "orders_events") -> dict[str, Any]:
 def test_example_config_parses_into_typed_models() -> None:
     config = load_config(EXAMPLE, environ={})
     events = config.reconciliations["orders_events"]
+    assert config.path == str(EXAMPLE), "the config should know the file it was read from"
     assert config.state == "postgresql://postgres@127.0.0.1:5432/trueup"
     assert config.connections["bus"].kind is ConnectionKind.KAFKA
     assert events.grace == dt.timedelta(seconds=60)
@@ -85,6 +86,10 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown top-level field",
      lambda r: r.update(reconcilations={}),
      "trueup.yaml: reconcilations: unknown field (expected one of: state, connections, "
+     "reconciliations, dead_letters)"),
+    ("top-level path (the file's own path is not a field)",
+     lambda r: r.update(path="/etc/other.yaml"),
+     "trueup.yaml: path: unknown field (expected one of: state, connections, "
      "reconciliations, dead_letters)"),
     ("missing field",
      lambda r: _rec(r)["source"].pop("key"),

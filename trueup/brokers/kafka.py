@@ -31,14 +31,22 @@ def error_of(exc: KafkaException) -> KafkaError | None:
     return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
 
 
-def translate(exc: KafkaException, what: str) -> TrueupError:
-    """A trueup error for a confluent-kafka exception; ``what`` names the config path."""
+def translate(exc: KafkaException, what: str, *,
+              servers: str | None = None) -> TrueupError:
+    """A trueup error for a confluent-kafka exception; ``what`` names the config path,
+    ``servers`` the bootstrap servers a connection failure names when given."""
     error = error_of(exc)
     reason = error.str() if error is not None else str(exc)
     if error is not None and error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
                                               KafkaError._TIMED_OUT):
-        return ConnectionFailed(f"{what}: cannot reach Kafka: {reason}")
+        return unreachable(what, servers, reason)
     return KafkaFailed(f"{what}: {reason}")
+
+
+def unreachable(what: str, servers: str | None, reason: str) -> ConnectionFailed:
+    """The error of a Kafka that does not answer (a refused connection, a timeout)."""
+    at = f" at {servers}" if servers else ""
+    return ConnectionFailed(f"{what}: cannot reach Kafka{at}: {reason}")
 
 
 def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
@@ -47,7 +55,7 @@ def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
         admin = AdminClient({**properties, "socket.connection.setup.timeout.ms": 5000})
         admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
     except KafkaException as exc:
-        raise translate(exc, what) from exc
+        raise translate(exc, what, servers=properties.get("bootstrap.servers")) from exc
     return admin
 
 
