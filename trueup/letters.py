@@ -183,6 +183,10 @@ def _conditions(text: str) -> list[str]:
                 start = i = joined
                 continue
         i += 1
+    if quote is not None or depth:
+        # a typo must not swallow the conditions after it into one (and select more letters)
+        missing = quote if quote is not None else "a closing bracket"
+        raise UsageError(f"--where: {missing} missing in {text!r}")
     parts.append(text[start:])
     return [part.strip() for part in parts if part.strip()]
 

@@ -43,6 +43,9 @@ from trueup.statuses import ReplayOutcome, ReplayStatus
 log = get_logger(__name__)
 
 BATCH_SIZE = 1000
+#: A paced batch is read at most this many seconds of letters ahead: RabbitMQ closes a channel
+#: whose delivery stays unacknowledged past its consumer_timeout (30 min by default).
+PACED_BATCH_SECONDS = 300
 RECONNECT_ATTEMPTS = 20            # a broker restart takes seconds; give up after ~1.5 min
 RECONNECT_MAX_PAUSE_SECONDS = 5.0
 
@@ -159,15 +162,23 @@ def _finish(conn: psycopg.Connection[dict[str, Any]], replay_id: int, status: Re
         raise StateError(f"replay {replay_id} was no longer running when it finished")
 
 
+def _batch_size(options: ReplayOptions) -> int:
+    """Letters read per batch: a paced replay reads no more than it sends within
+    ``PACED_BATCH_SECONDS``, so no letter waits unacknowledged for its batch past RabbitMQ's
+    consumer timeout."""
+    if not options.rate or options.dry_run:
+        return options.batch_size
+    return max(1, min(options.batch_size, int(options.rate * PACED_BATCH_SECONDS)))
+
+
 def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:
     """Run ``session``; after a lost broker connection, run it again (it resumes: letters
     already moved are recognised, those not yet removed are still in the queue). A broker that
-    cannot be reached at the start is an error at once, and so is a request the broker
-    refused (a channel it closed: a missing exchange, access refused): trying again changes
-    nothing."""
-    from trueup.brokers.rabbitmq import OUTAGE_ERRORS
+    cannot be reached at the start is an error at once, and so is a copy the broker refused
+    (a missing exchange, access refused: ``RabbitFailed``): trying again changes nothing."""
+    from trueup.brokers.rabbitmq import CONNECTION_ERRORS
 
-    outages: tuple[type[BaseException], ...] = (ConnectionFailed, *OUTAGE_ERRORS)
+    outages: tuple[type[BaseException], ...] = (ConnectionFailed, *CONNECTION_ERRORS)
     pause = 0.5
     for attempt in range(1, RECONNECT_ATTEMPTS + 1):
         try:
@@ -204,7 +215,7 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
         try:
             if not options.dry_run and dlq.parking is not None:
                 box.prepare(Destination(name=dlq.parking))
-            batches = box.letters(batch_size=options.batch_size, take=not options.dry_run)
+            batches = box.letters(batch_size=_batch_size(options), take=not options.dry_run)
             with contextlib.closing(batches):
                 # Kafka: the next batch is read, and its lookup asked, before this one is
                 # handled, and the batch before is finished (confirmed) only after that read:
@@ -580,8 +591,8 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(summary.as_json()))
     else:
-        verb = "would move" if summary.dry_run else "moved"
-        print(f"replay {summary.replay_id} of {summary.name}: {verb} {summary.moved}, "
-              f"parked {summary.parked}, skipped {summary.skipped} "
+        move, park = ("would move", "would park") if summary.dry_run else ("moved", "parked")
+        print(f"replay {summary.replay_id} of {summary.name}: {move} {summary.moved}, "
+              f"{park} {summary.parked}, skipped {summary.skipped} "
               f"in {summary.seconds:.1f}s{' (dry run)' if summary.dry_run else ''}")
     return EXIT_OK

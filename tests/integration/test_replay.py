@@ -383,6 +383,7 @@ def test_rabbitmq_poison_letters_replay_after_the_fix_and_exhausted_ones_are_par
     status, out, _ = cli(config, "replay", "payments_dlq", "--dry-run")
     assert status == 0
     assert "would_move  m1" in out and "would_park  m2" in out, out
+    assert ": would move 1, would park 1, skipped 0 in " in out.splitlines()[-1], out
     assert queues.depth(f"{queue}.dlq") == 2, "a dry run took letters"
 
     handler.fixed = True

@@ -29,7 +29,7 @@ from trueup import headers
 from trueup.brokers import rabbitmq
 from trueup.config import Config, load_config
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
-from trueup.replay import ReplayOptions, replay
+from trueup.replay import ReplayOptions, _batch_size, replay
 
 #: 2026-01-01T00:00:00Z in milliseconds, as many AMQP producers write the ``timestamp``
 #: property (seconds by the spec).
@@ -122,6 +122,41 @@ def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_mov
     assert _events(state_db) == []
     with psycopg.connect(state_db) as conn:
         assert conn.execute("SELECT status FROM trueup.replays").fetchall() == [("failed",)]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_channel_closed_for_another_reason_is_reconnected_through(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 406 (a delivery unacknowledged past the broker's consumer_timeout) closes the channel
+    # as a 404 does, but is no answer to the copy: a new connection gets past it.
+    dlq, target = unique("closed.dlq"), unique("closed")
+    queues.declare(dlq, target)
+    for n in range(3):
+        _publish(queues, dlq, f"c{n}", origin=target)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     closed={"connection": "amqp", "queue": dlq})
+    publish, closes = rabbitmq.publish, []
+
+    def closed_once(channel: Any, **kwargs: Any) -> None:
+        if not closes:
+            closes.append(1)
+            raise pika.exceptions.ChannelClosedByBroker(
+                406, "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out")
+        publish(channel, **kwargs)
+
+    monkeypatch.setattr(rabbitmq, "publish", closed_once)
+    summary = replay(config, "closed")
+    assert (summary.moved, summary.skipped, closes) == (3, 0, [1])
+    assert queues.depth(dlq) == 0 and queues.depth(target) == 3
+
+
+def test_a_paced_replay_reads_no_more_than_five_minutes_of_letters_ahead() -> None:
+    assert _batch_size(ReplayOptions(rate=0.03)) == 9
+    assert _batch_size(ReplayOptions(rate=100.0)) == ReplayOptions().batch_size
+    assert _batch_size(ReplayOptions(rate=0.001)) == 1
+    assert _batch_size(ReplayOptions()) == ReplayOptions().batch_size
 
 
 # ---------------------------------------------------------------------------------------------

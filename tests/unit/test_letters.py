@@ -123,3 +123,11 @@ def test_kafka_letter_with_a_timestamp_out_of_range_has_no_time_instead_of_faili
     letter = letterbox_kafka.letter_of(_KafkaMessage(stamp_ms))  # type: ignore[arg-type]
     assert letter.failed_at == expected
     assert letter.message_id == "orders.v1.dlq:0:7"
+
+
+@pytest.mark.parametrize("where", ["key=[1, error=ValueError", "error='ValueError, attempts>=3",
+                                   "key!=[1, error=X"])
+def test_where_with_a_bracket_or_quote_left_open_is_refused_not_read_as_one_condition(
+        where: str) -> None:
+    with pytest.raises(UsageError, match="missing"):
+        LetterFilter.parse(where)

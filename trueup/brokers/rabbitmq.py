@@ -82,12 +82,11 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-#: Errors that mean the connection itself is gone (a broker restart, the network): worth a new
-#: connection and another try. Unlike :data:`CONNECTION_ERRORS` (the workers' reconnect loop)
-#: it leaves out a channel the broker closed: that is its answer to what was asked (a missing
-#: exchange, 404; access refused, 403; a precondition, 406), the same on every try.
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = tuple(
-    error for error in CONNECTION_ERRORS if error is not pika.exceptions.ChannelClosedByBroker)
+#: Reply codes of a channel the broker closed in answer to what was asked, the same on every
+#: try: no such exchange or queue (404), access refused (403). Other closes (406 when a
+#: delivery stayed unacknowledged past the broker's consumer_timeout, say) are outages: a new
+#: connection and another try get past them.
+REFUSAL_CODES = frozenset({403, 404})
 
 
 def refused(exc: pika.exceptions.ChannelClosedByBroker, what: str) -> RabbitFailed:

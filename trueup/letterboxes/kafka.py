@@ -195,8 +195,13 @@ class KafkaLetterbox:
         self._committed.update(commits)
         # Asynchronous: a commit lost to a crash only makes the next replay re-read letters it
         # then recognises as replayed (recorded before this call). close() commits for sure.
-        self.consumer.commit(offsets=[TopicPartition(self.where, p, o)
-                                      for p, o in commits.items()], asynchronous=True)
+        # Not past letters copied to the tail: read again (after a reconnect, say), each would
+        # be copied once more, and both copies kept for good.
+        offsets = [TopicPartition(self.where, p, o) for p, o in commits.items()]
+        if tail:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        else:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
 
     def _to_tail(self, items: list[Received]) -> None:
         """Copy letters kept for good to the end of their partition and wait for the broker's

@@ -177,6 +177,8 @@ class RabbitLetterbox:
                              body=body, what=what, properties=rabbitmq.republished_properties(
                                  properties, headers=table))
         except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code not in rabbitmq.REFUSAL_CODES:
+                raise  # an outage of the channel: the replay reconnects
             # The broker's answer (no such exchange, access refused), the same on every try:
             # no outage to reconnect through. The channel's unacked letters are back in place.
             raise rabbitmq.refused(exc, what) from exc
