@@ -205,8 +205,9 @@ def blocking_backfill(state_dsn: str, name: str) -> dict[str, Any] | None:
     with connect(state_dsn, what="state", autocommit=True) as conn:
         row = conn.execute(
             # the active one first (one at most: backfills_one_active_idx), else the newest
+            # that was not a dry run (which repairs nothing, so neither clears nor sets a pause)
             "SELECT backfill_id, status, error FROM trueup.backfills "
-            "WHERE reconciliation = %s "
+            "WHERE reconciliation = %s AND (status IN ('planning', 'running') OR NOT dry_run) "
             "ORDER BY status IN ('planning', 'running') DESC, created_at DESC, backfill_id DESC "
             "LIMIT 1", (name,)).fetchone()
     if row is None:

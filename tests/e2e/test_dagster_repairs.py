@@ -164,6 +164,9 @@ def test_auto_repair_pauses_after_a_failed_backfill_until_it_is_resumed(
                               run_config=request.run_config, raise_on_error=False).success
     ((backfill_id, status),) = _backfills(state_db)
     assert status == "failed"
+    with psycopg.connect(state_db, autocommit=True) as conn:  # a dry run repairs nothing
+        conn.execute("INSERT INTO trueup.backfills (reconciliation, scope, status, chunk_size, "
+                     "dry_run) VALUES ('orders', 'all', 'succeeded', 100, true)")
 
     # the next run finds the same differences: no backfill that would fail the same way
     tick = _diff_then_tick(defs, assets, instance, tick.cursor)
@@ -171,7 +174,7 @@ def test_auto_repair_pauses_after_a_failed_backfill_until_it_is_resumed(
     message = tick.skip_message or ""
     assert f"backfill {backfill_id} failed (chunk 0: copy is read-only today)" in message, message
     assert f"`trueup backfill --resume {backfill_id}`" in message, message
-    assert len(_backfills(state_db)) == 1
+    assert len(_backfills(state_db)) == 2
 
     # fixed and resumed: the auto-repair carries on with the next run's differences
     with psycopg.connect(target, autocommit=True) as conn:
