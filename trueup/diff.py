@@ -184,8 +184,9 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                 continue
             writer.write([item])
             on_difference(item)
-        # Unreadable messages belong to no day (like orphans): whole-table runs list them.
-        for item in unreadable() if unreadable is not None and day is None else ():
+        # Unreadable messages belong to no day: every run lists those the mirror holds, so a
+        # reconciliation run only by partitions (Dagster's) shows them too.
+        for item in unreadable() if unreadable is not None else ():
             writer.write([item])
             on_difference(item)
         writer.flush()

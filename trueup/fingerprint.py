@@ -121,6 +121,16 @@ def storage_type(ctype: ColumnType) -> sql.Composable:
 # SQL side
 
 
+def whole_double_numeric(value: sql.Composable) -> sql.Composable:
+    """The exact numeric of a finite whole double ``value`` (a float8 expression), from its
+    bits: sign, 53-bit significand and exponent (the double's text and its numeric cast keep
+    only 17 and 15 digits). Exact for any finite double, used past bigint's range."""
+    bits = sql.SQL("(('x' || encode(float8send({}), 'hex'))::bit(64)::int8)").format(value)
+    return sql.SQL(
+        "(sign({0})::numeric * (({1} & 4503599627370495) | 4503599627370496)::numeric "
+        "* power(2::numeric, (({1} >> 52) & 2047)::int4 - 1075))").format(value, bits)
+
+
 def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     """SQL rendering one value of ``column`` in canonical text (NULL stays NULL)."""
     if ctype.kind is Kind.NUMBER:
@@ -135,18 +145,15 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
             # numeric cast keeps 15), -0 is 0; any other value is its shortest text read as
             # numeric (1e-05 is 0.00001).
             value = sql.SQL("(({})::float8)").format(column)
-            bits = sql.SQL("(('x' || encode(float8send({}), 'hex'))::bit(64)::int8)").format(value)
             return sql.SQL(
                 "(CASE WHEN abs({0}) >= 1e-4::float8 AND abs({0}) < 1e15::float8 "
                 "THEN ({0})::text "
                 "WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::float8 "
                 "THEN ({0})::int8::text "
                 "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::float8 "
-                "THEN trim_scale(sign({0})::numeric * (({1} & 4503599627370495) "
-                "| 4503599627370496)::numeric "
-                "* power(2::numeric, (({1} >> 52) & 2047)::int4 - 1075))::text "
+                "THEN trim_scale({1})::text "
                 "ELSE trim_scale(({0})::text::numeric)::text END)"
-            ).format(value, bits)
+            ).format(value, whole_double_numeric(value))
         return sql.SQL("trim_scale(({})::numeric)::text").format(column)
     if ctype.kind is Kind.TEXT:
         return sql.SQL("(octet_length(({0})::text)::text || ':' || ({0})::text)").format(column)
@@ -389,7 +396,7 @@ def _bool(value: Any, ctype: ColumnType) -> str | None:
 #: Fractional seconds finer than microseconds (Java's Instant, Go's time write nanoseconds).
 _FINE_FRACTION = re.compile(r"\.(\d{7,})")
 #: A zone named after the time (``2026-01-01 00:00:00 UTC``, ``... Europe/Paris``).
-_ZONE_NAME = re.compile(r"(?<=[\d\s])\s*([A-Za-z_]+(?:/[A-Za-z_]+)*)$")
+_ZONE_NAME = re.compile(r"(?<=[\d\s])\s*([A-Za-z][A-Za-z0-9_+-]*(?:/[A-Za-z0-9_+-]+)*)$")
 #: Names of UTC that Postgres reads whatever its abbreviation settings.
 _UTC_NAMES = frozenset({"z", "utc", "gmt", "ut", "zulu", "etc/utc", "etc/gmt", "etc/zulu",
                         "etc/universal", "universal", "etc/uct", "uct", "etc/greenwich",

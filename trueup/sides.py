@@ -24,6 +24,7 @@ from trueup.fingerprint import (
     Kind,
     fields_sql,
     render_sql,
+    whole_double_numeric,
 )
 
 _COLUMN_TYPES = """
@@ -139,12 +140,11 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
             # times a power of two (2^70 is 1180591620717411303424, its shortest text
             # 1.1805916207174113e+21); any other value through its shortest exact text
             # (extra_float_digits=1), NaN and the infinities included.
-            exponent = sql.SQL("(floor(ln(abs({0})) / ln(2))::int - 60)").format(ident)
             return sql.SQL(
                 "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9.2e18 THEN ({0})::int8::numeric "
-                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity' "
-                "THEN (({0})::float8 / 2::float8 ^ {1})::int8::numeric * 2::numeric ^ {1} "
-                "ELSE ({0})::text::numeric END)").format(ident, exponent)
+                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity' THEN {1} "
+                "ELSE ({0})::text::numeric END)").format(
+                    ident, whole_double_numeric(sql.SQL("({})::float8").format(ident)))
         return sql.SQL("({})::{}").format(ident, sql.Identifier(wanted.name))
 
     key_types = list(key_as or own_key)

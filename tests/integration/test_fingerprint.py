@@ -403,6 +403,8 @@ def _python_reads(json_value: str, type_name: str) -> str:
     ('"2026-01-01 00:00:00 Europe/Paris"', "timestamptz"),
     ('"2026-11-01 01:30:00 America/New_York"', "timestamptz"),  # happens twice
     ('"2026-03-08 02:30:00 America/New_York"', "timestamptz"),  # never happens
+    ('"2026-01-01 00:00:00 America/Port-au-Prince"', "timestamptz"),
+    ('"2026-01-01 00:00:00 Etc/GMT+5"', "timestamptz"),
     ('"2026-01-01T24:00:00Z"', "timestamptz"), ('"2026-12-31T23:59:60Z"', "timestamp"),
     ('"epoch"', "timestamptz"), ('"EPOCH"', "timestamp"), ('"epoch"', "date"),
     ('"2026-01-01T00:00:00Z"', "date"), ('"2026-03-04 00:00:00"', "date"),
