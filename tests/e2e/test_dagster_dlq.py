@@ -128,17 +128,25 @@ def test_dlq_asset_works_against_a_brand_new_state_database(
     assert stored == [("within_limits", True)]
 
 
-def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
-        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
-        queues: Queues, tmp_path: Path) -> None:
+def _one_letter_replay_job(amqp_url: str, kafka_bootstrap: str, state_db: str,
+                           unique: Callable[[str], str], queues: Queues,
+                           tmp_path: Path) -> tuple[str, str, dg.JobDefinition]:
+    """A RabbitMQ DLQ ``pay_dlq`` holding one letter, its origin queue, and its replay job."""
     dlq, target = unique("pay.dlq"), unique("pay")
     queues.declare(dlq, target)
     queues.publish(dlq, b"{}", message_id="m1", headers_={headers.ORIGIN: target})
     config = load_config(write_config(
         tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
         dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
-    made = dead_letter_definitions(config)
-    job = dg.Definitions(jobs=made.jobs).resolve_job_def("replay_pay_dlq")
+    jobs = dg.Definitions(jobs=dead_letter_definitions(config).jobs)
+    return dlq, target, jobs.resolve_job_def("replay_pay_dlq")
+
+
+def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    dlq, target, job = _one_letter_replay_job(amqp_url, kafka_bootstrap, state_db, unique,
+                                              queues, tmp_path)
     for field, value, expected in [
             ("max", 0, "max: expected a positive integer (got 0)"),
             ("rate", 0.0, "rate: expected a positive number of dead letters per second "
@@ -156,14 +164,8 @@ def test_replay_job_fails_a_bad_where_and_a_busy_queue_with_one_clear_line(
         queues: Queues, tmp_path: Path) -> None:
     """trueup's own errors fail the step with their message (no traceback), and the filter's
     message names the run config's ``where``, not the CLI's ``--where``."""
-    dlq, target = unique("pay.dlq"), unique("pay")
-    queues.declare(dlq, target)
-    queues.publish(dlq, b"{}", message_id="m1", headers_={headers.ORIGIN: target})
-    config = load_config(write_config(
-        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
-    job = dg.Definitions(jobs=dead_letter_definitions(config).jobs).resolve_job_def(
-        "replay_pay_dlq")
+    dlq, target, job = _one_letter_replay_job(amqp_url, kafka_bootstrap, state_db, unique,
+                                              queues, tmp_path)
 
     def failure(run_config: dict[str, object]) -> str | None:
         result = job.execute_in_process(raise_on_error=False, run_config={"ops": {

@@ -124,6 +124,18 @@ def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_mov
         assert conn.execute("SELECT status FROM trueup.replays").fetchall() == [("failed",)]
 
 
+def _three_letters(queues: Queues, unique: Callable[[str], str], name: str, tmp_path: Path,
+                   state: str, bootstrap: str, amqp: str) -> tuple[str, str, Config]:
+    """RabbitMQ DLQ ``<name>.dlq`` holding three letters from queue ``<name>``, and a config
+    whose dead-letter queue ``name`` is it: (dlq, origin queue, config)."""
+    dlq, target = unique(f"{name}.dlq"), unique(name)
+    queues.declare(dlq, target)
+    for n in range(3):
+        _publish(queues, dlq, f"{name[0]}{n}", origin=target)
+    return dlq, target, _loaded(tmp_path, state, bootstrap, amqp,
+                                **{name: {"connection": "amqp", "queue": dlq}})
+
+
 @pytest.mark.rabbitmq
 @pytest.mark.postgres
 def test_rabbitmq_channel_closed_for_another_reason_is_reconnected_through(
@@ -131,13 +143,9 @@ def test_rabbitmq_channel_closed_for_another_reason_is_reconnected_through(
         queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A 406 (a delivery unacknowledged past the broker's consumer_timeout) closes the channel
     # as a 404 does, but is no answer to the copy: a new connection gets past it.
-    dlq, target = unique("closed.dlq"), unique("closed")
-    queues.declare(dlq, target)
-    for n in range(3):
-        _publish(queues, dlq, f"c{n}", origin=target)
-    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
-                     closed={"connection": "amqp", "queue": dlq})
-    publish, closes = rabbitmq.publish, []
+    dlq, target, config = _three_letters(queues, unique, "closed", tmp_path, state_db,
+                                         kafka_bootstrap, amqp_url)
+    publish, closes = rabbitmq.publish, list[int]()
 
     def closed_once(channel: Any, **kwargs: Any) -> None:
         if not closes:
@@ -171,12 +179,8 @@ def test_rabbitmq_replay_paced_slower_than_the_heartbeat_keeps_its_connection(
     # With a 1 s heartbeat, 3 s between letters: a pacer that sleeps without serving the
     # connection lets the broker drop it after each copy; the letter whose ack was lost is
     # read again after the reconnect and counted as skipped.
-    dlq, target = unique("slow.dlq"), unique("slow")
-    queues.declare(dlq, target)
-    for n in range(3):
-        _publish(queues, dlq, f"s{n}", origin=target)
-    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
-                     slow={"connection": "amqp", "queue": dlq})
+    dlq, target, config = _three_letters(queues, unique, "slow", tmp_path, state_db,
+                                         kafka_bootstrap, amqp_url)
     connect = rabbitmq.connect_retrying
     connections: list[str] = []
 
