@@ -201,13 +201,21 @@ def test_rabbitmq_replay_paced_slower_than_the_heartbeat_keeps_its_connection(
 # Letters a Kafka replay keeps for good
 
 
-def _kafka_letters(bootstrap: str, topic: str, origin: str,
-                   letters: list[tuple[str, int, str]]) -> None:
-    """``(message id, attempts, error class)`` of each letter, in order."""
+def _kafka_dlq(name: str, letters: list[tuple[str, int, str]], *, bootstrap: str, amqp: str,
+               state: str, unique: Callable[[str], str], topics: Topics,
+               tmp_path: Path) -> tuple[str, str, str]:
+    """Kafka DLQ ``<name>.dlq`` holding ``(message id, attempts, error class)`` letters, in
+    order, from topic ``<name>``, and a config file whose dead letters ``name`` are it
+    (``max_attempts`` 4, no parking): (dlq, origin topic, config path)."""
+    dlq, target = unique(f"{name}.dlq"), unique(name)
+    topics.create(dlq, target)
     for message_id, attempts, error in letters:
-        produce_json(bootstrap, topic, [{"id": message_id}], extra_headers={
-            headers.MESSAGE_ID: message_id, headers.ORIGIN: origin,
+        produce_json(bootstrap, dlq, [{"id": message_id}], extra_headers={
+            headers.MESSAGE_ID: message_id, headers.ORIGIN: target,
             headers.ATTEMPTS: str(attempts), headers.ERROR_CLASS: error})
+    config = write_config(tmp_path, state=state, bootstrap=bootstrap, amqp=amqp, dead_letters={
+        name: {"connection": "bus", "topic": dlq, "max_attempts": 4}})
+    return dlq, target, config
 
 
 @pytest.mark.kafka
@@ -218,13 +226,10 @@ def test_kafka_exhausted_letters_without_parking_go_to_the_dlq_tail_so_the_depth
     # Without parking a letter at max_attempts stays. Kept in place, it blocked its partition's
     # commit: the depth never dropped, and every replay read and recorded the letters behind
     # it again. Copied to the tail (confirmed) and committed past, like RabbitMQ's.
-    dlq, target = unique("kept.dlq"), unique("kept")
-    topics.create(dlq, target)
-    _kafka_letters(kafka_bootstrap, dlq, target, [
-        ("x", 4, "ValueError"), ("a", 1, "ValueError"), ("b", 1, "ValueError")])
-    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
-                          dead_letters={"kept": {"connection": "bus", "topic": dlq,
-                                                 "max_attempts": 4}})
+    dlq, target, config = _kafka_dlq(
+        "kept", [("x", 4, "ValueError"), ("a", 1, "ValueError"), ("b", 1, "ValueError")],
+        bootstrap=kafka_bootstrap, amqp=amqp_url, state=state_db, unique=unique, topics=topics,
+        tmp_path=tmp_path)
 
     first = cli_json(config, "replay", "kept")
     assert (first["moved"], first["parked"], first["skipped"]) == (2, 0, 1)
@@ -254,12 +259,11 @@ def test_kafka_exhausted_letter_behind_a_filtered_out_one_is_not_copied_until_re
     # A letter --where did not select still blocks its partition (a later replay may want
     # it): the kept letter behind it is read again next time, so copying it to the tail now
     # would only duplicate it.
-    dlq, target = unique("held.dlq"), unique("held")
-    topics.create(dlq, target)
-    _kafka_letters(kafka_bootstrap, dlq, target, [
-        ("f", 1, "KeyError"), ("x", 4, "ValueError"), ("a", 1, "ValueError")])
-    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
-                     held={"connection": "bus", "topic": dlq, "max_attempts": 4})
+    dlq, target, path = _kafka_dlq(
+        "held", [("f", 1, "KeyError"), ("x", 4, "ValueError"), ("a", 1, "ValueError")],
+        bootstrap=kafka_bootstrap, amqp=amqp_url, state=state_db, unique=unique, topics=topics,
+        tmp_path=tmp_path)
+    config = load_config(path)
 
     filtered = replay(config, "held", ReplayOptions(where="error=ValueError"))
     assert (filtered.moved, filtered.skipped) == (1, 2)
@@ -283,11 +287,10 @@ def test_kafka_replay_stopped_between_a_kept_letters_tail_copy_and_its_commit_lo
         topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The copy is confirmed before the commit past the letter: stopped in between, the letter
     # is in the DLQ twice (both kept from then on, never more copies than that), never lost.
-    dlq, target = unique("stop.dlq"), unique("stop")
-    topics.create(dlq, target)
-    _kafka_letters(kafka_bootstrap, dlq, target, [("x", 4, "ValueError"), ("a", 1, "ValueError")])
-    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
-                     stop={"connection": "bus", "topic": dlq, "max_attempts": 4})
+    dlq, target, path = _kafka_dlq(
+        "stop", [("x", 4, "ValueError"), ("a", 1, "ValueError")], bootstrap=kafka_bootstrap,
+        amqp=amqp_url, state=state_db, unique=unique, topics=topics, tmp_path=tmp_path)
+    config = load_config(path)
     to_tail = KafkaLetterbox._to_tail
 
     def stopped(self: KafkaLetterbox, items: list[Any]) -> None:
