@@ -48,4 +48,6 @@ defs = dg.Definitions(
           *freshness.jobs],
     schedules=[s for r in reconciliations for s in r.schedules],
     sensors=[*dead_letters.sensors, *repairs.sensors, *freshness.sensors],
+    # every job is one step: a step process of its own would load this module a second time
+    executor=dg.in_process_executor,
 )

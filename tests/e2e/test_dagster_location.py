@@ -43,6 +43,18 @@ def test_definitions_share_one_node_per_physical_table() -> None:
     assert orders == [("postgres", "shop", "public", "orders")]
 
 
+def test_every_job_runs_its_step_in_the_runs_own_process() -> None:
+    """Under Dagster's multiprocess default each job's one step loaded the whole code location
+    again in a process of its own: seconds of CPU for every run."""
+    os.environ.setdefault("TRUEUP_CONFIG", str(EXAMPLE))
+    from pipelines.definitions import defs
+
+    executors = {j.name: j.executor_def.name for j in defs.resolve_all_job_defs()}
+    assert {"reconcile_orders_events", "backfill_orders_invoices",
+            "replay_payments_dlq"} <= set(executors)
+    assert set(executors.values()) == {"in_process"}, executors
+
+
 def test_dagster_dev_serves_the_example_assets(tmp_path: Path) -> None:
     with dagster_dev(tmp_path, EXAMPLE) as url:
         def listed() -> set[tuple[str, ...]] | None:
