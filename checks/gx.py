@@ -26,7 +26,7 @@ from assets.keys import table_key
 from trueup.checks import record_check_results
 from trueup.config import Config
 from trueup.errors import ConfigError, TrueupError
-from trueup.quality import ExpectationOutcome, Suite, load_suites, suites_for, validate_suite
+from trueup.quality import ExpectationOutcome, Suite, load_suites, validate_suite
 
 SUITES_ENV = "TRUEUP_CHECKS_DIR"
 DEFAULT_SUITES = Path(__file__).resolve().parent / "suites"
@@ -105,7 +105,7 @@ def _suite_checks(config: Config, suite: Suite) -> dg.AssetChecksDefinition:
 def quality_definitions(config: Config, directory: str | Path | None = None
                         ) -> QualityDefinitions:
     """Asset checks and a job for every suite whose table is in ``config``."""
-    suites = suites_for(config, load_suites(directory or suites_dir()))
+    suites = load_suites(directory or suites_dir(), config)
     seen: dict[dg.AssetKey, str] = {}
     checks, jobs = [], []
     for suite in suites:

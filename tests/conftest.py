@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from trueup.quality import CACHE_DIR_ENV
 from trueup.state import migrate
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +47,20 @@ def drop_database(name: str) -> None:
     with _admin() as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
             sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """trueup's cache (suites GX accepted) in a folder of the session's, not the user's; the
+    processes tests start (``dagster dev`` and its runs) inherit it."""
+    path = tmp_path_factory.mktemp("trueup_cache")
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,11 @@ and a sample of the failing values. Nothing here knows about Dagster (see ``chec
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -37,6 +42,8 @@ from trueup.errors import ConfigError, TrueupError
 from trueup.statuses import CheckSeverity
 
 SUITE_SUFFIXES = (".yaml", ".yml")
+#: Where markers of suites GX accepted are kept (see :func:`check_expectations`).
+CACHE_DIR_ENV = "TRUEUP_CACHE_DIR"
 #: Failing values kept per expectation (GX's ``partial_unexpected_list``).
 SAMPLE_SIZE = 20
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -135,8 +142,9 @@ class ExpectationOutcome:
         }
 
 
-def load_suite(path: Path) -> Suite:
-    """Read and validate one suite file; a bad value raises a one-line :class:`ConfigError`."""
+def read_suite(path: Path) -> Suite:
+    """Read one suite file and validate its shape (not yet what GX makes of it: see
+    :func:`check_expectations`); a bad value raises a one-line :class:`ConfigError`."""
     file = str(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -155,21 +163,70 @@ def load_suite(path: Path) -> Suite:
         if name in names[:i]:
             raise ConfigError(file, f"expectations.{i}.name",
                               f"expected a unique check name ({name!r} is used twice)")
+    return suite
+
+
+def check_expectations(suite: Suite) -> Suite:
+    """Build every expectation of ``suite`` with GX: an unknown type or kwargs GX rejects raise
+    a one-line :class:`ConfigError` naming the file and the expectation.
+
+    Importing GX costs seconds of CPU, and every process that loads the code location (the
+    code server, then each run's) checks its suites. Expectations GX accepted once are
+    remembered by an empty marker file in the cache directory, named by a hash of GX's version
+    and the expectations, and not built again; a suite GX rejects is never remembered.
+    """
+    marker = _accepted_marker(suite)
+    if marker is not None and marker.exists():
+        return suite
     for i, spec in enumerate(suite.expectations):
         try:
             _expectation(spec)
         except QualityFailed as exc:
-            raise ConfigError(file, f"expectations.{i}", str(exc)) from None
+            raise ConfigError(suite.file, f"expectations.{i}", str(exc)) from None
+    if marker is not None:
+        with contextlib.suppress(OSError):  # an unwritable cache only costs the next check
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
     return suite
 
 
-def load_suites(directory: str | Path) -> list[Suite]:
-    """Every suite in ``directory`` (sorted by file name); a missing directory has none."""
+def cache_dir() -> Path:
+    """``$TRUEUP_CACHE_DIR``, else ``trueup`` in ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "trueup"
+
+
+def _accepted_marker(suite: Suite) -> Path | None:
+    try:
+        gx_version = importlib.metadata.version("great_expectations")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    expectations = [[spec.type, spec.kwargs] for spec in suite.expectations]
+    digest = hashlib.sha256(json.dumps([gx_version, expectations], sort_keys=True,
+                                       default=repr).encode()).hexdigest()
+    return cache_dir() / "gx-accepted" / digest
+
+
+def load_suite(path: Path) -> Suite:
+    """Read one suite file and check its expectations with GX (:func:`read_suite`, then
+    :func:`check_expectations`)."""
+    return check_expectations(read_suite(path))
+
+
+def load_suites(directory: str | Path, config: Config | None = None) -> list[Suite]:
+    """Every suite in ``directory`` (sorted by file name); a missing directory has none.
+    With ``config``, only the suites of its tables (:func:`suites_for`), and only theirs are
+    checked with GX."""
     folder = Path(directory)
     if not folder.is_dir():
         return []
-    return [load_suite(p) for p in sorted(folder.iterdir())
-            if p.suffix in SUITE_SUFFIXES and p.is_file()]
+    suites = [read_suite(p) for p in sorted(folder.iterdir())
+              if p.suffix in SUITE_SUFFIXES and p.is_file()]
+    if config is not None:
+        suites = suites_for(config, suites)
+    return [check_expectations(s) for s in suites]
 
 
 def suites_for(config: Config, suites: Sequence[Suite]) -> list[Suite]:

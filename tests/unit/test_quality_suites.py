@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from checks.gx import DEFAULT_SUITES
+from trueup import quality
 from trueup.config import parse_config
 from trueup.errors import ConfigError
-from trueup.quality import ExpectationSpec, _raised, load_suite, load_suites, suites_for
+from trueup.quality import (
+    CACHE_DIR_ENV,
+    ExpectationSpec,
+    _raised,
+    load_suite,
+    load_suites,
+    suites_for,
+)
 from trueup.statuses import CheckSeverity
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trueup.yaml"
@@ -79,3 +88,74 @@ def test_a_suite_table_without_its_schema_is_the_configs_public_table(tmp_path: 
 def test_an_expectation_that_raised_keeps_its_reason(info: object, expected: str | None) -> None:
     """GX 1.x reports a failed metric under the metric's id, not at the top."""
     assert _raised(info) == expected
+
+
+GOOD = ("connection: shop\ntable: public.orders\nexpectations:\n"
+        "  - type: expect_column_values_to_be_between\n    kwargs: {column: a, min_value: 0}\n")
+BAD_KWARGS = ("connection: shop\ntable: public.orders\nexpectations:\n"
+              "  - type: expect_column_values_to_be_between\n    kwargs: {min_value: 0}\n")
+
+
+def _gx_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The expectation types built with GX from now on (each built for real)."""
+    built: list[str] = []
+    real = quality._expectation
+
+    def counted(spec: ExpectationSpec) -> Any:
+        built.append(spec.type)
+        return real(spec)
+
+    monkeypatch.setattr(quality, "_expectation", counted)
+    return built
+
+
+def test_a_suite_gx_accepted_once_is_not_built_again_until_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process loading the code location (each Dagster run's) imported GX, seconds of
+    CPU, to check suites that had not changed."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    built = _gx_builds(monkeypatch)
+    path = tmp_path / "orders.yaml"
+    path.write_text(GOOD)
+    first, second = load_suite(path), load_suite(path)
+    assert first == second and built == ["expect_column_values_to_be_between"]
+    assert len(list((tmp_path / "cache").rglob("*"))) == 2  # gx-accepted/ and one marker
+
+    path.write_text(GOOD.replace("min_value: 0", "min_value: 1"))
+    assert load_suite(path).expectations[0].kwargs["min_value"] == 1
+    assert len(built) == 2
+
+
+def test_a_suite_gx_rejected_is_checked_every_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    built = _gx_builds(monkeypatch)
+    path = tmp_path / "orders.yaml"
+    path.write_text(BAD_KWARGS)
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="kwargs: not valid"):
+            load_suite(path)
+    assert len(built) == 2 and not (tmp_path / "cache").exists()
+
+
+def test_an_unwritable_cache_still_checks_the_suite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "file" / "cache"))
+    path = tmp_path / "orders.yaml"
+    path.write_text(GOOD)
+    assert load_suite(path).table == "public.orders"
+    path.write_text(BAD_KWARGS)
+    with pytest.raises(ConfigError, match="kwargs: not valid"):
+        load_suite(path)
+
+
+def test_only_the_suites_of_the_configs_tables_are_checked_with_gx(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    (tmp_path / "other.yaml").write_text(BAD_KWARGS.replace("public.orders", "public.other"))
+    (tmp_path / "orders.yaml").write_text(GOOD)
+    config = parse_config(EXAMPLE.read_text(), "trueup.yaml", {})
+    assert [s.table for s in load_suites(tmp_path, config)] == ["public.orders"]
+    with pytest.raises(ConfigError, match=r"other\.yaml"):
+        load_suites(tmp_path)
