@@ -216,11 +216,13 @@ def test_live_source_writes_during_a_backfill_are_never_lost_or_overwritten(
 def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()
-    make_tables(source, target, 500)
+    make_tables(source, target, 1000)
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("UPDATE public.copy SET state = 'old'")
     config = write_config(tmp_path, state_db, source, target)
-    # 100 rows a second: the whole backfill would take 5 s.
+    # 100 rows a second: the whole backfill would take 10 s, so a test process starved of CPU
+    # for seconds (it was once, on a busy machine: the backfill ended before the signal)
+    # still interrupts it.
     worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "100")
     deadline = time.monotonic() + 60
     while not any(c[1] == "done" for c in _chunks(state_db)):
