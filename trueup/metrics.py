@@ -71,8 +71,9 @@ WORKER_RETRIES = Counter(
     "Messages scheduled for another try, by the attempt that failed.",
     ["worker", "attempt"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
-    "trueup_consumer_lag", "Messages behind the end of the partition (Kafka) or queue depth.",
-    ["topic", "partition"], registry=REGISTRY)
+    "trueup_consumer_lag",
+    "Messages a consumer group is behind the end of a partition (Kafka workers).",
+    ["group", "topic", "partition"], registry=REGISTRY)
 LAST_PROGRESS = Gauge(
     "trueup_last_progress_timestamp_seconds",
     "Unix time of the last progress this process made (readiness judges staleness by it).",

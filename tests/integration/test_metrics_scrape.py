@@ -200,7 +200,7 @@ def test_a_kafka_worker_serves_its_partition_lag_and_readiness_on_its_metrics_po
         except OSError:
             return None  # the worker's server is not up yet
         found = samples.get(("trueup_consumer_lag", frozenset(
-            {("topic", topic), ("partition", "0")})))
+            {("group", worker.group), ("topic", topic), ("partition", "0")})))
         if found is not None:
             seen.append(found)
         return found
@@ -218,7 +218,8 @@ def test_a_kafka_worker_serves_its_partition_lag_and_readiness_on_its_metrics_po
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{base}/healthz", timeout=2)  # the server stopped with the worker
     assert metrics.REGISTRY.get_sample_value(
-        "trueup_consumer_lag", {"topic": topic, "partition": "0"}) is None, (
+        "trueup_consumer_lag", {"group": worker.group, "topic": topic,
+                                "partition": "0"}) is None, (
         "a stopped worker should stop reporting the lag of partitions it no longer owns")
 
 

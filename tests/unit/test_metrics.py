@@ -128,3 +128,33 @@ def test_readyz_over_http_is_503_when_a_check_fails(server: metrics.MetricsServe
         assert caught.value.code == 503
     finally:
         HEALTH.clear()
+
+
+def test_two_groups_consuming_one_topic_in_one_process_each_report_their_own_lag() -> None:
+    """Labelled by topic and partition only, the second group's lag overwrote the first's,
+    and a group losing the partition removed the other's."""
+    from trueup.retry import RetryPolicy
+    from trueup.workers.kafka import KafkaWorker
+
+    def worker(group: str) -> KafkaWorker:
+        made = KafkaWorker(properties={"bootstrap.servers": "127.0.0.1:9"}, topic="unit.lag",
+                           group=group, handler=lambda message: None,
+                           policy=RetryPolicy(max_attempts=2), dead_letter_topic="unit.lag.dlq")
+        made._assigned.add(("unit.lag", 0))
+        return made
+
+    def stats(lag: int) -> str:
+        return json.dumps({"topics": {"unit.lag": {"partitions": {
+            "0": {"consumer_lag": lag}, "-1": {"consumer_lag": -1}}}}})
+
+    def reported(group: str) -> float | None:
+        return metrics.REGISTRY.get_sample_value(
+            "trueup_consumer_lag", {"group": group, "topic": "unit.lag", "partition": "0"})
+
+    billing, audit = worker("unit-billing"), worker("unit-audit")
+    billing._on_stats(stats(7))
+    audit._on_stats(stats(40_000))
+    assert (reported("unit-billing"), reported("unit-audit")) == (7, 40_000)
+    audit._forget_lag([("unit.lag", 0)])
+    assert (reported("unit-billing"), reported("unit-audit")) == (7, None)
+    billing._forget_lag([("unit.lag", 0)])

@@ -11,9 +11,10 @@ first and last failure times.
 Offsets are committed only for messages whose handler succeeded or whose retry/dead-letter copy
 Kafka has confirmed (``acks=all``, idempotent producer): at least once, never lost.
 
-Every ``lag_interval_seconds`` the worker sets ``trueup_consumer_lag{topic,partition}`` for the
-partitions it owns (work and retry topics) from librdkafka's statistics: the partition's high
-watermark minus the group's committed offset, with no request of its own to the brokers.
+Every ``lag_interval_seconds`` the worker sets ``trueup_consumer_lag{group,topic,partition}``
+for the partitions it owns (work and retry topics) from librdkafka's statistics: the
+partition's high watermark minus the group's committed offset, with no request of its own to
+the brokers.
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ class KafkaWorker:
                     if lag < 0:
                         lag = int(partition.get("consumer_lag_stored", -1))
                     if lag >= 0:
-                        metrics.CONSUMER_LAG.labels(topic, str(key[1])).set(lag)
+                        metrics.CONSUMER_LAG.labels(self.group, topic, str(key[1])).set(lag)
         except (ValueError, TypeError, AttributeError) as exc:  # never fail the poll loop
             log.debug("worker.stats_unreadable", group=self.group, error=str(exc))
 
@@ -327,7 +328,7 @@ class KafkaWorker:
         for topic, partition in partitions:
             self._assigned.discard((topic, partition))
             with contextlib.suppress(KeyError):  # never reported (lag not known yet)
-                metrics.CONSUMER_LAG.remove(topic, str(partition))
+                metrics.CONSUMER_LAG.remove(self.group, topic, str(partition))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # librdkafka keeps an application's pause on a partition through unassign and reassign:
