@@ -165,19 +165,30 @@ class Merger:
 
     # -- in Postgres ---------------------------------------------------------------------------
 
+    def _values_read(self) -> list[tuple[str, ColumnType]]:
+        """The JSON field and type of each value a row holds: keys, version, columns."""
+        shape = self.shape
+        return [*zip(shape.key_fields, shape.key_types, strict=True),
+                *([(shape.version_field, shape.version_type)]
+                  if shape.version_field and shape.version_type else []),
+                *zip(shape.column_fields, shape.column_types, strict=True)]
+
+    def _field_types(self) -> dict[str, ColumnType]:
+        """Each JSON field read, with the type it is read as: that of the first value it feeds
+        (a field feeding two is read once, as the first)."""
+        first: dict[str, ColumnType] = {}
+        for field, ctype in self._values_read():
+            first.setdefault(field, ctype)
+        return first
+
     def _build_parse(self) -> sql.Composed:
         """SQL staging ``trueup_raw`` into ``trueup_stage``: one ``json_to_record`` per
         message reads every field at once, typed as the source column (6x faster than one
         ``->>`` and cast per field; a fifth faster than ``jsonb_to_record``, which builds a
         jsonb value first; both keep the last of duplicate fields)."""
         shape = self.shape
-        fields: dict[str, ColumnType] = {}  # JSON field -> the type it is read as
-        wanted = [*zip(shape.key_fields, shape.key_types, strict=True),
-                  *([(shape.version_field, shape.version_type)]
-                    if shape.version_field and shape.version_type else []),
-                  *zip(shape.column_fields, shape.column_types, strict=True)]
-        for field, ctype in wanted:
-            fields.setdefault(field, ctype)
+        wanted = self._values_read()
+        fields = self._field_types()
         # json_to_record finds fields by the record's column names: name them as the fields.
         # A name longer than Postgres keeps for a column would be cut, and match no field: such
         # fields are read with an operator instead.
@@ -255,14 +266,7 @@ class Merger:
     # -- in Python -----------------------------------------------------------------------------
 
     def _fields_read_as_text(self) -> frozenset[str]:
-        shape = self.shape
-        first: dict[str, ColumnType] = {}
-        for field, ctype in [*zip(shape.key_fields, shape.key_types, strict=True),
-                             *([(shape.version_field, shape.version_type)]
-                               if shape.version_field and shape.version_type else []),
-                             *zip(shape.column_fields, shape.column_types, strict=True)]:
-            first.setdefault(field, ctype)
-        return frozenset(f for f, t in first.items() if t.kind is Kind.TEXT)
+        return frozenset(f for f, t in self._field_types().items() if t.kind is Kind.TEXT)
 
     def python_rows(self, messages: Sequence[RawMessage]) -> Iterator[tuple[Any, ...]]:
         shape = self.shape
