@@ -3,7 +3,8 @@
 A key names the kind, the connection and the object: ``postgres/shop/public/orders``,
 ``kafka/bus/orders_v1``, ``rabbitmq/amqp/payments_settle_dlq``. Dagster key parts allow
 letters, digits and underscores, so other characters become ``_`` (the real name stays in the
-asset's metadata).
+asset's metadata). Two names that differ only there (``orders.v1`` and ``orders_v1``) would
+share one node, mixing their lineage: :func:`check_distinct` refuses such a config.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import re
 
 import dagster as dg
+
+from trueup.config import Config
+from trueup.errors import ConfigError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
@@ -30,3 +34,49 @@ def topic_key(connection: str, topic: str) -> dg.AssetKey:
 
 def queue_key(connection: str, queue: str) -> dg.AssetKey:
     return dg.AssetKey(["rabbitmq", _part(connection), _part(queue)])
+
+
+def exchange_key(connection: str, exchange: str) -> dg.AssetKey:
+    key = queue_key(connection, exchange)
+    return dg.AssetKey([*key.path[:-1], f"exchange_{key.path[-1]}"])
+
+
+def check_distinct(config: Config) -> None:
+    """Raise a one-line :class:`ConfigError` when two different tables, topics, queues or
+    exchanges of ``config`` would get one asset key."""
+    seen: dict[dg.AssetKey, tuple[str, str]] = {}  # key -> (what it names, where)
+
+    def named(key: dg.AssetKey, what: str, where: str) -> None:
+        first, first_where = seen.setdefault(key, (what, where))
+        if first != what:
+            raise ConfigError(config.path, where, (
+                f"expected a name Dagster can tell from {first} ({first_where}): both become "
+                f"the asset key {key.to_user_string()}"))
+
+    for name, rec in config.reconciliations.items():
+        for side, ends in (("source", rec.source), ("target", rec.target)):
+            if ends.table is not None:
+                named(table_key(ends.connection, ends.table),
+                      f"table {ends.table!r} of {ends.connection}",
+                      f"reconciliations.{name}.{side}.table")
+        if rec.target.topic is not None:
+            named(topic_key(rec.target.connection, rec.target.topic),
+                  f"topic {rec.target.topic!r} of {rec.target.connection}",
+                  f"reconciliations.{name}.target.topic")
+    for name, dlq in config.dead_letters.items():
+        kind, own = ("topic", dlq.topic) if dlq.topic is not None else ("queue", dlq.queue)
+        assert own is not None
+        key_of = topic_key if kind == "topic" else queue_key
+        named(key_of(dlq.connection, own), f"{kind} {own!r} of {dlq.connection}",
+              f"dead_letters.{name}.{kind}")
+        replay_to = dlq.replay_to
+        if replay_to is None:
+            continue
+        if replay_to.exchange is not None:
+            named(exchange_key(dlq.connection, replay_to.exchange),
+                  f"exchange {replay_to.exchange!r} of {dlq.connection}",
+                  f"dead_letters.{name}.replay_to.exchange")
+        elif replay_to.name is not None:
+            named(key_of(dlq.connection, replay_to.name),
+                  f"{kind} {replay_to.name!r} of {dlq.connection}",
+                  f"dead_letters.{name}.replay_to")

@@ -13,17 +13,12 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from assets.keys import queue_key, topic_key
+from assets.keys import exchange_key, queue_key, topic_key
 from trueup.config import Config
 
 
 def mirror_key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["trueup", name, "mirror"])
-
-
-def exchange_key(connection: str, exchange: str) -> dg.AssetKey:
-    key = queue_key(connection, exchange)
-    return dg.AssetKey([*key.path[:-1], f"exchange_{key.path[-1]}"])
 
 
 def mirror_assets(config: Config) -> list[dg.AssetSpec]:
