@@ -14,7 +14,7 @@ def external_assets(config: Config) -> list[dg.AssetSpec]:
     check_distinct(config)
     specs: dict[dg.AssetKey, dg.AssetSpec] = {}
 
-    def table(connection: str, name: str, used_by: str) -> None:
+    def table(connection: str, name: str) -> None:
         key = table_key(connection, name)
         specs.setdefault(key, dg.AssetSpec(
             key, description=f"Postgres table {name} (connection {connection}).",
@@ -22,10 +22,10 @@ def external_assets(config: Config) -> list[dg.AssetSpec]:
             metadata={"connection": connection, "table": name},
         ))
 
-    for name, rec in config.reconciliations.items():
-        table(rec.source.connection, rec.source.table, name)
+    for rec in config.reconciliations.values():
+        table(rec.source.connection, rec.source.table)
         if rec.target.table is not None:
-            table(rec.target.connection, rec.target.table, name)
+            table(rec.target.connection, rec.target.table)
         elif rec.target.topic is not None:
             key = topic_key(rec.target.connection, rec.target.topic)
             specs.setdefault(key, dg.AssetSpec(
