@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +42,9 @@ from trueup.errors import ConfigError, TrueupError
 from trueup.statuses import CheckSeverity
 
 SUITE_SUFFIXES = (".yaml", ".yml")
+#: Part of every marker's name: change it when what decides a suite's acceptance here
+#: (:func:`_expectation`) changes, so that older markers are no longer found.
+_MARKER_SCHEME = "1"
 #: Where markers of suites GX accepted are kept (see :func:`check_expectations`).
 CACHE_DIR_ENV = "TRUEUP_CACHE_DIR"
 #: Failing values kept per expectation (GX's ``partial_unexpected_list``).
@@ -176,8 +179,11 @@ def check_expectations(suite: Suite) -> Suite:
     and the expectations, and not built again; a suite GX rejects is never remembered.
     """
     marker = _accepted_marker(suite)
-    if marker is not None and marker.exists():
-        return suite
+    try:
+        if marker is not None and marker.exists():
+            return suite
+    except OSError:  # a cache folder it may not enter: check, and remember nothing
+        marker = None
     for i, spec in enumerate(suite.expectations):
         try:
             _expectation(spec)
@@ -199,14 +205,32 @@ def cache_dir() -> Path:
 
 
 def _accepted_marker(suite: Suite) -> Path | None:
+    """The marker of ``suite``'s expectations as this environment's GX judges them; None when
+    there is none to be had (then the suite is checked every time)."""
     try:
-        gx_version = importlib.metadata.version("great_expectations")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    expectations = [[spec.type, spec.kwargs] for spec in suite.expectations]
-    digest = hashlib.sha256(json.dumps([gx_version, expectations], sort_keys=True,
-                                       default=repr).encode()).hexdigest()
-    return cache_dir() / "gx-accepted" / digest
+        judges = [sys.prefix, _MARKER_SCHEME, *(importlib.metadata.version(package)
+                                                for package in ("great_expectations",
+                                                                "pydantic"))]
+        expectations = _typed([[spec.type, spec.kwargs] for spec in suite.expectations])
+        digest = hashlib.sha256(repr([judges, expectations]).encode()).hexdigest()
+        return cache_dir() / "gx-accepted" / digest
+    except (importlib.metadata.PackageNotFoundError, RuntimeError, OSError):
+        return None  # no GX, or no home folder to keep a cache in
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every part's type spelled out, so that values of different types never
+    read alike (a date and the string of its repr, ``1`` and ``"1"``), and mappings in a fixed
+    order whatever their keys' types."""
+    if isinstance(value, dict):
+        return ("dict", sorted(((repr(_typed(k)), _typed(v)) for k, v in value.items()),
+                               key=lambda item: item[0]))
+    if isinstance(value, list | tuple | set | frozenset):
+        parts = [_typed(v) for v in value]
+        if isinstance(value, set | frozenset):
+            parts.sort(key=repr)
+        return (type(value).__name__, parts)
+    return (type(value).__module__, type(value).__qualname__, repr(value))
 
 
 def load_suite(path: Path) -> Suite:

@@ -159,3 +159,41 @@ def test_only_the_suites_of_the_configs_tables_are_checked_with_gx(
     assert [s.table for s in load_suites(tmp_path, config)] == ["public.orders"]
     with pytest.raises(ConfigError, match=r"other\.yaml"):
         load_suites(tmp_path)
+
+
+def test_values_that_read_alike_but_differ_in_type_are_remembered_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keyed by JSON with repr for the rest, a date GX accepted once let through the string
+    of its repr, which GX rejects."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "orders.yaml"
+    path.write_text(GOOD.replace("min_value: 0", "min_value: 2024-01-01"))
+    load_suite(path)
+    path.write_text(GOOD.replace("min_value: 0", "min_value: 'datetime.date(2024, 1, 1)'"))
+    with pytest.raises(ConfigError, match="kwargs: not valid"):
+        load_suite(path)
+
+
+def test_a_mapping_whose_keys_mix_types_is_remembered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """YAML reads ``on:`` as True: sorting such keys for the cache raised a TypeError, which
+    stopped the code location with a traceback."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    built = _gx_builds(monkeypatch)
+    path = tmp_path / "orders.yaml"
+    path.write_text(GOOD.replace("min_value: 0}", "min_value: 0, meta: {on: call, owner: x}}"))
+    assert load_suite(path) == load_suite(path) and len(built) == 1
+
+
+def test_a_cache_that_cannot_be_read_still_checks_the_suite(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    path = tmp_path / "orders.yaml"
+    path.write_text(BAD_KWARGS)
+
+    def refused(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(ConfigError, match="kwargs: not valid"):
+        load_suite(path)
