@@ -316,6 +316,13 @@ class DeadLetterConfig(_Model):
             raise ValueError("expected exactly one of topic or queue")
         if self.topic is not None and self.replay_to and self.replay_to.exchange:
             raise ValueError("a Kafka dead-letter topic replays to a topic name, not an exchange")
+        kind, own = ("topic", self.topic) if self.topic is not None else ("queue", self.queue)
+        if self.replay_to is not None and self.replay_to.name == own:
+            raise ValueError(f"expected replay_to to name where the letters go back to, not "
+                             f"the dead-letter {kind} {own!r} itself")
+        if self.parking == own:
+            raise ValueError(f"expected parking to name another {kind} than the dead-letter "
+                             f"{kind} {own!r} itself")
         return self
 
 

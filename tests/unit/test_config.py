@@ -155,6 +155,15 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("dead letters with topic and queue",
      lambda r: r["dead_letters"]["orders_dlq"].update(queue="q"),
      "trueup.yaml: dead_letters.orders_dlq: expected exactly one of topic or queue"),
+    # a DLQ replayed into itself made its Dagster asset depend on itself (a multi-line error)
+    ("dead letters replayed into themselves",
+     lambda r: r["dead_letters"]["orders_dlq"].update(replay_to="orders.v1.dlq"),
+     "trueup.yaml: dead_letters.orders_dlq: expected replay_to to name where the letters go "
+     "back to, not the dead-letter topic 'orders.v1.dlq' itself"),
+    ("dead letters parked in their own queue",
+     lambda r: r["dead_letters"]["payments_dlq"].update(parking="payments.settle.dlq"),
+     "trueup.yaml: dead_letters.payments_dlq: expected parking to name another queue than the "
+     "dead-letter queue 'payments.settle.dlq' itself"),
     ("columns not mapped",
      lambda r: _rec(r, "orders_invoices")["target"].update(columns={"status": "status"}),
      "trueup.yaml: reconciliations.orders_invoices: expected target.columns to map every source "
