@@ -4,7 +4,8 @@ A key names the kind, the connection and the object: ``postgres/shop/public/orde
 ``kafka/bus/orders_v1``, ``rabbitmq/amqp/payments_settle_dlq``. Dagster key parts allow
 letters, digits and underscores, so other characters become ``_`` (the real name stays in the
 asset's metadata). Two names that differ only there (``orders.v1`` and ``orders_v1``) would
-share one node, mixing their lineage: :func:`check_distinct` refuses such a config.
+share one node, mixing their lineage: :func:`check_distinct` refuses such a config before
+anything is built (``pipelines/definitions.py``).
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ def quality_definitions(config: Config, directory: str | Path | None = None
     """Asset checks and a job for every suite whose table is in ``config``."""
     suites = load_suites(directory or suites_dir(), config)
     seen: dict[dg.AssetKey, str] = {}
+    named: dict[str, Suite] = {}  # job name -> the suite it runs
     checks, jobs = [], []
     for suite in suites:
         key = table_key(suite.connection, suite.table)
@@ -115,6 +116,12 @@ def quality_definitions(config: Config, directory: str | Path | None = None
                               f"expected one suite per table ({seen[key]} already checks "
                               f"{suite.connection}.{suite.table})")
         seen[key] = suite.file
+        other = named.setdefault(quality_job_name(suite), suite)
+        if other is not suite:
+            # the names join the key's parts with "_": shop/a_b/c and shop/a/b_c meet
+            raise ConfigError(suite.file, "table", (
+                f"expected a table whose job name differs from that of {other.table} "
+                f"({other.file}): both make {quality_job_name(suite)}"))
         checks.append(_suite_checks(config, suite))
         jobs.append(dg.define_asset_job(
             quality_job_name(suite), selection=dg.AssetSelection.checks_for_assets(key),

@@ -15,6 +15,7 @@ from assets.dead_letters import dead_letter_definitions
 from assets.differences import reconciliation_definitions
 from assets.external import external_assets
 from assets.freshness import freshness_definitions
+from assets.keys import check_distinct
 from assets.lineage import mirror_assets, with_dead_letter_lineage
 from assets.repairs import repair_definitions
 from checks.gx import quality_definitions
@@ -34,6 +35,7 @@ def _config_path() -> str:
 # diffs', backfills' and replays' spans when $TRUEUP_TRACES_EXPORTER asks
 tracing.configure_from_env()
 config = load_config(_config_path())
+check_distinct(config)  # every builder below may take an asset key for the thing it names
 reconciliations = reconciliation_definitions(config)
 dead_letters = dead_letter_definitions(config)
 repairs = repair_definitions(config)

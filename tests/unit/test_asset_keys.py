@@ -11,17 +11,18 @@ import pytest
 import yaml
 
 from assets.external import external_assets
-from trueup.config import parse_config
+from assets.keys import check_distinct
+from trueup.config import Config, parse_config
 from trueup.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trueup.yaml"
 BASE: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
 
 
-def _assets(mutate: Callable[[dict[str, Any]], None]) -> list[Any]:
+def _config(mutate: Callable[[dict[str, Any]], None]) -> Config:
     raw = copy.deepcopy(BASE)
     mutate(raw)
-    return external_assets(parse_config(yaml.safe_dump(raw), "trueup.yaml", {}))
+    return parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
 
 
 def _second_events(raw: dict[str, Any]) -> None:
@@ -32,7 +33,9 @@ def _second_events(raw: dict[str, Any]) -> None:
 
 
 def test_two_reconciliations_of_one_table_share_its_node() -> None:
-    keys = [a.key.to_user_string() for a in _assets(lambda raw: None)]
+    config = _config(lambda raw: None)
+    check_distinct(config)
+    keys = [a.key.to_user_string() for a in external_assets(config)]
     assert keys.count("postgres/shop/public/orders") == 1
 
 
@@ -54,7 +57,7 @@ def test_names_that_differ_only_in_what_a_key_cannot_hold_are_refused(
     """``orders.v1`` and ``orders_v1`` both became kafka/bus/orders_v1: one node, whose
     metadata named the first and whose lineage mixed the two."""
     with pytest.raises(ConfigError) as raised:
-        _assets(mutate)
+        check_distinct(_config(mutate))
     message = str(raised.value)
     assert message.startswith(f"trueup.yaml: {where}: expected a name Dagster can tell"), message
     assert other in message, message

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from checks.gx import DEFAULT_SUITES
+from checks.gx import DEFAULT_SUITES, quality_definitions
 from trueup import quality
 from trueup.config import parse_config
 from trueup.errors import ConfigError
@@ -197,3 +198,22 @@ def test_a_cache_that_cannot_be_read_still_checks_the_suite(
     monkeypatch.setattr(Path, "exists", refused)
     with pytest.raises(ConfigError, match="kwargs: not valid"):
         load_suite(path)
+
+
+def test_two_tables_whose_quality_jobs_would_share_a_name_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Job names join the table's key parts with ``_``: shop/a_b/c and shop/a/b_c both made
+    quality_shop_a_b_c, and Dagster refused the code location with an error of its own."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    invoices = raw["reconciliations"]["orders_invoices"]
+    for name, table in (("one", "a_b.c"), ("two", "a.b_c")):
+        raw["reconciliations"][name] = {**invoices, "source": {**invoices["source"],
+                                                               "table": table}}
+        (tmp_path / f"{name}.yaml").write_text(GOOD.replace("public.orders", table))
+    config = parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
+    with pytest.raises(ConfigError) as raised:
+        quality_definitions(config, tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path / 'two.yaml'}: table: expected a table whose job name differs from that "
+        f"of a_b.c ({tmp_path / 'one.yaml'}): both make quality_shop_a_b_c")
