@@ -175,8 +175,9 @@ def check_expectations(suite: Suite) -> Suite:
 
     Importing GX costs seconds of CPU, and every process that loads the code location (the
     code server, then each run's) checks its suites. Expectations GX accepted once are
-    remembered by an empty marker file in the cache directory, named by a hash of GX's version
-    and the expectations, and not built again; a suite GX rejects is never remembered.
+    remembered by an empty marker file in the cache directory, named by a hash of them (every
+    value with its type) and of what judged them (GX's and pydantic's versions, the Python
+    environment), and not built again; a suite GX rejects is never remembered.
     """
     marker = _accepted_marker(suite)
     try:
