@@ -93,8 +93,10 @@ RETURNING c.backfill_id, c.chunk, c.key_from, c.key_to, c.keys, c.rows_planned, 
           picked.was = 'running' AS taken_over;
 
 -- name: renew_lease
+-- From the clock, not now(): a chunk holds its lease late in a transaction that began before
+-- its target write, which can outlast the lease.
 UPDATE trueup.chunks
-SET lease_expires_at = now() + make_interval(secs => %(lease_seconds)s)
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease_seconds)s)
 WHERE backfill_id = %(backfill_id)s AND chunk = %(chunk)s AND status = 'running'
   AND lease_owner = %(owner)s
 RETURNING chunk;

@@ -82,3 +82,19 @@ def test_a_held_lease_keeps_other_workers_off_until_commit_and_a_lost_one_cannot
         assert taken is not None, "the expired chunk was not taken over"
     with conn.transaction(), pytest.raises(chunk_leases.LeaseLost):
         heartbeat.hold(conn)
+
+
+def test_a_lease_held_late_in_a_long_transaction_runs_from_the_hold(
+        state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
+                                      chunk_leases.Chunk]) -> None:
+    """The renewal read now(), the transaction's start: held after a target write longer than
+    the lease, it set an expiry already past, and once committed another worker could take the
+    chunk over while this one still finished it."""
+    conn, chunk = claimed
+    with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat, conn.transaction():
+        conn.execute("SELECT pg_sleep(%s)", (LEASE + 0.5,))  # the long write
+        heartbeat.hold(conn)
+        row = conn.execute(
+            "SELECT lease_expires_at > clock_timestamp() AS ahead FROM trueup.chunks "
+            "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk)).fetchone()
+        assert row is not None and row["ahead"], "the lease held was already over"
