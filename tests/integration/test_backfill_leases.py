@@ -1,11 +1,12 @@
-"""Chunk leases: a worker stops when it cannot renew its lease, and what it commits under
-:meth:`Heartbeat.hold` is fenced against a takeover."""
+"""Chunks: a worker stops when it cannot renew its lease, what it commits under
+:meth:`Heartbeat.hold` is fenced against a takeover, and a plan reads one snapshot."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -98,3 +99,34 @@ def test_a_lease_held_late_in_a_long_transaction_runs_from_the_hold(
             "SELECT lease_expires_at > clock_timestamp() AS ahead FROM trueup.chunks "
             "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk)).fetchone()
         assert row is not None and row["ahead"], "the lease held was already over"
+
+
+def test_planned_rows_come_from_one_snapshot_of_the_source(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounds and the count were read in two snapshots: rows deleted in between made the
+    last chunk's planned rows (the count less the other chunks') negative."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 100)
+    config = write_config(tmp_path, state_db, source, target)
+    execute = psycopg.Connection.execute
+
+    def deleting_after_the_bounds(self: psycopg.Connection[Any], query: Any,
+                                  *args: Any, **kwargs: Any) -> Any:
+        cursor = execute(self, query, *args, **kwargs)
+        if "trueup_n" in (query if isinstance(query, str) else query.as_string(self)):
+            with psycopg.connect(source, autocommit=True) as other:
+                execute(other, "DELETE FROM public.orders WHERE id > 20")
+        return cursor
+
+    monkeypatch.setattr(psycopg.Connection, "execute", deleting_after_the_bounds)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
+                                                             chunk_size=50), state)
+    monkeypatch.undo()
+    with psycopg.connect(state_db) as conn:
+        planned = [r[0] for r in conn.execute(
+            "SELECT rows_planned FROM trueup.chunks WHERE backfill_id = %s ORDER BY chunk",
+            (backfill_id,))]
+    assert planned == [50, 50], planned

@@ -123,19 +123,23 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
                                               space.complete)
         names = [sql.Identifier(f"k{i}") for i in range(len(side.key))]
         outer = KeySpace(exprs=names, types=side.key_types)
-        # Every chunk_size-th key in key order: one scan of the key, never OFFSET.
-        bounds = [r["key"] for r in source.execute(sql.SQL(
-            "SELECT {json} AS key FROM (SELECT {cols}, row_number() OVER (ORDER BY {order}) "
-            "AS trueup_n FROM {rel} WHERE {where}) AS s "
-            "WHERE (trueup_n - 1) % {size} = 0 ORDER BY trueup_n"
-        ).format(json=outer.as_json,
-                 cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
-                                         for e, n in zip(space.exprs, names, strict=True)),
-                 order=space.ordered, rel=side.relation, where=where,
-                 size=sql.Literal(options.chunk_size)))]
-        counted = source.execute(sql.SQL("SELECT count(*) AS n FROM {} WHERE {}").format(
-            side.relation, where)).fetchone()
-        total = int(counted["n"]) if counted else 0
+        # The bounds and the count from one snapshot: the last chunk's planned rows (the
+        # count less the other chunks') never go wrong or negative as rows come and go.
+        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with source.transaction():
+            # Every chunk_size-th key in key order: one scan of the key, never OFFSET.
+            bounds = [r["key"] for r in source.execute(sql.SQL(
+                "SELECT {json} AS key FROM (SELECT {cols}, row_number() OVER (ORDER BY "
+                "{order}) AS trueup_n FROM {rel} WHERE {where}) AS s "
+                "WHERE (trueup_n - 1) % {size} = 0 ORDER BY trueup_n"
+            ).format(json=outer.as_json,
+                     cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
+                                             for e, n in zip(space.exprs, names, strict=True)),
+                     order=space.ordered, rel=side.relation, where=where,
+                     size=sql.Literal(options.chunk_size)))]
+            counted = source.execute(sql.SQL("SELECT count(*) AS n FROM {} WHERE {}").format(
+                side.relation, where)).fetchone()
+            total = int(counted["n"]) if counted else 0
     if not bounds:
         bounds = [None]
     for i in range(len(bounds)):
