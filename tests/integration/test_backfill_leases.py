@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,34 @@ def test_planned_rows_come_from_one_snapshot_of_the_source(
             "SELECT rows_planned FROM trueup.chunks WHERE backfill_id = %s ORDER BY chunk",
             (backfill_id,))]
     assert planned == [50, 50], planned
+
+
+def test_a_chunk_taken_over_while_its_worker_was_still_starting_is_lost_at_once(
+        state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
+                                      chunk_leases.Chunk]) -> None:
+    """The heartbeat counted the lease from its own start, after the worker had opened its
+    writer's connections: a lease that ran out meanwhile went unnoticed until the first
+    renewal, a third of a lease into the chunk's work."""
+    conn, chunk = claimed
+    started_late = replace(chunk, claimed_at=time.monotonic() - LEASE)
+    _expire(conn, chunk)
+    with connect(state_db, what="state", autocommit=True) as other:
+        while (taken := chunk_leases.claim(other, chunk.backfill_id, "b", LEASE)) is not None \
+                and taken.chunk != chunk.chunk:
+            pass
+    with chunk_leases.Heartbeat(state_db, started_late, "a", LEASE) as heartbeat, \
+            pytest.raises(chunk_leases.LeaseLost, match="lease lost"):
+        heartbeat.check()
+
+
+def test_a_worker_that_started_slowly_renews_its_lease_before_working(
+        state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
+                                      chunk_leases.Chunk]) -> None:
+    conn, chunk = claimed
+    time.sleep(LEASE / 2)  # opening the writer's connections, reflecting tables
+    with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat:
+        heartbeat.check()
+        row = conn.execute(
+            "SELECT lease_expires_at - clock_timestamp() AS left FROM trueup.chunks "
+            "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk)).fetchone()
+        assert row is not None and row["left"].total_seconds() > LEASE * 0.8, row

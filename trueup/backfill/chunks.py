@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -45,6 +45,8 @@ class Chunk:
     keys: list[list[Any]] | None
     rows_planned: int
     attempts: int
+    #: When this worker's claim committed (``time.monotonic``): its lease runs from about then.
+    claimed_at: float = field(default_factory=time.monotonic, compare=False)
 
 
 def new_owner(worker: int) -> str:
@@ -136,7 +138,7 @@ class Heartbeat:
         self.lease_seconds = lease_seconds
         self.lost = threading.Event()
         self._state_dsn = state_dsn
-        self._renewed = time.monotonic()  # the claim, just before: the lease's start
+        self._renewed = chunk.claimed_at  # the lease's start
         self._lease = {"backfill_id": chunk.backfill_id, "chunk": chunk.chunk, "owner": owner,
                        "lease_seconds": lease_seconds}  # what renew_lease asks
         self._stop = threading.Event()
@@ -149,6 +151,10 @@ class Heartbeat:
         return lease_connection(self._state_dsn, self.lease_seconds)
 
     def __enter__(self) -> Heartbeat:
+        # What ran since the claim (the writer's connections opened, tables reflected) may
+        # have used up much of the lease: renew it before the work starts, or learn it is lost.
+        if time.monotonic() - self._renewed > self.lease_seconds / 3 and not self._renew():
+            self.lost.set()
         self._thread.start()
         return self
 
@@ -164,20 +170,27 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease_seconds / 3):
-            asked = time.monotonic()  # the server's lease runs from about now
-            try:
-                if self._conn is None or self._conn.broken:
-                    self._close()
-                    self._conn = self._connect()
-                row = self._conn.execute(query("renew_lease"), self._lease).fetchone()
-            except (psycopg.Error, ConnectionFailed) as exc:
-                log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
-                            chunk=self.chunk.chunk, error=str(exc).strip())
-                continue
-            if row is None and not self._stop.is_set():
+            if not self._renew() and not self._stop.is_set():
                 self.lost.set()
                 return
-            self._renewed = asked
+
+    def _renew(self) -> bool:
+        """Renew the lease once; False only when the chunk is no longer this worker's (a
+        renewal the state database did not answer is logged, and the silence counts on)."""
+        asked = time.monotonic()  # the server's lease runs from about now
+        try:
+            if self._conn is None or self._conn.broken:
+                self._close()
+                self._conn = self._connect()
+            row = self._conn.execute(query("renew_lease"), self._lease).fetchone()
+        except (psycopg.Error, ConnectionFailed) as exc:
+            log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
+                        chunk=self.chunk.chunk, error=str(exc).strip())
+            return True
+        if row is None:
+            return False
+        self._renewed = asked
+        return True
 
     def hold(self, conn: psycopg.Connection[Any]) -> None:
         """Renew the lease inside ``conn``'s current transaction, or raise :class:`LeaseLost`.
