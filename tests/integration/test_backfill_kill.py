@@ -237,3 +237,35 @@ def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
     summary = resume_backfill(config, 1, WorkerOptions(lease_seconds=LEASE))
     assert summary.status is BackfillStatus.SUCCEEDED
     assert target_rows(target) == source_rows(source)
+
+
+def test_a_backfill_rides_out_its_state_connections_being_dropped(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A state database restart or failover ended every worker (exit 2, "resume with
+    --resume") and left the backfill running, which also pauses auto-repair: now each worker
+    reconnects with backoff and the backfill finishes."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 600)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("UPDATE public.copy SET state = 'old'")
+    config = write_config(tmp_path, state_db, source, target)
+    result: list[Any] = []
+    backfill = threading.Thread(target=lambda: result.append(start_backfill(
+        config, "orders", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100, rate=300),
+        WorkerOptions(workers=2, lease_seconds=LEASE))))
+    backfill.start()
+    deadline = time.monotonic() + 60
+    while not any(c[1] == "done" for c in _chunks(state_db)):
+        assert time.monotonic() < deadline and backfill.is_alive(), "no chunk got done"
+        time.sleep(0.05)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        dropped = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND application_name LIKE 'trueup backfill%%'").fetchone()
+    assert dropped is not None and dropped[0] >= 2, dropped
+    backfill.join(timeout=120)
+    assert result, "the backfill did not finish"
+    assert result[0].status is BackfillStatus.SUCCEEDED, result[0].error
+    assert target_rows(target) == source_rows(source)
+    assert _one_row_per_key(state_db) == 600

@@ -26,16 +26,22 @@ from trueup.backfill.model import (
 )
 from trueup.config import Config
 from trueup.db import connect, first_line
-from trueup.errors import NotFound, StateError, TrueupError
+from trueup.errors import ConnectionFailed, NotFound, StateError, TrueupError
 from trueup.log import get_logger
 from trueup.pacing import Pacer
 from trueup.queries import query
+from trueup.retry import RetryPolicy
 from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder
 
 log = get_logger(__name__)
 
 #: How often an idle worker looks again for a chunk that became due (seconds).
 POLL_SECONDS = 0.2
+
+#: How a worker rides out its state database going away (a dropped connection, a restart, a
+#: failover): it reconnects after about 1, 2, 4, 8, 16 and 30 s, then gives up (the backfill
+#: resumes with ``--resume``). A worker that served a minute since its last trouble starts over.
+STATE_RETRY = RetryPolicy(max_attempts=7, initial_seconds=1.0, multiplier=2.0, max_seconds=30.0)
 
 #: (chunks_done, chunks, rows_repaired, rows_per_second)
 Progress = Callable[[int, int, int, float], None]
@@ -168,6 +174,26 @@ class _Worker:
         return self._lease_conn
 
     def run(self) -> None:
+        """Serve chunks until none is open; reconnect when the state database goes away."""
+        failures = 0
+        while True:
+            began = time.monotonic()
+            try:
+                self._serve()
+                return
+            except (psycopg.OperationalError, ConnectionFailed) as exc:
+                if time.monotonic() - began > 2 * STATE_RETRY.max_seconds:
+                    failures = 0
+                failures += 1
+                if STATE_RETRY.exhausted(failures):
+                    raise
+                delay = STATE_RETRY.delay(failures)
+                log.warning("backfill.state_unavailable", backfill_id=self.backfill.backfill_id,
+                            worker=self.owner, attempt=failures,
+                            delay_seconds=round(delay, 1), error=first_line(exc))
+                time.sleep(delay)
+
+    def _serve(self) -> None:
         bid = self.backfill.backfill_id
         with connect(self.config.state, what="state", autocommit=True,
                      application_name="trueup backfill") as state:
