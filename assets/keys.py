@@ -65,8 +65,7 @@ def check_distinct(config: Config) -> None:
                   f"topic {rec.target.topic!r} of {rec.target.connection}",
                   f"reconciliations.{name}.target.topic")
     for name, dlq in config.dead_letters.items():
-        kind, own = ("topic", dlq.topic) if dlq.topic is not None else ("queue", dlq.queue)
-        assert own is not None
+        kind, own = dlq.held_in
         key_of = topic_key if kind == "topic" else queue_key
         named(key_of(dlq.connection, own), f"{kind} {own!r} of {dlq.connection}",
               f"dead_letters.{name}.{kind}")

@@ -116,14 +116,15 @@ def quality_definitions(config: Config, directory: str | Path | None = None
                               f"expected one suite per table ({seen[key]} already checks "
                               f"{suite.connection}.{suite.table})")
         seen[key] = suite.file
-        other = named.setdefault(quality_job_name(suite), suite)
+        job = quality_job_name(suite)
+        other = named.setdefault(job, suite)
         if other is not suite:
             # the names join the key's parts with "_": shop/a_b/c and shop/a/b_c meet
             raise ConfigError(suite.file, "table", (
                 f"expected a table whose job name differs from that of {other.table} "
-                f"({other.file}): both make {quality_job_name(suite)}"))
+                f"({other.file}): both make {job}"))
         checks.append(_suite_checks(config, suite))
         jobs.append(dg.define_asset_job(
-            quality_job_name(suite), selection=dg.AssetSelection.checks_for_assets(key),
+            job, selection=dg.AssetSelection.checks_for_assets(key),
             description=f"Run the Great Expectations suite of {suite.table}."))
     return QualityDefinitions(checks=checks, jobs=jobs)

@@ -310,13 +310,21 @@ class DeadLetterConfig(_Model):
     backoff: BackoffConfig = BackoffConfig()
     parking: NonEmptyStr | None = None
 
+    @property
+    def held_in(self) -> tuple[str, str]:
+        """Where the dead letters are: ``("topic", name)`` or ``("queue", name)``."""
+        if self.topic is not None:
+            return "topic", self.topic
+        assert self.queue is not None
+        return "queue", self.queue
+
     @model_validator(mode="after")
     def _topic_or_queue(self) -> DeadLetterConfig:
         if (self.topic is None) == (self.queue is None):
             raise ValueError("expected exactly one of topic or queue")
         if self.topic is not None and self.replay_to and self.replay_to.exchange:
             raise ValueError("a Kafka dead-letter topic replays to a topic name, not an exchange")
-        kind, own = ("topic", self.topic) if self.topic is not None else ("queue", self.queue)
+        kind, own = self.held_in
         if self.replay_to is not None and self.replay_to.name == own:
             raise ValueError(f"expected replay_to to name where the letters go back to, not "
                              f"the dead-letter {kind} {own!r} itself")
