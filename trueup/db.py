@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row, tuple_row
 
 from trueup.errors import ConnectionFailed
@@ -35,15 +36,19 @@ def first_line(error: BaseException) -> str:
 
 def connect(dsn: str, *, what: str, autocommit: bool = False,
             application_name: str = "trueup") -> psycopg.Connection[dict[str, Any]]:
-    """Open a connection returning dict rows; ``what`` names it in errors (a config path)."""
+    """Open a connection returning dict rows; ``what`` names it in errors (a config path).
+
+    Options the DSN gives (``options=-c statement_timeout=...``) are kept, before trueup's own
+    :data:`SESSION_OPTIONS`, which win where both set one."""
     try:
+        given = conninfo_to_dict(dsn).get("options")
         return psycopg.connect(
             dsn,
             autocommit=autocommit,
             row_factory=dict_row,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             application_name=application_name,
-            options=SESSION_OPTIONS,
+            options=f"{given} {SESSION_OPTIONS}" if given else SESSION_OPTIONS,
         )
     except psycopg.Error as exc:
         raise ConnectionFailed(
