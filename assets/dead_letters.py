@@ -20,7 +20,7 @@ import dagster as dg
 from dagster import AssetExecutionContext, OpExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
-from assets.keys import queue_key, topic_key
+from assets.keys import held_key, held_kind
 from trueup.checks import record_check_results
 from trueup.config import Config
 from trueup.dlq import DlqReport, inspect
@@ -105,11 +105,7 @@ def _definitions(config: Config, name: str, *, max_depth: int,
                                                   dg.SensorDefinition]:
     dlq = config.dead_letters[name]
     recheck_seconds = min(AGE_RECHECK_MAX_SECONDS, max_age_seconds / 4)
-    if dlq.topic is not None:
-        upstream, where = topic_key(dlq.connection, dlq.topic), f"Kafka topic {dlq.topic}"
-    else:
-        assert dlq.queue is not None
-        upstream, where = queue_key(dlq.connection, dlq.queue), f"RabbitMQ queue {dlq.queue}"
+    upstream, (_, where) = held_key(dlq), held_kind(dlq)
     key = dead_letters_key(name)
     trueup_config = config  # the ops' own parameter must be called config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.keys import queue_key, table_key, topic_key
+from assets.keys import held_key, held_kind, table_key, topic_key
 from trueup.config import Config
 
 
@@ -34,13 +34,7 @@ def external_assets(config: Config) -> list[dg.AssetSpec]:
                 metadata={"connection": rec.target.connection, "topic": rec.target.topic},
             ))
     for name, dlq in config.dead_letters.items():
-        if dlq.topic is not None:
-            key = topic_key(dlq.connection, dlq.topic)
-            kind, what = "kafka", f"Kafka dead-letter topic {dlq.topic}"
-        else:
-            assert dlq.queue is not None
-            key = queue_key(dlq.connection, dlq.queue)
-            kind, what = "rabbitmq", f"RabbitMQ dead-letter queue {dlq.queue}"
+        key, (kind, what) = held_key(dlq), held_kind(dlq)
         specs.setdefault(key, dg.AssetSpec(
             key, description=f"{what} (dead letters {name}).", group_name="dead_letters",
             kinds={kind}, metadata={"connection": dlq.connection, "dead_letters": name},

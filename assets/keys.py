@@ -11,10 +11,11 @@ anything is built (``pipelines/definitions.py``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import dagster as dg
 
-from trueup.config import Config
+from trueup.config import Config, DeadLetterConfig
 from trueup.errors import ConfigError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
@@ -42,6 +43,29 @@ def exchange_key(connection: str, exchange: str) -> dg.AssetKey:
     return dg.AssetKey([*key.path[:-1], f"exchange_{key.path[-1]}"])
 
 
+#: By where a dead-letter entry holds its letters (DeadLetterConfig.held_in): the broker's
+#: Dagster kind, how a description names such a place, and its key.
+_HELD: dict[str, tuple[str, str, Callable[[str, str], dg.AssetKey]]] = {
+    "topic": ("kafka", "Kafka topic", topic_key),
+    "queue": ("rabbitmq", "RabbitMQ queue", queue_key),
+}
+
+
+def held_key(dlq: DeadLetterConfig, name: str | None = None) -> dg.AssetKey:
+    """The key of the topic or queue holding ``dlq``'s letters, or of another ``name`` of the
+    same kind on its connection (where they replay to)."""
+    kind, own = dlq.held_in
+    return _HELD[kind][2](dlq.connection, name or own)
+
+
+def held_kind(dlq: DeadLetterConfig, name: str | None = None) -> tuple[str, str]:
+    """The Dagster kind of ``dlq``'s broker, and ``Kafka topic T`` or ``RabbitMQ queue Q`` (its
+    own, or another ``name``) as descriptions say it."""
+    kind, own = dlq.held_in
+    broker, place, _ = _HELD[kind]
+    return broker, f"{place} {name or own}"
+
+
 def check_distinct(config: Config) -> None:
     """Raise a one-line :class:`ConfigError` when two different tables, topics, queues or
     exchanges of ``config`` would get one asset key."""
@@ -66,8 +90,7 @@ def check_distinct(config: Config) -> None:
                   f"reconciliations.{name}.target.topic")
     for name, dlq in config.dead_letters.items():
         kind, own = dlq.held_in
-        key_of = topic_key if kind == "topic" else queue_key
-        named(key_of(dlq.connection, own), f"{kind} {own!r} of {dlq.connection}",
+        named(held_key(dlq), f"{kind} {own!r} of {dlq.connection}",
               f"dead_letters.{name}.{kind}")
         replay_to = dlq.replay_to
         if replay_to is None:
@@ -77,6 +100,6 @@ def check_distinct(config: Config) -> None:
                   f"exchange {replay_to.exchange!r} of {dlq.connection}",
                   f"dead_letters.{name}.replay_to.exchange")
         elif replay_to.name is not None:
-            named(key_of(dlq.connection, replay_to.name),
+            named(held_key(dlq, replay_to.name),
                   f"{kind} {replay_to.name!r} of {dlq.connection}",
                   f"dead_letters.{name}.replay_to")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from assets.keys import exchange_key, queue_key, topic_key
+from assets.keys import exchange_key, held_key, held_kind, topic_key
 from trueup.config import Config
 
 
@@ -45,22 +45,13 @@ def with_dead_letter_lineage(specs: Sequence[dg.AssetSpec], config: Config
         replay_to = dlq.replay_to
         if replay_to is None:
             continue
-        if dlq.topic is not None:
-            dlq_key = topic_key(dlq.connection, dlq.topic)
-            assert replay_to.name is not None
-            feeds = topic_key(dlq.connection, replay_to.name)
-            what, kind = f"Kafka topic {replay_to.name}", "kafka"
+        dlq_key = held_key(dlq)
+        if replay_to.exchange is not None:  # RabbitMQ only
+            feeds = exchange_key(dlq.connection, replay_to.exchange)
+            kind, what = "rabbitmq", f"RabbitMQ exchange {replay_to.exchange}"
         else:
-            assert dlq.queue is not None
-            dlq_key = queue_key(dlq.connection, dlq.queue)
-            if replay_to.exchange is not None:
-                feeds = exchange_key(dlq.connection, replay_to.exchange)
-                what = f"RabbitMQ exchange {replay_to.exchange}"
-            else:
-                assert replay_to.name is not None
-                feeds, what = queue_key(dlq.connection, replay_to.name), \
-                    f"RabbitMQ queue {replay_to.name}"
-            kind = "rabbitmq"
+            assert replay_to.name is not None
+            feeds, (kind, what) = held_key(dlq, replay_to.name), held_kind(dlq, replay_to.name)
         by_key.setdefault(feeds, dg.AssetSpec(
             feeds, description=f"{what} (connection {dlq.connection}).",
             group_name="dead_letters", kinds={kind},
