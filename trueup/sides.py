@@ -16,8 +16,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from trueup.db import first_line
 from trueup.errors import TrueupError
 from trueup.fingerprint import (
+    INVALID,
     NULL,
     PART_SEPARATOR,
     ColumnType,
@@ -26,6 +28,9 @@ from trueup.fingerprint import (
     render_sql,
     whole_double_numeric,
 )
+from trueup.log import get_logger
+
+log = get_logger(__name__)
 
 _COLUMN_TYPES = """
 SELECT a.attname AS name, t.typname AS typname, t.typtype AS typtype
@@ -150,12 +155,19 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     key_types = list(key_as or own_key)
     column_types_ = list(as_types or own_columns)
     key_exprs = [cast(n, o, w) for n, o, w in zip(key, own_key, key_types, strict=True)]
-    col_exprs = [cast(n, o, w) for n, o, w in zip(columns, own_columns, column_types_,
-                                                    strict=True)]
+    readers = create_readers(conn, table, [w for o, w in zip(own_columns, column_types_,
+                                                              strict=True) if _read_may_fail(o, w)])
+    col_exprs: list[sql.Composable] = []
+    read_from: list[sql.Composable | None] = []
+    for name, own, wanted in zip(columns, own_columns, column_types_, strict=True):
+        text = _as_text(sql.Identifier(name), own) if wanted.name in readers \
+            and _read_may_fail(own, wanted) else None
+        col_exprs.append(cast(name, own, wanted) if text is None else _read(text, wanted))
+        read_from.append(text)
     version_type = version_as or own_version
     version_expr = (cast(version, own_version, version_type)
                     if version and own_version else None)
-    fields = fields_sql(col_exprs, column_types_)
+    fields = fields_sql(col_exprs, column_types_, read_from)
     side = Side(
         label=label, dsn=dsn, relation=sql.Identifier(*table.split(".")), key=key_exprs,
         key_types=key_types, version=version_expr, version_type=version_type,
@@ -171,7 +183,94 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
               *([(version_expr, version_type)] if version_expr and version_type
                 and hashed_version else []),
               *zip(col_exprs, column_types_, strict=True)]
-    return replace(side, row_hash=row_hash, native_hash=native_hash(values))
+    unread: list[sql.Composable | None] = [None] * (len(values) - len(read_from))
+    return replace(side, row_hash=row_hash, native_hash=native_hash(values, unread + read_from))
+
+
+# -- reading text as another type -------------------------------------------------------------
+#
+# A target column of text (or JSON) compared with a source column of another type is read as
+# the source's type. A plain cast would fail the whole run on the first value that type's input
+# refuses (``abc`` against an integer); such a value is a mismatch instead, rendered ``!abc``.
+# Each such read goes through a function in the session's own temporary schema that returns
+# NULL for what the input refuses (a subtransaction per call, a few microseconds): only text
+# the pattern below admits, which every Postgres version's input accepts, skips it.
+
+#: Text that the type's input accepts on any Postgres version, read by a plain cast.
+_PLAIN_INPUT = {
+    "int2": r"^-?[0-9]{1,4}$",
+    "int4": r"^-?[0-9]{1,9}$",
+    "int8": r"^-?[0-9]{1,18}$",
+    "oid": r"^[0-9]{1,9}$",
+    "numeric": r"^-?[0-9]{1,100}(\.[0-9]{1,100})?$",
+    "float4": r"^-?[0-9]{1,15}(\.[0-9]{1,15})?$",
+    "float8": r"^-?[0-9]{1,15}(\.[0-9]{1,15})?$",
+    "uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
+    "bool": r"^(t|f|true|false)$",
+    "date": r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])$",
+    "timestamp": (r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[ T]"
+                  r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?$"),
+    "timestamptz": (r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])[ T]"
+                    r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?"
+                    r"(Z|[+-](0[0-9]|1[0-4])(:?[0-5][0-9])?)?$"),
+}
+
+_READER = """CREATE OR REPLACE FUNCTION {name}(value text) RETURNS {type}
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN value::{type};
+EXCEPTION WHEN data_exception THEN
+    RETURN NULL;
+END $$"""
+
+
+def _read_may_fail(own: ColumnType, wanted: ColumnType) -> bool:
+    """Whether some values of ``own`` cannot be read as ``wanted``: text or JSON read as a
+    number, uuid, bool, time or (text) JSON. Every other pair common_type chooses is read by
+    a cast that cannot fail."""
+    if own.kind not in (Kind.TEXT, Kind.JSON) or own.name == wanted.name:
+        return False
+    return wanted.name == "uuid" or wanted.kind not in (Kind.TEXT, own.kind)
+
+
+def _reader(type_name: str) -> sql.Identifier:
+    return sql.Identifier("pg_temp", f"trueup_read_{type_name}")
+
+
+def create_readers(conn: psycopg.Connection[Any], table: str,
+                   types: Sequence[ColumnType]) -> set[str]:
+    """Create the session's reader of each type (see above); the names of the types it has.
+
+    A session that cannot create them (a read-only standby, no TEMPORARY privilege) reads by
+    plain casts, as before readers existed: a value the type refuses then fails the run."""
+    names = {t.name for t in types}
+    if not names:
+        return names
+    try:
+        with conn.transaction():
+            for name in sorted(names):
+                conn.execute(sql.SQL(_READER).format(
+                    name=_reader(name), type=sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.warning("compare.plain_casts", table=table, reason=first_line(exc))
+        return set()
+    return names
+
+
+def _as_text(ident: sql.Composable, own: ColumnType) -> sql.Composable:
+    """A value as the text a reader reads: a JSON scalar without its quotes."""
+    if own.kind is Kind.JSON:
+        return sql.SQL("(({})::jsonb #>> '{{}}')").format(ident)
+    return sql.SQL("({})::text").format(ident)
+
+
+def _read(text: sql.Composable, wanted: ColumnType) -> sql.Composable:
+    """``text`` read as ``wanted`` (NULL where its input refuses it)."""
+    plain = _PLAIN_INPUT.get(wanted.name)
+    if plain is None:
+        return sql.SQL("{}({})").format(_reader(wanted.name), text)
+    return sql.SQL("(CASE WHEN {0} ~ {1} THEN ({0})::{2} ELSE {3}({0}) END)").format(
+        text, sql.Literal(plain), sql.Identifier(wanted.name), _reader(wanted.name))
 
 
 #: The extended (seeded) hash function of each type's default hash operator class: the
@@ -184,7 +283,8 @@ _NATIVE_HASH_FUNCTIONS = {
 }
 
 
-def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Composable:
+def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]],
+                read_from: Sequence[sql.Composable | None] | None = None) -> sql.Composable:
     """A row hash from the values' own binary hash functions.
 
     Each value is hashed by its type's extended hash function, seeded with its position (so
@@ -198,7 +298,8 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Comp
     (``hash_numeric_extended`` gives all three the seed). NULL must not be the seed, or a NULL
     against a 0 would leave a segment's checksum unchanged and the difference unseen; a
     numeric hashing to the seed is hashed as its text, so that NaN and the infinities differ
-    too.
+    too. A value read from text its type refused (``read_from``, see :func:`fields_sql`) is
+    hashed as ``!<text>``, never as the NULL the read gave.
 
     It has the canonical form's notion of equal: numerics ignore their scale, char its
     padding, timestamps compare as instants (``timestamptz`` in UTC, whatever the session's
@@ -209,8 +310,13 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]]) -> sql.Comp
     It only points at the segments and rows that may differ: every difference reported is
     confirmed in canonical form.
     """
-    parts = [sql.SQL("coalesce({}, {})").format(_hashed(e, t, seed), sql.Literal(_null_hash(seed)))
-             for seed, (e, t) in enumerate(values)]
+    texts = read_from or [None] * len(values)
+    parts = [sql.SQL("coalesce({})").format(sql.SQL(", ").join([
+        _hashed(e, t, seed),
+        *([sql.SQL("pg_catalog.hashtextextended({} || {}, {})").format(
+            sql.Literal(INVALID), text, sql.Literal(seed))] if text is not None else []),
+        sql.Literal(_null_hash(seed))]))
+        for seed, ((e, t), text) in enumerate(zip(values, texts, strict=True))]
     return sql.SQL("pg_catalog.hashint8extended({}, 0)").format(sql.SQL(" # ").join(parts))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -14,10 +15,12 @@ import pytest
 import yaml
 
 from trueup import segments
+from trueup.backfill import BackfillOptions, start_backfill
 from trueup.config import Config, load_config
 from trueup.diff import diff
 from trueup.errors import TrueupError
 from trueup.runs import Difference, differences_of
+from trueup.statuses import BackfillScope, BackfillStatus
 
 pytestmark = pytest.mark.postgres
 
@@ -90,6 +93,14 @@ def _insert(dsn: str, table: str, columns: list[str], rows: list[tuple[Any, ...]
 
 def _found(differences: list[Difference]) -> set[tuple[tuple[Any, ...], str]]:
     return {(tuple(d.key), d.cls.value) for d in differences}
+
+
+def _diff_found(config: Config, name: str) -> set[tuple[tuple[Any, ...], str]]:
+    """What a new whole-table run of ``name`` finds."""
+    summary = diff(config, name)
+    with psycopg.connect(config.state) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        return _found(differences_of(conn, summary.run_id))
 
 
 def _expected_key(key: Any) -> tuple[Any, ...]:
@@ -379,29 +390,131 @@ def test_columns_of_different_number_types_compare_without_rounding(
     source, target = new_db(), new_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version int, "
-                     "status varchar(10), amount bigint)")
-        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 11), (2, 1, 'b', 20), "
-                     "(3, 1, 'c', 30)")
+                     "status varchar(10), amount bigint, price real)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 11, 1), "
+                     "(2, 1, 'b', 20, 1.0000001), (3, 1, 'c', 30, 1)")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.copy (id numeric PRIMARY KEY, version bigint, "
-                     "status text, amount numeric(12,2))")
-        # 10.5 would round to the source's 11 if cast to bigint; 20.00 equals 20
-        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5), (2, 1, 'b', 20.00), "
-                     "(3, 1, 'c ', 30)")
+                     "status text, amount numeric(12,2), price numeric)")
+        # 10.5 would round to the source's 11 if cast to bigint; 20.00 equals 20; the real
+        # 1.0000001 is 1.00000 as numeric by its own cast (6 digits)
+        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5, 1), "
+                     "(2, 1, 'b', 20.00, 1.0000001), (3, 1, 'c ', 30, 1)")
     path = tmp_path / "trueup.yaml"
     path.write_text(yaml.safe_dump({
         "state": state_db,
         "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
         "reconciliations": {"orders": {
             "source": {"connection": "a", "table": "orders", "key": ["id"],
-                       "version": "version", "columns": ["status", "amount"]},
+                       "version": "version", "columns": ["status", "amount", "price"]},
             "target": {"connection": "b", "table": "copy", "key": ["id"],
-                       "version": "version", "columns": ["status", "amount"]}}}}))
-    summary = diff(load_config(path), "orders")
-    with psycopg.connect(state_db) as conn:
-        conn.row_factory = psycopg.rows.dict_row
-        found = _found(differences_of(conn, summary.run_id))
-    assert found == {((1,), "mismatch"), ((3,), "mismatch")}
+                       "version": "version", "columns": ["status", "amount", "price"]},
+            "repair": "upsert"}}}))
+    config = load_config(path)
+    assert _diff_found(config, "orders") == {((1,), "mismatch"), ((3,), "mismatch")}
+    # a backfill compares as the diff does: it repairs 10.5, which as a bigint would be 11
+    done = start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 2)
+    assert diff(config, "orders").consistent
+
+
+#: Source columns and, per row, (source values, the target's text): rows 1 to 3 hold the same
+#: values (plain, then forms only the type's input reads: spaces, exponents, braces, other
+#: zones, day 31), every later row one value its column's type refuses.
+TYPED = ("n int4, a numeric, u uuid, b bool, d date, ts timestamptz, j jsonb")
+TYPED_ROWS: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    1: ((5, "1.5", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", True, "2024-01-15",
+         "2024-01-15T08:00:00Z", '{"a": 1}'),
+        ("5", "1.50", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "true", "2024-01-15",
+         "2024-01-15 10:00:00+02", '{"a":1}')),
+    2: ((7, "100", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", True, "2024-02-29",
+         "2024-01-31T10:00:00.5Z", '"x"'),
+        (" 7 ", "1e2", "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", "yes", "2024-02-29",
+         "2024-01-31 10:00:00.5 UTC", '"x"')),
+    3: ((None,) * 7, (None,) * 7),
+    4: ((1, "1", None, None, None, None, None), ("abc", "1", None, None, None, None, None)),
+    5: ((None, "1", None, None, None, None, None), ("99999999999", "1", *(None,) * 5)),
+    6: ((1, None, None, None, None, None, None), ("1", "1..2", *(None,) * 5)),
+    7: ((1, "1", None, None, None, None, None), ("1", "1", "not-a-uuid", *(None,) * 4)),
+    8: ((1, "1", None, True, None, None, None), ("1", "1", None, "maybe", None, None, None)),
+    9: ((1, "1", None, None, None, None, None), ("1", "1", None, None, "2024-02-30", None, None)),
+    10: ((1, "1", None, None, None, "2024-01-01T00:00:00Z", None),
+         ("1", "1", None, None, None, "2024-13-01 00:00:00", None)),
+    11: ((1, "1", None, None, None, None, None), ("1", "1", None, None, None, None, "{bad")),
+}
+TYPED_COLUMNS = ["n", "a", "u", "b", "d", "ts", "j"]
+
+
+def _typed_tables(source: str, target: str) -> None:
+    for side, (dsn, ddl) in enumerate(((source, TYPED),
+                                       (target, ", ".join(f"{c} text" for c in TYPED_COLUMNS)))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, {ddl})")
+            with conn.cursor().copy("COPY public.t FROM STDIN") as copy:
+                # each row alone in its segment among equal ones, which only its hash can
+                # make differ
+                for i in range(1, (len(TYPED_ROWS) + 1) * 1000):
+                    alike = (i, str(i), *(None,) * 5)
+                    row = TYPED_ROWS[i // 1000][side] if i % 1000 == 0 else alike
+                    copy.write_row((i, 1, *row))
+            conn.execute("ANALYZE public.t")
+
+
+def test_a_text_target_is_read_as_the_source_s_types_and_a_value_they_refuse_is_a_mismatch(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A text column against an integer one compares 7 with ' 7 '; its 'abc' is one mismatch,
+    not a failed run, even against a NULL (the read gives NULL for it). After a backfill the
+    target holds the source's values and a new diff finds nothing."""
+    source, target = new_db(), new_db()
+    _typed_tables(source, target)
+    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": TYPED_COLUMNS}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                  "target": {"connection": "b", **side},
+                                  "repair": "upsert"}}}))
+    config = load_config(path)
+    assert _diff_found(config, "t") == {((i * 1000,), "mismatch") for i in TYPED_ROWS if i > 3}
+
+    done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+    assert done.status is BackfillStatus.SUCCEEDED
+    assert diff(config, "t").consistent
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT n, b FROM public.t WHERE id = 4000").fetchone() == ("1", None)
+
+
+def test_a_target_session_that_cannot_create_readers_reads_by_plain_casts(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A read-only session (a standby's) cannot create its readers: the run goes on with plain
+    casts, which read every form the type takes (a value it refuses would fail the run), and
+    says so."""
+    source, target = new_db(), new_db()
+    _typed_tables(source, target)
+    for dsn in (source, target):  # the values a type refuses go; the other forms stay
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DELETE FROM public.t WHERE id % 1000 = 0 AND id > 3000")
+    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": TYPED_COLUMNS}
+    read_only = f"{target}?options=-c%20default_transaction_read_only%3Don"
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": read_only}},
+        "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                  "target": {"connection": "b", **side}}}}))
+    warnings: list[logging.LogRecord] = []
+    handler, logger = logging.Handler(logging.WARNING), logging.getLogger("trueup.sides")
+    handler.emit = warnings.append  # type: ignore[assignment,method-assign]
+    logger.addHandler(handler)
+    try:
+        summary = diff(load_config(path), "t")
+    finally:
+        logger.removeHandler(handler)
+    assert summary.consistent and summary.source_rows == summary.target_rows == 11991
+    assert [(r.getMessage(), r.fields) for r in warnings] == [  # type: ignore[attr-defined]
+        ("compare.plain_casts", {"table": "public.t", "reason": "cannot execute CREATE FUNCTION "
+                                                            "in a read-only transaction"})]
 
 
 def test_a_partition_run_finds_padded_char_keys_in_the_target(

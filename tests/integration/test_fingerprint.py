@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 import json
 import random
+import re
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +35,7 @@ from trueup.fingerprint import (
     pg_hash,
     raw_fields,
 )
+from trueup.sides import _PLAIN_INPUT
 
 pytestmark = pytest.mark.postgres
 
@@ -454,3 +456,40 @@ def test_infinite_times_render_alike(pg: psycopg.Connection[Any], type_name: str
     value = "-infinity" if spelling.startswith("-") else "infinity"
     _agree(pg, value, spelling, type_name)
     assert copy_text(spelling, ColumnType.of(type_name)) == value
+
+
+@pytest.mark.parametrize("type_name", sorted(_PLAIN_INPUT))
+def test_text_read_by_a_plain_cast_is_text_the_type_always_takes(
+        pg: psycopg.Connection[Any], type_name: str) -> None:
+    """The texts a target's text column is read by a plain cast (trueup.sides._PLAIN_INPUT)
+    must never make that cast fail: the pattern admits a subset of what the type's input
+    accepts, whatever the text it generates."""
+    pattern = _PLAIN_INPUT[type_name]
+
+    query = sql.SQL("SELECT bool_and(t ~ {}), count(t::{}) FROM unnest(%s::text[]) AS t").format(
+        sql.Literal(pattern), sql.Identifier(type_name))
+    edges = [t for t in _edge_texts() if re.fullmatch(pattern, t)]
+    assert len(edges) >= 3
+    assert pg.execute(query, (edges,)).fetchone() == (True, len(edges))
+
+    @settings(SETTINGS, max_examples=30)  # 30 lists of up to 100 texts, one query each
+    @given(st.lists(st.from_regex(pattern, fullmatch=True), min_size=1, max_size=100))
+    def cast(texts: list[str]) -> None:
+        assert pg.execute(query, (texts,)).fetchone() == (True, len(texts))
+
+    cast()
+
+
+def _edge_texts() -> list[str]:
+    """Texts at the edges of every type's range, valid or not; each pattern keeps its own."""
+    digits = [sign + "9" * n + tail for sign in ("", "-") for n in range(1, 21)
+              for tail in ("", ".5", "." + "9" * 15)]
+    digits += ["9" * 100 + "." + "9" * 100, "9" * 101, "0.0", "-0"]
+    days = [f"{y:04d}-{m:02d}-{d:02d}" for y in (999, 1000, 1900, 2023, 2024, 9999)
+            for m in range(0, 14) for d in range(0, 33)]
+    times = ["00:00:00", "23:59:59.999999", "24:00:00", "23:60:00", "12:00:00.1234567"]
+    stamps = [f"{day}{sep}{time}{zone}" for day in days[::7] for sep in (" ", "T")
+              for time in times for zone in ("", "Z", "+14:59", "-1459", "+15:00", "+00")]
+    words = ["t", "f", "true", "false", "TRUE", "yes", "FFFFFFFF-FFFF-FFFF-FFFF-FFFFFFFFFFFF",
+             "00000000-0000-0000-0000-000000000000", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"]
+    return digits + days + stamps + words

@@ -326,12 +326,13 @@ def pipe(reader: Iterable[Any], writer: Any) -> None:
         writer.write(bytes(buffer))
 
 
-def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig,
-                dsn: str) -> tuple[Side, list[ColumnType]]:
-    """The source as a diff sees it, and the types of its compared columns."""
+def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig, dsn: str,
+                as_types: Sequence[ColumnType] | None = None) -> tuple[Side, list[ColumnType]]:
+    """The source as a diff sees it (its columns read as ``as_types``, the types they share
+    with a target table's), and the types of its compared columns."""
     side = table_side(label="source", dsn=dsn, table=rec.source.table, key=rec.source.key,
                       version=rec.source.version, columns=rec.source.columns,
-                      updated_at=rec.source.updated_at, conn=conn)
+                      as_types=as_types, updated_at=rec.source.updated_at, conn=conn)
     types = require(column_types(conn, rec.source.table), rec.source.table,
                     rec.source.columns, conn)
     return side, types
