@@ -56,6 +56,15 @@ def connect(dsn: str, *, what: str, autocommit: bool = False,
         ) from exc
 
 
+def sqlalchemy_url(dsn: str) -> str:
+    """The SQLAlchemy URL of a ``postgresql://`` or ``postgres://`` DSN (the forms a config
+    takes), on the psycopg 3 driver."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"expected a postgresql:// URL (got {redact(dsn)})")
+    return f"postgresql+psycopg://{rest}"
+
+
 def same_server(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> bool:
     """True when two connections reach the same Postgres cluster (any database of it); False
     when either may not ask (a managed server can deny ``pg_control_system()``)."""

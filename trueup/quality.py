@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from trueup.config import Config, ConnectionKind, TableName
-from trueup.db import first_line, redact
+from trueup.db import first_line, redact, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
 from trueup.statuses import CheckSeverity
 
@@ -262,16 +262,6 @@ def suites_for(config: Config, suites: Sequence[Suite]) -> list[Suite]:
     return [s for s in suites if (s.connection, s.table) in tables
             and s.connection in config.connections
             and config.connections[s.connection].kind is ConnectionKind.POSTGRES]
-
-
-def sqlalchemy_url(dsn: str) -> str:
-    """The SQLAlchemy URL of a ``postgresql://`` DSN, on the psycopg 3 driver."""
-    for scheme in ("postgresql://", "postgres://"):
-        if dsn.startswith(scheme):
-            return "postgresql+psycopg://" + dsn[len(scheme):]
-    if dsn.startswith("postgresql+"):
-        return dsn
-    raise QualityFailed(f"expected a postgresql:// URL for GX (got {redact(dsn)})")
 
 
 def _expectation(spec: ExpectationSpec) -> Any:

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Inspector
 
 from trueup.brokers import kafka, rabbitmq
 from trueup.config import Config, ConnectionKind, ReconciliationConfig
-from trueup.db import first_line, redact
+from trueup.db import first_line, redact, sqlalchemy_url
 from trueup.errors import TrueupError
 from trueup.state import open_state
 
@@ -48,12 +48,6 @@ class _Reach:
     admins: dict[str, AdminClient | None] = field(default_factory=dict)
     rabbits: dict[str, pika.BlockingConnection | None] = field(default_factory=dict)
     tables: dict[tuple[str, str], TableShape | None] = field(default_factory=dict)
-
-
-def sqlalchemy_url(dsn: str) -> str:
-    """A SQLAlchemy URL using psycopg 3 for a ``postgresql://`` DSN."""
-    scheme, _, rest = dsn.partition("://")
-    return f"postgresql+psycopg://{rest}" if scheme in ("postgresql", "postgres") else dsn
 
 
 def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
