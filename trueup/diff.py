@@ -37,7 +37,7 @@ from trueup.runs import (
     json_value,
     start_run,
 )
-from trueup.sides import Side, column_types, common_type, require, table_side
+from trueup.sides import Side, column_types, common_type, compared_type, require, table_side
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
 
@@ -208,7 +208,7 @@ def _table_sides(rec: ReconciliationConfig, source: Side, source_types: list[Col
     target_all = column_types(target_conn, rec.target.table)
     target_types = require(target_all, rec.target.table, target_columns, target_conn)
     target_keys = require(target_all, rec.target.table, rec.target.key, target_conn)
-    columns = [common_type(s, t) for s, t in
+    columns = [compared_type(s, t) for s, t in
                zip(source_types, target_types, strict=True)]
     keys = [common_type(s, t) for s, t in zip(source.key_types, target_keys, strict=True)]
     version = None

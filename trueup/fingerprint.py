@@ -171,19 +171,16 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
 
 
 def fields_sql(columns: Sequence[sql.Composable], types: Sequence[ColumnType],
-               read_from: Sequence[sql.Composable | None] | None = None) -> sql.Composable:
+               rendered: Sequence[sql.Composable | None] | None = None) -> sql.Composable:
     """SQL for the canonical text of several values: rendered, NULL as ``~``, joined by ``|``.
 
-    ``read_from`` gives, for a value read from text by a read that can fail (NULL for what its
-    type refuses, see :func:`trueup.sides.table_side`), that text: such a value renders as
-    ``!<text>``, which differs from every rendering, as :func:`render` does in Python."""
+    ``rendered`` gives a value's canonical text where it is not its expression's (a text
+    column read by the session's readers, see :func:`trueup.sides.table_side`)."""
     if not columns:
         return sql.Literal("")
-    texts = read_from or [None] * len(columns)
-    parts = [sql.SQL("coalesce({})").format(sql.SQL(", ").join([
-        render_sql(c, t),
-        *([sql.SQL("{} || {}").format(sql.Literal(INVALID), text)] if text is not None else []),
-        sql.Literal(NULL)])) for c, t, text in zip(columns, types, texts, strict=True)]
+    given = rendered or [None] * len(columns)
+    parts = [sql.SQL("coalesce({}, {})").format(own or render_sql(c, t), sql.Literal(NULL))
+             for c, t, own in zip(columns, types, given, strict=True)]
     return sql.SQL("concat_ws({}, {})").format(sql.Literal(FIELD_SEPARATOR),
                                                sql.SQL(", ").join(parts))
 

@@ -138,6 +138,9 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         ident = sql.Identifier(name)
         if wanted is None or wanted.name == own.name:
             return ident
+        if own.kind is Kind.JSON and wanted.kind is not Kind.JSON:
+            # a scalar as a message's field reads: "abc" is abc against text, "7" is 7
+            return sql.SQL("({})::{}").format(_as_text(ident, own), sql.Identifier(wanted.name))
         if own.name in ("float4", "float8") and wanted.name == "numeric":
             # Exactly: its own cast keeps 15 digits (6 for real), so 0.30000000000000004 would
             # compare as 0.3. A whole number within bigint goes through bigint (2^60 is
@@ -158,16 +161,19 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     readers = create_readers(conn, table, [w for o, w in zip(own_columns, column_types_,
                                                               strict=True) if _read_may_fail(o, w)])
     col_exprs: list[sql.Composable] = []
-    read_from: list[sql.Composable | None] = []
+    reads: list[_TextRead | None] = []  # the columns read by the session's readers
     for name, own, wanted in zip(columns, own_columns, column_types_, strict=True):
-        text = _as_text(sql.Identifier(name), own) if wanted.name in readers \
-            and _read_may_fail(own, wanted) else None
-        col_exprs.append(cast(name, own, wanted) if text is None else _read(text, wanted))
-        read_from.append(text)
+        if not _read_may_fail(own, wanted):
+            col_exprs.append(cast(name, own, wanted))
+            reads.append(None)
+            continue
+        text = _as_text(sql.Identifier(name), own)
+        col_exprs.append(sql.SQL("({})::{}").format(text, sql.Identifier(wanted.name)))
+        reads.append(_TextRead(text, wanted) if wanted.name in readers else None)
     version_type = version_as or own_version
     version_expr = (cast(version, own_version, version_type)
                     if version and own_version else None)
-    fields = fields_sql(col_exprs, column_types_, read_from)
+    fields = fields_sql(col_exprs, column_types_, [r.rendered() if r else None for r in reads])
     side = Side(
         label=label, dsn=dsn, relation=sql.Identifier(*table.split(".")), key=key_exprs,
         key_types=key_types, version=version_expr, version_type=version_type,
@@ -183,18 +189,21 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
               *([(version_expr, version_type)] if version_expr and version_type
                 and hashed_version else []),
               *zip(col_exprs, column_types_, strict=True)]
-    unread: list[sql.Composable | None] = [None] * (len(values) - len(read_from))
-    return replace(side, row_hash=row_hash, native_hash=native_hash(values, unread + read_from))
+    first = len(values) - len(reads)  # the seed (position) of the first column
+    hashed = [None] * first + [r.hashed(first + i) if r else None for i, r in enumerate(reads)]
+    return replace(side, row_hash=row_hash, native_hash=native_hash(values, hashed))
 
 
 # -- reading text as another type -------------------------------------------------------------
 #
 # A target column of text (or JSON) compared with a source column of another type is read as
-# the source's type. A plain cast would fail the whole run on the first value that type's input
-# refuses (``abc`` against an integer); such a value is a mismatch instead, rendered ``!abc``.
-# Each such read goes through a function in the session's own temporary schema that returns
-# NULL for what the input refuses (a subtransaction per call, a few microseconds): only text
-# the pattern below admits, which every Postgres version's input accepts, skips it.
+# that type. A plain cast would fail the whole run on the first value the type's input refuses
+# (``abc`` against an integer); such a value is a mismatch instead, rendered ``!abc`` and
+# hashed as that text. Two functions per type in the session's own temporary schema do it,
+# one rendering a text's value in canonical form, one hashing it natively: each reads the text
+# once, in a subtransaction that catches the refusal. Text the type's plain pattern admits
+# (below), which every Postgres version's input accepts, is read by a plain cast instead,
+# without the function or its subtransaction.
 
 #: Text that the type's input accepts on any Postgres version, read by a plain cast.
 _PLAIN_INPUT = {
@@ -215,62 +224,97 @@ _PLAIN_INPUT = {
                     r"(Z|[+-](0[0-9]|1[0-4])(:?[0-5][0-9])?)?$"),
 }
 
-_READER = """CREATE OR REPLACE FUNCTION {name}(value text) RETURNS {type}
-LANGUAGE plpgsql STABLE AS $$
+#: A reader: the text's value as ``{give}``, or ``{refused}`` where the type's input refuses it.
+_READER = """CREATE OR REPLACE FUNCTION {name}({params}) RETURNS {returns}
+LANGUAGE plpgsql STABLE STRICT AS $$
+DECLARE v {type};
 BEGIN
-    RETURN value::{type};
-EXCEPTION WHEN data_exception THEN
-    RETURN NULL;
+    BEGIN
+        v := value::{type};
+    EXCEPTION WHEN data_exception THEN
+        RETURN {refused};
+    END;
+    RETURN {give};
 END $$"""
 
 
 def _read_may_fail(own: ColumnType, wanted: ColumnType) -> bool:
     """Whether some values of ``own`` cannot be read as ``wanted``: text or JSON read as a
-    number, uuid, bool, time or (text) JSON. Every other pair common_type chooses is read by
-    a cast that cannot fail."""
+    number, uuid, bool, time or (text) JSON. Every other pair the diff's types choose is read
+    by a cast that cannot fail."""
     if own.kind not in (Kind.TEXT, Kind.JSON) or own.name == wanted.name:
         return False
     return wanted.name == "uuid" or wanted.kind not in (Kind.TEXT, own.kind)
 
 
-def _reader(type_name: str) -> sql.Identifier:
-    return sql.Identifier("pg_temp", f"trueup_read_{type_name}")
+def _reader(what: str, type_name: str) -> sql.Identifier:
+    return sql.Identifier("pg_temp", f"trueup_{what}_{type_name}")
 
 
 def create_readers(conn: psycopg.Connection[Any], table: str,
                    types: Sequence[ColumnType]) -> set[str]:
-    """Create the session's reader of each type (see above); the names of the types it has.
+    """Create the session's readers of each type (see above); the names of the types it has.
 
     A session that cannot create them (a read-only standby, no TEMPORARY privilege) reads by
-    plain casts, as before readers existed: a value the type refuses then fails the run."""
-    names = {t.name for t in types}
-    if not names:
-        return names
+    plain casts: every form the type takes is read, but a value it refuses fails the run."""
+    wanted = {t.name: t for t in types}
+    if not wanted:
+        return set()
+    value, seed = sql.Identifier("v"), sql.Identifier("seed")
+    refused = sql.SQL("{} || value").format(sql.Literal(INVALID))
     try:
         with conn.transaction():
-            for name in sorted(names):
-                conn.execute(sql.SQL(_READER).format(
-                    name=_reader(name), type=sql.Identifier(name)))
+            for name, ctype in sorted(wanted.items()):
+                for what, params, returns, give, refusal in (
+                        ("render", "value text", "text", render_sql(value, ctype), refused),
+                        ("hash", "value text, seed int8", "int8", _hashed(value, ctype, seed),
+                         sql.SQL("pg_catalog.hashtextextended({}, seed)").format(refused))):
+                    conn.execute(sql.SQL(_READER).format(
+                        name=_reader(what, name), params=sql.SQL(params),
+                        returns=sql.SQL(returns), type=sql.Identifier(name), give=give,
+                        refused=refusal))
     except psycopg.Error as exc:
         log.warning("compare.plain_casts", table=table, reason=first_line(exc))
         return set()
-    return names
+    return set(wanted)
 
 
 def _as_text(ident: sql.Composable, own: ColumnType) -> sql.Composable:
-    """A value as the text a reader reads: a JSON scalar without its quotes."""
+    """A value as the text it is read from: a JSON scalar without its quotes."""
     if own.kind is Kind.JSON:
         return sql.SQL("(({})::jsonb #>> '{{}}')").format(ident)
     return sql.SQL("({})::text").format(ident)
 
 
-def _read(text: sql.Composable, wanted: ColumnType) -> sql.Composable:
-    """``text`` read as ``wanted`` (NULL where its input refuses it)."""
-    plain = _PLAIN_INPUT.get(wanted.name)
-    if plain is None:
-        return sql.SQL("{}({})").format(_reader(wanted.name), text)
-    return sql.SQL("(CASE WHEN {0} ~ {1} THEN ({0})::{2} ELSE {3}({0}) END)").format(
-        text, sql.Literal(plain), sql.Identifier(wanted.name), _reader(wanted.name))
+@dataclass(frozen=True)
+class _TextRead:
+    """A column's ``text`` read as ``wanted`` by the session's readers."""
+
+    text: sql.Composable
+    wanted: ColumnType
+
+    def rendered(self) -> sql.Composable:
+        """Its canonical text (``!<text>`` where refused, NULL for NULL)."""
+        return self._either(render_sql(self._cast, self.wanted),
+                            sql.SQL("{}({})").format(_reader("render", self.wanted.name),
+                                                     self.text))
+
+    def hashed(self, seed: int) -> sql.Composable:
+        """Its native hash at position ``seed`` (of ``!<text>`` where refused, NULL for NULL)."""
+        return self._either(_hashed(self._cast, self.wanted, seed),
+                            sql.SQL("{}({}, {})").format(_reader("hash", self.wanted.name),
+                                                         self.text, sql.Literal(seed)))
+
+    @property
+    def _cast(self) -> sql.Composable:
+        return sql.SQL("({})::{}").format(self.text, sql.Identifier(self.wanted.name))
+
+    def _either(self, plain: sql.Composable, read: sql.Composable) -> sql.Composable:
+        pattern = _PLAIN_INPUT.get(self.wanted.name)
+        if pattern is None:
+            return read
+        return sql.SQL("(CASE WHEN {} ~ {} THEN {} ELSE {} END)").format(
+            self.text, sql.Literal(pattern), plain, read)
 
 
 #: The extended (seeded) hash function of each type's default hash operator class: the
@@ -284,7 +328,7 @@ _NATIVE_HASH_FUNCTIONS = {
 
 
 def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]],
-                read_from: Sequence[sql.Composable | None] | None = None) -> sql.Composable:
+                hashed: Sequence[sql.Composable | None] | None = None) -> sql.Composable:
     """A row hash from the values' own binary hash functions.
 
     Each value is hashed by its type's extended hash function, seeded with its position (so
@@ -298,8 +342,8 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]],
     (``hash_numeric_extended`` gives all three the seed). NULL must not be the seed, or a NULL
     against a 0 would leave a segment's checksum unchanged and the difference unseen; a
     numeric hashing to the seed is hashed as its text, so that NaN and the infinities differ
-    too. A value read from text its type refused (``read_from``, see :func:`fields_sql`) is
-    hashed as ``!<text>``, never as the NULL the read gave.
+    too. ``hashed`` gives a value's hash where it is not its expression's (a text column read
+    by the session's readers, see :func:`table_side`).
 
     It has the canonical form's notion of equal: numerics ignore their scale, char its
     padding, timestamps compare as instants (``timestamptz`` in UTC, whatever the session's
@@ -310,13 +354,10 @@ def native_hash(values: Sequence[tuple[sql.Composable, ColumnType]],
     It only points at the segments and rows that may differ: every difference reported is
     confirmed in canonical form.
     """
-    texts = read_from or [None] * len(values)
-    parts = [sql.SQL("coalesce({})").format(sql.SQL(", ").join([
-        _hashed(e, t, seed),
-        *([sql.SQL("pg_catalog.hashtextextended({} || {}, {})").format(
-            sql.Literal(INVALID), text, sql.Literal(seed))] if text is not None else []),
-        sql.Literal(_null_hash(seed))]))
-        for seed, ((e, t), text) in enumerate(zip(values, texts, strict=True))]
+    given = hashed or [None] * len(values)
+    parts = [sql.SQL("coalesce({}, {})").format(own or _hashed(e, t, seed),
+                                                sql.Literal(_null_hash(seed)))
+             for seed, ((e, t), own) in enumerate(zip(values, given, strict=True))]
     return sql.SQL("pg_catalog.hashint8extended({}, 0)").format(sql.SQL(" # ").join(parts))
 
 
@@ -330,11 +371,13 @@ def _null_hash(seed: int) -> int:
     return _NULL_HASH ^ seed
 
 
-def _hashed(expr: sql.Composable, ctype: ColumnType, seed: int) -> sql.Composable:
+def _hashed(expr: sql.Composable, ctype: ColumnType,
+            seed: int | sql.Composable) -> sql.Composable:
     """A value of ``ctype`` hashed by its type's extended hash function (NULL for NULL)."""
     function, value = _hash_function(expr, ctype)
-    hashed = sql.SQL("{}({}, {})").format(sql.Identifier("pg_catalog", function), value,
-                                          sql.Literal(seed))
+    if isinstance(seed, int):
+        seed = sql.Literal(seed)
+    hashed = sql.SQL("{}({}, {})").format(sql.Identifier("pg_catalog", function), value, seed)
     if ctype.name != "numeric":
         return hashed
     # NaN and the infinities hash to the seed: those (and a 2^-64 chance of a finite value,
@@ -342,7 +385,7 @@ def _hashed(expr: sql.Composable, ctype: ColumnType, seed: int) -> sql.Composabl
     # costs nothing measurable where testing the value for the three costs 0.15 us a row.
     return sql.SQL(
         "coalesce(nullif({hashed}, {seed}), pg_catalog.hashtextextended(({value})::text, {seed}))"
-    ).format(value=value, seed=sql.Literal(seed), hashed=hashed)
+    ).format(value=value, seed=seed, hashed=hashed)
 
 
 def _hash_function(expr: sql.Composable, ctype: ColumnType) -> tuple[str, sql.Composable]:
@@ -377,6 +420,17 @@ def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
             source.name, target.name):
         return ColumnType.of("text")
     return source
+
+
+def compared_type(source: ColumnType, target: ColumnType) -> ColumnType:
+    """The type a compared column is read as on both sides: :func:`common_type`, except that
+    numbers a text or JSON target column holds compare as ``numeric``, as a message's do:
+    ``1.0``, ``1e0`` or JSON ``"1"`` against an integer 1 are equal (an integer's input would
+    refuse the first two), ``1.5`` against 2 is not."""
+    if source.kind is Kind.NUMBER and target.kind in (Kind.TEXT, Kind.JSON) \
+            and target.name != "uuid":
+        return ColumnType.of("numeric")
+    return common_type(source, target)
 
 
 def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],

@@ -418,31 +418,55 @@ def test_columns_of_different_number_types_compare_without_rounding(
     assert diff(config, "orders").consistent
 
 
-#: Source columns and, per row, (source values, the target's text): rows 1 to 3 hold the same
+#: Source columns and, per row, (source values, the target's text): rows 1 to 5 hold the same
 #: values (plain, then forms only the type's input reads: spaces, exponents, braces, other
-#: zones, day 31), every later row one value its column's type refuses.
+#: zones, day 31; numbers an integer's input refuses; JSON null), every later row one value its
+#: column's type refuses, against a value or a NULL, or a number that is not the integer.
 TYPED = ("n int4, a numeric, u uuid, b bool, d date, ts timestamptz, j jsonb")
-TYPED_ROWS: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
-    1: ((5, "1.5", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", True, "2024-01-15",
-         "2024-01-15T08:00:00Z", '{"a": 1}'),
-        ("5", "1.50", "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "true", "2024-01-15",
-         "2024-01-15 10:00:00+02", '{"a":1}')),
-    2: ((7, "100", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", True, "2024-02-29",
-         "2024-01-31T10:00:00.5Z", '"x"'),
-        (" 7 ", "1e2", "{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", "yes", "2024-02-29",
-         "2024-01-31 10:00:00.5 UTC", '"x"')),
-    3: ((None,) * 7, (None,) * 7),
-    4: ((1, "1", None, None, None, None, None), ("abc", "1", None, None, None, None, None)),
-    5: ((None, "1", None, None, None, None, None), ("99999999999", "1", *(None,) * 5)),
-    6: ((1, None, None, None, None, None, None), ("1", "1..2", *(None,) * 5)),
-    7: ((1, "1", None, None, None, None, None), ("1", "1", "not-a-uuid", *(None,) * 4)),
-    8: ((1, "1", None, True, None, None, None), ("1", "1", None, "maybe", None, None, None)),
-    9: ((1, "1", None, None, None, None, None), ("1", "1", None, None, "2024-02-30", None, None)),
-    10: ((1, "1", None, None, None, "2024-01-01T00:00:00Z", None),
-         ("1", "1", None, None, None, "2024-13-01 00:00:00", None)),
-    11: ((1, "1", None, None, None, None, None), ("1", "1", None, None, None, None, "{bad")),
-}
 TYPED_COLUMNS = ["n", "a", "u", "b", "d", "ts", "j"]
+
+
+def _typed(**values: Any) -> tuple[Any, ...]:
+    return tuple(values.get(c) for c in TYPED_COLUMNS)
+
+
+TYPED_ROWS: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
+    1: (_typed(n=5, a="1.5", u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", b=True, d="2024-01-15",
+               ts="2024-01-15T08:00:00Z", j='{"a": 1}'),
+        _typed(n="5", a="1.50", u="A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", b="true",
+               d="2024-01-15", ts="2024-01-15 10:00:00+02", j='{"a":1}')),
+    2: (_typed(n=7, a="100", u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", b=True, d="2024-02-29",
+               ts="2024-01-31T10:00:00.5Z", j='"x"'),
+        _typed(n=" 7 ", a="1e2", u="{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", b="yes",
+               d="2024-02-29", ts="2024-01-31 10:00:00.5 UTC", j='"x"')),
+    3: (_typed(), _typed()),
+    4: (_typed(n=1, j="null"), _typed(n="1.0", j="null")),
+    5: (_typed(n=1000), _typed(n="1e3", j="null")),
+    6: (_typed(n=1), _typed(n="abc")),
+    7: (_typed(), _typed(n="x1")),
+    8: (_typed(), _typed(a="1..2")),
+    9: (_typed(u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), _typed(u="not-a-uuid")),
+    10: (_typed(b=True), _typed(b="maybe")),
+    11: (_typed(), _typed(d="2024-02-30")),
+    12: (_typed(ts="2024-01-01T00:00:00Z"), _typed(ts="2024-13-01 00:00:00")),
+    13: (_typed(), _typed(j="{bad")),
+    14: (_typed(n=2), _typed(n="1.5")),
+}
+TYPED_EQUAL = 5  # rows 1 to 5
+
+
+def _t_config(tmp_path: Path, state: str, source: str, target: str, columns: list[str],
+              **extra: Any) -> Config:
+    """A reconciliation ``t`` of ``public.t`` (key id, version, ``columns``) between two
+    databases, with the same names on both sides."""
+    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": columns}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                  "target": {"connection": "b", **side}, **extra}}}))
+    return load_config(path)
 
 
 def _typed_tables(source: str, target: str) -> None:
@@ -454,7 +478,7 @@ def _typed_tables(source: str, target: str) -> None:
                 # each row alone in its segment among equal ones, which only its hash can
                 # make differ
                 for i in range(1, (len(TYPED_ROWS) + 1) * 1000):
-                    alike = (i, str(i), *(None,) * 5)
+                    alike = (i, str(i), *(None,) * (len(TYPED_COLUMNS) - 2))
                     row = TYPED_ROWS[i // 1000][side] if i % 1000 == 0 else alike
                     copy.write_row((i, 1, *row))
             conn.execute("ANALYZE public.t")
@@ -467,22 +491,41 @@ def test_a_text_target_is_read_as_the_source_s_types_and_a_value_they_refuse_is_
     target holds the source's values and a new diff finds nothing."""
     source, target = new_db(), new_db()
     _typed_tables(source, target)
-    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": TYPED_COLUMNS}
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump({
-        "state": state_db,
-        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-        "reconciliations": {"t": {"source": {"connection": "a", **side},
-                                  "target": {"connection": "b", **side},
-                                  "repair": "upsert"}}}))
-    config = load_config(path)
-    assert _diff_found(config, "t") == {((i * 1000,), "mismatch") for i in TYPED_ROWS if i > 3}
+    config = _t_config(tmp_path, state_db, source, target, TYPED_COLUMNS, repair="upsert")
+    assert _diff_found(config, "t") == {((i * 1000,), "mismatch") for i in TYPED_ROWS
+                                        if i > TYPED_EQUAL}
 
     done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
     assert done.status is BackfillStatus.SUCCEEDED
     assert diff(config, "t").consistent
     with psycopg.connect(target) as conn:
-        assert conn.execute("SELECT n, b FROM public.t WHERE id = 4000").fetchone() == ("1", None)
+        assert conn.execute("SELECT n, b FROM public.t WHERE id = 6000").fetchone() == ("1", None)
+
+
+def test_a_json_target_holds_numbers_and_text_as_a_message_does(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """JSON 1.0 and "2" against integers 1 and 2 are equal, as in a message, and so is "a"
+    against text a; 3.5 is not 3, a string no number reads is a mismatch, against a NULL too.
+    A backfill writes the source's values as JSON, which the next diff finds equal."""
+    source, target = new_db(), new_db()
+    rows = {1: ((1, "a"), ("1.0", '"a"')), 2: ((2, "b"), ('"2"', '"b"')),
+            3: ((3, "c"), ("3.5", '"c"')), 4: ((None, "d"), ('"abc"', '"d"')),
+            5: ((None, None), ("null", "null")), 6: ((4, "e"), ('{"n": 4}', '"e"')),
+            7: ((5, "f"), ("5", '["f"]'))}
+    for side, (dsn, types) in enumerate(((source, ("int4", "text")),
+                                         (target, ("jsonb", "jsonb")))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, "
+                         f"n {types[0]}, s {types[1]})")
+            for i, pair in rows.items():
+                conn.execute("INSERT INTO public.t VALUES (%s, 1, %s, %s)", (i, *pair[side]))
+    config = _t_config(tmp_path, state_db, source, target, ["n", "s"], repair="upsert")
+    assert _diff_found(config, "t") == {((i,), "mismatch") for i in (3, 4, 6, 7)}
+    done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 4)
+    assert diff(config, "t").consistent
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT n, s FROM public.t WHERE id = 3").fetchone() == (3, "c")
 
 
 def test_a_target_session_that_cannot_create_readers_reads_by_plain_casts(
@@ -494,24 +537,21 @@ def test_a_target_session_that_cannot_create_readers_reads_by_plain_casts(
     _typed_tables(source, target)
     for dsn in (source, target):  # the values a type refuses go; the other forms stay
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("DELETE FROM public.t WHERE id % 1000 = 0 AND id > 3000")
-    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": TYPED_COLUMNS}
+            conn.execute("DELETE FROM public.t WHERE id %% 1000 = 0 AND id > %s",
+                         (TYPED_EQUAL * 1000,))
     read_only = f"{target}?options=-c%20default_transaction_read_only%3Don"
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump({
-        "state": state_db,
-        "connections": {"a": {"postgres": source}, "b": {"postgres": read_only}},
-        "reconciliations": {"t": {"source": {"connection": "a", **side},
-                                  "target": {"connection": "b", **side}}}}))
+    config = _t_config(tmp_path, state_db, source, read_only, TYPED_COLUMNS)
     warnings: list[logging.LogRecord] = []
     handler, logger = logging.Handler(logging.WARNING), logging.getLogger("trueup.sides")
     handler.emit = warnings.append  # type: ignore[assignment,method-assign]
     logger.addHandler(handler)
     try:
-        summary = diff(load_config(path), "t")
+        summary = diff(config, "t")
     finally:
         logger.removeHandler(handler)
-    assert summary.consistent and summary.source_rows == summary.target_rows == 11991
+    assert summary.consistent
+    assert summary.source_rows == summary.target_rows == (len(TYPED_ROWS) + 1) * 1000 - 1 - (
+        len(TYPED_ROWS) - TYPED_EQUAL)
     assert [(r.getMessage(), r.fields) for r in warnings] == [  # type: ignore[attr-defined]
         ("compare.plain_casts", {"table": "public.t", "reason": "cannot execute CREATE FUNCTION "
                                                             "in a read-only transaction"})]

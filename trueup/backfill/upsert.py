@@ -52,10 +52,10 @@ from trueup.backfill.model import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, same_server
 from trueup.errors import TrueupError
-from trueup.fingerprint import ColumnType, storage_type
+from trueup.fingerprint import ColumnType, Kind, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
-from trueup.sides import Side, column_types, common_type, require, table_side
+from trueup.sides import Side, column_types, common_type, compared_type, require, table_side
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
@@ -216,20 +216,24 @@ class UpsertWriter:
         if rec.target.version and st.version_type is not None:
             version_as = common_type(st.version_type, require(
                 found, rec.target.table, [rec.target.version], self.target)[0])
-        shared = [common_type(s, t) for s, t in zip(self.column_types, own, strict=True)]
+        shared = [compared_type(s, t) for s, t in zip(self.column_types, own, strict=True)]
         return table_side(
             label="target", dsn=dsn, table=rec.target.table, key=rec.target.key,
             version=rec.target.version, columns=columns, as_types=shared,
             key_as=st.key_types, version_as=version_as, conn=self.target), shared
 
-    def _target_types(self, table: str) -> dict[str, sql.Composable]:
+    def _target_types(self, table: str) -> dict[str, tuple[str, str]]:
+        """Each column of the target table: its type's schema and name."""
         rows = self.target.execute(
             "SELECT a.attname AS name, n.nspname AS schema, t.typname AS type "
             "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
             "JOIN pg_namespace n ON n.oid = t.typnamespace "
             "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
             (_regclass(self.target, table),)).fetchall()
-        return {r["name"]: sql.Identifier(r["schema"], r["type"]) for r in rows}
+        return {r["name"]: (r["schema"], r["type"]) for r in rows}
+
+    def _target_type(self, column: str) -> sql.Identifier:
+        return sql.Identifier(*self.target_types[column])
 
     def _copies_as_is(self) -> bool:
         """Whether source rows can go into the target by a ``COPY`` of the text the source
@@ -578,8 +582,8 @@ class UpsertWriter:
                       *([sql.Identifier("trueup_v")] if self._versioned else []),
                       *_names("c", len(rec.source.columns))]
         values = sql.SQL(", ").join(
-            sql.SQL("{}::{}").format(s, self.target_types[t])
-            for s, t in zip(stage_cols, target_cols, strict=True))
+            self._as_target(s, t, k)
+            for s, t, k in zip(stage_cols, target_cols, self._written_kinds(), strict=True))
         updated = target_cols[len(rec.target.key):]
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in updated)
@@ -599,7 +603,7 @@ class UpsertWriter:
         # (cast to the target's types): cheaper than matching keys as jsonb.
         returned = [sql.Identifier(f"trueup_r{i}") for i in range(len(stage_keys))]
         written = sql.SQL(" AND ").join(
-            sql.SQL("up.{} = c.{}::{}").format(r, k, self.target_types[t])
+            sql.SQL("up.{} = c.{}::{}").format(r, k, self._target_type(t))
             for r, k, t in zip(returned, stage_keys, rec.target.key, strict=True))
         rows = self.target.execute(sql.SQL(
             "WITH up AS (INSERT INTO {target} AS trueup_t ({cols}) SELECT {values} FROM {cand} "
@@ -622,6 +626,21 @@ class UpsertWriter:
                        fingerprint_after=r["trueup_before"] if r["actual"] == "skipped"
                        else r["trueup_fp"])
                 for r in rows]
+
+    def _written_kinds(self) -> list[Kind]:
+        """The kind of each value a repair writes, in :meth:`_written` order."""
+        st = self.source_side
+        version = [st.version_type.kind] if self._versioned and st.version_type else []
+        return [*(t.kind for t in st.key_types), *version, *(t.kind for t in self.column_types)]
+
+    def _as_target(self, staged: sql.Composable, column: str, kind: Kind) -> sql.Composable:
+        """A staged value as the target column takes it: a value for a JSON column from a
+        source column of another kind as its JSON (a number as a number, text as a string),
+        which a diff reads back as the source's value."""
+        target = self._target_type(column)
+        if kind is not Kind.JSON and self.target_types[column][1] in ("json", "jsonb"):
+            return sql.SQL("to_jsonb({})::{}").format(staged, target)
+        return sql.SQL("{}::{}").format(staged, target)
 
     def _insert_new(self, cols: sql.Composable, values: sql.Composable,
                     order: sql.Composable) -> bool:
