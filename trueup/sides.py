@@ -19,6 +19,7 @@ from psycopg import sql
 from trueup.db import first_line
 from trueup.errors import TrueupError
 from trueup.fingerprint import (
+    INTEGER_TYPES,
     INVALID,
     NULL,
     PART_SEPARATOR,
@@ -26,6 +27,7 @@ from trueup.fingerprint import (
     Kind,
     fields_sql,
     render_sql,
+    storage_type,
     whole_double_numeric,
 )
 from trueup.log import get_logger
@@ -138,21 +140,16 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         ident = sql.Identifier(name)
         if wanted is None or wanted.name == own.name:
             return ident
+        if own.kind is Kind.JSON and wanted.kind is Kind.TEXT and wanted.name != "uuid":
+            # a document copied from a text column: its text (JSON null is NULL, as ever)
+            return sql.SQL("(nullif(({})::jsonb, 'null')::text)").format(ident)
         if own.kind is Kind.JSON and wanted.kind is not Kind.JSON:
-            # a scalar as a message's field reads: "abc" is abc against text, "7" is 7
+            # a scalar as a message's field reads: "7" is 7
             return sql.SQL("({})::{}").format(_as_text(ident, own), sql.Identifier(wanted.name))
         if own.name in ("float4", "float8") and wanted.name == "numeric":
-            # Exactly: its own cast keeps 15 digits (6 for real), so 0.30000000000000004 would
-            # compare as 0.3. A whole number within bigint goes through bigint (2^60 is
-            # 1152921504606846976, which its shortest text is not); a larger one as a bigint
-            # times a power of two (2^70 is 1180591620717411303424, its shortest text
-            # 1.1805916207174113e+21); any other value through its shortest exact text
-            # (extra_float_digits=1), NaN and the infinities included.
-            return sql.SQL(
-                "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9.2e18 THEN ({0})::int8::numeric "
-                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity' THEN {1} "
-                "ELSE ({0})::text::numeric END)").format(
-                    ident, whole_double_numeric(sql.SQL("({})::float8").format(ident)))
+            return exact_numeric(ident)
+        if own.name == "oid" and wanted.name == "numeric":
+            return sql.SQL("({})::int8::numeric").format(ident)  # no cast from oid to numeric
         return sql.SQL("({})::{}").format(ident, sql.Identifier(wanted.name))
 
     key_types = list(key_as or own_key)
@@ -192,6 +189,21 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     first = len(values) - len(reads)  # the seed (position) of the first column
     hashed = [None] * first + [r.hashed(first + i) if r else None for i, r in enumerate(reads)]
     return replace(side, row_hash=row_hash, native_hash=native_hash(values, hashed))
+
+
+def exact_numeric(value: sql.Composable) -> sql.Composable:
+    """A ``real`` or ``double precision`` ``value`` as the exact ``numeric`` of its bits.
+
+    Its own cast keeps 15 digits (6 for real), so 0.30000000000000004 would be 0.3. A whole
+    number within bigint goes through bigint (2^60 is 1152921504606846976, which its shortest
+    text is not); a larger one as a bigint times a power of two (2^70 is
+    1180591620717411303424, its shortest text 1.1805916207174113e+21); any other value through
+    its shortest exact text (extra_float_digits=1), NaN and the infinities included."""
+    return sql.SQL(
+        "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9.2e18 THEN ({0})::int8::numeric "
+        "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity' THEN {1} "
+        "ELSE ({0})::text::numeric END)").format(
+            value, whole_double_numeric(sql.SQL("({})::float8").format(value)))
 
 
 # -- reading text as another type -------------------------------------------------------------
@@ -269,9 +281,9 @@ def create_readers(conn: psycopg.Connection[Any], table: str,
                         ("render", "value text", "text", render_sql(value, ctype), refused),
                         ("hash", "value text, seed int8", "int8", _hashed(value, ctype, seed),
                          sql.SQL("pg_catalog.hashtextextended({}, seed)").format(refused))):
-                    conn.execute(sql.SQL(_READER).format(
-                        name=_reader(what, name), params=sql.SQL(params),
-                        returns=sql.SQL(returns), type=sql.Identifier(name), give=give,
+                    conn.execute(sql.SQL(_READER).format(  # json is read as jsonb, whose
+                        name=_reader(what, name), params=sql.SQL(params),  # input refuses more
+                        returns=sql.SQL(returns), type=storage_type(ctype), give=give,
                         refused=refusal))
     except psycopg.Error as exc:
         log.warning("compare.plain_casts", table=table, reason=first_line(exc))
@@ -424,10 +436,12 @@ def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
 
 def compared_type(source: ColumnType, target: ColumnType) -> ColumnType:
     """The type a compared column is read as on both sides: :func:`common_type`, except that
-    numbers a text or JSON target column holds compare as ``numeric``, as a message's do:
-    ``1.0``, ``1e0`` or JSON ``"1"`` against an integer 1 are equal (an integer's input would
-    refuse the first two), ``1.5`` against 2 is not."""
-    if source.kind is Kind.NUMBER and target.kind in (Kind.TEXT, Kind.JSON) \
+    numbers a text or JSON target column holds against an integer or ``numeric`` source
+    compare as ``numeric``, as a message's do: ``1.0``, ``1e0`` or JSON ``"1"`` against an
+    integer 1 are equal (an integer's input would refuse the first two), ``1.5`` against 2 is
+    not. Against a ``real`` or ``double precision`` source they are read as that type, as a
+    message's are (``123456789`` is the real 123456792)."""
+    if source.name in (*INTEGER_TYPES, "numeric") and target.kind in (Kind.TEXT, Kind.JSON) \
             and target.name != "uuid":
         return ColumnType.of("numeric")
     return common_type(source, target)

@@ -390,25 +390,28 @@ def test_columns_of_different_number_types_compare_without_rounding(
     source, target = new_db(), new_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version int, "
-                     "status varchar(10), amount bigint, price real)")
-        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 11, 1), "
-                     "(2, 1, 'b', 20, 1.0000001), (3, 1, 'c', 30, 1)")
+                     "status varchar(10), amount bigint, price real, rate float8)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 1, 'a', 11, 1, 0.1::float8 + 0.2), "
+                     "(2, 1, 'b', 20, 1.0000001, 1), (3, 1, 'c', 30, 1, 1)")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.copy (id numeric PRIMARY KEY, version bigint, "
-                     "status text, amount numeric(12,2), price numeric)")
+                     "status text, amount numeric(12,2), price numeric, rate numeric)")
         # 10.5 would round to the source's 11 if cast to bigint; 20.00 equals 20; the real
-        # 1.0000001 is 1.00000 as numeric by its own cast (6 digits)
-        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5, 1), "
-                     "(2, 1, 'b', 20.00, 1.0000001), (3, 1, 'c ', 30, 1)")
+        # 1.0000001 is 1.00000 as numeric by its own cast (6 digits), and the double
+        # 0.30000000000000004 (repaired in row 1) 0.3 (15 digits)
+        conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5, 1, 0.3), "
+                     "(2, 1, 'b', 20.00, 1.0000001, 1), (3, 1, 'c ', 30, 1, 1)")
     path = tmp_path / "trueup.yaml"
     path.write_text(yaml.safe_dump({
         "state": state_db,
         "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
         "reconciliations": {"orders": {
             "source": {"connection": "a", "table": "orders", "key": ["id"],
-                       "version": "version", "columns": ["status", "amount", "price"]},
+                       "version": "version",
+                       "columns": ["status", "amount", "price", "rate"]},
             "target": {"connection": "b", "table": "copy", "key": ["id"],
-                       "version": "version", "columns": ["status", "amount", "price"]},
+                       "version": "version",
+                       "columns": ["status", "amount", "price", "rate"]},
             "repair": "upsert"}}}))
     config = load_config(path)
     assert _diff_found(config, "orders") == {((1,), "mismatch"), ((3,), "mismatch")}
@@ -420,10 +423,11 @@ def test_columns_of_different_number_types_compare_without_rounding(
 
 #: Source columns and, per row, (source values, the target's text): rows 1 to 5 hold the same
 #: values (plain, then forms only the type's input reads: spaces, exponents, braces, other
-#: zones, day 31; numbers an integer's input refuses; JSON null), every later row one value its
-#: column's type refuses, against a value or a NULL, or a number that is not the integer.
-TYPED = ("n int4, a numeric, u uuid, b bool, d date, ts timestamptz, j jsonb")
-TYPED_COLUMNS = ["n", "a", "u", "b", "d", "ts", "j"]
+#: zones, day 31; numbers an integer's input refuses; JSON null; doubles past 2^53), every later
+#: row one value its column's type refuses, against a value or a NULL, or another number. Row 6
+#: is repaired with a double a cast to text writes as 1.152921504606847e+18.
+TYPED = ("n int4, a numeric, u uuid, b bool, d date, ts timestamptz, j jsonb, f float8")
+TYPED_COLUMNS = ["n", "a", "u", "b", "d", "ts", "j", "f"]
 
 
 def _typed(**values: Any) -> tuple[Any, ...]:
@@ -432,17 +436,18 @@ def _typed(**values: Any) -> tuple[Any, ...]:
 
 TYPED_ROWS: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     1: (_typed(n=5, a="1.5", u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", b=True, d="2024-01-15",
-               ts="2024-01-15T08:00:00Z", j='{"a": 1}'),
+               ts="2024-01-15T08:00:00Z", j='{"a": 1}', f=2.0**60),
         _typed(n="5", a="1.50", u="A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", b="true",
-               d="2024-01-15", ts="2024-01-15 10:00:00+02", j='{"a":1}')),
+               d="2024-01-15", ts="2024-01-15 10:00:00+02", j='{"a":1}',
+               f="1152921504606846976")),
     2: (_typed(n=7, a="100", u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", b=True, d="2024-02-29",
-               ts="2024-01-31T10:00:00.5Z", j='"x"'),
+               ts="2024-01-31T10:00:00.5Z", j='"x"', f=0.1),
         _typed(n=" 7 ", a="1e2", u="{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}", b="yes",
-               d="2024-02-29", ts="2024-01-31 10:00:00.5 UTC", j='"x"')),
+               d="2024-02-29", ts="2024-01-31 10:00:00.5 UTC", j='"x"', f=" 1e-1 ")),
     3: (_typed(), _typed()),
     4: (_typed(n=1, j="null"), _typed(n="1.0", j="null")),
     5: (_typed(n=1000), _typed(n="1e3", j="null")),
-    6: (_typed(n=1), _typed(n="abc")),
+    6: (_typed(n=1, f=2.0**60), _typed(n="abc", f="1152921504606846976")),
     7: (_typed(), _typed(n="x1")),
     8: (_typed(), _typed(a="1..2")),
     9: (_typed(u="a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"), _typed(u="not-a-uuid")),
@@ -451,6 +456,7 @@ TYPED_ROWS: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     12: (_typed(ts="2024-01-01T00:00:00Z"), _typed(ts="2024-13-01 00:00:00")),
     13: (_typed(), _typed(j="{bad")),
     14: (_typed(n=2), _typed(n="1.5")),
+    15: (_typed(f=2.5), _typed(f="1.5")),
 }
 TYPED_EQUAL = 5  # rows 1 to 5
 
@@ -502,16 +508,17 @@ def test_a_text_target_is_read_as_the_source_s_types_and_a_value_they_refuse_is_
         assert conn.execute("SELECT n, b FROM public.t WHERE id = 6000").fetchone() == ("1", None)
 
 
-def test_a_json_target_holds_numbers_and_text_as_a_message_does(
+def test_a_json_target_holds_numbers_as_a_message_does_and_documents_as_text_does(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    """JSON 1.0 and "2" against integers 1 and 2 are equal, as in a message, and so is "a"
-    against text a; 3.5 is not 3, a string no number reads is a mismatch, against a NULL too.
-    A backfill writes the source's values as JSON, which the next diff finds equal."""
+    """JSON 1.0 and "2" against integers 1 and 2 are equal, as in a message; 3.5 is not 3, a
+    string no number reads is a mismatch, against a NULL too. A backfill writes a number as
+    JSON and a text as the document it holds, which the next diff finds equal."""
     source, target = new_db(), new_db()
-    rows = {1: ((1, "a"), ("1.0", '"a"')), 2: ((2, "b"), ('"2"', '"b"')),
-            3: ((3, "c"), ("3.5", '"c"')), 4: ((None, "d"), ('"abc"', '"d"')),
-            5: ((None, None), ("null", "null")), 6: ((4, "e"), ('{"n": 4}', '"e"')),
-            7: ((5, "f"), ("5", '["f"]'))}
+    doc = '{"k": 1}'
+    rows = {1: ((1, doc), ("1.0", doc)), 2: ((2, doc), ('"2"', doc)),
+            3: ((3, doc), ("3.5", doc)), 4: ((None, doc), ('"abc"', doc)),
+            5: ((None, None), ("null", "null")), 6: ((4, doc), ('{"n": 4}', doc)),
+            7: ((5, '{"k": [2]}'), ("5", '["f"]'))}
     for side, (dsn, types) in enumerate(((source, ("int4", "text")),
                                          (target, ("jsonb", "jsonb")))):
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -525,7 +532,23 @@ def test_a_json_target_holds_numbers_and_text_as_a_message_does(
     assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 4)
     assert diff(config, "t").consistent
     with psycopg.connect(target) as conn:
-        assert conn.execute("SELECT n, s FROM public.t WHERE id = 3").fetchone() == (3, "c")
+        assert conn.execute("SELECT n, s FROM public.t WHERE id IN (3, 7) ORDER BY id"
+                            ).fetchall() == [(3, {"k": 1}), (5, {"k": [2]})]
+
+
+def test_json_text_that_json_takes_and_jsonb_refuses_is_a_mismatch(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A json source is compared as jsonb: a text target's JSON with a \\u0000 or a number past
+    numeric's range is read as json but refused as jsonb, a mismatch and not a failed run."""
+    source, target = new_db(), new_db()
+    rows = {1: ('{"a": 1}', '{"a":1}'), 2: ("1", '"\\u0000"'), 3: (None, "1e1000000")}
+    for side, (dsn, kind) in enumerate(((source, "json"), (target, "text"))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, j {kind})")
+            for i, pair in rows.items():
+                conn.execute("INSERT INTO public.t VALUES (%s, 1, %s)", (i, pair[side]))
+    config = _t_config(tmp_path, state_db, source, target, ["j"])
+    assert _diff_found(config, "t") == {((2,), "mismatch"), ((3,), "mismatch")}
 
 
 def test_a_target_session_that_cannot_create_readers_reads_by_plain_casts(

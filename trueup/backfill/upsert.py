@@ -55,7 +55,15 @@ from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, Kind, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
-from trueup.sides import Side, column_types, common_type, compared_type, require, table_side
+from trueup.sides import (
+    Side,
+    column_types,
+    common_type,
+    compared_type,
+    exact_numeric,
+    require,
+    table_side,
+)
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
@@ -583,7 +591,7 @@ class UpsertWriter:
                       *_names("c", len(rec.source.columns))]
         values = sql.SQL(", ").join(
             self._as_target(s, t, k)
-            for s, t, k in zip(stage_cols, target_cols, self._written_kinds(), strict=True))
+            for s, t, k in zip(stage_cols, target_cols, self._written_types(), strict=True))
         updated = target_cols[len(rec.target.key):]
         updates = sql.SQL(", ").join(
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in updated)
@@ -627,19 +635,24 @@ class UpsertWriter:
                        else r["trueup_fp"])
                 for r in rows]
 
-    def _written_kinds(self) -> list[Kind]:
-        """The kind of each value a repair writes, in :meth:`_written` order."""
+    def _written_types(self) -> list[ColumnType]:
+        """The source type of each value a repair writes, in :meth:`_written` order."""
         st = self.source_side
-        version = [st.version_type.kind] if self._versioned and st.version_type else []
-        return [*(t.kind for t in st.key_types), *version, *(t.kind for t in self.column_types)]
+        version = [st.version_type] if self._versioned and st.version_type else []
+        return [*st.key_types, *version, *self.column_types]
 
-    def _as_target(self, staged: sql.Composable, column: str, kind: Kind) -> sql.Composable:
-        """A staged value as the target column takes it: a value for a JSON column from a
-        source column of another kind as its JSON (a number as a number, text as a string),
-        which a diff reads back as the source's value."""
-        target = self._target_type(column)
-        if kind is not Kind.JSON and self.target_types[column][1] in ("json", "jsonb"):
+    def _as_target(self, staged: sql.Composable, column: str,
+                   source: ColumnType) -> sql.Composable:
+        """A staged value of ``source``'s type as the target column takes it, so that a diff
+        reads it back as the source's value: a number, bool, time or uuid into a JSON column
+        as its JSON (text is taken for a document, as a cast reads it); a double or real into
+        a ``numeric`` column exactly (a cast keeps 15 or 6 digits)."""
+        target, name = self._target_type(column), self.target_types[column][1]
+        as_json = source.kind not in (Kind.JSON, Kind.TEXT) or source.name == "uuid"
+        if name in ("json", "jsonb") and as_json:
             return sql.SQL("to_jsonb({})::{}").format(staged, target)
+        if name == "numeric" and source.name in ("float4", "float8"):
+            return sql.SQL("{}::{}").format(exact_numeric(staged), target)
         return sql.SQL("{}::{}").format(staged, target)
 
     def _insert_new(self, cols: sql.Composable, values: sql.Composable,
