@@ -7,10 +7,13 @@ TRUEUP_TEST_PG (a DSN of the maintenance database), TRUEUP_TEST_KAFKA and TRUEUP
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -25,6 +28,32 @@ PG_ADMIN_DSN = os.environ.get("TRUEUP_TEST_PG", "postgresql://postgres@127.0.0.1
 KAFKA_BOOTSTRAP = os.environ.get("TRUEUP_TEST_KAFKA", "127.0.0.1:9092")
 AMQP_URL = os.environ.get("TRUEUP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
 TEMPLATE = f"trueup_test_template_{os.getpid()}"
+
+
+#: mypy over the whole tree, started when collection ends if its test is to run: its minute of
+#: CPU then overlaps the suite's waits on services and daemons instead of adding to them.
+#: (tests/unit/test_lint.py reads its outcome: the process and the file holding its output.)
+MYPY_TEST = "tests/unit/test_lint.py::test_mypy_strict_finds_nothing"
+MYPY = pytest.StashKey[tuple["subprocess.Popen[bytes]", IO[bytes]]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if any(item.nodeid == MYPY_TEST for item in session.items):
+        out = tempfile.TemporaryFile()  # noqa: SIM115 (open until the session ends)
+        mypy = Path(sys.executable).parent / "mypy"
+        session.config.stash[MYPY] = (
+            subprocess.Popen([str(mypy)], cwd=REPO, stdout=out, stderr=subprocess.STDOUT), out)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    started = session.config.stash.get(MYPY, None)
+    if started is None:
+        return
+    mypy, out = started
+    if mypy.poll() is None:  # the run ended before its test
+        mypy.kill()
+        mypy.wait()
+    out.close()
 
 
 def dsn_for(database: str) -> str:
