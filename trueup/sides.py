@@ -146,6 +146,9 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         if own.kind is Kind.JSON and wanted.kind is not Kind.JSON:
             # a scalar as a message's field reads: "7" is 7
             return sql.SQL("({})::{}").format(_as_text(ident, own), sql.Identifier(wanted.name))
+        if wanted.kind is Kind.JSON and own.kind is not Kind.TEXT:
+            # a number, bool or time against a JSON source: its JSON (there is no cast)
+            return sql.SQL("to_jsonb({})").format(ident)
         if own.name in ("float4", "float8") and wanted.name == "numeric":
             return exact_numeric(ident)
         if own.name == "oid" and wanted.name == "numeric":

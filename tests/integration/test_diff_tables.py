@@ -536,6 +536,26 @@ def test_a_json_target_holds_numbers_as_a_message_does_and_documents_as_text_doe
                             ).fetchall() == [(3, {"k": 1}), (5, {"k": [2]})]
 
 
+def test_a_number_target_against_a_json_source_is_compared_as_its_json(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """An integer column against a jsonb one has no cast: it is read as its JSON (5 is 5, not
+    the string "5"), and a backfill writes the JSON's number into it."""
+    source, target = new_db(), new_db()
+    rows = {1: ("5", 5), 2: ('"6"', 6), 3: ("7", 8), 4: (None, None), 5: ("null", None)}
+    for side, (dsn, kind) in enumerate(((source, "jsonb"), (target, "int4"))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, j {kind})")
+            for i, pair in rows.items():
+                conn.execute("INSERT INTO public.t VALUES (%s, 1, %s)", (i, pair[side]))
+    config = _t_config(tmp_path, state_db, source, target, ["j"], repair="upsert")
+    assert _diff_found(config, "t") == {((2,), "mismatch"), ((3,), "mismatch")}
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("""UPDATE public.t SET j = '6' WHERE id = 2""")
+    done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 1)
+    assert diff(config, "t").consistent
+
+
 def test_json_text_that_json_takes_and_jsonb_refuses_is_a_mismatch(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """A json source is compared as jsonb: a text target's JSON with a \\u0000 or a number past
