@@ -37,7 +37,7 @@ from trueup.runs import (
     json_value,
     start_run,
 )
-from trueup.sides import Side, column_types, common_type, compared_type, require, table_side
+from trueup.sides import Side, column_types, require, shared_types, table_side
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
 
@@ -205,25 +205,19 @@ def _table_sides(rec: ReconciliationConfig, source: Side, source_types: list[Col
     """Both sides of a table-to-table run, each column read as the type both share."""
     assert rec.target.table is not None
     target_columns = [rec.target.columns[c] for c in rec.source.columns]
-    target_all = column_types(target_conn, rec.target.table)
-    target_types = require(target_all, rec.target.table, target_columns, target_conn)
-    target_keys = require(target_all, rec.target.table, rec.target.key, target_conn)
-    columns = [compared_type(s, t) for s, t in
-               zip(source_types, target_types, strict=True)]
-    keys = [common_type(s, t) for s, t in zip(source.key_types, target_keys, strict=True)]
-    version = None
-    if rec.target.version and source.version_type is not None:
-        target_version = require(target_all, rec.target.table, [rec.target.version],
-                                 target_conn)[0]
-        version = common_type(source.version_type, target_version)
+    shared = shared_types(target_conn, rec.target.table, columns=target_columns,
+                          key=rec.target.key, version=rec.target.version,
+                          source_columns=source_types, source_key=source.key_types,
+                          source_version=source.version_type)
     source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
                         key=rec.source.key, version=rec.source.version,
                         columns=rec.source.columns, updated_at=rec.source.updated_at,
-                        as_types=columns, key_as=keys, version_as=version,
+                        as_types=shared.columns, key_as=shared.keys, version_as=shared.version,
                         hashed_version=rec.target.version is not None, conn=source_conn)
     target = table_side(label="target", dsn=target_dsn, table=rec.target.table,
                         key=rec.target.key, version=rec.target.version, columns=target_columns,
-                        as_types=columns, key_as=keys, version_as=version, conn=target_conn)
+                        as_types=shared.columns, key_as=shared.keys,
+                        version_as=shared.version, conn=target_conn)
     return source, target
 
 

@@ -449,6 +449,33 @@ def compared_type(source: ColumnType, target: ColumnType) -> ColumnType:
     return common_type(source, target)
 
 
+@dataclass(frozen=True)
+class SharedTypes:
+    """The types both sides of a table-to-table comparison read their values as."""
+
+    columns: list[ColumnType]       # compared_type of each compared column
+    keys: list[ColumnType]          # common_type of each key column
+    version: ColumnType | None      # common_type of the versions, when both sides have one
+
+
+def shared_types(conn: psycopg.Connection[Any], table: str, *, columns: Sequence[str],
+                 key: Sequence[str], version: str | None,
+                 source_columns: Sequence[ColumnType], source_key: Sequence[ColumnType],
+                 source_version: ColumnType | None) -> SharedTypes:
+    """The types a target ``table`` (its ``columns``, ``key`` and ``version`` named in the
+    source's order) and its source are compared as."""
+    found = column_types(conn, table)
+    own = require(found, table, columns, conn)
+    own_key = require(found, table, key, conn)
+    shared_version = None
+    if version and source_version is not None:
+        shared_version = common_type(source_version, require(found, table, [version], conn)[0])
+    return SharedTypes(
+        columns=[compared_type(s, t) for s, t in zip(source_columns, own, strict=True)],
+        keys=[common_type(s, t) for s, t in zip(source_key, own_key, strict=True)],
+        version=shared_version)
+
+
 def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],
                 key_types: Sequence[ColumnType], version_type: ColumnType | None) -> Side:
     """A side over a Kafka mirror table, whose fingerprints and row hashes are stored.

@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 
 from trueup import metrics
-from trueup.db import connect
+from trueup.db import connect, first_line
 from trueup.errors import ConnectionFailed, StateError
 from trueup.log import get_logger
 from trueup.queries import query
@@ -185,7 +185,7 @@ class Heartbeat:
             row = self._conn.execute(query("renew_lease"), self._lease).fetchone()
         except (psycopg.Error, ConnectionFailed) as exc:
             log.warning("backfill.heartbeat_failed", backfill_id=self.chunk.backfill_id,
-                        chunk=self.chunk.chunk, error=str(exc).strip())
+                        chunk=self.chunk.chunk, error=first_line(exc))
             return True
         if row is None:
             return False

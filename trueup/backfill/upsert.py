@@ -55,15 +55,7 @@ from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, Kind, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
-from trueup.sides import (
-    Side,
-    column_types,
-    common_type,
-    compared_type,
-    exact_numeric,
-    require,
-    table_side,
-)
+from trueup.sides import Side, exact_numeric, shared_types, table_side
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
@@ -187,7 +179,7 @@ class UpsertWriter:
                                                        autocommit=True, application_name=app))
         self.source_side, self.column_types = source_side(self.source, rec, source_dsn)
         self.target_side, shared = self._target_as_diffed(target_dsn)
-        if shared != self.column_types:
+        if shared != self.column_types:  # the source's fingerprints rendered as those types
             self.source_side, _ = source_side(self.source, rec, source_dsn, as_types=shared)
         self.source.commit()
         self.target_types = self._target_types(rec.target.table)
@@ -218,17 +210,14 @@ class UpsertWriter:
         rec, st = self.rec, self.source_side
         assert rec.target.table
         columns = [rec.target.columns[c] for c in rec.source.columns]
-        found = column_types(self.target, rec.target.table)
-        own = require(found, rec.target.table, columns, self.target)
-        version_as = None
-        if rec.target.version and st.version_type is not None:
-            version_as = common_type(st.version_type, require(
-                found, rec.target.table, [rec.target.version], self.target)[0])
-        shared = [compared_type(s, t) for s, t in zip(self.column_types, own, strict=True)]
+        shared = shared_types(self.target, rec.target.table, columns=columns,
+                              key=rec.target.key, version=rec.target.version,
+                              source_columns=self.column_types, source_key=st.key_types,
+                              source_version=st.version_type)
         return table_side(
             label="target", dsn=dsn, table=rec.target.table, key=rec.target.key,
-            version=rec.target.version, columns=columns, as_types=shared,
-            key_as=st.key_types, version_as=version_as, conn=self.target), shared
+            version=rec.target.version, columns=columns, as_types=shared.columns,
+            key_as=st.key_types, version_as=shared.version, conn=self.target), shared.columns
 
     def _target_types(self, table: str) -> dict[str, tuple[str, str]]:
         """Each column of the target table: its type's schema and name."""
