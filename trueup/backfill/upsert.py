@@ -55,7 +55,15 @@ from trueup.errors import TrueupError
 from trueup.fingerprint import ColumnType, Kind, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
-from trueup.sides import Side, exact_numeric, shared_types, table_side
+from trueup.sides import (
+    SharedTypes,
+    Side,
+    column_types,
+    exact_numeric,
+    require,
+    shared_types,
+    table_side,
+)
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
 log = get_logger(__name__)
@@ -177,10 +185,10 @@ class UpsertWriter:
                                                        autocommit=True, application_name=app))
         self.target = self.stack.enter_context(connect(target_dsn, what="target",
                                                        autocommit=True, application_name=app))
-        self.source_side, self.column_types = source_side(self.source, rec, source_dsn)
-        self.target_side, shared = self._target_as_diffed(target_dsn)
-        if shared != self.column_types:  # the source's fingerprints rendered as those types
-            self.source_side, _ = source_side(self.source, rec, source_dsn, as_types=shared)
+        shared = self._shared_types()
+        # the source's fingerprints rendered as the types it shares with the target
+        self.source_side, _ = source_side(self.source, rec, source_dsn, as_types=shared.columns)
+        self.target_side = self._target_as_diffed(target_dsn, shared)
         self.source.commit()
         self.target_types = self._target_types(rec.target.table)
         self.copies_as_is = self._copies_as_is()
@@ -200,24 +208,32 @@ class UpsertWriter:
     def key_types(self) -> list[ColumnType]:
         return self.source_side.key_types
 
-    def _target_as_diffed(self, dsn: str) -> tuple[Side, list[ColumnType]]:
-        """The target read as a diff reads it, and the types it shares with the source: each
-        column as the type both sides are compared as (a ``numeric`` 10.5 under a ``bigint``
-        stays 10.5 and is repaired, where read as a bigint it would be the source's 11), so
-        that what a diff reports the backfill repairs. The source's fingerprints must be
-        rendered as those types too. Keys are read as the source's (see "Known limits" in
-        docs/backfills.md)."""
-        rec, st = self.rec, self.source_side
+    def _shared_types(self) -> SharedTypes:
+        """The types the source and the target are compared as, as a diff compares them: each
+        column as the type both sides are read as (a ``numeric`` 10.5 under a ``bigint`` stays
+        10.5 and is repaired, where read as a bigint it would be the source's 11), so that what
+        a diff reports the backfill repairs. Sets :attr:`column_types`, the source's own."""
+        src, dst = self.rec.source, self.rec.target
+        assert dst.table
+        own = column_types(self.source, src.table)
+        self.column_types = require(own, src.table, src.columns, self.source)
+        return shared_types(
+            self.target, dst.table, columns=[dst.columns[c] for c in src.columns], key=dst.key,
+            version=dst.version, source_columns=self.column_types,
+            source_key=require(own, src.table, src.key, self.source),
+            source_version=require(own, src.table, [src.version], self.source)[0]
+            if src.version else None)
+
+    def _target_as_diffed(self, dsn: str, shared: SharedTypes) -> Side:
+        """The target read as a diff reads it, its columns as the ``shared`` types. Keys are
+        read as the source's (see "Known limits" in docs/backfills.md)."""
+        rec = self.rec
         assert rec.target.table
-        columns = [rec.target.columns[c] for c in rec.source.columns]
-        shared = shared_types(self.target, rec.target.table, columns=columns,
-                              key=rec.target.key, version=rec.target.version,
-                              source_columns=self.column_types, source_key=st.key_types,
-                              source_version=st.version_type)
         return table_side(
             label="target", dsn=dsn, table=rec.target.table, key=rec.target.key,
-            version=rec.target.version, columns=columns, as_types=shared.columns,
-            key_as=st.key_types, version_as=shared.version, conn=self.target), shared.columns
+            version=rec.target.version, columns=[rec.target.columns[c] for c in rec.source.columns],
+            as_types=shared.columns, key_as=self.source_side.key_types, version_as=shared.version,
+            conn=self.target)
 
     def _target_types(self, table: str) -> dict[str, tuple[str, str]]:
         """Each column of the target table: its type's schema and name."""
