@@ -421,6 +421,41 @@ def test_columns_of_different_number_types_compare_without_rounding(
     assert diff(config, "orders").consistent
 
 
+def test_a_text_version_column_is_guarded_as_its_source_s_numbers(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO public.orders VALUES (1, 10, 'new'), (2, 2, 'old'), "
+                     "(3, 5, 'same')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id bigint PRIMARY KEY, version text, "
+                     "status text)")
+        # as text '9' sorts after '10' and '11' before '2': as numbers 9 < 10 and 11 > 2
+        conn.execute("INSERT INTO public.copy VALUES (1, '9', 'old'), (2, '11', 'newer'), "
+                     "(3, '5', 'same')")
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "a", "table": "orders", "key": ["id"],
+                       "version": "version", "columns": ["status"]},
+            "target": {"connection": "b", "table": "copy", "key": ["id"],
+                       "version": "version", "columns": ["status"]},
+            "repair": "upsert"}}}))
+    config = load_config(path)
+    assert _diff_found(config, "orders") == {((1,), "stale"), ((2,), "ahead")}
+    done = start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 1)
+    with psycopg.connect(target) as conn:
+        rows = conn.execute("SELECT id, version, status FROM public.copy ORDER BY id").fetchall()
+    # the stale row is repaired; the newer one is never overwritten by an older version
+    assert rows == [(1, "10", "new"), (2, "11", "newer"), (3, "5", "same")]
+    assert _diff_found(config, "orders") == {((2,), "ahead")}
+
+
 #: Source columns and, per row, (source values, the target's text): rows 1 to 5 hold the same
 #: values (plain, then forms only the type's input reads: spaces, exponents, braces, other
 #: zones, day 31; numbers an integer's input refuses; JSON null; doubles past 2^53), every later

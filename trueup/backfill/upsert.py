@@ -603,8 +603,9 @@ class UpsertWriter:
         guard: sql.Composable = sql.SQL("")
         if self._versioned:
             assert rec.target.version is not None
-            guard = sql.SQL(" WHERE trueup_t.{0} IS NULL OR trueup_t.{0} <= excluded.{0}").format(
-                sql.Identifier(rec.target.version))
+            guard = sql.SQL(" WHERE trueup_t.{} IS NULL OR {} <= {}").format(
+                sql.Identifier(rec.target.version), self._guarded_version("trueup_t"),
+                self._guarded_version("excluded"))
         conflict = (sql.SQL("DO UPDATE SET {}{}").format(updates, guard) if updated
                     else sql.SQL("DO NOTHING"))
         stage_keys = _names("k", len(self.key_types))
@@ -639,6 +640,17 @@ class UpsertWriter:
                        fingerprint_after=r["trueup_before"] if r["actual"] == "skipped"
                        else r["trueup_fp"])
                 for r in rows]
+
+    def _guarded_version(self, alias: str) -> sql.Composable:
+        """The target's version column of row ``alias`` as the version guard compares it: as
+        the type a diff compares the versions as, so a text ``'9'`` is older than a source's 10
+        (as text it sorts after ``'10'``) and ``'11'`` newer than 2."""
+        version, compared = self.rec.target.version, self.target_side.version_type
+        assert version is not None and compared is not None
+        column = sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(version))
+        if self.target_types[version][1] == compared.name:
+            return column
+        return sql.SQL("({})::{}").format(column, storage_type(compared))
 
     def _written_types(self) -> list[ColumnType]:
         """The source type of each value a repair writes, in :meth:`_written` order."""
