@@ -179,19 +179,27 @@ def repairable_count(metadata: dict[str, Any]) -> int:
     return sum(int(metadata.get(c.value, 0)) for c in REPAIRABLE)
 
 
+def drift_count(metadata: dict[str, Any]) -> int:
+    """The differences of a differences materialization that fail its checks (every class but
+    in_flight): what the circuit breaker weighs. Drift a backfill leaves (ahead rows,
+    unreadable messages) is drift all the same, and large drift needs a person."""
+    return sum(int(metadata.get(c.value, 0)) for c in DifferenceClass
+               if c is not DifferenceClass.IN_FLIGHT)
+
+
 def auto_repair_decision(name: str, metadata: dict[str, Any], max_differences: int,
                          partition: str | None) -> dg.RunRequest | dg.SkipReason:
     """Launch a backfill of the run, or skip (nothing to do, or the circuit breaker opened)."""
     run_id = metadata.get("run_id")
-    count = repairable_count(metadata)
+    count = drift_count(metadata)
     if run_id is None:
         return dg.SkipReason("the materialization has no run_id")
-    if count == 0:
-        return dg.SkipReason(f"run {run_id} of {name} found nothing to repair")
     if count > max_differences:
         return dg.SkipReason(
             f"circuit breaker: run {run_id} of {name} found {count} differences, more than "
             f"auto_repair.max_differences ({max_differences}); not repairing automatically")
+    if repairable_count(metadata) == 0:
+        return dg.SkipReason(f"run {run_id} of {name} found nothing to repair")
     return dg.RunRequest(
         run_key=f"auto-repair-{name}-run-{run_id}", partition_key=partition,
         run_config={"ops": {repairs_op_name(name): {"config": {"scope": "run",
@@ -250,7 +258,7 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
         """The run's decision, and whether it tripped the circuit breaker."""
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         decision = auto_repair_decision(name, metadata, limit, materialization.partition)
-        tripped = isinstance(decision, dg.SkipReason) and repairable_count(metadata) > limit
+        tripped = isinstance(decision, dg.SkipReason) and drift_count(metadata) > limit
         if isinstance(decision, dg.RunRequest):
             # blocking checks: a failed ERROR check a backfill does not answer (unreadable
             # messages, bad values in the source table's GX suite) stops the auto-repair
