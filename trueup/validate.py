@@ -60,10 +60,11 @@ def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
     if pk:
         keys.append(tuple(pk))
     keys += [tuple(u["column_names"]) for u in inspector.get_unique_constraints(name, schema)]
-    keys += [
+    keys += [  # an expression's column name is None: such an index is unique over more
         tuple(c for c in i["column_names"] if c is not None)
         for i in inspector.get_indexes(name, schema=schema)
         if i.get("unique") and not i.get("dialect_options", {}).get("postgresql_where")
+        and None not in i["column_names"]
     ]
     return TableShape(columns=columns, unique_keys=keys)
 

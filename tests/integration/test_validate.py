@@ -26,6 +26,8 @@ CREATE TABLE public.orders (id bigint PRIMARY KEY, status text, amount_cents big
                             version bigint NOT NULL, updated_at timestamptz NOT NULL,
                             doc jsonb, note text);
 CREATE TABLE public.no_key (id bigint, status text, amount_cents bigint, version bigint);
+-- unique over an expression as well: (id) alone is not unique
+CREATE UNIQUE INDEX no_key_expression ON public.no_key (id, lower(status));
 CREATE SCHEMA billing;
 CREATE TABLE billing.invoices (order_id bigint, order_version bigint, status text,
                                total_cents bigint);
