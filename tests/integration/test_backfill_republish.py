@@ -142,6 +142,23 @@ def test_republish_of_a_run_fixes_the_topic_and_lineage_shows_each_key_history(
     assert [r["class"] for r in history["runs"]] == ["missing", "stale"]
 
 
+def test_a_source_row_without_a_version_never_replaces_a_versioned_message(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    with psycopg.connect(config.connections["shop"].postgres or "", autocommit=True) as conn:
+        conn.execute("UPDATE orders SET version = NULL, status = 'old' WHERE id = 8")
+    run = diff(config, "events")
+    assert run.ahead == 2, run  # 6, and 8: a version beats none, as the upsert's guard has it
+    marks = _high_watermarks(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id))
+    assert (summary.status, summary.rows_repaired, summary.rows_skipped) == (
+        BackfillStatus.SUCCEEDED, 5, 2)
+    assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
+    assert diff(config, "events").ahead == 2
+
+
 def test_republish_all_produces_only_what_the_mirror_lacks(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str) -> None:

@@ -366,8 +366,9 @@ class RepublishWriter:
             before = None
             if known is not None:
                 known_version, before, _ = known
-                if versioned and known_version is not None and version is not None \
-                        and known_version > version:
+                # as the upsert's guard: a topic's version beats a source row without one
+                if versioned and known_version is not None and (
+                        version is None or known_version > version):
                     repairs.append((key, skip, before, before))
                     skipped += 1
                     continue
