@@ -13,10 +13,13 @@ import psycopg
 import pytest
 
 from tests.integration.test_backfill_support import make_tables, write_config
-from trueup.backfill import BackfillOptions
+from trueup.backfill import BackfillOptions, WorkerOptions
 from trueup.backfill import chunks as chunk_leases
+from trueup.backfill.model import ChunkContext, ChunkResult
 from trueup.backfill.planner import plan
+from trueup.backfill.runner import _Worker, backfill_of, load
 from trueup.db import connect
+from trueup.pacing import Pacer
 from trueup.state import open_state
 from trueup.statuses import BackfillScope
 
@@ -162,3 +165,38 @@ def test_a_worker_that_started_slowly_renews_its_lease_before_working(
             "SELECT lease_expires_at - clock_timestamp() AS left FROM trueup.chunks "
             "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk)).fetchone()
         assert row is not None and row["left"].total_seconds() > LEASE * 0.8, row
+
+
+def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The worker noticed the takeover only at its writer's first check: a republish
+    produced a batch, an upsert copied the chunk into the target, before giving it up."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 100)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
+                                                             chunk_size=50), state)
+    with connect(state_db, what="state", autocommit=True) as conn:
+        chunk = chunk_leases.claim(conn, backfill_id, "a", LEASE)
+        assert chunk is not None
+        _expire(conn, chunk)
+        while (taken := chunk_leases.claim(conn, backfill_id, "b", LEASE)) is not None \
+                and taken.chunk != chunk.chunk:
+            pass
+        repaired: list[int] = []
+
+        class Writer:
+            def repair(self, chunk: chunk_leases.Chunk, ctx: ChunkContext) -> ChunkResult:
+                repaired.append(chunk.chunk)
+                raise AssertionError("unreachable")
+
+            def close(self) -> None:
+                pass
+
+        worker = _Worker(config, backfill_of(load(conn, backfill_id)),
+                         WorkerOptions(lease_seconds=LEASE), 0, Pacer(None), lambda r: None)
+        started_late = replace(chunk, claimed_at=time.monotonic() - LEASE)
+        assert not worker._run_chunk(conn, Writer(), started_late)
+        assert repaired == [], "the writer started on a chunk another worker holds"

@@ -237,6 +237,7 @@ class _Worker:
                     # Paced before the source is read, never between reading and writing: rows
                     # read before a wait could be written after the source changed them.
                     self.pacer(chunk.rows_planned)
+                    heartbeat.check()  # taken over meanwhile: give it up before any work
                     ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
                                        heartbeat=heartbeat)
                     result = writer.repair(chunk, ctx)
