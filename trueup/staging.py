@@ -203,9 +203,9 @@ class Merger:
         def read(field: str, ctype: ColumnType) -> sql.Composable:
             if field not in names:  # as json_to_record reads it: a JSON null is NULL
                 if ctype.kind is Kind.JSON:
-                    return sql.SQL("NULLIF((value::json -> {})::jsonb, 'null'::jsonb)").format(
+                    return sql.SQL("NULLIF((r.value::json -> {})::jsonb, 'null'::jsonb)").format(
                         sql.Literal(field))
-                return _record_value(sql.SQL("(value::json ->> {})::{}").format(
+                return _record_value(sql.SQL("(r.value::json ->> {})::{}").format(
                     sql.Literal(field), _record_type(ctype)), ctype)
             value = sql.SQL("x.{}").format(names[field])
             if _record_type(ctype).as_string(None) != _record_type(fields[field]).as_string(None):
@@ -218,13 +218,13 @@ class Merger:
             # As keys_from_message_key reads them: a one-column key given as a JSON array
             # holds exactly one value, else the text is the value. CASE, not AND: only CASE
             # promises not to parse a key that is not JSON.
-            raw = sql.SQL("(CASE WHEN left(message_key, 1) <> '[' THEN message_key "
-                          "WHEN jsonb_array_length(message_key::jsonb) = 1 "
-                          "THEN message_key::jsonb ->> 0 ELSE message_key END)") if one_key else \
-                sql.SQL("(message_key::jsonb ->> {})").format(sql.Literal(i))
+            raw = sql.SQL("(CASE WHEN left(r.message_key, 1) <> '[' THEN r.message_key "
+                          "WHEN jsonb_array_length(r.message_key::jsonb) = 1 "
+                          "THEN r.message_key::jsonb ->> 0 ELSE r.message_key END)") \
+                if one_key else sql.SQL("(r.message_key::jsonb ->> {})").format(sql.Literal(i))
             return sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
 
-        keys = [sql.SQL("CASE WHEN value IS NULL THEN {} ELSE ({})::{} END").format(
+        keys = [sql.SQL("CASE WHEN r.value IS NULL THEN {} ELSE ({})::{} END").format(
             from_message_key(i, t), read(f, t), storage_type(t))
             for i, (f, t) in enumerate(zip(shape.key_fields, shape.key_types, strict=True))]
         version: list[sql.Composable] = []
@@ -241,22 +241,22 @@ class Merger:
             read(f, t), sql.Literal(f"no key field {f!r}"))
             for f, t in zip(shape.key_fields, shape.key_types, strict=True)]
         # a tombstone whose key cannot be read is unreadable, never ignored
-        unkeyed = [sql.SQL("message_key IS NULL"),
+        unkeyed = [sql.SQL("r.message_key IS NULL"),
                    *[sql.SQL("{} IS NULL").format(from_message_key(i, t))
                      for i, t in enumerate(shape.key_types)]]
         if not one_key:
             unkeyed.append(sql.SQL(
-                "CASE WHEN jsonb_typeof(message_key::jsonb) = 'array' "
-                "THEN jsonb_array_length(message_key::jsonb) END IS DISTINCT FROM {}").format(
+                "CASE WHEN jsonb_typeof(r.message_key::jsonb) = 'array' "
+                "THEN jsonb_array_length(r.message_key::jsonb) END IS DISTINCT FROM {}").format(
                     sql.Literal(len(shape.key_types))))
         tombstone_reason = sql.SQL("CASE WHEN {} THEN {} END").format(
             sql.SQL(" OR ").join(unkeyed), sql.Literal(UNKEYED_TOMBSTONE))
         return sql.SQL(
-            "INSERT INTO trueup_stage ({cols}) SELECT kafka_partition, kafka_offset, "
-            "message_key, value IS NULL, {values}, CASE WHEN value IS NULL THEN NULL "
-            "ELSE {fields} END, CASE WHEN value IS NULL THEN {tombstone} {missing} ELSE NULL END, "
-            "CASE WHEN value IS NULL THEN NULL ELSE {native} END "
-            "FROM trueup_raw LEFT JOIN LATERAL json_to_record(value::json) AS x({record}) "
+            "INSERT INTO trueup_stage ({cols}) SELECT r.kafka_partition, r.kafka_offset, "
+            "r.message_key, r.value IS NULL, {values}, CASE WHEN r.value IS NULL THEN NULL "
+            "ELSE {fields} END, CASE WHEN r.value IS NULL THEN {tombstone} {missing} ELSE NULL "
+            "END, CASE WHEN r.value IS NULL THEN NULL ELSE {native} END "
+            "FROM trueup_raw AS r LEFT JOIN LATERAL json_to_record(r.value::json) AS x({record}) "
             "ON true"
         ).format(cols=sql.SQL(", ").join(sql.Identifier(c) for c in [*self.columns, "native"]),
                  values=sql.SQL(", ").join([*keys, *version]), fields=rendered, native=native,

@@ -296,3 +296,38 @@ def test_one_message_postgres_refuses_does_not_change_how_the_others_read(
             conn.row_factory = dict_row  # type: ignore[assignment]
     assert len(mirrors[0]) == len(_WRITTEN_AS_IS)
     assert mirrors[0] == mirrors[1]
+
+
+def test_fields_named_like_the_raw_message_columns_are_read_as_fields(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """A field named ``value`` (or ``message_key``, ``kafka_offset``...) made the parse
+    statement's references to the raw message's own columns ambiguous: every run failed."""
+    source = new_db()
+    columns = ["value", "message_key", "kafka_partition", "kafka_offset"]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.points (id bigint PRIMARY KEY, version bigint, "
+                     "value numeric, message_key text, kafka_partition int, kafka_offset bigint)")
+    rec = ReconciliationConfig.model_validate({
+        "source": {"connection": "s", "table": "public.points", "key": ["id"],
+                   "version": "version", "columns": columns},
+        "target": {"connection": "b", "topic": "t", "key": ["id"], "version": "version",
+                   "columns": columns}})
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        side = table_side(label="source", dsn=source, table="public.points", key=["id"],
+                          version="version", columns=columns, conn=conn)
+        types = require(column_types(conn, "public.points"), "public.points", columns, conn)
+    messages = [RawMessage(0, i, str(i), json.dumps(
+        {"id": i, "version": 1, "value": i + 0.5, "message_key": f"k{i}",
+         "kafka_partition": 7, "kafka_offset": 10**12 + i}).encode()) for i in range(5)]
+    mirrors = []
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        for name, in_postgres in (("fast", True), ("slow", False)):
+            shape = shape_of(f"points_{name}", rec, side, types)
+            _ensure_tables(conn, shape)
+            merger = Merger(shape, conn, parse_in_postgres=in_postgres)
+            merger.merge(messages)
+            assert merger.fallbacks == 0
+            conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+            mirrors.append(_mirror(conn, shape))
+            conn.row_factory = dict_row  # type: ignore[assignment]
+    assert len(mirrors[0]) == 5 and mirrors[0] == mirrors[1]
