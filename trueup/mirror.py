@@ -108,8 +108,9 @@ class MirrorShape:
 
     @property
     def signature(self) -> str:
-        """Changes whenever stored fingerprints would mean something else: then rebuild."""
-        parts = [self.topic, self.key_fields, [t.name for t in self.key_types],
+        """Changes whenever stored fingerprints would mean something else, or the mirror
+        table's columns (named as the source's key columns) would be others: then rebuild."""
+        parts = [self.topic, self.key_fields, self.key_columns, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
                  self.column_fields, [t.name for t in self.column_types], "v3"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -287,6 +287,26 @@ def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
     assert summary.consistent
 
 
+def test_a_renamed_source_key_column_rebuilds_the_mirror(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path) -> None:
+    """The mirror's key columns are named as the source's: after a rename (same type, same
+    field) the old mirror was kept and every run failed on the column it lacked."""
+    source = new_db()
+    _orders(source, 3, state="a")
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i, "a")) for i in range(1, 4)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    assert diff(config, "events").consistent
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.orders RENAME COLUMN id TO order_id")
+    raw = yaml.safe_load(Path(config.path).read_text())
+    raw["reconciliations"]["events"]["source"]["key"] = ["order_id"]
+    Path(config.path).write_text(yaml.safe_dump(raw))
+    renamed = load_config(Path(config.path))
+    summary = diff(renamed, "events")
+    assert summary.consistent and summary.target_rows == 3
+
+
 def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(
         new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
         tmp_path: Path) -> None:
