@@ -37,7 +37,7 @@ import zoneinfo
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import sql
 
@@ -546,7 +546,39 @@ _RENDERERS = {
 
 def jsonb_text(value: Any) -> str:
     """``value::jsonb::text`` as Postgres prints it: keys ordered by length then bytes,
-    ``", "`` and ``": "`` separators, numbers as numeric text (scale kept), non-ASCII as is."""
+    ``", "`` and ``": "`` separators, numbers as numeric text (scale kept), non-ASCII as is.
+
+    Written without recursion: a document nested as deep as :func:`loads` reads (about a
+    thousand levels, far past Python's stack at a few frames a level) still renders."""
+    out: list[str] = []
+    todo: list[Any] = [value]  # values to render, and _Text pieces to write as they are
+    while todo:
+        item = todo.pop()
+        if isinstance(item, _Text):
+            out.append(item.text)
+        elif isinstance(item, dict):
+            items = sorted(item.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
+            parts: list[Any] = [_Text("{")]
+            for i, (k, v) in enumerate(items):
+                parts += [_Text(f"{', ' if i else ''}{_jsonb_string(k)}: "), v]
+            todo += reversed([*parts, _Text("}")])
+        elif isinstance(item, list | tuple):
+            parts = [_Text("[")]
+            for i, v in enumerate(item):
+                parts += [_Text(", "), v] if i else [v]
+            todo += reversed([*parts, _Text("]")])
+        else:
+            out.append(_jsonb_scalar(item))
+    return "".join(out)
+
+
+class _Text(NamedTuple):
+    """A piece of :func:`jsonb_text`'s output, told apart from a JSON string to render."""
+
+    text: str
+
+
+def _jsonb_scalar(value: Any) -> str:
     if value is None:
         return "null"
     if value is True:
@@ -562,12 +594,6 @@ def jsonb_text(value: Any) -> str:
     if isinstance(value, decimal.Decimal):
         text = format(value, "f")
         return text.lstrip("-") if value.is_zero() else text
-    if isinstance(value, dict):
-        items = sorted(value.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
-        inner = ", ".join(f"{_jsonb_string(k)}: {jsonb_text(v)}" for k, v in items)
-        return "{" + inner + "}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 

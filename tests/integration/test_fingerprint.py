@@ -324,6 +324,19 @@ def test_json_renders_alike_whatever_the_key_order(pg: psycopg.Connection[Any], 
     assert fingerprint(message, ctypes) == sql_fp
 
 
+@pytest.mark.parametrize("depth", [1, 600, 900])
+def test_json_nested_as_deep_as_loads_reads_renders_alike(pg: psycopg.Connection[Any],
+                                                          depth: int) -> None:
+    """The renderer recursed a few frames a level: past about 340 levels a message Postgres
+    reads failed the Python path, and the run with it."""
+    text = '{"b": ' * depth + '[1, {"zz": 2, "a": "x"}]' + "}" * depth
+    sql_text, sql_fp = _sql_text(pg, [text], ["jsonb"])
+    message = loads("[" + text + "]")
+    ctypes = [ColumnType.of("jsonb")]
+    assert fields_text(message, ctypes) == sql_text
+    assert fingerprint(message, ctypes) == sql_fp
+
+
 # -- whole rows --------------------------------------------------------------------------------
 
 ROW_TYPES = ["int8", "numeric", "text", "bool", "timestamptz", "date", "uuid", "jsonb"]
