@@ -5,10 +5,10 @@ Two ways to the same staged rows:
 - **In Postgres** (the fast path): the raw messages are copied in as text and Postgres parses the
   JSON, casts the fields to the source's types and renders them with the SQL of
   :mod:`trueup.fingerprint`. Parsing in C is several times faster than in Python.
-- **In Python** (the fallback): :func:`trueup.fingerprint.fields_text` renders every message.
-  A batch takes this path when Postgres refuses it: a message that is not valid JSON text or a
-  field that its type's cast rejects. The Python path also reports *which* message was
-  unreadable and why.
+- **In Python** (the fallback): :func:`trueup.fingerprint.fields_text` renders a message.
+  A message takes this path when Postgres refuses it: not valid JSON text, or a field that its
+  type's cast rejects (a refused batch is parsed again in halves until those messages stand
+  alone). The Python path also reports *which* message was unreadable and why.
 
 Both paths give the same canonical text for every message that either can read (a test builds
 the same mirror both ways). After staging, one set of statements merges the batch: latest
@@ -72,6 +72,10 @@ def _record_value(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     return column
 
 
+#: Refused parse statements of one batch before the rest of it is read in Python: enough to
+#: single out a few dozen refused messages among 20,000 (each takes about log2(20,000) = 15).
+MAX_REFUSED_PARSES = 512
+
 #: The longest column name Postgres keeps (NAMEDATALEN - 1); longer ones are cut.
 MAX_NAME_BYTES = 63
 
@@ -93,8 +97,9 @@ class Merger:
             "kafka_offset bigint, message_key text, tombstone boolean, {stored}, "
             "fields text, reason text, native bigint) ON COMMIT DELETE ROWS"
         ).format(stored=shape.stored_columns(not_null_keys=False)))
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (kafka_partition integer, "
-                     "kafka_offset bigint, message_key text, value text) ON COMMIT DELETE ROWS")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (seq integer, "
+                     "kafka_partition integer, kafka_offset bigint, message_key text, "
+                     "value text) ON COMMIT DELETE ROWS")
         conn.commit()
         # what both paths stage; only Postgres adds each row's native hash (see mirror_side)
         self.columns = ["kafka_partition", "kafka_offset", "message_key", "tombstone",
@@ -104,34 +109,81 @@ class Merger:
         #: JSON fields read as text (Postgres reads a field once, as the first type asking)
         self._text_fields = self._fields_read_as_text()
         self._merge_sql = self._build_merge()
+        self._copy_sql = sql.SQL("COPY trueup_stage ({}) FROM STDIN").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns))
 
     def merge(self, messages: Sequence[RawMessage]) -> None:
-        """Stage and merge one batch, committing it with its offsets."""
+        """Stage and merge one batch, committing it with its offsets.
+
+        Postgres parses every message it can; only the messages it refuses one by one are
+        read in Python, so a message reads the same whatever shares its batch."""
         if not messages:
             return
-        if self.parse_in_postgres:
-            try:
-                with self.conn.transaction(), self.conn.cursor() as cur:
-                    cur.execute("SET LOCAL TimeZone = 'UTC'")
-                    with cur.copy("COPY trueup_raw (kafka_partition, kafka_offset, message_key, "
-                                  "value) FROM STDIN") as copy:
-                        for m in messages:
-                            copy.write_row((m.partition, m.offset, m.key,
-                                            None if m.value is None else m.value.decode()))
-                    cur.execute(self._parse_sql)
-                    self._finish(cur)
-                return
-            # StatementTooComplex: JSON nested past the server's stack depth
-            except (psycopg.errors.DataError, psycopg.errors.StatementTooComplex,
-                    UnicodeDecodeError) as exc:
-                self.fallbacks += 1
-                log.info("mirror.batch_parsed_in_python", reconciliation=self.shape.name,
-                         reason=str(exc).splitlines()[0][:200])
-        copy_sql = sql.SQL("COPY trueup_stage ({}) FROM STDIN").format(
-            sql.SQL(", ").join(sql.Identifier(c) for c in self.columns))
         with self.conn.transaction(), self.conn.cursor() as cur:
-            self._stage_storable(cur, copy_sql, list(self.python_rows(messages)))
+            in_python: list[RawMessage] = list(messages)
+            if self.parse_in_postgres:
+                cur.execute("SET LOCAL TimeZone = 'UTC'")
+                in_postgres, in_python = self._copy_raw(cur, messages)
+                in_python += [in_postgres[i] for i in self._parse(cur, len(in_postgres))]
+                if in_python:
+                    self.fallbacks += 1
+                    log.info("mirror.messages_parsed_in_python", reconciliation=self.shape.name,
+                             messages=len(in_python), batch=len(messages))
+            if in_python:
+                self._stage_storable(cur, self._copy_sql, list(self.python_rows(in_python)))
             self._finish(cur)
+
+    def _copy_raw(self, cur: psycopg.Cursor[Any], messages: Sequence[RawMessage]
+                  ) -> tuple[list[RawMessage], list[RawMessage]]:
+        """Copy the messages Postgres can hold as text into ``trueup_raw``, numbered from 0
+        (``seq``); those and the others (not UTF-8, a NUL character)."""
+        held: list[RawMessage] = []
+        others: list[RawMessage] = []
+        with cur.copy("COPY trueup_raw (seq, kafka_partition, kafka_offset, message_key, "
+                      "value) FROM STDIN") as copy:
+            for m in messages:
+                try:
+                    value = None if m.value is None else m.value.decode()
+                except UnicodeDecodeError:
+                    others.append(m)
+                    continue
+                if (value is not None and "\x00" in value) or (m.key and "\x00" in m.key):
+                    others.append(m)
+                    continue
+                copy.write_row((len(held), m.partition, m.offset, m.key, value))
+                held.append(m)
+        return held, others
+
+    def _parse(self, cur: psycopg.Cursor[Any], count: int) -> list[int]:
+        """Parse the ``count`` raw messages into the stage; the ``seq`` of each message
+        Postgres refused. A refused statement is split in halves until the refused messages
+        stand alone; after :data:`MAX_REFUSED_PARSES` refusals in one batch (a topic of
+        mostly unreadable messages) the messages not yet parsed are all left to Python."""
+        refused: list[int] = []
+        ranges = [(0, count)]
+        failures = 0
+        while ranges:
+            lo, hi = ranges.pop()
+            if failures >= MAX_REFUSED_PARSES:
+                refused += range(lo, hi)
+                continue
+            statement = self._parse_sql if (lo, hi) == (0, count) else sql.Composed([
+                self._parse_sql, sql.SQL(" WHERE r.seq >= {} AND r.seq < {}").format(
+                    sql.Literal(lo), sql.Literal(hi))])
+            try:
+                with self.conn.transaction():  # a savepoint
+                    cur.execute(statement)
+            # StatementTooComplex: JSON nested past the server's stack depth
+            except (psycopg.errors.DataError, psycopg.errors.StatementTooComplex) as exc:
+                failures += 1
+                if hi - lo == 1:
+                    refused.append(lo)
+                    log.debug("mirror.message_refused", reconciliation=self.shape.name,
+                              reason=first_line(exc)[:200])
+                else:
+                    middle = (lo + hi) // 2
+                    ranges += [(middle, hi), (lo, middle)]
+        return refused
 
     def _stage_storable(self, cur: psycopg.Cursor[Any], copy_sql: sql.Composed,
                         rows: list[tuple[Any, ...]]) -> None:
