@@ -309,6 +309,13 @@ class MirrorReader:
         plan = {}
         for partition, (low, high) in marks.items():
             start = max(stored.get(partition, low), low)
+            if start > stored.get(partition, low):
+                # Retention (or DeleteRecords) removed messages before they were read: the
+                # mirror keeps what it read before them, and cannot know what they said.
+                log.warning("mirror.messages_lost", reconciliation=self.shape.name,
+                            topic=self.shape.topic, partition=partition,
+                            from_offset=stored[partition], to_offset=start,
+                            messages=start - stored[partition])
             if start < high:
                 plan[partition] = (start, high)
         return plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg.rows import dict_row
 
@@ -305,6 +306,37 @@ def test_a_renamed_source_key_column_rebuilds_the_mirror(
     renamed = load_config(Path(config.path))
     summary = diff(renamed, "events")
     assert summary.consistent and summary.target_rows == 3
+
+
+def test_messages_retention_removed_before_they_were_read_are_logged_as_lost(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str,
+        unique: Callable[[str], str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The next read began at the low watermark without a word: messages removed before the
+    mirror read them were skipped silently."""
+    topic = unique("plain")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        future.result()
+    source = new_db()
+    _orders(source, 3, state="a")
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i, "a")) for i in range(1, 4)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    assert diff(config, "events").consistent
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i, "a")) for i in range(1, 3)])
+    for future in admin.delete_records([TopicPartition(topic, 0, 5)]).values():
+        future.result()
+    logging.getLogger("trueup").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="trueup"):
+            assert diff(config, "events").consistent
+    finally:
+        logging.getLogger("trueup").removeHandler(caplog.handler)
+        for future in admin.delete_topics([topic]).values():
+            future.result()
+    # one record (seen twice when the trueup logger also propagates to caplog's root handler)
+    (lost,) = {r for r in caplog.records if r.getMessage() == "mirror.messages_lost"}
+    assert lost.fields == {"reconciliation": "events", "topic": topic, "partition": 0,
+                           "from_offset": 3, "to_offset": 5, "messages": 2}
 
 
 def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(
