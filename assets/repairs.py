@@ -20,6 +20,7 @@ a person to look). The circuit breaker also holds back:
 """
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -247,11 +248,17 @@ def paused_reason(name: str, backfill: dict[str, Any], requests: list[dg.RunRequ
             f"auto-repair carries on once a backfill of {name} succeeds")
 
 
-def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
+def _sensor(config: Config, name: str, job: Any,
+            suite_tables: Collection[dg.AssetKey] | None) -> dg.SensorDefinition:
     rec = config.reconciliations[name]
     assert rec.auto_repair is not None
     limit = rec.auto_repair.max_differences
     key = differences_key(name)
+    source = source_key(config, rec)
+    # a suite's results block only while the suite is there: one removed leaves its last
+    # results in the state, which nothing will ever follow
+    checked = [source.to_user_string()] if suite_tables is None or source in suite_tables \
+        else []
 
     def decide(materialization: dg.AssetMaterialization
                ) -> tuple[dg.RunRequest | dg.SkipReason, bool]:
@@ -265,8 +272,7 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
             run_id = decision.tags["trueup/run_id"]
             blocking = failed_blocking_checks(
                 config.state, key.to_user_string(), int(run_id),
-                [*(c.value for c in REPAIRABLE), DifferenceClass.AHEAD.value],
-                [source_key(config, rec).to_user_string()])
+                [*(c.value for c in REPAIRABLE), DifferenceClass.AHEAD.value], checked)
             if blocking:
                 decision = dg.SkipReason(f"blocked: run {run_id} of {name} has failed ERROR "
                                          f"checks {', '.join(blocking)}")
@@ -326,9 +332,11 @@ def _sensor(config: Config, name: str, job: Any) -> dg.SensorDefinition:
     return _auto_repair
 
 
-def repair_definitions(config: Config) -> RepairDefinitions:
+def repair_definitions(config: Config, suite_tables: Collection[dg.AssetKey] | None = None
+                       ) -> RepairDefinitions:
     """A repairs asset and backfill job per repairable reconciliation; sensors where
-    ``auto_repair`` is set."""
+    ``auto_repair`` is set. ``suite_tables``: the tables a GX suite checks, whose failed ERROR
+    checks block the auto-repair of their reconciliations (None: any table's results do)."""
     assets, jobs, sensors = [], [], []
     for name, rec in config.reconciliations.items():
         if rec.repair is RepairMode.NONE:
@@ -340,5 +348,5 @@ def repair_definitions(config: Config) -> RepairDefinitions:
         assets.append(asset)
         jobs.append(job)
         if rec.auto_repair is not None:
-            sensors.append(_sensor(config, name, job))
+            sensors.append(_sensor(config, name, job, suite_tables))
     return RepairDefinitions(assets=assets, jobs=jobs, sensors=sensors)

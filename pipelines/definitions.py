@@ -38,8 +38,8 @@ config = load_config(_config_path())
 check_distinct(config)  # every builder below may take an asset key for the thing it names
 reconciliations = reconciliation_definitions(config)
 dead_letters = dead_letter_definitions(config)
-repairs = repair_definitions(config)
 quality = quality_definitions(config)
+repairs = repair_definitions(config, quality.tables)
 freshness = freshness_definitions(config)
 
 defs = dg.Definitions(

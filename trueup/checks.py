@@ -114,8 +114,10 @@ def failed_blocking_checks(state_dsn: str, differences_key: str, run_id: int,
 
     Those are the run's own ERROR checks on the differences asset other than the
     ``repairable`` classes (the ones a backfill fixes, so their failing is why it runs: ahead
-    and unreadable need a person), and the latest result of every ERROR check on the
-    ``table_keys`` (a source with bad values must not be copied into the target).
+    and unreadable need a person), and the failed ERROR checks of the latest suite run on each
+    of the ``table_keys`` (a source with bad values must not be copied into the target). A
+    suite run records all its results in one transaction, so they share its ``at``: a check
+    since removed from the suite (or a suite since removed) blocks no longer.
     Each is returned as ``asset_key:check_name``.
     """
     with _state(state_dsn) as conn:
@@ -124,10 +126,10 @@ def failed_blocking_checks(state_dsn: str, differences_key: str, run_id: int,
             "WHERE asset_key = %s AND run_id = %s AND severity = 'ERROR' AND NOT passed "
             "AND check_name <> ALL(%s) "
             "UNION ALL "
-            "SELECT asset_key, check_name FROM ("
-            "  SELECT DISTINCT ON (asset_key, check_name) asset_key, check_name, passed, "
-            "         severity FROM trueup.check_results WHERE asset_key = ANY(%s) "
-            "  ORDER BY asset_key, check_name, at DESC, check_result_id DESC) latest "
-            "WHERE severity = 'ERROR' AND NOT passed ORDER BY 1, 2",
+            "SELECT c.asset_key, c.check_name FROM trueup.check_results AS c "
+            "JOIN (SELECT asset_key, max(at) AS at FROM trueup.check_results "
+            "      WHERE asset_key = ANY(%s) GROUP BY asset_key) AS latest "
+            "  ON c.asset_key = latest.asset_key AND c.at = latest.at "
+            "WHERE c.severity = 'ERROR' AND NOT c.passed ORDER BY 1, 2",
             (differences_key, run_id, list(repairable), list(table_keys))).fetchall()
     return [f"{r['asset_key']}:{r['check_name']}" for r in rows]

@@ -174,6 +174,17 @@ def test_blocking_checks_are_unrepairable_run_errors_and_failing_source_table_er
         ("amount__be_between", True, CheckSeverity.ERROR, {})])
     assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == [
         f"{diff_key}:unreadable"]
+    # only the latest suite run counts: a check since removed from the suite (failing when it
+    # last ran) blocked for ever, for nothing could record a newer result of it
+    record_check_results(state_db, table, None, None, [
+        ("currency__be_in_set", False, CheckSeverity.ERROR, {}),
+        ("amount__be_between", True, CheckSeverity.ERROR, {})])
+    assert f"{table}:currency__be_in_set" in failed_blocking_checks(
+        state_db, diff_key, run_id[0], repairable, [table])
+    record_check_results(state_db, table, None, None, [
+        ("amount__be_between", True, CheckSeverity.ERROR, {})])
+    assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == [
+        f"{diff_key}:unreadable"]
 
 
 @pytest.mark.dagster
@@ -203,3 +214,11 @@ def test_a_failed_error_check_on_the_source_table_blocks_the_auto_repair(
     assert not tick.run_requests
     assert tick.skip_message and "blocked" in tick.skip_message
     assert "postgres/shop/public/orders:amount__be_between" in tick.skip_message
+
+    # the suite is gone (no table has one): its last results no longer block
+    unchecked = repair_definitions(config, suite_tables=frozenset())
+    defs = dg.Definitions(assets=[*assets[:-len(repairs.assets)], *unchecked.assets],
+                          jobs=unchecked.jobs, sensors=unchecked.sensors)
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert tick.run_requests and len(tick.run_requests) == 1, tick.skip_message
