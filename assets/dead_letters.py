@@ -26,6 +26,7 @@ from trueup.config import Config
 from trueup.dlq import DlqReport, inspect
 from trueup.errors import TrueupError, UsageError
 from trueup.letters import LetterFilter
+from trueup.pacing import valid_rate
 from trueup.replay import ReplayOptions, replay
 from trueup.statuses import CheckSeverity
 
@@ -65,7 +66,7 @@ class ReplayRunConfig(dg.Config):
         """Fail the run with one clear line on a value ``trueup replay`` would refuse."""
         if self.max is not None and self.max <= 0:
             raise dg.Failure(f"max: expected a positive integer (got {self.max})")
-        if self.rate is not None and self.rate <= 0:
+        if not valid_rate(self.rate):
             raise dg.Failure(f"rate: expected a positive number of dead letters per second "
                              f"(got {self.rate})")
         try:

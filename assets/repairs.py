@@ -29,12 +29,19 @@ from dagster import AssetExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
 from assets.differences import differences_key, partitions_of, source_key
-from trueup.backfill import BackfillOptions, BackfillSummary, WorkerOptions, start_backfill
+from trueup.backfill import (
+    BackfillOptions,
+    BackfillSummary,
+    WorkerOptions,
+    lease_seconds,
+    start_backfill,
+)
 from trueup.backfill.model import DEFAULT_CHUNK_ROWS
 from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
 from trueup.db import connect
 from trueup.errors import TrueupError
+from trueup.pacing import valid_rate
 from trueup.queries import query
 from trueup.statuses import BackfillScope, BackfillStatus, DifferenceClass
 
@@ -91,7 +98,7 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     for field, value in (("chunk_size", config.chunk_size), ("workers", config.workers)):
         if value <= 0:
             raise dg.Failure(f"{field}: expected a positive integer (got {value})")
-    if config.rate is not None and config.rate <= 0:
+    if not valid_rate(config.rate):
         raise dg.Failure(f"rate: expected a positive number of rows per second "
                          f"(got {config.rate})")
     scope = config.scope
@@ -157,7 +164,8 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
 
         try:
             summary = start_backfill(trueup_config, name, options,
-                                     WorkerOptions(workers=options.workers), progress)
+                                     WorkerOptions(workers=options.workers,
+                                                   lease_seconds=lease_seconds()), progress)
         except TrueupError as exc:
             raise dg.Failure(description=str(exc)) from exc
         metadata = summary_metadata(summary)

@@ -21,6 +21,7 @@ from trueup import __version__
 from trueup.config import Config, config_path, load_config
 from trueup.errors import TrueupError, UsageError
 from trueup.log import configure
+from trueup.pacing import valid_rate
 
 EXIT_OK = 0
 EXIT_DIFFERENCES = 1
@@ -52,7 +53,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})") from None
-    if value <= 0:
+    if not valid_rate(value):  # above 0, and not nan or inf
         raise argparse.ArgumentTypeError(f"expected a positive number (got {text!r})")
     return value
 

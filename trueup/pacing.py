@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
+
+
+def valid_rate(rate: float | None) -> bool:
+    """Whether a :class:`Pacer` takes ``rate``: none, or a finite number above 0 (NaN would
+    pace nothing, infinity fail on the first wait)."""
+    return rate is None or (math.isfinite(rate) and rate > 0)
 
 
 class Pacer:
@@ -12,6 +19,8 @@ class Pacer:
     together (None: no limit). Thread-safe: several backfill workers share one."""
 
     def __init__(self, rate: float | None) -> None:
+        if not valid_rate(rate):
+            raise ValueError(f"rate: expected a positive number (got {rate})")
         self.rate = rate
         self._lock = threading.Lock()
         self._next = time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -150,7 +151,9 @@ def test_replay_job_refuses_a_non_positive_max_or_rate_with_one_clear_line(
     for field, value, expected in [
             ("max", 0, "max: expected a positive integer (got 0)"),
             ("rate", 0.0, "rate: expected a positive number of dead letters per second "
-                          "(got 0.0)")]:
+                          "(got 0.0)"),
+            ("rate", math.inf, "rate: expected a positive number of dead letters per second "
+                               "(got inf)")]:
         result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
             "replay_pay_dlq_op": {"config": {"dry_run": False, field: value}}}})
         (failure,) = result.get_step_failure_events()

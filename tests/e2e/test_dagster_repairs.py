@@ -4,6 +4,7 @@ and the auto-repair sensor with its circuit breaker."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,8 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
     for field, value, expected in [
             ("workers", 0, "workers: expected a positive integer (got 0)"),
             ("chunk_size", 0, "chunk_size: expected a positive integer (got 0)"),
-            ("rate", -1.0, "rate: expected a positive number of rows per second (got -1.0)")]:
+            ("rate", -1.0, "rate: expected a positive number of rows per second (got -1.0)"),
+            ("rate", math.nan, "rate: expected a positive number of rows per second (got nan)")]:
         result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
             repairs_op_name("orders"): {"config": {"scope": "all", field: value}}}})
         assert not result.success, f"{field} {value} was accepted"

@@ -1,4 +1,5 @@
-"""Where ``--config`` goes on the command line: before the command or after it."""
+"""The command line: where ``--config`` goes (before the command or after it), values
+refused before anything runs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from trueup import cli
+from trueup.backfill import LEASE_ENV, lease_seconds
+from trueup.backfill.chunks import LEASE_SECONDS
 from trueup.config import Config
+from trueup.errors import UsageError
 
 
 def _config(tmp_path: Path, name: str) -> Path:
@@ -46,3 +50,28 @@ def test_status_with_config_after_the_command_loads_that_file(
     assert cli.main(["--config", str(before), "status", "--config", str(after)]) == cli.EXIT_OK
     assert cli.main(["--config", str(before), "status"]) == cli.EXIT_OK
     assert loaded == [after, after, before], f"loaded {loaded}"
+
+
+@pytest.mark.parametrize("command", [["backfill", "orders", "--all"], ["replay", "orders_dlq"]])
+@pytest.mark.parametrize("rate", ["0", "-1", "nan", "inf", "-inf", "fast"])
+def test_a_rate_that_paces_nothing_is_refused_in_one_line(
+        command: list[str], rate: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """nan passed (nan <= 0 is false) and paced nothing; inf failed with a traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([*command, f"--rate={rate}"])
+    assert exit_.value.code == cli.EXIT_TROUBLE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"--rate: expected a positive number (got {rate!r})"), err
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "0.5"])
+def test_a_lease_from_the_environment_is_a_number_of_seconds_or_a_usage_error(
+        value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LEASE_ENV, value)
+    with pytest.raises(UsageError, match=f"{LEASE_ENV}: expected a number of seconds, at "
+                                         f"least 1 \\(got '{value}'\\)"):
+        lease_seconds()
+    monkeypatch.setenv(LEASE_ENV, "2.5")
+    assert lease_seconds() == 2.5
+    monkeypatch.delenv(LEASE_ENV)
+    assert lease_seconds() == LEASE_SECONDS

@@ -8,6 +8,7 @@ leased chunks, recording every repaired key (row-level lineage).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -24,7 +25,7 @@ from trueup.backfill.model import (
 from trueup.backfill.planner import plan
 from trueup.backfill.runner import Progress, load, serve, summary_of
 from trueup.config import Config
-from trueup.errors import Conflict
+from trueup.errors import Conflict, UsageError
 from trueup.log import get_logger
 from trueup.queries import query
 from trueup.state import open_state
@@ -35,6 +36,8 @@ __all__ = ["BackfillOptions", "BackfillSummary", "Chunk", "WorkerOptions", "canc
 
 #: Environment override of the lease, for operators (and tests) who want faster takeover.
 LEASE_ENV = "TRUEUP_BACKFILL_LEASE_SECONDS"
+#: The shortest lease taken: renewed every third of it, a chunk's statements time out with it.
+MIN_LEASE_SECONDS = 1.0
 
 log = get_logger(__name__)
 
@@ -104,8 +107,18 @@ def cancel_backfill(config: Config, backfill_id: int) -> BackfillSummary:
 
 
 def lease_seconds() -> float:
+    """The lease of a backfill's chunks: ``$TRUEUP_BACKFILL_LEASE_SECONDS``, else the default."""
     value = os.environ.get(LEASE_ENV)
-    return float(value) if value else LEASE_SECONDS
+    if not value:
+        return LEASE_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < MIN_LEASE_SECONDS:
+        raise UsageError(f"{LEASE_ENV}: expected a number of seconds, at least "
+                         f"{MIN_LEASE_SECONDS:g} (got {value!r})")
+    return seconds
 
 
 def exit_status(summary: BackfillSummary) -> int:
