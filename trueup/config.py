@@ -37,6 +37,8 @@ CONFIG_ENV = "TRUEUP_CONFIG"
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+#: Where a cron expression is asked for its next time, to prove it has one.
+_CRON_PROBE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 #: A duration with a unit, or bare seconds (``${GRACE:-60}`` gives the text "60").
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -92,12 +94,18 @@ def _topic_name(value: str) -> str:
 
 
 def _cron(value: str) -> str:
-    from croniter import croniter  # only configs with a schedule pay for its import
+    # only configs with a schedule pay for its import
+    from croniter import CroniterBadDateError, croniter
 
     if not croniter.is_valid(value) or len(value.split()) != 5:
         raise ValueError(
             f"expected a 5-field cron expression such as '*/30 * * * *' (got {value!r})"
         )
+    try:  # a day no month has (31 2, 31 4,6): Dagster refuses some, freshness all
+        croniter(value, _CRON_PROBE).get_next()
+    except CroniterBadDateError:
+        raise ValueError(f"expected a cron expression that fires (got {value!r}, which names "
+                         f"a day its months do not have)") from None
     return value
 
 

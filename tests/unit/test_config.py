@@ -120,6 +120,10 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: _rec(r).update(schedule="every hour"),
      "trueup.yaml: reconciliations.orders_events.schedule: expected a 5-field cron expression "
      "such as '*/30 * * * *' (got 'every hour')"),
+    ("cron on a day its months do not have",
+     lambda r: _rec(r).update(schedule="0 0 31 2,4 *"),
+     "trueup.yaml: reconciliations.orders_events.schedule: expected a cron expression that "
+     "fires (got '0 0 31 2,4 *', which names a day its months do not have)"),
     ("bad table name",
      lambda r: _rec(r, "orders_invoices")["target"].update(table="a.b.c"),
      "trueup.yaml: reconciliations.orders_invoices.target.table: expected a table name such as "
