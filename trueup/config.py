@@ -125,7 +125,15 @@ def _columns_mapping(value: Any) -> Any:
     return value
 
 
+def _client_property(value: Any) -> Any:
+    if not isinstance(value, str | int | float | bool):  # one line, not one per kind
+        shown = "null" if value is None else f"a {type(value).__name__}"
+        raise ValueError(f"expected a string, a number or true/false (got {shown})")
+    return value
+
+
 Duration = Annotated[dt.timedelta, BeforeValidator(_duration)]
+ClientProperty = Annotated[str | int | float | bool, BeforeValidator(_client_property)]
 Identifier = Annotated[str, AfterValidator(_identifier)]
 TableName = Annotated[str, AfterValidator(_table_name)]
 TopicName = Annotated[str, AfterValidator(_topic_name)]
@@ -152,7 +160,7 @@ class ConnectionConfig(_Model):
     """One named connection: exactly one of ``postgres``, ``kafka`` or ``rabbitmq``."""
 
     postgres: NonEmptyStr | None = None
-    kafka: dict[str, str | int | float | bool] | None = None
+    kafka: dict[str, ClientProperty] | None = None
     rabbitmq: NonEmptyStr | None = None
 
     @model_validator(mode="after")

@@ -153,6 +153,10 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: _rec(r)["partitions"]["daily"].update(start="yesterday"),
      "trueup.yaml: reconciliations.orders_events.partitions.daily.start: expected a date such "
      "as 2026-01-01 (got 'yesterday')"),
+    ("a client property that is no scalar: one line, not one per kind",
+     lambda r: r["connections"]["bus"]["kafka"].update(acks=None),
+     "trueup.yaml: connections.bus.kafka.acks: expected a string, a number or true/false "
+     "(got null)"),
     ("connection without a kind",
      lambda r: r["connections"].update(x={}),
      "trueup.yaml: connections.x: expected exactly one of postgres, kafka or rabbitmq"),
