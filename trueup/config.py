@@ -314,6 +314,9 @@ class ReplayTo(_Model):
     def _one(self) -> ReplayTo:
         if (self.name is None) == (self.exchange is None):
             raise ValueError("expected a topic or queue name, or {exchange, routing_key}")
+        if self.name is not None and "routing_key" in self.model_fields_set:
+            raise ValueError("a routing_key goes with an exchange; a topic or queue name "
+                             "takes none")
         return self
 
 
@@ -347,6 +350,15 @@ class DeadLetterConfig(_Model):
         if self.parking == own:
             raise ValueError(f"expected parking to name another {kind} than the dead-letter "
                              f"{kind} {own!r} itself")
+        if self.topic is not None:
+            named = {"parking": self.parking,
+                     "replay_to": self.replay_to.name if self.replay_to else None}
+            for field, name in named.items():
+                try:
+                    if name is not None:
+                        _topic_name(name)
+                except ValueError as exc:
+                    raise ValueError(f"{field}: {exc}") from None
         return self
 
 

@@ -157,6 +157,15 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: r["connections"]["bus"]["kafka"].update(acks=None),
      "trueup.yaml: connections.bus.kafka.acks: expected a string, a number or true/false "
      "(got null)"),
+    ("a routing key beside a queue name, which would be ignored",
+     lambda r: r["dead_letters"]["payments_dlq"].update(
+         replay_to={"name": "payments", "routing_key": "settle"}),
+     "trueup.yaml: dead_letters.payments_dlq.replay_to: a routing_key goes with an exchange; "
+     "a topic or queue name takes none"),
+    ("a parking topic Kafka would refuse",
+     lambda r: r["dead_letters"]["orders_dlq"].update(parking="bad name!"),
+     "trueup.yaml: dead_letters.orders_dlq: parking: expected a Kafka topic name of letters, "
+     "digits, '.', '_' and '-' (got 'bad name!')"),
     ("connection without a kind",
      lambda r: r["connections"].update(x={}),
      "trueup.yaml: connections.x: expected exactly one of postgres, kafka or rabbitmq"),
