@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from trueup.config import Config, ConnectionKind, TableName
 from trueup.db import first_line, redact, sqlalchemy_url
@@ -96,6 +96,9 @@ class ExpectationSpec(BaseModel):
         if isinstance(column, str):
             return re.sub(r"[^A-Za-z0-9_]", "_", f"{column}__{short}")
         return short
+
+
+_TABLE: TypeAdapter[str] = TypeAdapter(TableName)
 
 
 class Suite(BaseModel):
@@ -247,21 +250,44 @@ def load_suites(directory: str | Path, config: Config | None = None) -> list[Sui
     folder = Path(directory)
     if not folder.is_dir():
         return []
-    suites = [read_suite(p) for p in sorted(folder.iterdir())
-              if p.suffix in SUITE_SUFFIXES and p.is_file()]
+    paths = [p for p in sorted(folder.iterdir()) if p.suffix in SUITE_SUFFIXES and p.is_file()]
+    if config is not None:
+        # a suite another config's table names is not read further: its mistakes are not
+        # this config's to report (a file whose table cannot be told is read, and reported)
+        ours = _tables_of(config)
+        paths = [p for p in paths if (table := _table_named(p)) is None or table in ours]
+    suites = [read_suite(p) for p in paths]
     if config is not None:
         suites = suites_for(config, suites)
     return [check_expectations(s) for s in suites]
 
 
-def suites_for(config: Config, suites: Sequence[Suite]) -> list[Suite]:
-    """The suites whose table is a Postgres table of ``config`` (source or target)."""
+def _table_named(path: Path) -> tuple[str, str] | None:
+    """The (connection, table) a suite file names, when it can be told without reading the
+    rest of it."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("connection"), str):
+            return raw["connection"], _TABLE.validate_python(raw.get("table"))
+    except (OSError, yaml.YAMLError, ValidationError):
+        pass
+    return None
+
+
+def _tables_of(config: Config) -> set[tuple[str, str]]:
+    """The (connection, table) of every Postgres table ``config`` reconciles."""
     tables = {(r.source.connection, r.source.table) for r in config.reconciliations.values()}
     tables |= {(r.target.connection, r.target.table) for r in config.reconciliations.values()
                if r.target.table is not None}
-    return [s for s in suites if (s.connection, s.table) in tables
-            and s.connection in config.connections
-            and config.connections[s.connection].kind is ConnectionKind.POSTGRES]
+    return {(c, t) for c, t in tables
+            if c in config.connections
+            and config.connections[c].kind is ConnectionKind.POSTGRES}
+
+
+def suites_for(config: Config, suites: Sequence[Suite]) -> list[Suite]:
+    """The suites whose table is a Postgres table of ``config`` (source or target)."""
+    tables = _tables_of(config)
+    return [s for s in suites if (s.connection, s.table) in tables]
 
 
 def _expectation(spec: ExpectationSpec) -> Any:

@@ -160,6 +160,15 @@ def test_only_the_suites_of_the_configs_tables_are_checked_with_gx(
     assert [s.table for s in load_suites(tmp_path, config)] == ["public.orders"]
     with pytest.raises(ConfigError, match=r"other\.yaml"):
         load_suites(tmp_path)
+    # nor read further: a mistake in another config's suite is not this config's to report
+    (tmp_path / "broken.yaml").write_text("connection: shop\ntable: other\nexpectations: []\n")
+    assert [s.table for s in load_suites(tmp_path, config)] == ["public.orders"]
+    with pytest.raises(ConfigError, match=r"broken\.yaml"):
+        load_suites(tmp_path)
+    # a file whose table cannot be told is read, and its mistake reported
+    (tmp_path / "unknown.yaml").write_text("connection: [shop]\n")
+    with pytest.raises(ConfigError, match=r"unknown\.yaml"):
+        load_suites(tmp_path, config)
 
 
 def test_values_that_read_alike_but_differ_in_type_are_remembered_apart(
