@@ -68,8 +68,9 @@ def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahe
                              WorkerOptions(workers=2))
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
-    assert summary.chunks == 8 and summary.chunks_done == 8
-    assert summary.rows_planned == ROWS
+    # 8 chunks of the source's keys, and one of the 2 orphans after its last key
+    assert summary.chunks == 9 and summary.chunks_done == 9
+    assert summary.rows_planned == ROWS + 2
     fixed = len(made["missing"]) + len(made["stale"]) + len(made["mismatch"]) + 2
     assert (summary.rows_repaired, summary.rows_skipped) == (fixed, 1)
     actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
@@ -83,6 +84,36 @@ def test_backfill_all_repairs_every_class_once_and_a_new_diff_finds_only_the_ahe
         0, 0, 0, 0, 1)
     ahead = [r for r in target_rows(target) if r[0] == 8]
     assert ahead == [(8, 3, "refunded", 10.0)]
+
+
+@pytest.mark.parametrize("in_source", [1000, 0])
+def test_target_keys_beyond_the_source_s_come_in_chunks_of_chunk_size(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, in_source: int) -> None:
+    """The first and last ranges were open and nothing else: every target key before the
+    source's first or after its last fell into one chunk, read whole into memory and deleted
+    in one statement, paced as if it held chunk_size rows."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, in_source)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.copy SELECT g, 1, 'ghost', 0 "
+                     "FROM generate_series(-449, 0) g")   # 450 before the source's keys
+        conn.execute("INSERT INTO public.copy SELECT g, 1, 'ghost', 0 "
+                     "FROM generate_series(1001, 2200) g")  # 1,200 after them
+    config = write_config(tmp_path, state_db, source, target)
+    summary = start_backfill(config, "orders", _all(chunk_size=200))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    with psycopg.connect(state_db) as conn:
+        planned = [r[0] for r in conn.execute(
+            "SELECT rows_planned FROM trueup.chunks WHERE backfill_id = %s ORDER BY chunk",
+            (summary.backfill_id,))]
+    # 450 before: 200, 200, 50; the source's 1,000; 1,200 after: 6 x 200. Without a source
+    # key, the target's 1,650 are cut alone: 8 x 200 and 50.
+    assert planned == ([200, 200, 50, *([200] * 5), *([200] * 6)] if in_source else
+                       [*([200] * 8), 50]), planned
+    deleted = 450 + 1200
+    assert (summary.rows_planned, summary.rows_repaired) == (in_source + deleted, deleted)
+    assert target_rows(target) == source_rows(source)
+    assert diff(config, "orders").consistent
 
 
 @pytest.mark.parametrize("scope", [BackfillScope.ALL, BackfillScope.RUN])
@@ -268,8 +299,8 @@ def test_an_intent_that_fails_to_record_rolls_the_target_back_and_the_retry_repa
 
     assert summary.status is BackfillStatus.SUCCEEDED, summary
     with psycopg.connect(state_db) as conn:
-        attempts = conn.execute("SELECT attempts FROM trueup.chunks").fetchall()
-    assert attempts == [(2,)]
+        attempts = conn.execute("SELECT attempts FROM trueup.chunks ORDER BY chunk").fetchall()
+    assert attempts == [(2,), (1,)]  # the source's keys, then the orphans after them
     fixed = len(made["missing"]) + len(made["stale"]) + len(made["mismatch"]) + 2
     assert len(repairs(state_db)) == fixed + 1, "one repairs row per key"
     assert [r for r in target_rows(target) if r[0] != 8] == [
@@ -427,7 +458,8 @@ def test_cancel_stops_pending_chunks_and_resume_finishes_them(
     assert cancelled.status is BackfillStatus.CANCELLED and cancelled.chunks_done == 0
     assert target_rows(target) != source_rows(source)
     done = resume_backfill(config, backfill_id)
-    assert done.status is BackfillStatus.SUCCEEDED and done.chunks_done == done.chunks == 10
+    # 10 chunks of the source's keys, one of the orphans after them
+    assert done.status is BackfillStatus.SUCCEEDED and done.chunks_done == done.chunks == 11
     assert {k[0] for k, a, _ in repairs(state_db) if a == "insert"} == set(made["missing"])
 
 
@@ -538,6 +570,8 @@ def test_an_orphan_written_again_after_the_source_was_asked_is_not_deleted(
     def key_comes_back(self: UpsertWriter, orphans: Sequence[Any]) -> Any:
         # Between asking the source and deleting: the application creates key 100001 again
         # and its projection writes it to the target.
+        if not orphans:
+            return delete(self, orphans)  # a chunk of the source's keys
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute("INSERT INTO public.orders (id, version, status, amount) "
                          "VALUES (100001, 5, 'new', 1)")

@@ -116,6 +116,10 @@ class KeySpace:
             parts.append(sql.SQL("{} < {}").format(self.row, self._literal_row(key_to)))
         return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
 
+    def after(self, key: Sequence[Any]) -> sql.Composable:
+        """``key < the key``: what comes after a range's start."""
+        return sql.SQL("{} > {}").format(self.row, self._literal_row(key))
+
     def indexed(self, *, ranges: bool) -> bool:
         """Whether :meth:`in_range` (``ranges``) or :meth:`in_list` compares the key columns as
         they are, so that their index can serve it (not through ``COLLATE "C"`` or ``::text``)."""

@@ -2,14 +2,17 @@
 
 ``--run`` plans batches of the run's difference keys; ``--all`` and ``--partition`` plan key
 ranges cut on the source's key index (every ``chunk_size``-th key in key order, one pass, no
-OFFSET). The first and last ranges are open, so target rows beyond the source's keys (orphans)
-belong to a chunk too. The backfill row and its chunks commit together.
+OFFSET). For ``--all`` the target's keys (the mirror's, for a topic) before the source's
+first key and after its last are cut the same way, so orphans there come in chunks of
+``chunk_size`` too; the first and last ranges are open. The backfill row and its chunks commit
+together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -23,8 +26,9 @@ from trueup.diff import parse_partition
 from trueup.errors import Conflict, NotFound, UsageError
 from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
+from trueup.mirror import SCHEMA
 from trueup.queries import query
-from trueup.sides import column_types, require
+from trueup.sides import column_types, require, table_side
 from trueup.statuses import BackfillScope, KeyOrder
 
 log = get_logger(__name__)
@@ -117,38 +121,84 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
         state.execute(query("set_key_order"), {"backfill_id": backfill_id,
                                                "key_order": order.value})
         space = KeySpace(exprs=side.key, types=side.key_types, order=order)
-        # A bound with a NULL part would leave the rows next to it in no chunk (a comparison
-        # with NULL is never true); such keys are not repaired anyway.
-        where = sql.SQL("({}) AND {}").format(day_filter(side, options.partition),
-                                              space.complete)
-        names = [sql.Identifier(f"k{i}") for i in range(len(side.key))]
-        outer = KeySpace(exprs=names, types=side.key_types)
-        # The bounds and the count from one snapshot: the last chunk's planned rows (the
-        # count less the other chunks') never go wrong or negative as rows come and go.
-        source.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with source.transaction():
-            # Every chunk_size-th key in key order: one scan of the key, never OFFSET.
-            bounds = [r["key"] for r in source.execute(sql.SQL(
-                "SELECT {json} AS key FROM (SELECT {cols}, row_number() OVER (ORDER BY "
-                "{order}) AS trueup_n FROM {rel} WHERE {where}) AS s "
-                "WHERE (trueup_n - 1) % {size} = 0 ORDER BY trueup_n"
-            ).format(json=outer.as_json,
-                     cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
-                                             for e, n in zip(space.exprs, names, strict=True)),
-                     order=space.ordered, rel=side.relation, where=where,
-                     size=sql.Literal(options.chunk_size)))]
-            counted = source.execute(sql.SQL("SELECT count(*) AS n FROM {} WHERE {}").format(
-                side.relation, where)).fetchone()
-            total = int(counted["n"]) if counted else 0
-    if not bounds:
-        bounds = [None]
-    for i in range(len(bounds)):
-        last = i == len(bounds) - 1
+        # Every chunk_size-th key in key order and the count, in one statement (one snapshot:
+        # the last chunk's planned rows never go wrong or negative as rows come and go).
+        cuts, last = _cut(source, side.relation, space,
+                          sql.SQL("({})").format(day_filter(side, options.partition)),
+                          options.chunk_size)
+        if options.scope is BackfillScope.ALL:
+            # The first and last ranges are open: target keys beyond the source's (orphans)
+            # are cut into chunks of their own, or one chunk would hold them all.
+            below, above = _target_cuts(config, name, space, state, options.chunk_size,
+                                        cuts[0][0] if cuts else None, last)
+            cuts = [*below, *cuts, *above]
+    if not cuts:
+        cuts = [(None, 0)]
+    for i, (_, rows) in enumerate(cuts):
         state.execute(query("insert_range_chunk"), {
             "backfill_id": backfill_id, "chunk": i,
-            "key_from": None if i == 0 else json.dumps(bounds[i]),
-            "key_to": None if last else json.dumps(bounds[i + 1]),
-            "rows_planned": (total - options.chunk_size * i) if last else options.chunk_size})
+            "key_from": None if i == 0 else json.dumps(cuts[i][0]),
+            "key_to": None if i == len(cuts) - 1 else json.dumps(cuts[i + 1][0]),
+            "rows_planned": rows})
+
+
+def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
+         where: sql.Composable, chunk_size: int) -> tuple[list[tuple[Any, int]], Any]:
+    """Every ``chunk_size``-th key of ``relation``'s rows ``where`` in key order (one scan of
+    the key, never OFFSET), each with the rows of its chunk; and the last key. Keys with a
+    NULL part are left out: a bound with one would leave the rows next to it in no chunk (a
+    comparison with NULL is never true), and such keys are not repaired anyway."""
+    names = [sql.Identifier(f"k{i}") for i in range(len(space.exprs))]
+    rows = conn.execute(sql.SQL(
+        "SELECT {json} AS key, trueup_n, trueup_total FROM (SELECT {cols}, row_number() OVER "
+        "(ORDER BY {order}) AS trueup_n, count(*) OVER () AS trueup_total FROM {rel} "
+        "WHERE {complete} AND {where}) AS s "
+        "WHERE (trueup_n - 1) % {size} = 0 OR trueup_n = trueup_total ORDER BY trueup_n"
+    ).format(json=KeySpace(exprs=names, types=space.types).as_json,
+             cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
+                                     for e, n in zip(space.exprs, names, strict=True)),
+             order=space.ordered, rel=relation, complete=space.complete, where=where,
+             size=sql.Literal(chunk_size))).fetchall()
+    if not rows:
+        return [], None
+    total = rows[0]["trueup_total"]
+    bounds = [r["key"] for r in rows if (r["trueup_n"] - 1) % chunk_size == 0]
+    return [(b, chunk_size if i < len(bounds) - 1 else total - chunk_size * i)
+            for i, b in enumerate(bounds)], rows[-1]["key"]
+
+
+def _target_cuts(config: Config, name: str, source: KeySpace, state: psycopg.Connection[Any],
+                 chunk_size: int, first: Any, last: Any
+                 ) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]]]:
+    """Cuts of the target's keys (the mirror's, for a topic) before the source's ``first``
+    key and after its ``last`` (all of them when the source is empty), read as the source's
+    types in the backfill's order."""
+    rec = config.reconciliations[name]
+    if rec.target.table is None:
+        relation = sql.Identifier(SCHEMA, name)
+        exists = state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                               (relation.as_string(state),)).fetchone()
+        if not exists or not exists["ok"]:
+            return [], []  # no mirror yet: nothing is known of the topic's keys
+        space = replace(source, exprs=[sql.Identifier(k) for k in rec.source.key])
+        return _beyond(state, relation, space, chunk_size, first, last)
+    dsn = config.connections[rec.target.connection].postgres
+    assert dsn is not None
+    with connect(dsn, what="target", autocommit=True,
+                 application_name=f"trueup backfill {name}") as target:
+        side = table_side(label="target", dsn=dsn, table=rec.target.table, key=rec.target.key,
+                          version=None, columns=[], key_as=source.types, conn=target)
+        return _beyond(target, side.relation, replace(source, exprs=side.key), chunk_size,
+                       first, last)
+
+
+def _beyond(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
+            chunk_size: int, first: Any, last: Any
+            ) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]]]:
+    if first is None:
+        return _cut(conn, relation, space, sql.SQL("true"), chunk_size)[0], []
+    return (_cut(conn, relation, space, space.in_range(None, first), chunk_size)[0],
+            _cut(conn, relation, space, space.after(last), chunk_size)[0])
 
 
 def _key_order(config: Config, name: str, types: list[ColumnType],
