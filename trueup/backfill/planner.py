@@ -149,11 +149,13 @@ def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpac
     NULL part are left out: a bound with one would leave the rows next to it in no chunk (a
     comparison with NULL is never true), and such keys are not repaired anyway."""
     names = [sql.Identifier(f"k{i}") for i in range(len(space.exprs))]
+    # lead() marks the last row (its number is the count) while the rows stream by; a
+    # count(*) OVER () would hold every row of the table until the first came out
     rows = conn.execute(sql.SQL(
-        "SELECT {json} AS key, trueup_n, trueup_total FROM (SELECT {cols}, row_number() OVER "
-        "(ORDER BY {order}) AS trueup_n, count(*) OVER () AS trueup_total FROM {rel} "
-        "WHERE {complete} AND {where}) AS s "
-        "WHERE (trueup_n - 1) % {size} = 0 OR trueup_n = trueup_total ORDER BY trueup_n"
+        "SELECT {json} AS key, trueup_n FROM (SELECT {cols}, row_number() OVER w AS trueup_n, "
+        "lead(true) OVER w IS NULL AS trueup_last FROM {rel} WHERE {complete} AND {where} "
+        "WINDOW w AS (ORDER BY {order})) AS s "
+        "WHERE (trueup_n - 1) % {size} = 0 OR trueup_last ORDER BY trueup_n"
     ).format(json=KeySpace(exprs=names, types=space.types).as_json,
              cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
                                      for e, n in zip(space.exprs, names, strict=True)),
@@ -161,7 +163,7 @@ def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpac
              size=sql.Literal(chunk_size))).fetchall()
     if not rows:
         return [], None
-    total = rows[0]["trueup_total"]
+    total = rows[-1]["trueup_n"]
     bounds = [r["key"] for r in rows if (r["trueup_n"] - 1) % chunk_size == 0]
     return [(b, chunk_size if i < len(bounds) - 1 else total - chunk_size * i)
             for i, b in enumerate(bounds)], rows[-1]["key"]
