@@ -190,6 +190,17 @@ CREATE SCHEMA IF NOT EXISTS trueup_mirror;
 -- unreadable messages of each mirror, a table named as its reconciliation (migration 0006)
 CREATE SCHEMA IF NOT EXISTS trueup_mirror_unreadable;
 
+-- Where each replay of a Kafka dead-letter topic got to (see migration 0009): the replay
+-- group's committed offsets expire when it has had no commit for a while.
+CREATE TABLE trueup.replay_positions (
+    name            text        NOT NULL,
+    topic           text        NOT NULL,
+    partition       integer     NOT NULL CHECK (partition >= 0),
+    next_offset     bigint      NOT NULL CHECK (next_offset >= 0),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (name, topic, partition)
+);
+
 CREATE TABLE trueup.mirror_offsets (
     reconciliation  text        NOT NULL,
     topic           text        NOT NULL,

@@ -316,6 +316,8 @@ def test_kafka_id_skipped_then_sent_in_one_replay_is_known_as_replayed_by_it_aft
                                      group=replay_group("again"), what="test")
     consumer.commit(offsets=[TopicPartition(dlq, 0, 0)], asynchronous=False)  # not committed
     consumer.close()
+    with psycopg.connect(state_db, autocommit=True) as conn:  # nor kept in the state
+        conn.execute("DELETE FROM trueup.replay_positions")
 
     second = replay(config, "again", ReplayOptions(batch_size=3))
     assert (second.moved, second.skipped) == (10, 4)

@@ -13,6 +13,7 @@ from typing import Any
 import pika
 import psycopg
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from tests.integration.test_workers_support import (
     Queues,
@@ -312,3 +313,28 @@ def test_kafka_replay_stopped_between_a_kept_letters_tail_copy_and_its_commit_lo
         left = body_ids(kafka_remaining(kafka_bootstrap, dlq, replay_group("stop")))
         assert left == ["x", "x"], left
     assert body_ids(read_topic(kafka_bootstrap, target)) == ["a"]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_replay_positions_outlive_the_replay_group_s_offsets(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """A group that never has members loses its offsets after offsets.retention.minutes
+    (deleting the group does it now): the depth then counted every letter already replayed,
+    and the next replay copied each kept letter to the tail once more."""
+    dlq, _, config = _kafka_dlq(
+        "aged", [("x", 4, "ValueError"), ("a", 1, "ValueError"), ("b", 1, "ValueError")],
+        bootstrap=kafka_bootstrap, amqp=amqp_url, state=state_db, unique=unique, topics=topics,
+        tmp_path=tmp_path)
+    first = cli_json(config, "replay", "aged")
+    assert (first["moved"], first["skipped"]) == (2, 1)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.delete_consumer_groups([replay_group("aged")]).values():
+        future.result()
+
+    assert cli_json(config, "dlq", "aged")["depth"] == 1
+    again = cli_json(config, "replay", "aged")
+    assert (again["moved"], again["parked"], again["skipped"]) == (0, 0, 1)
+    assert len(read_topic(kafka_bootstrap, dlq)) == 3 + 2, "one copy of x per replay, no more"
+    assert cli_json(config, "dlq", "aged")["depth"] == 1

@@ -82,7 +82,7 @@ def open_letterbox(config: Config, name: str) -> Letterbox:
 
         assert connection.kafka is not None
         return KafkaLetterbox(properties=connection.kafka, topic=dlq.topic, name=name,
-                              what=what)
+                              what=what, state=config.state)
     from trueup.letterboxes.rabbitmq import RabbitLetterbox
 
     assert connection.rabbitmq is not None and dlq.queue is not None

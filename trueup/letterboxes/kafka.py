@@ -1,8 +1,11 @@
 """A Kafka dead-letter topic as a letterbox.
 
-"Not yet replayed" means past the offsets committed by consumer group ``trueup-replay-<name>``.
-Reading never joins that group: partitions are ``assign()``-ed from its committed offsets, with
-auto commit off, so inspecting and dry runs commit nothing. A replay commits a partition's
+"Not yet replayed" means past the offsets committed by consumer group ``trueup-replay-<name>``,
+or past the positions kept in ``trueup.replay_positions`` (whichever is further): a group that
+never has members loses its offsets when it has had no commit for ``offsets.retention.minutes``
+(7 days by default), and the state keeps them. Reading never joins that group: partitions
+are ``assign()``-ed from there, with auto commit off, so inspecting and dry runs commit
+nothing. A replay commits a partition's
 offset only up to its first letter kept in place (filtered out by ``--where``), and only after
 Kafka confirmed the copies (``acks=all``, idempotent producer). Letters past a kept one are
 re-read by the next replay and recognised as replayed by their id in ``trueup.replay_events``.
@@ -17,6 +20,7 @@ import time
 from collections.abc import Generator, Mapping
 from typing import Any
 
+import psycopg
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     KafkaException,
@@ -27,10 +31,12 @@ from confluent_kafka import (
 
 from trueup import headers, tracing
 from trueup.brokers import kafka
-from trueup.errors import ConnectionFailed, NotFound
+from trueup.db import first_line
+from trueup.errors import ConnectionFailed, NotFound, TrueupError
 from trueup.letterboxes import Received, Settle
 from trueup.letters import UNKNOWN_ERROR, DeadLetter, Destination, epoch_time
 from trueup.log import get_logger
+from trueup.state import open_state
 
 log = get_logger(__name__)
 
@@ -76,12 +82,13 @@ def copy_headers(raw: list[tuple[str, Any]], letter: DeadLetter, *,
 
 class KafkaLetterbox:
     def __init__(self, *, properties: Mapping[str, Any], topic: str, name: str,
-                 what: str) -> None:
+                 what: str, state: str | None = None) -> None:
         self.properties = dict(properties)
         self.confirms_each_publish = False
         self.where = topic
         self.name = name
         self.what = what
+        self.state = state  # the state database's DSN, where positions are kept (None: not)
         self.admin = kafka.connect_admin(self.properties, what=what)
         partitions = kafka.topic_partitions(self.admin, topic, what=what)
         if partitions is None:
@@ -100,11 +107,41 @@ class KafkaLetterbox:
         ends = kafka.end_offsets(self.consumer, self.where, self.partitions, what=self.what)
         committed = kafka.committed_offsets(self.consumer, self.where, self.partitions,
                                             what=self.what)
+        kept = self._kept_positions()
         bounds = {}
         for partition, (low, high) in ends.items():
-            start = max(low, committed.get(partition) or low)
+            position = kept.get(partition)
+            if position is not None and position > high:
+                position = None  # the topic was deleted and created again since
+            start = max(low, committed.get(partition) or low, position or low)
             bounds[partition] = (start, max(start, high))
         return bounds
+
+    def _kept_positions(self) -> dict[int, int]:
+        """``partition -> next offset`` kept in the state by the last replay."""
+        if self.state is None:
+            return {}
+        with open_state(self.state) as conn:
+            rows = conn.execute(
+                "SELECT partition, next_offset FROM trueup.replay_positions "
+                "WHERE name = %s AND topic = %s", (self.name, self.where)).fetchall()
+        return {r["partition"]: r["next_offset"] for r in rows}
+
+    def _keep_positions(self, positions: Mapping[int, int]) -> None:
+        """Keep ``positions`` in the state beside the group's offsets. Not kept (the state
+        unreachable), the group's offsets still say where the replay got to."""
+        if self.state is None or not positions:
+            return
+        try:
+            with open_state(self.state, migrate_schema=False) as conn, conn.transaction():
+                conn.cursor().executemany(
+                    "INSERT INTO trueup.replay_positions (name, topic, partition, next_offset) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (name, topic, partition) DO UPDATE "
+                    "SET next_offset = excluded.next_offset, updated_at = now()",
+                    [(self.name, self.where, p, o) for p, o in positions.items()])
+        except (psycopg.Error, TrueupError) as exc:
+            log.warning("replay.positions_not_kept", dead_letters=self.name,
+                        topic=self.where, error=first_line(exc))
 
     def depth(self) -> int:
         return sum(end - start for start, end in self._bounds().values())
@@ -200,6 +237,7 @@ class KafkaLetterbox:
         offsets = [TopicPartition(self.where, p, o) for p, o in commits.items()]
         if tail:
             self.consumer.commit(offsets=offsets, asynchronous=False)
+            self._keep_positions(self._committed)
         else:
             self.consumer.commit(offsets=offsets, asynchronous=True)
 
@@ -229,6 +267,7 @@ class KafkaLetterbox:
                 self.consumer.commit(offsets=[TopicPartition(self.where, p, o)
                                               for p, o in self._committed.items()],
                                      asynchronous=False)
+                self._keep_positions(self._committed)
         except KafkaException as exc:
             raise kafka.translate(exc, f"{self.what}: commit") from exc
         finally:
