@@ -131,3 +131,41 @@ def test_where_with_a_bracket_or_quote_left_open_is_refused_not_read_as_one_cond
         where: str) -> None:
     with pytest.raises(UsageError, match="missing"):
         LetterFilter.parse(where)
+
+
+def _died(at: dt.datetime, reason: str = "rejected", queue: str = "payments.settle") -> dict[
+        str, Any]:
+    # as pika reads an x-death entry: its time naive, in UTC
+    return {"queue": queue, "reason": reason, "count": 1, "exchange": "",
+            "time": at.astimezone(dt.UTC).replace(tzinfo=None)}
+
+
+@pytest.mark.parametrize(("death_day", "expected"), [
+    (1, ("payments", "ValueError", 5)),                # trueup's failure is the latest
+    (9, ("payments.settle", "rabbitmq.rejected", 9)),  # the broker's death came after it
+])
+def test_a_rabbitmq_letter_s_failure_is_its_latest_trueup_s_or_the_broker_s(
+        death_day: int, expected: tuple[str, str, int]) -> None:
+    """Any x-death replaced trueup's record of the failure, even one older than it."""
+    failure = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+    properties = pika.BasicProperties(message_id="m1", headers={
+        headers.ORIGIN: "payments", headers.ERROR_CLASS: "ValueError",
+        headers.ATTEMPTS: "2", headers.LAST_FAILURE: failure.isoformat(),
+        "x-death": [_died(dt.datetime(2026, 1, death_day, tzinfo=dt.UTC))]})
+    letter = letterbox_rabbitmq.letter_of(properties, b"{}")
+    origin, error, day = expected
+    assert (letter.origin, letter.error_class, letter.failed_at) == (
+        origin, error, dt.datetime(2026, 1, day, tzinfo=dt.UTC))
+    assert letter.attempts == 3  # trueup's 2 and the broker's one death, either way
+
+
+def test_a_wait_in_a_worker_s_delay_queue_is_no_failure_and_says_nothing_of_one() -> None:
+    failure = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)
+    properties = pika.BasicProperties(message_id="m1", headers={
+        headers.ORIGIN: "payments", headers.ERROR_CLASS: "ValueError",
+        headers.ATTEMPTS: "2", headers.LAST_FAILURE: failure.isoformat(),
+        "x-death": [_died(dt.datetime(2026, 1, 9, tzinfo=dt.UTC), "expired",
+                          "payments.retry.1")]})
+    letter = letterbox_rabbitmq.letter_of(properties, b"{}")
+    assert (letter.origin, letter.error_class, letter.failed_at, letter.attempts) == (
+        "payments", "ValueError", failure, 2)

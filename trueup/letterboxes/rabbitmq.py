@@ -53,15 +53,19 @@ def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
     failure = headers.Failure.read(text)
     origin, error, failed_at, attempts = (failure.origin, failure.error_class,
                                           failure.last_failure, failure.attempts)
-    deaths = [d for d in table.get("x-death") or [] if isinstance(d, dict)]
+    # RabbitMQ keeps the most recent death first; a wait in a worker's delay queue is none
+    deaths = [d for d in table.get("x-death") or []
+              if isinstance(d, dict) and not _waited(d, origin)]
     if deaths:
-        latest = deaths[0]  # RabbitMQ keeps the most recent death first
-        origin = _text(latest.get("queue")) or origin
-        error = f"rabbitmq.{_text(latest.get('reason')) or 'dead_lettered'}"
-        when = latest.get("time")
-        failed_at = when if isinstance(when, dt.datetime) else failed_at
+        latest = deaths[0]
+        when, recorded = _utc(latest.get("time")), _utc(failed_at)
+        if recorded is None or (when is not None and when > recorded):
+            # the broker's death is the letter's latest failure: it says where and why
+            origin = _text(latest.get("queue")) or origin
+            error = f"rabbitmq.{_text(latest.get('reason')) or 'dead_lettered'}"
+            failed_at = when or failed_at
         attempts = headers.clamp_attempts(attempts + sum(
-            int(d.get("count") or 1) for d in deaths if not _waited(d, origin)))
+            int(d.get("count") or 1) for d in deaths))
     message_id = properties.message_id or failure.message_id
     if not message_id:
         # No id anywhere: the content and its death make one (identical twins share it).
@@ -72,6 +76,13 @@ def letter_of(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
                       error_class=error or UNKNOWN_ERROR, attempts=attempts,
                       failed_at=failed_at or _stamp(properties),
                       generation=failure.replay_id or 0, headers=text, record=failure)
+
+
+def _utc(value: Any) -> dt.datetime | None:
+    """A time as an aware UTC datetime (pika reads AMQP timestamps as naive UTC)."""
+    if not isinstance(value, dt.datetime):
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
 
 
 def _waited(death: dict[str, Any], origin: str | None) -> bool:
