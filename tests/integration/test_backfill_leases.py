@@ -12,14 +12,17 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.conftest import PG_ADMIN_DSN
 from tests.integration.test_backfill_support import make_tables, write_config
-from trueup.backfill import BackfillOptions, WorkerOptions
+from trueup.backfill import BackfillOptions, WorkerOptions, runner, start_backfill
 from trueup.backfill import chunks as chunk_leases
 from trueup.backfill.model import ChunkContext, ChunkResult
 from trueup.backfill.planner import plan
 from trueup.backfill.runner import _Worker, backfill_of, load
 from trueup.db import connect
+from trueup.errors import StateError
 from trueup.pacing import Pacer
+from trueup.retry import RetryPolicy
 from trueup.state import open_state
 from trueup.statuses import BackfillScope
 
@@ -200,3 +203,33 @@ def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(
         started_late = replace(chunk, claimed_at=time.monotonic() - LEASE)
         assert not worker._run_chunk(conn, Writer(), started_late)
         assert repaired == [], "the writer started on a chunk another worker holds"
+
+
+def test_a_state_database_that_stays_away_ends_the_backfill_saying_how_to_resume(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers gave up on the state database, then the summary's own connection failed
+    on it too: the error was that connection's, without the way back."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 100)
+    config = write_config(tmp_path, state_db, source, target)
+    database = psycopg.conninfo.conninfo_to_dict(state_db)["dbname"]
+    monkeypatch.setattr(runner, "STATE_RETRY", RetryPolicy(max_attempts=2, initial_seconds=0.05,
+                                                           max_seconds=0.1))
+    claim = chunk_leases.claim
+
+    def state_goes_away(*args: Any, **kwargs: Any) -> Any:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(chunk_leases, "claim", state_goes_away)
+    try:
+        with pytest.raises(StateError, match=r"^backfill: state database: .* \(resume with "
+                                             r"--resume once it is back\)$"):
+            start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
+    finally:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')

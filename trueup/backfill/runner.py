@@ -134,8 +134,13 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
         thread.start()
     for thread in threads:
         thread.join()
-    with connect(config.state, what="state", autocommit=True) as state:
-        row = load(state, backfill_id)
+    try:
+        with connect(config.state, what="state", autocommit=True) as state:
+            row = load(state, backfill_id)
+    except (ConnectionFailed, psycopg.OperationalError):
+        if errors:  # the workers gave up on the state database, which is still away
+            raise _translated(errors[0]) from None
+        raise
     if errors:
         if BackfillStatus(row["status"]).active:
             raise _translated(errors[0])
@@ -148,7 +153,7 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
 
 def _translated(error: BaseException) -> BaseException:
     """A state database error as one line for the user; the backfill resumes from it."""
-    if isinstance(error, psycopg.Error):
+    if isinstance(error, psycopg.Error | ConnectionFailed):
         return StateError(f"backfill: state database: {first_line(error)} (resume with "
                           f"--resume once it is back)")
     return error
