@@ -20,7 +20,7 @@ from sqlalchemy.engine import Inspector
 from trueup.brokers import kafka, rabbitmq
 from trueup.config import Config, ConnectionKind, ReconciliationConfig
 from trueup.db import first_line, redact, sqlalchemy_url
-from trueup.errors import TrueupError
+from trueup.errors import ConfigError, TrueupError
 from trueup.state import open_state
 
 #: Column types a version can be compared with (greater means newer).
@@ -89,6 +89,23 @@ class Validator:
             yield from self._check_reconciliation(name, rec)
         for name in self.config.dead_letters:
             yield from self._check_dead_letter(name)
+        yield self._check_dagster()
+
+    def _check_dagster(self) -> Finding:
+        """What the Dagster code location refuses to load besides: two things of the config
+        one asset key would name, and the Great Expectations suites of its tables."""
+        from assets.keys import check_distinct  # Dagster's imports, for this check only
+        from checks.gx import quality_definitions
+
+        try:
+            check_distinct(self.config)
+            suites = len(quality_definitions(self.config).checks)
+        except ConfigError as exc:
+            where = exc.path if exc.file == self.config.path else ": ".join(
+                p for p in (exc.file, exc.path) if p)
+            return Finding(path=where or "dagster", ok=False, message=exc.message)
+        return Finding(path="dagster", ok=True, message=f"asset keys distinct, {suites} GX "
+                       f"suite{'' if suites == 1 else 's'} of its tables")
 
     def _check_state(self) -> Finding:
         try:

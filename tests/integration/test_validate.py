@@ -238,3 +238,24 @@ def test_diff_against_an_unreachable_or_misconfigured_kafka_is_one_line(
     last = capsys.readouterr().err.splitlines()[-1]
     assert (f'topic {world["topic"]}: No such configuration property: "no.such.property"'
             in last), last
+
+
+def test_validate_reports_a_suite_the_dagster_code_location_would_refuse(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """validate said valid; Dagster then refused to load the code location."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    (suites / "orders.yaml").write_text("connection: shop\ntable: public.orders\n"
+                                        "expectations: []\n")
+    monkeypatch.setenv("TRUEUP_CHECKS_DIR", str(suites))
+    status, _, err = _validate(tmp_path, _config(world), capsys)
+    assert status == 2
+    assert err.splitlines() == [f"{tmp_path / 'trueup.yaml'}: {suites / 'orders.yaml'}: "
+                                f"expectations: List should have at least 1 item after "
+                                f"validation, not 0"], err
+
+    (suites / "orders.yaml").unlink()
+    status, out, err = _validate(tmp_path, _config(world), capsys)
+    assert (status, err) == (0, ""), err
+    assert "ok    dagster" in out and "asset keys distinct, 0 GX suites of its tables" in out
