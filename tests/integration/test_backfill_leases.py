@@ -19,6 +19,7 @@ from trueup.backfill import chunks as chunk_leases
 from trueup.backfill.model import ChunkContext, ChunkResult
 from trueup.backfill.planner import plan
 from trueup.backfill.runner import _Worker, backfill_of, load
+from trueup.config import Config
 from trueup.db import connect
 from trueup.errors import StateError
 from trueup.pacing import Pacer
@@ -32,17 +33,22 @@ LEASE = 1.5  # seconds
 
 
 @pytest.fixture
-def claimed(new_db: Callable[[], str], state_db: str,
-            tmp_path: Path) -> Iterator[tuple[psycopg.Connection[dict[str, object]],
-                                              chunk_leases.Chunk]]:
-    """A planned backfill's first chunk, claimed by worker ``a`` on a state connection."""
+def planned(new_db: Callable[[], str], state_db: str, tmp_path: Path) -> tuple[Config, int]:
+    """The config of 100 rows to repair, and a backfill of them planned in chunks of 50."""
     source, target = new_db(), new_db()
     make_tables(source, target, 100)
     config = write_config(tmp_path, state_db, source, target)
     with open_state(state_db) as state:
         state.autocommit = True
-        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
-                                                             chunk_size=50), state)
+        return config, plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
+                                                              chunk_size=50), state)
+
+
+@pytest.fixture
+def claimed(state_db: str, planned: tuple[Config, int]
+            ) -> Iterator[tuple[psycopg.Connection[dict[str, object]], chunk_leases.Chunk]]:
+    """A planned backfill's first chunk, claimed by worker ``a`` on a state connection."""
+    _, backfill_id = planned
     with connect(state_db, what="state", autocommit=True) as conn:
         chunk = chunk_leases.claim(conn, backfill_id, "a", LEASE)
         assert chunk is not None
@@ -171,16 +177,10 @@ def test_a_worker_that_started_slowly_renews_its_lease_before_working(
 
 
 def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+        state_db: str, planned: tuple[Config, int]) -> None:
     """The worker noticed the takeover only at its writer's first check: a republish
     produced a batch, an upsert copied the chunk into the target, before giving it up."""
-    source, target = new_db(), new_db()
-    make_tables(source, target, 100)
-    config = write_config(tmp_path, state_db, source, target)
-    with open_state(state_db) as state:
-        state.autocommit = True
-        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
-                                                             chunk_size=50), state)
+    config, backfill_id = planned
     with connect(state_db, what="state", autocommit=True) as conn:
         chunk = chunk_leases.claim(conn, backfill_id, "a", LEASE)
         assert chunk is not None

@@ -385,6 +385,22 @@ def test_a_connection_dropped_mid_run_fails_the_run_and_the_next_run_works(
     assert summary.consistent and summary.source_rows == 2000
 
 
+def _copy_config(tmp_path: Path, state: str, source: str, target: str,
+                 columns: list[str]) -> Config:
+    """Reconciliation ``orders``: public.orders of ``source`` into public.copy of ``target``
+    (key ``id``, version ``version``, ``columns`` of the same names), repaired by upsert."""
+    ends = {"key": ["id"], "version": "version", "columns": columns}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"orders": {
+            "source": {"connection": "a", "table": "orders", **ends},
+            "target": {"connection": "b", "table": "copy", **ends},
+            "repair": "upsert"}}}))
+    return load_config(path)
+
+
 def test_columns_of_different_number_types_compare_without_rounding(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()
@@ -401,19 +417,8 @@ def test_columns_of_different_number_types_compare_without_rounding(
         # 0.30000000000000004 (repaired in row 1) 0.3 (15 digits)
         conn.execute("INSERT INTO public.copy VALUES (1, 1, 'a', 10.5, 1, 0.3), "
                      "(2, 1, 'b', 20.00, 1.0000001, 1), (3, 1, 'c ', 30, 1, 1)")
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump({
-        "state": state_db,
-        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-        "reconciliations": {"orders": {
-            "source": {"connection": "a", "table": "orders", "key": ["id"],
-                       "version": "version",
-                       "columns": ["status", "amount", "price", "rate"]},
-            "target": {"connection": "b", "table": "copy", "key": ["id"],
-                       "version": "version",
-                       "columns": ["status", "amount", "price", "rate"]},
-            "repair": "upsert"}}}))
-    config = load_config(path)
+    config = _copy_config(tmp_path, state_db, source, target,
+                          ["status", "amount", "price", "rate"])
     assert _diff_found(config, "orders") == {((1,), "mismatch"), ((3,), "mismatch")}
     # a backfill compares as the diff does: it repairs 10.5, which as a bigint would be 11
     done = start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
@@ -435,17 +440,7 @@ def test_a_text_version_column_is_guarded_as_its_source_s_numbers(
         # as text '9' sorts after '10' and '11' before '2': as numbers 9 < 10 and 11 > 2
         conn.execute("INSERT INTO public.copy VALUES (1, '9', 'old'), (2, '11', 'newer'), "
                      "(3, '5', 'same')")
-    path = tmp_path / "trueup.yaml"
-    path.write_text(yaml.safe_dump({
-        "state": state_db,
-        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
-        "reconciliations": {"orders": {
-            "source": {"connection": "a", "table": "orders", "key": ["id"],
-                       "version": "version", "columns": ["status"]},
-            "target": {"connection": "b", "table": "copy", "key": ["id"],
-                       "version": "version", "columns": ["status"]},
-            "repair": "upsert"}}}))
-    config = load_config(path)
+    config = _copy_config(tmp_path, state_db, source, target, ["status"])
     assert _diff_found(config, "orders") == {((1,), "stale"), ((2,), "ahead")}
     done = start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
     assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 1)

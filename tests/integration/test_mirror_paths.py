@@ -281,21 +281,29 @@ def test_one_message_postgres_refuses_does_not_change_how_the_others_read(
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(ITEMS_DDL)
     good = _written_as_is(0)
-    mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
-        for name, batch, fallbacks in (("alone", good, 0),
-                                       ("with_oops", [*good, RawMessage(0, 99, "99", b"oops")],
-                                        1)):
-            shape, _ = _shape(source, name)
-            _ensure_tables(conn, shape)
-            merger = Merger(shape, conn)
-            merger.merge(batch)
-            assert merger.fallbacks == fallbacks
-            conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
-            mirrors.append(_mirror(conn, shape))
-            conn.row_factory = dict_row  # type: ignore[assignment]
-    assert len(mirrors[0]) == len(_WRITTEN_AS_IS)
-    assert mirrors[0] == mirrors[1]
+        _, alone, fallbacks = _merged(conn, source, "alone", good)
+        assert fallbacks == 0
+        _, with_oops, fallbacks = _merged(conn, source, "with_oops",
+                                          [*good, RawMessage(0, 99, "99", b"oops")])
+        assert fallbacks == 1
+    assert len(alone) == len(_WRITTEN_AS_IS)
+    assert alone == with_oops
+
+
+def _merged(conn: psycopg.Connection[Any], source: str, name: str, batch: list[RawMessage]
+            ) -> tuple[MirrorShape, list[tuple[Any, ...]], int]:
+    """Mirror ``name`` (of ``_shape``) of ``batch`` merged as one batch: its shape, its rows
+    (``_mirror``) and how many batches had messages read in Python."""
+    shape, _ = _shape(source, name)
+    _ensure_tables(conn, shape)
+    merger = Merger(shape, conn)
+    merger.merge(batch)
+    conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+    try:
+        return shape, _mirror(conn, shape), merger.fallbacks
+    finally:
+        conn.row_factory = dict_row  # type: ignore[assignment]
 
 
 def test_fields_named_like_the_raw_message_columns_are_read_as_fields(
@@ -355,21 +363,14 @@ def test_only_the_messages_postgres_refuses_are_read_in_python(
                RawMessage(1, 2001, "2001", b'{"id": 2001, "v": 1, "j_day": "2024-02-30"}'),
                RawMessage(2, 2002, "2002", b'{"id": 2002, "v": "x"}'),
                RawMessage(0, 2003, "2003", b'{"id": 2003, "v": 1, "j_status": "\\u0000"}')]
-    mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
-        for name, batch, fallbacks in (("alone", readable, 0),
-                                       ("mixed", [*refused[:2], *readable, *refused[2:]], 1)):
-            shape, _ = _shape(source, name)
-            _ensure_tables(conn, shape)
-            merger = Merger(shape, conn)
-            merger.merge(batch)
-            assert merger.fallbacks == fallbacks
-            conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
-            mirrors.append(_mirror(conn, shape))
-            unreadable = conn.execute(sql.SQL("SELECT kafka_offset, reason FROM {} ORDER BY 1"
-                                              ).format(shape.unreadable_table)).fetchall()
-            conn.row_factory = dict_row  # type: ignore[assignment]
-    alone, mixed = mirrors
+        _, alone, fallbacks = _merged(conn, source, "alone", readable)
+        assert fallbacks == 0
+        shape, mixed, fallbacks = _merged(conn, source, "mixed",
+                                          [*refused[:2], *readable, *refused[2:]])
+        assert fallbacks == 1
+        unreadable = [(r["kafka_offset"], r["reason"]) for r in conn.execute(sql.SQL(
+            "SELECT kafka_offset, reason FROM {} ORDER BY 1").format(shape.unreadable_table))]
     assert len(alone) == 50 - 1 + len(_POSTGRES_ONLY)  # key 3 is tombstoned
     # 2001 is read (a value its type refuses renders as a mismatch); the others are not
     assert [row for row in mixed if row[0] < 2000] == alone
