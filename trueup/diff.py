@@ -13,7 +13,7 @@ import datetime as dt
 import re
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from functools import partial
@@ -323,6 +323,10 @@ def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
         with tracing.span("diff.segments", segments=len(todo)):
             source_next = pool.submit(next, source, None)
             target_next = pool.submit(next, target, None)
+            # both done before either's error goes up: the stack then closes a generator
+            # still running on the other thread ("generator already executing"), whose
+            # error would replace the first
+            wait([source_next, target_next])
             s, t = source_next.result(), target_next.result()
         done = 0
         while s is not None or t is not None:

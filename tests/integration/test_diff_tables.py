@@ -649,3 +649,34 @@ def test_a_partition_run_finds_padded_char_keys_in_the_target(
     summary = diff(config, "orders", partition="2026-02-01")
     assert (summary.source_rows, summary.target_rows) == (3, 2)
     assert (summary.missing, summary.mismatch) == (1, 1)
+
+
+def test_a_side_that_fails_in_a_streamed_comparison_fails_the_run_with_its_own_reason(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Text keys' segments are streamed from both sides at once: when one side failed, the
+    other's generator was closed while still running, and the run's recorded reason was
+    "generator already executing" rather than the failure."""
+    source, target = new_db(), new_db()
+    for dsn, name in ((source, "orders"), (target, "copy")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.{name} (id text PRIMARY KEY, version bigint, "
+                         "status text)")
+            conn.execute(f"INSERT INTO public.{name} SELECT 'k' || g, 1, "
+                         f"{'$$a$$' if name == 'orders' else '$$b$$'} "
+                         "FROM generate_series(1, 50) g")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"])
+    segment_rows = segments.segment_rows
+
+    def failing_source(conn: Any, side: Any, *args: Any, **kwargs: Any) -> Any:
+        if side.label == "source":
+            raise psycopg.OperationalError("the source went away")
+        time.sleep(0.5)  # the target is still reading when the source fails
+        yield from segment_rows(conn, side, *args, **kwargs)
+
+    monkeypatch.setattr(segments, "segment_rows", failing_source)
+    with pytest.raises(TrueupError, match="the source went away"):
+        diff(config, "orders")
+    with psycopg.connect(state_db) as conn:
+        row = conn.execute("SELECT status, error FROM trueup.runs").fetchone()
+    assert row == ("failed", "the source went away")
