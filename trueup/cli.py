@@ -13,6 +13,7 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -266,9 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrueupError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_status
-    except KeyboardInterrupt:
-        print("trueup: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"trueup: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as exc:  # a failure nothing foresaw: trouble, never "differences found"
         from trueup.log import get_logger
 
@@ -305,7 +307,17 @@ def _check_backfill_args(args: argparse.Namespace) -> None:
                          f"--resume and --cancel keep the options it was planned with")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a supervisor, ``timeout``, Kubernetes stopping a pod) raised as a Ctrl-C is:
+    what is under way ends as it does then (a diff's run is recorded failed)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def run() -> NoReturn:
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())
 
 

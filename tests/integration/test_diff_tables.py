@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -680,3 +683,38 @@ def test_a_side_that_fails_in_a_streamed_comparison_fails_the_run_with_its_own_r
     with psycopg.connect(state_db) as conn:
         row = conn.execute("SELECT status, error FROM trueup.runs").fetchone()
     assert row == ("failed", "the source went away")
+
+
+def test_a_diff_stopped_by_sigterm_records_its_run_failed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """SIGTERM (a supervisor's stop, timeout, Kubernetes) killed the process without a word:
+    its run stayed running for good."""
+    source, target = new_db(), new_db()
+    for dsn, name in ((source, "orders"), (target, "copy")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.{name} (id bigint PRIMARY KEY, version bigint, "
+                         "status text)")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"])
+    trueup = Path(sys.executable).parent / "trueup"
+    with psycopg.connect(target) as lock:
+        lock.execute("LOCK TABLE public.copy IN ACCESS EXCLUSIVE MODE")  # the diff waits
+        process = subprocess.Popen([str(trueup), "--config", config.path, "diff", "orders"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            with psycopg.connect(state_db) as conn:
+                deadline = time.monotonic() + 60
+                while conn.execute("SELECT count(*) FROM trueup.runs").fetchone() != (1,):
+                    assert time.monotonic() < deadline and process.poll() is None, \
+                        process.communicate()
+                    time.sleep(0.1)
+            time.sleep(1)  # into its first query, on the locked table
+            process.send_signal(signal.SIGTERM)
+            _, err = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 143, err
+    assert err.splitlines()[-1] == "trueup: terminated"
+    with psycopg.connect(state_db) as conn:
+        row = conn.execute("SELECT status, error FROM trueup.runs").fetchone()
+    assert row == ("failed", "interrupted (Terminated)")
