@@ -140,6 +140,11 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         ident = sql.Identifier(name)
         if wanted is None or wanted.name == own.name:
             return ident
+        if own.name in INTEGER_TYPES and wanted.name in INTEGER_TYPES and \
+                INTEGER_TYPES.index(own.name) <= INTEGER_TYPES.index(wanted.name):
+            # a narrower integer is taken for a wider one as it is: a cast would keep the
+            # column's index from serving the key's ranges (every segment a full scan)
+            return ident
         if own.kind is Kind.JSON and wanted.kind is Kind.TEXT and wanted.name != "uuid":
             # a document copied from a text column: its text (JSON null is NULL, as ever)
             return sql.SQL("(nullif(({})::jsonb, 'null')::text)").format(ident)
@@ -422,12 +427,15 @@ def _hash_function(expr: sql.Composable, ctype: ColumnType) -> tuple[str, sql.Co
 def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
     """The type both sides are compared as when a target column's type differs.
 
-    Numbers of different types compare as numeric and text-like values as text, so no cast
-    can round or cut a value (a numeric target cast to a bigint source would round 10.5).
+    Integers of different widths compare as bigint, other numbers of different types as
+    numeric, and text-like values as text, so no cast can round or cut a value (a numeric
+    target cast to a bigint source would round 10.5).
     Otherwise the target is read as the source's type.
     """
     if source.name == target.name:
         return source
+    if source.name in INTEGER_TYPES and target.name in INTEGER_TYPES:
+        return ColumnType.of("int8")  # holds both; neither side's column needs a cast
     if source.kind is Kind.NUMBER and target.kind is Kind.NUMBER:
         return ColumnType.of("numeric")
     if source.kind is Kind.TEXT and target.kind is Kind.TEXT and "uuid" not in (
