@@ -37,7 +37,14 @@ from trueup.runs import (
     json_value,
     start_run,
 )
-from trueup.sides import Side, column_types, require, shared_types, table_side
+from trueup.sides import (
+    Side,
+    column_types,
+    require,
+    require_utf8,
+    shared_types,
+    table_side,
+)
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
 
@@ -152,6 +159,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             target_conn = stack.enter_context(connect(config.state, what="state",
                                                       application_name=f"trueup diff {name}"))
             shape = mirror.shape_of(name, rec, source, source_types)
+            # the state renders the messages' fields as the source renders its columns
+            require_utf8(target_conn, "state", [*shape.key_types, *shape.column_types])
             target = mirror.mirror_of(config, shape)
 
             sync_target = partial(mirror.sync_mirror, config, shape, rec.target.connection,

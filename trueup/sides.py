@@ -25,6 +25,7 @@ from trueup.fingerprint import (
     PART_SEPARATOR,
     ColumnType,
     Kind,
+    UnsupportedType,
     fields_sql,
     render_sql,
     storage_type,
@@ -134,6 +135,7 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     types = column_types(conn, table)
     own_key = require(types, table, key, conn)
     own_columns = require(types, table, columns, conn)
+    require_utf8(conn, f"{label} {table}", [*own_key, *own_columns])
     own_version = require(types, table, [version], conn)[0] if version else None
 
     def cast(name: str, own: ColumnType, wanted: ColumnType | None) -> sql.Composable:
@@ -197,6 +199,18 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     first = len(values) - len(reads)  # the seed (position) of the first column
     hashed = [None] * first + [r.hashed(first + i) if r else None for i, r in enumerate(reads)]
     return replace(side, row_hash=row_hash, native_hash=native_hash(values, hashed))
+
+
+def require_utf8(conn: psycopg.Connection[Any], what: str, types: Sequence[ColumnType]) -> None:
+    """Refuse text compared in a database that is not UTF-8: the canonical form's lengths and
+    hashes are of the server's bytes, so a LATIN1 'é' would differ from a UTF-8 one, and every
+    row holding one would be a mismatch."""
+    encoding = conn.info.parameter_status("server_encoding")
+    texts = [t.name for t in types if t.kind in (Kind.TEXT, Kind.JSON) and t.name != "uuid"]
+    if encoding not in (None, "UTF8") and texts:
+        raise UnsupportedType(
+            f"{what}: its database's encoding is {encoding}; trueup compares text as UTF-8, so "
+            f"text and JSON columns ({', '.join(sorted(set(texts)))} here) need a UTF8 database")
 
 
 def exact_numeric(value: sql.Composable) -> sql.Composable:

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from psycopg import sql
 
+from tests.conftest import PG_ADMIN_DSN, drop_database, dsn_for
 from trueup import segments
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.config import Config, load_config
@@ -751,3 +752,32 @@ def test_integer_keys_of_other_widths_are_compared_as_they_are(
                           key_as=shared.keys, version_as=shared.version, conn=dst)
     assert [k.name for k in shared.keys] == ["int8"]
     assert side.key == [sql.Identifier("id")], "the key is cast: its index cannot serve it"
+
+
+def test_text_in_a_database_that_is_not_utf8_is_refused_in_one_line(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        unique: Callable[[str], str]) -> None:
+    """Lengths and hashes of text are of the server's bytes: a LATIN1 'café' against a UTF-8
+    one was a mismatch, and so was every row holding a character past ASCII."""
+    source, name = new_db(), unique("latin1")
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
+                              "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(name)))
+    try:
+        target = dsn_for(name)
+        for dsn, table in ((source, "orders"), (target, "copy")):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(f"CREATE TABLE public.{table} (id bigint PRIMARY KEY, "
+                             "version bigint, status text, qty int)")
+                conn.execute(f"INSERT INTO public.{table} VALUES (1, 1, 'café', 2)")
+        config = _copy_config(tmp_path, state_db, source, target, ["status", "qty"])
+        with pytest.raises(TrueupError, match=r"^target public\.copy: its database's encoding "
+                                              r"is LATIN1; trueup compares text as UTF-8, so "
+                                              r"text and JSON columns \(text here\) need a "
+                                              r"UTF8 database$"):
+            diff(config, "orders")
+        # numbers compare alike in any encoding
+        assert diff(_copy_config(tmp_path, state_db, source, target, ["qty"]),
+                    "orders").consistent
+    finally:
+        drop_database(name)
