@@ -171,7 +171,8 @@ def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sq
     minimum and maximum (two index lookups) stretch the ends, so rows added since ANALYZE still
     spread over segments. When no bucket is less than half as wide as the average (no part of
     the key range is more than twice as dense as the whole), the range is cut evenly instead.
-    None when there is no histogram or the key is not an integer.
+    None when there is no histogram, the key is not an integer, or the real ends lie far past
+    the histogram's (its sample is no longer the table's).
     """
     if side.key_types[0].name not in INTEGER_TYPES or side.statistics is None:
         return None
@@ -189,8 +190,14 @@ def _bounds_from_statistics(conn: psycopg.Connection[Any], side: Side, where: sq
         return None
     first, end = int(ends["lo"]), int(ends["hi"]) + 1
     widths = [b - a for a, b in itertools.pairwise(histogram)]
-    if (min(widths) * 2 * len(widths) >= histogram[-1] - histogram[0]
-            and end - first < _MAX_EVEN_RANGE):
+    spread = histogram[-1] - histogram[0]
+    if end - first > 2 * spread + 2:
+        # The real ends lie far past the histogram's: rows written since ANALYZE, or a key
+        # its sample missed far out (one id of 10**15 among 1..1M), whose emptiness even cuts
+        # (or the histogram's last bucket) would stretch over, nearly every row in one
+        # segment. The statistics cannot tell which: sample the rows.
+        return None
+    if min(widths) * 2 * len(widths) >= spread and end - first < _MAX_EVEN_RANGE:
         width = max(1, -(-(end - first) // wanted))
         return list(range(first + width, end, width)), (first, width)
     points = sorted({first, *histogram, end})
