@@ -10,6 +10,7 @@ keys up in the target. Kafka targets are first brought up to date in their mirro
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -442,6 +443,9 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
                 found = _target_rows_for(target_conn, c.target, batch)
                 differences = list(classify(batch, found, c.in_flight_since, orphans=False,
                                             versioned=c.versioned))
+                if any(d.cls is not DifferenceClass.IN_FLIGHT for d in differences):
+                    differences = _settled(c, source_conn, target_conn, columns, batch,
+                                           differences)
             source_rows += len(batch)
             target_rows += len(found)
             yield from differences
@@ -449,26 +453,53 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
     yield (source_rows, target_rows)
 
 
+def _settled(c: Comparison, source_conn: psycopg.Connection[Any],
+             target_conn: psycopg.Connection[Any], columns: sql.Composable,
+             batch: list[dict[str, Any]], differences: list[Difference]) -> list[Difference]:
+    """The differences of a partition's batch, those not in flight compared again from the
+    rows as they are now. The cursor reads the day as it was when the run began, the target
+    as it is when the batch gets there: a row updated and copied meanwhile would be ``ahead``
+    (its old ``updated_at`` not in flight). Read again (the source first, so the target is at
+    least as new), it is equal, or changed within ``grace``; one that left the day, or the
+    source, is no longer this partition's."""
+    suspects = {json.dumps(d.key) for d in differences if d.cls is not DifferenceClass.IN_FLIGHT}
+    again = [r for r in batch if json.dumps(_key_of(r)) in suspects]
+    fresh = _rows_by_key(source_conn, c.source, again, columns,
+                         sql.SQL(" AND ({})").format(c.source_where))
+    found = _target_rows_for(target_conn, c.target, fresh) if fresh else []
+    return [*(d for d in differences if json.dumps(d.key) not in suspects),
+            *classify(fresh, found, c.in_flight_since, orphans=False, versioned=c.versioned)]
+
+
 def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
                      batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
+    select = sql.SQL("{} AS key_text, {} AS version, {} AS fingerprint").format(
+        target.key_text, target.version or sql.NULL, target.fingerprint)
+    return _rows_by_key(conn, target, batch, select)
+
+
+def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str, Any]],
+                 select: sql.Composable, where: sql.Composable | None = None
+                 ) -> list[dict[str, Any]]:
+    """``select`` of the rows of ``side`` whose keys are those of ``batch``'s rows (their
+    ``k0``, ``k1``...; one query, joined on unnested keys), ``where`` they also meet."""
     # Keys travel as built-in types: a mirror's database has none of the source's enums.
-    stored = [storage_type(t) for t in target.key_types]
+    stored = [storage_type(t) for t in side.key_types]
     wanted = [sql.SQL("%(k{})s::{}[]").format(sql.SQL(str(i)), s) for i, s in enumerate(stored)]
-    names = [sql.Identifier(f"trueup_k{i}") for i in range(len(target.key))]
+    names = [sql.Identifier(f"trueup_k{i}") for i in range(len(side.key))]
     on = sql.SQL(" AND ").join(
         sql.SQL("{} = u.{}").format(
             k if s.as_string(None) == sql.Identifier(t.name).as_string(None)
             else sql.SQL("({})::{}").format(k, s), n)
-        for k, t, s, n in zip(target.key, target.key_types, stored, names, strict=True))
+        for k, t, s, n in zip(side.key, side.key_types, stored, names, strict=True))
     query = sql.SQL(
-        "SELECT {key_text} AS key_text, {version} AS version, {fp} AS fingerprint "
-        "FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on}"
-    ).format(key_text=target.key_text, version=target.version or sql.NULL,
-             fp=target.fingerprint, arrays=sql.SQL(", ").join(wanted),
-             names=sql.SQL(", ").join(names), rel=target.relation, on=on)
+        "SELECT {select} FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on}{where}"
+    ).format(select=select, arrays=sql.SQL(", ").join(wanted),
+             names=sql.SQL(", ").join(names), rel=side.relation, on=on,
+             where=where or sql.SQL(""))
     # (a char(n) key comes as its text, unpadded: see segments.key_value)
-    params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(target.key))}
+    params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(side.key))}
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchall()

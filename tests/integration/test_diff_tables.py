@@ -392,18 +392,20 @@ def test_a_connection_dropped_mid_run_fails_the_run_and_the_next_run_works(
 
 
 def _copy_config(tmp_path: Path, state: str, source: str, target: str,
-                 columns: list[str]) -> Config:
+                 columns: list[str], **extra: Any) -> Config:
     """Reconciliation ``orders``: public.orders of ``source`` into public.copy of ``target``
-    (key ``id``, version ``version``, ``columns`` of the same names), repaired by upsert."""
+    (key ``id``, version ``version``, ``columns`` of the same names), repaired by upsert;
+    ``extra`` fields of the reconciliation (``updated_at`` goes to the source)."""
     ends = {"key": ["id"], "version": "version", "columns": columns}
+    updated_at = {"updated_at": extra.pop("updated_at")} if "updated_at" in extra else {}
     path = tmp_path / "trueup.yaml"
     path.write_text(yaml.safe_dump({
         "state": state,
         "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
         "reconciliations": {"orders": {
-            "source": {"connection": "a", "table": "orders", **ends},
+            "source": {"connection": "a", "table": "orders", **ends, **updated_at},
             "target": {"connection": "b", "table": "copy", **ends},
-            "repair": "upsert"}}}))
+            "repair": "upsert", **extra}}}))
     return load_config(path)
 
 
@@ -781,3 +783,47 @@ def test_text_in_a_database_that_is_not_utf8_is_refused_in_one_line(
                     "orders").consistent
     finally:
         drop_database(name)
+
+
+def test_a_partition_run_compares_rows_changed_meanwhile_as_they_are_now(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The day is read as it was when the run began, the target as it is when each batch
+    gets there: a row updated in both since (its copy caught up) was reported ahead, and its
+    old updated_at kept it from being in flight."""
+    source, target = new_db(), new_db()
+    day = dt.datetime(2026, 2, 1, 10, tzinfo=dt.UTC)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text, updated_at timestamptz)")
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'a', %s "
+                     "FROM generate_series(1, 12000) g", (day,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id bigint PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO public.copy SELECT g, 1, CASE WHEN g = 11500 THEN 'x' "
+                     "ELSE 'a' END FROM generate_series(1, 12000) g")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"],
+                          updated_at="updated_at", grace="60s",
+                          partitions={"daily": {"start": "2026-01-01"}})
+    changed: list[int] = []
+
+    def meanwhile(phase: str, done: int, total: int) -> None:
+        if changed:
+            return
+        # after the first batch: 11000 is updated (now: another day) and 11001 too (its
+        # updated_at left alone), and both copied to the target
+        changed.append(done)
+        with psycopg.connect(source, autocommit=True) as conn:
+            conn.execute("UPDATE public.orders SET version = 2, status = 'b', "
+                         "updated_at = CASE WHEN id = 11000 THEN now() ELSE updated_at END "
+                         "WHERE id IN (11000, 11001)")
+        with psycopg.connect(target, autocommit=True) as conn:
+            conn.execute("UPDATE public.copy SET version = 2, status = 'b' "
+                         "WHERE id IN (11000, 11001)")
+
+    found: list[Difference] = []
+    summary = diff(config, "orders", partition="2026-02-01", on_difference=found.append,
+                   progress=meanwhile)
+    assert changed, "the run read the day in one batch"
+    assert [(d.key, d.cls.value) for d in found] == [([11500], "mismatch")]
+    assert (summary.ahead, summary.mismatch) == (0, 1)
