@@ -7,6 +7,8 @@ TRUEUP_TEST_PG (a DSN of the maintenance database), TRUEUP_TEST_KAFKA and TRUEUP
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -172,6 +174,20 @@ def queues(amqp_url: str) -> Iterator[Any]:
     made = Queues(amqp_url)
     yield made
     made.delete()
+
+
+def unused_port() -> int:
+    """A free local port below the kernel's ephemeral range, so no outgoing connection can
+    take it between this probe and the server's own bind (port 0 picks from that range)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(20000, max(min(low, 32768), 20200)), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free local port below the ephemeral range")
 
 
 def pid_alive(pid: int) -> bool:

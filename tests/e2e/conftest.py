@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,28 +14,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import unused_port
+
 REPO = Path(__file__).resolve().parents[2]
 DAGSTER = str(Path(sys.executable).parent / "dagster")
-STARTUP_SECONDS = 120
+STARTUP_SECONDS = 180
 SHUTDOWN_GRACE_SECONDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def dagster_env(tmp_path: Path, config: Path) -> dict[str, str]:
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    return {**os.environ, "DAGSTER_HOME": str(home), "TRUEUP_CONFIG": str(config)}
+    # No usage statistics: nothing outside answers here, and no test should wait on it.
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return {**os.environ, "DAGSTER_HOME": str(home), "TRUEUP_CONFIG": str(config),
+            "GX_ANALYTICS_ENABLED": "false"}
 
 
 @contextlib.contextmanager
 def dagster_dev(tmp_path: Path, config: Path) -> Iterator[str]:
     """Run ``dagster dev`` on ``config`` on a free local port; yield its base URL."""
-    port = _free_port()
+    port = unused_port()
     log_path = tmp_path / "dagster-dev.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
@@ -52,7 +50,9 @@ def dagster_dev(tmp_path: Path, config: Path) -> Iterator[str]:
                     if response.status == 200:
                         break
                 assert process.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "dagster dev did not answer in time"
+                assert time.monotonic() < deadline, (
+                    f"dagster dev did not answer in {STARTUP_SECONDS} s; its log ends:\n"
+                    + log_path.read_text()[-3000:])
                 time.sleep(1)
             yield url
         finally:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from tests.integration.test_backfill_support import (
     drift,
@@ -407,11 +408,19 @@ def test_a_projection_taking_keys_in_another_order_deadlocks_the_copy_into_the_c
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, not_fresh: _NotFresh) -> None:
     """The COPY holds 455 and waits for 460, which a projection's transaction holds and then
-    wants 455 too: the server ends the COPY (it waited longest), whose chunk is compared."""
+    wants 455 too: the server ends the COPY, whose chunk is compared.
+
+    The session whose deadlock_timeout ends first after the cycle closes is the one ended. The
+    COPY waits first: its timeout (5 s for the target's sessions) must outlast the moment the
+    projection starts waiting, and the projection's (60 s) must not end first."""
     source, target, config = _tables(new_db, state_db, tmp_path)
     asked = _copied(monkeypatch)
+    with psycopg.connect(target, autocommit=True) as admin:
+        admin.execute(sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '5s'").format(
+            sql.Identifier(admin.info.dbname)))
 
     def wants_455_too(projection: psycopg.Connection[Any]) -> None:
+        projection.execute("SET deadlock_timeout = '60s'")
         projection.execute("INSERT INTO public.copy VALUES (455, 9, 'shipped', 2)")
         projection.commit()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from tests.conftest import unused_port
 from tests.integration.test_backfill_support import drift, make_tables, write_config
 from tests.integration.test_workers_support import (
     POLICY,
@@ -57,12 +57,6 @@ def fresh_health() -> Iterator[None]:
     HEALTH.clear()
     yield
     HEALTH.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def fetch(url: str) -> tuple[int, Any]:
@@ -184,7 +178,7 @@ def test_a_kafka_worker_serves_its_partition_lag_and_readiness_on_its_metrics_po
         time.sleep(0.3)
         done.append(int(json.loads(delivery.body)["id"]))
 
-    port = free_port()
+    port = unused_port()
     worker = KafkaWorker(properties={"bootstrap.servers": kafka_bootstrap}, topic=topic,
                          group=unique("group"), handler=handler, policy=POLICY,
                          dead_letter_topic=f"{topic}.dlq", metrics_port=port,
@@ -230,7 +224,7 @@ def test_a_rabbitmq_worker_answers_readiness_for_its_broker_and_database_on_its_
         fresh_health: None) -> None:
     queue = unique("payments")
     worker = rabbit_worker(amqp_url, queue, lambda delivery: None, queues)
-    worker.metrics_port, worker.database = free_port(), state_db
+    worker.metrics_port, worker.database = unused_port(), state_db
     base = f"http://127.0.0.1:{worker.metrics_port}"
     with running(worker.run):
         wait_until(lambda: _answers(f"{base}/healthz"), "the worker's health server")

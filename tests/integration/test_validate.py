@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import pytest
 import yaml
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tests.conftest import unused_port
 from trueup.brokers import kafka
 from trueup.cli import main
 
@@ -207,19 +207,12 @@ def test_status_json_lists_runs_and_backfills_newest_first(
     assert document["replays"] == []
 
 
-def _closed_port() -> int:
-    """A local port nothing listens on: bound once, then closed."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_diff_against_an_unreachable_or_misconfigured_kafka_is_one_line(
         world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Not "run N failed: TimeoutError", nor a raw KafkaError: what failed, and where."""
     monkeypatch.setattr(kafka, "METADATA_TIMEOUT_SECONDS", 2.0)  # refused: no need to wait 10s
-    servers = f"127.0.0.1:{_closed_port()}"
+    servers = f"127.0.0.1:{unused_port()}"
     config = _config(world)
     config["connections"]["bus"]["kafka"]["bootstrap.servers"] = servers
     path = tmp_path / "trueup.yaml"

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import unused_port
 from trueup import cli, tracing
 from trueup.config import Config
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _config(tmp_path: Path) -> Path:
@@ -29,7 +24,7 @@ def _config(tmp_path: Path) -> Path:
 def test_a_command_serves_metrics_while_it_runs(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     config = _config(tmp_path)
-    port = _free_port()
+    port = unused_port()
     seen: list[str] = []
 
     def scrape_self(config: Config, args: argparse.Namespace) -> int:
