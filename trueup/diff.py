@@ -27,7 +27,7 @@ from trueup import metrics, segments, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server
 from trueup.errors import TrueupError, UsageError
-from trueup.fingerprint import ColumnType, storage_type
+from trueup.fingerprint import storage_type
 from trueup.log import get_logger
 from trueup.runs import (
     Difference,
@@ -39,17 +39,21 @@ from trueup.runs import (
     start_run,
 )
 from trueup.sides import (
+    SharedTypes,
     Side,
     column_types,
+    day_filter,
+    reconciled_types,
     require,
     require_utf8,
-    shared_types,
     table_side,
 )
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
 
 log = get_logger(__name__)
+
+ALL_ROWS = sql.SQL("true")
 
 #: Rows of a partition read per round trip (source keys looked up in the target at once).
 PARTITION_BATCH_ROWS = 5_000
@@ -147,16 +151,14 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
         assert source_dsn is not None
         source_conn = stack.enter_context(connect(source_dsn, what="source",
                                                   application_name=f"trueup diff {name}"))
-        source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
-                            key=rec.source.key, version=rec.source.version,
-                            columns=rec.source.columns, updated_at=rec.source.updated_at,
-                            hashed_version=rec.target.version is not None, conn=source_conn)
-        source_types = _types_of(source_conn, rec)
         unreadable: Callable[[], Iterator[Difference]] | None = None  # a mirror's, streamed
         sync_target: Callable[[], None] | None = None
         if rec.target.topic is not None:
             from trueup import mirror
 
+            source = _source_side(rec, source_dsn, source_conn)
+            source_types = require(column_types(source_conn, rec.source.table),
+                                   rec.source.table, rec.source.columns, source_conn)
             target_conn = stack.enter_context(connect(config.state, what="state",
                                                       application_name=f"trueup diff {name}"))
             shape = mirror.shape_of(name, rec, source, source_types)
@@ -172,12 +174,11 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             assert target_dsn is not None and rec.target.table is not None
             target_conn = stack.enter_context(connect(target_dsn, what="target",
                                                       application_name=f"trueup diff {name}"))
-            source, target = _table_sides(rec, source, source_types, source_conn, source_dsn,
-                                          target_conn, target_dsn)
+            source, target = _table_sides(rec, source_conn, source_dsn, target_conn, target_dsn)
         comparison = Comparison(
             source=source, target=target,
-            source_where=_partition_filter(source, day),
-            target_where=sql.SQL("true"),
+            source_where=day_filter(source, day),
+            target_where=ALL_ROWS,
             in_flight_since=(started_at - rec.grace) if source.updated_at is not None else None,
         )
         if day is None:
@@ -209,41 +210,31 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
     return summary
 
 
-def _table_sides(rec: ReconciliationConfig, source: Side, source_types: list[ColumnType],
-                 source_conn: psycopg.Connection[Any], source_dsn: str,
-                 target_conn: psycopg.Connection[Any], target_dsn: str) -> tuple[Side, Side]:
+def _source_side(rec: ReconciliationConfig, dsn: str, conn: psycopg.Connection[Any],
+                 shared: SharedTypes | None = None) -> Side:
+    """The source, read as its own types or, against a table, as the ``shared`` ones."""
+    return table_side(label="source", dsn=dsn, table=rec.source.table, key=rec.source.key,
+                      version=rec.source.version, columns=rec.source.columns,
+                      updated_at=rec.source.updated_at,
+                      as_types=shared.columns if shared else None,
+                      key_as=shared.keys if shared else None,
+                      version_as=shared.version if shared else None,
+                      hashed_version=rec.target.version is not None, conn=conn)
+
+
+def _table_sides(rec: ReconciliationConfig, source_conn: psycopg.Connection[Any],
+                 source_dsn: str, target_conn: psycopg.Connection[Any],
+                 target_dsn: str) -> tuple[Side, Side]:
     """Both sides of a table-to-table run, each column read as the type both share."""
     assert rec.target.table is not None
-    target_columns = [rec.target.columns[c] for c in rec.source.columns]
-    shared = shared_types(target_conn, rec.target.table, columns=target_columns,
-                          key=rec.target.key, version=rec.target.version,
-                          source_columns=source_types, source_key=source.key_types,
-                          source_version=source.version_type)
-    source = table_side(label="source", dsn=source_dsn, table=rec.source.table,
-                        key=rec.source.key, version=rec.source.version,
-                        columns=rec.source.columns, updated_at=rec.source.updated_at,
-                        as_types=shared.columns, key_as=shared.keys, version_as=shared.version,
-                        hashed_version=rec.target.version is not None, conn=source_conn)
+    shared, _ = reconciled_types(rec, source_conn, target_conn)
+    source = _source_side(rec, source_dsn, source_conn, shared)
     target = table_side(label="target", dsn=target_dsn, table=rec.target.table,
-                        key=rec.target.key, version=rec.target.version, columns=target_columns,
+                        key=rec.target.key, version=rec.target.version,
+                        columns=[rec.target.columns[c] for c in rec.source.columns],
                         as_types=shared.columns, key_as=shared.keys,
                         version_as=shared.version, conn=target_conn)
     return source, target
-
-
-def _types_of(conn: psycopg.Connection[Any], rec: ReconciliationConfig) -> list[ColumnType]:
-    return require(column_types(conn, rec.source.table), rec.source.table, rec.source.columns,
-                   conn)
-
-
-def _partition_filter(source: Side, day: dt.date | None) -> sql.Composable:
-    if day is None:
-        return sql.SQL("true")
-    assert source.updated_at is not None
-    start = dt.datetime.combine(day, dt.time(), dt.UTC)
-    return sql.SQL("{col} >= {start} AND {col} < {end}").format(
-        col=source.updated_at, start=sql.Literal(start),
-        end=sql.Literal(start + dt.timedelta(days=1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +455,7 @@ def _settled(c: Comparison, source_conn: psycopg.Connection[Any],
     source, is no longer this partition's."""
     suspects = {json.dumps(d.key) for d in differences if d.cls is not DifferenceClass.IN_FLIGHT}
     again = [r for r in batch if json.dumps(_key_of(r)) in suspects]
-    fresh = _rows_by_key(source_conn, c.source, again, columns,
-                         sql.SQL(" AND ({})").format(c.source_where))
+    fresh = _rows_by_key(source_conn, c.source, again, columns, c.source_where)
     found = _target_rows_for(target_conn, c.target, fresh) if fresh else []
     return [*(d for d in differences if json.dumps(d.key) not in suspects),
             *classify(fresh, found, c.in_flight_since, orphans=False, versioned=c.versioned)]
@@ -480,7 +470,7 @@ def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
 
 
 def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str, Any]],
-                 select: sql.Composable, where: sql.Composable | None = None
+                 select: sql.Composable, where: sql.Composable = ALL_ROWS
                  ) -> list[dict[str, Any]]:
     """``select`` of the rows of ``side`` whose keys are those of ``batch``'s rows (their
     ``k0``, ``k1``...; one query, joined on unnested keys), ``where`` they also meet."""
@@ -494,10 +484,10 @@ def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str
             else sql.SQL("({})::{}").format(k, s), n)
         for k, t, s, n in zip(side.key, side.key_types, stored, names, strict=True))
     query = sql.SQL(
-        "SELECT {select} FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on}{where}"
+        "SELECT {select} FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on} WHERE {where}"
     ).format(select=select, arrays=sql.SQL(", ").join(wanted),
              names=sql.SQL(", ").join(names), rel=side.relation, on=on,
-             where=where or sql.SQL(""))
+             where=where)
     # (a char(n) key comes as its text, unpadded: see segments.key_value)
     params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(side.key))}
     with conn.cursor() as cur:

@@ -8,10 +8,11 @@ columns) and ``row_hash`` (key, version and columns together, for segment checks
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -32,6 +33,9 @@ from trueup.fingerprint import (
     whole_double_numeric,
 )
 from trueup.log import get_logger
+
+if TYPE_CHECKING:
+    from trueup.config import ReconciliationConfig
 
 log = get_logger(__name__)
 
@@ -121,6 +125,19 @@ class Side:
             return sql.Literal(NULL)
         return sql.SQL("coalesce({}, {})").format(render_sql(self.version, self.version_type),
                                                   sql.Literal(NULL))
+
+
+def day_filter(side: Side, day: dt.date | str | None) -> sql.Composable:
+    """The rows of one partition, a UTC day (a date or its ISO text) of the side's
+    ``updated_at``; every row without one."""
+    if day is None:
+        return sql.SQL("true")
+    assert side.updated_at is not None
+    start = dt.datetime.combine(dt.date.fromisoformat(day) if isinstance(day, str) else day,
+                                dt.time(), dt.UTC)
+    return sql.SQL("{col} >= {start} AND {col} < {end}").format(
+        col=side.updated_at, start=sql.Literal(start),
+        end=sql.Literal(start + dt.timedelta(days=1)))
 
 
 def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version: str | None,
@@ -496,6 +513,23 @@ def shared_types(conn: psycopg.Connection[Any], table: str, *, columns: Sequence
         columns=[compared_type(s, t) for s, t in zip(source_columns, own, strict=True)],
         keys=[common_type(s, t) for s, t in zip(source_key, own_key, strict=True)],
         version=shared_version)
+
+
+def reconciled_types(rec: ReconciliationConfig, source: psycopg.Connection[Any],
+                     target: psycopg.Connection[Any]) -> tuple[SharedTypes, list[ColumnType]]:
+    """The types a table-to-table reconciliation compares its sides as, and the source's own
+    types of its compared columns. A diff and a backfill both take them from here, so that what
+    one reports the other repairs."""
+    src, dst = rec.source, rec.target
+    assert dst.table is not None
+    own = column_types(source, src.table)
+    columns = require(own, src.table, src.columns, source)
+    shared = shared_types(
+        target, dst.table, columns=[dst.columns[c] for c in src.columns], key=dst.key,
+        version=dst.version, source_columns=columns,
+        source_key=require(own, src.table, src.key, source),
+        source_version=require(own, src.table, [src.version], source)[0] if src.version else None)
+    return shared, columns
 
 
 def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -336,14 +335,3 @@ def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig, dsn: s
     types = require(column_types(conn, rec.source.table), rec.source.table,
                     rec.source.columns, conn)
     return side, types
-
-
-def day_filter(side: Side, partition: str | None) -> sql.Composable:
-    """Rows of one partition (a UTC day of ``updated_at``); all rows without a partition."""
-    if partition is None:
-        return sql.SQL("true")
-    assert side.updated_at is not None
-    start = dt.datetime.combine(dt.date.fromisoformat(partition), dt.time(), dt.UTC)
-    return sql.SQL("{col} >= {start} AND {col} < {end}").format(
-        col=side.updated_at, start=sql.Literal(start),
-        end=sql.Literal(start + dt.timedelta(days=1)))

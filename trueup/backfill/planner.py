@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from trueup.backfill.keyspace import KeyColumns, KeySpace, key_order
-from trueup.backfill.model import BackfillOptions, day_filter, source_side
+from trueup.backfill.model import BackfillOptions, source_side
 from trueup.config import Config, RepairMode
 from trueup.db import connect
 from trueup.diff import parse_partition
@@ -28,7 +28,7 @@ from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.queries import query
-from trueup.sides import column_types, require, table_side
+from trueup.sides import column_types, day_filter, require, table_side
 from trueup.statuses import BackfillScope, KeyOrder
 
 log = get_logger(__name__)

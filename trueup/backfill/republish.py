@@ -36,7 +36,6 @@ from trueup.backfill.model import (
     ChunkContext,
     ChunkResult,
     RepairRow,
-    day_filter,
     key_text,
     record_rows,
     source_side,
@@ -47,6 +46,7 @@ from trueup.db import connect
 from trueup.fingerprint import INTEGER_TYPES
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
+from trueup.sides import day_filter
 from trueup.staging import MAX_NAME_BYTES
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 

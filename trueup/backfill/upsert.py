@@ -39,7 +39,6 @@ from trueup.backfill.model import (
     ChunkResult,
     Repair,
     chunk_has_repairs,
-    day_filter,
     key_text,
     new_repairs,
     pipe,
@@ -58,10 +57,9 @@ from trueup.queries import query
 from trueup.sides import (
     SharedTypes,
     Side,
-    column_types,
+    day_filter,
     exact_numeric,
-    require,
-    shared_types,
+    reconciled_types,
     table_side,
 )
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
@@ -185,7 +183,10 @@ class UpsertWriter:
                                                        autocommit=True, application_name=app))
         self.target = self.stack.enter_context(connect(target_dsn, what="target",
                                                        autocommit=True, application_name=app))
-        shared = self._shared_types()
+        # Each column as the type both sides are read as, as a diff reads them (a ``numeric``
+        # 10.5 under a ``bigint`` stays 10.5 and is repaired, where read as a bigint it would
+        # be the source's 11): what a diff reports the backfill repairs.
+        shared, self.column_types = reconciled_types(rec, self.source, self.target)
         # the source's fingerprints rendered as the types it shares with the target
         self.source_side, _ = source_side(self.source, rec, source_dsn, as_types=shared.columns)
         self.target_side = self._target_as_diffed(target_dsn, shared)
@@ -207,22 +208,6 @@ class UpsertWriter:
     @property
     def key_types(self) -> list[ColumnType]:
         return self.source_side.key_types
-
-    def _shared_types(self) -> SharedTypes:
-        """The types the source and the target are compared as, as a diff compares them: each
-        column as the type both sides are read as (a ``numeric`` 10.5 under a ``bigint`` stays
-        10.5 and is repaired, where read as a bigint it would be the source's 11), so that what
-        a diff reports the backfill repairs. Sets :attr:`column_types`, the source's own."""
-        src, dst = self.rec.source, self.rec.target
-        assert dst.table
-        own = column_types(self.source, src.table)
-        self.column_types = require(own, src.table, src.columns, self.source)
-        return shared_types(
-            self.target, dst.table, columns=[dst.columns[c] for c in src.columns], key=dst.key,
-            version=dst.version, source_columns=self.column_types,
-            source_key=require(own, src.table, src.key, self.source),
-            source_version=require(own, src.table, [src.version], self.source)[0]
-            if src.version else None)
 
     def _target_as_diffed(self, dsn: str, shared: SharedTypes) -> Side:
         """The target read as a diff reads it, its columns as the ``shared`` types. Keys are
