@@ -151,11 +151,19 @@ class ExpectationOutcome:
 def read_suite(path: Path) -> Suite:
     """Read one suite file and validate its shape (not yet what GX makes of it: see
     :func:`check_expectations`); a bad value raises a one-line :class:`ConfigError`."""
-    file = str(path)
+    return _suite_of(path, _read_yaml(path))
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(file, "", f"expected a readable YAML suite ({first_line(exc)})") from exc
+        raise ConfigError(str(path), "",
+                          f"expected a readable YAML suite ({first_line(exc)})") from exc
+
+
+def _suite_of(path: Path, raw: Any) -> Suite:
+    file = str(path)
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "expected a mapping with connection, table, expectations")
     try:
@@ -251,26 +259,26 @@ def load_suites(directory: str | Path, config: Config | None = None) -> list[Sui
     if not folder.is_dir():
         return []
     paths = [p for p in sorted(folder.iterdir()) if p.suffix in SUITE_SUFFIXES and p.is_file()]
-    if config is not None:
+    ours = _tables_of(config) if config is not None else None
+    suites = []
+    for path in paths:
+        raw = _read_yaml(path)
         # a suite another config's table names is not read further: its mistakes are not
         # this config's to report (a file whose table cannot be told is read, and reported)
-        ours = _tables_of(config)
-        paths = [p for p in paths if (table := _table_named(p)) is None or table in ours]
-    suites = [read_suite(p) for p in paths]
+        if ours is not None and (table := _table_named(raw)) is not None and table not in ours:
+            continue
+        suites.append(_suite_of(path, raw))
     if config is not None:
         suites = suites_for(config, suites)
     return [check_expectations(s) for s in suites]
 
 
-def _table_named(path: Path) -> tuple[str, str] | None:
-    """The (connection, table) a suite file names, when it can be told without reading the
-    rest of it."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if isinstance(raw, dict) and isinstance(raw.get("connection"), str):
+def _table_named(raw: Any) -> tuple[str, str] | None:
+    """The (connection, table) a suite file's YAML names, when it can be told without
+    validating the rest of it."""
+    if isinstance(raw, dict) and isinstance(raw.get("connection"), str):
+        with contextlib.suppress(ValidationError):
             return raw["connection"], _TABLE.validate_python(raw.get("table"))
-    except (OSError, yaml.YAMLError, ValidationError):
-        pass
     return None
 
 
