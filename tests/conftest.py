@@ -179,8 +179,10 @@ def queues(amqp_url: str) -> Iterator[Any]:
 def unused_port() -> int:
     """A free local port below the kernel's ephemeral range, so no outgoing connection can
     take it between this probe and the server's own bind (port 0 picks from that range)."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for port in random.sample(range(20000, max(min(low, 32768), 20200)), 200):
+    ceiling = min(32768, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
+    candidates = range(max(1024, ceiling - 12768), ceiling)
+    assert len(candidates) >= 1000, f"the ephemeral range starts at {ceiling}: no room below it"
+    for port in random.sample(candidates, 200):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))

@@ -14,6 +14,7 @@ import pika
 import psycopg
 import pytest
 
+from assets import dead_letters
 from assets.dead_letters import dead_letter_definitions, dead_letters_key
 from tests.integration.test_workers_support import Queues, write_config
 from trueup import headers
@@ -190,11 +191,24 @@ def test_replay_job_fails_a_bad_where_and_a_busy_queue_with_one_clear_line(
     assert queues.depth(dlq) == 1 and queues.depth(target) == 0
 
 
+class _Clock:
+    """Stands in for the ``time`` module where only ``time.time()`` is read."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
 def test_depth_sensor_refreshes_a_standing_queue_so_its_age_check_can_fail(
         amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
-        queues: Queues, tmp_path: Path) -> None:
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An unchanged depth asked for nothing, so the check that passed while the letters were
-    young stayed 'passed' as they grew old. Refreshed every quarter of the age limit."""
+    young stayed 'passed' as they grew old. Refreshed every quarter of the age limit.
+
+    The sensor's clock is set by hand (ticks 0.1 s and 0.6 s after the materialization, not
+    whenever a loaded machine gets to them); the letter ages in real time."""
     dlq = unique("pay.dlq")
     queues.declare(dlq)
     queues.publish(dlq, b"{}", message_id="old", headers_={
@@ -207,15 +221,19 @@ def test_depth_sensor_refreshes_a_standing_queue_so_its_age_check_can_fail(
     sensor = defs.resolve_sensor_def("dead_letters_pay_dlq_depth")
     instance = dg.DagsterInstance.ephemeral()
     assert dg.materialize(list(made.assets), instance=instance).success
+    event = instance.get_latest_materialization_event(dead_letters_key("pay_dlq"))
+    assert event is not None
+    clock = _Clock(event.timestamp + 0.1)
+    monkeypatch.setattr(dead_letters, "time", clock)
 
     fresh = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
                                                          cursor="1"))
     assert not fresh.run_requests, "refreshed again right after a refresh"
-    time.sleep(0.6)
+    clock.now += 0.5
     stale = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
                                                          cursor="1"))
     assert len(stale.run_requests or []) == 1 and stale.cursor == "1"
-    time.sleep(1.5)  # the letter is now past 2 s old: the refresh it asks for fails the check
+    time.sleep(2.1)  # the letter is now past 2 s old: the refresh it asks for fails the check
     refreshed = dg.materialize(list(made.assets), instance=instance)
     [check] = refreshed.get_asset_check_evaluations()
     assert not check.passed and "oldest" in (check.description or ""), check

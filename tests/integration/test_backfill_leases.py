@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -59,13 +60,16 @@ def test_a_lease_whose_renewals_stall_counts_as_lost_before_it_can_expire(
         state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
                                       chunk_leases.Chunk]) -> None:
     _, chunk = claimed
+    lease = 2 * LEASE  # a third of it covers opening the heartbeat's connection, however slow
     with psycopg.connect(state_db) as blocker:
         # Every renewal waits behind this lock (a state database that does not answer).
         blocker.execute("SELECT 1 FROM trueup.chunks WHERE backfill_id = %s AND chunk = %s "
                         "FOR UPDATE", (chunk.backfill_id, chunk.chunk))
-        with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat:
-            heartbeat.check()  # just claimed
-            deadline = time.monotonic() + 3 * LEASE
+        # claimed now: the time this test took to get here is not the worker's start-up
+        just_claimed = replace(chunk, claimed_at=time.monotonic())
+        with chunk_leases.Heartbeat(state_db, just_claimed, "a", lease) as heartbeat:
+            heartbeat.check()
+            deadline = time.monotonic() + 3 * lease
             with pytest.raises(chunk_leases.LeaseLost, match="not renewed"):
                 while time.monotonic() < deadline:
                     heartbeat.check()
@@ -166,14 +170,23 @@ def test_a_chunk_taken_over_while_its_worker_was_still_starting_is_lost_at_once(
 def test_a_worker_that_started_slowly_renews_its_lease_before_working(
         state_db: str, claimed: tuple[psycopg.Connection[dict[str, object]],
                                       chunk_leases.Chunk]) -> None:
+    """Renewed when the heartbeat starts: the lease now ends at least the start-up's time
+    later than the claim made it end (not read against the clock, which a slow query moves)."""
     conn, chunk = claimed
+
+    def expires() -> dt.datetime:
+        row = conn.execute(
+            "SELECT lease_expires_at FROM trueup.chunks WHERE backfill_id = %s AND chunk = %s",
+            (chunk.backfill_id, chunk.chunk)).fetchone()
+        assert row is not None
+        return row["lease_expires_at"]  # type: ignore[return-value]
+
+    claimed_until = expires()
     time.sleep(LEASE / 2)  # opening the writer's connections, reflecting tables
     with chunk_leases.Heartbeat(state_db, chunk, "a", LEASE) as heartbeat:
         heartbeat.check()
-        row = conn.execute(
-            "SELECT lease_expires_at - clock_timestamp() AS left FROM trueup.chunks "
-            "WHERE backfill_id = %s AND chunk = %s", (chunk.backfill_id, chunk.chunk)).fetchone()
-        assert row is not None and row["left"].total_seconds() > LEASE * 0.8, row
+        renewed_by = (expires() - claimed_until).total_seconds()
+    assert renewed_by >= LEASE / 2, renewed_by
 
 
 def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from psycopg import sql
 
+from trueup import pacing
 from trueup.backfill.keyspace import KeySpace
 from trueup.backfill.model import key_text
 from trueup.backfill.republish import keys_of, message_key
@@ -77,16 +77,37 @@ def test_keys_of_jsonb_text_equal_parsing_it(key_json: str) -> None:
     assert keys_of(key_json) == (key_text(key), message_key(key))
 
 
-def test_the_pacer_caps_rows_per_second() -> None:
+class _Clock:
+    """A monotonic clock that moves only when slept on (stands in for ``time``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_pacer_caps_rows_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(pacing, "time", clock)
     pace = Pacer(1000.0)
-    started = time.monotonic()
     for _ in range(4):
-        pace(100)  # 400 rows at 1000/s: the first goes at once, the rest 0.3 s later
-    assert 0.25 <= time.monotonic() - started < 0.6
-    unlimited = Pacer(None)
-    started = time.monotonic()
-    unlimited(10**9)
-    assert time.monotonic() - started < 0.05
+        pace(100, sleep=clock.sleep)  # 400 rows at 1000/s: the first at once, then 0.1 s each
+    assert clock.slept == pytest.approx([0.1, 0.1, 0.1])
+    clock.now += 5  # idle: no credit saved up, the next goes at once and the one after waits
+    pace(100, sleep=clock.sleep)
+    pace(100, sleep=clock.sleep)
+    assert clock.slept[3:] == pytest.approx([0.1])
+
+    def never(seconds: float) -> None:
+        raise AssertionError(f"an unlimited pacer slept {seconds} s")
+
+    Pacer(None)(10**9, sleep=never)
 
 
 def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
