@@ -157,18 +157,22 @@ def test_kafka_groups_on_one_topic_each_handle_only_their_own_retries(
 @pytest.mark.kafka
 def test_kafka_slow_handlers_never_keep_the_worker_from_polling_past_its_interval(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
-    """Eight messages of 1 s each, fetched in one batch, with a poll interval of 7 s: the
-    worker polls again after half of it, handing the rest back, and handles each once."""
+    """Eight messages of 2 s each, fetched in one batch, with a poll interval of 12 s: the
+    worker polls again after half of it, handing the rest back, and handles each once.
+
+    Handled in one go, the batch (16 s) would outlast the interval by 4 s; handed back after
+    half of it, the worker polls every ~6 s, 6 s within the interval (a loaded machine)."""
     topic = unique("slow")
     seen: list[str] = []
 
     def slow(delivery: Delivery) -> None:
         assert delivery.body is not None
         seen.append(str(json.loads(delivery.body)["id"]))
-        time.sleep(1)
+        time.sleep(2)
 
+    # librdkafka wants session.timeout.ms <= max.poll.interval.ms.
     worker = kafka_worker(kafka_bootstrap, topic, slow, unique, topics, consumer_overrides={
-        "session.timeout.ms": 6000, "max.poll.interval.ms": 7000})
+        "session.timeout.ms": 10000, "max.poll.interval.ms": 12000})
     produce_json(kafka_bootstrap, topic, [{"id": n} for n in range(8)])
     with running(worker.run):
         wait_until(lambda: len(seen) >= 8, "eight messages", seconds=60)
@@ -228,7 +232,9 @@ def test_kafka_retry_paused_when_the_group_rebalances_still_runs_when_due(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
     # librdkafka keeps an application's pause on a partition through unassign and reassign: a
     # retry partition paused (not due yet) when the group rebalanced stayed paused for good.
-    delay = 5.0
+    # The rebalance must be over before the retry is due (checked below), else the test proves
+    # nothing: it takes 1-1.5 s, the delay leaves room for a loaded machine.
+    delay = 15.0
     policy = RetryPolicy(max_attempts=2, initial_seconds=delay, max_seconds=delay, jitter=0)
     topic = unique("orders")
     handler = FlakyHandler({"1": 1})
@@ -320,8 +326,11 @@ class _RebalancedMidBatch(kafka_workers.KafkaWorker):
             assert time.monotonic() < deadline, "the group did not start rebalancing"
             time.sleep(0.1)
         # The worker hears of it at its next heartbeat (every 0.2 s) and queues the revoke for
-        # consume(); nothing shows when it has, so give it twenty heartbeats (a loaded machine).
-        time.sleep(4)
+        # consume(). Nothing shows when it has: the revoke, librdkafka's statistics and logs all
+        # wait for this very thread's next consume(), and the group stays PREPARING_REBALANCE
+        # until the worker rejoins, after that consume(). So give it fifty heartbeats (a loaded
+        # machine); should it still miss them, revoked_mid_batch fails the test, never passes it.
+        time.sleep(10)
 
 
 @pytest.mark.kafka
