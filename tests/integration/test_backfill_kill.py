@@ -25,7 +25,13 @@ from tests.integration.test_backfill_support import (
     target_rows,
     write_config,
 )
-from trueup.backfill import BackfillOptions, WorkerOptions, resume_backfill, start_backfill
+from trueup.backfill import (
+    LEASE_ENV,
+    BackfillOptions,
+    WorkerOptions,
+    resume_backfill,
+    start_backfill,
+)
 from trueup.backfill.planner import plan
 from trueup.backfill.upsert import UpsertWriter
 from trueup.diff import diff
@@ -34,11 +40,21 @@ from trueup.statuses import BackfillScope, BackfillStatus
 
 pytestmark = pytest.mark.postgres
 
-LEASE = 1.5  # seconds: a killed worker's chunk is taken over this fast
+#: Seconds: the lease of a worker this file kills, interrupts or cuts off from the state
+#: database, so that its chunk is taken over soon; long enough that a stall of a loaded
+#: machine (a second or two) does not lose it (lost after 2/3 of it without a renewal, see
+#: trueup.backfill.chunks.Heartbeat). Every other worker, and every resume, takes the
+#: default lease (30 s): no stall of a test's worker abandons a chunk or lets another worker
+#: take it over, which would claim it twice.
+SHORT_LEASE = 5.0
 
 
-def _cli(config_path: str, *args: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "TRUEUP_BACKFILL_LEASE_SECONDS": str(LEASE)}
+def _cli(config_path: str, *args: str, lease: float | None = None) -> subprocess.Popen[bytes]:
+    """``trueup backfill ARGS`` in a process of its own, its chunks leased for ``lease``
+    seconds (None: the default lease)."""
+    env = {k: v for k, v in os.environ.items() if k != LEASE_ENV}
+    if lease is not None:
+        env[LEASE_ENV] = str(lease)
     return subprocess.Popen([sys.executable, "-m", "trueup.cli", "--config", config_path,
                              "backfill", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -48,6 +64,24 @@ def _chunks(state: str) -> list[tuple[int, str, int, str | None]]:
     with psycopg.connect(state) as conn:
         return [tuple(r) for r in conn.execute(  # type: ignore[misc]
             "SELECT chunk, status, attempts, lease_owner FROM trueup.chunks ORDER BY chunk")]
+
+
+def _quiet(state: str, timeout: float = 0.5) -> bool:
+    """Whether every other session on the state database is idle (or waits on a lock) within
+    ``timeout`` seconds: once its worker process is stopped, whatever that process had sent
+    (a chunk's completion committing, the next claim) has then taken effect."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(state, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state = 'active' "
+                "AND wait_event_type IS DISTINCT FROM 'Lock'").fetchone()
+            if row is not None and row[0] == 0:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
 
 
 def _count_copies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -79,30 +113,46 @@ def test_kill_9_mid_chunk_then_resume_completes_with_one_repairs_row_per_key(
     """``copied``: the target is empty and of the source's types, so every chunk goes in by
     COPY (see trueup.backfill.upsert._copy_fresh): the killed chunk is one of them (killed
     mostly while paced, before its read; a kill after its repairs rows committed is
-    test_backfill_copy's crash test), and so are the chunks the resume does."""
+    test_backfill_copy's crash test), and so are the chunks the resume does.
+
+    Between a chunk's completion and the next claim the worker holds no chunk, so it is
+    stopped (SIGSTOP) before the kill, and killed only when it then holds exactly one; else it
+    goes on (SIGCONT) and is caught later. Only the killed worker has a short lease: the
+    resume takes the default one, so no stall of it can claim a chunk a second time."""
     source, target = new_db(), new_db()
     make_tables(source, target, 2000, same_types=fresh)
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("TRUNCATE public.copy" if fresh else
                      "DELETE FROM public.copy WHERE order_id % 2 = 0")
     config = write_config(tmp_path, state_db, source, target)
-    worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "400")
-    deadline = time.monotonic() + 60
-    while True:
-        assert time.monotonic() < deadline, "the worker never got going"
-        assert worker.poll() is None, worker.communicate()
-        chunks = _chunks(state_db)
-        done = [c for c in chunks if c[1] == "done"]
-        if len(done) >= 3 and any(c[1] == "running" for c in chunks):
-            break
-        time.sleep(0.02)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait()
+    worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "400",
+                  lease=SHORT_LEASE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "the worker never got going"
+            assert worker.poll() is None, worker.communicate()
+            chunks = _chunks(state_db)
+            done = [c for c in chunks if c[1] == "done"]
+            if len(done) >= 3 and any(c[1] == "running" for c in chunks):
+                worker.send_signal(signal.SIGSTOP)
+                if (_quiet(state_db)
+                        and sum(c[1] == "running" for c in _chunks(state_db)) == 1):
+                    break
+                worker.send_signal(signal.SIGCONT)
+                time.sleep(0.2)  # lets it renew its lease before it is stopped again
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    finally:
+        if worker.poll() is None:  # the test failed: no stopped worker left behind
+            worker.kill()
+            worker.wait()
     killed = [c for c in _chunks(state_db) if c[1] == "running"]
     assert len(killed) == 1, _chunks(state_db)
 
     copied = _count_copies(monkeypatch)
-    summary = resume_backfill(config, 1, WorkerOptions(lease_seconds=LEASE))
+    summary = resume_backfill(config, 1, WorkerOptions())
 
     assert summary.status is BackfillStatus.SUCCEEDED
     assert bool(copied) is fresh, copied
@@ -117,6 +167,8 @@ def test_kill_9_mid_chunk_then_resume_completes_with_one_repairs_row_per_key(
 
 def test_several_worker_processes_share_one_backfill_and_never_hold_a_chunk_together(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """No worker is killed, so each takes the default lease: a chunk claimed twice can only
+    be two processes holding it together, never a stall that let its lease run out."""
     source, target = new_db(), new_db()
     make_tables(source, target, 3000)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -146,7 +198,10 @@ def test_live_source_writes_during_a_backfill_are_never_lost_or_overwritten(
         monkeypatch: pytest.MonkeyPatch, fresh: bool) -> None:
     """``copied``: the target lacks every key up to 1000 and has the source's types, so
     chunks there go in by COPY unless a live write reached their range first (or meanwhile:
-    then they are compared)."""
+    then they are compared).
+
+    The backfill is paced at 500 rows a second (about 4 s): long enough for the live writer,
+    slowed by a loaded machine, to write well over 100 keys while it runs."""
     source, target = new_db(), new_db()
     make_tables(source, target, 2000, same_types=fresh)
     made = drift(target)
@@ -194,7 +249,7 @@ def test_live_source_writes_during_a_backfill_are_never_lost_or_overwritten(
     writer.start()
     try:
         summary = start_backfill(config, "orders", BackfillOptions(
-            scope=BackfillScope.ALL, chunk_size=10 if fresh else 100, rate=1500, workers=2),
+            scope=BackfillScope.ALL, chunk_size=10 if fresh else 100, rate=500, workers=2),
             WorkerOptions(workers=2))
     finally:
         stop.set()
@@ -209,12 +264,14 @@ def test_live_source_writes_during_a_backfill_are_never_lost_or_overwritten(
     tgt = {r[0]: r for r in target_rows(target)}
     for key in set(written):
         assert tgt[key] == src[key], f"live write to {key} lost: {tgt[key]} vs {src[key]}"
-    # (about 45 of the 100 chunks up to key 1000, from run to run: the rest met live writes)
+    # (some 25 of the 100 chunks up to key 1000, from run to run: the rest met live writes)
     assert bool(copied) is fresh, copied
 
 
 def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The interrupted process leaves its chunk leased: a short lease, so the resume (on the
+    default lease) takes it over soon."""
     source, target = new_db(), new_db()
     make_tables(source, target, 1000)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -223,7 +280,8 @@ def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
     # 100 rows a second: the whole backfill would take 10 s, so a test process starved of CPU
     # for seconds (it was once, on a busy machine: the backfill ended before the signal)
     # still interrupts it.
-    worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "100")
+    worker = _cli(config.path, "orders", "--all", "--chunk-size", "100", "--rate", "100",
+                  lease=SHORT_LEASE)
     deadline = time.monotonic() + 60
     while not any(c[1] == "done" for c in _chunks(state_db)):
         assert time.monotonic() < deadline and worker.poll() is None, "no chunk got done"
@@ -232,9 +290,11 @@ def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
     worker.send_signal(signal.SIGINT)
     worker.communicate(timeout=60)
     assert worker.returncode == 130
-    assert time.monotonic() - interrupted < 3, "the workers went on after Ctrl-C"
+    # 6 s leaves a loaded machine room to start and end the interpreter, yet the rest of the
+    # backfill takes about 9 s: a worker that went on after Ctrl-C still fails this.
+    assert time.monotonic() - interrupted < 6, "the workers went on after Ctrl-C"
     assert any(c[1] != "done" for c in _chunks(state_db))
-    summary = resume_backfill(config, 1, WorkerOptions(lease_seconds=LEASE))
+    summary = resume_backfill(config, 1, WorkerOptions())
     assert summary.status is BackfillStatus.SUCCEEDED
     assert target_rows(target) == source_rows(source)
 
@@ -243,7 +303,12 @@ def test_a_backfill_rides_out_its_state_connections_being_dropped(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """A state database restart or failover ended every worker (exit 2, "resume with
     --resume") and left the backfill running, which also pauses auto-repair: now each worker
-    reconnects with backoff and the backfill finishes."""
+    reconnects with backoff and the backfill finishes.
+
+    100 rows a second: the 6 chunks take about 6 s, so the backfill is still running (its
+    workers hold state sessions) when the test, maybe starved of CPU for a while, drops them.
+    A chunk whose session was dropped stays leased: a short lease, so it is taken over
+    soon."""
     source, target = new_db(), new_db()
     make_tables(source, target, 600)
     with psycopg.connect(target, autocommit=True) as conn:
@@ -251,8 +316,8 @@ def test_a_backfill_rides_out_its_state_connections_being_dropped(
     config = write_config(tmp_path, state_db, source, target)
     result: list[Any] = []
     backfill = threading.Thread(target=lambda: result.append(start_backfill(
-        config, "orders", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100, rate=300),
-        WorkerOptions(workers=2, lease_seconds=LEASE))))
+        config, "orders", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100, rate=100),
+        WorkerOptions(workers=2, lease_seconds=SHORT_LEASE))))
     backfill.start()
     deadline = time.monotonic() + 60
     while not any(c[1] == "done" for c in _chunks(state_db)):
