@@ -177,9 +177,12 @@ def test_a_paced_replay_reads_no_more_than_five_minutes_of_letters_ahead() -> No
 def test_rabbitmq_replay_paced_slower_than_the_heartbeat_keeps_its_connection(
         amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
         queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # With a 1 s heartbeat, 3 s between letters: a pacer that sleeps without serving the
-    # connection lets the broker drop it after each copy; the letter whose ack was lost is
-    # read again after the reconnect and counted as skipped.
+    # With a 2 s heartbeat, 7 s between letters: a pacer that sleeps without serving the
+    # connection lets the broker drop it after each copy (RabbitMQ drops a connection silent
+    # for 2 to 3 heartbeat timeouts, 4-6 s here); the letter whose ack was lost is read again
+    # after the reconnect and counted as skipped. A pacer that serves it sends a heartbeat
+    # every 1 s: only a stall of 3 s or more on a busy machine drops it (a 1 s heartbeat let a
+    # 1.5 s stall drop it).
     dlq, target, config = _three_letters(queues, unique, "slow", tmp_path, state_db,
                                          kafka_bootstrap, amqp_url)
     connect = rabbitmq.connect_retrying
@@ -187,13 +190,13 @@ def test_rabbitmq_replay_paced_slower_than_the_heartbeat_keeps_its_connection(
 
     def short_heartbeat(url: str, *, what: str, heartbeat: int = 10) -> Any:
         connections.append(what)
-        return connect(url, what=what, heartbeat=1)
+        return connect(url, what=what, heartbeat=2)
 
     monkeypatch.setattr(rabbitmq, "connect_retrying", short_heartbeat)
-    done = replay(config, "slow", ReplayOptions(rate=1 / 3))
+    done = replay(config, "slow", ReplayOptions(rate=1 / 7))
     assert len(connections) == 1, f"{len(connections) - 1} reconnects during a paced replay"
     assert (done.moved, done.parked, done.skipped) == (3, 0, 0)
-    assert done.seconds >= 5.5, f"3 letters at 1/3 per second took {done.seconds:.1f}s"
+    assert done.seconds >= 13.5, f"3 letters at 1/7 per second took {done.seconds:.1f}s"
     assert queues.depth(dlq) == 0
     assert sorted(p.message_id for p, _ in queues.drain(target)) == ["s0", "s1", "s2"]
 
