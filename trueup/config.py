@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from trueup.db import redact
 from trueup.errors import ConfigError, ConfigErrors, NotFound
 from trueup.messages import describe_pydantic_error
 
@@ -172,12 +173,14 @@ class ConnectionConfig(_Model):
             ("postgresql://", "postgres://")
         ):
             raise ValueError(
-                f"expected a postgresql:// connection URL for postgres (got {self.postgres!r})"
+                "expected a postgresql:// connection URL for postgres "
+                f"(got {redact(self.postgres)!r})"
             )
         if self.kafka is not None and not self.kafka.get("bootstrap.servers"):
             raise ValueError("expected kafka properties with bootstrap.servers")
         if self.rabbitmq is not None and not self.rabbitmq.startswith(("amqp://", "amqps://")):
-            raise ValueError(f"expected an amqp:// URL for rabbitmq (got {self.rabbitmq!r})")
+            raise ValueError(
+                f"expected an amqp:// URL for rabbitmq (got {redact(self.rabbitmq)!r})")
         return self
 
     @property
@@ -513,7 +516,7 @@ def _cross_references(config: Config) -> list[tuple[str, str]]:
             )
 
     if not config.state.startswith(("postgresql://", "postgres://")):
-        problems.append(("state", f"expected a postgresql:// URL (got {config.state!r})"))
+        problems.append(("state", f"expected a postgresql:// URL (got {redact(config.state)!r})"))
     for name, rec in config.reconciliations.items():
         base = f"reconciliations.{name}"
         connection(f"{base}.source.connection", rec.source.connection, ConnectionKind.POSTGRES,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -21,12 +22,33 @@ CONNECT_TIMEOUT_SECONDS = 10
 #: server's encoding and DateStyle.
 SESSION_OPTIONS = ("-c extra_float_digits=1 -c jit=off -c TimeZone=UTC -c DateStyle=ISO "
                    "-c client_encoding=UTF8")
-_PASSWORD = re.compile(r"(://[^:/@]+:)[^@]*@")
+#: A URL's password (``scheme://user:PASSWORD@``, the user possibly empty).
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+#: A ``password=`` parameter, of a URL's query (``?password=...&``) or of ``key=value`` text
+#: (``password='a b'``).
+_PARAM_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
 
 
 def redact(dsn: str) -> str:
-    """The DSN with its password replaced by ``***``, safe to print and log."""
-    return _PASSWORD.sub(r"\1***@", dsn)
+    """The DSN (a URL, or anything else a user may have written for one) with its passwords
+    replaced by ``***``, safe to print and log."""
+    return _PARAM_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", dsn))
+
+
+def scrubbed(text: str, dsn: str) -> str:
+    """``text`` (a driver's message about ``dsn``) without ``dsn``'s password, which libpq
+    quotes back in some of its complaints (``unexpected spaces found in "..."``)."""
+    passwords: set[str] = set()
+    with contextlib.suppress(psycopg.Error):
+        passwords.add(str(conninfo_to_dict(dsn).get("password") or ""))
+    # as written, too (percent-encoded; or where a DSN libpq cannot parse puts it)
+    for pattern in (_URL_PASSWORD, _PARAM_PASSWORD):
+        for found in pattern.finditer(dsn):
+            passwords.add(found.group(0)[len(found.group(1)):].removesuffix("@").strip("'"))
+    for password in sorted(passwords - {""}, key=len, reverse=True):
+        # as a word of its own: a password "x" leaves "unexpected" alone
+        text = re.sub(rf"(?<![^\W_]){re.escape(password)}(?![^\W_])", "***", text)
+    return text
 
 
 def first_line(error: BaseException) -> str:
@@ -52,7 +74,7 @@ def connect(dsn: str, *, what: str, autocommit: bool = False,
         )
     except psycopg.Error as exc:
         raise ConnectionFailed(
-            f"{what}: cannot connect to {redact(dsn)}: {first_line(exc)}"
+            f"{what}: cannot connect to {redact(dsn)}: {scrubbed(first_line(exc), dsn)}"
         ) from exc
 
 

@@ -37,7 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from trueup.config import Config, ConnectionKind, TableName
-from trueup.db import first_line, redact, sqlalchemy_url
+from trueup.db import first_line, redact, scrubbed, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
 from trueup.statuses import CheckSeverity
 
@@ -351,7 +351,7 @@ def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
         raise
     except Exception as exc:
         raise QualityFailed(f"{suite.file or suite.table}: cannot validate {suite.table} at "
-                            f"{redact(dsn)}: {first_line(exc)}") from exc
+                            f"{redact(dsn)}: {scrubbed(first_line(exc), dsn)}") from exc
     outcomes = []
     for spec, res in _pair(suite.expectations, expectations, result.results):
         info: dict[str, Any] = dict(res.result or {})

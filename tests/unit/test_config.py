@@ -292,3 +292,17 @@ def test_a_partition_is_a_day_written_yyyy_mm_dd_only(given: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_partition(rec, "orders_events", given)
     assert str(caught.value) == f"--partition: expected a day like 2026-01-31 (got {given!r})"
+
+
+@pytest.mark.parametrize("where", ["state", "connection"])
+def test_a_dsn_refused_as_no_url_is_quoted_without_its_password(where: str) -> None:
+    dsn = "host=127.0.0.1 user=postgres password=Hunter2 dbname=trueup"
+
+    def key_value_form(raw: dict[str, Any]) -> None:
+        if where == "state":
+            raw["state"] = dsn
+        else:
+            raw["connections"]["shop"] = {"postgres": dsn}
+
+    message = _errors(key_value_form)
+    assert "password=***" in message and "Hunter2" not in message, message
