@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from trueup.db import first_line
+from trueup.db import first_line, scrubbed
 
 if TYPE_CHECKING:
     from trueup.metrics import MetricsServer
@@ -101,7 +101,7 @@ def postgres_check(dsn: str) -> Check:
                                  application_name="trueup readyz") as conn:
                 conn.execute("SELECT 1")
         except psycopg.Error as exc:
-            return f"database unreachable: {first_line(exc)}"
+            return f"database unreachable: {scrubbed(first_line(exc), dsn)}"
         return None
 
     return check
@@ -133,11 +133,14 @@ def rabbitmq_check(url: str) -> Check:
         import pika
 
         params = pika.URLParameters(url)
+        # every stage within the timeout: the AMQP handshake's own (stack_timeout) is 15 s
         params.socket_timeout = CHECK_TIMEOUT_SECONDS
+        params.stack_timeout = CHECK_TIMEOUT_SECONDS
+        params.blocked_connection_timeout = CHECK_TIMEOUT_SECONDS
         params.connection_attempts = 1
         try:
             pika.BlockingConnection(params).close()
-        except (pika.exceptions.AMQPError, OSError) as exc:
+        except Exception as exc:  # pika raises outside AMQPError too (a handshake timeout)
             return f"rabbitmq unreachable: {first_line(exc) or type(exc).__name__}"
         return None
 

@@ -31,6 +31,7 @@ from trueup.collection import batch_loop
 from trueup.config import Config, DeadLetterConfig
 from trueup.errors import Conflict, ConnectionFailed, StateError
 from trueup.fates import Plan, plan
+from trueup.health import HEALTH
 from trueup.letterboxes import Letterbox, Received, Settle, open_letterbox
 from trueup.letters import DeadLetter, Destination, LetterFilter
 from trueup.log import get_logger
@@ -129,9 +130,6 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
     summary = ReplaySummary(replay_id=replay_id, name=name, dry_run=options.dry_run,
                             moved=counts.moved, parked=counts.parked, skipped=counts.skipped,
                             seconds=seconds)
-    if not options.dry_run:
-        for outcome in ("moved", "parked", "skipped"):
-            metrics.REPLAYED.labels(name, outcome).inc(getattr(summary, outcome))
     log.info("replay.finished", **summary.as_json())
     return summary
 
@@ -208,7 +206,7 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
         total = counts.seen + box.depth() if progress is not None else 0
         recorder = _Recorder(config.state)
         closing.callback(recorder.close)
-        step = _Step(box=box, dlq=dlq, selection=selection, options=options, conn=conn,
+        step = _Step(name=name, box=box, dlq=dlq, selection=selection, options=options, conn=conn,
                      replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
                      planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
                      pacer=pacer)
@@ -384,6 +382,7 @@ class _Step:
     """Moves one batch after another: decide, publish, confirm, then record (in the
     background) and settle the batch before it."""
 
+    name: str
     box: Letterbox
     dlq: DeadLetterConfig
     selection: LetterFilter
@@ -520,10 +519,16 @@ class _Step:
             self.box.settle(pending.items, pending.settles)
 
     def _count(self, added: tuple[int, int, int]) -> None:
+        """Count a batch recorded, in the summary and (not a dry run's) in the metrics, as it
+        happens: a long replay shows its pace, a failed one what it moved before failing."""
         moved, parked, skipped = added
         self.counts.moved += moved
         self.counts.parked += parked
         self.counts.skipped += skipped
+        if not self.options.dry_run:
+            for outcome, n in (("moved", moved), ("parked", parked), ("skipped", skipped)):
+                metrics.REPLAYED.labels(self.name, outcome).inc(n)
+        HEALTH.progressed()
 
 
 _UNTOUCHED = Plan(outcome=None, destination=None, settle=Settle.UNTOUCHED)

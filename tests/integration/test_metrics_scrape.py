@@ -31,7 +31,9 @@ from trueup import headers, metrics
 from trueup.backfill import BackfillOptions, WorkerOptions, resume_backfill, start_backfill
 from trueup.backfill.planner import plan
 from trueup.cli import main
+from trueup.config import load_config
 from trueup.health import HEALTH
+from trueup.replay import ReplayOptions, replay
 from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
 from trueup.workers.kafka import KafkaWorker
@@ -263,3 +265,50 @@ def test_a_replay_counts_its_letters_on_metrics_and_prints_progress(
     assert after.get(key, 0.0) - before.get(key, 0.0) == 3
     assert "progress phase=letters done=3 total=3" in err, (
         f"expected plain progress lines on a non-terminal stderr, got {err!r}")
+
+
+def test_a_long_backfill_counts_as_progress_for_readiness(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A CLI backfill served /readyz (TRUEUP_METRICS_PORT) but never reported progress: two
+    minutes in, the process answered 503 'no progress' while it repaired chunk after chunk."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    metrics.LAST_PROGRESS.set(0)
+    summary = start_backfill(config, "orders", BackfillOptions(
+        scope=BackfillScope.ALL, chunk_size=256))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary
+    assert metrics.LAST_PROGRESS._value.get() > 0  # set by HEALTH.progressed() only
+    assert HEALTH.seconds_since_progress() < 60
+
+
+@pytest.mark.kafka
+def test_a_replay_counts_each_batch_on_metrics_as_it_goes_even_if_it_then_fails(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """Counted once the replay finished, a long replay showed no pace and one that failed
+    none of the letters it had moved."""
+    dlq, target = unique("orders.dlq"), unique("orders")
+    topics.create(dlq, target)
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(6)],
+                 extra_headers={headers.ERROR_CLASS: "ValueError", headers.ATTEMPTS: "1",
+                                headers.ORIGIN: target})
+    config = load_config(write_broker_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"orders_dlq": {"connection": "bus", "topic": dlq}}))
+    moved = metrics.REPLAYED.labels("orders_dlq", "moved")
+    before = moved._value.get()
+    metrics.LAST_PROGRESS.set(0)
+    batches: list[int] = []
+
+    def fails_at_the_fourth_batch(done: int, total: int) -> None:
+        batches.append(done)
+        if len(batches) == 4:  # by now the first batches are recorded and settled
+            raise RuntimeError("the replay stops here")
+
+    with pytest.raises(RuntimeError, match="stops here"):
+        replay(config, "orders_dlq", ReplayOptions(batch_size=1),
+               progress=fails_at_the_fourth_batch)
+    assert moved._value.get() - before >= 1, "letters moved before the failure went uncounted"
+    assert metrics.LAST_PROGRESS._value.get() > 0

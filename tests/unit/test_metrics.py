@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from trueup import metrics
-from trueup.health import Health, health_app
+from trueup.health import CHECK_TIMEOUT_SECONDS, Health, health_app, rabbitmq_check
 
 
 @pytest.fixture
@@ -158,3 +160,18 @@ def test_two_groups_consuming_one_topic_in_one_process_each_report_their_own_lag
     audit._forget_lag([("unit.lag", 0)])
     assert (reported("unit-billing"), reported("unit-audit")) == (7, None)
     billing._forget_lag([("unit.lag", 0)])
+
+
+def test_a_rabbitmq_that_accepts_but_never_answers_fails_its_check_within_the_timeout(
+) -> None:
+    """pika's AMQP handshake has a timeout of its own (15 s), and raised outside AMQPError:
+    the check took 15 s and lost its "rabbitmq unreachable" prefix."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the connection; nothing ever speaks AMQP
+        port = silent.getsockname()[1]
+        began = time.monotonic()
+        problem = rabbitmq_check(f"amqp://guest:guest@127.0.0.1:{port}/%2F")()
+        took = time.monotonic() - began
+    assert problem is not None and problem.startswith("rabbitmq unreachable: "), problem
+    assert took < CHECK_TIMEOUT_SECONDS + 7, f"the check took {took:.1f}s"  # not 15 s

@@ -27,6 +27,7 @@ from trueup.backfill.model import (
 from trueup.config import Config
 from trueup.db import connect, first_line
 from trueup.errors import ConnectionFailed, NotFound, StateError, TrueupError
+from trueup.health import HEALTH
 from trueup.log import get_logger
 from trueup.pacing import Pacer
 from trueup.queries import query
@@ -232,6 +233,7 @@ class _Worker:
         log.info("backfill.chunk_started", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts)
         began = time.monotonic()
+        HEALTH.progressed()
         with tracing.span("backfill.chunk", reconciliation=self.backfill.reconciliation,
                           backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts,
                           rows_planned=chunk.rows_planned) as span:
@@ -262,6 +264,7 @@ class _Worker:
                                  "skipped": result.skipped})
         metrics.record_chunk("done", time.monotonic() - began, repaired=result.repaired,
                              skipped=result.skipped)
+        HEALTH.progressed()
         log.info("backfill.chunk_done", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, rows=result.rows_read,
                  repaired=result.repaired, skipped=result.skipped)
