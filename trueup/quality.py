@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from trueup.config import Config, ConnectionKind, TableName
 from trueup.db import first_line, redact, scrubbed, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
+from trueup.runs import json_value
 from trueup.statuses import CheckSeverity
 
 SUITE_SUFFIXES = (".yaml", ".yml")
@@ -342,7 +343,8 @@ def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
             # GX 1.x would rather have the schema in the connection's search_path; a table
             # asset per schema-qualified table is clearer and still supported
             warnings.filterwarnings("ignore", "`schema_name` is deprecated", DeprecationWarning)
-            asset = source.add_table_asset(suite.table, table_name=suite.table_name,
+            # a name in quotes is GX's case-sensitive one ("Orders", as the config means it)
+            asset = source.add_table_asset(suite.table, table_name=_gx_name(suite.table_name),
                                            schema_name=suite.schema_name)
         batch = asset.add_batch_definition_whole_table("whole_table").get_batch()
         result = batch.validate(gx_suite, result_format={
@@ -362,9 +364,15 @@ def validate_suite(suite: Suite, dsn: str) -> list[ExpectationOutcome]:
             severity=spec.severity, element_count=info.get("element_count"),
             unexpected_count=info.get("unexpected_count"),
             unexpected_percent=round(float(percent), 4) if percent is not None else None,
-            sample=list(info.get("partial_unexpected_list") or [])[:SAMPLE_SIZE],
-            observed_value=info.get("observed_value"), kwargs=dict(spec.kwargs), error=error))
+            # plain JSON (a numeric's Decimal, a date: Dagster's JSON metadata refuses them)
+            sample=json_value(list(info.get("partial_unexpected_list") or [])[:SAMPLE_SIZE]),
+            observed_value=json_value(info.get("observed_value")),
+            kwargs=json_value(dict(spec.kwargs)), error=error))
     return outcomes
+
+
+def _gx_name(name: str) -> str:
+    return name if name == name.lower() else f'"{name}"'
 
 
 def _signature(type_: str, kwargs: dict[str, Any]) -> str:

@@ -222,3 +222,35 @@ def test_a_failed_error_check_on_the_source_table_blocks_the_auto_repair(
     sensor = defs.resolve_sensor_def("auto_repair_orders")
     tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
     assert tick.run_requests and len(tick.run_requests) == 1, tick.skip_message
+
+
+def test_a_suite_on_a_mixed_case_table_of_numerics_and_dates_reports_plain_json(
+        new_db: Callable[[], str], tmp_path: Path) -> None:
+    """GX folded an unquoted "Ledger" to ledger (every run failed: no such relation), and its
+    samples of numeric and date values (Decimal, date), like a date written in the suite,
+    made Dagster's JSON metadata refuse the whole check step."""
+    from checks.gx import check_result
+
+    dsn = new_db()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute('CREATE TABLE public."Ledger" (id bigint PRIMARY KEY, '
+                     'amount numeric(10,2), booked date)')
+        conn.execute("""INSERT INTO public."Ledger" SELECT g, g * 1.5, DATE '2026-01-01' + g
+                        FROM generate_series(1, 20) g""")
+        conn.execute('UPDATE public."Ledger" SET amount = -2.50, booked = DATE \'2025-12-01\' '
+                     "WHERE id = 4")
+    path = tmp_path / "ledger.yaml"
+    path.write_text(yaml.safe_dump({
+        "connection": "shop", "table": "public.Ledger", "expectations": [
+            {"type": "expect_column_values_to_be_between",
+             "kwargs": {"column": "amount", "min_value": 0}},
+            {"type": "expect_column_values_to_be_between",
+             "kwargs": {"column": "booked", "min_value": dt.date(2026, 1, 1)}}]}))
+    outcomes = {o.name: o for o in validate_suite(load_suite(path), dsn)}
+    amount, booked = outcomes["amount__be_between"], outcomes["booked__be_between"]
+    assert (amount.passed, amount.unexpected_count, amount.sample) == (False, 1, ["-2.50"])
+    assert (booked.passed, booked.sample) == (False, ["2025-12-01"])
+    assert booked.kwargs["min_value"] == "2026-01-01"
+    for outcome in outcomes.values():
+        result = check_result(table_key("shop", "public.Ledger"), outcome)
+        assert result.metadata["unexpected_sample"].value == outcome.sample
