@@ -21,6 +21,7 @@ from assets.lineage import mirror_key
 from trueup.checks import record_check_results
 from trueup.config import Config, ReconciliationConfig
 from trueup.diff import diff
+from trueup.errors import TrueupError
 from trueup.runs import RunSummary
 from trueup.statuses import CheckSeverity, DifferenceClass
 
@@ -98,9 +99,12 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
     )
     def _differences(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
         partition = context.partition_key if partitions is not None else None
-        summary = diff(config, name, partition=partition,
-                       progress=lambda phase, done, total: context.log.debug(
-                           f"{phase}: {done}/{total}"))
+        try:
+            summary = diff(config, name, partition=partition,
+                           progress=lambda phase, done, total: context.log.debug(
+                               f"{phase}: {done}/{total}"))
+        except TrueupError as exc:  # one line in the UI (the run is recorded failed)
+            raise dg.Failure(description=str(exc)) from exc
         context.log.info(
             f"run {summary.run_id}: " + ", ".join(
                 f"{c.value} {getattr(summary, c.value)}" for c in DifferenceClass))

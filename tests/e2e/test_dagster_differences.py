@@ -162,3 +162,20 @@ def test_reconcile_job_and_schedule_are_named_after_the_reconciliation(
     job = defs.resolve_job_def("reconcile_orders")
     assert job.asset_layer.executable_asset_keys == {differences_key("orders")}
     assert defs.resolve_schedule_def("reconcile_orders_schedule").job_name == "reconcile_orders"
+
+
+def test_a_diff_that_cannot_run_fails_its_step_with_one_line(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A missing target table failed the step with Dagster's wrapper around a traceback;
+    the other steps (backfill, replay, GX) say what is wrong in one line."""
+    config, _, target = _setup(new_db, state_db, tmp_path)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DROP TABLE public.copy")
+    (orders,) = reconciliation_definitions(config)
+    result = dg.materialize([*external_assets(config), orders.asset],
+                            selection=[differences_key("orders")], raise_on_error=False)
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    data = failure.step_failure_data
+    assert data.user_failure_data is not None, data.error
+    assert data.user_failure_data.description == "table public.copy does not exist"
