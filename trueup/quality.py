@@ -174,10 +174,16 @@ def _suite_of(path: Path, raw: Any) -> Suite:
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigError(file, where, err["msg"]) from None
     names = [e.check_name for e in suite.expectations]
+    signatures = [_signature(e.type, e.kwargs) for e in suite.expectations]
     for i, name in enumerate(names):
         if name in names[:i]:
             raise ConfigError(file, f"expectations.{i}.name",
                               f"expected a unique check name ({name!r} is used twice)")
+        if signatures[i] in signatures[:i]:
+            # GX keeps one of two equal expectations: the other would have no result
+            raise ConfigError(file, f"expectations.{i}", "expected each expectation once (the "
+                              f"same {suite.expectations[i].type} and kwargs as expectations."
+                              f"{signatures.index(signatures[i])})")
     return suite
 
 

@@ -55,6 +55,12 @@ def test_check_name_defaults_to_column_and_short_type_and_severity_to_error() ->
     ("connection: shop\ntable: t\nexpectations:\n  - type: expect_column_values_to_not_be_null\n"
      "    kwargs: {column: a}\n  - type: expect_column_values_to_not_be_null\n"
      "    kwargs: {column: a}\n", "unique check name"),
+    # the same expectation under two names: GX keeps one, the other never had a result
+    ("connection: shop\ntable: t\nexpectations:\n  - type: expect_column_values_to_not_be_null\n"
+     "    kwargs: {column: a}\n  - type: expect_column_values_to_not_be_null\n"
+     "    kwargs: {column: a}\n    name: a_again\n    severity: WARN\n",
+     "expectations.1: expected each expectation once (the same "
+     "expect_column_values_to_not_be_null and kwargs as expectations.0)"),
 ])
 def test_a_bad_suite_is_one_line_naming_the_file_and_field(
         tmp_path: Path, text: str, expected: str) -> None:
