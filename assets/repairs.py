@@ -233,6 +233,18 @@ def blocking_backfill(state_dsn: str, name: str) -> dict[str, Any] | None:
     return row if status.active or status is BackfillStatus.FAILED else None
 
 
+#: A run of a backfill job that may not have planned its backfill yet (or is running it).
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
+              dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+def backfill_run_in_flight(instance: dg.DagsterInstance, job_name: str) -> dg.DagsterRun | None:
+    """A launched run of the backfill job ``job_name`` not yet finished: its backfill may not
+    be in trueup's state yet (queued, starting, planning), so a second one would fail."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT), limit=1)
+    return runs[0] if runs else None
+
+
 def _runs(requests: list[dg.RunRequest]) -> str:
     ids = [r.tags["trueup/run_id"] for r in requests]
     return f"run{'s' if len(ids) > 1 else ''} {', '.join(ids)}"
@@ -304,7 +316,7 @@ def _sensor(config: Config, name: str, job: Any,
             # nothing materialized yet: every materialization from now on is new
             return dg.SensorResult(skip_reason=f"no new materialization of {key.to_user_string()}",
                                    cursor=context.cursor or "0")
-        requests: list[dg.RunRequest] = []
+        requests: list[tuple[int, dg.RunRequest]] = []  # (storage id, request), oldest first
         skipped: list[str] = []
         breakers: list[str] = []
         for record in records:
@@ -313,27 +325,45 @@ def _sensor(config: Config, name: str, job: Any,
                 continue
             decision, tripped = decide(materialization)
             if isinstance(decision, dg.RunRequest):
-                requests.append(decision)
+                requests.append((record.storage_id, decision))
             else:
                 (breakers if tripped else skipped).append(decision.skip_message or "")
-        # A tick either launches runs or says why it skipped, never both, so a breaker that
+        cursor = str(max(r.storage_id for r in records))  # every record decided
+        launch: list[dg.RunRequest] = []
+        # A tick either launches a run or says why it skipped, never both, so a breaker that
         # opened on one run holds back the tick's other runs as well (older ones found part
         # of the same drift): the tick's skip reason then says why. The next run decides anew.
         if requests and breakers:
-            breakers.append(f"held back with it: the backfill of {_runs(requests)}")
-            requests = []
-        if requests:
+            breakers.append(f"held back with it: the backfill of "
+                            f"{_runs([r for _, r in requests])}")
+        elif requests:
+            # One backfill per reconciliation at a time (a second one fails at once, and its
+            # run would never be repaired). A run needs none when a newer run of its partition
+            # (of the whole table: any newer run) found the differences as they are now; of
+            # the rest the oldest goes now, the others are decided again on later ticks.
+            newest = {r.partition_key: (storage_id, r) for storage_id, r in requests}
+            storage_id, first = min(newest.values(), key=lambda pair: pair[0])
             backfill = blocking_backfill(config.state, name)
-            if backfill is not None:
-                breakers.append(paused_reason(name, backfill, requests))
-                requests = []
+            if backfill is not None and BackfillStatus(backfill["status"]).active:
+                breakers.append(paused_reason(name, backfill, [r for _, r in requests]))
+                cursor = str(requests[0][0] - 1)  # held: decided again next tick
+            elif backfill is not None:  # failed: paused until a person resumes it
+                breakers.append(paused_reason(name, backfill, [r for _, r in requests]))
+            elif (launched := backfill_run_in_flight(context.instance, job.name)) is not None:
+                status = launched.status.value.lower().replace("_", " ")
+                breakers.append(
+                    f"auto-repair of {name} waits: run {launched.run_id} of {job.name} is "
+                    f"{status} (one backfill per reconciliation at a time); not launching the "
+                    f"backfill of {_runs([r for _, r in requests])}")
+                cursor = str(requests[0][0] - 1)
+            else:
+                launch, cursor = [first], str(storage_id)
         for message in breakers:
             context.log.warning(message)
         for message in skipped:
             context.log.info(message)
-        cursor = str(max(r.storage_id for r in records))
-        if requests:
-            return dg.SensorResult(run_requests=requests, cursor=cursor)
+        if launch:
+            return dg.SensorResult(run_requests=launch, cursor=cursor)
         return dg.SensorResult(skip_reason="; ".join(breakers + skipped)
                                or "not a materialization", cursor=cursor)
 

@@ -117,14 +117,24 @@ def test_auto_repair_sensor_decides_on_every_run_since_its_last_tick(
                               instance=instance).success
     tick = sensor.evaluate_tick(dg.build_sensor_context(
         instance=instance, definitions=defs, cursor=idle.cursor))
-    run_ids = [r.run_config["ops"][repairs_op_name("orders")]["config"]["run_id"]
-               for r in tick.run_requests or []]
-    assert len(run_ids) == 2 and run_ids[0] < run_ids[1], (
-        f"expected a backfill of each of the two runs, oldest first (got run ids {run_ids})")
+    # both found the whole table's differences: the newer, as they are now, is repaired (two
+    # backfills of one reconciliation cannot run at once: the second would fail)
+    older, newer = _run_ids_in_state(state_db)
+    assert _run_ids(tick) == [newer], f"expected the backfill of run {newer} only, not {older}"
 
     again = sensor.evaluate_tick(dg.build_sensor_context(
         instance=instance, definitions=defs, cursor=tick.cursor))
     assert not again.run_requests, "a run was decided on twice"
+
+
+def _run_ids(tick: dg.SensorExecutionData) -> list[int]:
+    return [r.run_config["ops"][repairs_op_name("orders")]["config"]["run_id"]
+            for r in tick.run_requests or []]
+
+
+def _run_ids_in_state(state_db: str) -> list[int]:
+    with psycopg.connect(state_db) as conn:
+        return [r[0] for r in conn.execute("SELECT run_id FROM trueup.runs ORDER BY run_id")]
 
 
 def _diff_then_tick(defs: dg.Definitions, assets: list[Any], instance: dg.DagsterInstance,
@@ -245,3 +255,75 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
     with psycopg.connect(state_db) as conn:
         left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
     assert left == [], f"a refused launch left backfills behind: {left}"
+
+
+def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A schedule's first tick of a day diffs yesterday and today: both runs were launched in
+    one tick, the second backfill failed at once ("another backfill is running") and its
+    partition's differences were never repaired."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
+                     "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
+                     "END")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id IN (10, 200)")  # one a day
+    config = write_config(tmp_path, state_db, source, target, auto_repair={
+        "max_differences": 20}, partitions={"daily": {"start": "2026-02-01"}})
+    defs, assets = _defs(config)
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    for day in ("2026-02-01", "2026-02-02"):
+        assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
+                              partition_key=day).success
+    first_day, second_day = _run_ids_in_state(state_db)
+
+    ticks = [idle]
+    for _ in range(3):
+        ticks.append(sensor.evaluate_tick(dg.build_sensor_context(
+            instance=instance, definitions=defs, cursor=ticks[-1].cursor)))
+    assert [_run_ids(t) for t in ticks[1:]] == [[first_day], [second_day], []]
+    assert [r.partition_key for t in ticks[1:3] for r in t.run_requests or []] == [
+        "2026-02-01", "2026-02-02"]
+
+
+def test_a_run_held_while_a_backfill_is_active_is_launched_once_it_is_done(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Held back by a running backfill, a run was skipped for good (the cursor moved past
+    it): its differences waited for the next diff, never for a partition's past day."""
+    defs, assets, instance, _ = _auto_repaired(new_db, state_db, tmp_path)
+    with psycopg.connect(state_db, autocommit=True) as conn:  # someone's `trueup backfill`
+        row = conn.execute("INSERT INTO trueup.backfills (reconciliation, scope, status, "
+                           "chunk_size) VALUES ('orders', 'all', 'running', 100) "
+                           "RETURNING backfill_id").fetchone()
+    assert row is not None
+    held = _diff_then_tick(defs, assets, instance, None)
+    assert not held.run_requests
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("UPDATE trueup.backfills SET status = 'succeeded' WHERE backfill_id = %s",
+                     (row[0],))
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    tick = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=held.cursor))
+    assert _run_ids(tick) == _run_ids_in_state(state_db)
+
+
+def test_auto_repair_waits_for_a_launched_backfill_run_not_yet_in_the_state(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A backfill job run queued or starting has no backfill row yet: launching another
+    beside it made one of the two fail."""
+    defs, assets, instance, _ = _auto_repaired(new_db, state_db, tmp_path)
+    launched = instance.create_run_for_job(defs.resolve_job_def("backfill_orders"),
+                                           status=dg.DagsterRunStatus.STARTING)
+    tick = _diff_then_tick(defs, assets, instance, None)
+    assert not tick.run_requests
+    message = tick.skip_message or ""
+    assert f"run {launched.run_id} of backfill_orders is starting" in message, message
+    instance.report_run_canceled(launched)
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    again = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=tick.cursor))
+    assert len(again.run_requests or []) == 1, again.skip_message
