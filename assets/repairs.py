@@ -36,7 +36,7 @@ from trueup.backfill import (
     lease_seconds,
     start_backfill,
 )
-from trueup.backfill.model import DEFAULT_CHUNK_ROWS
+from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS
 from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
 from trueup.db import connect
@@ -98,6 +98,8 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     for field, value in (("chunk_size", config.chunk_size), ("workers", config.workers)):
         if value <= 0:
             raise dg.Failure(f"{field}: expected a positive integer (got {value})")
+    if config.chunk_size > MAX_CHUNK_ROWS:
+        raise dg.Failure(f"chunk_size: expected at most {MAX_CHUNK_ROWS} (got {config.chunk_size})")
     if not valid_rate(config.rate):
         raise dg.Failure(f"rate: expected a positive number of rows per second "
                          f"(got {config.rate})")

@@ -39,14 +39,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_TROUBLE, f"{self.prog}: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+#: The most the state's bigint columns hold (ids, --max, --limit).
+BIGINT_MAX = 2**63 - 1
+
+
+def _positive_int(text: str, most: int = BIGINT_MAX) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer (got {text!r})")
+    if not 0 < value <= most:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer up to {most} (got {text!r})" if value > 0 else
+            f"expected a positive integer (got {text!r})")
     return value
+
+
+def _chunk_size(text: str) -> int:
+    from trueup.backfill.model import MAX_CHUNK_ROWS
+
+    return _positive_int(text, MAX_CHUNK_ROWS)
 
 
 def _positive_float(text: str) -> float:
@@ -88,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--resume", type=_positive_int, metavar="ID")
     scope.add_argument("--cancel", type=_positive_int, metavar="ID")
     backfill.add_argument("--dry-run", action="store_true")
-    backfill.add_argument("--chunk-size", type=_positive_int, metavar="N")
+    backfill.add_argument("--chunk-size", type=_chunk_size, metavar="N")
     backfill.add_argument("--rate", type=_positive_float, metavar="ROWS_PER_S")
     backfill.add_argument("--workers", type=_positive_int, metavar="N", default=1)
     backfill.add_argument("--json", action="store_true")

@@ -45,15 +45,38 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
         if not isinstance(parsed, list) or len(parsed) != parts:
             raise UsageError(f"lineage: KEY: expected a JSON array of {parts} values for a "
                              f"composite key (got {text!r})")
-        return [parsed]
+        return _storable([parsed], text)
     if isinstance(parsed, list):
         if len(parsed) != 1:
             raise UsageError(f"lineage: KEY: expected one value (got {text!r})")
-        return [parsed]
+        return _storable([parsed], text)
     forms = [[parsed]]
     if [text] != forms[0]:
         forms.append([text])
+    return _storable(forms, text)
+
+
+def _storable(forms: list[list[Any]], text: str) -> list[list[Any]]:
+    """``forms``, refused in one line when no stored key can hold them: Postgres's JSON has no
+    NUL character, and text not valid UTF-8 (a lone surrogate, or bytes a shell passed on)
+    is no key's."""
+    def refused(value: Any) -> bool:
+        if isinstance(value, str):
+            return "\x00" in value or _not_utf8(value)
+        return isinstance(value, list) and any(refused(v) for v in value)
+
+    if refused(forms[0]):
+        raise UsageError(f"lineage: KEY: {text!r} cannot be a stored key (a NUL character, or "
+                         f"text that is not UTF-8)")
     return forms
+
+
+def _not_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def lineage(conn: psycopg.Connection[Any], name: str,
@@ -72,6 +95,16 @@ def _unconfirmed(chunk_status: str) -> str:
     return f"  (intent only: chunk {chunk_status}, not confirmed)"
 
 
+def _version(value: Any) -> str:
+    """A side's version, ``-`` where there is none (no row, or no version column)."""
+    return "-" if value is None else f"v{value}"
+
+
+def _or_none(fingerprint: Any) -> str:
+    """A fingerprint, ``-`` where there is none (no row before an insert, after a delete)."""
+    return "-" if fingerprint is None else str(fingerprint)
+
+
 def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
     rec = config.reconciliation(args.name)
     forms = parse_key(args.key, len(rec.source.key))
@@ -84,10 +117,11 @@ def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
           f"{len(document['repairs'])} repairs")
     for run in document["runs"]:
         print(f"  run {run['run_id']}  {run['started_at']:%Y-%m-%d %H:%M:%S}  {run['class']}  "
-              f"source v{run['source_version']} target v{run['target_version']}")
+              f"source {_version(run['source_version'])} "
+              f"target {_version(run['target_version'])}")
     for rep in document["repairs"]:
         print(f"  backfill {rep['backfill_id']} chunk {rep['chunk']}  "
               f"{rep['at']:%Y-%m-%d %H:%M:%S}  {rep['action']}  "
-              f"{rep['fingerprint_before']} -> {rep['fingerprint_after']}"
+              f"{_or_none(rep['fingerprint_before'])} -> {_or_none(rep['fingerprint_after'])}"
               f"{_unconfirmed(rep['chunk_status'])}")
     return 0

@@ -319,8 +319,9 @@ def test_lineage_marks_the_intent_of_a_chunk_that_failed_for_good_as_unconfirmed
     assert [(r["action"], r["chunk_status"], r["backfill_status"]) for r in repairs] == [
         ("insert", "failed", "failed")]
     assert cmd_lineage(config, argparse.Namespace(name="orders", key="1", json=False)) == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith(
-        "  (intent only: chunk failed, not confirmed)")
+    shown = capsys.readouterr().out.splitlines()[-1]
+    assert shown.endswith("  (intent only: chunk failed, not confirmed)"), shown
+    assert "  insert  - -> " in shown, f"no fingerprint before an insert prints as -: {shown}"
     monkeypatch.undo()
     capsys.readouterr()
     assert resume_backfill(config, summary.backfill_id).status is BackfillStatus.SUCCEEDED

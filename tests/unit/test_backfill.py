@@ -123,6 +123,15 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
         parse_key("eu", 2)
 
 
+@pytest.mark.parametrize("text, parts", [
+    ('"\\u0000"', 1), ("a\x00b", 1), ("\udcff", 1), ('["eu", "\\u0000"]', 2)])
+def test_a_lineage_key_no_stored_key_can_be_is_refused_in_one_line(text: str, parts: int) -> None:
+    """A NUL (jsonb has none) or text not UTF-8 (bytes a shell passed on: surrogates) reached
+    Postgres: a traceback and 'unexpected error'."""
+    with pytest.raises(UsageError, match="cannot be a stored key"):
+        parse_key(text, parts)
+
+
 def test_a_fresh_chunk_s_copy_lines_split_into_target_rows_and_repairs_rows_escapes_and_all(
         ) -> None:
     """COPY text escapes tabs, newlines and backslashes inside fields: each field passes on

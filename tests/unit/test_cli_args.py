@@ -75,3 +75,18 @@ def test_a_lease_from_the_environment_is_a_number_of_seconds_or_a_usage_error(
     assert lease_seconds() == 2.5
     monkeypatch.delenv(LEASE_ENV)
     assert lease_seconds() == LEASE_SECONDS
+
+
+@pytest.mark.parametrize("argv, most", [
+    (["status", "--limit", "99999999999999999999"], 2**63 - 1),
+    (["replay", "dlq", "--max", "9223372036854775808"], 2**63 - 1),
+    (["backfill", "orders", "--all", "--chunk-size", "2147483648"], 2**31 - 1),
+])
+def test_a_number_past_what_the_state_holds_is_refused_in_one_line(
+        argv: list[str], most: int, capsys: pytest.CaptureFixture[str]) -> None:
+    """It reached Postgres ("bigint out of range"): a traceback and 'unexpected error'."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(argv)
+    assert exit_.value.code == cli.EXIT_TROUBLE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"expected a positive integer up to {most} (got {argv[-1]!r})"), err

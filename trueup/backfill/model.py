@@ -22,6 +22,8 @@ from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder, RepairActio
 
 #: Rows per chunk unless ``--chunk-size`` says otherwise.
 DEFAULT_CHUNK_ROWS = 10_000
+#: The largest chunk size the state holds (an ``integer`` column).
+MAX_CHUNK_ROWS = 2**31 - 1
 #: A failing chunk is tried this often, backing off 1 s, 2 s, 4 s ... (capped at 60 s).
 CHUNK_RETRY = RetryPolicy(max_attempts=5, initial_seconds=1.0, multiplier=2.0, max_seconds=60.0)
 
