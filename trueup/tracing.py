@@ -157,7 +157,7 @@ def message_span(name: str, headers: Any, *, kind: SpanKind = SpanKind.CONSUMER,
         if carried is None:
             yield trace.INVALID_SPAN
             return
-        token = otel_context.attach(_PROPAGATOR.extract({TRACEPARENT: carried}))
+        token = otel_context.attach(extract(headers))  # with its tracestate
         try:
             yield trace.get_current_span()
         finally:

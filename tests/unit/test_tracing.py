@@ -119,6 +119,17 @@ def test_with_tracing_off_a_message_span_makes_its_trace_current_without_a_span(
         assert tracing.current_trace_id() is None
 
 
+def test_with_tracing_off_a_message_s_tracestate_travels_on_with_its_traceparent() -> None:
+    """Messages a handler published carried the traceparent alone: a vendor's tracestate
+    was lost at the first hop with tracing off (kept with it on)."""
+    tracing.shutdown()  # tracing off
+    carried = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with tracing.message_span("handle", {"traceparent": carried, "tracestate": "vendor=abc"}):
+        published = tracing.inject({"x-trueup-attempt": 1})
+    assert published == {"x-trueup-attempt": 1, "traceparent": carried,
+                         "tracestate": "vendor=abc"}
+
+
 def test_the_exporter_named_in_the_environment_prints_spans_on_stderr(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv(tracing.EXPORTER_ENV, "console")
