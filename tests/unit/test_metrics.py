@@ -12,8 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import unused_port
 from trueup import metrics
-from trueup.health import CHECK_TIMEOUT_SECONDS, Health, health_app, rabbitmq_check
+from trueup.health import (
+    CHECK_TIMEOUT_SECONDS,
+    Health,
+    health_app,
+    kafka_check,
+    rabbitmq_check,
+)
 
 
 @pytest.fixture
@@ -175,3 +182,14 @@ def test_a_rabbitmq_that_accepts_but_never_answers_fails_its_check_within_the_ti
         took = time.monotonic() - began
     assert problem is not None and problem.startswith("rabbitmq unreachable: "), problem
     assert took < CHECK_TIMEOUT_SECONDS + 7, f"the check took {took:.1f}s"  # not 15 s
+
+
+def test_a_kafka_check_against_a_broker_that_is_down_says_so_once(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """librdkafka printed its own %3|...|FAIL| lines on stderr (dozens a probe, plain text
+    among the JSON logs) besides the check's answer."""
+    port = unused_port()
+    problem = kafka_check({"bootstrap.servers": f"127.0.0.1:{port}"})()
+    assert problem is not None and problem.startswith("kafka unreachable: "), problem
+    err = capfd.readouterr().err
+    assert "|FAIL|" not in err, err[:300]
