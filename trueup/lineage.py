@@ -4,8 +4,11 @@ repair of it, read from trueup's state (row-level lineage)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
+import uuid
 from typing import Any
 
 import psycopg
@@ -28,32 +31,63 @@ def _finite(number: str) -> float:
     return value if math.isfinite(value) else _not_json(number)
 
 
+#: At most this many stored forms of one KEY are looked up.
+MAX_FORMS = 64
+
+
+def _json(text: str) -> Any:
+    # NaN and Infinity (and 1e400) are JSON to Python, not to Postgres: such a key is its text
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+
+
 def parse_key(text: str, parts: int) -> list[list[Any]]:
     """The stored forms a command-line KEY may have: ``42`` is ``[42]`` or ``["42"]``.
 
     A single key is its value (a number, a string, or a JSON value); a composite key must be a
-    JSON array of ``parts`` values. The type of a column is not known here, so both a number's
-    JSON form and its text are looked up.
+    JSON array of ``parts`` values. The types of the key's columns are not known here, so each
+    value is looked up in every form it may be stored as (:func:`_alternatives`), and a single
+    key written as JSON (``["x"]``) also as that text.
     """
     try:
-        # NaN and Infinity (and 1e400) are JSON to Python, not to Postgres: such a key is
-        # its text
-        parsed = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        parsed = _json(text)
     except ValueError:
         parsed = None if parts > 1 else text
     if parts > 1:
         if not isinstance(parsed, list) or len(parsed) != parts:
             raise UsageError(f"lineage: KEY: expected a JSON array of {parts} values for a "
                              f"composite key (got {text!r})")
-        return _storable([parsed], text)
-    if isinstance(parsed, list):
+        values = parsed
+    elif isinstance(parsed, list):
         if len(parsed) != 1:
             raise UsageError(f"lineage: KEY: expected one value (got {text!r})")
-        return _storable([parsed], text)
-    forms = [[parsed]]
-    if [text] != forms[0]:
-        forms.append([text])
+        values = parsed
+    else:
+        values = [parsed]
+    forms = [list(form) for form in itertools.islice(
+        itertools.product(*(_alternatives(v) for v in values)), MAX_FORMS)]
+    if parts == 1 and [text] not in forms:
+        forms.append([text])  # a text key that reads as JSON (or a number) is also its text
     return _storable(forms, text)
+
+
+def _alternatives(value: Any) -> list[Any]:
+    """A key value as each type may store it: a number as itself and as text (a text column
+    holding digits), text of a number as that number, a uuid in its canonical form (lower
+    case, no braces) as Postgres prints it."""
+    found = [value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        found.append(json.dumps(value))
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = _json(value)
+            if isinstance(number, int | float) and not isinstance(number, bool):
+                found.append(number)
+        with contextlib.suppress(ValueError):
+            found.append(str(uuid.UUID(value)))
+    unique: dict[str, Any] = {}  # by JSON text: 1 and 1.0 are one stored form, 1 and "1" two
+    for form in found:
+        unique.setdefault(json.dumps(form), form)
+    return list(unique.values())
 
 
 def _storable(forms: list[list[Any]], text: str) -> list[list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from psycopg import sql
@@ -113,14 +114,31 @@ def test_the_pacer_caps_rows_per_second(monkeypatch: pytest.MonkeyPatch) -> None
 def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
     assert parse_key("42", 1) == [[42], ["42"]]
     assert parse_key("abc", 1) == [["abc"]]
-    assert parse_key('["eu", 1]', 2) == [["eu", 1]]
-    assert parse_key("[7]", 1) == [[7]]
+    assert parse_key('["eu", 1]', 2) == [["eu", 1], ["eu", "1"]]
+    assert parse_key("[7]", 1) == [[7], ["7"], ["[7]"]]
     assert parse_key("NaN", 1) == [["NaN"]]  # JSON to Python, not to Postgres
     assert parse_key("1e400", 1) == [["1e400"]]  # Infinity as a double: its text
     with pytest.raises(UsageError, match="JSON array of 2"):
         parse_key("[1.5, 1e400]", 2)  # no such key: one line, not a jsonb error
     with pytest.raises(UsageError, match="JSON array of 2"):
         parse_key("eu", 2)
+
+
+@pytest.mark.parametrize("text, parts, stored", [
+    # a text key that reads as JSON: also looked up as that text
+    ('["x"]', 1, ["[\"x\"]"]),
+    # a uuid as Postgres prints it, whatever case or braces it was written in
+    ("6F9619FF-8B86-D011-B42D-00C04FC964FF", 1, ["6f9619ff-8b86-d011-b42d-00c04fc964ff"]),
+    ("{6f9619ff-8b86-d011-b42d-00c04fc964ff}", 1, ["6f9619ff-8b86-d011-b42d-00c04fc964ff"]),
+    # each part of a composite key in each form: digits of an integer column written as text
+    ('["acme", "1"]', 2, ["acme", 1]),
+    ("[7, 3]", 2, ["7", "3"]),
+])
+def test_a_lineage_key_is_looked_up_in_every_form_it_may_be_stored_in(
+        text: str, parts: int, stored: list[Any]) -> None:
+    """Only the exact JSON types were: an upper-case uuid, a composite key of an integer and
+    a text column written all as text, a text key that reads as JSON found nothing."""
+    assert stored in parse_key(text, parts)
 
 
 @pytest.mark.parametrize("text, parts", [
