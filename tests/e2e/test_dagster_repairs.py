@@ -212,6 +212,15 @@ def test_auto_repair_waits_while_a_backfill_of_the_reconciliation_is_active(
     assert f"backfill {row[0]} is still running" in message, message
     assert f"`trueup backfill --resume {row[0]}`" in message, message
 
+    # Held, not skipped for good (the cursor moved past it: its differences waited for the
+    # next diff, never for a partition's past day): launched once the backfill is done.
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("UPDATE trueup.backfills SET status = 'succeeded' WHERE backfill_id = %s",
+                     (row[0],))
+    again = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs, cursor=tick.cursor))
+    assert _run_ids(again) == _run_ids_in_state(state_db)
+
 
 def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
@@ -288,27 +297,6 @@ def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(
     assert [_run_ids(t) for t in ticks[1:]] == [[first_day], [second_day], []]
     assert [r.partition_key for t in ticks[1:3] for r in t.run_requests or []] == [
         "2026-02-01", "2026-02-02"]
-
-
-def test_a_run_held_while_a_backfill_is_active_is_launched_once_it_is_done(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    """Held back by a running backfill, a run was skipped for good (the cursor moved past
-    it): its differences waited for the next diff, never for a partition's past day."""
-    defs, assets, instance, _ = _auto_repaired(new_db, state_db, tmp_path)
-    with psycopg.connect(state_db, autocommit=True) as conn:  # someone's `trueup backfill`
-        row = conn.execute("INSERT INTO trueup.backfills (reconciliation, scope, status, "
-                           "chunk_size) VALUES ('orders', 'all', 'running', 100) "
-                           "RETURNING backfill_id").fetchone()
-    assert row is not None
-    held = _diff_then_tick(defs, assets, instance, None)
-    assert not held.run_requests
-    with psycopg.connect(state_db, autocommit=True) as conn:
-        conn.execute("UPDATE trueup.backfills SET status = 'succeeded' WHERE backfill_id = %s",
-                     (row[0],))
-    sensor = defs.resolve_sensor_def("auto_repair_orders")
-    tick = sensor.evaluate_tick(dg.build_sensor_context(
-        instance=instance, definitions=defs, cursor=held.cursor))
-    assert _run_ids(tick) == _run_ids_in_state(state_db)
 
 
 def test_auto_repair_waits_for_a_launched_backfill_run_not_yet_in_the_state(
