@@ -129,14 +129,10 @@ def _unconfirmed(chunk_status: str) -> str:
     return f"  (intent only: chunk {chunk_status}, not confirmed)"
 
 
-def _version(value: Any) -> str:
-    """A side's version, ``-`` where there is none (no row, or no version column)."""
-    return "-" if value is None else f"v{value}"
-
-
-def _or_none(fingerprint: Any) -> str:
-    """A fingerprint, ``-`` where there is none (no row before an insert, after a delete)."""
-    return "-" if fingerprint is None else str(fingerprint)
+def _shown(value: Any, prefix: str = "") -> str:
+    """A version (``prefix`` v) or a fingerprint, ``-`` where there is none (no row, no
+    version column; no row before an insert, after a delete)."""
+    return "-" if value is None else f"{prefix}{value}"
 
 
 def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
@@ -151,11 +147,11 @@ def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
           f"{len(document['repairs'])} repairs")
     for run in document["runs"]:
         print(f"  run {run['run_id']}  {run['started_at']:%Y-%m-%d %H:%M:%S}  {run['class']}  "
-              f"source {_version(run['source_version'])} "
-              f"target {_version(run['target_version'])}")
+              f"source {_shown(run['source_version'], 'v')} "
+              f"target {_shown(run['target_version'], 'v')}")
     for rep in document["repairs"]:
         print(f"  backfill {rep['backfill_id']} chunk {rep['chunk']}  "
               f"{rep['at']:%Y-%m-%d %H:%M:%S}  {rep['action']}  "
-              f"{_or_none(rep['fingerprint_before'])} -> {_or_none(rep['fingerprint_after'])}"
+              f"{_shown(rep['fingerprint_before'])} -> {_shown(rep['fingerprint_after'])}"
               f"{_unconfirmed(rep['chunk_status'])}")
     return 0
