@@ -36,12 +36,11 @@ from trueup.backfill import (
     lease_seconds,
     start_backfill,
 )
-from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_CHUNK_ROWS
+from trueup.backfill.model import DEFAULT_CHUNK_ROWS
 from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
 from trueup.db import connect
-from trueup.errors import TrueupError
-from trueup.pacing import valid_rate
+from trueup.errors import TrueupError, UsageError
 from trueup.queries import query
 from trueup.statuses import BackfillScope, BackfillStatus, DifferenceClass
 
@@ -93,30 +92,20 @@ class RepairDefinitions:
 
 def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOptions:
     """The backfill the launchpad asks for; a bad value fails the run before anything is
-    planned (0 workers would leave a backfill running that no thread works on, blocking every
-    later one)."""
-    for field, value in (("chunk_size", config.chunk_size), ("workers", config.workers)):
-        if value <= 0:
-            raise dg.Failure(f"{field}: expected a positive integer (got {value})")
-    if config.chunk_size > MAX_CHUNK_ROWS:
-        raise dg.Failure(f"chunk_size: expected at most {MAX_CHUNK_ROWS} (got {config.chunk_size})")
-    if not valid_rate(config.rate):
-        raise dg.Failure(f"rate: expected a positive number of rows per second "
-                         f"(got {config.rate})")
+    planned (BackfillOptions refuses it)."""
     scope = config.scope
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
     partition = config.partition or partition_key
     if scope == "auto":
         scope = "partition" if partition else "run" if config.run_id else "all"
-    if scope == "run" and config.run_id is None:
-        raise dg.Failure("scope run needs run_id")
-    if scope == "partition" and not partition:
-        raise dg.Failure("scope partition needs a partition (or a partitioned run)")
-    return BackfillOptions(scope=BackfillScope(scope), run_id=config.run_id,
-                           partition=partition if scope == "partition" else None,
-                           dry_run=config.dry_run, chunk_size=config.chunk_size,
-                           rate=config.rate, workers=config.workers)
+    try:
+        return BackfillOptions(scope=BackfillScope(scope), run_id=config.run_id,
+                               partition=partition if scope == "partition" else None,
+                               dry_run=config.dry_run, chunk_size=config.chunk_size,
+                               rate=config.rate, workers=config.workers)
+    except UsageError as exc:
+        raise dg.Failure(description=str(exc)) from exc
 
 
 def lineage_sample(state_dsn: str, backfill_id: int) -> str:

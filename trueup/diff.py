@@ -41,10 +41,8 @@ from trueup.runs import (
 from trueup.sides import (
     SharedTypes,
     Side,
-    column_types,
     day_filter,
     reconciled_types,
-    require,
     require_utf8,
     table_side,
 )
@@ -157,11 +155,9 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             from trueup import mirror
 
             source = _source_side(rec, source_dsn, source_conn)
-            source_types = require(column_types(source_conn, rec.source.table),
-                                   rec.source.table, rec.source.columns, source_conn)
             target_conn = stack.enter_context(connect(config.state, what="state",
                                                       application_name=f"trueup diff {name}"))
-            shape = mirror.shape_of(name, rec, source, source_types)
+            shape = mirror.shape_of(name, rec, source)
             # the state renders the messages' fields as the source renders its columns
             require_utf8(target_conn, "state", [*shape.key_types, *shape.column_types])
             target = mirror.mirror_of(config, shape)

@@ -116,8 +116,9 @@ class MirrorShape:
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def shape_of(name: str, rec: ReconciliationConfig, source: Side,
-             column_types: list[ColumnType]) -> MirrorShape:
+def shape_of(name: str, rec: ReconciliationConfig, source: Side) -> MirrorShape:
+    """The mirror of topic reconciliation ``name``: its messages' fields read as ``source``
+    (read as its own types) reads its columns."""
     assert rec.target.topic is not None
     return MirrorShape(
         name=name, topic=rec.target.topic, key_fields=list(rec.target.key),
@@ -125,7 +126,7 @@ def shape_of(name: str, rec: ReconciliationConfig, source: Side,
         version_field=rec.target.version,
         version_type=source.version_type if rec.target.version else None,
         column_fields=[rec.target.columns[c] for c in rec.source.columns],
-        column_types=column_types,
+        column_types=list(source.column_types),
     )
 
 

@@ -107,6 +107,9 @@ class Side:
     native_hash: sql.Composable | None = None
     #: (schema, table, first key column) of a plain table side, for the planner's statistics
     statistics: tuple[str, str, str] | None = None
+    #: The canonical type each compared column is read as (a table side's; a mirror's are its
+    #: shape's)
+    column_types: Sequence[ColumnType] = ()
 
     @property
     def first_key(self) -> sql.Composable:
@@ -205,6 +208,7 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
         row_hash=sql.Literal(0),  # replaced below, needs key_text and version_text
         updated_at=sql.Identifier(updated_at) if updated_at else None,
         statistics=(table.partition(".")[0], table.partition(".")[2], key[0]),
+        column_types=column_types_,
     )
     row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
         sql.Literal(PART_SEPARATOR), side.key_text,

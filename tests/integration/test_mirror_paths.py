@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 
 from trueup.config import ReconciliationConfig
 from trueup.mirror import MirrorShape, _ensure_tables, shape_of
-from trueup.sides import column_types, mirror_side, require, table_side
+from trueup.sides import mirror_side, table_side
 from trueup.staging import Merger, RawMessage
 
 pytestmark = pytest.mark.postgres
@@ -30,7 +30,7 @@ ITEMS_DDL = ("CREATE TABLE public.items (id bigint PRIMARY KEY, version bigint, 
 COLUMNS = ["status", "amount", "price", "flag", "at", "naive", "day", "doc", "ref", "code"]
 
 
-def _shape(source: str, name: str) -> tuple[MirrorShape, list[Any]]:
+def _shape(source: str, name: str) -> MirrorShape:
     rec = ReconciliationConfig.model_validate({
         "source": {"connection": "s", "table": "public.items", "key": ["id"],
                    "version": "version", "columns": COLUMNS},
@@ -40,8 +40,7 @@ def _shape(source: str, name: str) -> tuple[MirrorShape, list[Any]]:
     with psycopg.connect(source, row_factory=dict_row) as conn:
         side = table_side(label="source", dsn=source, table="public.items", key=["id"],
                           version="version", columns=COLUMNS, conn=conn)
-        types = require(column_types(conn, "public.items"), "public.items", COLUMNS, conn)
-    return shape_of(name, rec, side, types), types
+    return shape_of(name, rec, side)
 
 
 def _messages(count: int) -> list[RawMessage]:
@@ -124,7 +123,7 @@ def test_postgres_and_python_parsing_build_identical_mirrors(
     mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         for name, in_postgres in (("fast", True), ("slow", False)):
-            shape, _ = _shape(source, name)
+            shape = _shape(source, name)
             _ensure_tables(conn, shape)
             merger = Merger(shape, conn, parse_in_postgres=in_postgres)
             for start in range(0, len(messages), 250):
@@ -156,7 +155,7 @@ def test_a_batch_postgres_refuses_is_parsed_in_python_and_its_bad_messages_recor
            # a tombstone of two values for a one-column key: not the first of them
            RawMessage(0, 104, "[6, 7]", None)]
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
-        shape, _ = _shape(source, "mixed")
+        shape = _shape(source, "mixed")
         _ensure_tables(conn, shape)
         merger = Merger(shape, conn)
         merger.merge(good + bad)
@@ -204,7 +203,7 @@ def test_rows_staged_in_postgres_store_the_native_hash_the_source_computes(
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         stored = {}
         for name, in_postgres in (("fast", True), ("slow", False)):
-            shape, _ = _shape(source, name)
+            shape = _shape(source, name)
             _ensure_tables(conn, shape)
             merger = Merger(shape, conn, parse_in_postgres=in_postgres)
             merger.merge(messages)
@@ -229,7 +228,7 @@ def test_a_tombstone_of_two_values_for_a_one_column_key_deletes_nothing(
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(ITEMS_DDL)
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
-        shape, _ = _shape(source, "pair")
+        shape = _shape(source, "pair")
         _ensure_tables(conn, shape)
         merger = Merger(shape, conn)
         merger.merge([*_messages(20), RawMessage(0, 100, "[6, 7]", None)])
@@ -256,13 +255,12 @@ def test_a_tombstone_of_a_padded_char_key_deletes_it_in_either_path(
     with psycopg.connect(source, row_factory=dict_row) as conn:
         side = table_side(label="source", dsn=source, table="public.codes", key=["code"],
                           version="version", columns=["note"], conn=conn)
-        types = require(column_types(conn, "public.codes"), "public.codes", ["note"], conn)
     messages = [RawMessage(0, 0, "ab", json.dumps({"code": "ab", "v": 1, "note": "x"}).encode()),
                 RawMessage(0, 1, "cd", json.dumps({"code": "cd", "v": 1, "note": "y"}).encode()),
                 RawMessage(0, 2, "ab  ", None)]  # the key as char(4) prints it
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         for name, in_postgres in (("codes_fast", True), ("codes_slow", False)):
-            shape = shape_of(name, rec, side, types)
+            shape = shape_of(name, rec, side)
             _ensure_tables(conn, shape)
             merger = Merger(shape, conn, parse_in_postgres=in_postgres)
             merger.merge(messages)
@@ -295,7 +293,7 @@ def _merged(conn: psycopg.Connection[Any], source: str, name: str, batch: list[R
             ) -> tuple[MirrorShape, list[tuple[Any, ...]], int]:
     """Mirror ``name`` (of ``_shape``) of ``batch`` merged as one batch: its shape, its rows
     (``_mirror``) and how many batches had messages read in Python."""
-    shape, _ = _shape(source, name)
+    shape = _shape(source, name)
     _ensure_tables(conn, shape)
     merger = Merger(shape, conn)
     merger.merge(batch)
@@ -323,14 +321,13 @@ def test_fields_named_like_the_raw_message_columns_are_read_as_fields(
     with psycopg.connect(source, row_factory=dict_row) as conn:
         side = table_side(label="source", dsn=source, table="public.points", key=["id"],
                           version="version", columns=columns, conn=conn)
-        types = require(column_types(conn, "public.points"), "public.points", columns, conn)
     messages = [RawMessage(0, i, str(i), json.dumps(
         {"id": i, "version": 1, "value": i + 0.5, "message_key": f"k{i}",
          "kafka_partition": 7, "kafka_offset": 10**12 + i}).encode()) for i in range(5)]
     mirrors = []
     with psycopg.connect(state_db, row_factory=dict_row) as conn:
         for name, in_postgres in (("fast", True), ("slow", False)):
-            shape = shape_of(f"points_{name}", rec, side, types)
+            shape = shape_of(f"points_{name}", rec, side)
             _ensure_tables(conn, shape)
             merger = Merger(shape, conn, parse_in_postgres=in_postgres)
             merger.merge(messages)

@@ -10,14 +10,14 @@ from psycopg import sql
 
 from trueup import pacing
 from trueup.backfill.keyspace import KeySpace
-from trueup.backfill.model import key_text
+from trueup.backfill.model import MAX_CHUNK_ROWS, BackfillOptions, key_text
 from trueup.backfill.republish import keys_of, message_key
 from trueup.backfill.upsert import split_fresh
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
 from trueup.lineage import parse_key
 from trueup.pacing import Pacer
-from trueup.statuses import KeyOrder
+from trueup.statuses import BackfillScope, KeyOrder
 
 TEXT, INT8 = ColumnType.of("text"), ColumnType.of("int8")
 
@@ -162,3 +162,22 @@ def test_a_fresh_chunk_s_copy_lines_split_into_target_rows_and_repairs_rows_esca
     assert repairs == (b"[1]\tinsert\t\\N\t-5\t!\n"
                        b'["x\\\\y", 2]\tinsert\t\\N\t7\t!\n')
     assert split_fresh(b"", b"\n") == (b"", b"", 0)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"chunk_size": 0}, "chunk_size: expected a positive integer (got 0)"),
+    ({"chunk_size": MAX_CHUNK_ROWS + 1}, f"chunk_size: expected at most {MAX_CHUNK_ROWS} "
+                                         f"(got {MAX_CHUNK_ROWS + 1})"),
+    ({"workers": -1}, "workers: expected a positive integer (got -1)"),
+    ({"rate": 0.0}, "rate: expected a positive number of rows per second (got 0.0)"),
+    ({"rate": float("inf")}, "rate: expected a positive number of rows per second (got inf)"),
+    ({"scope": BackfillScope.RUN}, "scope run needs run_id"),
+    ({"scope": BackfillScope.PARTITION}, "scope partition needs a partition"),
+])
+def test_backfill_options_no_backfill_can_run_are_refused_wherever_they_come_from(
+        options: dict[str, Any], message: str) -> None:
+    """The CLI and the Dagster launchpad build the same options: one place refuses them."""
+    with pytest.raises(UsageError) as refused:
+        BackfillOptions(**{"scope": BackfillScope.ALL, **options})
+    assert str(refused.value).startswith(message), refused.value
+    assert BackfillOptions(scope=BackfillScope.ALL, chunk_size=MAX_CHUNK_ROWS, rate=0.5)

@@ -14,10 +14,12 @@ from psycopg.rows import tuple_row
 
 from trueup.backfill.chunks import LEASE_SECONDS, Chunk, Heartbeat
 from trueup.config import ReconciliationConfig
+from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
+from trueup.pacing import valid_rate
 from trueup.queries import query
 from trueup.retry import RetryPolicy
-from trueup.sides import Side, column_types, require, table_side
+from trueup.sides import Side, table_side
 from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder, RepairAction
 
 #: Rows per chunk unless ``--chunk-size`` says otherwise.
@@ -39,6 +41,23 @@ class BackfillOptions:
     chunk_size: int = DEFAULT_CHUNK_ROWS
     rate: float | None = None          # rows per second per process, None: as fast as it goes
     workers: int = 1
+
+    def __post_init__(self) -> None:
+        """Refuse what no backfill can run, before anything is planned (0 workers would leave
+        a running backfill no thread works on, blocking every later one)."""
+        for field, value in (("chunk_size", self.chunk_size), ("workers", self.workers)):
+            if value <= 0:
+                raise UsageError(f"{field}: expected a positive integer (got {value})")
+        if self.chunk_size > MAX_CHUNK_ROWS:
+            raise UsageError(f"chunk_size: expected at most {MAX_CHUNK_ROWS} "
+                             f"(got {self.chunk_size})")
+        if not valid_rate(self.rate):
+            raise UsageError(f"rate: expected a positive number of rows per second "
+                             f"(got {self.rate})")
+        if self.scope is BackfillScope.RUN and self.run_id is None:
+            raise UsageError("scope run needs run_id")
+        if self.scope is BackfillScope.PARTITION and not self.partition:
+            raise UsageError("scope partition needs a partition (or a partitioned run)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,12 +347,9 @@ def pipe(reader: Iterable[Any], writer: Any) -> None:
 
 
 def source_side(conn: psycopg.Connection[Any], rec: ReconciliationConfig, dsn: str,
-                as_types: Sequence[ColumnType] | None = None) -> tuple[Side, list[ColumnType]]:
+                as_types: Sequence[ColumnType] | None = None) -> Side:
     """The source as a diff sees it (its columns read as ``as_types``, the types they share
-    with a target table's), and the types of its compared columns."""
-    side = table_side(label="source", dsn=dsn, table=rec.source.table, key=rec.source.key,
+    with a target table's)."""
+    return table_side(label="source", dsn=dsn, table=rec.source.table, key=rec.source.key,
                       version=rec.source.version, columns=rec.source.columns,
                       as_types=as_types, updated_at=rec.source.updated_at, conn=conn)
-    types = require(column_types(conn, rec.source.table), rec.source.table,
-                    rec.source.columns, conn)
-    return side, types

@@ -116,7 +116,7 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
     assert dsn is not None
     with connect(dsn, what="source", autocommit=True,
                  application_name=f"trueup backfill {name}") as source:
-        side, _ = source_side(source, rec, dsn)
+        side = source_side(source, rec, dsn)
         order = _key_order(config, name, side.key_types, source, state)
         state.execute(query("set_key_order"), {"backfill_id": backfill_id,
                                                "key_order": order.value})

@@ -157,7 +157,7 @@ class RepublishWriter:
         assert dsn is not None and properties is not None
         self.source = self.stack.enter_context(connect(
             dsn, what="source", autocommit=True, application_name=f"trueup backfill {name}"))
-        self.side, _ = source_side(self.source, rec, dsn)
+        self.side = source_side(self.source, rec, dsn)
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
         integers = all(t.name in INTEGER_TYPES for t in self.side.key_types)

@@ -188,7 +188,7 @@ class UpsertWriter:
         # be the source's 11): what a diff reports the backfill repairs.
         shared, self.column_types = reconciled_types(rec, self.source, self.target)
         # the source's fingerprints rendered as the types it shares with the target
-        self.source_side, _ = source_side(self.source, rec, source_dsn, as_types=shared.columns)
+        self.source_side = source_side(self.source, rec, source_dsn, as_types=shared.columns)
         self.target_side = self._target_as_diffed(target_dsn, shared)
         self.source.commit()
         self.target_types = self._target_types(rec.target.table)
