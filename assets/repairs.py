@@ -324,29 +324,29 @@ def _sensor(config: Config, name: str, job: Any,
         # A tick either launches a run or says why it skipped, never both, so a breaker that
         # opened on one run holds back the tick's other runs as well (older ones found part
         # of the same drift): the tick's skip reason then says why. The next run decides anew.
-        if requests and breakers:
-            breakers.append(f"held back with it: the backfill of "
-                            f"{_runs([r for _, r in requests])}")
-        elif requests:
+        runs = [r for _, r in requests]
+        if runs and breakers:
+            breakers.append(f"held back with it: the backfill of {_runs(runs)}")
+        elif runs:
             # One backfill per reconciliation at a time (a second one fails at once, and its
             # run would never be repaired). A run needs none when a newer run of its partition
             # (of the whole table: any newer run) found the differences as they are now; of
             # the rest the oldest goes now, the others are decided again on later ticks.
             newest = {r.partition_key: (storage_id, r) for storage_id, r in requests}
             storage_id, first = min(newest.values(), key=lambda pair: pair[0])
+            held = str(requests[0][0] - 1)  # the cursor that decides them all again next tick
             backfill = blocking_backfill(config.state, name)
-            if backfill is not None and BackfillStatus(backfill["status"]).active:
-                breakers.append(paused_reason(name, backfill, [r for _, r in requests]))
-                cursor = str(requests[0][0] - 1)  # held: decided again next tick
-            elif backfill is not None:  # failed: paused until a person resumes it
-                breakers.append(paused_reason(name, backfill, [r for _, r in requests]))
+            if backfill is not None:  # active: wait for it; failed: paused until resumed
+                breakers.append(paused_reason(name, backfill, runs))
+                if BackfillStatus(backfill["status"]).active:
+                    cursor = held
             elif (launched := backfill_run_in_flight(context.instance, job.name)) is not None:
                 status = launched.status.value.lower().replace("_", " ")
                 breakers.append(
                     f"auto-repair of {name} waits: run {launched.run_id} of {job.name} is "
                     f"{status} (one backfill per reconciliation at a time); not launching the "
-                    f"backfill of {_runs([r for _, r in requests])}")
-                cursor = str(requests[0][0] - 1)
+                    f"backfill of {_runs(runs)}")
+                cursor = held
             else:
                 launch, cursor = [first], str(storage_id)
         for message in breakers:
