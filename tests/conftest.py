@@ -6,6 +6,8 @@ TRUEUP_TEST_PG (a DSN of the maintenance database), TRUEUP_TEST_KAFKA and TRUEUP
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import socket
@@ -174,6 +176,17 @@ def queues(amqp_url: str) -> Iterator[Any]:
     made = Queues(amqp_url)
     yield made
     made.delete()
+
+
+def progress_events(stderr: str) -> list[dict[str, Any]]:
+    """The ``progress`` log events among a CLI's JSON log lines, without their time."""
+    events = []
+    for line in stderr.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "progress":
+                events.append({k: v for k, v in event.items() if k not in ("at", "logger")})
+    return events
 
 
 def unused_port() -> int:

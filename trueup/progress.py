@@ -1,10 +1,12 @@
 """Progress of long CLI work (diff, backfill, replay) on stderr.
 
 On a terminal a one-line bar redrawn in place (``checksums [#######.....] 412/1000 41%``);
-elsewhere plain ``progress phase=checksums done=412 total=1000`` lines a log collector can
-read. Updates are throttled (:data:`MIN_INTERVAL_SECONDS` on a terminal,
-:data:`PLAIN_INTERVAL_SECONDS` otherwise); a phase's first and last update always show.
-``TRUEUP_PROGRESS=off`` silences it, ``=plain`` forces lines, ``=bar`` forces the bar.
+elsewhere ``progress`` log events (:mod:`trueup.log`: a JSON object with ``phase``, ``done``,
+``total`` and the work's own fields, or ``progress phase=checksums done=412 total=1000`` in
+the text format), so a log pipeline reads them like every other line. Updates are throttled
+(:data:`MIN_INTERVAL_SECONDS` on a terminal, :data:`PLAIN_INTERVAL_SECONDS` otherwise); a
+phase's first and last update always show. ``TRUEUP_PROGRESS=off`` silences it, ``=plain``
+forces log events, ``=bar`` forces the bar.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ import threading
 import time
 from typing import TextIO
 
+from trueup.log import get_logger
+
+log = get_logger(__name__)
+
 #: Redraw a terminal bar at most this often (seconds).
 MIN_INTERVAL_SECONDS = 0.1
-#: Print a plain progress line at most this often (seconds), so logs stay short.
+#: Log a progress event at most this often (seconds), so logs stay short.
 PLAIN_INTERVAL_SECONDS = 5.0
 BAR_WIDTH = 30
 MODE_ENV = "TRUEUP_PROGRESS"
 
 
 class ProgressBar:
-    """A ``progress(phase, done, total, **extra)`` callable; ``total=0`` means unknown."""
+    """A ``progress(phase, done, total, **extra)`` callable; ``total=0`` means unknown.
+    ``stream`` is where a bar is drawn (stderr); log events go where :mod:`trueup.log`'s do."""
 
     def __init__(self, stream: TextIO | None = None, *, mode: str | None = None,
                  interval_seconds: float | None = None) -> None:
@@ -62,9 +69,9 @@ class ProgressBar:
                     self._end_line()
                     self._phase = None
             else:
-                fields = " ".join(f"{k}={_fmt(v)}" for k, v in extra.items())
-                line = f"progress phase={phase} done={done} total={total} {fields}".rstrip()
-                print(line, file=self.stream, flush=True)
+                log.info("progress", phase=phase, done=done, total=total,
+                         **{k: round(v, 1) if isinstance(v, float) else v
+                            for k, v in extra.items()})
 
     def close(self) -> None:
         """End a bar left mid-line (work stopped early), so the next output starts clean."""

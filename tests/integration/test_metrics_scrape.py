@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import unused_port
+from tests.conftest import progress_events, unused_port
 from tests.integration.test_backfill_support import drift, make_tables, write_config
 from tests.integration.test_workers_support import (
     POLICY,
@@ -108,7 +108,8 @@ def test_a_diff_with_known_differences_shows_its_rows_and_classes_on_metrics(
     after = scrape(server)
 
     summary = json.loads(out)
-    assert "progress phase=checksums" in err, "plain progress lines on a non-terminal stderr"
+    assert {e["phase"] for e in progress_events(err)} >= {"checksums"}, (
+        f"progress log events on a non-terminal stderr, got {err!r}")
 
     def delta(name: str, **labels: str) -> float:
         return get(after, name, **labels) - get(before, name, **labels)
@@ -263,8 +264,10 @@ def test_a_replay_counts_its_letters_on_metrics_and_prints_progress(
     moved = {("name", "orders_dlq"), ("outcome", "moved")}
     key = ("trueup_replayed_messages_total", frozenset(moved))
     assert after.get(key, 0.0) - before.get(key, 0.0) == 3
-    assert "progress phase=letters done=3 total=3" in err, (
-        f"expected plain progress lines on a non-terminal stderr, got {err!r}")
+    events = progress_events(err)
+    assert events and events[-1] == {"level": "info", "event": "progress",
+                                     "phase": "letters", "done": 3, "total": 3}, (
+        f"expected progress log events on a non-terminal stderr, got {err!r}")
 
 
 def test_a_long_backfill_counts_as_progress_for_readiness(

@@ -1,11 +1,15 @@
-"""Progress output: a bar on a terminal, throttled plain lines elsewhere."""
+"""Progress output: a bar on a terminal, throttled log events elsewhere."""
 
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
+from trueup import log
 from trueup import progress as progress_module
 from trueup.progress import ProgressBar
 
@@ -15,36 +19,69 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_plain_lines_when_not_a_terminal() -> None:
+@pytest.fixture
+def events(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[dict[str, Any]]]:
+    """The log events written since the last call, logs configured as JSON (as on a
+    non-terminal stderr)."""
+    log.configure(level="info", as_json=True)
+    capsys.readouterr()
+
+    def read() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    return read
+
+
+def _progress(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in ("at", "level", "logger")}
+
+
+def test_progress_is_logged_as_events_when_not_a_terminal(
+        events: Callable[[], list[dict[str, Any]]]) -> None:
+    """Plain lines sat among the JSON ones: a log pipeline parsing JSON could not read them."""
     out = io.StringIO()
     bar = ProgressBar(out)
     assert bar.mode == "plain"
     bar("checksums", 0, 10)
     bar("checksums", 10, 10)
-    assert out.getvalue().splitlines() == ["progress phase=checksums done=0 total=10",
-                                           "progress phase=checksums done=10 total=10"]
+    assert out.getvalue() == ""
+    logged = events()
+    assert [_progress(e) for e in logged] == [
+        {"event": "progress", "phase": "checksums", "done": 0, "total": 10},
+        {"event": "progress", "phase": "checksums", "done": 10, "total": 10}]
+    assert {(e["level"], e["logger"]) for e in logged} == {("info", "trueup.progress")}
 
 
-def test_plain_lines_are_throttled_but_first_and_last_always_show(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_events_are_throttled_but_first_and_last_always_show(
+        monkeypatch: pytest.MonkeyPatch, events: Callable[[], list[dict[str, Any]]]) -> None:
     now = [100.0]
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: now[0])
-    out = io.StringIO()
-    bar = ProgressBar(out, interval_seconds=5.0)
+    bar = ProgressBar(io.StringIO(), interval_seconds=5.0)
     for done in range(0, 100):
         now[0] += 0.1  # 100 updates over 10 s
         bar("segments", done, 100)
     bar("segments", 100, 100)
-    lines = out.getvalue().splitlines()
-    assert lines[0] == "progress phase=segments done=0 total=100"
-    assert lines[-1] == "progress phase=segments done=100 total=100"
-    assert 3 <= len(lines) <= 4, lines
+    done = [e["done"] for e in events()]
+    assert done[0] == 0 and done[-1] == 100
+    assert 3 <= len(done) <= 4, done
 
 
-def test_extra_fields_are_printed_as_key_value() -> None:
-    out = io.StringIO()
-    ProgressBar(out)("chunks", 1, 4, repaired=10, rows_per_s=12.345)
-    assert out.getvalue() == "progress phase=chunks done=1 total=4 repaired=10 rows_per_s=12.3\n"
+def test_extra_fields_are_logged_as_fields(events: Callable[[], list[dict[str, Any]]]) -> None:
+    ProgressBar(io.StringIO())("chunks", 1, 4, repaired=10, rows_per_s=12.345)
+    (event,) = events()
+    assert _progress(event) == {"event": "progress", "phase": "chunks", "done": 1, "total": 4,
+                                "repaired": 10, "rows_per_s": 12.3}
+
+
+def test_progress_reads_as_key_value_pairs_in_the_text_format(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    log.configure(level="info", as_json=False)
+    try:
+        capsys.readouterr()
+        ProgressBar(io.StringIO(), mode="plain")("letters", 3, 3)
+        assert capsys.readouterr().err.rstrip().endswith(
+            "info  progress phase=letters done=3 total=3")
+    finally:
+        log.configure(level="info", as_json=True)
 
 
 def test_a_bar_is_drawn_in_place_on_a_terminal_and_ends_with_a_newline() -> None:
