@@ -1,10 +1,16 @@
 """The Dagster UI as users drive it, through its GraphQL API: schedules, a drifted
-reconciliation failing its checks, the backfill job repairing it, and a GX suite on a table."""
+reconciliation failing its checks, the backfill job repairing it, and a GX suite on a table.
+
+The tests share one ``dagster dev`` on one drifted shop (starting it is most of their time);
+each leaves the shop as another expects it, whatever their order: the schedule is stopped
+again, the GX test fixes only the shop (the copy's drift stays failing until the backfill),
+and the backfill only the copy."""
 
 from __future__ import annotations
 
-import contextlib
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,7 @@ import psycopg
 import pytest
 import yaml
 
+from tests.conftest import create_database, drop_database
 from tests.e2e.conftest import RUN, dagster_dev, graphql, launch_job, wait_for
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
@@ -23,6 +30,15 @@ REPOSITORIES = """
 START_SCHEDULE = """
 mutation($selector: ScheduleSelector!) {
   startSchedule(scheduleSelector: $selector) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { id status } }
+    ... on PythonError { message }
+  }
+}
+"""
+STOP_SCHEDULE = """
+mutation($id: String!) {
+  stopRunningSchedule(id: $id) {
     __typename
     ... on ScheduleStateResult { scheduleState { status } }
     ... on PythonError { message }
@@ -92,15 +108,32 @@ def drifted_shop(new_db: Callable[[], str], state_db: str, tmp_path: Path
     return config, suites, shop, copy
 
 
-@contextlib.contextmanager
-def shop_in_dagster(new_db: Callable[[], str], state_db: str, tmp_path: Path,
-                    monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str, str]]:
-    """``dagster dev`` on a drifted shop; yields its URL, the shop DSN and the copy DSN."""
-    config, suites, shop, copy = drifted_shop(new_db, state_db, tmp_path)
-    monkeypatch.setenv("TRUEUP_CHECKS_DIR", str(suites))
-    with dagster_dev(tmp_path, config) as url:
-        wait_for("the code location", lambda: checks(url, DIFFERENCES))
-        yield url, shop, copy
+@dataclass(frozen=True)
+class Shop:
+    url: str    # the dagster dev serving it
+    shop: str   # DSNs
+    copy: str
+
+
+@pytest.fixture(scope="module")
+def shop_in_dagster(tmp_path_factory: pytest.TempPathFactory,
+                    state_template: str) -> Iterator[Shop]:
+    """``dagster dev`` on a drifted shop, for every test of this module."""
+    names = [f"t_{uuid.uuid4().hex[:10]}" for _ in range(3)]
+    state_db = create_database(names[0], template=state_template)
+    databases = iter(names[1:])
+    tmp_path = tmp_path_factory.mktemp("shop")
+    try:
+        config, suites, shop, copy = drifted_shop(
+            lambda: create_database(next(databases)), state_db, tmp_path)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TRUEUP_CHECKS_DIR", str(suites))
+            with dagster_dev(tmp_path, config) as url:
+                wait_for("the code location", lambda: checks(url, DIFFERENCES))
+                yield Shop(url, shop, copy)
+    finally:
+        for name in names:
+            drop_database(name)
 
 
 def repository(url: str) -> dict[str, Any]:
@@ -128,62 +161,62 @@ def outcomes(url: str, path: list[str], run_id: str) -> dict[str, bool]:
             if e and e["runId"] == run_id and e["evaluation"]}
 
 
-def test_schedules_exist_and_can_be_turned_on(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, _):
-        repo = repository(url)
-        schedules = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
-        assert schedules == {"reconcile_orders_schedule": "STOPPED"}, schedules
-        started = graphql(url, START_SCHEDULE, {"selector": {
-            "repositoryLocationName": repo["location"]["name"],
-            "repositoryName": repo["name"], "scheduleName": "reconcile_orders_schedule"}})[
-                "startSchedule"]
-        assert started["__typename"] == "ScheduleStateResult", started
-        assert started["scheduleState"]["status"] == "RUNNING"
-        assert {s["name"]: s["scheduleState"]["status"] for s in repository(url)["schedules"]
-                } == {"reconcile_orders_schedule": "RUNNING"}
+def test_schedules_exist_and_can_be_turned_on_and_off(shop_in_dagster: Shop) -> None:
+    url = shop_in_dagster.url
+    repo = repository(url)
+    schedules = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
+    assert schedules == {"reconcile_orders_schedule": "STOPPED"}, schedules
+    started = graphql(url, START_SCHEDULE, {"selector": {
+        "repositoryLocationName": repo["location"]["name"],
+        "repositoryName": repo["name"], "scheduleName": "reconcile_orders_schedule"}})[
+            "startSchedule"]
+    assert started["__typename"] == "ScheduleStateResult", started
+    assert started["scheduleState"]["status"] == "RUNNING"
+    assert {s["name"]: s["scheduleState"]["status"] for s in repository(url)["schedules"]
+            } == {"reconcile_orders_schedule": "RUNNING"}
+    stopped = graphql(url, STOP_SCHEDULE, {"id": started["scheduleState"]["id"]})[
+        "stopRunningSchedule"]
+    assert stopped["__typename"] == "ScheduleStateResult", stopped
+    assert {s["name"]: s["scheduleState"]["status"] for s in repository(url)["schedules"]
+            } == {"reconcile_orders_schedule": "STOPPED"}
 
 
 def test_drift_fails_checks_backfill_repairs_and_the_next_run_passes(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, copy):
-        run = launch_job(url, "reconcile_orders")
-        assert run_status(url, run) == "SUCCESS"
-        first = outcomes(url, DIFFERENCES, run)
-        assert {k: first[k] for k in ("missing", "stale", "mismatch", "orphan")} == {
-            "missing": False, "stale": False, "mismatch": False, "orphan": False}, first
-        assert first["ahead"] and first["fresh"]  # it just ran
+        shop_in_dagster: Shop) -> None:
+    url = shop_in_dagster.url
+    run = launch_job(url, "reconcile_orders")
+    assert run_status(url, run) == "SUCCESS"
+    first = outcomes(url, DIFFERENCES, run)
+    assert {k: first[k] for k in ("missing", "stale", "mismatch", "orphan")} == {
+        "missing": False, "stale": False, "mismatch": False, "orphan": False}, first
+    assert first["ahead"] and first["fresh"]  # it just ran
 
-        backfill = launch_job(url, "backfill_orders",
+    backfill = launch_job(url, "backfill_orders",
                           {"ops": {REPAIRS_OP: {"config": {"scope": "all", "chunk_size": 50}}}})
-        assert run_status(url, backfill) == "SUCCESS"
+    assert run_status(url, backfill) == "SUCCESS"
 
-        again = launch_job(url, "reconcile_orders")
-        assert run_status(url, again) == "SUCCESS"
-        second = outcomes(url, DIFFERENCES, again)
-        assert second and all(second.values()), second
-    with psycopg.connect(copy) as conn:
+    again = launch_job(url, "reconcile_orders")
+    assert run_status(url, again) == "SUCCESS"
+    second = outcomes(url, DIFFERENCES, again)
+    assert second and all(second.values()), second
+    with psycopg.connect(shop_in_dagster.copy) as conn:
         assert conn.execute("SELECT count(*) FROM public.copy").fetchone() == (200,)
 
 
-def test_gx_check_fails_on_bad_values_and_passes_once_fixed(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, shop, _):
-        run = launch_job(url, "quality_shop_public_orders")
-        assert run_status(url, run) == "SUCCESS"
-        result = outcomes(url, ORDERS_TABLE, run)
-        assert result == {"amount_cents__be_between": False, "currency__be_in_set": True}, result
-        failed = checks(url, ORDERS_TABLE)["amount_cents__be_between"]
-        metadata = {m["label"]: m.get("intValue", m.get("floatValue"))
-                    for m in failed["evaluation"]["metadataEntries"]}
-        assert metadata["unexpected_count"] == 2 and metadata["unexpected_percent"] == 1.0
+def test_gx_check_fails_on_bad_values_and_passes_once_fixed(shop_in_dagster: Shop) -> None:
+    url = shop_in_dagster.url
+    run = launch_job(url, "quality_shop_public_orders")
+    assert run_status(url, run) == "SUCCESS"
+    result = outcomes(url, ORDERS_TABLE, run)
+    assert result == {"amount_cents__be_between": False, "currency__be_in_set": True}, result
+    failed = checks(url, ORDERS_TABLE)["amount_cents__be_between"]
+    metadata = {m["label"]: m.get("intValue", m.get("floatValue"))
+                for m in failed["evaluation"]["metadataEntries"]}
+    assert metadata["unexpected_count"] == 2 and metadata["unexpected_percent"] == 1.0
 
-        with psycopg.connect(shop, autocommit=True) as conn:
-            conn.execute("UPDATE public.orders SET amount_cents = 50 WHERE amount_cents < 0")
-        run = launch_job(url, "quality_shop_public_orders")
-        assert run_status(url, run) == "SUCCESS"
-        assert outcomes(url, ORDERS_TABLE, run) == {
-            "amount_cents__be_between": True, "currency__be_in_set": True}
+    with psycopg.connect(shop_in_dagster.shop, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET amount_cents = 50 WHERE amount_cents < 0")
+    run = launch_job(url, "quality_shop_public_orders")
+    assert run_status(url, run) == "SUCCESS"
+    assert outcomes(url, ORDERS_TABLE, run) == {
+        "amount_cents__be_between": True, "currency__be_in_set": True}
