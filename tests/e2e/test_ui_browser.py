@@ -18,9 +18,9 @@ from tests.e2e.test_ui_graphql import (
     DIFFERENCES,
     REPAIRS_OP,
     checks,
+    drifted_shop_in_dagster,
     repository,
     run_status,
-    shop_in_dagster,
 )
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
@@ -61,10 +61,10 @@ def shot(page: object, name: str) -> Path:
 
 
 def test_a_user_sees_failed_checks_launches_the_backfill_and_sees_them_pass(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, page: object) -> None:
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, page: object) -> None:
     p = page  # a playwright Page
-    with shop_in_dagster(new_db, state_db, tmp_path, monkeypatch) as (url, _, _):
+    with drifted_shop_in_dagster(new_db, state_db, tmp_path) as shop:
+        url = shop.url
         first = launch_job(url, "reconcile_orders")
         assert run_status(url, first) == "SUCCESS"
 

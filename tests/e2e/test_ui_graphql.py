@@ -8,6 +8,7 @@ and the backfill only the copy."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -115,22 +116,29 @@ class Shop:
     copy: str
 
 
+@contextlib.contextmanager
+def drifted_shop_in_dagster(new_db: Callable[[], str], state_db: str,
+                            tmp_path: Path) -> Iterator[Shop]:
+    """``dagster dev`` on a drifted shop (its suites folder in TRUEUP_CHECKS_DIR)."""
+    config, suites, shop, copy = drifted_shop(new_db, state_db, tmp_path)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("TRUEUP_CHECKS_DIR", str(suites))
+        with dagster_dev(tmp_path, config) as url:
+            wait_for("the code location", lambda: checks(url, DIFFERENCES))
+            yield Shop(url, shop, copy)
+
+
 @pytest.fixture(scope="module")
 def shop_in_dagster(tmp_path_factory: pytest.TempPathFactory,
                     state_template: str) -> Iterator[Shop]:
-    """``dagster dev`` on a drifted shop, for every test of this module."""
+    """One drifted shop in ``dagster dev`` for every test of this module."""
     names = [f"t_{uuid.uuid4().hex[:10]}" for _ in range(3)]
-    state_db = create_database(names[0], template=state_template)
     databases = iter(names[1:])
-    tmp_path = tmp_path_factory.mktemp("shop")
     try:
-        config, suites, shop, copy = drifted_shop(
-            lambda: create_database(next(databases)), state_db, tmp_path)
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("TRUEUP_CHECKS_DIR", str(suites))
-            with dagster_dev(tmp_path, config) as url:
-                wait_for("the code location", lambda: checks(url, DIFFERENCES))
-                yield Shop(url, shop, copy)
+        state_db = create_database(names[0], template=state_template)
+        with drifted_shop_in_dagster(lambda: create_database(next(databases)), state_db,
+                                     tmp_path_factory.mktemp("shop")) as shop:
+            yield shop
     finally:
         for name in names:
             drop_database(name)
