@@ -33,9 +33,13 @@ prepare: stack
 seed: stack
 	$(BIN)/python -m examples.seed --config examples/trueup.yaml
 
-# The whole suite: unit, integration (real Postgres, Kafka, RabbitMQ) and end-to-end (Dagster).
+# The whole suite: unit, integration (real Postgres, Kafka, RabbitMQ) and end-to-end (Dagster),
+# in TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a time: most tests
+# wait on brokers, daemons and timers, so two share two cores well. Every test has its own
+# databases, topics and queues; a file's tests share its module fixtures.
+TEST_WORKERS ?= 2
 test: stack
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 unit: install
 	$(BIN)/python -m pytest tests/unit

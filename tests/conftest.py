@@ -37,11 +37,14 @@ TEMPLATE = f"trueup_test_template_{os.getpid()}"
 #: mypy over the whole tree, started when collection ends if its test is to run: its minute of
 #: CPU then overlaps the suite's waits on services and daemons instead of adding to them.
 #: (tests/unit/test_lint.py reads its outcome: the process and the file holding its output.)
+#: Under pytest-xdist (``make test``) the test runs it itself, beside the other worker.
 MYPY_TEST = "tests/unit/test_lint.py::test_mypy_strict_finds_nothing"
 MYPY = pytest.StashKey[tuple["subprocess.Popen[bytes]", IO[bytes]]]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    if hasattr(session.config, "workerinput"):
+        return  # an xdist worker: the other keeps the CPU busy while mypy's test runs it
     if any(item.nodeid == MYPY_TEST for item in session.items):
         out = tempfile.TemporaryFile()  # noqa: SIM115 (open until the session ends)
         mypy = Path(sys.executable).parent / "mypy"
