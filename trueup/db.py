@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import functools
 import re
 from typing import Any
 
 import psycopg
+from psycopg.adapt import Dumper, Loader
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import Format
 from psycopg.rows import dict_row, tuple_row
 
 from trueup.errors import ConnectionFailed
@@ -59,12 +63,13 @@ def first_line(error: BaseException) -> str:
 def connect(dsn: str, *, what: str, autocommit: bool = False,
             application_name: str = "trueup") -> psycopg.Connection[dict[str, Any]]:
     """Open a connection returning dict rows; ``what`` names it in errors (a config path).
+    Infinite dates and timestamps load as :class:`Endless`.
 
     Options the DSN gives (``options=-c statement_timeout=...``) are kept, before trueup's own
     :data:`SESSION_OPTIONS`, which win where both set one."""
     try:
         given = conninfo_to_dict(dsn).get("options")
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=autocommit,
             row_factory=dict_row,
@@ -76,6 +81,77 @@ def connect(dsn: str, *, what: str, autocommit: bool = False,
         raise ConnectionFailed(
             f"{what}: cannot connect to {redact(dsn)}: {scrubbed(first_line(exc), dsn)}"
         ) from exc
+    for name in ("date", "timestamp", "timestamptz"):
+        oid = conn.adapters.types[name].oid
+        conn.adapters.register_loader(oid, _endless_loader(conn.adapters.get_loader(
+            oid, Format.TEXT)))
+    conn.adapters.register_dumper(Endless, _EndlessDumper)
+    return conn
+
+
+@functools.total_ordering
+class Endless:
+    """An infinite date or timestamp (``infinity``, ``-infinity``), which Python's datetime
+    cannot hold: a version, time or key later (earlier) than every finite one, printed as
+    Postgres spells it. Without it, one such value failed the whole run."""
+
+    __slots__ = ("later",)
+
+    def __init__(self, later: bool) -> None:
+        self.later = later
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Endless) and other.later == self.later
+
+    def __hash__(self) -> int:
+        return hash((Endless, self.later))
+
+    def __lt__(self, other: object) -> bool:
+        if isinstance(other, Endless):
+            return other.later and not self.later
+        if isinstance(other, dt.date):  # datetimes too
+            return not self.later
+        return NotImplemented
+
+    def __str__(self) -> str:
+        return "infinity" if self.later else "-infinity"
+
+    def __repr__(self) -> str:
+        return f"Endless({str(self)!r})"
+
+
+_ENDLESS = {b"infinity": Endless(later=True), b"-infinity": Endless(later=False)}
+
+
+class _EndlessDumper(Dumper):
+    """An :class:`Endless` parameter (a key range's bound) as the timestamptz it stands for,
+    which compares with, and casts to, a date or timestamp too."""
+
+    oid = psycopg.adapters.types["timestamptz"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        return str(obj).encode()
+
+
+def _endless_loader(finite: type[psycopg.abc.Loader] | None) -> type[Loader]:
+    """A text loader of a date or timestamp type: ``finite`` for finite values (psycopg's own,
+    which refuses the infinities), :class:`Endless` for the infinite ones."""
+    assert finite is not None
+    finite_type = finite
+
+    class EndlessLoader(Loader):
+        def __init__(self, oid: int, context: Any = None) -> None:
+            super().__init__(oid, context)
+            self._finite = finite_type(oid, context).load
+
+        def load(self, data: Any) -> Any:
+            if len(data) < 10:  # every finite value is longer: 'YYYY-MM-DD'
+                endless = _ENDLESS.get(bytes(data))
+                if endless is not None:
+                    return endless
+            return self._finite(data)
+
+    return EndlessLoader
 
 
 def sqlalchemy_url(dsn: str) -> str:

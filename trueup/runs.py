@@ -16,6 +16,7 @@ from typing import Any
 
 import psycopg
 
+from trueup.db import Endless
 from trueup.errors import StateError
 from trueup.queries import query
 from trueup.statuses import DifferenceClass
@@ -144,6 +145,8 @@ def json_value(value: Any) -> Any:
     """A database value as plain JSON (keys and versions in --show and the state tables)."""
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
+    if isinstance(value, Endless):
+        return str(value)  # 'infinity', '-infinity'
     if isinstance(value, float) and not math.isfinite(value):
         return _non_finite(value)  # JSON has no NaN or Infinity: jsonb would refuse the run
     if isinstance(value, int | str | bool | float) or value is None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from trueup.db import connect, redact, scrubbed
+from trueup.db import Endless, connect, redact, scrubbed
 from trueup.errors import ConnectionFailed
+from trueup.runs import json_value
 
 
 @pytest.mark.parametrize(("dsn", "shown"), [
@@ -37,3 +40,14 @@ def test_a_failed_connection_names_the_database_without_its_password(dsn: str) -
         connect(dsn, what="state")
     assert "Hunter" not in str(caught.value), caught.value
     assert str(caught.value).startswith("state: cannot connect to postgresql://postgres")
+
+
+def test_an_endless_time_orders_past_every_date_and_prints_as_postgres_spells_it() -> None:
+    later, earlier = Endless(later=True), Endless(later=False)
+    day, moment = dt.date(9999, 12, 31), dt.datetime.max.replace(tzinfo=dt.UTC)
+    assert earlier < day < later and earlier < moment < later
+    assert sorted([later, moment, earlier, dt.datetime.min.replace(tzinfo=dt.UTC)]) == [
+        earlier, dt.datetime.min.replace(tzinfo=dt.UTC), moment, later]
+    assert later == Endless(later=True) != earlier and len({later, Endless(later=True)}) == 1
+    assert later != moment and not later < later
+    assert json_value([later, earlier]) == ["infinity", "-infinity"]
