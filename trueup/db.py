@@ -123,6 +123,15 @@ class Endless:
 _ENDLESS = {b"infinity": Endless(later=True), b"-infinity": Endless(later=False)}
 
 
+def sendable(values: list[Any]) -> list[Any]:
+    """``values`` (keys, key bounds) as a list parameter: as they are or, when one is an
+    :class:`Endless`, all as their text, which the query's cast reads back (psycopg sends a
+    list of one type only, and an ``Endless`` stands for a date or either timestamp)."""
+    if not any(isinstance(v, Endless) for v in values):
+        return values
+    return [None if v is None else str(v) for v in values]
+
+
 class _EndlessDumper(Dumper):
     """An :class:`Endless` parameter (a key range's bound) as the timestamptz it stands for,
     which compares with, and casts to, a date or timestamp too."""

@@ -25,7 +25,7 @@ from psycopg import sql
 
 from trueup import metrics, segments, tracing
 from trueup.config import Config, ReconciliationConfig
-from trueup.db import connect, first_line, same_server
+from trueup.db import connect, first_line, same_server, sendable
 from trueup.errors import TrueupError, UsageError
 from trueup.fingerprint import storage_type
 from trueup.log import get_logger
@@ -485,7 +485,7 @@ def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str
              names=sql.SQL(", ").join(names), rel=side.relation, on=on,
              where=where)
     # (a char(n) key comes as its text, unpadded: see segments.key_value)
-    params = {f"k{i}": [row[f"k{i}"] for row in batch] for i in range(len(side.key))}
+    params = {f"k{i}": sendable([row[f"k{i}"] for row in batch]) for i in range(len(side.key))}
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchall()

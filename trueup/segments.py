@@ -21,6 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from trueup.db import sendable
 from trueup.fingerprint import INTEGER_TYPES, ColumnType, Kind, storage_type
 from trueup.sides import Side, native_hash
 
@@ -232,7 +233,7 @@ def checksums(conn: psycopg.Connection[Any], side: Side, where: sql.Composable,
         # the same work in one pass. Measured on 5M rows: 5.5 s sorted, 4.5 s hashed.
         cur.execute(f"SET LOCAL enable_sort = off; SET LOCAL work_mem = '{work_mem}kB'"
                     + ("" if parallel else "; SET LOCAL max_parallel_workers_per_gather = 0"))
-        cur.execute(query, {"bounds": segmentation.bounds})
+        cur.execute(query, {"bounds": sendable(segmentation.bounds)})
         return {int(seg): (n, h) for seg, n, h in cur}
 
 
@@ -355,7 +356,7 @@ def segment_rows(conn: psycopg.Connection[Any], side: Side, where: sql.Composabl
         _among(sql.Identifier("trueup_segment"), "segments", sql.SQL("int4")))
     with conn.cursor(name=f"trueup_segments_{side.label}") as cur:
         cur.itersize = STREAM_ROWS
-        cur.execute(query, {"bounds": segmentation.bounds, "segments": segments})
+        cur.execute(query, {"bounds": sendable(segmentation.bounds), "segments": segments})
         segment: int = -1
         rows: Rows = []
         for row in cur:
@@ -391,12 +392,13 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
         if None in keys:  # a row without a key is a suspect too (IN never matches a NULL)
             among = sql.SQL("({} OR {} IS NULL)").format(among, key)
         where = sql.SQL("({}) AND {}").format(where, among)
-        params["keys"] = [k for k in keys if k is not None]
+        params["keys"] = sendable([k for k in keys if k is not None])
     # Segment s covers [bounds[s-1], bounds[s]); segments 0 and len(bounds) are open-ended
     # and read on their own, so every inner range stays an index range scan.
     first, last = 0, len(bounds)
     inner = [s for s in segments if first < s < last]
-    params |= {"lows": [bounds[s - 1] for s in inner], "highs": [bounds[s] for s in inner]}
+    params |= {"lows": sendable([bounds[s - 1] for s in inner]),
+               "highs": sendable([bounds[s] for s in inner])}
     parts = [sql.SQL(
         "SELECT {cols} FROM unnest(%(lows)s::{atype}, %(highs)s::{atype}) "
         "AS r(trueup_lo, trueup_hi) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {where} "

@@ -3,6 +3,7 @@ like NULL, NULL versions, and what a partition run counts."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -263,34 +264,50 @@ def test_whole_doubles_past_bigint_compare_exactly_with_numerics(
     assert _found(state_db, summary.run_id) == {4: "mismatch"}
 
 
+#: Key types that hold 'infinity': the first key, the n-th key after it (as differences show
+#: it), and the step between keys.
+INFINITE_KEYS = {
+    "timestamptz": ("timestamptz '2026-01-01Z'", "interval '1 min'",
+                    lambda n: (dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+                               + dt.timedelta(minutes=n)).isoformat()),
+    "timestamp": ("timestamp '2026-01-01'", "interval '1 min'",
+                  lambda n: (dt.datetime(2026, 1, 1) + dt.timedelta(minutes=n)).isoformat()),
+    "date": ("date '2026-01-01'", "1",
+             lambda n: (dt.date(2026, 1, 1) + dt.timedelta(days=n)).isoformat()),
+}
+
+
+@pytest.mark.parametrize("key_type", INFINITE_KEYS)
 def test_infinite_dates_and_timestamps_as_keys_versions_and_times_are_compared(
-    new_db: Callable[[], str], state_db: str, tmp_path: Path
+    key_type: str, new_db: Callable[[], str], state_db: str, tmp_path: Path
 ) -> None:
     """'infinity' is later than every time, '-infinity' earlier: one such version, key or
     updated_at failed the whole run ("timestamp too large"), and as a key range's bound (the
-    statistics' histogram starts and ends with them) it could not be sent back."""
+    statistics' histogram starts and ends with them) or among a batch's keys it could not be
+    sent back."""
+    first, step, shown = INFINITE_KEYS[key_type]
     source, target = new_db(), new_db()
-    ddl = ("CREATE TABLE public.t (at timestamptz PRIMARY KEY, version timestamptz, "
+    ddl = (f"CREATE TABLE public.t (at {key_type} PRIMARY KEY, version timestamptz, "
            "day date, updated_at timestamptz)")
+    key = f"{first} + %s * {step}"
     for dsn in (source, target):
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(ddl)
-            conn.execute("INSERT INTO public.t SELECT timestamptz '2026-01-01Z' + g * interval "
-                         "'1 min', timestamptz '2026-01-01Z', date '2026-01-01', timestamptz "
+            conn.execute(f"INSERT INTO public.t SELECT {first} + g * {step}, "
+                         "timestamptz '2026-01-01Z', date '2026-01-01', timestamptz "
                          "'2026-01-01Z' FROM generate_series(1, 5000) g")
             conn.execute("INSERT INTO public.t VALUES ('infinity', '2026-01-01Z', "
                          "'2026-01-01', '2026-01-01Z'), ('-infinity', '2026-01-01Z', "
                          "'2026-01-01', '2026-01-01Z')")
-    minute = "timestamptz '2026-01-01Z' + %s * interval '1 min'"
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(f"UPDATE public.t SET version = 'infinity' WHERE at = {minute}", (10,))
-        conn.execute(f"UPDATE public.t SET day = '-infinity' WHERE at = {minute}", (20,))
-        conn.execute(f"UPDATE public.t SET updated_at = 'infinity' WHERE at = {minute}", (40,))
-        conn.execute("INSERT INTO public.t VALUES (%s, 'infinity', 'infinity', "
-                     "'2026-01-01Z')", ("2027-01-01Z",))
+        conn.execute(f"UPDATE public.t SET version = 'infinity' WHERE at = {key}", (10,))
+        conn.execute(f"UPDATE public.t SET day = '-infinity' WHERE at = {key}", (20,))
+        conn.execute(f"UPDATE public.t SET updated_at = 'infinity' WHERE at = {key}", (40,))
+        conn.execute(f"INSERT INTO public.t VALUES ({key}, 'infinity', 'infinity', "
+                     "'2026-01-01Z')", (9000,))
     with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute(f"UPDATE public.t SET version = 'infinity' WHERE at = {minute}", (30,))
-        conn.execute(f"UPDATE public.t SET day = 'infinity' WHERE at = {minute}", (40,))
+        conn.execute(f"UPDATE public.t SET version = 'infinity' WHERE at = {key}", (30,))
+        conn.execute(f"UPDATE public.t SET day = 'infinity' WHERE at = {key}", (40,))
         conn.execute("UPDATE public.t SET day = 'infinity' WHERE at = 'infinity'")
         conn.execute("DELETE FROM public.t WHERE at = '-infinity'")
     for dsn in (source, target):
@@ -305,21 +322,24 @@ def test_infinite_dates_and_timestamps_as_keys_versions_and_times_are_compared(
                        "version": "version", "updated_at": "updated_at", "columns": ["day"]},
             "target": {"connection": "b", "table": "public.t", "key": ["at"],
                        "version": "version", "columns": ["day"]},
-            "grace": "1h"}}}))
+            "grace": "1h", "partitions": {"daily": {"start": "2026-01-01"}}}}}))
     config = load_config(path)
-
-    summary = diff(config, "t")
-    with psycopg.connect(state_db) as conn:
-        conn.row_factory = psycopg.rows.dict_row
-        found = {d.key[0]: (d.cls.value, d.source_version, d.target_version)
-                 for d in differences_of(conn, summary.run_id)}
-    at = "2026-01-01T00:{:02d}:00+00:00".format
-    assert found == {
-        at(10): ("stale", "infinity", "2026-01-01T00:00:00+00:00"),
-        at(20): ("mismatch", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
-        at(30): ("ahead", "2026-01-01T00:00:00+00:00", "infinity"),
-        at(40): ("in_flight", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
-        "2027-01-01T00:00:00+00:00": ("missing", "infinity", None),
+    found_in_day = {
+        shown(10): ("stale", "infinity", "2026-01-01T00:00:00+00:00"),
+        shown(20): ("mismatch", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
+        shown(30): ("ahead", "2026-01-01T00:00:00+00:00", "infinity"),
+        shown(9000): ("missing", "infinity", None),
         "infinity": ("mismatch", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00"),
         "-infinity": ("missing", "2026-01-01T00:00:00+00:00", None),
-    }, found
+    }
+    # the whole table, and the day of every row but the one updated at 'infinity'
+    for partition, expected in ((None, {
+            **found_in_day,
+            shown(40): ("in_flight", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00")}),
+            ("2026-01-01", found_in_day)):
+        summary = diff(config, "t", partition=partition)
+        with psycopg.connect(state_db) as conn:
+            conn.row_factory = psycopg.rows.dict_row
+            found = {d.key[0]: (d.cls.value, d.source_version, d.target_version)
+                     for d in differences_of(conn, summary.run_id)}
+        assert found == expected, (partition, found)
