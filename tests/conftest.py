@@ -194,9 +194,10 @@ def progress_events(stderr: str) -> list[dict[str, Any]]:
 
 def unused_port() -> int:
     """A free local port below the kernel's ephemeral range, so no outgoing connection can
-    take it between this probe and the server's own bind (port 0 picks from that range)."""
+    take it between this probe and the server's own bind (port 0 picks from that range), and
+    above the fixed ports of the private stacks (test_stack, test_broker_restart: < 20000)."""
     ceiling = min(32768, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]))
-    candidates = range(max(1024, ceiling - 12768), ceiling)
+    candidates = range(20000, ceiling)
     assert len(candidates) >= 1000, f"the ephemeral range starts at {ceiling}: no room below it"
     for port in random.sample(candidates, 200):
         with socket.socket() as probe:
@@ -206,6 +207,18 @@ def unused_port() -> int:
                 continue
             return port
     raise AssertionError("no free local port below the ephemeral range")
+
+
+def blocked_signals(pid: int) -> dict[int, set[int]]:
+    """The signals each thread of process ``pid`` blocks, by thread id (from /proc)."""
+    found: dict[int, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("SigBlk:"):
+                    mask = int(line.split()[1], 16)
+                    found[int(task.name)] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return found
 
 
 def pid_alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from trueup import metrics, segments, tracing
+from trueup import metrics, segments, threads, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
 from trueup.errors import TrueupError, UsageError
@@ -250,7 +250,7 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
     plan = segments.plan_segments(source_conn, c.source, c.source_where, rows)
     passes = _Passes(c, source_conn, target_conn, progress,
                      parallel=not same_server(source_conn, target_conn))
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="trueup-diff") as pool:
+    with threads.executor(2, "trueup-diff") as pool:
         source_sums, target_sums = passes.run(pool, plan, sync_target)
         source_total = sum(n for n, _ in source_sums.values())
         target_total = sum(n for n, _ in target_sums.values())

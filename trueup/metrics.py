@@ -17,6 +17,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import make_wsgi_app
 
+from trueup import threads
+
 #: Where the metrics server listens unless told otherwise: never a public interface by default.
 DEFAULT_HOST = "127.0.0.1"
 
@@ -126,8 +128,7 @@ def serve_metrics(port: int, host: str = DEFAULT_HOST) -> MetricsServer:
 
     app = health_app(make_wsgi_app(REGISTRY))
     server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True,
-                              name="trueup-metrics")
+    thread = threads.thread(server.serve_forever, name="trueup-metrics")
     thread.start()
     return MetricsServer(server, thread)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from confluent_kafka import (
 )
 from psycopg import sql
 
+from trueup import threads
 from trueup.brokers.kafka import (
     CLIENT_DEFAULTS,
     connect_admin,
@@ -342,7 +343,7 @@ class MirrorReader:
         merger = Merger(self.shape, self.conn, parse_in_postgres=self.parse_in_postgres)
         done = 0
         # The merge of one batch runs in Postgres while this thread fetches the next.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-mirror") as writer, \
+        with threads.executor(1, "trueup-mirror") as writer, \
                 closing(read_to_ends(self.consumer, self.shape.topic, plan,
                                      batch_size=BATCH_MESSAGES, poll_seconds=POLL_SECONDS,
                                      stall_seconds=STALL_SECONDS, stalled=stalled)) as batches:

@@ -19,14 +19,14 @@ import json
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from opentelemetry.trace import SpanKind
 
-from trueup import metrics, tracing
+from trueup import metrics, threads, tracing
 from trueup.collection import batch_loop
 from trueup.config import Config, DeadLetterConfig
 from trueup.errors import Conflict, ConnectionFailed, StateError
@@ -305,7 +305,7 @@ class _Recorder:
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-replay")
+        self.executor = threads.executor(1, "trueup-replay")
         self.conn: psycopg.Connection[dict[str, Any]] | None = None
 
     def submit(self, replay_id: int, events: list[tuple[DeadLetter, Plan]], plans: list[Plan],

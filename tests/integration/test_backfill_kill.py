@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, blocked_signals
 from tests.integration.test_backfill_support import (
     drift,
     make_tables,
@@ -286,6 +286,12 @@ def test_ctrl_c_ends_a_backfill_at_once_and_resume_finishes_it(
     while not any(c[1] == "done" for c in _chunks(state_db)):
         assert time.monotonic() < deadline and worker.poll() is None, "no chunk got done"
         time.sleep(0.05)
+    # Linux gives a process's signal to any thread not blocking it: one that went to a worker
+    # thread left the main thread waiting for the whole backfill (a CI run: 9 s)
+    blocked = blocked_signals(worker.pid)
+    assert len(blocked) > 1 and not {signal.SIGINT, signal.SIGTERM} & blocked[worker.pid], blocked
+    assert all({signal.SIGINT, signal.SIGTERM} <= signals for tid, signals in blocked.items()
+               if tid != worker.pid), f"a thread takes Ctrl-C from the main thread: {blocked}"
     interrupted = time.monotonic()
     worker.send_signal(signal.SIGINT)
     worker.communicate(timeout=60)

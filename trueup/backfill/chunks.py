@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from trueup import metrics
+from trueup import metrics, threads
 from trueup.db import connect, first_line
 from trueup.errors import ConnectionFailed, StateError
 from trueup.log import get_logger
@@ -144,8 +144,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._lent = conn
         self._conn: psycopg.Connection[Any] | None = conn or self._connect()
-        self._thread = threading.Thread(target=self._run, daemon=True,
-                                        name=f"trueup-lease-{chunk.chunk}")
+        self._thread = threads.thread(self._run, name=f"trueup-lease-{chunk.chunk}")
 
     def _connect(self) -> psycopg.Connection[Any]:
         return lease_connection(self._state_dsn, self.lease_seconds)

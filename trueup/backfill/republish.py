@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
+from trueup import threads
 from trueup.backfill import chunks
 from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
@@ -170,10 +171,10 @@ class RepublishWriter:
         self.what = f"topic {self.topic}"
         # records a chunk's repairs rows in the state database while this thread produces
         self.recorder = self.stack.enter_context(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-repairs"))
+            threads.executor(1, "trueup-repairs"))
         # reads the next batch of source rows while this thread produces the last one's
         self.reader = self.stack.enter_context(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-source"))
+            threads.executor(1, "trueup-source"))
 
     def close(self) -> None:
         self.producer.flush(10)

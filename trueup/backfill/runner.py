@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from trueup import metrics, tracing
+from trueup import metrics, threads, tracing
 from trueup.backfill import chunks
 from trueup.backfill.model import (
     Backfill,
@@ -126,15 +126,15 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
         except BaseException as exc:
             errors.append(exc)
 
-    # Daemons: a Ctrl-C ends the process at once, whatever a worker is doing (its chunk's lease
-    # runs out, and a --resume claims it again); the process does not wait for the backfill.
-    threads = [threading.Thread(target=work, args=(i,), name=f"trueup-backfill-{i}",
-                                daemon=True)
+    # Daemons, which leave Ctrl-C to this thread (trueup.threads): it ends the process at once,
+    # whatever a worker is doing (its chunk's lease runs out, and a --resume claims it again);
+    # the process does not wait for the backfill.
+    workers = [threads.thread(work, args=(i,), name=f"trueup-backfill-{i}")
                for i in range(options.workers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     try:
         with connect(config.state, what="state", autocommit=True) as state:
             row = load(state, backfill_id)

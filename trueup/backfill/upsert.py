@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from contextlib import ExitStack
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from trueup import threads
 from trueup.backfill import chunks
 from trueup.backfill.keyspace import KeySpace, scope_condition
 from trueup.backfill.model import (
@@ -197,7 +198,7 @@ class UpsertWriter:
         self.target.commit()
         # records a chunk's intent in the state database while this thread writes the target
         self.recorder = self.stack.enter_context(
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-repairs"))
+            threads.executor(1, "trueup-repairs"))
         self._create_stage()
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from trueup import headers, tracing
+from trueup import headers, threads, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import ConnectionFailed
 from trueup.health import HEALTH
@@ -99,7 +99,7 @@ class RabbitWorker:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting whenever the connection is lost."""
         reconnect = Reconnect()
-        self._handling = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trueup-handler")
+        self._handling = threads.executor(1, "trueup-handler")
         try:
             with serving(self.metrics_port, database=self.database, rabbitmq=self.url):
                 while not stop.is_set():
