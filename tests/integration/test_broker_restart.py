@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,17 @@ STACK = REPO / "scripts" / "stack"
 # Every port below 32768: Linux hands out 32768-60999 as the local ports of outgoing
 # connections, and a listener there can find its port taken by one (a CI run lost Kafka's
 # 39092 that way).
-PORTS = {"TRUEUP_PG_PORT": 26432, "TRUEUP_RABBITMQ_PORT": 6672,
-         "TRUEUP_RABBITMQ_DIST_PORT": 26672, "TRUEUP_KAFKA_PORT": 29092,
-         "TRUEUP_KAFKA_CONTROLLER_PORT": 29093}
+# Below 20000 too, where tests/conftest.unused_port never looks: a test file running in the
+# other xdist worker may take any port it hands out.
+PORTS = {"TRUEUP_PG_PORT": 16432, "TRUEUP_RABBITMQ_PORT": 6672,
+         "TRUEUP_RABBITMQ_DIST_PORT": 16672, "TRUEUP_KAFKA_PORT": 17092,
+         "TRUEUP_KAFKA_CONTROLLER_PORT": 17093}
 NODE = "restart@localhost"
 STACK_TIMEOUT_SECONDS = 180
 STOP_TIMEOUT_SECONDS = 60
 WAIT_SECONDS = 90.0
 BEFORE, AFTER = 150, 50          # messages published before and after the restart
+HELD_FROM = 60                   # handlers of later messages wait for the broker to stop
 HANDLER_SECONDS = 0.05           # a handler's work: the stream outlasts a broker's stop
 LETTERS = 300                    # dead letters per replay
 REPLAY_RATE = 60.0               # letters/s: the replay lasts ~5 s, the restart falls inside
@@ -143,13 +146,16 @@ def state(stack: PrivateStack) -> str:
 
 
 class Effects:
-    """A handler that records its effect in Postgres (failing once for some ids), and the
-    counts a test checks."""
+    """A handler that records its effect in Postgres (failing once for some ids, holding the
+    ``held`` ones until :meth:`release`), and the counts a test checks."""
 
-    def __init__(self, dsn: str, source: str, fail_once: set[str]) -> None:
+    def __init__(self, dsn: str, source: str, fail_once: set[str],
+                 held: Collection[str] = ()) -> None:
         self.dsn = dsn
         self.source = source
         self.fail_once = fail_once
+        self.held = set(held)
+        self.released = threading.Event()
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.lock = threading.Lock()
 
@@ -158,6 +164,8 @@ class Effects:
         message_id = json.loads(delivery.body)["id"]
         if message_id in self.fail_once and delivery.attempt == 1:
             raise ConnectionError(f"billing unavailable for {message_id}")
+        if message_id in self.held:
+            self.released.wait(WAIT_SECONDS)
         time.sleep(HANDLER_SECONDS)
         with self.lock:
             self.conn.execute("INSERT INTO effects (source, message_id) VALUES (%s, %s)",
@@ -169,7 +177,11 @@ class Effects:
                                 "GROUP BY message_id", (self.source,)).fetchall()
         return {r[0]: r[1] for r in rows}
 
+    def release(self) -> None:
+        self.released.set()
+
     def close(self) -> None:
+        self.released.set()
         self.conn.close()
 
 
@@ -210,7 +222,10 @@ def test_rabbitmq_worker_reconnects_after_a_broker_restart_and_loses_no_message(
         stack: PrivateStack, state: str) -> None:
     queue = f"payments_{uuid.uuid4().hex[:8]}"
     ids = [f"r{n}" for n in range(BEFORE + AFTER)]
-    effects = Effects(state, queue, fail_once={"r3", "r120", f"r{BEFORE + 7}"})
+    # the stream waits from HELD_FROM on until the broker is down: however long the broker
+    # takes to stop, the restart falls inside the stream
+    effects = Effects(state, queue, fail_once={"r3", "r120", f"r{BEFORE + 7}"},
+                      held=ids[HELD_FROM:BEFORE])
     worker = RabbitWorker(url=stack.amqp, queue=queue, handler=effects, policy=POLICY,
                           dead_letter_queue=f"{queue}.dlq")
     connection = rabbitmq.connect(stack.amqp, what="test")
@@ -220,10 +235,11 @@ def test_rabbitmq_worker_reconnects_after_a_broker_restart_and_loses_no_message(
     try:
         with running(worker.run):
             wait_until(lambda: len(effects.counts()) >= 30, "the first effects")
-            # Counted while RabbitMQ is down: up() waits for it and probes it for seconds,
-            # time enough for the reconnected worker to handle the rest of the stream.
+            # Counted while RabbitMQ is down, the held messages then let go: up() waits for
+            # it and probes it for seconds, time enough for a worker to handle them all.
             stack.stop_rabbitmq()
             handled_while_down = len(effects.counts())
+            effects.release()
             stack.up()
             print(f"{handled_while_down} of {BEFORE} messages handled when RabbitMQ stopped")
             assert handled_while_down < BEFORE, "the restart came after the stream ended"
@@ -244,7 +260,10 @@ def test_kafka_worker_reconnects_after_a_broker_restart_and_loses_no_message(
         stack: PrivateStack, state: str) -> None:
     topic = f"orders_{uuid.uuid4().hex[:8]}"
     ids = [f"k{n}" for n in range(BEFORE + AFTER)]
-    effects = Effects(state, topic, fail_once={"k3", "k120", f"k{BEFORE + 7}"})
+    # the stream waits from HELD_FROM on until the broker is down: however long the broker
+    # takes to stop, the restart falls inside the stream
+    effects = Effects(state, topic, fail_once={"k3", "k120", f"k{BEFORE + 7}"},
+                      held=ids[HELD_FROM:BEFORE])
     worker = KafkaWorker(properties={"bootstrap.servers": stack.bootstrap}, topic=topic,
                          group=f"group_{topic}", handler=effects, policy=POLICY,
                          dead_letter_topic=f"{topic}.dlq")
@@ -265,6 +284,7 @@ def test_kafka_worker_reconnects_after_a_broker_restart_and_loses_no_message(
             # enough for the reconnected worker to handle the rest of the stream.
             stack.stop_kafka()
             handled_while_down = len(effects.counts())
+            effects.release()
             stack.up()
             print(f"{handled_while_down} of {BEFORE} messages handled when Kafka stopped")
             assert handled_while_down < BEFORE, "the restart came after the stream ended"

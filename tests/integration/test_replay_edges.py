@@ -115,7 +115,9 @@ def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_mov
     status, out, err = cli(config, "replay", "refused")
     seconds = time.monotonic() - started
     assert status == 2, (out, err)
-    assert seconds < 10, f"the refused copy took {seconds:.0f}s to fail (retried as an outage?)"
+    # (an outage is retried for about 1.5 minutes; the CLI itself takes seconds on a busy
+    # machine, with a test file running in the other xdist worker)
+    assert seconds < 30, f"the refused copy took {seconds:.0f}s to fail (retried as an outage?)"
     said = [line for line in err.splitlines() if not line.startswith("{")]  # not the logs
     assert len(said) == 1 and "unexpected error" not in err and "Traceback" not in err, err
     assert missing in said[0] and "404" in said[0], said

@@ -28,11 +28,12 @@ REPO = Path(__file__).resolve().parents[2]
 STACK = REPO / "scripts" / "stack"
 
 # Every port below 32768: Linux hands out 32768-60999 as the local ports of outgoing
-# connections, and a listener there can find its port taken by one.
+# connections, and a listener there can find its port taken by one. Below 20000 too, where
+# tests/conftest.unused_port never looks (a test in the other xdist worker may take those).
 TEST_PORTS = {
     "TRUEUP_PG_PORT": "15432",
     "TRUEUP_RABBITMQ_PORT": "15772",
-    "TRUEUP_RABBITMQ_DIST_PORT": "25772",
+    "TRUEUP_RABBITMQ_DIST_PORT": "16772",
     "TRUEUP_KAFKA_PORT": "19092",
     "TRUEUP_KAFKA_CONTROLLER_PORT": "19093",
 }

@@ -109,7 +109,7 @@ def test_kafka_worker_handles_each_message_of_a_quiet_topic_as_it_arrives(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # consume() waits out its timeout for a full batch: a message alone on a quiet topic waited
     # up to the poll timeout (made long here, so that such a wait cannot go unseen).
-    poll_seconds = 3.0
+    poll_seconds = 5.0
     monkeypatch.setattr(kafka_workers, "POLL_SECONDS", poll_seconds)
     topic = unique("quiet")
     handler = FlakyHandler({})
