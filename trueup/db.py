@@ -142,6 +142,7 @@ class _EndlessDumper(Dumper):
         return str(obj).encode()
 
 
+@functools.cache  # one class per type, not per connection
 def _endless_loader(finite: type[psycopg.abc.Loader] | None) -> type[Loader]:
     """A text loader of a date or timestamp type: ``finite`` for finite values (psycopg's own,
     which refuses the infinities), :class:`Endless` for the infinite ones."""
