@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -33,8 +32,9 @@ def test_definitions_validate_passes(tmp_path: Path) -> None:
     assert "All code locations passed validation" in done.stderr + done.stdout
 
 
-def test_definitions_share_one_node_per_physical_table() -> None:
-    os.environ.setdefault("TRUEUP_CONFIG", str(EXAMPLE))
+def test_definitions_share_one_node_per_physical_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the example's config while the module loads; not left set for later test files
+    monkeypatch.setenv("TRUEUP_CONFIG", str(EXAMPLE))
     from pipelines.definitions import defs
 
     keys = {tuple(k.path) for k in defs.resolve_all_asset_keys()}
@@ -43,10 +43,10 @@ def test_definitions_share_one_node_per_physical_table() -> None:
     assert orders == [("postgres", "shop", "public", "orders")]
 
 
-def test_every_job_runs_its_step_in_the_runs_own_process() -> None:
+def test_every_job_runs_its_step_in_the_runs_own_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under Dagster's multiprocess default each job's one step loaded the whole code location
     again in a process of its own: seconds of CPU for every run."""
-    os.environ.setdefault("TRUEUP_CONFIG", str(EXAMPLE))
+    monkeypatch.setenv("TRUEUP_CONFIG", str(EXAMPLE))
     from pipelines.definitions import defs
 
     executors = {j.name: j.executor_def.name for j in defs.resolve_all_job_defs()}
