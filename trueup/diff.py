@@ -26,7 +26,7 @@ from psycopg import sql
 from trueup import metrics, segments, threads, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
-from trueup.errors import TrueupError, UsageError
+from trueup.errors import KeysRefused, TrueupError, UsageError
 from trueup.fingerprint import storage_type
 from trueup.log import get_logger
 from trueup.runs import (
@@ -42,6 +42,7 @@ from trueup.sides import (
     SharedTypes,
     Side,
     day_filter,
+    keys_refused,
     reconciled_types,
     require_utf8,
     table_side,
@@ -61,7 +62,6 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 class DiffFailed(TrueupError):
     """A run could not finish; it is recorded as failed with this reason."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class Comparison:
@@ -124,7 +124,9 @@ def diff(config: Config, name: str, *, partition: str | None = None,
             metrics.DIFF_RUNS.labels(name, "failed").inc()
             _record_failure(config.state, run_id, reason, time.monotonic() - started)
             log.error("diff.failed", reconciliation=name, run_id=run_id, error=reason)
-            if isinstance(exc, TrueupError) or not isinstance(exc, Exception):
+            # what the data refuses is told with the run, like a driver's error
+            if not isinstance(exc, Exception) or (
+                    isinstance(exc, TrueupError) and not isinstance(exc, KeysRefused)):
                 raise
             raise DiffFailed(f"diff {name}: run {run_id} failed: {reason}") from exc
     metrics.record_diff(summary)
@@ -151,6 +153,7 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                                                   application_name=f"trueup diff {name}"))
         unreadable: Callable[[], Iterator[Difference]] | None = None  # a mirror's, streamed
         sync_target: Callable[[], None] | None = None
+        shared: SharedTypes | None = None  # a target table's types as compared
         if rec.target.topic is not None:
             from trueup import mirror
 
@@ -170,7 +173,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             assert target_dsn is not None and rec.target.table is not None
             target_conn = stack.enter_context(connect(target_dsn, what="target",
                                                       application_name=f"trueup diff {name}"))
-            source, target = _table_sides(rec, source_conn, source_dsn, target_conn, target_dsn)
+            source, target, shared = _table_sides(rec, source_conn, source_dsn, target_conn,
+                                                  target_dsn)
         comparison = Comparison(
             source=source, target=target,
             source_where=day_filter(source, day),
@@ -185,12 +189,19 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                 sync_target()
             found = _compare_partition(comparison, source_conn, target_conn, progress)
         source_rows, target_rows = 0, 0
-        for item in found:
-            if isinstance(item, tuple):
-                source_rows, target_rows = item
-                continue
-            writer.write([item])
-            on_difference(item)
+        try:
+            for item in found:
+                if isinstance(item, tuple):
+                    source_rows, target_rows = item
+                    continue
+                writer.write([item])
+                on_difference(item)
+        except psycopg.errors.DataError as exc:
+            refused = keys_refused(str(rec.target.table), shared.refusable_keys, exc) \
+                if shared is not None else None
+            if refused is None:
+                raise
+            raise refused from exc
         # Unreadable messages belong to no day: every run lists those the mirror holds, so a
         # reconciliation run only by partitions (Dagster's) shows them too.
         for item in unreadable() if unreadable is not None else ():
@@ -220,8 +231,9 @@ def _source_side(rec: ReconciliationConfig, dsn: str, conn: psycopg.Connection[A
 
 def _table_sides(rec: ReconciliationConfig, source_conn: psycopg.Connection[Any],
                  source_dsn: str, target_conn: psycopg.Connection[Any],
-                 target_dsn: str) -> tuple[Side, Side]:
-    """Both sides of a table-to-table run, each column read as the type both share."""
+                 target_dsn: str) -> tuple[Side, Side, SharedTypes]:
+    """Both sides of a table-to-table run, each column read as the type both share (and
+    those types)."""
     assert rec.target.table is not None
     shared, _ = reconciled_types(rec, source_conn, target_conn)
     source = _source_side(rec, source_dsn, source_conn, shared)
@@ -230,7 +242,7 @@ def _table_sides(rec: ReconciliationConfig, source_conn: psycopg.Connection[Any]
                         columns=[rec.target.columns[c] for c in rec.source.columns],
                         as_types=shared.columns, key_as=shared.keys,
                         version_as=shared.version, conn=target_conn)
-    return source, target
+    return source, target, shared
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,3 +50,8 @@ class NotFound(TrueupError):
 
 class Conflict(TrueupError):
     """The requested work clashes with work already running (for example an active backfill)."""
+
+
+class KeysRefused(TrueupError):
+    """A target holds a key value its source's key type cannot hold (a text key ``'abc'``
+    against a bigint source), so the two cannot be compared in one key order."""

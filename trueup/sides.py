@@ -11,14 +11,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from trueup.db import first_line
-from trueup.errors import TrueupError
+from trueup.errors import KeysRefused, TrueupError
 from trueup.fingerprint import (
     INTEGER_TYPES,
     INVALID,
@@ -499,6 +499,9 @@ class SharedTypes:
     columns: list[ColumnType]       # compared_type of each compared column
     keys: list[ColumnType]          # common_type of each key column
     version: ColumnType | None      # common_type of the versions, when both sides have one
+    #: the target's key columns that may hold a value their shared type refuses (see
+    #: :func:`refusable_keys`)
+    refusable_keys: list[str] = field(default_factory=list)
 
 
 def shared_types(conn: psycopg.Connection[Any], table: str, *, columns: Sequence[str],
@@ -513,10 +516,47 @@ def shared_types(conn: psycopg.Connection[Any], table: str, *, columns: Sequence
     shared_version = None
     if version and source_version is not None:
         shared_version = common_type(source_version, require(found, table, [version], conn)[0])
+    keys = [common_type(s, t) for s, t in zip(source_key, own_key, strict=True)]
     return SharedTypes(
         columns=[compared_type(s, t) for s, t in zip(source_columns, own, strict=True)],
-        keys=[common_type(s, t) for s, t in zip(source_key, own_key, strict=True)],
-        version=shared_version)
+        keys=keys, version=shared_version,
+        refusable_keys=refusable_keys(key, own_key, keys, source_key))
+
+
+#: Type names as SQL spells them, where the catalog's differ (``int8`` is ``bigint``).
+_SQL_NAMES = {"int2": "smallint", "int4": "integer", "int8": "bigint", "float4": "real",
+              "float8": "double precision", "bool": "boolean", "varchar": "character varying",
+              "bpchar": "character", "timestamptz": "timestamp with time zone",
+              "timestamp": "timestamp without time zone", "timetz": "time with time zone"}
+
+
+def _sql_name(ctype: ColumnType) -> str:
+    return _SQL_NAMES.get(ctype.name, ctype.name)
+
+
+def refusable_keys(names: Sequence[str], own: Sequence[ColumnType],
+                   read_as: Sequence[ColumnType], source: Sequence[ColumnType]) -> list[str]:
+    """The target's key columns (``names``, of types ``own``) that may hold a value their
+    type ``read_as`` refuses (a text key read as bigint), each as ``"id (text; the source's
+    is bigint)"``."""
+    return [f"{name} ({_sql_name(o)}; the source's is {_sql_name(s)})"
+            for name, o, r, s in zip(names, own, read_as, source, strict=True)
+            if _read_may_fail(o, r)]
+
+
+def keys_refused(table: str, refusable: Sequence[str], error: BaseException
+                 ) -> KeysRefused | None:
+    """What to report when reading the keys of the target ``table`` failed with ``error``,
+    if that is a value one of its ``refusable`` key columns cannot hold: the key order both
+    sides are compared in is the source's, so a key outside the source's type has no place in
+    it. None for any other error."""
+    if not refusable or not isinstance(error, psycopg.errors.DataError):
+        return None
+    return KeysRefused(
+        f"target {table} holds a key the source's key type cannot hold ({first_line(error)}): "
+        f"key {', '.join(refusable)}. Both sides' keys are read as the source's type, in its "
+        f"order; give the target's key that type, or reconcile against a view of the target "
+        f"that converts or leaves out such keys")
 
 
 def reconciled_types(rec: ReconciliationConfig, source: psycopg.Connection[Any],

@@ -756,6 +756,45 @@ def test_integer_keys_of_other_widths_are_compared_as_they_are(
     assert side.key == [sql.Identifier("id")], "the key is cast: its index cannot serve it"
 
 
+def test_a_text_target_key_the_source_s_key_type_refuses_fails_runs_with_what_to_do(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Keys are compared as the source's type, in its order: a text target key holding digits
+    is read as the bigint it spells, but 'abc' has no place in that order. The run failed
+    with Postgres's bare cast error, and a backfill of the whole table with an unexpected
+    error and a traceback."""
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.orders (id bigint PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO public.orders SELECT g, 1, 'a' FROM generate_series(1, 30) g")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.copy (id text PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO public.copy SELECT g::text, 1, CASE WHEN g = 7 THEN 'b' "
+                     "ELSE 'a' END FROM generate_series(2, 31) g")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"])
+    assert _diff_found(config, "orders") == {((1,), "missing"), ((31,), "orphan"),
+                                             ((7,), "mismatch")}
+
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.copy VALUES ('abc', 1, 'a')")
+    refused = (r"target public\.copy holds a key the source's key type cannot hold \(invalid input "
+               r"syntax for type bigint: \"abc\"\): key id \(text; the source's is bigint\)\. "
+               r"Both sides' keys are read as the source's type, in its order; give the "
+               r"target's key that type, or reconcile against a view of the target that "
+               r"converts or leaves out such keys$")
+    with pytest.raises(TrueupError, match=r"^diff orders: run \d+ failed: " + refused) as failed:
+        diff(config, "orders")
+    with psycopg.connect(state_db) as conn:
+        row = conn.execute("SELECT status, error FROM trueup.runs WHERE run_id = %s",
+                           (int(str(failed.value).split()[3]),)).fetchone()
+    assert row is not None and row[0] == "failed" and row[1].startswith("target public.copy holds")
+    with pytest.raises(TrueupError, match="^" + refused):
+        start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
+    with psycopg.connect(state_db) as conn:
+        assert conn.execute("SELECT count(*) FROM trueup.backfills").fetchone() == (0,)
+
+
 def test_text_in_a_database_that_is_not_utf8_is_refused_in_one_line(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         unique: Callable[[str], str]) -> None:

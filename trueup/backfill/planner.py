@@ -28,7 +28,14 @@ from trueup.fingerprint import ColumnType
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.queries import query
-from trueup.sides import column_types, day_filter, require, table_side
+from trueup.sides import (
+    column_types,
+    day_filter,
+    keys_refused,
+    refusable_keys,
+    require,
+    table_side,
+)
 from trueup.statuses import BackfillScope, KeyOrder
 
 log = get_logger(__name__)
@@ -190,8 +197,17 @@ def _target_cuts(config: Config, name: str, source: KeySpace, state: psycopg.Con
                  application_name=f"trueup backfill {name}") as target:
         side = table_side(label="target", dsn=dsn, table=rec.target.table, key=rec.target.key,
                           version=None, columns=[], key_as=source.types, conn=target)
-        return _beyond(target, side.relation, replace(source, exprs=side.key), chunk_size,
-                       first, last)
+        try:
+            return _beyond(target, side.relation, replace(source, exprs=side.key), chunk_size,
+                           first, last)
+        except psycopg.errors.DataError as exc:
+            own = require(column_types(target, rec.target.table), rec.target.table,
+                          rec.target.key, target)
+            refused = keys_refused(rec.target.table, refusable_keys(
+                rec.target.key, own, source.types, source.types), exc)
+            if refused is None:
+                raise
+            raise refused from exc
 
 
 def _beyond(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
