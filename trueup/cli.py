@@ -35,8 +35,8 @@ CONFIG_HELP = "config file (default: $TRUEUP_CONFIG or trueup.yaml)"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_TROUBLE, f"{self.prog}: {message}\n")
+        # one line, as for every other bad input (argparse would print the usage first)
+        self.exit(EXIT_TROUBLE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 #: The most the state's bigint columns hold (ids, --max, --limit).
@@ -203,17 +203,23 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
         return EXIT_OK
     print(_table("runs", document["runs"], ["run_id", "reconciliation", "partition", "status",
                                             "started_at", "missing", "orphan", "stale", "ahead",
-                                            "mismatch", "in_flight", "unreadable"]))
+                                            "mismatch", "in_flight", "unreadable"],
+                 errors=("run", "run_id")))
     print(_table("backfills", document["backfills"], ["backfill_id", "reconciliation", "status",
-                                                      "chunks", "chunks_done", "rows_repaired"]))
+                                                      "chunks", "chunks_done", "rows_repaired"],
+                 errors=("backfill", "backfill_id")))
     print(_table("replays", document["replays"], ["replay_id", "name", "status", "dry_run",
-                                                  "moved", "parked", "skipped"]))
+                                                  "moved", "parked", "skipped"],
+                 errors=("replay", "replay_id")))
     print(_table("checks", document["checks"], ["asset_key", "check_name", "passed",
                                                 "severity", "at"]))
     return EXIT_OK
 
 
-def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> str:
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str],
+           errors: tuple[str, str] | None = None) -> str:
+    """``rows`` as a table; with ``errors`` (a noun and its id column), each row's error on a
+    line of its own below it (``run 7: <error>``): too long for a column."""
     if not rows:
         return f"{title}: none\n"
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
@@ -222,6 +228,10 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> str:
                                                                         strict=True))]
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True))
               for r in cells]
+    if errors is not None:
+        noun, id_column = errors
+        lines += [f"  {noun} {row[id_column]}: {row['error']}" for row in rows
+                  if row.get("error")]
     return "\n".join(lines) + "\n"
 
 

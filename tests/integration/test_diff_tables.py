@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import yaml
 from psycopg import sql
 
 from tests.conftest import PG_ADMIN_DSN, drop_database, dsn_for
-from trueup import segments
+from trueup import cli, segments
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.config import Config, load_config
 from trueup.diff import diff
@@ -757,7 +758,8 @@ def test_integer_keys_of_other_widths_are_compared_as_they_are(
 
 
 def test_a_text_target_key_the_source_s_key_type_refuses_fails_runs_with_what_to_do(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """Keys are compared as the source's type, in its order: a text target key holding digits
     is read as the bigint it spells, but 'abc' has no place in that order. The run failed
     with Postgres's bare cast error, and a backfill of the whole table with an unexpected
@@ -788,7 +790,12 @@ def test_a_text_target_key_the_source_s_key_type_refuses_fails_runs_with_what_to
     with psycopg.connect(state_db) as conn:
         row = conn.execute("SELECT status, error FROM trueup.runs WHERE run_id = %s",
                            (int(str(failed.value).split()[3]),)).fetchone()
-    assert row is not None and row[0] == "failed" and row[1].startswith("target public.copy holds")
+    assert row is not None and row[0] == "failed"
+    assert re.fullmatch(refused, row[1]), row[1]
+    # `trueup status` shows it below the runs (too long for a column)
+    assert cli.main(["--config", str(tmp_path / "trueup.yaml"), "status"]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  run ")]
+    assert len(shown) == 1 and re.fullmatch(r"  run \d+: " + refused, shown[0]), shown
     with pytest.raises(TrueupError, match="^" + refused):
         start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
     with psycopg.connect(state_db) as conn:

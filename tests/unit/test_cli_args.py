@@ -61,7 +61,8 @@ def test_a_rate_that_paces_nothing_is_refused_in_one_line(
         cli.build_parser().parse_args([*command, f"--rate={rate}"])
     assert exit_.value.code == cli.EXIT_TROUBLE
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"--rate: expected a positive number (got {rate!r})"), err
+    assert err == [f"trueup {command[0]}: argument --rate: expected a positive number "
+                   f"(got {rate!r}) (see trueup {command[0]} --help)"]
 
 
 @pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "0.5"])
@@ -89,4 +90,21 @@ def test_a_number_past_what_the_state_holds_is_refused_in_one_line(
         cli.build_parser().parse_args(argv)
     assert exit_.value.code == cli.EXIT_TROUBLE
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(f"expected a positive integer up to {most} (got {argv[-1]!r})"), err
+    assert err == [f"trueup {argv[0]}: argument {argv[-2]}: expected a positive integer up to "
+                   f"{most} (got {argv[-1]!r}) (see trueup {argv[0]} --help)"]
+
+
+def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse printed its usage block before the line: one problem, several lines."""
+    for argv, line in (
+            ([], "trueup: the following arguments are required: command (see trueup --help)"),
+            (["diff"], "trueup diff: the following arguments are required: name "
+                       "(see trueup diff --help)"),
+            (["backfill", "orders"], "trueup backfill: one of the arguments --run --partition "
+                                     "--all --resume --cancel is required "
+                                     "(see trueup backfill --help)")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.build_parser().parse_args(argv)
+        assert exit_.value.code == cli.EXIT_TROUBLE
+        assert capsys.readouterr().err.splitlines() == [line]
