@@ -244,7 +244,8 @@ def _cell(value: Any) -> str:
 
 
 #: Subcommand -> "module:function" taking (config, args) and returning the exit status.
-#: Imported on use, so `trueup validate` does not pay for the Kafka or Dagster imports.
+#: Imported on use, so each command pays only for the imports it needs (`trueup status` and
+#: `trueup diff` of a table neither Kafka's nor Dagster's).
 COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "diff": cmd_diff,
