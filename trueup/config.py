@@ -214,6 +214,15 @@ class SourceConfig(_Model):
         return self
 
 
+class ConsumerConfig(_Model):
+    """The Kafka consumer group that writes a target table from a topic: differences its lag
+    does not yet cover are in flight."""
+
+    connection: Name
+    topic: TopicName
+    group: NonEmptyStr
+
+
 class TargetConfig(_Model):
     """The copy: a Postgres table or a Kafka topic. ``columns`` maps source -> target names."""
 
@@ -224,11 +233,15 @@ class TargetConfig(_Model):
     key: Annotated[list[NonEmptyStr], Field(min_length=1)]
     version: NonEmptyStr | None = None
     columns: Annotated[dict[Identifier, NonEmptyStr], BeforeValidator(_columns_mapping)]
+    consumer: ConsumerConfig | None = None
 
     @model_validator(mode="after")
     def _table_or_topic(self) -> TargetConfig:
         if (self.table is None) == (self.topic is None):
             raise ValueError("expected exactly one of table or topic")
+        if self.topic is not None and self.consumer is not None:
+            raise ValueError("consumer applies to a table target: a topic target is read to "
+                             "its end by each run itself")
         if self.table is not None:
             if self.format is not None:
                 raise ValueError("format applies to a topic, not a table")
@@ -283,6 +296,9 @@ class ReconciliationConfig(_Model):
         if self.grace and self.source.updated_at is None:
             raise ValueError("grace needs source.updated_at (the column that says a row was "
                              "updated within it)")
+        if self.target.consumer is not None and self.source.updated_at is None:
+            raise ValueError("target.consumer needs source.updated_at (the column that says "
+                             "a row was updated after what the consumer has read)")
         if self.repair is RepairMode.UPSERT and self.target.is_topic:
             raise ValueError("repair: upsert needs a table target; use republish for a topic")
         if self.repair is RepairMode.REPUBLISH and not self.target.is_topic:
@@ -524,6 +540,9 @@ def _cross_references(config: Config) -> list[tuple[str, str]]:
         target_kind = ConnectionKind.KAFKA if rec.target.is_topic else ConnectionKind.POSTGRES
         connection(f"{base}.target.connection", rec.target.connection, target_kind,
                    "a topic target" if rec.target.is_topic else "a table target")
+        if rec.target.consumer is not None:
+            connection(f"{base}.target.consumer.connection", rec.target.consumer.connection,
+                       ConnectionKind.KAFKA, "a target's consumer")
     for name, dlq in config.dead_letters.items():
         kind = ConnectionKind.KAFKA if dlq.topic is not None else ConnectionKind.RABBITMQ
         connection(f"dead_letters.{name}.connection", dlq.connection, kind,

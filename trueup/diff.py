@@ -179,7 +179,8 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
             source=source, target=target,
             source_where=day_filter(source, day),
             target_where=ALL_ROWS,
-            in_flight_since=(started_at - rec.grace) if source.updated_at is not None else None,
+            in_flight_since=_in_flight_since(config, name, rec, started_at)
+            if source.updated_at is not None else None,
         )
         if day is None:
             found = _compare_whole(comparison, source_conn, target_conn, progress,
@@ -215,6 +216,23 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
                          **counts)
     finish_run(state, summary)
     return summary
+
+
+def _in_flight_since(config: Config, name: str, rec: ReconciliationConfig,
+                     started_at: dt.datetime) -> dt.datetime:
+    """Source rows updated after this are in flight: within ``grace`` of the run's start, or
+    of the first message the target's consumer has not consumed yet."""
+    since = started_at - rec.grace
+    consumer = rec.target.consumer
+    if consumer is None:
+        return since
+    from trueup.lag import consumer_lag  # Kafka's imports, for these runs only
+
+    lag = consumer_lag(config, consumer, what=f"reconciliations.{name}.target.consumer")
+    log.info("diff.consumer_lag", reconciliation=name, topic=consumer.topic,
+             group=consumer.group, messages=lag.messages,
+             oldest=lag.oldest.isoformat() if lag.oldest else None)
+    return since if lag.oldest is None else min(since, lag.oldest - rec.grace)
 
 
 def _source_side(rec: ReconciliationConfig, dsn: str, conn: psycopg.Connection[Any],

@@ -21,7 +21,7 @@ class DifferenceClass(StrEnum):
     STALE = "stale"            # target version < source version
     AHEAD = "ahead"            # target version > source version
     MISMATCH = "mismatch"      # same or no version, different fingerprint
-    IN_FLIGHT = "in_flight"    # the source row changed within grace (see docs/diff.md)
+    IN_FLIGHT = "in_flight"    # changed within grace or the consumer's lag (docs/diff.md)
     UNREADABLE = "unreadable"  # a target message that cannot be read
 
 

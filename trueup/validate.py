@@ -178,6 +178,10 @@ class Validator:
             )
         elif target.topic is not None and self.reach.admins.get(target.connection) is not None:
             yield self._check_topic(f"{base}.target.topic", target.connection, target.topic)
+        consumer = target.consumer
+        if consumer is not None and self.reach.admins.get(consumer.connection) is not None:
+            yield self._check_topic(f"{base}.target.consumer.topic", consumer.connection,
+                                    consumer.topic)
 
     def _check_table(self, path: str, connection: str, table: str, key: list[str],
                      columns: list[tuple[str, str]], version: str | None,

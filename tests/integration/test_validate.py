@@ -136,6 +136,13 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any], dict[str, str]], None], str]] 
      lambda c, w: c["reconciliations"]["events"]["target"].update(topic=w["topic"] + "_nope"),
      "reconciliations.events.target.topic: topic '{topic}_nope' does not exist in connection "
      "'bus'"),
+    ("a target's consumer of a topic that does not exist",
+     lambda c, w: (c["reconciliations"]["invoices"]["source"].update(updated_at="updated_at"),
+                   c["reconciliations"]["invoices"]["target"].update(consumer={
+                       "connection": "bus", "topic": w["topic"] + "_nope",
+                       "group": "billing"})),
+     "reconciliations.invoices.target.consumer.topic: topic '{topic}_nope' does not exist in "
+     "connection 'bus'"),
     ("queue that does not exist",
      lambda c, w: c["dead_letters"]["payments_dlq"].update(queue=w["queue"] + "_nope"),
      "dead_letters.payments_dlq.queue: queue '{queue}_nope' does not exist"),

@@ -116,6 +116,27 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: _rec(r, "orders_invoices").update(grace="1m"),
      "trueup.yaml: reconciliations.orders_invoices: grace needs source.updated_at (the column "
      "that says a row was updated within it)"),
+    ("a consumer without updated_at",
+     lambda r: _rec(r, "orders_invoices")["target"].update(
+         consumer={"connection": "bus", "topic": "orders.v1", "group": "billing"}),
+     "trueup.yaml: reconciliations.orders_invoices: target.consumer needs source.updated_at "
+     "(the column that says a row was updated after what the consumer has read)"),
+    ("a consumer of a topic target",
+     lambda r: _rec(r)["target"].update(
+         consumer={"connection": "bus", "topic": "orders.v1", "group": "billing"}),
+     "trueup.yaml: reconciliations.orders_events.target: consumer applies to a table target: "
+     "a topic target is read to its end by each run itself"),
+    ("a consumer on a postgres connection",
+     lambda r: (_rec(r, "orders_invoices")["source"].update(updated_at="updated_at"),
+                _rec(r, "orders_invoices")["target"].update(
+                    consumer={"connection": "shop", "topic": "orders.v1", "group": "billing"})),
+     "trueup.yaml: reconciliations.orders_invoices.target.consumer.connection: connection "
+     "'shop' is postgres; a target's consumer needs kafka"),
+    ("a consumer without a group",
+     lambda r: (_rec(r, "orders_invoices")["source"].update(updated_at="updated_at"),
+                _rec(r, "orders_invoices")["target"].update(
+                    consumer={"connection": "bus", "topic": "orders.v1"})),
+     "trueup.yaml: reconciliations.orders_invoices.target.consumer.group: missing required field"),
     ("bad cron",
      lambda r: _rec(r).update(schedule="every hour"),
      "trueup.yaml: reconciliations.orders_events.schedule: expected a 5-field cron expression "
