@@ -50,6 +50,12 @@ class SchemaMismatch(TrueupError):
     """A configured table or column is not what the database has."""
 
 
+#: Kinds a version can be (greater is newer): text would order '10' before '9'.
+VERSION_KINDS = (Kind.NUMBER, Kind.TIMESTAMP, Kind.DATE)
+#: Kinds an ``updated_at`` can be.
+TIME_KINDS = (Kind.TIMESTAMP, Kind.DATE)
+
+
 def column_types(conn: psycopg.Connection[Any], table: str) -> dict[str, ColumnType]:
     """The canonical type of every column of ``table`` (``schema.name``)."""
     schema, _, name = table.partition(".")
@@ -79,7 +85,10 @@ def require(types: dict[str, ColumnType], table: str, columns: Sequence[str],
                 "WHERE a.attrelid = %s::regclass AND a.attname = %s AND NOT a.attisdropped",
                 (sql.Identifier(*table.split(".")).as_string(conn), column)).fetchone()
             if exists:
-                ColumnType.of(_values(exists)[0])  # raises UnsupportedType with the reason
+                try:
+                    ColumnType.of(_values(exists)[0])
+                except UnsupportedType as exc:
+                    raise UnsupportedType(f"column {column!r} of {table}: {exc}") from None
             raise SchemaMismatch(f"column {column!r} does not exist in {table}")
         result.append(types[column])
     return result
@@ -157,6 +166,14 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     own_columns = require(types, table, columns, conn)
     require_utf8(conn, f"{label} {table}", [*own_key, *own_columns])
     own_version = require(types, table, [version], conn)[0] if version else None
+    if version and own_version and (version_as or own_version).kind not in VERSION_KINDS:
+        raise SchemaMismatch(
+            f"column {version!r} of {table} is {_sql_name(own_version)}, which cannot be "
+            f"ordered as a version (expected an integer, numeric, timestamp or date column)")
+    if updated_at and require(types, table, [updated_at], conn)[0].kind not in TIME_KINDS:
+        raise SchemaMismatch(
+            f"column {updated_at!r} of {table} is {_sql_name(types[updated_at])}, not a time "
+            f"a row was updated at (expected a timestamp or date column)")
 
     def cast(name: str, own: ColumnType, wanted: ColumnType | None) -> sql.Composable:
         ident = sql.Identifier(name)

@@ -460,6 +460,40 @@ def test_a_text_version_column_is_guarded_as_its_source_s_numbers(
     assert _diff_found(config, "orders") == {((2,), "ahead")}
 
 
+def test_a_version_or_updated_at_that_cannot_be_ordered_is_refused_before_any_write(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Text versions on both sides passed: '9' is newer than '10' as text, so a diff called
+    the target's version 10 stale and a backfill overwrote it with the source's 9. Only
+    `trueup validate` refused them. A text updated_at failed on a cast of its first value."""
+    source, target = new_db(), new_db()
+    for dsn, table in ((source, "orders"), (target, "copy")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.{table} (id bigint PRIMARY KEY, version text, "
+                         f"status text, at text)")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.orders VALUES (1, '9', 'old', 'soon')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.copy VALUES (1, '10', 'new', 'soon')")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"])
+    refused = (r"column 'version' of public\.orders is text, which cannot be ordered as a "
+               r"version \(expected an integer, numeric, timestamp or date column\)$")
+    with pytest.raises(TrueupError, match=refused):
+        diff(config, "orders")
+    with pytest.raises(TrueupError, match=refused):
+        start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT version, status FROM public.copy").fetchall() == [
+            ("10", "new")]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.orders ALTER COLUMN version TYPE bigint "
+                     "USING version::bigint")
+    with pytest.raises(TrueupError, match=r"column 'at' of public\.orders is text, not a time a "
+                                          r"row was updated at \(expected a timestamp or date "
+                                          r"column\)$"):
+        diff(_copy_config(tmp_path, state_db, source, target, ["status"], updated_at="at"),
+             "orders")
+
+
 #: Source columns and, per row, (source values, the target's text): rows 1 to 5 hold the same
 #: values (plain, then forms only the type's input reads: spaces, exponents, braces, other
 #: zones, day 31; numbers an integer's input refuses; JSON null; doubles past 2^53), every later
