@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
 from trueup.config import Config, load_config
 from trueup.diff import diff
+from trueup.errors import NotFound
 from trueup.pacing import Pacer
 from trueup.retry import RetryPolicy
 from trueup.state import open_state
@@ -457,6 +459,15 @@ def test_cancel_stops_pending_chunks_and_resume_finishes_them(
     cancelled = cancel_backfill(config, backfill_id)
     assert cancelled.status is BackfillStatus.CANCELLED and cancelled.chunks_done == 0
     assert target_rows(target) != source_rows(source)
+    # a config without the reconciliation cannot serve it: the backfill stays cancelled (it
+    # was reopened first, and then blocked every new backfill of orders as "running")
+    other = tmp_path / "other.yaml"
+    other.write_text(Path(config.path).read_text().replace("orders:", "others:", 1))
+    with pytest.raises(NotFound, match=f"^backfill {backfill_id}: reconciliation 'orders' is "
+                                       f"not in {re.escape(str(other))}$"):
+        resume_backfill(load_config(other), backfill_id)
+    with open_state(state_db) as state:
+        assert load(state, backfill_id)["status"] == "cancelled"
     done = resume_backfill(config, backfill_id)
     # 10 chunks of the source's keys, one of the orphans after them
     assert done.status is BackfillStatus.SUCCEEDED and done.chunks_done == done.chunks == 11

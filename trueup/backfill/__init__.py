@@ -23,7 +23,7 @@ from trueup.backfill.model import (
     WorkerOptions,
 )
 from trueup.backfill.planner import plan
-from trueup.backfill.runner import Progress, load, serve, summary_of
+from trueup.backfill.runner import Progress, load, require_reconciliation, serve, summary_of
 from trueup.config import Config
 from trueup.errors import Conflict, UsageError
 from trueup.log import get_logger
@@ -69,6 +69,8 @@ def resume_backfill(config: Config, backfill_id: int, worker: WorkerOptions | No
         status = BackfillStatus(row["status"])
         if status is BackfillStatus.SUCCEEDED:
             return summary_of(row, time.monotonic() - started)
+        # before reopening: a backfill reopened that no worker can serve would block new ones
+        require_reconciliation(config, backfill_id, row["reconciliation"])
         if status in (BackfillStatus.FAILED, BackfillStatus.CANCELLED):
             _reopen(state, backfill_id, row["reconciliation"])
         elif status is BackfillStatus.PLANNING:

@@ -90,15 +90,20 @@ def make_writer(config: Config, backfill: Backfill, state: psycopg.Connection[An
                         order=backfill.key_order)
 
 
+def require_reconciliation(config: Config, backfill_id: int, name: str) -> None:
+    """Refuse to work on a backfill whose reconciliation ``config`` does not have."""
+    if name not in config.reconciliations:
+        raise NotFound(f"backfill {backfill_id}: reconciliation {name!r} is not in "
+                       f"{config.path}")
+
+
 def serve(config: Config, backfill_id: int, options: WorkerOptions,
           progress: Progress | None = None) -> BackfillSummary:
     """Work on backfill ``backfill_id`` with ``options.workers`` threads until nothing is open."""
     started = time.monotonic()
     with connect(config.state, what="state", autocommit=True) as state:
         backfill = backfill_of(load(state, backfill_id))
-    if backfill.reconciliation not in config.reconciliations:
-        raise NotFound(f"backfill {backfill_id}: reconciliation {backfill.reconciliation!r} "
-                       f"is not in {config.path}")
+    require_reconciliation(config, backfill_id, backfill.reconciliation)
     pacer = Pacer(backfill.rate)
     errors: list[BaseException] = []
     rows_done = [0]
