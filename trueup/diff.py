@@ -99,6 +99,9 @@ def parse_partition(rec: ReconciliationConfig, name: str, partition: str | None)
     if day < rec.partitions.daily.start:
         raise UsageError(f"--partition: {partition} is before the first partition "
                          f"{rec.partitions.daily.start.isoformat()}")
+    if day == dt.date.max:  # a day ends where the next begins, and Python has no next
+        raise UsageError(f"--partition: {partition} is past the last day trueup can cut "
+                         f"({(day - dt.timedelta(days=1)).isoformat()})")
     return day
 
 

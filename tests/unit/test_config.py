@@ -315,6 +315,16 @@ def test_a_partition_is_a_day_written_yyyy_mm_dd_only(given: str) -> None:
     assert str(caught.value) == f"--partition: expected a day like 2026-01-31 (got {given!r})"
 
 
+def test_the_last_day_python_has_is_refused_as_a_partition() -> None:
+    """Its end (the next day) overflowed: a backfill printed a traceback, a diff recorded a
+    failed run ("date value out of range")."""
+    rec = parse_config(EXAMPLE.read_text(), "trueup.yaml", {}).reconciliation("orders_events")
+    assert parse_partition(rec, "orders_events", "9999-12-30") == dt.date(9999, 12, 30)
+    with pytest.raises(UsageError, match=r"^--partition: 9999-12-31 is past the last day "
+                                         r"trueup can cut \(9999-12-30\)$"):
+        parse_partition(rec, "orders_events", "9999-12-31")
+
+
 @pytest.mark.parametrize("where", ["state", "connection"])
 def test_a_dsn_refused_as_no_url_is_quoted_without_its_password(where: str) -> None:
     dsn = "host=127.0.0.1 user=postgres password=Hunter2 dbname=trueup"
