@@ -148,10 +148,15 @@ class LetterFilter:
 
     @classmethod
     def parse(cls, text: str | None) -> LetterFilter:
-        if text is None or not text.strip():
+        """``text`` parsed; None selects every letter. An empty filter is refused rather than
+        taken for none: a script passing an unset variable would replay every letter."""
+        if text is None:
             return cls()
-        tests = tuple(_condition(part) for part in _conditions(text.strip()))
-        return cls(text=text.strip(), tests=tests)
+        conditions = _conditions(text.strip())
+        if not conditions:
+            raise UsageError(f"--where: no condition in {text!r} (leave --where out to select "
+                             f"every letter)")
+        return cls(text=text.strip(), tests=tuple(_condition(part) for part in conditions))
 
     def matches(self, letter: DeadLetter) -> bool:
         return all(test(letter) for test in self.tests)
@@ -197,6 +202,10 @@ def _condition(text: str) -> Test:
         raise UsageError(f"--where: cannot read {text!r} (expected FIELD=VALUE with a field "
                          f"among {', '.join(_FIELDS)})")
     name, op, value = match.group(1), match.group(2), match.group(3).strip("'\"")
+    if not match.group(3):  # an unset variable, most likely; quotes give an empty value
+        hint = "" if name in ("attempts", "since", "until") else \
+            f" (write {name}{op}'' for an empty one)"
+        raise UsageError(f"--where: {name}{op} has no value in {text!r}{hint}")
     if name not in _FIELDS:
         raise UsageError(f"--where: unknown field {name!r} (expected one of "
                          f"{', '.join(_FIELDS)})")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
+from dataclasses import replace
 from typing import Any
 
 import pika
@@ -131,6 +133,26 @@ def test_where_with_a_bracket_or_quote_left_open_is_refused_not_read_as_one_cond
         where: str) -> None:
     with pytest.raises(UsageError, match="missing"):
         LetterFilter.parse(where)
+
+
+@pytest.mark.parametrize(("where", "refused"), [
+    ("", "no condition in ''"), ("  ", "no condition in '  '"), (",", "no condition in ','"),
+    ("error=", "error= has no value in 'error=' (write error='' for an empty one)"),
+    ("origin=orders.v1, key!=", "key!= has no value in 'key!='"),
+    ("attempts>=", "attempts>= has no value in 'attempts>='$"),
+])
+def test_a_where_without_a_condition_or_a_value_is_refused_not_taken_for_every_letter(
+        where: str, refused: str) -> None:
+    """``--where ""`` (a script's unset variable) selected every letter, and ``error=`` none."""
+    with pytest.raises(UsageError, match="^--where: " + re.escape(refused).replace(
+            r"\$", "$")):
+        LetterFilter.parse(where)
+    # no --where selects every letter; a quoted empty value is a value
+    letter = DeadLetter(message_id="x", key="", origin="orders", error_class="E", attempts=1,
+                        failed_at=None)
+    assert LetterFilter.parse(None).matches(letter)
+    assert LetterFilter.parse("key=''").matches(letter)
+    assert not LetterFilter.parse("key=''").matches(replace(letter, key="1"))
 
 
 def _died(at: dt.datetime, reason: str = "rejected", queue: str = "payments.settle") -> dict[
