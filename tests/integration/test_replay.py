@@ -142,6 +142,28 @@ def test_kafka_letters_without_trueup_headers_go_to_replay_to_and_where_filters(
 
 @pytest.mark.kafka
 @pytest.mark.postgres
+def test_kafka_letters_are_never_sent_to_a_topic_that_does_not_exist(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """A misspelt replay_to: the broker created the topic on first use and the letters left
+    their queue for it, although validate said it did not exist."""
+    dlq, nowhere = unique("typo.dlq"), unique("orders.v1.typo")
+    topics.create(dlq)
+    topics.track(nowhere)  # deleted afterwards, should it be made after all
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(3)])
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"typo": {"connection": "bus", "topic": dlq,
+                                                 "replay_to": nowhere}})
+    status, _, err = cli(config, "replay", "typo")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == (
+        f"dead_letters.typo: the letters' destination, Kafka topic {nowhere!r}, does not exist")
+    assert kafka.topic_partitions(topics.admin, nowhere, what="test") is None
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("typo"))) == 3
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
 def test_kafka_letterbox_has_its_producer_before_the_first_letters_and_inspecting_makes_none(
         kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
         topics: Topics, tmp_path: Path) -> None:

@@ -101,6 +101,7 @@ class KafkaLetterbox:
         self._deliveries = kafka.Deliveries()
         self._blocked: set[int] = set()
         self._committed: dict[int, int] = {}  # partition -> next offset committed (async)
+        self._destinations: set[str] = set()  # topics known to exist
 
     def _bounds(self) -> dict[int, tuple[int, int]]:
         """``partition -> (first offset not yet replayed, end offset now)``."""
@@ -179,6 +180,19 @@ class KafkaLetterbox:
         if destination.name is not None:
             kafka.create_topics(self.admin, [destination.name], partitions=self.partitions,
                                 what=self.what)
+            self._destinations.add(destination.name)
+
+    def _require(self, topic: str) -> None:
+        """Refuse to send to a topic that does not exist: a broker that creates topics on use
+        would make one of a misspelt ``replay_to`` (or a deleted origin), and the letters
+        would leave their queue for a topic nobody reads. The parking lot is made on purpose
+        (:meth:`prepare`)."""
+        if topic in self._destinations:
+            return
+        if kafka.topic_partitions(self.admin, topic, what=self.what) is None:
+            raise NotFound(f"{self.what}: the letters' destination, Kafka topic {topic!r}, "
+                           f"does not exist")
+        self._destinations.add(topic)
 
     def _producer_(self) -> Producer:
         if self._producer is None:
@@ -187,6 +201,7 @@ class KafkaLetterbox:
 
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
         assert destination.name is not None
+        self._require(destination.name)
         message: Message
         message, raw = item.handle
         # The key is kept, so a replayed letter lands in its key's partition, in key order.
