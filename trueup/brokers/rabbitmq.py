@@ -8,6 +8,10 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorException,
+    AMQPConnectorStackTimeout,
+)
 
 from trueup.db import first_line
 from trueup.errors import ConnectionFailed, TrueupError
@@ -19,22 +23,63 @@ class RabbitFailed(TrueupError):
     """A RabbitMQ operation failed after the connection was made."""
 
 
-def translate(exc: Exception, what: str) -> TrueupError:
-    """A trueup error for a pika exception; ``what`` names the config path."""
-    if isinstance(exc, pika.exceptions.AMQPConnectionError | ConnectionError | OSError):
-        return ConnectionFailed(f"{what}: cannot reach RabbitMQ: {first_line(exc) or 'refused'}")
+#: What opening a connection raises when the broker cannot be reached or will not talk: a
+#: handshake that never ends (a port that is not RabbitMQ's) comes as the connector's own
+#: exception, not as an AMQPError.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
+
+
+def translate(exc: Exception, what: str, *, at: str | None = None) -> TrueupError:
+    """A trueup error for a pika exception; ``what`` names the config path, ``at`` the broker's
+    host and port when known."""
+    if isinstance(exc, pika.exceptions.AMQPConnectionError | AMQPConnectorException
+                  | ConnectionError | OSError):
+        where = f" at {at}" if at else ""
+        return ConnectionFailed(f"{what}: cannot reach RabbitMQ{where}: {_reason(exc)}")
     return RabbitFailed(f"{what}: {first_line(exc)}")
 
 
-def connect(url: str, *, what: str) -> pika.BlockingConnection:
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, from the innermost error pika wrapped (``Connection refused``,
+    not ``AMQPConnectionError``)."""
+    if isinstance(exc, AMQPConnectorStackTimeout):  # its text names every socket option
+        return (f"no AMQP handshake within {CONNECT_TIMEOUT_SECONDS} s (is it RabbitMQ's "
+                f"port?)")
+    while isinstance(exc, pika.exceptions.AMQPConnectionError | AMQPConnectorException) \
+            and not str(exc).strip(" ()") and exc.args:
+        inner = exc.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    inner = getattr(exc, "exception", None)  # a connector's socket or handshake error
+    if isinstance(inner, BaseException):
+        exc = inner
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return first_line(exc)
+
+
+def _parameters(url: str, heartbeat: int | None = None) -> pika.URLParameters:
     params = pika.URLParameters(url)
     params.socket_timeout = CONNECT_TIMEOUT_SECONDS
     params.blocked_connection_timeout = CONNECT_TIMEOUT_SECONDS
+    # the whole connect, handshake included: a port that accepts and never answers
+    params.stack_timeout = CONNECT_TIMEOUT_SECONDS
     params.connection_attempts = 1
+    if heartbeat is not None:
+        params.heartbeat = heartbeat
+    return params
+
+
+def _open(params: pika.URLParameters, what: str) -> pika.BlockingConnection:
     try:
         return pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise translate(exc, what) from exc
+    except CONNECT_ERRORS as exc:
+        raise translate(exc, what, at=f"{params.host}:{params.port}") from exc
+
+
+def connect(url: str, *, what: str) -> pika.BlockingConnection:
+    return _open(_parameters(url), what)
 
 
 def queue_depth(connection: pika.BlockingConnection, queue: str) -> int | None:
@@ -97,15 +142,7 @@ def refused(exc: pika.exceptions.ChannelClosedByBroker, what: str) -> RabbitFail
 
 def connect_retrying(url: str, *, what: str, heartbeat: int = 10) -> pika.BlockingConnection:
     """A connection with a short heartbeat, so a dead broker is noticed within seconds."""
-    params = pika.URLParameters(url)
-    params.socket_timeout = CONNECT_TIMEOUT_SECONDS
-    params.blocked_connection_timeout = CONNECT_TIMEOUT_SECONDS
-    params.connection_attempts = 1
-    params.heartbeat = heartbeat
-    try:
-        return pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise translate(exc, what) from exc
+    return _open(_parameters(url, heartbeat), what)
 
 
 def confirmed_channel(connection: pika.BlockingConnection,
