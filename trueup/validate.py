@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pika
+import psycopg
+import psycopg.sql
 import sqlalchemy as sa
 from confluent_kafka.admin import AdminClient
 from sqlalchemy.engine import Inspector
@@ -21,6 +23,7 @@ from trueup.brokers import kafka, rabbitmq
 from trueup.config import Config, ConnectionKind, ReconciliationConfig
 from trueup.db import first_line, redact, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
+from trueup.sides import column_types
 from trueup.state import open_state
 
 #: Column types a version can be compared with (greater means newer).
@@ -205,26 +208,50 @@ class Validator:
         if problems:
             yield from problems
             return
+        # every problem of the table's columns at once: one fix, one more run of validate
         if not any(set(k) == set(key) for k in shape.unique_keys):
-            yield Finding(path=f"{path}.key", ok=False,
-                          message=f"no primary key or unique index of {table} is exactly "
-                                  f"({', '.join(key)}); a key must identify one row")
-            return
+            problems.append(Finding(
+                path=f"{path}.key", ok=False,
+                message=f"no primary key or unique index of {table} is exactly "
+                        f"({', '.join(key)}); a key must identify one row"))
         if version and not isinstance(shape.columns[version], ORDERABLE_VERSION_TYPES):
-            yield Finding(path=f"{path}.version", ok=False,
-                          message=f"column {version!r} is {shape.columns[version]}, which cannot "
-                                  f"be ordered as a version (expected an integer, numeric, "
-                                  f"timestamp or date column)")
-            return
+            problems.append(Finding(
+                path=f"{path}.version", ok=False,
+                message=f"column {version!r} is {shape.columns[version]}, which cannot be "
+                        f"ordered as a version (expected an integer, numeric, timestamp or "
+                        f"date column)"))
         if updated_at and not isinstance(shape.columns[updated_at], sa.DateTime | sa.Date):
-            yield Finding(path=f"{path}.updated_at", ok=False,
-                          message=f"column {updated_at!r} is {shape.columns[updated_at]} "
-                                  f"(expected a timestamp or date column)")
+            problems.append(Finding(
+                path=f"{path}.updated_at", ok=False,
+                message=f"column {updated_at!r} is {shape.columns[updated_at]} (expected a "
+                        f"timestamp or date column)"))
+        problems += self._without_canonical_form(path, connection, table, named)
+        if problems:
+            yield from problems
             return
         yield Finding(path=path, ok=True,
                       message=f"{table}: key ({', '.join(key)}), "
                               f"{len(columns)} compared column{'s' * (len(columns) != 1)}"
                               + (f", version {version}" if version else ""))
+
+    def _without_canonical_form(self, path: str, connection: str, table: str,
+                                named: list[tuple[str, str]]) -> list[Finding]:
+        """The columns (``(field path, column)`` under ``path``) whose type trueup cannot
+        compare (an array, bytea): a diff would refuse them."""
+        engine = self.reach.engines[connection]
+        assert engine is not None
+        raw = engine.raw_connection()
+        try:
+            conn = raw.driver_connection
+            assert isinstance(conn, psycopg.Connection)
+            types = column_types(conn, table)
+            return [Finding(path=f"{path}.{field_path}", ok=False,
+                            message=f"column {column!r} of {table} is {typname}, which has no "
+                                    f"canonical form to compare (see docs/fingerprint.md)")
+                    for field_path, column in named if column not in types
+                    for typname in [_type_name(conn, table, column)]]
+        finally:
+            raw.close()
 
     def _check_topic(self, path: str, connection: str, topic: str) -> Finding:
         admin = self.reach.admins[connection]
@@ -272,6 +299,14 @@ class Validator:
         if depth is None:
             return Finding(path=path, ok=False, message=f"queue {queue!r} does not exist")
         return Finding(path=path, ok=True, message=f"queue {queue} ({depth} ready)")
+
+
+def _type_name(conn: psycopg.Connection[Any], table: str, column: str) -> str:
+    row = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                       "WHERE attrelid = %s::regclass AND attname = %s",
+                       (psycopg.sql.Identifier(*table.split(".")).as_string(conn),
+                        column)).fetchone()
+    return str(row[0]) if row else "unknown"
 
 
 def exchange_or_error(rabbit: pika.BlockingConnection, exchange: str) -> bool:

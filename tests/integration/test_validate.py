@@ -178,6 +178,31 @@ def test_validate_reports_what_is_missing_as_one_line(
                                + expected.format(**world)), lines[0]
 
 
+def test_validate_reports_every_problem_of_a_table_at_once_and_types_it_cannot_compare(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It stopped at the first problem of a table (the version), so an updated_at of text
+    showed only after that was fixed; an array or bytea column passed, and the diff failed on
+    it naming neither the reconciliation nor the column."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.odd (id bigint PRIMARY KEY, version text, at text, "
+                     "tags int[], status text)")
+    config = _config(world)
+    config["reconciliations"]["invoices"]["source"] = {
+        "connection": "shop", "table": "public.odd", "key": ["id"], "version": "version",
+        "updated_at": "at", "columns": ["status", "tags"]}
+    config["reconciliations"]["invoices"]["target"]["columns"] = {
+        "status": "status", "tags": "total_cents"}
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    base = f"{tmp_path / 'trueup.yaml'}: reconciliations.invoices.source"
+    assert err.splitlines() == [
+        f"{base}.version: column 'version' is TEXT, which cannot be ordered as a version "
+        f"(expected an integer, numeric, timestamp or date column)",
+        f"{base}.updated_at: column 'at' is TEXT (expected a timestamp or date column)",
+        f"{base}.columns[1]: column 'tags' of public.odd is integer[], which has no canonical "
+        f"form to compare (see docs/fingerprint.md)"]
+
+
 def test_validate_never_creates_a_topic(world: dict[str, str], tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     config = _config(world)
