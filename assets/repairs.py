@@ -36,7 +36,7 @@ from trueup.backfill import (
     lease_seconds,
     start_backfill,
 )
-from trueup.backfill.model import DEFAULT_CHUNK_ROWS
+from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_WORKERS
 from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
 from trueup.db import connect
@@ -80,7 +80,7 @@ class BackfillRunConfig(dg.Config):
     chunk_size: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per chunk (> 0)")
     rate: float | None = Field(default=None, description="rows per second (> 0); none: as "
                                                          "fast as it goes")
-    workers: int = Field(default=1, description="worker threads (> 0)")
+    workers: int = Field(default=1, description=f"worker threads (1 to {MAX_WORKERS})")
 
 
 @dataclass(frozen=True, kw_only=True)

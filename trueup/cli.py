@@ -61,6 +61,12 @@ def _chunk_size(text: str) -> int:
     return _positive_int(text, MAX_CHUNK_ROWS)
 
 
+def _workers(text: str) -> int:
+    from trueup.backfill.model import MAX_WORKERS
+
+    return _positive_int(text, MAX_WORKERS)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -102,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--dry-run", action="store_true")
     backfill.add_argument("--chunk-size", type=_chunk_size, metavar="N")
     backfill.add_argument("--rate", type=_positive_float, metavar="ROWS_PER_S")
-    backfill.add_argument("--workers", type=_positive_int, metavar="N", default=1)
+    backfill.add_argument("--workers", type=_workers, metavar="N", default=1)
     backfill.add_argument("--json", action="store_true")
 
     dlq = sub_parser("dlq", help="depth, oldest age and counts by error of a DLQ")

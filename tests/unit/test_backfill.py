@@ -10,7 +10,13 @@ from psycopg import sql
 
 from trueup import pacing
 from trueup.backfill.keyspace import KeySpace
-from trueup.backfill.model import MAX_CHUNK_ROWS, BackfillOptions, key_text
+from trueup.backfill.model import (
+    MAX_CHUNK_ROWS,
+    MAX_WORKERS,
+    BackfillOptions,
+    WorkerOptions,
+    key_text,
+)
 from trueup.backfill.republish import keys_of, message_key
 from trueup.backfill.upsert import split_fresh
 from trueup.errors import UsageError
@@ -168,7 +174,10 @@ def test_a_fresh_chunk_s_copy_lines_split_into_target_rows_and_repairs_rows_esca
     ({"chunk_size": 0}, "chunk_size: expected a positive integer (got 0)"),
     ({"chunk_size": MAX_CHUNK_ROWS + 1}, f"chunk_size: expected at most {MAX_CHUNK_ROWS} "
                                          f"(got {MAX_CHUNK_ROWS + 1})"),
-    ({"workers": -1}, "workers: expected a positive integer (got -1)"),
+    ({"workers": -1}, f"workers: expected 1 to {MAX_WORKERS} (got -1)"),
+    # 100,000 threads filled the server's connections, and the process outlived its backfill
+    ({"workers": MAX_WORKERS + 1}, f"workers: expected 1 to {MAX_WORKERS} "
+                                   f"(got {MAX_WORKERS + 1}); more processes serve"),
     ({"rate": 0.0}, "rate: expected a positive number of rows per second (got 0.0)"),
     ({"rate": float("inf")}, "rate: expected a positive number of rows per second (got inf)"),
     ({"scope": BackfillScope.RUN}, "scope run needs run_id"),
@@ -180,4 +189,8 @@ def test_backfill_options_no_backfill_can_run_are_refused_wherever_they_come_fro
     with pytest.raises(UsageError) as refused:
         BackfillOptions(**{"scope": BackfillScope.ALL, **options})
     assert str(refused.value).startswith(message), refused.value
-    assert BackfillOptions(scope=BackfillScope.ALL, chunk_size=MAX_CHUNK_ROWS, rate=0.5)
+    assert BackfillOptions(scope=BackfillScope.ALL, chunk_size=MAX_CHUNK_ROWS, rate=0.5,
+                           workers=MAX_WORKERS)
+    if "workers" in options:  # --resume builds only these, from the same --workers
+        with pytest.raises(UsageError, match=r"^workers: expected 1 to"):
+            WorkerOptions(workers=options["workers"])

@@ -26,6 +26,9 @@ from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder, RepairActio
 DEFAULT_CHUNK_ROWS = 10_000
 #: The largest chunk size the state holds (an ``integer`` column).
 MAX_CHUNK_ROWS = 2**31 - 1
+#: Worker threads one process may run (each holds a connection to the state, the source and
+#: the target): more machines or processes serve a backfill beyond that.
+MAX_WORKERS = 32
 #: A failing chunk is tried this often, backing off 1 s, 2 s, 4 s ... (capped at 60 s).
 CHUNK_RETRY = RetryPolicy(max_attempts=5, initial_seconds=1.0, multiplier=2.0, max_seconds=60.0)
 
@@ -43,14 +46,13 @@ class BackfillOptions:
     workers: int = 1
 
     def __post_init__(self) -> None:
-        """Refuse what no backfill can run, before anything is planned (0 workers would leave
-        a running backfill no thread works on, blocking every later one)."""
-        for field, value in (("chunk_size", self.chunk_size), ("workers", self.workers)):
-            if value <= 0:
-                raise UsageError(f"{field}: expected a positive integer (got {value})")
+        """Refuse what no backfill can run, before anything is planned."""
+        if self.chunk_size <= 0:
+            raise UsageError(f"chunk_size: expected a positive integer (got {self.chunk_size})")
         if self.chunk_size > MAX_CHUNK_ROWS:
             raise UsageError(f"chunk_size: expected at most {MAX_CHUNK_ROWS} "
                              f"(got {self.chunk_size})")
+        require_workers(self.workers)
         if not valid_rate(self.rate):
             raise UsageError(f"rate: expected a positive number of rows per second "
                              f"(got {self.rate})")
@@ -60,6 +62,15 @@ class BackfillOptions:
             raise UsageError("scope partition needs a partition (or a partitioned run)")
 
 
+def require_workers(workers: int) -> None:
+    """Refuse a worker count no process should run (0 would leave a running backfill no
+    thread works on, blocking every later one; thousands would exhaust the servers'
+    connections)."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise UsageError(f"workers: expected 1 to {MAX_WORKERS} (got {workers}); more "
+                         f"processes serve one backfill together beyond that")
+
+
 @dataclass(frozen=True, kw_only=True)
 class WorkerOptions:
     """How one process serves a backfill."""
@@ -67,6 +78,9 @@ class WorkerOptions:
     workers: int = 1
     lease_seconds: float = LEASE_SECONDS
     retry: RetryPolicy = CHUNK_RETRY
+
+    def __post_init__(self) -> None:
+        require_workers(self.workers)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -102,8 +102,11 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
     """Work on backfill ``backfill_id`` with ``options.workers`` threads until nothing is open."""
     started = time.monotonic()
     with connect(config.state, what="state", autocommit=True) as state:
-        backfill = backfill_of(load(state, backfill_id))
+        row = load(state, backfill_id)
+    backfill = backfill_of(row)
     require_reconciliation(config, backfill_id, backfill.reconciliation)
+    # no more threads than chunks left to claim (one at least, to end the backfill)
+    count = max(1, min(options.workers, int(row["chunks"]) - int(row["chunks_done"])))
     pacer = Pacer(backfill.rate)
     errors: list[BaseException] = []
     rows_done = [0]
@@ -135,7 +138,7 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
     # whatever a worker is doing (its chunk's lease runs out, and a --resume claims it again);
     # the process does not wait for the backfill.
     workers = [threads.thread(work, args=(i,), name=f"trueup-backfill-{i}")
-               for i in range(options.workers)]
+               for i in range(count)]
     for worker in workers:
         worker.start()
     for worker in workers:
