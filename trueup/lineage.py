@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import itertools
 import json
 import math
@@ -58,9 +59,9 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
                              f"composite key (got {text!r})")
         values = parsed
     elif isinstance(parsed, list):
-        if len(parsed) != 1:
-            raise UsageError(f"lineage: KEY: expected one value (got {text!r})")
-        values = parsed
+        # ["x"] is the key x; another array is the text of a single key (a text key may
+        # hold "[1,2]"), as cli.md has it
+        values = parsed if len(parsed) == 1 else [text]
     else:
         values = [parsed]
     forms = [list(form) for form in itertools.islice(
@@ -84,6 +85,11 @@ def _alternatives(value: Any) -> list[Any]:
                 found.append(number)
         with contextlib.suppress(ValueError):
             found.append(str(uuid.UUID(value)))
+        with contextlib.suppress(ValueError):
+            # a time as runs store it: ISO with a T, a zoned one in UTC (+00:00), so that
+            # 2025-12-31T23:00:00+01:00 or ...22:00:00Z find 2025-12-31T22:00:00+00:00
+            at = dt.datetime.fromisoformat(value)
+            found.append((at.astimezone(dt.UTC) if at.tzinfo else at).isoformat())
     unique: dict[str, Any] = {}  # by JSON text: 1 and 1.0 are one stored form, 1 and "1" two
     for form in found:
         unique.setdefault(json.dumps(form), form)

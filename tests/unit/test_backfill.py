@@ -139,6 +139,13 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
     # each part of a composite key in each form: digits of an integer column written as text
     ('["acme", "1"]', 2, ["acme", 1]),
     ("[7, 3]", 2, ["7", "3"]),
+    # the text of a single key that reads as a longer array (it was refused: "one value")
+    ("[1,2]", 1, ["[1,2]"]),
+    # a time in any zone or spelling as runs store it: ISO, in UTC (only +00:00 was found)
+    ("2025-12-31T22:00:00.123456Z", 1, ["2025-12-31T22:00:00.123456+00:00"]),
+    ("2026-01-01 00:00:00.123456+02", 1, ["2025-12-31T22:00:00.123456+00:00"]),
+    ("2025-12-31 22:00:00", 1, ["2025-12-31T22:00:00"]),  # a timestamp without time zone
+    ('["eu", "2025-12-31T23:00:00+01:00"]', 2, ["eu", "2025-12-31T22:00:00+00:00"]),
 ])
 def test_a_lineage_key_is_looked_up_in_every_form_it_may_be_stored_in(
         text: str, parts: int, stored: list[Any]) -> None:
