@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from tests.conftest import unused_port
 from trueup import mirror
 from trueup.brokers import kafka
 
@@ -51,3 +54,37 @@ def test_a_producer_keeps_its_guarantees_whatever_the_user_sets(recorded: _Recor
                            "enable.idempotence": False}, what="t")
     (settings,) = recorded.given
     assert (settings["acks"], settings["enable.idempotence"]) == ("all", True)
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_librdkafka_s_own_lines_are_trueup_events_once_each_not_raw_text(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """librdkafka wrote '%3|...|FAIL|...' to stderr itself, about twenty a second while a
+    broker was away: plain text among the JSON lines (197 lines for one failed diff)."""
+    kept = _Kept()
+    kafka.CLIENT_LOGGER.addHandler(kept)
+    servers = f"127.0.0.1:{unused_port()}"
+    consumer = kafka.create_consumer({"bootstrap.servers": servers}, group="nobody", what="t")
+    try:
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            consumer.consume(1, 0.1)  # serves the client's log lines, as every reader does
+    finally:
+        consumer.close()
+        kafka.CLIENT_LOGGER.removeHandler(kept)
+    assert not [line for line in capfd.readouterr().err.splitlines() if line.startswith("%")]
+    failures = [r for r in kept.records if vars(r)["fields"]["facility"] == "FAIL"]
+    assert len(failures) == 1, [vars(r)["fields"] for r in kept.records]
+    event, fields = failures[0], vars(failures[0])["fields"]
+    assert (event.getMessage(), event.levelname) == ("kafka.client", "WARNING")
+    assert fields["client"].startswith("rdkafka#consumer")
+    assert fields["message"].startswith(f"{servers}/bootstrap: Connect to ")
+    assert "Connection refused" in fields["message"]

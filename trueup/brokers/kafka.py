@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
@@ -51,10 +54,16 @@ def unreachable(what: str, servers: str | None, reason: str) -> ConnectionFailed
 
 def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
     """An AdminClient that has answered a metadata request (so the cluster is reachable)."""
+    settings: dict[str, Any] = {"logger": CLIENT_LOGGER, **properties,
+                                "socket.connection.setup.timeout.ms": 5000}
     try:  # the constructor already refuses a property librdkafka does not know
-        admin = AdminClient({**properties, "socket.connection.setup.timeout.ms": 5000})
+        admin = AdminClient(settings)
+    except KafkaException as exc:
+        raise translate(exc, what, servers=properties.get("bootstrap.servers")) from exc
+    try:
         admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
     except KafkaException as exc:
+        admin.poll(0)  # its log lines so far, which say why (once each)
         raise translate(exc, what, servers=properties.get("bootstrap.servers")) from exc
     return admin
 
@@ -78,11 +87,59 @@ def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None
 # ---------------------------------------------------------------------------------------------
 # Publish with confirm, consume, topics (used by the workers and the replayer)
 
+class _ClientLog(logging.Filter):
+    """librdkafka's own log lines as trueup events (``kafka.client``, with ``facility``,
+    ``client`` and ``message``), each distinct message at most once per ``REPEAT_SECONDS``.
+    Printed by librdkafka itself they were plain text among the JSON lines, twenty a second
+    while a broker was away (one per reconnect)."""
+
+    REPEAT_SECONDS = 30.0
+    MAX_MESSAGES = 1000  # distinct messages remembered (offsets and ids vary without end)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, int]] = {}  # message -> (last shown, held back)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # confluent-kafka logs ("%s [%s] %s", facility, client name, "[thrd:...]: message")
+        args = record.args
+        facility, client, text = ((str(args[0]), str(args[1]), str(args[2]))
+                                  if isinstance(args, tuple) and len(args) == 3
+                                  else ("", "", record.getMessage()))
+        message = _THREAD_PREFIX.sub("", text)
+        alike = _NUMBERS.sub("#", message)  # "after 0ms" and "after 1ms" are one message
+        now = time.monotonic()
+        with self._lock:
+            shown, held = self._seen.get(alike, (-self.REPEAT_SECONDS, 0))
+            if now - shown < self.REPEAT_SECONDS:
+                self._seen[alike] = (shown, held + 1)
+                return False
+            if len(self._seen) >= self.MAX_MESSAGES:
+                self._seen.clear()
+            self._seen[alike] = (now, 0)
+        record.msg, record.args = "kafka.client", ()
+        # the client's errors are mostly what it retries by itself: trueup reports what fails
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.fields = {"facility": facility, "client": client, "message": message,
+                         **({"repeated": held} if held else {})}
+        return True
+
+
+_THREAD_PREFIX = re.compile(r"^\[thrd:[^\]]*\]: ")
+_NUMBERS = re.compile(r"\d+")
+
+#: Where every trueup client's librdkafka log lines go (served when the client is polled).
+CLIENT_LOGGER = logging.getLogger("trueup.kafka.client")
+CLIENT_LOGGER.addFilter(_ClientLog())
+
 #: Properties every trueup client starts from (the user's win). librdkafka drops its bootstrap
 #: connection once it has learned the brokers, failing a request sent on it, which then waits
 #: for a connection to a learned broker: one the default reconnect backoff (100 ms, with
 #: jitter) holds back. That cost each short-lived client about 50 ms on its first request.
-CLIENT_DEFAULTS: dict[str, Any] = {"reconnect.backoff.ms": 10}
+#: Its log lines go to :data:`CLIENT_LOGGER`.
+CLIENT_DEFAULTS: dict[str, Any] = {"reconnect.backoff.ms": 10, "logger": CLIENT_LOGGER}
 
 PRODUCER_DEFAULTS: dict[str, Any] = {
     # Nothing is acknowledged before the write it depends on is confirmed: every replica must
