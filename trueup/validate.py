@@ -41,6 +41,7 @@ class Finding:
 class TableShape:
     columns: dict[str, Any]  # name -> SQLAlchemy type
     unique_keys: list[tuple[str, ...]]  # primary key first, then unique constraints and indexes
+    nullable: frozenset[str] = frozenset()  # columns that may hold NULL
 
 
 @dataclass
@@ -57,7 +58,8 @@ def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
     schema, _, name = table.partition(".")
     if not inspector.has_table(name, schema=schema):
         return None
-    columns = {c["name"]: c["type"] for c in inspector.get_columns(name, schema=schema)}
+    found = inspector.get_columns(name, schema=schema)
+    columns = {c["name"]: c["type"] for c in found}
     keys: list[tuple[str, ...]] = []
     pk = inspector.get_pk_constraint(name, schema=schema).get("constrained_columns") or []
     if pk:
@@ -69,7 +71,8 @@ def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
         if i.get("unique") and not i.get("dialect_options", {}).get("postgresql_where")
         and None not in i["column_names"]
     ]
-    return TableShape(columns=columns, unique_keys=keys)
+    return TableShape(columns=columns, unique_keys=keys,
+                      nullable=frozenset(c["name"] for c in found if c.get("nullable", True)))
 
 
 class Validator:
@@ -214,6 +217,8 @@ class Validator:
                 path=f"{path}.key", ok=False,
                 message=f"no primary key or unique index of {table} is exactly "
                         f"({', '.join(key)}); a key must identify one row"))
+        elif path.endswith(".source"):
+            problems += self._null_keys(path, connection, table, key, shape)
         if version and not isinstance(shape.columns[version], ORDERABLE_VERSION_TYPES):
             problems.append(Finding(
                 path=f"{path}.version", ok=False,
@@ -233,6 +238,32 @@ class Validator:
                       message=f"{table}: key ({', '.join(key)}), "
                               f"{len(columns)} compared column{'s' * (len(columns) != 1)}"
                               + (f", version {version}" if version else ""))
+
+    def _null_keys(self, path: str, connection: str, table: str, key: list[str],
+                   shape: TableShape) -> list[Finding]:
+        """The source's key columns that hold NULL: such rows cannot be told apart, nor
+        repaired (a unique index takes NULL more than once). A column declared NOT NULL (a
+        primary key's) is not read."""
+        engine = self.reach.engines[connection]
+        assert engine is not None
+        quote = engine.dialect.identifier_preparer.quote
+        relation = ".".join(quote(part) for part in table.split("."))
+        problems = []
+        with engine.connect() as conn:
+            for i, column in enumerate(key):
+                if column not in shape.nullable:
+                    continue
+                held = conn.execute(sa.text(
+                    f"SELECT EXISTS (SELECT 1 FROM {relation} WHERE {quote(column)} IS NULL)"
+                )).scalar()
+                if held:
+                    problems.append(Finding(
+                        path=f"{path}.key[{i}]", ok=False,
+                        message=f"column {column!r} of {table} holds NULL: a key must "
+                                f"identify one row (rows with a NULL key part can be neither "
+                                f"compared nor repaired); declare it NOT NULL or key on other "
+                                f"columns"))
+        return problems
 
     def _without_canonical_form(self, path: str, connection: str, table: str,
                                 named: list[tuple[str, str]]) -> list[Finding]:

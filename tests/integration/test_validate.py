@@ -28,6 +28,10 @@ CREATE TABLE public.orders (id bigint PRIMARY KEY, status text, amount_cents big
 CREATE TABLE public.no_key (id bigint, status text, amount_cents bigint, version bigint);
 -- unique over an expression as well: (id) alone is not unique
 CREATE UNIQUE INDEX no_key_expression ON public.no_key (id, lower(status));
+-- unique, but over a column that may hold NULL (and does): NULL keys are not told apart
+CREATE TABLE public.null_key (id bigint, status text, amount_cents bigint, version bigint);
+CREATE UNIQUE INDEX null_key_id ON public.null_key (id);
+INSERT INTO public.null_key VALUES (1, 'a', 1, 1), (NULL, 'b', 2, 1), (NULL, 'c', 3, 1);
 CREATE SCHEMA billing;
 CREATE TABLE billing.invoices (order_id bigint, order_version bigint, status text,
                                total_cents bigint);
@@ -128,6 +132,11 @@ BROKEN: list[tuple[str, Callable[[dict[str, Any], dict[str, str]], None], str]] 
      lambda c, w: c["reconciliations"]["invoices"]["source"].update(table="public.no_key"),
      "reconciliations.invoices.source.key: no primary key or unique index of public.no_key is "
      "exactly (id); a key must identify one row"),
+    ("source key column that holds NULL",
+     lambda c, w: c["reconciliations"]["invoices"]["source"].update(table="public.null_key"),
+     "reconciliations.invoices.source.key[0]: column 'id' of public.null_key holds NULL: a key "
+     "must identify one row (rows with a NULL key part can be neither compared nor repaired); "
+     "declare it NOT NULL or key on other columns"),
     ("version column that cannot be ordered",
      lambda c, w: c["reconciliations"]["events"]["source"].update(version="doc"),
      "reconciliations.events.source.version: column 'doc' is JSONB, which cannot be ordered as "
