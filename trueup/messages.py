@@ -33,8 +33,20 @@ _EXPECTED = {
 }
 
 
+#: The longest message one config error prints: a value echoed back (a YAML alias expanded a
+#: thousandfold, a pasted document) would otherwise fill the screen for one line.
+MAX_MESSAGE = 300
+
+
 def describe_pydantic_error(error: ErrorDetails, root: type[BaseModel]) -> tuple[str, str]:
     """Return ``(field path, message)`` for one pydantic error against the ``root`` model."""
+    path, message = _describe(error, root)
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE - 30]}... ({len(message):,} characters in all)"
+    return path, message
+
+
+def _describe(error: ErrorDetails, root: type[BaseModel]) -> tuple[str, str]:
     loc = _clean_location(error["loc"])
     path = _format_path(loc)
     kind = error["type"]

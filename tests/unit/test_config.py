@@ -337,3 +337,13 @@ def test_a_dsn_refused_as_no_url_is_quoted_without_its_password(where: str) -> N
 
     message = _errors(key_value_form)
     assert "password=***" in message and "Hunter2" not in message, message
+
+
+def test_a_huge_value_echoed_in_a_config_error_is_cut_short() -> None:
+    """A value echoed back whole (a YAML alias expanded a thousandfold) made one error line
+    megabytes long."""
+    message = _errors(lambda r: _rec(r).update(repair="x" * 5000))
+    prefix = "trueup.yaml: reconciliations.orders_events.repair: expected one of republish, "
+    assert message.startswith(prefix + "upsert or none (got 'xxxx"), message[:200]
+    assert message.endswith("... (5,050 characters in all)"), message[-80:]
+    assert len(message) < 400
