@@ -19,11 +19,11 @@ from typing import Any
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, KafkaException
 
 from trueup.brokers.kafka import (
-    METADATA_TIMEOUT_SECONDS,
     KafkaFailed,
     committed_offsets,
     create_consumer,
     end_offsets,
+    metadata,
     read_to_ends,
     translate,
 )
@@ -54,8 +54,7 @@ def consumer_lag(config: Config, consumer: ConsumerConfig, *, what: str) -> Lag:
                              **{"enable.partition.eof": True})
     try:
         with closing(reader):  # close() commits nothing: auto commit is off, nothing is stored
-            metadata = reader.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
-            topic = metadata.topics.get(consumer.topic)
+            topic = metadata(reader).topics.get(consumer.topic)
             if topic is None or topic.error is not None:
                 raise KafkaFailed(f"{what}: topic {consumer.topic!r} does not exist")
             partitions = len(topic.partitions)

@@ -61,11 +61,33 @@ def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
     except KafkaException as exc:
         raise translate(exc, what, servers=properties.get("bootstrap.servers")) from exc
     try:
-        admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
+        metadata(admin)
     except KafkaException as exc:
         admin.poll(0)  # its log lines so far, which say why (once each)
         raise translate(exc, what, servers=properties.get("bootstrap.servers")) from exc
     return admin
+
+
+#: The longest a metadata request waits in librdkafka at once: the thread waits in C, where
+#: Python runs no signal handler, so Ctrl-C or SIGTERM took effect only when the wait ended.
+METADATA_SLICE_SECONDS = 0.5
+#: What a metadata request that gets no answer fails with (tried again until the timeout).
+_NO_ANSWER = (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
+
+
+def metadata(client: AdminClient | Consumer, timeout: float | None = None) -> Any:
+    """The cluster's metadata (every topic's), asked for in slices of
+    :data:`METADATA_SLICE_SECONDS` until ``timeout`` (:data:`METADATA_TIMEOUT_SECONDS`)
+    passes without an answer, so a signal is handled within a slice."""
+    deadline = time.monotonic() + (METADATA_TIMEOUT_SECONDS if timeout is None else timeout)
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return client.list_topics(timeout=max(min(METADATA_SLICE_SECONDS, left), 0.01))
+        except KafkaException as exc:
+            error = error_of(exc)
+            if left <= METADATA_SLICE_SECONDS or error is None or error.code() not in _NO_ANSWER:
+                raise
 
 
 def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None:
@@ -75,10 +97,9 @@ def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None
     ``auto.create.topics.enable`` create it, and inspecting must never create anything.
     """
     try:
-        metadata = admin.list_topics(timeout=METADATA_TIMEOUT_SECONDS)
+        found = metadata(admin).topics.get(topic)
     except KafkaException as exc:
         raise translate(exc, what) from exc
-    found = metadata.topics.get(topic)
     if found is None or found.error is not None:
         return None
     return len(found.partitions)
