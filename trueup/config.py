@@ -475,6 +475,9 @@ def parse_config(text: str, file: str, environ: Any) -> Config:
         raise ConfigError(file, where, f"expected valid YAML ({problem})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(file, "", "expected a mapping with state, connections, reconciliations")
+    if _expands_past(raw, MAX_VALUES):
+        raise ConfigError(file, "", f"expected at most {MAX_VALUES:,} values once YAML aliases "
+                                    f"are expanded (aliases nested within aliases?)")
 
     errors: list[ConfigError] = []
     raw = _interpolate(raw, "", environ, lambda p, m: errors.append(ConfigError(file, p, m)))
@@ -490,6 +493,28 @@ def parse_config(text: str, file: str, environ: Any) -> Config:
     if errors:
         raise ConfigErrors(errors)
     return config
+
+
+#: The most values (mappings, lists and scalars) a config may hold with its YAML aliases
+#: expanded: a few aliases nested within each other (the "billion laughs") expand to more than
+#: any walk of the tree could finish.
+MAX_VALUES = 100_000
+
+
+def _expands_past(root: Any, limit: int) -> bool:
+    """Whether ``root`` holds more than ``limit`` values, counted as a walk would meet them
+    (an alias's value once per use); stops counting at the limit."""
+    stack, seen = [root], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _interpolate(node: Any, path: str, environ: Any, fail: Callable[[str, str], None]) -> Any:

@@ -347,3 +347,19 @@ def test_a_huge_value_echoed_in_a_config_error_is_cut_short() -> None:
     assert message.startswith(prefix + "upsert or none (got 'xxxx"), message[:200]
     assert message.endswith("... (5,050 characters in all)"), message[-80:]
     assert len(message) < 400
+
+
+def test_yaml_aliases_nested_into_a_billion_values_are_refused_at_once() -> None:
+    """The 'billion laughs': nine lines held 9^9 values once expanded, and validate walked
+    them for minutes."""
+    laughs = ['x1: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"x{i}: &{b} [{', '.join([f'*{a}'] * 9)}]"
+               for i, (a, b) in enumerate(zip("abcdefgh", "bcdefghi", strict=True), start=2)]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(EXAMPLE.read_text() + "\n".join(laughs) + "\n", "trueup.yaml", {})
+    assert str(caught.value) == ("trueup.yaml: expected at most 100,000 values once YAML "
+                                 "aliases are expanded (aliases nested within aliases?)")
+    # aliases in moderation are YAML like any other
+    shared = EXAMPLE.read_text().replace("grace: 60s", "grace: &g 60s\n    x_note: *g")
+    with pytest.raises(ConfigErrors, match="x_note: unknown field"):
+        parse_config(shared, "trueup.yaml", {})
