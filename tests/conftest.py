@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,6 +221,30 @@ def blocked_signals(pid: int) -> dict[int, set[int]]:
                     mask = int(line.split()[1], 16)
                     found[int(task.name)] = {n for n in range(1, 65) if mask >> (n - 1) & 1}
     return found
+
+
+def terminate_diff(config: str, name: str, state: str, *, settle: float = 1.0
+                   ) -> tuple[int, str, float]:
+    """Run ``trueup diff NAME`` and send it SIGTERM ``settle`` seconds after its run began (its
+    row in ``state``); return its exit status, its stderr and its seconds after the signal."""
+    trueup = Path(sys.executable).parent / "trueup"
+    process = subprocess.Popen([str(trueup), "--config", config, "diff", name],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with psycopg.connect(state) as conn:
+            deadline = time.monotonic() + 60
+            while conn.execute("SELECT count(*) FROM trueup.runs").fetchone() != (1,):
+                assert time.monotonic() < deadline and process.poll() is None, \
+                    process.communicate()
+                time.sleep(0.05)
+        time.sleep(settle)
+        process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _, err = process.communicate(timeout=60)
+        return process.returncode, err, time.monotonic() - signalled
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def pid_alive(pid: int) -> bool:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +17,7 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg.rows import dict_row
 
-from tests.conftest import ProgressLog, unused_port
+from tests.conftest import ProgressLog, terminate_diff, unused_port
 from trueup.config import Config, load_config
 from trueup.diff import diff
 from trueup.errors import TrueupError
@@ -375,25 +372,9 @@ def test_sigterm_while_kafka_does_not_answer_stops_the_run_at_once(
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(ORDERS_DDL)
     config = _config(tmp_path, state_db, source, f"127.0.0.1:{unused_port()}", "orders", ["id"])
-    trueup = Path(sys.executable).parent / "trueup"
-    process = subprocess.Popen([str(trueup), "--config", config.path, "diff", "events"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        with psycopg.connect(state_db) as conn:
-            deadline = time.monotonic() + 60
-            while conn.execute("SELECT count(*) FROM trueup.runs").fetchone() != (1,):
-                assert time.monotonic() < deadline and process.poll() is None, \
-                    process.communicate()
-                time.sleep(0.05)
-        time.sleep(1)  # into the metadata request, which no broker answers
-        process.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
-        _, err = process.communicate(timeout=60)
-        took = time.monotonic() - signalled
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 143, err
+    # 1 s into the metadata request, which no broker answers
+    status, err, took = terminate_diff(config.path, "events", state_db, settle=1.0)
+    assert status == 143, err
     # a slice of the wait (0.5 s) and the run's bookkeeping, not what is left of 10 s
     assert took < 5, f"{took:.1f} s after SIGTERM"
     with psycopg.connect(state_db) as conn:

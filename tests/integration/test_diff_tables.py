@@ -5,9 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +16,7 @@ import pytest
 import yaml
 from psycopg import sql
 
-from tests.conftest import PG_ADMIN_DSN, drop_database, dsn_for
+from tests.conftest import PG_ADMIN_DSN, drop_database, dsn_for, terminate_diff
 from trueup import cli, segments
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.config import Config, load_config
@@ -735,25 +732,11 @@ def test_a_diff_stopped_by_sigterm_records_its_run_failed(
             conn.execute(f"CREATE TABLE public.{name} (id bigint PRIMARY KEY, version bigint, "
                          "status text)")
     config = _copy_config(tmp_path, state_db, source, target, ["status"])
-    trueup = Path(sys.executable).parent / "trueup"
     with psycopg.connect(target) as lock:
         lock.execute("LOCK TABLE public.copy IN ACCESS EXCLUSIVE MODE")  # the diff waits
-        process = subprocess.Popen([str(trueup), "--config", config.path, "diff", "orders"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            with psycopg.connect(state_db) as conn:
-                deadline = time.monotonic() + 60
-                while conn.execute("SELECT count(*) FROM trueup.runs").fetchone() != (1,):
-                    assert time.monotonic() < deadline and process.poll() is None, \
-                        process.communicate()
-                    time.sleep(0.1)
-            time.sleep(1)  # into its first query, on the locked table
-            process.send_signal(signal.SIGTERM)
-            _, err = process.communicate(timeout=60)
-        finally:
-            if process.poll() is None:
-                process.kill()
-    assert process.returncode == 143, err
+        # 1 s into its first query, on the locked table
+        status, err, _ = terminate_diff(config.path, "orders", state_db, settle=1.0)
+    assert status == 143, err
     assert err.splitlines()[-1] == "trueup: terminated"
     with psycopg.connect(state_db) as conn:
         row = conn.execute("SELECT status, error FROM trueup.runs").fetchone()
