@@ -233,7 +233,7 @@ def _in_flight_since(config: Config, name: str, rec: ReconciliationConfig,
 
     lag = consumer_lag(config, consumer, what=f"reconciliations.{name}.target.consumer")
     log.info("diff.consumer_lag", reconciliation=name, topic=consumer.topic,
-             group=consumer.group, messages=lag.messages,
+             group=consumer.group, offsets=lag.offsets,
              oldest=lag.oldest.isoformat() if lag.oldest else None)
     return since if lag.oldest is None else min(since, lag.oldest - rec.grace)
 

@@ -25,15 +25,17 @@ class _Formatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fields", {})
+        # a record another library made may name its event apart from its text
+        event = getattr(record, "event", None) or record.getMessage()
         at = dt.datetime.fromtimestamp(record.created, dt.UTC)
         if self.as_json:
             line = {"at": at.isoformat(timespec="milliseconds"), "level": record.levelname.lower(),
-                    "event": record.getMessage(), "logger": record.name, **fields}
+                    "event": event, "logger": record.name, **fields}
             if record.exc_info:
                 line["exception"] = self.formatException(record.exc_info)
             return json.dumps(line, default=str)
         pairs = " ".join(f"{k}={v}" for k, v in fields.items())
-        text = f"{at:%H:%M:%S} {record.levelname.lower():5} {record.getMessage()} {pairs}"
+        text = f"{at:%H:%M:%S} {record.levelname.lower():5} {event} {pairs}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text.rstrip()

@@ -25,6 +25,7 @@ from tests.integration.test_backfill_support import (
     write_config,
 )
 from trueup.backfill import WorkerOptions, resume_backfill
+from trueup.backfill.model import MAX_WORKERS
 from trueup.config import Config, load_config
 from trueup.retry import RetryPolicy
 from trueup.statuses import BackfillStatus
@@ -251,7 +252,8 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
     config = write_config(tmp_path, state_db, source, target)
     job = _defs(config)[0].resolve_job_def("backfill_orders")
     for field, value, expected in [
-            ("workers", 0, "workers: expected a positive integer (got 0)"),
+            ("workers", 0, f"workers: expected 1 to {MAX_WORKERS} (got 0); more processes "
+                           f"serve one backfill together beyond that"),
             ("chunk_size", 0, "chunk_size: expected a positive integer (got 0)"),
             ("rate", -1.0, "rate: expected a positive number of rows per second (got -1.0)"),
             ("rate", math.nan, "rate: expected a positive number of rows per second (got nan)")]:

@@ -15,7 +15,9 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from psycopg.rows import dict_row
 
 from tests.conftest import unused_port
-from trueup.config import Config, load_config
+from trueup import lag
+from trueup.brokers.kafka import create_consumer
+from trueup.config import Config, ConsumerConfig, load_config
 from trueup.diff import diff
 from trueup.errors import TrueupError
 from trueup.runs import differences_of
@@ -115,10 +117,71 @@ def test_differences_past_what_the_consumer_has_read_are_in_flight(
     _commit(kafka_bootstrap, group, shop["topic"], {0: 4, 1: 4})
     assert _classes(lagging, state_db) == {i: "missing" for i in range(3, 9)}
 
-    # a group that never committed has consumed nothing: everything since order 1's event
+    # a group that never committed (a misspelt one, say) cannot tell what it read: taking
+    # it for one that read nothing would put every difference in flight and hide them all
     fresh = {**consumer, "group": unique("fresh")}
+    with pytest.raises(TrueupError, match=f"^reconciliations.invoices.target.consumer: group "
+                                          f"'{fresh['group']}' has committed no offset on "
+                                          f"topic '{shop['topic']}'"):
+        diff(_config(tmp_path, state_db, shop, kafka_bootstrap, fresh), "invoices")
+    # one partition without an offset (a quiet one, read from the latest) tells nothing: the
+    # other's first unconsumed message (order 6's) sets the time
+    _commit(kafka_bootstrap, fresh["group"], shop["topic"], {1: 2})
     assert _classes(_config(tmp_path, state_db, shop, kafka_bootstrap, fresh),
-                    state_db) == {i: "in_flight" for i in range(3, 9)}
+                    state_db) == {3: "missing", 4: "missing", 5: "missing",
+                                  6: "in_flight", 7: "in_flight", 8: "in_flight"}
+
+
+class _Counting:
+    """A consumer that counts the messages (and partition ends) it hands out."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer, self.handed = consumer, 0
+
+    def consume(self, *args: Any) -> list[Any]:
+        found = self.consumer.consume(*args)
+        self.handed += len(found)
+        return found  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.consumer, name)
+
+
+def test_the_lag_reads_one_message_a_partition_and_nothing_past_a_transaction_marker(
+        topics: Any, unique: Callable[[str], str], kafka_bootstrap: str, tmp_path: Path,
+        state_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition whose unread offsets held no message (the marker ending a transaction the
+    group read past) never gave a first message, so the whole backlog of the others was
+    read to its end."""
+    topic, group = unique("ledger"), unique("ledger")
+    topics.create(topic, partitions=2)
+    transactional = Producer({"bootstrap.servers": kafka_bootstrap,
+                              "transactional.id": unique("tx")})
+    transactional.init_transactions(30)
+    transactional.begin_transaction()
+    transactional.produce(topic, b"{}", partition=0)  # offset 0; its commit marker is 1
+    transactional.commit_transaction(30)
+    first = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    plain = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(1000):
+        plain.produce(topic, b"{}", partition=1,
+                      timestamp=int(first.timestamp() * 1000) + i)
+    assert plain.flush(30) == 0
+    _commit(kafka_bootstrap, group, topic, {0: 1, 1: 0})
+    made: list[_Counting] = []
+
+    def counting(*args: Any, **kwargs: Any) -> _Counting:
+        made.append(_Counting(create_consumer(*args, **kwargs)))
+        return made[-1]
+
+    monkeypatch.setattr(lag, "create_consumer", counting)
+    config = _config(tmp_path, state_db, {"source": state_db, "target": state_db, "topic": topic},
+                     kafka_bootstrap, {"connection": "bus", "topic": topic, "group": group})
+    found = lag.consumer_lag(config, ConsumerConfig(connection="bus", topic=topic, group=group),
+                             what="t")
+    assert found == lag.Lag(offsets=1 + 1000, oldest=first)
+    # partition 1's first message, and perhaps a few fetched with it; partition 0's end
+    assert made[0].handed < 100, made[0].handed
 
 
 def test_a_consumer_whose_kafka_cannot_be_reached_fails_the_run_naming_it(

@@ -68,26 +68,30 @@ def connect_admin(properties: Mapping[str, Any], *, what: str) -> AdminClient:
     return admin
 
 
-#: The longest a metadata request waits in librdkafka at once: the thread waits in C, where
+#: How long the first metadata request waits in librdkafka: the thread waits in C, where
 #: Python runs no signal handler, so Ctrl-C or SIGTERM took effect only when the wait ended.
+#: Each request unanswered is sent again with twice the wait (a big cluster's answer may take
+#: longer than the first slice) until the timeout.
 METADATA_SLICE_SECONDS = 0.5
 #: What a metadata request that gets no answer fails with (tried again until the timeout).
 _NO_ANSWER = (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN)
 
 
 def metadata(client: AdminClient | Consumer, timeout: float | None = None) -> Any:
-    """The cluster's metadata (every topic's), asked for in slices of
-    :data:`METADATA_SLICE_SECONDS` until ``timeout`` (:data:`METADATA_TIMEOUT_SECONDS`)
-    passes without an answer, so a signal is handled within a slice."""
+    """The cluster's metadata (every topic's), asked for in growing slices (0.5 s, 1 s, 2 s,
+    ...) until ``timeout`` (:data:`METADATA_TIMEOUT_SECONDS`) passes without an answer, so a
+    signal is handled within a slice."""
     deadline = time.monotonic() + (METADATA_TIMEOUT_SECONDS if timeout is None else timeout)
+    wait = METADATA_SLICE_SECONDS
     while True:
         left = deadline - time.monotonic()
         try:
-            return client.list_topics(timeout=max(min(METADATA_SLICE_SECONDS, left), 0.01))
+            return client.list_topics(timeout=max(min(wait, left), 0.01))
         except KafkaException as exc:
             error = error_of(exc)
-            if left <= METADATA_SLICE_SECONDS or error is None or error.code() not in _NO_ANSWER:
+            if left <= wait or error is None or error.code() not in _NO_ANSWER:
                 raise
+        wait *= 2
 
 
 def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None:
@@ -129,7 +133,8 @@ class _ClientLog(logging.Filter):
                                   if isinstance(args, tuple) and len(args) == 3
                                   else ("", "", record.getMessage()))
         message = _THREAD_PREFIX.sub("", text)
-        alike = _NUMBERS.sub("#", message)  # "after 0ms" and "after 1ms" are one message
+        # one client's "after 0ms" and "after 1ms" are one message; each client says it once
+        alike = f"{client} {_NUMBERS.sub('#', message)}"
         now = time.monotonic()
         with self._lock:
             shown, held = self._seen.get(alike, (-self.REPEAT_SECONDS, 0))
@@ -139,7 +144,10 @@ class _ClientLog(logging.Filter):
             if len(self._seen) >= self.MAX_MESSAGES:
                 self._seen.clear()
             self._seen[alike] = (now, 0)
-        record.msg, record.args = "kafka.client", ()
+        # trueup's formatter shows the event and its fields; any other handler (logging not
+        # set up by trueup.log) the whole line
+        record.msg, record.args = "kafka.client %s [%s]: %s", (facility, client, message)
+        record.event = "kafka.client"
         # the client's errors are mostly what it retries by itself: trueup reports what fails
         if record.levelno > logging.WARNING:
             record.levelno, record.levelname = logging.WARNING, "WARNING"
@@ -318,6 +326,9 @@ def committed_offsets(consumer: Consumer, topic: str, partitions: int, *,
                                      timeout=METADATA_TIMEOUT_SECONDS)
     except KafkaException as exc:
         raise translate(exc, what) from exc
+    for tp in offsets:
+        if tp.error is not None:  # that partition's answer: no offset is not "none committed"
+            raise translate(KafkaException(tp.error), f"{what}: partition {tp.partition}")
     return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in offsets}
 
 
