@@ -202,13 +202,13 @@ def _condition(text: str) -> Test:
         raise UsageError(f"--where: cannot read {text!r} (expected FIELD=VALUE with a field "
                          f"among {', '.join(_FIELDS)})")
     name, op, value = match.group(1), match.group(2), match.group(3).strip("'\"")
+    if name not in _FIELDS:
+        raise UsageError(f"--where: unknown field {name!r} (expected one of "
+                         f"{', '.join(_FIELDS)})")
     if not match.group(3):  # an unset variable, most likely; quotes give an empty value
         hint = "" if name in ("attempts", "since", "until") else \
             f" (write {name}{op}'' for an empty one)"
         raise UsageError(f"--where: {name}{op} has no value in {text!r}{hint}")
-    if name not in _FIELDS:
-        raise UsageError(f"--where: unknown field {name!r} (expected one of "
-                         f"{', '.join(_FIELDS)})")
     if name == "attempts":
         try:
             number = int(value)

@@ -140,6 +140,7 @@ def test_where_with_a_bracket_or_quote_left_open_is_refused_not_read_as_one_cond
     ("error=", "error= has no value in 'error=' (write error='' for an empty one)"),
     ("origin=orders.v1, key!=", "key!= has no value in 'key!='"),
     ("attempts>=", "attempts>= has no value in 'attempts>='$"),
+    ("colour=", "unknown field 'colour'"),  # not "write colour=''", which it would refuse
 ])
 def test_a_where_without_a_condition_or_a_value_is_refused_not_taken_for_every_letter(
         where: str, refused: str) -> None:
