@@ -211,6 +211,10 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                      planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
                      pacer=pacer)
         try:
+            if dlq.replay_to is not None:  # before a letter moves (a dry run tells it too)
+                box.require(Destination(name=dlq.replay_to.name,
+                                        exchange=dlq.replay_to.exchange,
+                                        routing_key=dlq.replay_to.routing_key))
             if not options.dry_run and dlq.parking is not None:
                 box.prepare(Destination(name=dlq.parking))
             batches = box.letters(batch_size=_batch_size(options), take=not options.dry_run)

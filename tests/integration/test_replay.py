@@ -154,10 +154,11 @@ def test_kafka_letters_are_never_sent_to_a_topic_that_does_not_exist(
     config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
                           dead_letters={"typo": {"connection": "bus", "topic": dlq,
                                                  "replay_to": nowhere}})
-    status, _, err = cli(config, "replay", "typo")
-    assert status == 2
-    assert err.strip().splitlines()[-1] == (
-        f"dead_letters.typo: the letters' destination, Kafka topic {nowhere!r}, does not exist")
+    for dry_run in (["--dry-run"], []):  # a dry run tells it too
+        status, _, err = cli(config, "replay", "typo", *dry_run)
+        assert status == 2
+        assert err.strip().splitlines()[-1] == (f"dead_letters.typo: the letters' destination, "
+                                                f"Kafka topic {nowhere!r}, does not exist")
     assert kafka.topic_partitions(topics.admin, nowhere, what="test") is None
     assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("typo"))) == 3
 

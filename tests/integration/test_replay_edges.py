@@ -30,6 +30,7 @@ from trueup import headers
 from trueup.brokers import rabbitmq
 from trueup.config import Config, load_config
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
+from trueup.letterboxes.rabbitmq import RabbitLetterbox
 from trueup.replay import ReplayOptions, _batch_size, replay
 
 #: 2026-01-01T00:00:00Z in milliseconds, as many AMQP producers write the ``timestamp``
@@ -99,9 +100,11 @@ def test_rabbitmq_letter_stamped_in_milliseconds_is_inspected_and_replayed_with_
 @pytest.mark.postgres
 def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_moves_nothing(
         amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
-        queues: Queues, tmp_path: Path) -> None:
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The broker closes the channel (404 NOT_FOUND) when a copy goes to an exchange that does
-    # not exist: no outage, so no 20 reconnects over ~84 s ending in "unexpected error".
+    # not exist: no outage, so no 20 reconnects over ~84 s ending in "unexpected error". The
+    # replay now asks for replay_to before sending anything; an exchange deleted after that
+    # question still meets the broker's refusal (the second run, the question skipped).
     dlq, missing = unique("refused.dlq"), unique("no.such.exchange")
     queues.declare(dlq)
     for n in range(2):
@@ -111,20 +114,27 @@ def test_rabbitmq_replay_to_a_missing_exchange_fails_at_once_in_one_line_and_mov
                               "connection": "amqp", "queue": dlq,
                               "replay_to": {"exchange": missing, "routing_key": "settle"}}})
 
-    started = time.monotonic()
-    status, out, err = cli(config, "replay", "refused")
-    seconds = time.monotonic() - started
-    assert status == 2, (out, err)
-    # (an outage is retried for about 1.5 minutes; the CLI itself takes seconds on a busy
-    # machine, with a test file running in the other xdist worker)
-    assert seconds < 30, f"the refused copy took {seconds:.0f}s to fail (retried as an outage?)"
-    said = [line for line in err.splitlines() if not line.startswith("{")]  # not the logs
-    assert len(said) == 1 and "unexpected error" not in err and "Traceback" not in err, err
-    assert missing in said[0] and "404" in said[0], said
-    assert queues.depth(dlq) == 2, "letters left the DLQ though their copies were refused"
-    assert _events(state_db) == []
+    for asked in (True, False):
+        if not asked:
+            monkeypatch.setattr(RabbitLetterbox, "require", lambda self, destination: None)
+        started = time.monotonic()
+        status, out, err = cli(config, "replay", "refused")
+        seconds = time.monotonic() - started
+        assert status == 2, (out, err)
+        # (an outage is retried for about 1.5 minutes; the CLI itself takes seconds on a busy
+        # machine, with a test file running in the other xdist worker)
+        assert seconds < 30, f"the refused copy took {seconds:.0f}s to fail (retried as an outage?)"
+        said = [line for line in err.splitlines() if not line.startswith("{")]  # not the logs
+        assert len(said) == 1 and "unexpected error" not in err and "Traceback" not in err, err
+        if asked:
+            assert said == [f"dead_letters.refused: the letters' destination, exchange "
+                            f"{missing!r}, does not exist"]
+        else:
+            assert missing in said[0] and "404" in said[0], said
+        assert queues.depth(dlq) == 2, "letters left the DLQ though their copies were refused"
+        assert _events(state_db) == []
     with psycopg.connect(state_db) as conn:
-        assert conn.execute("SELECT status FROM trueup.replays").fetchall() == [("failed",)]
+        assert conn.execute("SELECT status FROM trueup.replays").fetchall() == [("failed",)] * 2
 
 
 def _three_letters(queues: Queues, unique: Callable[[str], str], name: str, tmp_path: Path,

@@ -55,6 +55,11 @@ class Letterbox(Protocol):
         """Make sure a destination trueup owns (the parking lot) exists."""
         ...
 
+    def require(self, destination: Destination) -> None:
+        """Refuse a destination trueup does not own (``replay_to``) that does not exist,
+        before any letter is sent (:class:`~trueup.errors.NotFound`)."""
+        ...
+
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
         ...
 

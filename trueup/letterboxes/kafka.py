@@ -182,12 +182,14 @@ class KafkaLetterbox:
                                 what=self.what)
             self._destinations.add(destination.name)
 
-    def _require(self, topic: str) -> None:
+    def require(self, destination: Destination) -> None:
         """Refuse to send to a topic that does not exist: a broker that creates topics on use
         would make one of a misspelt ``replay_to`` (or a deleted origin), and the letters
         would leave their queue for a topic nobody reads. The parking lot is made on purpose
-        (:meth:`prepare`)."""
-        if topic in self._destinations:
+        (:meth:`prepare`). Also asked before each letter's first copy to a topic (an origin
+        is known only then)."""
+        topic = destination.name
+        if topic is None or topic in self._destinations:
             return
         if kafka.topic_partitions(self.admin, topic, what=self.what) is None:
             raise NotFound(f"{self.what}: the letters' destination, Kafka topic {topic!r}, "
@@ -201,7 +203,7 @@ class KafkaLetterbox:
 
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:
         assert destination.name is not None
-        self._require(destination.name)
+        self.require(destination)
         message: Message
         message, raw = item.handle
         # The key is kept, so a replayed letter lands in its key's partition, in key order.

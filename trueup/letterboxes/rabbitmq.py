@@ -173,6 +173,16 @@ class RabbitLetterbox:
         if destination.name is not None and destination.exchange is None:
             rabbitmq.ensure_queue(self.connection, destination.name)
 
+    def require(self, destination: Destination) -> None:
+        if destination.exchange is not None:
+            if not rabbitmq.exchange_exists(self.connection, destination.exchange):
+                raise NotFound(f"{self.what}: the letters' destination, exchange "
+                               f"{destination.exchange!r}, does not exist")
+        elif destination.name is not None and \
+                rabbitmq.queue_depth(self.connection, destination.name) is None:
+            raise NotFound(f"{self.what}: the letters' destination, queue "
+                           f"{destination.name!r}, does not exist")
+
     def _copy(self, item: Received, *, exchange: str, routing_key: str,
               replay_id: int | None) -> None:
         assert self.channel is not None
