@@ -17,6 +17,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.conftest import unused_port
 from trueup.brokers import kafka
+from trueup import validate as validate_module
 from trueup.cli import main
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
@@ -210,6 +211,22 @@ def test_validate_reports_every_problem_of_a_table_at_once_and_types_it_cannot_c
         f"{base}.updated_at: column 'at' is TEXT (expected a timestamp or date column)",
         f"{base}.columns[1]: column 'tags' of public.odd is integer[], which has no canonical "
         f"form to compare (see docs/fingerprint.md)"]
+
+
+def test_the_null_key_check_gives_up_on_a_table_it_cannot_read_in_time(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan for NULL keys has a time limit (a big table, or one locked by a migration):
+    past it the check is skipped with a warning rather than holding validate up."""
+    monkeypatch.setattr(validate_module, "NULL_KEY_SECONDS", 0.5)
+    config = _config(world)
+    config["reconciliations"]["invoices"]["source"].update(table="public.null_key")
+    with psycopg.connect(world["shop"]) as lock:
+        lock.execute("LOCK TABLE public.null_key IN ACCESS EXCLUSIVE MODE")
+        status, out, err = _validate(tmp_path, config, capsys)
+    assert status == 0, err
+    assert "ok    reconciliations.invoices.source" in out
+    assert '"event": "validate.null_keys_unchecked"' in err, err
 
 
 def test_validate_never_creates_a_topic(world: dict[str, str], tmp_path: Path,
