@@ -16,8 +16,8 @@ import yaml
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from tests.conftest import unused_port
-from trueup.brokers import kafka
 from trueup import validate as validate_module
+from trueup.brokers import kafka
 from trueup.cli import main
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.rabbitmq]
