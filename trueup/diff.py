@@ -203,7 +203,7 @@ def _run(config: Config, name: str, rec: ReconciliationConfig, run_id: int,
         except psycopg.errors.DataError as exc:
             refused = keys_refused(str(rec.target.table), shared.refusable_keys, exc) \
                 if shared is not None else None
-            if refused is None:
+            if refused is None or not _keys_unreadable(target_conn, comparison.target):
                 raise
             raise refused from exc
         # Unreadable messages belong to no day: every run lists those the mirror holds, so a
@@ -236,6 +236,22 @@ def _in_flight_since(config: Config, name: str, rec: ReconciliationConfig,
              group=consumer.group, offsets=lag.offsets,
              oldest=lag.oldest.isoformat() if lag.oldest else None)
     return since if lag.oldest is None else min(since, lag.oldest - rec.grace)
+
+
+def _keys_unreadable(conn: psycopg.Connection[Any], side: Side) -> bool:
+    """Whether reading ``side``'s keys as the types they are compared as fails: a run that
+    failed on a value its types refuse blames the keys only then (a version column may have
+    refused it). One scan of the keys, on a run that has failed already."""
+    conn.rollback()  # the failed statement's transaction, if it was this connection's
+    try:
+        conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            side.relation, sql.SQL(" OR ").join(sql.SQL("({}) IS NULL").format(k)
+                                                for k in side.key)))
+    except psycopg.errors.DataError:
+        return True
+    finally:
+        conn.rollback()
+    return False
 
 
 def _source_side(rec: ReconciliationConfig, dsn: str, conn: psycopg.Connection[Any],

@@ -818,6 +818,15 @@ def test_a_text_target_key_the_source_s_key_type_refuses_fails_runs_with_what_to
     with psycopg.connect(state_db) as conn:
         assert conn.execute("SELECT count(*) FROM trueup.backfills").fetchone() == (0,)
 
+    # a value the version's type refuses is not blamed on the keys
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE id = 'abc'")
+        conn.execute("ALTER TABLE public.copy ALTER COLUMN version TYPE text")
+        conn.execute("UPDATE public.copy SET version = 'v2' WHERE id = '5'")
+    with pytest.raises(TrueupError, match=r'^diff orders: run \d+ failed: invalid input syntax '
+                                          r'for type bigint: "v2"$'):
+        diff(config, "orders")
+
 
 def test_text_in_a_database_that_is_not_utf8_is_refused_in_one_line(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
