@@ -63,6 +63,7 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 class DiffFailed(TrueupError):
     """A run could not finish; it is recorded as failed with this reason."""
 
+
 @dataclass(frozen=True, kw_only=True)
 class Comparison:
     """Everything a run compares: the two sides and the rows each is restricted to."""
