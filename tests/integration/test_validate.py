@@ -213,6 +213,17 @@ def test_validate_reports_every_problem_of_a_table_at_once_and_types_it_cannot_c
         f"form to compare (see docs/fingerprint.md)"]
 
 
+def test_a_text_target_version_is_valid_as_the_diff_reads_it_as_its_source_s_numbers(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate refused it (TEXT cannot be ordered) while diff and backfill compare it as the
+    source's bigint; a source's own text version stays refused (see above)."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute("ALTER TABLE billing.invoices ALTER COLUMN order_version TYPE text")
+    status, out, err = _validate(tmp_path, _config(world), capsys)
+    assert (status, err) == (0, ""), err
+    assert "billing.invoices: key (order_id), 2 compared columns, version order_version" in out
+
+
 def test_the_null_key_check_gives_up_on_a_table_it_cannot_read_in_time(
         world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
