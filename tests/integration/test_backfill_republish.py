@@ -178,6 +178,31 @@ def test_republish_all_produces_only_what_the_mirror_lacks(
     assert diff(config, "events").missing == 0
 
 
+def test_republish_to_a_topic_deleted_since_the_diff_fails_and_creates_none(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, unique: Callable[[str], str], topics: Any) -> None:
+    """A broker that creates topics on use made the deleted topic again on the first message,
+    with its own partition count: keys landed in other partitions than their history."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    diff(config, "events")  # fills the mirror
+    gone = unique("orders_gone")
+    topics.track(gone)  # deleted afterwards, should it be made after all
+    raw = yaml.safe_load(Path(config.path).read_text())
+    raw["reconciliations"]["events"]["target"]["topic"] = gone
+    Path(config.path).write_text(yaml.safe_dump(raw))
+    fast = WorkerOptions(retry=RetryPolicy(max_attempts=2, initial_seconds=0.01, jitter=0))
+    summary = start_backfill(load_config(config.path), "events",
+                             BackfillOptions(scope=BackfillScope.ALL), fast)
+    assert summary.status is BackfillStatus.FAILED
+    with psycopg.connect(state_db) as conn:
+        error = conn.execute("SELECT error FROM trueup.backfills").fetchone()
+    assert error is not None and error[0].endswith(
+        f"reconciliations.events.target: topic {gone!r} does not exist (a backfill "
+        f"republishes into it and creates no topic)"), error
+    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    assert gone not in topics
+
+
 def test_republish_to_a_topic_without_versions_produces_only_differing_rows(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str) -> None:

@@ -41,9 +41,17 @@ from trueup.backfill.model import (
     record_rows,
     source_side,
 )
-from trueup.brokers.kafka import Deliveries, confirm, create_producer, produce_all
+from trueup.brokers.kafka import (
+    Deliveries,
+    confirm,
+    connect_admin,
+    create_producer,
+    produce_all,
+    topic_partitions,
+)
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
+from trueup.errors import NotFound
 from trueup.fingerprint import INTEGER_TYPES
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
@@ -166,8 +174,14 @@ class RepublishWriter:
         self.key_form = (_KeyForm.OTHER if not integers else
                          _KeyForm.INTEGER if len(self.side.key_types) == 1 else
                          _KeyForm.INTEGERS)
-        self.producer = create_producer(dict(properties),
-                                        what=f"reconciliations.{name}.target")
+        what = f"reconciliations.{name}.target"
+        # A broker that creates topics on use would make a deleted topic again, with its own
+        # partition count: the keys would land in other partitions than their history.
+        if topic_partitions(connect_admin(dict(properties), what=what), self.topic,
+                            what=what) is None:
+            raise NotFound(f"{what}: topic {self.topic!r} does not exist (a backfill "
+                           f"republishes into it and creates no topic)")
+        self.producer = create_producer(dict(properties), what=what)
         self.what = f"topic {self.topic}"
         # records a chunk's repairs rows in the state database while this thread produces
         self.recorder = self.stack.enter_context(
