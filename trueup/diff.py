@@ -26,7 +26,7 @@ from psycopg import sql
 from trueup import metrics, segments, threads, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
-from trueup.errors import KeysRefused, TrueupError, UsageError
+from trueup.errors import TrueupError, UsageError
 from trueup.fingerprint import storage_type
 from trueup.log import get_logger
 from trueup.runs import (
@@ -128,10 +128,9 @@ def diff(config: Config, name: str, *, partition: str | None = None,
             metrics.DIFF_RUNS.labels(name, "failed").inc()
             _record_failure(config.state, run_id, reason, time.monotonic() - started)
             log.error("diff.failed", reconciliation=name, run_id=run_id, error=reason)
-            # what the data refuses is told with the run, like a driver's error
-            if not isinstance(exc, Exception) or (
-                    isinstance(exc, TrueupError) and not isinstance(exc, KeysRefused)):
+            if not isinstance(exc, Exception):
                 raise
+            # told with the run it failed (its id leads to `trueup status`), whatever failed
             raise DiffFailed(f"diff {name}: run {run_id} failed: {reason}") from exc
     metrics.record_diff(summary)
     log.info("diff.finished", reconciliation=name, run_id=run_id, seconds=summary.seconds,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -178,4 +179,5 @@ def test_a_diff_that_cannot_run_fails_its_step_with_one_line(
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     data = failure.step_failure_data
     assert data.user_failure_data is not None, data.error
-    assert data.user_failure_data.description == "table public.copy does not exist"
+    assert re.fullmatch(r"diff orders: run \d+ failed: table public\.copy does not exist",
+                        data.user_failure_data.description), data.user_failure_data.description

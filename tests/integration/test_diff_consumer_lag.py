@@ -120,7 +120,8 @@ def test_differences_past_what_the_consumer_has_read_are_in_flight(
     # a group that never committed (a misspelt one, say) cannot tell what it read: taking
     # it for one that read nothing would put every difference in flight and hide them all
     fresh = {**consumer, "group": unique("fresh")}
-    with pytest.raises(TrueupError, match=f"^reconciliations.invoices.target.consumer: group "
+    with pytest.raises(TrueupError, match=r"^diff invoices: run \d+ failed: "
+                                          f"reconciliations.invoices.target.consumer: group "
                                           f"'{fresh['group']}' has committed no offset on "
                                           f"topic '{shop['topic']}'"):
         diff(_config(tmp_path, state_db, shop, kafka_bootstrap, fresh), "invoices")
@@ -189,7 +190,8 @@ def test_a_consumer_whose_kafka_cannot_be_reached_fails_the_run_naming_it(
     nobody = f"127.0.0.1:{unused_port()}"
     config = _config(tmp_path, state_db, shop, nobody,
                      {"connection": "bus", "topic": shop["topic"], "group": "billing"})
-    with pytest.raises(TrueupError, match=r"^reconciliations\.invoices\.target\.consumer: "
+    with pytest.raises(TrueupError, match=r"^diff invoices: run \d+ failed: "
+                                          r"reconciliations\.invoices\.target\.consumer: "
                                           r"cannot reach Kafka at 127\.0\.0\.1:\d+"):
         diff(config, "invoices")
     with psycopg.connect(state_db) as conn:
@@ -197,6 +199,7 @@ def test_a_consumer_whose_kafka_cannot_be_reached_fails_the_run_naming_it(
     # and one that names a topic Kafka does not have
     config = _config(tmp_path, state_db, shop, kafka_bootstrap,
                      {"connection": "bus", "topic": shop["topic"] + "-gone", "group": "billing"})
-    with pytest.raises(TrueupError, match=r"^reconciliations\.invoices\.target\.consumer: "
+    with pytest.raises(TrueupError, match=r"^diff invoices: run \d+ failed: "
+                                          r"reconciliations\.invoices\.target\.consumer: "
                                           r"topic '.*-gone' does not exist$"):
         diff(config, "invoices")

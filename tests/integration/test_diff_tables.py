@@ -845,7 +845,8 @@ def test_text_in_a_database_that_is_not_utf8_is_refused_in_one_line(
                              "version bigint, status text, qty int)")
                 conn.execute(f"INSERT INTO public.{table} VALUES (1, 1, 'café', 2)")
         config = _copy_config(tmp_path, state_db, source, target, ["status", "qty"])
-        with pytest.raises(TrueupError, match=r"^target public\.copy: its database's encoding "
+        with pytest.raises(TrueupError, match=r"^diff orders: run \d+ failed: "
+                                              r"target public\.copy: its database's encoding "
                                               r"is LATIN1; trueup compares text as UTF-8, so "
                                               r"text and JSON columns \(text here\) need a "
                                               r"UTF8 database$"):
