@@ -252,7 +252,7 @@ class Validator:
                    shape: TableShape) -> list[Finding]:
         """The source's key columns that hold NULL: such rows cannot be told apart, nor
         repaired (a unique index takes NULL more than once). Columns declared NOT NULL (a
-        primary key's) are not read; the others in one query, given
+        primary key's) are not read; the others in one statement, given
         :data:`NULL_KEY_SECONDS` (a scan of a big table that outlasts it is skipped)."""
         nullable = [(i, column) for i, column in enumerate(key) if column in shape.nullable]
         if not nullable:
@@ -261,12 +261,14 @@ class Validator:
         assert engine is not None
         quote = engine.dialect.identifier_preparer.quote
         relation = ".".join(quote(part) for part in table.split("."))
-        probes = ", ".join(f"bool_or({quote(column)} IS NULL)" for _, column in nullable)
+        # EXISTS stops at the first NULL, and a key column's index finds one at once
+        probes = ", ".join(f"EXISTS (SELECT 1 FROM {relation} WHERE {quote(column)} IS NULL)"
+                           for _, column in nullable)
         try:
             with engine.connect() as conn, conn.begin():
                 conn.execute(sa.text(f"SET LOCAL statement_timeout = "
                                      f"{int(NULL_KEY_SECONDS * 1000)}"))
-                row = conn.execute(sa.text(f"SELECT {probes} FROM {relation}")).one()
+                row = conn.execute(sa.text(f"SELECT {probes}")).one()
         except sa.exc.OperationalError as exc:
             if isinstance(exc.orig, psycopg.errors.QueryCanceled):
                 log.warning("validate.null_keys_unchecked", table=table,
