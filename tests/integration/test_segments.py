@@ -343,3 +343,28 @@ def test_a_double_compared_with_a_numeric_keeps_every_digit(new_db: Callable[[],
                          row_factory=psycopg.rows.dict_row) as conn:
         (found,) = differences_of(conn, summary.run_id)
     assert found.key == [2]
+
+
+def test_a_parallel_pass_runs_with_workers_and_sums_as_a_serial_one(
+        new_db: Callable[[], str]) -> None:
+    """The planner guesses a group per row, so it never found gathering partial groups worth
+    a worker: ``parallel=True`` asked for workers and ran without any."""
+    dsn = new_db()
+    _keys_table(dsn, "SELECT g * 2 FROM generate_series(1, 50000) g")
+    plan, conn = _plan(dsn)
+    plans: list[str] = []
+    with conn:
+        side = table_side(label="source", dsn=dsn, table="public.t", key=["id"], version=None,
+                          columns=["v"], conn=conn)
+        # plans come back as notices; with no setup cost, a table this small is worth workers
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0; SET auto_explain.log_level = "
+                     "notice; SET client_min_messages = notice; "
+                     "SET min_parallel_table_scan_size = 0; SET parallel_setup_cost = 0")
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        serial = segments.checksums(conn, side, sql.SQL("true"), plan, parallel=False)
+        parallel = segments.checksums(conn, side, sql.SQL("true"), plan, parallel=True)
+    summed = [p for p in plans if "bit_xor" in p]
+    assert len(summed) == 2, plans
+    assert "Gather" not in summed[0] and "Gather" in summed[1], summed[1]
+    assert parallel == serial and sum(n for n, _ in serial.values()) == 50000
