@@ -10,6 +10,7 @@ import argparse
 import datetime as dt
 import decimal
 import functools
+import gc
 import importlib
 import json
 import os
@@ -170,34 +171,6 @@ def cmd_validate(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_diff(config: Config, args: argparse.Namespace) -> int:
-    from trueup.diff import diff
-    from trueup.progress import ProgressBar
-
-    def show(difference: Any) -> None:
-        if args.show:
-            print(to_json(difference.to_json()), flush=True)
-
-    bar = ProgressBar()
-    try:
-        summary = diff(config, args.name, partition=args.partition, on_difference=show,
-                       progress=bar)
-    finally:
-        bar.close()
-    if args.json:
-        print(to_json(summary.to_json()))
-    else:
-        where = f" partition {summary.partition}" if summary.partition else ""
-        counts = "  ".join(f"{c} {getattr(summary, c)}" for c in (
-            "missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"))
-        verdict = "consistent" if summary.consistent else "differences found"
-        print(f"{summary.reconciliation}{where}: run {summary.run_id}, {summary.source_rows} "
-              f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s")
-        print(f"  {counts}")
-        print(f"  {verdict}")
-    return EXIT_OK if summary.consistent else EXIT_DIFFERENCES
-
-
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from trueup.state import open_state
     from trueup.status import status
@@ -254,7 +227,7 @@ def _cell(value: Any) -> str:
 #: `trueup diff` of a table neither Kafka's nor Dagster's).
 COMMANDS: dict[str, str | Callable[[Config, argparse.Namespace], int]] = {
     "validate": cmd_validate,
-    "diff": cmd_diff,
+    "diff": "trueup.diff:cmd_diff",
     "backfill": "trueup.backfill:cmd_backfill",
     "dlq": "trueup.dlq:cmd_dlq",
     "replay": "trueup.replay:cmd_replay",
@@ -273,7 +246,9 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
     return found
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
+    """Run one command; ``whole_process`` when the command is all this process does (the
+    console script), so what is loaded before it runs may be frozen for the collector."""
     args = build_parser().parse_args(argv)
     configure()
     metrics = None
@@ -292,7 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "backfill":
             _check_backfill_args(args)
         config = load_config(config_path(args.config))
-        return _command(args.command)(config, args)
+        command = _command(args.command)
+        if whole_process:
+            # What is loaded by now lives as long as the process: the collector need not walk
+            # it again, during the run or at exit (0.15 s of a 2 s incremental `trueup diff`).
+            gc.freeze()
+        return command(config, args)
     except TrueupError as exc:
         print(str(exc), file=sys.stderr)
         return exc.exit_status
@@ -347,7 +327,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def run() -> NoReturn:
     signal.signal(signal.SIGTERM, _terminate)
-    sys.exit(main())
+    sys.exit(main(whole_process=True))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ keys up in the target. Kafka targets are first brought up to date in their mirro
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import re
@@ -24,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from trueup import metrics, segments, threads, tracing
+from trueup.cli import EXIT_DIFFERENCES, EXIT_OK, to_json
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
 from trueup.errors import TrueupError, UsageError
@@ -136,6 +138,33 @@ def diff(config: Config, name: str, *, partition: str | None = None,
     log.info("diff.finished", reconciliation=name, run_id=run_id, seconds=summary.seconds,
              **{c.value: getattr(summary, c.value) for c in DifferenceClass})
     return summary
+
+
+def cmd_diff(config: Config, args: argparse.Namespace) -> int:
+    from trueup.progress import ProgressBar
+
+    def show(difference: Any) -> None:
+        if args.show:
+            print(to_json(difference.to_json()), flush=True)
+
+    bar = ProgressBar()
+    try:
+        summary = diff(config, args.name, partition=args.partition, on_difference=show,
+                       progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        print(to_json(summary.to_json()))
+    else:
+        where = f" partition {summary.partition}" if summary.partition else ""
+        counts = "  ".join(f"{c} {getattr(summary, c)}" for c in (
+            "missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"))
+        verdict = "consistent" if summary.consistent else "differences found"
+        print(f"{summary.reconciliation}{where}: run {summary.run_id}, {summary.source_rows} "
+              f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s")
+        print(f"  {counts}")
+        print(f"  {verdict}")
+    return EXIT_OK if summary.consistent else EXIT_DIFFERENCES
 
 
 def _record_failure(state_dsn: str, run_id: int, reason: str, seconds: float) -> None:

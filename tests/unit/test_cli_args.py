@@ -4,6 +4,7 @@ refused before anything runs."""
 from __future__ import annotations
 
 import argparse
+import gc
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,26 @@ def test_a_command_line_argparse_refuses_is_one_line_naming_the_help(
             cli.build_parser().parse_args(argv)
         assert exit_.value.code == cli.EXIT_TROUBLE
         assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_only_the_console_script_freezes_what_is_loaded_for_the_collector(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freezing spares the collector the imports (a faster start and exit); a caller running
+    commands in its own process (tests, a notebook) must keep its garbage collectable."""
+    config = _config(tmp_path, "trueup.yaml")
+    frozen: list[int] = []
+
+    def record(config: Config, args: argparse.Namespace) -> int:
+        frozen.append(gc.get_freeze_count())
+        return cli.EXIT_OK
+
+    monkeypatch.setitem(cli.COMMANDS, "status", record)
+    monkeypatch.delenv(cli.METRICS_PORT_ENV, raising=False)
+    before = gc.get_freeze_count()
+    try:
+        assert cli.main(["--config", str(config), "status"]) == cli.EXIT_OK
+        assert cli.main(["--config", str(config), "status"], whole_process=True) == cli.EXIT_OK
+    finally:
+        gc.unfreeze()
+    assert frozen[0] == before, "main() froze its caller's objects"
+    assert frozen[1] > before, "the console script's command ran with nothing frozen"
