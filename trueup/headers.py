@@ -145,8 +145,11 @@ def error_class(error: BaseException) -> str:
 
 
 def error_message(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text[:ERROR_MESSAGE_MAX_CHARS]
+    try:
+        text = str(error)
+    except Exception:  # a handler's exception whose __str__ fails: its class still tells
+        text = ""
+    return (" ".join(text.split()) or type(error).__name__)[:ERROR_MESSAGE_MAX_CHARS]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -177,7 +177,10 @@ def annotate(error: BaseException | None = None, **attributes: Any) -> None:
         if value is not None:
             current.set_attribute(key.replace("__", "."), _attribute(value))
     if error is not None:
-        current.record_exception(error)
+        try:
+            current.record_exception(error)
+        except Exception:  # it reads str(error), which a handler's exception may fail
+            current.add_event("exception", {"exception.type": type(error).__qualname__})
         current.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(error).__name__}"))
 
 

@@ -13,6 +13,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from trueup import tracing
 from trueup.errors import UsageError
+from trueup.headers import Failure
+from trueup.retry import RetryPolicy
+from trueup.workers.runtime import Action, Delivery, settle
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -165,3 +168,30 @@ def test_configure_from_env_without_the_variable_stays_off_and_skips_the_sdk() -
                           text=True, check=True)
     assert done.stdout.split() == ["None", "False"], (
         f"expected tracing off without importing the SDK, got {done.stdout!r}")
+
+
+class _Unprintable(Exception):
+    """An application's exception whose ``__str__`` itself fails."""
+
+    def __str__(self) -> str:
+        return self.detail  # type: ignore[attr-defined, no-any-return]  # never set
+
+
+def test_a_handler_error_whose_str_fails_is_still_retried_and_traced(
+        exporter: InMemorySpanExporter) -> None:
+    """settle() raised the second error: the worker stopped, and stopped again on the same
+    message after every restart, with no retry or dead-letter copy made."""
+    def handler(delivery: Delivery) -> None:
+        raise _Unprintable
+
+    delivery = Delivery(body=b"{}", key=None, headers={}, source="orders", attempt=1,
+                        message_id="m-1")
+    with tracing.span("handle"):
+        settled = settle(handler, delivery, RetryPolicy(max_attempts=3), Failure())
+    assert settled.action is Action.RETRY
+    assert settled.failure.error_message == "_Unprintable"
+    assert settled.failure.error_class == f"{__name__}._Unprintable"
+    (span,) = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert [dict(e.attributes or {}) for e in span.events] == [
+        {"exception.type": "_Unprintable"}]
