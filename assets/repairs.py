@@ -310,15 +310,26 @@ def _sensor(config: Config, name: str, job: Any,
         requests: list[tuple[int, dg.RunRequest]] = []  # (storage id, request), oldest first
         skipped: list[str] = []
         breakers: list[str] = []
+        newest: dict[str | None, int] = {}  # partition (None: the whole table) -> storage id
         for record in records:
             materialization = record.asset_materialization
             if materialization is None:
                 continue
+            newest[materialization.partition] = max(
+                record.storage_id, newest.get(materialization.partition, record.storage_id))
             decision, tripped = decide(materialization)
             if isinstance(decision, dg.RunRequest):
                 requests.append((record.storage_id, decision))
             else:
                 (breakers if tripped else skipped).append(decision.skip_message or "")
+        # A run needs no backfill when a newer run of its partition (of the whole table: any
+        # newer run) found the differences as they are now, whether it found some or none.
+        for storage_id, request in requests:
+            if storage_id < newest[request.partition_key]:
+                skipped.append(f"run {request.tags['trueup/run_id']} of {name} needs no "
+                               f"backfill: a newer run of "
+                               f"{request.partition_key or 'the table'} decides")
+        requests = [(s, r) for s, r in requests if s == newest[r.partition_key]]
         cursor = str(max(r.storage_id for r in records))  # every record decided
         launch: list[dg.RunRequest] = []
         # A tick either launches a run or says why it skipped, never both, so a breaker that
@@ -329,11 +340,9 @@ def _sensor(config: Config, name: str, job: Any,
             breakers.append(f"held back with it: the backfill of {_runs(runs)}")
         elif runs:
             # One backfill per reconciliation at a time (a second one fails at once, and its
-            # run would never be repaired). A run needs none when a newer run of its partition
-            # (of the whole table: any newer run) found the differences as they are now; of
-            # the rest the oldest goes now, the others are decided again on later ticks.
-            newest = {r.partition_key: (storage_id, r) for storage_id, r in requests}
-            storage_id, first = min(newest.values(), key=lambda pair: pair[0])
+            # run would never be repaired): the oldest run goes now, the others (other
+            # partitions) are decided again on later ticks.
+            storage_id, first = requests[0]
             held = str(requests[0][0] - 1)  # the cursor that decides them all again next tick
             backfill = blocking_backfill(config.state, name)
             if backfill is not None:  # active: wait for it; failed: paused until resumed

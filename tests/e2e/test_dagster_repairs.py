@@ -128,6 +128,29 @@ def test_auto_repair_sensor_decides_on_every_run_since_its_last_tick(
     assert not again.run_requests, "a run was decided on twice"
 
 
+def test_a_newer_run_that_found_nothing_to_repair_spares_the_older_run_its_backfill(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Only a newer run that asked for a backfill replaced the older one's request: a newer
+    run that found the target repaired (by hand, by another backfill) launched the older run's
+    backfill anyway, holding up the next ones while it ran for nothing."""
+    defs, assets, instance, target = _auto_repaired(new_db, state_db, tmp_path)
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    assert dg.materialize(assets, selection=[differences_key("orders")],
+                          instance=instance).success  # 9 differences
+    with psycopg.connect(target, autocommit=True) as conn:  # repaired meanwhile
+        conn.execute("TRUNCATE public.copy")
+        conn.execute("INSERT INTO public.copy SELECT g, 2, 'paid', g * 1.25 "
+                     "FROM generate_series(1, 300) g")
+    tick = _diff_then_tick(defs, assets, instance, idle.cursor)
+    older, newer = _run_ids_in_state(state_db)
+    assert _run_ids(tick) == [], f"run {older}'s backfill was launched after run {newer}"
+    message = tick.skip_message or ""
+    assert f"run {newer} of orders found nothing to repair" in message, message
+    assert f"run {older} of orders needs no backfill: a newer run of the table decides" \
+        in message, message
+
+
 def _run_ids(tick: dg.SensorExecutionData) -> list[int]:
     return [r.run_config["ops"][repairs_op_name("orders")]["config"]["run_id"]
             for r in tick.run_requests or []]
@@ -241,7 +264,8 @@ def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick
     message = tick.skip_message or ""
     assert message.startswith(f"circuit breaker: run {second} of orders found 102 "
                               "differences, more than auto_repair.max_differences (20)"), message
-    assert f"held back with it: the backfill of run {first}" in message, message
+    assert f"run {first} of orders needs no backfill: a newer run of the table decides" \
+        in message, message
 
 
 def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_planning(
