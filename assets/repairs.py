@@ -72,7 +72,8 @@ class BackfillRunConfig(dg.Config):
         default="auto",
         description="auto (the partition being materialized, else run_id if given, else all), "
                     "run, partition or all")
-    run_id: int | None = None
+    run_id: int | None = Field(default=None, description="the run whose differences scope "
+                                                         "run repairs (only with scope run)")
     partition: str | None = None
     dry_run: bool = False
     # bounds are checked when the run starts (_options), not by pydantic: Dagster's launchpad
@@ -96,9 +97,15 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     scope = config.scope
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
-    partition = config.partition or partition_key
+    if partition_key and config.partition not in (None, partition_key):
+        # the materialization is recorded under the partition being launched: one backfilled
+        # under another would show that partition repaired
+        raise dg.Failure(description=f"partition: this run materializes partition "
+                                     f"{partition_key}; leave partition empty, or launch "
+                                     f"partition {config.partition} (got {config.partition!r})")
+    partition = partition_key or config.partition
     if scope == "auto":
-        scope = "partition" if partition else "run" if config.run_id else "all"
+        scope = "partition" if partition else "run" if config.run_id is not None else "all"
     try:
         return BackfillOptions(scope=BackfillScope(scope), run_id=config.run_id,
                                partition=partition if scope == "partition" else None,

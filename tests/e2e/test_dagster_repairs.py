@@ -292,6 +292,37 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
     assert left == [], f"a refused launch left backfills behind: {left}"
 
 
+def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_line(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """run_id 0 (read as no run_id) failed on the backfills' foreign key with a traceback; a
+    partition in the form backfilled another day than the one materialized."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 30)
+    config = write_config(tmp_path, state_db, source, target,
+                          partitions={"daily": {"start": "2026-02-01"}})
+    job = _defs(config)[0].resolve_job_def("backfill_orders")
+    launch_only = "only scope run repairs one run's differences"
+    for form, partition, expected in [
+            ({"run_id": 0}, "2026-02-01",
+             f"run_id: {launch_only} (scope is partition; set scope run, or leave run_id empty)"),
+            ({"scope": "all", "run_id": 0}, "2026-02-01",
+             f"run_id: {launch_only} (scope is all; set scope run, or leave run_id empty)"),
+            ({"partition": "2026-02-09"}, "2026-02-01",
+             "partition: this run materializes partition 2026-02-01; leave partition empty, "
+             "or launch partition 2026-02-09 (got '2026-02-09')"),
+            ({"scope": "run", "run_id": 0}, "2026-02-01", "backfill orders: no run 0")]:
+        result = job.execute_in_process(raise_on_error=False, partition_key=partition,
+                                        run_config={"ops": {repairs_op_name("orders"): {
+                                            "config": form}}})
+        assert not result.success, f"{form} was accepted"
+        (failure,) = result.get_step_failure_events()
+        user = failure.step_failure_data.user_failure_data
+        assert user is not None and user.description == expected, failure.step_failure_data
+    with psycopg.connect(state_db) as conn:
+        left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
+    assert left == [], f"a refused launch left backfills behind: {left}"
+
+
 def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """A schedule's first tick of a day diffs yesterday and today: both runs were launched in

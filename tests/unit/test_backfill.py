@@ -189,6 +189,11 @@ def test_a_fresh_chunk_s_copy_lines_split_into_target_rows_and_repairs_rows_esca
     ({"rate": float("inf")}, "rate: expected a positive number of rows per second (got inf)"),
     ({"scope": BackfillScope.RUN}, "scope run needs run_id"),
     ({"scope": BackfillScope.PARTITION}, "scope partition needs a partition"),
+    # the launchpad passed run_id on with every scope: 0 failed on the backfills' foreign key
+    # with a traceback, another reconciliation's run was recorded on the backfill
+    ({"run_id": 0}, "run_id: only scope run repairs one run's differences (scope is all;"),
+    ({"scope": BackfillScope.PARTITION, "partition": "2026-02-01", "run_id": 3},
+     "run_id: only scope run repairs one run's differences (scope is partition;"),
 ])
 def test_backfill_options_no_backfill_can_run_are_refused_wherever_they_come_from(
         options: dict[str, Any], message: str) -> None:

@@ -58,6 +58,9 @@ class BackfillOptions:
                              f"(got {self.rate})")
         if self.scope is BackfillScope.RUN and self.run_id is None:
             raise UsageError("scope run needs run_id")
+        if self.scope is not BackfillScope.RUN and self.run_id is not None:
+            raise UsageError(f"run_id: only scope run repairs one run's differences (scope is "
+                             f"{self.scope.value}; set scope run, or leave run_id empty)")
         if self.scope is BackfillScope.PARTITION and not self.partition:
             raise UsageError("scope partition needs a partition (or a partitioned run)")
 
