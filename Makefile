@@ -52,6 +52,7 @@ lint: install
 # faults go through it, then Dagster's UI starts on the result.
 demo: demo-shop
 	mkdir -p .dagster_home
+	cp examples/dagster.yaml .dagster_home/dagster.yaml
 	DAGSTER_HOME=$(CURDIR)/.dagster_home TRUEUP_CONFIG=examples/trueup.yaml \
 	  $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(DEMO_PORT)
 

@@ -20,7 +20,7 @@ import dagster as dg
 from dagster import AssetExecutionContext, OpExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
-from assets.keys import held_key, held_kind
+from assets.keys import dead_letters_tags, held_key, held_kind
 from trueup.checks import record_check_results
 from trueup.config import Config
 from trueup.dlq import DlqReport, inspect
@@ -136,7 +136,8 @@ def _definitions(config: Config, name: str, *, max_depth: int,
         }, check_results=[result])
 
     observe = dg.define_asset_job(f"dead_letters_{name}", selection=dg.AssetSelection.assets(key),
-                                  description=f"Inspect dead letters {name}.")
+                                  description=f"Inspect dead letters {name}.",
+                                  run_tags=dead_letters_tags(name))
 
     @dg.op(name=f"replay_{name}_op", description=f"trueup replay {name}")
     def _replay(context: OpExecutionContext, config: ReplayRunConfig) -> None:
@@ -151,7 +152,8 @@ def _definitions(config: Config, name: str, *, max_depth: int,
         context.add_output_metadata(summary.as_json())
 
     @dg.job(name=f"replay_{name}",
-            description=f"Replay dead letters {name} (run config: max, rate, dry_run, where).")
+            description=f"Replay dead letters {name} (run config: max, rate, dry_run, where).",
+            run_tags=dead_letters_tags(name))
     def _replay_job() -> None:
         _replay()
 
@@ -167,14 +169,14 @@ def _definitions(config: Config, name: str, *, max_depth: int,
                 bucket = int(time.time() // recheck_seconds)
                 return dg.SensorResult(run_requests=[dg.RunRequest(
                     run_key=f"age-{depth}-{bucket}",
-                    tags={"trueup/dead_letters": name, "trueup/depth": str(depth)})],
+                    tags={**dead_letters_tags(name), "trueup/depth": str(depth)})],
                     cursor=str(depth))
             return dg.SensorResult(skip_reason=f"depth still {depth}", cursor=str(depth))
         # no run key: the cursor already asks once per change, and a key made of depths
         # repeats when the depth swings back and forth (120, 0, 120, 0), so Dagster would
         # skip the refresh and leave the asset showing the old depth
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(tags={"trueup/dead_letters": name,
+            run_requests=[dg.RunRequest(tags={**dead_letters_tags(name),
                                               "trueup/depth": str(depth)})],
             cursor=str(depth))
 

@@ -16,7 +16,7 @@ import dagster as dg
 from croniter import croniter
 from dagster import AssetExecutionContext, ScheduleEvaluationContext
 
-from assets.keys import table_key, topic_key
+from assets.keys import reconciliation_tags, table_key, topic_key
 from assets.lineage import mirror_key
 from trueup.checks import record_check_results
 from trueup.config import Config, ReconciliationConfig
@@ -116,7 +116,8 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
 
     # the job's partitions come from the asset's
     job = dg.define_asset_job(f"reconcile_{name}", selection=dg.AssetSelection.assets(key),
-                              description=f"Run reconciliation {name}.")
+                              description=f"Run reconciliation {name}.",
+                              run_tags=reconciliation_tags(name))
     schedules: list[dg.ScheduleDefinition] = []
     if rec.schedule:
         schedules.append(_schedule(name, rec.schedule, job, start=rec.partitions.daily.start

@@ -17,6 +17,7 @@ import dagster as dg
 from dagster import AssetCheckExecutionContext, SensorEvaluationContext
 
 from assets.differences import differences_key
+from assets.keys import reconciliation_tags
 from trueup.checks import freshness, record_check_results
 from trueup.config import Config
 from trueup.statuses import CheckSeverity
@@ -66,7 +67,7 @@ def _definitions(config: Config, name: str, cron: str
         if context.cursor == state:
             return dg.SensorResult(skip_reason=f"{name} still {state}", cursor=state)
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(tags={"trueup/reconciliation": name,
+            run_requests=[dg.RunRequest(tags={**reconciliation_tags(name),
                                               "trueup/freshness": state})],
             cursor=state)
 

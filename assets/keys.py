@@ -20,6 +20,19 @@ from trueup.errors import ConfigError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 
+#: Run tags that deploy/dagster.yaml's run queue limits to one run per value at a time: every
+#: run of a reconciliation's jobs (diff, backfill), of a dead-letter queue's (inspect, replay).
+RECONCILIATION_TAG = "trueup/reconciliation"
+DEAD_LETTERS_TAG = "trueup/dead_letters"
+
+
+def reconciliation_tags(name: str) -> dict[str, str]:
+    return {RECONCILIATION_TAG: name}
+
+
+def dead_letters_tags(name: str) -> dict[str, str]:
+    return {DEAD_LETTERS_TAG: name}
+
 
 def _part(text: str) -> str:
     return _UNSAFE.sub("_", text)

@@ -29,6 +29,7 @@ from dagster import AssetExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
 from assets.differences import differences_key, partitions_of, source_key
+from assets.keys import reconciliation_tags
 from trueup.backfill import (
     BackfillOptions,
     BackfillSummary,
@@ -211,7 +212,7 @@ def auto_repair_decision(name: str, metadata: dict[str, Any], max_differences: i
         run_key=f"auto-repair-{name}-run-{run_id}", partition_key=partition,
         run_config={"ops": {repairs_op_name(name): {"config": {"scope": "run",
                                                                "run_id": int(run_id)}}}},
-        tags={"trueup/reconciliation": name, "trueup/run_id": str(run_id)})
+        tags={**reconciliation_tags(name), "trueup/run_id": str(run_id)})
 
 
 def blocking_backfill(state_dsn: str, name: str) -> dict[str, Any] | None:
@@ -389,7 +390,8 @@ def repair_definitions(config: Config, suite_tables: Collection[dg.AssetKey] | N
         asset = _repairs_asset(config, name)
         job = dg.define_asset_job(f"backfill_{name}",
                                   selection=dg.AssetSelection.assets(repairs_key(name)),
-                                  description=f"Backfill {name}: repair its target.")
+                                  description=f"Backfill {name}: repair its target.",
+                                  run_tags=reconciliation_tags(name))
         assets.append(asset)
         jobs.append(job)
         if rec.auto_repair is not None:

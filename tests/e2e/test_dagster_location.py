@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.e2e.conftest import DAGSTER, REPO, dagster_dev, dagster_env, graphql, wait_for
 
@@ -53,6 +54,31 @@ def test_every_job_runs_its_step_in_the_runs_own_process(monkeypatch: pytest.Mon
     assert {"reconcile_orders_events", "backfill_orders_invoices",
             "replay_payments_dlq"} <= set(executors)
     assert set(executors.values()) == {"in_process"}, executors
+
+
+def test_every_run_of_a_reconciliation_or_queue_is_limited_by_deploy_s_run_queue(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only runs the sensors requested carried the tags deploy/dagster.yaml limits: a
+    schedule's, the launchpad's or a partition backfill's ran side by side, and every day of
+    a partition backfill of repairs but one failed on the active backfill."""
+    monkeypatch.setenv("TRUEUP_CONFIG", str(EXAMPLE))
+    from pipelines.definitions import defs
+
+    def limited(instance: Path) -> set[str]:
+        limits = yaml.safe_load(instance.read_text())["run_coordinator"]["config"][
+            "tag_concurrency_limits"]
+        return {limit["key"] for limit in limits
+                if limit["value"] == {"applyLimitPerUniqueValue": True} and limit["limit"] == 1}
+
+    tags = {j.name: j.run_tags for j in defs.resolve_all_job_defs()}
+    expected = {
+        **{f"{kind}_{name}": {"trueup/reconciliation": name} for kind in ("reconcile", "backfill")
+           for name in ("orders_events", "orders_invoices")},
+        **{f"{kind}_{name}": {"trueup/dead_letters": name} for kind in ("dead_letters", "replay")
+           for name in ("orders_dlq", "payments_dlq")}}
+    assert {name: tags.get(name) for name in expected} == expected
+    for instance in (REPO / "deploy" / "dagster.yaml", REPO / "examples" / "dagster.yaml"):
+        assert limited(instance) == {"trueup/reconciliation", "trueup/dead_letters"}, instance
 
 
 def test_dagster_dev_serves_the_example_assets(tmp_path: Path) -> None:

@@ -36,3 +36,15 @@ def test_the_example_dagster_yaml_opens_an_instance_on_postgres(
         assert list(instance.get_runs()) == []
     finally:
         instance.dispose()
+
+
+def test_the_demo_s_dagster_yaml_queues_runs_on_sqlite(tmp_path: Path) -> None:
+    from dagster._core.instance import DagsterInstance
+
+    shutil.copy(REPO / "examples" / "dagster.yaml", tmp_path / "dagster.yaml")
+    instance = DagsterInstance.from_config(str(tmp_path))
+    try:
+        assert type(instance.run_storage).__name__ == "SqliteRunStorage"
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    finally:
+        instance.dispose()
