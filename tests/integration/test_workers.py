@@ -228,6 +228,27 @@ def test_kafka_worker_reads_a_negative_attempt_count_and_an_unreadable_due_time_
 
 
 @pytest.mark.kafka
+def test_kafka_retry_due_far_off_is_handled_within_the_policy_s_longest_delay(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """Each pause was capped at the longest delay, but the retry was fetched again after it
+    and paused again: a retry due in a day (a worker's clock ahead, a hand-made header) held
+    its partition, and every retry behind it, for a day."""
+    policy = RetryPolicy(max_attempts=3, initial_seconds=1, max_seconds=1, jitter=0)
+    topic = unique("orders")
+    handler = FlakyHandler({})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, policy=policy)
+    in_a_day = str(int((time.time() + 86_400) * 1000))
+    produce_json(kafka_bootstrap, worker.retry_topic(1), [{"id": 1}],
+                 extra_headers={headers.ATTEMPTS: "1", headers.NOT_BEFORE: in_a_day})
+    produce_json(kafka_bootstrap, worker.retry_topic(1), [{"id": 2}],
+                 extra_headers={headers.ATTEMPTS: "1",
+                                headers.NOT_BEFORE: str(int(time.time() * 1000))})
+    with running(worker.run):
+        wait_until(lambda: handler.effects == ["1", "2"], "both retries handled in order")
+    assert [a for _, a in handler.attempts["1"]] == [2]
+
+
+@pytest.mark.kafka
 def test_kafka_retry_paused_when_the_group_rebalances_still_runs_when_due(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
     # librdkafka keeps an application's pause on a partition through unassign and reassign: a

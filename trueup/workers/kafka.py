@@ -81,6 +81,8 @@ class KafkaWorker:
         self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
         self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
+        #: retry partition -> (offset held, monotonic time it is handled at the latest)
+        self._held: dict[tuple[str, int], tuple[int, float]] = {}
         # What the rebalance callbacks assigned: whose messages are handled, whose lag reported.
         self._assigned: set[tuple[str, int]] = set()
 
@@ -201,13 +203,9 @@ class KafkaWorker:
             self._done(consumer, topic, partition, offset, message)
             return
         if topic != self.topic:
-            # Not a number: due now. Never further off than the policy's longest delay, which
-            # bounds every retry a worker writes: a far-off time (a wrong clock, a hand-made
-            # header) must not hold up the partition for good.
-            due_ms = headers.integer(text.get(headers.NOT_BEFORE)) or 0
-            wait_ms = min(due_ms - int(time.time() * 1000), int(self.policy.max_seconds * 1000))
-            if wait_ms > 0:
-                self._pause(consumer, topic, partition, offset, wait_ms / 1000)
+            wait = self._wait(topic, partition, offset, text)
+            if wait > 0:
+                self._pause(consumer, topic, partition, offset, wait)
                 return
         with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                   offset=offset, group=self.group):
@@ -252,6 +250,27 @@ class KafkaWorker:
         except KafkaException as exc:
             if not self._revoked(consumer, exc, topic, partition, offset):
                 raise
+
+    def _wait(self, topic: str, partition: int, offset: int, text: dict[str, str]) -> float:
+        """Seconds until the retry at ``offset`` is due: the time in its header (not a number:
+        due now), but never later than the policy's longest delay, which bounds every retry a
+        worker writes, after this worker first held it. A far-off time (a wrong clock, a
+        hand-made header) must not hold up the partition for good: each pause is fetched
+        again, so the bound counts from the first."""
+        due_ms = headers.integer(text.get(headers.NOT_BEFORE)) or 0
+        wait = due_ms / 1000 - time.time()
+        if wait <= 0:
+            return 0.0
+        now = time.monotonic()
+        held = self._held.get((topic, partition))
+        if held is None or held[0] != offset:
+            held = (offset, now + self.policy.max_seconds)
+            self._held[(topic, partition)] = held
+            if wait > self.policy.max_seconds:
+                log.warning("worker.retry_due_far_off", group=self.group, topic=topic,
+                            partition=partition, offset=offset, due_in_seconds=round(wait),
+                            handled_in_seconds=self.policy.max_seconds)
+        return min(wait, held[1] - now)
 
     def _pause(self, consumer: Consumer, topic: str, partition: int, offset: int,
                wait: float) -> None:
@@ -350,11 +369,13 @@ class KafkaWorker:
                 log.warning("worker.commit_failed", group=self.group, error=str(exc))
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+            self._held.pop((tp.topic, tp.partition), None)
         self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not revoked: another member may own them already, so nothing is committed.
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+            self._held.pop((tp.topic, tp.partition), None)
         self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
         log.warning("worker.partitions_lost", group=self.group, count=len(partitions))
