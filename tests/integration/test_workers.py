@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupState, Message
@@ -30,7 +31,8 @@ from tests.integration.test_workers_support import (
     wait_until,
 )
 from trueup import headers, tracing
-from trueup.brokers import kafka
+from trueup.brokers import kafka, rabbitmq
+from trueup.errors import ConnectionFailed
 from trueup.retry import RetryPolicy
 from trueup.workers import kafka as kafka_workers
 from trueup.workers.runtime import Delivery
@@ -456,3 +458,23 @@ def test_rabbitmq_handler_slower_than_the_heartbeat_is_handled_once_and_acked(
     # Stopped after the handler returned: the ack went out before the worker stopped.
     assert queues.depth(queue) == 0, "the message was not acked: it is back in the queue"
     assert handled == [1]
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_refusing_the_login_or_the_vhost_says_so(amqp_url: str) -> None:
+    """A wrong password read 'cannot reach RabbitMQ at ...', sending people to look for a
+    network problem while the broker answered; a worker logs it on every reconnect."""
+    url = urlsplit(amqp_url)
+    wrong_password = url._replace(netloc=f"guest:wrong@{url.hostname}:{url.port}").geturl()
+    no_vhost = url._replace(path="/trueup-no-such-vhost").geturl()
+    where = f"RabbitMQ at {url.hostname}:{url.port}"
+    for bad, expected in [
+            (wrong_password, f"connections.amqp: {where} refused the login (check the user and "
+                             f"password of the URL): ConnectionClosedByBroker: (403) "
+                             f"'ACCESS_REFUSED"),
+            (no_vhost, f"connections.amqp: {where} refused the virtual host (check the URL's "
+                       f"path and the user's permissions): ConnectionClosedByBroker: (530) "
+                       f"'NOT_ALLOWED - vhost trueup-no-such-vhost not found'")]:
+        with pytest.raises(ConnectionFailed) as caught:
+            rabbitmq.connect(bad, what="connections.amqp")
+        assert str(caught.value).startswith(expected), caught.value

@@ -32,9 +32,15 @@ CONNECT_ERRORS = (pika.exceptions.AMQPError, AMQPConnectorException, OSError)
 def translate(exc: Exception, what: str, *, at: str | None = None) -> TrueupError:
     """A trueup error for a pika exception; ``what`` names the config path, ``at`` the broker's
     host and port when known."""
+    where = f" at {at}" if at else ""
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        return ConnectionFailed(f"{what}: RabbitMQ{where} refused the login (check the user "
+                                f"and password of the URL): {_reason(exc)}")
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return ConnectionFailed(f"{what}: RabbitMQ{where} refused the virtual host (check the "
+                                f"URL's path and the user's permissions): {_reason(exc)}")
     if isinstance(exc, pika.exceptions.AMQPConnectionError | AMQPConnectorException
                   | ConnectionError | OSError):
-        where = f" at {at}" if at else ""
         return ConnectionFailed(f"{what}: cannot reach RabbitMQ{where}: {_reason(exc)}")
     return RabbitFailed(f"{what}: {first_line(exc)}")
 
