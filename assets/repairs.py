@@ -283,7 +283,17 @@ def _sensor(config: Config, name: str, job: Any,
                ) -> tuple[dg.RunRequest | dg.SkipReason, bool]:
         """The run's decision, and whether it tripped the circuit breaker."""
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-        decision = auto_repair_decision(name, metadata, limit, materialization.partition)
+        partition = materialization.partition
+        if partition is not None and rec.partitions is None:
+            partition = None  # partitions left the config: the run's backfill needs no day
+        elif partition is None and rec.partitions is not None:
+            # partitions came into the config after this run of the whole table: the job
+            # only runs days now, and a day would misrecord a backfill of the whole run
+            return dg.SkipReason(
+                f"run {metadata.get('run_id')} of {name} covered the whole table, and {name} "
+                f"is partitioned now: backfill it by hand if it still needs it (trueup "
+                f"backfill {name} --run {metadata.get('run_id')})"), False
+        decision = auto_repair_decision(name, metadata, limit, partition)
         tripped = isinstance(decision, dg.SkipReason) and drift_count(metadata) > limit
         if isinstance(decision, dg.RunRequest):
             # blocking checks: a failed ERROR check a backfill does not answer (unreadable
@@ -319,12 +329,13 @@ def _sensor(config: Config, name: str, job: Any,
         skipped: list[str] = []
         breakers: list[str] = []
         newest: dict[str | None, int] = {}  # partition (None: the whole table) -> storage id
+        partition_of: dict[int, str | None] = {}  # storage id -> the partition it was of
         for record in records:
             materialization = record.asset_materialization
             if materialization is None:
                 continue
-            newest[materialization.partition] = max(
-                record.storage_id, newest.get(materialization.partition, record.storage_id))
+            partition = partition_of[record.storage_id] = materialization.partition
+            newest[partition] = max(record.storage_id, newest.get(partition, record.storage_id))
             decision, tripped = decide(materialization)
             if isinstance(decision, dg.RunRequest):
                 requests.append((record.storage_id, decision))
@@ -333,11 +344,11 @@ def _sensor(config: Config, name: str, job: Any,
         # A run needs no backfill when a newer run of its partition (of the whole table: any
         # newer run) found the differences as they are now, whether it found some or none.
         for storage_id, request in requests:
-            if storage_id < newest[request.partition_key]:
+            if storage_id < newest[partition_of[storage_id]]:
                 skipped.append(f"run {request.tags['trueup/run_id']} of {name} needs no "
                                f"backfill: a newer run of "
-                               f"{request.partition_key or 'the table'} decides")
-        requests = [(s, r) for s, r in requests if s == newest[r.partition_key]]
+                               f"{partition_of[storage_id] or 'the table'} decides")
+        requests = [(s, r) for s, r in requests if s == newest[partition_of[s]]]
         cursor = str(max(r.storage_id for r in records))  # every record decided
         launch: list[dg.RunRequest] = []
         # A tick either launches a run or says why it skipped, never both, so a breaker that

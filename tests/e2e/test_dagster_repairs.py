@@ -151,6 +151,42 @@ def test_a_newer_run_that_found_nothing_to_repair_spares_the_older_run_its_backf
         in message, message
 
 
+def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A run recorded under a day sent its day to a job without partitions, and a run of the
+    whole table none to a partitioned job: either request made the tick fail, on every tick."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET updated_at = timestamptz '2026-02-01 12:00Z'")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id = 10")
+    daily = {"daily": {"start": "2026-02-01"}}
+    instance = dg.DagsterInstance.ephemeral()
+    for before, after in [(daily, None), (None, daily)]:
+        limited = {"auto_repair": {"max_differences": 20}}
+        defs, assets = _defs(write_config(tmp_path, state_db, source, target, **limited,
+                                          **({"partitions": before} if before else {})))
+        sensor = defs.resolve_sensor_def("auto_repair_orders")
+        idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+        assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
+                              partition_key="2026-02-01" if before else None).success
+        run_id = _run_ids_in_state(state_db)[-1]
+        defs, _ = _defs(write_config(tmp_path, state_db, source, target, **limited,
+                                     **({"partitions": after} if after else {})))
+        tick = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=defs, cursor=idle.cursor))
+        if after is None:  # the day's run is backfilled as a run, with no day
+            (request,) = tick.run_requests or []
+            assert request.partition_key is None and _run_ids(tick) == [run_id]
+        else:
+            assert not tick.run_requests
+            assert tick.skip_message == (
+                f"run {run_id} of orders covered the whole table, and orders is partitioned "
+                f"now: backfill it by hand if it still needs it (trueup backfill orders --run "
+                f"{run_id})"), tick.skip_message
+
+
 def _run_ids(tick: dg.SensorExecutionData) -> list[int]:
     return [r.run_config["ops"][repairs_op_name("orders")]["config"]["run_id"]
             for r in tick.run_requests or []]
