@@ -36,6 +36,7 @@ from trueup.brokers import kafka
 from trueup.brokers.kafka import KafkaFailed
 from trueup.config import Config, load_config
 from trueup.dlq import inspect
+from trueup.errors import TrueupError
 from trueup.letterboxes import kafka as letterbox_kafka
 from trueup.letterboxes import open_letterbox
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
@@ -239,6 +240,28 @@ def test_kafka_copies_the_destination_refuses_leave_their_letters_in_the_dlq(
         status = conn.execute("SELECT status FROM trueup.replays").fetchall()
     assert status == [("failed",)]
     assert _events(state_db) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_copies_sent_before_a_letter_fails_its_batch_are_not_sent_again(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """The copies queued in the producer before a letter failed the batch were delivered when
+    the replay closed, but neither recorded nor committed: every new attempt sent them again
+    (RabbitMQ's, confirmed one by one, were recorded)."""
+    dlq, origin, gone = unique("halfway.dlq"), unique("halfway.orders"), unique("gone")
+    topics.create(dlq, origin)
+    for position in range(10):
+        produce_json(kafka_bootstrap, dlq, [{"id": position}], extra_headers={
+            headers.ORIGIN: gone if position == 5 else origin, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     halfway={"connection": "bus", "topic": dlq})
+    for _ in range(2):  # the letter stays in the way until someone looks at it
+        with pytest.raises(TrueupError, match=f"Kafka topic '{gone}', does not exist"):
+            replay(config, "halfway", ReplayOptions(batch_size=100))
+        assert body_ids(read_topic(kafka_bootstrap, origin)) == ["0", "1", "2", "3", "4"]
+    assert [outcome for _, outcome in _events(state_db)] == ["moved"] * 5
 
 
 @pytest.mark.kafka
