@@ -91,6 +91,11 @@ def _suite_checks(config: Config, suite: Suite) -> dg.AssetChecksDefinition:
         try:
             outcomes = validate_suite(suite, dsn)
         except TrueupError as exc:
+            # Every check of the suite failed to run: recorded as failed, or the last results
+            # (passed, say) would stand in `trueup status` and not block the auto-repair.
+            record_check_results(config.state, key.to_user_string(), None, None, [
+                (e.check_name, False, e.severity, {"error": str(exc)})
+                for e in suite.expectations])
             raise dg.Failure(description=str(exc)) from exc
         record_check_results(config.state, key.to_user_string(), None, None, [
             (o.name, o.passed, o.severity, o.metadata()) for o in outcomes])

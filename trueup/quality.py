@@ -327,7 +327,9 @@ def _raised(exception_info: Any) -> str | None:
         return None
     for info in (exception_info, *exception_info.values()):
         if isinstance(info, dict) and info.get("raised_exception"):
-            return str(info.get("exception_message") or "expectation raised")
+            # the first line: SQLAlchemy appends the statement and its parameters
+            message = str(info.get("exception_message") or "").strip()
+            return message.splitlines()[0] if message else "expectation raised"
     return None
 
 

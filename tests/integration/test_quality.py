@@ -116,6 +116,44 @@ def test_gx_checks_run_in_dagster_on_the_table_asset_and_are_stored_in_state(
                       ("amount_cents__be_between", True, 0)]
 
 
+def test_a_suite_that_cannot_run_records_its_checks_failed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A suite that errored (table renamed, no permission, server down) recorded nothing: its
+    last results, passed ones too, stood in `trueup status` and did not block auto-repair."""
+    config, suites, shop = _setup(new_db, state_db, tmp_path)
+    quality = quality_definitions(config, suites)
+    job = dg.Definitions(assets=external_assets(config), asset_checks=quality.checks,
+                         jobs=quality.jobs).resolve_job_def("quality_shop_public_orders")
+    assert job.execute_in_process().success
+    with psycopg.connect(shop, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.orders RENAME TO orders_old")
+    assert not job.execute_in_process(raise_on_error=False).success
+    with psycopg.connect(state_db) as conn:
+        latest = conn.execute(
+            "SELECT DISTINCT ON (check_name) check_name, passed, severity, "
+            "metadata->>'error' LIKE '%%orders%%' FROM trueup.check_results "
+            "WHERE asset_key = %s ORDER BY check_name, check_result_id DESC",
+            ("postgres/shop/public/orders",)).fetchall()
+    assert latest == [("amount_cents__be_between", False, "ERROR", True),
+                      ("currency__be_in_set", False, "ERROR", True),
+                      ("status__not_be_null", False, "WARN", True)]
+    assert failed_blocking_checks(state_db, "trueup/orders/differences", 0, [],
+                                  ["postgres/shop/public/orders"]) != []
+
+
+def test_an_expectation_that_raises_reports_one_line(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The whole SQLAlchemy message went into the check's description and error: the failed
+    statement and its parameters, over many lines."""
+    _, suites, shop = _setup(new_db, state_db, tmp_path)
+    (suites / "orders.yaml").write_text(yaml.safe_dump({**SUITE, "expectations": [
+        {"type": "expect_column_values_to_be_in_set",  # a text column against a date
+         "kwargs": {"column": "currency", "value_set": [dt.date(2026, 1, 1)]}}]}))
+    (outcome,) = validate_suite(load_suite(suites / "orders.yaml"), shop)
+    assert not outcome.passed and outcome.error, outcome
+    assert "\n" not in outcome.error and "operator does not exist" in outcome.error, outcome.error
+
+
 def test_freshness_fails_until_a_run_succeeds_since_the_second_to_last_tick(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     config, _, _ = _setup(new_db, state_db, tmp_path)
