@@ -201,7 +201,9 @@ def _condition(text: str) -> Test:
     if not match:
         raise UsageError(f"--where: cannot read {text!r} (expected FIELD=VALUE with a field "
                          f"among {', '.join(_FIELDS)})")
-    name, op, value = match.group(1), match.group(2), match.group(3).strip("'\"")
+    name, op = match.group(1), match.group(2)
+    alternatives = _alternatives(match.group(3))
+    value = alternatives[0] if alternatives else ""
     if name not in _FIELDS:
         raise UsageError(f"--where: unknown field {name!r} (expected one of "
                          f"{', '.join(_FIELDS)})")
@@ -224,7 +226,7 @@ def _condition(text: str) -> Test:
         if name == "since":
             return lambda letter: letter.failed_at is not None and letter.failed_at >= at
         return lambda letter: letter.failed_at is not None and letter.failed_at < at
-    choices = {v.strip() for v in value.split("|")}
+    choices = set(alternatives)
     if name == "key":
         choices = {_key_text(v) for v in choices}
     negate = op == "!="
@@ -246,6 +248,31 @@ def _field(letter: DeadLetter, name: str) -> str | None:
     if name == "origin":
         return letter.origin
     return letter.key
+
+
+def _alternatives(text: str) -> list[str]:
+    """The values of a condition: split at ``|`` outside quotes, each trimmed, and each quoted
+    one taken as written between its quotes (one pair, spaces and ``|`` kept), so any value,
+    a JSON string key (``key='"q"'``) too, can be selected."""
+    values: list[str] = []
+    start, quote = 0, None
+    for i, char in enumerate(text):
+        if quote is not None:
+            if char == quote:
+                quote = None
+        elif char in _QUOTES and not text[start:i].strip():
+            quote = char  # a value's first character: it is quoted
+        elif char == "|":
+            values.append(text[start:i])
+            start = i + 1
+    values.append(text[start:])
+    return [_unquoted(v.strip()) for v in values]
+
+
+def _unquoted(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _QUOTES:
+        return text[1:-1]
+    return text
 
 
 def _key_text(text: str) -> str:

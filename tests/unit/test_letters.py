@@ -64,6 +64,27 @@ def test_where_still_splits_plain_conditions_at_commas_and_and() -> None:
         LetterFilter.parse("key=[1, 2], colour")
 
 
+@pytest.mark.parametrize("where, key", [
+    # every quote was stripped from both ends: a JSON string key could never be selected
+    ("""key='"q"'""", '"q"'),
+    # a quoted value was still split at | and trimmed
+    ("key='x|y'", "x|y"),
+    ("key=' padded '", " padded "),
+    ("""key="a"|'b|c'""", "b|c"),
+    ("key=''", ""),
+])
+def test_where_takes_a_quoted_value_as_written_between_its_quotes(where: str, key: str) -> None:
+    assert LetterFilter.parse(where).matches(_letter(key=key)), f"{where!r} missed {key!r}"
+    assert not LetterFilter.parse(where).matches(_letter(key="q")), f"{where!r} took q"
+
+
+def test_where_alternatives_are_trimmed_unless_quoted() -> None:
+    selection = LetterFilter.parse("error=KeyError | ValueError")
+    assert selection.matches(_letter(error="ValueError"))
+    assert selection.matches(_letter(error="builtins.KeyError"))
+    assert not selection.matches(_letter(error="TypeError"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Times a producer set
 
