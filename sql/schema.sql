@@ -191,13 +191,15 @@ CREATE SCHEMA IF NOT EXISTS trueup_mirror;
 CREATE SCHEMA IF NOT EXISTS trueup_mirror_unreadable;
 
 -- Where each replay of a Kafka dead-letter topic got to (see migration 0009): the replay
--- group's committed offsets expire when it has had no commit for a while.
+-- group's committed offsets expire when it has had no commit for a while. topic_id (0010):
+-- the incarnation of the topic the position is in (NULL: kept before 0010).
 CREATE TABLE trueup.replay_positions (
     name            text        NOT NULL,
     topic           text        NOT NULL,
     partition       integer     NOT NULL CHECK (partition >= 0),
     next_offset     bigint      NOT NULL CHECK (next_offset >= 0),
     updated_at      timestamptz NOT NULL DEFAULT now(),
+    topic_id        text,
     PRIMARY KEY (name, topic, partition)
 );
 

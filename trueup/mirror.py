@@ -24,7 +24,6 @@ from confluent_kafka import (
     Consumer,
     KafkaException,
     Message,
-    TopicCollection,
     TopicPartition,
 )
 from psycopg import sql
@@ -35,8 +34,8 @@ from trueup.brokers.kafka import (
     connect_admin,
     read_to_ends,
     translate,
-    unreachable,
 )
+from trueup.brokers.kafka import topic_id as kafka_topic_id
 from trueup.collection import batch_loop
 from trueup.config import Config, ReconciliationConfig
 from trueup.errors import TrueupError
@@ -164,17 +163,9 @@ def topic_id(properties: dict[str, Any], topic: str) -> str:
     A Kafka that does not answer is :class:`~trueup.errors.ConnectionFailed` naming its
     bootstrap servers, a property librdkafka does not know a trueup error too: one line.
     """
-    what, servers = f"topic {topic}", properties.get("bootstrap.servers")
-    admin = connect_admin(properties, what=what)
-    try:
-        description = admin.describe_topics(TopicCollection([topic]))[topic].result(
-            timeout=WATERMARK_TIMEOUT_SECONDS)
-    except KafkaException as exc:
-        raise translate(exc, what, servers=servers) from exc
-    except TimeoutError as exc:  # the future's own timeout: the broker went quiet
-        raise unreachable(what, servers, f"no answer within {WATERMARK_TIMEOUT_SECONDS:.0f}s "
-                                         f"describing the topic") from exc
-    return str(description.topic_id)
+    what = f"topic {topic}"
+    return kafka_topic_id(connect_admin(properties, what=what), topic, what=what,
+                          servers=properties.get("bootstrap.servers"))
 
 
 def _ensure_tables(conn: psycopg.Connection[Any], shape: MirrorShape,

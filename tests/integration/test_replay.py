@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -329,6 +330,42 @@ def test_kafka_letter_that_failed_after_its_id_was_moved_is_another_message_and_
     assert (again.moved, again.skipped) == (1, 2)
     assert sorted(map(int, body_ids(read_topic(kafka_bootstrap, target)))) == [1, 2]
     assert kafka_remaining(kafka_bootstrap, dlq, replay_group("reused")) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_dlq_topic_created_again_has_every_new_letter_counted_and_replayed(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """A position kept for the old topic was taken as the new one's while the new one was
+    shorter: its first letters were neither counted in the depth nor ever replayed."""
+    dlq, target = unique("again.dlq"), unique("orders")
+    topics.create(dlq, target)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     recreated={"connection": "bus", "topic": dlq})
+
+    def letters(prefix: str, count: int) -> None:
+        for n in range(count):
+            produce_json(kafka_bootstrap, dlq, [{"id": f"{prefix}{n}"}], extra_headers={
+                headers.ORIGIN: target, headers.ATTEMPTS: "1",
+                headers.MESSAGE_ID: f"{prefix}{n}"})
+
+    letters("old", 5)
+    assert replay(config, "recreated").moved == 5
+    kafka.delete_topics(topics.admin, [dlq], what="test")
+    deadline = time.monotonic() + 30
+    while True:  # the broker finishes deleting in the background
+        try:
+            kafka.create_topics(topics.admin, [dlq], what="test")
+            break
+        except TrueupError:
+            assert time.monotonic() < deadline, f"{dlq} was not created again"
+            time.sleep(0.5)
+    letters("new", 8)
+    assert inspect(config, "recreated").depth == 8
+    assert replay(config, "recreated").moved == 8
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == sorted(
+        [f"old{n}" for n in range(5)] + [f"new{n}" for n in range(8)])
 
 
 @pytest.mark.kafka

@@ -15,6 +15,7 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
+    TopicCollection,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -92,6 +93,22 @@ def metadata(client: AdminClient | Consumer, timeout: float | None = None) -> An
             if left <= wait or error is None or error.code() not in _NO_ANSWER:
                 raise
         wait *= 2
+
+
+def topic_id(admin: AdminClient, topic: str, *, what: str,
+             servers: str | None = None) -> str:
+    """The topic's id: a topic deleted and created again under its old name gets a new one.
+    A broker that does not answer is :class:`~trueup.errors.ConnectionFailed` naming
+    ``servers``."""
+    try:
+        description = admin.describe_topics(TopicCollection([topic]))[topic].result(
+            timeout=METADATA_TIMEOUT_SECONDS)
+    except KafkaException as exc:
+        raise translate(exc, what, servers=servers) from exc
+    except TimeoutError as exc:  # the future's own timeout: the broker went quiet
+        raise unreachable(what, servers, f"no answer within {METADATA_TIMEOUT_SECONDS:.0f}s "
+                                         f"describing the topic") from exc
+    return str(description.topic_id)
 
 
 def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None:

@@ -102,6 +102,10 @@ class KafkaLetterbox:
         self._blocked: set[int] = set()
         self._committed: dict[int, int] = {}  # partition -> next offset committed (async)
         self._destinations: set[str] = set()  # topics known to exist
+        # the topic's incarnation, which kept positions must belong to (see _kept_positions)
+        self._topic_id = kafka.topic_id(self.admin, topic, what=what,
+                                        servers=self.properties.get("bootstrap.servers")) \
+            if state is not None else None
 
     def _bounds(self) -> dict[int, tuple[int, int]]:
         """``partition -> (first offset not yet replayed, end offset now)``."""
@@ -124,9 +128,12 @@ class KafkaLetterbox:
             return {}
         with open_state(self.state) as conn:
             rows = conn.execute(
-                "SELECT partition, next_offset FROM trueup.replay_positions "
+                "SELECT partition, next_offset, topic_id FROM trueup.replay_positions "
                 "WHERE name = %s AND topic = %s", (self.name, self.where)).fetchall()
-        return {r["partition"]: r["next_offset"] for r in rows}
+        # a position in another incarnation of the topic (deleted and created again since)
+        # says nothing of this one's offsets, which started over
+        return {r["partition"]: r["next_offset"] for r in rows
+                if r["topic_id"] in (None, self._topic_id)}
 
     def _keep_positions(self, positions: Mapping[int, int]) -> None:
         """Keep ``positions`` in the state beside the group's offsets. Not kept (the state
@@ -136,10 +143,13 @@ class KafkaLetterbox:
         try:
             with open_state(self.state, migrate_schema=False) as conn, conn.transaction():
                 conn.cursor().executemany(
-                    "INSERT INTO trueup.replay_positions (name, topic, partition, next_offset) "
-                    "VALUES (%s, %s, %s, %s) ON CONFLICT (name, topic, partition) DO UPDATE "
-                    "SET next_offset = excluded.next_offset, updated_at = now()",
-                    [(self.name, self.where, p, o) for p, o in positions.items()])
+                    "INSERT INTO trueup.replay_positions "
+                    "(name, topic, partition, next_offset, topic_id) VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT (name, topic, partition) DO UPDATE "
+                    "SET next_offset = excluded.next_offset, topic_id = excluded.topic_id, "
+                    "updated_at = now()",
+                    [(self.name, self.where, p, o, self._topic_id)
+                     for p, o in positions.items()])
         except (psycopg.Error, TrueupError) as exc:
             log.warning("replay.positions_not_kept", dead_letters=self.name,
                         topic=self.where, error=first_line(exc))
