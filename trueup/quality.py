@@ -45,7 +45,7 @@ from trueup.statuses import CheckSeverity
 SUITE_SUFFIXES = (".yaml", ".yml")
 #: Part of every marker's name: change it when what decides a suite's acceptance here
 #: (:func:`_expectation`) changes, so that older markers are no longer found.
-_MARKER_SCHEME = "1"
+_MARKER_SCHEME = "2"
 #: Where markers of suites GX accepted are kept (see :func:`check_expectations`).
 CACHE_DIR_ENV = "TRUEUP_CACHE_DIR"
 #: Failing values kept per expectation (GX's ``partial_unexpected_list``).
@@ -203,11 +203,20 @@ def check_expectations(suite: Suite) -> Suite:
             return suite
     except OSError:  # a cache folder it may not enter: check, and remember nothing
         marker = None
+    built: list[Any] = []
     for i, spec in enumerate(suite.expectations):
         try:
-            _expectation(spec)
+            expectation = _expectation(spec)
         except QualityFailed as exc:
             raise ConfigError(suite.file, f"expectations.{i}", str(exc)) from None
+        # GX keeps one of two expectations it takes for equal (0 and 0.0, a default written
+        # out): the other would have no result, and every run of the suite would fail
+        same = next((j for j, other in enumerate(built) if _equalish(other, expectation)), None)
+        if same is not None:
+            raise ConfigError(suite.file, f"expectations.{i}", (
+                f"expected each expectation once (GX takes this {spec.type} for "
+                f"expectations.{same}: the same kwargs once its defaults are applied)"))
+        built.append(expectation)
     if marker is not None:
         with contextlib.suppress(OSError):  # an unwritable cache only costs the next check
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +326,17 @@ def _expectation(spec: ExpectationSpec) -> Any:
     except Exception as exc:
         raise QualityFailed(f"kwargs: not valid for {spec.type}: "
                             f"{first_line(exc)}") from exc
+
+
+#: What GX 1.x leaves out when it tells whether a suite holds an expectation already
+#: (ExpectationSuite._expectations_are_equalish): these do not make two expectations apart.
+_NOT_TELLING_APART = {"id", "rendered_content", "notes", "meta"}
+
+
+def _equalish(a: Any, b: Any) -> bool:
+    """Whether a GX suite takes expectations ``a`` and ``b`` for one (and keeps only one)."""
+    return bool(a.expectation_type == b.expectation_type
+                and a.dict(exclude=_NOT_TELLING_APART) == b.dict(exclude=_NOT_TELLING_APART))
 
 
 def _raised(exception_info: Any) -> str | None:

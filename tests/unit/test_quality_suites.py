@@ -61,6 +61,16 @@ def test_check_name_defaults_to_column_and_short_type_and_severity_to_error() ->
      "    kwargs: {column: a}\n    name: a_again\n    severity: WARN\n",
      "expectations.1: expected each expectation once (the same "
      "expect_column_values_to_not_be_null and kwargs as expectations.0)"),
+    # kwargs that read apart but GX takes for equal: every run failed ("GX returned no result")
+    ("connection: shop\ntable: t\nexpectations:\n  - type: expect_column_values_to_be_between\n"
+     "    kwargs: {column: a, min_value: 0}\n  - type: expect_column_values_to_be_between\n"
+     "    kwargs: {column: a, min_value: 0.0}\n    name: again\n",
+     "expectations.1: expected each expectation once (GX takes this "
+     "expect_column_values_to_be_between for expectations.0"),
+    ("connection: shop\ntable: t\nexpectations:\n  - type: expect_column_values_to_be_between\n"
+     "    kwargs: {column: a, min_value: 0}\n  - type: expect_column_values_to_be_between\n"
+     "    kwargs: {column: a, min_value: 0, mostly: 1}\n    name: again\n",
+     "expectations.1: expected each expectation once (GX takes this"),
 ])
 def test_a_bad_suite_is_one_line_naming_the_file_and_field(
         tmp_path: Path, text: str, expected: str) -> None:
