@@ -29,6 +29,7 @@ from opentelemetry.trace import SpanKind
 from trueup import metrics, threads, tracing
 from trueup.collection import batch_loop
 from trueup.config import Config, DeadLetterConfig
+from trueup.db import first_line
 from trueup.errors import Conflict, ConnectionFailed, StateError
 from trueup.fates import Plan, plan
 from trueup.health import HEALTH
@@ -47,6 +48,8 @@ BATCH_SIZE = 1000
 #: A paced batch is read at most this many seconds of letters ahead: RabbitMQ closes a channel
 #: whose delivery stays unacknowledged past its consumer_timeout (30 min by default).
 PACED_BATCH_SECONDS = 300
+#: How often a paced batch checks that its session still holds the replay's lock.
+HOLD_CHECK_SECONDS = 5.0
 RECONNECT_ATTEMPTS = 20            # a broker restart takes seconds; give up after ~1.5 min
 RECONNECT_MAX_PAUSE_SECONDS = 5.0
 
@@ -120,13 +123,14 @@ def replay(config: Config, name: str, options: ReplayOptions = ReplayOptions(), 
                                                   replay_id, counts, listing, progress, pacer),
                                      counts)
             except BaseException as exc:
-                _finish(conn, replay_id, ReplayStatus.FAILED, time.monotonic() - started,
-                        f"{type(exc).__name__}: {exc}")
+                _finish_failed(config, conn, replay_id, time.monotonic() - started,
+                               f"{type(exc).__name__}: {exc}")
                 raise
             seconds = time.monotonic() - started
             _finish(conn, replay_id, ReplayStatus.SUCCEEDED, seconds, None)
         finally:
-            conn.execute(query("replay_unlock"), {"name": name})
+            if not conn.broken:  # a session gone took its lock with it
+                conn.execute(query("replay_unlock"), {"name": name})
     summary = ReplaySummary(replay_id=replay_id, name=name, dry_run=options.dry_run,
                             moved=counts.moved, parked=counts.parked, skipped=counts.skipped,
                             seconds=seconds)
@@ -149,6 +153,30 @@ def _lock(conn: psycopg.Connection[dict[str, Any]], name: str) -> None:
     if not row or not row["locked"]:
         raise Conflict(f"dead_letters.{name}: another replay or dry run of this queue is "
                        f"running; wait for it to finish")
+
+
+def _hold(conn: psycopg.Connection[dict[str, Any]], name: str) -> None:
+    """Check, before each batch, that the session holding the replay's lock is still there:
+    a session gone (a failover, ``idle_session_timeout``, a network cut) took the lock with
+    it, and another replay of the queue may have started. The replay then stops within a
+    batch, rather than send every letter the other one sends too."""
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        raise Conflict(f"dead_letters.{name}: the state database's session holding this "
+                       f"replay's lock was lost ({first_line(exc)}); another replay of the "
+                       f"queue may have started, so this one stops") from exc
+
+
+def _finish_failed(config: Config, conn: psycopg.Connection[dict[str, Any]], replay_id: int,
+                   seconds: float, error: str) -> None:
+    """Record the replay failed, on a session of its own when the replay's is gone."""
+    if not conn.broken:
+        _finish(conn, replay_id, ReplayStatus.FAILED, seconds, error)
+        return
+    with contextlib.suppress(StateError), _state(config) as fresh:
+        # StateError: another replay, started after the lock was lost, marked it abandoned
+        _finish(fresh, replay_id, ReplayStatus.FAILED, seconds, error)
 
 
 def _finish(conn: psycopg.Connection[dict[str, Any]], replay_id: int, status: ReplayStatus,
@@ -226,6 +254,7 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                 ahead = 0 if box.confirms_each_publish else 1
                 for batch, lookup in _ahead(batches, ahead, lambda batch: recorder.lookup(
                         box.name, replay_id, batch)):
+                    _hold(conn, name)
                     step.finish()
                     reached_max = step.send(batch, lookup)
                     counts.seen += len(batch)
@@ -402,6 +431,16 @@ class _Step:
     pending: _Pending | None = None
     #: The last two batches sent: recorded or not, a lookup may not have seen them.
     recent: deque[_Done] = field(default_factory=lambda: deque(maxlen=2))
+    #: When a paced batch (minutes of letters) checks its lock again (time.monotonic())
+    next_hold: float = 0.0
+
+    def _wait(self, seconds: float) -> None:
+        """The pacer's wait; a paced batch lasts minutes, so the lock is checked as it goes
+        too (see :func:`_hold`), at most every :data:`HOLD_CHECK_SECONDS`."""
+        self.box.wait(seconds)
+        if time.monotonic() >= self.next_hold:
+            _hold(self.conn, self.name)
+            self.next_hold = time.monotonic() + HOLD_CHECK_SECONDS
 
     def send(self, batch: list[Received], lookup: Future[_Lookup]) -> bool:
         """Decide and publish one batch, after :meth:`finish` of the batch before
@@ -427,7 +466,7 @@ class _Step:
         selection = self.selection.matches if self.selection.tests else None
         publish = None if options.dry_run else self.box.publish
         pace = self.pacer if self.pacer.rate else None
-        wait = self.box.wait
+        wait = self._wait
         # With tracing off a span would only make the letter's trace current, and its copy
         # carries that trace in its own headers anyway: skip it (a few us a letter).
         traced = tracing.enabled()
@@ -488,10 +527,11 @@ class _Step:
             with contextlib.suppress(Exception):
                 self.drain()
             if sent and self._confirmed():
-                # Record them, so the next attempt does not send them again.
-                self._count(_record(self.conn, replay_id,
-                                    [(letter, p) for letter, p in events if p.sends],
-                                    [p for _, p in sent], upgrades))
+                # Record them, so the next attempt does not send them again: on the recorder's
+                # session (after what it still has to record), as this one may be the failure.
+                self._count(self.recorder.submit(
+                    replay_id, [(letter, p) for letter, p in events if p.sends],
+                    [p for _, p in sent], upgrades).result())
             raise
         self.sent = _Sent(items=batch, plans=plans, events=events, upgrades=upgrades)
         self.recent.append(_Done(sent_ids=frozenset(i.letter.message_id for i, _ in sent),

@@ -5,6 +5,7 @@ Kafka replay keeps for good."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +28,10 @@ from tests.integration.test_workers_support import (
     write_config,
 )
 from trueup import headers
+from trueup import replay as replay_module
 from trueup.brokers import rabbitmq
 from trueup.config import Config, load_config
+from trueup.errors import Conflict
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
 from trueup.letterboxes.rabbitmq import RabbitLetterbox
 from trueup.replay import ReplayOptions, _batch_size, replay
@@ -353,3 +356,48 @@ def test_kafka_replay_positions_outlive_the_replay_group_s_offsets(
     assert (again["moved"], again["parked"], again["skipped"]) == (0, 0, 1)
     assert len(read_topic(kafka_bootstrap, dlq)) == 3 + 2, "one copy of x per replay, no more"
     assert cli_json(config, "dlq", "aged")["depth"] == 1
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_replay_whose_lock_session_is_lost_stops_and_sends_nothing_twice(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock's session sat idle while the replay ran: once it was gone (a failover,
+    idle_session_timeout), a second replay started and both sent every letter."""
+    monkeypatch.setattr(replay_module, "HOLD_CHECK_SECONDS", 0.2)
+    dlq, target = unique("locked.dlq"), unique("orders")
+    topics.create(dlq, target)
+    produce_json(kafka_bootstrap, dlq, [{"id": n} for n in range(40)],
+                 extra_headers={headers.ORIGIN: target, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     locked={"connection": "bus", "topic": dlq})
+    outcome: list[BaseException | None] = []
+
+    def first() -> None:
+        try:
+            replay(config, "locked", ReplayOptions(rate=10))  # 4 s for 40 letters
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    time.sleep(1.0)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchall()
+    assert killed == [(True,)], killed
+    thread.join(30)
+    (error,) = outcome
+    assert isinstance(error, Conflict), repr(error)
+    assert "session holding this replay's lock was lost" in str(error)
+    second = replay(config, "locked")
+    copies = body_ids(read_topic(kafka_bootstrap, target))
+    assert sorted(copies, key=int) == [str(n) for n in range(40)], (
+        f"{len(copies)} copies of 40 letters; the second replay moved {second.moved}")
+    with psycopg.connect(state_db) as conn:
+        statuses = conn.execute("SELECT status FROM trueup.replays ORDER BY replay_id").fetchall()
+    assert statuses == [("failed",), ("succeeded",)]
