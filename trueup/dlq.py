@@ -62,7 +62,10 @@ def inspect(config: Config, name: str, *, limit: int = INSPECT_LIMIT,
             return DlqReport(name=name, depth=depth, oldest_age_seconds=None)
         errors: Counter[str] = Counter()
         origins: Counter[str] = Counter()
-        oldest: dt.datetime | None = None
+        # each Kafka partition's oldest letter, whichever partition the first letters read are of
+        oldest: dt.datetime | None = min(
+            (letter.failed_at for letter in box.heads() if letter.failed_at is not None),
+            default=None)
         seen = 0
         batches = box.letters(batch_size=min(BATCH_SIZE, limit), take=False)
         try:

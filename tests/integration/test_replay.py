@@ -370,6 +370,34 @@ def test_kafka_dlq_topic_created_again_has_every_new_letter_counted_and_replayed
 
 @pytest.mark.kafka
 @pytest.mark.postgres
+def test_kafka_dlq_oldest_age_counts_every_partition_s_oldest_letter(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """The oldest age came from the first letters read, often of one partition: a partition
+    whose letters failed years ago went unseen, and the age check passed."""
+    dlq = unique("aged.dlq")
+    topics.create(dlq, partitions=2)
+    producer = kafka.create_producer({"bootstrap.servers": kafka_bootstrap}, what="test")
+    deliveries = kafka.Deliveries()
+    recent = dt.datetime.now(dt.UTC).isoformat()
+    for partition, first_failed in ((0, recent), (1, "2020-01-01T00:00:00+00:00")):
+        for n in range(3000):
+            failed = first_failed if n == 0 else recent
+            kafka.produce(producer, deliveries, dlq, value=b"{}", partition=partition,
+                          headers=headers.to_kafka({headers.LAST_FAILURE: failed,
+                                                    headers.ATTEMPTS: "1"}))
+    kafka.confirm(producer, deliveries, what="test")
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     aged={"connection": "bus", "topic": dlq})
+    report = inspect(config, "aged", limit=100)
+    assert report.inspected == 100 and report.depth == 6000
+    years = (dt.datetime.now(dt.UTC) - dt.datetime(2020, 1, 1, tzinfo=dt.UTC)).total_seconds()
+    assert report.oldest_age_seconds is not None
+    assert abs(report.oldest_age_seconds - years) < 600, report.oldest_age_seconds
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
 def test_kafka_id_skipped_then_sent_in_one_replay_is_known_as_replayed_by_it_afterwards(
         kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
         topics: Topics, tmp_path: Path) -> None:

@@ -46,6 +46,12 @@ class Letterbox(Protocol):
         """Dead letters not yet replayed (without taking any)."""
         ...
 
+    def heads(self) -> list[DeadLetter]:
+        """The first letter of each part of the box read in order of failure (a Kafka
+        partition), without taking any; none when :meth:`letters` reads the oldest first
+        anyway (a queue)."""
+        ...
+
     def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
         """Batches of the letters in the box now. ``take=False`` reads without removing
         anything, even through :meth:`settle` (inspection and dry runs)."""

@@ -157,6 +157,30 @@ class KafkaLetterbox:
     def depth(self) -> int:
         return sum(end - start for start, end in self._bounds().values())
 
+    def heads(self) -> list[DeadLetter]:
+        """The first letter not yet replayed of each partition, the oldest of it: a partition
+        holds its letters in the order they failed, and a reading of the first letters of the
+        topic may see one partition's only."""
+        bounds = {p: (start, start + 1) for p, (start, end) in self._bounds().items()
+                  if end > start}
+        heads: dict[int, DeadLetter] = {}
+        batches = kafka.read_to_ends(
+            self.consumer, self.where, bounds, batch_size=max(1, len(bounds)),
+            poll_seconds=POLL_SECONDS, stall_seconds=STALL_SECONDS, outlive_transient=True,
+            stalled=lambda: ConnectionFailed(f"{self.what}: no message from Kafka topic "
+                                             f"{self.where!r} for {STALL_SECONDS:.0f}s"))
+        try:
+            for messages in batches:
+                for message in messages:
+                    partition = message.partition()
+                    assert partition is not None
+                    heads.setdefault(partition, letter_of(message, message.headers() or []))
+        except KafkaException as exc:
+            raise kafka.translate(exc, self.what) from exc
+        finally:
+            batches.close()
+        return list(heads.values())
+
     def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
         bounds = self._bounds()
         self._blocked = set()

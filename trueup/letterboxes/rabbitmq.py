@@ -118,6 +118,9 @@ class RabbitLetterbox:
     def depth(self) -> int:
         return rabbitmq.queue_depth(self.connection, self.where) or 0
 
+    def heads(self) -> list[DeadLetter]:
+        return []  # one queue, read from its head: the oldest letters come first
+
     def letters(self, *, batch_size: int, take: bool) -> Generator[list[Received], None, None]:
         budget = self.depth()
         if budget == 0:
