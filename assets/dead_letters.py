@@ -137,7 +137,7 @@ def _definitions(config: Config, name: str, *, max_depth: int,
 
     observe = dg.define_asset_job(f"dead_letters_{name}", selection=dg.AssetSelection.assets(key),
                                   description=f"Inspect dead letters {name}.",
-                                  run_tags=dead_letters_tags(name))
+                                  tags=dead_letters_tags(name))
 
     @dg.op(name=f"replay_{name}_op", description=f"trueup replay {name}")
     def _replay(context: OpExecutionContext, config: ReplayRunConfig) -> None:
@@ -153,7 +153,7 @@ def _definitions(config: Config, name: str, *, max_depth: int,
 
     @dg.job(name=f"replay_{name}",
             description=f"Replay dead letters {name} (run config: max, rate, dry_run, where).",
-            run_tags=dead_letters_tags(name))
+            tags=dead_letters_tags(name))
     def _replay_job() -> None:
         _replay()
 

@@ -117,7 +117,7 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
     # the job's partitions come from the asset's
     job = dg.define_asset_job(f"reconcile_{name}", selection=dg.AssetSelection.assets(key),
                               description=f"Run reconciliation {name}.",
-                              run_tags=reconciliation_tags(name))
+                              tags=reconciliation_tags(name))
     schedules: list[dg.ScheduleDefinition] = []
     if rec.schedule:
         schedules.append(_schedule(name, rec.schedule, job, start=rec.partitions.daily.start

@@ -34,6 +34,12 @@ def dead_letters_tags(name: str) -> dict[str, str]:
     return {DEAD_LETTERS_TAG: name}
 
 
+def repairs_pool(name: str) -> str:
+    """The concurrency pool of a reconciliation's repairs asset: deploy/dagster.yaml gives
+    every pool one slot, so its backfills run one at a time."""
+    return f"trueup_backfill_{name}"
+
+
 def _part(text: str) -> str:
     return _UNSAFE.sub("_", text)
 

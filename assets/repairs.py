@@ -29,7 +29,7 @@ from dagster import AssetExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
 from assets.differences import differences_key, partitions_of, source_key
-from assets.keys import reconciliation_tags
+from assets.keys import reconciliation_tags, repairs_pool
 from trueup.backfill import (
     BackfillOptions,
     BackfillSummary,
@@ -98,7 +98,7 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     scope = config.scope
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
-    if partition_key and config.partition not in (None, partition_key):
+    if partition_key and config.partition and config.partition != partition_key:
         # the materialization is recorded under the partition being launched: one backfilled
         # under another would show that partition repaired
         raise dg.Failure(description=f"partition: this run materializes partition "
@@ -148,6 +148,9 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
     @dg.asset(
         key=repairs_key(name), deps=[differences_key(name)], partitions_def=partitions,
         group_name="reconciliations", kinds={"trueup"},
+        # one backfill of a reconciliation at a time, however its runs were launched (an asset
+        # page's partition backfill runs in Dagster's own job, which carries no run tags)
+        pool=repairs_pool(name),
         description=f"Backfills repairing {rec.target.topic or rec.target.table} from "
                     f"{rec.source.table} by {rec.repair.value} (reconciliation {name}).",
         metadata={"reconciliation": name, "repair": rec.repair.value},
@@ -334,7 +337,10 @@ def _sensor(config: Config, name: str, job: Any,
             materialization = record.asset_materialization
             if materialization is None:
                 continue
-            partition = partition_of[record.storage_id] = materialization.partition
+            # what the run covers as the config stands: a day's run is of the whole table once
+            # partitions left the config, and a newer run of it supersedes the day's
+            partition = materialization.partition if rec.partitions is not None else None
+            partition_of[record.storage_id] = partition
             newest[partition] = max(record.storage_id, newest.get(partition, record.storage_id))
             decision, tripped = decide(materialization)
             if isinstance(decision, dg.RunRequest):
@@ -402,7 +408,7 @@ def repair_definitions(config: Config, suite_tables: Collection[dg.AssetKey] | N
         job = dg.define_asset_job(f"backfill_{name}",
                                   selection=dg.AssetSelection.assets(repairs_key(name)),
                                   description=f"Backfill {name}: repair its target.",
-                                  run_tags=reconciliation_tags(name))
+                                  tags=reconciliation_tags(name))
         assets.append(asset)
         jobs.append(job)
         if rec.auto_repair is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from assets.repairs import repairs_key
 from tests.e2e.conftest import DAGSTER, REPO, dagster_dev, dagster_env, graphql, wait_for
 
 EXAMPLE = REPO / "examples" / "trueup.yaml"
@@ -65,18 +66,25 @@ def test_every_run_of_a_reconciliation_or_queue_is_limited_by_deploy_s_run_queue
     from pipelines.definitions import defs
 
     def limited(instance: Path) -> set[str]:
-        limits = yaml.safe_load(instance.read_text())["run_coordinator"]["config"][
-            "tag_concurrency_limits"]
+        concurrency = yaml.safe_load(instance.read_text())["concurrency"]
+        assert concurrency["pools"] == {"default_limit": 1}, instance
+        limits = concurrency["runs"]["tag_concurrency_limits"]
         return {limit["key"] for limit in limits
                 if limit["value"] == {"applyLimitPerUniqueValue": True} and limit["limit"] == 1}
 
-    tags = {j.name: j.run_tags for j in defs.resolve_all_job_defs()}
+    # tags, not only run_tags: a launchpad run or a job's partition backfill takes the job's
+    # tags and nothing else
+    tags = {j.name: j.tags for j in defs.resolve_all_job_defs()}
     expected = {
         **{f"{kind}_{name}": {"trueup/reconciliation": name} for kind in ("reconcile", "backfill")
            for name in ("orders_events", "orders_invoices")},
         **{f"{kind}_{name}": {"trueup/dead_letters": name} for kind in ("dead_letters", "replay")
            for name in ("orders_dlq", "payments_dlq")}}
     assert {name: tags.get(name) for name in expected} == expected
+    # an asset page's partition backfill runs in Dagster's own job: the pool holds its days
+    pools = {name: defs.resolve_assets_def(repairs_key(name)).op.pool
+             for name in ("orders_events", "orders_invoices")}
+    assert pools == {name: f"trueup_backfill_{name}" for name in pools}
     for instance in (REPO / "deploy" / "dagster.yaml", REPO / "examples" / "dagster.yaml"):
         assert limited(instance) == {"trueup/reconciliation", "trueup/dead_letters"}, instance
 

@@ -22,8 +22,7 @@ def test_the_example_dagster_yaml_opens_an_instance_on_postgres(
                        "DAGSTER_PG_PORT": str(url.port or 5432),
                        "DAGSTER_PG_USER": url.username or "postgres",
                        "DAGSTER_PG_PASSWORD": url.password or "",
-                       "DAGSTER_PG_DB": url.path.lstrip("/"),
-                       "DAGSTER_MAX_CONCURRENT_RUNS": "4"}.items():
+                       "DAGSTER_PG_DB": url.path.lstrip("/")}.items():
         monkeypatch.setenv(key, value)
     shutil.copy(REPO / "deploy" / "dagster.yaml", tmp_path / "dagster.yaml")
 
