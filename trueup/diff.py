@@ -25,7 +25,6 @@ import psycopg
 from psycopg import sql
 
 from trueup import metrics, segments, threads, tracing
-from trueup.cli import EXIT_DIFFERENCES, EXIT_OK, to_json
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
 from trueup.errors import TrueupError, UsageError
@@ -141,6 +140,8 @@ def diff(config: Config, name: str, *, partition: str | None = None,
 
 
 def cmd_diff(config: Config, args: argparse.Namespace) -> int:
+    """``trueup diff NAME [--partition P] [--json] [--show]``."""
+    from trueup.cli import EXIT_DIFFERENCES, EXIT_OK, to_json  # not for the Dagster location
     from trueup.progress import ProgressBar
 
     def show(difference: Any) -> None:

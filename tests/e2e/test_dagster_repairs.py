@@ -179,6 +179,16 @@ def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
         if after is None:  # the day's run is backfilled as a run, with no day
             (request,) = tick.run_requests or []
             assert request.partition_key is None and _run_ids(tick) == [run_id]
+            # ... unless a run of the whole table came after it
+            assert dg.materialize(_defs(write_config(tmp_path, state_db, source, target,
+                                                     **limited))[1],
+                                  selection=[differences_key("orders")],
+                                  instance=instance).success
+            newer = _run_ids_in_state(state_db)[-1]
+            again = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+                dg.build_sensor_context(instance=instance, definitions=defs,
+                                        cursor=idle.cursor))
+            assert _run_ids(again) == [newer], again.skip_message
         else:
             assert not tick.run_requests
             assert tick.skip_message == (
@@ -304,6 +314,35 @@ def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick
         in message, message
 
 
+def test_circuit_breaker_on_one_day_holds_back_another_day_s_backfill_in_its_tick(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
+                     "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
+                     "END")
+    with psycopg.connect(target, autocommit=True) as conn:  # 1 on the first day, 30 the next
+        conn.execute("DELETE FROM public.copy WHERE order_id = 10 OR order_id BETWEEN 200 AND 229")
+    config = write_config(tmp_path, state_db, source, target, auto_repair={
+        "max_differences": 20}, partitions={"daily": {"start": "2026-02-01"}})
+    defs, assets = _defs(config)
+    instance = dg.DagsterInstance.ephemeral()
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    for day in ("2026-02-01", "2026-02-02"):
+        assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
+                              partition_key=day).success
+    first_day, second_day = _run_ids_in_state(state_db)
+    tick = sensor.evaluate_tick(dg.build_sensor_context(
+        instance=instance, definitions=defs, cursor=idle.cursor))
+    assert not tick.run_requests
+    message = tick.skip_message or ""
+    assert message.startswith(f"circuit breaker: run {second_day} of orders found 30 "
+                              "differences"), message
+    assert f"held back with it: the backfill of run {first_day}" in message, message
+
+
 def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_planning(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target = new_db(), new_db()
@@ -357,6 +396,10 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
     with psycopg.connect(state_db) as conn:
         left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
     assert left == [], f"a refused launch left backfills behind: {left}"
+    # an empty field is no partition: the day launched is backfilled
+    result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
+        repairs_op_name("orders"): {"config": {"partition": ""}}}})
+    assert result.success
 
 
 def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(

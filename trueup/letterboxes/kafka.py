@@ -94,6 +94,10 @@ class KafkaLetterbox:
         if partitions is None:
             raise NotFound(f"{what}: Kafka topic {topic!r} does not exist")
         self.partitions = partitions
+        # the topic's incarnation, which kept positions must belong to (see _kept_positions)
+        self._topic_id = kafka.topic_id(self.admin, topic, what=what,
+                                        servers=self.properties.get("bootstrap.servers")) \
+            if state is not None else None
         self.consumer = kafka.create_consumer(self.properties, group=replay_group(name),
                                               what=what, **{"enable.auto.offset.store": False,
                                                             "enable.partition.eof": True})
@@ -102,10 +106,6 @@ class KafkaLetterbox:
         self._blocked: set[int] = set()
         self._committed: dict[int, int] = {}  # partition -> next offset committed (async)
         self._destinations: set[str] = set()  # topics known to exist
-        # the topic's incarnation, which kept positions must belong to (see _kept_positions)
-        self._topic_id = kafka.topic_id(self.admin, topic, what=what,
-                                        servers=self.properties.get("bootstrap.servers")) \
-            if state is not None else None
 
     def _bounds(self) -> dict[int, tuple[int, int]]:
         """``partition -> (first offset not yet replayed, end offset now)``."""
