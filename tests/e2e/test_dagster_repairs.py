@@ -314,28 +314,40 @@ def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick
         in message, message
 
 
-def test_circuit_breaker_on_one_day_holds_back_another_day_s_backfill_in_its_tick(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+def _two_days_diffed(new_db: Callable[[], str], state_db: str, tmp_path: Path,
+                     deleted: str) -> tuple[dg.Definitions, dg.DagsterInstance,
+                                            dg.SensorExecutionData]:
+    """A reconciliation by day (orders 1-150 on 2026-02-01, the rest the next day) with
+    auto_repair (20 at most), target rows ``deleted`` (a WHERE clause) gone, the sensor's first
+    tick, then both days diffed: the definitions, the instance and that first tick."""
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
                      "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
                      "END")
-    with psycopg.connect(target, autocommit=True) as conn:  # 1 on the first day, 30 the next
-        conn.execute("DELETE FROM public.copy WHERE order_id = 10 OR order_id BETWEEN 200 AND 229")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM public.copy WHERE {deleted}")
     config = write_config(tmp_path, state_db, source, target, auto_repair={
         "max_differences": 20}, partitions={"daily": {"start": "2026-02-01"}})
     defs, assets = _defs(config)
     instance = dg.DagsterInstance.ephemeral()
-    sensor = defs.resolve_sensor_def("auto_repair_orders")
-    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+    idle = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs))
     for day in ("2026-02-01", "2026-02-02"):
         assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
                               partition_key=day).success
+    return defs, instance, idle
+
+
+def test_circuit_breaker_on_one_day_holds_back_another_day_s_backfill_in_its_tick(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    # 1 difference on the first day, 30 the next
+    defs, instance, idle = _two_days_diffed(
+        new_db, state_db, tmp_path, "order_id = 10 OR order_id BETWEEN 200 AND 229")
     first_day, second_day = _run_ids_in_state(state_db)
-    tick = sensor.evaluate_tick(dg.build_sensor_context(
-        instance=instance, definitions=defs, cursor=idle.cursor))
+    tick = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs, cursor=idle.cursor))
     assert not tick.run_requests
     message = tick.skip_message or ""
     assert message.startswith(f"circuit breaker: run {second_day} of orders found 30 "
@@ -356,12 +368,23 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
             ("chunk_size", 0, "chunk_size: expected a positive integer (got 0)"),
             ("rate", -1.0, "rate: expected a positive number of rows per second (got -1.0)"),
             ("rate", math.nan, "rate: expected a positive number of rows per second (got nan)")]:
-        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
-            repairs_op_name("orders"): {"config": {"scope": "all", field: value}}}})
-        assert not result.success, f"{field} {value} was accepted"
-        (failure,) = result.get_step_failure_events()
-        user = failure.step_failure_data.user_failure_data
-        assert user is not None and user.description == expected, failure.step_failure_data
+        _assert_refused(job, {"scope": "all", field: value}, None, expected)
+    _assert_no_backfill(state_db)
+
+
+def _assert_refused(job: Any, form: dict[str, Any], partition: str | None,
+                    expected: str) -> None:
+    """A launch of backfill job ``job`` with launchpad ``form`` fails with ``expected``."""
+    result = job.execute_in_process(raise_on_error=False, partition_key=partition,
+                                    run_config={"ops": {repairs_op_name("orders"): {
+                                        "config": form}}})
+    assert not result.success, f"{form} was accepted"
+    (failure,) = result.get_step_failure_events()
+    user = failure.step_failure_data.user_failure_data
+    assert user is not None and user.description == expected, failure.step_failure_data
+
+
+def _assert_no_backfill(state_db: str) -> None:
     with psycopg.connect(state_db) as conn:
         left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
     assert left == [], f"a refused launch left backfills behind: {left}"
@@ -386,16 +409,8 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
              "partition: this run materializes partition 2026-02-01; leave partition empty, "
              "or launch partition 2026-02-09 (got '2026-02-09')"),
             ({"scope": "run", "run_id": 0}, "2026-02-01", "backfill orders: no run 0")]:
-        result = job.execute_in_process(raise_on_error=False, partition_key=partition,
-                                        run_config={"ops": {repairs_op_name("orders"): {
-                                            "config": form}}})
-        assert not result.success, f"{form} was accepted"
-        (failure,) = result.get_step_failure_events()
-        user = failure.step_failure_data.user_failure_data
-        assert user is not None and user.description == expected, failure.step_failure_data
-    with psycopg.connect(state_db) as conn:
-        left = conn.execute("SELECT backfill_id, status FROM trueup.backfills").fetchall()
-    assert left == [], f"a refused launch left backfills behind: {left}"
+        _assert_refused(job, form, partition, expected)
+    _assert_no_backfill(state_db)
     # an empty field is no partition: the day launched is backfilled
     result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
         repairs_op_name("orders"): {"config": {"partition": ""}}}})
@@ -407,23 +422,9 @@ def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(
     """A schedule's first tick of a day diffs yesterday and today: both runs were launched in
     one tick, the second backfill failed at once ("another backfill is running") and its
     partition's differences were never repaired."""
-    source, target = new_db(), new_db()
-    make_tables(source, target, 300)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
-                     "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
-                     "END")
-    with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("DELETE FROM public.copy WHERE order_id IN (10, 200)")  # one a day
-    config = write_config(tmp_path, state_db, source, target, auto_repair={
-        "max_differences": 20}, partitions={"daily": {"start": "2026-02-01"}})
-    defs, assets = _defs(config)
-    instance = dg.DagsterInstance.ephemeral()
+    defs, instance, idle = _two_days_diffed(new_db, state_db, tmp_path,
+                                            "order_id IN (10, 200)")  # one a day
     sensor = defs.resolve_sensor_def("auto_repair_orders")
-    idle = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
-    for day in ("2026-02-01", "2026-02-02"):
-        assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
-                              partition_key=day).success
     first_day, second_day = _run_ids_in_state(state_db)
 
     ticks = [idle]
