@@ -180,10 +180,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(to_json({k: document[k] for k in ("runs", "backfills", "replays")}))
         return EXIT_OK
-    print(_table("runs", document["runs"], ["run_id", "reconciliation", "partition", "status",
-                                            "started_at", "missing", "orphan", "stale", "ahead",
-                                            "mismatch", "in_flight", "unreadable"],
-                 errors=("run", "run_id")))
+    classes = ["missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"]
+    # a run that did not finish found nothing it could tell: its counts are "-", not 0
+    runs = [row if row["status"] == "succeeded" else {**row, **dict.fromkeys(classes)}
+            for row in document["runs"]]
+    print(_table("runs", runs, ["run_id", "reconciliation", "partition", "status",
+                                "started_at", *classes], errors=("run", "run_id")))
     print(_table("backfills", document["backfills"], ["backfill_id", "reconciliation", "status",
                                                       "chunks", "chunks_done", "rows_repaired"],
                  errors=("backfill", "backfill_id")))

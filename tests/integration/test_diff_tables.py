@@ -811,8 +811,13 @@ def test_a_text_target_key_the_source_s_key_type_refuses_fails_runs_with_what_to
     assert re.fullmatch(refused, row[1]), row[1]
     # `trueup status` shows it below the runs (too long for a column)
     assert cli.main(["--config", str(tmp_path / "trueup.yaml"), "status"]) == 0
-    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  run ")]
+    printed = capsys.readouterr().out.splitlines()
+    shown = [line for line in printed if line.startswith("  run ")]
     assert len(shown) == 1 and re.fullmatch(r"  run \d+: " + refused, shown[0]), shown
+    # the failed run's counts are unknown, not 0 (the run before found 3 differences)
+    rows = {line.split()[3]: line.split()[-7:] for line in printed
+            if re.match(r"  \d+ +orders ", line)}
+    assert rows == {"failed": ["-"] * 7, "succeeded": ["1", "1", "0", "0", "1", "0", "0"]}, rows
     with pytest.raises(TrueupError, match="^" + refused):
         start_backfill(config, "orders", BackfillOptions(scope=BackfillScope.ALL))
     with psycopg.connect(state_db) as conn:
