@@ -22,24 +22,29 @@ STARTUP_SECONDS = 180
 SHUTDOWN_GRACE_SECONDS = 10
 
 
-def dagster_env(tmp_path: Path, config: Path) -> dict[str, str]:
+def dagster_env(tmp_path: Path, config: Path, instance: Path | None = None) -> dict[str, str]:
+    """The environment of a Dagster process on ``config``, its instance a fresh folder (with
+    ``instance`` as its dagster.yaml when given)."""
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
     # No usage statistics: nothing outside answers here, and no test should wait on it.
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (home / "dagster.yaml").write_text(instance.read_text() if instance is not None
+                                       else "telemetry:\n  enabled: false\n")
     return {**os.environ, "DAGSTER_HOME": str(home), "TRUEUP_CONFIG": str(config),
             "GX_ANALYTICS_ENABLED": "false"}
 
 
 @contextlib.contextmanager
-def dagster_dev(tmp_path: Path, config: Path) -> Iterator[str]:
-    """Run ``dagster dev`` on ``config`` on a free local port; yield its base URL."""
+def dagster_dev(tmp_path: Path, config: Path, instance: Path | None = None) -> Iterator[str]:
+    """Run ``dagster dev`` on ``config`` on a free local port (``instance``: its
+    dagster.yaml); yield its base URL."""
     port = unused_port()
     log_path = tmp_path / "dagster-dev.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [DAGSTER, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-            cwd=REPO, env=dagster_env(tmp_path, config), stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO, env=dagster_env(tmp_path, config, instance), stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:

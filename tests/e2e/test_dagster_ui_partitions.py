@@ -11,7 +11,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.e2e.conftest import dagster_dev, graphql, wait_for
+from tests.e2e.conftest import REPO, dagster_dev, graphql, wait_for
 
 pytestmark = [pytest.mark.dagster, pytest.mark.postgres]
 
@@ -110,3 +110,51 @@ def test_a_partition_range_runs_as_a_dagster_backfill(
     assert runs == [("2026-02-01", "succeeded", 1), ("2026-02-02", "succeeded", 0)]
     assert set(checks) >= {"missing", "orphan", "stale", "ahead", "mismatch", "in_flight",
                            "unreadable"}
+
+
+#: Each target row written waits a moment: two backfills launched together then overlap.
+SLOW_WRITES = """
+CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(2); RETURN NEW; END $$;
+CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON public.copy FOR EACH ROW EXECUTE FUNCTION slow();
+"""
+
+
+def test_a_partition_backfill_of_repairs_from_the_asset_page_repairs_one_day_at_a_time(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Its days run in Dagster's own asset job, without trueup's run tags: on an instance
+    that limits runs by those tags only, both days planned at once and one failed ("backfill
+    N of orders is already running"). The repairs asset's pool holds them one at a time."""
+    config = _config(new_db, state_db, tmp_path)
+    document = yaml.safe_load(config.read_text())
+    document["reconciliations"]["orders"]["repair"] = "upsert"
+    config.write_text(yaml.safe_dump(document))
+    target = document["connections"]["copy"]["postgres"]
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE id IN (2, 3, 4, 12, 13, 14)")  # 3 a day
+        conn.execute(SLOW_WRITES)
+    instance = REPO / "examples" / "dagster.yaml"  # make demo's, with deploy/'s limits
+    with dagster_dev(tmp_path, config, instance) as url:
+        wait_for("the repairs asset", lambda: graphql(url, CHECKS, {
+            "path": ["trueup", "orders", "repairs"]})["assetNodeOrError"])
+        launched = graphql(url, LAUNCH, {"params": {
+            "partitionNames": ["2026-02-01", "2026-02-02"],
+            "assetSelection": [{"path": ["trueup", "orders", "repairs"]}],
+            "fromFailure": False,
+        }})["launchPartitionBackfill"]
+        assert launched["__typename"] == "LaunchBackfillSuccess", launched
+
+        def finished() -> list[dict[str, Any]] | None:
+            runs: list[dict[str, Any]] = graphql(url, BACKFILL, {"id": launched["backfillId"]})[
+                "partitionBackfillOrError"]["runs"]
+            ended = all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs)
+            return runs if ended and len(runs) == 2 else None
+
+        runs = wait_for("the backfill's runs to finish", finished, seconds=240)
+    with psycopg.connect(state_db) as conn:
+        backfills = conn.execute("SELECT status, error FROM trueup.backfills "
+                                 "ORDER BY backfill_id").fetchall()
+    assert {r["status"] for r in runs} == {"SUCCESS"}, (runs, backfills)
+    assert backfills == [("succeeded", None), ("succeeded", None)], backfills
+    with psycopg.connect(target) as conn:
+        assert conn.execute("SELECT count(*) FROM public.copy").fetchone() == (20,)
