@@ -30,7 +30,7 @@ from trueup import metrics, threads, tracing
 from trueup.collection import batch_loop
 from trueup.config import Config, DeadLetterConfig
 from trueup.db import first_line
-from trueup.errors import Conflict, ConnectionFailed, StateError
+from trueup.errors import Conflict, ConnectionFailed, NotFound, StateError
 from trueup.fates import Plan, plan
 from trueup.health import HEALTH
 from trueup.letterboxes import Letterbox, Received, Settle, open_letterbox
@@ -498,14 +498,24 @@ class _Step:
                         assert chosen.destination is not None
                         if pace is not None:
                             pace(sleep=wait)
-                        if traced:
-                            with tracing.message_span(
-                                    "replay.publish", letter.headers, kind=SpanKind.PRODUCER,
-                                    dead_letters=self.box.name, replay_id=replay_id,
-                                    destination=chosen.destination_text):
+                        try:
+                            if traced:
+                                with tracing.message_span(
+                                        "replay.publish", letter.headers,
+                                        kind=SpanKind.PRODUCER, dead_letters=self.box.name,
+                                        replay_id=replay_id,
+                                        destination=chosen.destination_text):
+                                    publish(item, chosen.destination, replay_id=replay_id)
+                            else:
                                 publish(item, chosen.destination, replay_id=replay_id)
-                        else:
-                            publish(item, chosen.destination, replay_id=replay_id)
+                        except NotFound as exc:
+                            if self.dlq.replay_to is not None or letter.origin is None:
+                                raise
+                            raise NotFound(
+                                f"{exc}: it is where letter {message_id} came from, and every "
+                                f"replay stops at that letter. Create it, set replay_to, or "
+                                f"leave such letters out with --where "
+                                f"'origin!={letter.origin}'") from exc
                         sent.append((item, chosen))
                 # After its publish: an event is a letter handled, never one whose copy failed.
                 if chosen.outcome is None:

@@ -259,7 +259,11 @@ def test_kafka_copies_sent_before_a_letter_fails_its_batch_are_not_sent_again(
     config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
                      halfway={"connection": "bus", "topic": dlq})
     for _ in range(2):  # the letter stays in the way until someone looks at it
-        with pytest.raises(TrueupError, match=f"Kafka topic '{gone}', does not exist"):
+        # the one line says which letter stops every replay, and how to pass it
+        with pytest.raises(TrueupError, match=(
+                f"Kafka topic '{gone}', does not exist: it is where letter {dlq}:0:5 came "
+                f"from, and every replay stops at that letter. Create it, set replay_to, or "
+                f"leave such letters out with --where 'origin!={gone}'$")):
             replay(config, "halfway", ReplayOptions(batch_size=100))
         assert body_ids(read_topic(kafka_bootstrap, origin)) == ["0", "1", "2", "3", "4"]
     assert [outcome for _, outcome in _events(state_db)] == ["moved"] * 5
