@@ -282,14 +282,18 @@ def _sensor(config: Config, name: str, job: Any,
     checked = [source.to_user_string()] if suite_tables is None or source in suite_tables \
         else []
 
-    def decide(materialization: dg.AssetMaterialization
+    def covers(materialization: dg.AssetMaterialization) -> str | None:
+        """The partition a run covers as the config stands (None: the whole table): a day's
+        run is of the whole table once partitions left the config, and its backfill needs no
+        day."""
+        return materialization.partition if rec.partitions is not None else None
+
+    def decide(materialization: dg.AssetMaterialization, partition: str | None
                ) -> tuple[dg.RunRequest | dg.SkipReason, bool]:
-        """The run's decision, and whether it tripped the circuit breaker."""
+        """The run's decision (its partition as :func:`covers` tells it), and whether it
+        tripped the circuit breaker."""
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-        partition = materialization.partition
-        if partition is not None and rec.partitions is None:
-            partition = None  # partitions left the config: the run's backfill needs no day
-        elif partition is None and rec.partitions is not None:
+        if partition is None and rec.partitions is not None:
             # partitions came into the config after this run of the whole table: the job
             # only runs days now, and a day would misrecord a backfill of the whole run
             return dg.SkipReason(
@@ -337,12 +341,9 @@ def _sensor(config: Config, name: str, job: Any,
             materialization = record.asset_materialization
             if materialization is None:
                 continue
-            # what the run covers as the config stands: a day's run is of the whole table once
-            # partitions left the config, and a newer run of it supersedes the day's
-            partition = materialization.partition if rec.partitions is not None else None
-            partition_of[record.storage_id] = partition
+            partition = partition_of[record.storage_id] = covers(materialization)
             newest[partition] = max(record.storage_id, newest.get(partition, record.storage_id))
-            decision, tripped = decide(materialization)
+            decision, tripped = decide(materialization, partition)
             if isinstance(decision, dg.RunRequest):
                 requests.append((record.storage_id, decision))
             else:

@@ -24,6 +24,7 @@ from trueup.config import Config, config_path, load_config
 from trueup.errors import TrueupError, UsageError
 from trueup.log import configure
 from trueup.pacing import valid_rate
+from trueup.statuses import DifferenceClass
 
 EXIT_OK = 0
 EXIT_DIFFERENCES = 1
@@ -180,7 +181,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(to_json({k: document[k] for k in ("runs", "backfills", "replays")}))
         return EXIT_OK
-    classes = ["missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"]
+    classes = [c.value for c in DifferenceClass]
     # a run that did not finish found nothing it could tell: its counts are "-", not 0
     runs = [row if row["status"] == "succeeded" else {**row, **dict.fromkeys(classes)}
             for row in document["runs"]]

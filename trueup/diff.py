@@ -158,8 +158,7 @@ def cmd_diff(config: Config, args: argparse.Namespace) -> int:
         print(to_json(summary.to_json()))
     else:
         where = f" partition {summary.partition}" if summary.partition else ""
-        counts = "  ".join(f"{c} {getattr(summary, c)}" for c in (
-            "missing", "orphan", "stale", "ahead", "mismatch", "in_flight", "unreadable"))
+        counts = "  ".join(f"{c.value} {getattr(summary, c.value)}" for c in DifferenceClass)
         verdict = "consistent" if summary.consistent else "differences found"
         print(f"{summary.reconciliation}{where}: run {summary.run_id}, {summary.source_rows} "
               f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s")

@@ -157,6 +157,10 @@ class KafkaLetterbox:
     def depth(self) -> int:
         return sum(end - start for start, end in self._bounds().values())
 
+    def _stalled(self) -> Exception:
+        return ConnectionFailed(f"{self.what}: no message from Kafka topic {self.where!r} "
+                                f"for {STALL_SECONDS:.0f}s")
+
     def heads(self) -> list[DeadLetter]:
         """The first letter not yet replayed of each partition, the oldest of it: a partition
         holds its letters in the order they failed, and a reading of the first letters of the
@@ -167,8 +171,7 @@ class KafkaLetterbox:
         batches = kafka.read_to_ends(
             self.consumer, self.where, bounds, batch_size=max(1, len(bounds)),
             poll_seconds=POLL_SECONDS, stall_seconds=STALL_SECONDS, outlive_transient=True,
-            stalled=lambda: ConnectionFailed(f"{self.what}: no message from Kafka topic "
-                                             f"{self.where!r} for {STALL_SECONDS:.0f}s"))
+            stalled=self._stalled)
         try:
             for messages in batches:
                 for message in messages:
@@ -190,14 +193,10 @@ class KafkaLetterbox:
             # now, it gets the id while the first letters are fetched.
             self._producer_()
 
-        def stalled() -> Exception:
-            return ConnectionFailed(f"{self.what}: no message from Kafka topic {self.where!r} "
-                                    f"for {STALL_SECONDS:.0f}s")
-
         # Letters that arrive during the replay wait for the next one.
         batches = kafka.read_to_ends(self.consumer, self.where, bounds, batch_size=batch_size,
                                      poll_seconds=POLL_SECONDS, stall_seconds=STALL_SECONDS,
-                                     stalled=stalled, outlive_transient=True)
+                                     stalled=self._stalled, outlive_transient=True)
         try:
             for messages in batches:
                 batch = []

@@ -367,6 +367,10 @@ class KafkaWorker:
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError._NO_OFFSET:
                 log.warning("worker.commit_failed", group=self.group, error=str(exc))
+        self._forget_partitions(partitions)
+
+    def _forget_partitions(self, partitions: list[TopicPartition]) -> None:
+        """What this worker kept of partitions no longer its own: pauses, holds, lag."""
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._held.pop((tp.topic, tp.partition), None)
@@ -374,8 +378,5 @@ class KafkaWorker:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not revoked: another member may own them already, so nothing is committed.
-        for tp in partitions:
-            self._paused.pop((tp.topic, tp.partition), None)
-            self._held.pop((tp.topic, tp.partition), None)
-        self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
+        self._forget_partitions(partitions)
         log.warning("worker.partitions_lost", group=self.group, count=len(partitions))
