@@ -17,7 +17,9 @@ Rows printed: the floor (consume the whole topic once with confluent-kafka doing
 fresh group id, partitions assigned from the beginning to the high watermarks seen at start,
 consume() in batches of 1,000; median of 3), once with librdkafka's default properties and once
 with fetch.queue.backoff.ms=10 (see FLOORS: the defaults leave the fetcher idle most of the
-time; the tuned floor is the one the verdict uses), trueup's first run against an empty state
+time; the tuned floor is the one the verdict uses), a lower bound for any mirror kept in
+Postgres (the tuned floor, also COPYing every message untouched into a table: see KEPT),
+trueup's first run against an empty state
 (`trueup diff NAME --json`), and trueup's incremental run after N/100 (10,000) new messages:
 updates of existing keys, applied to the source rows too, so the drift stays the same.
 Verdicts: first run within 2x of the floor; incremental run under 5% of the first.
@@ -35,6 +37,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -247,13 +251,46 @@ FLOORS = {
     "floor (tuned: fetch.queue.backoff.ms=10)": {"fetch.queue.backoff.ms": 10},
 }
 FLOOR_REPEATS = 3
+#: The lower bound of any design that keeps a mirror in Postgres, as issue 3 asks: the tuned
+#: floor, every message also COPYed as read (partition, offset, key, value) into an unindexed
+#: table, committed at the end. Nothing parsed, hashed or indexed: a real mirror does more.
+KEPT = "lower bound: floor + COPY into Postgres"
 FLOOR_BATCH = 1000
 
 
-def floor_worker(topic: str, properties: dict[str, Any]) -> int:
+def floor_worker(topic: str, properties: dict[str, Any], *, keep: bool = False) -> int:
+    """Consume the whole topic once; with ``keep``, also COPY every message as read (partition,
+    offset, key, value) into an unindexed table of the state database, committed at the end."""
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        write = stack.enter_context(_kept(topic)) if keep else None
+        doc = _consume(topic, properties, write)
+    doc["seconds"] = time.perf_counter() - start
+    print(json.dumps(doc))
+    return 0
+
+
+@contextmanager
+def _kept(topic: str) -> Iterator[Callable[[tuple[Any, ...]], None]]:
+    """The writer of the lower bound's rows: one COPY into a table made for this run."""
+    table = f"bench_kept_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(c.dsn(STATE_DB)) as conn:
+        conn.execute(f"CREATE TABLE {table} (kafka_partition integer, kafka_offset bigint, "
+                     "message_key bytea, message_value bytea)")
+        try:
+            with conn.cursor() as cur, cur.copy(f"COPY {table} FROM STDIN") as copy:
+                yield copy.write_row
+            conn.commit()
+        finally:
+            conn.rollback()
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.commit()
+
+
+def _consume(topic: str, properties: dict[str, Any],
+             write: Callable[[tuple[Any, ...]], None] | None) -> dict[str, Any]:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-    start = time.perf_counter()
     consumer = Consumer(kafka_conf(**{
         "group.id": f"bench-floor-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False,
         "auto.offset.reset": "earliest", "enable.partition.eof": False, **properties}))
@@ -274,24 +311,25 @@ def floor_worker(topic: str, properties: dict[str, Any]) -> int:
                     continue
                 raise SystemExit(f"consume: {err}")
             messages += 1
-            payload += len(msg.value() or b"")
-            p = msg.partition()
-            if p in ends and msg.offset() >= ends[p] - 1:
+            value = msg.value()
+            payload += len(value or b"")
+            p, offset = msg.partition(), msg.offset()
+            if write is not None:
+                write((p, offset, msg.key(), value))
+            if p in ends and offset >= ends[p] - 1:
                 del ends[p]
     consumer.close()
-    print(json.dumps({"seconds": time.perf_counter() - start, "messages": messages,
-                      "bytes": payload}))
-    return 0
+    return {"messages": messages, "bytes": payload}
 
 
 def run_floor(name: str, topic: str, properties: dict[str, Any],
-              repeats: int = FLOOR_REPEATS) -> dict[str, Any]:
+              repeats: int = FLOOR_REPEATS, *, keep: bool = False) -> dict[str, Any]:
     """The median of ``repeats`` runs of the floor worker (each a fresh process and group)."""
     row: dict[str, Any] = {"tool": name}
     runs: list[tuple[float, float, dict[str, Any]]] = []
     for _ in range(repeats):
         m = c.measure([sys.executable, str(Path(__file__).resolve()), "floor-worker", topic,
-                       json.dumps(properties)])
+                       json.dumps(properties), *(["keep"] if keep else [])])
         if m.returncode != 0:
             row["note"] = f"failed: {c.last_line(m.stderr)[:100]}"
             return row
@@ -373,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, properties in floors:
             rows.append(run_floor(name, topic, properties))
         c.recreate_database(STATE_DB)
+        c.log("lower bound: the tuned floor, keeping every message in Postgres")
+        rows.append(run_floor(KEPT, topic, floors[-1][1], keep=True))
         problem = c.premigrate_state(c.dsn(STATE_DB))
         if problem:
             c.log(f"state pre-migration failed (trueup will try itself): {problem}")
@@ -399,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     print("floor's is its consumer's time from creation to the last message. peak MB: the")
     print("client process's max RSS (/usr/bin/time %M).")
     print()
-    floor_default, floor, first, incremental = rows[1], rows[2], rows[3], rows[4]
+    floor_default, floor, kept, first, incremental = rows[1:6]
     print("verdict (targets of issue 3; the floor is the tuned one, the default one in brackets):")
 
     def line(target: str, ok: bool | None, detail: str) -> None:
@@ -416,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
          "-" if r is None else f"{r:.2f}x ({f_s:.2f}s / {floor['seconds']:.2f}s)"
          + ("" if r_default is None else
             f" [{r_default:.2f}x of the default floor, {floor_default['seconds']:.2f}s]"))
+    r = c.ratio(kept.get("seconds"), floor.get("seconds"))
+    print(f"        {'(lower bound of a Postgres mirror)':<37} "
+          + ("-" if r is None else f"{r:.2f}x ({kept['seconds']:.2f}s / {floor['seconds']:.2f}s)"))
     r = c.ratio(i_s, f_s)
     line("incremental run < 5% of the first", None if r is None else r < 0.05,
          f"{100 * r:.1f}% ({i_s:.2f}s / {f_s:.2f}s)" if r is not None else "-")
@@ -433,5 +476,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "floor-worker":
-        sys.exit(floor_worker(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}))
+        sys.exit(floor_worker(sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else {},
+                              keep=sys.argv[4:] == ["keep"]))
     sys.exit(main())
