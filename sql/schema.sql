@@ -183,8 +183,8 @@ CREATE TABLE trueup.check_results (
     metadata        jsonb       NOT NULL DEFAULT '{}'::jsonb,
     at              timestamptz NOT NULL DEFAULT now()
 );
--- status: the latest result of every check.
-CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, check_name, at DESC);
+-- status: each asset's latest recording (its results share their transaction's `at`).
+CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, at DESC);
 
 CREATE SCHEMA IF NOT EXISTS trueup_mirror;
 -- unreadable messages of each mirror, a table named as its reconciliation (migration 0006)

@@ -28,7 +28,21 @@ ORDER BY started_at DESC, replay_id DESC
 LIMIT %(limit)s;
 
 -- name: latest_check_results
-SELECT DISTINCT ON (asset_key, check_name)
-       asset_key, check_name, reconciliation, run_id, passed, severity, at
-FROM trueup.check_results
-ORDER BY asset_key, check_name, at DESC;
+-- Each asset's checks as its latest recording left them (a recording's results share its
+-- transaction's `at`): a check since removed from a suite is not listed. The assets are found
+-- by skipping along the index from one to the next, so the rows read are those listed.
+WITH RECURSIVE assets (asset_key) AS (
+    (SELECT asset_key FROM trueup.check_results ORDER BY asset_key LIMIT 1)
+    UNION ALL
+    SELECT (SELECT c.asset_key FROM trueup.check_results AS c
+            WHERE c.asset_key > a.asset_key ORDER BY c.asset_key LIMIT 1)
+    FROM assets AS a
+    WHERE a.asset_key IS NOT NULL
+)
+SELECT DISTINCT ON (c.asset_key, c.check_name)
+       c.asset_key, c.check_name, c.reconciliation, c.run_id, c.passed, c.severity, c.at
+FROM assets AS a
+CROSS JOIN LATERAL (SELECT at FROM trueup.check_results
+                    WHERE asset_key = a.asset_key ORDER BY at DESC LIMIT 1) AS latest
+JOIN trueup.check_results AS c ON c.asset_key = a.asset_key AND c.at = latest.at
+ORDER BY c.asset_key, c.check_name, c.check_result_id DESC;

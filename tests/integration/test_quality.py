@@ -225,6 +225,29 @@ def test_blocking_checks_are_unrepairable_run_errors_and_failing_source_table_er
         f"{diff_key}:unreadable"]
 
 
+def test_status_lists_each_assets_checks_as_its_latest_recording_left_them(
+        state_db: str) -> None:
+    from trueup.state import open_state
+    from trueup.status import status
+
+    diff_key, table = "trueup/orders/differences", "postgres/shop/public/orders"
+    record_check_results(state_db, diff_key, "orders", None, [
+        ("missing", False, CheckSeverity.ERROR, {}), ("in_flight", True, CheckSeverity.WARN, {})])
+    record_check_results(state_db, diff_key, "orders", None, [
+        ("missing", True, CheckSeverity.ERROR, {}), ("in_flight", False, CheckSeverity.WARN, {})])
+    record_check_results(state_db, table, None, None, [
+        ("currency__be_in_set", False, CheckSeverity.ERROR, {}),
+        ("amount__be_between", True, CheckSeverity.ERROR, {})])
+    # the suite lost an expectation: its last (failing) result is no longer listed
+    record_check_results(state_db, table, None, None, [
+        ("amount__be_between", False, CheckSeverity.ERROR, {})])
+    with open_state(state_db) as conn:
+        checks = status(conn)["checks"]
+    assert [(c["asset_key"], c["check_name"], c["passed"]) for c in checks] == [
+        (table, "amount__be_between", False),
+        (diff_key, "in_flight", False), (diff_key, "missing", True)]
+
+
 @pytest.mark.dagster
 def test_a_failed_error_check_on_the_source_table_blocks_the_auto_repair(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
