@@ -42,6 +42,7 @@ class QualityDefinitions:
     checks: Sequence[dg.AssetChecksDefinition]
     jobs: Sequence[Any]               # what dg.define_asset_job returns
     tables: frozenset[dg.AssetKey]    # the tables a suite checks
+    suites: Sequence[Suite]           # the suites of the config's tables
 
 
 def quality_job_name(suite: Suite) -> str:
@@ -133,4 +134,4 @@ def quality_definitions(config: Config, directory: str | Path | None = None
         jobs.append(dg.define_asset_job(
             job, selection=dg.AssetSelection.checks_for_assets(key),
             description=f"Run the Great Expectations suite of {suite.table}."))
-    return QualityDefinitions(checks=checks, jobs=jobs, tables=frozenset(seen))
+    return QualityDefinitions(checks=checks, jobs=jobs, tables=frozenset(seen), suites=suites)

@@ -98,6 +98,23 @@ class ExpectationSpec(BaseModel):
             return re.sub(r"[^A-Za-z0-9_]", "_", f"{column}__{short}")
         return short
 
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        """The table columns the expectation reads, each with where its kwargs name it
+        (``column``, ``column_list[1]``): a column it needs, not one it checks the table for
+        (``expect_table_columns_to_match_set`` names those in ``column_set``)."""
+        found = [(arg, value) for arg in _COLUMN_ARGS
+                 if isinstance(value := self.kwargs.get(arg), str)]
+        listed = self.kwargs.get("column_list")
+        if isinstance(listed, list):
+            found += [(f"column_list[{i}]", v) for i, v in enumerate(listed)
+                      if isinstance(v, str)]
+        return found
+
+
+#: The kwargs of GX 1.x expectations that name one column the expectation reads.
+_COLUMN_ARGS = ("column", "column_A", "column_B")
+
 
 _TABLE: TypeAdapter[str] = TypeAdapter(TableName)
 

@@ -24,6 +24,7 @@ from trueup.config import Config, ConnectionKind, ReconciliationConfig
 from trueup.db import first_line, redact, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
 from trueup.log import get_logger
+from trueup.quality import Suite
 from trueup.sides import column_types
 from trueup.state import open_state
 
@@ -101,23 +102,43 @@ class Validator:
             yield from self._check_reconciliation(name, rec)
         for name in self.config.dead_letters:
             yield from self._check_dead_letter(name)
-        yield self._check_dagster()
+        yield from self._check_dagster()
 
-    def _check_dagster(self) -> Finding:
+    def _check_dagster(self) -> Iterator[Finding]:
         """What the Dagster code location refuses to load besides: two things of the config
-        one asset key would name, and the Great Expectations suites of its tables."""
+        one asset key would name, and the Great Expectations suites of its tables; then the
+        columns those suites read, which would fail their checks on every run."""
         from assets.keys import check_distinct  # Dagster's imports, for this check only
         from checks.gx import quality_definitions
 
         try:
             check_distinct(self.config)
-            suites = len(quality_definitions(self.config).checks)
+            suites = quality_definitions(self.config).suites
         except ConfigError as exc:
             where = exc.path if exc.file == self.config.path else ": ".join(
                 p for p in (exc.file, exc.path) if p)
-            return Finding(path=where or "dagster", ok=False, message=exc.message)
-        return Finding(path="dagster", ok=True, message=f"asset keys distinct, {suites} GX "
-                       f"suite{'' if suites == 1 else 's'} of its tables")
+            yield Finding(path=where or "dagster", ok=False, message=exc.message)
+            return
+        yield Finding(path="dagster", ok=True, message=f"asset keys distinct, {len(suites)} "
+                      f"GX suite{'' if len(suites) == 1 else 's'} of its tables")
+        for suite in suites:
+            yield from self._check_suite_columns(suite)
+
+    def _check_suite_columns(self, suite: Suite) -> Iterator[Finding]:
+        if self.reach.engines.get(suite.connection) is None:
+            return  # unreachable: reported with the connection
+        shape = self._table(suite.connection, suite.table)
+        if shape is None:
+            yield Finding(path=f"{suite.file}: table", ok=False,
+                          message=f"table {suite.table} does not exist (connection "
+                                  f"{suite.connection})")
+            return
+        for i, expectation in enumerate(suite.expectations):
+            for where, column in expectation.columns:
+                if column not in shape.columns:
+                    yield Finding(path=f"{suite.file}: expectations[{i}].kwargs.{where}",
+                                  ok=False, message=f"column {column!r} does not exist in "
+                                  f"{suite.table} (connection {suite.connection})")
 
     def _check_state(self) -> Finding:
         try:

@@ -321,3 +321,41 @@ def test_validate_reports_a_suite_the_dagster_code_location_would_refuse(
     status, out, err = _validate(tmp_path, _config(world), capsys)
     assert (status, err) == (0, ""), err
     assert "ok    dagster" in out and "asset keys distinct, 0 GX suites of its tables" in out
+
+
+def test_validate_reports_a_suite_reading_a_column_or_table_that_does_not_exist(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such a suite loads, and then fails every one of its runs."""
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    monkeypatch.setenv("TRUEUP_CHECKS_DIR", str(suites))
+    (suites / "orders.yaml").write_text(yaml.safe_dump({
+        "connection": "shop", "table": "public.orders", "expectations": [
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "status"}},
+            {"type": "expect_column_values_to_be_between",
+             "kwargs": {"column": "amount", "min_value": 0}},
+            {"type": "expect_compound_columns_to_be_unique",
+             "kwargs": {"column_list": ["id", "sku"]}},
+            # the columns the table should have are this expectation's to check, not ours
+            {"type": "expect_table_columns_to_match_set",
+             "kwargs": {"column_set": ["id", "gone"]}}]}))
+    config = _config(world)
+    status, out, err = _validate(tmp_path, config, capsys)
+    at = f"{tmp_path / 'trueup.yaml'}: {suites / 'orders.yaml'}"
+    assert status == 2
+    assert err.splitlines() == [
+        f"{at}: expectations[1].kwargs.column: column 'amount' does not exist in "
+        f"public.orders (connection shop)",
+        f"{at}: expectations[2].kwargs.column_list[1]: column 'sku' does not exist in "
+        f"public.orders (connection shop)"], err
+    assert "asset keys distinct, 1 GX suite of its tables" in out
+
+    # a suite of a table the config names as a target, which does not exist
+    config["reconciliations"]["invoices"]["target"]["table"] = "billing.gone"
+    (suites / "orders.yaml").write_text(yaml.safe_dump({
+        "connection": "billing", "table": "billing.gone", "expectations": [
+            {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "status"}}]}))
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    assert f"{at}: table: table billing.gone does not exist (connection billing)" in err, err
