@@ -269,6 +269,36 @@ def test_kafka_copies_sent_before_a_letter_fails_its_batch_are_not_sent_again(
     assert [outcome for _, outcome in _events(state_db)] == ["moved"] * 5
 
 
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_letter_whose_origin_queue_is_gone_is_named_with_the_way_past_it(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    """The replay said only "no queue bound to the default exchange", naming no letter."""
+    dlq, origin, gone = unique("halfway.dlq"), unique("halfway.orders"), unique("gone")
+    queues.declare(dlq)
+    queues.declare(origin)
+    for position in range(10):
+        queues.publish(dlq, json.dumps({"id": position}).encode(), message_id=f"h{position}",
+                       headers_={headers.ORIGIN: gone if position == 5 else origin,
+                                 headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     halfway={"connection": "amqp", "queue": dlq})
+    for _ in range(2):  # the letter stays in the way until someone looks at it
+        with pytest.raises(TrueupError, match=(
+                f"RabbitMQ queue '{gone}', does not exist: it is where letter h5 came from, "
+                f"and every replay stops at that letter. Create it, set replay_to, or leave "
+                f"such letters out with --where 'origin!={gone}'$")):
+            replay(config, "halfway", ReplayOptions(batch_size=100))
+    assert [json.loads(body)["id"] for _, body in queues.drain(origin)] == [0, 1, 2, 3, 4]
+    assert [outcome for _, outcome in _events(state_db)] == ["moved"] * 5
+
+    done = replay(config, "halfway", ReplayOptions(where=f"origin!={gone}"))
+    assert (done.moved, done.skipped) == (4, 6), done  # 0-4 moved already, 5 left out
+    assert [json.loads(body)["id"] for _, body in queues.drain(origin)] == [6, 7, 8, 9]
+    assert [json.loads(body)["id"] for _, body in queues.drain(dlq)] == [5]
+
+
 @pytest.mark.kafka
 @pytest.mark.postgres
 def test_kafka_copies_of_one_message_are_sent_and_recorded_once_in_any_batch(

@@ -23,6 +23,10 @@ class RabbitFailed(TrueupError):
     """A RabbitMQ operation failed after the connection was made."""
 
 
+class Unroutable(RabbitFailed):
+    """A published message no queue took: the broker returned it."""
+
+
 #: What opening a connection raises when the broker cannot be reached or will not talk: a
 #: handshake that never ends (a port that is not RabbitMQ's) comes as the connector's own
 #: exception, not as an AMQPError.
@@ -173,8 +177,8 @@ def publish(channel: BlockingChannel, *, exchange: str, routing_key: str, body: 
                               properties=properties, mandatory=True)
     except pika.exceptions.UnroutableError as exc:
         target = f"exchange {exchange!r}" if exchange else "the default exchange"
-        raise RabbitFailed(f"{what}: no queue bound to {target} with routing key "
-                           f"{routing_key!r}") from exc
+        raise Unroutable(f"{what}: no queue bound to {target} with routing key "
+                         f"{routing_key!r}") from exc
     except pika.exceptions.NackError as exc:
         raise RabbitFailed(f"{what}: the broker refused the message (nack)") from exc
 

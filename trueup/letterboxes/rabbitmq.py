@@ -200,6 +200,12 @@ class RabbitLetterbox:
             rabbitmq.publish(self.channel, exchange=exchange, routing_key=routing_key,
                              body=body, what=what, properties=rabbitmq.republished_properties(
                                  properties, headers=table))
+        except rabbitmq.Unroutable as exc:
+            if exchange:
+                raise
+            # the default exchange routes to every queue by its name: this one is gone
+            raise NotFound(f"{self.what}: the letters' destination, RabbitMQ queue "
+                           f"{routing_key!r}, does not exist") from exc
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code not in rabbitmq.REFUSAL_CODES:
                 raise  # an outage of the channel: the replay reconnects
