@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -568,11 +569,40 @@ def _cross_references(config: Config) -> list[tuple[str, str]]:
         if rec.target.consumer is not None:
             connection(f"{base}.target.consumer.connection", rec.target.consumer.connection,
                        ConnectionKind.KAFKA, "a target's consumer")
+    read_by: dict[tuple[str, str, str], str] = {}  # (broker, kind, name) -> the entry reading it
     for name, dlq in config.dead_letters.items():
         kind = ConnectionKind.KAFKA if dlq.topic is not None else ConnectionKind.RABBITMQ
         connection(f"dead_letters.{name}.connection", dlq.connection, kind,
                    "a dead-letter topic" if dlq.topic is not None else "a dead-letter queue")
+        known = config.connections.get(dlq.connection)
+        if known is None:
+            continue
+        held, own = dlq.held_in
+        first = read_by.setdefault((_broker(known), held, own), name)
+        if first != name:
+            # each would take the letters under a lock and a record of its own
+            problems.append((f"dead_letters.{name}.{held}", (
+                f"expected a {held} no other entry reads (dead_letters.{first} reads {held} "
+                f"{own!r} of the same broker): both would replay its letters")))
     return problems
+
+
+def _broker(connection: ConnectionConfig) -> str:
+    """Where a broker connection leads, told apart from the name it has in the config: Kafka's
+    bootstrap servers, a RabbitMQ URL's host, port and virtual host (not its user)."""
+    if connection.kafka is not None:
+        servers = str(connection.kafka.get("bootstrap.servers", ""))
+        return "kafka " + ",".join(sorted(s.strip().lower() for s in servers.split(",")))
+    if connection.rabbitmq is not None:
+        url = urllib.parse.urlsplit(connection.rabbitmq)
+        vhost = urllib.parse.unquote(url.path[1:]) if len(url.path) > 1 else "/"
+        try:
+            port = url.port
+        except ValueError:  # not a number: reported when the connection is opened
+            port = None
+        default = 5671 if url.scheme == "amqps" else 5672
+        return f"rabbitmq {(url.hostname or '').lower()}:{port or default}/{vhost}"
+    return f"postgres {connection.postgres}"
 
 
 def _require_distinct(names: list[str], what: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -202,6 +203,21 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      lambda r: r["dead_letters"]["payments_dlq"].update(parking="payments.settle.dlq"),
      "trueup.yaml: dead_letters.payments_dlq: expected parking to name another queue than the "
      "dead-letter queue 'payments.settle.dlq' itself"),
+    # each would take the letters under its own lock and record: both replayed them
+    ("two entries read one dead-letter queue",
+     lambda r: r["dead_letters"].update(settle_dlq={"connection": "amqp",
+                                                    "queue": "payments.settle.dlq"}),
+     "trueup.yaml: dead_letters.settle_dlq.queue: expected a queue no other entry reads "
+     "(dead_letters.payments_dlq reads queue 'payments.settle.dlq' of the same broker): both "
+     "would replay its letters"),
+    ("two entries read one dead-letter topic through two connections",
+     lambda r: (r["connections"].update(bus2={"kafka": {"bootstrap.servers": "127.0.0.1:9092",
+                                                        "client.id": "other"}}),
+                r["dead_letters"].update(orders_dlq2={"connection": "bus2",
+                                                      "topic": "orders.v1.dlq"})),
+     "trueup.yaml: dead_letters.orders_dlq2.topic: expected a topic no other entry reads "
+     "(dead_letters.orders_dlq reads topic 'orders.v1.dlq' of the same broker): both would "
+     "replay its letters"),
     ("columns not mapped",
      lambda r: _rec(r, "orders_invoices")["target"].update(columns={"status": "status"}),
      "trueup.yaml: reconciliations.orders_invoices: expected target.columns to map every source "
@@ -226,6 +242,24 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
 def test_bad_config_gets_one_exact_line(mutate: Callable[[dict[str, Any]], None],
                                         expected: str) -> None:
     assert _errors(mutate) == expected
+
+
+def test_one_dead_letter_queue_name_on_two_brokers_or_vhosts_is_two_queues() -> None:
+    raw = copy.deepcopy(BASE)
+    raw["connections"].update(
+        other={"rabbitmq": "amqp://guest:guest@127.0.0.1:5672/other"},
+        other_admin={"rabbitmq": "amqp://admin:secret@127.0.0.1:5672/other"})
+    raw["dead_letters"].update(
+        other={"connection": "other", "queue": "payments.settle.dlq"})
+    config = parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
+    assert set(config.dead_letters) == {"orders_dlq", "payments_dlq", "other"}
+    # another user on the same virtual host reads the same queue
+    raw["dead_letters"].update(other_admin={"connection": "other_admin",
+                                            "queue": "payments.settle.dlq"})
+    with pytest.raises(ConfigErrors, match=re.escape(
+            "dead_letters.other_admin.queue: expected a queue no other entry reads "
+            "(dead_letters.other reads")):
+        parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
 
 
 def test_every_bad_field_is_reported_once() -> None:
