@@ -183,8 +183,11 @@ CREATE TABLE trueup.check_results (
     metadata        jsonb       NOT NULL DEFAULT '{}'::jsonb,
     at              timestamptz NOT NULL DEFAULT now()
 );
--- status: each asset's latest recording (its results share their transaction's `at`).
-CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, at DESC);
+-- status: the latest result of every check ...
+CREATE INDEX check_results_latest_idx ON trueup.check_results (asset_key, check_name, at DESC);
+-- ... unless its recorder recorded again without it (migration 0011)
+CREATE INDEX check_results_recorder_idx ON trueup.check_results
+    (asset_key, (reconciliation IS NULL), (run_id IS NULL), at DESC);
 
 CREATE SCHEMA IF NOT EXISTS trueup_mirror;
 -- unreadable messages of each mirror, a table named as its reconciliation (migration 0006)

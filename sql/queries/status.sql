@@ -28,21 +28,31 @@ ORDER BY started_at DESC, replay_id DESC
 LIMIT %(limit)s;
 
 -- name: latest_check_results
--- Each asset's checks as its latest recording left them (a recording's results share its
--- transaction's `at`): a check since removed from a suite is not listed. The assets are found
--- by skipping along the index from one to the next, so the rows read are those listed.
-WITH RECURSIVE assets (asset_key) AS (
-    (SELECT asset_key FROM trueup.check_results ORDER BY asset_key LIMIT 1)
+-- The latest result of every check, unless a later recording by the same recorder left the
+-- check out (a check removed from a suite). A recorder writes its results in one transaction
+-- (they share its `at`); the recorders of one asset are told apart by whether they name a
+-- reconciliation and a run (see migration 0011). The checks are found by skipping along the
+-- index from one to the next, so the rows read are about those listed.
+WITH RECURSIVE checks (asset_key, check_name) AS (
+    (SELECT asset_key, check_name FROM trueup.check_results
+     ORDER BY asset_key, check_name LIMIT 1)
     UNION ALL
-    SELECT (SELECT c.asset_key FROM trueup.check_results AS c
-            WHERE c.asset_key > a.asset_key ORDER BY c.asset_key LIMIT 1)
-    FROM assets AS a
-    WHERE a.asset_key IS NOT NULL
+    SELECT next.asset_key, next.check_name
+    FROM checks AS c
+    CROSS JOIN LATERAL (SELECT r.asset_key, r.check_name FROM trueup.check_results AS r
+                        WHERE (r.asset_key, r.check_name) > (c.asset_key, c.check_name)
+                        ORDER BY r.asset_key, r.check_name LIMIT 1) AS next
 )
-SELECT DISTINCT ON (c.asset_key, c.check_name)
-       c.asset_key, c.check_name, c.reconciliation, c.run_id, c.passed, c.severity, c.at
-FROM assets AS a
-CROSS JOIN LATERAL (SELECT at FROM trueup.check_results
-                    WHERE asset_key = a.asset_key ORDER BY at DESC LIMIT 1) AS latest
-JOIN trueup.check_results AS c ON c.asset_key = a.asset_key AND c.at = latest.at
-ORDER BY c.asset_key, c.check_name, c.check_result_id DESC;
+SELECT latest.*
+FROM checks AS c
+CROSS JOIN LATERAL (SELECT r.asset_key, r.check_name, r.reconciliation, r.run_id, r.passed,
+                           r.severity, r.at
+                    FROM trueup.check_results AS r
+                    WHERE r.asset_key = c.asset_key AND r.check_name = c.check_name
+                    ORDER BY r.at DESC LIMIT 1) AS latest
+WHERE NOT EXISTS (SELECT 1 FROM trueup.check_results AS later
+                  WHERE later.asset_key = latest.asset_key
+                    AND (later.reconciliation IS NULL) = (latest.reconciliation IS NULL)
+                    AND (later.run_id IS NULL) = (latest.run_id IS NULL)
+                    AND later.at > latest.at)
+ORDER BY latest.asset_key, latest.check_name;

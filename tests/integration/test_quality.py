@@ -225,16 +225,23 @@ def test_blocking_checks_are_unrepairable_run_errors_and_failing_source_table_er
         f"{diff_key}:unreadable"]
 
 
-def test_status_lists_each_assets_checks_as_its_latest_recording_left_them(
+def test_status_lists_every_checks_latest_result_but_those_its_recorder_left_out(
         state_db: str) -> None:
     from trueup.state import open_state
     from trueup.status import status
 
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        run_id = conn.execute("INSERT INTO trueup.runs (reconciliation, status) "
+                              "VALUES ('orders', 'succeeded') RETURNING run_id").fetchone()
+    assert run_id is not None
     diff_key, table = "trueup/orders/differences", "postgres/shop/public/orders"
-    record_check_results(state_db, diff_key, "orders", None, [
+    record_check_results(state_db, diff_key, "orders", run_id[0], [
         ("missing", False, CheckSeverity.ERROR, {}), ("in_flight", True, CheckSeverity.WARN, {})])
-    record_check_results(state_db, diff_key, "orders", None, [
+    record_check_results(state_db, diff_key, "orders", run_id[0], [
         ("missing", True, CheckSeverity.ERROR, {}), ("in_flight", False, CheckSeverity.WARN, {})])
+    # the freshness check records on the same asset, alone: the class checks stay listed
+    record_check_results(state_db, diff_key, "orders", None, [
+        ("fresh", True, CheckSeverity.ERROR, {})])
     record_check_results(state_db, table, None, None, [
         ("currency__be_in_set", False, CheckSeverity.ERROR, {}),
         ("amount__be_between", True, CheckSeverity.ERROR, {})])
@@ -245,7 +252,7 @@ def test_status_lists_each_assets_checks_as_its_latest_recording_left_them(
         checks = status(conn)["checks"]
     assert [(c["asset_key"], c["check_name"], c["passed"]) for c in checks] == [
         (table, "amount__be_between", False),
-        (diff_key, "in_flight", False), (diff_key, "missing", True)]
+        (diff_key, "fresh", True), (diff_key, "in_flight", False), (diff_key, "missing", True)]
 
 
 @pytest.mark.dagster
