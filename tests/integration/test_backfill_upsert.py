@@ -569,32 +569,36 @@ def test_rows_are_read_after_the_rate_limit_wait_so_a_write_during_it_is_not_und
         r for r in source_rows(source) if r[0] != 8]
 
 
+@pytest.mark.parametrize("written", ["new values", "the same values"])
 def test_an_orphan_written_again_after_the_source_was_asked_is_not_deleted(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, written: str) -> None:
+    """Also when the row comes back with the values it had (a newer version only): the
+    delete compared the values alone, and removed the row the source holds again."""
     source, target = new_db(), new_db()
     make_tables(source, target, ROWS)
-    drift(target)  # orphans 100001 and 100002
+    drift(target)  # orphans 100001 and 100002, both (1, 'ghost', 0)
     config = write_config(tmp_path, state_db, source, target)
     delete = UpsertWriter._delete
+    state, total = ("new", 1) if written == "new values" else ("ghost", 0)
 
-    def key_comes_back(self: UpsertWriter, orphans: Sequence[Any]) -> Any:
+    def key_comes_back(self: UpsertWriter, orphans: Sequence[Any], seen: Any) -> Any:
         # Between asking the source and deleting: the application creates key 100001 again
         # and its projection writes it to the target.
         if not orphans:
-            return delete(self, orphans)  # a chunk of the source's keys
+            return delete(self, orphans, seen)  # a chunk of the source's keys
         with psycopg.connect(source, autocommit=True) as conn:
             conn.execute("INSERT INTO public.orders (id, version, status, amount) "
-                         "VALUES (100001, 5, 'new', 1)")
+                         "VALUES (100001, 5, %s, %s)", (state, total))
         with psycopg.connect(target, autocommit=True) as conn:
-            conn.execute("UPDATE public.copy SET order_version = 5, state = 'new', total = 1 "
-                         "WHERE order_id = 100001")
-        return delete(self, orphans)
+            conn.execute("UPDATE public.copy SET order_version = 5, state = %s, total = %s "
+                         "WHERE order_id = 100001", (state, total))
+        return delete(self, orphans, seen)
 
     monkeypatch.setattr(UpsertWriter, "_delete", key_comes_back)
     summary = start_backfill(config, "orders", _all(chunk_size=2000))
     assert summary.status is BackfillStatus.SUCCEEDED
-    assert [r for r in target_rows(target) if r[0] > ROWS] == [(100001, 5, "new", 1.0)]
+    assert [r for r in target_rows(target) if r[0] > ROWS] == [(100001, 5, state, total)]
     actions = {json.dumps(k): a for k, a, _ in repairs(state_db)}
     assert (actions["[100001]"], actions["[100002]"]) == ("skipped", "delete")
 

@@ -164,6 +164,10 @@ def same_database(a: psycopg.Connection[Any], b: psycopg.Connection[Any]) -> boo
     return same_server(a, b) and a.execute(probe).fetchone() == b.execute(probe).fetchone()
 
 
+#: What tells a target row (``t``) from the one its key held before.
+_ROW_SEEN = sql.SQL("t.xmin::text")
+
+
 class UpsertWriter:
     """Repairs chunks of one reconciliation into its target table (one per worker)."""
 
@@ -322,7 +326,8 @@ class UpsertWriter:
             rows = self._stage(where)
             ctx.heartbeat.check()
             candidates = self._candidates(chunk)
-            orphans = self._orphans(chunk) if self._orphans_apply(backfill.scope) else []
+            orphans, seen = (self._orphans(chunk) if self._orphans_apply(backfill.scope)
+                             else ([], {}))
             if backfill.dry_run:
                 planned = self.target.execute(sql.SQL(
                     "SELECT count(*) FILTER (WHERE trueup_action <> 'skipped') AS repaired, "
@@ -346,7 +351,7 @@ class UpsertWriter:
                     self._record_intent(ctx, chunk, orphans, None)
             try:
                 changed = self._write()
-                deleted = self._delete(orphans)
+                deleted = self._delete(orphans, seen)
             finally:
                 if intent is not None:
                     wait([intent])  # then the state connection is this thread's again
@@ -688,42 +693,49 @@ class UpsertWriter:
         except (psycopg.errors.UniqueViolation, _KeptOut):
             return False
 
-    def _orphans(self, chunk: chunks.Chunk) -> list[Repair]:
-        """Target rows of the chunk without a source row, confirmed by asking the source."""
+    def _orphans(self, chunk: chunks.Chunk) -> tuple[list[Repair], dict[str, str]]:
+        """Target rows of the chunk without a source row, confirmed by asking the source; and
+        the version of each row seen (its ``xmin``, by its key's text), which is all
+        :meth:`_delete` may delete."""
         ts = self.target_side
         space = self._target_space()
         candidates = self.target.execute(sql.SQL(
-            "SELECT {key} AS key, {fp} AS fp FROM {target} AS t WHERE {scope} AND {complete} "
-            "AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
-        ).format(key=self._target_key_json(), fp=ts.fingerprint, target=ts.relation,
+            "SELECT {key} AS key, {fp} AS fp, {seen} AS seen FROM {target} AS t "
+            "WHERE {scope} AND {complete} AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
+        ).format(key=self._target_key_json(), fp=ts.fingerprint, seen=_ROW_SEEN,
+                 target=ts.relation,
                  complete=space.complete,
                  scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
                  stage=_STAGE, join=self._join())).fetchall()
         if not candidates:
-            return []
+            return [], {}
         keys = [r["key"] for r in candidates]
         present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
             "SELECT {} AS key FROM {} WHERE {}").format(
                 self._source_space().as_json, self.source_side.relation,
                 self._source_space().in_list(keys)))}
         self.source.commit()
-        return [Repair(key=r["key"], action=RepairAction.DELETE, fingerprint_before=r["fp"],
-                       fingerprint_after=None)
-                for r in candidates if key_text(r["key"]) not in present]
+        orphans = [r for r in candidates if key_text(r["key"]) not in present]
+        return ([Repair(key=r["key"], action=RepairAction.DELETE, fingerprint_before=r["fp"],
+                        fingerprint_after=None) for r in orphans],
+                {key_text(r["key"]): r["seen"] for r in orphans})
 
-    def _delete(self, orphans: Sequence[Repair]) -> list[Repair]:
+    def _delete(self, orphans: Sequence[Repair], seen: dict[str, str]) -> list[Repair]:
         """Delete the orphans still as they were seen: a row written meanwhile (its key came
-        back to the source, and its projection wrote it) is left alone, counted skipped."""
+        back to the source, and its projection wrote it, even with the same values) is left
+        alone, counted skipped. A row is the one seen while its ``xmin`` is: every write of a
+        row makes a new one (a DELETE waiting for a writer checks the row the writer left)."""
         if not orphans:
             return []
         space = self._target_space()
         deleted = {key_text(r["key"]) for r in self.target.execute(sql.SQL(
-            "DELETE FROM {rel} WHERE {keys} AND ({key}, {fp}) IN ("
-            "SELECT j -> 0, (j ->> 1)::bigint FROM jsonb_array_elements({seen}::jsonb) AS j) "
+            "DELETE FROM {rel} AS t WHERE {keys} AND ({key}, {row}) IN ("
+            "SELECT j -> 0, j ->> 1 FROM jsonb_array_elements({seen}::jsonb) AS j) "
             "RETURNING {key} AS key").format(
                 rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
-                key=self._target_key_json(), fp=self.target_side.fingerprint,
-                seen=sql.Literal(json.dumps([[o.key, o.fingerprint_before] for o in orphans]))))}
+                key=self._target_key_json(), row=_ROW_SEEN,
+                seen=sql.Literal(json.dumps([[o.key, seen[key_text(o.key)]]
+                                             for o in orphans]))))}
         return [o if key_text(o.key) in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
                        fingerprint_before=o.fingerprint_before, fingerprint_after=None)
