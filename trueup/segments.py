@@ -151,8 +151,11 @@ def _first_key_plan(conn: psycopg.Connection[Any], side: Side, where: sql.Compos
         else:  # a view cannot be page-sampled; thin its rows out instead
             where_sampled = sql.SQL("({}) AND random() < {}").format(
                 where, sql.Literal(percent / 100))
+    # not a NULL key (a unique index lets them in): no bound can be NULL, and segment_of
+    # puts them in segment 0
     keys = [r["k"] for r in conn.execute(sql.SQL(
-        "SELECT DISTINCT {first} AS k FROM {rel} {sample} WHERE {where} ORDER BY 1"
+        "SELECT DISTINCT {first} AS k FROM {rel} {sample} WHERE ({where}) AND {first} IS NOT NULL "
+        "ORDER BY 1"
     ).format(first=side.first_key, rel=side.relation, sample=sample, where=where_sampled))]
     step = max(1, len(keys) // wanted)
     return Segmentation(bounds=keys[step::step], array_type=array_type)

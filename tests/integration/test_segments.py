@@ -368,3 +368,24 @@ def test_a_parallel_pass_runs_with_workers_and_sums_as_a_serial_one(
     assert len(summed) == 2, plans
     assert "Gather" not in summed[0] and "Gather" in summed[1], summed[1]
     assert parallel == serial and sum(n for n, _ in serial.values()) == 50000
+
+
+def test_a_null_first_key_is_never_a_bound_of_a_sampled_plan(new_db: Callable[[], str]) -> None:
+    """A unique index lets NULL keys in; sorting last, one became the last bound whenever the
+    sampled keys fell just so, and width_bucket refused the plan ("thresholds array must not
+    contain NULLs"): every such run failed."""
+    dsn = new_db()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id numeric UNIQUE, v text)")
+        # 100 distinct keys and NULL: 101 values, cut every 10th from the 10th on
+        conn.execute("INSERT INTO t SELECT g / 4.0, 'x' FROM generate_series(1, 100) g")
+        conn.execute("INSERT INTO t SELECT NULL, 'null key' FROM generate_series(1, 3)")
+        conn.row_factory = psycopg.rows.dict_row
+        side = table_side(label="source", dsn=dsn, table="public.t", key=["id"], version=None,
+                          columns=["v"], conn=conn)
+        # (an estimate of 1 row reads every key: no sample)
+        plan = segments._first_key_plan(conn, side, sql.SQL("true"), 1, 10)
+        assert None not in plan.bounds and len(plan.bounds) == 9
+        sums = segments.checksums(conn, side, sql.SQL("true"), plan)
+        assert sum(n for n, _ in sums.values()) == 103
+        assert sums[0][0] == 3 + 10  # the NULL keys go with the lowest ones
