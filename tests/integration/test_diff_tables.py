@@ -905,3 +905,33 @@ def test_a_partition_run_compares_rows_changed_meanwhile_as_they_are_now(
     assert changed, "the run read the day in one batch"
     assert [(d.key, d.cls.value) for d in found] == [([11500], "mismatch")]
     assert (summary.ahead, summary.mismatch) == (0, 1)
+
+
+@pytest.mark.parametrize("version_type", ["numeric", "double precision"])
+def test_a_nan_version_is_ordered_as_postgres_orders_it_above_every_number(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, version_type: str) -> None:
+    """A numeric NaN failed the run (Python's Decimal refuses to order it); a double NaN
+    made a row ahead that the upsert's guard, ordering as Postgres does, overwrites."""
+    old = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = [(i, 1, "s", i, old) for i in range(1, 201)]
+    config = _simple(new_db, state_db, tmp_path, rows, [(i, 1, "s", i) for i in range(1, 201)])
+    source = config.connections["shop"].postgres
+    target = config.connections["billing"].postgres
+    assert source is not None and target is not None
+    for dsn, table, column in ((source, "public.orders", "version"),
+                               (target, "billing.invoices", "order_version")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE {version_type}")
+            # 1: NaN over 1; 2: 1 under NaN; 3: NaN on both sides; 4: NaN over Infinity
+            versions = {1: ("NaN", 1), 2: (1, "NaN"), 3: ("NaN", "NaN"),
+                        4: ("NaN", "Infinity")}
+            for key, pair in versions.items():
+                conn.execute(f"UPDATE {table} SET {column} = %s::{version_type} "
+                             f"WHERE {'id' if dsn == source else 'order_id'} = %s",
+                             (str(pair[0 if dsn == source else 1]), key))
+    summary = diff(config, "orders")
+    assert (summary.stale, summary.ahead, summary.mismatch) == (2, 1, 0), summary
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        found = {d.key[0]: d.cls.value for d in differences_of(conn, summary.run_id)}
+    assert found == {1: "stale", 2: "ahead", 4: "stale"}
