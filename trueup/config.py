@@ -543,6 +543,13 @@ def _interpolate(node: Any, path: str, environ: Any, fail: Callable[[str, str], 
     return _VARIABLE.sub(substitute, node)
 
 
+#: The columns a topic's mirror (and the stage of its sync) keeps beside the key columns, which
+#: are named as the source's: a key column may not take one of these names.
+MIRROR_COLUMNS = frozenset({
+    "version", "fingerprint", "row_hash", "native_hash", "kafka_partition", "kafka_offset",
+    "message_key", "tombstone", "fields", "reason", "native"})
+
+
 def _cross_references(config: Config) -> list[tuple[str, str]]:
     """Checks across sections: connections named in reconciliations exist and fit."""
     problems: list[tuple[str, str]] = []
@@ -569,6 +576,14 @@ def _cross_references(config: Config) -> list[tuple[str, str]]:
         if rec.target.consumer is not None:
             connection(f"{base}.target.consumer.connection", rec.target.consumer.connection,
                        ConnectionKind.KAFKA, "a target's consumer")
+        if rec.target.is_topic:
+            taken = [c for c in rec.source.key if c in MIRROR_COLUMNS]
+            if taken:
+                problems.append((f"{base}.source.key", (
+                    f"expected key columns named otherwise than the columns the mirror of a "
+                    f"topic keeps beside them ({', '.join(sorted(MIRROR_COLUMNS))}): got "
+                    f"{', '.join(map(repr, taken))}; a view over {rec.source.table} can "
+                    f"rename them")))
     read_by: dict[tuple[str, str, str], str] = {}  # (broker, kind, name) -> the entry reading it
     for name, dlq in config.dead_letters.items():
         kind = ConnectionKind.KAFKA if dlq.topic is not None else ConnectionKind.RABBITMQ

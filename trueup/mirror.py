@@ -11,12 +11,14 @@ supersedes them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -146,15 +148,24 @@ def sync_mirror(config: Config, shape: MirrorShape, connection: str,
     conn.commit()  # each batch commits with its offsets: no transaction of the caller's around
     # One mirror sync at a time per reconciliation; a second run waits, then reads less.
     conn.execute("SELECT pg_advisory_lock(%s)", (lock,))
+    unlock = partial(conn.execute, "SELECT pg_advisory_unlock(%s)", (lock,))
     try:
         _ensure_tables(conn, shape, topic_id(dict(properties), shape.topic))
         with batch_loop():
             consumed = MirrorReader(shape, dict(properties), conn, progress).run()
         log.info("mirror.synced", reconciliation=shape.name, topic=shape.topic,
                  messages=consumed)
-    finally:
-        conn.execute("SELECT pg_advisory_unlock(%s)", (lock,))
-        conn.commit()
+    except BaseException:
+        # The lock is the session's: released on a transaction of its own, after the failed
+        # one (an unlock there failed too, and its error took the place of the real one). A
+        # connection that broke releases it by closing.
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()
+            unlock()
+            conn.commit()
+        raise
+    unlock()
+    conn.commit()
 
 
 def topic_id(properties: dict[str, Any], topic: str) -> str:

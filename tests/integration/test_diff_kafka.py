@@ -18,8 +18,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg.rows import dict_row
 
 from tests.conftest import ProgressLog, terminate_diff, unused_port
+from trueup import mirror
 from trueup.config import Config, load_config
-from trueup.diff import diff
+from trueup.diff import DiffFailed, diff
 from trueup.errors import TrueupError
 from trueup.runs import differences_of
 
@@ -218,6 +219,31 @@ def test_the_next_run_reads_only_new_messages_and_a_fix_clears_the_difference(
     third = diff(config, "events", progress=progress)
     assert (third.missing, third.target_rows) == (1, 299)
     assert progress.segments_read == {1}  # only the missing key's segment
+
+
+def test_a_sync_that_fails_says_why_and_leaves_the_mirror_unlocked(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str, topic: str,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock's release ran in the failed transaction: its error ("current transaction is
+    aborted") took the place of the real one, which nobody saw."""
+    source = new_db()
+    _orders(source, 10)
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i)) for i in range(1, 11)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+
+    def failing(self: mirror.MirrorReader) -> int:  # a statement of the sync fails
+        self.conn.execute("SELECT 1 / 0")
+        return 0
+
+    monkeypatch.setattr(mirror.MirrorReader, "run", failing)
+    with pytest.raises(DiffFailed, match="division by zero"):
+        diff(config, "events")
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        locks = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                             ).fetchone()
+    assert locks == (0,)
+    monkeypatch.undo()
+    assert diff(config, "events").consistent  # the next run reads on
 
 
 def test_a_topic_written_in_transactions_is_mirrored_to_its_end_without_aborted_ones(

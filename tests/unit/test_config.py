@@ -218,6 +218,14 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "trueup.yaml: dead_letters.orders_dlq2.topic: expected a topic no other entry reads "
      "(dead_letters.orders_dlq reads topic 'orders.v1.dlq' of the same broker): both would "
      "replay its letters"),
+    # the mirror's own columns stand beside the key columns, named as the source's
+    ("a topic's key column named as a mirror column",
+     lambda r: (_rec(r)["source"].update(key=["message_key"]),
+                _rec(r)["target"].update(key=["message_key"])),
+     "trueup.yaml: reconciliations.orders_events.source.key: expected key columns named "
+     "otherwise than the columns the mirror of a topic keeps beside them (fields, fingerprint, "
+     "kafka_offset, kafka_partition, message_key, native, native_hash, reason, row_hash, "
+     "tombstone, version): got 'message_key'; a view over public.orders can rename them"),
     ("columns not mapped",
      lambda r: _rec(r, "orders_invoices")["target"].update(columns={"status": "status"}),
      "trueup.yaml: reconciliations.orders_invoices: expected target.columns to map every source "
