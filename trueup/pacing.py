@@ -14,6 +14,10 @@ def valid_rate(rate: float | None) -> bool:
     return rate is None or (math.isfinite(rate) and rate > 0)
 
 
+#: A wait for the rate is reported as progress (see trueup.health) at least this often.
+PROGRESS_SLICE_SECONDS = 30.0
+
+
 class Pacer:
     """At most ``rate`` units (rows, letters) per second over every caller of this process
     together (None: no limit). Thread-safe: several backfill workers share one."""
@@ -35,5 +39,10 @@ class Pacer:
             now = time.monotonic()
             start = max(now, self._next)
             self._next = start + units / self.rate
-        if start > now:
-            sleep(start - now)
+        # In slices, each one progress: waiting out the rate is what the process was asked
+        # to do, and a wait of minutes must not make its readiness say it is stuck.
+        from trueup.health import HEALTH
+
+        while (remaining := start - time.monotonic()) > 0:
+            sleep(min(remaining, PROGRESS_SLICE_SECONDS))
+            HEALTH.progressed()

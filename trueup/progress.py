@@ -17,6 +17,7 @@ import threading
 import time
 from typing import TextIO
 
+from trueup.health import HEALTH
 from trueup.log import get_logger
 
 log = get_logger(__name__)
@@ -50,6 +51,7 @@ class ProgressBar:
         self._started = time.monotonic()
 
     def __call__(self, phase: str, done: int, total: int, **extra: float | int | str) -> None:
+        HEALTH.progressed()  # whether shown or not: the work moves (see trueup.health)
         if self.mode == "off":
             return
         with self._lock:

@@ -126,3 +126,17 @@ def test_the_environment_can_force_plain_lines_on_a_terminal(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRUEUP_PROGRESS", "plain")
     assert ProgressBar(_Tty()).mode == "plain"
+
+
+def test_every_update_is_progress_for_readiness_even_when_not_shown(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A diff or backfill with TRUEUP_METRICS_PORT set answered 503 ("no progress") while
+    it moved, for only a worker's loop, a chunk or a replay batch counted."""
+    from trueup.health import HEALTH
+
+    marks: list[str] = []
+    monkeypatch.setattr(HEALTH, "progressed", lambda: marks.append("x"))
+    bar = ProgressBar(mode="off")
+    bar("checksums", 1, 10)
+    bar("checksums", 2, 10)
+    assert marks == ["x", "x"]
