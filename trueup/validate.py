@@ -349,7 +349,8 @@ class Validator:
             if dlq.replay_to is not None and dlq.replay_to.name is not None:
                 yield self._check_topic(f"{base}.replay_to", dlq.connection, dlq.replay_to.name)
             if dlq.parking is not None:
-                yield self._check_topic(f"{base}.parking", dlq.connection, dlq.parking)
+                yield _parking(self._check_topic(f"{base}.parking", dlq.connection,
+                                                 dlq.parking), "topic", dlq.parking)
             return
         rabbit = self.reach.rabbits.get(dlq.connection)
         if rabbit is None or dlq.queue is None:
@@ -364,13 +365,23 @@ class Validator:
             elif dlq.replay_to.name is not None:
                 yield self._check_queue(rabbit, f"{base}.replay_to", dlq.replay_to.name)
         if dlq.parking is not None:
-            yield self._check_queue(rabbit, f"{base}.parking", dlq.parking)
+            yield _parking(self._check_queue(rabbit, f"{base}.parking", dlq.parking), "queue",
+                           dlq.parking)
 
     def _check_queue(self, rabbit: pika.BlockingConnection, path: str, queue: str) -> Finding:
         depth = rabbitmq.queue_depth(rabbit, queue)
         if depth is None:
             return Finding(path=path, ok=False, message=f"queue {queue!r} does not exist")
         return Finding(path=path, ok=True, message=f"queue {queue} ({depth} ready)")
+
+
+def _parking(found: Finding, kind: str, name: str) -> Finding:
+    """A parking lot that does not exist yet is fine: the first replay that parks a letter
+    creates it."""
+    if found.ok or not found.message.startswith(f"{kind} {name!r} does not exist"):
+        return found
+    return Finding(path=found.path, ok=True, message=f"{kind} {name} does not exist yet (the "
+                   f"first replay that parks a letter creates it)")
 
 
 def _type_name(conn: psycopg.Connection[Any], table: str, column: str) -> str:

@@ -40,6 +40,12 @@ CREATE UNIQUE INDEX invoices_order_id ON billing.invoices (order_id);
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_suites(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's suites check the demo's tables, not these: none unless a test says."""
+    monkeypatch.setenv("TRUEUP_CHECKS_DIR", str(tmp_path / "no-suites"))
+
+
 @pytest.fixture
 def world(empty_db: str, state_db: str, kafka_bootstrap: str, amqp_url: str,
           unique: Callable[[str], str]) -> Iterator[dict[str, str]]:
@@ -238,6 +244,23 @@ def test_the_null_key_check_gives_up_on_a_table_it_cannot_read_in_time(
     assert status == 0, err
     assert "ok    reconciliations.invoices.source" in out
     assert '"event": "validate.null_keys_unchecked"' in err, err
+
+
+def test_a_parking_lot_not_created_yet_is_valid(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The first replay that parks a letter creates it; validate refused the config."""
+    config = _config(world)
+    config["dead_letters"]["events_dlq"]["parking"] = world["topic"] + "_parked"
+    config["dead_letters"]["payments_dlq"]["parking"] = world["queue"] + "_parked"
+    status, out, err = _validate(tmp_path, config, capsys)
+    assert (status, err) == (0, ""), err
+    line = next(x for x in out.splitlines() if "dead_letters.events_dlq.parking" in x)
+    assert line.startswith("ok ") and line.endswith(
+        f"topic {world['topic']}_parked does not exist yet (the first replay that parks a "
+        f"letter creates it)"), line
+    assert f"queue {world['queue']}_parked does not exist yet" in out, out
+    topics = AdminClient({"bootstrap.servers": world["kafka"]}).list_topics(timeout=10).topics
+    assert world["topic"] + "_parked" not in topics
 
 
 def test_validate_never_creates_a_topic(world: dict[str, str], tmp_path: Path,
