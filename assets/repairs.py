@@ -35,6 +35,7 @@ from trueup.backfill import (
     BackfillSummary,
     WorkerOptions,
     lease_seconds,
+    resume_backfill,
     start_backfill,
 )
 from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_WORKERS
@@ -116,6 +117,29 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
         raise dg.Failure(description=str(exc)) from exc
 
 
+#: The tag Dagster gives the runs its daemon launches again (``run_retries``).
+RETRY_TAG = "dagster/retry_number"
+
+
+def _left_running(context: AssetExecutionContext, config: Config, name: str,
+                  options: BackfillOptions) -> int | None:
+    """The backfill a retried run continues: the reconciliation's active one, when this run
+    retries (or re-executes) another and asks for the same backfill. Its process died with the
+    backfill running; planning anew would meet it ("already running"), and its done chunks
+    stay done."""
+    if context.run.parent_run_id is None and RETRY_TAG not in context.run.tags:
+        return None
+    with connect(config.state, what="state", autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT backfill_id FROM trueup.backfills WHERE reconciliation = %(name)s "
+            "AND status = 'running' AND scope = %(scope)s "
+            "AND run_id IS NOT DISTINCT FROM %(run_id)s "
+            "AND partition IS NOT DISTINCT FROM %(partition)s AND dry_run = %(dry_run)s",
+            {"name": name, "scope": options.scope.value, "run_id": options.run_id,
+             "partition": options.partition, "dry_run": options.dry_run}).fetchone()
+    return None if row is None else int(row["backfill_id"])
+
+
 def lineage_sample(state_dsn: str, backfill_id: int) -> str:
     """A markdown table of the backfill's first repairs rows."""
     with connect(state_dsn, what="state", autocommit=True) as conn:
@@ -164,10 +188,15 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
             context.log.info(f"backfill {name}: {done}/{total} chunks, {repaired} rows "
                              f"repaired, {rows_per_second:.0f} rows/s")
 
+        worker = WorkerOptions(workers=options.workers, lease_seconds=lease_seconds())
         try:
-            summary = start_backfill(trueup_config, name, options,
-                                     WorkerOptions(workers=options.workers,
-                                                   lease_seconds=lease_seconds()), progress)
+            left = _left_running(context, trueup_config, name, options)
+            if left is not None:
+                context.log.info(f"continuing backfill {left} of {name}, left running by the "
+                                 f"run this one retries")
+                summary = resume_backfill(trueup_config, left, worker, progress)
+            else:
+                summary = start_backfill(trueup_config, name, options, worker, progress)
         except TrueupError as exc:
             raise dg.Failure(description=str(exc)) from exc
         metadata = summary_metadata(summary)

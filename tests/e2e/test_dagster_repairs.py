@@ -452,3 +452,38 @@ def test_auto_repair_waits_for_a_launched_backfill_run_not_yet_in_the_state(
     again = sensor.evaluate_tick(dg.build_sensor_context(
         instance=instance, definitions=defs, cursor=tick.cursor))
     assert len(again.run_requests or []) == 1, again.skip_message
+
+
+def test_a_retried_run_continues_the_backfill_its_dead_run_left_running(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """deploy/dagster.yaml retries runs whose process died; the retry planned anew, met the
+    backfill left running ("already running") and failed."""
+    from trueup.backfill import BackfillOptions, plan
+    from trueup.state import open_state
+    from trueup.statuses import BackfillScope
+
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    defs, _ = _defs(config)
+    with open_state(state_db) as state:  # planned by a run whose process then died
+        state.autocommit = True
+        left = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100),
+                    state)
+    job = defs.resolve_job_def("backfill_orders")
+    run_config = {"ops": {repairs_op_name("orders"): {
+        "config": {"scope": "all", "chunk_size": 100}}}}
+
+    fresh = job.execute_in_process(run_config=run_config, raise_on_error=False)
+    assert not fresh.success  # not a retry: the one line says what to do
+    assert f"`trueup backfill --resume {left}`" in str(fresh.failure_data_for_node(
+        repairs_op_name("orders")))
+
+    retried = job.execute_in_process(run_config=run_config, tags={"dagster/retry_number": "1"})
+    assert retried.success
+    (materialization,) = retried.asset_materializations_for_node(repairs_op_name("orders"))
+    meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+    assert (meta["backfill_id"], meta["status"]) == (left, "succeeded")
+    fixed = {r[0]: r for r in target_rows(target)}
+    assert all(fixed[r[0]] == r for r in source_rows(source) if r[0] != 8)
