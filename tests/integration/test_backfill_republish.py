@@ -505,6 +505,49 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
     assert diff(config, "events").consistent
 
 
+@pytest.mark.parametrize(("key_ddl", "rows"), [
+    ("at timestamptz", "timestamptz '2026-01-01 02:00+00' + g * interval '1 hour 30 seconds'"),
+    ("at numeric(6,2)", "g + 0.10"),
+    ("at char(6)", "'c' || g"),
+], ids=["timestamptz", "numeric", "char"])
+def test_republish_keys_a_single_key_by_its_value_as_postgres_writes_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, key_ddl: str, rows: str) -> None:
+    """The key value as text is Postgres's text of it (2026-01-01 02:00:00+00, 1.10, c1), as
+    a single integer key's always was: JSON's (2026-01-01T02:00:00+00:00, 1.1, "c1    ")
+    put repairs and tombstones under other keys, in other partitions than the key's history."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE things ({key_ddl} PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute(f"INSERT INTO things SELECT {rows}, 1, 'new' "
+                     "FROM generate_series(1, 40) g")
+        # each message as Postgres writes it (1.10 stays 1.10), keyed by its text
+        message = ("SELECT at::text, json_build_object('at', at, 'version', 1, "
+                   "'status', 'new')::text FROM {} ORDER BY 1")
+        messages = conn.execute(message.format("things")).fetchall()
+        (orphan,) = conn.execute(message.format(
+            f"(SELECT ({rows.replace('g', '100')})::{key_ddl.split(' ', 1)[1]} AS at) AS o"
+        )).fetchall()
+    missing = {r[0] for r in messages[:3]}
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    for key, value in [*(m for m in messages if m[0] not in missing), orphan]:
+        producer.produce(topic, key=key, value=value)
+    assert producer.flush(30) == 0
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="things",
+                        key=["at"], columns={"status": "status"})
+    found = diff(config, "events")
+    assert (found.missing, found.orphan) == (3, 1)
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL,
+                                                               chunk_size=16))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 4
+    produced = _messages_after(kafka_bootstrap, topic, starts)
+    assert sorted(k for k, v in produced if v is not None) == sorted(missing)
+    assert [k for k, v in produced if v is None] == [orphan[0]]
+    assert diff(config, "events").consistent
+
+
 @pytest.mark.parametrize("names", [
     {"status": "v", "amount": "trueup_fields", "placed_at": "Placed At"},
     {"status": "trueup_row", "amount": "trueup_f0", "placed_at": "trueup_key"},

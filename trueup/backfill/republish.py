@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import queue
 import re
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
 from enum import Enum
@@ -52,7 +52,7 @@ from trueup.brokers.kafka import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.errors import NotFound
-from trueup.fingerprint import INTEGER_TYPES
+from trueup.fingerprint import INTEGER_TYPES, storage_type
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.sides import day_filter
@@ -62,32 +62,24 @@ from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 log = get_logger(__name__)
 
 
-def message_key(key: Sequence[Any]) -> str:
-    """The Kafka key of a key (values as read back from jsonb)."""
-    if len(key) == 1:
-        value = key[0]
-        return value if isinstance(value, str) else json.dumps(value)
-    return json.dumps(list(key), ensure_ascii=False)
-
-
 #: A key of integers as jsonb renders it, which is also its canonical text (key_text).
 _INTEGERS = re.compile(r"\[-?\d+(?:, -?\d+)*\]")
 
 
-def keys_of(key_json: str) -> tuple[str, str]:
-    """``(key_text, message_key)`` of a key given as jsonb's text: what parsing it and calling
-    both would give, without parsing the common key of integers."""
+def text_of(key_json: str) -> str:
+    """The key_text of a key given as jsonb's text: what parsing it gives, without parsing the
+    common key of integers."""
     if _INTEGERS.fullmatch(key_json):
-        return key_json, key_json if ", " in key_json else key_json[1:-1]
-    key = json.loads(key_json)
-    return key_text(key), message_key(key)
+        return key_json
+    return key_text(json.loads(key_json))
 
 
 class _KeyForm(Enum):
     """How _source_rows gives a row's key, and _classify completes it. Keys of integers: jsonb's
     text is their key_text (and a composite key's message key), and a single one's message key
     is its own text: ``[`` + that + ``]`` is its jsonb text, for less work on the source server
-    than rendering both (0.7 us a row). Other keys come as jsonb's text, parsed by keys_of."""
+    than rendering both (0.7 us a row). Other keys come as jsonb's text (read by text_of) and
+    their message key as Postgres writes the value."""
 
     INTEGER = "one integer column: the message key only"
     INTEGERS = "several integer columns: jsonb's text only"
@@ -244,8 +236,9 @@ class RepublishWriter:
                  inner=sql.SQL(", ").join(inner), rel=self.side.relation, where=where,
                  lateral=lateral, order=order)
 
-    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str]] | None:
-        """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON)."""
+    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str, str]] | None:
+        """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON,
+        message key)."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -257,11 +250,13 @@ class RepublishWriter:
             self.rec.target.version else sql.NULL
         with self.state.cursor(row_factory=tuple_row) as cur:
             cur.execute(sql.SQL(
-                "SELECT ({key})::text, {version}, fingerprint FROM {table} WHERE {scope}"
+                "SELECT ({key})::text, {version}, fingerprint, {message_key} FROM {table} "
+                "WHERE {scope}"
             ).format(key=space.as_json, version=version, table=table,
+                     message_key=space.message_key,
                      scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
-            return {keys_of(key)[0]: (version, fingerprint, key)
-                    for key, version, fingerprint in cur}
+            return {text_of(key): (version, fingerprint, key, message_key)
+                    for key, version, fingerprint, message_key in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
         """Produce the chunk's rows a batch at a time; the repairs rows of each batch are
@@ -299,9 +294,9 @@ class RepublishWriter:
                                                         counts=(repaired, skipped))
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
             recording.add([(json.dumps(key), RepairAction.TOMBSTONE.value, before, None)
-                           for key, before in orphans])
+                           for key, before, _ in orphans])
             produce_all(self.producer, deliveries, self.topic,
-                        [(message_key(key), None) for key, _ in orphans])
+                        [(kafka_key, None) for _, _, kafka_key in orphans])
             fresh = recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
@@ -345,7 +340,9 @@ class RepublishWriter:
         form = self.key_form
         key = sql.NULL if form is _KeyForm.INTEGER else \
             sql.SQL("({})::text").format(self.space.as_json)
-        kafka_key = self.space.message_key if form is _KeyForm.INTEGER else sql.NULL
+        # the message key as Postgres writes the value (a timestamp's, a numeric's scale),
+        # not as JSON: jsonb's text of a composite key is its own
+        kafka_key = sql.NULL if form is _KeyForm.INTEGERS else self.space.message_key
         # One statement, streamed: the server goes on computing rows while they are used
         # (a named cursor's FETCH leaves it idle in between), and one snapshot holds them all.
         with self.source.cursor(row_factory=tuple_row) as cur, closing(cast(
@@ -358,7 +355,7 @@ class RepublishWriter:
                 size = READ_BATCH
 
     def _classify(self, batch: list[tuple[Any, ...]],
-                  mirror: dict[str, tuple[Any, int, str]] | None, found: set[str]
+                  mirror: dict[str, tuple[Any, int, str, str]] | None, found: set[str]
                   ) -> tuple[list[tuple[str, str]], list[RepairRow], int]:
         """The messages and repairs rows of a batch of source rows, and how many of those rows
         are skipped (the topic holds a newer version). ``found`` gains each row's key_text;
@@ -375,12 +372,12 @@ class RepublishWriter:
             elif form is _KeyForm.INTEGERS:
                 text = kafka_key = key
             else:
-                text, kafka_key = keys_of(key)
+                text = text_of(key)
             found.add(text)
             known = mirror.pop(text, None) if mirror is not None else None
             before = None
             if known is not None:
-                known_version, before, _ = known
+                known_version, before, _, _ = known
                 # as the upsert's guard: a topic's version beats a source row without one
                 if versioned and known_version is not None and (
                         version is None or known_version > version):
@@ -394,26 +391,42 @@ class RepublishWriter:
         return messages, repairs, skipped
 
     def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],
-                 mirror: dict[str, tuple[Any, int, str]] | None
-                 ) -> list[tuple[list[Any], int | None]]:
-        """Keys of the chunk the topic may hold but the source lacks, confirmed with it now.
-        ``found``: the key_text of every source row read; ``mirror``: the mirror's rows the
-        source rows did not claim."""
+                 mirror: dict[str, tuple[Any, int, str, str]] | None
+                 ) -> list[tuple[list[Any], int | None, str]]:
+        """Keys of the chunk the topic may hold but the source lacks, confirmed with it now,
+        each with its fingerprint in the topic (if known) and its message key. ``found``: the
+        key_text of every source row read; ``mirror``: the mirror's rows the source rows did
+        not claim."""
         if scope is BackfillScope.PARTITION:
             return []
-        candidates: dict[str, tuple[list[Any], int | None]] = {}
+        candidates: dict[str, tuple[list[Any], int | None, str | None]] = {}
         if mirror:
-            candidates = {text: (json.loads(key), fingerprint)
-                          for text, (_, fingerprint, key) in mirror.items()}
+            candidates = {text: (json.loads(key), fingerprint, kafka_key)
+                          for text, (_, fingerprint, key, kafka_key) in mirror.items()}
         if chunk.keys is not None and mirror is None:
             for key in chunk.keys:
                 text = key_text(key)
                 if text not in found:
-                    candidates[text] = (key, None)
+                    candidates[text] = (key, None, None)
         if not candidates:
             return []
         present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
             "SELECT {} AS key FROM {} WHERE {}").format(
                 self.space.as_json, self.side.relation,
-                self.space.in_list([k for k, _ in candidates.values()])))}
-        return [v for k, v in candidates.items() if k not in present]
+                self.space.in_list([k for k, _, _ in candidates.values()])))}
+        orphans = [v for k, v in candidates.items() if k not in present]
+        rendered = iter(self._message_keys([k for k, _, m in orphans if m is None]))
+        return [(k, before, m if m is not None else next(rendered)) for k, before, m in orphans]
+
+    def _message_keys(self, keys: list[list[Any]]) -> list[str]:
+        """The message keys of ``keys`` (JSON values of a difference) as Postgres writes the
+        values, read as the source's key types."""
+        if not keys:
+            return []
+        typed = KeySpace(exprs=[sql.SQL("(j ->> {})::{}").format(sql.Literal(i), storage_type(t))
+                                for i, t in enumerate(self.side.key_types)],
+                         types=self.side.key_types)
+        with self.source.cursor(row_factory=tuple_row) as cur:
+            return [row[0] for row in cur.execute(sql.SQL(
+                "SELECT {} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e (j, n) "
+                "ORDER BY n").format(typed.message_key), (json.dumps(keys),))]
