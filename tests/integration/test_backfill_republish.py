@@ -547,6 +547,23 @@ def test_republish_keys_a_single_key_by_its_value_as_postgres_writes_it(
     assert [k for k, v in produced if v is None] == [orphan[0]]
     assert diff(config, "events").consistent
 
+    # without a mirror (dropped), a --run backfill's tombstone is keyed from the difference
+    with psycopg.connect(source) as conn:
+        (again,) = conn.execute(message.format(
+            f"(SELECT ({rows.replace('g', '200')})::{key_ddl.split(' ', 1)[1]} AS at) AS o"
+        )).fetchall()
+    producer.produce(topic, key=again[0], value=again[1])
+    assert producer.flush(30) == 0
+    run = diff(config, "events")
+    assert run.orphan == 1
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE trueup_mirror.events")
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert _messages_after(kafka_bootstrap, topic, starts) == [(again[0], None)]
+
 
 @pytest.mark.parametrize("names", [
     {"status": "v", "amount": "trueup_fields", "placed_at": "Placed At"},
