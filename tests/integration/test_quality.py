@@ -187,30 +187,36 @@ def test_freshness_fails_until_a_run_succeeds_since_the_second_to_last_tick(
     assert not again.run_requests
 
 
+def _succeeded_run(state_db: str) -> int:
+    """The id of a succeeded run of reconciliation ``orders``, made for the test."""
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        row = conn.execute("INSERT INTO trueup.runs (reconciliation, status) "
+                           "VALUES ('orders', 'succeeded') RETURNING run_id").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_blocking_checks_are_unrepairable_run_errors_and_failing_source_table_errors(
         state_db: str) -> None:
-    with psycopg.connect(state_db, autocommit=True) as conn:
-        run_id = conn.execute("INSERT INTO trueup.runs (reconciliation, status) "
-                              "VALUES ('orders', 'succeeded') RETURNING run_id").fetchone()
-    assert run_id is not None
+    run_id = _succeeded_run(state_db)
     diff_key, table = "trueup/orders/differences", "postgres/shop/public/orders"
-    record_check_results(state_db, diff_key, "orders", run_id[0], [
+    record_check_results(state_db, diff_key, "orders", run_id, [
         ("missing", False, CheckSeverity.ERROR, {}), ("in_flight", False, CheckSeverity.WARN, {}),
         ("ahead", True, CheckSeverity.ERROR, {})])
     repairable = ["missing", "orphan", "stale", "mismatch"]
-    assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == []
+    assert failed_blocking_checks(state_db, diff_key, run_id, repairable, [table]) == []
 
     record_check_results(state_db, table, None, None, [
         ("amount__be_between", False, CheckSeverity.ERROR, {}),
         ("status__not_be_null", False, CheckSeverity.WARN, {})])
-    record_check_results(state_db, diff_key, "orders", run_id[0], [
+    record_check_results(state_db, diff_key, "orders", run_id, [
         ("unreadable", False, CheckSeverity.ERROR, {})])
-    assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == [
+    assert failed_blocking_checks(state_db, diff_key, run_id, repairable, [table]) == [
         f"{table}:amount__be_between", f"{diff_key}:unreadable"]
     # the table's latest result counts: fixed values unblock
     record_check_results(state_db, table, None, None, [
         ("amount__be_between", True, CheckSeverity.ERROR, {})])
-    assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == [
+    assert failed_blocking_checks(state_db, diff_key, run_id, repairable, [table]) == [
         f"{diff_key}:unreadable"]
     # only the latest suite run counts: a check since removed from the suite (failing when it
     # last ran) blocked for ever, for nothing could record a newer result of it
@@ -218,10 +224,10 @@ def test_blocking_checks_are_unrepairable_run_errors_and_failing_source_table_er
         ("currency__be_in_set", False, CheckSeverity.ERROR, {}),
         ("amount__be_between", True, CheckSeverity.ERROR, {})])
     assert f"{table}:currency__be_in_set" in failed_blocking_checks(
-        state_db, diff_key, run_id[0], repairable, [table])
+        state_db, diff_key, run_id, repairable, [table])
     record_check_results(state_db, table, None, None, [
         ("amount__be_between", True, CheckSeverity.ERROR, {})])
-    assert failed_blocking_checks(state_db, diff_key, run_id[0], repairable, [table]) == [
+    assert failed_blocking_checks(state_db, diff_key, run_id, repairable, [table]) == [
         f"{diff_key}:unreadable"]
 
 
@@ -230,14 +236,11 @@ def test_status_lists_every_checks_latest_result_but_those_its_recorder_left_out
     from trueup.state import open_state
     from trueup.status import status
 
-    with psycopg.connect(state_db, autocommit=True) as conn:
-        run_id = conn.execute("INSERT INTO trueup.runs (reconciliation, status) "
-                              "VALUES ('orders', 'succeeded') RETURNING run_id").fetchone()
-    assert run_id is not None
+    run_id = _succeeded_run(state_db)
     diff_key, table = "trueup/orders/differences", "postgres/shop/public/orders"
-    record_check_results(state_db, diff_key, "orders", run_id[0], [
+    record_check_results(state_db, diff_key, "orders", run_id, [
         ("missing", False, CheckSeverity.ERROR, {}), ("in_flight", True, CheckSeverity.WARN, {})])
-    record_check_results(state_db, diff_key, "orders", run_id[0], [
+    record_check_results(state_db, diff_key, "orders", run_id, [
         ("missing", True, CheckSeverity.ERROR, {}), ("in_flight", False, CheckSeverity.WARN, {})])
     # the freshness check records on the same asset, alone: the class checks stay listed
     record_check_results(state_db, diff_key, "orders", None, [
