@@ -21,7 +21,7 @@ a person to look). The circuit breaker also holds back:
 
 import json
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
@@ -117,26 +117,16 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
         raise dg.Failure(description=str(exc)) from exc
 
 
-#: The tag Dagster gives the runs its daemon launches again (``run_retries``).
-RETRY_TAG = "dagster/retry_number"
-
-
 def _left_running(context: AssetExecutionContext, config: Config, name: str,
-                  options: BackfillOptions) -> int | None:
-    """The backfill a retried run continues: the reconciliation's active one, when this run
-    retries (or re-executes) another and asks for the same backfill. Its process died with the
-    backfill running; planning anew would meet it ("already running"), and its done chunks
-    stay done."""
-    if context.run.parent_run_id is None and RETRY_TAG not in context.run.tags:
+                  launched_by: str) -> int | None:
+    """The backfill a retried (or re-executed) run continues: the one its first run planned,
+    left running when that run's process died. Planning anew would meet it ("already
+    running"); its done chunks stay done. A backfill someone else runs is never joined."""
+    if context.run.parent_run_id is None:
         return None
     with connect(config.state, what="state", autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT backfill_id FROM trueup.backfills WHERE reconciliation = %(name)s "
-            "AND status = 'running' AND scope = %(scope)s "
-            "AND run_id IS NOT DISTINCT FROM %(run_id)s "
-            "AND partition IS NOT DISTINCT FROM %(partition)s AND dry_run = %(dry_run)s",
-            {"name": name, "scope": options.scope.value, "run_id": options.run_id,
-             "partition": options.partition, "dry_run": options.dry_run}).fetchone()
+        row = conn.execute(query("left_running"), {"reconciliation": name,
+                                                   "launched_by": launched_by}).fetchone()
     return None if row is None else int(row["backfill_id"])
 
 
@@ -182,7 +172,9 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
     def _repairs(context: AssetExecutionContext,
                  config: BackfillRunConfig) -> dg.MaterializeResult:  # type: ignore[type-arg]
         partition_key = context.partition_key if partitions is not None else None
-        options = _options(config, partition_key)
+        # the backfill remembers the run (its first, when retried) that planned it
+        launched_by = context.run.root_run_id or context.run.run_id
+        options = replace(_options(config, partition_key), launched_by=launched_by)
 
         def progress(done: int, total: int, repaired: int, rows_per_second: float) -> None:
             context.log.info(f"backfill {name}: {done}/{total} chunks, {repaired} rows "
@@ -190,7 +182,7 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
 
         worker = WorkerOptions(workers=options.workers, lease_seconds=lease_seconds())
         try:
-            left = _left_running(context, trueup_config, name, options)
+            left = _left_running(context, trueup_config, name, launched_by)
             if left is not None:
                 context.log.info(f"continuing backfill {left} of {name}, left running by the "
                                  f"run this one retries")

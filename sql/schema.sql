@@ -76,7 +76,9 @@ CREATE TABLE trueup.backfills (
     created_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
-    error           text
+    error           text,
+    -- the root id of the Dagster run that planned it (migration 0012), else NULL
+    launched_by     text
 );
 -- One active backfill per reconciliation; the advisory lock gives the friendly message, this
 -- index makes a race between two planners impossible.

@@ -8,10 +8,17 @@ WHERE reconciliation = %(reconciliation)s AND status IN ('planning', 'running');
 
 -- name: insert_backfill
 INSERT INTO trueup.backfills (reconciliation, scope, run_id, partition, status, dry_run,
-                              chunk_size, rate)
+                              chunk_size, rate, launched_by)
 VALUES (%(reconciliation)s, %(scope)s, %(run_id)s, %(partition)s, 'planning', %(dry_run)s,
-        %(chunk_size)s, %(rate)s)
+        %(chunk_size)s, %(rate)s, %(launched_by)s)
 RETURNING backfill_id;
+
+-- name: left_running
+-- The backfill a retried (or re-executed) Dagster run continues: the one its root run planned,
+-- still running (that run's process died), of the same reconciliation.
+SELECT backfill_id FROM trueup.backfills
+WHERE reconciliation = %(reconciliation)s AND launched_by = %(launched_by)s
+  AND status = 'running';
 
 -- name: set_key_order
 UPDATE trueup.backfills SET key_order = %(key_order)s WHERE backfill_id = %(backfill_id)s;

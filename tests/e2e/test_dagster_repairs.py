@@ -454,36 +454,79 @@ def test_auto_repair_waits_for_a_launched_backfill_run_not_yet_in_the_state(
     assert len(again.run_requests or []) == 1, again.skip_message
 
 
-def test_a_retried_run_continues_the_backfill_its_dead_run_left_running(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    """deploy/dagster.yaml retries runs whose process died; the retry planned anew, met the
-    backfill left running ("already running") and failed."""
-    from trueup.backfill import BackfillOptions, plan
+def _backfill_job(config_path: str) -> dg.JobDefinition:
+    """Job backfill_orders of ``config_path``, run in process: rebuilt by Dagster to re-execute
+    a run (see dg.build_reconstructable_job)."""
+    config = load_config(config_path)
+    repairs = repair_definitions(config)
+    defs = dg.Definitions(
+        assets=[*external_assets(config), *(r.asset for r in reconciliation_definitions(config)),
+                *repairs.assets],
+        jobs=repairs.jobs, executor=dg.in_process_executor)
+    return defs.resolve_job_def("backfill_orders")
+
+
+def test_a_re_executed_run_continues_the_backfill_its_dead_run_left_running(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/dagster.yaml retries failed runs; the retry planned anew, met the backfill its
+    dead run left running ("already running") and failed. It now continues that one, and only
+    that one: a run that is not its retry still meets it as any second caller does."""
+    from trueup.backfill import BackfillOptions
+    from trueup.backfill.planner import plan
     from trueup.state import open_state
     from trueup.statuses import BackfillScope
 
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     drift(target)
-    config = write_config(tmp_path, state_db, source, target)
-    defs, _ = _defs(config)
-    with open_state(state_db) as state:  # planned by a run whose process then died
-        state.autocommit = True
-        left = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL, chunk_size=100),
-                    state)
-    job = defs.resolve_job_def("backfill_orders")
+    write_config(tmp_path, state_db, source, target)
+    job = dg.build_reconstructable_job("tests.e2e.test_dagster_repairs", "_backfill_job",
+                                       reconstructable_args=(str(tmp_path / "trueup.yaml"),))
     run_config = {"ops": {repairs_op_name("orders"): {
         "config": {"scope": "all", "chunk_size": 100}}}}
 
-    fresh = job.execute_in_process(run_config=run_config, raise_on_error=False)
-    assert not fresh.success  # not a retry: the one line says what to do
-    assert f"`trueup backfill --resume {left}`" in str(fresh.failure_data_for_node(
-        repairs_op_name("orders")))
+    def dies_after_planning(config: Config, name: str, options: Any, *_: Any) -> Any:
+        with open_state(config.state) as state:
+            state.autocommit = True
+            plan(config, name, options, state)
+        raise RuntimeError("the run's process died")
 
-    retried = job.execute_in_process(run_config=run_config, tags={"dagster/retry_number": "1"})
-    assert retried.success
-    (materialization,) = retried.asset_materializations_for_node(repairs_op_name("orders"))
-    meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-    assert (meta["backfill_id"], meta["status"]) == (left, "succeeded")
+    with dg.instance_for_test() as instance:
+        monkeypatch.setattr(repairs, "start_backfill", dies_after_planning)
+        first = dg.execute_job(job, instance, run_config=run_config, raise_on_error=False)
+        monkeypatch.undo()
+        assert not first.success
+        with psycopg.connect(state_db) as conn:
+            left = conn.execute("SELECT backfill_id, launched_by FROM trueup.backfills "
+                                "WHERE status = 'running'").fetchall()
+        assert [b for _, b in left] == [first.run_id]
+
+        other = dg.execute_job(job, instance, run_config=run_config, raise_on_error=False)
+        assert not other.success  # not a retry of the first: "already running; resume it"
+
+        retried = dg.execute_job(job, instance, raise_on_error=False,
+                                 reexecution_options=dg.ReexecutionOptions.from_failure(
+                                     first.run_id, instance))
+        assert retried.success
+        (materialization,) = retried.asset_materializations_for_node(repairs_op_name("orders"))
+        meta = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+        assert (meta["backfill_id"], meta["status"]) == (left[0][0], "succeeded")
+
+        # someone's `trueup backfill` runs: a run that met it, retried, does not join it
+        with open_state(state_db) as state:
+            state.autocommit = True
+            cli = plan(load_config(tmp_path / "trueup.yaml"), "orders",
+                       BackfillOptions(scope=BackfillScope.ALL, chunk_size=100), state)
+        refused = dg.execute_job(job, instance, run_config=run_config, raise_on_error=False)
+        assert not refused.success
+        again = dg.execute_job(job, instance, raise_on_error=False,
+                               reexecution_options=dg.ReexecutionOptions.from_failure(
+                                   refused.run_id, instance))
+        assert not again.success
+        with psycopg.connect(state_db) as conn:
+            chunks = conn.execute("SELECT count(*) FILTER (WHERE status = 'done') FROM "
+                                  "trueup.chunks WHERE backfill_id = %s", (cli,)).fetchone()
+        assert chunks == (0,), "a retried run served someone else's backfill"
     fixed = {r[0]: r for r in target_rows(target)}
     assert all(fixed[r[0]] == r for r in source_rows(source) if r[0] != 8)

@@ -84,7 +84,7 @@ def plan(config: Config, name: str, options: BackfillOptions,
                 "reconciliation": name, "scope": options.scope.value,
                 "run_id": options.run_id, "partition": options.partition,
                 "dry_run": options.dry_run, "chunk_size": options.chunk_size,
-                "rate": options.rate}).fetchone()
+                "rate": options.rate, "launched_by": options.launched_by}).fetchone()
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(f"backfill {name}: another backfill of {name} became active") \
                 from exc
