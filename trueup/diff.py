@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import decimal
 import json
 import re
 import time
@@ -48,6 +47,7 @@ from trueup.sides import (
     reconciled_types,
     require_utf8,
     table_side,
+    version_order,
 )
 from trueup.state import open_state
 from trueup.statuses import DifferenceClass
@@ -604,7 +604,7 @@ def _class_of(s: dict[str, Any], t: dict[str, Any] | None,
               versioned: bool) -> DifferenceClass | None:
     if t is None:
         return DifferenceClass.MISSING
-    sv, tv = _version_order(s["version"]), _version_order(t["version"])
+    sv, tv = version_order(s["version"]), version_order(t["version"])
     if versioned and sv != tv:
         # A NULL version is older than any, as the upsert's guard takes it: a target row
         # without one is overwritten, a source row without one overwrites nothing.
@@ -614,17 +614,6 @@ def _class_of(s: dict[str, Any], t: dict[str, Any] | None,
     if s["fingerprint"] != t["fingerprint"]:
         return DifferenceClass.MISMATCH
     return None
-
-
-def _version_order(version: Any) -> tuple[Any, ...] | None:
-    """A version as Postgres orders it (and so the upsert's guard): NaN, of ``numeric`` or
-    ``double precision``, equal to itself and above every number, infinities included. In
-    Python a NaN equals nothing and is below nothing, and a ``Decimal`` NaN refuses ``<``."""
-    if version is None:
-        return None
-    if isinstance(version, float | decimal.Decimal) and version != version:
-        return (1,)
-    return (0, version)
 
 
 def _key_of(row: dict[str, Any]) -> list[Any]:

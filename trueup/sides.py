@@ -9,6 +9,7 @@ columns) and ``row_hash`` (key, version and columns together, for segment checks
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -608,3 +609,14 @@ def mirror_side(*, dsn: str, relation: sql.Composable, key: Sequence[str],
         fingerprint=sql.Identifier("fingerprint"), row_hash=sql.Identifier("row_hash"),
         native_hash=sql.SQL("coalesce(native_hash, ~row_hash)"),
     )
+
+
+def version_order(version: Any) -> tuple[Any, ...] | None:
+    """A version as Postgres orders it (and so the upsert's guard): NaN, of ``numeric`` or
+    ``double precision``, equal to itself and above every number, infinities included. In
+    Python a NaN equals nothing and is below nothing, and a ``Decimal`` NaN refuses ``<``."""
+    if version is None:
+        return None
+    if isinstance(version, float | decimal.Decimal) and version != version:
+        return (1,)
+    return (0, version)

@@ -55,7 +55,7 @@ from trueup.errors import NotFound
 from trueup.fingerprint import INTEGER_TYPES, storage_type
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
-from trueup.sides import day_filter
+from trueup.sides import day_filter, version_order
 from trueup.staging import MAX_NAME_BYTES
 from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 
@@ -78,12 +78,13 @@ class _KeyForm(Enum):
     """How _source_rows gives a row's key, and _classify completes it. Keys of integers: jsonb's
     text is their key_text (and a composite key's message key), and a single one's message key
     is its own text: ``[`` + that + ``]`` is its jsonb text, for less work on the source server
-    than rendering both (0.7 us a row). Other keys come as jsonb's text (read by text_of) and
-    their message key as Postgres writes the value."""
+    than rendering both (0.7 us a row). Other keys come as jsonb's text (read by text_of), a
+    single one with its message key as Postgres writes the value; a composite one's message
+    key is jsonb's text."""
 
     INTEGER = "one integer column: the message key only"
     INTEGERS = "several integer columns: jsonb's text only"
-    OTHER = "jsonb's text only"
+    OTHER = "jsonb's text, and a single column's message key"
 
 
 #: Source rows a chunk hands on at once: their repairs rows are recorded while the next batch
@@ -341,8 +342,8 @@ class RepublishWriter:
         key = sql.NULL if form is _KeyForm.INTEGER else \
             sql.SQL("({})::text").format(self.space.as_json)
         # the message key as Postgres writes the value (a timestamp's, a numeric's scale),
-        # not as JSON: jsonb's text of a composite key is its own
-        kafka_key = sql.NULL if form is _KeyForm.INTEGERS else self.space.message_key
+        # not as JSON; a composite key's is jsonb's text, which `key` is already
+        kafka_key = self.space.message_key if len(self.side.key) == 1 else sql.NULL
         # One statement, streamed: the server goes on computing rows while they are used
         # (a named cursor's FETCH leaves it idle in between), and one snapshot holds them all.
         with self.source.cursor(row_factory=tuple_row) as cur, closing(cast(
@@ -373,18 +374,21 @@ class RepublishWriter:
                 text = kafka_key = key
             else:
                 text = text_of(key)
+                kafka_key = kafka_key or key  # a composite key's: jsonb's text
             found.add(text)
             known = mirror.pop(text, None) if mirror is not None else None
             before = None
             if known is not None:
                 known_version, before, _, _ = known
-                # as the upsert's guard: a topic's version beats a source row without one
-                if versioned and known_version is not None and (
-                        version is None or known_version > version):
+                # as the upsert's guard: a topic's version beats a source row without one (and
+                # versions order as Postgres orders them: NaN above every number)
+                known_order, order = version_order(known_version), version_order(version)
+                if versioned and known_order is not None and (
+                        order is None or known_order > order):
                     repairs.append((key, skip, before, before))
                     skipped += 1
                     continue
-                if before == fingerprint and (not versioned or known_version == version):
+                if before == fingerprint and (not versioned or known_order == order):
                     continue  # the topic already holds this row
             messages.append((kafka_key, value))
             repairs.append((key, publish, before, fingerprint))
@@ -423,9 +427,11 @@ class RepublishWriter:
         values, read as the source's key types."""
         if not keys:
             return []
-        typed = KeySpace(exprs=[sql.SQL("(j ->> {})::{}").format(sql.Literal(i), storage_type(t))
-                                for i, t in enumerate(self.side.key_types)],
-                         types=self.side.key_types)
+        # char(n) keys of runs before 2026-11-29 were stored padded ('ab  '), as in_list has it
+        typed = KeySpace(exprs=[sql.SQL("({}(j ->> {}))::{}").format(
+            sql.SQL("rtrim") if t.name == "bpchar" else sql.SQL(""), sql.Literal(i),
+            storage_type(t)) for i, t in enumerate(self.side.key_types)],
+            types=self.side.key_types)
         with self.source.cursor(row_factory=tuple_row) as cur:
             return [row[0] for row in cur.execute(sql.SQL(
                 "SELECT {} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e (j, n) "
