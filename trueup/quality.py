@@ -101,8 +101,10 @@ class ExpectationSpec(BaseModel):
     @property
     def columns(self) -> list[tuple[str, str]]:
         """The table columns the expectation reads, each with where its kwargs name it
-        (``column``, ``column_list[1]``): a column it needs, not one it checks the table for
-        (``expect_table_columns_to_match_set`` names those in ``column_set``)."""
+        (``column``, ``column_list[1]``): columns it needs, none for an expectation about
+        which columns the table has (their absence is what it reports)."""
+        if self.type in _TABLE_SHAPE:
+            return []
         found = [(arg, value) for arg in _COLUMN_ARGS
                  if isinstance(value := self.kwargs.get(arg), str)]
         listed = self.kwargs.get("column_list")
@@ -114,6 +116,9 @@ class ExpectationSpec(BaseModel):
 
 #: The kwargs of GX 1.x expectations that name one column the expectation reads.
 _COLUMN_ARGS = ("column", "column_A", "column_B")
+#: GX 1.x expectations whose columns are what they check the table for, not what they read.
+_TABLE_SHAPE = frozenset({"expect_column_to_exist", "expect_table_columns_to_match_set",
+                          "expect_table_columns_to_match_ordered_list"})
 
 
 _TABLE: TypeAdapter[str] = TypeAdapter(TableName)

@@ -360,9 +360,12 @@ def test_validate_reports_a_suite_reading_a_column_or_table_that_does_not_exist(
              "kwargs": {"column": "amount", "min_value": 0}},
             {"type": "expect_compound_columns_to_be_unique",
              "kwargs": {"column_list": ["id", "sku"]}},
-            # the columns the table should have are this expectation's to check, not ours
+            # the columns the table should have are these expectations' to check, not ours
             {"type": "expect_table_columns_to_match_set",
-             "kwargs": {"column_set": ["id", "gone"]}}]}))
+             "kwargs": {"column_set": ["id", "gone"]}},
+            {"type": "expect_table_columns_to_match_ordered_list",
+             "kwargs": {"column_list": ["id", "gone"]}},
+            {"type": "expect_column_to_exist", "kwargs": {"column": "coming"}}]}))
     config = _config(world)
     status, out, err = _validate(tmp_path, config, capsys)
     at = f"{tmp_path / 'trueup.yaml'}: {suites / 'orders.yaml'}"
