@@ -577,7 +577,9 @@ def _cross_references(config: Config) -> list[tuple[str, str]]:
             connection(f"{base}.target.consumer.connection", rec.target.consumer.connection,
                        ConnectionKind.KAFKA, "a target's consumer")
         if rec.target.is_topic:
-            taken = [c for c in rec.source.key if c in MIRROR_COLUMNS]
+            # the mirror keeps a version column only for a target with a version
+            taken = [c for c in rec.source.key if c in MIRROR_COLUMNS
+                     and (c != "version" or rec.target.version is not None)]
             if taken:
                 problems.append((f"{base}.source.key", (
                     f"expected key columns named otherwise than the columns the mirror of a "

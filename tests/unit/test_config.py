@@ -252,6 +252,20 @@ def test_bad_config_gets_one_exact_line(mutate: Callable[[dict[str, Any]], None]
     assert _errors(mutate) == expected
 
 
+def test_a_key_named_version_is_a_mirror_column_only_for_a_target_with_a_version() -> None:
+    raw = copy.deepcopy(BASE)
+    rec = _rec(raw)
+    rec["source"].update(key=["version"], version=None)
+    rec["target"].update(key=["version"])
+    rec["target"].pop("version")
+    config = parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
+    assert config.reconciliations["orders_events"].source.key == ["version"]
+    rec["target"]["version"] = "v"
+    rec["source"]["version"] = "updated_at"
+    with pytest.raises(ConfigErrors, match=re.escape("got 'version'; a view over public.orders")):
+        parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
+
+
 def test_one_dead_letter_queue_name_on_two_brokers_or_vhosts_is_two_queues() -> None:
     raw = copy.deepcopy(BASE)
     raw["connections"].update(
