@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
@@ -273,17 +274,18 @@ def floor_worker(topic: str, properties: dict[str, Any], *, keep: bool = False) 
 @contextmanager
 def _kept(topic: str) -> Iterator[Callable[[tuple[Any, ...]], None]]:
     """The writer of the lower bound's rows: one COPY into a table made for this run."""
-    table = f"bench_kept_{uuid.uuid4().hex[:8]}"
+    table = sql.Identifier(f"bench_kept_{uuid.uuid4().hex[:8]}")
     with psycopg.connect(c.dsn(STATE_DB)) as conn:
-        conn.execute(f"CREATE TABLE {table} (kafka_partition integer, kafka_offset bigint, "
-                     "message_key bytea, message_value bytea)")
+        conn.execute(sql.SQL("CREATE TABLE {} (kafka_partition integer, kafka_offset bigint, "
+                             "message_key bytea, message_value bytea)").format(table))
         try:
-            with conn.cursor() as cur, cur.copy(f"COPY {table} FROM STDIN") as copy:
+            with conn.cursor() as cur, cur.copy(
+                    sql.SQL("COPY {} FROM STDIN").format(table)) as copy:
                 yield copy.write_row
             conn.commit()
         finally:
             conn.rollback()
-            conn.execute(f"DROP TABLE IF EXISTS {table}")
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
             conn.commit()
 
 

@@ -7,6 +7,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from trueup.health import HEALTH
+
 
 def valid_rate(rate: float | None) -> bool:
     """Whether a :class:`Pacer` takes ``rate``: none, or a finite number above 0 (NaN would
@@ -41,8 +43,6 @@ class Pacer:
             self._next = start + units / self.rate
         # In slices, each one progress: waiting out the rate is what the process was asked
         # to do, and a wait of minutes must not make its readiness say it is stuck.
-        from trueup.health import HEALTH
-
         while (remaining := start - time.monotonic()) > 0:
             sleep(min(remaining, PROGRESS_SLICE_SECONDS))
             HEALTH.progressed()
