@@ -177,6 +177,40 @@ def test_a_nan_version_is_ordered_as_postgres_orders_it(
     assert (again.stale, again.missing, again.mismatch) == (0, 0, 0), again
 
 
+def test_a_partition_republish_reads_the_mirror_of_the_day_s_keys_only(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A day's chunk spans every day's keys in its range: it read the mirror's rows of the
+    whole range into memory (on a big topic, most of the mirror), for a few rows of the day."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    raw = yaml.safe_load((tmp_path / "trueup.yaml").read_text())
+    raw["reconciliations"]["events"]["partitions"] = {"daily": {"start": "2026-01-01"}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    day = [5, 50, 100, 150, 199]  # spread over the key range; 5 is stale in the topic
+    with psycopg.connect(config.connections["shop"].postgres or "", autocommit=True) as conn:
+        conn.execute("UPDATE orders SET updated_at = '2026-01-02T08:00Z', "
+                     "version = 3 + (id = 5)::int, status = 'shipped' WHERE id = ANY(%s)",
+                     (day,))
+    assert diff(config, "events").target_rows == 199  # the mirror holds the topic
+    read: list[int] = []
+    mirror = republish.RepublishWriter._mirror
+
+    def counted(self: Any, *args: Any) -> Any:
+        found = mirror(self, *args)
+        read.append(len(found or {}))
+        return found
+
+    monkeypatch.setattr(republish.RepublishWriter, "_mirror", counted)
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(
+        scope=BackfillScope.PARTITION, partition="2026-01-02", chunk_size=2))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 5
+    assert read == [2, 2, 1], read  # each chunk's day keys, not its key range's 40 to 100
+    produced = _messages_after(kafka_bootstrap, topic, starts)
+    assert sorted(v["id"] for _, v in produced) == day
+
+
 def test_republish_all_produces_only_what_the_mirror_lacks(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str) -> None:

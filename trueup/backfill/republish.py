@@ -237,9 +237,19 @@ class RepublishWriter:
                  inner=sql.SQL(", ").join(inner), rel=self.side.relation, where=where,
                  lateral=lateral, order=order)
 
-    def _mirror(self, chunk: chunks.Chunk) -> dict[str, tuple[Any, int, str, str]] | None:
-        """The mirror's rows of ``chunk``: key_text -> (version, fingerprint, key as JSON,
-        message key)."""
+    def _day_keys(self, chunk: chunks.Chunk, backfill: Backfill) -> list[list[Any]]:
+        """The keys of the chunk's source rows of its backfill's day."""
+        where = sql.SQL("({}) AND ({}) AND {}").format(
+            scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
+            day_filter(self.side, backfill.partition), self.space.complete)
+        with self.source.cursor(row_factory=tuple_row) as cur:
+            return [row[0] for row in cur.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
+                self.space.as_json, self.side.relation, where))]
+
+    def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
+                ) -> dict[str, tuple[Any, int, str, str]] | None:
+        """The mirror's rows of ``chunk`` (of its ``keys`` only, when given): key_text ->
+        (version, fingerprint, key as JSON, message key); None without a mirror."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -255,7 +265,8 @@ class RepublishWriter:
                 "WHERE {scope}"
             ).format(key=space.as_json, version=version, table=table,
                      message_key=space.message_key,
-                     scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys)))
+                     scope=scope_condition(space, chunk.key_from, chunk.key_to,
+                                           keys if keys is not None else chunk.keys)))
             return {text_of(key): (version, fingerprint, key, message_key)
                     for key, version, fingerprint, message_key in cur}
 
@@ -264,7 +275,10 @@ class RepublishWriter:
         recorded (on the recorder's thread) while the next one is read and produced, and
         committed with the chunk only once every message is acknowledged by all replicas."""
         backfill = ctx.backfill
-        mirror = self._mirror(chunk)
+        # A day's chunk spans every day's keys in its range: it reads the mirror's rows of the
+        # day's keys only, at most a chunk's worth, not the range's.
+        mirror = self._mirror(chunk, self._day_keys(chunk, backfill)
+                              if backfill.scope is BackfillScope.PARTITION else None)
         deliveries = Deliveries()
         found: set[str] = set()
         rows_read = repaired = skipped = 0
