@@ -325,7 +325,9 @@ class Validator:
         finally:
             raw.close()
 
-    def _check_topic(self, path: str, connection: str, topic: str) -> Finding:
+    def _check_topic(self, path: str, connection: str, topic: str, *,
+                     parking: bool = False) -> Finding:
+        """Whether ``topic`` exists; a ``parking`` lot need not yet (see :func:`_not_yet`)."""
         admin = self.reach.admins[connection]
         assert admin is not None
         try:
@@ -333,8 +335,9 @@ class Validator:
         except TrueupError as exc:
             return Finding(path=path, ok=False, message=str(exc).removeprefix(f"{path}: "))
         if partitions is None:
-            return Finding(path=path, ok=False,
-                           message=f"topic {topic!r} does not exist in connection {connection!r}")
+            return _not_yet(path, "topic", topic) if parking else Finding(
+                path=path, ok=False,
+                message=f"topic {topic!r} does not exist in connection {connection!r}")
         return Finding(path=path, ok=True, message=f"topic {topic} ({partitions} partitions)")
 
     # -- dead letters --------------------------------------------------------------------------
@@ -349,8 +352,8 @@ class Validator:
             if dlq.replay_to is not None and dlq.replay_to.name is not None:
                 yield self._check_topic(f"{base}.replay_to", dlq.connection, dlq.replay_to.name)
             if dlq.parking is not None:
-                yield _parking(self._check_topic(f"{base}.parking", dlq.connection,
-                                                 dlq.parking), "topic", dlq.parking)
+                yield self._check_topic(f"{base}.parking", dlq.connection, dlq.parking,
+                                        parking=True)
             return
         rabbit = self.reach.rabbits.get(dlq.connection)
         if rabbit is None or dlq.queue is None:
@@ -365,23 +368,23 @@ class Validator:
             elif dlq.replay_to.name is not None:
                 yield self._check_queue(rabbit, f"{base}.replay_to", dlq.replay_to.name)
         if dlq.parking is not None:
-            yield _parking(self._check_queue(rabbit, f"{base}.parking", dlq.parking), "queue",
-                           dlq.parking)
+            yield self._check_queue(rabbit, f"{base}.parking", dlq.parking, parking=True)
 
-    def _check_queue(self, rabbit: pika.BlockingConnection, path: str, queue: str) -> Finding:
+    def _check_queue(self, rabbit: pika.BlockingConnection, path: str, queue: str, *,
+                     parking: bool = False) -> Finding:
+        """Whether ``queue`` exists; a ``parking`` lot need not yet (see :func:`_not_yet`)."""
         depth = rabbitmq.queue_depth(rabbit, queue)
         if depth is None:
-            return Finding(path=path, ok=False, message=f"queue {queue!r} does not exist")
+            return _not_yet(path, "queue", queue) if parking else Finding(
+                path=path, ok=False, message=f"queue {queue!r} does not exist")
         return Finding(path=path, ok=True, message=f"queue {queue} ({depth} ready)")
 
 
-def _parking(found: Finding, kind: str, name: str) -> Finding:
+def _not_yet(path: str, kind: str, name: str) -> Finding:
     """A parking lot that does not exist yet is fine: the first replay that parks a letter
     creates it."""
-    if found.ok or not found.message.startswith(f"{kind} {name!r} does not exist"):
-        return found
-    return Finding(path=found.path, ok=True, message=f"{kind} {name} does not exist yet (the "
-                   f"first replay that parks a letter creates it)")
+    return Finding(path=path, ok=True, message=f"{kind} {name} does not exist yet (the first "
+                   f"replay that parks a letter creates it)")
 
 
 def _type_name(conn: psycopg.Connection[Any], table: str, column: str) -> str:

@@ -134,15 +134,20 @@ class KeySpace:
         """The key has no NULL part."""
         return sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(e) for e in self.exprs)
 
-    def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
-        """The key is one of ``keys`` (JSON arrays of key values)."""
+    def from_json(self) -> KeySpace:
+        """This key read from ``j``, one JSON array of its values (a key of a difference or a
+        chunk), each value as its column's type."""
         # char(n) values compare without their padding (runs before 2026-11-29 stored keys
         # as read, padded: 'ab  ' must find 'ab')
-        wanted = sql.SQL(", ").join(
+        return KeySpace(exprs=[
             sql.SQL("{}::{}").format(
                 sql.SQL("rtrim(j ->> {}, ' ')" if t.name == "bpchar" else "(j ->> {})").format(
                     sql.Literal(i)), storage_type(t))
-            for i, t in enumerate(self.types))
+            for i, t in enumerate(self.types)], types=self.types, order=self.order)
+
+    def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
+        """The key is one of ``keys`` (JSON arrays of key values)."""
+        wanted = sql.SQL(", ").join(self.from_json().exprs)
         exprs = [sql.SQL("({})::text").format(e) if t.kind is Kind.TEXT
                  and t.name not in (*_PLAIN_TEXT, "uuid") else e
                  for e, t in zip(self.exprs, self.types, strict=True)]

@@ -52,7 +52,7 @@ from trueup.brokers.kafka import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.errors import NotFound
-from trueup.fingerprint import INTEGER_TYPES, storage_type
+from trueup.fingerprint import INTEGER_TYPES
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.sides import day_filter, version_order
@@ -237,14 +237,18 @@ class RepublishWriter:
                  inner=sql.SQL(", ").join(inner), rel=self.side.relation, where=where,
                  lateral=lateral, order=order)
 
-    def _day_keys(self, chunk: chunks.Chunk, backfill: Backfill) -> list[list[Any]]:
-        """The keys of the chunk's source rows of its backfill's day."""
-        where = sql.SQL("({}) AND ({}) AND {}").format(
+    def _chunk_rows(self, chunk: chunks.Chunk, backfill: Backfill) -> sql.Composable:
+        """The chunk's source rows (of the backfill's day, if any). Keys with a NULL part are
+        not repaired (as by upsert): no message key to give them."""
+        return sql.SQL("({}) AND ({}) AND {}").format(
             scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
             day_filter(self.side, backfill.partition), self.space.complete)
+
+    def _day_keys(self, chunk: chunks.Chunk, backfill: Backfill) -> list[list[Any]]:
+        """The keys of the chunk's source rows of its backfill's day."""
         with self.source.cursor(row_factory=tuple_row) as cur:
             return [row[0] for row in cur.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
-                self.space.as_json, self.side.relation, where))]
+                self.space.as_json, self.side.relation, self._chunk_rows(chunk, backfill)))]
 
     def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
                 ) -> dict[str, tuple[Any, int, str, str]] | None:
@@ -348,10 +352,7 @@ class RepublishWriter:
         """The chunk's current source rows, in batches of one snapshot: (key as jsonb's text,
         message key, message value, version, fingerprint), where the key's form leaves out
         what _classify derives (see _KeyForm)."""
-        # keys with a NULL part are not repaired (as by upsert): no message key to give them
-        where = sql.SQL("({}) AND ({}) AND {}").format(
-            scope_condition(self.space, chunk.key_from, chunk.key_to, chunk.keys),
-            day_filter(self.side, backfill.partition), self.space.complete)
+        where = self._chunk_rows(chunk, backfill)
         form = self.key_form
         key = sql.NULL if form is _KeyForm.INTEGER else \
             sql.SQL("({})::text").format(self.space.as_json)
@@ -441,12 +442,7 @@ class RepublishWriter:
         values, read as the source's key types."""
         if not keys:
             return []
-        # char(n) keys of runs before 2026-11-29 were stored padded ('ab  '), as in_list has it
-        typed = KeySpace(exprs=[sql.SQL("({}(j ->> {}))::{}").format(
-            sql.SQL("rtrim") if t.name == "bpchar" else sql.SQL(""), sql.Literal(i),
-            storage_type(t)) for i, t in enumerate(self.side.key_types)],
-            types=self.side.key_types)
         with self.source.cursor(row_factory=tuple_row) as cur:
             return [row[0] for row in cur.execute(sql.SQL(
                 "SELECT {} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e (j, n) "
-                "ORDER BY n").format(typed.message_key), (json.dumps(keys),))]
+                "ORDER BY n").format(self.space.from_json().message_key), (json.dumps(keys),))]
