@@ -19,7 +19,6 @@ a person to look). The circuit breaker also holds back:
   with a conflict): the skip reason names that backfill and what to do about it.
 """
 
-import json
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
@@ -137,7 +136,7 @@ def lineage_sample(state_dsn: str, backfill_id: int) -> str:
                                                       "limit": LINEAGE_SAMPLE_ROWS}).fetchall()
     lines = ["| key | run | chunk | action | fingerprint before | fingerprint after |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {json.dumps(r['key'])} | {r['run_id'] or ''} | {r['chunk']} | {r['action']} "
+    lines += [f"| {r['key']} | {r['run_id'] or ''} | {r['chunk']} | {r['action']} "
               f"| {r['fingerprint_before'] or ''} | {r['fingerprint_after'] or ''} |"
               for r in rows]
     return "\n".join(lines)

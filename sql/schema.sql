@@ -118,7 +118,9 @@ CREATE INDEX chunks_claimable_idx
 CREATE TABLE trueup.repairs (
     repair_id           bigint GENERATED ALWAYS AS IDENTITY (CACHE 1000),
     reconciliation      text        NOT NULL,
-    key                 jsonb       NOT NULL,
+    -- the key as jsonb prints it (canonical: one text per key), compared in "C": cheaper to
+    -- index than jsonb (see migration 0013)
+    key                 text        COLLATE "C" NOT NULL,
     run_id              bigint,
     backfill_id         bigint      NOT NULL,
     chunk               integer     NOT NULL,

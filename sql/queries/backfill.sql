@@ -203,7 +203,7 @@ CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (
 -- trueup.backfill.model.record_staged).
 INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
                             fingerprint_before, fingerprint_after)
-SELECT %(reconciliation)s, s.key,
+SELECT %(reconciliation)s, s.key::text,
        coalesce(%(run_id)s, (SELECT max(d.run_id) FROM trueup.differences AS d
                              WHERE d.reconciliation = %(reconciliation)s AND d.key = s.key)),
        %(backfill_id)s, %(chunk)s, s.action, s.fingerprint_before, s.fingerprint_after
@@ -214,7 +214,7 @@ FROM trueup_repairs_stage AS s
 -- reconciliation has differences). No lookup per row.
 INSERT INTO trueup.repairs (reconciliation, key, run_id, backfill_id, chunk, action,
                             fingerprint_before, fingerprint_after)
-SELECT %(reconciliation)s, s.key, %(run_id)s, %(backfill_id)s, %(chunk)s, s.action,
+SELECT %(reconciliation)s, s.key::text, %(run_id)s, %(backfill_id)s, %(chunk)s, s.action,
        s.fingerprint_before, s.fingerprint_after
 FROM trueup_repairs_stage AS s
 

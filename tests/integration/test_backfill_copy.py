@@ -116,8 +116,8 @@ def _repairs(state: str, backfill_id: int, keys: range) -> set[tuple[Any, ...]]:
     """(key, action, fingerprints before and after, run) of the backfill's repairs of ``keys``."""
     with psycopg.connect(state) as conn:
         return {tuple(r) for r in conn.execute(
-            "SELECT (key ->> 0)::bigint, action, fingerprint_before, fingerprint_after, run_id "
-            "FROM trueup.repairs WHERE backfill_id = %s AND (key ->> 0)::bigint "
+            "SELECT (key::jsonb ->> 0)::bigint, action, fingerprint_before, fingerprint_after, "
+            "run_id FROM trueup.repairs WHERE backfill_id = %s AND (key::jsonb ->> 0)::bigint "
             "BETWEEN %s AND %s", (backfill_id, keys.start, keys.stop - 1))}
 
 
@@ -456,7 +456,7 @@ def test_text_keys_copied_name_the_keys_their_differences_name(
     with psycopg.connect(state_db) as conn:
         joined = conn.execute(
             "SELECT count(*) FROM trueup.repairs r JOIN trueup.differences d "
-            "ON d.run_id = r.run_id AND d.key = r.key WHERE r.action = 'insert'").fetchone()
+            "ON d.run_id = r.run_id AND d.key::text = r.key WHERE r.action = 'insert'").fetchone()
     assert joined == (len(regions) * 20,)
     assert diff(config, "sales").missing == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import psycopg
 import pytest
 import yaml
 from psycopg import sql
+from psycopg.rows import dict_row
 
 from tests.integration.test_backfill_support import make_sales, write_sales_config
 from trueup.backfill import BackfillOptions, start_backfill
@@ -17,6 +19,7 @@ from trueup.cli import main
 from trueup.config import load_config
 from trueup.diff import diff
 from trueup.fingerprint import ColumnType
+from trueup.lineage import lineage
 from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder
 
 pytestmark = pytest.mark.postgres
@@ -219,3 +222,38 @@ def test_a_key_as_json_text_reads_back_as_the_jsonb_key(
             space.as_json, space.as_json_text, space.as_json)).fetchall()
     assert len(rows) == len(values)
     assert all(same for _, same in rows), rows
+
+
+@pytest.mark.parametrize(("typname", "keys", "orphan"), [
+    ("float8", ["1e20", "0.1", "-2.5", "3"], "1e21"),
+    ("text", ["é", "plain", 'quo"te', "tab\tx"], "ü"),
+])
+def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, typname: str,
+        keys: list[str], orphan: str) -> None:
+    """trueup.repairs holds a key as jsonb's text, whichever path wrote it: a COPY from the
+    source (json prints a float as the float's text: 1e+20), the compare path, and an orphan's
+    row made in Python (json.dumps escapes é)."""
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
+        conn.execute(f"INSERT INTO codes SELECT c::{typname}, 1, 'n' FROM unnest(%s::text[]) c",
+                     (keys,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE codes_copy (code {typname} PRIMARY KEY, v int, note text)")
+        # the last chunk (its range is open) holds a target row: it is compared, not copied
+        conn.execute(f"INSERT INTO codes_copy VALUES (%s::{typname}, 1, 'orphan')", (orphan,))
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL,
+                                                              chunk_size=2))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert summary.rows_repaired == len(keys) + 1
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT key, key::jsonb::text AS canonical, action "
+                            "FROM trueup.repairs").fetchall()
+        assert sorted(r["action"] for r in rows) == ["delete"] + ["insert"] * len(keys)
+        assert [r["key"] for r in rows] == [r["canonical"] for r in rows]
+        for row in rows:
+            found = lineage(conn, "codes", [json.loads(row["key"])])["repairs"]
+            assert [r["action"] for r in found] == [row["action"]], row["key"]
+    assert diff(config, "codes").consistent

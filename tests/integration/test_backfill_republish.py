@@ -300,7 +300,7 @@ def test_a_chunk_commits_its_repairs_rows_only_after_every_message_is_confirmed(
     assert summary.status is BackfillStatus.SUCCEEDED
     assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
     with psycopg.connect(state_db) as conn:
-        keys = conn.execute("SELECT key, count(*) FROM trueup.repairs GROUP BY key").fetchall()
+        keys = conn.execute("SELECT key::jsonb AS key, count(*) FROM trueup.repairs GROUP BY 1").fetchall()
         attempts = conn.execute("SELECT chunk, attempts FROM trueup.chunks ORDER BY chunk"
                                 ).fetchall()
     assert sorted(k[0] for k, _ in keys) == [3, 4, 5, 6, 7, 999]
@@ -332,10 +332,10 @@ def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
             # new rows go in as COPY text made in Python: a key's backslashes are escaped
             nasty = ["a\tb\"c\\d", 1]
             assert record_rows(conn, backfill, chunk, [(json.dumps(nasty), "publish", None, 9)])
-            assert conn.execute("SELECT key FROM trueup.repairs WHERE fingerprint_after = 9"
+            assert conn.execute("SELECT key::jsonb AS key FROM trueup.repairs WHERE fingerprint_after = 9"
                                 ).fetchall() == [{"key": nasty}]
         assert not fresh, "rows the chunk held: complete must count them"
-        rows = conn.execute("SELECT key, action, fingerprint_after, run_id FROM trueup.repairs "
+        rows = conn.execute("SELECT key::jsonb AS key, action, fingerprint_after, run_id FROM trueup.repairs "
                             "WHERE key IN ('[3]', '[4]', '[12345]') ORDER BY key").fetchall()
     assert [(r["key"], r["action"], r["fingerprint_after"]) for r in rows] == [
         ([3], "skipped", None), ([4], "publish", rows[1]["fingerprint_after"]),
@@ -360,7 +360,7 @@ def test_chunks_read_in_many_batches_record_and_produce_the_same(
     assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
     assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
     with psycopg.connect(state_db) as conn:
-        rows = conn.execute("SELECT key, action, run_id FROM trueup.repairs ORDER BY key"
+        rows = conn.execute("SELECT key::jsonb AS key, action, run_id FROM trueup.repairs ORDER BY key"
                             ).fetchall()
     assert [(k[0], a) for k, a, _ in rows] == [
         (3, "publish"), (4, "publish"), (5, "publish"), (6, "skipped"), (7, "publish"),
@@ -552,7 +552,7 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
                                     strict=True)), "version": 1, "status": "new"}
     with psycopg.connect(state_db) as conn:
         recorded = [r[0] for r in conn.execute(
-            "SELECT key FROM trueup.repairs WHERE action = 'publish' ORDER BY key")]
+            "SELECT key::jsonb FROM trueup.repairs WHERE action = 'publish'")]
     assert sorted(recorded, key=json.dumps) == sorted(keys[:3], key=json.dumps)
     assert diff(config, "events").consistent
 

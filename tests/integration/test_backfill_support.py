@@ -87,7 +87,7 @@ def target_rows(dsn: str) -> list[tuple[Any, ...]]:
 
 def repairs(state: str) -> list[tuple[Any, ...]]:
     """(key, action, chunk) of every repairs row."""
-    return table_rows(state, "SELECT key, action, chunk FROM trueup.repairs "
+    return table_rows(state, "SELECT key::jsonb AS key, action, chunk FROM trueup.repairs "
                              "ORDER BY backfill_id, chunk, key")
 
 

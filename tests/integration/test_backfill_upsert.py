@@ -330,7 +330,8 @@ def test_intent_rows_given_as_copy_text_are_recorded_once_and_corrected_when_met
             assert not record_text(conn, backfill, chunk, b"[7]\tskipped\t5\t5\n"
                                                           b"[1]\tinsert\t\\N\t13\n")
         rows = conn.execute(
-            "SELECT key, action, fingerprint_before, fingerprint_after, run_id, reconciliation, "
+            "SELECT key::jsonb AS key, action, fingerprint_before, fingerprint_after, run_id, "
+            "reconciliation, "
             "chunk FROM trueup.repairs WHERE backfill_id = %s ORDER BY key",
             (planned.backfill_id,)).fetchall()
     found = run.run_id  # the run found 3 and 7; none found 1

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.postgres
 # Everything a schema is made of, in a form that compares equal whatever built it.
 CATALOG = """
 SELECT 'column' AS what, c.table_name || '.' || c.column_name AS name,
-       concat_ws(' ', c.data_type, c.is_nullable, c.column_default, c.is_identity) AS definition
+       concat_ws(' ', c.data_type, c.collation_name, c.is_nullable, c.column_default,
+                 c.is_identity) AS definition
 FROM information_schema.columns c
 WHERE c.table_schema = 'trueup' AND c.table_name <> 'schema_migrations'
 UNION ALL

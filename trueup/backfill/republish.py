@@ -37,6 +37,7 @@ from trueup.backfill.model import (
     ChunkContext,
     ChunkResult,
     RepairRow,
+    jsonb_text,
     key_text,
     record_rows,
     source_side,
@@ -312,7 +313,7 @@ class RepublishWriter:
                     repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
                                                         counts=(repaired, skipped))
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
-            recording.add([(json.dumps(key), RepairAction.TOMBSTONE.value, before, None)
+            recording.add([(jsonb_text(key), RepairAction.TOMBSTONE.value, before, None)
                            for key, before, _ in orphans])
             produce_all(self.producer, deliveries, self.topic,
                         [(kafka_key, None) for _, _, kafka_key in orphans])
