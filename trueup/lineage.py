@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 
+from trueup.backfill.keyspace import repairs_text
 from trueup.cli import to_json
 from trueup.config import Config
 from trueup.errors import UsageError
@@ -121,7 +122,8 @@ def _not_utf8(value: str) -> bool:
 
 def lineage(conn: psycopg.Connection[Any], name: str,
             forms: list[list[Any]]) -> dict[str, Any]:
-    params = {"reconciliation": name, "keys": [json.dumps(f) for f in forms]}
+    params = {"reconciliation": name, "keys": [json.dumps(f) for f in forms],
+              "repairs_keys": [repairs_text(f) for f in forms]}
     runs = conn.execute(query("key_runs"), params).fetchall()
     repairs = conn.execute(query("key_repairs"), params).fetchall()
     return {"reconciliation": name, "key": forms[0], "runs": runs, "repairs": repairs}

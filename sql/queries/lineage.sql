@@ -21,7 +21,7 @@ JOIN trueup.chunks AS c ON c.backfill_id = b.backfill_id
 CROSS JOIN LATERAL (
     SELECT r.* FROM trueup.repairs AS r
     WHERE r.backfill_id = c.backfill_id AND r.chunk = c.chunk
-      AND r.key = ANY(%(keys)s::jsonb[]::text[])  -- repairs hold a key as jsonb's text
+      AND r.key = ANY(%(repairs_keys)s::text[])  -- see trueup.backfill.keyspace.repairs_text
     OFFSET 0) AS p
 WHERE b.reconciliation = %(reconciliation)s AND NOT b.dry_run
   AND (c.status <> 'done' OR c.rows_repaired + c.rows_skipped > 0)

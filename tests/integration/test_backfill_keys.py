@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,12 +15,12 @@ from psycopg.rows import dict_row
 
 from tests.integration.test_backfill_support import make_sales, write_sales_config
 from trueup.backfill import BackfillOptions, start_backfill
-from trueup.backfill.keyspace import KeySpace
+from trueup.backfill.keyspace import KeySpace, repairs_text
 from trueup.cli import main
 from trueup.config import load_config
 from trueup.diff import diff
 from trueup.fingerprint import ColumnType
-from trueup.lineage import lineage
+from trueup.lineage import lineage, parse_key
 from trueup.statuses import BackfillScope, BackfillStatus, KeyOrder
 
 pytestmark = pytest.mark.postgres
@@ -206,10 +207,12 @@ def test_a_backfill_of_a_runs_differences_finds_padded_char_keys(
     ("date", ["2026-11-29", "0044-03-15 BC"]),
     ("bool", ["true", "false"]),
 ])
-def test_a_key_as_json_text_reads_back_as_the_jsonb_key(
+def test_a_key_renders_one_repairs_text_in_sql_and_in_python(
         new_db: Callable[[], str], typname: str, values: list[str]) -> None:
-    """Fresh chunks write repairs rows' keys from json_build_array: a jsonb column must read
-    them as the key jsonb_build_array makes, as differences store it."""
+    """Fresh chunks write repairs rows' keys from json_build_array, compared chunks from
+    jsonb, rows made in Python from the key read back from jsonb: all must give the one text
+    trueup.repairs holds for the key (its primary key and lineage compare text), and it must
+    read back as the key jsonb_build_array makes, as differences store it."""
     space = KeySpace(exprs=[sql.Identifier("k"), sql.Identifier("n")],
                      types=[ColumnType.of(typname), ColumnType.of("int8")])
     with psycopg.connect(new_db(), autocommit=True) as conn:
@@ -218,22 +221,28 @@ def test_a_key_as_json_text_reads_back_as_the_jsonb_key(
                                  sql.Identifier(typname)))
         for value in values:
             conn.execute("INSERT INTO keys VALUES (%s, 7)", (value,))
-        rows = conn.execute(sql.SQL("SELECT {}::text, ({})::jsonb = {} FROM keys").format(
-            space.as_json, space.as_json_text, space.as_json)).fetchall()
+        rows = conn.execute(sql.SQL(
+            "SELECT ({text})::text AS text, ({text})::jsonb = {key} AS same, "
+            "({repairs})::text AS jsonb, {key} AS key FROM keys").format(
+                text=space.repairs_text, key=space.as_json, repairs=space.repairs_key)).fetchall()
     assert len(rows) == len(values)
-    assert all(same for _, same in rows), rows
+    assert all(same for _, same, _, _ in rows), rows
+    assert [text for text, _, _, _ in rows] == [jsonb for _, _, jsonb, _ in rows]
+    assert [text for text, _, _, _ in rows] == [repairs_text(key) for _, _, _, key in rows]
 
 
 @pytest.mark.parametrize(("typname", "keys", "orphan"), [
     ("float8", ["1e20", "0.1", "-2.5", "3"], "1e21"),
     ("text", ["é", "plain", 'quo"te', "tab\tx"], "ü"),
+    ("numeric(12,2)", ["9.00", "2.50", "-0.5", "3"], "99.10"),
 ])
 def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, typname: str,
         keys: list[str], orphan: str) -> None:
-    """trueup.repairs holds a key as jsonb's text, whichever path wrote it: a COPY from the
-    source (json prints a float as the float's text: 1e+20), the compare path, and an orphan's
-    row made in Python (json.dumps escapes é)."""
+    """trueup.repairs holds a key as one text, jsonb's with numbers trimmed, whichever path
+    wrote it: a COPY from the source (json prints a float as the float's text: 1e+20, a
+    numeric(12,2) as 9.00), the compare path, and an orphan's row made in Python (json.dumps
+    escapes é; the orphan 99.10 is read back as a float)."""
     source, target = new_db(), new_db()
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
@@ -253,7 +262,10 @@ def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
                             "FROM trueup.repairs").fetchall()
         assert sorted(r["action"] for r in rows) == ["delete"] + ["insert"] * len(keys)
         assert [r["key"] for r in rows] == [r["canonical"] for r in rows]
+        assert not [r["key"] for r in rows if re.search(r"\.\d*0\b", r["key"])], "trimmed"
         for row in rows:
             found = lineage(conn, "codes", [json.loads(row["key"])])["repairs"]
             assert [r["action"] for r in found] == [row["action"]], row["key"]
+        for typed in (*keys, orphan):  # as a person types it: 9.00 finds [9]
+            assert len(lineage(conn, "codes", parse_key(typed, 1))["repairs"]) == 1, typed
     assert diff(config, "codes").consistent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from psycopg.rows import dict_row
 
 from trueup.backfill import BackfillOptions, WorkerOptions, republish, start_backfill
 from trueup.backfill.chunks import Chunk
+from trueup.backfill.keyspace import repairs_text
 from trueup.backfill.model import record_rows
 from trueup.backfill.runner import backfill_of, load
 from trueup.brokers.kafka import KafkaFailed
@@ -300,7 +302,8 @@ def test_a_chunk_commits_its_repairs_rows_only_after_every_message_is_confirmed(
     assert summary.status is BackfillStatus.SUCCEEDED
     assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
     with psycopg.connect(state_db) as conn:
-        keys = conn.execute("SELECT key::jsonb AS key, count(*) FROM trueup.repairs GROUP BY 1").fetchall()
+        keys = conn.execute("SELECT key::jsonb AS key, count(*) FROM trueup.repairs "
+                            "GROUP BY 1").fetchall()
         attempts = conn.execute("SELECT chunk, attempts FROM trueup.chunks ORDER BY chunk"
                                 ).fetchall()
     assert sorted(k[0] for k, _ in keys) == [3, 4, 5, 6, 7, 999]
@@ -332,10 +335,11 @@ def test_repairs_rows_recorded_again_for_a_chunk_correct_the_first_ones(
             # new rows go in as COPY text made in Python: a key's backslashes are escaped
             nasty = ["a\tb\"c\\d", 1]
             assert record_rows(conn, backfill, chunk, [(json.dumps(nasty), "publish", None, 9)])
-            assert conn.execute("SELECT key::jsonb AS key FROM trueup.repairs WHERE fingerprint_after = 9"
-                                ).fetchall() == [{"key": nasty}]
+            assert conn.execute("SELECT key::jsonb AS key FROM trueup.repairs "
+                                "WHERE fingerprint_after = 9").fetchall() == [{"key": nasty}]
         assert not fresh, "rows the chunk held: complete must count them"
-        rows = conn.execute("SELECT key::jsonb AS key, action, fingerprint_after, run_id FROM trueup.repairs "
+        rows = conn.execute("SELECT key::jsonb AS key, action, fingerprint_after, run_id "
+                            "FROM trueup.repairs "
                             "WHERE key IN ('[3]', '[4]', '[12345]') ORDER BY key").fetchall()
     assert [(r["key"], r["action"], r["fingerprint_after"]) for r in rows] == [
         ([3], "skipped", None), ([4], "publish", rows[1]["fingerprint_after"]),
@@ -360,7 +364,8 @@ def test_chunks_read_in_many_batches_record_and_produce_the_same(
     assert (summary.rows_repaired, summary.rows_skipped) == (5, 1)
     assert _high_watermarks(kafka_bootstrap, topic) == marks + 5
     with psycopg.connect(state_db) as conn:
-        rows = conn.execute("SELECT key::jsonb AS key, action, run_id FROM trueup.repairs ORDER BY key"
+        rows = conn.execute("SELECT key::jsonb AS key, action, run_id FROM trueup.repairs "
+                            "ORDER BY key"
                             ).fetchall()
     assert [(k[0], a) for k, a, _ in rows] == [
         (3, "publish"), (4, "publish"), (5, "publish"), (6, "skipped"), (7, "publish"),
@@ -598,6 +603,11 @@ def test_republish_keys_a_single_key_by_its_value_as_postgres_writes_it(
     assert sorted(k for k, v in produced if v is not None) == sorted(missing)
     assert [k for k, v in produced if v is None] == [orphan[0]]
     assert diff(config, "events").consistent
+    # repairs rows hold the key as every writer renders it: numbers trimmed (1.10 is [1.1])
+    with psycopg.connect(state_db) as conn:
+        recorded = [r[0] for r in conn.execute("SELECT key FROM trueup.repairs")]
+    assert len(recorded) == 4
+    assert recorded == [repairs_text(json.loads(k, parse_float=Decimal)) for k in recorded]
 
     # without a mirror (dropped), a --run backfill's tombstone is keyed from the difference
     with psycopg.connect(source) as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from trueup.backfill.keyspace import repairs_text
 from trueup.queries import migrations, schema_text
 from trueup.state import migrate
 from trueup.statuses import STATUS_COLUMNS
@@ -110,3 +112,31 @@ def test_several_processes_migrating_at_once_all_succeed(empty_db: str) -> None:
     with psycopg.connect(empty_db) as conn:
         count = conn.execute("SELECT count(*) FROM trueup.schema_migrations").fetchone()
     assert count is not None and count[0] == len(migrations())
+
+
+def test_migration_0013_keeps_each_repairs_key_as_the_text_writers_render(
+        empty_db: str) -> None:
+    """Repairs keys written as jsonb before 0013 become the text every writer renders now
+    (trueup.backfill.keyspace.repairs_text): numbers without trailing zeros, the rest as
+    jsonb prints it."""
+    keys = [[7], [9.5], ["v1.0", 9.0], ["é", True, None], [1e-7], [{"b": 1, "a": 2.50}]]
+    with psycopg.connect(empty_db) as conn:
+        conn.execute("CREATE SCHEMA trueup")
+        conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for migration in migrations():
+            if migration.version < 13:
+                conn.execute(migration.text.encode())
+                conn.execute("INSERT INTO trueup.schema_migrations VALUES (%s, %s)",
+                             (migration.version, migration.name))
+        for chunk, key in enumerate(keys):
+            # as a writer before 0013 stored it: a numeric(12,2) key 9.00 prints 9.00
+            conn.execute("INSERT INTO trueup.repairs (reconciliation, key, backfill_id, chunk, "
+                         "action) VALUES ('r', %s::jsonb, 1, %s, 'insert')",
+                         (json.dumps(key).replace("9.0", "9.00"), chunk))
+        conn.commit()
+        assert migrate(conn) == [13]
+        stored = [r[0] for r in conn.execute("SELECT key FROM trueup.repairs ORDER BY chunk")]
+    assert stored == [repairs_text(key) for key in keys] == [
+        "[7]", "[9.5]", '["v1.0", 9]', '["é", true, null]', "[0.0000001]",
+        '[{"a": 2.5, "b": 1}]']

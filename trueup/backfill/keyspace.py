@@ -18,12 +18,13 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from trueup.fingerprint import ColumnType, Kind, storage_type
+from trueup.fingerprint import ColumnType, Kind, jsonb_text, storage_type
 from trueup.queries import query
 from trueup.statuses import KeyOrder
 
@@ -36,6 +37,25 @@ _NATIVE_TEXT = ("text", "varchar")
 _FLOAT = ("float4", "float8")
 #: libc collations that sort by code point wherever they run (they have no version).
 _CODE_POINT = re.compile(r"^(C|POSIX)(\..*)?$", re.IGNORECASE)
+
+
+def repairs_text(key: Sequence[Any]) -> str:
+    """A key (a list of JSON values, as read back from jsonb) as ``trueup.repairs`` holds it,
+    which is :attr:`KeySpace.repairs_text`: jsonb's text with its numbers without trailing
+    zeros (jsonb compares ``9.00`` and ``9`` equal, their texts differ). One key has one such
+    text, so the repairs primary key, lineage and retried chunks find a key's row by it. A
+    number read as a float keeps the float's digits: a ``numeric`` key of more than 17
+    significant digits read from jsonb by Python loses some (see "Known limits" in
+    docs/backfills.md)."""
+    return jsonb_text([_plain(value) for value in key])
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float | Decimal):
+        number = Decimal(repr(value)) if isinstance(value, float) else value
+        if number.is_finite():
+            return number.normalize()
+    return value
 
 
 def _collated(ctype: ColumnType) -> bool:
@@ -86,17 +106,25 @@ class KeySpace:
         return self._array("jsonb_build_array")
 
     @property
-    def as_json_text(self) -> sql.Composable:
-        """:attr:`as_json` as jsonb prints it, which is how ``trueup.repairs`` holds a key.
-        Built as ``json`` where the two print alike, without building a jsonb value to print
-        (0.19 us a row less): everywhere but floats (jsonb holds them as numeric, ``1e+20``
-        prints as ``100000000000000000000``) and JSON values (jsonb orders an object's keys)."""
-        if any(t.name in _FLOAT or t.kind is Kind.JSON for t in self.types):
-            return sql.SQL("({})::text").format(self.as_json)
-        return self._array("json_build_array")
+    def repairs_key(self) -> sql.Composable:
+        """The key as ``trueup.repairs`` holds it, as jsonb (see :func:`repairs_text`): like
+        :attr:`as_json`, but each ``numeric`` value without trailing zeros (``9.00`` is
+        ``[9]``), as jsonb compares them equal."""
+        return self._array("jsonb_build_array", plain_numbers=True)
 
-    def _array(self, build: str) -> sql.Composable:
+    @property
+    def repairs_text(self) -> sql.Composable:
+        """:attr:`repairs_key`'s text. Built as ``json`` where the two print alike, without
+        building a jsonb value to print (0.19 us a row less): everywhere but floats (jsonb
+        holds them as numeric: ``1e+20`` prints as ``100000000000000000000``) and JSON values
+        (jsonb orders an object's keys)."""
+        if any(t.name in _FLOAT or t.kind is Kind.JSON for t in self.types):
+            return sql.SQL("({})::text").format(self.repairs_key)
+        return self._array("json_build_array", plain_numbers=True)
+
+    def _array(self, build: str, *, plain_numbers: bool = False) -> sql.Composable:
         parts = [sql.SQL("({})::{}").format(e, storage_type(t)) if t.kind is Kind.TEXT
+                 else sql.SQL("trim_scale({})").format(e) if plain_numbers and t.name == "numeric"
                  else e for e, t in zip(self.exprs, self.types, strict=True)]
         return sql.SQL("{}({})").format(sql.SQL(build), sql.SQL(", ").join(parts))
 

@@ -13,6 +13,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from trueup.backfill.chunks import LEASE_SECONDS, Chunk, Heartbeat
+from trueup.backfill.keyspace import repairs_text
 from trueup.config import ReconciliationConfig
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
@@ -154,17 +155,8 @@ def key_text(key: Sequence[Any]) -> str:
     return json.dumps(list(key), sort_keys=True, default=str)
 
 
-def jsonb_text(key: Sequence[Any]) -> str:
-    """A key read back from jsonb (a list of strings, numbers, booleans and nulls) as jsonb
-    prints it, which is how trueup.repairs holds it: non-ASCII characters as they are, the
-    rest escaped and spaced as ``json.dumps`` does. A number with a fraction was read as a
-    float, which may print otherwise than the number read (see "Known limits" in
-    docs/backfills.md)."""
-    return json.dumps(list(key), ensure_ascii=False)
-
-
-#: A repairs row as staged: the key as jsonb's text, the action, the fingerprints before and
-#: after.
+#: A repairs row as staged: the key as trueup.repairs holds it (see
+#: trueup.backfill.keyspace.repairs_text), the action, the fingerprints before and after.
 RepairRow = tuple[str, str, int | None, int | None]
 
 
@@ -175,7 +167,7 @@ def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chu
     if not repairs:
         return
     record_rows(conn, backfill, chunk, [
-        (jsonb_text(r.key), r.action.value, r.fingerprint_before, r.fingerprint_after)
+        (repairs_text(r.key), r.action.value, r.fingerprint_before, r.fingerprint_after)
         for r in repairs], again=again)
 
 

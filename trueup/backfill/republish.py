@@ -20,6 +20,7 @@ import re
 from collections.abc import Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
+from decimal import Decimal
 from enum import Enum
 from functools import partial
 from itertools import islice
@@ -31,13 +32,12 @@ from psycopg.rows import tuple_row
 
 from trueup import threads
 from trueup.backfill import chunks
-from trueup.backfill.keyspace import KeySpace, scope_condition
+from trueup.backfill.keyspace import KeySpace, repairs_text, scope_condition
 from trueup.backfill.model import (
     Backfill,
     ChunkContext,
     ChunkResult,
     RepairRow,
-    jsonb_text,
     key_text,
     record_rows,
     source_side,
@@ -164,6 +164,8 @@ class RepublishWriter:
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
         integers = all(t.name in INTEGER_TYPES for t in self.side.key_types)
+        # a key with a numeric part: its repairs row's text trims the numbers (see _classify)
+        self.plain_numbers = any(t.name == "numeric" for t in self.side.key_types)
         # How a source row's key comes out of _source_rows (see there)
         self.key_form = (_KeyForm.OTHER if not integers else
                          _KeyForm.INTEGER if len(self.side.key_types) == 1 else
@@ -313,7 +315,7 @@ class RepublishWriter:
                     repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
                                                         counts=(repaired, skipped))
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
-            recording.add([(jsonb_text(key), RepairAction.TOMBSTONE.value, before, None)
+            recording.add([(repairs_text(key), RepairAction.TOMBSTONE.value, before, None)
                            for key, before, _ in orphans])
             produce_all(self.producer, deliveries, self.topic,
                         [(kafka_key, None) for _, _, kafka_key in orphans])
@@ -391,6 +393,8 @@ class RepublishWriter:
             else:
                 text = text_of(key)
                 kafka_key = kafka_key or key  # a composite key's: jsonb's text
+                if self.plain_numbers:  # as trueup.repairs holds it: 9.00 is 9
+                    key = repairs_text(json.loads(key, parse_float=Decimal))
             found.add(text)
             known = mirror.pop(text, None) if mirror is not None else None
             before = None

@@ -449,7 +449,7 @@ class UpsertWriter:
         repairs rows (COPY text, each line ended by ``end``) to ``record`` on the way; how many
         went in."""
         st = self.source_side
-        columns = [self._source_space().as_json_text, st.fingerprint, *st.key,
+        columns = [self._source_space().repairs_text, st.fingerprint, *st.key,
                    *([st.version] if self._versioned and st.version is not None else []),
                    *(sql.Identifier(c) for c in self.rec.source.columns)]
         out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT").format(
@@ -557,7 +557,7 @@ class UpsertWriter:
             "CASE WHEN {first} IS NULL THEN NULL ELSE {fp} END AS trueup_before, "
             "CASE WHEN {first} IS NULL THEN 'insert' ELSE {action} END AS trueup_action "
             "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} AND {scope} WHERE {differs}"
-        ).format(cand=_CAND, key=self._stage_space().as_json, first=first, fp=ts.fingerprint,
+        ).format(cand=_CAND, key=self._stage_space().repairs_key, first=first, fp=ts.fingerprint,
                  action=action, stage=_STAGE, target=ts.relation, join=self._join(),
                  scope=self._indexed_scope(chunk),
                  differs=sql.SQL(" OR ").join(differs)))
