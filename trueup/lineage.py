@@ -10,6 +10,7 @@ import itertools
 import json
 import math
 import uuid
+from decimal import Decimal
 from typing import Any
 
 import psycopg
@@ -18,6 +19,7 @@ from trueup.backfill.keyspace import repairs_text
 from trueup.cli import to_json
 from trueup.config import Config
 from trueup.errors import UsageError
+from trueup.fingerprint import jsonb_text
 from trueup.queries import query
 from trueup.state import open_state
 from trueup.statuses import ChunkStatus
@@ -27,10 +29,11 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
-def _finite(number: str) -> float:
-    """A JSON number as a float; one past a double's range (1e400) would be Infinity."""
-    value = float(number)
-    return value if math.isfinite(value) else _not_json(number)
+def _finite(number: str) -> Decimal:
+    """A JSON number with a fraction or an exponent, exactly (a float would keep only a
+    double's digits of ``0.30000000000000001``, and repairs rows hold every digit); one past
+    a double's range (1e400) is no key trueup stores as a number."""
+    return Decimal(number) if math.isfinite(float(number)) else _not_json(number)
 
 
 #: At most this many stored forms of one KEY are looked up.
@@ -77,12 +80,12 @@ def _alternatives(value: Any) -> list[Any]:
     holding digits), text of a number as that number, a uuid in its canonical form (lower
     case, no braces) as Postgres prints it."""
     found = [value]
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        found.append(json.dumps(value))
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        found.append(str(value))
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
             number = _json(value)
-            if isinstance(number, int | float) and not isinstance(number, bool):
+            if isinstance(number, int | Decimal) and not isinstance(number, bool):
                 found.append(number)
         with contextlib.suppress(ValueError):
             found.append(str(uuid.UUID(value)))
@@ -93,7 +96,7 @@ def _alternatives(value: Any) -> list[Any]:
             found.append((at.astimezone(dt.UTC) if at.tzinfo else at).isoformat())
     unique: dict[str, Any] = {}  # by JSON text: 1 and 1.0 are one stored form, 1 and "1" two
     for form in found:
-        unique.setdefault(json.dumps(form), form)
+        unique.setdefault(jsonb_text(form), form)
     return list(unique.values())
 
 
@@ -122,7 +125,7 @@ def _not_utf8(value: str) -> bool:
 
 def lineage(conn: psycopg.Connection[Any], name: str,
             forms: list[list[Any]]) -> dict[str, Any]:
-    params = {"reconciliation": name, "keys": [json.dumps(f) for f in forms],
+    params = {"reconciliation": name, "keys": [jsonb_text(f) for f in forms],
               "repairs_keys": [repairs_text(f) for f in forms]}
     runs = conn.execute(query("key_runs"), params).fetchall()
     repairs = conn.execute(query("key_repairs"), params).fetchall()

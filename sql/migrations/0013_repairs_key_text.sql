@@ -8,7 +8,8 @@
 -- rewrites the table and builds its primary key again under an ACCESS EXCLUSIVE lock (see
 -- docs/operations.md, Upgrading).
 
-CREATE FUNCTION pg_temp.trueup_repairs_text(key jsonb) RETURNS text
+-- in trueup's schema, not pg_temp: a state role may lack the TEMPORARY privilege
+CREATE FUNCTION trueup.repairs_text_0013(key jsonb) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN jsonb_typeof(key) = 'array' THEN coalesce((
         SELECT jsonb_agg(CASE WHEN jsonb_typeof(e) = 'number'
@@ -20,7 +21,7 @@ $$;
 
 ALTER TABLE trueup.repairs ALTER COLUMN key TYPE text COLLATE "C"
     -- only a key with a point in it may hold a number with trailing zeros
-    USING CASE WHEN key::text LIKE '%.%' THEN pg_temp.trueup_repairs_text(key)
+    USING CASE WHEN key::text LIKE '%.%' THEN trueup.repairs_text_0013(key)
                ELSE key::text END;
 
-DROP FUNCTION pg_temp.trueup_repairs_text(jsonb);
+DROP FUNCTION trueup.repairs_text_0013(jsonb);

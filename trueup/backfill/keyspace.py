@@ -40,13 +40,13 @@ _CODE_POINT = re.compile(r"^(C|POSIX)(\..*)?$", re.IGNORECASE)
 
 
 def repairs_text(key: Sequence[Any]) -> str:
-    """A key (a list of JSON values, as read back from jsonb) as ``trueup.repairs`` holds it,
-    which is :attr:`KeySpace.repairs_text`: jsonb's text with its numbers without trailing
-    zeros (jsonb compares ``9.00`` and ``9`` equal, their texts differ). One key has one such
-    text, so the repairs primary key, lineage and retried chunks find a key's row by it. A
-    number read as a float keeps the float's digits: a ``numeric`` key of more than 17
-    significant digits read from jsonb by Python loses some (see "Known limits" in
-    docs/backfills.md)."""
+    """A key (a list of JSON values) as ``trueup.repairs`` holds it, which is
+    :attr:`KeySpace.repairs_text`: jsonb's text with the numbers of its top level without
+    trailing zeros (jsonb compares ``9.00`` and ``9`` equal, their texts differ). One key has
+    one such text, so the repairs primary key, lineage and retried chunks find a key's row by
+    it. Exact for a key read with ``parse_float=Decimal``; one read with floats keeps only a
+    double's digits (15 to 17 significant ones), so writers take the text from Postgres where
+    they can (see "Known limits" in docs/backfills.md)."""
     return jsonb_text([_plain(value) for value in key])
 
 
@@ -56,6 +56,16 @@ def _plain(value: Any) -> Any:
         if number.is_finite():
             return number.normalize()
     return value
+
+
+def _plain_number(expr: sql.Composable, ctype: ColumnType) -> sql.Composable:
+    """A numeric value, or a JSON value that is a number, without trailing zeros (what
+    :func:`repairs_text` makes of a number at a key's top level)."""
+    if ctype.kind is not Kind.JSON:
+        return sql.SQL("trim_scale({})").format(expr)
+    value = sql.SQL("({})::jsonb").format(expr)
+    return sql.SQL("(CASE WHEN jsonb_typeof({0}) = 'number' "
+                   "THEN to_jsonb(trim_scale(({0})::text::numeric)) ELSE {0} END)").format(value)
 
 
 def _collated(ctype: ColumnType) -> bool:
@@ -82,8 +92,10 @@ class KeySpace:
         return expr
 
     def _bound(self, value: Any, position: int, ctype: ColumnType) -> sql.Composable:
-        text = sql.SQL("({}::jsonb ->> {})").format(sql.Literal(json.dumps(value)),
-                                                    sql.Literal(position))
+        # a JSON value as JSON (->): as text (->>) a JSON string "x" would read as x
+        text = sql.SQL("({}::jsonb {} {})").format(
+            sql.Literal(json.dumps(value)), sql.SQL("->" if ctype.kind is Kind.JSON else "->>"),
+            sql.Literal(position))
         if self._native(ctype):
             return text  # the default collation yields to the column's own
         if _collated(ctype):
@@ -124,7 +136,8 @@ class KeySpace:
 
     def _array(self, build: str, *, plain_numbers: bool = False) -> sql.Composable:
         parts = [sql.SQL("({})::{}").format(e, storage_type(t)) if t.kind is Kind.TEXT
-                 else sql.SQL("trim_scale({})").format(e) if plain_numbers and t.name == "numeric"
+                 else _plain_number(e, t) if plain_numbers and (
+                     t.name == "numeric" or t.kind is Kind.JSON)
                  else e for e, t in zip(self.exprs, self.types, strict=True)]
         return sql.SQL("{}({})").format(sql.SQL(build), sql.SQL(", ").join(parts))
 
@@ -175,7 +188,8 @@ class KeySpace:
         # as read, padded: 'ab  ' must find 'ab')
         return KeySpace(exprs=[
             sql.SQL("{}::{}").format(
-                sql.SQL("rtrim(j ->> {}, ' ')" if t.name == "bpchar" else "(j ->> {})").format(
+                sql.SQL("rtrim(j ->> {}, ' ')" if t.name == "bpchar" else
+                        "(j -> {})" if t.kind is Kind.JSON else "(j ->> {})").format(
                     sql.Literal(i)), storage_type(t))
             for i, t in enumerate(self.types)], types=self.types, order=self.order)
 

@@ -132,6 +132,9 @@ class Repair:
     action: RepairAction
     fingerprint_before: int | None
     fingerprint_after: int | None
+    #: the key as trueup.repairs holds it, rendered by Postgres (exact, where ``key`` holds
+    #: floats read back from jsonb); None: rendered from ``key`` (repairs_text)
+    text: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +170,7 @@ def record_repairs(conn: psycopg.Connection[Any], backfill: Backfill, chunk: Chu
     if not repairs:
         return
     record_rows(conn, backfill, chunk, [
-        (repairs_text(r.key), r.action.value, r.fingerprint_before, r.fingerprint_after)
+        (r.text or repairs_text(r.key), r.action.value, r.fingerprint_before, r.fingerprint_after)
         for r in repairs], again=again)
 
 

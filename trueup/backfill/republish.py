@@ -53,7 +53,7 @@ from trueup.brokers.kafka import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.errors import NotFound
-from trueup.fingerprint import INTEGER_TYPES
+from trueup.fingerprint import INTEGER_TYPES, Kind
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.sides import day_filter, version_order
@@ -73,6 +73,11 @@ def text_of(key_json: str) -> str:
     if _INTEGERS.fullmatch(key_json):
         return key_json
     return key_text(json.loads(key_json))
+
+
+#: A mirror row of a chunk: version, fingerprint, key as JSON, message key, key as
+#: trueup.repairs holds it.
+_MirrorRow = tuple[Any, int, str, str, str]
 
 
 class _KeyForm(Enum):
@@ -164,8 +169,10 @@ class RepublishWriter:
         self.order = order  # how the backfill's key ranges compare text keys
         self.space = KeySpace(exprs=self.side.key, types=self.side.key_types, order=order)
         integers = all(t.name in INTEGER_TYPES for t in self.side.key_types)
-        # a key with a numeric part: its repairs row's text trims the numbers (see _classify)
-        self.plain_numbers = any(t.name == "numeric" for t in self.side.key_types)
+        # a key with a numeric or JSON part: its repairs row's text trims the numbers (see
+        # _classify)
+        self.plain_numbers = any(t.name == "numeric" or t.kind is Kind.JSON
+                                 for t in self.side.key_types)
         # How a source row's key comes out of _source_rows (see there)
         self.key_form = (_KeyForm.OTHER if not integers else
                          _KeyForm.INTEGER if len(self.side.key_types) == 1 else
@@ -254,9 +261,10 @@ class RepublishWriter:
                 self.space.as_json, self.side.relation, self._chunk_rows(chunk, backfill)))]
 
     def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
-                ) -> dict[str, tuple[Any, int, str, str]] | None:
+                ) -> dict[str, _MirrorRow] | None:
         """The mirror's rows of ``chunk`` (of its ``keys`` only, when given): key_text ->
-        (version, fingerprint, key as JSON, message key); None without a mirror."""
+        (version, fingerprint, key as JSON, message key, key as trueup.repairs holds it); None
+        without a mirror."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -268,14 +276,15 @@ class RepublishWriter:
             self.rec.target.version else sql.NULL
         with self.state.cursor(row_factory=tuple_row) as cur:
             cur.execute(sql.SQL(
-                "SELECT ({key})::text, {version}, fingerprint, {message_key} FROM {table} "
-                "WHERE {scope}"
+                "SELECT ({key})::text, {version}, fingerprint, {message_key}, ({repairs})::text "
+                "FROM {table} WHERE {scope}"
             ).format(key=space.as_json, version=version, table=table,
+                     repairs=space.repairs_key,
                      message_key=space.message_key,
                      scope=scope_condition(space, chunk.key_from, chunk.key_to,
                                            keys if keys is not None else chunk.keys)))
-            return {text_of(key): (version, fingerprint, key, message_key)
-                    for key, version, fingerprint, message_key in cur}
+            return {text_of(key): (version, fingerprint, key, message_key, repairs)
+                    for key, version, fingerprint, message_key, repairs in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
         """Produce the chunk's rows a batch at a time; the repairs rows of each batch are
@@ -315,10 +324,10 @@ class RepublishWriter:
                     repaired, skipped = chunks.complete(self.state, chunk, ctx.owner,
                                                         counts=(repaired, skipped))
                 return ChunkResult(rows_read=rows_read, repaired=repaired, skipped=skipped)
-            recording.add([(repairs_text(key), RepairAction.TOMBSTONE.value, before, None)
-                           for key, before, _ in orphans])
+            recording.add([(text, RepairAction.TOMBSTONE.value, before, None)
+                           for _, before, _, text in orphans])
             produce_all(self.producer, deliveries, self.topic,
-                        [(kafka_key, None) for _, _, kafka_key in orphans])
+                        [(kafka_key, None) for _, _, kafka_key, _ in orphans])
             fresh = recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
@@ -374,7 +383,7 @@ class RepublishWriter:
                 size = READ_BATCH
 
     def _classify(self, batch: list[tuple[Any, ...]],
-                  mirror: dict[str, tuple[Any, int, str, str]] | None, found: set[str]
+                  mirror: dict[str, _MirrorRow] | None, found: set[str]
                   ) -> tuple[list[tuple[str, str]], list[RepairRow], int]:
         """The messages and repairs rows of a batch of source rows, and how many of those rows
         are skipped (the topic holds a newer version). ``found`` gains each row's key_text;
@@ -399,7 +408,7 @@ class RepublishWriter:
             known = mirror.pop(text, None) if mirror is not None else None
             before = None
             if known is not None:
-                known_version, before, _, _ = known
+                known_version, before, _, _, _ = known
                 # as the upsert's guard: a topic's version beats a source row without one (and
                 # versions order as Postgres orders them: NaN above every number)
                 known_order, order = version_order(known_version), version_order(version)
@@ -415,32 +424,34 @@ class RepublishWriter:
         return messages, repairs, skipped
 
     def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],
-                 mirror: dict[str, tuple[Any, int, str, str]] | None
-                 ) -> list[tuple[list[Any], int | None, str]]:
+                 mirror: dict[str, _MirrorRow] | None
+                 ) -> list[tuple[list[Any], int | None, str, str]]:
         """Keys of the chunk the topic may hold but the source lacks, confirmed with it now,
-        each with its fingerprint in the topic (if known) and its message key. ``found``: the
+        each with its fingerprint in the topic (if known), its message key and its text in
+        trueup.repairs. ``found``: the
         key_text of every source row read; ``mirror``: the mirror's rows the source rows did
         not claim."""
         if scope is BackfillScope.PARTITION:
             return []
-        candidates: dict[str, tuple[list[Any], int | None, str | None]] = {}
+        candidates: dict[str, tuple[list[Any], int | None, str | None, str]] = {}
         if mirror:
-            candidates = {text: (json.loads(key), fingerprint, kafka_key)
-                          for text, (_, fingerprint, key, kafka_key) in mirror.items()}
+            candidates = {text: (json.loads(key), fingerprint, kafka_key, repairs)
+                          for text, (_, fingerprint, key, kafka_key, repairs) in mirror.items()}
         if chunk.keys is not None and mirror is None:
             for key in chunk.keys:
                 text = key_text(key)
                 if text not in found:
-                    candidates[text] = (key, None, None)
+                    candidates[text] = (key, None, None, repairs_text(key))
         if not candidates:
             return []
         present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
             "SELECT {} AS key FROM {} WHERE {}").format(
                 self.space.as_json, self.side.relation,
-                self.space.in_list([k for k, _, _ in candidates.values()])))}
+                self.space.in_list([k for k, _, _, _ in candidates.values()])))}
         orphans = [v for k, v in candidates.items() if k not in present]
-        rendered = iter(self._message_keys([k for k, _, m in orphans if m is None]))
-        return [(k, before, m if m is not None else next(rendered)) for k, before, m in orphans]
+        rendered = iter(self._message_keys([k for k, _, m, _ in orphans if m is None]))
+        return [(k, before, m if m is not None else next(rendered), text)
+                for k, before, m, text in orphans]
 
     def _message_keys(self, keys: list[list[Any]]) -> list[str]:
         """The message keys of ``keys`` (JSON values of a difference) as Postgres writes the

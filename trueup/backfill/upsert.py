@@ -294,7 +294,10 @@ class UpsertWriter:
         """A target row's key as JSON rendered as the source's (each column cast to its source
         column's type, as a diff renders it): a ``numeric(12,2)`` key 9.00 under a ``bigint``
         one is ``[9]``, which the source can be asked for."""
-        return KeySpace(exprs=self.target_side.key, types=self.key_types).as_json
+        return self._target_key().as_json
+
+    def _target_key(self) -> KeySpace:
+        return KeySpace(exprs=self.target_side.key, types=self.key_types)
 
     def _stage_space(self) -> KeySpace:
         return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)
@@ -615,7 +618,8 @@ class UpsertWriter:
             "WHERE trueup_action <> 'skipped' ORDER BY {order} "
             "ON CONFLICT ({keys}) {conflict} "
             "RETURNING {returning}, (xmax = 0) AS trueup_inserted), "
-            "outcome AS (SELECT c.trueup_key, c.trueup_action, c.trueup_before, c.trueup_fp, "
+            "outcome AS (SELECT c.trueup_key, c.trueup_key::text AS trueup_text, "
+            "c.trueup_action, c.trueup_before, c.trueup_fp, "
             "CASE WHEN up.{first} IS NULL THEN 'skipped' WHEN up.trueup_inserted THEN 'insert' "
             "ELSE 'update' END AS actual FROM {cand} AS c LEFT JOIN up ON {written}) "
             "SELECT * FROM outcome WHERE actual <> trueup_action"
@@ -629,7 +633,7 @@ class UpsertWriter:
         return [Repair(key=r["trueup_key"], action=RepairAction(r["actual"]),
                        fingerprint_before=r["trueup_before"],
                        fingerprint_after=r["trueup_before"] if r["actual"] == "skipped"
-                       else r["trueup_fp"])
+                       else r["trueup_fp"], text=r["trueup_text"])
                 for r in rows]
 
     def _guarded_version(self, alias: str) -> sql.Composable:
@@ -700,9 +704,11 @@ class UpsertWriter:
         ts = self.target_side
         space = self._target_space()
         candidates = self.target.execute(sql.SQL(
-            "SELECT {key} AS key, {fp} AS fp, {seen} AS seen FROM {target} AS t "
+            "SELECT {key} AS key, ({text})::text AS text, {fp} AS fp, {seen} AS seen "
+            "FROM {target} AS t "
             "WHERE {scope} AND {complete} AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
-        ).format(key=self._target_key_json(), fp=ts.fingerprint, seen=_ROW_SEEN,
+        ).format(key=self._target_key_json(), text=self._target_key().repairs_key,
+                 fp=ts.fingerprint, seen=_ROW_SEEN,
                  target=ts.relation,
                  complete=space.complete,
                  scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
@@ -717,7 +723,7 @@ class UpsertWriter:
         self.source.commit()
         orphans = [r for r in candidates if key_text(r["key"]) not in present]
         return ([Repair(key=r["key"], action=RepairAction.DELETE, fingerprint_before=r["fp"],
-                        fingerprint_after=None) for r in orphans],
+                        fingerprint_after=None, text=r["text"]) for r in orphans],
                 {key_text(r["key"]): r["seen"] for r in orphans})
 
     def _delete(self, orphans: Sequence[Repair], seen: dict[str, str]) -> list[Repair]:
@@ -738,5 +744,6 @@ class UpsertWriter:
                                              for o in orphans]))))}
         return [o if key_text(o.key) in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
-                       fingerprint_before=o.fingerprint_before, fingerprint_after=None)
+                       fingerprint_before=o.fingerprint_before, fingerprint_after=None,
+                       text=o.text)
                 for o in orphans]
