@@ -118,8 +118,8 @@ CREATE INDEX chunks_claimable_idx
 CREATE TABLE trueup.repairs (
     repair_id           bigint GENERATED ALWAYS AS IDENTITY (CACHE 1000),
     reconciliation      text        NOT NULL,
-    -- the key as jsonb prints it (canonical: one text per key), compared in "C": cheaper to
-    -- index than jsonb (see migration 0013)
+    -- the key as jsonb prints it, its top-level numbers without trailing zeros (one text per
+    -- key), compared in "C": cheaper to index than jsonb (see migration 0013)
     key                 text        COLLATE "C" NOT NULL,
     run_id              bigint,
     backfill_id         bigint      NOT NULL,

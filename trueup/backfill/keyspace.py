@@ -120,8 +120,8 @@ class KeySpace:
     @property
     def repairs_key(self) -> sql.Composable:
         """The key as ``trueup.repairs`` holds it, as jsonb (see :func:`repairs_text`): like
-        :attr:`as_json`, but each ``numeric`` value without trailing zeros (``9.00`` is
-        ``[9]``), as jsonb compares them equal."""
+        :attr:`as_json`, but each ``numeric`` value, and each JSON value that is a number,
+        without trailing zeros (``9.00`` is ``[9]``), as jsonb compares them equal."""
         return self._array("jsonb_build_array", plain_numbers=True)
 
     @property

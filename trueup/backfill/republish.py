@@ -428,9 +428,8 @@ class RepublishWriter:
                  ) -> list[tuple[list[Any], int | None, str, str]]:
         """Keys of the chunk the topic may hold but the source lacks, confirmed with it now,
         each with its fingerprint in the topic (if known), its message key and its text in
-        trueup.repairs. ``found``: the
-        key_text of every source row read; ``mirror``: the mirror's rows the source rows did
-        not claim."""
+        trueup.repairs. ``found``: the key_text of every source row read; ``mirror``: the
+        mirror's rows the source rows did not claim."""
         if scope is BackfillScope.PARTITION:
             return []
         candidates: dict[str, tuple[list[Any], int | None, str | None, str]] = {}
