@@ -81,7 +81,7 @@ def _alternatives(value: Any) -> list[Any]:
     case, no braces) as Postgres prints it."""
     found = [value]
     if isinstance(value, int | Decimal) and not isinstance(value, bool):
-        found.append(str(value))
+        found.append(jsonb_text(value))  # 1e2 as Postgres writes it: 100
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
             number = _json(value)
@@ -154,7 +154,7 @@ def cmd_lineage(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(document))
         return 0
-    print(f"{args.name} key {to_json(document['key'])}: {len(document['runs'])} runs, "
+    print(f"{args.name} key {jsonb_text(document['key'])}: {len(document['runs'])} runs, "
           f"{len(document['repairs'])} repairs")
     for run in document["runs"]:
         print(f"  run {run['run_id']}  {run['started_at']:%Y-%m-%d %H:%M:%S}  {run['class']}  "

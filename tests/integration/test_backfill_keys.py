@@ -276,17 +276,22 @@ def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
 
 
 @pytest.mark.parametrize(("typname", "keys", "kept_out"), [
-    ("numeric", ["0.30000000000000001", "1.10", "7"], "0.30000000000000001"),
+    ("numeric", ["0.30000000000000001", "0.3", "1.10", "7"], "0.30000000000000001"),
     ("jsonb", ['{"a": 2.50}', "9.00", "1"], '{"a": 2.50}'),
 ])
+@pytest.mark.parametrize("shared", [False, True], ids=["state-apart", "state-in-target"])
 def test_a_write_the_target_refused_corrects_its_one_repairs_row(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, typname: str,
-        keys: list[str], kept_out: str) -> None:
+        keys: list[str], kept_out: str, shared: bool) -> None:
     """The intent rows are recorded from the target's rendering of each key; a write that
     turned out otherwise (a trigger kept the row out: expected insert, actually skipped) is
-    corrected under the same key text. A key a float cannot hold (17 digits, a nested 2.50)
-    must not become a second row under the float's text."""
+    corrected under the same key text: in the state database, or among the candidates when
+    the state lives in the target's. A key a float cannot hold (17 digits, a nested 2.50)
+    must neither become a second row under the float's text nor correct another key's
+    (0.3)."""
     source, target = new_db(), new_db()
+    if shared:
+        state_db = target
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
         conn.execute(f"INSERT INTO codes SELECT c::{typname}, 1, 'n' FROM unnest(%s::text[]) c",

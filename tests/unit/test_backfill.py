@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from psycopg import sql
 
 from trueup import pacing
-from trueup.backfill.keyspace import KeySpace
+from trueup.backfill.keyspace import KeySpace, repairs_text
 from trueup.backfill.model import (
     MAX_CHUNK_ROWS,
     MAX_WORKERS,
@@ -198,3 +199,17 @@ def test_backfill_options_no_backfill_can_run_are_refused_wherever_they_come_fro
     if "workers" in options:  # --resume builds only these, from the same --workers
         with pytest.raises(UsageError, match=r"^workers: expected 1 to"):
             WorkerOptions(workers=options["workers"])
+
+
+@pytest.mark.parametrize(("key_json", "text"), [
+    ("[9.00]", "[9]"), ("[0.00]", "[0]"), ("[-0.0]", "[0]"), ("[100]", "[100]"),
+    ("[1e2]", "[100]"), ("[1.50e-7]", "[0.00000015]"),
+    ("[12345678901234567890123456789.10]", "[12345678901234567890123456789.1]"),
+    ("[0.1000000000000000000000000000001]", "[0.1000000000000000000000000000001]"),
+    ('[2.50, "2.50", {"a": 2.50}, true, null]', '[2.5, "2.50", {"a": 2.50}, true, null]'),
+])
+def test_repairs_text_trims_a_keys_numbers_as_trim_scale_does_and_keeps_every_digit(
+        key_json: str, text: str) -> None:
+    """Postgres's trim_scale drops the zeros ending a fraction and rounds nothing; Decimal's
+    normalize() would round past 28 digits, giving two keys one text."""
+    assert repairs_text(json.loads(key_json, parse_float=Decimal)) == text

@@ -51,11 +51,20 @@ def repairs_text(key: Sequence[Any]) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, float | Decimal):
-        number = Decimal(repr(value)) if isinstance(value, float) else value
-        if number.is_finite():
-            return number.normalize()
-    return value
+    """A number without the zeros that end its fraction, as ``trim_scale`` leaves it: every
+    other digit kept (``Decimal.normalize`` would round to 28 of them)."""
+    if not isinstance(value, float | Decimal):
+        return value
+    number = Decimal(repr(value)) if isinstance(value, float) else value
+    if not number.is_finite():
+        return value
+    sign, digits, exponent = number.as_tuple()
+    if not any(digits):
+        return Decimal(0)
+    assert isinstance(exponent, int)  # a finite number's is
+    while exponent < 0 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    return Decimal((sign, digits, exponent))
 
 
 def _plain_number(expr: sql.Composable, ctype: ColumnType) -> sql.Composable:
@@ -114,7 +123,8 @@ class KeySpace:
 
     @property
     def as_json(self) -> sql.Composable:
-        """The key as a JSON array (``jsonb``), as stored in differences and repairs."""
+        """The key as a JSON array (``jsonb``), as stored in differences (repairs rows hold
+        :attr:`repairs_key`'s text)."""
         return self._array("jsonb_build_array")
 
     @property

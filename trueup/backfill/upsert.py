@@ -33,7 +33,7 @@ from psycopg import sql
 
 from trueup import threads
 from trueup.backfill import chunks
-from trueup.backfill.keyspace import KeySpace, scope_condition
+from trueup.backfill.keyspace import KeySpace, repairs_text, scope_condition
 from trueup.backfill.model import (
     Backfill,
     ChunkContext,
@@ -504,10 +504,10 @@ class UpsertWriter:
 
     def _correct(self, changed: Sequence[Repair]) -> None:
         """Candidates whose write turned out otherwise than expected (the guard refused)."""
-        for repair in changed:
+        for repair in changed:  # by the key's text as the target rendered it: exact
             self.target.execute(sql.SQL(
-                "UPDATE {} SET trueup_action = %s WHERE trueup_key = %s::jsonb").format(_CAND),
-                (repair.action.value, json.dumps(repair.key)))
+                "UPDATE {} SET trueup_action = %s WHERE trueup_key::text = %s").format(_CAND),
+                (repair.action.value, repair.text or repairs_text(repair.key)))
 
     def _orphans_apply(self, scope: BackfillScope) -> bool:
         # A partition is a window of the source's updated_at: target rows have no such column.
