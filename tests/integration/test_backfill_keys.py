@@ -312,3 +312,36 @@ def test_a_write_the_target_refused_corrects_its_one_repairs_row(
         assert len(rows) == len(keys), rows
         (refused,) = lineage(conn, "codes", parse_key(kept_out, 1))["repairs"]
     assert refused["action"] == "skipped"
+
+
+def test_target_rows_in_a_gap_of_the_source_keys_are_cut_into_chunks_of_their_own(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A tenant purged from the source (keys 101 to 2000) while its projection kept it: the
+    source range around the gap would hold 1,900 orphans in one chunk, read at once. The
+    target's keys cut it: no chunk holds twice --chunk-size target rows. Where the target
+    follows the source, the plan is the source's."""
+    source, target = new_db(), new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE codes (code bigint PRIMARY KEY, v int, note text)")
+        conn.execute("INSERT INTO codes SELECT g, 1, 'n' FROM generate_series(1, 100) g "
+                     "UNION ALL SELECT g, 1, 'n' FROM generate_series(2001, 2100) g")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE TABLE codes_copy (code bigint PRIMARY KEY, v int, note text)")
+        conn.execute("INSERT INTO codes_copy SELECT g, 1, 'n' FROM generate_series(1, 2100) g")
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL,
+                                                              chunk_size=50))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_planned, summary.rows_repaired) == (200, 1900)
+    with psycopg.connect(state_db) as conn:
+        ranges = conn.execute("SELECT (key_from ->> 0)::bigint, (key_to ->> 0)::bigint "
+                              "FROM trueup.chunks ORDER BY chunk").fetchall()
+    # every chunk of the old target (1 to 2100) held fewer than 100 rows
+    held = [min(hi or 2101, 2101) - max(lo or 1, 1) for lo, hi in ranges]
+    assert max(held) < 100, ranges
+    assert diff(config, "codes").consistent
+
+    # a target that follows the source keeps the source's plan: 4 chunks of 50
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL,
+                                                              chunk_size=50))
+    assert (summary.chunks, summary.rows_repaired) == (4, 0)

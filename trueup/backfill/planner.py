@@ -135,10 +135,12 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
                           options.chunk_size)
         if options.scope is BackfillScope.ALL:
             # The first and last ranges are open: target keys beyond the source's (orphans)
-            # are cut into chunks of their own, or one chunk would hold them all.
-            below, above = _target_cuts(config, name, space, state, options.chunk_size,
-                                        cuts[0][0] if cuts else None, last)
-            cuts = [*below, *cuts, *above]
+            # are cut into chunks of their own, or one chunk would hold them all; so are
+            # those in a gap inside the source's keys (a tenant purged from the source).
+            below, inside, above = _target_cuts(config, name, space, state,
+                                                options.chunk_size,
+                                                cuts[0][0] if cuts else None, last)
+            cuts = [*below, *_with_gaps_cut(source, space, cuts, inside), *above]
     if not cuts:
         cuts = [(None, 0)]
     for i, (_, rows) in enumerate(cuts):
@@ -176,19 +178,22 @@ def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpac
             for i, b in enumerate(bounds)], rows[-1]["key"]
 
 
+#: Cuts of one side's keys: every chunk_size-th key, with the rows from it to the next.
+Cuts = list[tuple[Any, int]]
+
+
 def _target_cuts(config: Config, name: str, source: KeySpace, state: psycopg.Connection[Any],
-                 chunk_size: int, first: Any, last: Any
-                 ) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]]]:
+                 chunk_size: int, first: Any, last: Any) -> tuple[Cuts, Cuts, Cuts]:
     """Cuts of the target's keys (the mirror's, for a topic) before the source's ``first``
-    key and after its ``last`` (all of them when the source is empty), read as the source's
-    types in the backfill's order."""
+    key, from it to its ``last``, and after that (all of them before, when the source is
+    empty), read as the source's types in the backfill's order."""
     rec = config.reconciliations[name]
     if rec.target.table is None:
         relation = sql.Identifier(SCHEMA, name)
         exists = state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                (relation.as_string(state),)).fetchone()
         if not exists or not exists["ok"]:
-            return [], []  # no mirror yet: nothing is known of the topic's keys
+            return [], [], []  # no mirror yet: nothing is known of the topic's keys
         space = replace(source, exprs=[sql.Identifier(k) for k in rec.source.key])
         return _beyond(state, relation, space, chunk_size, first, last)
     dsn = config.connections[rec.target.connection].postgres
@@ -211,12 +216,50 @@ def _target_cuts(config: Config, name: str, source: KeySpace, state: psycopg.Con
 
 
 def _beyond(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
-            chunk_size: int, first: Any, last: Any
-            ) -> tuple[list[tuple[Any, int]], list[tuple[Any, int]]]:
+            chunk_size: int, first: Any, last: Any) -> tuple[Cuts, Cuts, Cuts]:
     if first is None:
-        return _cut(conn, relation, space, sql.SQL("true"), chunk_size)[0], []
+        return _cut(conn, relation, space, sql.SQL("true"), chunk_size)[0], [], []
+    inside = sql.SQL("{} AND NOT ({})").format(space.in_range(first, None), space.after(last))
     return (_cut(conn, relation, space, space.in_range(None, first), chunk_size)[0],
+            _cut(conn, relation, space, inside, chunk_size)[0],
             _cut(conn, relation, space, space.after(last), chunk_size)[0])
+
+
+def _with_gaps_cut(conn: psycopg.Connection[Any], space: KeySpace, cuts: Cuts,
+                   inside: Cuts) -> Cuts:
+    """The source's ``cuts``, with the target's (``inside`` the source's first and last keys)
+    added where one source range holds two or more of them: at least ``chunk_size`` target
+    rows the source lacks, a gap in its keys. Every chunk then holds fewer than twice
+    ``chunk_size`` target rows; where the target follows the source, nothing changes. An
+    added range plans no source rows (its source range's count stays with its first part)."""
+    if len(inside) < 2 or not cuts:
+        return cuts
+    # both sides' cut keys in the backfill's order, compared as the source's types
+    rows = conn.execute(sql.SQL(
+        "SELECT j AS key, side, n FROM ("
+        "SELECT j, 0 AS side, n FROM jsonb_array_elements(%(source)s::jsonb) "
+        "WITH ORDINALITY AS s (j, n) UNION ALL "
+        "SELECT j, 1, n FROM jsonb_array_elements(%(target)s::jsonb) "
+        "WITH ORDINALITY AS t (j, n)) AS x ORDER BY {}, side").format(
+            space.from_json().ordered),
+        {"source": json.dumps([key for key, _ in cuts]),
+         "target": json.dumps([key for key, _ in inside])}).fetchall()
+    merged: Cuts = []
+    gap: list[Any] = []  # target cuts since the last source cut
+
+    def close_gap() -> None:
+        if len(gap) >= 2:
+            merged.extend((key, 0) for key in gap)
+        gap.clear()
+
+    for row in rows:
+        if row["side"] == 0:
+            close_gap()
+            merged.append(cuts[row["n"] - 1])
+        elif merged and row["key"] != merged[-1][0]:  # a target cut before the source's
+            gap.append(row["key"])                    # first is no target key inside
+    close_gap()
+    return merged
 
 
 def _key_order(config: Config, name: str, types: list[ColumnType],
