@@ -36,6 +36,13 @@ JOIN pg_type t ON t.oid = a.atttypid
 LEFT JOIN pg_collation c ON c.oid = a.attcollation
 WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND NOT a.attisdropped;
 
+-- name: column_collation_name
+-- A table column's collation by name, as Postgres quotes it ("default": the database's).
+SELECT a.attcollation::regcollation::text AS collation
+FROM pg_attribute a
+WHERE a.attrelid = %(table)s::regclass AND a.attname = %(column)s AND NOT a.attisdropped
+  AND a.attcollation <> 0;
+
 -- name: default_collation
 -- The current database's default collation, described as column_collation describes one
 -- (PostgreSQL 15 and later: datlocprovider and the actual version).

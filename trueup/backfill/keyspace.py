@@ -117,6 +117,16 @@ class KeySpace:
         return sql.SQL(", ").join(self._comparable(e, t) for e, t in zip(self.exprs, self.types,
                                                                          strict=True))
 
+    def ordered_in(self, collations: Sequence[str | None]) -> sql.Composable:
+        """:attr:`ordered`, each text key compared in its columns' own collation (``native``)
+        compared in the one ``collations`` names (as Postgres quotes a collation's name; None:
+        as it is). For keys read from JSON (:meth:`from_json`), which have no column's
+        collation but the database's default."""
+        return sql.SQL(", ").join(
+            sql.SQL("({}) COLLATE {}").format(e, sql.SQL(name))  # a name Postgres quoted
+            if name and self._native(t) else self._comparable(e, t)
+            for e, t, name in zip(self.exprs, self.types, collations, strict=True))
+
     @property
     def row(self) -> sql.Composable:
         return sql.SQL("({})").format(self.ordered) if len(self.exprs) > 1 else self.ordered
