@@ -231,6 +231,17 @@ def test_a_key_renders_one_repairs_text_in_sql_and_in_python(
     assert [text for text, _, _, _ in rows] == [repairs_text(key) for _, _, _, key in rows]
 
 
+def _typed_codes(source: str, target: str, typname: str, keys: list[str]) -> tuple[str, str]:
+    """Tables codes (holding ``keys``) and codes_copy (empty) keyed by a ``typname`` code."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
+        conn.execute(f"INSERT INTO codes SELECT c::{typname}, 1, 'n' FROM unnest(%s::text[]) c",
+                     (keys,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE codes_copy (code {typname} PRIMARY KEY, v int, note text)")
+    return source, target
+
+
 @pytest.mark.parametrize(("typname", "keys", "orphan"), [
     ("float8", ["1e20", "0.1", "-2.5", "3"], "1e21"),
     ("text", ["é", "plain", 'quo"te', "tab\tx"], "ü"),
@@ -244,13 +255,8 @@ def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
     wrote it: a COPY from the source (json prints a float as the float's text: 1e+20, a
     numeric(12,2) as 9.00), the compare path, and an orphan's row made in Python (json.dumps
     escapes é; the orphan 99.10 is read back as a float)."""
-    source, target = new_db(), new_db()
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
-        conn.execute(f"INSERT INTO codes SELECT c::{typname}, 1, 'n' FROM unnest(%s::text[]) c",
-                     (keys,))
+    source, target = _typed_codes(new_db(), new_db(), typname, keys)
     with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE codes_copy (code {typname} PRIMARY KEY, v int, note text)")
         # the last chunk (its range is open) holds a target row: it is compared, not copied
         conn.execute(f"INSERT INTO codes_copy VALUES (%s::{typname}, 1, 'orphan')", (orphan,))
     config = load_config(_codes_config(tmp_path, state_db, source, target))
@@ -289,15 +295,10 @@ def test_a_write_the_target_refused_corrects_its_one_repairs_row(
     the state lives in the target's. A key a float cannot hold (17 digits, a nested 2.50)
     must neither become a second row under the float's text nor correct another key's
     (0.3)."""
-    source, target = new_db(), new_db()
+    source, target = _typed_codes(new_db(), new_db(), typname, keys)
     if shared:
         state_db = target
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE codes (code {typname} PRIMARY KEY, v int, note text)")
-        conn.execute(f"INSERT INTO codes SELECT c::{typname}, 1, 'n' FROM unnest(%s::text[]) c",
-                     (keys,))
     with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE codes_copy (code {typname} PRIMARY KEY, v int, note text)")
         conn.execute(f"CREATE FUNCTION keep_out() RETURNS trigger LANGUAGE plpgsql AS $$ "
                      f"BEGIN IF NEW.code = '{kept_out}'::{typname} THEN RETURN NULL; END IF; "
                      f"RETURN NEW; END $$")
