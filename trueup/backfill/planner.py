@@ -26,7 +26,7 @@ from trueup.config import Config, RepairMode
 from trueup.db import connect
 from trueup.diff import parse_partition
 from trueup.errors import Conflict, NotFound, UsageError
-from trueup.fingerprint import ColumnType
+from trueup.fingerprint import ColumnType, Kind
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.queries import query
@@ -142,8 +142,10 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
             below, inside, above = _target_cuts(config, name, space, state,
                                                 options.chunk_size,
                                                 cuts[0][0] if cuts else None, last)
-            ordered = _ordered_as_columns(source, rec.source.table, rec.source.key, space)
-            cuts = [*below, *_with_gaps_cut(source, ordered, cuts, inside), *above]
+            if len(inside) >= 2 and cuts:  # a source range may hold a gap
+                cuts = _with_gaps_cut(source, _ordered_as_columns(
+                    source, rec.source.table, rec.source.key, space), cuts, inside)
+            cuts = [*below, *cuts, *above]
     if not cuts:
         cuts = [(None, 0)]
     for i, (_, rows) in enumerate(cuts):
@@ -235,9 +237,9 @@ def _ordered_as_columns(conn: psycopg.Connection[Any], table: str, columns: Sequ
     is given the source column's: read from JSON it has none but the database's default,
     which may sort otherwise."""
     names: list[str | None] = []
-    for column in columns:
+    for column, ctype in zip(columns, space.types, strict=True):
         row = None
-        if space.order is KeyOrder.NATIVE:
+        if space.order is KeyOrder.NATIVE and ctype.kind is Kind.TEXT:
             row = conn.execute(query("column_collation_name"), {
                 "table": sql.Identifier(*table.split(".")).as_string(conn),
                 "column": column}).fetchone()
@@ -253,8 +255,6 @@ def _with_gaps_cut(conn: psycopg.Connection[Any], order: sql.Composable, cuts: C
     ``chunk_size`` target rows; where the target follows the source, nothing changes. An added
     range plans the target's rows (for ``--rate``); its source range's count stays with its
     first part."""
-    if len(inside) < 2 or not cuts:
-        return cuts
     # both sides' cut keys in the backfill's order (``order``), compared as the source's
     # types, the source's first on a tie
     rows = conn.execute(sql.SQL(
