@@ -382,3 +382,32 @@ def test_gap_cuts_of_text_keys_follow_their_columns_collation(
     assert bounds == ordered and len(set(bounds)) == len(bounds), bounds
     assert len(bounds) > 10, "the gap was cut"
     assert diff(config, "codes").consistent
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["state-apart", "state-in-target"])
+def test_orphans_of_keys_a_double_cannot_hold_are_asked_for_and_deleted_exactly(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, shared: bool) -> None:
+    """An orphan's key goes from the target to the source (is it there now?) and back to the
+    target (delete it as it was seen) with every digit: 0.30000000000000001 is no float's,
+    read as one it is 0.3, a key the source holds (the orphan was kept as present); and
+    0.30000000000000002 as a float is 0.30000000000000004, a key nobody holds (the orphan was
+    skipped, its delete finding no row)."""
+    source, target = _typed_codes(new_db(), new_db(), "numeric", ["0.3", "1", "2.50"])
+    if shared:
+        state_db = target
+    orphans = ["0.30000000000000001", "0.30000000000000002", "2.5000000000000001"]
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO codes_copy SELECT c::numeric, 1, 'n' "
+                     "FROM unnest(%s::text[]) c", (["0.3", "1", "2.50", *orphans],))
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (len(orphans), 0)
+    with psycopg.connect(target) as conn:
+        left = conn.execute("SELECT code::text FROM codes_copy ORDER BY code").fetchall()
+    assert [code for code, in left] == ["0.3", "1", "2.50"]
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT key, action FROM trueup.repairs ORDER BY key").fetchall()
+    assert [(r["key"], r["action"]) for r in rows] == [
+        (f"[{o}]", "delete") for o in sorted(orphans)]
+    assert diff(config, "codes").consistent

@@ -687,3 +687,65 @@ def test_a_key_with_a_null_part_is_not_republished(
     summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 2, summary
     assert sorted(k for k, _ in _messages_after(kafka_bootstrap, topic, starts)) == ["1", "2"]
+
+
+def test_a_run_without_a_mirror_publishes_the_missing_numeric_keys_and_no_tombstone(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    """A run's differences hold a numeric key with a fraction as a string ("1.1000000000"):
+    without a mirror, the source rows a --run chunk read (1.10) must still be known as the
+    keys of those differences, or they are taken for orphans and get a tombstone right after
+    their message."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE things (at numeric(6,2) PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute("INSERT INTO things SELECT g + 0.10, 1, 'new' "
+                     "FROM generate_series(1, 20) g")
+        messages = conn.execute("SELECT at::text, json_build_object('at', at, 'version', 1, "
+                                "'status', 'new')::text FROM things ORDER BY at").fetchall()
+    missing = {r[0] for r in messages[:3]}
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    for key, value in messages:
+        if key not in missing:
+            producer.produce(topic, key=key, value=value)
+    producer.produce(topic, key="99.10", value='{"at": 99.10, "version": 1, "status": "new"}')
+    assert producer.flush(30) == 0
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="things",
+                        key=["at"], columns={"status": "status"})
+    run = diff(config, "events")
+    assert (run.missing, run.orphan) == (3, 1)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("DROP TABLE trueup_mirror.events")
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 4
+    produced = _messages_after(kafka_bootstrap, topic, starts)
+    assert sorted(k for k, v in produced if v is not None) == sorted(missing)
+    assert [k for k, v in produced if v is None] == ["99.10"]
+    assert diff(config, "events").consistent
+
+
+def test_a_topic_key_a_double_cannot_hold_is_an_orphan_of_its_own(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    """The mirror's keys are told apart exactly: read as doubles, 0.30000000000000001 and the
+    source's 0.3 were one key, so the orphan got no tombstone."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE things (at numeric PRIMARY KEY, version bigint, status text)")
+        conn.execute("INSERT INTO things VALUES (0.3, 1, 'new'), (1, 1, 'new')")
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    for at in ("0.3", "1", "0.30000000000000001"):
+        producer.produce(topic, key=at, value=f'{{"at": {at}, "version": 1, "status": "new"}}')
+    assert producer.flush(30) == 0
+    config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="things",
+                        key=["at"], columns={"status": "status"})
+    run = diff(config, "events")
+    assert (run.missing, run.orphan, run.mismatch) == (0, 1, 0)
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 1
+    assert _messages_after(kafka_bootstrap, topic, starts) == [("0.30000000000000001", None)]
+    assert diff(config, "events").consistent

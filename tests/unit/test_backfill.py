@@ -16,9 +16,7 @@ from trueup.backfill.model import (
     MAX_WORKERS,
     BackfillOptions,
     WorkerOptions,
-    key_text,
 )
-from trueup.backfill.republish import text_of
 from trueup.backfill.upsert import split_fresh
 from trueup.errors import UsageError
 from trueup.fingerprint import ColumnType
@@ -65,16 +63,6 @@ def test_only_comparisons_of_the_columns_as_they_are_count_as_served_by_the_key_
     assert not space("bpchar").indexed(ranges=False)  # compared as text, unpadded
     assert not space("citext").indexed(ranges=False)  # ::text
     assert _render(space("int8", "text").complete) == '"k0" IS NOT NULL AND "k1" IS NOT NULL'
-
-
-@pytest.mark.parametrize("key_json", [
-    "[42]", "[-7]", "[9223372036854775807]", "[1, 2]", '["a b"]', '["\\u00e9t\\u00e9"]',
-    '["été"]', "[1.50]", "[1.0]", '["2024-01-01T00:00:00+00:00"]', '["eu", 1]', "[true]",
-    '["[1]"]'])
-def test_key_text_of_jsonb_text_equals_parsing_it(key_json: str) -> None:
-    """Republish reads keys as jsonb's text and skips parsing keys of integers: the key text
-    must be what parsing the key gives."""
-    assert text_of(key_json) == key_text(json.loads(key_json))
 
 
 class _Clock:

@@ -50,6 +50,15 @@ def repairs_text(key: Sequence[Any]) -> str:
     return jsonb_text([_plain(value) for value in key])
 
 
+def json_text(value: Any) -> str:
+    """``value`` as JSON text for Postgres to read: json.dumps's, else (a key read exactly,
+    its numbers :class:`~decimal.Decimal`, which json.dumps cannot write) jsonb's own."""
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return jsonb_text(value)
+
+
 def _plain(value: Any) -> Any:
     """A number without the zeros that end its fraction, as ``trim_scale`` leaves it: every
     other digit kept (``Decimal.normalize`` would round to 28 of them)."""
@@ -103,7 +112,7 @@ class KeySpace:
     def _bound(self, value: Any, position: int, ctype: ColumnType) -> sql.Composable:
         # a JSON value as JSON (->): as text (->>) a JSON string "x" would read as x
         text = sql.SQL("({}::jsonb {} {})").format(
-            sql.Literal(json.dumps(value)), sql.SQL("->" if ctype.kind is Kind.JSON else "->>"),
+            sql.Literal(json_text(value)), sql.SQL("->" if ctype.kind is Kind.JSON else "->>"),
             sql.Literal(position))
         if self._native(ctype):
             return text  # the default collation yields to the column's own
@@ -223,7 +232,7 @@ class KeySpace:
         if len(exprs) > 1:
             own = sql.SQL("({})").format(own)
         return sql.SQL("{} IN (SELECT {} FROM jsonb_array_elements({}::jsonb) AS j)").format(
-            own, wanted, sql.Literal(json.dumps([list(k) for k in keys])))
+            own, wanted, sql.Literal(json_text([list(k) for k in keys])))
 
 
 def scope_condition(space: KeySpace, key_from: Sequence[Any] | None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -151,11 +150,6 @@ class ChunkContext:
     backfill: Backfill
     owner: str
     heartbeat: Heartbeat
-
-
-def key_text(key: Sequence[Any]) -> str:
-    """A hashable, canonical text of a key read back from jsonb."""
-    return json.dumps(list(key), sort_keys=True, default=str)
 
 
 #: A repairs row as staged: the key as trueup.repairs holds it (see

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import json
 import queue
-import re
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
 from decimal import Decimal
@@ -32,13 +31,12 @@ from psycopg.rows import tuple_row
 
 from trueup import threads
 from trueup.backfill import chunks
-from trueup.backfill.keyspace import KeySpace, repairs_text, scope_condition
+from trueup.backfill.keyspace import KeySpace, json_text, repairs_text, scope_condition
 from trueup.backfill.model import (
     Backfill,
     ChunkContext,
     ChunkResult,
     RepairRow,
-    key_text,
     record_rows,
     source_side,
 )
@@ -53,7 +51,7 @@ from trueup.brokers.kafka import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect
 from trueup.errors import NotFound
-from trueup.fingerprint import INTEGER_TYPES, Kind
+from trueup.fingerprint import INTEGER_TYPES, Kind, loads
 from trueup.log import get_logger
 from trueup.mirror import SCHEMA
 from trueup.sides import day_filter, version_order
@@ -63,18 +61,6 @@ from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 log = get_logger(__name__)
 
 
-#: A key of integers as jsonb renders it, which is also its canonical text (key_text).
-_INTEGERS = re.compile(r"\[-?\d+(?:, -?\d+)*\]")
-
-
-def text_of(key_json: str) -> str:
-    """The key_text of a key given as jsonb's text: what parsing it gives, without parsing the
-    common key of integers."""
-    if _INTEGERS.fullmatch(key_json):
-        return key_json
-    return key_text(json.loads(key_json))
-
-
 #: A mirror row of a chunk: version, fingerprint, key as JSON, message key, key as
 #: trueup.repairs holds it.
 _MirrorRow = tuple[Any, int, str, str, str]
@@ -82,11 +68,11 @@ _MirrorRow = tuple[Any, int, str, str, str]
 
 class _KeyForm(Enum):
     """How _source_rows gives a row's key, and _classify completes it. Keys of integers: jsonb's
-    text is their key_text (and a composite key's message key), and a single one's message key
-    is its own text: ``[`` + that + ``]`` is its jsonb text, for less work on the source server
-    than rendering both (0.7 us a row). Other keys come as jsonb's text (read by text_of), a
-    single one with its message key as Postgres writes the value; a composite one's message
-    key is jsonb's text."""
+    text is their text in trueup.repairs (and a composite key's message key), and a single
+    one's message key is its own text: ``[`` + that + ``]`` is its jsonb text, for less work on
+    the source server than rendering both (0.7 us a row). Other keys come as jsonb's text
+    (their repairs text but for numbers' trailing zeros), a single one with its message key as
+    Postgres writes the value; a composite one's message key is jsonb's text."""
 
     INTEGER = "one integer column: the message key only"
     INTEGERS = "several integer columns: jsonb's text only"
@@ -262,9 +248,9 @@ class RepublishWriter:
 
     def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
                 ) -> dict[str, _MirrorRow] | None:
-        """The mirror's rows of ``chunk`` (of its ``keys`` only, when given): key_text ->
-        (version, fingerprint, key as JSON, message key, key as trueup.repairs holds it); None
-        without a mirror."""
+        """The mirror's rows of ``chunk`` (of its ``keys`` only, when given): key as
+        trueup.repairs holds it -> (version, fingerprint, key as JSON, message key, that text
+        again); None without a mirror."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -283,7 +269,7 @@ class RepublishWriter:
                      message_key=space.message_key,
                      scope=scope_condition(space, chunk.key_from, chunk.key_to,
                                            keys if keys is not None else chunk.keys)))
-            return {text_of(key): (version, fingerprint, key, message_key, repairs)
+            return {repairs: (version, fingerprint, key, message_key, repairs)
                     for key, version, fingerprint, message_key, repairs in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
@@ -386,7 +372,7 @@ class RepublishWriter:
                   mirror: dict[str, _MirrorRow] | None, found: set[str]
                   ) -> tuple[list[tuple[str, str]], list[RepairRow], int]:
         """The messages and repairs rows of a batch of source rows, and how many of those rows
-        are skipped (the topic holds a newer version). ``found`` gains each row's key_text;
+        are skipped (the topic holds a newer version). ``found`` gains each row's repairs text;
         ``mirror`` loses the rows the batch's keys claim."""
         versioned = self.rec.target.version is not None and self.side.version is not None
         form = self.key_form
@@ -395,17 +381,18 @@ class RepublishWriter:
         repairs: list[RepairRow] = []
         skipped = 0
         for key, kafka_key, value, version, fingerprint in batch:
+            # key becomes its text in trueup.repairs, exact: by it the mirror's rows are
+            # claimed, and orphans told from the rows read
             if form is _KeyForm.INTEGER:
-                key = text = f"[{kafka_key}]"
+                key = f"[{kafka_key}]"
             elif form is _KeyForm.INTEGERS:
-                text = kafka_key = key
+                kafka_key = key
             else:
-                text = text_of(key)
                 kafka_key = kafka_key or key  # a composite key's: jsonb's text
-                if self.plain_numbers:  # as trueup.repairs holds it: 9.00 is 9
+                if self.plain_numbers:  # 9.00 is 9; jsonb's text is it for other types
                     key = repairs_text(json.loads(key, parse_float=Decimal))
-            found.add(text)
-            known = mirror.pop(text, None) if mirror is not None else None
+            found.add(key)
+            known = mirror.pop(key, None) if mirror is not None else None
             before = None
             if known is not None:
                 known_version, before, _, _, _ = known
@@ -428,36 +415,36 @@ class RepublishWriter:
                  ) -> list[tuple[list[Any], int | None, str, str]]:
         """Keys of the chunk the topic may hold but the source lacks, confirmed with it now,
         each with its fingerprint in the topic (if known), its message key and its text in
-        trueup.repairs. ``found``: the key_text of every source row read; ``mirror``: the
-        mirror's rows the source rows did not claim."""
+        trueup.repairs. ``found``: the repairs text of every source row read; ``mirror``: the
+        mirror's rows the source rows did not claim. Keys are told apart by that text, exact
+        (a key a double cannot hold is no other key, a numeric difference's "1.1000000000" is
+        the source's 1.10)."""
         if scope is BackfillScope.PARTITION:
             return []
-        candidates: dict[str, tuple[list[Any], int | None, str | None, str]] = {}
+        candidates: dict[str, tuple[list[Any], int | None, str]] = {}
         if mirror:
-            candidates = {text: (json.loads(key), fingerprint, kafka_key, repairs)
-                          for text, (_, fingerprint, key, kafka_key, repairs) in mirror.items()}
+            candidates = {text: (loads(key), fingerprint, kafka_key)
+                          for text, (_, fingerprint, key, kafka_key, _) in mirror.items()}
         if chunk.keys is not None and mirror is None:
-            for key in chunk.keys:
-                text = key_text(key)
+            for key, text, kafka_key in self._rendered(chunk.keys):
                 if text not in found:
-                    candidates[text] = (key, None, None, repairs_text(key))
+                    candidates[text] = (key, None, kafka_key)
         if not candidates:
             return []
-        present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
-            "SELECT {} AS key FROM {} WHERE {}").format(
-                self.space.as_json, self.side.relation,
-                self.space.in_list([k for k, _, _, _ in candidates.values()])))}
-        orphans = [v for k, v in candidates.items() if k not in present]
-        rendered = iter(self._message_keys([k for k, _, m, _ in orphans if m is None]))
-        return [(k, before, m if m is not None else next(rendered), text)
-                for k, before, m, text in orphans]
+        present = {r["text"] for r in self.source.execute(sql.SQL(
+            "SELECT ({})::text AS text FROM {} WHERE {}").format(
+                self.space.repairs_text, self.side.relation,
+                self.space.in_list([k for k, _, _ in candidates.values()])))}
+        return [(key, before, kafka_key, text)
+                for text, (key, before, kafka_key) in candidates.items() if text not in present]
 
-    def _message_keys(self, keys: list[list[Any]]) -> list[str]:
-        """The message keys of ``keys`` (JSON values of a difference) as Postgres writes the
-        values, read as the source's key types."""
-        if not keys:
-            return []
+    def _rendered(self, keys: Sequence[Sequence[Any]]) -> list[tuple[Any, str, str]]:
+        """Each of ``keys`` (JSON values of a difference), its text in trueup.repairs and its
+        message key, as Postgres writes the values read as the source's key types."""
+        space = self.space.from_json()
         with self.source.cursor(row_factory=tuple_row) as cur:
-            return [row[0] for row in cur.execute(sql.SQL(
-                "SELECT {} FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS e (j, n) "
-                "ORDER BY n").format(self.space.from_json().message_key), (json.dumps(keys),))]
+            return [(key, text, kafka_key) for key, (text, kafka_key) in zip(keys, cur.execute(
+                sql.SQL("SELECT ({})::text, {} FROM jsonb_array_elements(%s::jsonb) "
+                        "WITH ORDINALITY AS e (j, n) ORDER BY n").format(
+                            space.repairs_text, space.message_key), (json_text(keys),)),
+                strict=True)]

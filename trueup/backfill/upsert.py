@@ -22,7 +22,6 @@ already repaired (no candidates) or repairs them again under the same repairs ro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, wait
 from contextlib import ExitStack
@@ -33,14 +32,13 @@ from psycopg import sql
 
 from trueup import threads
 from trueup.backfill import chunks
-from trueup.backfill.keyspace import KeySpace, repairs_text, scope_condition
+from trueup.backfill.keyspace import KeySpace, json_text, repairs_text, scope_condition
 from trueup.backfill.model import (
     Backfill,
     ChunkContext,
     ChunkResult,
     Repair,
     chunk_has_repairs,
-    key_text,
     new_repairs,
     pipe,
     record_repairs,
@@ -52,7 +50,7 @@ from trueup.backfill.model import (
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, same_server
 from trueup.errors import TrueupError
-from trueup.fingerprint import ColumnType, Kind, storage_type
+from trueup.fingerprint import ColumnType, Kind, loads, storage_type
 from trueup.log import get_logger
 from trueup.queries import query
 from trueup.sides import (
@@ -699,12 +697,14 @@ class UpsertWriter:
 
     def _orphans(self, chunk: chunks.Chunk) -> tuple[list[Repair], dict[str, str]]:
         """Target rows of the chunk without a source row, confirmed by asking the source; and
-        the version of each row seen (its ``xmin``, by its key's text), which is all
-        :meth:`_delete` may delete."""
+        the version of each row seen (its ``xmin``, by its key's repairs text), which is all
+        :meth:`_delete` may delete. Keys travel exactly (read with Decimal numbers) and are
+        matched by their repairs text: a key a double cannot hold (0.30000000000000001) must
+        not be taken for another (0.3)."""
         ts = self.target_side
         space = self._target_space()
         candidates = self.target.execute(sql.SQL(
-            "SELECT {key} AS key, ({text})::text AS text, {fp} AS fp, {seen} AS seen "
+            "SELECT ({key})::text AS key, ({text})::text AS text, {fp} AS fp, {seen} AS seen "
             "FROM {target} AS t "
             "WHERE {scope} AND {complete} AND NOT EXISTS (SELECT 1 FROM {stage} AS s WHERE {join})"
         ).format(key=self._target_key_json(), text=self._target_key().repairs_key,
@@ -715,16 +715,17 @@ class UpsertWriter:
                  stage=_STAGE, join=self._join())).fetchall()
         if not candidates:
             return [], {}
-        keys = [r["key"] for r in candidates]
-        present = {key_text(r["key"]) for r in self.source.execute(sql.SQL(
-            "SELECT {} AS key FROM {} WHERE {}").format(
-                self._source_space().as_json, self.source_side.relation,
+        keys = [loads(r["key"]) for r in candidates]
+        present = {r["text"] for r in self.source.execute(sql.SQL(
+            "SELECT ({})::text AS text FROM {} WHERE {}").format(
+                self._source_space().repairs_text, self.source_side.relation,
                 self._source_space().in_list(keys)))}
         self.source.commit()
-        orphans = [r for r in candidates if key_text(r["key"]) not in present]
-        return ([Repair(key=r["key"], action=RepairAction.DELETE, fingerprint_before=r["fp"],
-                        fingerprint_after=None, text=r["text"]) for r in orphans],
-                {key_text(r["key"]): r["seen"] for r in orphans})
+        orphans = [(r, key) for r, key in zip(candidates, keys, strict=True)
+                   if r["text"] not in present]
+        return ([Repair(key=key, action=RepairAction.DELETE, fingerprint_before=r["fp"],
+                        fingerprint_after=None, text=r["text"]) for r, key in orphans],
+                {r["text"]: r["seen"] for r, _ in orphans})
 
     def _delete(self, orphans: Sequence[Repair], seen: dict[str, str]) -> list[Repair]:
         """Delete the orphans still as they were seen: a row written meanwhile (its key came
@@ -734,15 +735,18 @@ class UpsertWriter:
         if not orphans:
             return []
         space = self._target_space()
-        deleted = {key_text(r["key"]) for r in self.target.execute(sql.SQL(
+        texts = [o.text for o in orphans if o.text is not None]
+        assert len(texts) == len(orphans)  # _orphans took each from the target
+        deleted = {r["text"] for r in self.target.execute(sql.SQL(
             "DELETE FROM {rel} AS t WHERE {keys} AND ({key}, {row}) IN ("
             "SELECT j -> 0, j ->> 1 FROM jsonb_array_elements({seen}::jsonb) AS j) "
-            "RETURNING {key} AS key").format(
+            "RETURNING ({text})::text AS text").format(
                 rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
                 key=self._target_key_json(), row=_ROW_SEEN,
-                seen=sql.Literal(json.dumps([[o.key, seen[key_text(o.key)]]
-                                             for o in orphans]))))}
-        return [o if key_text(o.key) in deleted else
+                text=self._target_key().repairs_key,
+                seen=sql.Literal(json_text([[o.key, seen[t]] for o, t in zip(
+                    orphans, texts, strict=True)]))))}
+        return [o if o.text in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
                        fingerprint_before=o.fingerprint_before, fingerprint_after=None,
                        text=o.text)
