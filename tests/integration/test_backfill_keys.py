@@ -411,3 +411,78 @@ def test_orphans_of_keys_a_double_cannot_hold_are_asked_for_and_deleted_exactly(
     assert [(r["key"], r["action"]) for r in rows] == [
         (f"[{o}]", "delete") for o in sorted(orphans)]
     assert diff(config, "codes").consistent
+
+
+@pytest.mark.parametrize(("ddl", "key", "types", "rows"), [
+    ("id bigint PRIMARY KEY", ["id"], ["int8"], "g"),
+    ("region text COLLATE \"C\", id int, PRIMARY KEY (region, id)", ["region", "id"],
+     ["text", "int4"], "'r' || (g % 7), g"),
+    (f"code text COLLATE \"{ICU}\" PRIMARY KEY", ["code"], ["text"], "'c' || g"),
+    ("at timestamptz PRIMARY KEY", ["at"], ["timestamptz"],
+     "timestamptz '2026-01-01' + g * interval '1 minute'"),
+    ("id bigint UNIQUE", ["id"], ["int8"], "CASE WHEN g % 100 = 0 THEN NULL ELSE g END"),
+], ids=["bigint", "composite", "icu-text", "timestamptz", "null-keys"])
+@pytest.mark.parametrize("count", [0, 1, 250, 1000, 1001, 2345])
+def test_cuts_stepped_along_the_key_index_are_the_windows_cuts(
+        new_db: Callable[[], str], ddl: str, key: list[str], types: list[str], rows: str,
+        count: int) -> None:
+    """Planning steps from cut to cut along the key index (OFFSET from the last cut) where
+    an index gives the key order: its cuts and counts must be those of numbering every row,
+    of the whole table and of the keys past one (the target's keys beyond the source's)."""
+    from trueup.backfill import planner
+
+    table = sql.Identifier("t")
+    with psycopg.connect(new_db(), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute(f"CREATE TABLE t ({ddl}, note text)")
+        conn.execute(f"INSERT INTO t SELECT {rows.replace('%', '%%')}, 'n' "
+                     "FROM generate_series(1, %s) g",
+                     (count,))
+        conn.execute("ANALYZE t")
+        space = KeySpace(exprs=[sql.Identifier(k) for k in key],
+                         types=[ColumnType.of(t) for t in types], order=KeyOrder.NATIVE)
+        wheres = [sql.SQL("true")]
+        middle = conn.execute(sql.SQL(
+            "SELECT {} AS key FROM t WHERE {} ORDER BY {} OFFSET %s LIMIT 1").format(
+                space.as_json, space.complete, space.ordered), (count // 3,)).fetchone()
+        if middle:
+            wheres.append(space.after(middle["key"]))
+        for where in wheres:
+            stepping = planner._stepping(table, space, where, 100)
+            # (a table of a few rows may well be sorted rather than read by its index)
+            assert planner._steps_on_an_index(conn, stepping) or count < 1000
+            expected = conn.execute(planner._windowed(table, space, where, 100)).fetchall()
+            assert conn.execute(stepping).fetchall() == expected
+
+
+def test_cuts_without_an_index_on_the_key_are_numbered_in_a_window(
+        new_db: Callable[[], str]) -> None:
+    """Without an index giving the key order each step would sort every row after the last
+    cut: the plan says so, and the cuts are numbered in one window."""
+    from trueup.backfill import planner
+
+    space = KeySpace(exprs=[sql.Identifier("id")], types=[ColumnType.of("int8")])
+    with psycopg.connect(new_db(), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g AS id FROM generate_series(1, 2000) g")
+        conn.execute("ANALYZE t")
+        assert not planner._steps_on_an_index(
+            conn, planner._stepping(sql.Identifier("t"), space, sql.SQL("true"), 100))
+        cuts, last = planner._cut(conn, sql.Identifier("t"), space, sql.SQL("true"), 100)
+    assert cuts == [([1 + 100 * i], 100) for i in range(20)] and last == [2000]
+
+
+def test_cut_steps_stop_at_keys_that_are_not_unique(new_db: Callable[[], str]) -> None:
+    """Keys that are not unique (no key trueup accepts, but an index may order them) must
+    not make the steps loop: they stop, and the last range holds the rest."""
+    from trueup.backfill import planner
+
+    space = KeySpace(exprs=[sql.Identifier("id")], types=[ColumnType.of("int8")])
+    with psycopg.connect(new_db(), autocommit=True, row_factory=dict_row) as conn:
+        conn.execute("CREATE TABLE t AS SELECT least(g, 150) AS id "
+                     "FROM generate_series(1, 1000) g")
+        conn.execute("CREATE INDEX ON t (id)")
+        conn.execute("ANALYZE t")
+        stepping = planner._stepping(sql.Identifier("t"), space, sql.SQL("true"), 100)
+        assert planner._steps_on_an_index(conn, stepping)
+        cuts, last = planner._cut(conn, sql.Identifier("t"), space, sql.SQL("true"), 100)
+    # ranges [1, 101), [101, 150), [150, ...): every row in one; the last's rows counted
+    assert cuts == [([1], 100), ([101], 100), ([150], 1000 - 149)] and last == [150]

@@ -156,31 +156,116 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
             "rows_planned": rows})
 
 
+#: The smallest chunk cut by steps along an index (see :func:`_cut`): a step costs about as
+#: much as numbering 35 rows in a window.
+STEP_MIN_ROWS = 100
+
+
 def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
          where: sql.Composable, chunk_size: int) -> tuple[list[tuple[Any, int]], Any]:
-    """Every ``chunk_size``-th key of ``relation``'s rows ``where`` in key order (one scan of
-    the key, never OFFSET), each with the rows of its chunk; and the last key. Keys with a
-    NULL part are left out: a bound with one would leave the rows next to it in no chunk (a
-    comparison with NULL is never true), and such keys are not repaired anyway."""
-    names = [sql.Identifier(f"k{i}") for i in range(len(space.exprs))]
-    # lead() marks the last row (its number is the count) while the rows stream by; a
-    # count(*) OVER () would hold every row of the table until the first came out
-    rows = conn.execute(sql.SQL(
-        "SELECT {json} AS key, trueup_n FROM (SELECT {cols}, row_number() OVER w AS trueup_n, "
-        "lead(true) OVER w IS NULL AS trueup_last FROM {rel} WHERE {complete} AND {where} "
-        "WINDOW w AS (ORDER BY {order})) AS s "
-        "WHERE (trueup_n - 1) % {size} = 0 OR trueup_last ORDER BY trueup_n"
-    ).format(json=KeySpace(exprs=names, types=space.types).as_json,
-             cols=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
-                                     for e, n in zip(space.exprs, names, strict=True)),
-             order=space.ordered, rel=relation, complete=space.complete, where=where,
-             size=sql.Literal(chunk_size))).fetchall()
+    """Every ``chunk_size``-th key of ``relation``'s rows ``where`` in key order, each with the
+    rows of its chunk; and the last key. One statement, so one snapshot: the last chunk's
+    planned rows never go wrong or negative as rows come and go. Keys with a NULL part are
+    left out: a bound with one would leave the rows next to it in no chunk (a comparison with
+    NULL is never true), and such keys are not repaired anyway.
+
+    Where an index gives the rows in key order, each cut is found from the last by stepping
+    ``chunk_size`` entries along it (1M keys: 65 ms, against 460 through a window over every
+    row); else one window over the rows in key order numbers them all (one scan and one sort,
+    never an OFFSET from the start)."""
+    stepping: sql.Composed | None = None
+    if chunk_size >= STEP_MIN_ROWS and space.indexed(ranges=True):
+        stepping = _stepping(relation, space, where, chunk_size)
+        if not _steps_on_an_index(conn, stepping):
+            stepping = None
+    rows = conn.execute(stepping or _windowed(relation, space, where, chunk_size)).fetchall()
     if not rows:
         return [], None
     total = rows[-1]["trueup_n"]
     bounds = [r["key"] for r in rows if (r["trueup_n"] - 1) % chunk_size == 0]
     return [(b, chunk_size if i < len(bounds) - 1 else total - chunk_size * i)
             for i, b in enumerate(bounds)], rows[-1]["key"]
+
+
+def _cut_parts(relation: sql.Composable, space: KeySpace, where: sql.Composable,
+               chunk_size: int) -> dict[str, sql.Composable]:
+    names = [sql.Identifier(f"k{i}") for i in range(len(space.exprs))]
+    return {"json": KeySpace(exprs=names, types=space.types).as_json,
+            "cols": sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, n)
+                                       for e, n in zip(space.exprs, names, strict=True)),
+            "order": space.ordered, "rel": relation, "size": sql.Literal(chunk_size),
+            "filter": sql.SQL("{} AND {}").format(space.complete, where)}
+
+
+def _windowed(relation: sql.Composable, space: KeySpace, where: sql.Composable,
+              chunk_size: int) -> sql.Composed:
+    """:func:`_cut`'s rows by a window: each cut key numbered, and the last key numbered the
+    count. lead() marks the last row (its number is the count) while the rows stream by; a
+    count(*) OVER () would hold every row of the table until the first came out."""
+    return sql.SQL(
+        "SELECT {json} AS key, trueup_n FROM (SELECT {cols}, row_number() OVER w AS trueup_n, "
+        "lead(true) OVER w IS NULL AS trueup_last FROM {rel} WHERE {filter} "
+        "WINDOW w AS (ORDER BY {order})) AS s "
+        "WHERE (trueup_n - 1) % {size} = 0 OR trueup_last ORDER BY trueup_n"
+    ).format(**_cut_parts(relation, space, where, chunk_size))
+
+
+def _stepping(relation: sql.Composable, space: KeySpace, where: sql.Composable,
+              chunk_size: int) -> sql.Composed:
+    """:func:`_cut`'s rows by steps along the key's order: the first key, then each cut
+    ``chunk_size`` rows past the last (``OFFSET`` from it, not from the start), then the last
+    key, numbered by counting the rows from the last cut. For a space compared as its columns
+    are (:meth:`KeySpace.indexed`). Each cut is past the last: keys that are not unique (no
+    key trueup accepts) stop the steps, and the last chunk holds the rest, never a loop."""
+    n = len(space.exprs)
+
+    def row_of(alias: str) -> sql.Composable:
+        row = sql.SQL(", ").join(sql.Identifier(alias, f"k{i}") for i in range(n))
+        return sql.SQL("({})").format(row) if n > 1 else row
+
+    return sql.SQL(
+        "WITH RECURSIVE cuts AS ("
+        "(SELECT {cols}, 1::bigint AS trueup_n FROM {rel} WHERE {filter} "
+        "ORDER BY {order} LIMIT 1) "
+        "UNION ALL "
+        "SELECT next.*, cuts.trueup_n + {size} FROM cuts, LATERAL ("
+        "SELECT {cols} FROM {rel} WHERE {filter} AND {row} >= {cut} "
+        "ORDER BY {order} OFFSET {size} LIMIT 1) AS next "
+        "WHERE {next} > {cut}), "
+        "last AS (SELECT * FROM cuts ORDER BY trueup_n DESC LIMIT 1) "
+        "SELECT {json} AS key, trueup_n FROM cuts "
+        "UNION "
+        "SELECT {end}, last.trueup_n - 1 + (SELECT count(*) FROM {rel} "
+        "WHERE {filter} AND {row} >= {last}) "
+        "FROM last, LATERAL (SELECT {cols} FROM {rel} WHERE {filter} "
+        "ORDER BY {backwards} LIMIT 1) AS e "
+        "ORDER BY trueup_n"
+    ).format(**_cut_parts(relation, space, where, chunk_size),
+             row=space.row, cut=row_of("cuts"), next=row_of("next"), last=row_of("last"),
+             end=KeySpace(exprs=[sql.Identifier("e", f"k{i}") for i in range(n)],
+                          types=space.types).as_json,
+             backwards=sql.SQL(", ").join(sql.SQL("{} DESC").format(e) for e in space.exprs))
+
+
+def _steps_on_an_index(conn: psycopg.Connection[Any], statement: sql.Composed) -> bool:
+    """Whether the plan of a stepping :func:`_cut` reads each step along an index: no sort in
+    its recursive part (without a fitting index every step would sort the rows after the
+    last cut, for each cut)."""
+    row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement)).fetchone()
+    assert row is not None
+    plan = row["QUERY PLAN"][0]["Plan"]
+    todo = [plan]
+    while todo:
+        node = todo.pop()
+        if node.get("Node Type") == "Recursive Union":
+            return not _sorts(node["Plans"][1])
+        todo += node.get("Plans", [])
+    return False
+
+
+def _sorts(node: dict[str, Any]) -> bool:
+    return node.get("Node Type") in ("Sort", "Incremental Sort") or any(
+        _sorts(child) for child in node.get("Plans", []))
 
 
 #: Cuts of one side's keys: every chunk_size-th key, with the rows from it to the next.
