@@ -1,8 +1,8 @@
 """Planning a backfill: one active backfill per reconciliation, and its chunks.
 
 ``--run`` plans batches of the run's difference keys; ``--all`` and ``--partition`` plan key
-ranges cut on the source's key index (every ``chunk_size``-th key in key order, one pass, no
-OFFSET). For ``--all`` the target's keys (the mirror's, for a topic) are cut the same way:
+ranges cut on the source's key index (every ``chunk_size``-th key in key order, stepping
+along the index from cut to cut, never an OFFSET from the start). For ``--all`` the target's keys (the mirror's, for a topic) are cut the same way:
 those before the source's first key and after its last become chunks of their own, and so do
 those of a source range holding more than ``chunk_size`` of them (a gap in the source's
 keys), so orphans come in chunks of fewer than twice ``chunk_size``; the first and last ranges
