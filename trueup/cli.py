@@ -14,6 +14,8 @@ import gc
 import importlib
 import json
 import os
+import re
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -137,7 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def to_json(value: Any) -> str:
-    return json.dumps(value, default=_json_default, separators=(", ", ": "))
+    """``value`` as one line of JSON. A decimal a double holds is written as the double (2.5
+    for 2.50); one it cannot hold (0.30000000000000001, a key typed exactly) with every digit:
+    json.dumps writes no number it is not given as a float, so such a decimal goes in as a
+    marker string (NUL-delimited, with a token of this call) that its digits then replace."""
+    exact: list[str] = []
+    marker = secrets.token_hex(8)
+
+    def default(item: Any) -> Any:
+        if isinstance(item, decimal.Decimal) and item.is_finite() \
+                and item != item.to_integral_value() \
+                and decimal.Decimal(repr(float(item))) != item:
+            exact.append(format(item, "f"))
+            return f"\0{marker}:{len(exact) - 1}\0"
+        return _json_default(item)
+
+    text = json.dumps(value, default=default, separators=(", ", ": "))
+    if not exact:
+        return text
+    return re.sub(rf'"\\u0000{marker}:(\d+)\\u0000"', lambda m: exact[int(m[1])], text)
 
 
 def _json_default(value: Any) -> Any:

@@ -386,7 +386,8 @@ def test_gap_cuts_of_text_keys_follow_their_columns_collation(
 
 @pytest.mark.parametrize("shared", [False, True], ids=["state-apart", "state-in-target"])
 def test_orphans_of_keys_a_double_cannot_hold_are_asked_for_and_deleted_exactly(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path, shared: bool) -> None:
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, shared: bool,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """An orphan's key goes from the target to the source (is it there now?) and back to the
     target (delete it as it was seen) with every digit: 0.30000000000000001 is no float's,
     read as one it is 0.3, a key the source holds (the orphan was kept as present); and
@@ -399,10 +400,17 @@ def test_orphans_of_keys_a_double_cannot_hold_are_asked_for_and_deleted_exactly(
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("INSERT INTO codes_copy SELECT c::numeric, 1, 'n' "
                      "FROM unnest(%s::text[]) c", (["0.3", "1", "2.50", *orphans],))
-    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    path = _codes_config(tmp_path, state_db, source, target)
+    config = load_config(path)
     summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL))
     assert summary.status is BackfillStatus.SUCCEEDED
     assert (summary.rows_repaired, summary.rows_skipped) == (len(orphans), 0)
+    # lineage --json names the key it looked up with every digit too
+    capsys.readouterr()
+    assert main(["--config", str(path), "lineage", "codes", orphans[0], "--json"]) == 0
+    printed = capsys.readouterr().out
+    assert f'"key": [{orphans[0]}]' in printed
+    assert [r["action"] for r in json.loads(printed)["repairs"]] == ["delete"]
     with psycopg.connect(target) as conn:
         left = conn.execute("SELECT code::text FROM codes_copy ORDER BY code").fetchall()
     assert [code for code, in left] == ["0.3", "1", "2.50"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -132,3 +134,13 @@ def test_only_the_console_script_freezes_what_is_loaded_for_the_collector(
         gc.unfreeze()
     assert frozen[0] == before, "main() froze its caller's objects"
     assert frozen[1] > before, "the console script's command ran with nothing frozen"
+
+
+def test_json_output_writes_a_decimal_a_double_cannot_hold_with_every_digit() -> None:
+    """Decimals a double holds are written as before (2.50 as 2.5); others keep every digit,
+    and a string that looks like the marker they pass through stays a string."""
+    text = cli.to_json({"key": [Decimal("0.30000000000000001"), Decimal("2.50"), Decimal(7),
+                                "\0x:0\0", Decimal("-1234567890.1234567890123")]})
+    assert text == ('{"key": [0.30000000000000001, 2.5, 7, "\\u0000x:0\\u0000", '
+                    '-1234567890.1234567890123]}')
+    assert json.loads(text, parse_float=Decimal)["key"][0] == Decimal("0.30000000000000001")

@@ -2,11 +2,12 @@
 
 ``--run`` plans batches of the run's difference keys; ``--all`` and ``--partition`` plan key
 ranges cut on the source's key index (every ``chunk_size``-th key in key order, stepping
-along the index from cut to cut, never an OFFSET from the start). For ``--all`` the target's keys (the mirror's, for a topic) are cut the same way:
-those before the source's first key and after its last become chunks of their own, and so do
-those of a source range holding more than ``chunk_size`` of them (a gap in the source's
-keys), so orphans come in chunks of fewer than twice ``chunk_size``; the first and last ranges
-are open. The backfill row and its chunks commit together.
+along the index from cut to cut, never an OFFSET from the start). For ``--all`` the target's
+keys (the mirror's, for a topic) are cut the same way: those before the source's first key
+and after its last become chunks of their own, and so do those of a source range holding
+more than ``chunk_size`` of them (a gap in the source's keys), so orphans come in chunks of
+fewer than twice ``chunk_size``; the first and last ranges are open. The backfill row and
+its chunks commit together.
 """
 
 from __future__ import annotations
