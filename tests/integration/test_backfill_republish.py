@@ -689,18 +689,23 @@ def test_a_key_with_a_null_part_is_not_republished(
     assert sorted(k for k, _ in _messages_after(kafka_bootstrap, topic, starts)) == ["1", "2"]
 
 
-def test_a_run_without_a_mirror_publishes_the_missing_numeric_keys_and_no_tombstone(
+@pytest.mark.parametrize(("key_type", "key_of", "orphan"), [
+    ("numeric(6,2)", "g + 0.10", "99.10"),
+    ("jsonb", "jsonb_build_object('a', g + 0.50)", '{"a": 99.5}'),
+], ids=["numeric", "jsonb"])
+def test_a_run_without_a_mirror_publishes_the_missing_keys_and_no_tombstone(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
-        topic: str) -> None:
-    """A run's differences hold a numeric key with a fraction as a string ("1.1000000000"):
-    without a mirror, the source rows a --run chunk read (1.10) must still be known as the
-    keys of those differences, or they are taken for orphans and get a tombstone right after
-    their message."""
+        topic: str, key_type: str, key_of: str, orphan: str) -> None:
+    """Without a mirror, the source rows a --run chunk read must be known as the keys of the
+    run's differences, or they are taken for orphans and get a tombstone right after their
+    message: a numeric key with a fraction is a string there ("1.1000000000" is the source's
+    1.10), and a jsonb key's numbers lose their scale ({"a": 1.5} is the source's
+    {"a": 1.50}: the source is asked by value)."""
     source = new_db()
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("CREATE TABLE things (at numeric(6,2) PRIMARY KEY, version bigint, "
+        conn.execute(f"CREATE TABLE things (at {key_type} PRIMARY KEY, version bigint, "
                      "status text)")
-        conn.execute("INSERT INTO things SELECT g + 0.10, 1, 'new' "
+        conn.execute(f"INSERT INTO things SELECT {key_of}, 1, 'new' "
                      "FROM generate_series(1, 20) g")
         messages = conn.execute("SELECT at::text, json_build_object('at', at, 'version', 1, "
                                 "'status', 'new')::text FROM things ORDER BY at").fetchall()
@@ -709,7 +714,8 @@ def test_a_run_without_a_mirror_publishes_the_missing_numeric_keys_and_no_tombst
     for key, value in messages:
         if key not in missing:
             producer.produce(topic, key=key, value=value)
-    producer.produce(topic, key="99.10", value='{"at": 99.10, "version": 1, "status": "new"}')
+    producer.produce(topic, key=orphan,
+                     value=f'{{"at": {orphan}, "version": 1, "status": "new"}}')
     assert producer.flush(30) == 0
     config = _config_of(tmp_path, state_db, source, kafka_bootstrap, topic, table="things",
                         key=["at"], columns={"status": "status"})
@@ -723,7 +729,7 @@ def test_a_run_without_a_mirror_publishes_the_missing_numeric_keys_and_no_tombst
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 4
     produced = _messages_after(kafka_bootstrap, topic, starts)
     assert sorted(k for k, v in produced if v is not None) == sorted(missing)
-    assert [k for k, v in produced if v is None] == ["99.10"]
+    assert [k for k, v in produced if v is None] == [orphan]
     assert diff(config, "events").consistent
 
 

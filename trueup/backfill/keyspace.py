@@ -224,15 +224,30 @@ class KeySpace:
 
     def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
         """The key is one of ``keys`` (JSON arrays of key values)."""
+        return sql.SQL("{} IN (SELECT {} FROM jsonb_array_elements({}::jsonb) AS j)").format(
+            self._listed(), sql.SQL(", ").join(self.from_json().exprs),
+            sql.Literal(json_text([list(k) for k in keys])))
+
+    def held(self, relation: sql.Composable, keys: Sequence[Sequence[Any]]) -> sql.Composed:
+        """A query of the positions (from 1, as ``n``) of the ``keys`` (JSON arrays of key
+        values) that a row of ``relation`` holds, its key compared as :meth:`in_list` compares
+        it: by value (a jsonb ``{"a": 2.5}`` is ``{"a": 2.50}``), whatever the texts."""
         wanted = sql.SQL(", ").join(self.from_json().exprs)
+        if len(self.exprs) > 1:
+            wanted = sql.SQL("({})").format(wanted)
+        return sql.SQL("SELECT e.n FROM jsonb_array_elements({}::jsonb) WITH ORDINALITY "
+                       "AS e (j, n) WHERE {} IN (SELECT {} FROM {} WHERE {})").format(
+            sql.Literal(json_text([list(k) for k in keys])), wanted,
+            self._listed(as_row=False), relation, self.complete)
+
+    def _listed(self, *, as_row: bool = True) -> sql.Composable:
+        """The key as :meth:`in_list` compares it with keys read from JSON: a row of several
+        columns (``as_row``), else their list."""
         exprs = [sql.SQL("({})::text").format(e) if t.kind is Kind.TEXT
                  and t.name not in (*_PLAIN_TEXT, "uuid") else e
                  for e, t in zip(self.exprs, self.types, strict=True)]
         own = sql.SQL(", ").join(exprs)
-        if len(exprs) > 1:
-            own = sql.SQL("({})").format(own)
-        return sql.SQL("{} IN (SELECT {} FROM jsonb_array_elements({}::jsonb) AS j)").format(
-            own, wanted, sql.Literal(json_text([list(k) for k in keys])))
+        return sql.SQL("({})").format(own) if as_row and len(exprs) > 1 else own
 
 
 def scope_condition(space: KeySpace, key_from: Sequence[Any] | None,

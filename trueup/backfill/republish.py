@@ -416,9 +416,9 @@ class RepublishWriter:
         """Keys of the chunk the topic may hold but the source lacks, confirmed with it now,
         each with its fingerprint in the topic (if known), its message key and its text in
         trueup.repairs. ``found``: the repairs text of every source row read; ``mirror``: the
-        mirror's rows the source rows did not claim. Keys are told apart by that text, exact
-        (a key a double cannot hold is no other key, a numeric difference's "1.1000000000" is
-        the source's 1.10)."""
+        mirror's rows the source rows did not claim. Keys are read exactly (a key a double
+        cannot hold is no other key) and a difference's key as the source's type
+        ("1.1000000000" is the source's 1.10); the source is asked for them by value."""
         if scope is BackfillScope.PARTITION:
             return []
         candidates: dict[str, tuple[list[Any], int | None, str]] = {}
@@ -431,12 +431,11 @@ class RepublishWriter:
                     candidates[text] = (key, None, kafka_key)
         if not candidates:
             return []
-        present = {r["text"] for r in self.source.execute(sql.SQL(
-            "SELECT ({})::text AS text FROM {} WHERE {}").format(
-                self.space.repairs_text, self.side.relation,
-                self.space.in_list([k for k, _, _ in candidates.values()])))}
+        listed = list(candidates.items())
+        held = {r["n"] for r in self.source.execute(self.space.held(
+            self.side.relation, [key for _, (key, _, _) in listed]))}
         return [(key, before, kafka_key, text)
-                for text, (key, before, kafka_key) in candidates.items() if text not in present]
+                for n, (text, (key, before, kafka_key)) in enumerate(listed, 1) if n not in held]
 
     def _rendered(self, keys: Sequence[Sequence[Any]]) -> list[tuple[Any, str, str]]:
         """Each of ``keys`` (JSON values of a difference), its text in trueup.repairs and its

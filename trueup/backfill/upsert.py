@@ -698,9 +698,8 @@ class UpsertWriter:
     def _orphans(self, chunk: chunks.Chunk) -> tuple[list[Repair], dict[str, str]]:
         """Target rows of the chunk without a source row, confirmed by asking the source; and
         the version of each row seen (its ``xmin``, by its key's repairs text), which is all
-        :meth:`_delete` may delete. Keys travel exactly (read with Decimal numbers) and are
-        matched by their repairs text: a key a double cannot hold (0.30000000000000001) must
-        not be taken for another (0.3)."""
+        :meth:`_delete` may delete. Keys travel exactly (read with Decimal numbers): a key a
+        double cannot hold (0.30000000000000001) must not be taken for another (0.3)."""
         ts = self.target_side
         space = self._target_space()
         candidates = self.target.execute(sql.SQL(
@@ -716,13 +715,11 @@ class UpsertWriter:
         if not candidates:
             return [], {}
         keys = [loads(r["key"]) for r in candidates]
-        present = {r["text"] for r in self.source.execute(sql.SQL(
-            "SELECT ({})::text AS text FROM {} WHERE {}").format(
-                self._source_space().repairs_text, self.source_side.relation,
-                self._source_space().in_list(keys)))}
+        held = {r["n"] for r in self.source.execute(self._source_space().held(
+            self.source_side.relation, keys))}
         self.source.commit()
-        orphans = [(r, key) for r, key in zip(candidates, keys, strict=True)
-                   if r["text"] not in present]
+        orphans = [(r, key) for n, (r, key) in enumerate(zip(candidates, keys, strict=True), 1)
+                   if n not in held]
         return ([Repair(key=key, action=RepairAction.DELETE, fingerprint_before=r["fp"],
                         fingerprint_after=None, text=r["text"]) for r, key in orphans],
                 {r["text"]: r["seen"] for r, _ in orphans})
