@@ -429,7 +429,12 @@ def test_orphans_of_keys_a_double_cannot_hold_are_asked_for_and_deleted_exactly(
     ("at timestamptz PRIMARY KEY", ["at"], ["timestamptz"],
      "timestamptz '2026-01-01' + g * interval '1 minute'"),
     ("id bigint UNIQUE", ["id"], ["int8"], "CASE WHEN g % 100 = 0 THEN NULL ELSE g END"),
-], ids=["bigint", "composite", "icu-text", "timestamptz", "null-keys"])
+    # key columns named like the statement's own columns, an index on the second alone
+    ("trueup_n bigint PRIMARY KEY", ["trueup_n"], ["int8"], "g"),
+    ("k1 int, k2 int, PRIMARY KEY (k1, k2)", ["k1", "k2"], ["int4", "int4"],
+     "g % 50, 20000 - g"),
+], ids=["bigint", "composite", "icu-text", "timestamptz", "null-keys", "named-trueup_n",
+        "named-k1-k2"])
 @pytest.mark.parametrize("count", [0, 1, 250, 1000, 1001, 2345])
 def test_cuts_stepped_along_the_key_index_are_the_windows_cuts(
         new_db: Callable[[], str], ddl: str, key: list[str], types: list[str], rows: str,
@@ -443,8 +448,9 @@ def test_cuts_stepped_along_the_key_index_are_the_windows_cuts(
     with psycopg.connect(new_db(), autocommit=True, row_factory=dict_row) as conn:
         conn.execute(f"CREATE TABLE t ({ddl}, note text)")
         conn.execute(f"INSERT INTO t SELECT {rows.replace('%', '%%')}, 'n' "
-                     "FROM generate_series(1, %s) g",
-                     (count,))
+                     "FROM generate_series(1, %s) g ORDER BY random()", (count,))
+        if "k2" in key:
+            conn.execute("CREATE INDEX ON t (k2)")
         conn.execute("ANALYZE t")
         space = KeySpace(exprs=[sql.Identifier(k) for k in key],
                          types=[ColumnType.of(t) for t in types], order=KeyOrder.NATIVE)

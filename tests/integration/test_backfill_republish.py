@@ -755,3 +755,41 @@ def test_a_topic_key_a_double_cannot_hold_is_an_orphan_of_its_own(
     assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == 1
     assert _messages_after(kafka_bootstrap, topic, starts) == [("0.30000000000000001", None)]
     assert diff(config, "events").consistent
+
+
+def test_a_day_s_keys_a_double_cannot_hold_find_their_newer_versions_in_the_topic(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    """A --partition republish reads the mirror's rows of the day's keys: read as doubles,
+    0.30000000000000001 asked for 0.3's row, missed its own newer version and republished
+    the source's older one over it."""
+    source = new_db()
+    keys = ["0.3", "0.30000000000000001"]
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE things (at numeric PRIMARY KEY, version bigint, "
+                     "status text, updated_at timestamptz)")
+        conn.execute("INSERT INTO things SELECT k::numeric, 1, 'old', '2026-01-02T08:00Z' "
+                     "FROM unnest(%s::text[]) k", (keys,))
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    for key in keys:  # the topic holds a newer version of both
+        producer.produce(topic, key=key, value=f'{{"at": {key}, "version": 2, "status": "new"}}')
+    assert producer.flush(30) == 0
+    raw = {"state": state_db,
+           "connections": {"shop": {"postgres": source},
+                           "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+           "reconciliations": {"events": {
+               "source": {"connection": "shop", "table": "things", "key": ["at"],
+                          "version": "version", "columns": ["status"],
+                          "updated_at": "updated_at"},
+               "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["at"],
+                          "version": "version", "columns": {"status": "status"}},
+               "repair": "republish", "partitions": {"daily": {"start": "2026-01-01"}}}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    assert diff(config, "events").ahead == 2
+    starts = _ends(kafka_bootstrap, topic)
+    summary = start_backfill(config, "events", BackfillOptions(
+        scope=BackfillScope.PARTITION, partition="2026-01-02"))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    assert (summary.rows_repaired, summary.rows_skipped) == (0, 2)
+    assert _messages_after(kafka_bootstrap, topic, starts) == []

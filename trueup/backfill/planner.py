@@ -135,7 +135,7 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
         # the last chunk's planned rows never go wrong or negative as rows come and go).
         cuts, last = _cut(source, side.relation, space,
                           sql.SQL("({})").format(day_filter(side, options.partition)),
-                          options.chunk_size)
+                          options.chunk_size, filtered=options.partition is not None)
         if options.scope is BackfillScope.ALL:
             # The first and last ranges are open: target keys beyond the source's (orphans)
             # are cut into chunks of their own, or one chunk would hold them all; so are
@@ -163,7 +163,8 @@ STEP_MIN_ROWS = 100
 
 
 def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpace,
-         where: sql.Composable, chunk_size: int) -> tuple[list[tuple[Any, int]], Any]:
+         where: sql.Composable, chunk_size: int, *, filtered: bool = False
+         ) -> tuple[list[tuple[Any, int]], Any]:
     """Every ``chunk_size``-th key of ``relation``'s rows ``where`` in key order, each with the
     rows of its chunk; and the last key. One statement, so one snapshot: the last chunk's
     planned rows never go wrong or negative as rows come and go. Keys with a NULL part are
@@ -173,9 +174,11 @@ def _cut(conn: psycopg.Connection[Any], relation: sql.Composable, space: KeySpac
     Where an index gives the rows in key order, each cut is found from the last by stepping
     ``chunk_size`` entries along it (1M keys: 65 ms, against 460 through a window over every
     row); else one window over the rows in key order numbers them all (one scan and one sort,
-    never an OFFSET from the start)."""
+    never an OFFSET from the start). Rows ``filtered`` by more than a key range (a day's)
+    are numbered in the window: steps along the key index would read every other row of the
+    range for each cut."""
     stepping: sql.Composed | None = None
-    if chunk_size >= STEP_MIN_ROWS and space.indexed(ranges=True):
+    if not filtered and chunk_size >= STEP_MIN_ROWS and space.indexed(ranges=True):
         stepping = _stepping(relation, space, where, chunk_size)
         if not _steps_on_an_index(conn, stepping):
             stepping = None
@@ -224,14 +227,16 @@ def _stepping(relation: sql.Composable, space: KeySpace, where: sql.Composable,
         row = sql.SQL(", ").join(sql.Identifier(alias, f"k{i}") for i in range(n))
         return sql.SQL("({})").format(row) if n > 1 else row
 
+    # ORDER BY names the output columns (k0, ...): a bare name there is an output column's
+    # first, and a key column may be named like another output column (trueup_n, k1)
     return sql.SQL(
         "WITH RECURSIVE cuts AS ("
         "(SELECT {cols}, 1::bigint AS trueup_n FROM {rel} WHERE {filter} "
-        "ORDER BY {order} LIMIT 1) "
+        "ORDER BY {forwards} LIMIT 1) "
         "UNION ALL "
         "SELECT next.*, cuts.trueup_n + {size} FROM cuts, LATERAL ("
         "SELECT {cols} FROM {rel} WHERE {filter} AND {row} >= {cut} "
-        "ORDER BY {order} OFFSET {size} LIMIT 1) AS next "
+        "ORDER BY {forwards} OFFSET {size} LIMIT 1) AS next "
         "WHERE {next} > {cut}), "
         "last AS (SELECT * FROM cuts ORDER BY trueup_n DESC LIMIT 1) "
         "SELECT {json} AS key, trueup_n FROM cuts "
@@ -245,7 +250,9 @@ def _stepping(relation: sql.Composable, space: KeySpace, where: sql.Composable,
              row=space.row, cut=row_of("cuts"), next=row_of("next"), last=row_of("last"),
              end=KeySpace(exprs=[sql.Identifier("e", f"k{i}") for i in range(n)],
                           types=space.types).as_json,
-             backwards=sql.SQL(", ").join(sql.SQL("{} DESC").format(e) for e in space.exprs))
+             forwards=sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(n)),
+             backwards=sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(f"k{i}"))
+                                          for i in range(n)))
 
 
 def _steps_on_an_index(conn: psycopg.Connection[Any], statement: sql.Composed) -> bool:

@@ -241,10 +241,12 @@ class RepublishWriter:
             day_filter(self.side, backfill.partition), self.space.complete)
 
     def _day_keys(self, chunk: chunks.Chunk, backfill: Backfill) -> list[list[Any]]:
-        """The keys of the chunk's source rows of its backfill's day."""
+        """The keys of the chunk's source rows of its backfill's day, read exactly (a float
+        would ask the mirror for 0.3 for 0.30000000000000001, and miss its version)."""
         with self.source.cursor(row_factory=tuple_row) as cur:
-            return [row[0] for row in cur.execute(sql.SQL("SELECT {} FROM {} WHERE {}").format(
-                self.space.as_json, self.side.relation, self._chunk_rows(chunk, backfill)))]
+            return [loads(row[0]) for row in cur.execute(sql.SQL(
+                "SELECT ({})::text FROM {} WHERE {}").format(
+                    self.space.as_json, self.side.relation, self._chunk_rows(chunk, backfill)))]
 
     def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
                 ) -> dict[str, _MirrorRow] | None:
