@@ -500,3 +500,33 @@ def test_cut_steps_stop_at_keys_that_are_not_unique(new_db: Callable[[], str]) -
         cuts, last = planner._cut(conn, sql.Identifier("t"), space, sql.SQL("true"), 100)
     # ranges [1, 101), [101, 150), [150, ...): every row in one; the last's rows counted
     assert cuts == [([1], 100), ([101], 100), ([150], 1000 - 149)] and last == [150]
+
+
+@pytest.mark.parametrize("scope", [BackfillScope.ALL, BackfillScope.RUN])
+def test_a_key_column_named_like_the_key_lists_column_is_repaired(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, scope: BackfillScope) -> None:
+    """Key lists are read from jsonb_array_elements(...) as j: a bare j inside them was the
+    relation's column j, when its key has that name (every --run chunk and every orphan's
+    delete failed: operator does not exist: bigint ->> integer)."""
+    source, target = new_db(), new_db()
+    for dsn, rows in ((source, "1, 2, 3"), (target, "1, 3, 4")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (j bigint PRIMARY KEY, v int, note text)")
+            conn.execute(f"INSERT INTO t SELECT g, 1, 'n' FROM unnest(ARRAY[{rows}]) g")
+    raw = {"state": state_db,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"t": {
+               "source": {"connection": "a", "table": "t", "key": ["j"], "version": "v",
+                          "columns": ["note"]},
+               "target": {"connection": "b", "table": "t", "key": ["j"], "version": "v",
+                          "columns": ["note"]},
+               "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    run = diff(config, "t")
+    assert (run.missing, run.orphan) == (1, 1)
+    summary = start_backfill(config, "t", BackfillOptions(
+        scope=scope, run_id=run.run_id if scope is BackfillScope.RUN else None))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary.error
+    assert summary.rows_repaired == 2
+    assert diff(config, "t").consistent

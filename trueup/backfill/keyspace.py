@@ -224,30 +224,43 @@ class KeySpace:
 
     def in_list(self, keys: Sequence[Sequence[Any]]) -> sql.Composable:
         """The key is one of ``keys`` (JSON arrays of key values)."""
-        return sql.SQL("{} IN (SELECT {} FROM jsonb_array_elements({}::jsonb) AS j)").format(
+        # the column named: a bare j would be a column j of the relation, if it has one
+        return sql.SQL("{} IN (SELECT {} FROM jsonb_array_elements({}::jsonb) "
+                       "AS trueup_keys (j))").format(
             self._listed(), sql.SQL(", ").join(self.from_json().exprs),
             sql.Literal(json_text([list(k) for k in keys])))
 
     def held(self, relation: sql.Composable, keys: Sequence[Sequence[Any]]) -> sql.Composed:
-        """A query of the positions (from 1, as ``n``) of the ``keys`` (JSON arrays of key
-        values) that a row of ``relation`` holds, its key compared as :meth:`in_list` compares
-        it: by value (a jsonb ``{"a": 2.5}`` is ``{"a": 2.50}``), whatever the texts."""
-        wanted = sql.SQL(", ").join(self.from_json().exprs)
-        if len(self.exprs) > 1:
-            wanted = sql.SQL("({})").format(wanted)
-        return sql.SQL("SELECT e.n FROM jsonb_array_elements({}::jsonb) WITH ORDINALITY "
-                       "AS e (j, n) WHERE {} IN (SELECT {} FROM {} WHERE {})").format(
-            sql.Literal(json_text([list(k) for k in keys])), wanted,
-            self._listed(as_row=False), relation, self.complete)
+        """A query of the positions (from 1, as ``n``, once or more) of the ``keys`` (JSON
+        arrays of key values) that a row of ``relation`` holds, its key compared as
+        :meth:`in_list` compares it: by value (a jsonb ``{"a": 2.5}`` is ``{"a": 2.50}``),
+        whatever the texts. A join, not ``IN``: a semi-join hashes the whole relation where
+        no index serves the comparison (citext, char(n)), for however few keys."""
+        n = len(self.exprs)
+        wanted = [sql.Identifier(f"trueup_w{i}") for i in range(n)]
+        own = [sql.Identifier(f"trueup_o{i}") for i in range(n)]
+        return sql.SQL(
+            "SELECT k.n FROM (SELECT e.n, {wanted} FROM jsonb_array_elements({keys}::jsonb) "
+            "WITH ORDINALITY AS e (j, n)) AS k "
+            "JOIN (SELECT {own} FROM {rel} WHERE {complete}) AS r ON {on}").format(
+                wanted=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, a) for e, a in zip(
+                    self.from_json().exprs, wanted, strict=True)),
+                keys=sql.Literal(json_text([list(k) for k in keys])),
+                own=sql.SQL(", ").join(sql.SQL("{} AS {}").format(e, a) for e, a in zip(
+                    self._listed_exprs(), own, strict=True)),
+                rel=relation, complete=self.complete,
+                on=sql.SQL(" AND ").join(sql.SQL("k.{} = r.{}").format(w, o)
+                                         for w, o in zip(wanted, own, strict=True)))
 
-    def _listed(self, *, as_row: bool = True) -> sql.Composable:
-        """The key as :meth:`in_list` compares it with keys read from JSON: a row of several
-        columns (``as_row``), else their list."""
-        exprs = [sql.SQL("({})::text").format(e) if t.kind is Kind.TEXT
-                 and t.name not in (*_PLAIN_TEXT, "uuid") else e
-                 for e, t in zip(self.exprs, self.types, strict=True)]
-        own = sql.SQL(", ").join(exprs)
-        return sql.SQL("({})").format(own) if as_row and len(exprs) > 1 else own
+    def _listed(self) -> sql.Composable:
+        """The key as :meth:`in_list` compares it with keys read from JSON."""
+        own = sql.SQL(", ").join(self._listed_exprs())
+        return sql.SQL("({})").format(own) if len(self.exprs) > 1 else own
+
+    def _listed_exprs(self) -> list[sql.Composable]:
+        return [sql.SQL("({})::text").format(e) if t.kind is Kind.TEXT
+                and t.name not in (*_PLAIN_TEXT, "uuid") else e
+                for e, t in zip(self.exprs, self.types, strict=True)]
 
 
 def scope_condition(space: KeySpace, key_from: Sequence[Any] | None,

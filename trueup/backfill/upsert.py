@@ -736,7 +736,8 @@ class UpsertWriter:
         assert len(texts) == len(orphans)  # _orphans took each from the target
         deleted = {r["text"] for r in self.target.execute(sql.SQL(
             "DELETE FROM {rel} AS t WHERE {keys} AND ({key}, {row}) IN ("
-            "SELECT j -> 0, j ->> 1 FROM jsonb_array_elements({seen}::jsonb) AS j) "
+            "SELECT j -> 0, j ->> 1 FROM jsonb_array_elements({seen}::jsonb) "
+            "AS trueup_seen (j)) "
             "RETURNING ({text})::text AS text").format(
                 rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
                 key=self._target_key_json(), row=_ROW_SEEN,
