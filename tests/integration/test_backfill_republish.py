@@ -562,6 +562,23 @@ def test_republish_keys_of_every_shape_as_the_contract_says(
     assert diff(config, "events").consistent
 
 
+#: Each row of a table ``things`` as its message, as Postgres writes it (1.10 stays 1.10),
+#: keyed by the key's text.
+_MESSAGE = ("SELECT at::text, json_build_object('at', at, 'version', 1, "
+            "'status', 'new')::text FROM {} ORDER BY 1")
+
+
+def _things(dsn: str, key_ddl: str, rows: str, count: int) -> list[tuple[str, str]]:
+    """Table ``things`` keyed by ``key_ddl`` (the column ``at``), holding ``count`` rows of
+    key ``rows`` (of ``g``), version 1, status new; each row's message."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE things ({key_ddl} PRIMARY KEY, version bigint, "
+                     "status text)")
+        conn.execute(f"INSERT INTO things SELECT {rows}, 1, 'new' "
+                     "FROM generate_series(1, %s) g", (count,))
+        return [(k, v) for k, v in conn.execute(_MESSAGE.format("things")).fetchall()]
+
+
 @pytest.mark.parametrize(("key_ddl", "rows"), [
     ("at timestamptz", "timestamptz '2026-01-01 02:00+00' + g * interval '1 hour 30 seconds'"),
     ("at numeric(6,2)", "g + 0.10"),
@@ -574,16 +591,9 @@ def test_republish_keys_a_single_key_by_its_value_as_postgres_writes_it(
     a single integer key's always was: JSON's (2026-01-01T02:00:00+00:00, 1.1, "c1    ")
     put repairs and tombstones under other keys, in other partitions than the key's history."""
     source = new_db()
+    messages = _things(source, key_ddl, rows, 40)
     with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE things ({key_ddl} PRIMARY KEY, version bigint, "
-                     "status text)")
-        conn.execute(f"INSERT INTO things SELECT {rows}, 1, 'new' "
-                     "FROM generate_series(1, 40) g")
-        # each message as Postgres writes it (1.10 stays 1.10), keyed by its text
-        message = ("SELECT at::text, json_build_object('at', at, 'version', 1, "
-                   "'status', 'new')::text FROM {} ORDER BY 1")
-        messages = conn.execute(message.format("things")).fetchall()
-        (orphan,) = conn.execute(message.format(
+        (orphan,) = conn.execute(_MESSAGE.format(
             f"(SELECT ({rows.replace('g', '100')})::{key_ddl.split(' ', 1)[1]} AS at) AS o"
         )).fetchall()
     missing = {r[0] for r in messages[:3]}
@@ -611,7 +621,7 @@ def test_republish_keys_a_single_key_by_its_value_as_postgres_writes_it(
 
     # without a mirror (dropped), a --run backfill's tombstone is keyed from the difference
     with psycopg.connect(source) as conn:
-        (again,) = conn.execute(message.format(
+        (again,) = conn.execute(_MESSAGE.format(
             f"(SELECT ({rows.replace('g', '200')})::{key_ddl.split(' ', 1)[1]} AS at) AS o"
         )).fetchall()
     producer.produce(topic, key=again[0], value=again[1])
@@ -702,13 +712,7 @@ def test_a_run_without_a_mirror_publishes_the_missing_keys_and_no_tombstone(
     1.10), and a jsonb key's numbers lose their scale ({"a": 1.5} is the source's
     {"a": 1.50}: the source is asked by value)."""
     source = new_db()
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute(f"CREATE TABLE things (at {key_type} PRIMARY KEY, version bigint, "
-                     "status text)")
-        conn.execute(f"INSERT INTO things SELECT {key_of}, 1, 'new' "
-                     "FROM generate_series(1, 20) g")
-        messages = conn.execute("SELECT at::text, json_build_object('at', at, 'version', 1, "
-                                "'status', 'new')::text FROM things ORDER BY at").fetchall()
+    messages = _things(source, f"at {key_type}", key_of, 20)
     missing = {r[0] for r in messages[:3]}
     producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
     for key, value in messages:
