@@ -552,17 +552,21 @@ def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str
     # Keys travel as built-in types: a mirror's database has none of the source's enums.
     stored = [storage_type(t) for t in side.key_types]
     wanted = [sql.SQL("%(k{})s::{}[]").format(sql.SQL(str(i)), s) for i, s in enumerate(stored)]
-    names = [sql.Identifier(f"trueup_k{i}") for i in range(len(side.key))]
+    names = [sql.Identifier(f"k{i}") for i in range(len(side.key))]
     on = sql.SQL(" AND ").join(
-        sql.SQL("{} = u.{}").format(
+        sql.SQL("{} = trueup_keys.{}").format(
             k if s.as_string(None) == sql.Identifier(t.name).as_string(None)
             else sql.SQL("({})::{}").format(k, s), n)
         for k, t, s, n in zip(side.key, side.key_types, stored, names, strict=True))
+    # Each key's rows in a subquery over the relation alone, and ``select`` and ``where`` over
+    # those rows alone: no name of trueup's shares a scope with the relation's columns (a key
+    # named trueup_k0, a table named u). The plan is the join's: an index probe per key.
     query = sql.SQL(
-        "SELECT {select} FROM unnest({arrays}) AS u({names}) JOIN {rel} ON {on} WHERE {where}"
+        "SELECT {select} FROM (SELECT trueup_rows.* FROM unnest({arrays}) "
+        "AS trueup_keys ({names}) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {on}) "
+        "AS trueup_rows) AS trueup_rows WHERE {where}"
     ).format(select=select, arrays=sql.SQL(", ").join(wanted),
-             names=sql.SQL(", ").join(names), rel=side.relation, on=on,
-             where=where)
+             names=sql.SQL(", ").join(names), rel=side.relation, on=on, where=where)
     # (a char(n) key comes as its text, unpadded: see segments.key_value)
     params = {f"k{i}": sendable([row[f"k{i}"] for row in batch]) for i in range(len(side.key))}
     with conn.cursor() as cur:

@@ -406,10 +406,12 @@ def _select_segments(conn: psycopg.Connection[Any], side: Side, where: sql.Compo
     inner = [s for s in segments if first < s < last]
     params |= {"lows": sendable([bounds[s - 1] for s in inner]),
                "highs": sendable([bounds[s] for s in inner])}
+    # The bounds stay out of the scope of the columns (a column named trueup_lo) and are
+    # named where no table of the user's is (a table named r).
     parts = [sql.SQL(
-        "SELECT {cols} FROM unnest(%(lows)s::{atype}, %(highs)s::{atype}) "
-        "AS r(trueup_lo, trueup_hi) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {where} "
-        "AND {key} >= r.trueup_lo AND {key} < r.trueup_hi) AS t"
+        "SELECT {cols} FROM (SELECT t.* FROM unnest(%(lows)s::{atype}, %(highs)s::{atype}) "
+        "AS trueup_bounds (lo, hi) CROSS JOIN LATERAL (SELECT * FROM {rel} WHERE {where} "
+        "AND {key} >= trueup_bounds.lo AND {key} < trueup_bounds.hi) AS t) AS t"
     ).format(cols=columns, atype=segmentation.array_type, rel=side.relation, where=where,
              key=side.first_key)]
     if first in segments:

@@ -530,3 +530,66 @@ def test_a_key_column_named_like_the_key_lists_column_is_repaired(
     assert summary.status is BackfillStatus.SUCCEEDED, summary.error
     assert summary.rows_repaired == 2
     assert diff(config, "t").consistent
+
+
+@pytest.mark.parametrize(("source_table", "source_key", "columns", "target_table",
+                          "target_key", "extra"), [
+    ("cuts", "k0", ["trueup_fp", "trueup_hi"], "r", "trueup_lo", "trueup_k0"),
+    ("last", "hashtextextended", ["trueup_k0", "k0"], "u", "json_build_array", "trueup_tfp"),
+], ids=["cuts-r", "last-u"])
+def test_tables_and_columns_named_like_trueups_own_names_diff_and_repair(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, source_table: str,
+        source_key: str, columns: list[str], target_table: str, target_key: str,
+        extra: str) -> None:
+    """A user's names share statements with trueup's aliases: a bare name must never reach
+    the other (a column trueup_lo in the diff's segment bounds, a table r or u, a key named
+    hashtextextended in the fresh COPY's ORDER BY, a table cuts with a column k0 in the
+    planner's steps, a target column trueup_fp or trueup_k0 beside the stage's). Each
+    failed or cut wrong before."""
+    source, target = new_db(), new_db()
+    version = "trueup_v"
+    cols = ", ".join(f'"{c}" text' for c in columns)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{source_table}" ("{source_key}" bigint PRIMARY KEY, '
+                     f'"{version}" int, {cols}, updated_at timestamptz)')
+        conn.execute(f'INSERT INTO "{source_table}" SELECT g, 1, '
+                     + ", ".join("'v' || g" for _ in columns)
+                     + ", '2026-02-01T10:00Z' FROM generate_series(1, 1000) g")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f'CREATE TABLE "{target_table}" ("{target_key}" bigint PRIMARY KEY, '
+                     f'"{version}" int, {cols}, "{extra}" text)')
+    raw = {"state": state_db,
+           "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+           "reconciliations": {"odd": {
+               "source": {"connection": "a", "table": source_table, "key": [source_key],
+                          "version": version, "columns": columns, "updated_at": "updated_at"},
+               "target": {"connection": "b", "table": target_table, "key": [target_key],
+                          "version": version, "columns": columns},
+               "partitions": {"daily": {"start": "2026-01-01"}}, "repair": "upsert"}}}
+    (tmp_path / "trueup.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(tmp_path / "trueup.yaml")
+    # an empty target: every chunk goes in by COPY, cut by the planner's steps
+    summary = start_backfill(config, "odd", BackfillOptions(scope=BackfillScope.ALL,
+                                                            chunk_size=100))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary.error
+    assert (summary.chunks, summary.rows_planned, summary.rows_repaired) == (10, 1000, 1000)
+    with psycopg.connect(state_db) as conn:
+        planned = [r[0] for r in conn.execute(
+            "SELECT rows_planned FROM trueup.chunks ORDER BY chunk")]
+    assert planned == [100] * 10
+    # drift: every segment of the diff differs, and the compare path repairs it
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f'UPDATE "{target_table}" SET "{columns[0]}" = \'drift\' '
+                     f'WHERE "{target_key}" % 7 = 0')
+        conn.execute(f'DELETE FROM "{target_table}" WHERE "{target_key}" % 11 = 0')
+        conn.execute(f'INSERT INTO "{target_table}" ("{target_key}", "{version}") '
+                     "SELECT g, 1 FROM generate_series(2001, 2005) g")
+    day = diff(config, "odd", partition="2026-02-01")
+    assert day.mismatch == 143 - 13 and day.missing == 90
+    run = diff(config, "odd")
+    assert (run.mismatch, run.missing, run.orphan) == (130, 90, 5)
+    summary = start_backfill(config, "odd", BackfillOptions(scope=BackfillScope.RUN,
+                                                            run_id=run.run_id))
+    assert summary.status is BackfillStatus.SUCCEEDED, summary.error
+    assert summary.rows_repaired == 225
+    assert diff(config, "odd").consistent

@@ -228,27 +228,30 @@ def _stepping(relation: sql.Composable, space: KeySpace, where: sql.Composable,
         return sql.SQL("({})").format(row) if n > 1 else row
 
     # ORDER BY names the output columns (k0, ...): a bare name there is an output column's
-    # first, and a key column may be named like another output column (trueup_n, k1)
+    # first, and a key column may be named like another output column (trueup_n, k1). The
+    # statement's own names start with trueup_ where the user's relation is in scope: a
+    # table named cuts with a column k0 would otherwise be its cuts.k0.
     return sql.SQL(
-        "WITH RECURSIVE cuts AS ("
+        "WITH RECURSIVE trueup_cuts AS ("
         "(SELECT {cols}, 1::bigint AS trueup_n FROM {rel} WHERE {filter} "
         "ORDER BY {forwards} LIMIT 1) "
         "UNION ALL "
-        "SELECT next.*, cuts.trueup_n + {size} FROM cuts, LATERAL ("
+        "SELECT trueup_next.*, trueup_cuts.trueup_n + {size} FROM trueup_cuts, LATERAL ("
         "SELECT {cols} FROM {rel} WHERE {filter} AND {row} >= {cut} "
-        "ORDER BY {forwards} OFFSET {size} LIMIT 1) AS next "
+        "ORDER BY {forwards} OFFSET {size} LIMIT 1) AS trueup_next "
         "WHERE {next} > {cut}), "
-        "last AS (SELECT * FROM cuts ORDER BY trueup_n DESC LIMIT 1) "
-        "SELECT {json} AS key, trueup_n FROM cuts "
+        "trueup_last AS (SELECT * FROM trueup_cuts ORDER BY trueup_n DESC LIMIT 1) "
+        "SELECT {json} AS key, trueup_n FROM trueup_cuts "
         "UNION "
-        "SELECT {end}, last.trueup_n - 1 + (SELECT count(*) FROM {rel} "
+        "SELECT {end}, trueup_last.trueup_n - 1 + (SELECT count(*) FROM {rel} "
         "WHERE {filter} AND {row} >= {last}) "
-        "FROM last, LATERAL (SELECT {cols} FROM {rel} WHERE {filter} "
-        "ORDER BY {backwards} LIMIT 1) AS e "
+        "FROM trueup_last, LATERAL (SELECT {cols} FROM {rel} WHERE {filter} "
+        "ORDER BY {backwards} LIMIT 1) AS trueup_end "
         "ORDER BY trueup_n"
     ).format(**_cut_parts(relation, space, where, chunk_size),
-             row=space.row, cut=row_of("cuts"), next=row_of("next"), last=row_of("last"),
-             end=KeySpace(exprs=[sql.Identifier("e", f"k{i}") for i in range(n)],
+             row=space.row, cut=row_of("trueup_cuts"), next=row_of("trueup_next"),
+             last=row_of("trueup_last"),
+             end=KeySpace(exprs=[sql.Identifier("trueup_end", f"k{i}") for i in range(n)],
                           types=space.types).as_json,
              forwards=sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(n)),
              backwards=sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(f"k{i}"))

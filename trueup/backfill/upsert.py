@@ -298,7 +298,9 @@ class UpsertWriter:
         return KeySpace(exprs=self.target_side.key, types=self.key_types)
 
     def _stage_space(self) -> KeySpace:
-        return KeySpace(exprs=_names("k", len(self.key_types)), types=self.key_types)
+        """The stage's key, as the stage aliased ``s`` holds it."""
+        return KeySpace(exprs=[sql.Identifier("s", f"trueup_k{i}")
+                               for i in range(len(self.key_types))], types=self.key_types)
 
     # -- one chunk ---------------------------------------------------------------------------
 
@@ -453,8 +455,11 @@ class UpsertWriter:
         columns = [self._source_space().repairs_text, st.fingerprint, *st.key,
                    *([st.version] if self._versioned and st.version is not None else []),
                    *(sql.Identifier(c) for c in self.rec.source.columns)]
+        # ORDER BY the key's positions: a bare name there is an output column's first (a key
+        # column named hashtextextended would be the fingerprint's)
         out = sql.SQL("COPY (SELECT {} FROM {} WHERE {} ORDER BY {}) TO STDOUT").format(
-            sql.SQL(", ").join(columns), st.relation, where, sql.SQL(", ").join(st.key))
+            sql.SQL(", ").join(columns), st.relation, where,
+            sql.SQL(", ").join(sql.Literal(3 + i) for i in range(len(st.key))))
         into = sql.SQL("COPY {} ({}) FROM STDIN").format(
             self.target_side.relation, sql.SQL(", ").join(map(sql.Identifier, self._written())))
         read = 0
@@ -543,24 +548,36 @@ class UpsertWriter:
         the backfill writes. (A target row the scope missed would only make an expected insert
         an actual update, which the write's outcome corrects.)"""
         ts = self.target_side
-        first = sql.SQL("t.{}").format(sql.Identifier(self.rec.target.key[0]))
+        # The target's rows in a subquery of their own, its columns given trueup's names: a
+        # target column named like a stage column (trueup_fp, trueup_k0) stays out of reach.
+        keys = _names("t", len(self.key_types))
+        held = [sql.SQL("t.{} AS {}").format(sql.Identifier(k), n)
+                for k, n in zip(self.rec.target.key, keys, strict=True)]
+        held.append(sql.SQL("{} AS trueup_tfp").format(ts.fingerprint))
+        first = sql.SQL("t.{}").format(keys[0])
         differs: list[sql.Composable] = [sql.SQL("{} IS NULL").format(first),
-                   sql.SQL("{} IS DISTINCT FROM s.trueup_fp").format(ts.fingerprint)]
+                                         sql.SQL("t.trueup_tfp IS DISTINCT FROM s.trueup_fp")]
         action: sql.Composable = sql.SQL("'update'")
         if self._versioned:
             assert ts.version is not None
-            differs.append(sql.SQL("{} IS DISTINCT FROM s.trueup_v").format(ts.version))
-            action = sql.SQL("CASE WHEN {} > s.trueup_v THEN 'skipped' ELSE 'update' END"
-                             ).format(ts.version)
+            held.append(sql.SQL("{} AS trueup_tv").format(ts.version))
+            differs.append(sql.SQL("t.trueup_tv IS DISTINCT FROM s.trueup_v"))
+            action = sql.SQL("CASE WHEN t.trueup_tv > s.trueup_v THEN 'skipped' "
+                             "ELSE 'update' END")
         made = self.target.execute(sql.SQL(
             "CREATE TEMP TABLE {cand} ON COMMIT DROP AS "
             "SELECT s.*, {key} AS trueup_key, "
-            "CASE WHEN {first} IS NULL THEN NULL ELSE {fp} END AS trueup_before, "
+            "CASE WHEN {first} IS NULL THEN NULL ELSE t.trueup_tfp END AS trueup_before, "
             "CASE WHEN {first} IS NULL THEN 'insert' ELSE {action} END AS trueup_action "
-            "FROM {stage} AS s LEFT JOIN {target} AS t ON {join} AND {scope} WHERE {differs}"
-        ).format(cand=_CAND, key=self._stage_space().repairs_key, first=first, fp=ts.fingerprint,
-                 action=action, stage=_STAGE, target=ts.relation, join=self._join(),
+            "FROM {stage} AS s LEFT JOIN (SELECT {held} FROM {target} AS t WHERE {scope}) AS t "
+            "ON {join} WHERE {differs}"
+        ).format(cand=_CAND, first=first, action=action, stage=_STAGE,
+                 key=self._stage_space().repairs_key,
+                 held=sql.SQL(", ").join(held), target=ts.relation,
                  scope=self._indexed_scope(chunk),
+                 join=sql.SQL(" AND ").join(
+                     sql.SQL("t.{} = s.{}").format(t, k)
+                     for t, k in zip(keys, _names("k", len(self.key_types)), strict=True)),
                  differs=sql.SQL(" OR ").join(differs)))
         return max(made.rowcount, 0)
 
