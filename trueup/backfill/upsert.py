@@ -550,6 +550,8 @@ class UpsertWriter:
         ts = self.target_side
         # The target's rows in a subquery of their own, its columns given trueup's names: a
         # target column named like a stage column (trueup_fp, trueup_k0) stays out of reach.
+        # (Its fingerprint is computed at the scan: for every row a hash join would read,
+        # when the scope cannot use the index; the planner probes the index instead.)
         keys = _names("t", len(self.key_types))
         held = [sql.SQL("t.{} AS {}").format(sql.Identifier(k), n)
                 for k, n in zip(self.rec.target.key, keys, strict=True)]
