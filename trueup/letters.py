@@ -127,7 +127,11 @@ class Destination:
 
 
 _CONDITION = re.compile(r"^\s*([a-z_]+)\s*(!=|>=|<=|=|<|>)\s*(.*?)\s*$")
-_AND = re.compile(r"\s+and\s+", re.IGNORECASE)
+#: ``and`` between conditions; at the end too, so that a script's unset variable after it
+#: (``error!=X and $EMPTY``) leaves an empty condition, which is refused, not a value "X and".
+_AND = re.compile(r"\s+and(?:\s+|$)", re.IGNORECASE)
+#: ``or`` in an unquoted value: no joiner here (``|`` separates alternatives).
+_OR = re.compile(r"\s+or\s+", re.IGNORECASE)
 _OPENING, _CLOSING = "[({", "])}"
 _QUOTES = "'\""
 _BEFORE_QUOTE = "=<>!|[(,{ \t"  # a quote opens a value only after one of these
@@ -164,7 +168,9 @@ class LetterFilter:
 
 def _conditions(text: str) -> list[str]:
     """The conditions of ``text``: split at ``,`` and ``and`` outside brackets and quotes, so
-    a composite key (``key=[1, 2]``) or a quoted value keeps its commas."""
+    a composite key (``key=[1, 2]``) or a quoted value keeps its commas. An empty condition
+    among them (``a=1,,b=2``, a trailing ``and`` or ``,``: a script's unset variable, most
+    likely) is refused, as an empty ``--where`` is: dropped, the filter would select more."""
     parts: list[str] = []
     start = depth = i = 0
     quote: str | None = None
@@ -193,7 +199,11 @@ def _conditions(text: str) -> list[str]:
         missing = quote if quote is not None else "a closing bracket"
         raise UsageError(f"--where: {missing} missing in {text!r}")
     parts.append(text[start:])
-    return [part.strip() for part in parts if part.strip()]
+    conditions = [part.strip() for part in parts]
+    if len(conditions) > 1 and not all(conditions):
+        raise UsageError(f"--where: an empty condition in {text!r} (between or after "
+                         f"`,` and `and`)")
+    return [c for c in conditions if c]
 
 
 def _condition(text: str) -> Test:
@@ -204,6 +214,9 @@ def _condition(text: str) -> Test:
     name, op = match.group(1), match.group(2)
     alternatives = _alternatives(match.group(3))
     value = alternatives[0] if alternatives else ""
+    if any(_OR.search(v) for v in _alternatives(match.group(3), quoted=False)):
+        raise UsageError(f"--where: `or` does not join conditions in {text!r}: write "
+                         f"alternatives with | ({name}{op}A|B), or quote a value holding it")
     if name not in _FIELDS:
         raise UsageError(f"--where: unknown field {name!r} (expected one of "
                          f"{', '.join(_FIELDS)})")
@@ -211,12 +224,17 @@ def _condition(text: str) -> Test:
         hint = "" if name in ("attempts", "since", "until") else \
             f" (write {name}{op}'' for an empty one)"
         raise UsageError(f"--where: {name}{op} has no value in {text!r}{hint}")
+    if len(alternatives) > 1 and (name in ("since", "until") or op not in ("=", "!=")):
+        raise UsageError(f"--where: {name}{op} takes one value, not alternatives "
+                         f"(got {match.group(3)!r})")
     if name == "attempts":
         try:
-            number = int(value)
+            numbers = {int(v) for v in alternatives}
         except ValueError:
             raise UsageError(f"--where: attempts needs a whole number (got {value!r})") from None
-        compare = _COMPARE[op]
+        if op in ("=", "!="):
+            return lambda letter: (letter.attempts in numbers) == (op == "=")
+        compare, (number,) = _COMPARE[op], numbers
         return lambda letter: compare(letter.attempts, number)
     if op not in ("=", "!=") or (name in ("since", "until") and op != "="):
         raise UsageError(f"--where: {name} takes = {'' if name in ('since', 'until') else 'or != '}"
@@ -250,23 +268,31 @@ def _field(letter: DeadLetter, name: str) -> str | None:
     return letter.key
 
 
-def _alternatives(text: str) -> list[str]:
-    """The values of a condition: split at ``|`` outside quotes, each trimmed, and each quoted
-    one taken as written between its quotes (one pair, spaces and ``|`` kept), so any value,
-    a JSON string key (``key='"q"'``) too, can be selected."""
+def _alternatives(text: str, *, quoted: bool = True) -> list[str]:
+    """The values of a condition: split at ``|`` outside quotes and brackets (a composite
+    key ``["a|b", 1]`` is one value), each trimmed, and each quoted one taken as written
+    between its quotes (one pair, spaces and ``|`` kept), so any value, a JSON string key
+    (``key='"q"'``) too, can be selected. Without ``quoted``: the unquoted values only."""
     values: list[str] = []
-    start, quote = 0, None
+    start, depth, quote = 0, 0, None
     for i, char in enumerate(text):
         if quote is not None:
             if char == quote:
                 quote = None
-        elif char in _QUOTES and not text[start:i].strip():
-            quote = char  # a value's first character: it is quoted
-        elif char == "|":
+        elif char in _QUOTES and (depth or not text[start:i].strip()):
+            quote = char  # a value's first character (it is quoted), or a string in a key
+        elif char in _OPENING:
+            depth += 1
+        elif char in _CLOSING:
+            depth = max(0, depth - 1)
+        elif char == "|" and not depth:
             values.append(text[start:i])
             start = i + 1
     values.append(text[start:])
-    return [_unquoted(v.strip()) for v in values]
+    stripped = [v.strip() for v in values]
+    if not quoted:
+        return [v for v in stripped if _unquoted(v) == v]
+    return [_unquoted(v) for v in stripped]
 
 
 def _unquoted(text: str) -> str:
@@ -282,7 +308,7 @@ def _key_text(text: str) -> str:
         return text
     try:
         return json.dumps(json.loads(text), separators=(",", ":"), ensure_ascii=False)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python reads
         return text
 
 

@@ -194,7 +194,8 @@ def _batch_size(options: ReplayOptions) -> int:
     consumer timeout."""
     if not options.rate or options.dry_run:
         return options.batch_size
-    return max(1, min(options.batch_size, int(options.rate * PACED_BATCH_SECONDS)))
+    # in floats first: a rate of 1e306 letters a second is finite, its product is not
+    return max(1, int(min(float(options.batch_size), options.rate * PACED_BATCH_SECONDS)))
 
 
 def _with_reconnects(session: Callable[[], None], counts: _Counts) -> None:

@@ -179,6 +179,8 @@ def test_rabbitmq_channel_closed_for_another_reason_is_reconnected_through(
 def test_a_paced_replay_reads_no_more_than_five_minutes_of_letters_ahead() -> None:
     assert _batch_size(ReplayOptions(rate=0.03)) == 9
     assert _batch_size(ReplayOptions(rate=100.0)) == ReplayOptions().batch_size
+    # finite, but its product with the batch time is not: no OverflowError
+    assert _batch_size(ReplayOptions(rate=1e306)) == ReplayOptions().batch_size
     assert _batch_size(ReplayOptions(rate=0.001)) == 1
     assert _batch_size(ReplayOptions()) == ReplayOptions().batch_size
 

@@ -85,6 +85,44 @@ def test_where_alternatives_are_trimmed_unless_quoted() -> None:
     assert not selection.matches(_letter(error="TypeError"))
 
 
+@pytest.mark.parametrize(("where", "refused"), [
+    # a script's unset variable after a joiner: "PoisonError and" was the value, and != took
+    # the poison letters too
+    ("error!=PoisonError and", "an empty condition"),
+    ("error!=PoisonError AND  ", "an empty condition"),
+    ("error=ValueError,", "an empty condition"),
+    ("error=ValueError,, origin=orders.v1", "an empty condition"),
+    # or is no joiner: "ValueError or error=PoisonError" was one value, matching nothing
+    ("error=ValueError or error=PoisonError", "`or` does not join conditions"),
+    # alternatives where one value is taken: only the first was
+    ("since=2026-01-01|2026-02-01", "since= takes one value"),
+    ("attempts>=3|5", "attempts>= takes one value"),
+])
+def test_a_where_that_would_select_other_letters_than_it_says_is_refused(
+        where: str, refused: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(refused)):
+        LetterFilter.parse(where)
+
+
+def test_where_alternatives_of_attempts_and_of_composite_keys_are_all_taken() -> None:
+    """attempts=3|5 took 3 alone; a | inside a composite key split it (a , did not)."""
+    assert LetterFilter.parse("attempts=3|5").matches(_letter(attempts=5))
+    assert not LetterFilter.parse("attempts=3|5").matches(_letter(attempts=4))
+    assert LetterFilter.parse("attempts!=3|5").matches(_letter(attempts=4))
+    assert not LetterFilter.parse("attempts!=3|5").matches(_letter(attempts=5))
+    assert LetterFilter.parse('key=["a|b", 1]').matches(_letter(key='["a|b",1]'))
+    assert LetterFilter.parse('key=["x", 2]|["a|b", 1]').matches(_letter(key='["a|b", 1]'))
+    assert not LetterFilter.parse('key=["a|b", 1]').matches(_letter(key='["a", 1]'))
+    assert LetterFilter.parse("key='black or white'").matches(_letter(key="black or white"))
+
+
+def test_a_key_nested_deeper_than_python_reads_is_a_plain_key_not_a_crash() -> None:
+    """One letter whose key was 3,000 [ failed every replay filtering on key."""
+    deep = "[" * 3000
+    assert not LetterFilter.parse("key=1").matches(_letter(key=deep))
+    assert LetterFilter.parse(f"key='{deep}'").matches(_letter(key=deep))
+
+
 # ---------------------------------------------------------------------------------------------
 # Times a producer set
 
@@ -157,7 +195,8 @@ def test_where_with_a_bracket_or_quote_left_open_is_refused_not_read_as_one_cond
 
 
 @pytest.mark.parametrize(("where", "refused"), [
-    ("", "no condition in ''"), ("  ", "no condition in '  '"), (",", "no condition in ','"),
+    ("", "no condition in ''"), ("  ", "no condition in '  '"),
+    (",", "an empty condition in ','"),
     ("error=", "error= has no value in 'error=' (write error='' for an empty one)"),
     ("origin=orders.v1, key!=", "key!= has no value in 'key!='"),
     ("attempts>=", "attempts>= has no value in 'attempts>='$"),
