@@ -3,6 +3,7 @@ complete headers, no blocked partition."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -478,3 +479,62 @@ def test_rabbitmq_refusing_the_login_or_the_vhost_says_so(amqp_url: str) -> None
         with pytest.raises(ConnectionFailed) as caught:
             rabbitmq.connect(bad, what="connections.amqp")
         assert str(caught.value).startswith(expected), caught.value
+
+
+class _CancelledOnce(FlakyHandler):
+    """Raises asyncio.CancelledError (a BaseException, as a handler's own event loop may) the
+    first time it sees a message."""
+
+    def __call__(self, delivery: Delivery) -> None:
+        assert delivery.body is not None
+        if delivery.attempt == 1:
+            with self.lock:
+                self.attempts.setdefault(str(json.loads(delivery.body)["id"]), []).append(
+                    (time.monotonic(), delivery.attempt))
+            raise asyncio.CancelledError("the handler's own loop was cancelled")
+        super().__call__(delivery)
+
+
+@pytest.mark.kafka
+def test_kafka_handler_raising_a_base_exception_has_its_message_retried_not_the_worker_killed(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """Only Exception was a handler failure: a CancelledError stopped the worker on every
+    delivery of the message, and its partition with it."""
+    topic = unique("orders")
+    handler = _CancelledOnce({})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    produce_json(kafka_bootstrap, topic, [{"id": 1}])
+    with running(worker.run):
+        wait_until(lambda: "1" in handler.effects, "the retried message's effect")
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+
+
+@pytest.mark.kafka
+def test_kafka_retry_due_past_what_a_float_holds_is_far_off_not_a_crash(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """A hand-made due time of 400 digits failed the division into seconds (OverflowError)
+    and stopped the worker; it is as far off as any, and handled within the longest delay."""
+    policy = RetryPolicy(max_attempts=3, initial_seconds=1, max_seconds=1, jitter=0)
+    topic = unique("orders")
+    handler = FlakyHandler({})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, policy=policy)
+    produce_json(kafka_bootstrap, worker.retry_topic(1), [{"id": 1}],
+                 extra_headers={headers.ATTEMPTS: "1", headers.NOT_BEFORE: "9" * 400})
+    with running(worker.run):
+        wait_until(lambda: handler.effects == ["1"], "the retry handled")
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_header_named_in_bytes_that_are_not_utf8_is_kept_on_the_retry_copy(
+        amqp_url: str, unique: Callable[[str], str], queues: Queues) -> None:
+    """pika gives such a name as bytes: the copy's header filter called str.startswith on it
+    (TypeError) and stopped the worker on every delivery of the message."""
+    queue = unique("payments")
+    handler = FlakyHandler({"1": 1})
+    worker = rabbit_worker(amqp_url, queue, handler, queues)
+    queues.publish(queue, json.dumps({"id": 1}).encode(), message_id="m1",
+                   headers_={b"bad\xffname": "v", "tenant": "acme"})
+    with running(worker.run):
+        wait_until(lambda: "1" in handler.effects, "the retried message's effect")
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+    assert queues.depth(worker.dead_letter_queue) == 0

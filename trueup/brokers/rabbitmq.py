@@ -200,6 +200,8 @@ def text_headers(properties: pika.BasicProperties) -> dict[str, str]:
     not plain values are left out; ``x-death`` is read separately)."""
     found: dict[str, str] = {}
     for name, value in (properties.headers or {}).items():
+        if not isinstance(name, str):  # a name that is not UTF-8 (pika's bytes): not ours
+            continue
         if isinstance(value, bytes):
             found[name] = value.decode("utf-8", "replace")
         elif isinstance(value, str | int | float | bool):

@@ -257,7 +257,8 @@ class KafkaWorker:
         worker writes, after this worker first held it. A far-off time (a wrong clock, a
         hand-made header) must not hold up the partition for good: each pause is fetched
         again, so the bound counts from the first."""
-        due_ms = headers.integer(text.get(headers.NOT_BEFORE)) or 0
+        # past the year 285,000 a time is as far off as any: a float cannot divide more
+        due_ms = min(headers.integer(text.get(headers.NOT_BEFORE)) or 0, 2 ** 53)
         wait = due_ms / 1000 - time.time()
         if wait <= 0:
             return 0.0

@@ -156,7 +156,9 @@ class RabbitWorker:
             record = replace(record, origin=self.queue, group=self.name)
             table = {**rabbitmq.without_broker_deaths(
                 {k: v for k, v in (properties.headers or {}).items()
-                 if not k.startswith(headers.PREFIX)}), **record.write()}
+                 # pika gives a name that is not UTF-8 as bytes: not ours, kept as it came
+                 if not (isinstance(k, str) and k.startswith(headers.PREFIX))}),
+                **record.write()}
             if settlement.action is Action.RETRY:
                 target = self.delay_queue(record.attempts)
                 expiration = str(max(0, int(settlement.delay_seconds * 1000)))

@@ -62,12 +62,16 @@ def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: F
            at: dt.datetime | None = None) -> Settlement:
     """Run ``handler`` on ``delivery`` and decide: ack, retry after a delay, or dead-letter.
 
-    Only ``Exception`` counts as a handler failure: ``KeyboardInterrupt``/``SystemExit`` go
-    through and leave the message unacknowledged, to be delivered again.
+    Anything the handler raises is a failure (an ``asyncio.CancelledError`` from a handler's
+    own event loop too: let through, it stopped the worker on every delivery of the message)
+    but ``KeyboardInterrupt``, ``SystemExit`` and ``GeneratorExit``: those go through and
+    leave the message unacknowledged, to be delivered again.
     """
     try:
         handler(delivery)
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
         decision = policy.decide(delivery.attempt, exc)
         failed = failure.failed(exc, attempt=delivery.attempt, at=at or now())
         failed = replace(failed, message_id=delivery.message_id)
