@@ -212,9 +212,10 @@ def _condition(text: str) -> Test:
         raise UsageError(f"--where: cannot read {text!r} (expected FIELD=VALUE with a field "
                          f"among {', '.join(_FIELDS)})")
     name, op = match.group(1), match.group(2)
-    alternatives = _alternatives(match.group(3))
+    written = _alternatives(match.group(3))
+    alternatives = [_unquoted(v) for v in written]
     value = alternatives[0] if alternatives else ""
-    if any(_OR.search(v) for v in _alternatives(match.group(3), quoted=False)):
+    if any(_OR.search(v) for v in written if _unquoted(v) == v):
         raise UsageError(f"--where: `or` does not join conditions in {text!r}: write "
                          f"alternatives with | ({name}{op}A|B), or quote a value holding it")
     if name not in _FIELDS:
@@ -268,11 +269,11 @@ def _field(letter: DeadLetter, name: str) -> str | None:
     return letter.key
 
 
-def _alternatives(text: str, *, quoted: bool = True) -> list[str]:
-    """The values of a condition: split at ``|`` outside quotes and brackets (a composite
-    key ``["a|b", 1]`` is one value), each trimmed, and each quoted one taken as written
-    between its quotes (one pair, spaces and ``|`` kept), so any value, a JSON string key
-    (``key='"q"'``) too, can be selected. Without ``quoted``: the unquoted values only."""
+def _alternatives(text: str) -> list[str]:
+    """The values of a condition as written: split at ``|`` outside quotes and brackets (a
+    composite key ``["a|b", 1]`` is one value), each trimmed; a quoted one is taken as written
+    between its quotes (:func:`_unquoted`: one pair, spaces and ``|`` kept), so any value, a
+    JSON string key (``key='"q"'``) too, can be selected."""
     values: list[str] = []
     start, depth, quote = 0, 0, None
     for i, char in enumerate(text):
@@ -289,10 +290,7 @@ def _alternatives(text: str, *, quoted: bool = True) -> list[str]:
             values.append(text[start:i])
             start = i + 1
     values.append(text[start:])
-    stripped = [v.strip() for v in values]
-    if not quoted:
-        return [v for v in stripped if _unquoted(v) == v]
-    return [_unquoted(v) for v in stripped]
+    return [v.strip() for v in values]
 
 
 def _unquoted(text: str) -> str:

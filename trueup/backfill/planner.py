@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -264,19 +264,18 @@ def _steps_on_an_index(conn: psycopg.Connection[Any], statement: sql.Composed) -
     last cut, for each cut)."""
     row = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(statement)).fetchone()
     assert row is not None
-    plan = row["QUERY PLAN"][0]["Plan"]
-    todo = [plan]
-    while todo:
-        node = todo.pop()
-        if node.get("Node Type") == "Recursive Union":
-            return not _sorts(node["Plans"][1])
-        todo += node.get("Plans", [])
-    return False
+    union = next((node for node in _nodes(row["QUERY PLAN"][0]["Plan"])
+                  if node.get("Node Type") == "Recursive Union"), None)
+    return union is not None and not any(
+        node.get("Node Type") in ("Sort", "Incremental Sort")
+        for node in _nodes(union["Plans"][1]))
 
 
-def _sorts(node: dict[str, Any]) -> bool:
-    return node.get("Node Type") in ("Sort", "Incremental Sort") or any(
-        _sorts(child) for child in node.get("Plans", []))
+def _nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A plan node (EXPLAIN's JSON) and every node below it."""
+    yield node
+    for child in node.get("Plans", []):
+        yield from _nodes(child)
 
 
 #: Cuts of one side's keys: every chunk_size-th key, with the rows from it to the next.

@@ -61,9 +61,8 @@ from trueup.statuses import BackfillScope, KeyOrder, RepairAction
 log = get_logger(__name__)
 
 
-#: A mirror row of a chunk: version, fingerprint, key as JSON, message key, key as
-#: trueup.repairs holds it.
-_MirrorRow = tuple[Any, int, str, str, str]
+#: A mirror row of a chunk: version, fingerprint, key as JSON, message key.
+_MirrorRow = tuple[Any, int, str, str]
 
 
 class _KeyForm(Enum):
@@ -251,8 +250,8 @@ class RepublishWriter:
     def _mirror(self, chunk: chunks.Chunk, keys: list[list[Any]] | None = None
                 ) -> dict[str, _MirrorRow] | None:
         """The mirror's rows of ``chunk`` (of its ``keys`` only, when given): key as
-        trueup.repairs holds it -> (version, fingerprint, key as JSON, message key, that text
-        again); None without a mirror."""
+        trueup.repairs holds it -> (version, fingerprint, key as JSON, message key); None
+        without a mirror."""
         table = sql.Identifier(SCHEMA, self.name)
         exists = self.state.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
                                     (table.as_string(self.state),)).fetchone()
@@ -271,7 +270,7 @@ class RepublishWriter:
                      message_key=space.message_key,
                      scope=scope_condition(space, chunk.key_from, chunk.key_to,
                                            keys if keys is not None else chunk.keys)))
-            return {repairs: (version, fingerprint, key, message_key, repairs)
+            return {repairs: (version, fingerprint, key, message_key)
                     for key, version, fingerprint, message_key, repairs in cur}
 
     def repair(self, chunk: chunks.Chunk, ctx: ChunkContext) -> ChunkResult:
@@ -397,7 +396,7 @@ class RepublishWriter:
             known = mirror.pop(key, None) if mirror is not None else None
             before = None
             if known is not None:
-                known_version, before, _, _, _ = known
+                known_version, before, _, _ = known
                 # as the upsert's guard: a topic's version beats a source row without one (and
                 # versions order as Postgres orders them: NaN above every number)
                 known_order, order = version_order(known_version), version_order(version)
@@ -426,7 +425,7 @@ class RepublishWriter:
         candidates: dict[str, tuple[list[Any], int | None, str]] = {}
         if mirror:
             candidates = {text: (loads(key), fingerprint, kafka_key)
-                          for text, (_, fingerprint, key, kafka_key, _) in mirror.items()}
+                          for text, (_, fingerprint, key, kafka_key) in mirror.items()}
         if chunk.keys is not None and mirror is None:
             for key, text, kafka_key in self._rendered(chunk.keys):
                 if text not in found:

@@ -330,7 +330,7 @@ class UpsertWriter:
             ctx.heartbeat.check()
             candidates = self._candidates(chunk)
             orphans, seen = (self._orphans(chunk) if self._orphans_apply(backfill.scope)
-                             else ([], {}))
+                             else ([], []))
             if backfill.dry_run:
                 planned = self.target.execute(sql.SQL(
                     "SELECT count(*) FILTER (WHERE trueup_action <> 'skipped') AS repaired, "
@@ -714,9 +714,9 @@ class UpsertWriter:
         except (psycopg.errors.UniqueViolation, _KeptOut):
             return False
 
-    def _orphans(self, chunk: chunks.Chunk) -> tuple[list[Repair], dict[str, str]]:
+    def _orphans(self, chunk: chunks.Chunk) -> tuple[list[Repair], list[str]]:
         """Target rows of the chunk without a source row, confirmed by asking the source; and
-        the version of each row seen (its ``xmin``, by its key's repairs text), which is all
+        the version of each row seen (its ``xmin``, in the same order), which is all
         :meth:`_delete` may delete. Keys travel exactly (read with Decimal numbers): a key a
         double cannot hold (0.30000000000000001) must not be taken for another (0.3)."""
         ts = self.target_side
@@ -732,7 +732,7 @@ class UpsertWriter:
                  scope=scope_condition(space, chunk.key_from, chunk.key_to, chunk.keys),
                  stage=_STAGE, join=self._join())).fetchall()
         if not candidates:
-            return [], {}
+            return [], []
         keys = [loads(r["key"]) for r in candidates]
         held = {r["n"] for r in self.source.execute(self._source_space().held(
             self.source_side.relation, keys))}
@@ -741,9 +741,9 @@ class UpsertWriter:
                    if n not in held]
         return ([Repair(key=key, action=RepairAction.DELETE, fingerprint_before=r["fp"],
                         fingerprint_after=None, text=r["text"]) for r, key in orphans],
-                {r["text"]: r["seen"] for r, _ in orphans})
+                [r["seen"] for r, _ in orphans])
 
-    def _delete(self, orphans: Sequence[Repair], seen: dict[str, str]) -> list[Repair]:
+    def _delete(self, orphans: Sequence[Repair], seen: Sequence[str]) -> list[Repair]:
         """Delete the orphans still as they were seen: a row written meanwhile (its key came
         back to the source, and its projection wrote it, even with the same values) is left
         alone, counted skipped. A row is the one seen while its ``xmin`` is: every write of a
@@ -751,8 +751,6 @@ class UpsertWriter:
         if not orphans:
             return []
         space = self._target_space()
-        texts = [o.text for o in orphans if o.text is not None]
-        assert len(texts) == len(orphans)  # _orphans took each from the target
         deleted = {r["text"] for r in self.target.execute(sql.SQL(
             "DELETE FROM {rel} AS t WHERE {keys} AND ({key}, {row}) IN ("
             "SELECT j -> 0, j ->> 1 FROM jsonb_array_elements({seen}::jsonb) "
@@ -761,8 +759,8 @@ class UpsertWriter:
                 rel=self.target_side.relation, keys=space.in_list([o.key for o in orphans]),
                 key=self._target_key_json(), row=_ROW_SEEN,
                 text=self._target_key().repairs_key,
-                seen=sql.Literal(json_text([[o.key, seen[t]] for o, t in zip(
-                    orphans, texts, strict=True)]))))}
+                seen=sql.Literal(json_text([[o.key, row] for o, row in zip(
+                    orphans, seen, strict=True)]))))}
         return [o if o.text in deleted else
                 Repair(key=o.key, action=RepairAction.SKIPPED,
                        fingerprint_before=o.fingerprint_before, fingerprint_after=None,
