@@ -114,7 +114,7 @@ class MirrorShape:
         table's columns (named as the source's key columns) would be others: then rebuild."""
         parts = [self.topic, self.key_fields, self.key_columns, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v3"]
+                 self.column_fields, [t.name for t in self.column_types], "v4"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

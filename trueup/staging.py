@@ -276,8 +276,13 @@ class Merger:
                 if one_key else sql.SQL("(r.message_key::jsonb ->> {})").format(sql.Literal(i))
             return sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
 
-        keys = [sql.SQL("CASE WHEN r.value IS NULL THEN {} ELSE ({})::{} END").format(
-            from_message_key(i, t), read(f, t), storage_type(t))
+        # a tombstone's key, and that of a message without one (unreadable: it still
+        # supersedes its key's row), is the message key's
+        keyless = sql.SQL(" OR ").join([sql.SQL("r.value IS NULL"), *(
+            sql.SQL("{} IS NULL").format(read(f, t))
+            for f, t in zip(shape.key_fields, shape.key_types, strict=True))])
+        keys = [sql.SQL("CASE WHEN {} THEN {} ELSE ({})::{} END").format(
+            keyless, from_message_key(i, t), read(f, t), storage_type(t))
             for i, (f, t) in enumerate(zip(shape.key_fields, shape.key_types, strict=True))]
         version: list[sql.Composable] = []
         if shape.version_type is not None and shape.version_field is not None:
@@ -325,22 +330,28 @@ class Merger:
         n_keys = len(shape.key_columns)
         with_version = shape.version_type is not None
         filler: tuple[Any, ...] = (None,) * (n_keys + with_version)
+        no_version: tuple[Any, ...] = (None,) if with_version else ()
+
+        def by_message_key(m: RawMessage, reason: str | None) -> tuple[Any, ...]:
+            """A tombstone (``reason`` None) or an unreadable message, keyed by its message
+            key: an unreadable message also supersedes its key's row."""
+            keys = keys_from_message_key(m.key, shape)
+            head = (m.partition, m.offset, m.key, m.value is None)
+            if keys is None:
+                return (*head, *filler, None, reason or UNKEYED_TOMBSTONE)
+            return (*head, *keys, *no_version, None, reason)
+
         for m in messages:
-            head = (m.partition, m.offset, m.key)
             if m.value is None:
-                keys = keys_from_message_key(m.key, shape)
-                if keys is None:
-                    yield (*head, True, *filler, None, UNKEYED_TOMBSTONE)
-                else:
-                    yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
+                yield by_message_key(m, None)
                 continue
             try:
                 document = loads(m.value)
             except ValueError:
-                yield (*head, False, *filler, None, "not JSON")
+                yield by_message_key(m, "not JSON")
                 continue
             if not isinstance(document, dict):
-                yield (*head, False, *filler, None, "not a JSON object")
+                yield by_message_key(m, "not a JSON object")
                 continue
             if any(not isinstance(document.get(f), str | None) for f in self._text_fields):
                 # a number, boolean, object or array read as text is its JSON as written
@@ -351,12 +362,12 @@ class Merger:
             key_values = [document.get(f) for f in shape.key_fields]
             missing = [f for f, k in zip(shape.key_fields, key_values, strict=True) if k is None]
             if missing:
-                yield (*head, False, *filler, None, f"no key field {missing[0]!r}")
+                yield by_message_key(m, f"no key field {missing[0]!r}")
                 continue
             key_texts = [value_text(k, t) for k, t in
                          zip(key_values, shape.key_types, strict=True)]
             if any(k is None for k in key_texts):
-                yield (*head, False, *filler, None, "key field of the wrong type")
+                yield by_message_key(m, "key field of the wrong type")
                 continue
             version: tuple[Any, ...] = ()
             if with_version:
@@ -365,13 +376,13 @@ class Merger:
                 version_text = None if raw_version is None else value_text(
                     raw_version, shape.version_type)
                 if raw_version is not None and version_text is None:
-                    yield (*head, False, *filler, None,
-                           f"version field {shape.version_field!r} of the wrong type")
+                    yield by_message_key(
+                        m, f"version field {shape.version_field!r} of the wrong type")
                     continue
                 version = (version_text,)
             fields = fields_text((document.get(f) for f in shape.column_fields),
                                  shape.column_types)
-            yield (*head, False, *key_texts, *version, fields, None)
+            yield (m.partition, m.offset, m.key, False, *key_texts, *version, fields, None)
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -407,6 +418,14 @@ class Merger:
                 "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
             ).format(mirror=shape.table, keys=key_list, version=version_col, row_hash=row_hash,
                      updates=updates),
+            # an unreadable message supersedes an earlier row of the key its message key
+            # names: the key's latest message, what the topic's readers meet, says nothing
+            sql.SQL(
+                "DELETE FROM {mirror} AS m USING trueup_stage AS s "
+                "WHERE s.reason IS NOT NULL AND NOT s.tombstone AND {match} "
+                "AND (m.kafka_partition <> s.kafka_partition OR m.kafka_offset < s.kafka_offset)"
+            ).format(mirror=shape.table, match=sql.SQL(" AND ").join(
+                sql.SQL("m.{0} = s.{0}").format(k) for k in keys)),
             # a later message of the same Kafka key supersedes an unreadable one
             sql.SQL(
                 "DELETE FROM {unreadable} AS u USING trueup_stage AS s "

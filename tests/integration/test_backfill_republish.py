@@ -797,3 +797,23 @@ def test_a_day_s_keys_a_double_cannot_hold_find_their_newer_versions_in_the_topi
     assert summary.status is BackfillStatus.SUCCEEDED
     assert (summary.rows_repaired, summary.rows_skipped) == (0, 2)
     assert _messages_after(kafka_bootstrap, topic, starts) == []
+
+
+def test_a_run_s_republish_replaces_a_key_s_unreadable_latest_message(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str) -> None:
+    """A key whose latest message cannot be read is missing from the topic's state: the run
+    lists it, and republishing it leaves the topic readable."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+    producer.produce(topic, key="10", value=b"{broken")
+    assert producer.flush(30) == 0
+    run = diff(config, "events")
+    assert (run.missing, run.unreadable) == (3, 1), run  # 3, 4 and 10
+
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.RUN,
+                                                               run_id=run.run_id))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    after = diff(config, "events")
+    assert (after.missing, after.unreadable, after.stale, after.mismatch, after.orphan) == (
+        0, 0, 0, 0, 0), after

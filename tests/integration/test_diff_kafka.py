@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from functools import partialmethod
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,48 @@ def test_an_unreadable_message_is_superseded_by_a_later_one_of_the_same_key(
     _produce(kafka_bootstrap, topic, [
         ("1", _event(1, "a", total="1.0"))])
     assert diff(config, "events").consistent
+
+
+@pytest.mark.parametrize("parse_in_postgres", [True, False])
+def test_an_unreadable_message_supersedes_an_earlier_one_of_the_same_key(
+        parse_in_postgres: bool, new_db: Callable[[], str], state_db: str,
+        kafka_bootstrap: str, topic: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The latest message of a key is the target's state: when it cannot be read, the key's
+    earlier row is no longer what the topic says. It was kept, and the key compared equal
+    (or stale...) to the source while its readers met the unreadable message."""
+    if not parse_in_postgres:
+        monkeypatch.setattr(mirror.MirrorReader, "__init__", partialmethod(
+            mirror.MirrorReader.__init__, parse_in_postgres=False))
+    source = new_db()
+    _orders(source, 6, state="a")
+    _produce(kafka_bootstrap, topic, [(str(i), _event(i, "a")) for i in range(1, 7)])
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    assert diff(config, "events").consistent
+
+    _produce(kafka_bootstrap, topic, [
+        ("1", b"{broken"),                        # not JSON, in a later batch than its row
+        ("2", {"state": "a"}),                    # no key field: the message key says which
+        ("3", ["not", "an", "object"]),
+        ("4", _event(4, "a", id="four")),         # a key field of the wrong type
+        ("5", {"state": "a"}), ("5", _event(5, "a")),  # superseded in turn: 5 is equal
+        ("x", {"state": "a"}),                    # a message key that is no key: no row
+    ])
+    summary = diff(config, "events")
+    with psycopg.connect(state_db) as conn:
+        conn.row_factory = dict_row
+        found = {(json.dumps(d.key), d.cls.value)
+                 for d in differences_of(conn, summary.run_id)}
+    assert found == {('["1"]', "unreadable"), ('["2"]', "unreadable"), ('["3"]', "unreadable"),
+                     ('["4"]', "unreadable"), ('["x"]', "unreadable"), ("[1]", "missing"),
+                     ("[2]", "missing"), ("[3]", "missing"), ("[4]", "missing")}
+
+    # one batch: a row, then an unreadable message of its key, then the row again
+    _produce(kafka_bootstrap, topic, [("1", _event(1, "a")), ("6", {"state": "a"}),
+                                      ("2", _event(2, "a")), ("3", _event(3, "a")),
+                                      ("4", _event(4, "a")), ("6", _event(6, "a"))])
+    last = diff(config, "events")  # message "x" names no key: nothing supersedes it
+    assert (last.missing, last.mismatch, last.unreadable, last.target_rows) == (0, 0, 1, 6)
 
 
 def test_a_topic_deleted_and_created_again_rebuilds_the_mirror(
