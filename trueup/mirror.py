@@ -114,7 +114,7 @@ class MirrorShape:
         table's columns (named as the source's key columns) would be others: then rebuild."""
         parts = [self.topic, self.key_fields, self.key_columns, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v4"]
+                 self.column_fields, [t.name for t in self.column_types], "v3"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
@@ -313,7 +313,13 @@ class MirrorReader:
         plan = {}
         for partition, (low, high) in marks.items():
             start = max(stored.get(partition, low), low)
-            if start > stored.get(partition, low):
+            if partition not in stored and low > 0:
+                # A new (or rebuilt) mirror of a topic whose retention already removed
+                # messages: keys only those held are gone from the topic's state as read.
+                log.warning("mirror.messages_lost", reconciliation=self.shape.name,
+                            topic=self.shape.topic, partition=partition, from_offset=0,
+                            to_offset=low, messages=low)
+            elif start > stored.get(partition, low):
                 # Retention (or DeleteRecords) removed messages before they were read: the
                 # mirror keeps what it read before them, and cannot know what they said.
                 log.warning("mirror.messages_lost", reconciliation=self.shape.name,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import tuple_row
 
 from trueup.db import first_line
 from trueup.fingerprint import (
@@ -100,6 +101,11 @@ class Merger:
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS trueup_raw (seq integer, "
                      "kafka_partition integer, kafka_offset bigint, message_key text, "
                      "value text) ON COMMIT DELETE ROWS")
+        conn.execute(sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS trueup_keyed (kafka_partition integer, "
+            "kafka_offset bigint, {keys}) ON COMMIT DELETE ROWS").format(keys=sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(c), storage_type(t))
+                for c, t in zip(shape.key_columns, shape.key_types, strict=True))))
         conn.commit()
         # what both paths stage; only Postgres adds each row's native hash (see mirror_side)
         self.columns = ["kafka_partition", "kafka_offset", "message_key", "tombstone",
@@ -131,6 +137,7 @@ class Merger:
                              messages=len(in_python), batch=len(messages))
             if in_python:
                 self._stage_storable(cur, self._copy_sql, list(self.python_rows(in_python)))
+            self._key_unreadable(cur)
             self._finish(cur)
 
     def _copy_raw(self, cur: psycopg.Cursor[Any], messages: Sequence[RawMessage]
@@ -186,9 +193,10 @@ class Merger:
         return refused
 
     def _stage_storable(self, cur: psycopg.Cursor[Any], copy_sql: sql.Composed,
-                        rows: list[tuple[Any, ...]]) -> None:
+                        rows: list[tuple[Any, ...]], *, stand_in: bool = True) -> None:
         """COPY ``rows`` into the stage; a row Postgres refuses (a NUL in text, a number past
-        its column's range) is staged as unreadable instead, found by halving the batch."""
+        its column's range) is staged as unreadable instead (left out without ``stand_in``),
+        found by halving the batch."""
         try:
             with self.conn.transaction(), cur.copy(copy_sql) as copy:  # a savepoint
                 for row in rows:
@@ -196,8 +204,10 @@ class Merger:
         except psycopg.errors.DataError as exc:
             if len(rows) > 1:
                 half = len(rows) // 2
-                self._stage_storable(cur, copy_sql, rows[:half])
-                self._stage_storable(cur, copy_sql, rows[half:])
+                self._stage_storable(cur, copy_sql, rows[:half], stand_in=stand_in)
+                self._stage_storable(cur, copy_sql, rows[half:], stand_in=stand_in)
+            elif not stand_in:
+                return
             elif rows[0][-1] is None or not rows[0][-1].startswith(_REFUSED):
                 self._stage_storable(cur, copy_sql, [self._refused(rows[0], exc)])
             else:
@@ -210,6 +220,30 @@ class Merger:
         blank = (None,) * (len(self.columns) - 6)  # keys, version and fields
         reason = f"{_REFUSED}{first_line(exc)}"
         return (partition, offset, message_key, tombstone, *blank, None, reason)
+
+    def _key_unreadable(self, cur: psycopg.Cursor[Any]) -> None:
+        """Give each staged unreadable message (not a tombstone) the key its message key
+        names, read as a tombstone's is (:func:`keys_from_message_key`), whichever path staged
+        it: it is its key's latest message, and supersedes the key's row (see
+        :meth:`_build_merge`). A key its column refuses (a number past its range) stays
+        unnamed."""
+        shape = self.shape
+        with self.conn.cursor(row_factory=tuple_row) as read:
+            keyed = [(partition, offset, *keys) for partition, offset, message_key in read.execute(
+                "SELECT kafka_partition, kafka_offset, message_key FROM trueup_stage "
+                "WHERE reason IS NOT NULL AND NOT tombstone AND message_key IS NOT NULL")
+                if (keys := keys_from_message_key(message_key, shape)) is not None]
+        if not keyed:
+            return
+        columns = sql.SQL(", ").join(sql.Identifier(c) for c in shape.key_columns)
+        self._stage_storable(cur, sql.SQL(
+            "COPY trueup_keyed (kafka_partition, kafka_offset, {}) FROM STDIN").format(columns),
+            keyed, stand_in=False)
+        cur.execute(sql.SQL(
+            "UPDATE trueup_stage AS s SET ({columns}) = ROW({values}) FROM trueup_keyed AS k "
+            "WHERE s.kafka_partition = k.kafka_partition AND s.kafka_offset = k.kafka_offset"
+        ).format(columns=columns, values=sql.SQL(", ").join(
+            sql.SQL("k.{}").format(sql.Identifier(c)) for c in shape.key_columns)))
 
     def _finish(self, cur: psycopg.Cursor[Any]) -> None:
         for statement in self._merge_sql:
@@ -276,13 +310,8 @@ class Merger:
                 if one_key else sql.SQL("(r.message_key::jsonb ->> {})").format(sql.Literal(i))
             return sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
 
-        # a tombstone's key, and that of a message without one (unreadable: it still
-        # supersedes its key's row), is the message key's
-        keyless = sql.SQL(" OR ").join([sql.SQL("r.value IS NULL"), *(
-            sql.SQL("{} IS NULL").format(read(f, t))
-            for f, t in zip(shape.key_fields, shape.key_types, strict=True))])
-        keys = [sql.SQL("CASE WHEN {} THEN {} ELSE ({})::{} END").format(
-            keyless, from_message_key(i, t), read(f, t), storage_type(t))
+        keys = [sql.SQL("CASE WHEN r.value IS NULL THEN {} ELSE ({})::{} END").format(
+            from_message_key(i, t), read(f, t), storage_type(t))
             for i, (f, t) in enumerate(zip(shape.key_fields, shape.key_types, strict=True))]
         version: list[sql.Composable] = []
         if shape.version_type is not None and shape.version_field is not None:
@@ -330,28 +359,22 @@ class Merger:
         n_keys = len(shape.key_columns)
         with_version = shape.version_type is not None
         filler: tuple[Any, ...] = (None,) * (n_keys + with_version)
-        no_version: tuple[Any, ...] = (None,) if with_version else ()
-
-        def by_message_key(m: RawMessage, reason: str | None) -> tuple[Any, ...]:
-            """A tombstone (``reason`` None) or an unreadable message, keyed by its message
-            key: an unreadable message also supersedes its key's row."""
-            keys = keys_from_message_key(m.key, shape)
-            head = (m.partition, m.offset, m.key, m.value is None)
-            if keys is None:
-                return (*head, *filler, None, reason or UNKEYED_TOMBSTONE)
-            return (*head, *keys, *no_version, None, reason)
-
         for m in messages:
+            head = (m.partition, m.offset, m.key)
             if m.value is None:
-                yield by_message_key(m, None)
+                keys = keys_from_message_key(m.key, shape)
+                if keys is None:
+                    yield (*head, True, *filler, None, UNKEYED_TOMBSTONE)
+                else:
+                    yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
                 continue
             try:
                 document = loads(m.value)
             except ValueError:
-                yield by_message_key(m, "not JSON")
+                yield (*head, False, *filler, None, "not JSON")
                 continue
             if not isinstance(document, dict):
-                yield by_message_key(m, "not a JSON object")
+                yield (*head, False, *filler, None, "not a JSON object")
                 continue
             if any(not isinstance(document.get(f), str | None) for f in self._text_fields):
                 # a number, boolean, object or array read as text is its JSON as written
@@ -362,12 +385,12 @@ class Merger:
             key_values = [document.get(f) for f in shape.key_fields]
             missing = [f for f, k in zip(shape.key_fields, key_values, strict=True) if k is None]
             if missing:
-                yield by_message_key(m, f"no key field {missing[0]!r}")
+                yield (*head, False, *filler, None, f"no key field {missing[0]!r}")
                 continue
             key_texts = [value_text(k, t) for k, t in
                          zip(key_values, shape.key_types, strict=True)]
             if any(k is None for k in key_texts):
-                yield by_message_key(m, "key field of the wrong type")
+                yield (*head, False, *filler, None, "key field of the wrong type")
                 continue
             version: tuple[Any, ...] = ()
             if with_version:
@@ -376,13 +399,13 @@ class Merger:
                 version_text = None if raw_version is None else value_text(
                     raw_version, shape.version_type)
                 if raw_version is not None and version_text is None:
-                    yield by_message_key(
-                        m, f"version field {shape.version_field!r} of the wrong type")
+                    yield (*head, False, *filler, None,
+                           f"version field {shape.version_field!r} of the wrong type")
                     continue
                 version = (version_text,)
             fields = fields_text((document.get(f) for f in shape.column_fields),
                                  shape.column_types)
-            yield (m.partition, m.offset, m.key, False, *key_texts, *version, fields, None)
+            yield (*head, False, *key_texts, *version, fields, None)
 
     # -- merging -------------------------------------------------------------------------------
 
@@ -419,11 +442,12 @@ class Merger:
             ).format(mirror=shape.table, keys=key_list, version=version_col, row_hash=row_hash,
                      updates=updates),
             # an unreadable message supersedes an earlier row of the key its message key
-            # names: the key's latest message, what the topic's readers meet, says nothing
+            # names (in its partition, where a key's messages go): the key's latest message,
+            # what the topic's readers meet, says nothing
             sql.SQL(
                 "DELETE FROM {mirror} AS m USING trueup_stage AS s "
                 "WHERE s.reason IS NOT NULL AND NOT s.tombstone AND {match} "
-                "AND (m.kafka_partition <> s.kafka_partition OR m.kafka_offset < s.kafka_offset)"
+                "AND m.kafka_partition = s.kafka_partition AND m.kafka_offset < s.kafka_offset"
             ).format(mirror=shape.table, match=sql.SQL(" AND ").join(
                 sql.SQL("m.{0} = s.{0}").format(k) for k in keys)),
             # a later message of the same Kafka key supersedes an unreadable one

@@ -404,14 +404,31 @@ def test_messages_retention_removed_before_they_were_read_are_logged_as_lost(
     try:
         with caplog.at_level(logging.WARNING, logger="trueup"):
             assert diff(config, "events").consistent
+            # one record (seen twice when the trueup logger also propagates to caplog's root
+            # handler)
+            (lost,) = {r for r in caplog.records if r.getMessage() == "mirror.messages_lost"}
+            assert lost.fields == {"reconciliation": "events", "topic": topic, "partition": 0,
+                                   "from_offset": 3, "to_offset": 5, "messages": 2}
+            # a mirror built anew (here: another reconciliation of the topic) starts at the
+            # low watermark too, and says so
+            caplog.clear()
+            _produce(kafka_bootstrap, topic, [("1", _event(1, "a"))])
+            with psycopg.connect(source, autocommit=True) as conn:
+                conn.execute("CREATE TABLE public.orders_copy AS TABLE public.orders")
+                conn.execute("ALTER TABLE public.orders_copy ADD PRIMARY KEY (id)")
+            raw = yaml.safe_load(Path(config.path).read_text())
+            raw["reconciliations"]["copy"] = raw["reconciliations"]["events"]
+            raw["reconciliations"]["copy"]["source"]["table"] = "public.orders_copy"
+            Path(config.path).write_text(yaml.safe_dump(raw))
+            rebuilt = diff(load_config(Path(config.path)), "copy")
     finally:
         logging.getLogger("trueup").removeHandler(caplog.handler)
         for future in admin.delete_topics([topic]).values():
             future.result()
-    # one record (seen twice when the trueup logger also propagates to caplog's root handler)
+    assert (rebuilt.missing, rebuilt.target_rows) == (2, 1)  # 2 and 3 were only before 5
     (lost,) = {r for r in caplog.records if r.getMessage() == "mirror.messages_lost"}
-    assert lost.fields == {"reconciliation": "events", "topic": topic, "partition": 0,
-                           "from_offset": 3, "to_offset": 5, "messages": 2}
+    assert lost.fields == {"reconciliation": "copy", "topic": topic, "partition": 0,
+                           "from_offset": 0, "to_offset": 5, "messages": 5}
 
 
 def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(

@@ -375,3 +375,59 @@ def test_only_the_messages_postgres_refuses_are_read_in_python(
     assert [(offset, reason.partition(":")[0]) for offset, reason in unreadable] == [
         (2000, "not JSON"), (2002, "version field 'v' of the wrong type"),
         (2003, "not storable in Postgres")]
+
+
+def test_an_unreadable_message_supersedes_its_key_s_row_alike_in_either_path(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """An unreadable message is its key's latest: the key's earlier row (in its partition) goes,
+    whichever path read it, and a message key that names no key (of another type, another
+    length, past its column's range) supersedes nothing and sends no batch to Python."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.pairs (region text, id bigint, version bigint, "
+                     "note text, PRIMARY KEY (region, id))")
+    rec = ReconciliationConfig.model_validate({
+        "source": {"connection": "s", "table": "public.pairs", "key": ["region", "id"],
+                   "version": "version", "columns": ["note"]},
+        "target": {"connection": "b", "topic": "t", "key": ["region", "id"], "version": "v",
+                   "columns": ["note"]}})
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        side = table_side(label="source", dsn=source, table="public.pairs",
+                          key=["region", "id"], version="version", columns=["note"], conn=conn)
+
+    def row(partition: int, offset: int, region: str, id_: int) -> RawMessage:
+        return RawMessage(partition, offset, json.dumps([region, id_]), json.dumps(
+            {"region": region, "id": id_, "v": 1, "note": "x"}).encode())
+
+    rows = [row(0, i, "eu", i) for i in range(1, 9)] + [row(1, 0, "us", 1)]
+    unreadable = [
+        RawMessage(0, 20, '["eu", 1]', b"{broken"),                   # not JSON
+        RawMessage(0, 21, '["eu", 2]', b'{"note": "no key"}'),        # no key field
+        RawMessage(0, 22, '["eu", 3]', b'{"region": "eu", "id": "three", "v": 1}'),
+        RawMessage(0, 23, '["eu", 4]', b'{"region": "eu", "id": 4, "v": 1, "note": "a\\u0000"}'),
+        RawMessage(0, 24, '["eu", 5, 99]', b'{"note": "no key"}'),    # three values for two
+        RawMessage(0, 25, '["eu", "six"]', b'{"note": "no key"}'),    # not a bigint
+        RawMessage(0, 26, '["eu", 99999999999999999999]', b'{"note": "no key"}'),
+        RawMessage(0, 27, "eu", b'{"note": "no key"}'),               # not JSON either
+        RawMessage(0, 28, '["us", 1]', b"{broken"),                   # row 1 of "us" is in 1
+        RawMessage(0, 29, '["eu", 7]', b"{broken"),
+        row(0, 30, "eu", 7),                                         # and 7 comes back
+    ]
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        for name, in_postgres in (("pairs_fast", True), ("pairs_slow", False)):
+            shape = shape_of(name, rec, side)
+            _ensure_tables(conn, shape)
+            merger = Merger(shape, conn, parse_in_postgres=in_postgres)
+            merger.merge(rows)
+            keyless = [m for m in unreadable if m.value and m.value.startswith(b'{"note"')]
+            merger.merge([m for m in unreadable if m not in keyless])
+            merger.merge(keyless)
+            left = conn.execute(sql.SQL("SELECT region, id FROM {} ORDER BY 1, 2").format(
+                shape.table)).fetchall()
+            assert [(r["region"], r["id"]) for r in left] == [
+                ("eu", 5), ("eu", 6), ("eu", 7), ("eu", 8), ("us", 1)], name
+            kept = conn.execute(sql.SQL("SELECT kafka_offset FROM {} ORDER BY 1").format(
+                shape.unreadable_table)).fetchall()
+            assert [r["kafka_offset"] for r in kept] == [*range(20, 29)], name
+            if in_postgres:  # only the batch Postgres cannot read: not the key-less one
+                assert merger.fallbacks == 1
