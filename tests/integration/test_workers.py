@@ -26,6 +26,7 @@ from tests.integration.test_workers_support import (
     kafka_remaining,
     kafka_worker,
     produce_json,
+    produce_with_raw_header_name,
     rabbit_worker,
     read_topic,
     running,
@@ -538,3 +539,21 @@ def test_rabbitmq_header_named_in_bytes_that_are_not_utf8_is_kept_on_the_retry_c
         wait_until(lambda: "1" in handler.effects, "the retried message's effect")
     assert [a for _, a in handler.attempts["1"]] == [1, 2]
     assert queues.depth(worker.dead_letter_queue) == 0
+
+
+@pytest.mark.kafka
+def test_kafka_header_named_in_bytes_that_are_not_utf8_is_handled_not_a_crash(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """confluent-kafka fails reading such a message's headers (a SystemError): the worker
+    stopped on every delivery of the message, before its handler ran. Its headers are read as
+    none (confluent-kafka could not write that name on the retry copy anyway)."""
+    topic = unique("orders")
+    handler = FlakyHandler({"1": 1})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    produce_with_raw_header_name(kafka_bootstrap, topic, b"bad\xffname", key=b"1",
+                                 value=json.dumps({"id": 1}).encode(), more={"tenant": "acme"})
+    with running(worker.run):
+        wait_until(lambda: "1" in handler.effects, "the retried message's effect")
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+    (retried,) = read_topic(kafka_bootstrap, worker.retry_topic(1))
+    assert {name for name, _ in retried.headers()} >= {headers.ATTEMPTS, headers.ORIGIN}

@@ -6,12 +6,15 @@ Topics and queues made here are deleted by the fixtures that made them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import confluent_kafka
 import pika
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -119,6 +122,48 @@ def produce_json(bootstrap: str, topic: str, items: list[dict[str, Any]], *,
                       key=str(item[key_field]),
                       headers=headers.to_kafka(extra_headers) if extra_headers else None)
     kafka.confirm(producer, deliveries, what="test")
+
+
+def produce_with_raw_header_name(bootstrap: str, topic: str, name: bytes, *, key: bytes,
+                                 value: bytes, more: dict[str, str] | None = None) -> None:
+    """Produce one message with a header named ``name`` exactly (confluent-kafka cannot: it
+    names a header by a str), and the headers ``more``, through librdkafka itself."""
+    path = Path(confluent_kafka.__file__).parent.parent / "confluent_kafka.libs"
+    lib = ctypes.CDLL(str(next(path.glob("librdkafka*.so*"))))
+    lib.rd_kafka_conf_new.restype = ctypes.c_void_p
+    lib.rd_kafka_conf_set.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p,
+                                      ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_new.restype = ctypes.c_void_p
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.rd_kafka_headers_new.restype = ctypes.c_void_p
+    lib.rd_kafka_headers_new.argtypes = [ctypes.c_size_t]
+    lib.rd_kafka_header_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_ssize_t,
+                                        ctypes.c_char_p, ctypes.c_ssize_t]
+    lib.rd_kafka_flush.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.rd_kafka_outq_len.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_destroy.argtypes = [ctypes.c_void_p]
+    error = ctypes.create_string_buffer(512)
+    conf = lib.rd_kafka_conf_new()
+    assert lib.rd_kafka_conf_set(conf, b"bootstrap.servers", bootstrap.encode(), error, 512) == 0
+    producer = lib.rd_kafka_new(0, conf, error, 512)  # 0: RD_KAFKA_PRODUCER
+    assert producer, error.value
+    try:
+        found = lib.rd_kafka_headers_new(1 + len(more or {}))
+        lib.rd_kafka_header_add(found, name, len(name), b"v", 1)
+        for other, text in (more or {}).items():
+            lib.rd_kafka_header_add(found, other.encode(), -1, text.encode(), -1)
+        # rd_kafka_producev's varargs: (type, value...) pairs ended by 0 (RD_KAFKA_VTYPE_END)
+        topic_, value_, key_, flags, headers_ = 1, 4, 5, 7, 10
+        assert lib.rd_kafka_producev(
+            ctypes.c_void_p(producer), ctypes.c_int(topic_), ctypes.c_char_p(topic.encode()),
+            ctypes.c_int(flags), ctypes.c_int(2),  # RD_KAFKA_MSG_F_COPY
+            ctypes.c_int(value_), ctypes.c_char_p(value), ctypes.c_size_t(len(value)),
+            ctypes.c_int(key_), ctypes.c_char_p(key), ctypes.c_size_t(len(key)),
+            ctypes.c_int(headers_), ctypes.c_void_p(found), ctypes.c_int(0)) == 0
+        lib.rd_kafka_flush(ctypes.c_void_p(producer), 10_000)
+        assert lib.rd_kafka_outq_len(ctypes.c_void_p(producer)) == 0
+    finally:
+        lib.rd_kafka_destroy(ctypes.c_void_p(producer))
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int = 1) -> list[Any]:

@@ -22,12 +22,29 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from trueup.errors import ConnectionFailed, TrueupError
+from trueup.log import get_logger
+
+log = get_logger(__name__)
 
 METADATA_TIMEOUT_SECONDS = 10.0
 
 
 class KafkaFailed(TrueupError):
     """A Kafka operation failed after the connection was made."""
+
+
+def message_headers(message: Message) -> list[tuple[str, Any]]:
+    """A message's headers as confluent-kafka reads them; none when it cannot: one header
+    name that is not UTF-8 fails reading them all (a SystemError from a UnicodeDecodeError),
+    and confluent-kafka could not produce such a name again anyway. Logged as a warning."""
+    try:
+        found = message.headers()
+    except (SystemError, UnicodeDecodeError) as exc:
+        log.warning("kafka.headers_unreadable", topic=message.topic(),
+                    partition=message.partition(), offset=message.offset(),
+                    error=str(exc.__cause__ or exc))
+        return []
+    return list(found.items()) if isinstance(found, dict) else found or []
 
 
 def error_of(exc: KafkaException) -> KafkaError | None:

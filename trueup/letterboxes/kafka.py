@@ -51,7 +51,7 @@ def replay_group(name: str) -> str:
 def letter_of(message: Message, raw: Any = None) -> DeadLetter:
     """A dead letter of a Kafka message (``raw``: its headers, when already read), with or
     without trueup's headers."""
-    text = headers.from_kafka(message.headers() if raw is None else raw)
+    text = headers.from_kafka(kafka.message_headers(message) if raw is None else raw)
     get = text.get
     key = message.key()
     failed_at = headers.parse_time(get(headers.LAST_FAILURE))
@@ -177,7 +177,7 @@ class KafkaLetterbox:
                 for message in messages:
                     partition = message.partition()
                     assert partition is not None
-                    heads.setdefault(partition, letter_of(message, message.headers() or []))
+                    heads.setdefault(partition, letter_of(message))
         except KafkaException as exc:
             raise kafka.translate(exc, self.what) from exc
         finally:
@@ -201,7 +201,7 @@ class KafkaLetterbox:
             for messages in batches:
                 batch = []
                 for message in messages:
-                    raw = message.headers() or []
+                    raw = kafka.message_headers(message)
                     batch.append(Received(letter=letter_of(message, raw), handle=(message, raw)))
                 yield batch
         except KafkaException as exc:

@@ -196,7 +196,8 @@ class KafkaWorker:
             return
         if (topic, partition) in self._paused:
             return  # fetched before the pause; the seek brings it back when due
-        text = headers.from_kafka(message.headers())
+        raw = kafka.message_headers(message)
+        text = headers.from_kafka(raw)
         if topic != self.topic and (text.get(headers.GROUP) or self.group) != self.group:
             # Every group consuming a topic shares its retry topics: another group's retry is
             # that group's to handle.
@@ -209,11 +210,11 @@ class KafkaWorker:
                 return
         with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                   offset=offset, group=self.group):
-            self._settle(consumer, producer, message, text)
+            self._settle(consumer, producer, message, raw, text)
         HEALTH.progressed()
 
     def _settle(self, consumer: Consumer, producer: Any, message: Message,
-                text: dict[str, str]) -> None:
+                raw: list[tuple[str, Any]], text: dict[str, str]) -> None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
         failure = headers.Failure.read(text)
@@ -234,7 +235,7 @@ class KafkaWorker:
             else:
                 target = self.dead_letter_topic
             # From the raw headers, not ``text``: the message's own travel on byte for byte.
-            copied = headers.kafka_copy(message.headers(), changes)
+            copied = headers.kafka_copy(raw, changes)
             with forwarding(settlement, target):
                 kafka.publish(producer, target, value=message.value(), key=message.key(),
                               headers=tracing.inject(copied), what=f"{self.what}: {target}")

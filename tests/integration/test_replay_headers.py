@@ -1,0 +1,49 @@
+"""Dead letters whose headers confluent-kafka cannot read, inspected and replayed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_workers_support import (
+    Topics,
+    body_ids,
+    cli_json,
+    kafka_remaining,
+    produce_json,
+    produce_with_raw_header_name,
+    read_topic,
+    write_config,
+)
+from trueup import headers
+from trueup.letterboxes.kafka import replay_group
+
+pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
+
+
+def test_kafka_letter_with_a_header_name_that_is_not_utf8_is_counted_and_replayed(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """confluent-kafka fails reading such a letter's headers (a SystemError): `trueup dlq` and
+    `trueup replay` ended in "unexpected error" at it, for every letter of the queue. It is a
+    letter without headers: counted, and replayed without them."""
+    dlq, target = unique("legacy.dlq"), unique("orders")
+    topics.create(dlq, target)
+    produce_json(kafka_bootstrap, dlq, [{"id": 1}],
+                 extra_headers={headers.ERROR_CLASS: "ValueError", headers.ORIGIN: target})
+    produce_with_raw_header_name(kafka_bootstrap, dlq, b"bad\xffname", key=b"2",
+                                 value=json.dumps({"id": 2}).encode(),
+                                 more={headers.ERROR_CLASS: "ValueError"})
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"legacy": {"connection": "bus", "topic": dlq,
+                                                   "replay_to": target}})
+    assert cli_json(config, "dlq", "legacy")["by_error"] == {"ValueError": 1, "unknown": 1}
+    dry = cli_json(config, "replay", "legacy", "--dry-run")
+    assert (dry["moved"], dry["skipped"]) == (2, 0)
+    done = cli_json(config, "replay", "legacy")
+    assert (done["moved"], done["skipped"]) == (2, 0)
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["1", "2"]
+    assert kafka_remaining(kafka_bootstrap, dlq, replay_group("legacy")) == []
