@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupState, Message
+from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from tests.integration.test_workers_support import (
     EARLY_TOLERANCE,
@@ -557,3 +558,82 @@ def test_kafka_header_named_in_bytes_that_are_not_utf8_is_handled_not_a_crash(
     assert [a for _, a in handler.attempts["1"]] == [1, 2]
     (retried,) = read_topic(kafka_bootstrap, worker.retry_topic(1))
     assert {name for name, _ in retried.headers()} >= {headers.ATTEMPTS, headers.ORIGIN}
+
+
+def _big(bootstrap: str, topic: str, item: int, size: int) -> None:
+    """Produce message ``item`` of about ``size`` bytes (a client that sends that much)."""
+    producer = kafka.create_producer({"bootstrap.servers": bootstrap}, what="test",
+                                     **{"message.max.bytes": 2 * size})
+    deliveries = kafka.Deliveries()
+    kafka.produce(producer, deliveries, topic, key=str(item),
+                  value=json.dumps({"id": item, "pad": "x" * size}).encode())
+    kafka.confirm(producer, deliveries, what="test")
+
+
+@pytest.mark.kafka
+def test_kafka_message_as_large_as_its_topic_takes_is_retried_and_dead_lettered(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """The retry and dead-letter topics took the broker's default largest message, and the
+    worker's producer librdkafka's (1,000,000 bytes): a larger message of a topic that takes
+    it stopped the worker at its first failure, on every delivery (nothing was lost)."""
+    topic = unique("orders")
+    topics.create(topic)
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    for future in admin.incremental_alter_configs([ConfigResource(
+            ConfigResource.Type.TOPIC, topic, incremental_configs=[ConfigEntry(
+                "max.message.bytes", "3000000",
+                incremental_operation=AlterConfigOpType.SET)])]).values():
+        future.result()
+    handler = FlakyHandler({"1": 1}, permanent={"2"})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    _big(kafka_bootstrap, topic, 1, 1_500_000)
+    _big(kafka_bootstrap, topic, 2, 1_500_000)
+    with running(worker.run):
+        wait_until(lambda: "1" in handler.effects and "2" in handler.attempts,
+                   "the large message retried and the other dead-lettered")
+        wait_until(lambda: len(read_topic(kafka_bootstrap, worker.dead_letter_topic)) == 1,
+                   "the dead letter")
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+
+
+@pytest.mark.kafka
+def test_kafka_retry_copy_its_topic_refuses_is_dead_lettered_and_the_worker_goes_on(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """A retry topic made before (smaller than its work topic takes): the broker refuses the
+    copy outright, which stopped the worker on every delivery of the message."""
+    topic = unique("orders")
+    retry_1 = f"{topic}.retry.1"
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.create_topics(admin, [retry_1], what="test", config={"max.message.bytes": "100000"})
+    topics.track(retry_1)
+    handler = FlakyHandler({"1": 1, "2": 1})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    _big(kafka_bootstrap, topic, 1, 200_000)
+    produce_json(kafka_bootstrap, topic, [{"id": 2}])
+    with running(worker.run):
+        wait_until(lambda: "2" in handler.effects, "the small message retried")
+        wait_until(lambda: len(read_topic(kafka_bootstrap, worker.dead_letter_topic)) == 1,
+                   "the large message dead-lettered")
+    assert [a for _, a in handler.attempts["1"]] == [1]
+    (dead,) = read_topic(kafka_bootstrap, worker.dead_letter_topic)
+    found = headers.from_kafka(dead.headers())
+    assert (found[headers.ATTEMPTS], found[headers.ORIGIN]) == ("1", topic)
+    assert headers.NOT_BEFORE not in found
+
+
+@pytest.mark.kafka
+def test_kafka_dead_letter_copy_its_topic_refuses_stops_the_worker_saying_why(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    topic = unique("orders")
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.create_topics(admin, [f"{topic}.dlq"], what="test",
+                        config={"max.message.bytes": "100000"})
+    topics.track(f"{topic}.dlq")
+    handler = FlakyHandler({}, permanent={"1"})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    _big(kafka_bootstrap, topic, 1, 200_000)
+    with pytest.raises(kafka.KafkaRefused, match=r"the dead-letter topic .* refused message "
+                       r".*:0:0 .* the worker stops rather than lose it"):
+        with running(worker.run):
+            wait_until(lambda: "1" in handler.attempts, "the message handled")
+            time.sleep(2)

@@ -19,6 +19,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
 from trueup.errors import ConnectionFailed, TrueupError
@@ -31,6 +32,20 @@ METADATA_TIMEOUT_SECONDS = 10.0
 
 class KafkaFailed(TrueupError):
     """A Kafka operation failed after the connection was made."""
+
+
+class KafkaRefused(KafkaFailed):
+    """A message was refused outright, by the client or a broker (too large, say): sending it
+    again as it is cannot succeed."""
+
+
+#: Errors that refuse a message itself, not the way to the broker.
+REFUSED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
+                           KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE})
+#: Room a copy of a message needs beyond the message for the headers trueup adds.
+COPY_HEADROOM_BYTES = 64 * 1024
+#: librdkafka's default ``message.max.bytes``, the largest message a producer sends.
+CLIENT_MESSAGE_MAX_BYTES = 1_000_000
 
 
 def message_headers(message: Message) -> list[tuple[str, Any]]:
@@ -128,6 +143,18 @@ def topic_id(admin: AdminClient, topic: str, *, what: str,
     return str(description.topic_id)
 
 
+def topic_max_message_bytes(admin: AdminClient, topic: str) -> int | None:
+    """The largest message ``topic`` takes (its ``max.message.bytes``); None when it cannot
+    be told (no such topic, no right to describe it)."""
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic)
+    try:
+        described = admin.describe_configs([resource], request_timeout=METADATA_TIMEOUT_SECONDS)
+        entry = described[resource].result().get("max.message.bytes")
+    except KafkaException:
+        return None
+    return int(entry.value) if entry is not None and entry.value else None
+
+
 def topic_partitions(admin: AdminClient, topic: str, *, what: str) -> int | None:
     """The number of partitions of ``topic``, or None when it does not exist.
 
@@ -223,10 +250,12 @@ class Deliveries:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.refused = 0  # of the errors, those that refused a message itself
 
     def on_delivery(self, error: KafkaError | None, message: Any) -> None:
         if error is not None:
             self.errors.append(f"{message.topic()}: {error.str()}")
+            self.refused += error.code() in REFUSED_CODES
 
 
 def create_producer(properties: Mapping[str, Any], *, what: str,
@@ -259,6 +288,11 @@ def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: by
             break
         except BufferError:
             producer.poll(0.05)  # the local queue is full: let deliveries drain
+        except KafkaException as exc:  # refused before it left: message.max.bytes, say
+            error = error_of(exc)
+            if error is not None and error.code() in REFUSED_CODES:
+                raise KafkaRefused(f"{topic}: {error.str()}") from exc
+            raise translate(exc, f"topic {topic}") from exc
 
 
 def produce_all(producer: Producer, deliveries: Deliveries, topic: str,
@@ -283,10 +317,12 @@ def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
     """
     remaining = producer.flush(timeout)
     errors, deliveries.errors = deliveries.errors, []
+    refused, deliveries.refused = deliveries.refused, 0
     if remaining:
         raise KafkaFailed(f"{what}: {remaining} messages not confirmed within {timeout:.0f}s")
     if errors:
-        raise KafkaFailed(f"{what}: {len(errors)} messages refused, first: {errors[0]}")
+        kind = KafkaRefused if refused == len(errors) else KafkaFailed
+        raise kind(f"{what}: {len(errors)} messages refused, first: {errors[0]}")
 
 
 def publish(producer: Producer, topic: str, *, value: bytes | None, what: str,

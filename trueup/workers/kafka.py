@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from trueup import headers, metrics, tracing
 from trueup.brokers import kafka
+from trueup.errors import TrueupError
 from trueup.health import HEALTH
 from trueup.log import get_logger
 from trueup.retry import RetryPolicy
@@ -38,6 +39,7 @@ from trueup.workers.runtime import (
     Action,
     Delivery,
     Handler,
+    Settlement,
     forwarding,
     record_settlement,
     serving,
@@ -53,6 +55,8 @@ AUTO_COMMIT_INTERVAL_MS = 1000
 MAX_POLL_INTERVAL_MS = 300_000
 #: How often the consumer lag gauge is refreshed (seconds): librdkafka's statistics interval.
 LAG_INTERVAL_SECONDS = 5.0
+#: How long a stopping worker waits for copies a failure left unconfirmed (sent again anyway).
+CLOSE_FLUSH_SECONDS = 5.0
 
 
 class KafkaWorker:
@@ -94,11 +98,27 @@ class KafkaWorker:
         return [f"{self.topic}.retry.{n}" for n in range(1, self.tiers + 1)]
 
     def ensure_topics(self, partitions: int | None = None) -> None:
-        """Create the retry and dead-letter topics (as many partitions as the work topic)."""
+        """Create the retry and dead-letter topics (as many partitions as the work topic),
+        taking what it takes: its largest message with trueup's headers added."""
         admin = kafka.connect_admin(self.properties, what=self.what)
         count = partitions or kafka.topic_partitions(admin, self.topic, what=self.what) or 1
-        kafka.create_topics(admin, [self.topic, *self.retry_topics, self.dead_letter_topic],
-                            partitions=count, what=self.what)
+        kafka.create_topics(admin, [self.topic], partitions=count, what=self.what)
+        largest = kafka.topic_max_message_bytes(admin, self.topic)
+        kafka.create_topics(admin, [*self.retry_topics, self.dead_letter_topic],
+                            partitions=count, what=self.what, config={} if largest is None else {
+                                "max.message.bytes": str(largest + kafka.COPY_HEADROOM_BYTES)})
+
+    def _copy_max_bytes(self) -> int:
+        """The producer's ``message.max.bytes``: room for a copy of the work topic's largest
+        message (librdkafka refuses a larger one before it leaves, at 1,000,000 bytes by
+        default), or what the properties say when that is more."""
+        asked = int(self.properties.get("message.max.bytes") or kafka.CLIENT_MESSAGE_MAX_BYTES)
+        try:
+            admin = kafka.connect_admin(self.properties, what=self.what)
+        except TrueupError:
+            return asked  # the consumer says what is wrong with the connection
+        largest = kafka.topic_max_message_bytes(admin, self.topic)
+        return asked if largest is None else max(asked, largest + kafka.COPY_HEADROOM_BYTES)
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then commit what is done and leave the group."""
@@ -114,7 +134,8 @@ class KafkaWorker:
                "statistics.interval.ms": max(100, int(self.lag_interval_seconds * 1000)),
                "stats_cb": self._on_stats, **self.consumer_overrides})
         try:
-            producer = kafka.create_producer(self.properties, what=self.what)
+            producer = kafka.create_producer(self.properties, what=self.what, **{
+                "message.max.bytes": self._copy_max_bytes()})
             try:
                 consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -124,7 +145,9 @@ class KafkaWorker:
                     self._resume_due(consumer)
                     self._batch(consumer, producer, self._next_messages(consumer), stop)
             finally:
-                producer.flush(kafka.CONFIRM_TIMEOUT_SECONDS)
+                # Every copy was confirmed (or timed out) before its offset was stored: this
+                # only waits for one a failure left behind, which is sent again anyway.
+                producer.flush(CLOSE_FLUSH_SECONDS)
         finally:
             consumer.close()  # commits the stored offsets (auto commit), leaves the group
             self._forget_lag(list(self._assigned))
@@ -234,14 +257,36 @@ class KafkaWorker:
                 changes[headers.NOT_BEFORE] = str(int(due * 1000))
             else:
                 target = self.dead_letter_topic
-            # From the raw headers, not ``text``: the message's own travel on byte for byte.
-            copied = headers.kafka_copy(raw, changes)
-            with forwarding(settlement, target):
-                kafka.publish(producer, target, value=message.value(), key=message.key(),
-                              headers=tracing.inject(copied), what=f"{self.what}: {target}")
+            settlement = self._forward(producer, message, raw, settlement, target, changes)
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         self._done(consumer, topic, partition, offset, message)
         record_settlement(self.group, settlement)
+
+    def _forward(self, producer: Any, message: Message, raw: list[tuple[str, Any]],
+                 settlement: Settlement, target: str, changes: dict[str, str]) -> Settlement:
+        """Copy ``message`` to its retry topic or the dead-letter topic (``target``) and wait
+        for the confirm; the settlement it was sent by. A retry copy refused outright (too
+        large for the retry topic) is dead-lettered instead; a dead-letter copy refused so
+        stops the worker, which cannot go past the message without losing it."""
+        # From the raw headers, not ``text``: the message's own travel on byte for byte.
+        copied = headers.kafka_copy(raw, changes)
+        try:
+            with forwarding(settlement, target):
+                kafka.publish(producer, target, value=message.value(), key=message.key(),
+                              headers=tracing.inject(copied), what=f"{self.what}: {target}")
+            return settlement
+        except kafka.KafkaRefused as exc:
+            where = f"{message.topic()}:{message.partition()}:{message.offset()}"
+            if target == self.dead_letter_topic:
+                raise kafka.KafkaRefused(
+                    f"{self.what}: the dead-letter topic {target} refused message {where} "
+                    f"({exc}); the worker stops rather than lose it: let the topic take it "
+                    f"(max.message.bytes) and start the worker again") from exc
+            log.warning("worker.retry_refused", group=self.group, topic=target,
+                        message=where, error=str(exc))
+        changes.pop(headers.NOT_BEFORE, None)
+        dead = replace(settlement, action=Action.DEAD_LETTER)
+        return self._forward(producer, message, raw, dead, self.dead_letter_topic, changes)
 
     def _done(self, consumer: Consumer, topic: str, partition: int, offset: int,
               message: Message) -> None:
