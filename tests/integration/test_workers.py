@@ -4,6 +4,7 @@ complete headers, no blocked partition."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -637,3 +638,28 @@ def test_kafka_dead_letter_copy_its_topic_refuses_stops_the_worker_saying_why(
     with refused, running(worker.run):
         wait_until(lambda: "1" in handler.attempts, "the message handled")
         time.sleep(2)
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_copy_the_broker_refuses_keeps_the_message_and_the_worker_backs_off(
+        amqp_url: str, unique: Callable[[str], str], queues: Queues) -> None:
+    """A dead-letter queue that rejects publishes (full, `x-overflow: reject-publish`) nacked
+    the copy, and the worker stopped on every delivery of the message. It backs off and tries
+    again, the message unacked; once the queue takes it (here: deleted, so the reconnect
+    declares it again) the message is dead-lettered."""
+    queue = unique("payments")
+    queues.declare(f"{queue}.dlq", arguments={"x-max-length": 0,
+                                              "x-overflow": "reject-publish"})
+    handler = FlakyHandler({}, permanent={"1"})
+    worker = rabbit_worker(amqp_url, queue, handler, queues)
+    queues.publish(queue, json.dumps({"id": 1}).encode(), message_id="m1")
+    with running(worker.run):
+        wait_until(lambda: len(handler.attempts.get("1", [])) >= 4, "the message tried again")
+        times = [at for at, _ in handler.attempts["1"]]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert gaps[2] > gaps[0] + 0.3, gaps  # the pauses grow: 0.2, 0.4, 0.8 s...
+        channel = queues.connection.channel()
+        channel.queue_delete(f"{queue}.dlq")
+        channel.close()
+        wait_until(lambda: queues.depth(f"{queue}.dlq") == 1, "the message dead-lettered")
+    assert queues.depth(queue) == 0

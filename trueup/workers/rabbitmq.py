@@ -51,7 +51,15 @@ PREFETCH = 20
 IDLE_SECONDS = 0.25
 HEARTBEAT_SECONDS = 10  # a dead broker is noticed within two of them
 SERVICE_SECONDS = 0.2   # while a handler runs, the connection is serviced this often
-RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed,
+
+
+class CopyRefused(rabbitmq.RabbitFailed):
+    """The broker did not take a retry or dead-letter copy (a nack: a full queue that
+    rejects publishes; unroutable: its queue deleted meanwhile). The message stays unacked and
+    comes again after a reconnect, which declares the worker's queues again."""
+
+
+RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed, CopyRefused,
                                                      *rabbitmq.CONNECTION_ERRORS)
 
 
@@ -123,15 +131,17 @@ class RabbitWorker:
             self.declare(connection)
             channel = rabbitmq.confirmed_channel(connection, prefetch=self.prefetch)
             log.info("worker.started", broker="rabbitmq", queue=self.queue, name=self.name)
-            reconnect.reset()
             for method, properties, body in channel.consume(self.queue,
                                                             inactivity_timeout=IDLE_SECONDS):
                 if stop.is_set():
                     break
                 HEALTH.progressed()  # the loop turns: not stuck, even when idle
-                if method is None:
-                    continue
-                self._one(channel, method, properties, body)
+                if method is not None:
+                    self._one(channel, method, properties, body)
+                # The pauses start again once the session got somewhere (a message settled,
+                # or none waiting), not when it starts: a message whose copy the broker
+                # refuses each time must not be handled again five times a second.
+                reconnect.reset()
             channel.cancel()  # unacked prefetched messages go back to the queue
         finally:
             rabbitmq.close_quietly(connection)
@@ -164,12 +174,15 @@ class RabbitWorker:
                 expiration = str(max(0, int(settlement.delay_seconds * 1000)))
             else:
                 target, expiration = self.dead_letter_queue, None
-            with forwarding(settlement, target):
-                rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
-                                 properties=rabbitmq.republished_properties(
-                                     properties, headers=tracing.inject(table),
-                                     expiration=expiration),
-                                 what=f"{self.what}: {target}")
+            try:
+                with forwarding(settlement, target):
+                    rabbitmq.publish(channel, exchange="", routing_key=target, body=body,
+                                     properties=rabbitmq.republished_properties(
+                                         properties, headers=tracing.inject(table),
+                                         expiration=expiration),
+                                     what=f"{self.what}: {target}")
+            except rabbitmq.RabbitFailed as exc:  # a nack, or unroutable
+                raise CopyRefused(str(exc)) from exc
         # Only now, with the handler done or its copy confirmed, does the message leave.
         channel.basic_ack(method.delivery_tag)
         record_settlement(self.name, settlement)
