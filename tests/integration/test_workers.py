@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from confluent_kafka import Consumer, ConsumerGroupState, Message
+from confluent_kafka import Consumer, ConsumerGroupState, Message, TopicPartition
 from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
 from tests.integration.test_workers_support import (
@@ -663,3 +663,33 @@ def test_rabbitmq_copy_the_broker_refuses_keeps_the_message_and_the_worker_backs
         channel.close()
         wait_until(lambda: queues.depth(f"{queue}.dlq") == 1, "the message dead-lettered")
     assert queues.depth(queue) == 0
+
+
+@pytest.mark.kafka
+def test_kafka_headers_that_fail_to_read_are_none_however_hot_the_call(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """Once a ``message.headers()`` call site is hot, CPython 3.11 runs it through an
+    instruction that does not check the call: the failed read came back as a list holding a
+    NULL name, its error left pending to surface anywhere later, and the worker crashed the
+    interpreter reading it (a segmentation fault, only in a long enough run)."""
+    topic = unique("orders")
+    topics.create(topic)
+    produce_json(kafka_bootstrap, topic, [{"id": n} for n in range(40)],
+                 extra_headers={"tenant": "acme"})
+    produce_with_raw_header_name(kafka_bootstrap, topic, b"bad\xffname", key=b"40",
+                                 value=json.dumps({"id": 40}).encode())
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": unique("reader"),
+                         "enable.auto.commit": False})
+    try:
+        consumer.assign([TopicPartition(topic, 0, 0)])
+        read = []
+        deadline = time.monotonic() + 30
+        while len(read) < 41 and time.monotonic() < deadline:
+            message = consumer.poll(1)
+            if message is not None and message.error() is None:
+                read.append((message, kafka.message_headers(message)))
+        assert [h for _, h in read[:40]] == [[("tenant", b"acme")]] * 40
+        last, found = read[40]
+        assert found == [] and kafka.message_headers(last) == [] and last.headers() == []
+    finally:
+        consumer.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import re
 import threading
 import time
@@ -48,16 +49,27 @@ COPY_HEADROOM_BYTES = 64 * 1024
 CLIENT_MESSAGE_MAX_BYTES = 1_000_000
 
 
+#: ``message.headers()`` called through the C API, which checks that a call returning a result
+#: raised nothing: CPython 3.11 runs a hot ``message.headers()`` call site through a
+#: specialized instruction that does not, so headers that failed to read came back as a list
+#: with the error left pending, to surface anywhere later (and a NULL name in the list).
+_HEADERS = operator.methodcaller("headers")
+
+
 def message_headers(message: Message) -> list[tuple[str, Any]]:
     """A message's headers as confluent-kafka reads them; none when it cannot: one header
     name that is not UTF-8 fails reading them all (a SystemError from a UnicodeDecodeError),
     and confluent-kafka could not produce such a name again anyway. Logged as a warning."""
     try:
-        found = message.headers()
+        found = _HEADERS(message)
     except (SystemError, UnicodeDecodeError) as exc:
         log.warning("kafka.headers_unreadable", topic=message.topic(),
                     partition=message.partition(), offset=message.offset(),
                     error=str(exc.__cause__ or exc))
+        # The message keeps the list it failed to fill, a name left NULL in it, and would
+        # give it without an error when asked again: reading that name crashes the
+        # interpreter. Replaced, it is just no headers.
+        message.set_headers([])
         return []
     return list(found.items()) if isinstance(found, dict) else found or []
 
