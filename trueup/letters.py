@@ -9,6 +9,7 @@ broker's ``x-death`` header.
     error=ConnectionError          error class (full name, or its last dotted part)
     error!=rabbitmq.expired|rabbitmq.rejected     (``|`` separates alternatives)
     origin=orders.v1               the topic or queue the letter came from
+    origin=''                      none known (``!=''``: one known); key='' likewise
     key=42                         Kafka message key; RabbitMQ message_id
     key=[1, 2]                     a composite key, as a JSON array (its commas split nothing)
     attempts>=3                    also attempts=, !=, <, <=, >
@@ -251,11 +252,12 @@ def _condition(text: str) -> Test:
     negate = op == "!="
 
     def test(letter: DeadLetter) -> bool:
-        found = _field(letter, name)
-        if name == "key" and found is not None:
+        # A letter without the value (no origin header, a null key) has the empty one:
+        # ``origin=''`` selects it and ``origin!=''`` leaves it out.
+        found = _field(letter, name) or ""
+        if name == "key":
             found = _key_text(found)
-        hit = found is not None and (found in choices or (
-            name == "error" and found.rsplit(".", 1)[-1] in choices))
+        hit = found in choices or (name == "error" and found.rsplit(".", 1)[-1] in choices)
         return hit != negate
 
     return test

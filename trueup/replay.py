@@ -239,15 +239,14 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                      replay_id=replay_id, counts=counts, listing=listing, recorder=recorder,
                      planner=_Planner(dlq, RetryPolicy.from_config(dlq), options.dry_run),
                      pacer=pacer)
-        try:
-            if dlq.replay_to is not None:  # before a letter moves (a dry run tells it too)
-                box.require(Destination(name=dlq.replay_to.name,
-                                        exchange=dlq.replay_to.exchange,
-                                        routing_key=dlq.replay_to.routing_key))
-            if not options.dry_run and dlq.parking is not None:
-                box.prepare(Destination(name=dlq.parking))
-            batches = box.letters(batch_size=_batch_size(options), take=not options.dry_run)
-            with contextlib.closing(batches):
+        if dlq.replay_to is not None:  # before a letter moves (a dry run tells it too)
+            box.require(Destination(name=dlq.replay_to.name, exchange=dlq.replay_to.exchange,
+                                    routing_key=dlq.replay_to.routing_key))
+        if not options.dry_run and dlq.parking is not None:
+            box.prepare(Destination(name=dlq.parking))
+        batches = box.letters(batch_size=_batch_size(options), take=not options.dry_run)
+        with contextlib.closing(batches):
+            try:
                 # Kafka: the next batch is read, and its lookup asked, before this one is
                 # handled, and the batch before is finished (confirmed) only after that read:
                 # the broker confirms and Postgres answers while Python reads. A prefetch
@@ -270,12 +269,17 @@ def _run(config: Config, name: str, dlq: DeadLetterConfig, selection: LetterFilt
                         step.drain()
                 step.finish()
                 step.drain()  # the last batch (after --max: before the generator is closed)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                step.finish()  # copies sent before the failure: confirmed and recorded if can be
-            with contextlib.suppress(Exception):
-                step.drain()  # a batch recorded meanwhile is settled (or re-read and skipped)
-            raise
+            except BaseException:
+                # The letters handled before the failure (those of the batch that failed too,
+                # up to the letter that failed: see _Step.send) are confirmed, recorded, then
+                # removed, each step only if the one before it succeeded (else they are read
+                # again and recognised); before the generator is closed, which puts back
+                # every RabbitMQ letter not acked.
+                with contextlib.suppress(Exception):
+                    step.finish()
+                with contextlib.suppress(Exception):
+                    step.drain()
+                raise
 
 
 def _ahead(batches: Iterator[list[Received]], ahead: int,
@@ -434,6 +438,8 @@ class _Step:
     recent: deque[_Done] = field(default_factory=lambda: deque(maxlen=2))
     #: When a paced batch (minutes of letters) checks its lock again (time.monotonic())
     next_hold: float = 0.0
+    #: The origins a dry run found (see :meth:`_check_origin`).
+    checked: set[Destination] = field(default_factory=set)
 
     def _wait(self, seconds: float) -> None:
         """The pacer's wait; a paced batch lasts minutes, so the lock is checked as it goes
@@ -466,6 +472,9 @@ class _Step:
         limit = options.max_messages
         selection = self.selection.matches if self.selection.tests else None
         publish = None if options.dry_run else self.box.publish
+        # A dry run asks for each origin a letter would go to, as the publish would: it stops
+        # where the replay would (replay_to was asked for before the first batch).
+        check = self._check_origin if options.dry_run and self.dlq.replay_to is None else None
         pace = self.pacer if self.pacer.rate else None
         wait = self._wait
         # With tracing off a span would only make the letter's trace current, and its copy
@@ -488,7 +497,8 @@ class _Step:
                 chosen = self.planner(
                     letter, selected=selection is None or selection(letter),
                     replayed_by=replayed_by)
-                plans.append(chosen)
+                if check is not None and chosen.outcome is ReplayOutcome.WOULD_MOVE:
+                    check(letter, chosen)
                 if chosen.counts_toward_max:
                     counts.sent_or_planned += 1
                 if self.listing is not None and chosen.outcome is not None:
@@ -512,11 +522,7 @@ class _Step:
                         except NotFound as exc:
                             if self.dlq.replay_to is not None or letter.origin is None:
                                 raise
-                            raise NotFound(
-                                f"{exc}: it is where letter {message_id} came from, and every "
-                                f"replay stops at that letter. Create it, set replay_to, or "
-                                f"leave such letters out with --where "
-                                f"'origin!={letter.origin}'") from exc
+                            raise _origin_gone(exc, letter) from exc
                         sent.append((item, chosen))
                 # After its publish: an event is a letter handled, never one whose copy failed.
                 if chosen.outcome is None:
@@ -534,33 +540,32 @@ class _Step:
                         events[event_at[message_id]] = (letter, chosen)
                     else:
                         upgrades.append((letter, chosen))
+                plans.append(chosen)  # last: the letters with a plan are those handled
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.drain()
-            if sent and self._confirmed():
-                # Record them, so the next attempt does not send them again: on the recorder's
-                # session (after what it still has to record), as this one may be the failure.
-                self._count(self.recorder.submit(
-                    replay_id, [(letter, p) for letter, p in events if p.sends],
-                    [p for _, p in sent], upgrades).result())
+            if plans:
+                # The letters handled before the failure are a batch of their own, which the
+                # caller finishes before it raises (see _run): confirmed, recorded, then
+                # removed, so the next replay neither reads them again nor sends them twice.
+                # The letter that failed and those after it stay in the queue.
+                self.sent = _Sent(items=batch[:len(plans)], plans=plans, events=events,
+                                  upgrades=upgrades)
             raise
         self.sent = _Sent(items=batch, plans=plans, events=events, upgrades=upgrades)
         self.recent.append(_Done(sent_ids=frozenset(i.letter.message_id for i, _ in sent),
                                  event_ids=frozenset(event_at)))
         return limit is not None and counts.sent_or_planned >= limit
 
-    def _confirmed(self) -> bool:
-        """Whether the broker confirmed every copy published so far, when a batch failed
-        halfway. RabbitMQ confirmed each as it went. Kafka's are queued in the producer, which
-        delivers them anyway when the box closes: unrecorded, their letters would be sent
-        again by the next attempt, on every attempt."""
-        if self.box.confirms_each_publish:
-            return True
+    def _check_origin(self, letter: DeadLetter, chosen: Plan) -> None:
+        """Refuse, in a dry run, a letter's origin that does not exist (as its publish would),
+        asking the broker once for each origin."""
+        destination = chosen.destination
+        if destination is None or destination in self.checked:
+            return
         try:
-            self.box.confirm()
-        except Exception:  # some refused or unconfirmed, which unknown: none is recorded
-            return False
-        return True
+            self.box.require(destination)
+        except NotFound as exc:
+            raise _origin_gone(exc, letter) from exc
+        self.checked.add(destination)
 
     def finish(self) -> None:
         """Settle the batch before the sent one, wait until the broker confirmed the sent
@@ -596,6 +601,13 @@ class _Step:
             for outcome, n in (("moved", moved), ("parked", parked), ("skipped", skipped)):
                 metrics.REPLAYED.labels(self.name, outcome).inc(n)
         HEALTH.progressed()
+
+
+def _origin_gone(exc: NotFound, letter: DeadLetter) -> NotFound:
+    """The refusal of a letter's origin, naming the letter and the way past it."""
+    return NotFound(f"{exc}: it is where letter {letter.message_id} came from, and every "
+                    f"replay stops at that letter. Create it, set replay_to, or leave such "
+                    f"letters out with --where 'origin!={letter.origin}'")
 
 
 _UNTOUCHED = Plan(outcome=None, destination=None, settle=Settle.UNTOUCHED)

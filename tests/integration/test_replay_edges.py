@@ -29,11 +29,13 @@ from tests.integration.test_workers_support import (
 )
 from trueup import headers
 from trueup import replay as replay_module
-from trueup.brokers import rabbitmq
+from trueup.brokers import kafka, rabbitmq
 from trueup.config import Config, load_config
-from trueup.errors import Conflict
+from trueup.dlq import inspect
+from trueup.errors import Conflict, NotFound
 from trueup.letterboxes.kafka import KafkaLetterbox, replay_group
 from trueup.letterboxes.rabbitmq import RabbitLetterbox
+from trueup.letters import Destination
 from trueup.replay import ReplayOptions, _batch_size, replay
 
 #: 2026-01-01T00:00:00Z in milliseconds, as many AMQP producers write the ``timestamp``
@@ -403,3 +405,184 @@ def test_a_replay_whose_lock_session_is_lost_stops_and_sends_nothing_twice(
     with psycopg.connect(state_db) as conn:
         statuses = conn.execute("SELECT status FROM trueup.replays ORDER BY replay_id").fetchall()
     assert statuses == [("failed",), ("succeeded",)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A letter whose origin is gone, and letters without an origin or a key
+
+
+def _produce_letter(bootstrap: str, topic: str, message_id: str, *, origin: str | None,
+                    key: str | None = None) -> None:
+    """One Kafka letter with trueup's headers (``origin`` None: no origin header; ``key``
+    None: a null key)."""
+    producer = kafka.create_producer({"bootstrap.servers": bootstrap}, what="test")
+    deliveries = kafka.Deliveries()
+    text = {headers.MESSAGE_ID: message_id, headers.ATTEMPTS: "1",
+            headers.ERROR_CLASS: "ValueError"}
+    if origin is not None:
+        text[headers.ORIGIN] = origin
+    kafka.produce(producer, deliveries, topic, value=json.dumps({"id": message_id}).encode(),
+                  key=key, headers=headers.to_kafka(text))
+    kafka.confirm(producer, deliveries, what="test")
+
+
+def _counts(state: str) -> list[tuple[bool, str, int, int, int]]:
+    """``(dry_run, status, moved, parked, skipped)`` of each replay, oldest first."""
+    with psycopg.connect(state) as conn:
+        rows = conn.execute("SELECT dry_run, status, moved, parked, skipped FROM trueup.replays "
+                            "ORDER BY replay_id").fetchall()
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_dry_run_stops_at_a_letter_whose_origin_topic_is_gone_as_the_replay_does(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """The dry run said the letter would move and exited 0; the replay then stopped at it
+    (exit 2). The dry run now asks for each origin as the replay's publish does, and makes
+    nothing."""
+    dlq, origin, gone = unique("drygone.dlq"), unique("drygone.orders"), unique("gone")
+    topics.create(dlq, origin)
+    topics.track(gone)  # deleted afterwards, should it be made after all
+    for message_id, to in (("m-ok1", origin), ("m-gone", gone), ("m-ok2", origin)):
+        _produce_letter(kafka_bootstrap, dlq, message_id, origin=to)
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"drygone": {"connection": "bus", "topic": dlq}})
+
+    said = []
+    for dry_run in (["--dry-run"], ["--dry-run", "--json"]):
+        status, out, err = cli(config, "replay", "drygone", *dry_run)
+        assert status == 2, f"the dry run exited {status}: {out}"
+        said.append(err.strip().splitlines()[-1])
+    assert said[0] == said[1] == (
+        f"dead_letters.drygone: the letters' destination, Kafka topic {gone!r}, does not "
+        f"exist: it is where letter m-gone came from, and every replay stops at that letter. "
+        f"Create it, set replay_to, or leave such letters out with --where 'origin!={gone}'")
+    assert kafka.topic_partitions(topics.admin, gone, what="test") is None
+    assert read_topic(kafka_bootstrap, origin) == []
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("drygone"))) == 3
+
+    status, _, err = cli(config, "replay", "drygone")  # the replay says the same
+    assert status == 2 and err.strip().splitlines()[-1] == said[0], err
+    # each run recorded m-ok1, the letter before the one it stopped at
+    assert _counts(state_db) == [(True, "failed", 1, 0, 0)] * 2 + [(False, "failed", 1, 0, 0)]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_dry_run_stops_at_a_letter_whose_origin_queue_is_gone_asking_each_once(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dlq, origin, gone = unique("drygone.dlq"), unique("drygone.orders"), unique("gone")
+    queues.declare(dlq, origin)
+    queues.track(gone)  # deleted afterwards, should it be made after all
+    for n, to in enumerate((origin, origin, origin, gone, origin)):
+        queues.publish(dlq, json.dumps({"id": n}).encode(), message_id=f"h{n}",
+                       headers_={headers.ORIGIN: to, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     drygone={"connection": "amqp", "queue": dlq})
+    asked: list[str | None] = []
+    require = RabbitLetterbox.require
+
+    def counted(self: RabbitLetterbox, destination: Destination) -> None:
+        asked.append(destination.name)
+        require(self, destination)
+
+    monkeypatch.setattr(RabbitLetterbox, "require", counted)
+    stopped = (f"dead_letters.drygone: the letters' destination, RabbitMQ queue {gone!r}, does "
+               f"not exist: it is where letter h3 came from, and every replay stops at that "
+               f"letter. Create it, set replay_to, or leave such letters out with --where "
+               f"'origin!={gone}'")
+    with pytest.raises(NotFound) as dry:
+        replay(config, "drygone", ReplayOptions(dry_run=True))
+    assert str(dry.value) == stopped
+    assert asked == [origin, gone], "each origin asked for once, until the one that is gone"
+    assert queues.depth(dlq) == 5 and queues.depth(origin) == 0
+    assert rabbitmq.queue_depth(queues.connection, gone) is None, "the dry run made the queue"
+
+    with pytest.raises(NotFound) as real:  # what the replay itself says
+        replay(config, "drygone")
+    assert str(real.value) == stopped
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_where_an_empty_origin_or_key_selects_the_letters_without_one(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """``origin=''`` selected none of the letters ``trueup dlq`` lists under unknown, and
+    ``origin!=''`` selected them all, those included."""
+    dlq, target = unique("empty.dlq"), unique("empty.orders")
+    topics.create(dlq, target)
+    for message_id, origin, key in (("a", "orders", "1"), ("b", None, "2"),
+                                    ("c", "orders", None), ("d", None, None)):
+        _produce_letter(kafka_bootstrap, dlq, message_id, origin=origin, key=key)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     empty={"connection": "bus", "topic": dlq, "replay_to": target})
+    assert inspect(config, "empty").by_origin == {"orders": 2, "unknown": 2}
+
+    def selected(where: str) -> list[str]:
+        chosen: list[str] = []
+        replay(config, "empty", ReplayOptions(dry_run=True, where=where),
+               listing=lambda letter, plan: chosen.append(letter.message_id))
+        return chosen
+
+    assert selected("origin=''") == ["b", "d"]
+    assert selected('origin!=""') == ["a", "c"]
+    assert selected("key=''") == ["c", "d"]
+    assert selected("key!='', origin=orders|''") == ["a", "b"]
+    done = replay(config, "empty", ReplayOptions(where="origin='' and key!=''"))
+    assert (done.moved, done.skipped) == (1, 3)
+    assert body_ids(read_topic(kafka_bootstrap, target)) == ["b"]
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_kafka_letters_moved_before_the_letter_a_replay_stops_at_are_committed_and_counted(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """They were delivered and recorded but never committed, and the failed replay's record
+    said skipped 0 though it recognised a duplicate: every later replay read them again (and
+    stopped at the same letter)."""
+    dlq, origin, gone = unique("ahead.dlq"), unique("ahead.orders"), unique("gone")
+    topics.create(dlq, origin)
+    for message_id, to in (("a", origin), ("a", origin), ("b", origin), ("g", gone),
+                           ("c", origin)):
+        _produce_letter(kafka_bootstrap, dlq, message_id, origin=to)
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     ahead={"connection": "bus", "topic": dlq})
+
+    for _ in range(2):
+        with pytest.raises(NotFound, match="it is where letter g came from"):
+            replay(config, "ahead", ReplayOptions(batch_size=100))
+        assert body_ids(read_topic(kafka_bootstrap, origin)) == ["a", "b"]
+        assert body_ids(kafka_remaining(kafka_bootstrap, dlq, replay_group("ahead"))) == [
+            "g", "c"], "the letters moved before g are still in the DLQ"
+        assert inspect(config, "ahead").depth == 2
+    assert _counts(state_db) == [(False, "failed", 2, 0, 1), (False, "failed", 0, 0, 0)]
+    assert [(m, o) for _, m, o in _events(state_db)] == [("a", "moved"), ("b", "moved")]
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.postgres
+def test_rabbitmq_letters_moved_before_the_letter_a_replay_stops_at_are_acked_and_counted(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    dlq, origin, gone = unique("ahead.dlq"), unique("ahead.orders"), unique("gone")
+    queues.declare(dlq, origin)
+    for n, (message_id, to) in enumerate((("a", origin), ("a", origin), ("b", origin),
+                                          ("g", gone), ("c", origin))):
+        queues.publish(dlq, json.dumps({"id": n}).encode(), message_id=message_id,
+                       headers_={headers.ORIGIN: to, headers.ATTEMPTS: "1"})
+    config = _loaded(tmp_path, state_db, kafka_bootstrap, amqp_url,
+                     ahead={"connection": "amqp", "queue": dlq})
+
+    for _ in range(2):
+        with pytest.raises(NotFound, match="it is where letter g came from"):
+            replay(config, "ahead", ReplayOptions(batch_size=100))
+        assert queues.depth(dlq) == 2, "the letters moved before g are still in the DLQ"
+    assert [json.loads(body)["id"] for _, body in queues.drain(origin)] == [0, 2]
+    assert [p.message_id for p, _ in queues.drain(dlq)] == ["g", "c"]
+    assert _counts(state_db) == [(False, "failed", 2, 0, 1), (False, "failed", 0, 0, 0)]
+    assert [(m, o) for _, m, o in _events(state_db)] == [("a", "moved"), ("b", "moved")]

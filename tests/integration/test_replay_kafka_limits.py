@@ -1,4 +1,5 @@
-"""Dead letters whose headers confluent-kafka cannot read, inspected and replayed."""
+"""Kafka dead letters at the edges of what confluent-kafka reads and sends: header names that
+are not UTF-8, letters larger than librdkafka's default largest message."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tests.integration.test_workers_support import (
     write_config,
 )
 from trueup import headers
+from trueup.brokers import kafka
 from trueup.letterboxes.kafka import replay_group
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
@@ -47,3 +49,28 @@ def test_kafka_letter_with_a_header_name_that_is_not_utf8_is_counted_and_replaye
     assert (done["moved"], done["skipped"]) == (2, 0)
     assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["1", "2"]
     assert kafka_remaining(kafka_bootstrap, dlq, replay_group("legacy")) == []
+
+
+def test_kafka_letter_larger_than_librdkafka_s_default_is_replayed_where_topics_take_it(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """The replay's producer refused a letter past 1,000,000 bytes before it left, though its
+    dead-letter topic held it and its destination takes it: every replay stopped at it."""
+    dlq, target = unique("big.dlq"), unique("orders")
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.create_topics(admin, [dlq, target], what="test",
+                        config={"max.message.bytes": "3000000"})
+    topics.track(dlq, target)
+    producer = kafka.create_producer({"bootstrap.servers": kafka_bootstrap}, what="test",
+                                     **{"message.max.bytes": 3_000_000})
+    deliveries = kafka.Deliveries()
+    kafka.produce(producer, deliveries, dlq, key="1",
+                  value=json.dumps({"id": 1, "pad": "x" * 1_500_000}).encode(),
+                  headers=headers.to_kafka({headers.ERROR_CLASS: "ValueError"}))
+    kafka.confirm(producer, deliveries, what="test")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"big": {"connection": "bus", "topic": dlq,
+                                                "replay_to": target}})
+    done = cli_json(config, "replay", "big")
+    assert (done["moved"], done["skipped"]) == (1, 0)
+    assert body_ids(read_topic(kafka_bootstrap, target)) == ["1"]

@@ -216,6 +216,22 @@ def test_a_where_without_a_condition_or_a_value_is_refused_not_taken_for_every_l
     assert not LetterFilter.parse("key=''").matches(replace(letter, key="1"))
 
 
+@pytest.mark.parametrize(("where", "selected"), [
+    ("origin=''", {"none", "empty_key"}), ("origin!=''", {"keyed", "null_key"}),
+    ('key=""', {"null_key", "empty_key"}), ("key!=''", {"keyed", "none"}),
+    ("origin=orders|''", {"keyed", "null_key", "none", "empty_key"}),
+])
+def test_a_quoted_empty_value_selects_the_letters_without_one(
+        where: str, selected: set[str]) -> None:
+    """``origin=''`` selected none of the letters without an origin (those trueup dlq lists
+    under unknown), and ``origin!=''`` selected them too."""
+    letters = {"keyed": ("orders", "1"), "null_key": ("orders", None), "none": (None, "2"),
+               "empty_key": (None, "")}
+    chosen = LetterFilter.parse(where)
+    assert {name for name, (origin, key) in letters.items() if chosen.matches(_letter(
+        origin=origin, key=key))} == selected
+
+
 def _died(at: dt.datetime, reason: str = "rejected", queue: str = "payments.settle") -> dict[
         str, Any]:
     # as pika reads an x-death entry: its time naive, in UTC

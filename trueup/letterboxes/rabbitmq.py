@@ -183,8 +183,8 @@ class RabbitLetterbox:
                                f"{destination.exchange!r}, does not exist")
         elif destination.name is not None and \
                 rabbitmq.queue_depth(self.connection, destination.name) is None:
-            raise NotFound(f"{self.what}: the letters' destination, queue "
-                           f"{destination.name!r}, does not exist")
+            raise NotFound(f"{self.what}: the letters' destination, RabbitMQ queue "
+                           f"{destination.name!r}, does not exist")  # as _copy() says it
 
     def _copy(self, item: Received, *, exchange: str, routing_key: str,
               replay_id: int | None) -> None:
