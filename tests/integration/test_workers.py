@@ -693,3 +693,22 @@ def test_kafka_headers_that_fail_to_read_are_none_however_hot_the_call(
         assert found == [] and kafka.message_headers(last) == [] and last.headers() == []
     finally:
         consumer.close()
+
+
+@pytest.mark.kafka
+def test_kafka_work_topic_taking_the_most_a_topic_can_still_gets_its_worker(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """max.message.bytes at an int's largest: the retry topics were asked for more than an
+    int, the producer for more than librdkafka takes; neither the topics nor the worker came
+    up."""
+    topic = unique("orders")
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.create_topics(admin, [topic], what="test",
+                        config={"max.message.bytes": str(2**31 - 1)})
+    topics.track(topic)
+    handler = FlakyHandler({"1": 1})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    produce_json(kafka_bootstrap, topic, [{"id": 1}])
+    with running(worker.run):
+        wait_until(lambda: "1" in handler.effects, "the retried message's effect")
+    assert kafka.topic_max_message_bytes(admin, worker.retry_topic(1)) == 2**31 - 1

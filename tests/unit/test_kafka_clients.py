@@ -90,3 +90,16 @@ def test_librdkafka_s_own_lines_are_trueup_events_once_each_not_raw_text(
     assert fields["client"].startswith("rdkafka#consumer")
     assert fields["message"].startswith(f"{servers}/bootstrap: Connect to ")
     assert "Connection refused" in fields["message"]
+
+
+def test_copies_of_the_largest_messages_fit_what_topics_and_librdkafka_take() -> None:
+    """A work topic taking 2,000,000,000 bytes made the copies' producer ask librdkafka for
+    more than it takes (1,000,000,000) and the retry topics for more than an int: the worker,
+    a replay and ensure_topics failed before any message."""
+    assert kafka.copy_room(1_048_588) == 1_048_588 + kafka.COPY_HEADROOM_BYTES
+    assert kafka.copy_room(2**31 - 1) == 2**31 - 1
+    assert kafka.copy_producer_limit({}, None) == 1_000_000
+    assert kafka.copy_producer_limit({"message.max.bytes": 5_000_000}, None) == 5_000_000
+    assert kafka.copy_producer_limit({}, 3_000_000) == 3_000_000 + kafka.COPY_HEADROOM_BYTES
+    assert kafka.copy_producer_limit({}, 2_000_000_000) == 1_000_000_000
+    assert kafka.copy_producer_limit({"message.max.bytes": 9_000_000}, 500_000) == 9_000_000

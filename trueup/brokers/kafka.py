@@ -20,6 +20,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
+
+# exported by confluent_kafka.admin, which the type stubs do not say
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.cimpl import NewTopic
 
@@ -45,8 +47,28 @@ REFUSED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST
                            KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE})
 #: Room a copy of a message needs beyond the message for the headers trueup adds.
 COPY_HEADROOM_BYTES = 64 * 1024
-#: librdkafka's default ``message.max.bytes``, the largest message a producer sends.
+#: librdkafka's default ``message.max.bytes``, the largest message a producer sends, and the
+#: most it can be set to.
 CLIENT_MESSAGE_MAX_BYTES = 1_000_000
+CLIENT_MESSAGE_MAX_BYTES_LIMIT = 1_000_000_000
+#: The most a topic's ``max.message.bytes`` can be (a 32-bit int).
+TOPIC_MESSAGE_MAX_BYTES_LIMIT = 2**31 - 1
+
+
+def copy_room(largest: int) -> int:
+    """What a topic takes that takes copies of messages as large as ``largest`` (another
+    topic's ``max.message.bytes``), trueup's headers added."""
+    return min(TOPIC_MESSAGE_MAX_BYTES_LIMIT, largest + COPY_HEADROOM_BYTES)
+
+
+def copy_producer_limit(properties: Mapping[str, Any], largest: int | None) -> int:
+    """The ``message.max.bytes`` of a producer of copies of messages as large as ``largest``
+    (None: unknown): what the properties ask, or more when those copies need it, within what
+    librdkafka takes."""
+    asked = int(properties.get("message.max.bytes") or CLIENT_MESSAGE_MAX_BYTES)
+    if largest is None:
+        return asked
+    return max(asked, min(CLIENT_MESSAGE_MAX_BYTES_LIMIT, copy_room(largest)))
 
 
 #: ``message.headers()`` called through the C API, which checks that a call returning a result
@@ -54,6 +76,8 @@ CLIENT_MESSAGE_MAX_BYTES = 1_000_000
 #: specialized instruction that does not, so headers that failed to read came back as a list
 #: with the error left pending, to surface anywhere later (and a NULL name in the list).
 _HEADERS = operator.methodcaller("headers")
+#: The partitions whose unreadable headers were warned about (once each).
+_UNREADABLE_HEADERS_SEEN: set[tuple[str | None, int | None]] = set()
 
 
 def message_headers(message: Message) -> list[tuple[str, Any]]:
@@ -63,9 +87,13 @@ def message_headers(message: Message) -> list[tuple[str, Any]]:
     try:
         found = _HEADERS(message)
     except (SystemError, UnicodeDecodeError) as exc:
-        log.warning("kafka.headers_unreadable", topic=message.topic(),
-                    partition=message.partition(), offset=message.offset(),
-                    error=str(exc.__cause__ or exc))
+        where = (message.topic(), message.partition())
+        # a warning once per partition (a producer writing such names writes them all)
+        warn = log.warning if where not in _UNREADABLE_HEADERS_SEEN else log.debug
+        if len(_UNREADABLE_HEADERS_SEEN) < 10_000:
+            _UNREADABLE_HEADERS_SEEN.add(where)
+        warn("kafka.headers_unreadable", topic=where[0], partition=where[1],
+             offset=message.offset(), error=str(exc.__cause__ or exc))
         # The message keeps the list it failed to fill, a name left NULL in it, and would
         # give it without an error when asked again: reading that name crashes the
         # interpreter. Replaced, it is just no headers.

@@ -233,12 +233,10 @@ class KafkaLetterbox:
         if self._producer is None:
             # a letter as large as its topic takes, with the headers a replay adds, goes out
             # (librdkafka refuses a message past 1,000,000 bytes before it leaves by default)
-            asked = int(self.properties.get("message.max.bytes")
-                        or kafka.CLIENT_MESSAGE_MAX_BYTES)
-            largest = kafka.topic_max_message_bytes(self.admin, self.where)
-            self._producer = kafka.create_producer(self.properties, what=self.what, **{
-                "message.max.bytes": asked if largest is None else max(
-                    asked, largest + kafka.COPY_HEADROOM_BYTES)})
+            limit = kafka.copy_producer_limit(
+                self.properties, kafka.topic_max_message_bytes(self.admin, self.where))
+            self._producer = kafka.create_producer(self.properties, what=self.what,
+                                                   **{"message.max.bytes": limit})
         return self._producer
 
     def publish(self, item: Received, destination: Destination, *, replay_id: int) -> None:

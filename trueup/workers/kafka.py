@@ -106,19 +106,18 @@ class KafkaWorker:
         largest = kafka.topic_max_message_bytes(admin, self.topic)
         kafka.create_topics(admin, [*self.retry_topics, self.dead_letter_topic],
                             partitions=count, what=self.what, config={} if largest is None else {
-                                "max.message.bytes": str(largest + kafka.COPY_HEADROOM_BYTES)})
+                                "max.message.bytes": str(kafka.copy_room(largest))})
 
     def _copy_max_bytes(self) -> int:
         """The producer's ``message.max.bytes``: room for a copy of the work topic's largest
         message (librdkafka refuses a larger one before it leaves, at 1,000,000 bytes by
         default), or what the properties say when that is more."""
-        asked = int(self.properties.get("message.max.bytes") or kafka.CLIENT_MESSAGE_MAX_BYTES)
         try:
             admin = kafka.connect_admin(self.properties, what=self.what)
-        except TrueupError:
-            return asked  # the consumer says what is wrong with the connection
-        largest = kafka.topic_max_message_bytes(admin, self.topic)
-        return asked if largest is None else max(asked, largest + kafka.COPY_HEADROOM_BYTES)
+        except TrueupError:  # the consumer says what is wrong with the connection
+            return kafka.copy_producer_limit(self.properties, None)
+        return kafka.copy_producer_limit(self.properties,
+                                         kafka.topic_max_message_bytes(admin, self.topic))
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then commit what is done and leave the group."""
