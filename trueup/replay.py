@@ -33,7 +33,7 @@ from trueup.db import first_line
 from trueup.errors import Conflict, ConnectionFailed, NotFound, StateError
 from trueup.fates import Plan, plan
 from trueup.health import HEALTH
-from trueup.letterboxes import Letterbox, Received, Settle, open_letterbox
+from trueup.letterboxes import Letterbox, LettersRefused, Received, Settle, open_letterbox
 from trueup.letters import DeadLetter, Destination, LetterFilter
 from trueup.log import get_logger
 from trueup.pacing import Pacer
@@ -574,12 +574,21 @@ class _Step:
         if sent is None:
             return
         self.drain()  # the batch before: recorded, then settled (in order)
+        refused: LettersRefused | None = None
         if not self.options.dry_run:
-            self.box.confirm()
+            try:
+                self.box.confirm()
+            except LettersRefused as exc:
+                # every other copy of the batch is confirmed: the batch without the refused
+                # letters is recorded and settled (by the caller's drain) before the replay
+                # stops; the refused ones stay in their place
+                refused, sent = exc, _without(sent, exc.items)
         self.pending = _Pending(
             items=sent.items, settles=[p.settle for p in sent.plans],
             recorded=self.recorder.submit(self.replay_id, sent.events, sent.plans,
                                           sent.upgrades))
+        if refused is not None:
+            raise refused
 
     def drain(self) -> None:
         """Wait until the pending batch is recorded, then settle it."""
@@ -601,6 +610,17 @@ class _Step:
             for outcome, n in (("moved", moved), ("parked", parked), ("skipped", skipped)):
                 metrics.REPLAYED.labels(self.name, outcome).inc(n)
         HEALTH.progressed()
+
+
+def _without(sent: _Sent, refused: list[Received]) -> _Sent:
+    """``sent`` with the letters of ``refused`` (their copies refused) left untouched: they
+    count nothing, record nothing and stay in the box."""
+    out = {id(item.letter) for item in refused}
+    return _Sent(items=sent.items,
+                 plans=[_UNTOUCHED if id(item.letter) in out else plan
+                        for item, plan in zip(sent.items, sent.plans, strict=True)],
+                 events=[(letter, p) for letter, p in sent.events if id(letter) not in out],
+                 upgrades=[(letter, p) for letter, p in sent.upgrades if id(letter) not in out])
 
 
 def _origin_gone(exc: NotFound, letter: DeadLetter) -> NotFound:

@@ -7,11 +7,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.integration.test_workers_support import (
     Topics,
     body_ids,
+    cli,
     cli_json,
     kafka_remaining,
     produce_json,
@@ -74,3 +76,39 @@ def test_kafka_letter_larger_than_librdkafka_s_default_is_replayed_where_topics_
     done = cli_json(config, "replay", "big")
     assert (done["moved"], done["skipped"]) == (1, 0)
     assert body_ids(read_topic(kafka_bootstrap, target)) == ["1"]
+
+
+def test_kafka_letter_its_destination_refuses_stops_the_replay_and_the_others_move_once(
+        kafka_bootstrap: str, amqp_url: str, state_db: str, unique: Callable[[str], str],
+        topics: Topics, tmp_path: Path) -> None:
+    """A copy the destination refuses is reported when its batch is confirmed: nothing of
+    the batch was recorded or removed, so every replay sent the batch's other letters again
+    and stopped at the same batch. They are recorded and removed; the refused letter stays,
+    and the replay's line names it."""
+    dlq, target = unique("big.dlq"), unique("orders")
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    kafka.create_topics(admin, [dlq], what="test", config={"max.message.bytes": "3000000"})
+    kafka.create_topics(admin, [target], what="test")  # the broker's default: 1,048,588
+    topics.track(dlq, target)
+    producer = kafka.create_producer({"bootstrap.servers": kafka_bootstrap}, what="test",
+                                     **{"message.max.bytes": 3_000_000})
+    deliveries = kafka.Deliveries()
+    for n, pad in ((1, 10), (2, 1_500_000), (3, 10)):
+        kafka.produce(producer, deliveries, dlq, key=str(n),
+                      value=json.dumps({"id": n, "pad": "x" * pad}).encode(),
+                      headers=headers.to_kafka({headers.ERROR_CLASS: "ValueError",
+                                                headers.MESSAGE_ID: f"m{n}"}))
+    kafka.confirm(producer, deliveries, what="test")
+    config = write_config(tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+                          dead_letters={"big": {"connection": "bus", "topic": dlq,
+                                                "replay_to": target}})
+    for _ in range(2):
+        status, _, err = cli(config, "replay", "big")
+        assert status == 2
+        assert "letter m2" in err.strip().splitlines()[-1]
+    assert sorted(body_ids(read_topic(kafka_bootstrap, target))) == ["1", "3"]
+    # m2 stays in its place; m3, behind it, is read again and known as moved
+    assert len(kafka_remaining(kafka_bootstrap, dlq, replay_group("big"))) == 2
+    with psycopg.connect(state_db) as conn:
+        rows = conn.execute("SELECT moved, skipped FROM trueup.replays ORDER BY replay_id")
+        assert [tuple(r) for r in rows] == [(2, 0), (0, 1)]

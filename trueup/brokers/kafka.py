@@ -309,15 +309,17 @@ def create_producer(properties: Mapping[str, Any], *, what: str,
 
 def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | str | None,
             key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
-            partition: int | None = None, timestamp_ms: int | None = None) -> None:
+            partition: int | None = None, timestamp_ms: int | None = None,
+            on_delivery: Callable[[KafkaError | None, Any], None] | None = None) -> None:
     """Hand one message to ``producer``; :func:`confirm` waits for its delivery report.
 
     No poll() per message: the producers report failures only, and confirm()'s flush serves
     those. A poll releases and retakes the GIL, a handover to any other busy thread of the
-    process (a replay's recorder) every message.
+    process (a replay's recorder) every message. ``on_delivery``: the report's callback in
+    place of ``deliveries``' own (which it must call too).
     """
     kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
-                              "on_delivery": deliveries.on_delivery}
+                              "on_delivery": on_delivery or deliveries.on_delivery}
     if partition is not None:
         kwargs["partition"] = partition
     if timestamp_ms is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from trueup.brokers.kafka import KafkaRefused
 from trueup.config import Config
 from trueup.letters import DeadLetter, Destination
 
@@ -27,6 +28,16 @@ class Settle(StrEnum):
     #: drops (Kafka; RabbitMQ moves every kept letter to its tail).
     TAIL = "tail"
     UNTOUCHED = "untouched"  # not looked at (--max reached): as if never read
+
+
+class LettersRefused(KafkaRefused):
+    """Copies the destination refused outright, told by :meth:`Letterbox.confirm`: every
+    other copy sent since the last confirm is confirmed; ``items`` are the letters of those
+    refused, which stay in the box."""
+
+    def __init__(self, message: str, items: list[Received]) -> None:
+        super().__init__(message)
+        self.items = items
 
 
 @dataclass(kw_only=True, slots=True)  # one per letter read: not frozen, see DeadLetter
@@ -70,6 +81,8 @@ class Letterbox(Protocol):
         ...
 
     def confirm(self) -> None:
+        """Return once every copy sent so far is confirmed; :class:`LettersRefused` when
+        some were refused outright and all the others confirmed."""
         ...
 
     def wait(self, seconds: float) -> None:
