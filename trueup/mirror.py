@@ -312,20 +312,15 @@ class MirrorReader:
             stored = {}
         plan = {}
         for partition, (low, high) in marks.items():
-            start = max(stored.get(partition, low), low)
-            if partition not in stored and low > 0:
-                # A new (or rebuilt) mirror of a topic whose retention already removed
-                # messages: keys only those held are gone from the topic's state as read.
-                log.warning("mirror.messages_lost", reconciliation=self.shape.name,
-                            topic=self.shape.topic, partition=partition, from_offset=0,
-                            to_offset=low, messages=low)
-            elif start > stored.get(partition, low):
+            read_from = stored.get(partition, 0)  # a new (or rebuilt) mirror: the beginning
+            start = max(read_from, low)
+            if start > read_from:
                 # Retention (or DeleteRecords) removed messages before they were read: the
-                # mirror keeps what it read before them, and cannot know what they said.
+                # mirror keeps what it read before them, cannot know what they said, and keys
+                # only they held are gone from the topic's state as read.
                 log.warning("mirror.messages_lost", reconciliation=self.shape.name,
-                            topic=self.shape.topic, partition=partition,
-                            from_offset=stored[partition], to_offset=start,
-                            messages=start - stored[partition])
+                            topic=self.shape.topic, partition=partition, from_offset=read_from,
+                            to_offset=start, messages=start - read_from)
             if start < high:
                 plan[partition] = (start, high)
         return plan

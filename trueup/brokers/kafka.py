@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 from confluent_kafka import (
@@ -39,7 +40,12 @@ class KafkaFailed(TrueupError):
 
 class KafkaRefused(KafkaFailed):
     """A message was refused outright, by the client or a broker (too large, say): sending it
-    again as it is cannot succeed."""
+    again as it is cannot succeed. ``tags``: those :func:`produce` was given for the refused
+    messages, when :func:`confirm` tells."""
+
+    def __init__(self, message: str, tags: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.tags = tags or []
 
 
 #: Errors that refuse a message itself, not the way to the broker.
@@ -290,12 +296,18 @@ class Deliveries:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
-        self.refused = 0  # of the errors, those that refused a message itself
+        #: Of the errors, those that refused a message itself: its tag (see :func:`produce`).
+        self.refused: list[Any] = []
 
     def on_delivery(self, error: KafkaError | None, message: Any) -> None:
+        self.report(None, error, message)
+
+    def report(self, tag: Any, error: KafkaError | None, message: Any) -> None:
+        """The delivery report of a message produced with ``tag``."""
         if error is not None:
             self.errors.append(f"{message.topic()}: {error.str()}")
-            self.refused += error.code() in REFUSED_CODES
+            if error.code() in REFUSED_CODES:
+                self.refused.append(tag)
 
 
 def create_producer(properties: Mapping[str, Any], *, what: str,
@@ -310,16 +322,17 @@ def create_producer(properties: Mapping[str, Any], *, what: str,
 def produce(producer: Producer, deliveries: Deliveries, topic: str, *, value: bytes | str | None,
             key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
             partition: int | None = None, timestamp_ms: int | None = None,
-            on_delivery: Callable[[KafkaError | None, Any], None] | None = None) -> None:
+            tag: Any = None) -> None:
     """Hand one message to ``producer``; :func:`confirm` waits for its delivery report.
 
     No poll() per message: the producers report failures only, and confirm()'s flush serves
     those. A poll releases and retakes the GIL, a handover to any other busy thread of the
-    process (a replay's recorder) every message. ``on_delivery``: the report's callback in
-    place of ``deliveries``' own (which it must call too).
+    process (a replay's recorder) every message. ``tag``: what :class:`KafkaRefused` names
+    the message by when the broker refuses it (a callback of its own, made when given).
     """
+    report = deliveries.on_delivery if tag is None else partial(deliveries.report, tag)
     kwargs: dict[str, Any] = {"value": value, "key": key, "headers": headers,
-                              "on_delivery": on_delivery or deliveries.on_delivery}
+                              "on_delivery": report}
     if partition is not None:
         kwargs["partition"] = partition
     if timestamp_ms is not None:
@@ -359,12 +372,14 @@ def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
     """
     remaining = producer.flush(timeout)
     errors, deliveries.errors = deliveries.errors, []
-    refused, deliveries.refused = deliveries.refused, 0
+    refused, deliveries.refused = deliveries.refused, []
     if remaining:
         raise KafkaFailed(f"{what}: {remaining} messages not confirmed within {timeout:.0f}s")
     if errors:
-        kind = KafkaRefused if refused == len(errors) else KafkaFailed
-        raise kind(f"{what}: {len(errors)} messages refused, first: {errors[0]}")
+        told = f"{what}: {len(errors)} messages refused, first: {errors[0]}"
+        if len(refused) == len(errors):  # every other message confirmed
+            raise KafkaRefused(told, refused)
+        raise KafkaFailed(told)
 
 
 def publish(producer: Producer, topic: str, *, value: bytes | None, what: str,

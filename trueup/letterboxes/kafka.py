@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Mapping
-from functools import partial
 from typing import Any
 
 import psycopg
 from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
-    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -105,7 +103,6 @@ class KafkaLetterbox:
                                                             "enable.partition.eof": True})
         self._producer: Producer | None = None
         self._deliveries = kafka.Deliveries()
-        self._refused: list[Received] = []  # since the last confirm
         self._blocked: set[int] = set()
         self._committed: dict[int, int] = {}  # partition -> next offset committed (async)
         self._destinations: set[str] = set()  # topics known to exist
@@ -252,13 +249,7 @@ class KafkaLetterbox:
                       value=message.value(), key=message.key(),
                       headers=tracing.inject(copy_headers(raw, item.letter,
                                                           replay_id=replay_id)),
-                      on_delivery=partial(self._delivered, item))
-
-    def _delivered(self, item: Received, error: KafkaError | None, message: Message) -> None:
-        """A copy's delivery report (the producer reports failures only)."""
-        self._deliveries.on_delivery(error, message)
-        if error is not None and error.code() in kafka.REFUSED_CODES:
-            self._refused.append(item)
+                      tag=item)
 
     def confirm(self) -> None:
         if self._producer is None:
@@ -266,15 +257,11 @@ class KafkaLetterbox:
         try:
             kafka.confirm(self._producer, self._deliveries, what=self.what)
         except kafka.KafkaRefused as exc:  # only refusals: every other copy is confirmed
-            refused = self._refused
-            if not refused:
-                raise
+            refused: list[Received] = exc.tags  # publish() tags each copy with its letter
             raise LettersRefused(f"{exc}; letter {refused[0].letter.message_id} stays in the "
                                  f"dead letters, and every replay stops at it: let the "
                                  f"destination take it (max.message.bytes), or leave it out "
                                  f"with --where", refused) from exc
-        finally:
-            self._refused = []
 
     def wait(self, seconds: float) -> None:
         # The consumer is assign()-ed (no group to heartbeat to) and librdkafka's threads keep
