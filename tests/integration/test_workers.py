@@ -579,12 +579,8 @@ def test_kafka_message_as_large_as_its_topic_takes_is_retried_and_dead_lettered(
     it stopped the worker at its first failure, on every delivery (nothing was lost)."""
     topic = unique("orders")
     topics.create(topic)
-    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
-    for future in admin.incremental_alter_configs([ConfigResource(
-            ConfigResource.Type.TOPIC, topic, incremental_configs=[ConfigEntry(
-                "max.message.bytes", "3000000",
-                incremental_operation=AlterConfigOpType.SET)])]).values():
-        future.result()
+    _let_take(kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test"),
+              [topic], 3_000_000)
     handler = FlakyHandler({"1": 1}, permanent={"2"})
     worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
     _big(kafka_bootstrap, topic, 1, 1_500_000)
@@ -595,6 +591,39 @@ def test_kafka_message_as_large_as_its_topic_takes_is_retried_and_dead_lettered(
         wait_until(lambda: len(read_topic(kafka_bootstrap, worker.dead_letter_topic)) == 1,
                    "the dead letter")
     assert [a for _, a in handler.attempts["1"]] == [1, 2]
+
+
+def _let_take(admin: Any, topics: list[str], size: int) -> None:
+    """Set ``max.message.bytes`` of ``topics``, as an operator would."""
+    for future in admin.incremental_alter_configs([ConfigResource(
+            ConfigResource.Type.TOPIC, topic, incremental_configs=[ConfigEntry(
+                "max.message.bytes", str(size), incremental_operation=AlterConfigOpType.SET)])
+            for topic in topics]).values():
+        future.result()
+
+
+@pytest.mark.kafka
+def test_kafka_worker_sends_copies_as_large_as_its_topic_takes_since_it_started(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics) -> None:
+    """The producer of copies was sized to the work topic once, at start: a worker started
+    while Kafka could not be asked, or before its topic took larger messages, refused a copy
+    of each larger message itself, and stopped at the first one the policy gave up on."""
+    topic = unique("orders")
+    handler = FlakyHandler({"1": 1}, permanent={"2"})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    admin = kafka.connect_admin({"bootstrap.servers": kafka_bootstrap}, what="test")
+    with running(worker.run):
+        produce_json(kafka_bootstrap, topic, [{"id": 0}])
+        wait_until(lambda: "0" in handler.effects, "the worker at work")
+        _let_take(admin, [topic, *worker.retry_topics, worker.dead_letter_topic], 3_000_000)
+        _big(kafka_bootstrap, topic, 1, 1_500_000)
+        _big(kafka_bootstrap, topic, 2, 1_500_000)
+        wait_until(lambda: "1" in handler.effects, "the large message retried")
+        wait_until(lambda: len(read_topic(kafka_bootstrap, worker.dead_letter_topic)) == 1,
+                   "the other dead-lettered")
+    assert [a for _, a in handler.attempts["1"]] == [1, 2]
+    (dead,) = read_topic(kafka_bootstrap, worker.dead_letter_topic)
+    assert len(dead.value() or b"") > 1_500_000
 
 
 @pytest.mark.kafka

@@ -108,17 +108,6 @@ class KafkaWorker:
                             partitions=count, what=self.what, config={} if largest is None else {
                                 "max.message.bytes": str(kafka.copy_room(largest))})
 
-    def _copy_max_bytes(self) -> int:
-        """The producer's ``message.max.bytes``: room for a copy of the work topic's largest
-        message (librdkafka refuses a larger one before it leaves, at 1,000,000 bytes by
-        default), or what the properties say when that is more."""
-        try:
-            admin = kafka.connect_admin(self.properties, what=self.what)
-        except TrueupError:  # the consumer says what is wrong with the connection
-            return kafka.copy_producer_limit(self.properties, None)
-        return kafka.copy_producer_limit(self.properties,
-                                         kafka.topic_max_message_bytes(admin, self.topic))
-
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; then commit what is done and leave the group."""
         with serving(self.metrics_port, database=self.database, kafka=self.properties):
@@ -133,8 +122,7 @@ class KafkaWorker:
                "statistics.interval.ms": max(100, int(self.lag_interval_seconds * 1000)),
                "stats_cb": self._on_stats, **self.consumer_overrides})
         try:
-            producer = kafka.create_producer(self.properties, what=self.what, **{
-                "message.max.bytes": self._copy_max_bytes()})
+            copies = _Copies(self.properties, self.topic, what=self.what)
             try:
                 consumer.subscribe([self.topic, *self.retry_topics], on_assign=self._on_assign,
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
@@ -142,11 +130,9 @@ class KafkaWorker:
                 while not stop.is_set():
                     HEALTH.progressed()  # the loop turns: not stuck, even when idle
                     self._resume_due(consumer)
-                    self._batch(consumer, producer, self._next_messages(consumer), stop)
+                    self._batch(consumer, copies, self._next_messages(consumer), stop)
             finally:
-                # Every copy was confirmed (or timed out) before its offset was stored: this
-                # only waits for one a failure left behind, which is sent again anyway.
-                producer.flush(CLOSE_FLUSH_SECONDS)
+                copies.close()
         finally:
             consumer.close()  # commits the stored offsets (auto commit), leaves the group
             self._forget_lag(list(self._assigned))
@@ -154,7 +140,7 @@ class KafkaWorker:
 
     # -----------------------------------------------------------------------------------------
 
-    def _batch(self, consumer: Consumer, producer: Any, batch: list[Message],
+    def _batch(self, consumer: Consumer, copies: _Copies, batch: list[Message],
                stop: threading.Event) -> None:
         """Handle a batch, within half the group's poll interval: past it, the messages not yet
         handled are handed back (their partitions seeked back to them) for the next poll, so
@@ -167,7 +153,7 @@ class KafkaWorker:
             if i and time.monotonic() - started > self._batch_seconds:
                 self._hand_back(consumer, batch[i:])
                 return
-            self._one(consumer, producer, message)
+            self._one(consumer, copies, message)
 
     @property
     def _batch_seconds(self) -> float:
@@ -195,7 +181,7 @@ class KafkaWorker:
         log.info("worker.batch_handed_back", group=self.group, messages=len(messages),
                  seconds=round(self._batch_seconds, 1))
 
-    def _one(self, consumer: Consumer, producer: Any, message: Message) -> None:
+    def _one(self, consumer: Consumer, copies: _Copies, message: Message) -> None:
         error = message.error()
         if error is not None:
             if kafka.is_transient(error):
@@ -232,10 +218,10 @@ class KafkaWorker:
                 return
         with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                   offset=offset, group=self.group):
-            self._settle(consumer, producer, message, raw, text)
+            self._settle(consumer, copies, message, raw, text)
         HEALTH.progressed()
 
-    def _settle(self, consumer: Consumer, producer: Any, message: Message,
+    def _settle(self, consumer: Consumer, copies: _Copies, message: Message,
                 raw: list[tuple[str, Any]], text: dict[str, str]) -> None:
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
@@ -256,12 +242,12 @@ class KafkaWorker:
                 changes[headers.NOT_BEFORE] = str(int(due * 1000))
             else:
                 target = self.dead_letter_topic
-            settlement = self._forward(producer, message, raw, settlement, target, changes)
+            settlement = self._forward(copies, message, raw, settlement, target, changes)
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         self._done(consumer, topic, partition, offset, message)
         record_settlement(self.group, settlement)
 
-    def _forward(self, producer: Any, message: Message, raw: list[tuple[str, Any]],
+    def _forward(self, copies: _Copies, message: Message, raw: list[tuple[str, Any]],
                  settlement: Settlement, target: str, changes: dict[str, str]) -> Settlement:
         """Copy ``message`` to its retry topic or the dead-letter topic (``target``) and wait
         for the confirm; the settlement it was sent by. A retry copy refused outright (too
@@ -271,8 +257,8 @@ class KafkaWorker:
         copied = headers.kafka_copy(raw, changes)
         try:
             with forwarding(settlement, target):
-                kafka.publish(producer, target, value=message.value(), key=message.key(),
-                              headers=tracing.inject(copied), what=f"{self.what}: {target}")
+                copies.publish(target, value=message.value(), key=message.key(),
+                               headers=tracing.inject(copied))
             return settlement
         except kafka.KafkaRefused as exc:
             where = f"{message.topic()}:{message.partition()}:{message.offset()}"
@@ -285,7 +271,7 @@ class KafkaWorker:
                         message=where, error=str(exc))
         changes.pop(headers.NOT_BEFORE, None)
         dead = replace(settlement, action=Action.DEAD_LETTER)
-        return self._forward(producer, message, raw, dead, self.dead_letter_topic, changes)
+        return self._forward(copies, message, raw, dead, self.dead_letter_topic, changes)
 
     def _done(self, consumer: Consumer, topic: str, partition: int, offset: int,
               message: Message) -> None:
@@ -426,3 +412,54 @@ class KafkaWorker:
         # Lost, not revoked: another member may own them already, so nothing is committed.
         self._forget_partitions(partitions)
         log.warning("worker.partitions_lost", group=self.group, count=len(partitions))
+
+
+class _Copies:
+    """The worker's producer of retry and dead-letter copies, sending messages as large as the
+    work topic takes (librdkafka refuses a larger one before it leaves, at 1,000,000 bytes by
+    default), or what the properties say when that is more.
+
+    The work topic's size is asked at start and again when a copy is refused: a worker started
+    while Kafka could not be asked (or before its topic existed), or whose topic was let take
+    larger messages since, gets a producer sized to the topic then, which sends the copy again.
+    """
+
+    def __init__(self, properties: Mapping[str, Any], topic: str, *, what: str) -> None:
+        self.properties, self.topic, self.what = properties, topic, what
+        self.limit = self._limit()
+        self.producer = kafka.create_producer(properties, what=what,
+                                              **{"message.max.bytes": self.limit})
+
+    def _limit(self) -> int:
+        try:
+            admin = kafka.connect_admin(self.properties, what=self.what)
+        except TrueupError:  # the consumer says what is wrong with the connection
+            return kafka.copy_producer_limit(self.properties, None)
+        return kafka.copy_producer_limit(self.properties,
+                                         kafka.topic_max_message_bytes(admin, self.topic))
+
+    def publish(self, target: str, *, value: bytes | None, key: bytes | None,
+                headers: list[tuple[str, Any]]) -> None:
+        """Send a copy and wait for its confirmation; :class:`kafka.KafkaRefused` when refused
+        by a producer as large as the work topic takes, or by ``target``."""
+        what = f"{self.what}: {target}"
+        try:
+            kafka.publish(self.producer, target, value=value, key=key, headers=headers,
+                          what=what)
+        except kafka.KafkaRefused:
+            limit = self._limit()
+            if limit <= self.limit:
+                raise
+            log.info("worker.copy_limit_raised", topic=self.topic, before=self.limit,
+                     after=limit)
+            self.producer.flush(CLOSE_FLUSH_SECONDS)  # nothing waits: every copy is confirmed
+            self.producer = kafka.create_producer(self.properties, what=self.what,
+                                                  **{"message.max.bytes": limit})
+            self.limit = limit
+            kafka.publish(self.producer, target, value=value, key=key, headers=headers,
+                          what=what)
+
+    def close(self) -> None:
+        # Every copy was confirmed (or timed out) before its offset was stored: this only
+        # waits for one a failure left behind, which is sent again anyway.
+        self.producer.flush(CLOSE_FLUSH_SECONDS)
