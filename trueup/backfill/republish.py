@@ -15,6 +15,7 @@ whose mirror version is newer than the source is skipped, and mirror keys the so
 from __future__ import annotations
 
 import json
+import operator
 import queue
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -88,6 +89,9 @@ FIRST_BATCH = 250
 STREAM_ROWS = 250 if psycopg.capabilities.has_stream_chunked() else 1
 #: How long a chunk left mid-read waits for the source to take its cancel request.
 CANCEL_TIMEOUT_SECONDS = 5.0
+#: Rounds of catching up with the source (see RepublishWriter._catch_up) before a chunk
+#: completes with keys still changing under it.
+CATCH_UP_ROUNDS = 5
 
 
 class _Recording:
@@ -284,6 +288,7 @@ class RepublishWriter:
                               if backfill.scope is BackfillScope.PARTITION else None)
         deliveries = Deliveries()
         found: set[str] = set()
+        sent: dict[str, tuple[Any, str]] = {}
         rows_read = repaired = skipped = 0
         with ExitStack() as stack:
             recording: _Recording | None = None
@@ -295,7 +300,7 @@ class RepublishWriter:
                 self._prefetched(self._source_rows(chunk, backfill))))
             for batch in batches:
                 rows_read += len(batch)
-                messages, repairs, batch_skipped = self._classify(batch, mirror, found)
+                messages, repairs, batch_skipped = self._classify(batch, mirror, found, sent)
                 repaired += len(repairs) - batch_skipped
                 skipped += batch_skipped
                 if recording is not None:
@@ -318,6 +323,8 @@ class RepublishWriter:
             fresh = recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
+            self._catch_up(chunk, backfill, ctx, deliveries, sent, {
+                text: (key, kafka_key) for key, _, kafka_key, text in orphans})
             # A chunk's repairs rows commit only with its completion: when those recorded here
             # were all new, they are all it holds, and their counts are this chunk's.
             repaired, skipped = chunks.complete(
@@ -352,12 +359,7 @@ class RepublishWriter:
         message key, message value, version, fingerprint), where the key's form leaves out
         what _classify derives (see _KeyForm)."""
         where = self._chunk_rows(chunk, backfill)
-        form = self.key_form
-        key = sql.NULL if form is _KeyForm.INTEGER else \
-            sql.SQL("({})::text").format(self.space.as_json)
-        # the message key as Postgres writes the value (a timestamp's, a numeric's scale),
-        # not as JSON; a composite key's is jsonb's text, which `key` is already
-        kafka_key = self.space.message_key if len(self.side.key) == 1 else sql.NULL
+        key, kafka_key = self._key_columns()
         # One statement, streamed: the server goes on computing rows while they are used
         # (a named cursor's FETCH leaves it idle in between), and one snapshot holds them all.
         with self.source.cursor(row_factory=tuple_row) as cur, closing(cast(
@@ -369,29 +371,51 @@ class RepublishWriter:
                 yield batch
                 size = READ_BATCH
 
+    def _key_columns(self) -> tuple[sql.Composable, sql.Composable]:
+        """How _source_rows reads a row's key (see _KeyForm): jsonb's text, and the message
+        key, each unless _key_texts derives it."""
+        key = sql.NULL if self.key_form is _KeyForm.INTEGER else \
+            sql.SQL("({})::text").format(self.space.as_json)
+        # the message key as Postgres writes the value (a timestamp's, a numeric's scale),
+        # not as JSON; a composite key's is jsonb's text, which `key` is already
+        kafka_key = self.space.message_key if len(self.side.key) == 1 else sql.NULL
+        return key, kafka_key
+
+    def _key_texts(self, key: str | None, kafka_key: str | None) -> tuple[str, str]:
+        """A key as _key_columns reads it: its text in trueup.repairs, exact (by it the
+        mirror's rows are claimed, and orphans told from the rows read), and its message key."""
+        form = self.key_form
+        if form is _KeyForm.INTEGER:
+            assert kafka_key is not None
+            return f"[{kafka_key}]", kafka_key
+        assert key is not None
+        if form is _KeyForm.INTEGERS:
+            return key, key
+        kafka_key = kafka_key or key  # a composite key's: jsonb's text
+        if self.plain_numbers:  # 9.00 is 9; jsonb's text is it for other types
+            return repairs_text(json.loads(key, parse_float=Decimal)), kafka_key
+        return key, kafka_key
+
+    @property
+    def _versioned(self) -> bool:
+        return self.rec.target.version is not None and self.side.version is not None
+
     def _classify(self, batch: list[tuple[Any, ...]],
-                  mirror: dict[str, _MirrorRow] | None, found: set[str]
+                  mirror: dict[str, _MirrorRow] | None, found: set[str],
+                  sent: dict[str, tuple[Any, str]]
                   ) -> tuple[list[tuple[str, str]], list[RepairRow], int]:
         """The messages and repairs rows of a batch of source rows, and how many of those rows
-        are skipped (the topic holds a newer version). ``found`` gains each row's repairs text;
-        ``mirror`` loses the rows the batch's keys claim."""
-        versioned = self.rec.target.version is not None and self.side.version is not None
-        form = self.key_form
+        are skipped (the topic holds a newer version). ``found`` gains each row's repairs text,
+        ``sent`` each produced row's (its version, or fingerprint unversioned, and its message
+        key); ``mirror`` loses the rows the batch's keys claim."""
+        versioned = self._versioned
+        key_texts = self._key_texts
         publish, skip = RepairAction.PUBLISH.value, RepairAction.SKIPPED.value
         messages: list[tuple[str, str]] = []
         repairs: list[RepairRow] = []
         skipped = 0
         for key, kafka_key, value, version, fingerprint in batch:
-            # key becomes its text in trueup.repairs, exact: by it the mirror's rows are
-            # claimed, and orphans told from the rows read
-            if form is _KeyForm.INTEGER:
-                key = f"[{kafka_key}]"
-            elif form is _KeyForm.INTEGERS:
-                kafka_key = key
-            else:
-                kafka_key = kafka_key or key  # a composite key's: jsonb's text
-                if self.plain_numbers:  # 9.00 is 9; jsonb's text is it for other types
-                    key = repairs_text(json.loads(key, parse_float=Decimal))
+            key, kafka_key = key_texts(key, kafka_key)
             found.add(key)
             known = mirror.pop(key, None) if mirror is not None else None
             before = None
@@ -409,7 +433,79 @@ class RepublishWriter:
                     continue  # the topic already holds this row
             messages.append((kafka_key, value))
             repairs.append((key, publish, before, fingerprint))
+            sent[key] = (version if versioned else fingerprint, kafka_key)
         return messages, repairs, skipped
+
+    # -- catching up -------------------------------------------------------------------------
+
+    def _catch_up(self, chunk: chunks.Chunk, backfill: Backfill, ctx: ChunkContext,
+                  deliveries: Deliveries, sent: dict[str, tuple[Any, str]],
+                  gone: dict[str, tuple[list[Any], str]]) -> None:
+        """Produce again what changed in the source since the chunk read it: rows it produced
+        whose version (fingerprint, unversioned) moved on or that were deleted, and keys it
+        tombstoned that came back. A chunk produces a snapshot a while after reading it; a row
+        the application changed meanwhile, and published itself, would otherwise end the
+        key's messages with the chunk's older copy. Asked only once every copy is confirmed,
+        until a round finds nothing moved: a change the source commits after that round is
+        published by the application after the chunk's last copy. ``sent`` and ``gone`` are
+        keyed by the repairs text, ``gone`` holding the key and its message key. The repairs
+        rows of the keys produced again are corrected (their "before" stays)."""
+        where = self._chunk_rows(chunk, backfill)
+        for _ in range(CATCH_UP_ROUNDS):
+            moved = self._moved(where, sent, gone)
+            if not moved:
+                return
+            log.info("backfill.caught_up", reconciliation=self.name, chunk=chunk.chunk,
+                     keys=len(moved))
+            keys = [loads(text) for text in moved]
+            where = sql.SQL("({}) AND {}").format(self.space.in_list(keys), self.space.complete)
+            found: set[str] = set()
+            sent = {}
+            key, kafka_key = self._key_columns()
+            with self.source.cursor(row_factory=tuple_row) as cur:
+                rows = cur.execute(self._rows_query(where, key, kafka_key)).fetchall()
+            messages, repairs, _ = self._classify(rows, None, found, sent)
+            missing = [(text, key) for text, key in zip(moved, keys, strict=True)
+                       if text not in found]
+            held = {r["n"] for r in self.source.execute(self.space.held(
+                self.side.relation, [key for _, key in missing]))} if missing else set()
+            gone = {text: (key, moved[text]) for n, (text, key) in enumerate(missing, 1)
+                    if n not in held}
+            repairs += [(text, RepairAction.TOMBSTONE.value, None, None) for text in gone]
+            produce_all(self.producer, deliveries, self.topic,
+                        [*messages, *((kafka_key, None) for _, kafka_key in gone.values())])
+            confirm(self.producer, deliveries, what=self.what)
+            record_rows(self.state, backfill, chunk, repairs, again=True)
+            ctx.heartbeat.check()
+        if self._moved(where, sent, gone):
+            log.warning("backfill.keys_still_changing", reconciliation=self.name,
+                        chunk=chunk.chunk, rounds=CATCH_UP_ROUNDS,
+                        hint="the next diff finds any key whose last message is not its row")
+
+    def _moved(self, where: sql.Composable, sent: dict[str, tuple[Any, str]],
+               gone: dict[str, tuple[list[Any], str]]) -> dict[str, str]:
+        """Of the keys produced (``sent``, rows of ``where``) and tombstoned (``gone``), those
+        whose source row is not what was produced: repairs text -> message key."""
+        moved: dict[str, str] = {}
+        if sent:
+            key, kafka_key = self._key_columns()
+            mark = self.side.version if self._versioned else self.side.fingerprint
+            assert mark is not None
+            with self.source.cursor(row_factory=tuple_row) as cur:
+                now = {self._key_texts(k, kk)[0]: m for k, kk, m in cur.execute(sql.SQL(
+                    "SELECT {}, {}, {} FROM {} WHERE {}").format(
+                        key, kafka_key, mark, self.side.relation, where))}
+            same = (lambda a, b: version_order(a) == version_order(b)) if self._versioned \
+                else operator.eq
+            moved = {text: kafka_key for text, (was, kafka_key) in sent.items()
+                     if text not in now or not same(now[text], was)}
+        if gone:
+            listed = list(gone.items())
+            for row in self.source.execute(self.space.held(
+                    self.side.relation, [key for _, (key, _) in listed])):
+                text, (_, kafka_key) = listed[row["n"] - 1]
+                moved[text] = kafka_key
+        return moved
 
     def _orphans(self, chunk: chunks.Chunk, scope: BackfillScope, found: set[str],
                  mirror: dict[str, _MirrorRow] | None
