@@ -194,9 +194,12 @@ WHERE backfill_id = %(backfill_id)s AND status IN ('failed', 'cancelled')
 RETURNING backfill_id;
 
 -- name: reopen_chunks
+-- Every unfinished chunk starts its attempts again: those waiting for a retry too, or they
+-- would fail the resumed backfill at their next failure, after their backoff.
 UPDATE trueup.chunks
 SET status = 'pending', attempts = 0, next_attempt_at = now(), error = NULL
-WHERE backfill_id = %(backfill_id)s AND status IN ('failed', 'cancelled');
+WHERE backfill_id = %(backfill_id)s
+  AND (status IN ('failed', 'cancelled') OR (status = 'pending' AND attempts > 0));
 
 -- name: stage_repairs
 CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (

@@ -505,6 +505,33 @@ def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume
     assert diff(config, "orders").missing == 0
 
 
+def test_resume_gives_every_unfinished_chunk_its_attempts_again(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The chunks waiting for a retry when another failed for good kept their spent attempts:
+    the resumed backfill failed at their first failure (and waited their backoff first)."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, ROWS)
+    drift(target)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy ADD CONSTRAINT refuse_all CHECK (false) NOT VALID")
+    config = write_config(tmp_path, state_db, source, target)
+    fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
+                                           max_seconds=0.1))
+    failed = start_backfill(config, "orders", _all(chunk_size=50), fast)
+    assert failed.status is BackfillStatus.FAILED
+    with psycopg.connect(state_db) as conn:
+        waiting = conn.execute("SELECT count(*) FROM trueup.chunks WHERE status = 'pending' "
+                               "AND attempts > 0").fetchone()
+    assert waiting is not None and waiting[0] > 0  # a retry or more spent
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.copy DROP CONSTRAINT refuse_all")
+    resumed = resume_backfill(config, failed.backfill_id, fast)
+    assert resumed.status is BackfillStatus.SUCCEEDED
+    with psycopg.connect(state_db) as conn:
+        attempts = {a for (a,) in conn.execute("SELECT attempts FROM trueup.chunks")}
+    assert attempts == {1}
+
+
 class _Died(Exception):
     """The worker process dying at a chosen statement."""
 
