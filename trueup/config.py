@@ -37,7 +37,8 @@ DEFAULT_CONFIG = "trueup.yaml"
 CONFIG_ENV = "TRUEUP_CONFIG"
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_NAME_MAX = 63  # characters: a reconciliation's name names its Kafka mirror's table
+_NAME = re.compile(rf"^[A-Za-z_][A-Za-z0-9_]{{0,{_NAME_MAX - 1}}}$")
 _TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 #: Where a cron expression is asked for its next time, to prove it has one.
 _CRON_PROBE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -113,9 +114,11 @@ def _cron(value: str) -> str:
 
 def _name(value: str) -> str:
     if not _NAME.match(value):
+        # say how long it is: 64 good characters look like a name of good characters
+        length = f", {len(value)} characters" if len(value) > _NAME_MAX else ""
         raise ValueError(
-            f"expected a name of letters, digits and underscores, not starting with a digit "
-            f"(got {value!r})"
+            f"expected a name of letters, digits and underscores, not starting with a digit, "
+            f"at most {_NAME_MAX} characters (got {value!r}{length})"
         )
     return value
 
@@ -127,11 +130,44 @@ def _columns_mapping(value: Any) -> Any:
     return value
 
 
+def _not_bool(expected: str) -> Callable[[Any], Any]:
+    """A check for a number field: pydantic's lax mode reads true as 1, which a count or a
+    multiplier never means (digit strings pass: ``${ATTEMPTS:-5}`` gives the text "5")."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {expected} (got {str(value).lower()})")
+        return value
+
+    return check
+
+
 def _client_property(value: Any) -> Any:
     if not isinstance(value, str | int | float | bool):  # one line, not one per kind
         shown = "null" if value is None else f"a {type(value).__name__}"
         raise ValueError(f"expected a string, a number or true/false (got {shown})")
     return value
+
+
+def _amqp_url(url: str) -> str:
+    """Refuse what keeps ``url`` from naming a RabbitMQ to connect to: its host and port are
+    read here, not first when a command connects (where pika raised a bare ValueError). The
+    query's options are pika's to read."""
+    shown = redact(url)
+    if not url.startswith(("amqp://", "amqps://")):
+        raise ValueError(f"expected an amqp:// URL for rabbitmq (got {shown!r})")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ValueError(f"expected an amqp:// URL for rabbitmq (got {shown!r}: "
+                         f"{str(exc)[:1].lower()}{str(exc)[1:]})") from None
+    try:
+        port_ok = parts.port != 0
+    except ValueError:  # not a number, or past 65535
+        port_ok = False
+    if not port_ok:
+        raise ValueError(f"expected a port from 1 to 65535 in the rabbitmq URL (got {shown!r})")
+    return url
 
 
 Duration = Annotated[dt.timedelta, BeforeValidator(_duration)]
@@ -141,7 +177,10 @@ TableName = Annotated[str, AfterValidator(_table_name)]
 TopicName = Annotated[str, AfterValidator(_topic_name)]
 Cron = Annotated[str, AfterValidator(_cron)]
 Name = Annotated[str, AfterValidator(_name)]
+#: A count greater than 0 (max_attempts, max_differences), never true or false.
+Count = Annotated[PositiveInt, BeforeValidator(_not_bool("an integer"))]
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+AmqpUrl = Annotated[str, Field(min_length=1), AfterValidator(_amqp_url)]
 
 
 class _Model(BaseModel):
@@ -163,7 +202,7 @@ class ConnectionConfig(_Model):
 
     postgres: NonEmptyStr | None = None
     kafka: dict[str, ClientProperty] | None = None
-    rabbitmq: NonEmptyStr | None = None
+    rabbitmq: AmqpUrl | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ConnectionConfig:
@@ -179,9 +218,6 @@ class ConnectionConfig(_Model):
             )
         if self.kafka is not None and not self.kafka.get("bootstrap.servers"):
             raise ValueError("expected kafka properties with bootstrap.servers")
-        if self.rabbitmq is not None and not self.rabbitmq.startswith(("amqp://", "amqps://")):
-            raise ValueError(
-                f"expected an amqp:// URL for rabbitmq (got {redact(self.rabbitmq)!r})")
         return self
 
     @property
@@ -256,8 +292,16 @@ class TargetConfig(_Model):
         return self.topic is not None
 
 
+def _day(value: Any) -> Any:
+    """A day written as a date: pydantic reads a number as seconds since 1970 (0 would be
+    1970-01-01)."""
+    if isinstance(value, bool | int | float):
+        raise ValueError(f"expected a date such as 2026-01-01 (got {value!r})")
+    return value
+
+
 class DailyPartitions(_Model):
-    start: dt.date
+    start: Annotated[dt.date, BeforeValidator(_day)]
 
 
 class PartitionsConfig(_Model):
@@ -265,7 +309,7 @@ class PartitionsConfig(_Model):
 
 
 class AutoRepairConfig(_Model):
-    max_differences: PositiveInt
+    max_differences: Count
 
 
 class ReconciliationConfig(_Model):
@@ -315,7 +359,7 @@ class ReconciliationConfig(_Model):
 
 class BackoffConfig(_Model):
     initial: Duration = dt.timedelta(seconds=1)
-    multiplier: Annotated[float, Field(ge=1)] = 2.0
+    multiplier: Annotated[float, Field(ge=1), BeforeValidator(_not_bool("a number"))] = 2.0
     max: Duration = dt.timedelta(minutes=10)
 
 
@@ -345,7 +389,7 @@ class DeadLetterConfig(_Model):
     topic: TopicName | None = None
     queue: NonEmptyStr | None = None
     replay_to: Annotated[ReplayTo | None, BeforeValidator(_replay_to)] = None
-    max_attempts: PositiveInt = 5
+    max_attempts: Count = 5
     backoff: BackoffConfig = BackoffConfig()
     parking: NonEmptyStr | None = None
 
@@ -464,6 +508,32 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     "while reading a mapping", node.start_mark,
                     f"found the key {key!r} twice", key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_timestamp(self, node: yaml.ScalarNode) -> Any:
+        # A day no calendar has (2026-02-30, 2026-13-01) stays text, for the field that reads
+        # it to refuse as it refuses any bad date, naming itself.
+        value = self.construct_scalar(node)
+        if self.timestamp_regexp.match(value):
+            try:
+                return super().construct_yaml_timestamp(node)
+            except ValueError:
+                pass
+        return value
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, KeyError) as exc:
+            # PyYAML's scalar constructors raise these for a value their tag cannot read
+            # (!!int abc, !!float abc, !!bool maybe, 0x_): one line naming where it is
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            value = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value}as {tag}", node.start_mark) from exc
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp",
+                                 _UniqueKeyLoader.construct_yaml_timestamp)
 
 
 def parse_config(text: str, file: str, environ: Any) -> Config:
@@ -615,7 +685,7 @@ def _broker(connection: ConnectionConfig) -> str:
         vhost = urllib.parse.unquote(url.path[1:]) if len(url.path) > 1 else "/"
         try:
             port = url.port
-        except ValueError:  # not a number: reported when the connection is opened
+        except ValueError:  # not a number: ConnectionConfig refused it already
             port = None
         default = 5671 if url.scheme == "amqps" else 5672
         return f"rabbitmq {(url.hostname or '').lower()}:{port or default}/{vhost}"

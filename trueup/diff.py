@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -158,13 +159,17 @@ def cmd_diff(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         print(to_json(summary.to_json()))
     else:
+        # --show's stdout holds its JSON lines only (scripts pipe it to jq): the summary then
+        # goes to stderr, for the person watching
+        out = sys.stderr if args.show else sys.stdout
         where = f" partition {summary.partition}" if summary.partition else ""
         counts = "  ".join(f"{c.value} {getattr(summary, c.value)}" for c in DifferenceClass)
         verdict = "consistent" if summary.consistent else "differences found"
         print(f"{summary.reconciliation}{where}: run {summary.run_id}, {summary.source_rows} "
-              f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s")
-        print(f"  {counts}")
-        print(f"  {verdict}")
+              f"source rows, {summary.target_rows} target rows, {summary.seconds:.2f} s",
+              file=out)
+        print(f"  {counts}", file=out)
+        print(f"  {verdict}", file=out)
     return EXIT_OK if summary.consistent else EXIT_DIFFERENCES
 
 

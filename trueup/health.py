@@ -136,13 +136,13 @@ def rabbitmq_check(url: str) -> Check:
     def check() -> str | None:
         import pika
 
-        params = pika.URLParameters(url)
-        # every stage within the timeout: the AMQP handshake's own (stack_timeout) is 15 s
-        params.socket_timeout = CHECK_TIMEOUT_SECONDS
-        params.stack_timeout = CHECK_TIMEOUT_SECONDS
-        params.blocked_connection_timeout = CHECK_TIMEOUT_SECONDS
-        params.connection_attempts = 1
         try:
+            params = pika.URLParameters(url)  # a query option it cannot read fails here
+            # every stage within the timeout: the AMQP handshake's own (stack_timeout) is 15 s
+            params.socket_timeout = CHECK_TIMEOUT_SECONDS
+            params.stack_timeout = CHECK_TIMEOUT_SECONDS
+            params.blocked_connection_timeout = CHECK_TIMEOUT_SECONDS
+            params.connection_attempts = 1
             pika.BlockingConnection(params).close()
         except Exception as exc:  # pika raises outside AMQPError too (a handshake timeout)
             return f"rabbitmq unreachable: {first_line(exc) or type(exc).__name__}"

@@ -144,3 +144,27 @@ def test_json_output_writes_a_decimal_a_double_cannot_hold_with_every_digit() ->
     assert text == ('{"key": [0.30000000000000001, 2.5, 7, "\\u0000x:0\\u0000", '
                     '-1234567890.1234567890123]}')
     assert json.loads(text, parse_float=Decimal)["key"][0] == Decimal("0.30000000000000001")
+
+
+def test_a_rabbitmq_url_pika_cannot_read_is_one_line_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """pika.URLParameters raised a bare ValueError: `trueup dlq` and `replay` printed
+    'unexpected error' and a traceback. A bad port is the config's to refuse; the query's
+    options are pika's, read as the connection opens (before anything is reached)."""
+    config = tmp_path / "trueup.yaml"
+    monkeypatch.delenv(cli.METRICS_PORT_ENV, raising=False)
+    for url, line in (
+            ("amqp://guest:guest@127.0.0.1:abc/%2F",
+             f"{config}: connections.amqp.rabbitmq: expected a port from 1 to 65535 in the "
+             f"rabbitmq URL (got 'amqp://guest:***@127.0.0.1:abc/%2F')"),
+            ("amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=soon",
+             "dead_letters.payments_dlq: cannot read the RabbitMQ URL "
+             "'amqp://guest:***@127.0.0.1:5672/%2F?heartbeat=soon': Invalid heartbeat value "
+             "'soon': ValueError(\"invalid literal for int() with base 10: 'soon'\")")):
+        config.write_text(f"state: postgresql://postgres@127.0.0.1:5432/trueup\n"
+                          f"connections: {{amqp: {{rabbitmq: '{url}'}}}}\n"
+                          f"dead_letters: {{payments_dlq: {{connection: amqp, "
+                          f"queue: payments.settle.dlq}}}}\n")
+        assert cli.main(["--config", str(config), "dlq", "payments_dlq"]) == cli.EXIT_TROUBLE
+        assert capsys.readouterr().err.splitlines() == [line], url

@@ -170,7 +170,37 @@ BAD_CONFIGS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("bad reconciliation name",
      lambda r: r["reconciliations"].update({"bad-name": _rec(r, "orders_invoices")}),
      "trueup.yaml: reconciliations.bad-name: expected a name of letters, digits and "
-     "underscores, not starting with a digit (got 'bad-name')"),
+     "underscores, not starting with a digit, at most 63 characters (got 'bad-name')"),
+    # it named only the characters, which were all good
+    ("a reconciliation name past 63 characters",
+     lambda r: r["reconciliations"].update({"a" * 64: _rec(r, "orders_invoices")}),
+     f"trueup.yaml: reconciliations.{'a' * 64}: expected a name of letters, digits and "
+     f"underscores, not starting with a digit, at most 63 characters (got '{'a' * 64}', 64 "
+     f"characters)"),
+    # pydantic's lax mode read true as 1
+    ("max_attempts: true",
+     lambda r: r["dead_letters"]["orders_dlq"].update(max_attempts=True),
+     "trueup.yaml: dead_letters.orders_dlq.max_attempts: expected an integer (got true)"),
+    ("max_differences: true",
+     lambda r: _rec(r)["auto_repair"].update(max_differences=True),
+     "trueup.yaml: reconciliations.orders_events.auto_repair.max_differences: expected an "
+     "integer (got true)"),
+    ("a backoff multiplier of true",
+     lambda r: r["dead_letters"]["orders_dlq"]["backoff"].update(multiplier=True),
+     "trueup.yaml: dead_letters.orders_dlq.backoff.multiplier: expected a number (got true)"),
+    # pika raised a bare ValueError when `trueup dlq` or `replay` connected: a traceback
+    ("a rabbitmq URL whose port is no number",
+     lambda r: r["connections"]["amqp"].update(rabbitmq="amqp://guest:guest@127.0.0.1:abc/%2F"),
+     "trueup.yaml: connections.amqp.rabbitmq: expected a port from 1 to 65535 in the rabbitmq "
+     "URL (got 'amqp://guest:***@127.0.0.1:abc/%2F')"),
+    ("a rabbitmq URL whose port is past 65535",
+     lambda r: r["connections"]["amqp"].update(rabbitmq="amqp://guest:guest@127.0.0.1:99999/"),
+     "trueup.yaml: connections.amqp.rabbitmq: expected a port from 1 to 65535 in the rabbitmq "
+     "URL (got 'amqp://guest:***@127.0.0.1:99999/')"),
+    ("a rabbitmq URL that is no amqp:// URL",
+     lambda r: r["connections"]["amqp"].update(rabbitmq="http://127.0.0.1:15672/"),
+     "trueup.yaml: connections.amqp.rabbitmq: expected an amqp:// URL for rabbitmq "
+     "(got 'http://127.0.0.1:15672/')"),
     ("bad date",
      lambda r: _rec(r)["partitions"]["daily"].update(start="yesterday"),
      "trueup.yaml: reconciliations.orders_events.partitions.daily.start: expected a date such "
@@ -284,6 +314,63 @@ def test_one_dead_letter_queue_name_on_two_brokers_or_vhosts_is_two_queues() -> 
         parse_config(yaml.safe_dump(raw), "trueup.yaml", {})
 
 
+def test_counts_and_multipliers_from_variables_may_still_be_digit_strings() -> None:
+    """Refusing true must not refuse the text "5" that ``${VAR:-5}`` gives."""
+    raw = copy.deepcopy(BASE)
+    raw["dead_letters"]["orders_dlq"].update(max_attempts="${ATTEMPTS:-7}")
+    raw["dead_letters"]["orders_dlq"]["backoff"].update(multiplier="${FACTOR:-1.5}")
+    _rec(raw)["auto_repair"].update(max_differences="${MAX_DIFFERENCES:-20}")
+    config = parse_config(yaml.safe_dump(raw), "trueup.yaml", {"FACTOR": "3"})
+    orders_dlq = config.dead_letters["orders_dlq"]
+    assert (orders_dlq.max_attempts, orders_dlq.backoff.multiplier) == (7, 3.0)
+    auto_repair = config.reconciliations["orders_events"].auto_repair
+    assert auto_repair is not None and auto_repair.max_differences == 20
+
+
+@pytest.mark.parametrize("number", ["0", "1767225600"])
+def test_a_number_is_no_day(number: str) -> None:
+    """pydantic reads a number as seconds since 1970: 0 started the partitions in 1970."""
+    text = EXAMPLE.read_text()
+    bad = text.replace('start: "2026-01-01"', f"start: {number}")
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(bad, "trueup.yaml", {})
+    assert str(caught.value) == ("trueup.yaml: reconciliations.orders_events.partitions.daily."
+                                 f"start: expected a date such as 2026-01-01 (got {number})")
+
+
+@pytest.mark.parametrize("day", ["2026-02-30", "2026-13-01"])
+def test_an_unquoted_day_no_calendar_has_is_the_fields_error_not_a_crash(day: str) -> None:
+    """PyYAML reads an unquoted day as a date itself and raised a bare ValueError ("day is out
+    of range for month"): the CLI printed a traceback naming neither file nor field."""
+    text = EXAMPLE.read_text()
+    bad = text.replace('start: "2026-01-01"', f"start: {day}")
+    assert bad != text
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(bad, "trueup.yaml", {})
+    assert str(caught.value) == ("trueup.yaml: reconciliations.orders_events.partitions.daily."
+                                 f"start: expected a date such as 2026-01-01 (got '{day}')")
+    # a good day unquoted is still a day
+    good = text.replace('start: "2026-01-01"', "start: 2026-01-31")
+    partitions = parse_config(good, "trueup.yaml", {}).reconciliations["orders_events"].partitions
+    assert partitions is not None and partitions.daily.start == dt.date(2026, 1, 31)
+
+
+@pytest.mark.parametrize(("written", "problem"), [
+    ("!!int abc", "cannot read 'abc' as !!int"), ("!!float abc", "cannot read 'abc' as !!float"),
+    ("!!bool maybe", "cannot read 'maybe' as !!bool"), ("0x_", "cannot read '0x_' as !!int")])
+def test_a_value_its_yaml_tag_cannot_read_is_one_line_naming_the_line(
+        written: str, problem: str) -> None:
+    """PyYAML's constructors raise a bare ValueError (or KeyError) for these, which the CLI
+    printed as an unexpected error with a traceback."""
+    text = EXAMPLE.read_text()
+    bad = text.replace("max_attempts: 5,", f"max_attempts: {written},", 1)
+    assert bad != text
+    line = text[:text.index("max_attempts: 5,")].count("\n") + 1
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, "trueup.yaml", {})
+    assert str(caught.value) == f"trueup.yaml: line {line}: expected valid YAML ({problem})"
+
+
 def test_every_bad_field_is_reported_once() -> None:
     def two_problems(raw: dict[str, Any]) -> None:
         _rec(raw).update(grace="soon", schedule="often")
@@ -348,6 +435,18 @@ def test_cli_prints_one_line_and_exits_2_without_traceback(tmp_path: Path) -> No
     assert done.stdout == ""
     assert done.stderr == (f"{config}: reconciliations.orders_events.grace: expected a "
                            f"duration such as 500ms, 30s, 10m, 1h or 2d (got 'soon')\n")
+
+
+def test_cli_prints_a_day_no_calendar_has_as_one_line_without_traceback(
+        tmp_path: Path) -> None:
+    config = tmp_path / "trueup.yaml"
+    config.write_text(EXAMPLE.read_text().replace('start: "2026-01-01"', "start: 2026-02-30"))
+    done = subprocess.run([sys.executable, "-m", "trueup.cli", "--config", str(config),
+                           "validate"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (f"{config}: reconciliations.orders_events.partitions.daily.start: "
+                           f"expected a date such as 2026-01-01 (got '2026-02-30')\n")
 
 
 def test_config_from_environment_variable(tmp_path: Path) -> None:

@@ -184,6 +184,13 @@ def test_a_rabbitmq_that_accepts_but_never_answers_fails_its_check_within_the_ti
     assert took < CHECK_TIMEOUT_SECONDS + 7, f"the check took {took:.1f}s"  # not 15 s
 
 
+def test_a_rabbitmq_url_pika_cannot_read_fails_its_check_saying_why() -> None:
+    """The URL was read outside the check's guard: the check raised instead of answering."""
+    problem = rabbitmq_check("amqp://guest:guest@127.0.0.1:5672/%2F?heartbeat=soon")()
+    assert problem is not None and problem.startswith("rabbitmq unreachable: "), problem
+    assert "heartbeat" in problem
+
+
 def test_a_kafka_check_against_a_broker_that_is_down_says_so_once(
         capfd: pytest.CaptureFixture[str]) -> None:
     """librdkafka printed its own %3|...|FAIL| lines on stderr (dozens a probe, plain text

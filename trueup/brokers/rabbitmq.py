@@ -13,7 +13,7 @@ from pika.adapters.utils.connection_workflow import (
     AMQPConnectorStackTimeout,
 )
 
-from trueup.db import first_line
+from trueup.db import first_line, redact, scrubbed
 from trueup.errors import ConnectionFailed, TrueupError
 
 CONNECT_TIMEOUT_SECONDS = 10
@@ -69,8 +69,14 @@ def _reason(exc: BaseException) -> str:
     return first_line(exc)
 
 
-def _parameters(url: str, heartbeat: int | None = None) -> pika.URLParameters:
-    params = pika.URLParameters(url)
+def _parameters(url: str, what: str, heartbeat: int | None = None) -> pika.URLParameters:
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:
+        # a port or query option pika cannot read: ValueError mostly, but ssl_options is
+        # evaluated as a Python literal and opens the files it names (SyntaxError, OSError...)
+        raise ConnectionFailed(f"{what}: cannot read the RabbitMQ URL "
+                               f"{redact(url)!r}: {scrubbed(first_line(exc), url)}") from exc
     params.socket_timeout = CONNECT_TIMEOUT_SECONDS
     params.blocked_connection_timeout = CONNECT_TIMEOUT_SECONDS
     # the whole connect, handshake included: a port that accepts and never answers
@@ -89,7 +95,7 @@ def _open(params: pika.URLParameters, what: str) -> pika.BlockingConnection:
 
 
 def connect(url: str, *, what: str) -> pika.BlockingConnection:
-    return _open(_parameters(url), what)
+    return _open(_parameters(url, what), what)
 
 
 def queue_depth(connection: pika.BlockingConnection, queue: str) -> int | None:
@@ -152,7 +158,7 @@ def refused(exc: pika.exceptions.ChannelClosedByBroker, what: str) -> RabbitFail
 
 def connect_retrying(url: str, *, what: str, heartbeat: int = 10) -> pika.BlockingConnection:
     """A connection with a short heartbeat, so a dead broker is noticed within seconds."""
-    return _open(_parameters(url, heartbeat), what)
+    return _open(_parameters(url, what, heartbeat), what)
 
 
 def confirmed_channel(connection: pika.BlockingConnection,
