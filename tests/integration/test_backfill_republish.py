@@ -295,6 +295,73 @@ def test_rows_the_application_changes_while_a_chunk_produces_end_with_their_curr
                        **({"[5]": "tombstone"} if versioned else {})}
 
 
+def test_a_write_of_a_transaction_open_during_the_chunk_s_read_is_caught_up_with(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk asks first whether any row of its range was written by a transaction that had
+    not ended when its read began (then it compares row by row). Here the application's
+    transaction wrote the row, in a savepoint, before the read, which did not see it, and
+    committed after: a subtransaction's id is not in a snapshot's list of running ones."""
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    diff(config, "events")
+    starts = _ends(kafka_bootstrap, topic)
+    source = config.connections["shop"].postgres
+    assert source is not None
+    app = psycopg.connect(source)
+    try:
+        app.execute("SELECT 1")  # the transaction begins
+        with app.transaction():  # a savepoint
+            app.execute("UPDATE orders SET version = 3, status = 'shipped' WHERE id = 3")
+        classify = republish.RepublishWriter._classify
+
+        def read_then_app_commits(self: Any, batch: Any, *args: Any) -> Any:
+            produced = classify(self, batch, *args)
+            if not app.closed and any(row[1] == "3" for row in batch):
+                app.commit()
+                app.close()
+                _app_publishes(config, kafka_bootstrap, topic, "SELECT %s", 3)
+            return produced
+
+        monkeypatch.setattr(republish.RepublishWriter, "_classify", read_then_app_commits)
+        summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
+    finally:
+        app.close()
+    assert summary.status is BackfillStatus.SUCCEEDED
+    last = dict(_messages_after(kafka_bootstrap, topic, starts))
+    assert (last["3"]["v"], last["3"]["state"]) == (3, "shipped")
+    assert diff(config, "events").stale == 0
+
+
+def test_a_view_s_rows_which_have_no_xmin_are_caught_up_with_row_by_row(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
+        topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = _setup(new_db, state_db, tmp_path, kafka_bootstrap, topic)
+    source = config.connections["shop"].postgres
+    assert source is not None
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE VIEW orders_view AS SELECT * FROM orders")
+    path = Path(config.path)
+    path.write_text(path.read_text().replace("table: orders", "table: orders_view"))
+    assert "orders_view" in path.read_text()
+    config = load_config(path)
+    diff(config, "events")
+    starts = _ends(kafka_bootstrap, topic)
+    classify = republish.RepublishWriter._classify
+
+    def read_then_app_writes(self: Any, batch: Any, *args: Any) -> Any:
+        produced = classify(self, batch, *args)
+        if any(row[1] == "3" for row in batch):
+            _app_publishes(config, kafka_bootstrap, topic, "UPDATE orders SET version = 3, "
+                           "status = 'shipped' WHERE id = %s", 3)
+        return produced
+
+    monkeypatch.setattr(republish.RepublishWriter, "_classify", read_then_app_writes)
+    summary = start_backfill(config, "events", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED
+    last = dict(_messages_after(kafka_bootstrap, topic, starts))
+    assert (last["3"]["v"], last["3"]["state"]) == (3, "shipped")
+
+
 def test_republish_to_a_topic_deleted_since_the_diff_fails_and_creates_none(
         new_db: Callable[[], str], state_db: str, tmp_path: Path, kafka_bootstrap: str,
         topic: str, unique: Callable[[str], str], topics: Any) -> None:

@@ -175,6 +175,8 @@ class RepublishWriter:
                            f"republishes into it and creates no topic)")
         self.producer = create_producer(dict(properties), what=what)
         self.what = f"topic {self.topic}"
+        # whether the source's rows tell by their xmin that they changed (see _unchanged)
+        self._by_xmin = True
         # records a chunk's repairs rows in the state database while this thread produces
         self.recorder = self.stack.enter_context(
             threads.executor(1, "trueup-repairs"))
@@ -290,6 +292,8 @@ class RepublishWriter:
         found: set[str] = set()
         sent: dict[str, tuple[Any, str]] = {}
         rows_read = repaired = skipped = 0
+        # taken before the chunk's read: what changes after it, _catch_up finds
+        horizon = None if backfill.dry_run else self._horizon()
         with ExitStack() as stack:
             recording: _Recording | None = None
             if not backfill.dry_run:
@@ -323,8 +327,9 @@ class RepublishWriter:
             fresh = recording.finish()
             confirm(self.producer, deliveries, what=self.what)
             ctx.heartbeat.check()
-            self._catch_up(chunk, backfill, ctx, deliveries, sent, {
-                text: (key, kafka_key) for key, _, kafka_key, text in orphans})
+            if not self._unchanged(self._chunk_rows(chunk, backfill), rows_read, horizon):
+                self._catch_up(chunk, backfill, ctx, deliveries, sent, {
+                    text: (key, kafka_key) for key, _, kafka_key, text in orphans})
             # A chunk's repairs rows commit only with its completion: when those recorded here
             # were all new, they are all it holds, and their counts are this chunk's.
             repaired, skipped = chunks.complete(
@@ -481,6 +486,38 @@ class RepublishWriter:
             log.warning("backfill.keys_still_changing", reconciliation=self.name,
                         chunk=chunk.chunk, rounds=CATCH_UP_ROUNDS,
                         hint="the next diff finds any key whose last message is not its row")
+
+    def _horizon(self) -> str | None:
+        """The oldest transaction still running on the source (its ``xmin``), for
+        :meth:`_unchanged`; None where rows have no ``xmin`` to compare (a view, a foreign
+        table)."""
+        if not self._by_xmin:
+            return None
+        row = self.source.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon").fetchone()
+        assert row is not None
+        return str(int(row["horizon"]) % 2**32)  # as a row's xmin is: 32 bits of it
+
+    def _unchanged(self, where: sql.Composable, rows_read: int, horizon: str | None) -> bool:
+        """Whether the rows of ``where`` are surely those a read that began after ``horizon``
+        (see :meth:`_horizon`) found, ``rows_read`` of them: as many now, and none written by
+        a transaction that had not ended when the read began (every such row's ``xmin``, or
+        that of its subtransaction, is the horizon or later). Postgres keeps live ``xmin``
+        values within 2**31 of the next one, so ``age()`` orders them. False when in doubt:
+        then :meth:`_catch_up` compares row by row. A cheap question (one count over the
+        chunk's rows on the source, 2 ms for 10,000) where comparing each row costs 30."""
+        if horizon is None:
+            return False
+        try:
+            row = self.source.execute(sql.SQL(
+                "SELECT count(*) AS n, count(*) FILTER (WHERE age(xmin) <= age({}::xid)) "
+                "AS newer FROM {} WHERE {}").format(
+                    sql.Literal(horizon), self.side.relation, where)).fetchone()
+        except (psycopg.errors.UndefinedColumn, psycopg.errors.FeatureNotSupported):
+            self._by_xmin = False  # no xmin: compared row by row from now on
+            return False
+        assert row is not None
+        return int(row["n"]) == rows_read and int(row["newer"]) == 0
 
     def _moved(self, where: sql.Composable, sent: dict[str, tuple[Any, str]],
                gone: dict[str, tuple[list[Any], str]]) -> dict[str, str]:
