@@ -1,7 +1,8 @@
 """A differences asset per reconciliation, with one asset check per difference class.
 
-Materializing it runs ``trueup diff`` (one partition when the reconciliation is partitioned)
-and reports the counts as metadata; each class becomes a check: ERROR for missing, orphan,
+Materializing it runs ``trueup diff`` (the partition launched when the reconciliation is
+partitioned; launched without one, the whole table, as the CLI without ``--partition``) and
+reports the counts as metadata; each class becomes a check: ERROR for missing, orphan,
 stale, ahead, mismatch and unreadable, WARN for in_flight. Check results are also stored in
 trueup's state, so their history outlives the Dagster instance.
 """
@@ -98,7 +99,9 @@ def differences_asset(config: Config, name: str) -> ReconciliationDefinitions:
         metadata={"reconciliation": name, "repair": rec.repair.value},
     )
     def _differences(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        partition = context.partition_key if partitions is not None else None
+        # launched without a partition, a partitioned reconciliation diffs the whole table,
+        # as `trueup diff NAME` without --partition does
+        partition = context.partition_key if context.has_partition_key else None
         try:
             summary = diff(config, name, partition=partition,
                            progress=lambda phase, done, total: context.log.debug(

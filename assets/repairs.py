@@ -7,13 +7,21 @@ partitioned reconciliation, materializing a partition backfills that day. Progre
 done of total, rows per second) is logged while it runs; the result and a sample of the
 row-level lineage become the materialization's metadata.
 
+A partitioned reconciliation's backfill job launched without a partition backfills what the
+launchpad asks (a run, a day given as ``partition``, the whole table); launched for a
+partition, it backfills that day only (scope auto or partition, or a run of that day), since
+the materialization is recorded under it. A backfill the run was serving when it was stopped
+(terminated in the UI, SIGTERM) is cancelled, as ``trueup backfill --cancel`` does: nobody
+serves it any more, and ``trueup backfill --resume`` repairs what it left.
+
 The sensor watches the differences asset: for every run since its last tick (one per
 partition, say) that finds between 1 and ``auto_repair.max_differences`` repairable
 differences it launches a backfill of that run; above that it only reports (large drift needs
 a person to look). The circuit breaker also holds back:
 
-- every run of a tick in which one run found too many differences (the tick's skip reason
-  says which run tripped it);
+- the tick's other runs of the partition in which a run found too many differences (all runs
+  of a reconciliation without partitions; the skip reason says which run tripped it); runs
+  of other partitions go on as usual;
 - every run while the reconciliation's latest backfill failed (a new one would most likely
   fail the same way) or a backfill is still planning or running (a second one would fail
   with a conflict): the skip reason names that backfill and what to do about it.
@@ -24,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import dagster as dg
+import psycopg
 from dagster import AssetExecutionContext, SensorEvaluationContext
 from pydantic import Field
 
@@ -33,6 +42,7 @@ from trueup.backfill import (
     BackfillOptions,
     BackfillSummary,
     WorkerOptions,
+    cancel_backfill,
     lease_seconds,
     resume_backfill,
     start_backfill,
@@ -40,7 +50,7 @@ from trueup.backfill import (
 from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_WORKERS
 from trueup.checks import failed_blocking_checks
 from trueup.config import Config, RepairMode
-from trueup.db import connect
+from trueup.db import connect, first_line
 from trueup.errors import TrueupError, UsageError
 from trueup.queries import query
 from trueup.statuses import BackfillScope, BackfillStatus, DifferenceClass
@@ -71,11 +81,15 @@ class BackfillRunConfig(dg.Config):
 
     scope: str = Field(
         default="auto",
-        description="auto (the partition being materialized, else run_id if given, else all), "
-                    "run, partition or all")
+        description="auto (the partition being materialized, else partition if given, else "
+                    "run_id if given, else all), run, partition or all (only launched "
+                    "without a partition)")
     run_id: int | None = Field(default=None, description="the run whose differences scope "
-                                                         "run repairs (only with scope run)")
-    partition: str | None = None
+                                                         "run repairs (only with scope run; "
+                                                         "a run of the partition launched)")
+    partition: str | None = Field(default=None, description="the day scope partition "
+                                                            "repairs (launched for a "
+                                                            "partition: that one)")
     dry_run: bool = False
     # bounds are checked when the run starts (_options), not by pydantic: Dagster's launchpad
     # does not know them, and a pydantic error reaches the user as a traceback
@@ -98,12 +112,16 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     scope = config.scope
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
+    # the materialization is recorded under the partition being launched: a backfill of
+    # another day (or of the whole table) under it would show that partition repaired
     if partition_key and config.partition and config.partition != partition_key:
-        # the materialization is recorded under the partition being launched: one backfilled
-        # under another would show that partition repaired
         raise dg.Failure(description=f"partition: this run materializes partition "
                                      f"{partition_key}; leave partition empty, or launch "
                                      f"partition {config.partition} (got {config.partition!r})")
+    if partition_key and scope == "all":
+        raise dg.Failure(description=f"scope: this run materializes partition {partition_key}, "
+                                     f"and scope all repairs the whole table; set scope auto "
+                                     f"or partition, or launch no partition (got 'all')")
     partition = partition_key or config.partition
     if scope == "auto":
         scope = "partition" if partition else "run" if config.run_id is not None else "all"
@@ -116,6 +134,34 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
         raise dg.Failure(description=str(exc)) from exc
 
 
+def _require_run_of_partition(state_dsn: str, name: str, run_id: int | None,
+                              partition_key: str) -> None:
+    """Refuse a backfill of run ``run_id`` under a partition the run did not diff: the
+    materialization would show ``partition_key`` repaired. A run that is missing or of another
+    reconciliation is left to the engine, which says so."""
+    with connect(state_dsn, what="state", autocommit=True) as conn:
+        row = conn.execute("SELECT partition FROM trueup.runs "
+                           "WHERE run_id = %s AND reconciliation = %s",
+                           (run_id, name)).fetchone()
+    if row is None or row["partition"] == partition_key:
+        return
+    found = (f"partition {row['partition']}" if row["partition"] is not None
+             else "the whole table")
+    launch = (f"launch partition {row['partition']}" if row["partition"] is not None
+              else "launch no partition")
+    raise dg.Failure(description=f"run_id: run {run_id} diffed {found}, and this run "
+                                 f"materializes partition {partition_key}; {launch}, or set "
+                                 f"scope partition (got {run_id})")
+
+
+def _running(config: Config, name: str, launched_by: str) -> int | None:
+    """The backfill of ``name`` that the run ``launched_by`` (a root run) planned, running."""
+    with connect(config.state, what="state", autocommit=True) as conn:
+        row = conn.execute(query("left_running"), {"reconciliation": name,
+                                                   "launched_by": launched_by}).fetchone()
+    return None if row is None else int(row["backfill_id"])
+
+
 def _left_running(context: AssetExecutionContext, config: Config, name: str,
                   launched_by: str) -> int | None:
     """The backfill a retried (or re-executed) run continues: the one its first run planned,
@@ -123,10 +169,27 @@ def _left_running(context: AssetExecutionContext, config: Config, name: str,
     running"); its done chunks stay done. A backfill someone else runs is never joined."""
     if context.run.parent_run_id is None:
         return None
-    with connect(config.state, what="state", autocommit=True) as conn:
-        row = conn.execute(query("left_running"), {"reconciliation": name,
-                                                   "launched_by": launched_by}).fetchone()
-    return None if row is None else int(row["backfill_id"])
+    return _running(config, name, launched_by)
+
+
+def _end_interrupted(context: AssetExecutionContext, config: Config, name: str,
+                     launched_by: str) -> None:
+    """Cancel the backfill this run was serving when the run was stopped (terminated in the
+    UI, SIGTERM, Ctrl-C), as ``trueup backfill --cancel`` does: nobody serves it any more, and
+    left running it would refuse every later backfill of ``name`` and keep the auto-repair
+    waiting. Its unfinished chunks stay resumable (``trueup backfill --resume``)."""
+    try:
+        backfill_id = _running(config, name, launched_by)
+        if backfill_id is None:  # stopped before planning committed (which then rolled back)
+            return
+        cancel_backfill(config, backfill_id)
+    except (TrueupError, psycopg.Error) as exc:  # the state database is away: --cancel later
+        context.log.warning(f"backfill {name}: the run was stopped, and its backfill could not "
+                            f"be cancelled ({first_line(exc)}): cancel it with `trueup backfill "
+                            f"--cancel ID` (see `trueup status`)")
+        return
+    context.log.warning(f"backfill {backfill_id} of {name} cancelled: the run was stopped; "
+                        f"`trueup backfill --resume {backfill_id}` repairs what it left")
 
 
 def lineage_sample(state_dsn: str, backfill_id: int) -> str:
@@ -170,7 +233,8 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
     )
     def _repairs(context: AssetExecutionContext,
                  config: BackfillRunConfig) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        partition_key = context.partition_key if partitions is not None else None
+        # a partitioned job launched without a partition backfills what the form asks
+        partition_key = context.partition_key if context.has_partition_key else None
         # the backfill remembers the run (its first, when retried) that planned it
         launched_by = context.run.root_run_id or context.run.run_id
         options = replace(_options(config, partition_key), launched_by=launched_by)
@@ -181,6 +245,9 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
 
         worker = WorkerOptions(workers=options.workers, lease_seconds=lease_seconds())
         try:
+            if partition_key and options.scope is BackfillScope.RUN:
+                _require_run_of_partition(trueup_config.state, name, options.run_id,
+                                          partition_key)
             left = _left_running(context, trueup_config, name, launched_by)
             if left is not None:
                 context.log.info(f"continuing backfill {left} of {name}, left running by the "
@@ -190,6 +257,13 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
                 summary = start_backfill(trueup_config, name, options, worker, progress)
         except TrueupError as exc:
             raise dg.Failure(description=str(exc)) from exc
+        except Exception:
+            # a crash: the backfill stays running for the run's retry (_left_running)
+            raise
+        except BaseException:
+            # stopped (DagsterExecutionInterruptedError, KeyboardInterrupt): no retry follows
+            _end_interrupted(context, trueup_config, name, launched_by)
+            raise
         metadata = summary_metadata(summary)
         if not summary.dry_run:
             metadata["lineage_sample"] = dg.MetadataValue.md(
@@ -314,12 +388,14 @@ def _sensor(config: Config, name: str, job: Any,
         tripped the circuit breaker."""
         metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
         if partition is None and rec.partitions is not None:
-            # partitions came into the config after this run of the whole table: the job
-            # only runs days now, and a day would misrecord a backfill of the whole run
+            # a run of the whole table (launched without a partition, or before partitions
+            # came into the config): a sensor's run of a partitioned job needs a day, and a
+            # day would misrecord a backfill of the whole run
             return dg.SkipReason(
-                f"run {metadata.get('run_id')} of {name} covered the whole table, and {name} "
-                f"is partitioned now: backfill it by hand if it still needs it (trueup "
-                f"backfill {name} --run {metadata.get('run_id')})"), False
+                f"run {metadata.get('run_id')} of {name} covered the whole table, not one of "
+                f"its days: backfill it by hand if it still needs it (trueup backfill {name} "
+                f"--run {metadata.get('run_id')}, or the backfill job launched without a "
+                f"partition)"), False
         decision = auto_repair_decision(name, metadata, limit, partition)
         tripped = isinstance(decision, dg.SkipReason) and drift_count(metadata) > limit
         if isinstance(decision, dg.RunRequest):
@@ -355,6 +431,8 @@ def _sensor(config: Config, name: str, job: Any,
         requests: list[tuple[int, dg.RunRequest]] = []  # (storage id, request), oldest first
         skipped: list[str] = []
         breakers: list[str] = []
+        # partition -> the newest run of the tick that opened its breaker, and its storage id
+        tripped: dict[str | None, tuple[str, int]] = {}
         newest: dict[str | None, int] = {}  # partition (None: the whole table) -> storage id
         partition_of: dict[int, str | None] = {}  # storage id -> the partition it was of
         for record in records:
@@ -363,11 +441,15 @@ def _sensor(config: Config, name: str, job: Any,
                 continue
             partition = partition_of[record.storage_id] = covers(materialization)
             newest[partition] = max(record.storage_id, newest.get(partition, record.storage_id))
-            decision, tripped = decide(materialization, partition)
+            decision, opened = decide(materialization, partition)
             if isinstance(decision, dg.RunRequest):
                 requests.append((record.storage_id, decision))
+            elif opened:
+                breakers.append(decision.skip_message or "")
+                run_id = getattr(materialization.metadata.get("run_id"), "value", None)
+                tripped[partition] = (str(run_id), record.storage_id)
             else:
-                (breakers if tripped else skipped).append(decision.skip_message or "")
+                skipped.append(decision.skip_message or "")
         # A run needs no backfill when a newer run of its partition (of the whole table: any
         # newer run) found the differences as they are now, whether it found some or none.
         for storage_id, request in requests:
@@ -376,33 +458,50 @@ def _sensor(config: Config, name: str, job: Any,
                                f"backfill: a newer run of "
                                f"{partition_of[storage_id] or 'the table'} decides")
         requests = [(s, r) for s, r in requests if s == newest[partition_of[s]]]
+        # A breaker that opened on a run holds back the tick's other runs of its partition
+        # (of a reconciliation without partitions: all its runs): the next run of the
+        # partition decides anew. Other partitions' runs go on as usual: their drift is theirs.
+        held: dict[int, int] = {}  # storage id of a run held back -> its tripping run's
+        for storage_id, request in requests:
+            if (breaker := tripped.get(partition_of[storage_id])) is not None:
+                held[storage_id] = breaker[1]
+                breakers.append(f"held back with run {breaker[0]}: the backfill of "
+                                f"{_runs([request])}")
+        requests = [(s, r) for s, r in requests if s not in held]
+
+        def deciding_again(cursor: int) -> int:
+            """``cursor``, moved back where a run held back would be decided again next tick
+            without the run that tripped its breaker (alone, it would be launched). A launch
+            keeps its own cursor: a run held back after it, whose breaker opened before it,
+            is decided again alone."""
+            while early := [t for h, t in held.items() if h > cursor >= t]:
+                cursor = min(early) - 1
+            return cursor
+
         cursor = str(max(r.storage_id for r in records))  # every record decided
         launch: list[dg.RunRequest] = []
-        # A tick either launches a run or says why it skipped, never both, so a breaker that
-        # opened on one run holds back the tick's other runs as well (older ones found part
-        # of the same drift): the tick's skip reason then says why. The next run decides anew.
         runs = [r for _, r in requests]
-        if runs and breakers:
-            breakers.append(f"held back with it: the backfill of {_runs(runs)}")
-        elif runs:
+        if runs:
             # One backfill per reconciliation at a time (a second one fails at once, and its
             # run would never be repaired): the oldest run goes now, the others (other
             # partitions) are decided again on later ticks.
             storage_id, first = requests[0]
-            held = str(requests[0][0] - 1)  # the cursor that decides them all again next tick
+            wait = str(deciding_again(storage_id - 1))  # decides them all again next tick
             backfill = blocking_backfill(config.state, name)
             if backfill is not None:  # active: wait for it; failed: paused until resumed
                 breakers.append(paused_reason(name, backfill, runs))
                 if BackfillStatus(backfill["status"]).active:
-                    cursor = held
+                    cursor = wait
             elif (launched := backfill_run_in_flight(context.instance, job.name)) is not None:
                 status = launched.status.value.lower().replace("_", " ")
                 breakers.append(
                     f"auto-repair of {name} waits: run {launched.run_id} of {job.name} is "
                     f"{status} (one backfill per reconciliation at a time); not launching the "
                     f"backfill of {_runs(runs)}")
-                cursor = held
+                cursor = wait
             else:
+                # what follows the run launched is decided again next tick (the cursor never
+                # goes back past it: it would be launched twice), a breaker after it with it
                 launch, cursor = [first], str(storage_id)
         for message in breakers:
             context.log.warning(message)

@@ -109,6 +109,28 @@ def test_partitioned_reconciliation_materializes_one_day_and_schedules_today(
         "2026-03-04"]
 
 
+def test_a_partitioned_reconciliation_launched_without_a_partition_diffs_the_whole_table(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The reconcile job of a partitioned reconciliation launched without a partition failed
+    with Dagster's "Cannot access partition_key for a non-partitioned run"; it now diffs the
+    whole table, as `trueup diff NAME` without --partition does."""
+    config, source, _ = _setup(new_db, state_db, tmp_path,
+                               partitions={"daily": {"start": "2026-01-01"}})
+    with psycopg.connect(source, autocommit=True) as conn:  # a row of another day
+        conn.execute("UPDATE public.orders SET updated_at = '2026-01-15 12:00Z' WHERE id = 1")
+    (orders,) = reconciliation_definitions(config)
+    defs = dg.Definitions(assets=[*external_assets(config), orders.asset], jobs=[orders.job])
+    result = defs.resolve_job_def("reconcile_orders").execute_in_process(raise_on_error=False)
+    assert result.success, [e.step_failure_data.error for e in result.get_step_failure_events()]
+    (materialization,) = result.asset_materializations_for_node(orders.asset.op.name)
+    assert materialization.partition is None
+    assert (materialization.metadata["source_rows"].value,
+            materialization.metadata["missing"].value) == (50, 2)
+    with psycopg.connect(state_db) as conn:
+        (run,) = conn.execute("SELECT partition FROM trueup.runs").fetchall()
+    assert run == (None,)
+
+
 def _scheduled_partitions(defs: dg.Definitions, tick: dt.datetime) -> list[str | None]:
     schedule = defs.resolve_schedule_def("reconcile_orders_schedule")
     context = dg.build_schedule_context(scheduled_execution_time=tick,

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import math
+import signal
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from tests.integration.test_backfill_support import (
     target_rows,
     write_config,
 )
-from trueup.backfill import WorkerOptions, resume_backfill
+from trueup.backfill import WorkerOptions, resume_backfill, start_backfill
 from trueup.backfill.model import MAX_WORKERS
 from trueup.config import Config, load_config
 from trueup.retry import RetryPolicy
@@ -192,9 +195,10 @@ def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
         else:
             assert not tick.run_requests
             assert tick.skip_message == (
-                f"run {run_id} of orders covered the whole table, and orders is partitioned "
-                f"now: backfill it by hand if it still needs it (trueup backfill orders --run "
-                f"{run_id})"), tick.skip_message
+                f"run {run_id} of orders covered the whole table, not one of its days: "
+                f"backfill it by hand if it still needs it (trueup backfill orders --run "
+                f"{run_id}, or the backfill job launched without a partition)"), \
+                tick.skip_message
 
 
 def _run_ids(tick: dg.SensorExecutionData) -> list[int]:
@@ -340,19 +344,44 @@ def _two_days_diffed(new_db: Callable[[], str], state_db: str, tmp_path: Path,
     return defs, instance, idle
 
 
-def test_circuit_breaker_on_one_day_holds_back_another_day_s_backfill_in_its_tick(
+def test_circuit_breaker_on_one_day_holds_back_only_that_day_s_runs_not_another_day_s(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A breaker that opened on one day held back the other days' runs of its tick, and the
+    cursor moved past them: their differences were never repaired."""
     # 1 difference on the first day, 30 the next
     defs, instance, idle = _two_days_diffed(
         new_db, state_db, tmp_path, "order_id = 10 OR order_id BETWEEN 200 AND 229")
     first_day, second_day = _run_ids_in_state(state_db)
-    tick = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
-        dg.build_sensor_context(instance=instance, definitions=defs, cursor=idle.cursor))
-    assert not tick.run_requests
-    message = tick.skip_message or ""
-    assert message.startswith(f"circuit breaker: run {second_day} of orders found 30 "
-                              "differences"), message
-    assert f"held back with it: the backfill of run {first_day}" in message, message
+    sensor = defs.resolve_sensor_def("auto_repair_orders")
+    tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                        cursor=idle.cursor))
+    assert _run_ids(tick) == [first_day], (
+        f"expected the backfill of run {first_day} (2026-02-01) beside the breaker of run "
+        f"{second_day} (2026-02-02): {tick.skip_message}")
+    assert [r.partition_key for r in tick.run_requests or []] == ["2026-02-01"]
+    again = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                         cursor=tick.cursor))
+    assert not again.run_requests
+    message = again.skip_message or ""
+    assert message == (f"circuit breaker: run {second_day} of orders found 30 differences, "
+                       f"more than auto_repair.max_differences (20); not repairing "
+                       f"automatically"), message
+
+    # a run of the day that tripped it, in the same tick, is held back with it
+    target = load_config(tmp_path / "trueup.yaml").connections["copy"].postgres
+    assert target is not None
+    with psycopg.connect(target, autocommit=True) as conn:  # someone repaired most of it
+        conn.execute("INSERT INTO public.copy SELECT g, 2, 'paid', g * 1.25 "
+                     "FROM generate_series(200, 225) g")
+    assert dg.materialize(_defs(load_config(tmp_path / "trueup.yaml"))[1],
+                          selection=[differences_key("orders")], instance=instance,
+                          partition_key="2026-02-02").success
+    newer = _run_ids_in_state(state_db)[-1]
+    held = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                        cursor=tick.cursor))
+    assert not held.run_requests, f"run {newer} was launched beside run {second_day}'s breaker"
+    assert f"held back with run {second_day}: the backfill of run {newer}" in (
+        held.skip_message or ""), held.skip_message
 
 
 def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_planning(
@@ -403,7 +432,7 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
     for form, partition, expected in [
             ({"run_id": 0}, "2026-02-01",
              f"run_id: {launch_only} (scope is partition; set scope run, or leave run_id empty)"),
-            ({"scope": "all", "run_id": 0}, "2026-02-01",
+            ({"scope": "all", "run_id": 0}, None,
              f"run_id: {launch_only} (scope is all; set scope run, or leave run_id empty)"),
             ({"partition": "2026-02-09"}, "2026-02-01",
              "partition: this run materializes partition 2026-02-01; leave partition empty, "
@@ -415,6 +444,115 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
     result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
         repairs_op_name("orders"): {"config": {"partition": ""}}}})
     assert result.success
+
+
+def test_a_launched_partition_refuses_a_backfill_of_the_table_or_of_another_day_s_run(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Partition 2026-02-02 launched with scope all backfilled the whole table, and with
+    scope run a run of 2026-02-01: either was recorded as 2026-02-02 repaired."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
+                     "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
+                     "END")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id IN (10, 200)")
+    config = write_config(tmp_path, state_db, source, target,
+                          partitions={"daily": {"start": "2026-02-01"}})
+    defs, assets = _defs(config)
+    for day in ("2026-02-01", None):  # a run of the first day, then one of the whole table
+        assert dg.materialize(assets, selection=[differences_key("orders")],
+                              partition_key=day).success
+    day_run, table_run = _run_ids_in_state(state_db)
+    job = defs.resolve_job_def("backfill_orders")
+    for form, expected in [
+            ({"scope": "all"},
+             "scope: this run materializes partition 2026-02-02, and scope all repairs the "
+             "whole table; set scope auto or partition, or launch no partition (got 'all')"),
+            ({"scope": "run", "run_id": day_run},
+             f"run_id: run {day_run} diffed partition 2026-02-01, and this run materializes "
+             f"partition 2026-02-02; launch partition 2026-02-01, or set scope partition "
+             f"(got {day_run})"),
+            ({"scope": "run", "run_id": table_run},
+             f"run_id: run {table_run} diffed the whole table, and this run materializes "
+             f"partition 2026-02-02; launch no partition, or set scope partition "
+             f"(got {table_run})")]:
+        _assert_refused(job, form, "2026-02-02", expected)
+    _assert_no_backfill(state_db)
+    # the run's own day is backfilled under it
+    result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
+        repairs_op_name("orders"): {"config": {"scope": "run", "run_id": day_run}}}})
+    (materialization,) = result.asset_materializations_for_node(repairs_op_name("orders"))
+    assert materialization.partition == "2026-02-01"
+    assert materialization.metadata["rows_repaired"].value == 1
+
+
+def test_a_partitioned_backfill_job_launched_without_a_partition_backfills_what_its_form_asks(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Launched without a partition, the backfill job of a partitioned reconciliation failed
+    with Dagster's "Cannot access partition_key for a non-partitioned run"."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target,
+                          partitions={"daily": {"start": "2026-02-01"}})
+    job = _defs(config)[0].resolve_job_def("backfill_orders")
+    for form in [{"dry_run": True}, {"scope": "partition", "partition": "2026-02-01"}]:
+        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
+            repairs_op_name("orders"): {"config": form}}})
+        assert result.success, [e.step_failure_data.error for e in
+                                result.get_step_failure_events()]
+        (materialization,) = result.asset_materializations_for_node(repairs_op_name("orders"))
+        assert materialization.partition is None
+    with psycopg.connect(state_db) as conn:
+        planned = conn.execute("SELECT scope, partition, dry_run, status FROM trueup.backfills "
+                               "ORDER BY backfill_id").fetchall()
+    assert [tuple(r) for r in planned] == [("all", None, True, "succeeded"),
+                                           ("partition", "2026-02-01", False, "succeeded")]
+
+
+def test_a_stopped_backfill_run_cancels_its_backfill_so_the_next_launch_can_start(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Dagster run terminated mid-way left its backfill running with nobody serving it:
+    every later launch failed ("already running"), and the auto-repair waited for ever."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    job = _defs(config)[0].resolve_job_def("backfill_orders")
+
+    def stopped_after_a_chunk(config: Config, name: str, options: Any, worker: Any,
+                              progress: Any) -> Any:
+        def then_stop(*done: Any) -> None:
+            progress(*done)
+            # Terminating a run signals its process, and Dagster raises the interruption in
+            # the step's thread; this worker claims no chunk after it
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            deadline = time.monotonic() + 10
+            while _backfills(state_db)[-1][1] == "running" and time.monotonic() < deadline:
+                time.sleep(0.05)
+        return start_backfill(config, name, options, worker, then_stop)
+
+    monkeypatch.setattr(repairs, "start_backfill", stopped_after_a_chunk)
+    run_config = {"ops": {repairs_op_name("orders"): {"config": {"scope": "all",
+                                                                 "chunk_size": 100}}}}
+    stopped = job.execute_in_process(run_config=run_config, raise_on_error=False)
+    monkeypatch.undo()
+    assert not stopped.success
+    ((backfill_id, status),) = _backfills(state_db)
+    assert status == "cancelled", f"backfill {backfill_id} of the stopped run is {status}"
+    with psycopg.connect(state_db) as conn:
+        chunks: dict[str, int] = dict(conn.execute(
+            "SELECT status, count(*) FROM trueup.chunks WHERE backfill_id = %s GROUP BY status",
+            (backfill_id,)).fetchall())
+    assert chunks == {"done": 1, "cancelled": 3}, chunks
+
+    # a fresh launch starts, and the stopped backfill still resumes its unfinished chunks
+    assert job.execute_in_process(run_config=run_config).success
+    resumed = resume_backfill(load_config(tmp_path / "trueup.yaml"), backfill_id)
+    assert (resumed.status, resumed.chunks_done) == (BackfillStatus.SUCCEEDED, 4)
 
 
 def test_auto_repair_launches_one_backfill_a_tick_and_each_partition_s_in_turn(
