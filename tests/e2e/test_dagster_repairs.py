@@ -318,12 +318,9 @@ def test_circuit_breaker_of_the_newest_run_holds_back_the_older_runs_of_its_tick
         in message, message
 
 
-def _two_days_diffed(new_db: Callable[[], str], state_db: str, tmp_path: Path,
-                     deleted: str) -> tuple[dg.Definitions, dg.DagsterInstance,
-                                            dg.SensorExecutionData]:
-    """A reconciliation by day (orders 1-150 on 2026-02-01, the rest the next day) with
-    auto_repair (20 at most), target rows ``deleted`` (a WHERE clause) gone, the sensor's first
-    tick, then both days diffed: the definitions, the instance and that first tick."""
+def _orders_of_two_days(new_db: Callable[[], str], deleted: str) -> tuple[str, str]:
+    """Source and target of 300 orders, 1-150 updated on 2026-02-01 and the rest the next
+    day, the target's rows ``deleted`` (a WHERE clause) gone."""
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     with psycopg.connect(source, autocommit=True) as conn:
@@ -332,6 +329,16 @@ def _two_days_diffed(new_db: Callable[[], str], state_db: str, tmp_path: Path,
                      "END")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute(f"DELETE FROM public.copy WHERE {deleted}")
+    return source, target
+
+
+def _two_days_diffed(new_db: Callable[[], str], state_db: str, tmp_path: Path,
+                     deleted: str) -> tuple[dg.Definitions, dg.DagsterInstance,
+                                            dg.SensorExecutionData]:
+    """A reconciliation by day (orders 1-150 on 2026-02-01, the rest the next day) with
+    auto_repair (20 at most), target rows ``deleted`` (a WHERE clause) gone, the sensor's first
+    tick, then both days diffed: the definitions, the instance and that first tick."""
+    source, target = _orders_of_two_days(new_db, deleted)
     config = write_config(tmp_path, state_db, source, target, auto_repair={
         "max_differences": 20}, partitions={"daily": {"start": "2026-02-01"}})
     defs, assets = _defs(config)
@@ -450,14 +457,7 @@ def test_a_launched_partition_refuses_a_backfill_of_the_table_or_of_another_day_
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """Partition 2026-02-02 launched with scope all backfilled the whole table, and with
     scope run a run of 2026-02-01: either was recorded as 2026-02-02 repaired."""
-    source, target = new_db(), new_db()
-    make_tables(source, target, 300)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("UPDATE public.orders SET updated_at = CASE WHEN id <= 150 "
-                     "THEN timestamptz '2026-02-01 12:00Z' ELSE timestamptz '2026-02-02 12:00Z' "
-                     "END")
-    with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("DELETE FROM public.copy WHERE order_id IN (10, 200)")
+    source, target = _orders_of_two_days(new_db, "order_id IN (10, 200)")
     config = write_config(tmp_path, state_db, source, target,
                           partitions={"daily": {"start": "2026-02-01"}})
     defs, assets = _defs(config)
