@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-import psycopg
-
-from examples.shop.deploy import Features
+from examples.shop.deploy import Database, Features
 from examples.shop.settings import Shop, run_worker
 from trueup.retry import PermanentError, RetryPolicy
 from trueup.workers import Delivery
@@ -37,15 +35,15 @@ class Billing:
     """The handler: one event in, one guarded upsert (or delete, for a tombstone) out."""
 
     def __init__(self, shop: Shop) -> None:
-        self.conn = psycopg.connect(shop.billing_dsn)
-        self.features = Features(self.conn)
+        self.database = Database(shop.billing_dsn)
+        self.features = Features(self.database)
 
     def __call__(self, delivery: Delivery) -> None:
         if delivery.body is None:  # a tombstone: the order is gone
             order_id = int((delivery.key or b"").decode() or "0")
-            with self.conn.transaction():
-                self.conn.execute("DELETE FROM billing.invoices WHERE order_id = %s",
-                                  (order_id,))
+            conn = self.database.conn
+            with conn.transaction():
+                conn.execute("DELETE FROM billing.invoices WHERE order_id = %s", (order_id,))
             return
         try:
             event = json.loads(delivery.body)
@@ -56,8 +54,9 @@ class Billing:
         if status == "refunded" and "refunds" not in self.features:
             raise PermanentError(f"order {order_id}: billing does not know status 'refunded'")
         total = amount // 100 if "amounts_in_euros" in self.features else amount
-        with self.conn.transaction():
-            self.conn.execute(UPSERT, (order_id, version, status, total))
+        conn = self.database.conn
+        with conn.transaction():
+            conn.execute(UPSERT, (order_id, version, status, total))
 
 
 def worker(shop: Shop, metrics_port: int | None = None) -> KafkaWorker:

@@ -32,19 +32,39 @@ def set_feature(shop: Shop, name: str, enabled: bool) -> None:
                      (name, enabled))
 
 
+class Database:
+    """A worker's connection to the billing database, opened when first needed and again
+    after a failure left it closed or broken (the database restarted, the network dropped):
+    the message that met the failure is retried by the worker runtime, and its next attempt
+    finds a fresh connection."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    @property
+    def conn(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = psycopg.connect(self.dsn)
+        return self._conn
+
+
 class Features:
     """The flags as a worker sees them: read from billing.features, cached briefly."""
 
-    def __init__(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        self.conn = conn
+    def __init__(self, database: Database) -> None:
+        self.database = database
         self.read_at = 0.0
         self.enabled: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
         if time.monotonic() - self.read_at > CACHE_SECONDS:
-            rows = self.conn.execute("SELECT name FROM billing.features WHERE enabled")
-            self.enabled = {str(r[0]) for r in rows.fetchall()}
-            self.conn.commit()
+            conn = self.database.conn
+            with conn.transaction():  # a failed read is rolled back, not left to the next
+                rows = conn.execute("SELECT name FROM billing.features WHERE enabled")
+                self.enabled = {str(r[0]) for r in rows.fetchall()}
             self.read_at = time.monotonic()
         return name in self.enabled
 

@@ -15,9 +15,7 @@ import json
 import sys
 import zlib
 
-import psycopg
-
-from examples.shop.deploy import Features
+from examples.shop.deploy import Database, Features
 from examples.shop.settings import Shop, run_worker
 from trueup.retry import PermanentError, RetryPolicy
 from trueup.workers import Delivery
@@ -28,8 +26,8 @@ FLAKY_ONE_IN = 10  # payments whose first attempt times out
 
 class Ledger:
     def __init__(self, shop: Shop) -> None:
-        self.conn = psycopg.connect(shop.billing_dsn)
-        self.features = Features(self.conn)
+        self.database = Database(shop.billing_dsn)
+        self.features = Features(self.database)
 
     def __call__(self, delivery: Delivery) -> None:
         try:
@@ -43,8 +41,9 @@ class Ledger:
             raise PermanentError(f"payment {payment_id}: the ledger does not settle refunds")
         if delivery.attempt == 1 and zlib.crc32(payment_id.encode()) % FLAKY_ONE_IN == 0:
             raise TimeoutError(f"payment {payment_id}: the bank did not answer in time")
-        with self.conn.transaction():
-            self.conn.execute(
+        conn = self.database.conn
+        with conn.transaction():
+            conn.execute(
                 "INSERT INTO billing.ledger (payment_id, order_id, kind, amount_cents, currency)"
                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (payment_id) DO NOTHING", values)
 
