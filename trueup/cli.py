@@ -275,6 +275,7 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
     args = build_parser().parse_args(argv)
     configure()
     metrics = None
+    checked: list[str] = []
     try:
         importlib.import_module("trueup.tracing").configure_from_env()
         port = os.environ.get(METRICS_PORT_ENV)
@@ -290,6 +291,8 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
         if args.command == "backfill":
             _check_backfill_args(args)
         config = load_config(config_path(args.config))
+        if metrics is not None:
+            checked = _readiness_checks(config, args)
         command = _command(args.command)
         if whole_process:
             # What is loaded by now lives as long as the process: the collector need not walk
@@ -314,6 +317,28 @@ def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> i
     finally:
         if metrics is not None:
             metrics.close()
+            from trueup.health import HEALTH
+
+            for name in checked:
+                HEALTH.remove_check(name)
+
+
+def _readiness_checks(config: Config, args: argparse.Namespace) -> list[str]:
+    """Make ``/readyz`` of a command serving metrics check what it depends on: the state
+    database, and for ``replay`` and ``dlq`` the broker of the dead-letter queue (Kafka or
+    RabbitMQ). Returns the names of the checks added (taken off again when the command ends)."""
+    from trueup.health import HEALTH, Check, kafka_check, postgres_check, rabbitmq_check
+
+    checks: dict[str, Check] = {"database": postgres_check(config.state)}
+    letters = config.dead_letters.get(args.name) if args.command in ("replay", "dlq") else None
+    connection = config.connections.get(letters.connection) if letters is not None else None
+    if connection is not None and connection.kafka is not None:
+        checks["kafka"] = kafka_check(connection.kafka)
+    elif connection is not None and connection.rabbitmq is not None:
+        checks["rabbitmq"] = rabbitmq_check(connection.rabbitmq)
+    for name, check in checks.items():
+        HEALTH.add_check(name, check)
+    return list(checks)
 
 
 def _metrics_port(text: str) -> int:

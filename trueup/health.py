@@ -54,6 +54,10 @@ class Health:
         with self._lock:
             self._checks[name] = check
 
+    def remove_check(self, name: str) -> None:
+        with self._lock:
+            self._checks.pop(name, None)
+
     def clear(self) -> None:
         with self._lock:
             self._checks.clear()

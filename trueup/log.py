@@ -3,19 +3,28 @@
 On a terminal lines read as ``12:00:01 info  diff.segment reconciliation=orders run_id=7``;
 elsewhere (or with ``TRUEUP_LOG_FORMAT=json``) each line is a JSON object, ready for a log
 pipeline. Level from ``TRUEUP_LOG_LEVEL`` (default ``info``). Logs go to stderr so that
-``--json`` output on stdout stays clean.
+``--json`` output on stdout stays clean. Fields bound with :func:`bound` (where a worker's
+message is: topic, partition and offset, or queue and delivery tag) go on every line logged
+within the block, in that thread and in what it runs in a copy of its context.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 _CONFIGURED = False
+#: Fields every line logged in this context carries (see :func:`bound`).
+_BOUND: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "trueup_log_fields", default=MappingProxyType({}))
 
 
 class _Formatter(logging.Formatter):
@@ -66,6 +75,8 @@ class StructuredLogger:
     def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self._logger.isEnabledFor(level):
             exc_info = fields.pop("exc_info", None)
+            for key, value in _BOUND.get().items():  # the line's own fields come first
+                fields.setdefault(key, value)
             if "trace_id" not in fields and (trace_id := _trace_id()) is not None:
                 fields["trace_id"] = trace_id
             self._logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
@@ -81,6 +92,18 @@ class StructuredLogger:
 
     def error(self, event: str, **fields: Any) -> None:
         self._log(logging.ERROR, event, fields)
+
+
+@contextmanager
+def bound(**fields: Any) -> Iterator[None]:
+    """Add ``fields`` to every line logged within the block (by this thread, or by code it
+    runs in a copy of its context: ``contextvars.copy_context().run``), e.g. where the message
+    a worker handles is, for the lines of the handler's failure, retry or dead-lettering."""
+    token = _BOUND.set({**_BOUND.get(), **fields})
+    try:
+        yield
+    finally:
+        _BOUND.reset(token)
 
 
 def _trace_id() -> str | None:

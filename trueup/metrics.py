@@ -72,6 +72,11 @@ WORKER_RETRIES = Counter(
     "trueup_worker_retries_total",
     "Messages scheduled for another try, by the attempt that failed.",
     ["worker", "attempt"], registry=REGISTRY)
+WORKER_RECONNECTS = Counter(
+    "trueup_worker_reconnects_total",
+    "Times a RabbitMQ worker dropped its connection and connected again, by the error that "
+    "made it (a class name of trueup.workers.rabbitmq.RECONNECT_REASONS, else other).",
+    ["worker", "reason"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "trueup_consumer_lag",
     "Messages a consumer group is behind the end of a partition (Kafka workers).",

@@ -31,7 +31,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from trueup import __version__
 
 if TYPE_CHECKING:  # the SDK is imported when tracing is configured, not by every command
-    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
 
 #: Header names of the W3C trace context, as they travel in messages.
@@ -68,8 +68,10 @@ def configure(exporter: SpanExporter | None = None, *, service: str = "trueup",
             raise UsageError(f"{EXPORTER_ENV}: expected none or console (got {wanted!r})")
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        # stderr: stdout carries the commands' output (--json)
-        exporter = ConsoleSpanExporter(service_name=service, out=sys.stderr)
+        # stderr: stdout carries the commands' output (--json). One line per span: the SDK's
+        # default prints indented JSON over many lines, between the one-line JSON log lines.
+        exporter = ConsoleSpanExporter(service_name=service, out=sys.stderr,
+                                       formatter=_one_line)
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -84,6 +86,11 @@ def configure(exporter: SpanExporter | None = None, *, service: str = "trueup",
     if old is not None:
         old.shutdown()
     return provider
+
+
+def _one_line(span: ReadableSpan) -> str:
+    """A finished span as one line of JSON (what the console exporter prints)."""
+    return str(span.to_json(indent=None)) + "\n"
 
 
 def configure_from_env(*, service: str = "trueup") -> TracerProvider | None:

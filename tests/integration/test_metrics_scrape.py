@@ -18,6 +18,7 @@ from tests.conftest import progress_events, unused_port
 from tests.integration.test_backfill_support import drift, make_tables, write_config
 from tests.integration.test_workers_support import (
     POLICY,
+    FlakyHandler,
     Queues,
     Topics,
     cli,
@@ -37,7 +38,7 @@ from trueup.replay import ReplayOptions, replay
 from trueup.state import open_state
 from trueup.statuses import BackfillScope, BackfillStatus
 from trueup.workers.kafka import KafkaWorker
-from trueup.workers.runtime import Delivery
+from trueup.workers.runtime import Delivery, Reconnect
 
 pytestmark = pytest.mark.postgres
 
@@ -235,6 +236,45 @@ def test_a_rabbitmq_worker_answers_readiness_for_its_broker_and_database_on_its_
         assert status == 200, body
         assert body["checks"] == {"database": "ok", "rabbitmq": "ok", "progress": "ok"}, body
         assert ("trueup_last_progress_timestamp_seconds", frozenset()) in scrape(base)
+
+
+@pytest.mark.rabbitmq
+def test_a_rabbitmq_worker_stuck_behind_a_refused_copy_fails_readiness_and_counts_reconnects(
+        amqp_url: str, unique: Callable[[str], str], queues: Queues, fresh_health: None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each delivery counted as progress before it was settled, and the message whose
+    dead-letter copy the broker refuses comes first after every reconnect: a worker that never
+    got past it (the messages behind it never acked) answered /readyz 200, and no metric moved.
+    Once the queue takes the copy, the worker gets going and is ready again by itself."""
+    monkeypatch.setattr(Reconnect, "MAX_SECONDS", 1.0)  # pauses well within the stuck limit
+    monkeypatch.setattr(HEALTH, "stuck_after_seconds", 4.0)
+    queue = unique("payments")
+    queues.declare(f"{queue}.dlq", arguments={"x-max-length": 0,
+                                              "x-overflow": "reject-publish"})
+    handler = FlakyHandler({}, permanent={"1"})
+    worker = rabbit_worker(amqp_url, queue, handler, queues)
+    worker.metrics_port = unused_port()
+    base = f"http://127.0.0.1:{worker.metrics_port}"
+    for n in range(1, 6):
+        queues.publish(queue, json.dumps({"id": n}).encode(), message_id=f"m{n}")
+    refused = {"worker": worker.name, "reason": "CopyRefused"}
+    before = metrics.value("trueup_worker_reconnects_total", refused)
+    with running(worker.run):
+        wait_until(lambda: fetch(f"{base}/readyz")[0] == 503 if _answers(f"{base}/healthz")
+                   else False, "/readyz 503 while the worker is stuck", seconds=30)
+        status, body = fetch(f"{base}/readyz")
+        assert status == 503 and body["checks"]["progress"].startswith("no progress for"), body
+        assert body["checks"]["rabbitmq"] == "ok", body
+        assert handler.effects == [], "the messages behind the stuck one were handled"
+        reconnects = get(scrape(base), "trueup_worker_reconnects_total", **refused)
+        assert reconnects - before >= 2, f"expected reconnects counted, saw {reconnects}"
+        channel = queues.connection.channel()
+        channel.queue_delete(f"{queue}.dlq")  # the reconnect declares it again, taking copies
+        channel.close()
+        wait_until(lambda: sorted(handler.effects) == ["2", "3", "4", "5"],
+                   "the messages behind the refused one handled")
+        wait_until(lambda: fetch(f"{base}/readyz")[0] == 200, "/readyz 200 again", seconds=15)
+    assert queues.depth(f"{queue}.dlq") == 1 and queues.depth(queue) == 0
 
 
 def _answers(url: str) -> bool:

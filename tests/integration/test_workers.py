@@ -37,6 +37,7 @@ from tests.integration.test_workers_support import (
 from trueup import headers, tracing
 from trueup.brokers import kafka, rabbitmq
 from trueup.errors import ConnectionFailed
+from trueup.log import configure as configure_logs
 from trueup.retry import RetryPolicy
 from trueup.workers import kafka as kafka_workers
 from trueup.workers.runtime import Delivery
@@ -385,6 +386,55 @@ def test_kafka_rebalance_between_poll_and_consume_skips_the_revoked_message(
         offsets.close()
     assert worker.revoked_mid_batch, "the rebalance did not land between poll and consume"
     assert handler.effects == ["1"], "the message was handled on a revoked partition"
+
+
+def _log_lines(err: str, event: str) -> list[dict[str, Any]]:
+    """The JSON log lines of ``event`` in captured stderr."""
+    found = []
+    for line in err.splitlines():
+        try:
+            document = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(document, dict) and document.get("event") == event:
+            found.append(document)
+    return found
+
+
+@pytest.mark.kafka
+def test_kafka_worker_failed_lines_say_the_topic_partition_and_offset_of_the_message(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """worker.failed carried the source and message id only: which partition and offset
+    (of the work topic, then of a retry topic) failed could not be told from the log."""
+    configure_logs(as_json=True)
+    topic = unique("orders")
+    topics.create(topic)
+    handler = FlakyHandler({"2": 1})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    produce_json(kafka_bootstrap, topic, [{"id": 1}, {"id": 2}])
+    with running(worker.run):
+        wait_until(lambda: "2" in handler.effects, "the retried message's effect")
+    failed = _log_lines(capsys.readouterr().err, "worker.failed")
+    assert [(f["topic"], f["partition"], f["offset"], f["action"]) for f in failed] == [
+        (topic, 0, 1, "retry")], failed
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_worker_failed_lines_say_the_queue_and_delivery_tag_of_the_message(
+        amqp_url: str, unique: Callable[[str], str], queues: Queues,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logs(as_json=True)
+    queue = unique("payments")
+    handler = FlakyHandler({}, permanent={"2"})
+    worker = rabbit_worker(amqp_url, queue, handler, queues)
+    for n in (1, 2):
+        queues.publish(queue, json.dumps({"id": n}).encode(), message_id=f"m{n}")
+    with running(worker.run):
+        wait_until(lambda: queues.depth(worker.dead_letter_queue) == 1, "the dead letter")
+    failed = _log_lines(capsys.readouterr().err, "worker.failed")
+    assert [(f["queue"], f["delivery_tag"], f["message_id"], f["action"]) for f in failed] == [
+        (queue, 2, "m2", "dead_letter")], failed
 
 
 # ---------------------------------------------------------------------------------------------

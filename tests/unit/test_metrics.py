@@ -37,7 +37,8 @@ def test_every_metric_is_named_trueup_with_its_unit() -> None:
     assert {"trueup_rows_scanned", "trueup_differences", "trueup_backfill_chunks",
             "trueup_backfill_rows", "trueup_chunk_duration_seconds",
             "trueup_leases_taken_over", "trueup_dlq_depth", "trueup_dlq_oldest_age_seconds",
-            "trueup_replayed_messages", "trueup_worker_retries", "trueup_consumer_lag"} <= names
+            "trueup_replayed_messages", "trueup_worker_retries", "trueup_consumer_lag",
+            "trueup_worker_reconnects"} <= names
 
 
 def test_a_diff_summary_counts_rows_by_side_and_differences_by_class() -> None:
@@ -70,6 +71,20 @@ def test_a_chunk_is_counted_by_outcome_with_its_rows_and_duration() -> None:
 
 def test_attempt_labels_stay_few() -> None:
     assert [metrics.attempt_label(a) for a in (1, 9, 10, 250)] == ["1", "9", "10+", "10+"]
+
+
+def test_reconnect_reasons_stay_few() -> None:
+    """The reason label of trueup_worker_reconnects_total is a class name of a fixed set."""
+    import pika.exceptions
+
+    from trueup.workers.rabbitmq import CopyRefused, reconnect_reason
+
+    errors = [CopyRefused("nack"), pika.exceptions.StreamLostError("gone"),
+              pika.exceptions.ConnectionClosedByBroker(320, "shutdown"),
+              ConnectionResetError("reset"), ValueError("not a reconnect error")]
+    assert [reconnect_reason(e) for e in errors] == [
+        "CopyRefused", "StreamLostError", "ConnectionClosedByBroker", "ConnectionError",
+        "other"]
 
 
 def test_the_server_serves_metrics_in_prometheus_text(server: metrics.MetricsServer) -> None:

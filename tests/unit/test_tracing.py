@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from trueup import tracing
 from trueup.errors import UsageError
 from trueup.headers import Failure
+from trueup.log import configure as configure_logs
+from trueup.log import get_logger
 from trueup.retry import RetryPolicy
 from trueup.workers.runtime import Action, Delivery, settle
 
@@ -149,6 +152,34 @@ def test_the_exporter_named_in_the_environment_prints_spans_on_stderr(
     printed = capsys.readouterr()
     assert '"name": "diff"' in printed.err and '"reconciliation": "orders"' in printed.err
     assert printed.out == "", "spans on stdout would corrupt the commands' --json output"
+
+
+def test_console_spans_are_one_json_object_a_line_among_the_json_logs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The console exporter printed each span as indented JSON over a dozen lines: stderr,
+    otherwise one JSON log object per line, could no longer be read line by line."""
+    monkeypatch.setenv(tracing.EXPORTER_ENV, "console")
+    configure_logs(as_json=True)
+    tracing.shutdown()
+    try:
+        provider = tracing.configure_from_env()
+        assert provider is not None
+        with tracing.span("worker.handle", queue="payments"):
+            get_logger("trueup.tests").info("worker.failed", queue="payments")
+        with tracing.span("replay.publish"):
+            pass
+        provider.force_flush()
+    finally:
+        tracing.shutdown()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    documents = []
+    for line in lines:
+        try:
+            documents.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"a stderr line that is not JSON: {line!r}") from None
+    assert [d.get("name") or d.get("event") for d in documents] == [
+        "worker.failed", "worker.handle", "replay.publish"], documents
 
 
 def test_configure_from_env_keeps_an_exporter_already_configured(

@@ -33,7 +33,7 @@ from trueup import headers, metrics, tracing
 from trueup.brokers import kafka
 from trueup.errors import TrueupError
 from trueup.health import HEALTH
-from trueup.log import get_logger
+from trueup.log import bound, get_logger
 from trueup.retry import RetryPolicy
 from trueup.workers.runtime import (
     Action,
@@ -128,7 +128,11 @@ class KafkaWorker:
                                    on_revoke=self._on_revoke, on_lost=self._on_lost)
                 log.info("worker.started", broker="kafka", topic=self.topic, group=self.group)
                 while not stop.is_set():
-                    HEALTH.progressed()  # the loop turns: not stuck, even when idle
+                    # The loop turns: not stuck, even when idle or with retry partitions
+                    # paused. Unlike RabbitMQ, no message can hold a turning loop back: a
+                    # failing one moves to a retry topic, a refused dead-letter copy stops the
+                    # worker, and a broker away fails the kafka check.
+                    HEALTH.progressed()
                     self._resume_due(consumer)
                     self._batch(consumer, copies, self._next_messages(consumer), stop)
             finally:
@@ -216,8 +220,10 @@ class KafkaWorker:
             if wait > 0:
                 self._pause(consumer, topic, partition, offset, wait)
                 return
-        with tracing.message_span("worker.handle", text, topic=topic, partition=partition,
-                                  offset=offset, group=self.group):
+        # where the message is, on every line about it (its failure, a refused retry copy)
+        with bound(topic=topic, partition=partition, offset=offset), \
+                tracing.message_span("worker.handle", text, topic=topic, partition=partition,
+                                     offset=offset, group=self.group):
             self._settle(consumer, copies, message, raw, text)
         HEALTH.progressed()
 
@@ -267,7 +273,7 @@ class KafkaWorker:
                     f"{self.what}: the dead-letter topic {target} refused message {where} "
                     f"({exc}); the worker stops rather than lose it: let the topic take it "
                     f"(max.message.bytes) and start the worker again") from exc
-            log.warning("worker.retry_refused", group=self.group, topic=target,
+            log.warning("worker.retry_refused", group=self.group, target=target,
                         message=where, error=str(exc))
         changes.pop(headers.NOT_BEFORE, None)
         dead = replace(settlement, action=Action.DEAD_LETTER)

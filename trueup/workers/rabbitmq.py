@@ -27,11 +27,11 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from trueup import headers, threads, tracing
+from trueup import headers, metrics, threads, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import ConnectionFailed
 from trueup.health import HEALTH
-from trueup.log import get_logger
+from trueup.log import bound, get_logger
 from trueup.retry import RetryPolicy
 from trueup.workers.runtime import (
     Action,
@@ -61,6 +61,23 @@ class CopyRefused(rabbitmq.RabbitFailed):
 
 RECONNECT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailed, CopyRefused,
                                                      *rabbitmq.CONNECTION_ERRORS)
+#: What ``trueup_worker_reconnects_total{reason}`` names a reconnect by: the first of these
+#: classes the error is an instance of (most specific first), else ``other``. A fixed set keeps
+#: the label's values few whatever pika raises.
+RECONNECT_REASONS: tuple[type[BaseException], ...] = (
+    CopyRefused, ConnectionFailed,
+    pika.exceptions.StreamLostError, pika.exceptions.AMQPHeartbeatTimeout,
+    pika.exceptions.ConnectionClosedByBroker, pika.exceptions.ConnectionClosed,
+    pika.exceptions.ConnectionWrongStateError, pika.exceptions.AMQPConnectionError,
+    pika.exceptions.ChannelClosedByBroker, pika.exceptions.ChannelWrongStateError,
+    ConnectionError, OSError)
+
+
+def reconnect_reason(error: BaseException) -> str:
+    """The ``reason`` label of a reconnect after ``error``: a class name of
+    :data:`RECONNECT_REASONS`, or ``other``."""
+    return next((kind.__name__ for kind in RECONNECT_REASONS if isinstance(error, kind)),
+                "other")
 
 
 class RabbitWorker:
@@ -114,8 +131,10 @@ class RabbitWorker:
                     try:
                         self._session(stop, reconnect)
                     except RECONNECT_ERRORS as exc:
+                        reason = reconnect_reason(exc)
+                        metrics.WORKER_RECONNECTS.labels(self.name, reason).inc()
                         log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
-                                    error=f"{type(exc).__name__}: {exc}",
+                                    reason=reason, error=f"{type(exc).__name__}: {exc}",
                                     pause_seconds=reconnect.pause)
                         reconnect.wait(stop)
         finally:
@@ -135,8 +154,13 @@ class RabbitWorker:
                                                             inactivity_timeout=IDLE_SECONDS):
                 if stop.is_set():
                     break
-                HEALTH.progressed()  # the loop turns: not stuck, even when idle
-                if method is not None:
+                if method is None:
+                    # Nothing came within IDLE_SECONDS: an idle queue is not a stuck worker.
+                    # A delivery is progress only once settled (in _one): a message whose copy
+                    # the broker refuses comes first again after every reconnect, and must not
+                    # keep a worker that never gets past it looking ready.
+                    HEALTH.progressed()
+                else:
                     self._one(channel, method, properties, body)
                 # The pauses start again once the session got somewhere (a message settled,
                 # or none waiting), not when it starts: a message whose copy the broker
@@ -149,8 +173,11 @@ class RabbitWorker:
     def _one(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
              body: bytes) -> None:
         text = rabbitmq.text_headers(properties)
-        with tracing.message_span("worker.handle", text, queue=self.queue,
-                                  delivery_tag=method.delivery_tag):
+        # where the message is, on every line about it (the handler thread's too: it runs in
+        # a copy of this context)
+        with bound(queue=self.queue, delivery_tag=method.delivery_tag), \
+                tracing.message_span("worker.handle", text, queue=self.queue,
+                                     delivery_tag=method.delivery_tag):
             self._settle(channel, method, properties, body, text)
         HEALTH.progressed()
 
