@@ -74,8 +74,9 @@ WORKER_RETRIES = Counter(
     ["worker", "attempt"], registry=REGISTRY)
 WORKER_RECONNECTS = Counter(
     "trueup_worker_reconnects_total",
-    "Times a RabbitMQ worker dropped its connection and connected again, by the error that "
-    "made it (a class name of trueup.workers.rabbitmq.RECONNECT_REASONS, else other).",
+    "Times a worker started its session again, by the error that ended it: a RabbitMQ "
+    "connection (a class name of trueup.workers.rabbitmq.RECONNECT_REASONS, else other), "
+    "a Kafka copy not confirmed (CopyUnconfirmed).",
     ["worker", "reason"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "trueup_consumer_lag",

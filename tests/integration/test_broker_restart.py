@@ -32,12 +32,13 @@ from confluent_kafka import TopicPartition
 
 from tests.conftest import pid_alive
 from tests.integration.test_workers_support import POLICY, running, wait_until
-from trueup import headers
+from trueup import headers, metrics
 from trueup.brokers import kafka, rabbitmq
 from trueup.config import parse_config
 from trueup.letterboxes.kafka import KafkaLetterbox
 from trueup.replay import ReplayOptions, ReplaySummary, replay
 from trueup.state import migrate
+from trueup.workers import kafka as kafka_workers
 from trueup.workers.kafka import KafkaWorker
 from trueup.workers.rabbitmq import RabbitWorker
 from trueup.workers.runtime import Delivery
@@ -302,6 +303,51 @@ def test_kafka_worker_reconnects_after_a_broker_restart_and_loses_no_message(
         assert high - low == 0, f"{high - low} messages dead-lettered; none should be"
     finally:
         effects.close()
+
+
+class FailingWhileKafkaIsDown:
+    """A handler whose first call fails once the test has stopped Kafka (:attr:`down`): its
+    retry copy is produced with no broker to confirm it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.down = threading.Event()
+        self.handled = threading.Event()
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.down.wait(WAIT_SECONDS)
+            raise ConnectionError("billing unavailable")
+        self.handled.set()
+
+
+def test_kafka_worker_outlives_a_copy_unconfirmed_while_kafka_is_down(
+        stack: PrivateStack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry copy that Kafka did not confirm within the timeout (120 s; 2 s here) stopped
+    the worker for good with KafkaFailed: only a restart from outside brought it back. The
+    session starts again, and handles the message again once Kafka is back."""
+    monkeypatch.setattr(kafka_workers, "COPY_CONFIRM_SECONDS", 2.0)
+    topic = f"orders_{uuid.uuid4().hex[:8]}"
+    handler = FailingWhileKafkaIsDown()
+    worker = KafkaWorker(properties={"bootstrap.servers": stack.bootstrap}, topic=topic,
+                         group=f"group_{topic}", handler=handler, policy=POLICY,
+                         dead_letter_topic=f"{topic}.dlq")
+    worker.ensure_topics(partitions=1)
+    producer = kafka.create_producer({"bootstrap.servers": stack.bootstrap}, what="test")
+    kafka.publish(producer, topic, value=_body("k1"), key="k1", what="test")
+    restarts = metrics.WORKER_RECONNECTS.labels(worker.group, "CopyUnconfirmed")
+    before = restarts._value.get()
+    with running(worker.run):
+        wait_until(lambda: handler.calls == 1, "the message in its handler", WAIT_SECONDS)
+        stack.stop_kafka()
+        try:
+            handler.down.set()
+            wait_until(lambda: restarts._value.get() > before, "the session started again",
+                       WAIT_SECONDS)
+        finally:
+            stack.up()
+        assert handler.handled.wait(WAIT_SECONDS), "the message was not handled again"
 
 
 # ---------------------------------------------------------------------------------------------

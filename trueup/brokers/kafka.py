@@ -384,11 +384,11 @@ def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
 
 def publish(producer: Producer, topic: str, *, value: bytes | None, what: str,
             key: bytes | str | None = None, headers: list[tuple[str, Any]] | None = None,
-            ) -> None:
-    """Produce one message and wait for its confirmation."""
+            timeout: float = CONFIRM_TIMEOUT_SECONDS) -> None:
+    """Produce one message and wait for its confirmation (see :func:`confirm`)."""
     deliveries = Deliveries()
     produce(producer, deliveries, topic, value=value, key=key, headers=headers)
-    confirm(producer, deliveries, what=what)
+    confirm(producer, deliveries, what=what, timeout=timeout)
 
 
 def create_consumer(properties: Mapping[str, Any], *, group: str, what: str,

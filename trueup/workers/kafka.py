@@ -39,6 +39,7 @@ from trueup.workers.runtime import (
     Action,
     Delivery,
     Handler,
+    Reconnect,
     Settlement,
     forwarding,
     record_settlement,
@@ -55,6 +56,9 @@ AUTO_COMMIT_INTERVAL_MS = 1000
 MAX_POLL_INTERVAL_MS = 300_000
 #: How often the consumer lag gauge is refreshed (seconds): librdkafka's statistics interval.
 LAG_INTERVAL_SECONDS = 5.0
+#: How long a retry or dead-letter copy may take to be confirmed before the session starts
+#: again (see KafkaWorker.run).
+COPY_CONFIRM_SECONDS = kafka.CONFIRM_TIMEOUT_SECONDS
 #: How long a stopping worker waits for copies a failure left unconfirmed (sent again anyway).
 CLOSE_FLUSH_SECONDS = 5.0
 
@@ -109,11 +113,25 @@ class KafkaWorker:
                                 "max.message.bytes": str(kafka.copy_room(largest))})
 
     def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; then commit what is done and leave the group."""
-        with serving(self.metrics_port, database=self.database, kafka=self.properties):
-            self._consume(stop)
+        """Consume until ``stop`` is set; then commit what is done and leave the group.
 
-    def _consume(self, stop: threading.Event) -> None:
+        A retry or dead-letter copy Kafka does not confirm (the brokers away for longer than
+        the confirm timeout, a delivery failing for want of in-sync replicas) ends the session
+        with the message's offset not stored: after a pause (0.2 s doubling to 5 s) a new one
+        joins the group again and handles the message again."""
+        with serving(self.metrics_port, database=self.database, kafka=self.properties):
+            reconnect = Reconnect()
+            while not stop.is_set():
+                try:
+                    self._consume(stop, reconnect)
+                except CopyUnconfirmed as exc:
+                    metrics.WORKER_RECONNECTS.labels(self.group, "CopyUnconfirmed").inc()
+                    log.warning("worker.reconnecting", broker="kafka", topic=self.topic,
+                                group=self.group, reason="CopyUnconfirmed", error=str(exc),
+                                pause_seconds=reconnect.pause)
+                    reconnect.wait(stop)
+
+    def _consume(self, stop: threading.Event, reconnect: Reconnect) -> None:
         consumer = kafka.create_consumer(
             self.properties, group=self.group, what=self.what,
             **{"enable.auto.commit": True, "enable.auto.offset.store": False,
@@ -134,7 +152,10 @@ class KafkaWorker:
                     # worker, and a broker away fails the kafka check.
                     HEALTH.progressed()
                     self._resume_due(consumer)
-                    self._batch(consumer, copies, self._next_messages(consumer), stop)
+                    batch = self._next_messages(consumer)
+                    self._batch(consumer, copies, batch, stop)
+                    if batch:  # the session got somewhere: the pauses start again
+                        reconnect.reset()
             finally:
                 copies.close()
         finally:
@@ -420,6 +441,11 @@ class KafkaWorker:
         log.warning("worker.partitions_lost", group=self.group, count=len(partitions))
 
 
+class CopyUnconfirmed(kafka.KafkaFailed):
+    """A retry or dead-letter copy that Kafka did not confirm, and did not refuse outright:
+    the worker starts its session again (see :meth:`KafkaWorker.run`)."""
+
+
 class _Copies:
     """The worker's producer of retry and dead-letter copies, sending messages as large as the
     work topic takes (librdkafka refuses a larger one before it leaves, at 1,000,000 bytes by
@@ -450,20 +476,25 @@ class _Copies:
         by a producer as large as the work topic takes, or by ``target``."""
         what = f"{self.what}: {target}"
         try:
-            kafka.publish(self.producer, target, value=value, key=key, headers=headers,
-                          what=what)
+            try:
+                kafka.publish(self.producer, target, value=value, key=key, headers=headers,
+                              what=what, timeout=COPY_CONFIRM_SECONDS)
+            except kafka.KafkaRefused:
+                limit = self._limit()
+                if limit <= self.limit:
+                    raise
+                log.info("worker.copy_limit_raised", topic=self.topic, before=self.limit,
+                         after=limit)
+                self.producer.flush(CLOSE_FLUSH_SECONDS)  # nothing waits: each is confirmed
+                self.producer = kafka.create_producer(self.properties, what=self.what,
+                                                      **{"message.max.bytes": limit})
+                self.limit = limit
+                kafka.publish(self.producer, target, value=value, key=key, headers=headers,
+                              what=what, timeout=COPY_CONFIRM_SECONDS)
         except kafka.KafkaRefused:
-            limit = self._limit()
-            if limit <= self.limit:
-                raise
-            log.info("worker.copy_limit_raised", topic=self.topic, before=self.limit,
-                     after=limit)
-            self.producer.flush(CLOSE_FLUSH_SECONDS)  # nothing waits: every copy is confirmed
-            self.producer = kafka.create_producer(self.properties, what=self.what,
-                                                  **{"message.max.bytes": limit})
-            self.limit = limit
-            kafka.publish(self.producer, target, value=value, key=key, headers=headers,
-                          what=what)
+            raise
+        except kafka.KafkaFailed as exc:
+            raise CopyUnconfirmed(str(exc)) from exc
 
     def close(self) -> None:
         # Every copy was confirmed (or timed out) before its offset was stored: this only
