@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import fractions
 import functools
 import json
 import math
@@ -79,8 +80,6 @@ _KINDS: dict[str, Kind] = {
     "date": Kind.DATE,
     "json": Kind.JSON, "jsonb": Kind.JSON,
 }
-#: float types render through numeric with these significant digits (Postgres's float8_numeric).
-_FLOAT_DIGITS = {"float4": 6}
 
 
 class UnsupportedType(TrueupError):
@@ -93,7 +92,6 @@ class ColumnType:
 
     name: str
     kind: Kind
-    float_digits: int | None = None
 
     @classmethod
     def of(cls, typname: str, typtype: str = "b") -> ColumnType:
@@ -104,7 +102,7 @@ class ColumnType:
             raise UnsupportedType(
                 f"type {typname} has no canonical form (supported: "
                 f"{', '.join(sorted(_KINDS))} and enums)")
-        return cls(name=typname, kind=kind, float_digits=_FLOAT_DIGITS.get(typname))
+        return cls(name=typname, kind=kind)
 
 
 def storage_type(ctype: ColumnType) -> sql.Composable:
@@ -154,6 +152,19 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
                 "THEN trim_scale({1})::text "
                 "ELSE trim_scale(({0})::text::numeric)::text END)"
             ).format(value, whole_double_numeric(value))
+        if ctype.name == "float4":
+            # The rule of doubles, in single precision: a whole number is its exact integer,
+            # any other value its shortest text that reads back as the same real (float4out,
+            # extra_float_digits >= 1) read as numeric. (numeric's own cast keeps 6 digits:
+            # 1234567 and 1234568 were equal.)
+            value = sql.SQL("(({})::float4)").format(column)
+            return sql.SQL(
+                "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::float4 "
+                "THEN ({0})::int8::text "
+                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::float4 "
+                "THEN trim_scale({1})::text "
+                "ELSE trim_scale(({0})::text::numeric)::text END)"
+            ).format(value, whole_double_numeric(sql.SQL("({})::float8").format(value)))
         return sql.SQL("trim_scale(({})::numeric)::text").format(column)
     if ctype.kind is Kind.TEXT:
         return sql.SQL("(octet_length(({0})::text)::text || ':' || ({0})::text)").format(column)
@@ -293,7 +304,7 @@ def _number_text(text: str, ctype: ColumnType) -> decimal.Decimal | float:
     text = text.strip(PG_SPACE)
     if _DECIMAL_TEXT.fullmatch(text):
         return decimal.Decimal(text)
-    if ctype.float_digits is not None or ctype.name == "float8":
+    if ctype.name in ("float4", "float8"):
         if _FLOAT_WORD.fullmatch(text):
             return float(text)
         if _FLOAT_HEX.fullmatch(text):
@@ -320,7 +331,9 @@ def _number(value: Any, ctype: ColumnType) -> str | None:
         value = _number_text(value, ctype)
     if ctype.name == "float8":
         return float8_text(_as_double(value))
-    if isinstance(value, int) and ctype.float_digits is None:
+    if ctype.name == "float4":
+        return float4_text(_as_real(value))
+    if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
         value = decimal.Decimal(repr(value))
@@ -332,16 +345,6 @@ def _number(value: Any, ctype: ColumnType) -> str | None:
         if value.is_nan():
             return "NaN"
         return "Infinity" if value > 0 else "-Infinity"
-    if ctype.float_digits is not None:
-        # Postgres converts float to numeric through "%.{FLT_DIG or DBL_DIG}g" of the stored
-        # value; a real is stored in single precision, so round to that first (past its range
-        # or down to zero, float4's input refuses it).
-        number = _as_double(value)
-        if ctype.name == "float4":
-            number = struct.unpack("f", struct.pack("f", number))[0]
-            if math.isinf(number) or (number == 0 and not value.is_zero()):
-                raise ValueError(f"{value} is out of range for type real")
-        value = decimal.Decimal(f"{number:.{ctype.float_digits}g}")
     return _plain_decimal(value)
 
 
@@ -360,6 +363,86 @@ def float8_text(number: float) -> str:
     return _plain_decimal(decimal.Decimal(repr(number)))
 
 
+#: Single precision (real): the significand's bits, the smallest normal exponent and the
+#: largest real.
+_REAL_BITS = 24
+_REAL_MIN_EXPONENT = -126
+_REAL_LARGEST = fractions.Fraction(2**128 - 2**104)
+
+
+def _real_ulp(magnitude: fractions.Fraction) -> fractions.Fraction:
+    """The unit in the last place of the reals around ``magnitude`` (> 0)."""
+    exponent = magnitude.numerator.bit_length() - magnitude.denominator.bit_length()
+    if fractions.Fraction(2) ** exponent > magnitude:
+        exponent -= 1  # now 2**exponent <= magnitude < 2**(exponent + 1)
+    return fractions.Fraction(2) ** (max(exponent, _REAL_MIN_EXPONENT) - _REAL_BITS + 1)
+
+
+def _as_real(value: Any) -> float:
+    """A number as float4's input reads it (``strtof``: the nearest real, ties to even, from
+    the exact value, not through a double), as a Python float. Out of range (rounding to
+    zero or past the largest real) is refused, as Postgres refuses it."""
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not (
+            isinstance(value, decimal.Decimal) and value.is_finite())):
+        return number  # NaN and the infinities, written as such
+    if number == 0 or math.isinf(number):  # past a double's range: past a real's too
+        if isinstance(value, decimal.Decimal) and not value.is_zero():
+            raise ValueError(f"{value} is out of range for type real")
+        return number
+    exact = abs(fractions.Fraction(value))
+    ulp = _real_ulp(exact)
+    units, rest = divmod(exact, ulp)
+    if rest > ulp / 2 or (rest == ulp / 2 and units % 2):
+        units += 1
+    rounded = units * ulp
+    if rounded == 0 or rounded > _REAL_LARGEST:
+        raise ValueError(f"{value} is out of range for type real")
+    return math.copysign(float(rounded), number)
+
+
+def float4_text(number: float) -> str:
+    """The canonical text of a real (``number`` holds one exactly), by the rule of doubles
+    (:func:`float8_text`) in single precision: a whole number is its exact integer, any other
+    value the shortest digits that read back as the same real (Postgres's ``float4out``)
+    without exponent; ``0`` for -0."""
+    if math.isnan(number) or math.isinf(number) or number.is_integer():
+        return float8_text(number)
+    return _plain_decimal(_real_shortest(number))
+
+
+def _real_shortest(number: float) -> decimal.Decimal:
+    """The shortest decimal that reads back as the real ``number`` (finite, not 0), the
+    nearest to it of those (ties to an even last digit): Ryu's choice, float4out's."""
+    exact = abs(fractions.Fraction(number))
+    ulp = _real_ulp(exact)
+    units = exact / ulp
+    # Reads back as ``number``: within half a unit of it (below a power of two, where the
+    # unit halves, a quarter). Never a bound, though one rounds to ``number`` when its
+    # significand is even: Postgres's Ryu leaves them out (not STRICTLY_SHORTEST), lest a
+    # reader round ties otherwise.
+    below = ulp / 4 if units == 2 ** (_REAL_BITS - 1) and ulp > _real_ulp(exact / 2) \
+        else ulp / 2
+    low, high = exact - below, exact + ulp / 2
+
+    def reads_back(candidate: fractions.Fraction) -> bool:
+        return low < candidate < high
+
+    top = decimal.Decimal(number).adjusted()  # the exponent of its first digit
+    for digits in range(1, 10):
+        scale = fractions.Fraction(10) ** (top - digits + 1)
+        floor = exact // scale
+        candidates = [floor, floor + 1]
+        gap_down, gap_up = exact - floor * scale, (floor + 1) * scale - exact
+        if gap_up < gap_down or (gap_up == gap_down and floor % 2):
+            candidates.reverse()  # the nearest first
+        for count in candidates:
+            if reads_back(count * scale):
+                found = decimal.Decimal(count).scaleb(top - digits + 1)
+                return found.copy_negate() if number < 0 else found
+    raise AssertionError(f"no decimal reads back as the real {number!r}")
+
+
 def _plain_decimal(value: decimal.Decimal) -> str:
     if value.is_zero():
         return "0"
@@ -369,11 +452,20 @@ def _plain_decimal(value: decimal.Decimal) -> str:
     return text
 
 
+#: What Postgres's uuid input reads: 32 hex digits, a hyphen after any group of 4 but the
+#: last, in braces or not (no ``urn:uuid:`` prefix, no spaces, no hyphen elsewhere).
+_UUID_HEX = r"[0-9a-fA-F]{4}(?:-?[0-9a-fA-F]{4}){7}"
+_UUID_TEXT = re.compile(rf"\{{({_UUID_HEX})\}}|({_UUID_HEX})", re.ASCII)
+
+
 def _text(value: Any, ctype: ColumnType) -> str | None:
     # a number, boolean, object or array read as text prints as Postgres's jsonb does
     text = value if isinstance(value, str) else jsonb_text(value)
     if ctype.name == "uuid":
-        text = str(uuid.UUID(text))
+        found = _UUID_TEXT.fullmatch(text)
+        if found is None:
+            return None
+        text = str(uuid.UUID(hex=(found.group(1) or found.group(2)).replace("-", "")))
     elif ctype.name == "bpchar":
         text = text.rstrip(" ")
     return f"{len(text.encode())}:{text}"
@@ -460,6 +552,8 @@ def _parse_instant(text: str) -> dt.datetime:
     """An ISO 8601 time, its fraction rounded to microseconds as Postgres rounds it (``rint``
     of the fraction read as a double), where ``fromisoformat`` would cut it off; a zone may
     be named after it, as Postgres reads it (see :func:`_zone`)."""
+    if "," in text:  # fromisoformat takes a comma for the point; Postgres's input does not
+        raise ValueError(f"not a time: {text!r}")
     text, zone, extra = _split_time(text)
     fine = _FINE_FRACTION.search(text)
     if fine is not None:
@@ -491,7 +585,18 @@ def _special_time(value: Any) -> str | None:
     return None
 
 
+class ReadByPostgres(NamedTuple):
+    """A date or time only Postgres's input reads (``2024-1-1``, ``Jan 1 2024``,
+    ``20240101T080000Z``), as Postgres rendered it (:func:`render_sql`) for the Python path:
+    days or microseconds since the epoch, or an infinity."""
+
+    kind: Kind
+    text: str
+
+
 def _timestamp(value: Any, ctype: ColumnType) -> str | None:
+    if isinstance(value, ReadByPostgres):
+        return value.text if value.kind is Kind.TIMESTAMP else None
     special = _special_time(value)
     if special == "epoch":
         return "0"
@@ -513,6 +618,8 @@ _DATE_TIME = re.compile(r"(\d{4}-?\d{2}-?\d{2})[T ](.+)$", re.ASCII)
 
 
 def _date(value: Any, ctype: ColumnType) -> str | None:
+    if isinstance(value, ReadByPostgres):
+        return value.text if value.kind is Kind.DATE else None
     special = _special_time(value)
     if special == "epoch":
         return "0"

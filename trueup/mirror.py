@@ -111,10 +111,12 @@ class MirrorShape:
     @property
     def signature(self) -> str:
         """Changes whenever stored fingerprints would mean something else, or the mirror
-        table's columns (named as the source's key columns) would be others: then rebuild."""
+        table's columns (named as the source's key columns) would be others: then rebuild.
+        The last part is the renderings' version (v4: reals with all their digits; dates,
+        times and uuids that Python read otherwise than Postgres)."""
         parts = [self.topic, self.key_fields, self.key_columns, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v3"]
+                 self.column_fields, [t.name for t in self.column_types], "v4"]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 

@@ -203,14 +203,23 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     key_types = list(key_as or own_key)
     column_types_ = list(as_types or own_columns)
     key_exprs = [cast(n, o, w) for n, o, w in zip(key, own_key, key_types, strict=True)]
-    readers = create_readers(conn, table, [w for o, w in zip(own_columns, column_types_,
-                                                              strict=True) if _read_may_fail(o, w)])
+    readers = create_readers(conn, table, [_read_as(o, w) for o, w in zip(
+        own_columns, column_types_, strict=True) if _read_may_fail(o, w)])
     col_exprs: list[sql.Composable] = []
     reads: list[_TextRead | None] = []  # the columns read by the session's readers
     for name, own, wanted in zip(columns, own_columns, column_types_, strict=True):
         if not _read_may_fail(own, wanted):
             col_exprs.append(cast(name, own, wanted))
             reads.append(None)
+            continue
+        read_as = _read_as(own, wanted)
+        if read_as is not wanted:
+            # a json document read as jsonb (its canonical text, which a text column's is
+            # too); without readers, as before: jsonb's refusal fails the run
+            text: sql.Composable = sql.SQL("({})::text").format(sql.Identifier(name))
+            col_exprs.append(cast(name, own, wanted))
+            reads.append(_TextRead(text, read_as, plain=_plain_json(text))
+                         if read_as.name in readers else None)
             continue
         text = _as_text(sql.Identifier(name), own)
         col_exprs.append(sql.SQL("({})::{}").format(text, sql.Identifier(wanted.name)))
@@ -312,15 +321,45 @@ END $$"""
 
 def _read_may_fail(own: ColumnType, wanted: ColumnType) -> bool:
     """Whether some values of ``own`` cannot be read as ``wanted``: text or JSON read as a
-    number, uuid, bool, time or (text) JSON. Every other pair the diff's types choose is read
-    by a cast that cannot fail."""
+    number, uuid, bool, time or (text) JSON, and ``json`` read in any way (its input takes
+    documents jsonb's input refuses: a ``\\u0000``, a lone surrogate, a number past numeric's
+    range; every reading of a document goes through jsonb). Every other pair the diff's types
+    choose is read by a cast that cannot fail."""
+    if own.name == "json":
+        return True
     if own.kind not in (Kind.TEXT, Kind.JSON) or own.name == wanted.name:
         return False
     return wanted.name == "uuid" or wanted.kind not in (Kind.TEXT, own.kind)
 
 
+#: The type a ``json`` document is read as against a JSON or text-like column: its canonical
+#: text is the same in both (``<bytes>:<jsonb text>``), and so is its hash.
+_JSONB = ColumnType.of("jsonb")
+
+
+def _read_as(own: ColumnType, wanted: ColumnType) -> ColumnType:
+    """The type the session's readers read a column of ``own`` as, compared as ``wanted``."""
+    if own.name == "json" and (wanted.kind is Kind.JSON or (
+            wanted.kind is Kind.TEXT and wanted.name != "uuid")):
+        return _JSONB
+    return wanted
+
+
+def _plain_json(text: sql.Composable) -> sql.Composable:
+    """Whether the text of a ``json`` document is one jsonb's input takes on any version: no
+    ``\\u`` escape (``\\u0000`` and lone surrogates are refused), no exponent and not long
+    enough for a number past numeric's range (131,072 digits; 16,383 after the point)."""
+    return sql.SQL("(octet_length({0}) <= 16000 AND strpos({0}, '\\u') = 0 "
+                   "AND {0} !~ '[0-9][eE]')").format(text)
+
+
 def _reader(what: str, type_name: str) -> sql.Identifier:
     return sql.Identifier("pg_temp", f"trueup_{what}_{type_name}")
+
+
+def render_reader(type_name: str) -> sql.Identifier:
+    """The session's reader rendering a text as ``type_name`` (see :func:`create_readers`)."""
+    return _reader("render", type_name)
 
 
 def create_readers(conn: psycopg.Connection[Any], table: str,
@@ -353,6 +392,13 @@ def create_readers(conn: psycopg.Connection[Any], table: str,
 
 def _as_text(ident: sql.Composable, own: ColumnType) -> sql.Composable:
     """A value as the text it is read from: a JSON scalar without its quotes."""
+    if own.name == "json":
+        # jsonb's input would refuse some documents, and #>> a string holding a \u0000 (or a
+        # lone surrogate): those are read as written, which no other type's input takes
+        return sql.SQL(
+            "(CASE json_typeof({0}) WHEN 'null' THEN NULL WHEN 'string' THEN CASE WHEN "
+            "({0})::text ~ '\\\\u(0000|[dD][89abAB])' THEN ({0})::text ELSE {0} #>> '{{}}' "
+            "END ELSE ({0})::text END)").format(ident)
     if own.kind is Kind.JSON:
         return sql.SQL("(({})::jsonb #>> '{{}}')").format(ident)
     return sql.SQL("({})::text").format(ident)
@@ -360,10 +406,12 @@ def _as_text(ident: sql.Composable, own: ColumnType) -> sql.Composable:
 
 @dataclass(frozen=True)
 class _TextRead:
-    """A column's ``text`` read as ``wanted`` by the session's readers."""
+    """A column's ``text`` read as ``wanted`` by the session's readers; ``plain`` says when
+    a plain cast reads it (see :data:`_PLAIN_INPUT`)."""
 
     text: sql.Composable
     wanted: ColumnType
+    plain: sql.Composable | None = None
 
     def rendered(self) -> sql.Composable:
         """Its canonical text (``!<text>`` where refused, NULL for NULL)."""
@@ -382,11 +430,13 @@ class _TextRead:
         return sql.SQL("({})::{}").format(self.text, sql.Identifier(self.wanted.name))
 
     def _either(self, plain: sql.Composable, read: sql.Composable) -> sql.Composable:
+        when = self.plain
         pattern = _PLAIN_INPUT.get(self.wanted.name)
-        if pattern is None:
+        if when is None and pattern is not None:
+            when = sql.SQL("{} ~ {}").format(self.text, sql.Literal(pattern))
+        if when is None:
             return read
-        return sql.SQL("(CASE WHEN {} ~ {} THEN {} ELSE {} END)").format(
-            self.text, sql.Literal(pattern), plain, read)
+        return sql.SQL("(CASE WHEN {} THEN {} ELSE {} END)").format(when, plain, read)
 
 
 #: The extended (seeded) hash function of each type's default hash operator class: the

@@ -8,7 +8,9 @@ Two ways to the same staged rows:
 - **In Python** (the fallback): :func:`trueup.fingerprint.fields_text` renders a message.
   A message takes this path when Postgres refuses it: not valid JSON text, or a field that its
   type's cast rejects (a refused batch is parsed again in halves until those messages stand
-  alone). The Python path also reports *which* message was unreadable and why.
+  alone). The Python path also reports *which* message was unreadable and why. Dates and
+  times Python cannot read (``2024-1-1``, ``Jan 1 2024``) are read by Postgres's own input
+  (the session's readers, one statement per batch), as the Postgres path would read them.
 
 Both paths give the same canonical text for every message that either can read (a test builds
 the same mirror both ways). After staging, one set of statements merges the batch: latest
@@ -27,18 +29,21 @@ from psycopg.rows import tuple_row
 
 from trueup.db import first_line
 from trueup.fingerprint import (
+    INVALID,
     PART_SEPARATOR,
     ColumnType,
     Kind,
+    ReadByPostgres,
     fields_sql,
     fields_text,
     loads,
     raw_fields,
+    render,
     storage_type,
 )
 from trueup.fingerprint import copy_text as value_text
 from trueup.log import get_logger
-from trueup.sides import Side, native_hash
+from trueup.sides import Side, create_readers, native_hash, render_reader
 
 if TYPE_CHECKING:
     from trueup.mirror import MirrorShape
@@ -80,6 +85,10 @@ MAX_REFUSED_PARSES = 512
 #: The longest column name Postgres keeps (NAMEDATALEN - 1); longer ones are cut.
 MAX_NAME_BYTES = 63
 
+#: The reader (see :func:`trueup.sides.create_readers`) of a date or time field's text: as
+#: the Postgres path reads it (a timestamp always as timestamptz, see _record_type).
+_TIME_READERS = {Kind.DATE: ColumnType.of("date"), Kind.TIMESTAMP: ColumnType.of("timestamptz")}
+
 _REFUSED = "not storable in Postgres: "
 UNKEYED_TOMBSTONE = "tombstone without a readable key"
 
@@ -106,6 +115,11 @@ class Merger:
             "kafka_offset bigint, {keys}) ON COMMIT DELETE ROWS").format(keys=sql.SQL(", ").join(
                 sql.SQL("{} {}").format(sql.Identifier(c), storage_type(t))
                 for c, t in zip(shape.key_columns, shape.key_types, strict=True))))
+        #: Fields read as a date or a time (each as one kind only), and whether the session
+        #: has the readers that read their text as the Postgres path does
+        self._time_fields = self._fields_read_as_times()
+        self._time_readers = bool(self._time_fields) and bool(create_readers(
+            conn, shape.name, [_TIME_READERS[k] for k in set(self._time_fields.values())]))
         conn.commit()
         # what both paths stage; only Postgres adds each row's native hash (see mirror_side)
         self.columns = ["kafka_partition", "kafka_offset", "message_key", "tombstone",
@@ -354,27 +368,30 @@ class Merger:
     def _fields_read_as_text(self) -> frozenset[str]:
         return frozenset(f for f, t in self._field_types().items() if t.kind is Kind.TEXT)
 
-    def python_rows(self, messages: Sequence[RawMessage]) -> Iterator[tuple[Any, ...]]:
-        shape = self.shape
-        n_keys = len(shape.key_columns)
-        with_version = shape.version_type is not None
-        filler: tuple[Any, ...] = (None,) * (n_keys + with_version)
+    def _fields_read_as_times(self) -> dict[str, Kind]:
+        """The fields every value of which is a date, or every a time: their kind."""
+        kinds: dict[str, set[Kind]] = {}
+        for field, ctype in self._values_read():
+            kinds.setdefault(field, set()).add(ctype.kind)
+        return {f: next(iter(k)) for f, k in kinds.items()
+                if len(k) == 1 and next(iter(k)) in _TIME_READERS}
+
+    def _documents(self, messages: Sequence[RawMessage]) -> list[dict[str, Any] | str | None]:
+        """Each message's fields (None for a tombstone, the reason for an unreadable one),
+        with the dates and times only Postgres's input reads read by Postgres."""
+        documents: list[dict[str, Any] | str | None] = []
+        asked: dict[tuple[Kind, str], list[tuple[dict[str, Any], str]]] = {}
         for m in messages:
-            head = (m.partition, m.offset, m.key)
             if m.value is None:
-                keys = keys_from_message_key(m.key, shape)
-                if keys is None:
-                    yield (*head, True, *filler, None, UNKEYED_TOMBSTONE)
-                else:
-                    yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
+                documents.append(None)
                 continue
             try:
                 document = loads(m.value)
             except ValueError:
-                yield (*head, False, *filler, None, "not JSON")
+                documents.append("not JSON")
                 continue
             if not isinstance(document, dict):
-                yield (*head, False, *filler, None, "not a JSON object")
+                documents.append("not a JSON object")
                 continue
             if any(not isinstance(document.get(f), str | None) for f in self._text_fields):
                 # a number, boolean, object or array read as text is its JSON as written
@@ -382,6 +399,49 @@ class Merger:
                 raw = raw_fields(m.value)
                 document = {**document, **{f: raw[f] for f in self._text_fields
                                            if not isinstance(document.get(f), str | None)}}
+            for field, kind in self._time_fields.items() if self._time_readers else ():
+                text = _time_text(document.get(field), kind, m.value, field)
+                if text is not None:
+                    asked.setdefault((kind, text), []).append((document, field))
+            documents.append(document)
+        if asked:
+            for (kind, text), read in zip(asked, self._read_times(list(asked)), strict=True):
+                if read is not None:
+                    for document, field in asked[kind, text]:
+                        document[field] = ReadByPostgres(kind, read)
+        return documents
+
+    def _read_times(self, texts: list[tuple[Kind, str]]) -> list[str | None]:
+        """Postgres's rendering of each date or time text, as the Postgres path reads it
+        (None where its input refuses it too)."""
+        kinds = [k for k, _ in texts]
+        with self.conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SET LOCAL TimeZone = 'UTC'")  # as the Postgres path reads them
+            rows = cur.execute(sql.SQL(
+                "SELECT CASE WHEN t.kind = 'date' THEN {} ELSE {} END FROM unnest(%s::text[], "
+                "%s::text[]) WITH ORDINALITY AS t(kind, value, n) ORDER BY t.n").format(
+                    sql.SQL("{}(t.value)").format(render_reader("date")),
+                    sql.SQL("{}(t.value)").format(render_reader("timestamptz"))),
+                ([k.value for k in kinds], [t for _, t in texts])).fetchall()
+        return [None if r[0] is None or r[0].startswith(INVALID) else r[0] for r in rows]
+
+    def python_rows(self, messages: Sequence[RawMessage]) -> Iterator[tuple[Any, ...]]:
+        shape = self.shape
+        n_keys = len(shape.key_columns)
+        with_version = shape.version_type is not None
+        filler: tuple[Any, ...] = (None,) * (n_keys + with_version)
+        for m, document in zip(messages, self._documents(messages), strict=True):
+            head = (m.partition, m.offset, m.key)
+            if document is None:
+                keys = keys_from_message_key(m.key, shape)
+                if keys is None:
+                    yield (*head, True, *filler, None, UNKEYED_TOMBSTONE)
+                else:
+                    yield (*head, True, *keys, *((None,) if with_version else ()), None, None)
+                continue
+            if isinstance(document, str):
+                yield (*head, False, *filler, None, document)
+                continue
             key_values = [document.get(f) for f in shape.key_fields]
             missing = [f for f, k in zip(shape.key_fields, key_values, strict=True) if k is None]
             if missing:
@@ -472,6 +532,23 @@ class Merger:
                 "updated_at = now()").format(name=sql.Literal(shape.name),
                                              topic=sql.Literal(shape.topic)),
         ]
+
+
+def _time_text(value: Any, kind: Kind, payload: bytes, field: str) -> str | None:
+    """The text of the date or time ``field`` of a message (``payload``) that Python's
+    reading refuses, to ask Postgres for, as ``json_to_record`` reads it (a number as
+    written); None when Python reads it, or when it is an object or an array (no date's or
+    time's input reads one)."""
+    if value is None or isinstance(value, dict | list):
+        return None
+    rendered = render(value, _TIME_READERS[kind])
+    if rendered is None or not rendered.startswith(INVALID):
+        return None
+    if isinstance(value, str):
+        return None if "\x00" in value else value  # a NUL no text holds, nor reads
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return raw_fields(payload)[field]
 
 
 def keys_from_message_key(message_key: str | None, shape: MirrorShape) -> list[str] | None:

@@ -343,3 +343,112 @@ def test_infinite_dates_and_timestamps_as_keys_versions_and_times_are_compared(
             found = {d.key[0]: (d.cls.value, d.source_version, d.target_version)
                      for d in differences_of(conn, summary.run_id)}
         assert found == expected, (partition, found)
+
+
+#: (source type, target type, {id: (source value, target value)}) of documents the json type
+#: takes and jsonb's input refuses (a \u0000, a lone surrogate, a number past numeric's range),
+#: on either side, each against another value.
+JSON_REFUSED: dict[str, tuple[str, str, dict[int, tuple[Any, Any]]]] = {
+    "jsonb against json": ("jsonb", "json", {1: ('{"a": "x"}', '{"a":"\\u0000"}')}),
+    "json against json": ("json", "json", {1: ('{"a":"\\u0000"}', '{"a":"x"}'),
+                                           2: ('{"a":"x"}', '["\\ud800"]'),
+                                           3: ("1e1000000", "1")}),
+    "text against json": ("text", "json", {1: ('{"a": "x"}', '{"a":"\\u0000"}')}),
+    "json against text": ("json", "text", {1: ('{"a":"\\u0000"}', '{"a": "x"}')}),
+    "integer against json": ("int4", "json", {1: (1, '"\\u0000"'), 2: (2, '["\\u0000"]')}),
+    "json against integer": ("json", "int4", {1: ('"\\u0000"', 1)}),
+}
+def _c_config(tmp_path: Path, state: str, source: str, target: str) -> Config:
+    """A reconciliation ``t`` of ``public.t``'s column ``c`` (key id, version) between two
+    databases."""
+    side = {"table": "public.t", "key": ["id"], "version": "version", "columns": ["c"]}
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state,
+        "connections": {"a": {"postgres": source}, "b": {"postgres": target}},
+        "reconciliations": {"t": {"source": {"connection": "a", **side},
+                                  "target": {"connection": "b", **side}}}}))
+    return load_config(path)
+
+
+#: A value of each type, the same on both sides.
+JSON_ALIKE = {"json": "7", "jsonb": "7", "text": "7", "int4": 7}
+
+
+@pytest.mark.parametrize("case", JSON_REFUSED)
+def test_a_json_document_jsonb_refuses_is_one_mismatch_not_a_failed_run(
+        case: str, new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """json's input takes a \\u0000 that jsonb's refuses, and every reading of a document went
+    through jsonb: one such value failed the whole run ("unsupported Unicode escape
+    sequence"). It is read as a value its type refuses is, ``!`` and its text: a mismatch."""
+    source_type, target_type, differing = JSON_REFUSED[case]
+    source, target = new_db(), new_db()
+    for side, (dsn, kind) in enumerate(((source, source_type), (target, target_type))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, "
+                         f"c {kind}, updated_at timestamptz DEFAULT '2026-02-01T10:00Z')")
+            conn.execute("INSERT INTO public.t (id, version, c) SELECT g, 1, %s "
+                         "FROM generate_series(1, 2000) g", (JSON_ALIKE[kind],))
+            for i, pair in differing.items():
+                conn.execute("UPDATE public.t SET c = %s WHERE id = %s", (pair[side], i * 500))
+            conn.execute("ANALYZE public.t")
+    summary = diff(_c_config(tmp_path, state_db, source, target), "t")
+    assert _found(state_db, summary.run_id) == {i * 500: "mismatch" for i in differing}
+
+
+#: Reals of the source, each with a neighbour that differs past its sixth digit.
+REALS = {1: ("1234567", "1234568"), 2: ("1.2345678", "1.2345679"), 3: ("16777216", "16777218"),
+         4: ("0.1", "0.10000001"), 5: ("-1.5e-7", "-1.5000002e-7")}
+
+
+def _real_source(source: str) -> None:
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.t (id bigint PRIMARY KEY, version int, c real)")
+        for i, (value, _) in REALS.items():
+            conn.execute("INSERT INTO public.t VALUES (%s, 1, %s)", (i, value))
+
+
+@pytest.mark.parametrize(("target_type", "neighbours"), [
+    ("real", False), ("real", True), ("numeric", False), ("numeric", True)])
+def test_reals_differing_past_their_sixth_digit_are_mismatches_against_any_number(
+        target_type: str, neighbours: bool, new_db: Callable[[], str], state_db: str,
+        tmp_path: Path) -> None:
+    """A real rendered through numeric's cast, 6 digits: 1234567 and 1234568 were equal
+    reals, while against a numeric the same real was compared with all its digits."""
+    source, target = new_db(), new_db()
+    _real_source(source)
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, "
+                     f"c {target_type})")
+        for i, pair in REALS.items():
+            conn.execute("INSERT INTO public.t VALUES (%s, 1, %s)", (i, pair[neighbours]))
+    summary = diff(_c_config(tmp_path, state_db, source, target), "t")
+    expected = {i: "mismatch" for i in REALS} if neighbours else {}
+    assert _found(state_db, summary.run_id) == expected
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("neighbours", [False, True])
+def test_reals_of_messages_read_in_either_path_keep_all_their_digits(
+        neighbours: bool, new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        kafka_bootstrap: str, topic: str) -> None:
+    """A message of a real column compares the same whichever path reads it: the key written
+    2.0 sends it to Python (bigint's input refuses it), whose reals had 6 digits."""
+    source = new_db()
+    _real_source(source)
+    _produce(kafka_bootstrap, topic, [
+        (str(i), f'{{"id": {i}{".0" if i % 2 else ""}, "version": 1, "c": {pair[neighbours]}}}'
+         .encode()) for i, pair in REALS.items()])
+    path = tmp_path / "trueup.yaml"
+    path.write_text(yaml.safe_dump({
+        "state": state_db,
+        "connections": {"a": {"postgres": source},
+                        "bus": {"kafka": {"bootstrap.servers": kafka_bootstrap}}},
+        "reconciliations": {"t": {
+            "source": {"connection": "a", "table": "public.t", "key": ["id"],
+                       "version": "version", "columns": ["c"]},
+            "target": {"connection": "bus", "topic": topic, "format": "json", "key": ["id"],
+                       "version": "version", "columns": ["c"]}}}}))
+    summary = diff(load_config(path), "t")
+    expected = {i: "mismatch" for i in REALS} if neighbours else {}
+    assert _found(state_db, summary.run_id) == expected

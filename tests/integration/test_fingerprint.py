@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import math
 import random
 import re
+import struct
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -143,6 +145,36 @@ def test_real_renders_alike(pg: psycopg.Connection[Any], value: float) -> None:
     printed = pg.execute("SELECT %s::float4::text", (value,)).fetchone()
     assert printed is not None
     _agree_raw(pg, value, _Raw(printed[0]), "float4")
+
+
+@SETTINGS
+@given(bits=st.integers(min_value=0, max_value=2**32 - 1))
+def test_every_real_renders_alike_with_all_its_digits(pg: psycopg.Connection[Any],
+                                                      bits: int) -> None:
+    # any real, from its bits: the shortest digits that read back as it (float4out's), or a
+    # whole number's exact integer, as Python reads them written in full
+    value = struct.unpack("<f", struct.pack("<I", bits))[0]
+    if math.isnan(value):
+        return
+    exact = format(decimal.Decimal(value), "f")
+    _agree_raw(pg, value, exact if math.isinf(value) else _Raw(exact), "float4")
+
+
+@pytest.mark.parametrize(("one", "other", "texts"), [
+    (1234567, 1234568, ("1234567", "1234568")),
+    ("1.2345678", "1.2345679", ("1.2345678", "1.2345679")),
+    (16777216, 16777218, ("16777216", "16777218")),
+    ("0.1", "0.10000001", ("0.1", "0.10000001")),
+    ("1e20", "1.0000001e20", ("100000002004087734272", "100000010800180756480")),
+    ("3.4028235e38", "-1e-45", ("340282346638528859811704183484516925440",
+                                "-0.000000000000000000000000000000000000000000001"))])
+def test_distinct_reals_render_distinctly_with_all_their_digits(
+        pg: psycopg.Connection[Any], one: Any, other: Any, texts: tuple[str, str]) -> None:
+    # numeric's cast of a real keeps 6 digits: 1234567 and 1234568 were equal (and a real
+    # against a numeric was compared with all of them)
+    assert [_sql_text(pg, [v], ["float4"])[0] for v in (one, other)] == list(texts)
+    assert [_python([_Raw(str(v))], ["float4"])[0] for v in (one, other)] == list(texts)
+    assert _python([str(one)], ["float4"])[0] == texts[0]
 
 
 def test_numeric_integer_and_float_columns_agree_on_one_value(
@@ -427,6 +459,9 @@ def _python_reads(json_value: str, type_name: str) -> str:
     ('"2026-01-01T24:00:00"', "date"), ('"2026-01-01 10:00 Europe/Paris"', "date"),
     ('"0x10"', "float8"), ('"-nan"', "float8"), ('" 1.5 "', "numeric"), ('"inf"', "numeric"),
     ("1e20", "float8"), ("9007199254740993", "float8"), ("1e-320", "float8"),
+    ('"{A0EEBC999C0B4EF8BB6D6BB9BD380A11}"', "uuid"),
+    ('"a0ee-bc99-9c0b-4ef8-bb6d-6bb9-bd38-0a11"', "uuid"),
+    ("16777217", "float4"), ('"1.00000005960464477539062500001"', "float4"),
 ])
 def test_both_mirror_paths_read_a_field_alike(pg: psycopg.Connection[Any], json_value: str,
                                               type_name: str) -> None:
@@ -443,6 +478,13 @@ def test_both_mirror_paths_read_a_field_alike(pg: psycopg.Connection[Any], json_
     ('"+NaN"', "numeric"), ('"\u0661"', "numeric"), ('"\u00a01"', "float8"),
     ('"ye s"', "bool"), ('"o"', "bool"), ('"2026-01-01 00:00:00 Nowhere/Land"', "timestamptz"),
     ('"2026-01-01T23:59:60.5Z"', "timestamptz"), ('"2026-01-01 00:00:00+01 UTC"', "timestamptz"),
+    # uuid.UUID reads these, Postgres's uuid input does not (nor a comma for the point)
+    ('"urn:uuid:a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"', "uuid"),
+    ('"a-0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"', "uuid"),
+    ('"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11-"', "uuid"),
+    ('"{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"', "uuid"),
+    ('" a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"', "uuid"),
+    ('"2024-01-01T08:00:00,0Z"', "timestamptz"), ('"2024-01-01 08:00:00,5"', "timestamp"),
 ])
 def test_python_refuses_what_postgres_refuses(pg: psycopg.Connection[Any], json_value: str,
                                               type_name: str) -> None:

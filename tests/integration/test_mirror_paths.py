@@ -431,3 +431,39 @@ def test_an_unreadable_message_supersedes_its_key_s_row_alike_in_either_path(
             assert [r["kafka_offset"] for r in kept] == [*range(20, 29)], name
             if in_postgres:  # only the batch Postgres cannot read: not the key-less one
                 assert merger.fallbacks == 1
+
+
+#: Dates and times only Postgres's input reads, beside those above: an hour of one digit,
+#: month names, a POSIX zone, a date written as a JSON number.
+_POSTGRES_ONLY_MORE = ['"j_at": "2026-01-01 8:00:00+00"', '"j_at": "Jan 1 2026"',
+                       '"j_at": "2026-01-01 08:00:00 UTC+3"', '"j_naive": "2026-01-01 8:00"',
+                       '"j_day": 20260105', '"j_day": "Jan 1 2026"']
+
+
+def test_a_date_or_time_only_postgres_reads_reads_alike_when_python_reads_its_message(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """A message Postgres refuses (here for its key, written 2.0 for a bigint) is read in
+    Python, whose ``fromisoformat`` refused ``2026-1-5`` and the like: the same field was
+    equal in one message and a mismatch in the next. Python now asks Postgres for them."""
+    source = new_db()
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ITEMS_DDL)
+    fields = _POSTGRES_ONLY + _POSTGRES_ONLY_MORE
+
+    def batch(key: str) -> list[RawMessage]:
+        return [RawMessage(i % 3, i, str(i), f'{{"id": {i}{key}, "v": 1, {f}}}'.encode())
+                for i, f in enumerate(fields)]
+
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        _, in_postgres, fallbacks = _merged(conn, source, "times_pg", batch(""))
+        assert fallbacks == 0
+        _, in_python, fallbacks = _merged(conn, source, "times_py", batch(".0"))
+        assert fallbacks == 1
+        shape = _shape(source, "times_slow")
+        _ensure_tables(conn, shape)
+        Merger(shape, conn, parse_in_postgres=False).merge(batch(""))
+        conn.row_factory = psycopg.rows.tuple_row  # type: ignore[assignment]
+        slow = _mirror(conn, shape)
+    assert len(in_postgres) == len(fields)
+    assert in_python == in_postgres
+    assert slow == in_postgres
