@@ -112,11 +112,15 @@ class MirrorShape:
     def signature(self) -> str:
         """Changes whenever stored fingerprints would mean something else, or the mirror
         table's columns (named as the source's key columns) would be others: then rebuild.
-        The last part is the renderings' version (v4: reals with all their digits; dates,
-        times and uuids that Python read otherwise than Postgres)."""
+        The last part is the renderings' version: v4 rendered reals with all their digits, so
+        only a mirror with a real among its types moved to it. A rebuild loses the keys whose
+        messages a topic's retention removed meanwhile (see docs/operations.md, Upgrading)."""
+        types = [*self.key_types, *self.column_types,
+                 *([self.version_type] if self.version_type else [])]
+        renderings = "v4" if any(t.name == "float4" for t in types) else "v3"
         parts = [self.topic, self.key_fields, self.key_columns, [t.name for t in self.key_types],
                  self.version_field, self.version_type.name if self.version_type else None,
-                 self.column_fields, [t.name for t in self.column_types], "v4"]
+                 self.column_fields, [t.name for t in self.column_types], renderings]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
