@@ -175,8 +175,13 @@ class RepublishWriter:
                            f"republishes into it and creates no topic)")
         self.producer = create_producer(dict(properties), what=what)
         self.what = f"topic {self.topic}"
-        # whether the source's rows tell by their xmin that they changed (see _unchanged)
-        self._by_xmin = True
+        # whether the source's rows tell by their xmin that they changed (see _unchanged): a
+        # table's, a partitioned table's and a materialized view's do; a view has no xmin,
+        # and a foreign table's rows have none of their own (postgres_fdw gives each 0,
+        # which age() takes for infinitely old)
+        kind = self.source.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass",
+                                   (self.side.relation.as_string(self.source),)).fetchone()
+        self._by_xmin = kind is not None and kind["relkind"] in ("r", "p", "m")
         # records a chunk's repairs rows in the state database while this thread produces
         self.recorder = self.stack.enter_context(
             threads.executor(1, "trueup-repairs"))
@@ -489,8 +494,8 @@ class RepublishWriter:
 
     def _horizon(self) -> str | None:
         """The oldest transaction still running on the source (its ``xmin``), for
-        :meth:`_unchanged`; None where rows have no ``xmin`` to compare (a view, a foreign
-        table)."""
+        :meth:`_unchanged`; None where rows have no ``xmin`` of their own to compare (a view,
+        a foreign table)."""
         if not self._by_xmin:
             return None
         row = self.source.execute(
@@ -502,20 +507,17 @@ class RepublishWriter:
         """Whether the rows of ``where`` are surely those a read that began after ``horizon``
         (see :meth:`_horizon`) found, ``rows_read`` of them: as many now, and none written by
         a transaction that had not ended when the read began (every such row's ``xmin``, or
-        that of its subtransaction, is the horizon or later). Postgres keeps live ``xmin``
-        values within 2**31 of the next one, so ``age()`` orders them. False when in doubt:
-        then :meth:`_catch_up` compares row by row. A cheap question (one count over the
-        chunk's rows on the source, 2 ms for 10,000) where comparing each row costs 30."""
+        that of its subtransaction, is the horizon or later). Postgres keeps the ``xmin`` of
+        unfrozen rows within 2**31 of the next one, so ``age()`` orders them (a frozen row
+        past a wraparound may look newer: compared row by row, never missed). False when in
+        doubt: then :meth:`_catch_up` compares row by row. A cheap question (one count over
+        the chunk's rows on the source, 2 ms for 10,000) where comparing each row costs 30."""
         if horizon is None:
             return False
-        try:
-            row = self.source.execute(sql.SQL(
-                "SELECT count(*) AS n, count(*) FILTER (WHERE age(xmin) <= age({}::xid)) "
-                "AS newer FROM {} WHERE {}").format(
-                    sql.Literal(horizon), self.side.relation, where)).fetchone()
-        except (psycopg.errors.UndefinedColumn, psycopg.errors.FeatureNotSupported):
-            self._by_xmin = False  # no xmin: compared row by row from now on
-            return False
+        row = self.source.execute(sql.SQL(
+            "SELECT count(*) AS n, count(*) FILTER (WHERE age(xmin) <= age({}::xid)) "
+            "AS newer FROM {} WHERE {}").format(
+                sql.Literal(horizon), self.side.relation, where)).fetchone()
         assert row is not None
         return int(row["n"]) == rows_read and int(row["newer"]) == 0
 
