@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import time
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from confluent_kafka import KafkaError
 
 from tests.conftest import unused_port
 from trueup import mirror
@@ -103,3 +104,34 @@ def test_copies_of_the_largest_messages_fit_what_topics_and_librdkafka_take() ->
     assert kafka.copy_producer_limit({}, 3_000_000) == 3_000_000 + kafka.COPY_HEADROOM_BYTES
     assert kafka.copy_producer_limit({}, 2_000_000_000) == 1_000_000_000
     assert kafka.copy_producer_limit({"message.max.bytes": 9_000_000}, 500_000) == 9_000_000
+
+
+class _Flushed:
+    """A producer with nothing left to send (what flush() says once each report is in)."""
+
+    def flush(self, timeout: float) -> int:
+        return 0
+
+
+@pytest.mark.parametrize(("errors", "raised"), [
+    ([KafkaError(KafkaError._MSG_TIMED_OUT)], kafka.KafkaUnconfirmed),
+    ([KafkaError(KafkaError._TRANSPORT),
+      KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, retriable=True)], kafka.KafkaUnconfirmed),
+    ([KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)], kafka.KafkaFailed),
+    ([KafkaError(KafkaError._MSG_TIMED_OUT),
+      KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)], kafka.KafkaFailed),
+    ([KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)], kafka.KafkaRefused),
+], ids=["timed-out", "transport-and-retriable", "unauthorized", "timed-out-and-unauthorized",
+        "too-large"])
+def test_failed_deliveries_tell_brokers_away_from_failures_for_good(
+        errors: list[KafkaError], raised: type[kafka.KafkaFailed]) -> None:
+    """A Kafka worker starts its session again for copies the brokers' absence left
+    unconfirmed (KafkaUnconfirmed), and stops for those that fail for good: it started its
+    session again for any, an authorization error included, looping forever."""
+    deliveries = kafka.Deliveries()
+    for error in errors:
+        deliveries.report("tag", error, SimpleNamespace(topic=lambda: "orders.dlq"))
+    with pytest.raises(kafka.KafkaFailed) as caught:
+        kafka.confirm(cast(Any, _Flushed()), deliveries, what="test")
+    assert type(caught.value) is raised
+    assert deliveries.transient and not deliveries.errors  # the next confirm starts afresh

@@ -38,6 +38,12 @@ class KafkaFailed(TrueupError):
     """A Kafka operation failed after the connection was made."""
 
 
+class KafkaUnconfirmed(KafkaFailed):
+    """Messages neither confirmed nor refused for good: not confirmed in time, or failed for
+    want of brokers (timed out, transport, retriable errors). Sending them again may succeed
+    once the brokers are back."""
+
+
 class KafkaRefused(KafkaFailed):
     """A message was refused outright, by the client or a broker (too large, say): sending it
     again as it is cannot succeed. ``tags``: those :func:`produce` was given for the refused
@@ -298,6 +304,8 @@ class Deliveries:
         self.errors: list[str] = []
         #: Of the errors, those that refused a message itself: its tag (see :func:`produce`).
         self.refused: list[Any] = []
+        #: Whether every error was one the brokers' coming back may cure (see is_transient).
+        self.transient = True
 
     def on_delivery(self, error: KafkaError | None, message: Any) -> None:
         self.report(None, error, message)
@@ -308,6 +316,8 @@ class Deliveries:
             self.errors.append(f"{message.topic()}: {error.str()}")
             if error.code() in REFUSED_CODES:
                 self.refused.append(tag)
+            if not (is_transient(error) or error.code() == KafkaError._MSG_TIMED_OUT):
+                self.transient = False
 
 
 def create_producer(properties: Mapping[str, Any], *, what: str,
@@ -367,19 +377,23 @@ def confirm(producer: Producer, deliveries: Deliveries, *, what: str,
             timeout: float = CONFIRM_TIMEOUT_SECONDS) -> None:
     """Wait until every message produced so far is acknowledged by all in-sync replicas.
 
-    Raises :class:`KafkaFailed` when one was refused or not confirmed in ``timeout`` seconds;
-    the caller must then not commit or ack anything that depends on those messages.
+    Raises :class:`KafkaFailed` when one was refused or not confirmed in ``timeout`` seconds
+    (:class:`KafkaRefused` when each failed one was refused outright, :class:`KafkaUnconfirmed`
+    when none was refused for good); the caller must then not commit or ack anything that
+    depends on those messages.
     """
     remaining = producer.flush(timeout)
     errors, deliveries.errors = deliveries.errors, []
     refused, deliveries.refused = deliveries.refused, []
+    transient, deliveries.transient = deliveries.transient, True
     if remaining:
-        raise KafkaFailed(f"{what}: {remaining} messages not confirmed within {timeout:.0f}s")
+        raise KafkaUnconfirmed(
+            f"{what}: {remaining} messages not confirmed within {timeout:.0f}s")
     if errors:
         told = f"{what}: {len(errors)} messages refused, first: {errors[0]}"
         if len(refused) == len(errors):  # every other message confirmed
             raise KafkaRefused(told, refused)
-        raise KafkaFailed(told)
+        raise (KafkaUnconfirmed if transient else KafkaFailed)(told)
 
 
 def publish(producer: Producer, topic: str, *, value: bytes | None, what: str,

@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from trueup import headers, metrics, tracing
 from trueup.brokers import kafka
-from trueup.errors import TrueupError
+from trueup.errors import ConnectionFailed, TrueupError
 from trueup.health import HEALTH
 from trueup.log import bound, get_logger
 from trueup.retry import RetryPolicy
@@ -442,8 +442,10 @@ class KafkaWorker:
 
 
 class CopyUnconfirmed(kafka.KafkaFailed):
-    """A retry or dead-letter copy that Kafka did not confirm, and did not refuse outright:
-    the worker starts its session again (see :meth:`KafkaWorker.run`)."""
+    """A retry or dead-letter copy that Kafka did not confirm for want of brokers (see
+    :class:`kafka.KafkaUnconfirmed`): the worker starts its session again (see
+    :meth:`KafkaWorker.run`). A copy failing for good (an authorization error, say) stops the
+    worker, as one refused outright does."""
 
 
 class _Copies:
@@ -491,9 +493,7 @@ class _Copies:
                 self.limit = limit
                 kafka.publish(self.producer, target, value=value, key=key, headers=headers,
                               what=what, timeout=COPY_CONFIRM_SECONDS)
-        except kafka.KafkaRefused:
-            raise
-        except kafka.KafkaFailed as exc:
+        except (kafka.KafkaUnconfirmed, ConnectionFailed) as exc:  # the brokers away
             raise CopyUnconfirmed(str(exc)) from exc
 
     def close(self) -> None:
