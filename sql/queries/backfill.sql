@@ -195,11 +195,14 @@ RETURNING backfill_id;
 
 -- name: reopen_chunks
 -- Every unfinished chunk starts its attempts again: those waiting for a retry too, or they
--- would fail the resumed backfill at their next failure, after their backoff.
+-- would fail the resumed backfill at their next failure, after their backoff; and those whose
+-- worker died holding them (a lease run out), claimed at once, not a lease later. A live
+-- holder's lease stands; a stalled one's completion finds the chunk no longer its own.
 UPDATE trueup.chunks
 SET status = 'pending', attempts = 0, next_attempt_at = now(), error = NULL
 WHERE backfill_id = %(backfill_id)s
-  AND (status IN ('failed', 'cancelled') OR (status = 'pending' AND attempts > 0));
+  AND (status IN ('failed', 'cancelled') OR (status = 'pending' AND attempts > 0)
+       OR (status = 'running' AND lease_expires_at < now()));
 
 -- name: stage_repairs
 CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (

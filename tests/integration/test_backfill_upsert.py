@@ -508,7 +508,8 @@ def test_a_failing_chunk_retries_with_backoff_then_fails_the_backfill_and_resume
 def test_resume_gives_every_unfinished_chunk_its_attempts_again(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """The chunks waiting for a retry when another failed for good kept their spent attempts:
-    the resumed backfill failed at their first failure (and waited their backoff first)."""
+    the resumed backfill failed at their first failure (and waited their backoff first); so
+    did a chunk whose worker died holding it."""
     source, target = new_db(), new_db()
     make_tables(source, target, ROWS)
     drift(target)
@@ -523,6 +524,10 @@ def test_resume_gives_every_unfinished_chunk_its_attempts_again(
         waiting = conn.execute("SELECT count(*) FROM trueup.chunks WHERE status = 'pending' "
                                "AND attempts > 0").fetchone()
     assert waiting is not None and waiting[0] > 0  # a retry or more spent
+    with psycopg.connect(state_db, autocommit=True) as conn:  # a worker died holding one
+        conn.execute("UPDATE trueup.chunks SET status = 'running', attempts = 2, "
+                     "lease_owner = 'gone', lease_expires_at = now() - interval '1 second' "
+                     "WHERE chunk = (SELECT max(chunk) FROM trueup.chunks)")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.copy DROP CONSTRAINT refuse_all")
     resumed = resume_backfill(config, failed.backfill_id, fast)
