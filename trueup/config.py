@@ -293,9 +293,10 @@ class TargetConfig(_Model):
 
 
 def _day(value: Any) -> Any:
-    """A day written as a date: pydantic reads a number as seconds since 1970 (0 would be
-    1970-01-01)."""
-    if isinstance(value, bool | int | float):
+    """A day written as a date: pydantic reads a number, or a text of digits (what
+    ``${START:-0}`` gives), as seconds since 1970 (0 would be 1970-01-01)."""
+    if isinstance(value, bool | int | float) or (
+            isinstance(value, str) and value.strip().lstrip("+-").isdigit()):
         raise ValueError(f"expected a date such as 2026-01-01 (got {value!r})")
     return value
 

@@ -327,15 +327,18 @@ def test_counts_and_multipliers_from_variables_may_still_be_digit_strings() -> N
     assert auto_repair is not None and auto_repair.max_differences == 20
 
 
-@pytest.mark.parametrize("number", ["0", "1767225600"])
-def test_a_number_is_no_day(number: str) -> None:
-    """pydantic reads a number as seconds since 1970: 0 started the partitions in 1970."""
+@pytest.mark.parametrize(("written", "shown"), [
+    ("0", "0"), ("1767225600", "1767225600"), ('"86400"', "'86400'"),
+    ('"${START:-0}"', "'0'")])
+def test_a_number_is_no_day(written: str, shown: str) -> None:
+    """pydantic reads a number, or a text of digits (a variable's default), as seconds since
+    1970: 0 started the partitions in 1970."""
     text = EXAMPLE.read_text()
-    bad = text.replace('start: "2026-01-01"', f"start: {number}")
+    bad = text.replace('start: "2026-01-01"', f"start: {written}")
     with pytest.raises(ConfigErrors) as caught:
         parse_config(bad, "trueup.yaml", {})
     assert str(caught.value) == ("trueup.yaml: reconciliations.orders_events.partitions.daily."
-                                 f"start: expected a date such as 2026-01-01 (got {number})")
+                                 f"start: expected a date such as 2026-01-01 (got {shown})")
 
 
 @pytest.mark.parametrize("day", ["2026-02-30", "2026-13-01"])
