@@ -9,10 +9,12 @@ row-level lineage become the materialization's metadata.
 
 A partitioned reconciliation's backfill job launched without a partition backfills what the
 launchpad asks (a run, a day given as ``partition``, the whole table); launched for a
-partition, it backfills that day only (scope auto or partition, or a run of that day), since
-the materialization is recorded under it. A backfill the run was serving when it was stopped
-(terminated in the UI, SIGTERM) is cancelled, as ``trueup backfill --cancel`` does: nobody
-serves it any more, and ``trueup backfill --resume`` repairs what it left.
+partition, its materialization is recorded under that day, so what it backfills covers the
+day: the day (scope auto or partition), a run of that day, or the whole table (scope all, as
+the demo repairs the events topic), never another day or another day's run. A backfill the
+run was serving when it was stopped (terminated in the UI, SIGTERM) is cancelled, as ``trueup
+backfill --cancel`` does: nobody serves it any more, and ``trueup backfill --resume`` repairs
+what it left.
 
 The sensor watches the differences asset: for every run since its last tick (one per
 partition, say) that finds between 1 and ``auto_repair.max_differences`` repairable
@@ -21,7 +23,9 @@ a person to look). The circuit breaker also holds back:
 
 - the tick's other runs of the partition in which a run found too many differences (all runs
   of a reconciliation without partitions; the skip reason says which run tripped it); runs
-  of other partitions go on as usual;
+  of other partitions go on as usual. The cursor is one storage id: when the tick launches
+  another partition's backfill whose run came between the tripping run and a newer one it
+  held, the newer one is decided again alone on the next tick (and launched);
 - every run while the reconciliation's latest backfill failed (a new one would most likely
   fail the same way) or a backfill is still planning or running (a second one would fail
   with a conflict): the skip reason names that backfill and what to do about it.
@@ -82,8 +86,7 @@ class BackfillRunConfig(dg.Config):
     scope: str = Field(
         default="auto",
         description="auto (the partition being materialized, else partition if given, else "
-                    "run_id if given, else all), run, partition or all (only launched "
-                    "without a partition)")
+                    "run_id if given, else all), run, partition or all")
     run_id: int | None = Field(default=None, description="the run whose differences scope "
                                                          "run repairs (only with scope run; "
                                                          "a run of the partition launched)")
@@ -118,10 +121,6 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
         raise dg.Failure(description=f"partition: this run materializes partition "
                                      f"{partition_key}; leave partition empty, or launch "
                                      f"partition {config.partition} (got {config.partition!r})")
-    if partition_key and scope == "all":
-        raise dg.Failure(description=f"scope: this run materializes partition {partition_key}, "
-                                     f"and scope all repairs the whole table; set scope auto "
-                                     f"or partition, or launch no partition (got 'all')")
     partition = partition_key or config.partition
     if scope == "auto":
         scope = "partition" if partition else "run" if config.run_id is not None else "all"

@@ -453,10 +453,10 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
     assert result.success
 
 
-def test_a_launched_partition_refuses_a_backfill_of_the_table_or_of_another_day_s_run(
+def test_a_launched_partition_refuses_a_backfill_of_another_day_s_run(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    """Partition 2026-02-02 launched with scope all backfilled the whole table, and with
-    scope run a run of 2026-02-01: either was recorded as 2026-02-02 repaired."""
+    """Partition 2026-02-02 launched with scope run and a run of 2026-02-01 backfilled that
+    run, recorded as 2026-02-02 repaired. (Scope all covers the day: the whole table.)"""
     source, target = _orders_of_two_days(new_db, "order_id IN (10, 200)")
     config = write_config(tmp_path, state_db, source, target,
                           partitions={"daily": {"start": "2026-02-01"}})
@@ -467,9 +467,6 @@ def test_a_launched_partition_refuses_a_backfill_of_the_table_or_of_another_day_
     day_run, table_run = _run_ids_in_state(state_db)
     job = defs.resolve_job_def("backfill_orders")
     for form, expected in [
-            ({"scope": "all"},
-             "scope: this run materializes partition 2026-02-02, and scope all repairs the "
-             "whole table; set scope auto or partition, or launch no partition (got 'all')"),
             ({"scope": "run", "run_id": day_run},
              f"run_id: run {day_run} diffed partition 2026-02-01, and this run materializes "
              f"partition 2026-02-02; launch partition 2026-02-01, or set scope partition "
@@ -485,6 +482,11 @@ def test_a_launched_partition_refuses_a_backfill_of_the_table_or_of_another_day_
         repairs_op_name("orders"): {"config": {"scope": "run", "run_id": day_run}}}})
     (materialization,) = result.asset_materializations_for_node(repairs_op_name("orders"))
     assert materialization.partition == "2026-02-01"
+    assert materialization.metadata["rows_repaired"].value == 1
+    # the whole table covers the day: what is left (order 200, of the next day) is repaired
+    result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
+        repairs_op_name("orders"): {"config": {"scope": "all"}}}})
+    (materialization,) = result.asset_materializations_for_node(repairs_op_name("orders"))
     assert materialization.metadata["rows_repaired"].value == 1
 
 
