@@ -94,11 +94,15 @@ def freshness_of(reconciliation: str, cron: str, last_success_at: dt.datetime | 
 
 def freshness(state_dsn: str, reconciliation: str, cron: str,
               now: dt.datetime | None = None) -> Freshness:
-    """How fresh ``reconciliation`` is, from its last successful run in ``trueup.runs``."""
+    """How fresh ``reconciliation`` is, from its last successful run in ``trueup.runs``: of
+    the whole table, or of a day its schedule runs then (the day it finished or the one
+    before): a run of an older day, launched by hand, says nothing of the schedule."""
     with _state(state_dsn) as conn:
         row = conn.execute(
             "SELECT max(finished_at) AS last FROM trueup.runs "
-            "WHERE reconciliation = %s AND status = 'succeeded'", (reconciliation,)).fetchone()
+            "WHERE reconciliation = %s AND status = 'succeeded' AND (partition IS NULL "
+            "OR partition::date >= (finished_at AT TIME ZONE 'UTC')::date - 1)",
+            (reconciliation,)).fetchone()
     last: dt.datetime | None = row["last"] if row else None
     return freshness_of(reconciliation, cron, last, now or dt.datetime.now(dt.UTC))
 

@@ -166,6 +166,11 @@ def test_freshness_fails_until_a_run_succeeds_since_the_second_to_last_tick(
     stale = freshness(state_db, "orders", "*/30 * * * *")
     # due since the second-to-last tick: 30 to 60 minutes ago
     assert not stale.fresh and 1800 < stale.max_age_seconds <= 3600
+    # a run of an old day, by hand, is not the schedule's (it made the check pass)
+    with psycopg.connect(state_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO trueup.runs (reconciliation, partition, status, started_at, "
+                     "finished_at) VALUES ('orders', '2026-02-01', 'succeeded', now(), now())")
+    assert not freshness(state_db, "orders", "*/30 * * * *").fresh
 
     fresh = freshness_definitions(config)
     defs = dg.Definitions(assets=external_assets(config), asset_checks=fresh.checks,
