@@ -63,9 +63,15 @@ def check_result(key: dg.AssetKey, outcome: ExpectationOutcome) -> dg.AssetCheck
         metadata["observed_value"] = str(outcome.observed_value)
     if outcome.error:
         metadata["error"] = outcome.error
+    # an expectation on the table or a column as a whole (a row count, a mean) has no
+    # unexpected values: what it observed says why it failed
+    observed = (f"observed {outcome.observed_value}" if outcome.observed_value is not None
+                else None)
     described = (f"{outcome.unexpected_count} unexpected ({outcome.unexpected_percent}%), "
                  f"e.g. {outcome.sample[:5]}" if outcome.unexpected_count else
-                 "no unexpected values" if outcome.passed else outcome.error or "failed")
+                 outcome.error if outcome.error else
+                 (observed or "no unexpected values") if outcome.passed else
+                 f"failed: {observed}" if observed else "failed")
     return dg.AssetCheckResult(
         asset_key=key, check_name=outcome.name, passed=outcome.passed,
         severity=dg.AssetCheckSeverity(outcome.severity.value),

@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import pytest
 import yaml
 
-from checks.gx import DEFAULT_SUITES, quality_definitions
+from checks.gx import DEFAULT_SUITES, check_result, quality_definitions
 from trueup import quality
 from trueup.config import parse_config
 from trueup.errors import ConfigError
 from trueup.quality import (
     CACHE_DIR_ENV,
+    ExpectationOutcome,
     ExpectationSpec,
     _raised,
     load_suite,
@@ -242,3 +244,15 @@ def test_two_tables_whose_quality_jobs_would_share_a_name_are_refused(
     assert str(raised.value) == (
         f"{tmp_path / 'two.yaml'}: table: expected a table whose job name differs from that "
         f"of a_b.c ({tmp_path / 'one.yaml'}): both make quality_shop_a_b_c")
+
+
+def test_a_failed_expectation_on_the_whole_table_says_what_it_observed() -> None:
+    """A failed row count (or a mean on an empty column) had no unexpected values to show:
+    its check said only "failed"."""
+    outcome = ExpectationOutcome(
+        name="rows", type="expect_table_row_count_to_be_between", passed=False,
+        severity=CheckSeverity.ERROR, element_count=None, unexpected_count=None,
+        unexpected_percent=None, sample=[], observed_value=0,
+        kwargs={"min_value": 1, "max_value": None})
+    result = check_result(dg.AssetKey(["postgres", "shop", "public", "orders"]), outcome)
+    assert not result.passed and result.description == "failed: observed 0"
