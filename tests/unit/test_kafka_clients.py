@@ -113,16 +113,20 @@ class _Flushed:
         return 0
 
 
+# Built from the code alone, as confluent-kafka builds a delivery report's error (whose
+# retriable() is then always False).
 @pytest.mark.parametrize(("errors", "raised"), [
     ([KafkaError(KafkaError._MSG_TIMED_OUT)], kafka.KafkaUnconfirmed),
-    ([KafkaError(KafkaError._TRANSPORT),
-      KafkaError(KafkaError.NOT_ENOUGH_REPLICAS, retriable=True)], kafka.KafkaUnconfirmed),
+    ([KafkaError(KafkaError._TRANSPORT), KafkaError(KafkaError.NOT_ENOUGH_REPLICAS),
+      KafkaError(KafkaError.REQUEST_TIMED_OUT), KafkaError(KafkaError._FATAL)],
+     kafka.KafkaUnconfirmed),
     ([KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)], kafka.KafkaFailed),
+    ([KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)], kafka.KafkaFailed),
     ([KafkaError(KafkaError._MSG_TIMED_OUT),
       KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)], kafka.KafkaFailed),
     ([KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)], kafka.KafkaRefused),
-], ids=["timed-out", "transport-and-retriable", "unauthorized", "timed-out-and-unauthorized",
-        "too-large"])
+], ids=["timed-out", "brokers-in-trouble", "unauthorized", "topic-gone",
+        "timed-out-and-unauthorized", "too-large"])
 def test_failed_deliveries_tell_brokers_away_from_failures_for_good(
         errors: list[KafkaError], raised: type[kafka.KafkaFailed]) -> None:
     """A Kafka worker starts its session again for copies the brokers' absence left

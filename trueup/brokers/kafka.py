@@ -54,6 +54,16 @@ class KafkaRefused(KafkaFailed):
         self.tags = tags or []
 
 
+#: Delivery reports of messages the brokers' absence or trouble left undelivered: sent again
+#: once the brokers are back, they may go through. (A delivery report's error never says
+#: retriable(): confluent-kafka builds it from the code alone.) _FATAL: the idempotent
+#: producer must be made again. A topic gone (UNKNOWN_TOPIC_OR_PART) is no such error.
+BROKERS_AWAY_CODES = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN, KafkaError._FATAL, KafkaError.NOT_ENOUGH_REPLICAS,
+    KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND, KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.KAFKA_STORAGE_ERROR})
 #: Errors that refuse a message itself, not the way to the broker.
 REFUSED_CODES = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
                            KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG_SIZE})
@@ -304,7 +314,7 @@ class Deliveries:
         self.errors: list[str] = []
         #: Of the errors, those that refused a message itself: its tag (see :func:`produce`).
         self.refused: list[Any] = []
-        #: Whether every error was one the brokers' coming back may cure (see is_transient).
+        #: Whether every error was one the brokers' coming back may cure (BROKERS_AWAY_CODES).
         self.transient = True
 
     def on_delivery(self, error: KafkaError | None, message: Any) -> None:
@@ -316,7 +326,7 @@ class Deliveries:
             self.errors.append(f"{message.topic()}: {error.str()}")
             if error.code() in REFUSED_CODES:
                 self.refused.append(tag)
-            if not (is_transient(error) or error.code() == KafkaError._MSG_TIMED_OUT):
+            if not (error.code() in BROKERS_AWAY_CODES or error.retriable()):
                 self.transient = False
 
 
