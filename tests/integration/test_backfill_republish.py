@@ -332,19 +332,30 @@ def test_a_write_of_a_transaction_open_during_the_chunk_s_read_is_caught_up_with
     assert diff(config, "events").stale == 0
 
 
+#: A postgres_fdw server reaching this very database.
+_HERE = [
+    "CREATE EXTENSION postgres_fdw",
+    "DO $$ BEGIN EXECUTE format('CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw "
+    "OPTIONS (host %L, port %L, dbname %L)', '127.0.0.1', "
+    "current_setting('port'), current_database()); END $$",
+    "CREATE USER MAPPING FOR CURRENT_USER SERVER here"]
 _SOURCES_WITHOUT_XMIN = {
     "view": ["CREATE VIEW orders_elsewhere AS SELECT * FROM orders"],
     # postgres_fdw gives every row an xmin of 0, which age() takes for infinitely old: the
     # count by xmin found nothing newer, and the chunk never compared its rows
     "foreign table": [
-        "CREATE EXTENSION postgres_fdw",
-        "DO $$ BEGIN EXECUTE format('CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw "
-        "OPTIONS (host %L, port %L, dbname %L)', '127.0.0.1', "
-        "current_setting('port'), current_database()); END $$",
-        "CREATE USER MAPPING FOR CURRENT_USER SERVER here",
+        *_HERE,
         "CREATE FOREIGN TABLE orders_elsewhere (id bigint, version bigint, status text, "
         "amount numeric(12,2), placed_at timestamptz, updated_at timestamptz) SERVER here "
         "OPTIONS (table_name 'orders')"],
+    # a partitioned table has xmin, its foreign partition's rows 0
+    "foreign partition": [
+        *_HERE,
+        "CREATE TABLE orders_elsewhere (id bigint, version bigint, status text, "
+        "amount numeric(12,2), placed_at timestamptz, updated_at timestamptz) "
+        "PARTITION BY RANGE (id)",
+        "CREATE FOREIGN TABLE orders_remote PARTITION OF orders_elsewhere "
+        "FOR VALUES FROM (MINVALUE) TO (MAXVALUE) SERVER here OPTIONS (table_name 'orders')"],
 }
 
 

@@ -515,8 +515,9 @@ class RepublishWriter:
         if horizon is None:
             return False
         row = self.source.execute(sql.SQL(
-            "SELECT count(*) AS n, count(*) FILTER (WHERE age(xmin) <= age({}::xid)) "
-            "AS newer FROM {} WHERE {}").format(
+            # xmin 0: a foreign partition's row (postgres_fdw), which has none of its own
+            "SELECT count(*) AS n, count(*) FILTER (WHERE xmin = '0'::xid "
+            "OR age(xmin) <= age({}::xid)) AS newer FROM {} WHERE {}").format(
                 sql.Literal(horizon), self.side.relation, where)).fetchone()
         assert row is not None
         return int(row["n"]) == rows_read and int(row["newer"]) == 0
