@@ -292,13 +292,16 @@ class TargetConfig(_Model):
         return self.topic is not None
 
 
+_DAY_TEXT = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
 def _day(value: Any) -> Any:
-    """A day written as a date: pydantic reads a number, or a text of digits (what
-    ``${START:-0}`` gives), as seconds since 1970 (0 would be 1970-01-01)."""
-    if isinstance(value, bool | int | float) or (
-            isinstance(value, str) and value.strip().lstrip("+-").isdigit()):
-        raise ValueError(f"expected a date such as 2026-01-01 (got {value!r})")
-    return value
+    """A day written as a date, ``YYYY-MM-DD``: pydantic reads a number, or a text of one
+    (what ``${START:-0}`` gives), as seconds since 1970 (0 would be 1970-01-01), and a
+    timestamp's text as its day."""
+    if isinstance(value, dt.date) or (isinstance(value, str) and _DAY_TEXT.fullmatch(value)):
+        return value
+    raise ValueError(f"expected a date such as 2026-01-01 (got {value!r})")
 
 
 class DailyPartitions(_Model):

@@ -329,7 +329,8 @@ def test_counts_and_multipliers_from_variables_may_still_be_digit_strings() -> N
 
 @pytest.mark.parametrize(("written", "shown"), [
     ("0", "0"), ("1767225600", "1767225600"), ('"86400"', "'86400'"),
-    ('"${START:-0}"', "'0'")])
+    ('"${START:-0}"', "'0'"), ('"${START:-0.0}"', "'0.0'"),
+    ('"2026-01-31T00:00:00"', "'2026-01-31T00:00:00'")])
 def test_a_number_is_no_day(written: str, shown: str) -> None:
     """pydantic reads a number, or a text of digits (a variable's default), as seconds since
     1970: 0 started the partitions in 1970."""
