@@ -116,7 +116,7 @@ def _options(config: BackfillRunConfig, partition_key: str | None) -> BackfillOp
     if scope not in SCOPES:
         raise dg.Failure(f"scope: expected one of {', '.join(SCOPES)} (got {scope!r})")
     # the materialization is recorded under the partition being launched: a backfill of
-    # another day (or of the whole table) under it would show that partition repaired
+    # another day under it would show that partition repaired (the whole table covers it)
     if partition_key and config.partition and config.partition != partition_key:
         raise dg.Failure(description=f"partition: this run materializes partition "
                                      f"{partition_key}; leave partition empty, or launch "

@@ -49,6 +49,10 @@ def quality_job_name(suite: Suite) -> str:
     return "quality_" + "_".join(table_key(suite.connection, suite.table).path[1:])
 
 
+#: How much of an observed value (a list of distinct values, say) a check's description shows.
+OBSERVED_CHARS = 200
+
+
 def check_result(key: dg.AssetKey, outcome: ExpectationOutcome) -> dg.AssetCheckResult:
     """The Dagster form of one expectation's outcome."""
     metadata: dict[str, Any] = {
@@ -65,8 +69,8 @@ def check_result(key: dg.AssetKey, outcome: ExpectationOutcome) -> dg.AssetCheck
         metadata["error"] = outcome.error
     # an expectation on the table or a column as a whole (a row count, a mean) has no
     # unexpected values: what it observed says why it failed
-    observed = (f"observed {outcome.observed_value}" if outcome.observed_value is not None
-                else None)
+    observed = (f"observed {str(outcome.observed_value)[:OBSERVED_CHARS]}"
+                if outcome.observed_value is not None else None)
     described = (f"{outcome.unexpected_count} unexpected ({outcome.unexpected_percent}%), "
                  f"e.g. {outcome.sample[:5]}" if outcome.unexpected_count else
                  outcome.error if outcome.error else

@@ -101,7 +101,8 @@ def freshness(state_dsn: str, reconciliation: str, cron: str,
         row = conn.execute(
             "SELECT max(finished_at) AS last FROM trueup.runs "
             "WHERE reconciliation = %s AND status = 'succeeded' AND (partition IS NULL "
-            "OR partition::date >= (finished_at AT TIME ZONE 'UTC')::date - 1)",
+            "OR partition >= to_char((finished_at AT TIME ZONE 'UTC')::date - 1, "
+            "'YYYY-MM-DD'))",
             (reconciliation,)).fetchone()
     last: dt.datetime | None = row["last"] if row else None
     return freshness_of(reconciliation, cron, last, now or dt.datetime.now(dt.UTC))
