@@ -129,6 +129,23 @@ def whole_double_numeric(value: sql.Composable) -> sql.Composable:
         "* power(2::numeric, (({1} >> 52) & 2047)::int4 - 1075))").format(value, bits)
 
 
+def _float_sql(value: sql.Composable, type_name: str, as_double: sql.Composable,
+               first: sql.Composable | None = None) -> sql.Composable:
+    """A float's canonical text (``value`` of ``type_name``, ``as_double`` the same value as
+    a double), after the ``first`` WHEN of a cheap case: a whole number is its exact integer
+    (through bigint, or from its bits past bigint's range), any other value its shortest
+    round-trip text read as numeric, without exponent."""
+    return sql.SQL(
+        "(CASE {first}"
+        "WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::{type} "
+        "THEN ({0})::int8::text "
+        "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::{type} "
+        "THEN trim_scale({1})::text "
+        "ELSE trim_scale(({0})::text::numeric)::text END)"
+    ).format(value, whole_double_numeric(as_double), first=first or sql.SQL(""),
+             type=sql.SQL(type_name))
+
+
 def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
     """SQL rendering one value of ``column`` in canonical text (NULL stays NULL)."""
     if ctype.kind is Kind.NUMBER:
@@ -143,28 +160,14 @@ def render_sql(column: sql.Composable, ctype: ColumnType) -> sql.Composable:
             # numeric cast keeps 15), -0 is 0; any other value is its shortest text read as
             # numeric (1e-05 is 0.00001).
             value = sql.SQL("(({})::float8)").format(column)
-            return sql.SQL(
-                "(CASE WHEN abs({0}) >= 1e-4::float8 AND abs({0}) < 1e15::float8 "
-                "THEN ({0})::text "
-                "WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::float8 "
-                "THEN ({0})::int8::text "
-                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::float8 "
-                "THEN trim_scale({1})::text "
-                "ELSE trim_scale(({0})::text::numeric)::text END)"
-            ).format(value, whole_double_numeric(value))
+            return _float_sql(value, "float8", value, sql.SQL(
+                "WHEN abs({0}) >= 1e-4::float8 AND abs({0}) < 1e15::float8 "
+                "THEN ({0})::text ").format(value))
         if ctype.name == "float4":
-            # The rule of doubles, in single precision: a whole number is its exact integer,
-            # any other value its shortest text that reads back as the same real (float4out,
-            # extra_float_digits >= 1) read as numeric. (numeric's own cast keeps 6 digits:
-            # 1234567 and 1234568 were equal.)
+            # The rule of doubles, in single precision (float4out's shortest text). numeric's
+            # own cast keeps 6 digits: 1234567 and 1234568 were equal.
             value = sql.SQL("(({})::float4)").format(column)
-            return sql.SQL(
-                "(CASE WHEN {0} = trunc({0}) AND abs({0}) < 9223372036854775808::float4 "
-                "THEN ({0})::int8::text "
-                "WHEN {0} = trunc({0}) AND abs({0}) < 'Infinity'::float4 "
-                "THEN trim_scale({1})::text "
-                "ELSE trim_scale(({0})::text::numeric)::text END)"
-            ).format(value, whole_double_numeric(sql.SQL("({})::float8").format(value)))
+            return _float_sql(value, "float4", sql.SQL("({})::float8").format(value))
         return sql.SQL("trim_scale(({})::numeric)::text").format(column)
     if ctype.kind is Kind.TEXT:
         return sql.SQL("(octet_length(({0})::text)::text || ':' || ({0})::text)").format(column)

@@ -120,16 +120,13 @@ class KafkaWorker:
         with the message's offset not stored: after a pause (0.2 s doubling to 5 s) a new one
         joins the group again and handles the message again."""
         with serving(self.metrics_port, database=self.database, kafka=self.properties):
-            reconnect = Reconnect()
+            reconnect = Reconnect(self.group)
             while not stop.is_set():
                 try:
                     self._consume(stop, reconnect)
                 except CopyUnconfirmed as exc:
-                    metrics.WORKER_RECONNECTS.labels(self.group, "CopyUnconfirmed").inc()
-                    log.warning("worker.reconnecting", broker="kafka", topic=self.topic,
-                                group=self.group, reason="CopyUnconfirmed", error=str(exc),
-                                pause_seconds=reconnect.pause)
-                    reconnect.wait(stop)
+                    reconnect.after("CopyUnconfirmed", exc, stop, broker="kafka",
+                                    topic=self.topic, group=self.group)
 
     def _consume(self, stop: threading.Event, reconnect: Reconnect) -> None:
         consumer = kafka.create_consumer(
@@ -461,8 +458,7 @@ class _Copies:
     def __init__(self, properties: Mapping[str, Any], topic: str, *, what: str) -> None:
         self.properties, self.topic, self.what = properties, topic, what
         self.limit = self._limit()
-        self.producer = kafka.create_producer(properties, what=what,
-                                              **{"message.max.bytes": self.limit})
+        self.producer = self._producer()
 
     def _limit(self) -> int:
         try:
@@ -476,11 +472,13 @@ class _Copies:
                 headers: list[tuple[str, Any]]) -> None:
         """Send a copy and wait for its confirmation; :class:`kafka.KafkaRefused` when refused
         by a producer as large as the work topic takes, or by ``target``."""
-        what = f"{self.what}: {target}"
+        def send() -> None:
+            kafka.publish(self.producer, target, value=value, key=key, headers=headers,
+                          what=f"{self.what}: {target}", timeout=COPY_CONFIRM_SECONDS)
+
         try:
             try:
-                kafka.publish(self.producer, target, value=value, key=key, headers=headers,
-                              what=what, timeout=COPY_CONFIRM_SECONDS)
+                send()
             except kafka.KafkaRefused:
                 limit = self._limit()
                 if limit <= self.limit:
@@ -488,13 +486,15 @@ class _Copies:
                 log.info("worker.copy_limit_raised", topic=self.topic, before=self.limit,
                          after=limit)
                 self.producer.flush(CLOSE_FLUSH_SECONDS)  # nothing waits: each is confirmed
-                self.producer = kafka.create_producer(self.properties, what=self.what,
-                                                      **{"message.max.bytes": limit})
                 self.limit = limit
-                kafka.publish(self.producer, target, value=value, key=key, headers=headers,
-                              what=what, timeout=COPY_CONFIRM_SECONDS)
+                self.producer = self._producer()
+                send()
         except (kafka.KafkaUnconfirmed, ConnectionFailed) as exc:  # the brokers away
             raise CopyUnconfirmed(str(exc)) from exc
+
+    def _producer(self) -> Any:
+        return kafka.create_producer(self.properties, what=self.what,
+                                     **{"message.max.bytes": self.limit})
 
     def close(self) -> None:
         # Every copy was confirmed (or timed out) before its offset was stored: this only

@@ -27,7 +27,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 
-from trueup import headers, metrics, threads, tracing
+from trueup import headers, threads, tracing
 from trueup.brokers import rabbitmq
 from trueup.errors import ConnectionFailed
 from trueup.health import HEALTH
@@ -123,7 +123,7 @@ class RabbitWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting whenever the connection is lost."""
-        reconnect = Reconnect()
+        reconnect = Reconnect(self.name)
         self._handling = threads.executor(1, "trueup-handler")
         try:
             with serving(self.metrics_port, database=self.database, rabbitmq=self.url):
@@ -131,12 +131,8 @@ class RabbitWorker:
                     try:
                         self._session(stop, reconnect)
                     except RECONNECT_ERRORS as exc:
-                        reason = reconnect_reason(exc)
-                        metrics.WORKER_RECONNECTS.labels(self.name, reason).inc()
-                        log.warning("worker.reconnecting", broker="rabbitmq", queue=self.queue,
-                                    reason=reason, error=f"{type(exc).__name__}: {exc}",
-                                    pause_seconds=reconnect.pause)
-                        reconnect.wait(stop)
+                        reconnect.after(reconnect_reason(exc), exc, stop, broker="rabbitmq",
+                                        queue=self.queue)
         finally:
             # A handler still running after a lost connection finishes before run() returns.
             self._handling.shutdown(wait=True)

@@ -138,13 +138,23 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 
 class Reconnect:
-    """Growing pauses between reconnection attempts (0.2 s doubling to 5 s)."""
+    """Growing pauses between reconnection attempts (0.2 s doubling to 5 s) of ``worker``."""
 
     FIRST_SECONDS = 0.2
     MAX_SECONDS = 5.0
 
-    def __init__(self) -> None:
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
         self.pause = self.FIRST_SECONDS
+
+    def after(self, reason: str, error: BaseException, stop: threading.Event,
+              **where: Any) -> None:
+        """A session ended by ``error``: counted in ``trueup_worker_reconnects_total`` by
+        ``reason``, logged (with ``where``: broker, queue or topic...), then the pause."""
+        metrics.WORKER_RECONNECTS.labels(self.worker, reason).inc()
+        log.warning("worker.reconnecting", reason=reason, error=f"{type(error).__name__}: "
+                    f"{error}", pause_seconds=self.pause, **where)
+        self.wait(stop)
 
     def wait(self, stop: threading.Event) -> None:
         stop.wait(self.pause)
