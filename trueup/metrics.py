@@ -51,7 +51,8 @@ CHUNK_DURATION = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=REGISTRY)
 LEASES_TAKEN_OVER = Counter(
     "trueup_leases_taken_over_total",
-    "Chunks claimed after their previous worker's lease expired (a worker died or stalled).",
+    "Chunks claimed after their previous worker's lease expired (a worker died or stalled), "
+    "or reopened so by a resume.",
     registry=REGISTRY)
 
 # --- dead letters, replay, workers ----------------------------------------------------------

@@ -197,12 +197,20 @@ RETURNING backfill_id;
 -- Every unfinished chunk starts its attempts again: those waiting for a retry too, or they
 -- would fail the resumed backfill at their next failure, after their backoff; and those whose
 -- worker died holding them (a lease run out), claimed at once, not a lease later. A live
--- holder's lease stands; a stalled one's completion finds the chunk no longer its own.
-UPDATE trueup.chunks
+-- holder's lease stands; a stalled one's completion finds the chunk no longer its own. Those are
+-- returned as taken over (the worker that claims them next finds them pending).
+WITH reopened AS (
+    SELECT chunk, status = 'running' AS taken_over, attempts FROM trueup.chunks
+    WHERE backfill_id = %(backfill_id)s
+      AND (status IN ('failed', 'cancelled') OR (status = 'pending' AND attempts > 0)
+           OR (status = 'running' AND lease_expires_at < now()))
+    FOR UPDATE
+)
+UPDATE trueup.chunks AS c
 SET status = 'pending', attempts = 0, next_attempt_at = now(), error = NULL
-WHERE backfill_id = %(backfill_id)s
-  AND (status IN ('failed', 'cancelled') OR (status = 'pending' AND attempts > 0)
-       OR (status = 'running' AND lease_expires_at < now()));
+FROM reopened AS r
+WHERE c.backfill_id = %(backfill_id)s AND c.chunk = r.chunk
+RETURNING c.chunk, r.taken_over, r.attempts;
 
 -- name: stage_repairs
 CREATE TEMP TABLE IF NOT EXISTS trueup_repairs_stage (

@@ -20,6 +20,7 @@ from tests.integration.test_backfill_support import (
     target_rows,
     write_config,
 )
+from trueup import metrics
 from trueup.backfill import (
     BackfillOptions,
     WorkerOptions,
@@ -530,11 +531,14 @@ def test_resume_gives_every_unfinished_chunk_its_attempts_again(
                      "WHERE chunk = (SELECT max(chunk) FROM trueup.chunks)")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.copy DROP CONSTRAINT refuse_all")
+    taken_over = metrics.REGISTRY.get_sample_value("trueup_leases_taken_over_total") or 0.0
     resumed = resume_backfill(config, failed.backfill_id, fast)
     assert resumed.status is BackfillStatus.SUCCEEDED
     with psycopg.connect(state_db) as conn:
         attempts = {a for (a,) in conn.execute("SELECT attempts FROM trueup.chunks")}
     assert attempts == {1}
+    # the dead worker's chunk counts as taken over, though its next claim found it pending
+    assert metrics.REGISTRY.get_sample_value("trueup_leases_taken_over_total") == taken_over + 1
 
 
 class _Died(Exception):

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from trueup.backfill.chunks import LEASE_SECONDS, Chunk
+from trueup.backfill.chunks import LEASE_SECONDS, Chunk, taken_over
 from trueup.backfill.model import (
     BackfillOptions,
     BackfillSummary,
@@ -86,7 +86,8 @@ def _reopen(state: psycopg.Connection[Any], backfill_id: int, reconciliation: st
     try:
         with state.transaction():
             state.execute(query("reopen_backfill"), {"backfill_id": backfill_id})
-            state.execute(query("reopen_chunks"), {"backfill_id": backfill_id})
+            reopened = state.execute(query("reopen_chunks"),
+                                     {"backfill_id": backfill_id}).fetchall()
     except psycopg.errors.UniqueViolation:  # backfills_one_active_idx: one active at a time
         active = state.execute(query("active_backfill"),
                                {"reconciliation": reconciliation}).fetchone()
@@ -94,6 +95,9 @@ def _reopen(state: psycopg.Connection[Any], backfill_id: int, reconciliation: st
             raise Conflict(f"backfill {backfill_id}: another backfill of {reconciliation} was "
                            f"active a moment ago; run --resume again") from None
         raise active_conflict(reconciliation, active) from None
+    for row in reopened:  # their next claim finds them pending: counted here
+        if row["taken_over"]:
+            taken_over(backfill_id, row["chunk"], row["attempts"], owner="resume")
 
 
 def cancel_backfill(config: Config, backfill_id: int) -> BackfillSummary:

@@ -63,12 +63,18 @@ def claim(conn: psycopg.Connection[Any], backfill_id: int, owner: str,
     if row is None:
         return None
     if row["taken_over"]:
-        metrics.LEASES_TAKEN_OVER.inc()
-        log.warning("backfill.lease_taken_over", backfill_id=backfill_id, chunk=row["chunk"],
-                    owner=owner, attempt=row["attempts"])
+        taken_over(backfill_id, row["chunk"], row["attempts"], owner=owner)
     return Chunk(backfill_id=row["backfill_id"], chunk=row["chunk"], key_from=row["key_from"],
                  key_to=row["key_to"], keys=row["keys"], rows_planned=row["rows_planned"],
                  attempts=row["attempts"])
+
+
+def taken_over(backfill_id: int, chunk: int, attempt: int, *, owner: str) -> None:
+    """Count and log a chunk whose worker's lease expired, claimed now by ``owner`` (or
+    reopened by a resume)."""
+    metrics.LEASES_TAKEN_OVER.inc()
+    log.warning("backfill.lease_taken_over", backfill_id=backfill_id, chunk=chunk, owner=owner,
+                attempt=attempt)
 
 
 def _guarded(conn: psycopg.Connection[Any], name: str, params: dict[str, Any],
