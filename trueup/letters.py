@@ -7,7 +7,8 @@ broker's ``x-death`` header.
 ``--where`` holds conditions joined by ``,`` or ``and`` (all must hold)::
 
     error=ConnectionError          error class (full name, or its last dotted part)
-    error!=rabbitmq.expired|rabbitmq.rejected     (``|`` separates alternatives)
+    error!=rabbitmq.expired|rabbitmq.rejected     (``|`` separates alternatives; an empty
+                                   one, ``a|``, is refused: quote it, ``a|''``)
     origin=orders.v1               the topic or queue the letter came from
     origin=''                      none known (``!=''``: one known); key='' likewise
     key=42                         Kafka message key; RabbitMQ message_id
@@ -226,14 +227,21 @@ def _condition(text: str) -> Test:
         hint = "" if name in ("attempts", "since", "until") else \
             f" (write {name}{op}'' for an empty one)"
         raise UsageError(f"--where: {name}{op} has no value in {text!r}{hint}")
+    if not all(written):  # ``a|$UNSET``: an empty value would select the letters without one
+        hint = "" if name in ("attempts", "since", "until") else "; write '' for an empty one"
+        raise UsageError(f"--where: an empty alternative in {text!r} (before or after "
+                         f"`|`{hint})")
     if len(alternatives) > 1 and (name in ("since", "until") or op not in ("=", "!=")):
         raise UsageError(f"--where: {name}{op} takes one value, not alternatives "
                          f"(got {match.group(3)!r})")
     if name == "attempts":
-        try:
-            numbers = {int(v) for v in alternatives}
-        except ValueError:
-            raise UsageError(f"--where: attempts needs a whole number (got {value!r})") from None
+        numbers: set[int] = set()
+        for number_text in alternatives:
+            try:
+                numbers.add(int(number_text))
+            except ValueError:
+                raise UsageError(f"--where: attempts needs a whole number (got "
+                                 f"{number_text!r})") from None
         if op in ("=", "!="):
             return lambda letter: (letter.attempts in numbers) == (op == "=")
         compare, (number,) = _COMPARE[op], numbers

@@ -216,10 +216,47 @@ def test_a_where_without_a_condition_or_a_value_is_refused_not_taken_for_every_l
     assert not LetterFilter.parse("key=''").matches(replace(letter, key="1"))
 
 
+@pytest.mark.parametrize(("where", "refused"), [
+    ("origin=orders|", "an empty alternative in 'origin=orders|' (before or after `|`; "
+                       "write '' for an empty one)"),
+    ("key=42|", "an empty alternative in 'key=42|'"),
+    ("origin=|orders", "an empty alternative in 'origin=|orders'"),
+    ("key=42 |  ", "an empty alternative in 'key=42 |'"),
+    ("key=a||b", "an empty alternative in 'key=a||b'"),
+    ("key=|", "an empty alternative in 'key=|'"),
+    ("error!=PoisonError|, origin=orders", "an empty alternative in 'error!=PoisonError|'"),
+    ("attempts=3|", "an empty alternative in 'attempts=3|' (before or after `|`)$"),
+    ("attempts>=3|", "an empty alternative in 'attempts>=3|' (before or after `|`)$"),
+    ("since=2026-01-01|", "an empty alternative in 'since=2026-01-01|' (before or after `|`)$"),
+])
+def test_an_empty_alternative_is_refused_not_taken_for_the_letters_without_the_field(
+        where: str, refused: str) -> None:
+    """``--where "key=a|$X"`` with X unset selected every letter without a key: the empty
+    piece after ``|`` was kept, and an empty value means the letters without one."""
+    with pytest.raises(UsageError, match="^--where: " + re.escape(refused).replace(
+            r"\$", "$")):
+        LetterFilter.parse(where)
+
+
+@pytest.mark.parametrize(("where", "refused"), [
+    ("attempts=3|x", "(got 'x')"), ("attempts=x|3", "(got 'x')"),
+    ("attempts!=3|4|five", "(got 'five')"), ("attempts=3|''", "(got '')"),
+])
+def test_attempts_names_the_alternative_that_is_no_whole_number(where: str,
+                                                                 refused: str) -> None:
+    """``attempts=3|x`` was refused with "attempts needs a whole number (got '3')"."""
+    with pytest.raises(UsageError, match="^--where: attempts needs a whole number " +
+                       re.escape(refused) + "$"):
+        LetterFilter.parse(where)
+
+
 @pytest.mark.parametrize(("where", "selected"), [
     ("origin=''", {"none", "empty_key"}), ("origin!=''", {"keyed", "null_key"}),
     ('key=""', {"null_key", "empty_key"}), ("key!=''", {"keyed", "none"}),
     ("origin=orders|''", {"keyed", "null_key", "none", "empty_key"}),
+    # a quoted empty alternative is the explicit ask (an unquoted one is refused)
+    ("origin=''|orders", {"keyed", "null_key", "none", "empty_key"}),
+    ("key=1|''", {"keyed", "null_key", "empty_key"}), ('key!=""|1', {"none"}),
 ])
 def test_a_quoted_empty_value_selects_the_letters_without_one(
         where: str, selected: set[str]) -> None:
