@@ -34,9 +34,10 @@ from tests.integration.test_workers_support import (
     running,
     wait_until,
 )
-from trueup import headers, tracing
+from trueup import headers, metrics, tracing
 from trueup.brokers import kafka, rabbitmq
 from trueup.errors import ConnectionFailed
+from trueup.health import HEALTH
 from trueup.log import configure as configure_logs
 from trueup.retry import RetryPolicy
 from trueup.workers import kafka as kafka_workers
@@ -717,6 +718,33 @@ def test_kafka_dead_letter_copy_its_topic_refuses_stops_the_worker_saying_why(
     with refused, running(worker.run):
         wait_until(lambda: "1" in handler.attempts, "the message handled")
         time.sleep(2)
+
+
+@pytest.mark.kafka
+def test_kafka_worker_whose_copies_are_never_confirmed_stops_making_progress_until_one_is(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Brokers that answer but never confirm a copy in time end session after session; each
+    new session's polls counted as progress, so /readyz stayed ready while the message waited
+    for good. (A confirm timeout too short for any round trip stands in for such brokers.)"""
+    monkeypatch.setattr(kafka_workers, "COPY_CONFIRM_SECONDS", 1e-6)
+    topic = unique("orders")
+    handler = FlakyHandler({}, permanent={"1"})
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics)
+    restarts = metrics.WORKER_RECONNECTS.labels(worker.group, "CopyUnconfirmed")
+    before = restarts._value.get()
+    produce_json(kafka_bootstrap, topic, [{"id": 1}])
+    with running(worker.run):
+        wait_until(lambda: restarts._value.get() >= before + 1, "the first session ended")
+        first = time.monotonic()
+        wait_until(lambda: restarts._value.get() >= before + 3, "two more sessions ended")
+        # no progress since the first session ended (its polls before the message were)
+        assert HEALTH.seconds_since_progress() >= time.monotonic() - first
+        monkeypatch.setattr(kafka_workers, "COPY_CONFIRM_SECONDS", 30.0)
+        confirmable = time.monotonic()
+        wait_until(lambda: HEALTH.seconds_since_progress() < time.monotonic() - confirmable,
+                   "progress once a copy is confirmed")
+    assert len(handler.attempts["1"]) >= 4  # handled again by each session
 
 
 @pytest.mark.rabbitmq

@@ -93,6 +93,11 @@ class KafkaWorker:
         self._held: dict[tuple[str, int], tuple[int, float]] = {}
         # What the rebalance callbacks assigned: whose messages are handled, whose lag reported.
         self._assigned: set[tuple[str, int]] = set()
+        #: The partition of a message whose copy Kafka did not confirm, while no message has
+        #: settled since and the partition is still this worker's: the loop's turns are then
+        #: not progress (brokers that answer but never confirm a copy would otherwise keep the
+        #: worker ready while its message waits for good).
+        self._stuck: tuple[str, int] | None = None
 
     def retry_topic(self, failed_attempts: int) -> str:
         return f"{self.topic}.retry.{min(max(1, failed_attempts), self.tiers)}"
@@ -146,12 +151,14 @@ class KafkaWorker:
                     # The loop turns: not stuck, even when idle or with retry partitions
                     # paused. Unlike RabbitMQ, no message can hold a turning loop back: a
                     # failing one moves to a retry topic, a refused dead-letter copy stops the
-                    # worker, and a broker away fails the kafka check.
-                    HEALTH.progressed()
+                    # worker, and a broker away fails the kafka check; but a copy left
+                    # unconfirmed holds its message until one settles (see _stuck).
+                    if self._stuck is None:
+                        HEALTH.progressed()
                     self._resume_due(consumer)
                     batch = self._next_messages(consumer)
                     self._batch(consumer, copies, batch, stop)
-                    if batch:  # the session got somewhere: the pauses start again
+                    if self._stuck is None:  # a message settled: the pauses start again
                         reconnect.reset()
             finally:
                 copies.close()
@@ -242,7 +249,12 @@ class KafkaWorker:
         with bound(topic=topic, partition=partition, offset=offset), \
                 tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                      offset=offset, group=self.group):
-            self._settle(consumer, copies, message, raw, text)
+            try:
+                self._settle(consumer, copies, message, raw, text)
+            except CopyUnconfirmed:
+                self._stuck = (topic, partition)
+                raise
+        self._stuck = None
         HEALTH.progressed()
 
     def _settle(self, consumer: Consumer, copies: _Copies, message: Message,
@@ -410,6 +422,9 @@ class KafkaWorker:
         # a retry partition paused when the group rebalanced would never be fetched again.
         # Its retry, fetched anew, pauses it again until due.
         consumer.resume(partitions)
+        if self._stuck is not None and self._stuck not in {
+                (tp.topic, tp.partition) for tp in partitions}:
+            self._stuck = None  # another member handles the message now
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._assigned.add((tp.topic, tp.partition))
