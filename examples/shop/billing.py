@@ -40,7 +40,10 @@ class Billing:
 
     def __call__(self, delivery: Delivery) -> None:
         if delivery.body is None:  # a tombstone: the order is gone
-            order_id = int((delivery.key or b"").decode() or "0")
+            try:
+                order_id = int((delivery.key or b"").decode() or "0")
+            except ValueError as exc:  # not a number, or not UTF-8 (UnicodeDecodeError)
+                raise PermanentError(f"not an order tombstone: key {delivery.key!r}") from exc
             conn = self.database.conn
             with conn.transaction():
                 conn.execute("DELETE FROM billing.invoices WHERE order_id = %s", (order_id,))

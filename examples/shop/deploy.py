@@ -33,10 +33,10 @@ def set_feature(shop: Shop, name: str, enabled: bool) -> None:
 
 
 class Database:
-    """A worker's connection to the billing database, opened when first needed and again
-    after a failure left it closed or broken (the database restarted, the network dropped):
-    the message that met the failure is retried by the worker runtime, and its next attempt
-    finds a fresh connection."""
+    """A worker's connection to its database (billing's; the shop's, for the outbox relay),
+    opened when first needed and again after a failure left it closed or broken (the database
+    restarted, the network dropped): the message (or outbox batch) that met the failure is
+    retried, and its next attempt finds a fresh connection."""
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
@@ -49,6 +49,11 @@ class Database:
                 self._conn.close()
             self._conn = psycopg.connect(self.dsn)
         return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 class Features:

@@ -13,6 +13,7 @@ import pytest
 
 from examples.shop.billing import Billing
 from examples.shop.settings import Shop
+from trueup.retry import PermanentError
 from trueup.workers import Delivery
 
 pytestmark = pytest.mark.postgres
@@ -70,3 +71,17 @@ def test_a_failed_read_of_the_features_is_not_left_to_fail_the_next_message(
     billing(_order(1))
     assert _invoices(dsn) == [1]
 
+
+
+@pytest.mark.parametrize("key", [b"order-7", b"\xff\xfe"])
+def test_a_tombstone_with_an_unreadable_key_is_a_permanent_error(
+        new_db: Callable[[], str], key: bytes) -> None:
+    """The key was parsed outside the PermanentError wrapping: a ValueError, retried on every
+    retry topic and dead-lettered as exhausted, when no attempt could ever succeed."""
+    dsn, billing = _billing(new_db)
+    billing(_order(1))
+    tombstone = Delivery(body=None, key=key, headers={}, source="orders.v1", attempt=1,
+                         message_id="orders.v1:0:99")
+    with pytest.raises(PermanentError, match="not an order tombstone"):
+        billing(tombstone)
+    assert _invoices(dsn) == [1]
