@@ -45,7 +45,7 @@ from trueup.fingerprint import ColumnType, storage_type
 from trueup.log import get_logger
 from trueup.runs import Difference
 from trueup.sides import Side, mirror_side
-from trueup.staging import Merger, RawMessage
+from trueup.staging import Merger, RawMessage, store_offsets
 from trueup.statuses import DifferenceClass
 
 log = get_logger(__name__)
@@ -297,8 +297,10 @@ class MirrorReader:
         finally:
             self.consumer.close()
 
-    def _plan(self) -> dict[int, tuple[int, int]]:
-        """partition -> (first offset to read, high watermark) for partitions with news."""
+    def _plan(self) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
+        """partition -> (first offset to read, high watermark) for partitions with news; and
+        partition -> low watermark for partitions whose stored offset it passed (messages
+        lost), to store with the run's first mirror change."""
         metadata = self.consumer.list_topics(self.shape.topic, timeout=WATERMARK_TIMEOUT_SECONDS)
         topic = metadata.topics.get(self.shape.topic)
         if topic is None or topic.error is not None:
@@ -317,6 +319,7 @@ class MirrorReader:
             self._reset()
             stored = {}
         plan = {}
+        lost: dict[int, int] = {}
         for partition, (low, high) in marks.items():
             read_from = stored.get(partition, 0)  # a new (or rebuilt) mirror: the beginning
             start = max(read_from, low)
@@ -327,9 +330,12 @@ class MirrorReader:
                 log.warning("mirror.messages_lost", reconciliation=self.shape.name,
                             topic=self.shape.topic, partition=partition, from_offset=read_from,
                             to_offset=start, messages=start - read_from)
+                # stored with the run's mirror changes, so the loss is reported once (a run
+                # that fails before it commits any leaves it to the next run to report)
+                lost[partition] = start
             if start < high:
                 plan[partition] = (start, high)
-        return plan
+        return plan, lost
 
     def _reset(self) -> None:
         with self.conn.transaction():
@@ -339,8 +345,11 @@ class MirrorReader:
                               (self.shape.name,))
 
     def _run(self) -> int:
-        plan = self._plan()
+        plan, lost = self._plan()
         if not plan:
+            if lost:  # nothing to read past the gap: the new offsets are the only change
+                with self.conn.transaction():
+                    store_offsets(self.conn, self.shape, lost)
             return 0
         total = sum(high - start for start, high in plan.values())
 
@@ -350,6 +359,7 @@ class MirrorReader:
                                 f"reached")
 
         merger = Merger(self.shape, self.conn, parse_in_postgres=self.parse_in_postgres)
+        merger.offsets_skipped = lost  # stored with the first batch
         done = 0
         # The merge of one batch runs in Postgres while this thread fetches the next.
         with threads.executor(1, "trueup-mirror") as writer, \
@@ -366,6 +376,9 @@ class MirrorReader:
                 self.progress("mirror", done, total)
             if pending is not None:
                 pending.result()
+        if merger.offsets_skipped:  # no batch held a message (only transaction markers)
+            with self.conn.transaction():
+                store_offsets(self.conn, self.shape, merger.offsets_skipped)
         if merger.fallbacks:
             log.info("mirror.python_batches", reconciliation=self.shape.name,
                      batches=merger.fallbacks)

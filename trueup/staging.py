@@ -102,6 +102,9 @@ class Merger:
         self.conn = conn
         self.parse_in_postgres = parse_in_postgres
         self.fallbacks = 0
+        #: partition -> offset past messages removed before they were read (retention,
+        #: DeleteRecords): stored with the next batch merged, then cleared
+        self.offsets_skipped: dict[int, int] = {}
         conn.execute(sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS trueup_stage (kafka_partition integer, "
             "kafka_offset bigint, message_key text, tombstone boolean, {stored}, "
@@ -153,6 +156,9 @@ class Merger:
                 self._stage_storable(cur, self._copy_sql, list(self.python_rows(in_python)))
             self._key_unreadable(cur)
             self._finish(cur)
+            if self.offsets_skipped:
+                store_offsets(self.conn, self.shape, self.offsets_skipped)
+        self.offsets_skipped = {}
 
     def _copy_raw(self, cur: psycopg.Cursor[Any], messages: Sequence[RawMessage]
                   ) -> tuple[list[RawMessage], list[RawMessage]]:
@@ -315,14 +321,24 @@ class Merger:
         one_key = len(shape.key_fields) == 1
 
         def from_message_key(i: int, ctype: ColumnType) -> sql.Composable:
-            # As keys_from_message_key reads them: a one-column key given as a JSON array
-            # holds exactly one value, else the text is the value. CASE, not AND: only CASE
-            # promises not to parse a key that is not JSON.
-            raw = sql.SQL("(CASE WHEN left(r.message_key, 1) <> '[' THEN r.message_key "
-                          "WHEN jsonb_array_length(r.message_key::jsonb) = 1 "
-                          "THEN r.message_key::jsonb ->> 0 ELSE r.message_key END)") \
-                if one_key else sql.SQL("(r.message_key::jsonb ->> {})").format(sql.Literal(i))
-            return sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
+            # As keys_from_message_key reads them: a one-column key whose values may
+            # themselves be a JSON array's text (text-like, JSON) is the text as it is; any
+            # other one-column key given as a JSON array holds exactly one value, else the
+            # text is the value. CASE, not AND: only CASE promises not to parse a key that is
+            # not JSON.
+            if not one_key:
+                raw: sql.Composable = sql.SQL("(r.message_key::jsonb ->> {})").format(
+                    sql.Literal(i))
+            elif _key_text_as_is(ctype):
+                raw = sql.SQL("r.message_key")
+            else:
+                raw = sql.SQL("(CASE WHEN left(r.message_key, 1) <> '[' THEN r.message_key "
+                              "WHEN jsonb_array_length(r.message_key::jsonb) = 1 "
+                              "THEN r.message_key::jsonb ->> 0 ELSE r.message_key END)")
+            value = sql.SQL("{}::{}").format(_record_value(raw, ctype), storage_type(ctype))
+            if one_key and ctype.kind is Kind.JSON:  # as a key field holding null: no key
+                return sql.SQL("NULLIF({}, 'null'::jsonb)").format(value)
+            return value
 
         keys = [sql.SQL("CASE WHEN r.value IS NULL THEN {} ELSE ({})::{} END").format(
             from_message_key(i, t), read(f, t), storage_type(t))
@@ -534,6 +550,18 @@ class Merger:
         ]
 
 
+def store_offsets(conn: psycopg.Connection[Any], shape: MirrorShape,
+                  offsets: dict[int, int]) -> None:
+    """Store each partition's next offset to read (never moving one back), in the caller's
+    transaction."""
+    conn.execute(
+        "INSERT INTO trueup.mirror_offsets (reconciliation, topic, partition, next_offset) "
+        "SELECT %s, %s, p, o FROM unnest(%s::integer[], %s::bigint[]) AS t(p, o) "
+        "ON CONFLICT (reconciliation, topic, partition) DO UPDATE SET next_offset = "
+        "GREATEST(trueup.mirror_offsets.next_offset, excluded.next_offset), updated_at = now()",
+        (shape.name, shape.topic, list(offsets), list(offsets.values())))
+
+
 def _time_text(value: Any, kind: Kind, payload: bytes, field: str) -> str | None:
     """The text of the date or time ``field`` of a message (``payload``) that Python's
     reading refuses, to ask Postgres for, as ``json_to_record`` reads it (a number as
@@ -551,16 +579,35 @@ def _time_text(value: Any, kind: Kind, payload: bytes, field: str) -> str | None
     return raw_fields(payload)[field]
 
 
+def _key_text_as_is(ctype: ColumnType) -> bool:
+    """Whether a one-column key of ``ctype`` is its message key's text as it is, never a
+    one-element JSON array unwrapped: its values may themselves read as one (the text
+    ``["a"]``, the JSON array ``[1]``). A uuid, number, bool, date or time cannot."""
+    return (ctype.kind is Kind.TEXT and ctype.name != "uuid") or ctype.kind is Kind.JSON
+
+
 def keys_from_message_key(message_key: str | None, shape: MirrorShape) -> list[str] | None:
-    """Key values of a tombstone, from the Kafka message key (text, or a JSON array)."""
+    """Key values of a tombstone, from the Kafka message key: the key's value as text (a
+    JSON key's as JSON text), or a JSON array (of one value for a one-column key of a type
+    whose values never start with ``[``)."""
     if message_key is None:
         return None
     if len(shape.key_fields) == 1:
-        try:
-            parsed = loads(message_key) if message_key.startswith("[") else None
-        except ValueError:
-            parsed = None
-        values = parsed if isinstance(parsed, list) and len(parsed) == 1 else [message_key]
+        ctype = shape.key_types[0]
+        if _key_text_as_is(ctype):
+            if ctype.kind is not Kind.JSON:
+                values: list[Any] = [message_key]
+            else:  # read as Postgres reads the text as jsonb
+                try:
+                    values = [loads(message_key)]
+                except ValueError:
+                    return None
+        else:
+            try:
+                parsed = loads(message_key) if message_key.startswith("[") else None
+            except ValueError:
+                parsed = None
+            values = parsed if isinstance(parsed, list) and len(parsed) == 1 else [message_key]
     else:
         try:
             values = loads(message_key)

@@ -19,7 +19,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg.rows import dict_row
 
 from tests.conftest import ProgressLog, terminate_diff, unused_port
-from trueup import mirror
+from trueup import mirror, staging
 from trueup.config import Config, load_config
 from trueup.diff import DiffFailed, diff
 from trueup.errors import TrueupError
@@ -429,6 +429,94 @@ def test_messages_retention_removed_before_they_were_read_are_logged_as_lost(
     (lost,) = {r for r in caplog.records if r.getMessage() == "mirror.messages_lost"}
     assert lost.fields == {"reconciliation": "copy", "topic": topic, "partition": 0,
                            "from_offset": 0, "to_offset": 5, "messages": 5}
+
+
+def test_messages_lost_are_logged_once_and_the_mirror_goes_on_from_the_low_watermark(
+        new_db: Callable[[], str], state_db: str, kafka_bootstrap: str,
+        unique: Callable[[str], str], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stored offset only moved when a message was staged: a partition whose removed
+    messages were its last ones logged ``mirror.messages_lost`` again on every run. The new
+    offset is stored with the run's first mirror change (or alone, when there is none), so a
+    run that fails before it commits one reports the loss again, and only it."""
+    topic = unique("fix3_lost")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 2, 1)]).values():
+        future.result()
+    source = new_db()
+    _orders(source, 4, state="a")
+
+    def produce(partition: int, ids: list[int]) -> None:
+        producer = Producer({"bootstrap.servers": kafka_bootstrap, "acks": "all"})
+        for i in ids:
+            producer.produce(topic, key=str(i), value=json.dumps(_event(i, "a")),
+                             partition=partition)
+        assert producer.flush(30) == 0
+
+    def delete_before(partition: int, offset: int) -> None:
+        for future in admin.delete_records([TopicPartition(topic, partition, offset)]).values():
+            future.result()
+
+    def stored() -> dict[int, tuple[int, Any]]:
+        with psycopg.connect(state_db) as conn:
+            return {p: (o, at) for p, o, at in conn.execute(
+                "SELECT partition, next_offset, updated_at FROM trueup.mirror_offsets "
+                "WHERE reconciliation = 'events'")}
+
+    def lost() -> list[dict[str, Any]]:
+        found = sorted({r for r in caplog.records if r.getMessage() == "mirror.messages_lost"},
+                       key=lambda r: r.created)
+        caplog.clear()
+        return [{k: r.fields[k] for k in ("partition", "from_offset", "to_offset")}
+                for r in found]
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("fix3: the run fails")
+
+    produce(0, [1, 2, 3])  # offsets 0-2
+    produce(1, [4])        # offset 0
+    config = _config(tmp_path, state_db, source, kafka_bootstrap, topic, ["id"])
+    logging.getLogger("trueup").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="trueup"):
+            assert diff(config, "events").consistent
+            assert lost() == []
+            # partition 0: its last messages removed unread; partition 1: one new message
+            produce(0, [1, 2])  # offsets 3-4
+            delete_before(0, 5)
+            produce(1, [4])     # offset 1
+            with monkeypatch.context() as patch:  # the batch fails: nothing is recorded
+                patch.setattr(staging.Merger, "_finish", boom)
+                with pytest.raises((RuntimeError, TrueupError), match="fix3"):
+                    diff(config, "events")
+            assert {p: o for p, (o, _) in stored().items()} == {0: 3, 1: 1}
+            assert lost() == [{"partition": 0, "from_offset": 3, "to_offset": 5}]
+            assert diff(config, "events").consistent  # stored with partition 1's batch
+            assert lost() == [{"partition": 0, "from_offset": 3, "to_offset": 5}]
+            assert {p: o for p, (o, _) in stored().items()} == {0: 5, 1: 2}
+            assert diff(config, "events").consistent
+            assert lost() == []
+
+            # nothing to read past the gap: the new offset is the run's only change
+            produce(0, [3])  # offset 5
+            delete_before(0, 6)
+            with monkeypatch.context() as patch:
+                patch.setattr(mirror, "store_offsets", boom)
+                with pytest.raises((RuntimeError, TrueupError), match="fix3"):
+                    diff(config, "events")
+            assert lost() == [{"partition": 0, "from_offset": 5, "to_offset": 6}]
+            assert diff(config, "events").consistent
+            assert lost() == [{"partition": 0, "from_offset": 5, "to_offset": 6}]
+            before = stored()
+            assert {p: o for p, (o, _) in before.items()} == {0: 6, 1: 2}
+            # nothing new and nothing lost: nothing is written
+            assert diff(config, "events").consistent
+            assert lost() == []
+            assert stored() == before
+    finally:
+        logging.getLogger("trueup").removeHandler(caplog.handler)
+        for future in admin.delete_topics([topic]).values():
+            future.result()
 
 
 def test_a_topic_that_cannot_be_read_fails_the_run_with_its_reason(

@@ -467,3 +467,91 @@ def test_a_date_or_time_only_postgres_reads_reads_alike_when_python_reads_its_me
     assert len(in_postgres) == len(fields)
     assert in_python == in_postgres
     assert slow == in_postgres
+
+
+def _keyed_mirrors(source: str, state_db: str, ddl: str, key_type: str,
+                   messages: list[RawMessage]) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Each path's mirror of ``messages`` (keys left, unreadable messages) for a table keyed
+    by one column ``k`` of ``key_type``."""
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(ddl)
+        conn.execute(f"CREATE TABLE public.keyed (k {key_type} PRIMARY KEY, note text)")
+    rec = ReconciliationConfig.model_validate({
+        "source": {"connection": "s", "table": "public.keyed", "key": ["k"],
+                   "columns": ["note"]},
+        "target": {"connection": "b", "topic": "t", "key": ["k"], "columns": ["note"]}})
+    with psycopg.connect(source, row_factory=dict_row) as conn:
+        side = table_side(label="source", dsn=source, table="public.keyed", key=["k"],
+                          version=None, columns=["note"], conn=conn)
+    found = {}
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        for name, in_postgres in (("fix3_fast", True), ("fix3_slow", False)):
+            shape = shape_of(name, rec, side)
+            _ensure_tables(conn, shape)
+            Merger(shape, conn, parse_in_postgres=in_postgres).merge(messages)
+            left = [r["k"] for r in conn.execute(sql.SQL("SELECT k::text AS k FROM {} ORDER BY 1")
+                                                 .format(shape.table))]
+            kept = [(r["kafka_offset"], r["message_key"], r["reason"]) for r in conn.execute(
+                sql.SQL("SELECT kafka_offset, message_key, reason FROM {} ORDER BY 1").format(
+                    shape.unreadable_table))]
+            found[name] = (left, kept)
+    return found
+
+
+@pytest.mark.parametrize("key_type", ["text", "varchar(10)", "char(5)", "citext", "mood"])
+def test_a_text_key_s_message_key_is_its_value_as_it_is_never_an_unwrapped_array(
+        key_type: str, new_db: Callable[[], str], state_db: str) -> None:
+    """The contract: the message key is the key's value as text. A one-column text key read
+    a one-element JSON array as the value it held: the tombstone ``["a"]`` deleted key
+    ``a`` (and kept ``["a"]``), an unreadable message keyed ``[1]`` superseded key ``1``."""
+    labels = ["a", '["a"]', "1", "[1]", "b"]
+    ddl = ("CREATE EXTENSION IF NOT EXISTS citext; CREATE TYPE mood AS ENUM ("
+           + ", ".join(f"'{label}'" for label in labels) + ")")
+
+    def row(key: str) -> bytes:
+        return json.dumps({"k": key, "note": "x"}).encode()
+
+    messages = [RawMessage(0, 0, '["a"]', row('["a"]')), RawMessage(0, 1, "a", row("a")),
+                RawMessage(0, 2, "[1]", row("[1]")), RawMessage(0, 3, "1", row("1")),
+                RawMessage(0, 4, "b", row("b")),
+                RawMessage(0, 5, '["a"]', None),           # deletes ["a"], not a
+                RawMessage(0, 6, "[1]", b"garbage"),       # supersedes [1], not 1
+                RawMessage(0, 7, '["b"]', None)]           # no such key: deletes nothing
+    found = _keyed_mirrors(new_db(), state_db, ddl, key_type, messages)
+    expected = (["1", "a", "b"], [(6, "[1]", "not JSON")])  # char's padding trimmed
+    assert found == {"fix3_fast": expected, "fix3_slow": expected}
+
+
+def test_a_uuid_key_may_still_be_given_as_a_one_element_array(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """No uuid starts with ``[``: its one-element array form stays accepted, alike in both
+    paths."""
+    ids = [str(uuid.UUID(int=i)) for i in range(3)]
+    messages = [*(RawMessage(0, i, k, json.dumps({"k": k, "note": "x"}).encode())
+                  for i, k in enumerate(ids)),
+                RawMessage(0, 3, json.dumps([ids[0]]), None),
+                RawMessage(0, 4, ids[1].upper(), None),
+                RawMessage(0, 5, json.dumps([ids[2], ids[2]]), None)]
+    found = _keyed_mirrors(new_db(), state_db, "SELECT 1", "uuid", messages)
+    expected = ([ids[2]], [(5, json.dumps([ids[2], ids[2]]), "tombstone without a readable key")])
+    assert found == {"fix3_fast": expected, "fix3_slow": expected}
+
+
+def test_a_json_key_s_message_key_is_its_json_text_alike_in_both_paths(
+        new_db: Callable[[], str], state_db: str) -> None:
+    """A JSON key's value may be an array: ``[1]`` names the array, not 1. Python read a
+    message key that is no one-element array as a JSON string (``{"a": 1}`` as the string),
+    Postgres as the JSON it is."""
+    def row(key: Any) -> bytes:
+        return json.dumps({"k": key, "note": "x"}).encode()
+
+    messages = [RawMessage(0, 0, "[1]", row([1])), RawMessage(0, 1, "1", row(1)),
+                RawMessage(0, 2, '{"a": 1}', row({"a": 1})), RawMessage(0, 3, '"s"', row("s")),
+                RawMessage(0, 4, "[1]", None),             # deletes [1], not 1
+                RawMessage(0, 5, '{"a":1}', None),         # the object, however written
+                RawMessage(0, 6, "null", None),            # no key
+                RawMessage(0, 7, "not json", None)]        # no key
+    found = _keyed_mirrors(new_db(), state_db, "SELECT 1", "jsonb", messages)
+    expected = (['"s"', "1"], [(6, "null", "tombstone without a readable key"),
+                               (7, "not json", "tombstone without a readable key")])
+    assert found == {"fix3_fast": expected, "fix3_slow": expected}
