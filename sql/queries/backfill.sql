@@ -173,6 +173,16 @@ SET status = %(status)s, finished_at = now(), error = %(error)s
 WHERE backfill_id = %(backfill_id)s AND status = 'running'
 RETURNING backfill_id;
 
+-- name: finish_backfill_done
+-- A backfill whose chunks were all found finished, unless a --resume reopened some since (a
+-- cancel, then a resume, between that count and this update): it stays running for them.
+UPDATE trueup.backfills AS b
+SET status = %(status)s, finished_at = now(), error = %(error)s
+WHERE b.backfill_id = %(backfill_id)s AND b.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM trueup.chunks AS c
+                  WHERE c.backfill_id = b.backfill_id AND c.status IN ('pending', 'running'))
+RETURNING backfill_id;
+
 -- name: cancel_backfill
 WITH cancelled AS (
     UPDATE trueup.backfills

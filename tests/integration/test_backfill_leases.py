@@ -218,6 +218,27 @@ def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(
         assert repaired == [], "the writer started on a chunk another worker holds"
 
 
+def test_a_backfill_reopened_after_its_chunks_were_counted_is_not_finished_over_them(
+        state_db: str, planned: tuple[Config, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle worker counted no open chunk (a --cancel had just cancelled the pending ones),
+    then a --resume reopened them before the worker finished the backfill: it was marked
+    succeeded over chunks that then never ran."""
+    config, backfill_id = planned
+    real_query = runner.query
+
+    def counted_before_the_resume(name: str) -> Any:
+        if name == "chunk_progress":  # what the worker saw before the resume committed
+            return "SELECT 0 AS chunks, 0 AS done, 0 AS open, NULL AS failure"
+        return real_query(name)
+
+    monkeypatch.setattr(runner, "query", counted_before_the_resume)
+    with connect(state_db, what="state", autocommit=True) as conn:
+        worker = _Worker(config, backfill_of(load(conn, backfill_id)), WorkerOptions(), 0,
+                         Pacer(None), lambda r: None)
+        assert not worker._finish_if_done(conn)
+        assert load(conn, backfill_id)["status"] == "running"
+
+
 def test_a_state_database_that_stays_away_ends_the_backfill_saying_how_to_resume(
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from trueup.backfill import (
     BackfillOptions,
     WorkerOptions,
     cancel_backfill,
+    planner,
     resume_backfill,
     runner,
     start_backfill,
@@ -38,7 +41,7 @@ from trueup.backfill.upsert import UpsertWriter
 from trueup.cli import main
 from trueup.config import Config, load_config
 from trueup.diff import diff
-from trueup.errors import NotFound
+from trueup.errors import Conflict, NotFound
 from trueup.pacing import Pacer
 from trueup.retry import RetryPolicy
 from trueup.state import open_state
@@ -450,6 +453,59 @@ def test_a_second_active_backfill_is_refused_with_a_line_naming_the_active_one(
     err = [line for line in capsys.readouterr().err.strip().splitlines()
            if not line.startswith('{"at": ')]
     assert len(err) == 1 and f"backfill {fourth} of orders is already running" in err[0]
+
+
+def test_a_backfill_launched_while_another_is_planned_waits_to_name_it(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launched while the first was still planning (its row not committed yet), the second
+    said only "another backfill of orders is being planned": nothing to resume or cancel."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10)
+    config = write_config(tmp_path, state_db, source, target)
+    slow_plan = planner._plan_ranges
+    planning = threading.Event()
+
+    def plan_slowly(*args: Any, **kwargs: Any) -> None:
+        planning.set()
+        time.sleep(1.0)
+        slow_plan(*args, **kwargs)
+
+    monkeypatch.setattr(planner, "_plan_ranges", plan_slowly)
+    planned: list[int] = []
+
+    def first() -> None:
+        with open_state(state_db) as state:
+            state.autocommit = True
+            planned.append(plan(config, "orders", _all(chunk_size=5), state))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert planning.wait(30)
+        with open_state(state_db) as state, pytest.raises(Conflict) as refused:
+            state.autocommit = True
+            plan(config, "orders", _all(chunk_size=5), state)
+    finally:
+        thread.join(30)
+    assert str(refused.value).startswith(
+        f"backfill orders: backfill {planned[0]} of orders is already running; resume it")
+    monkeypatch.setattr(planner, "PLANNING_WAIT_SECONDS", 0.2)
+    planning.clear()
+    thread = threading.Thread(target=lambda: resume_backfill(config, planned[0]))
+    thread.start()
+    thread.join(60)
+    second = threading.Thread(target=first)
+    second.start()
+    try:
+        assert planning.wait(30)
+        with open_state(state_db) as state, pytest.raises(Conflict, match=(
+                r"another backfill of orders is still being planned after 0.2 s; "
+                r"`trueup status` names it once planned")):
+            state.autocommit = True
+            plan(config, "orders", _all(chunk_size=5), state)
+    finally:
+        second.join(30)
 
 
 def test_cancel_stops_pending_chunks_and_resume_finishes_them(

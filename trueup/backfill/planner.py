@@ -57,6 +57,28 @@ def active_conflict(name: str, row: dict[str, Any]) -> Conflict:
                     f"`trueup backfill --cancel {bid}`")
 
 
+#: How long a backfill waits for another one of its reconciliation to be planned, to name it.
+PLANNING_WAIT_SECONDS = 10.0
+
+
+def _lock(state: psycopg.Connection[Any], name: str) -> None:
+    """Take the reconciliation's planning lock for this transaction. Another backfill being
+    planned holds it until its plan commits, unseen till then: waiting for it (a while) lets
+    the caller name it, as the active one, rather than say only that one is being planned."""
+    with state.transaction():  # a savepoint: a lock not granted in time leaves the rest alone
+        before = state.execute("SELECT current_setting('lock_timeout') AS t").fetchone()
+        state.execute("SELECT set_config('lock_timeout', %s, true)",
+                      (f"{int(PLANNING_WAIT_SECONDS * 1000)}ms",))
+        try:
+            state.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(name),))
+        except psycopg.errors.LockNotAvailable:
+            raise Conflict(f"backfill {name}: another backfill of {name} is still being "
+                           f"planned after {PLANNING_WAIT_SECONDS:g} s; `trueup status` "
+                           f"names it once planned") from None
+        state.execute("SELECT set_config('lock_timeout', %s, true)",
+                      (before["t"] if before else "0",))
+
+
 def validate(config: Config, name: str, options: BackfillOptions) -> None:
     rec = config.reconciliation(name)
     if rec.repair is RepairMode.NONE:
@@ -73,13 +95,10 @@ def plan(config: Config, name: str, options: BackfillOptions,
     """Create backfill ``name`` with its chunks (status running); return its id."""
     validate(config, name, options)
     with state.transaction():
-        locked = state.execute("SELECT pg_try_advisory_xact_lock(%s) AS ok",
-                               (lock_key(name),)).fetchone()
+        _lock(state, name)
         active = state.execute(query("active_backfill"), {"reconciliation": name}).fetchone()
         if active is not None:
             raise active_conflict(name, active)
-        if not (locked and locked["ok"]):
-            raise Conflict(f"backfill {name}: another backfill of {name} is being planned")
         if options.scope is BackfillScope.RUN:
             _check_run(state, name, options.run_id)
         try:

@@ -314,10 +314,11 @@ class _Worker:
             return False
         failed = row["failure"]
         status = BackfillStatus.FAILED if failed else BackfillStatus.SUCCEEDED
-        finished = state.execute(query("finish_backfill"), {
+        finished = state.execute(query("finish_backfill_done"), {
             "backfill_id": bid, "status": status.value,
             "error": f"chunk {failed}" if failed else None}).fetchone()
-        if finished is not None:
-            log.info("backfill.finished", reconciliation=self.backfill.reconciliation,
-                     backfill_id=bid, status=status.value)
+        if finished is None:  # ended meanwhile, or reopened by a resume: the loop asks again
+            return False
+        log.info("backfill.finished", reconciliation=self.backfill.reconciliation,
+                 backfill_id=bid, status=status.value)
         return True
