@@ -199,10 +199,20 @@ def fields_sql(columns: Sequence[sql.Composable], types: Sequence[ColumnType],
                                                sql.SQL(", ").join(parts))
 
 
+def text_hash(text: sql.Composable) -> sql.Composable:
+    """SQL hashing a canonical ``text`` as the fingerprint and row hash do (a bigint):
+    ``hashtextextended`` of its bytes. The text is hashed in the ``C`` collation: it takes a
+    compared column's collation, and under a nondeterministic one (``deterministic=false``,
+    case- or accent-insensitive) ``hashtextextended`` hashes the collation's sort key, not the
+    bytes (``hello`` hashes as ``Hello``, and neither as the same text of the other side).
+    Under a deterministic collation it hashes the bytes anyway, so the value is the same."""
+    return sql.SQL("hashtextextended(({}) COLLATE \"C\", 0)").format(text)
+
+
 def fingerprint_sql(columns: Sequence[sql.Composable],
                     types: Sequence[ColumnType]) -> sql.Composable:
     """SQL for the fingerprint of the compared columns (a bigint)."""
-    return sql.SQL("hashtextextended({}, 0)").format(fields_sql(columns, types))
+    return text_hash(fields_sql(columns, types))
 
 
 def row_hash_sql(key: sql.Composable, version: sql.Composable,
@@ -213,8 +223,8 @@ def row_hash_sql(key: sql.Composable, version: sql.Composable,
     that swapped their values; a plain XOR of fingerprints would not.
     """
     sep = sql.Literal(PART_SEPARATOR)
-    return sql.SQL("hashtextextended({} || {} || {} || {} || ({})::text, 0)").format(
-        key, sep, version, sep, fingerprint)
+    return text_hash(sql.SQL("{} || {} || {} || {} || ({})::text").format(
+        key, sep, version, sep, fingerprint))
 
 
 # ---------------------------------------------------------------------------------------------

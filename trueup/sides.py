@@ -31,6 +31,7 @@ from trueup.fingerprint import (
     fields_sql,
     render_sql,
     storage_type,
+    text_hash,
     whole_double_numeric,
 )
 from trueup.log import get_logger
@@ -202,12 +203,26 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
 
     key_types = list(key_as or own_key)
     column_types_ = list(as_types or own_columns)
+    for name, own, wanted in zip(key, own_key, key_types, strict=True):
+        if _cuts(own, wanted):
+            raise SchemaMismatch(
+                f"{label} {table}: key {name} ({_sql_name(own)}; the source's is "
+                f"{_sql_name(wanted)}) cannot be compared exactly: keys are read as the "
+                f"source's type, and as {_sql_name(wanted)} {_CUT_EXAMPLES[wanted.kind]}. Give "
+                f"the target's key the source's type, or reconcile against a view of the "
+                f"target whose key is {_sql_name(wanted)}")
     key_exprs = [cast(n, o, w) for n, o, w in zip(key, own_key, key_types, strict=True)]
     readers = create_readers(conn, table, [_read_as(o, w) for o, w in zip(
         own_columns, column_types_, strict=True) if _read_may_fail(o, w)])
     col_exprs: list[sql.Composable] = []
-    reads: list[_TextRead | None] = []  # the columns read by the session's readers
+    # the columns read by the session's readers, or checked for a cut (_ExactRead)
+    reads: list[_TextRead | _ExactRead | None] = []
     for name, own, wanted in zip(columns, own_columns, column_types_, strict=True):
+        if _cuts(own, wanted):
+            exact = _ExactRead.of(sql.Identifier(name), own, wanted)
+            col_exprs.append(exact.value)
+            reads.append(exact)
+            continue
         if not _read_may_fail(own, wanted):
             col_exprs.append(cast(name, own, wanted))
             reads.append(None)
@@ -231,15 +246,15 @@ def table_side(*, label: str, dsn: str, table: str, key: Sequence[str], version:
     side = Side(
         label=label, dsn=dsn, relation=sql.Identifier(*table.split(".")), key=key_exprs,
         key_types=key_types, version=version_expr, version_type=version_type,
-        fingerprint=sql.SQL("hashtextextended({}, 0)").format(fields),
+        fingerprint=text_hash(fields),
         row_hash=sql.Literal(0),  # replaced below, needs key_text and version_text
         updated_at=sql.Identifier(updated_at) if updated_at else None,
         statistics=(table.partition(".")[0], table.partition(".")[2], key[0]),
         column_types=column_types_,
     )
-    row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, {}), 0)").format(
+    row_hash = text_hash(sql.SQL("concat_ws({}, {}, {}, {})").format(
         sql.Literal(PART_SEPARATOR), side.key_text,
-        side.version_text if hashed_version else sql.Literal(NULL), fields)
+        side.version_text if hashed_version else sql.Literal(NULL), fields))
     values = [*zip(key_exprs, key_types, strict=True),
               *([(version_expr, version_type)] if version_expr and version_type
                 and hashed_version else []),
@@ -373,13 +388,16 @@ def create_readers(conn: psycopg.Connection[Any], table: str,
         return set()
     value, seed = sql.Identifier("v"), sql.Identifier("seed")
     refused = sql.SQL("{} || value").format(sql.Literal(INVALID))
+    # in the C collation: the value takes the collation of the column it is called on
+    refused_hash = sql.SQL("pg_catalog.hashtextextended(({}) COLLATE \"C\", seed)").format(
+        refused)
     try:
         with conn.transaction():
             for name, ctype in sorted(wanted.items()):
                 for what, params, returns, give, refusal in (
                         ("render", "value text", "text", render_sql(value, ctype), refused),
                         ("hash", "value text, seed int8", "int8", _hashed(value, ctype, seed),
-                         sql.SQL("pg_catalog.hashtextextended({}, seed)").format(refused))):
+                         refused_hash)):
                     conn.execute(sql.SQL(_READER).format(  # json is read as jsonb, whose
                         name=_reader(what, name), params=sql.SQL(params),  # input refuses more
                         returns=sql.SQL(returns), type=storage_type(ctype), give=give,
@@ -437,6 +455,65 @@ class _TextRead:
         if when is None:
             return read
         return sql.SQL("(CASE WHEN {} THEN {} ELSE {} END)").format(when, plain, read)
+
+
+def _cuts(own: ColumnType, wanted: ColumnType) -> bool:
+    """Whether reading a target column of ``own`` as its source's ``wanted`` would make
+    different values one: a timestamp read as a date loses its time of day (13:45 and
+    midnight are the same day), a number read as a bool is true for anything but 0 (its cast;
+    and only integer has one). A cast from every other pair the diff's types choose keeps
+    each value distinct, or refuses it (a text read as a number, see _read_may_fail)."""
+    return (wanted.kind is Kind.DATE and own.kind is Kind.TIMESTAMP) or (
+        wanted.kind is Kind.BOOL and own.kind is Kind.NUMBER)
+
+
+#: What reading a key as the source's type would do, for the message refusing it.
+_CUT_EXAMPLES = {
+    Kind.DATE: "the times of one day are one key (00:00 and 13:00 of 2026-01-01 are both "
+               "2026-01-01)",
+    Kind.BOOL: "every number but 0 is true (1 and 5 are one key)",
+}
+
+
+@dataclass(frozen=True)
+class _ExactRead:
+    """A target column of ``own`` compared as its source's ``wanted`` where the cast would cut
+    (see :func:`_cuts`): a value the cast keeps unchanged (a timestamp at midnight UTC, the
+    number 0 or 1) is read as ``wanted`` (``value``), any other renders as ``!`` and its text,
+    as a value a type's input refuses does (one ``mismatch``, equal to nothing)."""
+
+    value: sql.Composable       # the value as ``wanted`` (NULL where not ``exact``)
+    exact: sql.Composable       # whether the value survives the cast unchanged
+    text: sql.Composable        # its text, for ``!<text>``
+    wanted: ColumnType
+
+    @classmethod
+    def of(cls, ident: sql.Composable, own: ColumnType, wanted: ColumnType) -> _ExactRead:
+        text = sql.SQL("({})::text").format(ident)
+        if wanted.kind is Kind.DATE:
+            # the day of the instant in UTC, whatever the session's zone (infinity is itself)
+            utc = (sql.SQL("(({}) AT TIME ZONE 'UTC')").format(ident)
+                   if own.name == "timestamptz" else sql.SQL("({})").format(ident))
+            return cls(value=sql.SQL("({})::date").format(utc),
+                       exact=sql.SQL("({0} = date_trunc('day', {0}))").format(utc),
+                       text=text, wanted=wanted)
+        return cls(value=sql.SQL("(CASE WHEN {0} = 0 THEN false WHEN {0} = 1 THEN true END)"
+                                 ).format(ident),
+                   exact=sql.SQL("({0} = 0 OR {0} = 1)").format(ident), text=text,
+                   wanted=wanted)
+
+    def rendered(self) -> sql.Composable:
+        """Its canonical text (``!<text>`` where the cast would cut it, NULL for NULL)."""
+        return sql.SQL("(CASE WHEN {} THEN {} ELSE {} || {} END)").format(
+            self.exact, render_sql(self.value, self.wanted), sql.Literal(INVALID), self.text)
+
+    def hashed(self, seed: int) -> sql.Composable:
+        """Its native hash at position ``seed`` (of ``!<text>`` where the cast would cut it,
+        as the session's readers hash a refused value; NULL for NULL)."""
+        return sql.SQL(
+            "(CASE WHEN {} THEN {} ELSE pg_catalog.hashtextextended(({} || {}) COLLATE \"C\", "
+            "{}) END)").format(self.exact, _hashed(self.value, self.wanted, seed),
+                               sql.Literal(INVALID), self.text, sql.Literal(seed))
 
 
 #: The extended (seeded) hash function of each type's default hash operator class: the
@@ -533,7 +610,10 @@ def common_type(source: ColumnType, target: ColumnType) -> ColumnType:
     Integers of different widths compare as bigint, other numbers of different types as
     numeric, and text-like values as text, so no cast can round or cut a value (a numeric
     target cast to a bigint source would round 10.5).
-    Otherwise the target is read as the source's type.
+    Otherwise the target is read as the source's type; where that would cut a value (a
+    timestamp read as a date, a number as a bool: see :func:`_cuts`), a compared column's
+    value the cast does not keep unchanged renders as refused (:class:`_ExactRead`), and such
+    a key is refused (:func:`table_side`).
     """
     if source.name == target.name:
         return source

@@ -935,3 +935,135 @@ def test_a_nan_version_is_ordered_as_postgres_orders_it_above_every_number(
         conn.row_factory = psycopg.rows.dict_row
         found = {d.key[0]: d.cls.value for d in differences_of(conn, summary.run_id)}
     assert found == {1: "stale", 2: "ahead", 4: "stale"}
+
+
+@pytest.mark.parametrize("key_type", ["text", "bigint"])
+def test_text_in_a_nondeterministic_collation_is_compared_by_its_bytes(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, key_type: str) -> None:
+    """A target column in a case-insensitive collation (``deterministic=false``): the
+    fingerprint and row hash hashed its text in that collation, which hashes the sort key and
+    not the bytes, so every row of a partition run was a mismatch and one real difference
+    ('Hello' against 'hello') made every row of its hash bucket one."""
+    source, target = new_db(), new_db()
+    day = dt.datetime(2026, 2, 1, 10, tzinfo=dt.UTC)
+    key = "k::text" if key_type == "text" else "k"
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE public.orders (id {key_type} PRIMARY KEY, version bigint, "
+                     "status text, updated_at timestamptz)")
+        conn.execute(f"INSERT INTO public.orders SELECT {key}, 1, CASE WHEN k = 7 THEN "
+                     "'Hello' ELSE 'v' || k END, %s FROM generate_series(1, 2000) k", (day,))
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
+                     "deterministic = false)")
+        conn.execute(f"CREATE TABLE public.copy (id {key_type} PRIMARY KEY, version bigint, "
+                     "status text COLLATE ci)")
+        conn.execute(f"INSERT INTO public.copy SELECT {key}, 1, CASE WHEN k = 7 THEN "
+                     "'hello' ELSE 'v' || k END FROM generate_series(1, 2000) k")
+    config = _copy_config(tmp_path, state_db, source, target, ["status"],
+                          updated_at="updated_at", partitions={"daily": {"start": "2026-01-01"}})
+    seven = ("7",) if key_type == "text" else (7,)
+    assert _diff_found(config, "orders") == {(seven, "mismatch")}
+    found: list[Difference] = []
+    summary = diff(config, "orders", partition="2026-02-01", on_difference=found.append)
+    assert [(tuple(d.key), d.cls.value) for d in found] == [(seven, "mismatch")]
+    assert summary.source_rows == summary.target_rows == 2000
+
+
+def _lossy_tables(source: str, target: str, columns: dict[str, tuple[str, str]],
+                  rows: dict[int, tuple[tuple[Any, ...], tuple[Any, ...]]]) -> None:
+    """``public.t`` (id, version, ``columns``: name -> (source type, target type)) on both
+    sides, holding ``rows`` (id -> (source values, target values))."""
+    for side, dsn in enumerate((source, target)):
+        ddl = ", ".join(f"{name} {types[side]}" for name, types in columns.items())
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version int, {ddl})")
+            marks = ", ".join(["%s"] * len(columns))
+            for i, pair in rows.items():
+                conn.execute(f"INSERT INTO public.t VALUES (%s, 1, {marks})", (i, *pair[side]))
+
+
+def test_a_timestamp_target_against_a_date_source_is_equal_only_at_midnight_utc(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A target timestamp was read as the source's date by a plain cast, which drops its time
+    of day: 13:45 on the source's day was equal. It equals the date only at midnight (UTC for
+    a timestamptz, whatever the session's zone); any other time renders as `!<its text>`, one
+    mismatch."""
+    source, target = new_db(), new_db()
+    rows = {
+        1: (("2026-01-01", "2026-01-01"), ("2026-01-01 00:00+00", "2026-01-01 00:00")),
+        2: (("2026-01-01", "2026-01-01"), ("2026-01-01 13:45+00", "2026-01-01 00:00")),
+        3: (("2026-01-01", "2026-01-01"), ("2026-01-01 00:00+00", "2026-01-01 00:00:00.000001")),
+        4: (("2026-01-02", "2026-01-02"), ("2026-01-01 19:00-05", "2026-01-02 00:00")),
+        5: (("2026-01-01", "2026-01-01"), ("2026-01-01 23:00-05", "2026-01-01 00:00")),
+        6: (("infinity", "-infinity"), ("infinity", "-infinity")),
+        7: ((None, None), (None, None)),
+        8: ((None, "2026-01-01"), ("2026-01-01 00:00+00", "2026-01-01 00:00")),
+    }
+    _lossy_tables(source, target, {"d": ("date", "timestamptz"), "e": ("date", "timestamp")},
+                  rows)
+    config = _t_config(tmp_path, state_db, source, target, ["d", "e"], repair="upsert")
+    assert _diff_found(config, "t") == {((i,), "mismatch") for i in (2, 3, 5, 8)}
+    done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.status, done.rows_repaired) == (BackfillStatus.SUCCEEDED, 4)
+    assert diff(config, "t").consistent
+
+
+def test_a_number_target_against_a_bool_source_is_true_only_as_1_and_false_as_0(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A target integer 5 was read as the source's bool by its cast, true, and so equal to
+    true; a message's 5 is unreadable as a bool. Only 1 and 0 (of any number type) read as
+    true and false; any other number renders as `!<its text>`, one mismatch (numeric and
+    double precision have no cast to bool: such a column failed the run)."""
+    source, target = new_db(), new_db()
+    rows = {
+        1: ((True, False, True, False), (1, 0, 1, 0)),
+        2: ((True, True, True, True), (5, 1, 1, 1)),
+        3: ((False, True, True, True), (-1, 1.00, 1, 1)),
+        4: ((True, True, True, True), (1, 2.5, 1.0, 1)),
+        5: ((True, True, True, False), (1, 1, 0.5, 0)),
+        6: ((None, None, False, None), (None, None, -0.0, None)),
+        7: ((True, None, None, None), (1, "NaN", None, None)),
+        8: ((True, True, True, True), (1, 1, 1, 2)),
+    }
+    _lossy_tables(source, target, {"a": ("bool", "int"), "b": ("bool", "numeric"),
+                                   "c": ("bool", "float8"), "s": ("bool", "smallint")}, rows)
+    config = _t_config(tmp_path, state_db, source, target, ["a", "b", "c", "s"])
+    assert _diff_found(config, "t") == {((i,), "mismatch") for i in (2, 3, 4, 5, 7, 8)}
+
+
+@pytest.mark.parametrize(("source_key", "target_key", "values", "cut"), [
+    ("date", "timestamptz", (["'2026-01-01'"], ["'2026-01-01 00:00+00'", "'2026-01-01 13:00+00'"]),
+     r"the times of one day are one key \(00:00 and 13:00 of 2026-01-01 are both "
+     r"2026-01-01\)"),
+    ("boolean", "integer", (["true"], ["1", "5"]),
+     r"every number but 0 is true \(1 and 5 are one key\)"),
+], ids=["date-timestamptz", "bool-int"])
+def test_a_target_key_its_source_s_key_type_would_cut_is_refused_before_the_run_compares(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], source_key: str, target_key: str,
+        values: tuple[list[str], list[str]], cut: str) -> None:
+    """A date source key against a timestamptz target key read the target's keys as dates:
+    its keys 00:00 and 13:00 of one day became one, one of them hidden and matched as equal.
+    Keys are compared in the source's type and order, where such keys have no place of their
+    own: the run is refused in one line, with what to do."""
+    source, target = new_db(), new_db()
+    for dsn, (key_type, rows) in ((source, (source_key, values[0])),
+                                  (target, (target_key, values[1]))):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id {key_type} PRIMARY KEY, version int, "
+                         "status text)")
+            conn.execute(f"INSERT INTO public.t (id) VALUES ({'), ('.join(rows)})")
+    config = _t_config(tmp_path, state_db, source, target, ["status"], repair="upsert")
+    names = {"timestamptz": "timestamp with time zone"}
+    refused = (rf"target public\.t: key id \({names.get(target_key, target_key)}; the source's "
+               rf"is {source_key}\) cannot be compared exactly: keys are read as the source's "
+               rf"type, and as {source_key} {cut}\. Give the target's key the source's type, or "
+               rf"reconcile against a view of the target whose key is {source_key}")
+    with pytest.raises(TrueupError, match=r"^diff t: run \d+ failed: " + refused + "$"):
+        diff(config, "t")
+    capsys.readouterr()
+    assert cli.main(["--config", str(tmp_path / "trueup.yaml"), "diff", "t"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"diff t: run \d+ failed: " + refused, err), err
+    with pytest.raises(TrueupError, match=refused):
+        start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
