@@ -21,6 +21,7 @@ from trueup.config import Config
 from trueup.errors import UsageError
 from trueup.fingerprint import jsonb_text
 from trueup.queries import query
+from trueup.runs import time_text
 from trueup.state import open_state
 from trueup.statuses import ChunkStatus
 
@@ -89,15 +90,24 @@ def _alternatives(value: Any) -> list[Any]:
                 found.append(number)
         with contextlib.suppress(ValueError):
             found.append(str(uuid.UUID(value)))
-        with contextlib.suppress(ValueError):
-            # a time as runs store it: ISO with a T, a zoned one in UTC (+00:00), so that
-            # 2025-12-31T23:00:00+01:00 or ...22:00:00Z find 2025-12-31T22:00:00+00:00
-            at = dt.datetime.fromisoformat(value)
-            found.append((at.astimezone(dt.UTC) if at.tzinfo else at).isoformat())
+        found += _times(value)
     unique: dict[str, Any] = {}  # by JSON text: 1 and 1.0 are one stored form, 1 and "1" two
     for form in found:
         unique.setdefault(jsonb_text(form), form)
     return list(unique.values())
+
+
+def _times(value: str) -> list[str]:
+    """A time as runs and repairs store it: ISO with a T, a zoned one in UTC (+00:00), so that
+    2025-12-31T23:00:00+01:00 or ...22:00:00Z find 2025-12-31T22:00:00+00:00; its fraction as
+    Postgres writes it (``.5``, :func:`~trueup.runs.time_text`), and as runs stored it before
+    (``.500000``, ``isoformat``'s)."""
+    try:
+        moment = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return []
+    at = moment.astimezone(dt.UTC) if moment.tzinfo else moment
+    return [time_text(at), at.isoformat()]
 
 
 def _storable(forms: list[list[Any]], text: str) -> list[list[Any]]:
@@ -129,7 +139,11 @@ def lineage(conn: psycopg.Connection[Any], name: str,
               "repairs_keys": [repairs_text(f) for f in forms]}
     runs = conn.execute(query("key_runs"), params).fetchall()
     repairs = conn.execute(query("key_repairs"), params).fetchall()
-    return {"reconciliation": name, "key": forms[0], "runs": runs, "repairs": repairs}
+    # the key as found: a repairs row's text (one per key), else a run's; KEY as read (its
+    # first form) when nothing holds it
+    stored = [row.pop("stored_key") for row in (*repairs, *runs)]
+    key = json.loads(stored[0], parse_float=Decimal) if stored else forms[0]
+    return {"reconciliation": name, "key": key, "runs": runs, "repairs": repairs}
 
 
 def _unconfirmed(chunk_status: str) -> str:

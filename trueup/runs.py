@@ -10,6 +10,7 @@ import datetime as dt
 import decimal
 import json
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -89,7 +90,9 @@ def finish_run(conn: psycopg.Connection[Any], summary: RunSummary) -> None:
 
 
 def fail_run(conn: psycopg.Connection[Any], run_id: int, error: str, seconds: float) -> None:
-    conn.execute(query("fail_run"), {"run_id": run_id, "error": error, "seconds": seconds})
+    # to the millisecond, as a finished run's (status --json printed 0.037412806996144354)
+    conn.execute(query("fail_run"), {"run_id": run_id, "error": error,
+                                     "seconds": round(seconds, 3)})
     conn.commit()
 
 
@@ -142,9 +145,10 @@ def differences_of(conn: psycopg.Connection[Any], run_id: int) -> list[Differenc
 
 
 def json_value(value: Any) -> Any:
-    """A database value as plain JSON (keys and versions in --show and the state tables)."""
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
+    """A database value as plain JSON (keys and versions in --show and the state tables); a
+    time as Postgres's JSON writes it (:func:`time_text`)."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return time_text(value)
     if isinstance(value, Endless):
         return str(value)  # 'infinity', '-infinity'
     if isinstance(value, float) and not math.isfinite(value):
@@ -160,6 +164,25 @@ def json_value(value: Any) -> Any:
             return _non_finite(value)
         return int(value) if value == value.to_integral_value() else str(value)
     return str(value)  # UUID and other scalars print as their text
+
+
+def time_text(value: dt.date | dt.time) -> str:
+    """A date, timestamp or time of day as Postgres's JSON writes it (``to_jsonb``,
+    ``json_build_array``) in trueup's sessions (TimeZone UTC): ISO with a ``T``, the fraction
+    of a second without its trailing zeros (``10:30:00.5``, where ``isoformat`` writes
+    ``10:30:00.500000``), a time of day's offset without zero minutes (``+02``). Repairs rows
+    hold keys as Postgres renders them: a run's differences must hold the same text for a
+    backfill's repairs rows to name the run that found the key (earlier runs stored
+    ``isoformat``'s text, which lineage looks up too)."""
+    if not isinstance(value, dt.datetime | dt.time):
+        return value.isoformat()  # a date: no fraction
+    whole = value.replace(microsecond=0).isoformat()
+    seconds = 19 if isinstance(value, dt.datetime) else 8  # YYYY-MM-DDTHH:MM:SS, HH:MM:SS
+    fraction = f".{value.microsecond:06d}".rstrip("0") if value.microsecond else ""
+    zone = whole[seconds:]
+    if isinstance(value, dt.time):
+        zone = re.sub(r"^([+-]\d\d):00$", r"\1", zone)  # timetz: +02, +05:30, +02:00:15
+    return whole[:seconds] + fraction + zone
 
 
 def _non_finite(value: float | decimal.Decimal) -> str:

@@ -1,8 +1,10 @@
 -- `trueup lineage NAME KEY`: every run that saw a key and every repair of it.
 
 -- name: key_runs
+-- stored_key: the key as the run stored it (lineage shows it, not the KEY typed), taken out
+-- of the row before it is printed
 SELECT d.run_id, r.partition, r.status, r.started_at, d.class, d.source_version,
-       d.target_version, d.source_fingerprint, d.target_fingerprint
+       d.target_version, d.source_fingerprint, d.target_fingerprint, d.key::text AS stored_key
 FROM trueup.differences AS d
 JOIN trueup.runs AS r USING (run_id)
 WHERE d.reconciliation = %(reconciliation)s AND d.key = ANY(%(keys)s::jsonb[])
@@ -12,7 +14,8 @@ ORDER BY d.run_id;
 -- A repair of a chunk not done is an intent (a cross-database upsert records it before the
 -- target commits): chunk_status says so.
 SELECT p.backfill_id, p.chunk, p.action, p.at, p.fingerprint_before, p.fingerprint_after,
-       p.run_id, b.scope, b.status AS backfill_status, c.status AS chunk_status
+       p.run_id, b.scope, b.status AS backfill_status, c.status AS chunk_status,
+       p.key AS stored_key
 FROM trueup.backfills AS b
 JOIN trueup.chunks AS c ON c.backfill_id = b.backfill_id
 -- one probe of the primary key (backfill_id, chunk, key) per chunk that may hold rows (a key has

@@ -281,6 +281,85 @@ def test_repairs_hold_each_key_as_jsonb_prints_it_so_lineage_finds_it(
     assert diff(config, "codes").consistent
 
 
+@pytest.mark.parametrize(("typname", "keys", "typed"), [
+    ("timestamptz", ["2026-01-01 10:30:00.5+00", "2026-01-01 10:30:00+00",
+                     "2026-01-01 10:30:00.123456+00", "2026-01-01 10:30:00.12+00"],
+     ["2026-01-01T10:30:00.5Z", "2026-01-01 11:30:00.500+01", "2026-01-01T10:30:00Z",
+      "2026-01-01T10:30:00.123456+00:00", "2026-01-01 10:30:00.120000+00"]),
+    ("timestamp", ["2026-01-01 10:30:00.5", "2026-01-01 10:30:00"],
+     ["2026-01-01T10:30:00.5", "2026-01-01 10:30:00.500000", "2026-01-01T10:30:00"]),
+])
+def test_a_time_key_with_a_fraction_is_one_text_in_runs_and_repairs_so_lineage_finds_both(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path, typname: str,
+        keys: list[str], typed: list[str]) -> None:
+    """Runs stored a time key as isoformat writes it (10:30:00.500000), repairs rows as
+    Postgres does (10:30:00.5): lineage found the run but no repair (or the repair but no run),
+    and an --all backfill's repairs rows named no run (their run_id NULL)."""
+    source, target = _typed_codes(new_db(), new_db(), typname, keys)
+    config = load_config(_codes_config(tmp_path, state_db, source, target))
+    run_id = diff(config, "codes").run_id
+    summary = start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL))
+    assert summary.status is BackfillStatus.SUCCEEDED and summary.rows_repaired == len(keys)
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        found = conn.execute("SELECT d.key::text AS run_key, p.key, p.run_id "
+                             "FROM trueup.repairs AS p FULL JOIN trueup.differences AS d "
+                             "ON d.key = p.key::jsonb ORDER BY p.key").fetchall()
+        assert [(r["run_key"], r["run_id"]) for r in found] == [
+            (r["key"], run_id) for r in found], found
+        for text in typed:
+            document = lineage(conn, "codes", parse_key(text, 1))
+            assert (len(document["runs"]), len(document["repairs"])) == (1, 1), text
+    assert diff(config, "codes").consistent
+
+
+def test_lineage_finds_a_time_key_a_run_stored_as_isoformat_wrote_it(state_db: str) -> None:
+    """Runs before the fix stored 10:30:00.5 as 2026-01-01T10:30:00.500000+00:00: found
+    whatever the spelling of KEY, and shown as stored."""
+    stored = "2026-01-01T10:30:00.500000+00:00"
+    with psycopg.connect(state_db, row_factory=dict_row) as conn:
+        run = conn.execute("INSERT INTO trueup.runs (reconciliation, status) "
+                           "VALUES ('codes', 'succeeded') RETURNING run_id").fetchone()
+        assert run is not None
+        conn.execute("INSERT INTO trueup.differences (run_id, seq, reconciliation, key, class) "
+                     "VALUES (%s, 1, 'codes', %s, 'missing')",
+                     (run["run_id"], json.dumps([stored])))
+        for text in ("2026-01-01T10:30:00.5Z", "2026-01-01 10:30:00.5+00:00", stored):
+            document = lineage(conn, "codes", parse_key(text, 1))
+            assert [r["run_id"] for r in document["runs"]] == [run["run_id"]], text
+            assert document["key"] == [stored]
+
+
+@pytest.mark.parametrize(("typname", "stored", "typed"), [
+    ("text", "9", "9"), ("text", "1e2", "1e2"), ("text", "-0", "-0"),
+    ("bigint", "100", "1e2"), ("numeric", "9.00", "9.0"),
+    ("timestamptz", "2026-01-01 10:30:00.5+00", "2026-01-01 11:30:00.50+01"),
+])
+def test_lineage_shows_the_key_as_found_not_as_typed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], typname: str, stored: str, typed: str) -> None:
+    """A text key "9" showed as [9], "1e2" as [100], "-0" as [0]: the first form KEY may have,
+    not the key found. Nothing found: KEY as read."""
+    source, target = _typed_codes(new_db(), new_db(), typname, [stored])
+    path = _codes_config(tmp_path, state_db, source, target)
+    config = load_config(path)
+    diff(config, "codes")
+    assert start_backfill(config, "codes", BackfillOptions(scope=BackfillScope.ALL)
+                          ).rows_repaired == 1
+    with psycopg.connect(state_db) as conn:
+        (key_text,) = conn.execute("SELECT key FROM trueup.repairs").fetchone() or ("",)
+    capsys.readouterr()
+    assert main(["--config", str(path), "lineage", "codes", typed, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert json.dumps(document["key"]) == key_text
+    assert (len(document["runs"]), len(document["repairs"])) == (1, 1)
+    assert main(["--config", str(path), "lineage", "codes", typed]) == 0
+    assert capsys.readouterr().out.startswith(f"codes key {key_text}: 1 runs, 1 repairs\n")
+    assert main(["--config", str(path), "lineage", "codes", "77", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == [77]  # nothing found: KEY as read
+    assert main(["--config", str(path), "lineage", "codes", "abc", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == ["abc"]
+
+
 @pytest.mark.parametrize(("typname", "keys", "kept_out"), [
     ("numeric", ["0.30000000000000001", "0.3", "1.10", "7"], "0.30000000000000001"),
     ("jsonb", ['{"a": 2.50}', "9.00", "1"], '{"a": 2.50}'),

@@ -127,6 +127,12 @@ def test_lineage_keys_accept_a_value_or_a_json_array() -> None:
     ("2026-01-01 00:00:00.123456+02", 1, ["2025-12-31T22:00:00.123456+00:00"]),
     ("2025-12-31 22:00:00", 1, ["2025-12-31T22:00:00"]),  # a timestamp without time zone
     ('["eu", "2025-12-31T23:00:00+01:00"]', 2, ["eu", "2025-12-31T22:00:00+00:00"]),
+    # a fraction as Postgres writes it (repairs rows, runs since), and as isoformat did (runs
+    # before): 10:30:00.5 was found in one table, never in both
+    ("2026-01-01T10:30:00.5Z", 1, ["2026-01-01T10:30:00.5+00:00"]),
+    ("2026-01-01 11:30:00.500+01", 1, ["2026-01-01T10:30:00.5+00:00"]),
+    ("2026-01-01T10:30:00.5Z", 1, ["2026-01-01T10:30:00.500000+00:00"]),
+    ("2026-01-01 10:30:00.120", 1, ["2026-01-01T10:30:00.12"]),
 ])
 def test_a_lineage_key_is_looked_up_in_every_form_it_may_be_stored_in(
         text: str, parts: int, stored: list[Any]) -> None:
