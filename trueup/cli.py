@@ -1,7 +1,8 @@
 """The ``trueup`` command line (contract in docs/cli.md).
 
 Exit status follows diff(1): 0 consistent, 1 differences found, 2 trouble. A user error prints
-one line per problem on stderr and exits 2, without a traceback.
+one line per problem on stderr and exits 2, without a traceback. A reader that closes stdout
+early (``trueup status | head -1``) ends the command quietly with 141, as SIGPIPE would.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import os
 import re
 import secrets
 import signal
+import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO, cast
 
 from trueup import __version__
 from trueup.config import Config, config_path, load_config
@@ -31,6 +33,9 @@ from trueup.statuses import DifferenceClass
 EXIT_OK = 0
 EXIT_DIFFERENCES = 1
 EXIT_TROUBLE = 2
+#: The reader of stdout went away (``| head -1``): what a shell reports of a program SIGPIPE
+#: ended. Neither a result the reader did not get (0, 1) nor trouble (2).
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
 #: When set, a command serves /metrics, /healthz and /readyz on 127.0.0.1 at this port while
 #: it runs (for long replays and backfills).
 METRICS_PORT_ENV = "TRUEUP_METRICS_PORT"
@@ -207,8 +212,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
             for row in document["runs"]]
     print(_table("runs", runs, ["run_id", "reconciliation", "partition", "status",
                                 "started_at", *classes], errors=("run", "run_id")))
+    # a dry run repaired nothing: its rows_repaired counts what it would have repaired
     print(_table("backfills", document["backfills"], ["backfill_id", "reconciliation", "status",
-                                                      "chunks", "chunks_done", "rows_repaired"],
+                                                      "dry_run", "chunks", "chunks_done",
+                                                      "rows_repaired"],
                  errors=("backfill", "backfill_id")))
     print(_table("replays", document["replays"], ["replay_id", "name", "status", "dry_run",
                                                   "moved", "parked", "skipped"],
@@ -269,9 +276,72 @@ def _command(name: str) -> Callable[[Config, argparse.Namespace], int]:
     return found
 
 
+class OutputClosed(BaseException):
+    """stdout's reader went away (``trueup status | head -1``, ``| true``): raised by a write to
+    stdout in place of its BrokenPipeError. A BaseException, as KeyboardInterrupt is: what is
+    under way ends as on a signal (a ``diff --show`` cut short records its run failed,
+    ``interrupted (OutputClosed)``), and no handler of errors takes it for one of its own (a
+    BrokenPipeError is a ConnectionError: a broker's or a database's connection lost)."""
+
+
+class _Stdout:
+    """sys.stdout while a command runs: its writes, each BrokenPipeError an OutputClosed."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError as exc:
+            raise OutputClosed from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _discard_output(stream: TextIO) -> None:
+    """Point the closed pipe's descriptor at /dev/null: the buffer still holding what the reader
+    did not take then goes there when the interpreter flushes it at exit, not to a second
+    BrokenPipeError ("Exception ignored ... BrokenPipeError", exit status 120). Only for a pipe
+    or a socket (a test's captured stdout is neither)."""
+    try:
+        fd = stream.fileno()
+        if not (stat.S_ISFIFO(os.fstat(fd).st_mode) or stat.S_ISSOCK(os.fstat(fd).st_mode)):
+            return
+    except (OSError, ValueError):  # no descriptor (io.UnsupportedOperation is both)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None, *, whole_process: bool = False) -> int:
     """Run one command; ``whole_process`` when the command is all this process does (the
     console script), so what is loaded before it runs may be frozen for the collector."""
+    stdout = sys.stdout
+    sys.stdout = cast(TextIO, _Stdout(stdout))
+    try:
+        try:
+            return _main(argv, whole_process=whole_process)
+        finally:
+            sys.stdout.flush()  # what is buffered goes now, not at exit past OutputClosed's reach
+    except OutputClosed:  # from the command (or --help), or the flush: no error, no traceback
+        _discard_output(stdout)
+        return EXIT_OUTPUT_CLOSED
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None, *, whole_process: bool) -> int:
     args = build_parser().parse_args(argv)
     configure()
     metrics = None
@@ -360,8 +430,10 @@ def _check_backfill_args(args: argparse.Namespace) -> None:
                                         ("--chunk-size", args.chunk_size is not None),
                                         ("--rate", args.rate is not None)) if given]
     if (args.resume or args.cancel) and planned:
-        raise UsageError(f"trueup backfill: {', '.join(planned)} belong to planning a backfill; "
-                         f"--resume and --cancel keep the options it was planned with")
+        verb = "belongs" if len(planned) == 1 else "belong"
+        raise UsageError(f"trueup backfill: {', '.join(planned)} {verb} to planning a "
+                         f"backfill; --resume and --cancel keep the options it was planned "
+                         f"with")
 
 
 class Terminated(KeyboardInterrupt):

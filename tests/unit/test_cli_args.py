@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 from decimal import Decimal
 from pathlib import Path
@@ -168,3 +169,35 @@ def test_a_rabbitmq_url_pika_cannot_read_is_one_line_not_a_traceback(
                           f"queue: payments.settle.dlq}}}}\n")
         assert cli.main(["--config", str(config), "dlq", "payments_dlq"]) == cli.EXIT_TROUBLE
         assert capsys.readouterr().err.splitlines() == [line], url
+
+
+class _ClosedPipe(io.RawIOBase):
+    """A stdout whose reader went away: every write a BrokenPipeError."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+@pytest.mark.parametrize("write_through", [True, False], ids=["unbuffered", "buffered"])
+def test_a_reader_closing_stdout_ends_the_command_quietly_with_sigpipe_s_status(
+        write_through: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`trueup status | head -1` printed "trueup: unexpected error: BrokenPipeError" and a
+    traceback, exit 2; buffered, the write failed at exit ("Exception ignored")."""
+    def printing(config: Config, args: argparse.Namespace) -> int:
+        print("runs:")
+        print("  run 1")
+        return cli.EXIT_DIFFERENCES
+
+    monkeypatch.setitem(cli.COMMANDS, "status", printing)
+    monkeypatch.delenv(cli.METRICS_PORT_ENV, raising=False)
+    closed = io.TextIOWrapper(io.BufferedWriter(_ClosedPipe()), write_through=write_through)
+    monkeypatch.setattr("sys.stdout", closed)
+    assert cli.main(["--config", str(_config(tmp_path, "c.yaml")), "status"]) == 141
+    assert cli.EXIT_OUTPUT_CLOSED == 141
+    import sys
+    assert sys.stdout is closed  # put back
+    assert capsys.readouterr().err == ""

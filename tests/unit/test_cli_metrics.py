@@ -117,5 +117,14 @@ def test_resume_and_cancel_refuse_options_of_planning(
     real backfill must not look like it holds."""
     assert cli.main(["--config", str(_config(tmp_path)), "backfill", action, "3", *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"trueup backfill: {flags[0]} belong to planning a backfill; --resume and --cancel "
+        f"trueup backfill: {flags[0]} belongs to planning a backfill; --resume and --cancel "
         f"keep the options it was planned with"]
+
+
+def test_options_of_planning_given_together_are_named_together(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--config", str(_config(tmp_path)), "backfill", "--resume", "3",
+                     "--dry-run", "--rate", "5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "trueup backfill: --dry-run, --rate belong to planning a backfill; --resume and "
+        "--cancel keep the options it was planned with"]
