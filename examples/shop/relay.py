@@ -6,9 +6,11 @@ Kafka confirmed every message of the batch. A crash in between leaves the rows u
 they are sent again: consumers see duplicates, never gaps.
 
 The relay outlives its database and Kafka: a lost connection (a restart, a terminated backend)
-is opened again, and a batch Kafka did not confirm stays unpublished and is sent again; after
-each failure, logged once, a pause that grows from 0.2 s to 5 s (reset by a batch that goes
-through).
+is opened again, and a batch Kafka did not confirm stays unpublished and is sent again by a new
+producer; after each failure, logged once, a pause that grows from 0.2 s to 5 s (reset by a
+batch that goes through). A message Kafka refuses for good (too large for the topic, not
+authorized) stops the relay with that error, its row unpublished: sent again as it is, it
+could not succeed.
 
 Usage: python -m examples.shop.relay [--config PATH] [--once]
 """
@@ -37,8 +39,10 @@ log = get_logger("examples.shop.relay")
 BATCH_ROWS = 500
 IDLE_SECONDS = 0.2  # pause when the outbox is empty
 #: Failures a later batch may get past: the database or Kafka away. Each leaves the batch's
-#: rows unpublished (the transaction rolled back), to be sent again after a pause.
-SURVIVED = (psycopg.OperationalError, kafka.KafkaFailed, ConnectionFailed)
+#: rows unpublished (the transaction rolled back), to be sent again after a pause. A message
+#: Kafka refuses for good (too large, not authorized) stops the relay instead, saying which:
+#: sent again as it is it cannot succeed, and every row after it would wait behind it.
+SURVIVED = (psycopg.OperationalError, kafka.KafkaUnconfirmed, ConnectionFailed)
 
 
 def relay_batch(shop: Shop, conn: psycopg.Connection[Any], producer: Any) -> int:
@@ -74,6 +78,11 @@ def run(shop: Shop, stop: threading.Event, *, once: bool = False) -> int:
                 sent = relay_batch(shop, database.conn, producer)
             except SURVIVED as exc:
                 # the batch rolled back: its rows stay unpublished, sent again after the pause
+                if not isinstance(exc, psycopg.OperationalError):
+                    # by a new producer: the old one may be failed for good (a fatal error of
+                    # the idempotent producer); what it still holds is dropped, not sent twice
+                    producer.purge()
+                    producer = kafka.create_producer(shop.kafka, what="outbox relay")
                 reconnect.after(type(exc).__name__, exc, stop, service="outbox relay")
                 continue
             reconnect.reset()

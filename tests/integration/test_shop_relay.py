@@ -131,3 +131,27 @@ def test_relay_keeps_rows_kafka_did_not_confirm_and_sends_them_once_it_does(
     assert pauses == [min(runtime.Reconnect.MAX_SECONDS, runtime.Reconnect.FIRST_SECONDS * 2**n)
                       for n in range(outage)]  # growing, bounded
     assert _keys(kafka_bootstrap, topic) == {"7"}
+
+
+def test_relay_stops_at_a_row_kafka_refuses_for_good_saying_why(
+        shop_db: str, kafka_bootstrap: str, unique: Callable[[str], str],
+        topics: Topics) -> None:
+    """A message too large for the topic was retried every 5 s for ever, every row after it
+    waiting behind it: the relay stops instead, the row unpublished, the refusal its error."""
+    topic = unique("fix2_orders")
+    topics.create(topic)
+    with psycopg.connect(shop_db, autocommit=True) as conn:
+        row = conn.execute(
+            "INSERT INTO public.outbox (topic, key, payload) VALUES (%s, '8', %s) RETURNING id",
+            (topic, json.dumps({"id": 8, "note": "x" * 2_000_000}))).fetchone()
+    assert row is not None
+    later = _outbox(shop_db, topic, 9)
+    stop = threading.Event()
+    timer = threading.Timer(WAIT_SECONDS, stop.set)  # a relay that keeps trying returns
+    timer.start()
+    try:
+        with pytest.raises(kafka.KafkaRefused, match="Message size too large"):
+            relay.run(_shop(shop_db, kafka_bootstrap), stop)
+    finally:
+        timer.cancel()
+    assert not _published(shop_db, int(str(row[0]))) and not _published(shop_db, later)
