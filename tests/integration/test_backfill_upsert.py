@@ -463,15 +463,15 @@ def test_a_backfill_launched_while_another_is_planned_waits_to_name_it(
     source, target = new_db(), new_db()
     make_tables(source, target, 10)
     config = write_config(tmp_path, state_db, source, target)
-    slow_plan = planner._plan_ranges
-    planning = threading.Event()
+    plan_ranges = planner._plan_ranges
+    planning, release = threading.Event(), threading.Event()
 
-    def plan_slowly(*args: Any, **kwargs: Any) -> None:
-        planning.set()
-        time.sleep(1.0)
-        slow_plan(*args, **kwargs)
+    def plan_when_released(*args: Any, **kwargs: Any) -> None:
+        planning.set()  # the planning lock is held from here to the commit
+        assert release.wait(60)
+        plan_ranges(*args, **kwargs)
 
-    monkeypatch.setattr(planner, "_plan_ranges", plan_slowly)
+    monkeypatch.setattr(planner, "_plan_ranges", plan_when_released)
     planned: list[int] = []
 
     def first() -> None:
@@ -479,33 +479,40 @@ def test_a_backfill_launched_while_another_is_planned_waits_to_name_it(
             state.autocommit = True
             planned.append(plan(config, "orders", _all(chunk_size=5), state))
 
+    def second() -> str:
+        with open_state(state_db) as state, pytest.raises(Conflict) as refused:
+            state.autocommit = True
+            plan(config, "orders", _all(chunk_size=5), state)
+        return str(refused.value)
+
+    # the first plan commits while the second waits for it (or before it asks): named
     thread = threading.Thread(target=first)
     thread.start()
     try:
         assert planning.wait(30)
-        with open_state(state_db) as state, pytest.raises(Conflict) as refused:
-            state.autocommit = True
-            plan(config, "orders", _all(chunk_size=5), state)
+        threading.Timer(0.5, release.set).start()
+        refused = second()
     finally:
+        release.set()
         thread.join(30)
-    assert str(refused.value).startswith(
+    assert refused.startswith(
         f"backfill orders: backfill {planned[0]} of orders is already running; resume it")
+    assert resume_backfill(config, planned[0]).status is BackfillStatus.SUCCEEDED
+
+    # a plan that outlasts the wait: said so, and where to look
     monkeypatch.setattr(planner, "PLANNING_WAIT_SECONDS", 0.2)
     planning.clear()
-    thread = threading.Thread(target=lambda: resume_backfill(config, planned[0]))
+    release.clear()
+    thread = threading.Thread(target=first)
     thread.start()
-    thread.join(60)
-    second = threading.Thread(target=first)
-    second.start()
     try:
         assert planning.wait(30)
-        with open_state(state_db) as state, pytest.raises(Conflict, match=(
-                r"another backfill of orders is still being planned after 0.2 s; "
-                r"`trueup status` names it once planned")):
-            state.autocommit = True
-            plan(config, "orders", _all(chunk_size=5), state)
+        refused = second()  # the first holds the lock until released
     finally:
-        second.join(30)
+        release.set()
+        thread.join(30)
+    assert refused == ("backfill orders: another backfill of orders is still being planned "
+                       "after 0.2 s; `trueup status` names it once planned")
 
 
 def test_cancel_stops_pending_chunks_and_resume_finishes_them(
