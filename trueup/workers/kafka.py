@@ -98,6 +98,7 @@ class KafkaWorker:
         #: not progress (brokers that answer but never confirm a copy would otherwise keep the
         #: worker ready while its message waits for good).
         self._stuck: tuple[str, int] | None = None
+        self._closing = False  # the session's consumer is closing (revoking all it holds)
 
     def retry_topic(self, failed_attempts: int) -> str:
         return f"{self.topic}.retry.{min(max(1, failed_attempts), self.tiers)}"
@@ -163,7 +164,11 @@ class KafkaWorker:
             finally:
                 copies.close()
         finally:
-            consumer.close()  # commits the stored offsets (auto commit), leaves the group
+            self._closing = True
+            try:
+                consumer.close()  # commits the stored offsets (auto commit), leaves the group
+            finally:
+                self._closing = False
             self._forget_lag(list(self._assigned))
             log.info("worker.stopped", broker="kafka", topic=self.topic, group=self.group)
 
@@ -422,9 +427,6 @@ class KafkaWorker:
         # a retry partition paused when the group rebalanced would never be fetched again.
         # Its retry, fetched anew, pauses it again until due.
         consumer.resume(partitions)
-        if self._stuck is not None and self._stuck not in {
-                (tp.topic, tp.partition) for tp in partitions}:
-            self._stuck = None  # another member handles the message now
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._assigned.add((tp.topic, tp.partition))
@@ -441,7 +443,10 @@ class KafkaWorker:
         self._forget_partitions(partitions)
 
     def _forget_partitions(self, partitions: list[TopicPartition]) -> None:
-        """What this worker kept of partitions no longer its own: pauses, holds, lag."""
+        """What this worker kept of partitions no longer its own: pauses, holds, lag, and the
+        stuck message's (another member handles it now), but when the session itself ends."""
+        if not self._closing and self._stuck in {(tp.topic, tp.partition) for tp in partitions}:
+            self._stuck = None
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._held.pop((tp.topic, tp.partition), None)
