@@ -79,6 +79,9 @@ SPLIT_BYTES = 1 << 16
 #: compares have fixed ids below it, the same in every database of a server version.
 FIRST_NORMAL_OID = 16384
 
+#: Number types a bool is written into as 1 or 0.
+_NUMBER_TYPES = ("int2", "int4", "int8", "numeric", "float4", "float8")
+
 _STAGE = sql.Identifier("trueup_stage")
 _CAND = sql.Identifier("trueup_cand")
 #: A candidate as a repairs row: key, action, fingerprint before and after.
@@ -682,6 +685,9 @@ class UpsertWriter:
             return sql.SQL("to_jsonb({})::{}").format(staged, target)
         if name == "numeric" and source.name in ("float4", "float8"):
             return sql.SQL("{}::{}").format(exact_numeric(staged), target)
+        if source.kind is Kind.BOOL and name in _NUMBER_TYPES:
+            # as 1 or 0, which a diff reads back as true or false (only integer has a cast)
+            return sql.SQL("({})::int4::{}").format(staged, target)
         return sql.SQL("{}::{}").format(staged, target)
 
     def _insert_new(self, cols: sql.Composable, values: sql.Composable,
