@@ -1072,3 +1072,31 @@ def test_a_target_key_its_source_s_key_type_would_cut_is_refused_before_the_run_
     assert re.fullmatch(r"diff t: run \d+ failed: " + refused, err), err
     with pytest.raises(TrueupError, match=refused):
         start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+
+
+def test_a_timestamp_version_against_a_date_version_compares_as_the_timestamp(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A target timestamptz version was read as the source's date: 13:45 of the source's day
+    was the same version (a mismatch, never ahead), and printed as the bare day."""
+    source, target = new_db(), new_db()
+    for dsn, version in ((source, "date"), (target, "timestamptz")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version {version}, "
+                         f"note text)")
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.t VALUES (1, '2026-01-01', 'a'), (2, '2026-01-01', "
+                     "'b'), (3, '2026-01-01', 'c'), (4, '2026-01-01', 'd')")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.t VALUES (1, '2026-01-01 13:45+00', 'x'), "
+                     "(2, '2026-01-01 00:00+00', 'x'), (3, '2025-12-31 23:00+00', 'x'), "
+                     "(4, '2026-01-01 00:00+00', 'd')")
+    config = _t_config(tmp_path, state_db, source, target, ["note"], repair="upsert")
+    found: list[Difference] = []
+    diff(config, "t", on_difference=found.append)
+    assert {(d.key[0], d.cls.value) for d in found} == {
+        (1, "ahead"), (2, "mismatch"), (3, "stale")}
+    (ahead,) = [d for d in found if d.key[0] == 1]
+    assert ahead.target_version == "2026-01-01T13:45:00+00:00"
+    done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
+    assert (done.rows_repaired, done.rows_skipped) == (2, 1)  # the newer target row stays
+    assert _diff_found(config, "t") == {((1,), "ahead")}
