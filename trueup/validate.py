@@ -209,12 +209,34 @@ class Validator:
                 [(f"columns.{s}", t) for s, t in target.columns.items()],
                 target.version, None,
             )
+            yield from self._check_key_pairs(base, rec)
         elif target.topic is not None and self.reach.admins.get(target.connection) is not None:
             yield self._check_topic(f"{base}.target.topic", target.connection, target.topic)
         consumer = target.consumer
         if consumer is not None and self.reach.admins.get(consumer.connection) is not None:
             yield self._check_topic(f"{base}.target.consumer.topic", consumer.connection,
                                     consumer.topic)
+
+    def _check_key_pairs(self, base: str, rec: ReconciliationConfig) -> Iterator[Finding]:
+        """Key columns a diff refuses to compare (trueup.sides: a target key read as its
+        source's type must not cut it): a timestamp under a date, a number under a bool."""
+        if self.reach.engines.get(rec.source.connection) is None or rec.target.table is None:
+            return
+        source = self._table(rec.source.connection, rec.source.table)
+        target = self._table(rec.target.connection, rec.target.table)
+        if source is None or target is None:
+            return  # reported with the table
+        for i, (s, t) in enumerate(zip(rec.source.key, rec.target.key, strict=True)):
+            own, wanted = target.columns.get(t), source.columns.get(s)
+            cut = (isinstance(wanted, sa.Date) and not isinstance(wanted, sa.DateTime)
+                   and isinstance(own, sa.DateTime)) or (
+                isinstance(wanted, sa.Boolean) and isinstance(own, sa.Integer | sa.Numeric))
+            if cut:
+                yield Finding(path=f"{base}.target.key[{i}]", ok=False, message=(
+                    f"key {t} ({own}) cannot be compared exactly with the source's {s} "
+                    f"({wanted}): read as {wanted}, distinct keys would be one. Give the "
+                    f"target's key the source's type, or reconcile against a view of the "
+                    f"target whose key is {wanted}"))
 
     def _check_table(self, path: str, connection: str, table: str, key: list[str],
                      columns: list[tuple[str, str]], version: str | None,

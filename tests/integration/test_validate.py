@@ -385,3 +385,25 @@ def test_validate_reports_a_suite_reading_a_column_or_table_that_does_not_exist(
     status, _, err = _validate(tmp_path, config, capsys)
     assert status == 2
     assert f"{at}: table: table billing.gone does not exist (connection billing)" in err, err
+
+
+def test_validate_refuses_a_key_pair_the_diff_cannot_compare_exactly(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A timestamptz target key against a date source key: validate said ok, then every diff
+    and backfill failed at its start."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.days (day date PRIMARY KEY, version bigint, "
+                     "status text, amount_cents bigint)")
+        conn.execute("CREATE TABLE billing.days (day timestamptz PRIMARY KEY, "
+                     "order_version bigint, status text, total_cents bigint)")
+    config = _config(world)
+    invoices = config["reconciliations"]["invoices"]
+    invoices["source"].update(table="public.days", key=["day"])
+    invoices["target"].update(table="billing.days", key=["day"])
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    assert err.splitlines() == [
+        f"{tmp_path / 'trueup.yaml'}: reconciliations.invoices.target.key[0]: key day "
+        f"(TIMESTAMP) cannot be compared exactly with the source's day (DATE): read as DATE, "
+        f"distinct keys would be one. Give the target's key the source's type, or reconcile "
+        f"against a view of the target whose key is DATE"]
