@@ -168,12 +168,12 @@ def _plan_ranges(config: Config, name: str, options: BackfillOptions,
             cuts = [*below, *cuts, *above]
     if not cuts:
         cuts = [(None, 0)]
-    for i, (_, rows) in enumerate(cuts):
-        state.execute(query("insert_range_chunk"), {
-            "backfill_id": backfill_id, "chunk": i,
-            "key_from": None if i == 0 else json.dumps(cuts[i][0]),
-            "key_to": None if i == len(cuts) - 1 else json.dumps(cuts[i + 1][0]),
-            "rows_planned": rows})
+    with state.cursor() as cur:  # in one pipeline: 200,000 chunks took 25 s one by one
+        cur.executemany(query("insert_range_chunk"), (
+            {"backfill_id": backfill_id, "chunk": i,
+             "key_from": None if i == 0 else json.dumps(cuts[i][0]),
+             "key_to": None if i == len(cuts) - 1 else json.dumps(cuts[i + 1][0]),
+             "rows_planned": rows} for i, (_, rows) in enumerate(cuts)))
 
 
 #: The smallest chunk cut by steps along an index (see :func:`_cut`): a step costs about as
