@@ -109,16 +109,23 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = sub_parser("backfill", help="repair differences in resumable chunks")
     backfill.add_argument("name", nargs="?")
     scope = backfill.add_mutually_exclusive_group(required=True)
-    scope.add_argument("--run", type=_positive_int, metavar="ID")
-    scope.add_argument("--partition", metavar="P")
-    scope.add_argument("--all", action="store_true")
-    scope.add_argument("--resume", type=_positive_int, metavar="ID")
-    scope.add_argument("--cancel", type=_positive_int, metavar="ID")
-    backfill.add_argument("--dry-run", action="store_true")
-    backfill.add_argument("--chunk-size", type=_chunk_size, metavar="N")
-    backfill.add_argument("--rate", type=_positive_float, metavar="ROWS_PER_S")
-    backfill.add_argument("--workers", type=_workers, metavar="N", default=1)
-    backfill.add_argument("--json", action="store_true")
+    scope.add_argument("--run", type=_positive_int, metavar="ID",
+                       help="the differences run ID found")
+    scope.add_argument("--partition", metavar="P", help="one day of the source, YYYY-MM-DD")
+    scope.add_argument("--all", action="store_true", help="the whole table")
+    scope.add_argument("--resume", type=_positive_int, metavar="ID",
+                       help="continue backfill ID from its unfinished chunks")
+    scope.add_argument("--cancel", type=_positive_int, metavar="ID",
+                       help="stop backfill ID: pending chunks are cancelled")
+    backfill.add_argument("--dry-run", action="store_true",
+                          help="plan and count what would change; write nothing")
+    backfill.add_argument("--chunk-size", type=_chunk_size, metavar="N",
+                          help="rows per chunk (default 10,000)")
+    backfill.add_argument("--rate", type=_positive_float, metavar="ROWS_PER_S",
+                          help="at most this many rows a second (this process)")
+    backfill.add_argument("--workers", type=_workers, metavar="N", default=1,
+                          help="chunks at once in this process (default 1, at most 32)")
+    backfill.add_argument("--json", action="store_true", help="print one JSON summary object")
 
     dlq = sub_parser("dlq", help="depth, oldest age and counts by error of a DLQ")
     dlq.add_argument("name")

@@ -201,3 +201,15 @@ def test_a_reader_closing_stdout_ends_the_command_quietly_with_sigpipe_s_status(
     import sys
     assert sys.stdout is closed  # put back
     assert capsys.readouterr().err == ""
+
+
+def test_backfill_help_states_the_defaults_and_limits_the_code_has(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The help text spells them out (the parser does not import the backfill package)."""
+    from trueup.backfill.model import DEFAULT_CHUNK_ROWS, MAX_WORKERS
+
+    with pytest.raises(SystemExit):
+        cli.main(["backfill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"rows per chunk (default {DEFAULT_CHUNK_ROWS:,})" in text
+    assert f"(default 1, at most {MAX_WORKERS})" in text
