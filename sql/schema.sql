@@ -78,12 +78,16 @@ CREATE TABLE trueup.backfills (
     finished_at     timestamptz,
     error           text,
     -- the root id of the Dagster run that planned it (migration 0012), else NULL
-    launched_by     text
+    launched_by     text,
+    -- asked to run alongside other active backfills of its reconciliation (migration 0014)
+    alongside       boolean     NOT NULL DEFAULT false
 );
--- One active backfill per reconciliation; the advisory lock gives the friendly message, this
--- index makes a race between two planners impossible.
+-- One active backfill per reconciliation, but those asked to run alongside others
+-- (--alongside); the advisory lock gives the friendly message, this index makes a race
+-- between two planners impossible.
 CREATE UNIQUE INDEX backfills_one_active_idx
-    ON trueup.backfills (reconciliation) WHERE status IN ('planning', 'running');
+    ON trueup.backfills (reconciliation)
+    WHERE status IN ('planning', 'running') AND NOT alongside;
 CREATE INDEX backfills_reconciliation_created_idx
     ON trueup.backfills (reconciliation, created_at DESC);
 

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="at most this many rows a second (this process)")
     backfill.add_argument("--workers", type=_workers, metavar="N", default=1,
                           help="chunks at once in this process (default 1, at most 32)")
+    backfill.add_argument("--alongside", action="store_true",
+                          help="plan it while another backfill of NAME is active")
     backfill.add_argument("--json", action="store_true", help="print one JSON summary object")
 
     dlq = sub_parser("dlq", help="depth, oldest age and counts by error of a DLQ")
@@ -435,7 +437,8 @@ def _check_backfill_args(args: argparse.Namespace) -> None:
         raise UsageError("trueup backfill: NAME is required with --run, --partition or --all")
     planned = [flag for flag, given in (("--dry-run", args.dry_run),
                                         ("--chunk-size", args.chunk_size is not None),
-                                        ("--rate", args.rate is not None)) if given]
+                                        ("--rate", args.rate is not None),
+                                        ("--alongside", args.alongside)) if given]
     if (args.resume or args.cancel) and planned:
         verb = "belongs" if len(planned) == 1 else "belong"
         raise UsageError(f"trueup backfill: {', '.join(planned)} {verb} to planning a "

@@ -2,15 +2,18 @@
 -- status it expects; the caller raises when no row comes back.
 
 -- name: active_backfill
+-- The one the one-active rule holds to first (those running --alongside do not count for it).
 SELECT backfill_id, status, created_at
 FROM trueup.backfills
-WHERE reconciliation = %(reconciliation)s AND status IN ('planning', 'running');
+WHERE reconciliation = %(reconciliation)s AND status IN ('planning', 'running')
+ORDER BY alongside, created_at, backfill_id
+LIMIT 1;
 
 -- name: insert_backfill
 INSERT INTO trueup.backfills (reconciliation, scope, run_id, partition, status, dry_run,
-                              chunk_size, rate, launched_by)
+                              chunk_size, rate, launched_by, alongside)
 VALUES (%(reconciliation)s, %(scope)s, %(run_id)s, %(partition)s, 'planning', %(dry_run)s,
-        %(chunk_size)s, %(rate)s, %(launched_by)s)
+        %(chunk_size)s, %(rate)s, %(launched_by)s, %(alongside)s)
 RETURNING backfill_id;
 
 -- name: left_running

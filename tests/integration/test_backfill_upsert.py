@@ -514,6 +514,38 @@ def test_a_backfill_launched_while_another_is_planned_waits_to_name_it(
                        "after 0.2 s; `trueup status` names it once planned")
 
 
+def test_a_backfill_asked_to_run_alongside_runs_while_another_is_active(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """DESIGN: one active backfill per reconciliation, unless asked otherwise. An urgent
+    repair waited for a long --all to end: --alongside plans and runs it meanwhile; any other
+    launch is still refused, naming the active one."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        first = plan(config, "orders", _all(chunk_size=5), state)  # left running, unserved
+    assert main(["--config", config.path, "backfill", "orders", "--all", "--alongside",
+                 "--json"]) == 1  # the ahead row is skipped, as ever
+    alongside = json.loads(capsys.readouterr().out)
+    assert alongside["status"] == "succeeded" and alongside["backfill_id"] == first + 1
+    assert diff(config, "orders").missing == 0
+    assert main(["--config", config.path, "backfill", "orders", "--all"]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith('{"at": ')]
+    assert err == [f"backfill orders: backfill {first} of orders is already running; resume "
+                   f"it with `trueup backfill --resume {first}` or cancel it with `trueup "
+                   f"backfill --cancel {first}` (or run this one --alongside it)"]
+    assert resume_backfill(config, first).status is BackfillStatus.SUCCEEDED
+    with psycopg.connect(state_db) as conn:
+        one_each = conn.execute(
+            "SELECT count(*) = count(DISTINCT (backfill_id, key)) FROM trueup.repairs "
+            "WHERE backfill_id IN (%s, %s)", (first, first + 1)).fetchone()
+    assert one_each == (True,)
+
+
 def test_cancel_stops_pending_chunks_and_resume_finishes_them(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     source, target, config, made = _drifted(new_db, state_db, tmp_path)

@@ -135,8 +135,32 @@ def test_migration_0013_keeps_each_repairs_key_as_the_text_writers_render(
                          "action) VALUES ('r', %s::jsonb, 1, %s, 'insert')",
                          (json.dumps(key).replace("9.0", "9.00"), chunk))
         conn.commit()
-        assert migrate(conn) == [13]
+        assert migrate(conn)[0] == 13
         stored = [r[0] for r in conn.execute("SELECT key FROM trueup.repairs ORDER BY chunk")]
     assert stored == [repairs_text(key) for key in keys] == [
         "[7]", "[9.5]", '["v1.0", 9]', '["é", true, null]', "[0.0000001]",
         '[{"a": 2.5, "b": 1}]']
+
+
+def test_migration_0014_keeps_one_active_backfill_but_those_asked_to_run_alongside(
+        empty_db: str) -> None:
+    """After 0014 the unique index still refuses a second active backfill of a
+    reconciliation, unless it runs alongside (and an existing active one stays valid)."""
+    with psycopg.connect(empty_db) as conn:
+        conn.execute("CREATE SCHEMA trueup")
+        conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY, "
+                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+        for migration in migrations():
+            if migration.version < 14:
+                conn.execute(migration.text.encode())
+                conn.execute("INSERT INTO trueup.schema_migrations VALUES (%s, %s)",
+                             (migration.version, migration.name))
+        insert = ("INSERT INTO trueup.backfills (reconciliation, scope, status, chunk_size) "
+                  "VALUES ('r', 'all', 'running', 10)")
+        conn.execute(insert)
+        conn.commit()
+        assert migrate(conn) == [14]
+        conn.execute(insert.replace("chunk_size)", "chunk_size, alongside)").replace(
+            "10)", "10, true)"))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert)

@@ -108,7 +108,8 @@ def test_a_bad_traces_exporter_is_one_line_and_trouble(
         "TRUEUP_TRACES_EXPORTER: expected none or console (got 'otlp')"]
 
 
-@pytest.mark.parametrize("flags", [["--dry-run"], ["--chunk-size", "10"], ["--rate", "5"]])
+@pytest.mark.parametrize("flags", [["--dry-run"], ["--chunk-size", "10"], ["--rate", "5"],
+                                   ["--alongside"]])
 @pytest.mark.parametrize("action", ["--resume", "--cancel"])
 def test_resume_and_cancel_refuse_options_of_planning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str,

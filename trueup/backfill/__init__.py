@@ -159,7 +159,8 @@ def cmd_backfill(config: Config, args: argparse.Namespace) -> int:
             options = BackfillOptions(scope=scope, run_id=args.run, partition=args.partition,
                                       dry_run=args.dry_run,
                                       chunk_size=args.chunk_size or DEFAULT_CHUNK_ROWS,
-                                      rate=args.rate, workers=args.workers)
+                                      rate=args.rate, workers=args.workers,
+                                      alongside=args.alongside)
             summary = start_backfill(config, args.name, options, worker, progress)
     finally:
         bar.close()

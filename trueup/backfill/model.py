@@ -45,6 +45,7 @@ class BackfillOptions:
     rate: float | None = None          # rows per second per process, None: as fast as it goes
     workers: int = 1
     launched_by: str | None = None     # the root id of the Dagster run that plans it
+    alongside: bool = False            # run while another backfill of it is active
 
     def __post_init__(self) -> None:
         """Refuse what no backfill can run, before anything is planned."""

@@ -54,7 +54,7 @@ def active_conflict(name: str, row: dict[str, Any]) -> Conflict:
     bid = row["backfill_id"]
     return Conflict(f"backfill {name}: backfill {bid} of {name} is already {row['status']}; "
                     f"resume it with `trueup backfill --resume {bid}` or cancel it with "
-                    f"`trueup backfill --cancel {bid}`")
+                    f"`trueup backfill --cancel {bid}` (or run this one --alongside it)")
 
 
 #: How long a backfill waits for another one of its reconciliation to be planned, to name it.
@@ -97,7 +97,7 @@ def plan(config: Config, name: str, options: BackfillOptions,
     with state.transaction():
         _lock(state, name)
         active = state.execute(query("active_backfill"), {"reconciliation": name}).fetchone()
-        if active is not None:
+        if active is not None and not options.alongside:
             raise active_conflict(name, active)
         if options.scope is BackfillScope.RUN:
             _check_run(state, name, options.run_id)
@@ -106,7 +106,8 @@ def plan(config: Config, name: str, options: BackfillOptions,
                 "reconciliation": name, "scope": options.scope.value,
                 "run_id": options.run_id, "partition": options.partition,
                 "dry_run": options.dry_run, "chunk_size": options.chunk_size,
-                "rate": options.rate, "launched_by": options.launched_by}).fetchone()
+                "rate": options.rate, "launched_by": options.launched_by,
+                "alongside": options.alongside}).fetchone()
         except psycopg.errors.UniqueViolation as exc:
             raise Conflict(f"backfill {name}: another backfill of {name} became active") \
                 from exc
