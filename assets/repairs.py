@@ -316,11 +316,14 @@ def blocking_backfill(state_dsn: str, name: str) -> dict[str, Any] | None:
     running), else the newest when it failed; None when a new backfill may start."""
     with connect(state_dsn, what="state", autocommit=True) as conn:
         row = conn.execute(
-            # the active one first (one at most: backfills_one_active_idx), else the newest
-            # that was not a dry run (which repairs nothing, so neither clears nor sets a pause)
+            # an active one first (one at most but those run --alongside), else the one that
+            # ended last (backfills run alongside others overlap: the newest planned may have
+            # ended first) and was not a dry run (which repairs nothing, so neither clears nor
+            # sets a pause)
             "SELECT backfill_id, status, error FROM trueup.backfills "
             "WHERE reconciliation = %s AND (status IN ('planning', 'running') OR NOT dry_run) "
-            "ORDER BY status IN ('planning', 'running') DESC, created_at DESC, backfill_id DESC "
+            "ORDER BY status IN ('planning', 'running') DESC, finished_at DESC NULLS LAST, "
+            "created_at DESC, backfill_id DESC "
             "LIMIT 1", (name,)).fetchone()
     if row is None:
         return None
