@@ -666,7 +666,8 @@ def shared_types(conn: psycopg.Connection[Any], table: str, *, columns: Sequence
         own_version = require(found, table, [version], conn)[0]
         # a timestamp version under a date one compares as the timestamp (the date at its
         # midnight, in trueup's UTC sessions): as a date, 13:45 of the day would be no newer
-        shared_version = own_version if _cuts(own_version, source_version) else \
+        shared_version = own_version if (
+            source_version.kind is Kind.DATE and own_version.kind is Kind.TIMESTAMP) else \
             common_type(source_version, own_version)
     keys = [common_type(s, t) for s, t in zip(source_key, own_key, strict=True)]
     return SharedTypes(

@@ -80,7 +80,8 @@ def run(shop: Shop, stop: threading.Event, *, once: bool = False) -> int:
                 # the batch rolled back: its rows stay unpublished, sent again after the pause
                 if not isinstance(exc, psycopg.OperationalError):
                     # by a new producer: the old one may be failed for good (a fatal error of
-                    # the idempotent producer); what it still holds is dropped, not sent twice
+                    # the idempotent producer); what it still holds is purged (one already in
+                    # flight may still land: a duplicate, never a gap)
                     producer.purge()
                     producer = kafka.create_producer(shop.kafka, what="outbox relay")
                 reconnect.after(type(exc).__name__, exc, stop, service="outbox relay")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -537,7 +538,17 @@ def test_a_backfill_asked_to_run_alongside_runs_while_another_is_active(
            if not line.startswith('{"at": ')]
     assert err == [f"backfill orders: backfill {first} of orders is already running; resume "
                    f"it with `trueup backfill --resume {first}` or cancel it with `trueup "
-                   f"backfill --cancel {first}` (or run this one --alongside it)"]
+                   f"backfill --cancel {first}` (or plan this one --alongside it)"]
+    # nor does it wait for another plan's lock (planning a big --all takes a while)
+    with psycopg.connect(state_db) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (planner.lock_key("orders"),))
+        started = time.monotonic()
+        with open_state(state_db) as state:
+            state.autocommit = True
+            third = plan(config, "orders", _all(chunk_size=5, alongside=True), state)
+        assert time.monotonic() - started < planner.PLANNING_WAIT_SECONDS
+        holder.rollback()
+    assert resume_backfill(config, third).status is BackfillStatus.SUCCEEDED
     assert resume_backfill(config, first).status is BackfillStatus.SUCCEEDED
     with psycopg.connect(state_db) as conn:
         one_each = conn.execute(

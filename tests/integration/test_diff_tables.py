@@ -20,7 +20,7 @@ from tests.conftest import PG_ADMIN_DSN, drop_database, dsn_for, terminate_diff
 from trueup import cli, segments
 from trueup.backfill import BackfillOptions, start_backfill
 from trueup.config import Config, load_config
-from trueup.diff import diff
+from trueup.diff import DiffFailed, diff
 from trueup.errors import TrueupError
 from trueup.runs import Difference, differences_of
 from trueup.sides import column_types, shared_types, table_side
@@ -1100,3 +1100,17 @@ def test_a_timestamp_version_against_a_date_version_compares_as_the_timestamp(
     done = start_backfill(config, "t", BackfillOptions(scope=BackfillScope.ALL))
     assert (done.rows_repaired, done.rows_skipped) == (2, 1)  # the newer target row stays
     assert _diff_found(config, "t") == {((1,), "ahead")}
+
+
+def test_a_bool_version_stays_refused_against_a_number_target_version(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """Comparing versions as the target's type is for a timestamp under a date alone: a bool
+    source version against an integer one was taken for an integer (no refusal at all)."""
+    source, target = new_db(), new_db()
+    for dsn, version in ((source, "boolean"), (target, "integer")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"CREATE TABLE public.t (id bigint PRIMARY KEY, version {version}, "
+                         f"note text)")
+    config = _t_config(tmp_path, state_db, source, target, ["note"])
+    with pytest.raises(DiffFailed, match="is boolean, which cannot be ordered as a version"):
+        diff(config, "t")

@@ -94,7 +94,7 @@ def _reopen(state: psycopg.Connection[Any], backfill_id: int, reconciliation: st
         if active is None:
             raise Conflict(f"backfill {backfill_id}: another backfill of {reconciliation} was "
                            f"active a moment ago; run --resume again") from None
-        raise active_conflict(reconciliation, active) from None
+        raise active_conflict(reconciliation, active, planning=False) from None
     for row in reopened:  # their next claim finds them pending: counted here
         if row["taken_over"]:
             taken_over(backfill_id, row["chunk"], row["attempts"], owner="resume")

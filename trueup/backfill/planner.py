@@ -50,11 +50,14 @@ def lock_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-def active_conflict(name: str, row: dict[str, Any]) -> Conflict:
+def active_conflict(name: str, row: dict[str, Any], *, planning: bool = True) -> Conflict:
+    """The refusal naming the active backfill; ``planning``: of a new one (which may be
+    planned ``--alongside`` it; a resumed one may not)."""
     bid = row["backfill_id"]
+    alongside = " (or plan this one --alongside it)" if planning else ""
     return Conflict(f"backfill {name}: backfill {bid} of {name} is already {row['status']}; "
                     f"resume it with `trueup backfill --resume {bid}` or cancel it with "
-                    f"`trueup backfill --cancel {bid}` (or run this one --alongside it)")
+                    f"`trueup backfill --cancel {bid}`{alongside}")
 
 
 #: How long a backfill waits for another one of its reconciliation to be planned, to name it.
@@ -95,10 +98,12 @@ def plan(config: Config, name: str, options: BackfillOptions,
     """Create backfill ``name`` with its chunks (status running); return its id."""
     validate(config, name, options)
     with state.transaction():
-        _lock(state, name)
-        active = state.execute(query("active_backfill"), {"reconciliation": name}).fetchone()
-        if active is not None and not options.alongside:
-            raise active_conflict(name, active)
+        if not options.alongside:  # one alongside others neither waits for nor checks them
+            _lock(state, name)
+            active = state.execute(query("active_backfill"),
+                                   {"reconciliation": name}).fetchone()
+            if active is not None:
+                raise active_conflict(name, active)
         if options.scope is BackfillScope.RUN:
             _check_run(state, name, options.run_id)
         try:
