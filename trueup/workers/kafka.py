@@ -430,6 +430,9 @@ class KafkaWorker:
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._assigned.add((tp.topic, tp.partition))
+        if self._stuck is not None and self._stuck not in self._assigned:
+            # a new session not given the stuck message's partition: another member has it
+            self._stuck = None
         log.info("worker.assigned", group=self.group,
                  partitions=[f"{tp.topic}:{tp.partition}" for tp in partitions])
 
