@@ -114,6 +114,19 @@ def test_several_processes_migrating_at_once_all_succeed(empty_db: str) -> None:
     assert count is not None and count[0] == len(migrations())
 
 
+def _migrated_before(conn: psycopg.Connection[Any], version: int) -> None:
+    """The state schema as the migrations before ``version`` left it (the next migrate()
+    applies ``version`` and what follows)."""
+    conn.execute("CREATE SCHEMA trueup")
+    conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY, "
+                 "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
+    for migration in migrations():
+        if migration.version < version:
+            conn.execute(migration.text.encode())
+            conn.execute("INSERT INTO trueup.schema_migrations VALUES (%s, %s)",
+                         (migration.version, migration.name))
+
+
 def test_migration_0013_keeps_each_repairs_key_as_the_text_writers_render(
         empty_db: str) -> None:
     """Repairs keys written as jsonb before 0013 become the text every writer renders now
@@ -121,14 +134,7 @@ def test_migration_0013_keeps_each_repairs_key_as_the_text_writers_render(
     jsonb prints it."""
     keys = [[7], [9.5], ["v1.0", 9.0], ["é", True, None], [1e-7], [{"b": 1, "a": 2.50}]]
     with psycopg.connect(empty_db) as conn:
-        conn.execute("CREATE SCHEMA trueup")
-        conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY, "
-                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for migration in migrations():
-            if migration.version < 13:
-                conn.execute(migration.text.encode())
-                conn.execute("INSERT INTO trueup.schema_migrations VALUES (%s, %s)",
-                             (migration.version, migration.name))
+        _migrated_before(conn, 13)
         for chunk, key in enumerate(keys):
             # as a writer before 0013 stored it: a numeric(12,2) key 9.00 prints 9.00
             conn.execute("INSERT INTO trueup.repairs (reconciliation, key, backfill_id, chunk, "
@@ -147,14 +153,7 @@ def test_migration_0014_keeps_one_active_backfill_but_those_asked_to_run_alongsi
     """After 0014 the unique index still refuses a second active backfill of a
     reconciliation, unless it runs alongside (and an existing active one stays valid)."""
     with psycopg.connect(empty_db) as conn:
-        conn.execute("CREATE SCHEMA trueup")
-        conn.execute("CREATE TABLE trueup.schema_migrations (version integer PRIMARY KEY, "
-                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())")
-        for migration in migrations():
-            if migration.version < 14:
-                conn.execute(migration.text.encode())
-                conn.execute("INSERT INTO trueup.schema_migrations VALUES (%s, %s)",
-                             (migration.version, migration.name))
+        _migrated_before(conn, 14)
         insert = ("INSERT INTO trueup.backfills (reconciliation, scope, status, chunk_size) "
                   "VALUES ('r', 'all', 'running', 10)")
         conn.execute(insert)
