@@ -199,14 +199,20 @@ def fields_sql(columns: Sequence[sql.Composable], types: Sequence[ColumnType],
                                                sql.SQL(", ").join(parts))
 
 
-def text_hash(text: sql.Composable) -> sql.Composable:
+#: The seed of a fingerprint's and a row hash's ``hashtextextended``.
+NO_SEED = sql.Literal(0)
+
+
+def text_hash(text: sql.Composable, seed: sql.Composable = NO_SEED) -> sql.Composable:
     """SQL hashing a canonical ``text`` as the fingerprint and row hash do (a bigint):
-    ``hashtextextended`` of its bytes. The text is hashed in the ``C`` collation: it takes a
-    compared column's collation, and under a nondeterministic one (``deterministic=false``,
-    case- or accent-insensitive) ``hashtextextended`` hashes the collation's sort key, not the
-    bytes (``hello`` hashes as ``Hello``, and neither as the same text of the other side).
-    Under a deterministic collation it hashes the bytes anyway, so the value is the same."""
-    return sql.SQL("hashtextextended(({}) COLLATE \"C\", 0)").format(text)
+    ``hashtextextended`` of its bytes (with ``seed``: a refused value's native hash). The text
+    is hashed in the ``C`` collation: it takes a compared column's collation, and under a
+    nondeterministic one (``deterministic=false``, case- or accent-insensitive)
+    ``hashtextextended`` hashes the collation's sort key, not the bytes (``hello`` hashes as
+    ``Hello``, and neither as the same text of the other side). Under a deterministic
+    collation it hashes the bytes anyway, so the value is the same. Schema-qualified: the
+    session's readers (functions in ``pg_temp``) use it too."""
+    return sql.SQL("pg_catalog.hashtextextended(({}) COLLATE \"C\", {})").format(text, seed)
 
 
 def fingerprint_sql(columns: Sequence[sql.Composable],

@@ -337,6 +337,12 @@ class MirrorReader:
                 plan[partition] = (start, high)
         return plan, lost
 
+    def _store_skipped(self, offsets: dict[int, int]) -> None:
+        """Store the offsets past lost messages that no merged batch stored with its rows."""
+        if offsets:
+            with self.conn.transaction():
+                store_offsets(self.conn, self.shape, offsets)
+
     def _reset(self) -> None:
         with self.conn.transaction():
             self.conn.execute(sql.SQL("TRUNCATE {}, {}").format(self.shape.table,
@@ -346,10 +352,8 @@ class MirrorReader:
 
     def _run(self) -> int:
         plan, lost = self._plan()
-        if not plan:
-            if lost:  # nothing to read past the gap: the new offsets are the only change
-                with self.conn.transaction():
-                    store_offsets(self.conn, self.shape, lost)
+        if not plan:  # nothing to read past the gap: the new offsets are the only change
+            self._store_skipped(lost)
             return 0
         total = sum(high - start for start, high in plan.values())
 
@@ -376,9 +380,7 @@ class MirrorReader:
                 self.progress("mirror", done, total)
             if pending is not None:
                 pending.result()
-        if merger.offsets_skipped:  # no batch held a message (only transaction markers)
-            with self.conn.transaction():
-                store_offsets(self.conn, self.shape, merger.offsets_skipped)
+        self._store_skipped(merger.offsets_skipped)  # no batch held a message (only markers)
         if merger.fallbacks:
             log.info("mirror.python_batches", reconciliation=self.shape.name,
                      batches=merger.fallbacks)

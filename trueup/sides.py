@@ -389,8 +389,7 @@ def create_readers(conn: psycopg.Connection[Any], table: str,
     value, seed = sql.Identifier("v"), sql.Identifier("seed")
     refused = sql.SQL("{} || value").format(sql.Literal(INVALID))
     # in the C collation: the value takes the collation of the column it is called on
-    refused_hash = sql.SQL("pg_catalog.hashtextextended(({}) COLLATE \"C\", seed)").format(
-        refused)
+    refused_hash = text_hash(refused, seed)
     try:
         with conn.transaction():
             for name, ctype in sorted(wanted.items()):
@@ -510,10 +509,10 @@ class _ExactRead:
     def hashed(self, seed: int) -> sql.Composable:
         """Its native hash at position ``seed`` (of ``!<text>`` where the cast would cut it,
         as the session's readers hash a refused value; NULL for NULL)."""
-        return sql.SQL(
-            "(CASE WHEN {} THEN {} ELSE pg_catalog.hashtextextended(({} || {}) COLLATE \"C\", "
-            "{}) END)").format(self.exact, _hashed(self.value, self.wanted, seed),
-                               sql.Literal(INVALID), self.text, sql.Literal(seed))
+        refused = sql.SQL("{} || {}").format(sql.Literal(INVALID), self.text)
+        return sql.SQL("(CASE WHEN {} THEN {} ELSE {} END)").format(
+            self.exact, _hashed(self.value, self.wanted, seed),
+            text_hash(refused, sql.Literal(seed)))
 
 
 #: The extended (seeded) hash function of each type's default hash operator class: the

@@ -40,6 +40,7 @@ from trueup.fingerprint import (
     raw_fields,
     render,
     storage_type,
+    text_hash,
 )
 from trueup.fingerprint import copy_text as value_text
 from trueup.log import get_logger
@@ -503,8 +504,8 @@ class Merger:
             sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in
             [*(["version"] if shape.version_type else []), "fingerprint", "row_hash",
              "native_hash", "kafka_partition", "kafka_offset"])
-        row_hash = sql.SQL("hashtextextended(concat_ws({}, {}, {}, fields), 0)").format(
-            sql.Literal(PART_SEPARATOR), staged.key_text, staged.version_text)
+        row_hash = text_hash(sql.SQL("concat_ws({}, {}, {}, fields)").format(
+            sql.Literal(PART_SEPARATOR), staged.key_text, staged.version_text))
         return [
             sql.SQL("CREATE TEMP TABLE trueup_latest ON COMMIT DROP AS {}").format(latest),
             sql.SQL("DELETE FROM {mirror} AS m USING trueup_latest AS l "
@@ -512,10 +513,11 @@ class Merger:
             sql.SQL(
                 "INSERT INTO {mirror} ({keys}, {version}fingerprint, row_hash, native_hash, "
                 "kafka_partition, kafka_offset) SELECT {keys}, {version}"
-                "hashtextextended(fields, 0), {row_hash}, native, kafka_partition, kafka_offset "
+                "{fingerprint}, {row_hash}, native, kafka_partition, kafka_offset "
                 "FROM trueup_latest WHERE NOT tombstone "
                 "ON CONFLICT ({keys}) DO UPDATE SET {updates}"
-            ).format(mirror=shape.table, keys=key_list, version=version_col, row_hash=row_hash,
+            ).format(mirror=shape.table, keys=key_list, version=version_col,
+                     fingerprint=text_hash(sql.Identifier("fields")), row_hash=row_hash,
                      updates=updates),
             # an unreadable message supersedes an earlier row of the key its message key
             # names (in its partition, where a key's messages go): the key's latest message,
