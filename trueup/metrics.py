@@ -79,6 +79,11 @@ WORKER_RECONNECTS = Counter(
     "connection (a class name of trueup.workers.rabbitmq.RECONNECT_REASONS, else other), "
     "a Kafka copy not confirmed (CopyUnconfirmed).",
     ["worker", "reason"], registry=REGISTRY)
+WORKER_DATABASE_WAITS = Counter(
+    "trueup_worker_database_waits_total",
+    "Failed messages a worker held, neither retried nor dead-lettered, until the database "
+    "its handler depends on answered again.",
+    ["worker"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "trueup_consumer_lag",
     "Messages a consumer group is behind the end of a partition (Kafka workers).",

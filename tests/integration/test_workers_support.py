@@ -318,10 +318,12 @@ class FlakyHandler:
 def kafka_worker(bootstrap: str, topic: str, handler: Callable[[Delivery], None],
                   unique: Callable[[str], str], topics: Topics, *,
                   policy: RetryPolicy = POLICY, kind: type[KafkaWorker] = KafkaWorker,
-                  consumer_overrides: dict[str, Any] | None = None) -> KafkaWorker:
+                  consumer_overrides: dict[str, Any] | None = None,
+                  database: str | None = None) -> KafkaWorker:
     worker = kind(properties={"bootstrap.servers": bootstrap}, topic=topic,
                   group=unique("group"), handler=handler, policy=policy,
-                  dead_letter_topic=f"{topic}.dlq", consumer_overrides=consumer_overrides)
+                  dead_letter_topic=f"{topic}.dlq", consumer_overrides=consumer_overrides,
+                  database=database)
     topics.track(topic, *worker.retry_topics, worker.dead_letter_topic)
     worker.ensure_topics(partitions=1)
     return worker

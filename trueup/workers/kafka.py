@@ -37,6 +37,7 @@ from trueup.log import bound, get_logger
 from trueup.retry import RetryPolicy
 from trueup.workers.runtime import (
     Action,
+    DatabaseGate,
     Delivery,
     Handler,
     Reconnect,
@@ -69,6 +70,8 @@ class KafkaWorker:
     ``metrics_port``: serve ``/metrics``, ``/healthz`` and ``/readyz`` on that port of
     127.0.0.1 while :meth:`run` runs (0: any free port); readiness checks Kafka and, when
     ``database`` (a Postgres DSN the handler depends on) is given, the database too.
+    A message whose handler failed while that database does not answer waits for it (see
+    :class:`~trueup.workers.runtime.DatabaseGate`): not retried, not dead-lettered.
     """
 
     def __init__(self, *, properties: Mapping[str, Any], topic: str, group: str,
@@ -86,6 +89,10 @@ class KafkaWorker:
         self.consumer_overrides = dict(consumer_overrides or {})
         self.metrics_port = metrics_port
         self.database = database
+        self.gate = DatabaseGate(group, database)
+        self._holding = False  # a failed message waits for the database, every partition paused
+        #: partitions revoked or lost while a message waited for the database
+        self._taken: set[tuple[str, int]] = set()
         self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
         self._paused: dict[tuple[str, int], float] = {}  # (topic, partition) -> monotonic due
@@ -181,13 +188,18 @@ class KafkaWorker:
         that slow handlers never keep the worker from polling long enough to leave the group
         with a batch in hand."""
         started = time.monotonic()
+        left: set[tuple[str | None, int | None]] = set()  # partitions past a message left
         for i, message in enumerate(batch):
             if stop.is_set():
                 return
             if i and time.monotonic() - started > self._batch_seconds:
                 self._hand_back(consumer, batch[i:])
                 return
-            self._one(consumer, copies, message)
+            where = (message.topic(), message.partition())
+            if where not in left and not self._one(consumer, copies, message, stop):
+                # its offset not stored: the partition's next messages in hand must not be
+                # stored past it (its owner, this worker or another, reads them all again)
+                left.add(where)
 
     @property
     def _batch_seconds(self) -> float:
@@ -215,18 +227,20 @@ class KafkaWorker:
         log.info("worker.batch_handed_back", group=self.group, messages=len(messages),
                  seconds=round(self._batch_seconds, 1))
 
-    def _one(self, consumer: Consumer, copies: _Copies, message: Message) -> None:
+    def _one(self, consumer: Consumer, copies: _Copies, message: Message,
+             stop: threading.Event) -> bool:
+        """Handle one message of a batch; False when it was left unsettled (see _hold)."""
         error = message.error()
         if error is not None:
             if kafka.is_transient(error):
                 log.debug("worker.kafka_error", error=error.str())
-                return
+                return True
             if error.code() == KafkaError._MAX_POLL_EXCEEDED:
                 # One handler outlasted max.poll.interval.ms: the consumer left the group and
                 # joins again on the next poll. Whatever it had not committed, the partitions'
                 # owners handle again (at least once).
                 log.warning("worker.left_group", group=self.group, error=error.str())
-                return
+                return True
             raise kafka.translate(KafkaException(error), self.what)
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
@@ -235,35 +249,40 @@ class KafkaWorker:
             # owner now reads it again from the committed offset.
             log.debug("worker.skipped_revoked", group=self.group, topic=topic,
                       partition=partition, offset=offset)
-            return
+            return True
         if (topic, partition) in self._paused:
-            return  # fetched before the pause; the seek brings it back when due
+            return True  # fetched before the pause; the seek brings it back when due
         raw = kafka.message_headers(message)
         text = headers.from_kafka(raw)
         if topic != self.topic and (text.get(headers.GROUP) or self.group) != self.group:
             # Every group consuming a topic shares its retry topics: another group's retry is
             # that group's to handle.
             self._done(consumer, topic, partition, offset, message)
-            return
+            return True
         if topic != self.topic:
             wait = self._wait(topic, partition, offset, text)
             if wait > 0:
                 self._pause(consumer, topic, partition, offset, wait)
-                return
+                return True
         # where the message is, on every line about it (its failure, a refused retry copy)
         with bound(topic=topic, partition=partition, offset=offset), \
                 tracing.message_span("worker.handle", text, topic=topic, partition=partition,
                                      offset=offset, group=self.group):
             try:
-                self._settle(consumer, copies, message, raw, text)
+                if not self._settle(consumer, copies, message, raw, text, stop):
+                    return False
             except CopyUnconfirmed:
                 self._stuck = (topic, partition)
                 raise
         self._stuck = None
         HEALTH.progressed()
+        return True
 
     def _settle(self, consumer: Consumer, copies: _Copies, message: Message,
-                raw: list[tuple[str, Any]], text: dict[str, str]) -> None:
+                raw: list[tuple[str, Any]], text: dict[str, str], stop: threading.Event) -> bool:
+        """Handle the message and settle it (store its offset once done); False when it was
+        left unsettled, its offset not stored: the worker stopped, or its partition was
+        taken, while it waited for the database."""
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
         failure = headers.Failure.read(text)
@@ -274,7 +293,14 @@ class KafkaWorker:
         delivery = Delivery(body=message.value(), key=message.key(), headers=text,
                             source=self.topic, attempt=failure.attempts + 1,
                             message_id=failure.message_id or f"{topic}:{partition}:{offset}")
-        settlement = settle(self.handler, delivery, self.policy, failure)
+        settlement = settle(self.handler, delivery, self.policy, failure, gate=self.gate)
+        while settlement.action is Action.HOLD:
+            # the database is away: the message waits, its offset not stored, and is handled
+            # again (its attempt not counted) once it answers; a stopping worker, or one whose
+            # partition was taken meanwhile, leaves it to be handled again
+            if not self._hold(consumer, topic, partition, stop):
+                return False
+            settlement = settle(self.handler, delivery, self.policy, failure, gate=self.gate)
         if settlement.action is not Action.ACK:
             changes = settlement.failure.write()
             if settlement.action is Action.RETRY:
@@ -287,6 +313,30 @@ class KafkaWorker:
         # Committed by the next auto commit, or on revoke/close: only now is the message done.
         self._done(consumer, topic, partition, offset, message)
         record_settlement(self.group, settlement)
+        return True
+
+    def _hold(self, consumer: Consumer, topic: str, partition: int,
+              stop: threading.Event) -> bool:
+        """Wait for the database with every partition paused, polling meanwhile so that the
+        consumer stays in its group (``max.poll.interval.ms``) and rebalances run: True once
+        it answers and ``topic:partition`` stayed this worker's all along (taken and given
+        back, it is read again from the committed offset)."""
+        consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+        self._holding = True
+        self._taken.clear()
+
+        def service(seconds: float) -> bool:
+            message = consumer.poll(seconds)
+            if message is not None and message.error() is None:
+                self._hand_back(consumer, [message])  # fetched before its partition paused
+            return (topic, partition) in self._assigned and (topic, partition) not in self._taken
+
+        try:
+            return self.gate.wait(stop, service)
+        finally:
+            self._holding = False
+            consumer.resume([TopicPartition(t, p) for t, p in self._assigned
+                             if (t, p) not in self._paused])
 
     def _forward(self, copies: _Copies, message: Message, raw: list[tuple[str, Any]],
                  settlement: Settlement, target: str, changes: dict[str, str]) -> Settlement:
@@ -427,6 +477,8 @@ class KafkaWorker:
         # a retry partition paused when the group rebalanced would never be fetched again.
         # Its retry, fetched anew, pauses it again until due.
         consumer.resume(partitions)
+        if self._holding:  # not fetched while a message waits for the database (see _hold)
+            consumer.pause(partitions)
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._assigned.add((tp.topic, tp.partition))
@@ -453,6 +505,8 @@ class KafkaWorker:
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._held.pop((tp.topic, tp.partition), None)
+            if self._holding:
+                self._taken.add((tp.topic, tp.partition))
         self._forget_lag([(tp.topic, tp.partition) for tp in partitions])
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

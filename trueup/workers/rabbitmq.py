@@ -34,7 +34,9 @@ from trueup.health import HEALTH
 from trueup.log import bound, get_logger
 from trueup.retry import RetryPolicy
 from trueup.workers.runtime import (
+    SERVICE_SECONDS,
     Action,
+    DatabaseGate,
     Delivery,
     Handler,
     Reconnect,
@@ -50,7 +52,6 @@ log = get_logger(__name__)
 PREFETCH = 20
 IDLE_SECONDS = 0.25
 HEARTBEAT_SECONDS = 10  # a dead broker is noticed within two of them
-SERVICE_SECONDS = 0.2   # while a handler runs, the connection is serviced this often
 
 
 class CopyRefused(rabbitmq.RabbitFailed):
@@ -86,6 +87,8 @@ class RabbitWorker:
     ``metrics_port``: serve ``/metrics``, ``/healthz`` and ``/readyz`` on that port of
     127.0.0.1 while :meth:`run` runs (0: any free port); readiness checks RabbitMQ and, when
     ``database`` (a Postgres DSN the handler depends on) is given, the database too.
+    A message whose handler failed while that database does not answer waits for it (see
+    :class:`~trueup.workers.runtime.DatabaseGate`): not retried, not dead-lettered.
     ``heartbeat_seconds``: the AMQP heartbeat timeout of the worker's connection.
     """
 
@@ -104,6 +107,7 @@ class RabbitWorker:
         self.tiers = max(1, policy.retries if retry_queues is None else retry_queues)
         self.metrics_port = metrics_port
         self.database = database
+        self.gate = DatabaseGate(self.name, database)
         self.heartbeat_seconds = heartbeat_seconds
         self.what = f"worker {self.name} on {queue}"
         self._handling: ThreadPoolExecutor | None = None
@@ -157,7 +161,7 @@ class RabbitWorker:
                     # keep a worker that never gets past it looking ready.
                     HEALTH.progressed()
                 else:
-                    self._one(channel, method, properties, body)
+                    self._one(channel, method, properties, body, stop)
                 # The pauses start again once the session got somewhere (a message settled,
                 # or none waiting), not when it starts: a message whose copy the broker
                 # refuses each time must not be handled again five times a second.
@@ -167,23 +171,29 @@ class RabbitWorker:
             rabbitmq.close_quietly(connection)
 
     def _one(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
-             body: bytes) -> None:
+             body: bytes, stop: threading.Event) -> None:
         text = rabbitmq.text_headers(properties)
         # where the message is, on every line about it (the handler thread's too: it runs in
         # a copy of this context)
         with bound(queue=self.queue, delivery_tag=method.delivery_tag), \
                 tracing.message_span("worker.handle", text, queue=self.queue,
                                      delivery_tag=method.delivery_tag):
-            self._settle(channel, method, properties, body, text)
+            self._settle(channel, method, properties, body, text, stop)
         HEALTH.progressed()
 
     def _settle(self, channel: BlockingChannel, method: Any, properties: pika.BasicProperties,
-                body: bytes, text: dict[str, str]) -> None:
+                body: bytes, text: dict[str, str], stop: threading.Event) -> None:
         failure = headers.Failure.read(text)
         message_id = properties.message_id or failure.message_id or uuid.uuid4().hex
         delivery = Delivery(body=body, key=None, headers=text, source=self.queue,
                             attempt=failure.attempts + 1, message_id=message_id)
         settlement = self._handled(channel, delivery, failure)
+        while settlement.action is Action.HOLD:
+            # the database is away: the message waits, unacked, and is handled again (its
+            # attempt not counted) once it answers; a stopping worker leaves it to come again
+            if not self.gate.wait(stop, lambda seconds: self._service(channel, seconds)):
+                return
+            settlement = self._handled(channel, delivery, failure)
         if settlement.action is not Action.ACK:
             record = settlement.failure
             record = replace(record, origin=self.queue, group=self.name)
@@ -217,7 +227,13 @@ class RabbitWorker:
         connection holds up the next one, never runs beside it."""
         assert self._handling is not None
         running = self._handling.submit(contextvars.copy_context().run, settle, self.handler,
-                                        delivery, self.policy, failure)
+                                        delivery, self.policy, failure, gate=self.gate)
         while not wait([running], timeout=SERVICE_SECONDS).done:
             channel.connection.process_data_events(time_limit=0)
         return running.result()
+
+    @staticmethod
+    def _service(channel: BlockingChannel, seconds: float) -> bool:
+        """Keep the connection serviced (heartbeats) for ``seconds``."""
+        channel.connection.process_data_events(time_limit=seconds)
+        return True

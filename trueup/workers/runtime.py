@@ -43,6 +43,9 @@ class Action(StrEnum):
     ACK = "ack"
     RETRY = "retry"
     DEAD_LETTER = "dead_letter"
+    #: the handler failed while the database it depends on did not answer: neither retried
+    #: nor dead-lettered, the message waits for the database (see :class:`DatabaseGate`)
+    HOLD = "hold"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +62,10 @@ class Settlement:
 
 
 def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: Failure, *,
-           at: dt.datetime | None = None) -> Settlement:
-    """Run ``handler`` on ``delivery`` and decide: ack, retry after a delay, or dead-letter.
+           at: dt.datetime | None = None, gate: DatabaseGate | None = None) -> Settlement:
+    """Run ``handler`` on ``delivery`` and decide: ack, retry after a delay, or dead-letter;
+    or hold, when it failed while ``gate``'s database does not answer (the attempt is not
+    counted: an outage must not use up a message's attempts and send it to the dead letters).
 
     Anything the handler raises is a failure (an ``asyncio.CancelledError`` from a handler's
     own event loop too: let through, it stopped the worker on every delivery of the message)
@@ -76,6 +81,13 @@ def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: F
         failed = failure.failed(exc, attempt=delivery.attempt, at=at or now())
         failed = replace(failed, message_id=delivery.message_id)
         action = Action.RETRY if decision.retry else Action.DEAD_LETTER
+        down = gate.down() if gate else None
+        if down is not None:
+            tracing.annotate(exc, attempt=delivery.attempt, outcome=Action.HOLD.value)
+            log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
+                     attempt=delivery.attempt, error=failed.error_class,
+                     action=Action.HOLD.value, database=down)
+            return Settlement(action=Action.HOLD, failure=failure)
         tracing.annotate(exc, attempt=delivery.attempt, outcome=action.value)
         log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
                  attempt=delivery.attempt, error=failed.error_class, action=action.value,
@@ -135,6 +147,50 @@ def install_stop_signals(stop: threading.Event) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+
+
+#: While a message waits for the database, the broker's session is serviced this often.
+SERVICE_SECONDS = 0.2
+
+
+class DatabaseGate:
+    """The database a worker's handler depends on (its ``database`` DSN), asked after a
+    handler failed: while it does not answer, the message is held (:attr:`Action.HOLD`), not
+    retried or dead-lettered. Without a DSN nothing is held."""
+
+    def __init__(self, worker: str, database: str | None) -> None:
+        from trueup.health import postgres_check
+
+        self.worker = worker
+        self._check = postgres_check(database) if database else None
+
+    def down(self) -> str | None:
+        """None when the database answers (or none was given), else what is wrong."""
+        return self._check() if self._check else None
+
+    def wait(self, stop: threading.Event, service: Callable[[float], bool]) -> bool:
+        """Wait, asking again after pauses of 0.2 s doubling to 5 s, until the database
+        answers: True. False when ``stop`` was set first, or ``service`` (called with the
+        seconds to spend: it keeps the broker's session alive meanwhile) says the message in
+        hand is no longer this worker's."""
+        metrics.WORKER_DATABASE_WAITS.labels(self.worker).inc()
+        log.warning("worker.waiting_for_database", worker=self.worker)
+        started = time.monotonic()
+        pause = Reconnect.FIRST_SECONDS
+        while True:
+            until = time.monotonic() + pause
+            while (left := until - time.monotonic()) > 0:
+                if stop.is_set() or not service(min(left, SERVICE_SECONDS)):
+                    return False
+            pause = min(Reconnect.MAX_SECONDS, pause * 2)
+            if stop.is_set():
+                return False
+            down = self.down()
+            if down is None:
+                log.info("worker.database_back", worker=self.worker,
+                         waited_seconds=round(time.monotonic() - started, 1))
+                return True
+            log.debug("worker.database_down", worker=self.worker, database=down)
 
 
 class Reconnect:
