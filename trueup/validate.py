@@ -17,6 +17,7 @@ import psycopg
 import psycopg.sql
 import sqlalchemy as sa
 from confluent_kafka.admin import AdminClient
+from sqlalchemy.dialects.postgresql.base import PGInspector
 from sqlalchemy.engine import Inspector
 
 from trueup.brokers import kafka, rabbitmq
@@ -49,6 +50,9 @@ class TableShape:
     columns: dict[str, Any]  # name -> SQLAlchemy type
     unique_keys: list[tuple[str, ...]]  # primary key first, then unique constraints and indexes
     nullable: frozenset[str] = frozenset()  # columns that may hold NULL
+    #: "view" or "foreign table": a relation that holds no index, so no catalog shows that a
+    #: key of it is unique; "table" for the others (a partitioned table, a materialized view)
+    kind: str = "table"
 
 
 @dataclass
@@ -78,8 +82,16 @@ def reflect_table(inspector: Inspector, table: str) -> TableShape | None:
         if i.get("unique") and not i.get("dialect_options", {}).get("postgresql_where")
         and None not in i["column_names"]
     ]
+    kind = ("view" if name in inspector.get_view_names(schema=schema) else
+            "foreign table" if name in _foreign_table_names(inspector, schema) else "table")
     return TableShape(columns=columns, unique_keys=keys,
-                      nullable=frozenset(c["name"] for c in found if c.get("nullable", True)))
+                      nullable=frozenset(c["name"] for c in found if c.get("nullable", True)),
+                      kind=kind)
+
+
+def _foreign_table_names(inspector: Inspector, schema: str) -> list[str]:
+    assert isinstance(inspector, PGInspector)  # trueup's databases are Postgres
+    return inspector.get_foreign_table_names(schema=schema)
 
 
 class Validator:
@@ -261,7 +273,10 @@ class Validator:
             yield from problems
             return
         # every problem of the table's columns at once: one fix, one more run of validate
-        if not any(set(k) == set(key) for k in shape.unique_keys):
+        # (a view or foreign table has no index to prove its key unique: diff and backfill
+        # read one as they read a table, so it is valid, and its ok line says what is unchecked)
+        indexed = shape.kind == "table"
+        if indexed and not any(set(k) == set(key) for k in shape.unique_keys):
             problems.append(Finding(
                 path=f"{path}.key", ok=False,
                 message=f"no primary key or unique index of {table} is exactly "
@@ -289,7 +304,9 @@ class Validator:
         yield Finding(path=path, ok=True,
                       message=f"{table}: key ({', '.join(key)}), "
                               f"{len(columns)} compared column{'s' * (len(columns) != 1)}"
-                              + (f", version {version}" if version else ""))
+                              + (f", version {version}" if version else "")
+                              + ("" if indexed else f"; a {shape.kind} holds no index: that "
+                                 f"({', '.join(key)}) identifies one row is not checked"))
 
     def _null_keys(self, path: str, connection: str, table: str, key: list[str],
                    shape: TableShape) -> list[Finding]:

@@ -407,3 +407,97 @@ def test_validate_refuses_a_key_pair_the_diff_cannot_compare_exactly(
         f"(TIMESTAMP) cannot be compared exactly with the source's day (DATE): read as DATE, "
         f"distinct keys would be one. Give the target's key the source's type, or reconcile "
         f"against a view of the target whose key is DATE"]
+
+
+def test_a_view_renaming_a_source_key_the_mirror_of_a_topic_keeps_as_advised_is_valid(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The config refuses a source key named as a column the mirror keeps (`fields`) and
+    advises a view renaming it; validate then refused that view (no unique index of it is
+    exactly (kid)), while diff and backfill read it as they read a table. A view holds no
+    index: the rest is checked, and its ok line says that the key's uniqueness is not."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.kv (fields bigint PRIMARY KEY, "
+                     "version bigint NOT NULL, status text)")
+        conn.execute("CREATE VIEW public.kv_v AS SELECT fields AS kid, version, status "
+                     "FROM public.kv")
+    config = _config(world)
+    events = config["reconciliations"]["events"]
+    events["source"] = {"connection": "shop", "table": "kv", "key": ["fields"],
+                        "version": "version", "columns": ["status"]}
+    events["target"].update(key=["kid"], columns=["status"])
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    assert "got 'fields'; a view over public.kv can rename them" in err, err
+
+    events["source"].update(table="kv_v", key=["kid"])
+    status, out, err = _validate(tmp_path, config, capsys)
+    assert (status, err) == (0, ""), err
+    line = next(x for x in out.splitlines() if "reconciliations.events.source " in x)
+    assert line.startswith("ok ") and line.endswith(
+        "public.kv_v: key (kid), 1 compared column, version version; a view holds no index: "
+        "that (kid) identifies one row is not checked"), line
+
+
+def test_a_view_of_the_target_as_advised_for_a_key_the_diff_cannot_compare_is_valid(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """validate advises a view of the target whose key is the source's type (see the key pair
+    test above); the same unique-index check refused that view on the target side."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.days (day date PRIMARY KEY, version bigint, "
+                     "status text, amount_cents bigint)")
+        conn.execute("CREATE TABLE billing.days (day timestamptz PRIMARY KEY, "
+                     "order_version bigint, status text, total_cents bigint)")
+        conn.execute("CREATE VIEW billing.days_v AS SELECT day::date AS day, order_version, "
+                     "status, total_cents FROM billing.days")
+    config = _config(world)
+    invoices = config["reconciliations"]["invoices"]
+    invoices["source"].update(table="public.days", key=["day"])
+    invoices["target"].update(table="billing.days_v", key=["day"])
+    status, out, err = _validate(tmp_path, config, capsys)
+    assert (status, err) == (0, ""), err
+    assert ("billing.days_v: key (day), 2 compared columns, version order_version; a view "
+            "holds no index: that (day) identifies one row is not checked") in out, out
+
+
+RELATIONS: list[tuple[str, str, int, str]] = [
+    ("a materialized view without a unique index is refused",
+     "CREATE MATERIALIZED VIEW public.rel AS SELECT * FROM public.orders",
+     2, "reconciliations.invoices.source.key: no primary key or unique index of public.rel "
+     "is exactly (id); a key must identify one row"),
+    ("a materialized view's unique index is its key",
+     "CREATE MATERIALIZED VIEW public.rel AS SELECT * FROM public.orders; "
+     "CREATE UNIQUE INDEX ON public.rel (id)",
+     0, "public.rel: key (id), 2 compared columns, version version\n"),
+    ("a foreign table holds no index",
+     "CREATE EXTENSION postgres_fdw; CREATE SERVER here FOREIGN DATA WRAPPER postgres_fdw; "
+     "CREATE FOREIGN TABLE public.rel (id bigint NOT NULL, status text, amount_cents bigint, "
+     "version bigint) SERVER here OPTIONS (table_name 'orders')",
+     0, "public.rel: key (id), 2 compared columns, version version; a foreign table holds "
+     "no index: that (id) identifies one row is not checked\n"),
+    ("a view's key is read for NULL as a table's",
+     "CREATE VIEW public.rel AS SELECT * FROM public.null_key",
+     2, "reconciliations.invoices.source.key[0]: column 'id' of public.rel holds NULL: a "
+     "key must identify one row"),
+]
+
+
+@pytest.mark.parametrize(("create", "expected_status", "expected"),
+                         [(c, s, e) for _, c, s, e in RELATIONS],
+                         ids=[name for name, _, _, _ in RELATIONS])
+def test_a_key_s_unique_index_is_required_of_every_relation_that_can_hold_one(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        create: str, expected_status: int, expected: str) -> None:
+    """A view or a foreign table holds no index, so validate cannot require one of them (see
+    above); a materialized view can, and must have one. Every relation's key is read for
+    NULL."""
+    with psycopg.connect(world["shop"], autocommit=True) as conn:
+        conn.execute(create)
+    config = _config(world)
+    config["reconciliations"]["invoices"]["source"].update(table="public.rel")
+    status, out, err = _validate(tmp_path, config, capsys)
+    if expected_status:
+        assert status == expected_status
+        assert f"{tmp_path / 'trueup.yaml'}: {expected}" in err, err
+    else:
+        assert (status, err) == (0, ""), err
+        assert expected in out, out
