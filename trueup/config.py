@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -492,7 +492,40 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
     return parse_config(text, file, os.environ if environ is None else environ)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+#: What a YAML document nested past what PyYAML's recursive reader can follow (a few hundred
+#: ``[`` or mappings within each other) is refused with: Python's stack, not the text, ends.
+TOO_DEEP = "lists or mappings nested too deeply"
+
+
+class SafeYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, raising a :class:`yaml.YAMLError` that names the line for a
+    value its tag cannot read, where PyYAML's constructors raise a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, KeyError) as exc:
+            # PyYAML's scalar constructors raise these for a value their tag cannot read
+            # (!!int abc, !!float abc, !!bool maybe, 0x_): one line naming where it is
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            value = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {value}as {tag}", node.start_mark) from exc
+
+
+def load_yaml(text: str, loader: type[SafeYamlLoader] = SafeYamlLoader) -> Any:
+    """``text`` read as YAML; a document nested too deeply (see :data:`TOO_DEEP`) raises a
+    :class:`yaml.YAMLError` naming the line it was read to, like any other bad YAML."""
+    reader = loader(text)
+    try:
+        return reader.get_single_data()
+    except RecursionError:
+        raise yaml.MarkedYAMLError(problem=TOO_DEEP, problem_mark=reader.get_mark()) from None
+    finally:
+        reader.dispose()
+
+
+class _UniqueKeyLoader(SafeYamlLoader):
     """YAML whose mappings may not repeat a key: a second ``orders:`` under
     ``reconciliations`` would silently replace the first."""
 
@@ -524,17 +557,6 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 pass
         return value
 
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep=deep)
-        except (ValueError, KeyError) as exc:
-            # PyYAML's scalar constructors raise these for a value their tag cannot read
-            # (!!int abc, !!float abc, !!bool maybe, 0x_): one line naming where it is
-            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
-            value = f"{node.value!r} " if isinstance(node, yaml.ScalarNode) else ""
-            raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {value}as {tag}", node.start_mark) from exc
-
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp",
                                  _UniqueKeyLoader.construct_yaml_timestamp)
@@ -542,7 +564,7 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:timestamp",
 
 def parse_config(text: str, file: str, environ: Any) -> Config:
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        raw = load_yaml(text, _UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else ""
@@ -553,8 +575,11 @@ def parse_config(text: str, file: str, environ: Any) -> Config:
     if _expands_past(raw, MAX_VALUES):
         raise ConfigError(file, "", f"expected at most {MAX_VALUES:,} values once YAML aliases "
                                     f"are expanded (aliases nested within aliases?)")
+    errors = [ConfigError(file, p, m) for p, m in _names_not_text(raw, "")]
+    if errors:
+        raise ConfigErrors(errors)
 
-    errors: list[ConfigError] = []
+    errors = []
     raw = _interpolate(raw, "", environ, lambda p, m: errors.append(ConfigError(file, p, m)))
     if errors:
         raise ConfigErrors(errors)
@@ -622,6 +647,35 @@ def _interpolate(node: Any, path: str, environ: Any, fail: Callable[[str, str], 
 MIRROR_COLUMNS = frozenset({
     "version", "fingerprint", "row_hash", "native_hash", "kafka_partition", "kafka_offset",
     "message_key", "tombstone", "fields", "reason", "native"})
+
+
+#: What YAML (1.1, PyYAML's) makes of an unquoted name that is not text, as a user wrote it.
+_YAML_WORDS = {True: ("true", "yes, on or true", "true"),
+               False: ("false", "no, off or false", "false"), None: ("null", "null or ~", "null")}
+
+
+def _names_not_text(node: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every mapping key of the document that YAML did not read as text (every name and
+    field of the config is text): ``no:`` is the boolean false, ``null:`` is null, ``5:`` a
+    number, each shown as written and told to be quoted."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _names_not_text(item, f"{path}[{i}]")
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if isinstance(key, str):
+            yield from _names_not_text(value, f"{path}.{key}" if path else key)
+            continue
+        if isinstance(key, bool) or key is None:
+            word, spellings, read_as = _YAML_WORDS[key]
+            why = f"YAML reads an unquoted {spellings} as {read_as}"
+        else:
+            kind = ("a number" if isinstance(key, int | float) else "a date"
+                    if isinstance(key, dt.date) else f"a {type(key).__name__}")
+            word, why = str(key), f"YAML reads it as {kind}"
+        yield (f"{path}.{word}" if path else word,
+               f"expected a name (got {word}: {why}; quote it)")
 
 
 def _cross_references(config: Config) -> list[tuple[str, str]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import itertools
 import json
 import math
+import re
 import uuid
 from decimal import Decimal
 from typing import Any
@@ -37,13 +37,55 @@ def _finite(number: str) -> Decimal:
     return Decimal(number) if math.isfinite(float(number)) else _not_json(number)
 
 
-#: At most this many stored forms of one KEY are looked up.
+#: At most this many stored forms of one KEY are looked up (each is one more probe of every
+#: chunk's repairs): the fewest alternatives first, see :func:`_fair_product`.
 MAX_FORMS = 64
+
+
+#: The deepest JSON a KEY is read as (arrays and objects within each other); one deeper is its
+#: text. Python's json reads about a thousand levels, and what takes the key on (a check, the
+#: lookup, --json) recurses a level at a time.
+MAX_DEPTH = 100
 
 
 def _json(text: str) -> Any:
     # NaN and Infinity (and 1e400) are JSON to Python, not to Postgres: such a key is its text
-    return json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+    if _deeper_than(value, MAX_DEPTH):
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` holds arrays or objects nested more than ``limit`` deep (a walk
+    without recursion, which a deep value would run out of)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, list | dict):
+            if depth > limit:
+                return True
+            todo += [(v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)]
+    return False
+
+
+#: Text Postgres reads as an integer (int2in/int4in/int8in: blanks around, a sign, leading
+#: zeros: '007'::bigint is 7) and as a number (numeric_in: also ``5.``, ``.5``, ``1e2``).
+#: Postgres 16's ``1_000`` and ``0x1F`` are not read: 15 refuses them.
+_PG_BLANK = r"[ \t\n\r\v\f]*"
+_PG_INTEGER = re.compile(rf"{_PG_BLANK}([+-]?[0-9]+){_PG_BLANK}")
+_PG_NUMBER = re.compile(
+    rf"{_PG_BLANK}([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?){_PG_BLANK}")
+
+
+def _pg_number(text: str) -> int | Decimal:
+    """``text`` as the number Postgres reads it as (a ValueError when it reads none): JSON's
+    numbers, and ``007``, ``+5``, `` 5 ``, ``.5`` that JSON has not."""
+    if (integer := _PG_INTEGER.fullmatch(text)) is not None:
+        return int(integer.group(1))  # past 4,300 digits a ValueError, as json.loads gives
+    if (number := _PG_NUMBER.fullmatch(text)) is not None:
+        return _finite(number.group(1))
+    raise ValueError(f"{text!r} is no number to Postgres")
 
 
 def parse_key(text: str, parts: int) -> list[list[Any]]:
@@ -56,7 +98,7 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
     """
     try:
         parsed = _json(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python reads
         parsed = None if parts > 1 else text
     if parts > 1:
         if not isinstance(parsed, list) or len(parsed) != parts:
@@ -69,8 +111,7 @@ def parse_key(text: str, parts: int) -> list[list[Any]]:
         values = parsed if len(parsed) == 1 else [text]
     else:
         values = [parsed]
-    forms = [list(form) for form in itertools.islice(
-        itertools.product(*(_alternatives(v) for v in values)), MAX_FORMS)]
+    forms = _fair_product([_alternatives(v) for v in values], MAX_FORMS)
     if parts == 1 and [text] not in forms:
         forms.append([text])  # a text key that reads as JSON (or a number) is also its text
     return _storable(forms, text)
@@ -85,9 +126,7 @@ def _alternatives(value: Any) -> list[Any]:
         found.append(jsonb_text(value))  # 1e2 as Postgres writes it: 100
     elif isinstance(value, str):
         with contextlib.suppress(ValueError):
-            number = _json(value)
-            if isinstance(number, int | Decimal) and not isinstance(number, bool):
-                found.append(number)
+            found.append(_pg_number(value))  # '007' of a bigint column is 7
         with contextlib.suppress(ValueError):
             found.append(str(uuid.UUID(value)))
         found += _times(value)
@@ -95,6 +134,26 @@ def _alternatives(value: Any) -> list[Any]:
     for form in found:
         unique.setdefault(jsonb_text(form), form)
     return list(unique.values())
+
+
+def _fair_product(choices: list[list[Any]], limit: int) -> list[list[Any]]:
+    """The first ``limit`` combinations of one value of each of ``choices``, those with the
+    fewest later values (alternatives) first: every value of every part is in one of the
+    first ``1 + sum(len(c) - 1)``. (``itertools.product`` varies the last part first: cut at
+    ``limit``, the forms of a key of seven parts never held its first part's second value.)
+
+    A breadth-first walk from the first values, each combination reached once: from its
+    parent, the one with its last later value one less."""
+    picks: list[tuple[int, ...]] = [(0,) * len(choices)]
+    at = 0
+    while at < len(picks) and len(picks) < limit:
+        pick = picks[at]
+        at += 1
+        last = max((i for i, n in enumerate(pick) if n), default=0)
+        for i in range(last, len(pick)):
+            if pick[i] + 1 < len(choices[i]) and len(picks) < limit:
+                picks.append((*pick[:i], pick[i] + 1, *pick[i + 1:]))
+    return [[c[n] for c, n in zip(choices, pick, strict=True)] for pick in picks]
 
 
 def _times(value: str) -> list[str]:

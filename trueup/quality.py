@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
-from trueup.config import Config, ConnectionKind, TableName
+from trueup.config import Config, ConnectionKind, TableName, load_yaml
 from trueup.db import first_line, redact, scrubbed, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
 from trueup.runs import json_value
@@ -179,7 +179,12 @@ def read_suite(path: Path) -> Suite:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        # a safe loader (no arbitrary objects) whose errors are YAMLErrors: a value its tag
+        # cannot read, or lists nested too deeply, are the suite's mistake, in one line
+        return load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "", f"the suite file is not UTF-8 text: {exc.reason} at "
+                                         f"byte {exc.start}") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(str(path), "",
                           f"expected a readable YAML suite ({first_line(exc)})") from exc
