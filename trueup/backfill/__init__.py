@@ -23,7 +23,7 @@ from trueup.backfill.model import (
     WorkerOptions,
 )
 from trueup.backfill.planner import plan
-from trueup.backfill.runner import Progress, load, require_reconciliation, serve, summary_of
+from trueup.backfill.runner import Progress, load, require_servable, serve, summary_of
 from trueup.config import Config
 from trueup.errors import Conflict, UsageError
 from trueup.log import get_logger
@@ -38,6 +38,10 @@ __all__ = ["BackfillOptions", "BackfillSummary", "Chunk", "WorkerOptions", "canc
 LEASE_ENV = "TRUEUP_BACKFILL_LEASE_SECONDS"
 #: The shortest lease taken: renewed every third of it, a chunk's statements time out with it.
 MIN_LEASE_SECONDS = 1.0
+#: The longest lease taken (a day): a dead worker's chunk waits that long to be taken over, and
+#: the lease's end (a timestamptz) and its renewals' statement_timeout (an int of ms, at most
+#: about 24 days) must hold it. Config durations may be longer (config.MAX_DURATION, a year).
+MAX_LEASE_SECONDS = 86_400.0
 
 log = get_logger(__name__)
 
@@ -70,7 +74,7 @@ def resume_backfill(config: Config, backfill_id: int, worker: WorkerOptions | No
         if status is BackfillStatus.SUCCEEDED:
             return summary_of(row, time.monotonic() - started)
         # before reopening: a backfill reopened that no worker can serve would block new ones
-        require_reconciliation(config, backfill_id, row["reconciliation"])
+        require_servable(config, row)
         if status in (BackfillStatus.FAILED, BackfillStatus.CANCELLED):
             _reopen(state, backfill_id, row["reconciliation"])
         elif status is BackfillStatus.PLANNING:
@@ -124,6 +128,9 @@ def lease_seconds() -> float:
     if not math.isfinite(seconds) or seconds < MIN_LEASE_SECONDS:
         raise UsageError(f"{LEASE_ENV}: expected a number of seconds, at least "
                          f"{MIN_LEASE_SECONDS:g} (got {value!r})")
+    if seconds > MAX_LEASE_SECONDS:  # refused here, before a backfill or a chunk is written
+        raise UsageError(f"{LEASE_ENV}: expected a number of seconds from "
+                         f"{MIN_LEASE_SECONDS:g} to {MAX_LEASE_SECONDS:g} (got {value!r})")
     return seconds
 
 

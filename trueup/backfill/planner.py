@@ -82,11 +82,16 @@ def _lock(state: psycopg.Connection[Any], name: str) -> None:
                       (before["t"] if before else "0",))
 
 
-def validate(config: Config, name: str, options: BackfillOptions) -> None:
-    rec = config.reconciliation(name)
-    if rec.repair is RepairMode.NONE:
+def require_repairable(config: Config, name: str) -> None:
+    """Refuse a reconciliation the config does not let backfills repair (``repair: none``)."""
+    if config.reconciliation(name).repair is RepairMode.NONE:
         raise UsageError(f"{config.path}: reconciliations.{name}.repair: is none; set upsert "
                          f"(table target) or republish (topic target) to backfill")
+
+
+def validate(config: Config, name: str, options: BackfillOptions) -> None:
+    rec = config.reconciliation(name)
+    require_repairable(config, name)
     if options.scope is BackfillScope.PARTITION:
         parse_partition(rec, name, options.partition)
     if options.scope is BackfillScope.KEYS:

@@ -24,6 +24,7 @@ from trueup.backfill.model import (
     ChunkResult,
     WorkerOptions,
 )
+from trueup.backfill.planner import require_repairable
 from trueup.config import Config
 from trueup.db import connect, first_line
 from trueup.errors import ConnectionFailed, NotFound, StateError, TrueupError
@@ -97,6 +98,15 @@ def require_reconciliation(config: Config, backfill_id: int, name: str) -> None:
                        f"{config.path}")
 
 
+def require_servable(config: Config, row: dict[str, Any]) -> None:
+    """Refuse to work on a backfill that ``config`` no longer lets repair: its reconciliation
+    gone, or ``repair: none`` (set since planning, to stop repairs in an incident, say), before
+    a resume or a joining worker writes anything."""
+    name = row["reconciliation"]
+    require_reconciliation(config, row["backfill_id"], name)
+    require_repairable(config, name)
+
+
 def serve(config: Config, backfill_id: int, options: WorkerOptions,
           progress: Progress | None = None) -> BackfillSummary:
     """Work on backfill ``backfill_id`` with ``options.workers`` threads until nothing is open."""
@@ -104,7 +114,7 @@ def serve(config: Config, backfill_id: int, options: WorkerOptions,
     with connect(config.state, what="state", autocommit=True) as state:
         row = load(state, backfill_id)
     backfill = backfill_of(row)
-    require_reconciliation(config, backfill_id, backfill.reconciliation)
+    require_servable(config, row)
     # no more threads than chunks left to claim (one at least, to end the backfill)
     count = max(1, min(options.workers, int(row["chunks"]) - int(row["chunks_done"])))
     pacer = Pacer(backfill.rate)
