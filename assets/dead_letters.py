@@ -121,12 +121,15 @@ def _definitions(config: Config, name: str, *, max_depth: int,
         metadata={"dead_letters": name, "max_attempts": dlq.max_attempts},
     )
     def _dead_letters(context: AssetExecutionContext) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        report = inspect(config, name)
-        context.log.info(f"{name}: depth {report.depth}, by error {report.by_error}")
-        result = check_result(report, max_depth=max_depth, max_age_seconds=max_age_seconds)
-        record_check_results(config.state, key.to_user_string(), None, None, [
-            (CHECK_NAME, result.passed, CheckSeverity.ERROR,
-             {"depth": report.depth, "oldest_age_seconds": report.oldest_age_seconds})])
+        try:
+            report = inspect(config, name)
+            context.log.info(f"{name}: depth {report.depth}, by error {report.by_error}")
+            result = check_result(report, max_depth=max_depth, max_age_seconds=max_age_seconds)
+            record_check_results(config.state, key.to_user_string(), None, None, [
+                (CHECK_NAME, result.passed, CheckSeverity.ERROR,
+                 {"depth": report.depth, "oldest_age_seconds": report.oldest_age_seconds})])
+        except TrueupError as exc:  # one line, as the replay job and the CLI say it
+            raise dg.Failure(description=str(exc)) from exc
         return dg.MaterializeResult(metadata={
             "depth": report.depth,
             "oldest_age_seconds": report.oldest_age_seconds,

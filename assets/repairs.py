@@ -7,11 +7,14 @@ partitioned reconciliation, materializing a partition backfills that day. Progre
 done of total, rows per second) is logged while it runs; the result and a sample of the
 row-level lineage become the materialization's metadata.
 
-A partitioned reconciliation's backfill job launched without a partition backfills what the
-launchpad asks (a run, a day given as ``partition``, the whole table); launched for a
-partition, its materialization is recorded under that day, so what it backfills covers the
-day: the day (scope auto or partition), a run of that day, or the whole table (scope all, as
-the demo repairs the events topic), never another day or another day's run. A backfill the
+A partitioned reconciliation has two: ``backfill_<name>``, launched for a partition, records
+its materialization under that day, so what it backfills covers the day: the day (scope auto
+or partition), a run of that day, or the whole table (scope all, as the demo repairs the
+events topic), never another day or another day's run. ``backfill_<name>_unpartitioned``
+(asset ``trueup/<name>/repairs_unpartitioned``) backfills what the launchpad asks of no one
+day: a run of the whole table, a day given as ``partition``, the whole table. (Dagster runs a
+partitioned asset without a partition only until its partitioned upstream, the differences,
+has a materialization.) A backfill the
 run was serving when it was stopped (terminated in the UI, SIGTERM) is cancelled, as ``trueup
 backfill --cancel`` does: nobody serves it any more, and ``trueup backfill --resume`` repairs
 what it left.
@@ -71,13 +74,19 @@ AUTO_REPAIR_BATCH = 100
 ERROR_EXCERPT_CHARS = 200
 
 
-def repairs_key(name: str) -> dg.AssetKey:
-    return dg.AssetKey(["trueup", name, "repairs"])
+def repairs_key(name: str, *, by_day: bool = True) -> dg.AssetKey:
+    """The repairs asset of a reconciliation; ``by_day=False``: a partitioned reconciliation's
+    second, unpartitioned one (see :func:`repair_definitions`)."""
+    return dg.AssetKey(["trueup", name, "repairs" if by_day else "repairs_unpartitioned"])
 
 
-def repairs_op_name(name: str) -> str:
+def repairs_op_name(name: str, *, by_day: bool = True) -> str:
     """The op behind the repairs asset: where the launchpad's config goes."""
-    return "__".join(repairs_key(name).path)
+    return "__".join(repairs_key(name, by_day=by_day).path)
+
+
+def backfill_job_name(name: str, *, by_day: bool = True) -> str:
+    return f"backfill_{name}" if by_day else f"backfill_{name}_unpartitioned"
 
 
 class BackfillRunConfig(dg.Config):
@@ -216,24 +225,39 @@ def summary_metadata(summary: BackfillSummary) -> dict[str, Any]:
     }
 
 
-def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
+def _repairs_asset(trueup_config: Config, name: str, *, by_day: bool = True
+                   ) -> dg.AssetsDefinition:
+    """The repairs asset (partitioned as the reconciliation is), or with ``by_day=False`` a
+    partitioned reconciliation's unpartitioned one: Dagster runs a partitioned asset only for
+    a partition once its partitioned upstream (the differences) has materializations, so a
+    backfill of no one day (a run of the whole table, a day given in the form, the whole
+    table) goes through an asset of its own."""
     rec = trueup_config.reconciliations[name]
-    partitions = partitions_of(rec)
+    partitions = partitions_of(rec) if by_day else None
+    scope = ("" if by_day and partitions is None else ", a day (its partition) at a time"
+             if by_day else ", of no one day: a run, a day given in the form, or the whole "
+             "table")
 
     @dg.asset(
-        key=repairs_key(name), deps=[differences_key(name)], partitions_def=partitions,
+        key=repairs_key(name, by_day=by_day), deps=[differences_key(name)],
+        partitions_def=partitions,
         group_name="reconciliations", kinds={"trueup"},
         # one backfill of a reconciliation at a time, however its runs were launched (an asset
         # page's partition backfill runs in Dagster's own job, which carries no run tags)
         pool=repairs_pool(name),
         description=f"Backfills repairing {rec.target.topic or rec.target.table} from "
-                    f"{rec.source.table} by {rec.repair.value} (reconciliation {name}).",
+                    f"{rec.source.table} by {rec.repair.value} (reconciliation {name})"
+                    f"{scope}.",
         metadata={"reconciliation": name, "repair": rec.repair.value},
     )
     def _repairs(context: AssetExecutionContext,
                  config: BackfillRunConfig) -> dg.MaterializeResult:  # type: ignore[type-arg]
-        # a partitioned job launched without a partition backfills what the form asks
         partition_key = context.partition_key if context.has_partition_key else None
+        if partitions is not None and partition_key is None:
+            raise dg.Failure(description=(
+                f"{backfill_job_name(name)} backfills one day, its partition: launch it for a "
+                f"day, or launch {backfill_job_name(name, by_day=False)} for a run of the "
+                f"whole table, a day given in partition, or the whole table"))
         # the backfill remembers the run (its first, when retried) that planned it
         launched_by = context.run.root_run_id or context.run.run_id
         options = replace(_options(config, partition_key), launched_by=launched_by)
@@ -242,8 +266,8 @@ def _repairs_asset(trueup_config: Config, name: str) -> dg.AssetsDefinition:
             context.log.info(f"backfill {name}: {done}/{total} chunks, {repaired} rows "
                              f"repaired, {rows_per_second:.0f} rows/s")
 
-        worker = WorkerOptions(workers=options.workers, lease_seconds=lease_seconds())
         try:
+            worker = WorkerOptions(workers=options.workers, lease_seconds=lease_seconds())
             if partition_key and options.scope is BackfillScope.RUN:
                 _require_run_of_partition(trueup_config.state, name, options.run_id,
                                           partition_key)
@@ -336,11 +360,15 @@ _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
               dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
 
 
-def backfill_run_in_flight(instance: dg.DagsterInstance, job_name: str) -> dg.DagsterRun | None:
-    """A launched run of the backfill job ``job_name`` not yet finished: its backfill may not
-    be in trueup's state yet (queued, starting, planning), so a second one would fail."""
-    runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT), limit=1)
-    return runs[0] if runs else None
+def backfill_run_in_flight(instance: dg.DagsterInstance, name: str) -> dg.DagsterRun | None:
+    """A launched run of a backfill job of reconciliation ``name`` not yet finished: its
+    backfill may not be in trueup's state yet (queued, starting, planning), so a second one
+    would fail."""
+    for job_name in (backfill_job_name(name), backfill_job_name(name, by_day=False)):
+        runs = instance.get_runs(dg.RunsFilter(job_name=job_name, statuses=_IN_FLIGHT), limit=1)
+        if runs:
+            return runs[0]
+    return None
 
 
 def _runs(requests: list[dg.RunRequest]) -> str:
@@ -372,6 +400,7 @@ def _sensor(config: Config, name: str, job: Any,
     assert rec.auto_repair is not None
     limit = rec.auto_repair.max_differences
     key = differences_key(name)
+    days = partitions_of(rec)
     source = source_key(config, rec)
     # a suite's results block only while the suite is there: one removed leaves its last
     # results in the state, which nothing will ever follow
@@ -396,8 +425,16 @@ def _sensor(config: Config, name: str, job: Any,
             return dg.SkipReason(
                 f"run {metadata.get('run_id')} of {name} covered the whole table, not one of "
                 f"its days: backfill it by hand if it still needs it (trueup backfill {name} "
-                f"--run {metadata.get('run_id')}, or the backfill job launched without a "
-                f"partition)"), False
+                f"--run {metadata.get('run_id')}, or {backfill_job_name(name, by_day=False)} "
+                f"with run_id {metadata.get('run_id')})"), False
+        if days is not None and partition is not None and not days.has_partition_key(partition):
+            # a day before the partitions' start as the config stands now: the job refuses
+            # it, and a request for it failed the tick (and every tick after it)
+            return dg.SkipReason(
+                f"run {metadata.get('run_id')} of {name} covered {partition}, no longer one "
+                f"of its days (they start {days.start:%Y-%m-%d}): backfill it by hand "
+                f"if it still needs it (trueup backfill {name} --run "
+                f"{metadata.get('run_id')})"), False
         decision = auto_repair_decision(name, metadata, limit, partition)
         tripped = isinstance(decision, dg.SkipReason) and drift_count(metadata) > limit
         if isinstance(decision, dg.RunRequest):
@@ -494,7 +531,7 @@ def _sensor(config: Config, name: str, job: Any,
                 breakers.append(paused_reason(name, backfill, runs))
                 if BackfillStatus(backfill["status"]).active:
                     cursor = wait
-            elif (launched := backfill_run_in_flight(context.instance, job.name)) is not None:
+            elif (launched := backfill_run_in_flight(context.instance, name)) is not None:
                 status = launched.status.value.lower().replace("_", " ")
                 breakers.append(
                     f"auto-repair of {name} waits: run {launched.run_id} of {job.name} is "
@@ -526,13 +563,17 @@ def repair_definitions(config: Config, suite_tables: Collection[dg.AssetKey] | N
     for name, rec in config.reconciliations.items():
         if rec.repair is RepairMode.NONE:
             continue
-        asset = _repairs_asset(config, name)
-        job = dg.define_asset_job(f"backfill_{name}",
-                                  selection=dg.AssetSelection.assets(repairs_key(name)),
-                                  description=f"Backfill {name}: repair its target.",
-                                  tags=reconciliation_tags(name))
-        assets.append(asset)
-        jobs.append(job)
+        # a partitioned reconciliation: a job by day, and one for the rest (_repairs_asset)
+        kinds = {True: ", a day (its partition) at a time",
+                 False: ", of no one day: a run, a day given in the form, or the whole table"
+                 } if partitions_of(rec) is not None else {True: ""}
+        for by_day, what in kinds.items():
+            assets.append(_repairs_asset(config, name, by_day=by_day))
+            jobs.append(dg.define_asset_job(
+                backfill_job_name(name, by_day=by_day),
+                selection=dg.AssetSelection.assets(repairs_key(name, by_day=by_day)),
+                description=f"Backfill {name}: repair its target{what}.",
+                tags=reconciliation_tags(name)))
         if rec.auto_repair is not None:
-            sensors.append(_sensor(config, name, job, suite_tables))
+            sensors.append(_sensor(config, name, jobs[-len(kinds)], suite_tables))
     return RepairDefinitions(assets=assets, jobs=jobs, sensors=sensors)

@@ -130,6 +130,22 @@ def test_dlq_asset_works_against_a_brand_new_state_database(
     assert stored == [("within_limits", True)]
 
 
+def test_dlq_asset_fails_a_queue_it_cannot_inspect_with_one_clear_line(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        tmp_path: Path) -> None:
+    """A queue that does not exist failed the step with a traceback; the replay job and the
+    CLI say the same in one line."""
+    dlq = unique("pay.dlq")  # never declared
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+    observed = dg.materialize(list(dead_letter_definitions(config).assets), raise_on_error=False)
+    (event,) = observed.get_step_failure_events()
+    user = event.step_failure_data.user_failure_data
+    assert user is not None, f"expected a one-line failure, got {event.step_failure_data}"
+    assert dlq in (user.description or "") and "\n" not in (user.description or "")
+
+
 def _one_letter_replay_job(amqp_url: str, kafka_bootstrap: str, state_db: str,
                            unique: Callable[[str], str], queues: Queues,
                            tmp_path: Path) -> tuple[str, str, dg.JobDefinition]:

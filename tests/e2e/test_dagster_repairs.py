@@ -197,8 +197,39 @@ def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
             assert tick.skip_message == (
                 f"run {run_id} of orders covered the whole table, not one of its days: "
                 f"backfill it by hand if it still needs it (trueup backfill orders --run "
-                f"{run_id}, or the backfill job launched without a partition)"), \
+                f"{run_id}, or backfill_orders_unpartitioned with run_id {run_id})"), \
                 tick.skip_message
+
+
+def test_auto_repair_skips_a_run_of_a_day_the_partitions_no_longer_have(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """The partitions' start moved past a day with a run to decide: the tick requested a
+    backfill of a partition the job no longer has and failed, on every tick after it."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 300)
+    with psycopg.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE public.orders SET updated_at = timestamptz '2026-02-01 12:00Z'")
+    with psycopg.connect(target, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.copy WHERE order_id = 10")
+    instance = dg.DagsterInstance.ephemeral()
+    limited = {"auto_repair": {"max_differences": 20}}
+    defs, assets = _defs(write_config(tmp_path, state_db, source, target, **limited,
+                                      partitions={"daily": {"start": "2026-01-01"}}))
+    idle = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs))
+    assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
+                          partition_key="2026-02-01").success
+    run_id = _run_ids_in_state(state_db)[-1]
+    defs, _ = _defs(write_config(tmp_path, state_db, source, target, **limited,
+                                 partitions={"daily": {"start": "2026-03-01"}}))
+    tick = defs.resolve_sensor_def("auto_repair_orders").evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=defs, cursor=idle.cursor))
+    assert not tick.run_requests
+    assert tick.skip_message == (
+        f"run {run_id} of orders covered 2026-02-01, no longer one of its days (they start "
+        f"2026-03-01): backfill it by hand if it still needs it (trueup backfill orders --run "
+        f"{run_id})")
+    assert tick.cursor is not None and int(tick.cursor) > int(idle.cursor or 0)
 
 
 def _run_ids(tick: dg.SensorExecutionData) -> list[int]:
@@ -411,9 +442,9 @@ def test_backfill_job_refuses_non_positive_workers_chunk_size_and_rate_before_pl
 def _assert_refused(job: Any, form: dict[str, Any], partition: str | None,
                     expected: str) -> None:
     """A launch of backfill job ``job`` with launchpad ``form`` fails with ``expected``."""
+    op = repairs_op_name("orders", by_day=job.name == "backfill_orders")
     result = job.execute_in_process(raise_on_error=False, partition_key=partition,
-                                    run_config={"ops": {repairs_op_name("orders"): {
-                                        "config": form}}})
+                                    run_config={"ops": {op: {"config": form}}})
     assert not result.success, f"{form} was accepted"
     (failure,) = result.get_step_failure_events()
     user = failure.step_failure_data.user_failure_data
@@ -434,7 +465,9 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
     make_tables(source, target, 30)
     config = write_config(tmp_path, state_db, source, target,
                           partitions={"daily": {"start": "2026-02-01"}})
-    job = _defs(config)[0].resolve_job_def("backfill_orders")
+    defs = _defs(config)[0]
+    job, whole = (defs.resolve_job_def(n) for n in ("backfill_orders",
+                                                    "backfill_orders_unpartitioned"))
     launch_only = "only scope run repairs one run's differences"
     for form, partition, expected in [
             ({"run_id": 0}, "2026-02-01",
@@ -445,7 +478,7 @@ def test_launchpad_run_id_and_partition_that_contradict_the_launch_fail_in_one_l
              "partition: this run materializes partition 2026-02-01; leave partition empty, "
              "or launch partition 2026-02-09 (got '2026-02-09')"),
             ({"scope": "run", "run_id": 0}, "2026-02-01", "backfill orders: no run 0")]:
-        _assert_refused(job, form, partition, expected)
+        _assert_refused(job if partition else whole, form, partition, expected)
     _assert_no_backfill(state_db)
     # an empty field is no partition: the day launched is backfilled
     result = job.execute_in_process(partition_key="2026-02-01", run_config={"ops": {
@@ -490,23 +523,39 @@ def test_a_launched_partition_refuses_a_backfill_of_another_day_s_run(
     assert materialization.metadata["rows_repaired"].value == 1
 
 
-def test_a_partitioned_backfill_job_launched_without_a_partition_backfills_what_its_form_asks(
+def test_a_partitioned_reconciliation_s_unpartitioned_backfill_job_backfills_what_its_form_asks(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """Launched without a partition, the backfill job of a partitioned reconciliation failed
-    with Dagster's "Cannot access partition_key for a non-partitioned run"."""
+    with Dagster's "Cannot access partition_key for a non-partitioned run" once the
+    differences had a materialization (Dagster reads the partitioned upstream's version): a
+    backfill of no one day has a job (and an unpartitioned repairs asset) of its own."""
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     drift(target)
     config = write_config(tmp_path, state_db, source, target,
                           partitions={"daily": {"start": "2026-02-01"}})
-    job = _defs(config)[0].resolve_job_def("backfill_orders")
+    defs, assets = _defs(config)
+    by_day = defs.resolve_job_def("backfill_orders")
+    refused = by_day.execute_in_process(raise_on_error=False)  # no partition
+    assert [e.step_failure_data.error.message for e in refused.get_step_failure_events()
+            ] == ["dagster._core.definitions.events.Failure: backfill_orders backfills one "
+                  "day, its partition: launch it for a day, or launch "
+                  "backfill_orders_unpartitioned for a run of the whole table, a day given in "
+                  "partition, or the whole table\n"]
+    instance = dg.DagsterInstance.ephemeral()
+    for day in ("2026-02-01", None):
+        assert dg.materialize(assets, selection=[differences_key("orders")], instance=instance,
+                              partition_key=day).success
+    job = defs.resolve_job_def("backfill_orders_unpartitioned")
+    op = repairs_op_name("orders", by_day=False)
     for form in [{"dry_run": True}, {"scope": "partition", "partition": "2026-02-01"}]:
-        result = job.execute_in_process(raise_on_error=False, run_config={"ops": {
-            repairs_op_name("orders"): {"config": form}}})
+        result = job.execute_in_process(raise_on_error=False, instance=instance,
+                                        run_config={"ops": {op: {"config": form}}})
         assert result.success, [e.step_failure_data.error for e in
                                 result.get_step_failure_events()]
-        (materialization,) = result.asset_materializations_for_node(repairs_op_name("orders"))
+        (materialization,) = result.asset_materializations_for_node(op)
         assert materialization.partition is None
+        assert materialization.asset_key == repairs_key("orders", by_day=False)
     with psycopg.connect(state_db) as conn:
         planned = conn.execute("SELECT scope, partition, dry_run, status FROM trueup.backfills "
                                "ORDER BY backfill_id").fetchall()
