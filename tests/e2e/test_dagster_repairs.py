@@ -154,16 +154,23 @@ def test_a_newer_run_that_found_nothing_to_repair_spares_the_older_run_its_backf
         in message, message
 
 
-def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
-        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
-    """A run recorded under a day sent its day to a job without partitions, and a run of the
-    whole table none to a partitioned job: either request made the tick fail, on every tick."""
+def _one_day_one_missing(new_db: Callable[[], str]) -> tuple[str, str]:
+    """Source and target databases whose orders all fall on 2026-02-01, one of them missing
+    from the target."""
     source, target = new_db(), new_db()
     make_tables(source, target, 300)
     with psycopg.connect(source, autocommit=True) as conn:
         conn.execute("UPDATE public.orders SET updated_at = timestamptz '2026-02-01 12:00Z'")
     with psycopg.connect(target, autocommit=True) as conn:
         conn.execute("DELETE FROM public.copy WHERE order_id = 10")
+    return source, target
+
+
+def test_auto_repair_decides_runs_made_before_partitions_came_or_went(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A run recorded under a day sent its day to a job without partitions, and a run of the
+    whole table none to a partitioned job: either request made the tick fail, on every tick."""
+    source, target = _one_day_one_missing(new_db)
     daily = {"daily": {"start": "2026-02-01"}}
     instance = dg.DagsterInstance.ephemeral()
     for before, after in [(daily, None), (None, daily)]:
@@ -205,12 +212,7 @@ def test_auto_repair_skips_a_run_of_a_day_the_partitions_no_longer_have(
         new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
     """The partitions' start moved past a day with a run to decide: the tick requested a
     backfill of a partition the job no longer has and failed, on every tick after it."""
-    source, target = new_db(), new_db()
-    make_tables(source, target, 300)
-    with psycopg.connect(source, autocommit=True) as conn:
-        conn.execute("UPDATE public.orders SET updated_at = timestamptz '2026-02-01 12:00Z'")
-    with psycopg.connect(target, autocommit=True) as conn:
-        conn.execute("DELETE FROM public.copy WHERE order_id = 10")
+    source, target = _one_day_one_missing(new_db)
     instance = dg.DagsterInstance.ephemeral()
     limited = {"auto_repair": {"max_differences": 20}}
     defs, assets = _defs(write_config(tmp_path, state_db, source, target, **limited,

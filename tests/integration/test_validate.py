@@ -387,10 +387,9 @@ def test_validate_reports_a_suite_reading_a_column_or_table_that_does_not_exist(
     assert f"{at}: table: table billing.gone does not exist (connection billing)" in err, err
 
 
-def test_validate_refuses_a_key_pair_the_diff_cannot_compare_exactly(
-        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A timestamptz target key against a date source key: validate said ok, then every diff
-    and backfill failed at its start."""
+def _days(world: dict[str, str], target: str) -> dict[str, Any]:
+    """Invoices reconciled by day: a date key in the source, a timestamptz one in the target
+    table billing.days, the config's target being ``target``."""
     with psycopg.connect(world["shop"], autocommit=True) as conn:
         conn.execute("CREATE TABLE public.days (day date PRIMARY KEY, version bigint, "
                      "status text, amount_cents bigint)")
@@ -399,7 +398,15 @@ def test_validate_refuses_a_key_pair_the_diff_cannot_compare_exactly(
     config = _config(world)
     invoices = config["reconciliations"]["invoices"]
     invoices["source"].update(table="public.days", key=["day"])
-    invoices["target"].update(table="billing.days", key=["day"])
+    invoices["target"].update(table=target, key=["day"])
+    return config
+
+
+def test_validate_refuses_a_key_pair_the_diff_cannot_compare_exactly(
+        world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A timestamptz target key against a date source key: validate said ok, then every diff
+    and backfill failed at its start."""
+    config = _days(world, "billing.days")
     status, _, err = _validate(tmp_path, config, capsys)
     assert status == 2
     assert err.splitlines() == [
@@ -442,17 +449,10 @@ def test_a_view_of_the_target_as_advised_for_a_key_the_diff_cannot_compare_is_va
         world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """validate advises a view of the target whose key is the source's type (see the key pair
     test above); the same unique-index check refused that view on the target side."""
+    config = _days(world, "billing.days_v")
     with psycopg.connect(world["shop"], autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.days (day date PRIMARY KEY, version bigint, "
-                     "status text, amount_cents bigint)")
-        conn.execute("CREATE TABLE billing.days (day timestamptz PRIMARY KEY, "
-                     "order_version bigint, status text, total_cents bigint)")
         conn.execute("CREATE VIEW billing.days_v AS SELECT day::date AS day, order_version, "
                      "status, total_cents FROM billing.days")
-    config = _config(world)
-    invoices = config["reconciliations"]["invoices"]
-    invoices["source"].update(table="public.days", key=["day"])
-    invoices["target"].update(table="billing.days_v", key=["day"])
     status, out, err = _validate(tmp_path, config, capsys)
     assert (status, err) == (0, ""), err
     assert ("billing.days_v: key (day), 2 compared columns, version order_version; a view "

@@ -94,13 +94,19 @@ def _while_closed(handler: Recorder, send: Callable[[], None]) -> None:
         threading.Event().wait(CLOSED_SECONDS)
 
 
+def _kafka(bootstrap: str, unique: Callable[[str], str], topics: Topics,
+           dsn: str) -> tuple[str, Recorder, KafkaWorker]:
+    """A work topic, a handler recording into ``dsn``, and a worker depending on ``dsn``."""
+    topic = unique("orders")
+    handler = Recorder(dsn)
+    return topic, handler, kafka_worker(bootstrap, topic, handler, unique, topics, database=dsn)
+
+
 @pytest.mark.kafka
 def test_kafka_worker_holds_messages_while_its_database_is_away_then_handles_them(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
         empty_db: str) -> None:
-    topic = unique("orders")
-    handler = Recorder(empty_db)
-    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, database=empty_db)
+    topic, handler, worker = _kafka(kafka_bootstrap, unique, topics, empty_db)
     waits = _waits(worker.group)
     with running(worker.run):
         _while_closed(handler, lambda: produce_json(
@@ -146,9 +152,7 @@ def test_rabbitmq_worker_holds_messages_while_its_database_is_away_then_handles_
 def test_kafka_worker_stopped_while_a_message_waits_for_its_database_leaves_it_uncommitted(
         kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
         empty_db: str) -> None:
-    topic = unique("orders")
-    handler = Recorder(empty_db)
-    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, database=empty_db)
+    topic, handler, worker = _kafka(kafka_bootstrap, unique, topics, empty_db)
     with closed(empty_db), running(worker.run):
         produce_json(kafka_bootstrap, topic, [{"id": 1}])
         wait_until(lambda: bool(handler.attempts), "the handler failing")
@@ -185,9 +189,7 @@ def test_kafka_group_rebalancing_while_a_message_waits_for_its_database_loses_no
     """A member joining and leaving takes the partition of the waiting message away and back:
     the message is read again from the committed offset, and handled once the database is
     back, once, neither retried nor dead-lettered."""
-    topic = unique("orders")
-    handler = Recorder(empty_db)
-    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, database=empty_db)
+    topic, handler, worker = _kafka(kafka_bootstrap, unique, topics, empty_db)
     with running(worker.run):
         with closed(empty_db):
             produce_json(kafka_bootstrap, topic, [{"id": n} for n in (1, 2)])
