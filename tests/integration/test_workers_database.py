@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from confluent_kafka import Consumer
 from psycopg import sql
 
 from tests.conftest import PG_ADMIN_DSN
@@ -201,3 +202,38 @@ def test_kafka_group_rebalancing_while_a_message_waits_for_its_database_loses_no
     assert read_topic(kafka_bootstrap, f"{topic}.dlq") == []
     assert all(read_topic(kafka_bootstrap, t) == [] for t in worker.retry_topics)
     assert {attempt for _, attempt in handler.attempts} == {1}
+
+
+@pytest.mark.kafka
+def test_kafka_hold_outlasting_the_batch_then_a_rebalance_giving_the_partition_back_loses_nothing(
+        kafka_bootstrap: str, unique: Callable[[str], str], topics: Topics,
+        empty_db: str) -> None:
+    """A message held past half the poll interval, its partition taken and given back by a
+    rebalance meanwhile: the batch's hand-back sought the partition past the held message (to
+    the next one in hand), and the message was never handled."""
+    topic, other = unique("orders"), unique("other")
+    topics.create(other)
+    handler = Recorder(empty_db)
+    worker = kafka_worker(kafka_bootstrap, topic, handler, unique, topics, database=empty_db,
+                          consumer_overrides={"max.poll.interval.ms": 8000,
+                                              "session.timeout.ms": 6000,
+                                              "heartbeat.interval.ms": 500})
+    with running(worker.run):
+        with closed(empty_db):
+            produce_json(kafka_bootstrap, topic, [{"id": n} for n in (0, 1, 2)])
+            wait_until(lambda: bool(handler.attempts), "the handler failing")
+            time.sleep(worker._batch_seconds + 1)
+            # a member of the group reading another topic: an eager rebalance takes every
+            # partition and gives them back
+            joiner = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": worker.group,
+                               "enable.auto.commit": False, "session.timeout.ms": 6000,
+                               "heartbeat.interval.ms": 500})
+            assigned: list[bool] = []
+            joiner.subscribe([other], on_assign=lambda c, ps: assigned.append(True))
+            wait_until(lambda: joiner.poll(0.1) is None and bool(assigned), "the joiner in")
+        try:
+            wait_until(lambda: joiner.poll(0.1) is None and handler.effects() == ["0", "1", "2"],
+                       "every message's effect")
+        finally:
+            joiner.close()
+    assert read_topic(kafka_bootstrap, f"{topic}.dlq") == []

@@ -91,7 +91,7 @@ class KafkaWorker:
         self.database = database
         self.gate = DatabaseGate(group, database)
         self._holding = False  # a failed message waits for the database, every partition paused
-        #: partitions revoked or lost while a message waited for the database
+        #: partitions revoked or lost while a message of the batch waited for the database
         self._taken: set[tuple[str, int]] = set()
         self.lag_interval_seconds = lag_interval_seconds
         self.what = f"worker {group} on {topic}"
@@ -188,18 +188,23 @@ class KafkaWorker:
         that slow handlers never keep the worker from polling long enough to leave the group
         with a batch in hand."""
         started = time.monotonic()
-        left: set[tuple[str | None, int | None]] = set()  # partitions past a message left
+        # Partitions whose messages in hand are no longer handled: past a message left
+        # unsettled, or taken by a rebalance while a message waited for the database (given
+        # back or not, they are read again from the committed offset). None of their offsets
+        # may be stored, nor sought to: that would pass over the message left.
+        left: set[tuple[str | None, int | None]] = set()
+        self._taken.clear()
         for i, message in enumerate(batch):
             if stop.is_set():
                 return
             if i and time.monotonic() - started > self._batch_seconds:
-                self._hand_back(consumer, batch[i:])
+                self._hand_back(consumer, [m for m in batch[i:]
+                                           if (m.topic(), m.partition()) not in left])
                 return
             where = (message.topic(), message.partition())
             if where not in left and not self._one(consumer, copies, message, stop):
-                # its offset not stored: the partition's next messages in hand must not be
-                # stored past it (its owner, this worker or another, reads them all again)
                 left.add(where)
+            left.update(self._taken)
 
     @property
     def _batch_seconds(self) -> float:
@@ -323,7 +328,6 @@ class KafkaWorker:
         back, it is read again from the committed offset)."""
         consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
         self._holding = True
-        self._taken.clear()
 
         def service(seconds: float) -> bool:
             message = consumer.poll(seconds)
