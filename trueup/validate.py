@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql.base import PGInspector
 from sqlalchemy.engine import Inspector
 
 from trueup.brokers import kafka, rabbitmq
-from trueup.config import Config, ConnectionKind, ReconciliationConfig
+from trueup.config import Config, ConnectionKind, ReconciliationConfig, RepairMode
 from trueup.db import first_line, redact, sqlalchemy_url
 from trueup.errors import ConfigError, TrueupError
 from trueup.log import get_logger
@@ -219,7 +219,7 @@ class Validator:
             yield from self._check_table(
                 f"{base}.target", target.connection, target.table, target.key,
                 [(f"columns.{s}", t) for s, t in target.columns.items()],
-                target.version, None,
+                target.version, None, upserted=rec.repair is RepairMode.UPSERT,
             )
             yield from self._check_key_pairs(base, rec)
         elif target.topic is not None and self.reach.admins.get(target.connection) is not None:
@@ -252,8 +252,9 @@ class Validator:
 
     def _check_table(self, path: str, connection: str, table: str, key: list[str],
                      columns: list[tuple[str, str]], version: str | None,
-                     updated_at: str | None) -> Iterator[Finding]:
-        """Check one table; ``columns`` pairs each compared column with its field path."""
+                     updated_at: str | None, *, upserted: bool = False) -> Iterator[Finding]:
+        """Check one table; ``columns`` pairs each compared column with its field path.
+        ``upserted``: backfills write it with ``INSERT ... ON CONFLICT`` on the key."""
         shape = self._table(connection, table)
         if shape is None:
             yield Finding(path=f"{path}.table", ok=False,
@@ -276,7 +277,13 @@ class Validator:
         # (a view or foreign table has no index to prove its key unique: diff and backfill
         # read one as they read a table, so it is valid, and its ok line says what is unchecked)
         indexed = shape.kind == "table"
-        if indexed and not any(set(k) == set(key) for k in shape.unique_keys):
+        if upserted and not indexed:
+            problems.append(Finding(
+                path=f"{path}.table", ok=False,
+                message=f"{table} is a {shape.kind}: repair upsert writes it with INSERT ... "
+                        f"ON CONFLICT on its key, which needs a table with a unique index of "
+                        f"the key; upsert into the table itself, or set repair: none"))
+        elif indexed and not any(set(k) == set(key) for k in shape.unique_keys):
             problems.append(Finding(
                 path=f"{path}.key", ok=False,
                 message=f"no primary key or unique index of {table} is exactly "

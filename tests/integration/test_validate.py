@@ -448,11 +448,22 @@ def test_a_view_renaming_a_source_key_the_mirror_of_a_topic_keeps_as_advised_is_
 def test_a_view_of_the_target_as_advised_for_a_key_the_diff_cannot_compare_is_valid(
         world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """validate advises a view of the target whose key is the source's type (see the key pair
-    test above); the same unique-index check refused that view on the target side."""
+    test above); the same unique-index check refused that view on the target side. A view
+    takes no upsert (INSERT ... ON CONFLICT): under repair upsert it is refused as such."""
     config = _days(world, "billing.days_v")
     with psycopg.connect(world["shop"], autocommit=True) as conn:
         conn.execute("CREATE VIEW billing.days_v AS SELECT day::date AS day, order_version, "
                      "status, total_cents FROM billing.days")
+    assert config["reconciliations"]["invoices"]["repair"] == "upsert"
+    status, _, err = _validate(tmp_path, config, capsys)
+    assert status == 2
+    assert err.splitlines() == [
+        f"{tmp_path / 'trueup.yaml'}: reconciliations.invoices.target.table: billing.days_v is "
+        f"a view: repair upsert writes it with INSERT ... ON CONFLICT on its key, which needs a "
+        f"table with a unique index of the key; upsert into the table itself, or set repair: "
+        f"none"], err
+    config["reconciliations"]["invoices"]["repair"] = "none"
+    config["reconciliations"]["invoices"].pop("auto_repair", None)
     status, out, err = _validate(tmp_path, config, capsys)
     assert (status, err) == (0, ""), err
     assert ("billing.days_v: key (day), 2 compared columns, version order_version; a view "
