@@ -85,6 +85,11 @@ def repairs_op_name(name: str, *, by_day: bool = True) -> str:
     return "__".join(repairs_key(name, by_day=by_day).path)
 
 
+#: What a partitioned reconciliation's repairs asset and backfill job of each kind repair.
+_SCOPES = {True: ", a day (its partition) at a time",
+           False: ", of no one day: a run, a day given in the form, or the whole table"}
+
+
 def backfill_job_name(name: str, *, by_day: bool = True) -> str:
     return f"backfill_{name}" if by_day else f"backfill_{name}_unpartitioned"
 
@@ -234,9 +239,7 @@ def _repairs_asset(trueup_config: Config, name: str, *, by_day: bool = True
     table) goes through an asset of its own."""
     rec = trueup_config.reconciliations[name]
     partitions = partitions_of(rec) if by_day else None
-    scope = ("" if by_day and partitions is None else ", a day (its partition) at a time"
-             if by_day else ", of no one day: a run, a day given in the form, or the whole "
-             "table")
+    scope = "" if by_day and partitions is None else _SCOPES[by_day]
 
     @dg.asset(
         key=repairs_key(name, by_day=by_day), deps=[differences_key(name)],
@@ -389,8 +392,8 @@ def paused_reason(name: str, backfill: dict[str, Any], requests: list[dg.RunRequ
     lines = (backfill["error"] or "").strip().splitlines()
     excerpt = lines[0][:ERROR_EXCERPT_CHARS] if lines else "no error recorded"
     return (f"auto-repair of {name} paused: its latest backfill {backfill_id} failed "
-            f"({excerpt}); {held}. Look at it (`trueup status`, the failed run of "
-            f"backfill_{name}), fix the cause, then `trueup backfill --resume {backfill_id}`: "
+            f"({excerpt}); {held}. Look at it (`trueup status`, the failed run of its "
+            f"backfill job), fix the cause, then `trueup backfill --resume {backfill_id}`: "
             f"auto-repair carries on once a backfill of {name} succeeds")
 
 
@@ -534,7 +537,7 @@ def _sensor(config: Config, name: str, job: Any,
             elif (launched := backfill_run_in_flight(context.instance, name)) is not None:
                 status = launched.status.value.lower().replace("_", " ")
                 breakers.append(
-                    f"auto-repair of {name} waits: run {launched.run_id} of {job.name} is "
+                    f"auto-repair of {name} waits: run {launched.run_id} of {launched.job_name} is "
                     f"{status} (one backfill per reconciliation at a time); not launching the "
                     f"backfill of {_runs(runs)}")
                 cursor = wait
@@ -559,21 +562,24 @@ def repair_definitions(config: Config, suite_tables: Collection[dg.AssetKey] | N
     """A repairs asset and backfill job per repairable reconciliation; sensors where
     ``auto_repair`` is set. ``suite_tables``: the tables a GX suite checks, whose failed ERROR
     checks block the auto-repair of their reconciliations (None: any table's results do)."""
-    assets, jobs, sensors = [], [], []
+    assets: list[dg.AssetsDefinition] = []
+    jobs: list[Any] = []
+    sensors: list[dg.SensorDefinition] = []
     for name, rec in config.reconciliations.items():
         if rec.repair is RepairMode.NONE:
             continue
         # a partitioned reconciliation: a job by day, and one for the rest (_repairs_asset)
-        kinds = {True: ", a day (its partition) at a time",
-                 False: ", of no one day: a run, a day given in the form, or the whole table"
-                 } if partitions_of(rec) is not None else {True: ""}
-        for by_day, what in kinds.items():
+        partitioned = partitions_of(rec) is not None
+        made: dict[bool, Any] = {}
+        for by_day in (True, False) if partitioned else (True,):
             assets.append(_repairs_asset(config, name, by_day=by_day))
-            jobs.append(dg.define_asset_job(
+            made[by_day] = dg.define_asset_job(
                 backfill_job_name(name, by_day=by_day),
                 selection=dg.AssetSelection.assets(repairs_key(name, by_day=by_day)),
-                description=f"Backfill {name}: repair its target{what}.",
-                tags=reconciliation_tags(name)))
+                description=f"Backfill {name}: repair its target"
+                            f"{_SCOPES[by_day] if partitioned else ''}.",
+                tags=reconciliation_tags(name))
+        jobs += made.values()
         if rec.auto_repair is not None:
-            sensors.append(_sensor(config, name, jobs[-len(kinds)], suite_tables))
+            sensors.append(_sensor(config, name, made[True], suite_tables))
     return RepairDefinitions(assets=assets, jobs=jobs, sensors=sensors)

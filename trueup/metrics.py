@@ -81,8 +81,8 @@ WORKER_RECONNECTS = Counter(
     ["worker", "reason"], registry=REGISTRY)
 WORKER_DATABASE_WAITS = Counter(
     "trueup_worker_database_waits_total",
-    "Failed messages a worker held, neither retried nor dead-lettered, until the database "
-    "its handler depends on answered again.",
+    "Waits of a worker for the database its handler depends on, each begun by a failed "
+    "message it held, neither retried nor dead-lettered, until the database answered.",
     ["worker"], registry=REGISTRY)
 CONSUMER_LAG = Gauge(
     "trueup_consumer_lag",
