@@ -2,6 +2,11 @@
 
 Each transition is one guarded statement (``WHERE status = 'running'``); a run that is not
 where the caller expects raises instead of being overwritten.
+
+While a run is running, the state session of its process holds the run's advisory lock (as a
+replay holds its queue's): a process killed (kill -9, an OOM kill) releases it with its
+session, and the next run of the reconciliation, or ``trueup status``, marks the run failed
+(:func:`abandon_runs`). A live run's lock is held, so a run going on alongside is untouched.
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ import psycopg
 
 from trueup.db import Endless
 from trueup.errors import StateError
+from trueup.log import get_logger
 from trueup.queries import query
 from trueup.statuses import DifferenceClass
 
 #: Classes that make a run "inconsistent" (exit status 1, failing checks); in_flight does not.
 FAILING_CLASSES = (DifferenceClass.MISSING, DifferenceClass.ORPHAN, DifferenceClass.STALE,
                    DifferenceClass.AHEAD, DifferenceClass.MISMATCH, DifferenceClass.UNREADABLE)
+
+#: The error of a run whose process died without marking it (see :func:`abandon_runs`).
+PROCESS_DIED = "process died (no longer running)"
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,11 +86,28 @@ class RunSummary:
 
 def start_run(conn: psycopg.Connection[Any], reconciliation: str,
               partition: str | None) -> tuple[int, dt.datetime]:
-    row = conn.execute(query("start_run"), {"reconciliation": reconciliation,
-                                            "partition": partition}).fetchone()
-    conn.commit()
-    assert row is not None
+    """Record a new run, held by ``conn``'s session until it closes: keep ``conn`` open for the
+    whole run. Runs of the reconciliation whose process died are marked failed first."""
+    abandon_runs(conn, reconciliation)
+    with conn.transaction():  # held before the run commits: none sees it running unheld
+        row = conn.execute(query("start_run"), {"reconciliation": reconciliation,
+                                                "partition": partition}).fetchone()
+        assert row is not None
+        conn.execute(query("hold_run"), {"run_id": row["run_id"]})
     return int(row["run_id"]), row["started_at"]
+
+
+def abandon_runs(conn: psycopg.Connection[Any], reconciliation: str | None) -> list[int]:
+    """Mark failed the runs still ``running`` whose process died (of ``reconciliation``, or of
+    all when None), committed; return their ids."""
+    rows = conn.execute(query("abandon_runs"), {"reconciliation": reconciliation,
+                                                "error": PROCESS_DIED}).fetchall()
+    conn.commit()  # also releases the locks tried
+    ids = [int(r["run_id"]) for r in rows]
+    if ids:
+        log.warning("diff.abandoned_marked_failed", run_ids=ids,
+                    reconciliations=sorted({r["reconciliation"] for r in rows}))
+    return ids
 
 
 def finish_run(conn: psycopg.Connection[Any], summary: RunSummary) -> None:
