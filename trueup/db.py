@@ -27,7 +27,9 @@ CONNECT_TIMEOUT_SECONDS = 10
 SESSION_OPTIONS = ("-c extra_float_digits=1 -c jit=off -c TimeZone=UTC -c DateStyle=ISO "
                    "-c client_encoding=UTF8")
 #: A URL's password (``scheme://user:PASSWORD@``, the user possibly empty).
-_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+#: A URL's password: from the user's colon to the last ``@`` before the host (an ``@`` written
+#: into the password unencoded, which libpq then reads as the host's, is the password's too).
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^/]*@")
 #: A ``password=`` parameter, of a URL's query (``?password=...&``) or of ``key=value`` text
 #: (``password='a b'``).
 _PARAM_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
@@ -48,7 +50,9 @@ def scrubbed(text: str, dsn: str) -> str:
     # as written, too (percent-encoded; or where a DSN libpq cannot parse puts it)
     for pattern in (_URL_PASSWORD, _PARAM_PASSWORD):
         for found in pattern.finditer(dsn):
-            passwords.add(found.group(0)[len(found.group(1)):].removesuffix("@").strip("'"))
+            written = found.group(0)[len(found.group(1)):].removesuffix("@").strip("'")
+            # libpq splits one holding an unencoded @ and quotes the rest as the host's name
+            passwords.update([written, *(p for p in written.split("@")[1:] if p)])
     for password in sorted(passwords - {""}, key=len, reverse=True):
         # as a word of its own: a password "x" leaves "unexpected" alone
         text = re.sub(rf"(?<![^\W_]){re.escape(password)}(?![^\W_])", "***", text)

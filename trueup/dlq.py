@@ -11,6 +11,7 @@ transaction markers count too).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ def inspect(config: Config, name: str, *, limit: int = INSPECT_LIMIT,
         metrics.DLQ_DEPTH.labels(name).set(depth)
         if depth == 0:
             metrics.DLQ_OLDEST_AGE.labels(name).set(0)
+        elif not breakdown:
+            # letters waiting, none read: an age set before (0 of an empty queue, say) would
+            # now be wrong, and an unknown one is not reported
+            with contextlib.suppress(KeyError):
+                metrics.DLQ_OLDEST_AGE.remove(name)
         if not breakdown or depth == 0:
             # Without reading, the oldest age is unknown.
             return DlqReport(name=name, depth=depth, oldest_age_seconds=None)

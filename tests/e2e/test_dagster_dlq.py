@@ -17,9 +17,10 @@ import pytest
 from assets import dead_letters
 from assets.dead_letters import dead_letter_definitions, dead_letters_key
 from tests.integration.test_workers_support import Queues, write_config
-from trueup import headers
+from trueup import headers, metrics
 from trueup.brokers import rabbitmq
 from trueup.config import load_config
+from trueup.dlq import inspect
 
 pytestmark = [pytest.mark.dagster, pytest.mark.rabbitmq, pytest.mark.postgres]
 
@@ -253,3 +254,25 @@ def test_depth_sensor_refreshes_a_standing_queue_so_its_age_check_can_fail(
     refreshed = dg.materialize(list(made.assets), instance=instance)
     [check] = refreshed.get_asset_check_evaluations()
     assert not check.passed and "oldest" in (check.description or ""), check
+
+
+def test_a_depth_only_inspection_drops_an_oldest_age_it_cannot_know(
+        amqp_url: str, kafka_bootstrap: str, state_db: str, unique: Callable[[str], str],
+        queues: Queues, tmp_path: Path) -> None:
+    """The depth sensor's inspection reads no letter: an empty queue's age 0 stayed the
+    gauge's value once letters came, and the age half of the DLQ alert could not fire."""
+    dlq = unique("pay.dlq")
+    queues.declare(dlq)
+    config = load_config(write_config(
+        tmp_path, state=state_db, bootstrap=kafka_bootstrap, amqp=amqp_url,
+        dead_letters={"pay_dlq": {"connection": "amqp", "queue": dlq}}))
+
+    def age() -> float | None:
+        return metrics.REGISTRY.get_sample_value("trueup_dlq_oldest_age_seconds",
+                                                 {"name": "pay_dlq"})
+
+    inspect(config, "pay_dlq", breakdown=False)
+    assert age() == 0
+    queues.publish(dlq, b"{}", message_id="m1")
+    assert inspect(config, "pay_dlq", breakdown=False).depth == 1
+    assert age() is None

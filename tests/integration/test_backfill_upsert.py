@@ -414,11 +414,49 @@ def test_dry_run_plans_and_counts_but_writes_nothing(
     drift(target)
     before = target_rows(target)
     config = write_config(tmp_path, state_db, source, target)
+    counted = _rows_counted()
     summary = start_backfill(config, "orders", _all(chunk_size=256, dry_run=True))
     assert summary.status is BackfillStatus.SUCCEEDED and summary.dry_run
     assert (summary.rows_repaired, summary.rows_skipped) == (9, 1)
     assert target_rows(target) == before
     assert repairs(state_db) == []
+    # nor counts rows repaired in trueup_backfill_rows_total: it repaired none
+    assert _rows_counted() == counted
+
+
+def _rows_counted() -> tuple[float, float]:
+    return tuple(metrics.BACKFILL_ROWS.labels(o)._value.get()  # type: ignore[return-value]
+                 for o in ("repaired", "skipped"))
+
+
+def test_chunks_failing_to_reach_the_target_are_counted_as_retried_then_failed(
+        new_db: Callable[[], str], state_db: str, tmp_path: Path) -> None:
+    """A worker that could not connect its writer failed the chunk without counting it (no
+    trueup_backfill_chunks_total, no duration): the metrics of an outage showed nothing."""
+    source, target = new_db(), new_db()
+    make_tables(source, target, 10)
+    drift(target)
+    config = write_config(tmp_path, state_db, source, target)
+    with open_state(state_db) as state:
+        state.autocommit = True
+        planned = plan(config, "orders", _all(chunk_size=50), state)
+    name = target.rsplit("/", 1)[1]
+    with psycopg.connect(state_db, autocommit=True) as admin:  # the target closed meanwhile
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+    chunks_before = {o: metrics.BACKFILL_CHUNKS.labels(o)._value.get()
+                     for o in ("retry", "failed")}
+    fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
+                                           max_seconds=0.1))
+    try:
+        failed = resume_backfill(config, planned, fast)
+    finally:
+        with psycopg.connect(state_db, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+    assert failed.status is BackfillStatus.FAILED
+    counted = {o: metrics.BACKFILL_CHUNKS.labels(o)._value.get() - n
+               for o, n in chunks_before.items()}
+    # each chunk's first two attempts retried, the third failing the backfill
+    assert counted["failed"] == 1 and counted["retry"] >= 2, counted
 
 
 def test_a_second_active_backfill_is_refused_with_a_line_naming_the_active_one(

@@ -19,6 +19,8 @@ from trueup.runs import json_value
     ("host=h user=u password=Hunter2 dbname=db", "host=h user=u password=*** dbname=db"),
     ("host=h PASSWORD = 'Hunter 2' dbname=db", "host=h PASSWORD = *** dbname=db"),
     ("postgresql://h:5432/db", "postgresql://h:5432/db"),
+    # an @ written into the password unencoded: libpq reads the rest as the host's name
+    ("postgresql://u:Sup3r@S3cret@h:5432/db", "postgresql://u:***@h:5432/db"),
 ])
 def test_redact_hides_a_password_wherever_the_dsn_puts_it(dsn: str, shown: str) -> None:
     assert redact(dsn) == shown
@@ -34,6 +36,7 @@ def test_a_driver_message_quoting_the_password_is_scrubbed_as_words_only() -> No
 @pytest.mark.parametrize("dsn", [
     "postgresql://postgres:Hunter 2@127.0.0.1:1/db",          # libpq quotes it back
     "postgresql://postgres@127.0.0.1:1/db?password=Hunter2",  # refused: port 1
+    "postgresql://postgres:Hunter@Hunter2@127.0.0.1:1/db",    # no host "Hunter2@127.0.0.1"
 ])
 def test_a_failed_connection_names_the_database_without_its_password(dsn: str) -> None:
     with pytest.raises(ConnectionFailed) as caught:

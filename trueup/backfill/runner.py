@@ -188,6 +188,7 @@ class _Worker:
         self.pacer = pacer
         self.report = report
         self._lease_conn: psycopg.Connection[Any] | None = None  # the heartbeats', kept
+        self._writer: Writer | None = None  # made by the first chunk, again after a failure
 
     def _lease_connection(self) -> psycopg.Connection[Any]:
         if self._lease_conn is None or self._lease_conn.broken or self._lease_conn.closed:
@@ -221,7 +222,6 @@ class _Worker:
         bid = self.backfill.backfill_id
         with connect(self.config.state, what="state", autocommit=True,
                      application_name="trueup backfill") as state:
-            writer: Writer | None = None
             try:
                 while load(state, bid)["status"] == BackfillStatus.RUNNING:
                     chunk = chunks.claim(state, bid, self.owner, self.options.lease_seconds)
@@ -230,23 +230,17 @@ class _Worker:
                             return
                         time.sleep(POLL_SECONDS)
                         continue
-                    if writer is None:
-                        try:
-                            writer = make_writer(self.config, self.backfill, state)
-                        except Exception as exc:  # a source or target not reachable yet
-                            self._failed(state, chunk, exc)
-                            continue
-                    if not self._run_chunk(state, writer, chunk):
-                        writer.close()
-                        writer = None  # its connections may be broken: open new ones
+                    if not self._run_chunk(state, chunk) and self._writer is not None:
+                        self._writer.close()
+                        self._writer = None  # its connections may be broken: open new ones
             finally:
-                if writer is not None:
-                    writer.close()
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
                 if self._lease_conn is not None:
                     self._lease_conn.close()
 
-    def _run_chunk(self, state: psycopg.Connection[Any], writer: Writer,
-                   chunk: chunks.Chunk) -> bool:
+    def _run_chunk(self, state: psycopg.Connection[Any], chunk: chunks.Chunk) -> bool:
         bid = self.backfill.backfill_id
         log.info("backfill.chunk_started", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, attempt=chunk.attempts)
@@ -265,7 +259,9 @@ class _Worker:
                     heartbeat.check()  # taken over meanwhile: give it up before any work
                     ctx = ChunkContext(backfill=self.backfill, owner=self.owner,
                                        heartbeat=heartbeat)
-                    result = writer.repair(chunk, ctx)
+                    if self._writer is None:  # first, or after a failed chunk: connect again
+                        self._writer = make_writer(self.config, self.backfill, state)
+                    result = self._writer.repair(chunk, ctx)
             except chunks.LeaseLost as exc:
                 log.warning("backfill.lease_lost", backfill_id=bid, chunk=chunk.chunk,
                             error=str(exc))
@@ -280,8 +276,10 @@ class _Worker:
                 return False
             span.set_attributes({"outcome": "done", "repaired": result.repaired,
                                  "skipped": result.skipped})
-        metrics.record_chunk("done", time.monotonic() - began, repaired=result.repaired,
-                             skipped=result.skipped)
+        # a dry run repairs nothing: its counts are in its summary, not among the rows repaired
+        metrics.record_chunk("done", time.monotonic() - began,
+                             repaired=0 if self.backfill.dry_run else result.repaired,
+                             skipped=0 if self.backfill.dry_run else result.skipped)
         HEALTH.progressed()
         log.info("backfill.chunk_done", reconciliation=self.backfill.reconciliation,
                  backfill_id=bid, chunk=chunk.chunk, rows=result.rows_read,
