@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from functools import partial
@@ -24,12 +24,13 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from trueup import metrics, segments, threads, tracing
 from trueup.config import Config, ReconciliationConfig
 from trueup.db import connect, first_line, same_server, sendable
 from trueup.errors import TrueupError, UsageError
-from trueup.fingerprint import storage_type
+from trueup.fingerprint import Kind, storage_type
 from trueup.log import get_logger
 from trueup.runs import (
     Difference,
@@ -373,15 +374,16 @@ def _compare_whole(c: Comparison, source_conn: psycopg.Connection[Any],
                               last=batch[-1]):
                 suspects = (_suspects(c, source_conn, target_conn, pool, plan, batch)
                             if passes.native else None)
-                source_rows_f = pool.submit(
-                    segments.rows_in_segments, source_conn, c.source, c.source_where, plan,
-                    batch, extra, keys=suspects)
-                target_rows_f = pool.submit(
-                    segments.rows_in_segments, target_conn, c.target, c.target_where, plan,
-                    batch, keys=suspects)
-                found = list(classify(source_rows_f.result(), target_rows_f.result(),
-                                      c.in_flight_since, orphans=True,
-                                      versioned=c.versioned))
+                source_rows, target_rows = _both(
+                    pool, (source_conn, partial(
+                        segments.rows_in_segments, source_conn, c.source, c.source_where,
+                        plan, batch, extra, keys=suspects)),
+                    (target_conn, partial(
+                        segments.rows_in_segments, target_conn, c.target, c.target_where,
+                        plan, batch, keys=suspects)))
+                found = _settled(c, source_conn, target_conn, list(_classified(
+                    source_rows, target_rows, c.in_flight_since, orphans=True,
+                    versioned=c.versioned)), orphans=True)
             yield from found
             done += len(batch)
             progress("segments", done, len(todo))
@@ -407,15 +409,20 @@ def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
             # both done before either's error goes up: the stack then closes a generator
             # still running on the other thread ("generator already executing"), whose
             # error would replace the first
-            wait([source_next, target_next])
+            _wait_cancelling([(source_next, source_conn), (target_next, target_conn)])
             s, t = source_next.result(), target_next.result()
         done = 0
+        # differences (and the rows they were found in) settled a few thousand at a time
+        pending: list[tuple[Difference, dict[str, Any]]] = []
         while s is not None or t is not None:
             segment = min(item[0] for item in (s, t) if item is not None)
             source_rows = s[1] if s is not None and s[0] == segment else []
             target_rows = t[1] if t is not None and t[0] == segment else []
-            yield from classify(source_rows, target_rows, c.in_flight_since, orphans=True,
-                                versioned=c.versioned)
+            pending.extend(_classified(source_rows, target_rows, c.in_flight_since,
+                                       orphans=True, versioned=c.versioned))
+            if len(pending) >= PARTITION_BATCH_ROWS:
+                yield from _settled(c, source_conn, target_conn, pending, orphans=True)
+                pending = []
             if source_rows:
                 s = next(source, None)
             if target_rows:
@@ -423,6 +430,7 @@ def _compare_streamed(c: Comparison, source_conn: psycopg.Connection[Any],
             done += 1
             if done % 1000 == 0:
                 progress("segments", done, len(todo))
+        yield from _settled(c, source_conn, target_conn, pending, orphans=True)
         progress("segments", len(todo), len(todo))
 
 
@@ -450,16 +458,19 @@ class _Passes:
             source_f = pool.submit(segments.checksums, self.source_conn, c.source,
                                    c.source_where, plan, native=self.native,
                                    parallel=self.parallel)
-            if sync_target is not None:
-                try:
+            running = [(source_f, self.source_conn)]
+            try:
+                if sync_target is not None:
                     sync_target()
-                except BaseException:
-                    self.source_conn.cancel_safe()  # do not wait for a pass nobody will read
-                    raise
-            self.progress("checksums", 0, plan.count)
-            target_f = pool.submit(segments.checksums, self.target_conn, c.target,
-                                   c.target_where, plan, native=self.native,
-                                   parallel=self.parallel or source_f.done())
+                self.progress("checksums", 0, plan.count)
+                target_f = pool.submit(segments.checksums, self.target_conn, c.target,
+                                       c.target_where, plan, native=self.native,
+                                       parallel=self.parallel or source_f.done())
+                running.append((target_f, self.target_conn))
+            except BaseException:
+                _cancel(running)  # do not wait for a pass nobody will read
+                raise
+            _wait_cancelling(running)
             source, target = source_f.result(), target_f.result()
             span.set_attribute("differing", len(segments.differing(source, target)))
         return source, target
@@ -471,13 +482,47 @@ def _suspects(c: Comparison, source_conn: psycopg.Connection[Any],
     """The keys of the rows of ``batch`` that differ by their native row hash (or are on one
     side only): rendering and comparing the canonical rows is then done for those alone. In a
     differing segment of 64 rows, typically one or two."""
-    source_f = pool.submit(segments.row_hashes_in_segments, source_conn, c.source,
-                           c.source_where, plan, batch)
-    target_f = pool.submit(segments.row_hashes_in_segments, target_conn, c.target,
-                           c.target_where, plan, batch)
-    source, target = source_f.result(), target_f.result()
+    source, target = _both(
+        pool, (source_conn, partial(segments.row_hashes_in_segments, source_conn, c.source,
+                                    c.source_where, plan, batch)),
+        (target_conn, partial(segments.row_hashes_in_segments, target_conn, c.target,
+                              c.target_where, plan, batch)))
     return [*(key for key, h in source.items() if target.get(key) != h),
             *(key for key in target.keys() - source.keys())]
+
+
+def _both(pool: ThreadPoolExecutor,
+          source: tuple[psycopg.Connection[Any], Callable[[], Any]],
+          target: tuple[psycopg.Connection[Any], Callable[[], Any]]) -> tuple[Any, Any]:
+    """The results of a query on each side, run at once (each ``(connection, call)``)."""
+    running = [(pool.submit(call), conn) for conn, call in (source, target)]
+    _wait_cancelling(running)
+    return running[0][0].result(), running[1][0].result()
+
+
+def _wait_cancelling(running: list[tuple[Future[Any], psycopg.Connection[Any]]]) -> None:
+    """Wait until every future is done. Interrupted (Ctrl-C, SIGTERM), or one of them failed,
+    the queries still running are cancelled first: the pool's shutdown, and the connections'
+    close, would otherwise wait for the server to finish them (minutes on a big table), and a
+    second Ctrl-C would close a connection another thread is in a transaction on."""
+    try:
+        done, _ = wait([f for f, _ in running], return_when=FIRST_EXCEPTION)
+        if any(f.exception() is not None for f in done):
+            _cancel(running)
+    except BaseException:
+        _cancel(running)
+        raise
+
+
+def _cancel(running: list[tuple[Future[Any], psycopg.Connection[Any]]]) -> None:
+    """Cancel the query of each future not done, and wait until all are."""
+    for future, conn in running:
+        if not future.done():
+            try:
+                conn.cancel_safe()  # thread-safe: its own connection to the server
+            except psycopg.Error as exc:  # the server is gone: its query with it
+                log.warning("diff.cancel_failed", error=first_line(exc))
+    wait([f for f, _ in running])
 
 
 def _source_extra(c: Comparison) -> list[sql.Composable]:
@@ -495,14 +540,7 @@ def _source_extra(c: Comparison) -> list[sql.Composable]:
 def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
                        target_conn: psycopg.Connection[Any],
                        progress: Progress) -> Iterator[Difference | tuple[int, int]]:
-    columns = sql.SQL(", ").join([
-        sql.SQL("{} AS key_text").format(c.source.key_text),
-        *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
-          for i, (k, t) in enumerate(zip(c.source.key, c.source.key_types, strict=True))],
-        sql.SQL("{} AS version").format(c.source.version or sql.NULL),
-        sql.SQL("{} AS fingerprint").format(c.source.fingerprint),
-        *_source_extra(c),
-    ])
+    columns = _source_columns(c)
     source_rows = target_rows = 0
     # A named (server-side) cursor streams the day in batches: memory stays bounded.
     with source_conn.cursor(name="trueup_partition") as cur:
@@ -512,11 +550,9 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
         while batch := cur.fetchmany(PARTITION_BATCH_ROWS):
             with tracing.span("diff.partition_batch", rows=len(batch)):
                 found = _target_rows_for(target_conn, c.target, batch)
-                differences = list(classify(batch, found, c.in_flight_since, orphans=False,
-                                            versioned=c.versioned))
-                if any(d.cls is not DifferenceClass.IN_FLIGHT for d in differences):
-                    differences = _settled(c, source_conn, target_conn, columns, batch,
-                                           differences)
+                differences = _settled(c, source_conn, target_conn, list(_classified(
+                    batch, found, c.in_flight_since, orphans=False, versioned=c.versioned)),
+                    orphans=False)
             source_rows += len(batch)
             target_rows += len(found)
             yield from differences
@@ -524,28 +560,61 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
     yield (source_rows, target_rows)
 
 
+def _source_columns(c: Comparison) -> sql.Composable:
+    """What a source row is compared by: its key (canonical text and values), version,
+    fingerprint and ``updated_at``."""
+    return sql.SQL(", ").join([
+        sql.SQL("{} AS key_text").format(c.source.key_text),
+        *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
+          for i, (k, t) in enumerate(zip(c.source.key, c.source.key_types, strict=True))],
+        sql.SQL("{} AS version").format(c.source.version or sql.NULL),
+        sql.SQL("{} AS fingerprint").format(c.source.fingerprint),
+        *_source_extra(c),
+    ])
+
+
 def _settled(c: Comparison, source_conn: psycopg.Connection[Any],
-             target_conn: psycopg.Connection[Any], columns: sql.Composable,
-             batch: list[dict[str, Any]], differences: list[Difference]) -> list[Difference]:
-    """The differences of a partition's batch, those not in flight compared again from the
-    rows as they are now. The cursor reads the day as it was when the run began, the target
-    as it is when the batch gets there: a row updated and copied meanwhile would be ``ahead``
-    (its old ``updated_at`` not in flight). Read again (the source first, so the target is at
-    least as new), it is equal, or changed within ``grace``; one that left the day, or the
-    source, is no longer this partition's."""
-    suspects = {json.dumps(d.key) for d in differences if d.cls is not DifferenceClass.IN_FLIGHT}
-    again = [r for r in batch if json.dumps(_key_of(r)) in suspects]
-    fresh = _rows_by_key(source_conn, c.source, again, columns, c.source_where)
-    found = _target_rows_for(target_conn, c.target, fresh) if fresh else []
-    return [*(d for d in differences if json.dumps(d.key) not in suspects),
-            *classify(fresh, found, c.in_flight_since, orphans=False, versioned=c.versioned)]
+             target_conn: psycopg.Connection[Any],
+             found: list[tuple[Difference, dict[str, Any]]], *,
+             orphans: bool) -> list[Difference]:
+    """The differences ``found`` (each with the row it was found in), those not in flight
+    compared again from the rows as they are now. Each side was read at its own moment (a
+    partition's cursor reads the day as it was when the run began; a whole-table run reads
+    both sides at once, each on its connection): a row updated and copied between the two
+    reads paired its old source row, whose ``updated_at`` is not in flight, with its new
+    copy, and was ``ahead``.
+
+    Read again, the target first: a copy follows its source, so the source read after it is
+    at least as new. A row updated in between is then newer in the source, and in flight
+    (updated after the run began); read the other way round, an update copied between the
+    two reads pairs the old source row with its new copy again. A partition's row that left
+    the day, or the source, is no longer its own (``orphans``: a whole-table run reports
+    the target rows left without a source row)."""
+    # (a NULL key, which a target's unique index lets in, is looked up by no key: kept)
+    again = [(d, row) for d, row in found
+             if d.cls is not DifferenceClass.IN_FLIGHT and None not in d.key]
+    if not again:
+        return [d for d, _ in found]
+    suspects = {json.dumps(d.key) for d, _ in again}
+    rows = [row for _, row in again]  # one per key: the source's, the target's for an orphan
+    target_rows = _target_rows_for(target_conn, c.target, rows)
+    source_rows = _rows_by_key(source_conn, c.source, rows, _source_columns(c), c.source_where)
+    return [*(d for d, _ in found if json.dumps(d.key) not in suspects),
+            *classify(source_rows, target_rows, c.in_flight_since, orphans=orphans,
+                      versioned=c.versioned)]
 
 
 def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
                      batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
-    select = sql.SQL("{} AS key_text, {} AS version, {} AS fingerprint").format(
-        target.key_text, target.version or sql.NULL, target.fingerprint)
+    """The target rows whose keys are in ``batch`` (one query, joined on unnested keys), with
+    their key values (an orphan is reported by them)."""
+    select = sql.SQL(", ").join([
+        sql.SQL("{} AS key_text").format(target.key_text),
+        *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
+          for i, (k, t) in enumerate(zip(target.key, target.key_types, strict=True))],
+        sql.SQL("{} AS version").format(target.version or sql.NULL),
+        sql.SQL("{} AS fingerprint").format(target.fingerprint),
+    ])
     return _rows_by_key(conn, target, batch, select)
 
 
@@ -573,7 +642,11 @@ def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str
     ).format(select=select, arrays=sql.SQL(", ").join(wanted),
              names=sql.SQL(", ").join(names), rel=side.relation, on=on, where=where)
     # (a char(n) key comes as its text, unpadded: see segments.key_value)
-    params = {f"k{i}": sendable([row[f"k{i}"] for row in batch]) for i in range(len(side.key))}
+    # a JSON key is read back as Python's values: sent as jsonb again
+    params = {f"k{i}": sendable([Jsonb(row[f"k{i}"]) if t.kind is Kind.JSON
+                                 and row[f"k{i}"] is not None else row[f"k{i}"]
+                                 for row in batch])
+              for i, t in enumerate(side.key_types)}
     with conn.cursor() as cur:
         cur.execute(query, params)
         return cur.fetchall()
@@ -588,6 +661,15 @@ def classify(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]
              versioned: bool) -> Iterator[Difference]:
     """The differences between two sets of rows of the same key range. ``versioned``: both
     sides have a version (a side without one reads as NULL versions)."""
+    return (d for d, _ in _classified(source_rows, target_rows, in_flight_since,
+                                      orphans=orphans, versioned=versioned))
+
+
+def _classified(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]],
+                in_flight_since: dt.datetime | None, *, orphans: bool,
+                versioned: bool) -> Iterator[tuple[Difference, dict[str, Any]]]:
+    """:func:`classify`'s differences, each with the row that gives its key (the source's,
+    the target's for an orphan): what :func:`_settled` reads it again by."""
     target_by_key = {r["key_text"]: r for r in target_rows}
     for s in source_rows:
         t = target_by_key.pop(s["key_text"], None)
@@ -601,12 +683,12 @@ def classify(source_rows: list[dict[str, Any]], target_rows: list[dict[str, Any]
             key=_key_of(s), cls=cls, source_version=json_value(s["version"]),
             target_version=json_value(t["version"]) if t else None,
             source_fingerprint=s["fingerprint"], target_fingerprint=t["fingerprint"] if t else None,
-        )
+        ), s
     if orphans:
         for t in target_by_key.values():
             yield Difference(key=_key_of(t), cls=DifferenceClass.ORPHAN,
                              target_version=json_value(t["version"]),
-                             target_fingerprint=t["fingerprint"])
+                             target_fingerprint=t["fingerprint"]), t
 
 
 def _class_of(s: dict[str, Any], t: dict[str, Any] | None,
