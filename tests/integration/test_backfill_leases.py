@@ -213,8 +213,9 @@ def test_a_worker_gives_up_a_chunk_taken_over_before_its_writer_starts(
 
         worker = _Worker(config, backfill_of(load(conn, backfill_id)),
                          WorkerOptions(lease_seconds=LEASE), 0, Pacer(None), lambda r: None)
+        worker._writer = Writer()
         started_late = replace(chunk, claimed_at=time.monotonic() - LEASE)
-        assert not worker._run_chunk(conn, Writer(), started_late)
+        assert not worker._run_chunk(conn, started_late)
         assert repaired == [], "the writer started on a chunk another worker holds"
 
 
