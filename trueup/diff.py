@@ -560,17 +560,22 @@ def _compare_partition(c: Comparison, source_conn: psycopg.Connection[Any],
     yield (source_rows, target_rows)
 
 
-def _source_columns(c: Comparison) -> sql.Composable:
-    """What a source row is compared by: its key (canonical text and values), version,
-    fingerprint and ``updated_at``."""
+def _compared_columns(side: Side, extra: list[sql.Composable] | None = None) -> sql.Composable:
+    """What a row of ``side`` is compared by: its key (canonical text, and values to look it
+    up by: an orphan is reported by them), version and fingerprint, then ``extra``."""
     return sql.SQL(", ").join([
-        sql.SQL("{} AS key_text").format(c.source.key_text),
+        sql.SQL("{} AS key_text").format(side.key_text),
         *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
-          for i, (k, t) in enumerate(zip(c.source.key, c.source.key_types, strict=True))],
-        sql.SQL("{} AS version").format(c.source.version or sql.NULL),
-        sql.SQL("{} AS fingerprint").format(c.source.fingerprint),
-        *_source_extra(c),
+          for i, (k, t) in enumerate(zip(side.key, side.key_types, strict=True))],
+        sql.SQL("{} AS version").format(side.version or sql.NULL),
+        sql.SQL("{} AS fingerprint").format(side.fingerprint),
+        *(extra or []),
     ])
+
+
+def _source_columns(c: Comparison) -> sql.Composable:
+    """A source row's :func:`_compared_columns`, with its ``updated_at``."""
+    return _compared_columns(c.source, _source_extra(c))
 
 
 def _settled(c: Comparison, source_conn: psycopg.Connection[Any],
@@ -606,16 +611,8 @@ def _settled(c: Comparison, source_conn: psycopg.Connection[Any],
 
 def _target_rows_for(conn: psycopg.Connection[Any], target: Side,
                      batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The target rows whose keys are in ``batch`` (one query, joined on unnested keys), with
-    their key values (an orphan is reported by them)."""
-    select = sql.SQL(", ").join([
-        sql.SQL("{} AS key_text").format(target.key_text),
-        *[sql.SQL("{} AS {}").format(segments.key_value(k, t), sql.Identifier(f"k{i}"))
-          for i, (k, t) in enumerate(zip(target.key, target.key_types, strict=True))],
-        sql.SQL("{} AS version").format(target.version or sql.NULL),
-        sql.SQL("{} AS fingerprint").format(target.fingerprint),
-    ])
-    return _rows_by_key(conn, target, batch, select)
+    """The target rows whose keys are in ``batch`` (one query, joined on unnested keys)."""
+    return _rows_by_key(conn, target, batch, _compared_columns(target))
 
 
 def _rows_by_key(conn: psycopg.Connection[Any], side: Side, batch: list[dict[str, Any]],

@@ -13,6 +13,7 @@ import pytest
 from tests.integration.test_backfill_support import (
     drift,
     make_tables,
+    planned,
     source_rows,
     target_rows,
     write_config,
@@ -20,16 +21,12 @@ from tests.integration.test_backfill_support import (
 from trueup.backfill import (
     LEASE_ENV,
     MAX_LEASE_SECONDS,
-    BackfillOptions,
     cancel_backfill,
     lease_seconds,
     resume_backfill,
 )
-from trueup.backfill.planner import plan
 from trueup.cli import main
 from trueup.errors import UsageError
-from trueup.state import open_state
-from trueup.statuses import BackfillScope
 
 pytestmark = pytest.mark.postgres
 
@@ -49,13 +46,7 @@ def test_a_resume_under_repair_none_is_refused_as_planning_is_and_writes_nothing
         new_db: Callable[[], str], state_db: str, tmp_path: Path,
         capsys: pytest.CaptureFixture[str], cancelled: bool) -> None:
     source, target = new_db(), new_db()
-    make_tables(source, target, 30)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
-    with open_state(state_db) as state:
-        state.autocommit = True
-        backfill_id = plan(config, "orders", BackfillOptions(scope=BackfillScope.ALL,
-                                                             chunk_size=5), state)
+    config, backfill_id = planned(tmp_path, state_db, source, target, 30, 5)
     if cancelled:  # reopened by a resume; else a resume joins the (unserved) running one
         cancel_backfill(config, backfill_id)
     before_target, before_state = target_rows(target), _state_of(state_db)

@@ -70,6 +70,24 @@ def write_config(tmp_path: Path, state: str, source: str, target: str,
     return load_config(path)
 
 
+def planned(tmp_path: Path, state: str, source: str, target: str, rows: int,
+            chunk_size: int) -> tuple[Config, int]:
+    """Drifted tables of ``rows`` orders, their config, and an --all backfill of them planned
+    in chunks of ``chunk_size`` (running, no worker serving it yet)."""
+    from trueup.backfill import BackfillOptions
+    from trueup.backfill.planner import plan
+    from trueup.state import open_state
+    from trueup.statuses import BackfillScope
+
+    make_tables(source, target, rows)
+    drift(target)
+    config = write_config(tmp_path, state, source, target)
+    with open_state(state) as conn:
+        conn.autocommit = True
+        return config, plan(config, "orders", BackfillOptions(
+            scope=BackfillScope.ALL, chunk_size=chunk_size), conn)
+
+
 def table_rows(dsn: str, sql_text: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(dsn) as conn:
         return [tuple(r) for r in conn.execute(sql_text).fetchall()]

@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from tests.integration.test_backfill_support import (
     drift,
     make_tables,
+    planned,
     repairs,
     source_rows,
     target_rows,
@@ -434,12 +435,7 @@ def test_chunks_failing_to_reach_the_target_are_counted_as_retried_then_failed(
     """A worker that could not connect its writer failed the chunk without counting it (no
     trueup_backfill_chunks_total, no duration): the metrics of an outage showed nothing."""
     source, target = new_db(), new_db()
-    make_tables(source, target, 10)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
-    with open_state(state_db) as state:
-        state.autocommit = True
-        planned = plan(config, "orders", _all(chunk_size=50), state)
+    config, backfill_id = planned(tmp_path, state_db, source, target, 10, 50)
     name = target.rsplit("/", 1)[1]
     with psycopg.connect(state_db, autocommit=True) as admin:  # the target closed meanwhile
         admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
@@ -448,7 +444,7 @@ def test_chunks_failing_to_reach_the_target_are_counted_as_retried_then_failed(
     fast = WorkerOptions(retry=RetryPolicy(max_attempts=3, initial_seconds=0.05,
                                            max_seconds=0.1))
     try:
-        failed = resume_backfill(config, planned, fast)
+        failed = resume_backfill(config, backfill_id, fast)
     finally:
         with psycopg.connect(state_db, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
@@ -560,12 +556,7 @@ def test_a_backfill_asked_to_run_alongside_runs_while_another_is_active(
     repair waited for a long --all to end: --alongside plans and runs it meanwhile; any other
     launch is still refused, naming the active one."""
     source, target = new_db(), new_db()
-    make_tables(source, target, 10)
-    drift(target)
-    config = write_config(tmp_path, state_db, source, target)
-    with open_state(state_db) as state:
-        state.autocommit = True
-        first = plan(config, "orders", _all(chunk_size=5), state)  # left running, unserved
+    config, first = planned(tmp_path, state_db, source, target, 10, 5)  # running, unserved
     assert main(["--config", config.path, "backfill", "orders", "--all", "--alongside",
                  "--json"]) == 1  # the ahead row is skipped, as ever
     alongside = json.loads(capsys.readouterr().out)

@@ -80,18 +80,16 @@ def settle(handler: Handler, delivery: Delivery, policy: RetryPolicy, failure: F
         decision = policy.decide(delivery.attempt, exc)
         failed = failure.failed(exc, attempt=delivery.attempt, at=at or now())
         failed = replace(failed, message_id=delivery.message_id)
-        action = Action.RETRY if decision.retry else Action.DEAD_LETTER
         down = gate.down() if gate else None
-        if down is not None:
-            tracing.annotate(exc, attempt=delivery.attempt, outcome=Action.HOLD.value)
-            log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
-                     attempt=delivery.attempt, error=failed.error_class,
-                     action=Action.HOLD.value, database=down)
-            return Settlement(action=Action.HOLD, failure=failure)
+        action = (Action.HOLD if down is not None else Action.RETRY if decision.retry
+                  else Action.DEAD_LETTER)
         tracing.annotate(exc, attempt=delivery.attempt, outcome=action.value)
         log.info("worker.failed", source=delivery.source, message_id=delivery.message_id,
                  attempt=delivery.attempt, error=failed.error_class, action=action.value,
-                 delay_seconds=round(decision.delay_seconds, 3))
+                 **({"database": down} if down is not None
+                    else {"delay_seconds": round(decision.delay_seconds, 3)}))
+        if action is Action.HOLD:  # the attempt not counted: the failure record unchanged
+            return Settlement(action=action, failure=failure)
         return Settlement(action=action, failure=failed, decision=decision)
     tracing.annotate(attempt=delivery.attempt, outcome=Action.ACK.value)
     return Settlement(action=Action.ACK, failure=failure)
